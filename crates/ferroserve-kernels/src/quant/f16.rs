@@ -1,0 +1,301 @@
+//! Float weight formats: F32, F16 (IEEE half) and BF16 (the top half of an f32), plus the
+//! matmul for them, which keeps the activations in f32 (no 8-bit quantisation: these
+//! weights are used where precision matters, so the kernel does not lose it either).
+//!
+//! Why hand-written: the f32 GEMM in `cpu::gemm` wants its own packed layout, and no Rust
+//! crate multiplies f16/bf16 rows in place with a reduction order fixed per output element.
+
+use super::matmul::OutMatrix;
+use std::ops::Range;
+
+/// Exact IEEE half → single conversion (subnormals, infinities and NaN included).
+#[inline]
+pub fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h as u32) & 0x8000) << 16;
+    let exp = ((h >> 10) & 0x1f) as u32;
+    let man = (h & 0x3ff) as u32;
+    let bits = match exp {
+        0 if man == 0 => sign,
+        // Subnormal: man · 2⁻²⁴ is exact in f32.
+        0 => {
+            let v = man as f32 * (1.0 / 16_777_216.0);
+            return if sign != 0 { -v } else { v };
+        }
+        31 => sign | 0x7f80_0000 | (man << 13),
+        _ => sign | ((exp + 112) << 23) | (man << 13),
+    };
+    f32::from_bits(bits)
+}
+
+/// Single → half, rounding to nearest even; overflow gives ±inf, NaN stays NaN.
+pub fn f32_to_f16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    let sign = ((bits >> 16) & 0x8000) as u16;
+    let exp = ((bits >> 23) & 0xff) as i32;
+    let man = bits & 0x7f_ffff;
+    if exp == 0xff {
+        let nan = if man != 0 { 0x200 | (man >> 13) as u16 } else { 0 };
+        return sign | 0x7c00 | nan;
+    }
+    let e = exp - 127 + 15;
+    if e >= 0x1f {
+        return sign | 0x7c00;
+    }
+    if e <= 0 {
+        if e < -10 {
+            return sign;
+        }
+        // Becomes a half subnormal: units of 2⁻²⁴, so shift the full significand.
+        let m = man | 0x80_0000;
+        let shift = (14 - e) as u32;
+        let half = 1u32 << (shift - 1);
+        let rem = m & ((1 << shift) - 1);
+        let mut r = m >> shift;
+        if rem > half || (rem == half && r & 1 == 1) {
+            r += 1; // may carry into the smallest normal, which is the right encoding
+        }
+        return sign | r as u16;
+    }
+    let mut r = ((e as u32) << 10) | (man >> 13);
+    let rem = man & 0x1fff;
+    if rem > 0x1000 || (rem == 0x1000 && r & 1 == 1) {
+        r += 1; // a carry into the exponent is correct, up to and including inf
+    }
+    sign | r as u16
+}
+
+#[inline]
+pub fn bf16_to_f32(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+/// Single → bfloat16, rounding to nearest even; NaN stays NaN (quieted).
+pub fn f32_to_bf16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        return ((bits >> 16) | 0x40) as u16;
+    }
+    ((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) as u16
+}
+
+pub fn dequantize_row_f32(bytes: &[u8], out: &mut [f32]) {
+    for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+        *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    }
+}
+
+pub fn dequantize_row_f16(bytes: &[u8], out: &mut [f32]) {
+    for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+        *o = f16_to_f32(u16::from_le_bytes([b[0], b[1]]));
+    }
+}
+
+pub fn dequantize_row_bf16(bytes: &[u8], out: &mut [f32]) {
+    for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+        *o = bf16_to_f32(u16::from_le_bytes([b[0], b[1]]));
+    }
+}
+
+pub fn quantize_row_f32(x: &[f32], out: &mut [u8]) {
+    for (v, b) in x.iter().zip(out.chunks_exact_mut(4)) {
+        b.copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+pub fn quantize_row_f16(x: &[f32], out: &mut [u8]) {
+    for (v, b) in x.iter().zip(out.chunks_exact_mut(2)) {
+        b.copy_from_slice(&f32_to_f16(*v).to_le_bytes());
+    }
+}
+
+pub fn quantize_row_bf16(x: &[f32], out: &mut [u8]) {
+    for (v, b) in x.iter().zip(out.chunks_exact_mut(2)) {
+        b.copy_from_slice(&f32_to_bf16(*v).to_le_bytes());
+    }
+}
+
+/// Which float format a float-weight kernel reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FloatFormat {
+    F32,
+    F16,
+    BF16,
+}
+
+/// Activations for the float kernels: `rows` rows of `k` f32, row-major.
+pub(crate) struct F32Rows<'a> {
+    pub data: &'a [f32],
+    pub k: usize,
+}
+
+impl<'a> F32Rows<'a> {
+    #[inline]
+    pub fn rows(&self) -> usize {
+        self.data.len() / self.k
+    }
+    #[inline]
+    pub fn row(&self, i: usize) -> &'a [f32] {
+        &self.data[i * self.k..(i + 1) * self.k]
+    }
+}
+
+#[inline]
+fn load_portable(fmt: FloatFormat, w_row: &[u8], i: usize) -> f32 {
+    match fmt {
+        FloatFormat::F32 => {
+            let b = &w_row[4 * i..4 * i + 4];
+            f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+        }
+        FloatFormat::F16 => f16_to_f32(u16::from_le_bytes([w_row[2 * i], w_row[2 * i + 1]])),
+        FloatFormat::BF16 => bf16_to_f32(u16::from_le_bytes([w_row[2 * i], w_row[2 * i + 1]])),
+    }
+}
+
+/// Portable kernel: four running sums over `i mod 4`, added in a fixed order, so one output
+/// element's rounding depends only on `k`.
+fn dot_portable<const R: usize>(fmt: FloatFormat, w_row: &[u8], xs: &[&[f32]; R]) -> [f32; R] {
+    let k = xs[0].len();
+    let mut acc = [[0f32; 4]; R];
+    for i in 0..k {
+        let w = load_portable(fmt, w_row, i);
+        for r in 0..R {
+            acc[r][i % 4] += w * xs[r][i];
+        }
+    }
+    acc.map(|a| (a[0] + a[1]) + (a[2] + a[3]))
+}
+
+pub(crate) fn matmul_cols_portable(fmt: FloatFormat, w: &[u8], row_bytes: usize, x: &F32Rows<'_>, cols: Range<usize>, out: &OutMatrix) {
+    super::matmul::drive_columns!(4, |w_row, tile| dot_portable(fmt, w_row, tile), w, row_bytes, x, cols, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86 {
+    //! One AVX2+FMA+F16C kernel serves both x86 levels: with f32 activations the loop is
+    //! bound by loads and FMAs, which 256-bit registers already saturate on this path's
+    //! few (non-hot) tensors.
+    use super::{F32Rows, FloatFormat, OutMatrix};
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    /// Eight weights from element `i` widened to f32.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load8(fmt: FloatFormat, w: *const u8, i: usize) -> __m256 {
+        match fmt {
+            FloatFormat::F32 => _mm256_loadu_ps(w.add(4 * i) as *const f32),
+            FloatFormat::F16 => _mm256_cvtph_ps(_mm_loadu_si128(w.add(2 * i) as *const __m128i)),
+            FloatFormat::BF16 => {
+                let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(w.add(2 * i) as *const __m128i));
+                _mm256_castsi256_ps(_mm256_slli_epi32(h, 16))
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
+    /// Two 8-lane sums (elements `i mod 16` < 8 and ≥ 8), then a scalar tail, in an order that
+    /// depends only on `k`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn dot<const R: usize>(fmt: FloatFormat, w_row: &[u8], xs: &[&[f32]; R]) -> [f32; R] {
+        let k = xs[0].len();
+        let bytes_per = if fmt == FloatFormat::F32 { 4 } else { 2 };
+        assert!(w_row.len() == k * bytes_per && xs.iter().all(|x| x.len() == k));
+        let w = w_row.as_ptr();
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let mut i = 0;
+        // SAFETY (loads below): i + 16 ≤ k, and every row was checked to hold k elements.
+        while i + 16 <= k {
+            let w0 = load8(fmt, w, i);
+            let w1 = load8(fmt, w, i + 8);
+            for r in 0..R {
+                let x = xs[r].as_ptr().add(i);
+                acc[r][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x), acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x.add(8)), acc[r][1]);
+            }
+            i += 16;
+        }
+        let mut out = [0f32; R];
+        for r in 0..R {
+            let mut s = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+            for t in i..k {
+                s += super::load_portable(fmt, w_row, t) * xs[r][t];
+            }
+            out[r] = s;
+        }
+        out
+    }
+
+    /// SAFETY: the CPU must support AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) unsafe fn matmul_cols(fmt: FloatFormat, w: &[u8], row_bytes: usize, x: &F32Rows<'_>, cols: Range<usize>, out: &OutMatrix) {
+        crate::quant::matmul::drive_columns!(4, |w_row, tile| dot(fmt, w_row, tile), w, row_bytes, x, cols, out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f16_every_value_round_trips() {
+        for h in 0..=u16::MAX {
+            let f = f16_to_f32(h);
+            if f.is_nan() {
+                assert!(f16_to_f32(f32_to_f16(f)).is_nan());
+            } else {
+                assert_eq!(f32_to_f16(f), h, "half {h:#06x} = {f}");
+            }
+        }
+    }
+
+    #[test]
+    fn f16_rounds_to_nearest() {
+        let mut s = 0x1234_5678_9abc_def1u64;
+        for _ in 0..200_000 {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            // Finite f32 spanning the half range and beyond (exponents -30..+20).
+            let x = f32::from_bits((s as u32 & 0x807f_ffff) | ((97 + (s >> 40) as u32 % 50) << 23));
+            let h = f32_to_f16(x);
+            if h & 0x7fff == 0x7c00 {
+                assert!(x.abs() >= 65520.0, "{x} overflowed");
+                continue;
+            }
+            let err = (f16_to_f32(h) as f64 - x as f64).abs();
+            for nb in [h.wrapping_add(1), h.wrapping_sub(1)] {
+                let v = f16_to_f32(nb) as f64;
+                if v.is_finite() && (nb & 0x7c00) != 0x7c00 {
+                    assert!(err <= (v - x as f64).abs(), "{x} -> {h:#06x}, neighbour {nb:#06x} closer");
+                }
+            }
+        }
+        assert_eq!(f32_to_f16(65520.0), 0x7c00); // rounds up to inf
+        assert_eq!(f32_to_f16(65519.0), 0x7bff);
+        assert_eq!(f32_to_f16(2.0f32.powi(-25)), 0); // tie to even (zero)
+        assert_eq!(f32_to_f16(1.5 * 2.0f32.powi(-25)), 1);
+    }
+
+    #[test]
+    fn bf16_rounds_to_nearest_even() {
+        assert_eq!(f32_to_bf16(1.0), 0x3f80);
+        assert_eq!(f32_to_bf16(f32::from_bits(0x3f80_8000)), 0x3f80); // tie → even
+        assert_eq!(f32_to_bf16(f32::from_bits(0x3f81_8000)), 0x3f82); // tie → even
+        assert_eq!(f32_to_bf16(f32::from_bits(0x3f80_8001)), 0x3f81);
+        assert!(bf16_to_f32(f32_to_bf16(f32::NAN)).is_nan());
+        for h in (0..=u16::MAX).step_by(7) {
+            let f = bf16_to_f32(h);
+            if !f.is_nan() {
+                assert_eq!(f32_to_bf16(f), h);
+            }
+        }
+    }
+}
