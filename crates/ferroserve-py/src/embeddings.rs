@@ -1,0 +1,84 @@
+//! `EmbeddingEngine`: submit / fd / drain over `ferroserve_core::EmbeddingEngine`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ferroserve_core::embed::{EmbedInput, Encoding};
+use ferroserve_core::{EmbeddingEngine, EmbeddingEngineConfig};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyTuple};
+
+use crate::errors::{detach, kind_name};
+
+#[pyclass(name = "EmbeddingEngine", module = "ferroserve._core", frozen)]
+pub struct PyEmbeddingEngine {
+    inner: EmbeddingEngine,
+}
+
+#[pymethods]
+impl PyEmbeddingEngine {
+    /// Loads a sentence-transformers folder and starts its batcher thread.
+    #[new]
+    #[pyo3(signature = (path, max_batch_tokens = 16384, max_wait_us = 1000))]
+    fn new(py: Python<'_>, path: PathBuf, max_batch_tokens: usize, max_wait_us: u64) -> PyResult<Self> {
+        let cfg = EmbeddingEngineConfig { max_batch_tokens, max_wait: Duration::from_micros(max_wait_us) };
+        let inner = detach(py, move || EmbeddingEngine::load(&path, cfg))?;
+        Ok(Self { inner })
+    }
+
+    /// Queues a request: exactly one of `texts` / `token_lists`. Returns the prompt token
+    /// count; the result arrives through `drain()` under `request_id`.
+    #[pyo3(signature = (request_id, texts = None, token_lists = None, dimensions = None, base64 = false))]
+    fn submit(
+        &self,
+        py: Python<'_>,
+        request_id: u64,
+        texts: Option<Vec<String>>,
+        token_lists: Option<Vec<Vec<u32>>>,
+        dimensions: Option<usize>,
+        base64: bool,
+    ) -> PyResult<usize> {
+        let inputs: Vec<EmbedInput> = match (texts, token_lists) {
+            (Some(t), None) => t.into_iter().map(EmbedInput::Text).collect(),
+            (None, Some(l)) => l.into_iter().map(EmbedInput::Tokens).collect(),
+            _ => return Err(pyo3::exceptions::PyTypeError::new_err("pass exactly one of texts / token_lists")),
+        };
+        let encoding = if base64 { Encoding::Base64 } else { Encoding::Float };
+        detach(py, || self.inner.submit(request_id, inputs, dimensions, encoding))
+    }
+
+    /// The wake-up fd: readable when `drain()` has events. Read it before draining.
+    fn fd(&self) -> i32 {
+        self.inner.notifier().fd()
+    }
+
+    /// Every finished request since the last call, as
+    /// `(request_id, True, data_json: bytes, prompt_tokens)` or
+    /// `(request_id, False, error_kind: str, message: str)`.
+    fn drain<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyTuple>>> {
+        self.inner
+            .notifier()
+            .drain()
+            .into_iter()
+            .map(|ev| match ev.result {
+                Ok(out) => (ev.request_id, true, PyBytes::new(py, &out.data_json), out.prompt_tokens).into_pyobject(py),
+                Err(e) => (ev.request_id, false, kind_name(e.kind()), e.to_string()).into_pyobject(py),
+            })
+            .collect()
+    }
+
+    #[getter]
+    fn dim(&self) -> usize {
+        self.inner.dim()
+    }
+
+    #[getter]
+    fn max_tokens(&self) -> usize {
+        self.inner.max_len()
+    }
+
+    #[getter]
+    fn device(&self) -> String {
+        self.inner.device_name().to_owned()
+    }
+}

@@ -1,0 +1,5 @@
+import sys
+
+from ferroserve.cli import main
+
+sys.exit(main())

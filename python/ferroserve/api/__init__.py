@@ -1,0 +1,1 @@
+"""One module per API resource: parse, call the backend, shape the response."""

@@ -1,0 +1,1 @@
+"""Backends: the local Rust engine (and, later, remote ones) behind one interface."""

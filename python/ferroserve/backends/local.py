@@ -1,0 +1,93 @@
+"""The local backend: models run by the Rust engine in this process.
+
+Each engine signals finished requests on a pipe fd; the event loop watches it and one
+``drain()`` call hands every finished request of that wake-up to its waiting handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from dataclasses import dataclass, field
+
+from ferroserve import _core
+from ferroserve.errors import ApiError, from_engine, from_engine_exception
+
+
+@dataclass(slots=True)
+class EmbeddingResult:
+    data_json: bytes
+    prompt_tokens: int
+
+
+_request_ids = itertools.count(1)
+
+
+@dataclass
+class LocalEmbeddingModel:
+    """One loaded embedding model and its completion dispatcher."""
+
+    name: str
+    path: str
+    engine: _core.EmbeddingEngine
+    created: int
+    _pending: dict[int, asyncio.Future] = field(default_factory=dict)
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def load(cls, name: str, path: str, *, max_batch_tokens: int, max_wait_us: int, created: int) -> LocalEmbeddingModel:
+        engine = _core.EmbeddingEngine(path, max_batch_tokens=max_batch_tokens, max_wait_us=max_wait_us)
+        return cls(name=name, path=path, engine=engine, created=created)
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        fd = self.engine.fd()
+        os.set_blocking(fd, False)
+        loop.add_reader(fd, self._on_ready)
+
+    def detach(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self.engine.fd())
+            self._loop = None
+
+    def _on_ready(self) -> None:
+        try:
+            os.read(self.engine.fd(), 4096)
+        except BlockingIOError:
+            pass
+        for event in self.engine.drain():
+            fut = self._pending.pop(event[0], None)
+            if fut is None or fut.done():
+                continue  # the client went away
+            if event[1]:
+                fut.set_result(EmbeddingResult(event[2], event[3]))
+            else:
+                fut.set_exception(from_engine(event[2], event[3]))
+
+    async def embed(
+        self,
+        *,
+        texts: list[str] | None,
+        token_lists: list[list[int]] | None,
+        dimensions: int | None,
+        base64: bool,
+    ) -> EmbeddingResult:
+        assert self._loop is not None, "model not attached to the event loop"
+        request_id = next(_request_ids)
+        fut = self._loop.create_future()
+        self._pending[request_id] = fut
+        try:
+            self.engine.submit(request_id, texts=texts, token_lists=token_lists, dimensions=dimensions, base64=base64)
+        except _core.FerroserveError as exc:
+            self._pending.pop(request_id, None)
+            raise from_engine_exception(exc, param="dimensions" if "dimensions" in str(exc) else "input") from None
+        try:
+            return await fut
+        finally:
+            self._pending.pop(request_id, None)
+
+
+class ModelNotReady(ApiError):
+    def __init__(self, name: str) -> None:
+        super().__init__(503, f"Model {name} is not loaded yet.", type="server_error", code="model_not_ready")

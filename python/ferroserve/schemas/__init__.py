@@ -1,0 +1,1 @@
+"""Wire types (msgspec Structs) for the OpenAI API and the specs' extensions."""

@@ -1,0 +1,20 @@
+"""`POST /v1/embeddings` request (the response is assembled from pre-encoded bytes)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+
+class EmbeddingRequest(msgspec.Struct, forbid_unknown_fields=False):
+    model: str
+    # str, list[str], list[int] or list[list[int]]: msgspec unions allow one array type,
+    # so the list's elements are checked by the handler.
+    input: str | list[Any]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+
+decoder = msgspec.json.Decoder(EmbeddingRequest)

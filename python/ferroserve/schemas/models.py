@@ -1,0 +1,22 @@
+"""`GET /v1/models` wire types."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class ModelCard(msgspec.Struct, omit_defaults=True):
+    id: str
+    object: str  # always "model"; no default so it is never omitted
+    created: int
+    owned_by: str
+    context_length: int | None = None
+    capabilities: list[str] = []
+    aliases: list[str] = []
+    dimensions: int | None = None
+    device: str | None = None
+
+
+class ModelList(msgspec.Struct):
+    data: list[ModelCard]
+    object: str = "list"
