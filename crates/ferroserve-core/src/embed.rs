@@ -1,6 +1,7 @@
 //! The embedding engine: tokenizer + BERT model + batcher thread + completion queue.
 
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::Path;
 use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
@@ -27,9 +28,10 @@ pub enum Encoding {
     Base64,
 }
 
-/// One finished request: each input's vector already encoded as a JSON value.
+/// One finished request: the response's whole `data` array, already JSON-encoded
+/// (built on the batcher thread so the HTTP layer only wraps it).
 pub struct EmbedOutput {
-    pub rows: Vec<Vec<u8>>,
+    pub data_json: Vec<u8>,
     pub prompt_tokens: usize,
 }
 
@@ -112,8 +114,18 @@ impl EmbeddingEngine {
         let notifier = self.notifier.clone();
         let dim = self.dim;
         let done = Box::new(move |vectors: Vec<f32>| {
-            let rows = vectors.chunks_exact(dim).map(|v| encode_row(v, dimensions, encoding)).collect();
-            notifier.push(EmbedEvent { request_id, result: Ok(EmbedOutput { rows, prompt_tokens }) });
+            let mut data_json = Vec::with_capacity(vectors.len() * 12 + 64);
+            data_json.push(b'[');
+            for (i, v) in vectors.chunks_exact(dim).enumerate() {
+                if i > 0 {
+                    data_json.push(b',');
+                }
+                let _ = write!(data_json, "{{\"object\":\"embedding\",\"index\":{i},\"embedding\":");
+                data_json.extend(encode_row(v, dimensions, encoding));
+                data_json.push(b'}');
+            }
+            data_json.push(b']');
+            notifier.push(EmbedEvent { request_id, result: Ok(EmbedOutput { data_json, prompt_tokens }) });
         });
         self.jobs.send(BatchJob { seqs, done }).map_err(|_| Error::EngineDead)?;
         Ok(prompt_tokens)
