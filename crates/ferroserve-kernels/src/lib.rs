@@ -22,6 +22,15 @@ pub struct PackedLinear {
     pub bias: Option<Vec<f32>>,
 }
 
+/// An element-wise function fused into a linear layer's output (applied while the
+/// output tile is still in L1, saving a pass over the activations).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    None,
+    /// Exact (erf-based) GELU.
+    Gelu,
+}
+
 /// Describes a batch of variable-length sequences packed back to back (no padding):
 /// sequence `i` occupies rows `offsets[i]..offsets[i + 1]`.
 #[derive(Debug, Clone)]
@@ -47,8 +56,8 @@ pub trait Device: Send + Sync {
     /// Prepare a `[out_features, in_features]` row-major weight (and optional bias).
     fn pack_linear(&self, weight: &[f32], out_features: usize, in_features: usize, bias: Option<&[f32]>) -> PackedLinear;
 
-    /// `out[rows, out_features] = x[rows, in_features] · Wᵀ + bias`.
-    fn linear(&self, x: &[f32], rows: usize, w: &PackedLinear, out: &mut [f32]);
+    /// `out[rows, out_features] = act(x[rows, in_features] · Wᵀ + bias)`.
+    fn linear(&self, x: &[f32], rows: usize, w: &PackedLinear, act: Activation, out: &mut [f32]);
 
     /// Row-wise `x = LayerNorm(x + residual) * gamma + beta` (pass `None` for no residual).
     fn add_layer_norm(&self, x: &mut [f32], residual: Option<&[f32]>, dim: usize, gamma: &[f32], beta: &[f32], eps: f32);

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use ferroserve_kernels::{Device, PackedLinear, SeqLayout};
+use ferroserve_kernels::{Activation, Device, PackedLinear, SeqLayout};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
@@ -246,14 +246,13 @@ impl BertModel {
         let mut tmp = vec![0.0f32; rows * h];
         let mut inter = vec![0.0f32; rows * c.intermediate_size];
         for layer in &self.layers {
-            dev.linear(&x, rows, &layer.qkv, &mut qkv);
+            dev.linear(&x, rows, &layer.qkv, Activation::None, &mut qkv);
             dev.encoder_attention(&qkv, layout, heads, h / heads, &mut ctx);
-            dev.linear(&ctx, rows, &layer.attn_out, &mut tmp);
+            dev.linear(&ctx, rows, &layer.attn_out, Activation::None, &mut tmp);
             dev.add_layer_norm(&mut tmp, Some(&x), h, &layer.attn_ln.0, &layer.attn_ln.1, c.layer_norm_eps);
             std::mem::swap(&mut x, &mut tmp);
-            dev.linear(&x, rows, &layer.ffn_in, &mut inter);
-            dev.gelu(&mut inter);
-            dev.linear(&inter, rows, &layer.ffn_out, &mut tmp);
+            dev.linear(&x, rows, &layer.ffn_in, Activation::Gelu, &mut inter);
+            dev.linear(&inter, rows, &layer.ffn_out, Activation::None, &mut tmp);
             dev.add_layer_norm(&mut tmp, Some(&x), h, &layer.out_ln.0, &layer.out_ln.1, c.layer_norm_eps);
             std::mem::swap(&mut x, &mut tmp);
         }

@@ -73,7 +73,7 @@ pub fn gelu(isa: Isa, x: &mut [f32]) {
 }
 
 #[inline(always)]
-fn gelu_slice(x: &mut [f32]) {
+pub(crate) fn gelu_slice(x: &mut [f32]) {
     for v in x.iter_mut() {
         *v = 0.5 * *v * (1.0 + erf(*v * std::f32::consts::FRAC_1_SQRT_2));
     }

@@ -11,8 +11,9 @@
 
 use rayon::prelude::*;
 
-use super::Isa;
-use crate::PackedLinear;
+use super::elementwise::gelu_slice;
+use super::{dispatch_isa, Isa};
+use crate::{Activation, PackedLinear};
 
 /// Output columns per packed panel (two AVX-512 registers, four AVX2 registers).
 pub const NR: usize = 32;
@@ -41,14 +42,45 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-/// `out[rows, n] = x[rows, k] · Wᵀ + bias`.
-pub fn linear(isa: Isa, x: &[f32], rows: usize, w: &PackedLinear, out: &mut [f32]) {
+/// Rows per A tile (the micro-kernel's MR): A is packed in tiles of `MR_PACK` rows,
+/// interleaved by k (`[k][MR_PACK]`), so the kernel's broadcasts read one sequential
+/// stream. Every ISA path uses this packing; narrower kernels take sub-tiles.
+const MR_PACK: usize = 8;
+/// k-block: a 256×32 slice of a panel (32 KiB) stays in L1 while all A tiles of the
+/// row block pass by. Fixed, so the reduction order never depends on the shapes of a call.
+const KC: usize = 256;
+// Row blocks must hold whole A tiles (the packed-A slicing relies on it).
+const _: () = assert!(MC % MR_PACK == 0);
+
+/// Packs `rows` rows of `x` into MR_PACK-row tiles (zero-padded), `[tile][k][MR_PACK]`.
+fn pack_a(x: &[f32], rows: usize, k: usize) -> Vec<f32> {
+    let tiles = rows.div_ceil(MR_PACK);
+    let mut packed = vec![0.0f32; tiles * k * MR_PACK];
+    let pack_tile = |(t, dst): (usize, &mut [f32])| {
+        for i in 0..MR_PACK.min(rows - t * MR_PACK) {
+            let src = &x[(t * MR_PACK + i) * k..(t * MR_PACK + i + 1) * k];
+            for (kk, &v) in src.iter().enumerate() {
+                dst[kk * MR_PACK + i] = v;
+            }
+        }
+    };
+    if rows * k >= 64 * 1024 {
+        packed.par_chunks_mut(k * MR_PACK).enumerate().for_each(pack_tile);
+    } else {
+        packed.chunks_mut(k * MR_PACK).enumerate().for_each(pack_tile);
+    }
+    packed
+}
+
+/// `out[rows, n] = act(x[rows, k] · Wᵀ + bias)`.
+pub fn linear(isa: Isa, x: &[f32], rows: usize, w: &PackedLinear, act: Activation, out: &mut [f32]) {
     let (n, k) = (w.out_features, w.in_features);
     assert!(x.len() >= rows * k, "x too short");
     assert!(out.len() >= rows * n, "out too short");
     if rows == 0 || n == 0 {
         return;
     }
+    let a = pack_a(x, rows, k);
     let panels = n.div_ceil(NR);
     let row_blocks = rows.div_ceil(MC);
     let out_ptr = SendPtr(out.as_mut_ptr());
@@ -60,16 +92,14 @@ pub fn linear(isa: Isa, x: &[f32], rows: usize, w: &PackedLinear, out: &mut [f32
         let c0 = p * NR;
         let ncols = NR.min(n - c0);
         let panel = &w.data[p * k * NR..(p + 1) * k * NR];
-        let bias_tile: [f32; NR] = {
-            let mut t = [0.0f32; NR];
-            if let Some(b) = bias {
-                t[..ncols].copy_from_slice(&b[c0..c0 + ncols]);
-            }
-            t
-        };
+        let mut bias_tile = [0.0f32; NR];
+        if let Some(b) = bias {
+            bias_tile[..ncols].copy_from_slice(&b[c0..c0 + ncols]);
+        }
+        let a_block = &a[r0 * k..r1.div_ceil(MR_PACK) * MR_PACK * k];
         let out_ptr = out_ptr;
         // SAFETY: this task alone writes rows r0..r1 × columns c0..c0+ncols.
-        unsafe { block(isa, &x[r0 * k..r1 * k], r1 - r0, k, panel, &bias_tile, out_ptr.0.add(r0 * n + c0), n, ncols) };
+        unsafe { block(isa, a_block, r1 - r0, k, panel, &bias_tile, act, out_ptr.0.add(r0 * n + c0), n, ncols) };
     };
     let tasks = row_blocks * panels;
     if tasks == 1 || rows * n * k < 64 * 1024 {
@@ -79,39 +109,61 @@ pub fn linear(isa: Isa, x: &[f32], rows: usize, w: &PackedLinear, out: &mut [f32
     }
 }
 
-/// One row block against one panel, with the ISA's micro-kernels.
+/// One row block (packed A tiles) against one panel, k-block by k-block.
 ///
 /// # Safety
 /// `c` must be valid for writes of `rows` rows of stride `ldc` and `ncols` columns.
-unsafe fn block(isa: Isa, a: &[f32], rows: usize, k: usize, panel: &[f32], bias: &[f32; NR], c: *mut f32, ldc: usize, ncols: usize) {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => x86::block_avx512(a, rows, k, panel, bias, c, ldc, ncols),
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => x86::block_avx2(a, rows, k, panel, bias, c, ldc, ncols),
-        _ => block_portable(a, rows, k, panel, bias, c, ldc, ncols),
-    }
-}
-
-unsafe fn block_portable(a: &[f32], rows: usize, k: usize, panel: &[f32], bias: &[f32; NR], c: *mut f32, ldc: usize, ncols: usize) {
-    const MR: usize = 4;
-    let mut r = 0;
-    while r < rows {
-        let mr = MR.min(rows - r);
-        let mut acc = [*bias; MR];
-        for kk in 0..k {
-            let b = &panel[kk * NR..kk * NR + NR];
-            for i in 0..mr {
-                let av = a[(r + i) * k + kk];
-                for j in 0..NR {
-                    acc[i][j] = av.mul_add(b[j], acc[i][j]);
+#[allow(clippy::too_many_arguments)]
+unsafe fn block(isa: Isa, a: &[f32], rows: usize, k: usize, panel: &[f32], bias: &[f32; NR], act: Activation, c: *mut f32, ldc: usize, ncols: usize) {
+    let mut k0 = 0;
+    while k0 < k {
+        let kc = KC.min(k - k0);
+        let first = k0 == 0;
+        for t in 0..rows.div_ceil(MR_PACK) {
+            let tile_rows = MR_PACK.min(rows - t * MR_PACK);
+            let a_tile = &a[t * k * MR_PACK + k0 * MR_PACK..t * k * MR_PACK + (k0 + kc) * MR_PACK];
+            let b = &panel[k0 * NR..(k0 + kc) * NR];
+            let c_tile = c.add(t * MR_PACK * ldc);
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => x86::tile_avx512(a_tile, tile_rows, kc, b, bias, first, c_tile, ldc, ncols),
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => x86::tile_avx2(a_tile, tile_rows, kc, b, bias, first, c_tile, ldc, ncols),
+                _ => tile_portable(a_tile, tile_rows, kc, b, bias, first, c_tile, ldc, ncols),
+            }
+            if k0 + kc == k && act == Activation::Gelu {
+                for i in 0..tile_rows {
+                    let row = std::slice::from_raw_parts_mut(c_tile.add(i * ldc), ncols);
+                    dispatch_isa!(isa, || gelu_slice(row));
                 }
             }
         }
-        for i in 0..mr {
-            std::ptr::copy_nonoverlapping(acc[i].as_ptr(), c.add((r + i) * ldc), ncols);
+        k0 += kc;
+    }
+}
+
+/// Portable tile: MR_PACK rows × NR columns, plain loops (auto-vectorised).
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_portable(a: &[f32], rows: usize, kc: usize, b: &[f32], bias: &[f32; NR], first: bool, c: *mut f32, ldc: usize, ncols: usize) {
+    let mut acc = [[0.0f32; NR]; MR_PACK];
+    for (i, row) in acc.iter_mut().enumerate().take(rows) {
+        if first {
+            *row = *bias;
+        } else {
+            std::ptr::copy_nonoverlapping(c.add(i * ldc), row.as_mut_ptr(), ncols);
         }
-        r += mr;
+    }
+    for kk in 0..kc {
+        let bv = &b[kk * NR..kk * NR + NR];
+        let av = &a[kk * MR_PACK..kk * MR_PACK + MR_PACK];
+        for i in 0..MR_PACK {
+            for j in 0..NR {
+                acc[i][j] = av[i].mul_add(bv[j], acc[i][j]);
+            }
+        }
+    }
+    for (i, row) in acc.iter().enumerate().take(rows) {
+        std::ptr::copy_nonoverlapping(row.as_ptr(), c.add(i * ldc), ncols);
     }
 }
 
@@ -119,108 +171,92 @@ unsafe fn block_portable(a: &[f32], rows: usize, k: usize, panel: &[f32], bias: 
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::NR;
+    use super::{MR_PACK, NR};
 
-    macro_rules! for_each_mr {
-        ($mr:expr, $f:ident, $($arg:expr),*) => {
-            match $mr {
-                1 => $f::<1>($($arg),*), 2 => $f::<2>($($arg),*), 3 => $f::<3>($($arg),*),
-                4 => $f::<4>($($arg),*), 5 => $f::<5>($($arg),*), 6 => $f::<6>($($arg),*),
-                7 => $f::<7>($($arg),*), _ => $f::<8>($($arg),*),
-            }
-        };
-    }
-
+    /// MR_PACK×32 tile: 16 zmm accumulators, A broadcast from the packed stream.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn block_avx512(a: &[f32], rows: usize, k: usize, panel: &[f32], bias: &[f32; NR], c: *mut f32, ldc: usize, ncols: usize) {
-        const MR: usize = 8;
-        let mut r = 0;
-        while r < rows {
-            let mr = MR.min(rows - r);
-            let a_ptr = a.as_ptr().add(r * k);
-            let c_ptr = c.add(r * ldc);
-            for_each_mr!(mr, kernel_avx512, a_ptr, k, panel.as_ptr(), bias, c_ptr, ldc, ncols);
-            r += mr;
-        }
-    }
-
-    /// MR×32 micro-kernel: 2·MR zmm accumulators, A broadcast from memory.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn kernel_avx512<const MR: usize>(a: *const f32, k: usize, b: *const f32, bias: &[f32; NR], c: *mut f32, ldc: usize, ncols: usize) {
-        let bias0 = _mm512_loadu_ps(bias.as_ptr());
-        let bias1 = _mm512_loadu_ps(bias.as_ptr().add(16));
-        let mut acc = [[bias0, bias1]; MR];
-        for kk in 0..k {
-            let b0 = _mm512_loadu_ps(b.add(kk * NR));
-            let b1 = _mm512_loadu_ps(b.add(kk * NR + 16));
-            for i in 0..MR {
-                let av = _mm512_set1_ps(*a.add(i * k + kk));
-                acc[i][0] = _mm512_fmadd_ps(av, b0, acc[i][0]);
-                acc[i][1] = _mm512_fmadd_ps(av, b1, acc[i][1]);
-            }
-        }
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn tile_avx512(a: &[f32], rows: usize, kc: usize, b: &[f32], bias: &[f32; NR], first: bool, c: *mut f32, ldc: usize, ncols: usize) {
         let m0: __mmask16 = if ncols >= 16 { 0xFFFF } else { ((1u32 << ncols) - 1) as u16 };
         let m1: __mmask16 = if ncols >= 32 { 0xFFFF } else if ncols <= 16 { 0 } else { ((1u32 << (ncols - 16)) - 1) as u16 };
-        for i in 0..MR {
-            _mm512_mask_storeu_ps(c.add(i * ldc), m0, acc[i][0]);
-            _mm512_mask_storeu_ps(c.add(i * ldc + 16), m1, acc[i][1]);
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR_PACK];
+        for (i, row) in acc.iter_mut().enumerate() {
+            if first {
+                row[0] = _mm512_loadu_ps(bias.as_ptr());
+                row[1] = _mm512_loadu_ps(bias.as_ptr().add(16));
+            } else if i < rows {
+                row[0] = _mm512_maskz_loadu_ps(m0, c.add(i * ldc));
+                row[1] = _mm512_maskz_loadu_ps(m1, c.add(i * ldc + 16));
+            }
+        }
+        let (mut ap, mut bp) = (a.as_ptr(), b.as_ptr());
+        for _ in 0..kc {
+            let b0 = _mm512_loadu_ps(bp);
+            let b1 = _mm512_loadu_ps(bp.add(16));
+            for (i, row) in acc.iter_mut().enumerate() {
+                let av = _mm512_set1_ps(*ap.add(i));
+                row[0] = _mm512_fmadd_ps(av, b0, row[0]);
+                row[1] = _mm512_fmadd_ps(av, b1, row[1]);
+            }
+            ap = ap.add(MR_PACK);
+            bp = bp.add(NR);
+        }
+        for (i, row) in acc.iter().enumerate().take(rows) {
+            _mm512_mask_storeu_ps(c.add(i * ldc), m0, row[0]);
+            _mm512_mask_storeu_ps(c.add(i * ldc + 16), m1, row[1]);
         }
     }
 
+    /// AVX2: the 8-row tile as sub-tiles of ≤ 3 rows × 32 columns (12 ymm accumulators).
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn block_avx2(a: &[f32], rows: usize, k: usize, panel: &[f32], bias: &[f32; NR], c: *mut f32, ldc: usize, ncols: usize) {
-        const MR: usize = 3;
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn tile_avx2(a: &[f32], rows: usize, kc: usize, b: &[f32], bias: &[f32; NR], first: bool, c: *mut f32, ldc: usize, ncols: usize) {
         let mut r = 0;
         while r < rows {
-            let mr = MR.min(rows - r);
-            let a_ptr = a.as_ptr().add(r * k);
-            let c_ptr = c.add(r * ldc);
+            let mr = 3.min(rows - r);
             match mr {
-                1 => kernel_avx2::<1>(a_ptr, k, panel.as_ptr(), bias, c_ptr, ldc, ncols),
-                2 => kernel_avx2::<2>(a_ptr, k, panel.as_ptr(), bias, c_ptr, ldc, ncols),
-                _ => kernel_avx2::<3>(a_ptr, k, panel.as_ptr(), bias, c_ptr, ldc, ncols),
+                1 => sub_avx2::<1>(a, r, kc, b, bias, first, c.add(r * ldc), ldc, ncols),
+                2 => sub_avx2::<2>(a, r, kc, b, bias, first, c.add(r * ldc), ldc, ncols),
+                _ => sub_avx2::<3>(a, r, kc, b, bias, first, c.add(r * ldc), ldc, ncols),
             }
             r += mr;
         }
     }
 
-    /// MR×32 micro-kernel: 4·MR ymm accumulators.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn kernel_avx2<const MR: usize>(a: *const f32, k: usize, b: *const f32, bias: &[f32; NR], c: *mut f32, ldc: usize, ncols: usize) {
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn sub_avx2<const MR: usize>(a: &[f32], r0: usize, kc: usize, b: &[f32], bias: &[f32; NR], first: bool, c: *mut f32, ldc: usize, ncols: usize) {
         let mut acc = [[_mm256_setzero_ps(); 4]; MR];
-        for row in acc.iter_mut() {
-            for (j, v) in row.iter_mut().enumerate() {
-                *v = _mm256_loadu_ps(bias.as_ptr().add(8 * j));
-            }
-        }
-        for kk in 0..k {
-            let bv = [
-                _mm256_loadu_ps(b.add(kk * NR)),
-                _mm256_loadu_ps(b.add(kk * NR + 8)),
-                _mm256_loadu_ps(b.add(kk * NR + 16)),
-                _mm256_loadu_ps(b.add(kk * NR + 24)),
-            ];
-            for i in 0..MR {
-                let av = _mm256_broadcast_ss(&*a.add(i * k + kk));
-                for j in 0..4 {
-                    acc[i][j] = _mm256_fmadd_ps(av, bv[j], acc[i][j]);
-                }
-            }
-        }
-        for i in 0..MR {
-            if ncols == NR {
-                for j in 0..4 {
-                    _mm256_storeu_ps(c.add(i * ldc + 8 * j), acc[i][j]);
-                }
+        let mut tmp = [0.0f32; NR];
+        for (i, row) in acc.iter_mut().enumerate() {
+            let src = if first {
+                bias.as_ptr()
             } else {
-                let mut tmp = [0.0f32; NR];
-                for j in 0..4 {
-                    _mm256_storeu_ps(tmp.as_mut_ptr().add(8 * j), acc[i][j]);
-                }
-                std::ptr::copy_nonoverlapping(tmp.as_ptr(), c.add(i * ldc), ncols);
+                std::ptr::copy_nonoverlapping(c.add(i * ldc), tmp.as_mut_ptr(), ncols);
+                tmp.as_ptr()
+            };
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = _mm256_loadu_ps(src.add(8 * j));
             }
+        }
+        let (mut ap, mut bp) = (a.as_ptr().add(r0), b.as_ptr());
+        for _ in 0..kc {
+            let bv = [_mm256_loadu_ps(bp), _mm256_loadu_ps(bp.add(8)), _mm256_loadu_ps(bp.add(16)), _mm256_loadu_ps(bp.add(24))];
+            for (i, row) in acc.iter_mut().enumerate() {
+                let av = _mm256_broadcast_ss(&*ap.add(i));
+                for j in 0..4 {
+                    row[j] = _mm256_fmadd_ps(av, bv[j], row[j]);
+                }
+            }
+            ap = ap.add(MR_PACK);
+            bp = bp.add(NR);
+        }
+        for (i, row) in acc.iter().enumerate() {
+            for j in 0..4 {
+                _mm256_storeu_ps(tmp.as_mut_ptr().add(8 * j), row[j]);
+            }
+            std::ptr::copy_nonoverlapping(tmp.as_ptr(), c.add(i * ldc), ncols);
         }
     }
 }
@@ -229,7 +265,7 @@ mod x86 {
 mod tests {
     use super::*;
     use crate::cpu::test_util::{assert_close, Rng};
-    use crate::{CpuDevice, Device};
+    use crate::{Activation, CpuDevice, Device};
 
     fn reference(x: &[f32], m: usize, w: &[f32], n: usize, k: usize, bias: Option<&[f32]>) -> Vec<f64> {
         let mut out = vec![0.0f64; m * n];
@@ -258,12 +294,29 @@ mod tests {
                 for bias in [None, Some(&b[..])] {
                     let packed = dev.pack_linear(&w, n, k, bias);
                     let mut out = vec![f32::NAN; m * n + 3];
-                    dev.linear(&x, m, &packed, &mut out);
+                    dev.linear(&x, m, &packed, Activation::None, &mut out);
                     let want = reference(&x, m, &w, n, k, bias);
                     assert_close(&out[..m * n], &want, 1e-5, &format!("{isa:?} m={m} n={n} k={k}"));
                     assert!(out[m * n..].iter().all(|v| v.is_nan()), "wrote past the output");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn fused_gelu_matches_separate_gelu() {
+        let mut rng = Rng::new(3 ^ std::process::id() as u64);
+        let (m, n, k) = (37, 70, 400);
+        for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
+            let dev = CpuDevice::with_isa(isa);
+            let w = dev.pack_linear(&rng.vec(n * k), n, k, Some(&rng.vec(n)));
+            let x = rng.vec(m * k);
+            let mut fused = vec![f32::NAN; m * n];
+            dev.linear(&x, m, &w, Activation::Gelu, &mut fused);
+            let mut plain = vec![f32::NAN; m * n];
+            dev.linear(&x, m, &w, Activation::None, &mut plain);
+            dev.gelu(&mut plain);
+            assert_eq!(fused, plain, "{isa:?}");
         }
     }
 
@@ -275,10 +328,10 @@ mod tests {
         let w = dev.pack_linear(&rng.vec(n * k), n, k, None);
         let x = rng.vec(130 * k);
         let mut all = vec![0.0; 130 * n];
-        dev.linear(&x, 130, &w, &mut all);
+        dev.linear(&x, 130, &w, Activation::None, &mut all);
         for r in [0, 5, 96, 129] {
             let mut one = vec![0.0; n];
-            dev.linear(&x[r * k..(r + 1) * k], 1, &w, &mut one);
+            dev.linear(&x[r * k..(r + 1) * k], 1, &w, Activation::None, &mut one);
             assert_eq!(one, all[r * n..(r + 1) * n], "row {r}");
         }
     }

@@ -7,7 +7,10 @@
 pub fn fast_exp(x: f32) -> f32 {
     // Range reduction: x = n·ln2 + r, |r| ≤ ln2/2; e^x = 2^n · e^r.
     let x = x.clamp(-87.3, 88.0);
-    let n = (x * std::f32::consts::LOG2_E).round();
+    // Round to nearest by the 1.5·2^23 trick: `f32::round` (half away from zero) has no
+    // single SIMD instruction and would become a libm call per element.
+    const SHIFT: f32 = 12_582_912.0;
+    let n = (x * std::f32::consts::LOG2_E + SHIFT) - SHIFT;
     let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
     // Degree-6 Taylor/minimax-like polynomial for e^r on [-0.35, 0.35].
     let p = 1.0

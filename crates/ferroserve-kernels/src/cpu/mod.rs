@@ -4,13 +4,13 @@
 //! (tests use it to cover every path on a machine that has them all).
 
 mod attention;
-mod elementwise;
+pub(crate) mod elementwise;
 pub mod gemm;
 mod math;
 
 use std::sync::OnceLock;
 
-use crate::{Device, PackedLinear, SeqLayout};
+use crate::{Activation, Device, PackedLinear, SeqLayout};
 
 /// The instruction-set level a kernel runs with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -104,8 +104,8 @@ impl Device for CpuDevice {
         }
     }
 
-    fn linear(&self, x: &[f32], rows: usize, w: &PackedLinear, out: &mut [f32]) {
-        gemm::linear(self.isa, x, rows, w, out);
+    fn linear(&self, x: &[f32], rows: usize, w: &PackedLinear, act: Activation, out: &mut [f32]) {
+        gemm::linear(self.isa, x, rows, w, act, out);
     }
 
     fn add_layer_norm(&self, x: &mut [f32], residual: Option<&[f32]>, dim: usize, gamma: &[f32], beta: &[f32], eps: f32) {

@@ -1,0 +1,52 @@
+//! In-process embedding throughput/latency (no HTTP): the engine's own floor.
+//! `cargo run --release --example embed_bench -- <model dir>`
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use ferroserve_core::models::bert::BertModel;
+use ferroserve_core::tokenize::bert::EncoderTokenizer;
+use ferroserve_kernels::{CpuDevice, Device};
+
+fn main() {
+    let dir = std::path::PathBuf::from(std::env::args().nth(1).expect("model dir"));
+    let device: Arc<dyn Device> = Arc::new(CpuDevice::new());
+    let model = BertModel::load(&dir, device).unwrap();
+    let tok = EncoderTokenizer::from_file(&dir.join("tokenizer.json"), 256).unwrap();
+    let words = ["the", "quick", "server", "batches", "requests", "into", "one", "forward", "pass", "while", "kernels", "stream", "weights", "from", "memory", "and", "tokens", "flow", "back", "to", "clients"];
+    let mut seed = 12345u64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let sentences: Vec<Vec<u32>> = (0..2048)
+        .map(|_| {
+            let n = 10 + (next() % 11) as usize;
+            let s: Vec<&str> = (0..n).map(|_| words[(next() % words.len() as u64) as usize]).collect();
+            tok.encode(&s.join(" ")).unwrap()
+        })
+        .collect();
+    let tokens: usize = sentences.iter().map(Vec::len).sum();
+    println!("{} sentences, {:.1} tokens avg, device {}", sentences.len(), tokens as f64 / 2048.0, CpuDevice::new().name());
+    let rounds = if std::env::var("SINGLE_ONLY").is_ok() { 0 } else { 3 };
+    for round in 0..rounds {
+        let t = Instant::now();
+        for chunk in sentences.chunks(32) {
+            let refs: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
+            std::hint::black_box(model.embed(&refs));
+        }
+        let s = t.elapsed().as_secs_f64();
+        println!("round {round}: batches of 32: {:.0} sentences/s", 2048.0 / s);
+    }
+    let mut lat = Vec::new();
+    for s in sentences.iter().cycle().take(if rounds == 0 { 3000 } else { 300 }) {
+        let t = Instant::now();
+        std::hint::black_box(model.embed(&[s.as_slice()]));
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = lat.len();
+    println!("single sentence: p50 {:.3} ms p95 {:.3} ms", lat[n / 2], lat[n * 95 / 100]);
+}
