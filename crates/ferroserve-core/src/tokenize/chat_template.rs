@@ -61,7 +61,9 @@ pub enum MessageContent {
 pub enum ContentPart {
     Text(String),
     /// Any non-text part, by its OpenAI `type` (e.g. "image_url"); rendering refuses it.
-    Other { kind: String },
+    Other {
+        kind: String,
+    },
 }
 
 /// A compiled chat template plus the BOS/EOS texts templates refer to.
@@ -208,13 +210,20 @@ impl std::fmt::Display for Raised {
 impl std::error::Error for Raised {}
 
 fn raise_exception(message: String) -> std::result::Result<Value, minijinja::Error> {
-    Err(minijinja::Error::new(ErrorKind::InvalidOperation, message.clone()).with_source(Raised(message)))
+    Err(
+        minijinja::Error::new(ErrorKind::InvalidOperation, message.clone())
+            .with_source(Raised(message)),
+    )
 }
 
 /// minijinja's own `tojson` escapes `<`, `>`, `&` and `'` for HTML, which would change the
 /// prompt; transformers' is `json.dumps(x, ensure_ascii=False, indent=indent)`. This writes
 /// the latter, including its `", "` / `": "` separators.
-fn tojson(value: &Value, indent: Option<Value>, kwargs: Kwargs) -> std::result::Result<Value, minijinja::Error> {
+fn tojson(
+    value: &Value,
+    indent: Option<Value>,
+    kwargs: Kwargs,
+) -> std::result::Result<Value, minijinja::Error> {
     let indent: Option<Value> = match indent {
         Some(indent) => Some(indent),
         None => kwargs.get("indent")?,
@@ -258,7 +267,9 @@ impl JsonWriter {
         }
         match value.kind() {
             ValueKind::Undefined | ValueKind::None => self.out.push_str("null"),
-            ValueKind::Bool => self.out.push_str(if value.is_true() { "true" } else { "false" }),
+            ValueKind::Bool => self
+                .out
+                .push_str(if value.is_true() { "true" } else { "false" }),
             ValueKind::Number => {
                 let _ = write!(self.out, "{value}");
             }
@@ -282,7 +293,9 @@ impl JsonWriter {
             }
             ValueKind::Seq | ValueKind::Iterable => {
                 let items: Vec<Value> = value.try_iter()?.collect();
-                self.container('[', ']', items.len(), depth, |w, i| w.value(&items[i], depth + 1))?;
+                self.container('[', ']', items.len(), depth, |w, i| {
+                    w.value(&items[i], depth + 1)
+                })?;
             }
             ValueKind::Bytes | ValueKind::Plain | ValueKind::Invalid => {
                 return Err(minijinja::Error::new(
@@ -313,7 +326,7 @@ impl JsonWriter {
                         self.out.push(',');
                     }
                     self.out.push('\n');
-                    self.out.extend(std::iter::repeat(' ').take(indent * (depth + 1)));
+                    self.out.push_str(&" ".repeat(indent * (depth + 1)));
                 }
                 None if i > 0 => self.out.push_str(", "),
                 None => {}
@@ -322,7 +335,7 @@ impl JsonWriter {
         }
         if let (Some(indent), true) = (self.indent, len > 0) {
             self.out.push('\n');
-            self.out.extend(std::iter::repeat(' ').take(indent * depth));
+            self.out.push_str(&" ".repeat(indent * depth));
         }
         self.out.push(close);
         Ok(())
@@ -366,12 +379,20 @@ mod tests {
     fn raise_exception_is_a_rejection() {
         let t = ChatTemplate::new("{{ raise_exception('roles must alternate') }}", "", "").unwrap();
         let err = t.render(&[], false).unwrap_err();
-        assert!(matches!(err, ChatTemplateError::Rejected(ref m) if m == "roles must alternate"), "{err}");
+        assert!(
+            matches!(err, ChatTemplateError::Rejected(ref m) if m == "roles must alternate"),
+            "{err}"
+        );
     }
 
     #[test]
     fn content_parts_join_and_images_are_refused() {
-        let t = ChatTemplate::new("{% for m in messages %}{{ m.content }}|{% endfor %}", "", "").unwrap();
+        let t = ChatTemplate::new(
+            "{% for m in messages %}{{ m.content }}|{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
         let parts = ChatMessage {
             role: "user".into(),
             content: MessageContent::Parts(vec![
@@ -382,10 +403,20 @@ mod tests {
         assert_eq!(t.render(&[parts], false).unwrap(), "a\nb|");
         let image = ChatMessage {
             role: "user".into(),
-            content: MessageContent::Parts(vec![ContentPart::Other { kind: "image_url".into() }]),
+            content: MessageContent::Parts(vec![ContentPart::Other {
+                kind: "image_url".into(),
+            }]),
         };
-        let err = t.render(&[ChatMessage::text("user", "x"), image], false).unwrap_err();
-        assert!(matches!(err, ChatTemplateError::UnsupportedContentPart { message_index: 1, .. }));
+        let err = t
+            .render(&[ChatMessage::text("user", "x"), image], false)
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            ChatTemplateError::UnsupportedContentPart {
+                message_index: 1,
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -400,6 +431,12 @@ mod tests {
             t.render(&[], false).unwrap(),
             r#"{"a": "<b> & \"c\"\n", "n": [1, 2.5, true, null]}"#
         );
+        let t =
+            ChatTemplate::new("{{ {'a': [1, {'b': []}]} | tojson(indent=2) }}", "", "").unwrap();
+        assert_eq!(
+            t.render(&[], false).unwrap(),
+            "{\n  \"a\": [\n    1,\n    {\n      \"b\": []\n    }\n  ]\n}"
+        );
     }
 
     #[test]
@@ -410,7 +447,12 @@ mod tests {
             "",
         )
         .unwrap();
-        assert_eq!(t.render(&[ChatMessage::text("user", "  hi ")], false).unwrap(), "hi\n");
+        // jinja2 gives the same: lstrip_blocks strips before `{%` only, not before `{{`.
+        assert_eq!(
+            t.render(&[ChatMessage::text("user", "  hi ")], false)
+                .unwrap(),
+            "  hi\n"
+        );
     }
 
     #[test]

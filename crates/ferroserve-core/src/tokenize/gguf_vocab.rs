@@ -53,8 +53,9 @@ const QWEN2_REGEX: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'
 fn pre_tokenizer_regexes(pre: &str) -> Option<Vec<&'static str>> {
     Some(match pre {
         // Individual digits first, then GPT-2's rules.
-        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone"
-        | "minerva-7b" => vec![r"\p{N}", GPT2_REGEX],
+        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => {
+            vec![r"\p{N}", GPT2_REGEX]
+        }
         "gpt-2" | "phi-2" | "mpt" | "olmo" | "jais" | "trillion" | "granite-docling"
         | "exaone4" => vec![GPT2_REGEX],
         "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0"
@@ -275,7 +276,9 @@ impl GgufTokenizer {
         } else {
             &self.without_special
         };
-        let encoding = tokenizer.encode_fast(text, false).map_err(tokenizers_error)?;
+        let encoding = tokenizer
+            .encode_fast(text, false)
+            .map_err(tokenizers_error)?;
         Ok(encoding.get_ids().to_vec())
     }
 
@@ -363,11 +366,10 @@ impl GgufTokenizer {
     }
 
     fn bytes_of(&self, id: u32) -> Result<&[u8]> {
-        self.token_bytes(id)
-            .ok_or(GgufVocabError::UnknownTokenId {
-                id,
-                vocab_size: self.token_bytes.len(),
-            })
+        self.token_bytes(id).ok_or(GgufVocabError::UnknownTokenId {
+            id,
+            vocab_size: self.token_bytes.len(),
+        })
     }
 }
 

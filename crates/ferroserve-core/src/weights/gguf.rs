@@ -35,7 +35,8 @@ pub enum GgufError {
     BadMagic { found: Vec<u8> },
     #[error("unsupported GGUF version {0} (this reader supports versions 2 and 3)")]
     UnsupportedVersion(u32),
-    #[error("GGUF file is truncated: {what} needs {needed} bytes at offset {offset}, only {available} remain")]
+    /// The file ends before something it declares: a cut-off download, or a corrupt count.
+    #[error("GGUF file is truncated or corrupt: {what}: {needed} bytes needed at offset {offset}, only {available} remain")]
     Truncated {
         what: &'static str,
         offset: u64,
@@ -214,7 +215,7 @@ impl GgmlType {
     /// whole number of blocks or the size overflows.
     pub fn bytes_for(self, n_elements: u64) -> Option<u64> {
         let block = self.block_size() as u64;
-        if n_elements % block != 0 {
+        if !n_elements.is_multiple_of(block) {
             return None;
         }
         (n_elements / block).checked_mul(self.block_bytes() as u64)
@@ -473,11 +474,13 @@ impl GgufFile {
     ) -> Result<Option<T>> {
         match self.get(key) {
             None => Ok(None),
-            Some(value) => convert(value).map(Some).ok_or_else(|| GgufError::WrongType {
-                key: key.to_owned(),
-                expected,
-                found: value.describe(),
-            }),
+            Some(value) => convert(value)
+                .map(Some)
+                .ok_or_else(|| GgufError::WrongType {
+                    key: key.to_owned(),
+                    expected,
+                    found: value.describe(),
+                }),
         }
     }
 
@@ -657,28 +660,28 @@ impl LlamaHparams {
                  feed_forward_length {feed_forward_length} must all be non-zero"
             ));
         }
-        if head_count == 0 || head_count_kv == 0 || head_count % head_count_kv != 0 {
+        if head_count == 0 || head_count_kv == 0 || !head_count.is_multiple_of(head_count_kv) {
             return invalid(format!(
                 "head_count {head_count} must be a non-zero multiple of head_count_kv {head_count_kv}"
             ));
         }
         let head_dim = match count_opt("attention.key_length")? {
             Some(dim) => dim,
-            None if embedding_length % head_count == 0 => embedding_length / head_count,
-            None => {
-                return invalid(format!(
-                    "embedding_length {embedding_length} is not divisible by head_count {head_count}"
-                ))
-            }
+            None if embedding_length.is_multiple_of(head_count) => embedding_length / head_count,
+            None => return invalid(format!(
+                "embedding_length {embedding_length} is not divisible by head_count {head_count}"
+            )),
         };
         let rope_dimension_count = count_opt("rope.dimension_count")?.unwrap_or(head_dim);
-        if head_dim == 0 || rope_dimension_count > head_dim || rope_dimension_count % 2 != 0 {
+        if head_dim == 0 || rope_dimension_count > head_dim || !rope_dimension_count.is_multiple_of(2) {
             return invalid(format!(
                 "rope.dimension_count {rope_dimension_count} must be even and at most the head \
                  width {head_dim}"
             ));
         }
-        if !(rms_norm_eps > 0.0) || !(rope_freq_base > 0.0) {
+        // Also rejects NaN, which a plain `<= 0.0` test would let through.
+        let positive = |x: f32| x.is_finite() && x > 0.0;
+        if !positive(rms_norm_eps) || !positive(rope_freq_base) {
             return invalid(format!(
                 "rms epsilon {rms_norm_eps} and rope.freq_base {rope_freq_base} must be positive"
             ));
@@ -748,7 +751,9 @@ fn parse(bytes: &[u8]) -> Result<Parsed> {
         let value = read_value(&mut cur, value_type, 0)
             .map_err(|e| with_context(e, &format!("metadata key '{key}'")))?;
         if seen.insert(key.clone(), ()).is_some() {
-            return Err(GgufError::Corrupt(format!("duplicate metadata key '{key}'")));
+            return Err(GgufError::Corrupt(format!(
+                "duplicate metadata key '{key}'"
+            )));
         }
         metadata.push((key, value));
     }
@@ -848,7 +853,7 @@ fn check_tensor(
         .ok_or_else(|| corrupt(format!("element count of shape {:?} overflows", raw.ne)))?;
     // Blocks never straddle rows, so the row length itself must be whole blocks.
     let row_len = raw.ne.first().copied().unwrap_or(1);
-    if row_len % dtype.block_size() as u64 != 0 {
+    if !row_len.is_multiple_of(dtype.block_size() as u64) {
         return Err(corrupt(format!(
             "row length {row_len} is not a multiple of the {dtype} block size {}",
             dtype.block_size()
@@ -857,7 +862,7 @@ fn check_tensor(
     let n_bytes = dtype
         .bytes_for(n_elements)
         .ok_or_else(|| corrupt(format!("byte size of shape {:?} overflows", raw.ne)))?;
-    if raw.offset % alignment != 0 {
+    if !raw.offset.is_multiple_of(alignment) {
         return Err(corrupt(format!(
             "offset {} is not a multiple of the alignment {alignment}",
             raw.offset
@@ -1001,23 +1006,26 @@ impl<'a> Cursor<'a> {
         let len = self.u64(what)?;
         let offset = self.pos;
         let raw = self.take(len, what)?;
-        String::from_utf8(raw.to_vec()).map_err(|e| {
-            GgufError::Corrupt(format!("{what} at offset {offset} is not UTF-8: {e}"))
-        })
+        String::from_utf8(raw.to_vec())
+            .map_err(|e| GgufError::Corrupt(format!("{what} at offset {offset} is not UTF-8: {e}")))
     }
 
     /// Rejects a count that could not fit in the remaining bytes even at `min_size` bytes per
     /// item, so a corrupt count cannot drive a huge `Vec::with_capacity`.
     fn check_count(&self, count: u64, min_size: u64, what: &'static str) -> Result<usize> {
-        let fits = count
-            .checked_mul(min_size)
-            .is_some_and(|needed| needed <= self.remaining());
-        if !fits {
+        let Some(needed) = count.checked_mul(min_size) else {
             return Err(GgufError::Corrupt(format!(
-                "{count} {what} cannot fit in the {} bytes left at offset {}",
-                self.remaining(),
+                "absurd count of {what} ({count}) at offset {}",
                 self.pos
             )));
+        };
+        if needed > self.remaining() {
+            return Err(GgufError::Truncated {
+                what,
+                offset: self.pos as u64,
+                needed,
+                available: self.remaining(),
+            });
         }
         Ok(count as usize) // count * min_size <= remaining, so it fits
     }
@@ -1045,7 +1053,10 @@ mod tests {
     fn empty_and_tiny_inputs_are_errors() {
         assert!(matches!(parse(b""), Err(GgufError::Truncated { .. })));
         assert!(matches!(parse(b"GGU"), Err(GgufError::Truncated { .. })));
-        assert!(matches!(parse(b"GGML\x03\0\0\0"), Err(GgufError::BadMagic { .. })));
+        assert!(matches!(
+            parse(b"GGML\x03\0\0\0"),
+            Err(GgufError::BadMagic { .. })
+        ));
         assert!(matches!(
             parse(b"GGUF\x01\0\0\0"),
             Err(GgufError::UnsupportedVersion(1))
@@ -1063,7 +1074,12 @@ mod tests {
         file.extend(9u32.to_le_bytes()); // array
         file.extend(8u32.to_le_bytes()); // of strings
         file.extend(u64::MAX.to_le_bytes());
-        let err = parse(&file).unwrap_err();
-        assert!(matches!(err, GgufError::Corrupt(ref m) if m.contains("cannot fit")), "{err}");
+        let Err(err) = parse(&file) else {
+            panic!("an absurd array length parsed")
+        };
+        assert!(
+            matches!(err, GgufError::Corrupt(ref m) if m.contains("absurd")),
+            "{err}"
+        );
     }
 }
