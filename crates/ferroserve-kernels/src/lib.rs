@@ -17,8 +17,11 @@ pub use cpu::{CpuDevice, Isa};
 pub struct PackedLinear {
     pub out_features: usize,
     pub in_features: usize,
-    /// Device-specific packed data (for the CPU: column panels, see `cpu::gemm`).
+    /// Device-specific packed data (for the CPU: f32 column panels, see `cpu::gemm`).
     pub data: Vec<f32>,
+    /// The same panels as bf16 pairs along k (for CPUs with AVX512-BF16, see
+    /// `cpu::gemm_bf16`); empty when the f32 panels are used.
+    pub data_bf16: Vec<u32>,
     pub bias: Option<Vec<f32>>,
 }
 

@@ -37,7 +37,7 @@ pub fn pack_b(weight: &[f32], n: usize, k: usize) -> Vec<f32> {
 }
 
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
+pub(super) struct SendPtr(pub(super) *mut f32);
 // SAFETY: tasks write disjoint (row-block, column-panel) tiles of the output.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
@@ -80,6 +80,10 @@ pub fn linear(isa: Isa, x: &[f32], rows: usize, w: &PackedLinear, act: Activatio
     if rows == 0 || n == 0 {
         return;
     }
+    if !w.data_bf16.is_empty() {
+        return super::gemm_amx::linear(x, rows, w, act, out);
+    }
+    assert_eq!(w.data.len(), n.div_ceil(NR) * k * NR, "weights packed for another ISA");
     let a = pack_a(x, rows, k);
     let panels = n.div_ceil(NR);
     let row_blocks = rows.div_ceil(MC);
@@ -126,7 +130,7 @@ unsafe fn block(isa: Isa, a: &[f32], rows: usize, k: usize, panel: &[f32], bias:
             let c_tile = c.add(t * MR_PACK * ldc);
             match isa {
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 => x86::tile_avx512(a_tile, tile_rows, kc, b, bias, first, c_tile, ldc, ncols),
+                Isa::Avx512 | Isa::Amx => x86::tile_avx512(a_tile, tile_rows, kc, b, bias, first, c_tile, ldc, ncols),
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx2 => x86::tile_avx2(a_tile, tile_rows, kc, b, bias, first, c_tile, ldc, ncols),
                 _ => tile_portable(a_tile, tile_rows, kc, b, bias, first, c_tile, ldc, ncols),
@@ -285,8 +289,11 @@ mod tests {
     fn linear_matches_f64_reference_on_every_isa() {
         let mut rng = Rng::new(0x5eed_0001 ^ std::process::id() as u64);
         let shapes = [(1, 1, 1), (1, 32, 384), (3, 7, 5), (8, 33, 17), (9, 64, 64), (17, 100, 129), (97, 31, 384), (200, 65, 40)];
-        for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
+        for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Amx] {
             let dev = CpuDevice::with_isa(isa);
+            // bf16 inputs carry 8 significant bits: compare against the f64 product of
+            // the bf16-rounded operands tightly, and loosely against the exact one.
+            let tol = if dev.isa() == Isa::Amx { 2e-2 } else { 1e-5 };
             for &(m, n, k) in &shapes {
                 let x = rng.vec(m * k);
                 let w = rng.vec(n * k);
@@ -296,7 +303,13 @@ mod tests {
                     let mut out = vec![f32::NAN; m * n + 3];
                     dev.linear(&x, m, &packed, Activation::None, &mut out);
                     let want = reference(&x, m, &w, n, k, bias);
-                    assert_close(&out[..m * n], &want, 1e-5, &format!("{isa:?} m={m} n={n} k={k}"));
+                    assert_close(&out[..m * n], &want, tol, &format!("{isa:?} m={m} n={n} k={k}"));
+                    if dev.isa() == Isa::Amx {
+                        let xr: Vec<f32> = x.iter().map(|&v| crate::cpu::gemm_amx::round_bf16(v)).collect();
+                        let wr: Vec<f32> = w.iter().map(|&v| crate::cpu::gemm_amx::round_bf16(v)).collect();
+                        let exact = reference(&xr, m, &wr, n, k, bias);
+                        assert_close(&out[..m * n], &exact, 1e-5, &format!("{isa:?} vs bf16-rounded m={m} n={n} k={k}"));
+                    }
                     assert!(out[m * n..].iter().all(|v| v.is_nan()), "wrote past the output");
                 }
             }
@@ -307,7 +320,7 @@ mod tests {
     fn fused_gelu_matches_separate_gelu() {
         let mut rng = Rng::new(3 ^ std::process::id() as u64);
         let (m, n, k) = (37, 70, 400);
-        for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
+        for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Amx] {
             let dev = CpuDevice::with_isa(isa);
             let w = dev.pack_linear(&rng.vec(n * k), n, k, Some(&rng.vec(n)));
             let x = rng.vec(m * k);

@@ -6,6 +6,8 @@
 mod attention;
 pub(crate) mod elementwise;
 pub mod gemm;
+pub mod llama_ops;
+mod gemm_amx;
 mod math;
 
 use std::sync::OnceLock;
@@ -18,6 +20,10 @@ pub enum Isa {
     Portable,
     Avx2,
     Avx512,
+    /// AVX-512 plus AMX-BF16 tile matmuls for linear layers: bf16-rounded weights and
+    /// activations, f32 accumulation (embeddings stay at cosine ≥ 0.99998 to the f32
+    /// reference, see tests/bert_reference.rs); everything else as `Avx512`.
+    Amx,
 }
 
 impl Isa {
@@ -26,6 +32,7 @@ impl Isa {
             Isa::Portable => "portable",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
+            Isa::Amx => "amx",
         }
     }
 
@@ -33,7 +40,14 @@ impl Isa {
     pub fn detect_best() -> Isa {
         #[cfg(target_arch = "x86_64")]
         {
-            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+            let avx512 = is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("fma");
+            if avx512 && gemm_amx::amx_available() {
+                return Isa::Amx;
+            }
+            if avx512 {
                 return Isa::Avx512;
             }
             if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
@@ -43,7 +57,8 @@ impl Isa {
         Isa::Portable
     }
 
-    /// The level to use: the best supported, lowered by `FERROSERVE_ISA` if set.
+    /// The level to use: the best supported, lowered by `FERROSERVE_ISA`
+    /// (`portable|avx2|avx512|amx`) if set.
     /// An override above what the CPU supports is ignored (never run illegal instructions).
     pub fn selected() -> Isa {
         static SELECTED: OnceLock<Isa> = OnceLock::new();
@@ -53,6 +68,7 @@ impl Isa {
                 Some("portable") => Isa::Portable,
                 Some("avx2") => best.min(Isa::Avx2),
                 Some("avx512") => best.min(Isa::Avx512),
+                Some("amx") => best.min(Isa::Amx),
                 _ => best,
             }
         })
@@ -96,10 +112,12 @@ impl Device for CpuDevice {
         if let Some(b) = bias {
             assert_eq!(b.len(), out_features, "bias shape");
         }
+        let bf16 = self.isa == Isa::Amx;
         PackedLinear {
             out_features,
             in_features,
-            data: gemm::pack_b(weight, out_features, in_features),
+            data: if bf16 { Vec::new() } else { gemm::pack_b(weight, out_features, in_features) },
+            data_bf16: if bf16 { gemm_amx::pack_b(weight, out_features, in_features) } else { Vec::new() },
             bias: bias.map(|b| b.to_vec()),
         }
     }
@@ -143,7 +161,7 @@ macro_rules! dispatch_isa {
             match $isa {
                 // SAFETY: `Isa` values above Portable are only constructed after run-time
                 // detection confirmed the features (see `Isa::selected`/`with_isa`).
-                $crate::cpu::Isa::Avx512 => unsafe { run_avx512($body) },
+                $crate::cpu::Isa::Avx512 | $crate::cpu::Isa::Amx => unsafe { run_avx512($body) },
                 $crate::cpu::Isa::Avx2 => unsafe { run_avx2($body) },
                 $crate::cpu::Isa::Portable => ($body)(),
             }
