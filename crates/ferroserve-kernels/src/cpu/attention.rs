@@ -35,43 +35,58 @@ pub fn encoder_attention(isa: Isa, qkv: &[f32], layout: &SeqLayout<'_>, heads: u
     }
 }
 
+thread_local! {
+    /// Per-thread scratch (Kᵀ, V, scores, output row), reused across tasks and calls.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 #[inline(always)]
 fn head_attention(qkv: &[f32], start: usize, end: usize, h: usize, heads: usize, d: usize, out: *mut f32) {
     let len = end - start;
+    // Key positions padded to a multiple of 16 so the score loops have no scalar tail;
+    // padded scores are excluded from the softmax below.
+    let padded = len.div_ceil(16) * 16;
     let hidden = heads * d;
     let stride = 3 * hidden;
     let scale = 1.0 / (d as f32).sqrt();
-    // Scratch: Kᵀ [d, len], V [len, d], scores [len], out row [d].
-    let mut kt = vec![0.0f32; d * len];
-    let mut v = vec![0.0f32; len * d];
-    for j in 0..len {
-        let row = &qkv[(start + j) * stride..];
-        for c in 0..d {
-            kt[c * len + j] = row[hidden + h * d + c];
+    SCRATCH.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        let need = d * padded + len * d + padded + d;
+        if buf.len() < need {
+            buf.resize(need, 0.0);
         }
-        v[j * d..(j + 1) * d].copy_from_slice(&row[2 * hidden + h * d..2 * hidden + (h + 1) * d]);
-    }
-    let mut scores = vec![0.0f32; len];
-    let mut acc = vec![0.0f32; d];
-    for i in 0..len {
-        let q = &qkv[(start + i) * stride + h * d..(start + i) * stride + (h + 1) * d];
-        scores.fill(0.0);
-        for c in 0..d {
-            let qc = q[c] * scale;
-            for (s, &k) in scores.iter_mut().zip(&kt[c * len..(c + 1) * len]) {
-                *s += qc * k;
+        let (kt, rest) = buf.split_at_mut(d * padded);
+        let (v, rest) = rest.split_at_mut(len * d);
+        let (scores, rest) = rest.split_at_mut(padded);
+        let acc = &mut rest[..d];
+        kt.fill(0.0);
+        for j in 0..len {
+            let row = &qkv[(start + j) * stride..];
+            for c in 0..d {
+                kt[c * padded + j] = row[hidden + h * d + c];
             }
+            v[j * d..(j + 1) * d].copy_from_slice(&row[2 * hidden + h * d..2 * hidden + (h + 1) * d]);
         }
-        softmax_in_place(&mut scores);
-        acc.fill(0.0);
-        for (j, &p) in scores.iter().enumerate() {
-            for (a, &vv) in acc.iter_mut().zip(&v[j * d..(j + 1) * d]) {
-                *a += p * vv;
+        for i in 0..len {
+            let q = &qkv[(start + i) * stride + h * d..(start + i) * stride + (h + 1) * d];
+            scores.fill(0.0);
+            for c in 0..d {
+                let qc = q[c] * scale;
+                for (s, &k) in scores.iter_mut().zip(&kt[c * padded..(c + 1) * padded]) {
+                    *s += qc * k;
+                }
             }
+            softmax_in_place(&mut scores[..len]);
+            acc.fill(0.0);
+            for (j, &p) in scores[..len].iter().enumerate() {
+                for (a, &vv) in acc.iter_mut().zip(&v[j * d..(j + 1) * d]) {
+                    *a += p * vv;
+                }
+            }
+            // SAFETY: row start+i, columns h*d..(h+1)*d belong to this task only.
+            unsafe { std::ptr::copy_nonoverlapping(acc.as_ptr(), out.add((start + i) * hidden + h * d), d) };
         }
-        // SAFETY: row start+i, columns h*d..(h+1)*d belong to this task only.
-        unsafe { std::ptr::copy_nonoverlapping(acc.as_ptr(), out.add((start + i) * hidden + h * d), d) };
-    }
+    });
 }
 
 #[cfg(test)]
