@@ -49,8 +49,10 @@ fn head_attention(qkv: &[f32], start: usize, end: usize, h: usize, heads: usize,
     let hidden = heads * d;
     let stride = 3 * hidden;
     let scale = 1.0 / (d as f32).sqrt();
-    SCRATCH.with(|cell| {
-        let mut buf = cell.borrow_mut();
+    // Take the buffer out of the thread-local rather than working inside `with`'s
+    // closure: that closure would be compiled without this function's ISA features.
+    let mut buf = SCRATCH.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
+    {
         let need = d * padded + len * d + padded + d;
         if buf.len() < need {
             buf.resize(need, 0.0);
@@ -86,7 +88,8 @@ fn head_attention(qkv: &[f32], start: usize, end: usize, h: usize, heads: usize,
             // SAFETY: row start+i, columns h*d..(h+1)*d belong to this task only.
             unsafe { std::ptr::copy_nonoverlapping(acc.as_ptr(), out.add((start + i) * hidden + h * d), d) };
         }
-    });
+    }
+    SCRATCH.with(|cell| *cell.borrow_mut() = buf);
 }
 
 #[cfg(test)]
