@@ -199,6 +199,7 @@ pub fn linear(x: &[f32], rows: usize, w: &PackedLinear, act: Activation, out: &m
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::asm;
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
 
     use super::{NR, TILE_K};
 
@@ -247,6 +248,14 @@ mod x86 {
             let a1 = a.add(16 * k2 + q);
             let b0 = b.add(q * NR);
             let b1 = b.add(q * NR + 16);
+            // The weights stream from L3/DRAM for small batches, and tile loads are not
+            // covered well by the hardware prefetchers: fetch the next k-step's B rows.
+            if q + 16 < k2 {
+                let next = b.add((q + 16) * NR) as *const i8;
+                for line in 0..32 {
+                    _mm_prefetch::<_MM_HINT_T0>(next.add(64 * line));
+                }
+            }
             asm!(
                 "tileloadd tmm4, [{a0} + {sa}*1]",
                 "tileloadd tmm5, [{a1} + {sa}*1]",
