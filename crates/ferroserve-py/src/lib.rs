@@ -2,6 +2,7 @@
 //! `ferroserve-core`; every call that may take time owns its inputs and releases the GIL
 //! through [`errors::detach`].
 
+mod chat;
 mod embeddings;
 mod errors;
 
@@ -18,6 +19,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(cpu_isa, m)?)?;
     m.add_class::<embeddings::PyEmbeddingEngine>()?;
+    m.add_class::<chat::PyChatEngine>()?;
     errors::register(m)?;
     Ok(())
 }

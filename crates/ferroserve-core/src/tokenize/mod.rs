@@ -3,4 +3,5 @@
 
 pub mod bert;
 pub mod chat_template;
+pub mod detok;
 pub mod gguf_vocab;

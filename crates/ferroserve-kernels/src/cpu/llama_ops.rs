@@ -14,8 +14,8 @@
 //! - threads split whole (query, head) units, never a reduction.
 //!
 //! Rust neither re-associates nor contracts float arithmetic, so equal source-level operation
-//! sequences give equal bits; `FMA` is a compile-time choice per ISA level (the level is fixed
-//! per process), so it cannot vary between calls either.
+//! sequences give equal bits; fused multiply-adds are a compile-time choice per ISA level (the
+//! level is fixed per process), so they cannot vary between calls either.
 
 use std::cell::RefCell;
 use std::ops::Range;
@@ -24,6 +24,7 @@ use rayon::prelude::*;
 
 use super::math::fast_exp;
 use super::Isa;
+use crate::quant::f16::{f16_to_f32, f32_to_f16};
 
 /// Elements below which a row-wise op runs on the calling thread (waking the pool costs more).
 const PAR_MIN_ELEMS: usize = 32 * 1024;
@@ -35,46 +36,92 @@ const LANES: usize = 16;
 /// so the width is a compile-time constant).
 pub const SUPPORTED_HEAD_DIMS: [usize; 6] = [32, 64, 80, 96, 128, 256];
 
-/// Runs `$body::<FMA>` compiled for `$isa`, with fused multiply-adds on the x86 levels
-/// (every AVX2 CPU has FMA; `Isa::Avx2` requires it) and separate multiply and add on the
-/// portable path, where `mul_add` would be a libm call.
-macro_rules! dispatch_fma {
+/// What an instantiation `$body::<…, LEVEL>` may assume. Every x86 level uses fused
+/// multiply-adds; the portable one multiplies and adds separately (`mul_add` would be a libm
+/// call there).
+const PORTABLE: u8 = 0;
+/// AVX2 + FMA + F16C.
+const AVX2: u8 = 1;
+/// AVX-512 F/BW/VL + FMA.
+const AVX512: u8 = 2;
+
+/// The instantiation level for `isa`.
+fn level(isa: Isa) -> u8 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // Every level above AVX2 includes AVX-512 F/BW/VL. F16C comes with every AVX2 CPU
+        // made, but `Isa::Avx2` does not promise it, so check.
+        if isa >= Isa::Avx512 {
+            return AVX512;
+        }
+        if isa == Isa::Avx2 && is_x86_feature_detected!("f16c") {
+            return AVX2;
+        }
+    }
+    let _ = isa;
+    PORTABLE
+}
+
+/// Runs `$body::<…, LEVEL>` compiled for `$isa`'s level (the usual multiversioning: the
+/// generic body is instantiated inside a `#[target_feature]` function).
+macro_rules! dispatch_level {
     ($isa:expr, $body:ident $(::<$($gen:tt),*>)? ($($arg:expr),* $(,)?)) => {{
         #[cfg(target_arch = "x86_64")]
         {
-            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
             unsafe fn run_avx512<R>(f: impl FnOnce() -> R) -> R {
                 f()
             }
-            #[target_feature(enable = "avx2,fma")]
+            #[target_feature(enable = "avx2,fma,f16c")]
             unsafe fn run_avx2<R>(f: impl FnOnce() -> R) -> R {
                 f()
             }
-            match $isa {
-                // SAFETY: `Isa` levels above Portable exist only after run-time detection
-                // confirmed the features (`Isa::selected`, `CpuDevice::with_isa`).
-                Isa::Portable => $body::<$($($gen,)*)? false>($($arg),*),
-                Isa::Avx2 => unsafe { run_avx2(|| $body::<$($($gen,)*)? true>($($arg),*)) },
-                // Every level above AVX2 includes AVX-512 F/BW/VL.
-                _ => unsafe { run_avx512(|| $body::<$($($gen,)*)? true>($($arg),*)) },
+            match level($isa) {
+                // SAFETY: `level` returns these only when the CPU has the features.
+                AVX512 => unsafe { run_avx512(|| $body::<$($($gen,)*)? AVX512>($($arg),*)) },
+                AVX2 => unsafe { run_avx2(|| $body::<$($($gen,)*)? AVX2>($($arg),*)) },
+                _ => $body::<$($($gen,)*)? PORTABLE>($($arg),*),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
             let _ = $isa;
-            $body::<$($($gen,)*)? false>($($arg),*)
+            $body::<$($($gen,)*)? PORTABLE>($($arg),*)
         }
     }};
 }
 
-/// `a·b + c`: one rounding with `FMA`, two without.
+/// `a·b + c`: one rounding on the x86 levels, two on the portable one.
 #[inline(always)]
-fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
-    if FMA {
+fn madd<const L: u8>(a: f32, b: f32, c: f32) -> f32 {
+    if L > PORTABLE {
         a.mul_add(b, c)
     } else {
         a * b + c
     }
+}
+
+/// Sixteen IEEE halves widened to f32 (exact): one `vcvtph2ps` on x86.
+#[inline(always)]
+fn widen16<const L: u8>(h: &[u16; LANES]) -> [f32; LANES] {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        if L == AVX512 {
+            // SAFETY: LEVEL AVX512 is only instantiated inside `run_avx512` (AVX-512F); the
+            // load reads the 32 bytes of `h`; __m512 and [f32; 16] have the same layout.
+            return unsafe { std::mem::transmute::<__m512, [f32; LANES]>(_mm512_cvtph_ps(_mm256_loadu_si256(h.as_ptr().cast()))) };
+        }
+        if L == AVX2 {
+            // SAFETY: as above with `run_avx2` (F16C); two 16-byte loads inside `h`.
+            return unsafe {
+                let lo = _mm256_cvtph_ps(_mm_loadu_si128(h.as_ptr().cast()));
+                let hi = _mm256_cvtph_ps(_mm_loadu_si128(h.as_ptr().add(8).cast()));
+                std::mem::transmute::<[__m256; 2], [f32; LANES]>([lo, hi])
+            };
+        }
+    }
+    h.map(f16_to_f32)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -83,10 +130,10 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
 /// Row-wise `out = x / sqrt(mean(x²) + eps) · weight` over rows of `dim` (llama.cpp's order:
 /// normalise, then scale by the weight).
 pub fn rms_norm(isa: Isa, x: &[f32], dim: usize, weight: &[f32], eps: f32, out: &mut [f32]) {
-    assert!(dim > 0 && x.len() % dim == 0, "rms_norm: length {} is not whole rows of {dim}", x.len());
+    assert!(dim > 0 && x.len().is_multiple_of(dim), "rms_norm: length {} is not whole rows of {dim}", x.len());
     assert_eq!(weight.len(), dim, "rms_norm: weight length");
     assert_eq!(out.len(), x.len(), "rms_norm: output length");
-    let run = |x: &[f32], out: &mut [f32]| dispatch_fma!(isa, rms_norm_rows(x, dim, weight, eps, out));
+    let run = |x: &[f32], out: &mut [f32]| dispatch_level!(isa, rms_norm_rows(x, dim, weight, eps, out));
     if x.len() <= PAR_MIN_ELEMS {
         run(x, out);
     } else {
@@ -96,19 +143,19 @@ pub fn rms_norm(isa: Isa, x: &[f32], dim: usize, weight: &[f32], eps: f32, out: 
 }
 
 #[inline(always)]
-fn rms_norm_rows<const FMA: bool>(x: &[f32], dim: usize, weight: &[f32], eps: f32, out: &mut [f32]) {
+fn rms_norm_rows<const L: u8>(x: &[f32], dim: usize, weight: &[f32], eps: f32, out: &mut [f32]) {
     for (row, out) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
         let mut lanes = [0f32; LANES];
         let chunks = row.chunks_exact(LANES);
         let tail = chunks.remainder();
         for c in chunks {
             for l in 0..LANES {
-                lanes[l] = madd::<FMA>(c[l], c[l], lanes[l]);
+                lanes[l] = madd::<L>(c[l], c[l], lanes[l]);
             }
         }
         let mut sum = sum_lanes(&lanes);
         for &v in tail {
-            sum = madd::<FMA>(v, v, sum);
+            sum = madd::<L>(v, v, sum);
         }
         let scale = 1.0 / (sum / dim as f32 + eps).sqrt();
         for ((o, &v), &w) in out.iter_mut().zip(row).zip(weight) {
@@ -152,7 +199,7 @@ pub struct RopeParams {
 /// the rows around it.
 pub fn rope_cos_sin(pos: usize, rope: &RopeParams, out: &mut [f32]) {
     let dims = rope.dims;
-    assert!(dims % 2 == 0 && out.len() == dims, "rope_cos_sin: {dims} dims into {}", out.len());
+    assert!(dims.is_multiple_of(2) && out.len() == dims, "rope_cos_sin: {dims} dims into {}", out.len());
     assert!(rope.freq_factors.is_empty() || rope.freq_factors.len() == dims / 2, "rope_cos_sin: {} frequency factors", rope.freq_factors.len());
     let base = rope.base as f64;
     let pos = pos as f64 * rope.freq_scale as f64;
@@ -172,8 +219,8 @@ pub fn rope_cos_sin(pos: usize, rope: &RopeParams, out: &mut [f32]) {
 /// (`cos_sin[row · rope_dims..]`). `x` rows are `heads · head_dim` wide.
 pub fn rope_pairs(x: &mut [f32], heads: usize, head_dim: usize, rope_dims: usize, cos_sin: &[f32]) {
     let width = heads * head_dim;
-    assert!(rope_dims <= head_dim && rope_dims % 2 == 0, "rope_pairs: rope_dims {rope_dims}, head_dim {head_dim}");
-    assert!(width > 0 && x.len() % width == 0, "rope_pairs: length {} is not whole rows of {width}", x.len());
+    assert!(rope_dims <= head_dim && rope_dims.is_multiple_of(2), "rope_pairs: rope_dims {rope_dims}, head_dim {head_dim}");
+    assert!(width > 0 && x.len().is_multiple_of(width), "rope_pairs: length {} is not whole rows of {width}", x.len());
     assert_eq!(cos_sin.len(), x.len() / width * rope_dims, "rope_pairs: cos/sin table length");
     for (row, cs) in x.chunks_exact_mut(width).zip(cos_sin.chunks_exact(rope_dims.max(1))) {
         for head in row.chunks_exact_mut(head_dim) {
@@ -192,7 +239,7 @@ pub fn rope_pairs(x: &mut [f32], heads: usize, head_dim: usize, rope_dims: usize
 /// `gate = silu(gate) · up`, element-wise, `silu(x) = x / (1 + e^−x)`.
 pub fn silu_mul(isa: Isa, gate: &mut [f32], up: &[f32]) {
     assert_eq!(gate.len(), up.len(), "silu_mul: lengths");
-    let run = |g: &mut [f32], u: &[f32]| dispatch_fma!(isa, silu_mul_slice(g, u));
+    let run = |g: &mut [f32], u: &[f32]| dispatch_level!(isa, silu_mul_slice(g, u));
     if gate.len() <= PAR_MIN_ELEMS {
         run(gate, up);
     } else {
@@ -201,7 +248,7 @@ pub fn silu_mul(isa: Isa, gate: &mut [f32], up: &[f32]) {
 }
 
 #[inline(always)]
-fn silu_mul_slice<const FMA: bool>(gate: &mut [f32], up: &[f32]) {
+fn silu_mul_slice<const L: u8>(gate: &mut [f32], up: &[f32]) {
     for (g, &u) in gate.iter_mut().zip(up) {
         *g = *g / (1.0 + fast_exp(-*g)) * u;
     }
@@ -210,13 +257,14 @@ fn silu_mul_slice<const FMA: bool>(gate: &mut [f32], up: &[f32]) {
 // ---------------------------------------------------------------------------------------------
 // Paged KV cache layout and causal attention over it
 
-/// How a layer's K and V caches are laid out: `num_blocks` blocks of `block_tokens` token
-/// slots; within a block, per KV head,
+/// How a layer's K and V caches are laid out: IEEE half floats (as llama.cpp's default cache:
+/// half the bytes to stream per attention step, widened exactly by one instruction), in
+/// `num_blocks` blocks of `block_tokens` token slots; within a block, per KV head,
 /// - K transposed, `[head_dim][block_tokens]`, so that scoring a query against sixteen keys is
 ///   sixteen independent lanes (no horizontal sums);
 /// - V as rows, `[block_tokens][head_dim]`, so that the weighted sum is unit-stride.
 ///
-/// A block of one layer's K cache is `kv_heads · head_dim · block_tokens` floats, the KV head
+/// A block of one layer's K cache is `kv_heads · head_dim · block_tokens` halves, the KV head
 /// outermost; V alike.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PagedKvLayout {
@@ -229,21 +277,21 @@ pub struct PagedKvLayout {
 impl PagedKvLayout {
     pub fn new(block_tokens: usize, kv_heads: usize, head_dim: usize) -> Self {
         assert!(
-            block_tokens > 0 && block_tokens % LANES == 0,
+            block_tokens > 0 && block_tokens.is_multiple_of(LANES),
             "block_tokens {block_tokens} must be a positive multiple of {LANES}"
         );
         assert!(kv_heads > 0 && head_dim > 0, "kv_heads and head_dim must be positive");
         PagedKvLayout { block_tokens, kv_heads, head_dim }
     }
 
-    /// Floats of one block in one layer's K (or V) cache.
+    /// Values (halves) of one block in one layer's K (or V) cache.
     pub fn block_elems(&self) -> usize {
         self.block_tokens * self.kv_heads * self.head_dim
     }
 
     /// Stores one token's `k` and `v` (`kv_heads · head_dim` each, head after head) into slot
-    /// `slot` of block `block`.
-    pub fn write_token(&self, k_cache: &mut [f32], v_cache: &mut [f32], block: usize, slot: usize, k: &[f32], v: &[f32]) {
+    /// `slot` of block `block`, rounded to half precision (to nearest even).
+    pub fn write_token(&self, k_cache: &mut [u16], v_cache: &mut [u16], block: usize, slot: usize, k: &[f32], v: &[f32]) {
         let (bt, d) = (self.block_tokens, self.head_dim);
         let width = self.kv_heads * d;
         assert!(slot < bt && k.len() == width && v.len() == width, "write_token: slot {slot}, row widths {} {}", k.len(), v.len());
@@ -253,23 +301,27 @@ impl PagedKvLayout {
         for g in 0..self.kv_heads {
             let kt = &mut k_block[g * d * bt..(g + 1) * d * bt];
             for (c, &val) in k[g * d..(g + 1) * d].iter().enumerate() {
-                kt[c * bt + slot] = val;
+                kt[c * bt + slot] = f32_to_f16(val);
             }
             let at = g * bt * d + slot * d;
-            v_block[at..at + d].copy_from_slice(&v[g * d..(g + 1) * d]);
+            for (dst, &val) in v_block[at..at + d].iter_mut().zip(&v[g * d..(g + 1) * d]) {
+                *dst = f32_to_f16(val);
+            }
         }
     }
 
     /// One token's K and V back out of the cache (tests, debugging).
-    pub fn read_token(&self, k_cache: &[f32], v_cache: &[f32], block: usize, slot: usize, k: &mut [f32], v: &mut [f32]) {
+    pub fn read_token(&self, k_cache: &[u16], v_cache: &[u16], block: usize, slot: usize, k: &mut [f32], v: &mut [f32]) {
         let (bt, d) = (self.block_tokens, self.head_dim);
         let base = block * self.block_elems();
         for g in 0..self.kv_heads {
             for c in 0..d {
-                k[g * d + c] = k_cache[base + g * d * bt + c * bt + slot];
+                k[g * d + c] = f16_to_f32(k_cache[base + g * d * bt + c * bt + slot]);
             }
             let at = base + g * bt * d + slot * d;
-            v[g * d..(g + 1) * d].copy_from_slice(&v_cache[at..at + d]);
+            for (dst, &h) in v[g * d..(g + 1) * d].iter_mut().zip(&v_cache[at..at + d]) {
+                *dst = f16_to_f32(h);
+            }
         }
     }
 }
@@ -304,6 +356,13 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// Through a method, so closures capture the `Sync` wrapper, not the bare pointer field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Causal multi-head attention with grouped KV heads over a paged cache:
 /// `out[row, head] = softmax(q[row, head] · Kᵀ / √head_dim) · V` over the keys of the row's
 /// sequence at positions `0..=pos`, where head `h` reads KV head `h / (heads / kv_heads)`.
@@ -316,12 +375,12 @@ pub fn paged_attention(
     seqs: &[PagedSeq<'_>],
     heads: usize,
     layout: &PagedKvLayout,
-    k_cache: &[f32],
-    v_cache: &[f32],
+    k_cache: &[u16],
+    v_cache: &[u16],
     out: &mut [f32],
 ) {
     let (d, kv_heads, bt) = (layout.head_dim, layout.kv_heads, layout.block_tokens);
-    assert!(heads > 0 && heads % kv_heads == 0, "heads {heads} must be a multiple of kv_heads {kv_heads}");
+    assert!(heads > 0 && heads.is_multiple_of(kv_heads), "heads {heads} must be a multiple of kv_heads {kv_heads}");
     assert!(SUPPORTED_HEAD_DIMS.contains(&d), "head_dim {d} is not one of {SUPPORTED_HEAD_DIMS:?}");
     let width = heads * d;
     assert_eq!(q.len() % width, 0, "q is not whole rows of {width}");
@@ -343,19 +402,21 @@ pub fn paged_attention(
         }
     }
 
-    // Tasks: (sequence, KV head, query tile); each handles the group's query heads.
+    // Tasks: (sequence, head, query tile). Per head rather than per KV head, so that even a
+    // single decoding sequence spreads evenly over the threads; the KV head's blocks are read
+    // once per query head, from cache after the first.
     let mut tasks = Vec::new();
     for (si, s) in seqs.iter().enumerate() {
-        for g in 0..kv_heads {
+        for h in 0..heads {
             for t in (0..s.rows.len()).step_by(QUERY_TILE) {
-                tasks.push((si, g, t));
+                tasks.push((si, h, t));
             }
         }
     }
     let out_ptr = OutPtr(out.as_mut_ptr());
-    let run = |&(si, g, t): &(usize, usize, usize)| {
+    let group = heads / kv_heads;
+    let run = |&(si, h, t): &(usize, usize, usize)| {
         let s = &seqs[si];
-        let out_ptr = out_ptr;
         let tile = t..(t + QUERY_TILE).min(s.rows.len());
         SCORES.with(|cell| {
             let mut scores = cell.borrow_mut();
@@ -364,11 +425,11 @@ pub fn paged_attention(
             if scores.len() < need {
                 scores.resize(need, 0.0);
             }
-            let task = Task { q, width, heads, layout, k_cache, v_cache, seq: s, kv_head: g, tile, out: out_ptr.0 };
+            let task = Task { q, width, layout, k_cache, v_cache, seq: s, head: h, kv_head: h / group, tile, out: out_ptr.get() };
             macro_rules! with_dim {
                 ($($dim:literal),*) => {
                     match d {
-                        $($dim => dispatch_fma!(isa, attend_tile::<$dim>(&task, &mut scores)),)*
+                        $($dim => dispatch_level!(isa, attend_tile::<$dim>(&task, &mut scores)),)*
                         _ => unreachable!("head_dim checked above"),
                     }
                 };
@@ -388,11 +449,11 @@ pub fn paged_attention(
 struct Task<'a> {
     q: &'a [f32],
     width: usize,
-    heads: usize,
     layout: &'a PagedKvLayout,
-    k_cache: &'a [f32],
-    v_cache: &'a [f32],
+    k_cache: &'a [u16],
+    v_cache: &'a [u16],
     seq: &'a PagedSeq<'a>,
+    head: usize,
     kv_head: usize,
     /// Indices into the sequence's rows.
     tile: Range<usize>,
@@ -400,31 +461,37 @@ struct Task<'a> {
 }
 
 #[inline(always)]
-fn attend_tile<const D: usize, const FMA: bool>(task: &Task<'_>, scores: &mut [f32]) {
-    let group = task.heads / task.layout.kv_heads;
+fn attend_tile<const D: usize, const L: u8>(task: &Task<'_>, scores: &mut [f32]) {
     let scale = 1.0 / (D as f32).sqrt();
     for i in task.tile.clone() {
         let row = task.seq.rows.start + i;
         let n_keys = task.seq.start_pos + i + 1;
-        for h in task.kv_head * group..(task.kv_head + 1) * group {
-            let at = row * task.width + h * D;
-            let mut q = [0f32; D];
-            for (qc, &v) in q.iter_mut().zip(&task.q[at..at + D]) {
-                *qc = v * scale;
-            }
-            let mut o = [0f32; D];
-            attend_one::<D, FMA>(&q, n_keys, task, scores, &mut o);
-            // SAFETY: (row, head h) belongs to this task alone; `at + D <= out.len()` because
-            // `out` has the length of `q`, which was just sliced at the same place.
-            unsafe { std::ptr::copy_nonoverlapping(o.as_ptr(), task.out.add(at), D) };
+        let at = row * task.width + task.head * D;
+        let mut q = [0f32; D];
+        for (qc, &v) in q.iter_mut().zip(&task.q[at..at + D]) {
+            *qc = v * scale;
         }
+        let mut o = [0f32; D];
+        attend_one::<D, L>(&q, n_keys, task, scores, &mut o);
+        // SAFETY: (row, head) belongs to this task alone; `at + D <= out.len()` because `out`
+        // has the length of `q`, which was just sliced at the same place.
+        unsafe { std::ptr::copy_nonoverlapping(o.as_ptr(), task.out.add(at), D) };
+    }
+}
+
+/// `acc += q · k`, lane-wise.
+#[inline(always)]
+fn fma_lanes<const L: u8>(acc: &mut [f32; LANES], q: f32, k: &[u16; LANES]) {
+    let k = widen16::<L>(k);
+    for lane in 0..LANES {
+        acc[lane] = madd::<L>(q, k[lane], acc[lane]);
     }
 }
 
 /// One (query, head): scores against keys `0..n_keys`, softmax, weighted sum of V.
 /// Every loop bound and lane assignment derives from `n_keys` and the key positions alone.
 #[inline(always)]
-fn attend_one<const D: usize, const FMA: bool>(q: &[f32; D], n_keys: usize, task: &Task<'_>, scores: &mut [f32], o: &mut [f32; D]) {
+fn attend_one<const D: usize, const L: u8>(q: &[f32; D], n_keys: usize, task: &Task<'_>, scores: &mut [f32], o: &mut [f32; D]) {
     let layout = task.layout;
     let bt = layout.block_tokens;
     let be = layout.block_elems();
@@ -438,15 +505,20 @@ fn attend_one<const D: usize, const FMA: bool>(q: &[f32; D], n_keys: usize, task
         let kt = &task.k_cache[block as usize * be + g * D * bt..][..D * bt];
         let valid = (n_keys - b * bt).min(bt);
         for l in 0..valid.div_ceil(LANES) {
+            let keys = &kt[l * LANES..];
+            let k_row = |c: usize| -> &[u16; LANES] { keys[c * bt..c * bt + LANES].try_into().unwrap() };
             let mut acc = [[0f32; LANES]; 8];
-            for c8 in 0..D / 8 {
-                for (a, acc) in acc.iter_mut().enumerate() {
-                    let c = c8 * 8 + a;
-                    let k = &kt[c * bt + l * LANES..][..LANES];
-                    for lane in 0..LANES {
-                        acc[lane] = madd::<FMA>(q[c], k[lane], acc[lane]);
-                    }
-                }
+            for c8 in (0..D).step_by(8) {
+                // Written out so that each accumulator is its own register.
+                let [a0, a1, a2, a3, a4, a5, a6, a7] = &mut acc;
+                fma_lanes::<L>(a0, q[c8], k_row(c8));
+                fma_lanes::<L>(a1, q[c8 + 1], k_row(c8 + 1));
+                fma_lanes::<L>(a2, q[c8 + 2], k_row(c8 + 2));
+                fma_lanes::<L>(a3, q[c8 + 3], k_row(c8 + 3));
+                fma_lanes::<L>(a4, q[c8 + 4], k_row(c8 + 4));
+                fma_lanes::<L>(a5, q[c8 + 5], k_row(c8 + 5));
+                fma_lanes::<L>(a6, q[c8 + 6], k_row(c8 + 6));
+                fma_lanes::<L>(a7, q[c8 + 7], k_row(c8 + 7));
             }
             let s = &mut scores[b * bt + l * LANES..][..LANES];
             for lane in 0..LANES {
@@ -495,9 +567,13 @@ fn attend_one<const D: usize, const FMA: bool>(q: &[f32; D], n_keys: usize, task
             let (p0, p1) = (scores[j], scores[j + 1]);
             let v0 = &vb[slot * D..][..D];
             let v1 = &vb[(slot + 1) * D..][..D];
-            for c in 0..D {
-                o_even[c] = madd::<FMA>(p0, v0[c], o_even[c]);
-                o_odd[c] = madd::<FMA>(p1, v1[c], o_odd[c]);
+            for c16 in (0..D).step_by(LANES) {
+                let a = widen16::<L>(v0[c16..c16 + LANES].try_into().unwrap());
+                let b = widen16::<L>(v1[c16..c16 + LANES].try_into().unwrap());
+                for l in 0..LANES {
+                    o_even[c16 + l] = madd::<L>(p0, a[l], o_even[c16 + l]);
+                    o_odd[c16 + l] = madd::<L>(p1, b[l], o_odd[c16 + l]);
+                }
             }
             slot += 2;
             j += 2;
@@ -505,8 +581,11 @@ fn attend_one<const D: usize, const FMA: bool>(q: &[f32; D], n_keys: usize, task
         if slot < valid {
             let p0 = scores[j];
             let v0 = &vb[slot * D..][..D];
-            for c in 0..D {
-                o_even[c] = madd::<FMA>(p0, v0[c], o_even[c]);
+            for c16 in (0..D).step_by(LANES) {
+                let a = widen16::<L>(v0[c16..c16 + LANES].try_into().unwrap());
+                for l in 0..LANES {
+                    o_even[c16 + l] = madd::<L>(p0, a[l], o_even[c16 + l]);
+                }
             }
             j += 1;
         }
@@ -584,6 +663,19 @@ mod tests {
             }
             assert_close(&x, &want, 1e-6, &format!("rope rope_dims={rd}"));
         }
+
+        // Linear position scaling and per-frequency divisors (Llama 3's `rope_freqs`).
+        let factors: Vec<f32> = (0..16).map(|i| 1.0 + i as f32 * 0.5).collect();
+        let params = RopeParams { dims: 32, base: 500_000.0, freq_scale: 0.25, freq_factors: factors.clone() };
+        let mut cs = vec![f32::NAN; 32];
+        rope_cos_sin(1234, &params, &mut cs);
+        let want: Vec<f64> = (0..16)
+            .flat_map(|i| {
+                let theta = 1234.0 * 0.25 * 500_000f64.powf(-2.0 * i as f64 / 32.0) / factors[i] as f64;
+                [theta.cos(), theta.sin()]
+            })
+            .collect();
+        assert_close(&cs, &want, 1e-7, "rope scaled");
     }
 
     #[test]
@@ -603,8 +695,8 @@ mod tests {
 
     /// A cache with `seqs` sequences of the given lengths, each on shuffled blocks.
     struct Fixture {
-        k: Vec<f32>,
-        v: Vec<f32>,
+        k: Vec<u16>,
+        v: Vec<u16>,
         tables: Vec<Vec<u32>>,
         /// Per sequence, per position: the K and V rows written.
         kv: Vec<Vec<(Vec<f32>, Vec<f32>)>>,
@@ -613,9 +705,10 @@ mod tests {
     fn fixture(rng: &mut Rng, layout: PagedKvLayout, lens: &[usize]) -> Fixture {
         let bt = layout.block_tokens;
         let total_blocks: usize = lens.iter().map(|l| l.div_ceil(bt)).sum::<usize>() + 3;
-        // Poisoned: any read of an unwritten slot in a valid lane would show as NaN.
-        let mut k = vec![f32::NAN; total_blocks * layout.block_elems()];
-        let mut v = vec![f32::NAN; total_blocks * layout.block_elems()];
+        // Poisoned with NaN: any read of an unwritten slot in a valid lane would show.
+        const NAN16: u16 = 0x7e00;
+        let mut k = vec![NAN16; total_blocks * layout.block_elems()];
+        let mut v = vec![NAN16; total_blocks * layout.block_elems()];
         // A scrambled block order (multiplicative step coprime with the count).
         let mut step = 7usize;
         while gcd(step, total_blocks) != 1 {
@@ -631,7 +724,13 @@ mod tests {
             for p in 0..len {
                 let (kr, vr) = (rng.vec(width), rng.vec(width));
                 layout.write_token(&mut k, &mut v, table[p / bt] as usize, p % bt, &kr, &vr);
-                rows.push((kr, vr));
+                // The reference sees what the cache holds (rounded to half precision).
+                let (mut ks, mut vs) = (vec![0f32; width], vec![0f32; width]);
+                layout.read_token(&k, &v, table[p / bt] as usize, p % bt, &mut ks, &mut vs);
+                for (stored, orig) in ks.iter().chain(&vs).zip(kr.iter().chain(&vr)) {
+                    assert!((stored - orig).abs() <= orig.abs() / 2048.0 + 1e-7, "f16 rounding of {orig}: {stored}");
+                }
+                rows.push((ks, vs));
             }
             tables.push(table);
             kvs.push(rows);

@@ -34,7 +34,11 @@ pub fn f32_to_f16(x: f32) -> u16 {
     let exp = ((bits >> 23) & 0xff) as i32;
     let man = bits & 0x7f_ffff;
     if exp == 0xff {
-        let nan = if man != 0 { 0x200 | (man >> 13) as u16 } else { 0 };
+        let nan = if man != 0 {
+            0x200 | (man >> 13) as u16
+        } else {
+            0
+        };
         return sign | 0x7c00 | nan;
     }
     let e = exp - 127 + 15;
@@ -165,8 +169,15 @@ fn dot_portable<const R: usize>(fmt: FloatFormat, w_row: &[u8], xs: &[&[f32]; R]
     acc.map(|a| (a[0] + a[1]) + (a[2] + a[3]))
 }
 
-pub(crate) fn matmul_cols_portable(fmt: FloatFormat, w: &[u8], row_bytes: usize, x: &F32Rows<'_>, cols: Range<usize>, out: &OutMatrix) {
-    super::matmul::drive_columns!(4, |w_row, tile| dot_portable(fmt, w_row, tile), w, row_bytes, x, cols, out);
+pub(crate) fn matmul_cols_portable(
+    fmt: FloatFormat,
+    w: &[u8],
+    row_bytes: usize,
+    x: &F32Rows<'_>,
+    cols: Range<usize>,
+    out: &OutMatrix,
+) {
+    super::matmul::drive_columns!(4, dot_portable, [fmt], w, row_bytes, x, cols, out);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -179,6 +190,9 @@ pub(crate) mod x86 {
     use std::ops::Range;
 
     /// Eight weights from element `i` widened to f32.
+    ///
+    /// # Safety
+    /// Elements `i..i + 8` of the row at `w` must exist; the CPU must have the features.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn load8(fmt: FloatFormat, w: *const u8, i: usize) -> __m256 {
@@ -194,7 +208,7 @@ pub(crate) mod x86 {
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn hsum(v: __m256) -> f32 {
+    fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
@@ -202,6 +216,9 @@ pub(crate) mod x86 {
 
     /// Two 8-lane sums (elements `i mod 16` < 8 and ≥ 8), then a scalar tail, in an order that
     /// depends only on `k`.
+    ///
+    /// # Safety
+    /// Needs AVX2, FMA and F16C; the shapes are checked here.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn dot<const R: usize>(fmt: FloatFormat, w_row: &[u8], xs: &[&[f32]; R]) -> [f32; R] {
@@ -225,18 +242,26 @@ pub(crate) mod x86 {
         let mut out = [0f32; R];
         for r in 0..R {
             let mut s = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
-            for t in i..k {
-                s += super::load_portable(fmt, w_row, t) * xs[r][t];
+            for (t, x) in xs[r].iter().enumerate().skip(i) {
+                s += super::load_portable(fmt, w_row, t) * x;
             }
             out[r] = s;
         }
         out
     }
 
-    /// SAFETY: the CPU must support AVX2, FMA and F16C.
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C; the caller owns columns `cols`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) unsafe fn matmul_cols(fmt: FloatFormat, w: &[u8], row_bytes: usize, x: &F32Rows<'_>, cols: Range<usize>, out: &OutMatrix) {
-        crate::quant::matmul::drive_columns!(4, |w_row, tile| dot(fmt, w_row, tile), w, row_bytes, x, cols, out);
+    pub(crate) unsafe fn matmul_cols(
+        fmt: FloatFormat,
+        w: &[u8],
+        row_bytes: usize,
+        x: &F32Rows<'_>,
+        cols: Range<usize>,
+        out: &OutMatrix,
+    ) {
+        crate::quant::matmul::drive_columns!(4, dot, [fmt], w, row_bytes, x, cols, out);
     }
 }
 
@@ -274,7 +299,10 @@ mod tests {
             for nb in [h.wrapping_add(1), h.wrapping_sub(1)] {
                 let v = f16_to_f32(nb) as f64;
                 if v.is_finite() && (nb & 0x7c00) != 0x7c00 {
-                    assert!(err <= (v - x as f64).abs(), "{x} -> {h:#06x}, neighbour {nb:#06x} closer");
+                    assert!(
+                        err <= (v - x as f64).abs(),
+                        "{x} -> {h:#06x}, neighbour {nb:#06x} closer"
+                    );
                 }
             }
         }

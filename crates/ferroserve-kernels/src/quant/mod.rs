@@ -106,7 +106,7 @@ impl QuantType {
     /// Bytes of a row of `n_elems` weights. Panics unless `n_elems` is a whole number of blocks.
     pub fn row_bytes(self, n_elems: usize) -> usize {
         assert!(
-            n_elems % self.block_elems() == 0,
+            n_elems.is_multiple_of(self.block_elems()),
             "{}: row of {n_elems} weights is not a multiple of the {}-weight block",
             self.name(),
             self.block_elems()
@@ -122,7 +122,13 @@ impl QuantType {
 
 /// Reference dequantisation of one row: `bytes` holds `out.len()` weights of type `t`.
 pub fn dequantize_row(t: QuantType, bytes: &[u8], out: &mut [f32]) {
-    assert_eq!(bytes.len(), t.row_bytes(out.len()), "{}: byte length for {} weights", t.name(), out.len());
+    assert_eq!(
+        bytes.len(),
+        t.row_bytes(out.len()),
+        "{}: byte length for {} weights",
+        t.name(),
+        out.len()
+    );
     match t {
         QuantType::F32 => f16::dequantize_row_f32(bytes, out),
         QuantType::F16 => f16::dequantize_row_f16(bytes, out),
@@ -139,7 +145,13 @@ pub fn dequantize_row(t: QuantType, bytes: &[u8], out: &mut [f32]) {
 /// Simple per-block scales as a test reference; it does not search for better scales as
 /// llama.cpp's quantiser does, so use that one to make production model files.
 pub fn quantize_row(t: QuantType, x: &[f32], out: &mut [u8]) {
-    assert_eq!(out.len(), t.row_bytes(x.len()), "{}: byte length for {} weights", t.name(), x.len());
+    assert_eq!(
+        out.len(),
+        t.row_bytes(x.len()),
+        "{}: byte length for {} weights",
+        t.name(),
+        x.len()
+    );
     match t {
         QuantType::F32 => f16::quantize_row_f32(x, out),
         QuantType::F16 => f16::quantize_row_f16(x, out),

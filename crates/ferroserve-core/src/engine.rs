@@ -1,0 +1,875 @@
+//! The chat engine: one thread owns the model, the KV cache, the scheduler and every
+//! sequence's sampler and detokenizer. Callers reach it through typed commands (submit,
+//! abort) and get results back as [`ChatEvent`]s on a [`Notifier`], one batch per step.
+//!
+//! Validation (parameters, token ids, context length) happens in [`ChatEngine::submit`] on
+//! the caller's thread, so bad requests fail before anything is queued; after that a
+//! request's first event is `Admitted` (or `Error` if the engine dies first).
+
+use std::collections::{HashMap, HashSet};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use rayon::prelude::*;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::kv::KvCache;
+use crate::models::llama::LlamaModel;
+use crate::notify::Notifier;
+use crate::sample::{Sampled, SamplingParams, SequenceSampler};
+use crate::sched::scheduler::{KvPool, Scheduler, SchedulerConfig, SeqChunk, SeqId, StepPlan};
+use crate::tokenize::chat_template::{ChatMessage, ChatTemplate, ChatTemplateError};
+use crate::tokenize::detok::{Detokenizer, Vocab};
+use crate::tokenize::gguf_vocab::{GgufTokenizer, GgufVocabError};
+
+/// What the engine needs from a decoder model. Implemented by `LlamaModel` and by the fake
+/// models of the tests.
+pub trait StepModel: Send + Sync + 'static {
+    type Kv: KvPool + Send + 'static;
+    /// Width of a logits row.
+    fn vocab_size(&self) -> usize;
+    /// Longest sequence (prompt plus output) the model takes.
+    fn context_length(&self) -> usize;
+    fn new_kv_cache(&self, budget_bytes: usize) -> Self::Kv;
+    /// Runs one pass; returns `[chunks with want_logits, vocab_size]` logits, in batch order.
+    fn forward(&self, batch: &[SeqChunk<'_>], kv: &mut Self::Kv) -> Vec<f32>;
+    fn vocab(&self) -> &dyn Vocab;
+    /// For the text helpers (`encode`, `render_chat`, ...); `None` in tests.
+    fn tokenizer(&self) -> Option<&GgufTokenizer> {
+        None
+    }
+    fn chat_template(&self) -> Option<&ChatTemplate> {
+        None
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Memory for the KV cache; bounds how many tokens all running sequences hold together.
+    pub kv_budget_bytes: usize,
+    /// Tokens per forward pass (decodes plus prefill chunks).
+    pub max_batch_tokens: usize,
+    /// Sequences decoding at once (capped at `max_batch_tokens`).
+    pub max_running: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            kv_budget_bytes: 256 << 20,
+            max_batch_tokens: 512,
+            max_running: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-generation token or a stop string.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+    /// `abort` was called.
+    Abort,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Abort => "abort",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    /// Tokens this choice generated (end-of-generation tokens included).
+    pub completion_tokens: usize,
+    /// Prompt tokens whose KV came from the prefix cache.
+    pub cached_tokens: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopLogprob {
+    pub token_id: u32,
+    /// The token's raw bytes (possibly part of a UTF-8 character).
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token_id: u32,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+    /// Most likely first; `top_logprobs` entries.
+    pub top: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChatEvent {
+    /// The request got its first KV blocks and began prefill.
+    Admitted {
+        request_id: u64,
+        prompt_tokens: usize,
+        cached_tokens: usize,
+    },
+    /// New output of choice `index`. `text` may lag `token_ids` (held back for split
+    /// characters and possible stop strings) and may be empty.
+    Delta {
+        request_id: u64,
+        index: u32,
+        text: String,
+        token_ids: Vec<u32>,
+        logprobs: Vec<TokenLogprob>,
+    },
+    /// Choice `index` is over; a request is over when all its `n` choices are.
+    Finished {
+        request_id: u64,
+        index: u32,
+        finish_reason: FinishReason,
+        usage: Usage,
+    },
+    /// The request failed as a whole (the engine died); no further events follow.
+    Error {
+        request_id: u64,
+        kind: ErrorKind,
+        message: String,
+    },
+}
+
+impl ChatEvent {
+    pub fn request_id(&self) -> u64 {
+        match self {
+            ChatEvent::Admitted { request_id, .. }
+            | ChatEvent::Delta { request_id, .. }
+            | ChatEvent::Finished { request_id, .. }
+            | ChatEvent::Error { request_id, .. } => *request_id,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubmitInfo {
+    pub prompt_tokens: usize,
+    /// `max_tokens` as resolved (the rest of the context when the request gave none).
+    pub max_tokens: usize,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EngineStats {
+    pub running_sequences: usize,
+    pub waiting_sequences: usize,
+    pub kv_blocks_total: usize,
+    pub kv_blocks_free: usize,
+    pub steps: u64,
+    pub preemptions: u64,
+    /// Tokens run through the model: prompts, decodes and recomputation after preemption.
+    pub computed_tokens: u64,
+    pub generated_tokens: u64,
+    /// Prompt tokens served from the prefix cache at admission.
+    pub cached_prompt_tokens: u64,
+    pub finished_requests: u64,
+}
+
+impl EngineStats {
+    /// Fraction of KV blocks in use, 0..=1.
+    pub fn kv_usage(&self) -> f32 {
+        if self.kv_blocks_total == 0 {
+            0.0
+        } else {
+            (self.kv_blocks_total - self.kv_blocks_free) as f32 / self.kv_blocks_total as f32
+        }
+    }
+}
+
+enum Command {
+    Submit(Box<Submission>),
+    Abort(u64),
+}
+
+struct Submission {
+    request_id: u64,
+    prompt: Vec<u32>,
+    params: Arc<SamplingParams>,
+    max_tokens: usize,
+    seed: u64,
+}
+
+/// State both sides touch; the engine thread owns everything else.
+struct Shared {
+    /// `None` once the engine thread died or the engine is dropped.
+    commands: Mutex<Option<Sender<Command>>>,
+    /// Requests submitted and not yet ended by their last event.
+    in_flight: Mutex<HashSet<u64>>,
+    notifier: Notifier<ChatEvent>,
+    stats: Mutex<EngineStats>,
+    alive: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The object-safe part of a [`StepModel`] that the caller's side needs.
+trait ModelInfo: Send + Sync {
+    fn vocab(&self) -> &dyn Vocab;
+    fn tokenizer(&self) -> Option<&GgufTokenizer>;
+    fn chat_template(&self) -> Option<&ChatTemplate>;
+}
+
+impl<M: StepModel> ModelInfo for M {
+    fn vocab(&self) -> &dyn Vocab {
+        StepModel::vocab(self)
+    }
+    fn tokenizer(&self) -> Option<&GgufTokenizer> {
+        StepModel::tokenizer(self)
+    }
+    fn chat_template(&self) -> Option<&ChatTemplate> {
+        StepModel::chat_template(self)
+    }
+}
+
+pub struct ChatEngine {
+    shared: Arc<Shared>,
+    model: Arc<dyn ModelInfo>,
+    vocab_size: usize,
+    /// The model's context, capped by what the KV cache can hold for one sequence.
+    max_context_tokens: usize,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl StepModel for LlamaModel {
+    type Kv = KvCache;
+    fn vocab_size(&self) -> usize {
+        LlamaModel::vocab_size(self)
+    }
+    fn context_length(&self) -> usize {
+        LlamaModel::context_length(self)
+    }
+    fn new_kv_cache(&self, budget_bytes: usize) -> KvCache {
+        LlamaModel::new_kv_cache(self, budget_bytes)
+    }
+    fn forward(&self, batch: &[SeqChunk<'_>], kv: &mut KvCache) -> Vec<f32> {
+        LlamaModel::forward(self, batch, kv)
+    }
+    fn vocab(&self) -> &dyn Vocab {
+        &self.tokenizer
+    }
+    fn tokenizer(&self) -> Option<&GgufTokenizer> {
+        Some(&self.tokenizer)
+    }
+    fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.chat_template.as_ref()
+    }
+}
+
+impl ChatEngine {
+    /// Loads a llama-family GGUF model and starts its engine thread.
+    pub fn load(path: &std::path::Path, cfg: EngineConfig) -> Result<Self> {
+        Self::start(LlamaModel::load(path)?, cfg)
+    }
+
+    /// Starts the engine thread around a loaded model.
+    pub fn start<M: StepModel>(model: M, cfg: EngineConfig) -> Result<Self> {
+        if cfg.max_batch_tokens == 0 || cfg.max_running == 0 {
+            return Err(Error::InvalidRequest(
+                "max_batch_tokens and max_running must be at least 1".into(),
+            ));
+        }
+        let model = Arc::new(model);
+        let kv = model.new_kv_cache(cfg.kv_budget_bytes);
+        let kv_tokens = kv.num_blocks() * kv.block_tokens();
+        if kv_tokens == 0 {
+            return Err(Error::InvalidRequest(format!(
+                "kv_budget_bytes ({}) holds no KV block",
+                cfg.kv_budget_bytes
+            )));
+        }
+        let vocab_size = model.vocab_size();
+        let max_context_tokens = model.context_length().min(kv_tokens);
+        let (tx, rx) = mpsc::channel();
+        let shared = Arc::new(Shared {
+            commands: Mutex::new(Some(tx)),
+            in_flight: Mutex::new(HashSet::new()),
+            notifier: Notifier::new().map_err(|e| Error::Internal(e.to_string()))?,
+            stats: Mutex::new(EngineStats {
+                kv_blocks_total: kv.num_blocks(),
+                kv_blocks_free: kv.num_free_blocks(),
+                ..Default::default()
+            }),
+            alive: AtomicBool::new(true),
+        });
+        let sched = Scheduler::new(SchedulerConfig {
+            max_batch_tokens: cfg.max_batch_tokens,
+            max_running: cfg.max_running,
+        });
+        let mut core = EngineCore {
+            model: Arc::clone(&model),
+            kv,
+            sched,
+            outputs: HashMap::new(),
+            requests: HashMap::new(),
+            shared: Arc::clone(&shared),
+            events: Vec::new(),
+            ended_requests: Vec::new(),
+            stats: EngineStats::default(),
+        };
+        let thread_shared = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("ferroserve-chat".into())
+            .spawn(move || {
+                let outcome = catch_unwind(AssertUnwindSafe(|| core.run(&rx)));
+                if let Err(panic) = outcome {
+                    fail_everything(&thread_shared, &rx, &panic_message(&*panic));
+                }
+            })
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        Ok(Self {
+            shared,
+            model,
+            vocab_size,
+            max_context_tokens,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Validates and queues a request; returns at once. Output arrives as [`ChatEvent`]s.
+    pub fn submit(
+        &self,
+        request_id: u64,
+        prompt_tokens: Vec<u32>,
+        params: SamplingParams,
+    ) -> Result<SubmitInfo> {
+        if prompt_tokens.is_empty() {
+            return Err(Error::InvalidRequest(
+                "prompt must contain at least one token".into(),
+            ));
+        }
+        if let Some(bad) = prompt_tokens
+            .iter()
+            .find(|&&id| id as usize >= self.vocab_size)
+        {
+            return Err(Error::InvalidRequest(format!(
+                "prompt has token id {bad}, outside the vocabulary (size {})",
+                self.vocab_size
+            )));
+        }
+        params.validate(self.vocab_size)?;
+        let prompt_len = prompt_tokens.len();
+        let ctx = self.max_context_tokens;
+        let max_tokens = match params.max_tokens {
+            Some(max_tokens) if prompt_len + max_tokens > ctx => {
+                return Err(Error::ContextLengthExceeded(format!(
+                    "This model's maximum context length is {ctx} tokens. However, you requested {} tokens ({prompt_len} in the messages, {max_tokens} in the completion). Please reduce the length of the messages or completion.",
+                    prompt_len + max_tokens
+                )));
+            }
+            Some(max_tokens) => max_tokens,
+            None if prompt_len >= ctx => {
+                return Err(Error::ContextLengthExceeded(format!(
+                    "This model's maximum context length is {ctx} tokens. However, your messages resulted in {prompt_len} tokens, leaving none for the completion. Please reduce the length of the messages."
+                )));
+            }
+            None => ctx - prompt_len,
+        };
+        let seed = params.seed.unwrap_or_else(|| fresh_seed(request_id));
+        let submission = Submission {
+            request_id,
+            prompt: prompt_tokens,
+            params: Arc::new(params),
+            max_tokens,
+            seed,
+        };
+
+        let commands = lock(&self.shared.commands);
+        let Some(tx) = commands.as_ref() else {
+            return Err(Error::EngineDead);
+        };
+        if !lock(&self.shared.in_flight).insert(request_id) {
+            return Err(Error::InvalidRequest(format!(
+                "request_id {request_id} is already in flight"
+            )));
+        }
+        if tx.send(Command::Submit(Box::new(submission))).is_err() {
+            lock(&self.shared.in_flight).remove(&request_id);
+            return Err(Error::EngineDead);
+        }
+        Ok(SubmitInfo {
+            prompt_tokens: prompt_len,
+            max_tokens,
+        })
+    }
+
+    /// Ends a request at the next step (its choices finish with `Abort`, blocks are
+    /// freed). Unknown or finished ids are ignored.
+    pub fn abort(&self, request_id: u64) {
+        if let Some(tx) = lock(&self.shared.commands).as_ref() {
+            let _ = tx.send(Command::Abort(request_id));
+        }
+    }
+
+    pub fn notifier(&self) -> &Notifier<ChatEvent> {
+        &self.shared.notifier
+    }
+
+    /// False once the engine thread panicked (then every call fails with `EngineDead`).
+    pub fn is_alive(&self) -> bool {
+        self.shared.alive.load(Ordering::Acquire)
+    }
+
+    /// As of the last step.
+    pub fn stats(&self) -> EngineStats {
+        lock(&self.shared.stats).clone()
+    }
+
+    /// Fraction of KV blocks in use, as of the last step.
+    pub fn kv_usage(&self) -> f32 {
+        lock(&self.shared.stats).kv_usage()
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    /// The longest prompt plus completion one request may have.
+    pub fn context_length(&self) -> usize {
+        self.max_context_tokens
+    }
+
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        self.model.vocab().eos_token_ids().to_vec()
+    }
+
+    pub fn has_chat_template(&self) -> bool {
+        self.model.chat_template().is_some()
+    }
+
+    /// The conversation rendered with the model's chat template.
+    pub fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let template = self
+            .model
+            .chat_template()
+            .ok_or_else(|| Error::InvalidRequest(ChatTemplateError::Missing.to_string()))?;
+        template
+            .render(messages, add_generation_prompt)
+            .map_err(template_error)
+    }
+
+    /// [`render_chat`](Self::render_chat), tokenized with control tokens parsed, plus BOS when
+    /// the model asks for it and the template did not write it.
+    pub fn encode_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>> {
+        let text = self.render_chat(messages, add_generation_prompt)?;
+        let tokenizer = self.tokenizer()?;
+        let mut ids = tokenizer.encode(&text, true).map_err(vocab_error)?;
+        if let (true, Some(bos)) = (tokenizer.add_bos_token(), tokenizer.bos_token_id()) {
+            if ids.first() != Some(&bos) {
+                ids.insert(0, bos);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Token ids of `text`: `add_special` adds the BOS/EOS the model asks for,
+    /// `parse_special` turns control-token text (`<|im_start|>`) into those tokens.
+    pub fn encode(&self, text: &str, add_special: bool, parse_special: bool) -> Result<Vec<u32>> {
+        let tokenizer = self.tokenizer()?;
+        if add_special {
+            tokenizer.encode_prompt(text, parse_special)
+        } else {
+            tokenizer.encode(text, parse_special)
+        }
+        .map_err(vocab_error)
+    }
+
+    /// Text of `ids`; control tokens are dropped with `skip_special_tokens`.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.tokenizer()?
+            .decode(ids, !skip_special_tokens)
+            .map_err(vocab_error)
+    }
+
+    /// A token's raw bytes (for token-level views such as `/v1/tokenize` pieces).
+    pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        self.model.vocab().token_bytes(id).map(<[u8]>::to_vec)
+    }
+
+    fn tokenizer(&self) -> Result<&GgufTokenizer> {
+        self.model
+            .tokenizer()
+            .ok_or_else(|| Error::Internal("this engine was started without a tokenizer".into()))
+    }
+}
+
+impl Drop for ChatEngine {
+    fn drop(&mut self) {
+        // Dropping the sender ends the engine thread at its next step.
+        lock(&self.shared.commands).take();
+        if let Some(thread) = lock(&self.thread).take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn template_error(e: ChatTemplateError) -> Error {
+    match e {
+        ChatTemplateError::Missing
+        | ChatTemplateError::Rejected(_)
+        | ChatTemplateError::UnsupportedContentPart { .. } => Error::InvalidRequest(e.to_string()),
+        other => Error::Internal(other.to_string()),
+    }
+}
+
+fn vocab_error(e: GgufVocabError) -> Error {
+    match e {
+        GgufVocabError::UnknownTokenId { .. } => Error::InvalidRequest(e.to_string()),
+        other => Error::Internal(other.to_string()),
+    }
+}
+
+/// A seed for requests that gave none: the standard library's per-process random keys,
+/// mixed with the request id and the time.
+fn fresh_seed(request_id: u64) -> u64 {
+    use std::hash::BuildHasher;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    std::collections::hash_map::RandomState::new().hash_one((request_id, nanos))
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into());
+    format!("the engine thread stopped: {what}")
+}
+
+/// After a panic: refuse new work, then fail every request that was in flight.
+fn fail_everything(shared: &Shared, rx: &Receiver<Command>, message: &str) {
+    shared.alive.store(false, Ordering::Release);
+    // Under the commands lock, so every submit either saw `None` or is in `in_flight`.
+    lock(&shared.commands).take();
+    while rx.try_recv().is_ok() {}
+    let ids: Vec<u64> = lock(&shared.in_flight).drain().collect();
+    shared
+        .notifier
+        .push_all(ids.into_iter().map(|request_id| ChatEvent::Error {
+            request_id,
+            kind: ErrorKind::EngineDead,
+            message: message.to_owned(),
+        }));
+}
+
+struct RequestState {
+    params: Arc<SamplingParams>,
+    seed: u64,
+    prompt_tokens: usize,
+    cached_tokens: usize,
+    max_tokens: usize,
+    /// Choices not finished yet, by index.
+    open: Vec<bool>,
+}
+
+struct SeqOutput {
+    request_id: u64,
+    index: u32,
+    sampler: SequenceSampler,
+    detok: Detokenizer,
+    generated: usize,
+}
+
+impl SeqOutput {
+    fn new(request_id: u64, index: u32, req: &RequestState) -> Self {
+        Self {
+            request_id,
+            index,
+            sampler: SequenceSampler::new(Arc::clone(&req.params), req.seed, index as u64),
+            detok: Detokenizer::new(req.params.stop.clone()),
+            generated: 0,
+        }
+    }
+}
+
+/// Everything the engine thread owns.
+struct EngineCore<M: StepModel> {
+    model: Arc<M>,
+    kv: M::Kv,
+    sched: Scheduler,
+    outputs: HashMap<SeqId, SeqOutput>,
+    requests: HashMap<u64, RequestState>,
+    shared: Arc<Shared>,
+    /// This step's events, pushed to the notifier together.
+    events: Vec<ChatEvent>,
+    /// Requests whose last event is among `events`.
+    ended_requests: Vec<u64>,
+    stats: EngineStats,
+}
+
+impl<M: StepModel> EngineCore<M> {
+    fn run(&mut self, rx: &Receiver<Command>) {
+        loop {
+            if !self.sched.has_work() {
+                match rx.recv() {
+                    Ok(cmd) => self.apply(cmd),
+                    Err(_) => return,
+                }
+            }
+            loop {
+                match rx.try_recv() {
+                    Ok(cmd) => self.apply(cmd),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => return,
+                }
+            }
+            if self.sched.has_work() {
+                self.step();
+            }
+            self.publish();
+        }
+    }
+
+    fn apply(&mut self, cmd: Command) {
+        match cmd {
+            Command::Submit(s) => {
+                let n = s.params.n;
+                let req = RequestState {
+                    params: s.params,
+                    seed: s.seed,
+                    prompt_tokens: s.prompt.len(),
+                    cached_tokens: 0,
+                    max_tokens: s.max_tokens,
+                    open: vec![true; n],
+                };
+                let seq = self.sched.add_request(s.request_id, s.prompt, n);
+                self.outputs
+                    .insert(seq, SeqOutput::new(s.request_id, 0, &req));
+                self.requests.insert(s.request_id, req);
+            }
+            Command::Abort(request_id) => {
+                let mut generated = HashMap::new();
+                for seq in self.sched.abort(request_id, &mut self.kv) {
+                    if let Some(out) = self.outputs.remove(&seq) {
+                        generated.insert(out.index, out.generated);
+                    }
+                }
+                let open: Vec<u32> = match self.requests.get(&request_id) {
+                    Some(req) => (0..req.open.len() as u32)
+                        .filter(|&i| req.open[i as usize])
+                        .collect(),
+                    None => Vec::new(),
+                };
+                for index in open {
+                    let completion_tokens = generated.get(&index).copied().unwrap_or(0);
+                    self.finish_choice(request_id, index, FinishReason::Abort, completion_tokens);
+                }
+            }
+        }
+    }
+
+    fn step(&mut self) {
+        let plan = self.sched.schedule(&mut self.kv);
+        for &(seq, cached_tokens) in &plan.first_admissions {
+            let request_id = self.outputs[&seq].request_id;
+            let req = self
+                .requests
+                .get_mut(&request_id)
+                .expect("admitted requests are known");
+            req.cached_tokens = cached_tokens;
+            self.stats.cached_prompt_tokens += cached_tokens as u64;
+            self.events.push(ChatEvent::Admitted {
+                request_id,
+                prompt_tokens: req.prompt_tokens,
+                cached_tokens,
+            });
+        }
+        if plan.chunks.is_empty() {
+            return;
+        }
+        let sampled = self.run_model(&plan);
+        let sampled_ids: Vec<(SeqId, u32)> =
+            sampled.iter().map(|(seq, s)| (*seq, s.token_id)).collect();
+        for forked in self.sched.update(&plan, &sampled_ids, &mut self.kv) {
+            let req = &self.requests[&forked.request_id];
+            self.outputs.insert(
+                forked.seq,
+                SeqOutput::new(forked.request_id, forked.index, req),
+            );
+        }
+        self.stats.steps += 1;
+        self.stats.computed_tokens += plan.num_tokens() as u64;
+        self.stats.generated_tokens += sampled.len() as u64;
+        for (seq, s) in sampled {
+            self.emit_token(seq, s);
+        }
+    }
+
+    /// One forward pass, then a token for every chunk that produced logits.
+    fn run_model(&mut self, plan: &StepPlan) -> Vec<(SeqId, Sampled)> {
+        let logits = {
+            let batch = self.sched.batch(plan);
+            self.model.forward(&batch, &mut self.kv)
+        };
+        let vocab = self.model.vocab_size();
+        let rows: HashMap<SeqId, (usize, &[f32])> = plan
+            .chunks
+            .iter()
+            .filter(|c| c.want_logits)
+            .zip(logits.chunks_exact(vocab))
+            .enumerate()
+            .map(|(order, (c, row))| (c.seq, (order, row)))
+            .collect();
+        assert_eq!(
+            logits.len(),
+            rows.len() * vocab,
+            "forward returned {} logits for {} rows of {vocab}",
+            logits.len(),
+            rows.len()
+        );
+        // Sequences sample independently (each from its own counter-based generator), so
+        // they run in parallel and the result does not depend on which thread took which.
+        let mut work: Vec<(usize, SeqId, &mut SeqOutput, &[f32])> = self
+            .outputs
+            .iter_mut()
+            .filter_map(|(&seq, out)| rows.get(&seq).map(|&(order, row)| (order, seq, out, row)))
+            .collect();
+        work.sort_unstable_by_key(|w| w.0);
+        work.par_iter_mut()
+            .map(|(_, seq, out, row)| (*seq, out.sampler.sample(row)))
+            .collect()
+    }
+
+    /// Detokenizes a sampled token and decides whether its choice is over.
+    fn emit_token(&mut self, seq: SeqId, sampled: Sampled) {
+        let vocab = self.model.vocab();
+        let out = self
+            .outputs
+            .get_mut(&seq)
+            .expect("sampled sequences have outputs");
+        let req = &self.requests[&out.request_id];
+        let token = sampled.token_id;
+        out.generated += 1;
+        let is_eos = !req.params.ignore_eos && vocab.eos_token_ids().contains(&token);
+        let (mut text, mut finish) = (String::new(), None);
+        if is_eos {
+            text.push_str(&out.detok.finish());
+            finish = Some(FinishReason::Stop);
+        } else {
+            let delta = out.detok.push(vocab.output_bytes(token));
+            text.push_str(&delta.text);
+            if delta.stopped_by.is_some() {
+                finish = Some(FinishReason::Stop);
+            } else if out.generated >= req.max_tokens {
+                text.push_str(&out.detok.finish());
+                finish = Some(FinishReason::Length);
+            }
+        }
+        // The end-of-generation token itself is not output (it still counts as generated).
+        let emit_token = !is_eos;
+        if emit_token || !text.is_empty() {
+            let bytes = |id: u32| vocab.token_bytes(id).unwrap_or_default().to_vec();
+            let logprobs = match (&sampled.logprobs, emit_token) {
+                (Some(lp), true) => vec![TokenLogprob {
+                    token_id: token,
+                    bytes: bytes(token),
+                    logprob: lp.logprob,
+                    top: lp
+                        .top
+                        .iter()
+                        .map(|&(token_id, logprob)| TopLogprob {
+                            token_id,
+                            bytes: bytes(token_id),
+                            logprob,
+                        })
+                        .collect(),
+                }],
+                _ => Vec::new(),
+            };
+            let token_ids = if emit_token { vec![token] } else { Vec::new() };
+            self.events.push(ChatEvent::Delta {
+                request_id: out.request_id,
+                index: out.index,
+                text,
+                token_ids,
+                logprobs,
+            });
+        }
+        if let Some(reason) = finish {
+            let (request_id, index, generated) = (out.request_id, out.index, out.generated);
+            self.sched.finish(seq, &mut self.kv);
+            self.outputs.remove(&seq);
+            self.finish_choice(request_id, index, reason, generated);
+        }
+    }
+
+    /// Emits `Finished` for one choice; the request ends with its last choice.
+    fn finish_choice(
+        &mut self,
+        request_id: u64,
+        index: u32,
+        reason: FinishReason,
+        completion_tokens: usize,
+    ) {
+        let Some(req) = self.requests.get_mut(&request_id) else {
+            return;
+        };
+        if !std::mem::replace(&mut req.open[index as usize], false) {
+            return;
+        }
+        let usage = Usage {
+            prompt_tokens: req.prompt_tokens,
+            completion_tokens,
+            cached_tokens: req.cached_tokens,
+        };
+        if req.open.iter().all(|&o| !o) {
+            self.requests.remove(&request_id);
+            self.ended_requests.push(request_id);
+            self.stats.finished_requests += 1;
+        }
+        self.events.push(ChatEvent::Finished {
+            request_id,
+            index,
+            finish_reason: reason,
+            usage,
+        });
+    }
+
+    /// Refreshes the shared stats, then pushes this step's events (so a consumer that sees
+    /// an event also sees the stats after it).
+    fn publish(&mut self) {
+        *lock(&self.shared.stats) = EngineStats {
+            running_sequences: self.sched.num_running(),
+            waiting_sequences: self.sched.num_waiting(),
+            kv_blocks_total: self.kv.num_blocks(),
+            kv_blocks_free: self.kv.num_free_blocks(),
+            preemptions: self.sched.num_preemptions(),
+            ..self.stats.clone()
+        };
+        if !self.events.is_empty() {
+            self.shared.notifier.push_all(self.events.drain(..));
+        }
+        // Only now: should the thread die before this point, these requests are still in
+        // flight and get their `EngineDead` error instead of waiting forever.
+        if !self.ended_requests.is_empty() {
+            let mut in_flight = lock(&self.shared.in_flight);
+            for id in self.ended_requests.drain(..) {
+                in_flight.remove(&id);
+            }
+        }
+    }
+}

@@ -1,0 +1,473 @@
+//! The continuous-batching scheduler for generation, after vLLM's v1 scheduler: a pure
+//! function of its state. Each step, [`Scheduler::schedule`] picks, under a token budget,
+//! the next token of every running sequence plus chunks of prompts still being prefilled,
+//! allocating KV blocks as positions are needed; the caller runs the model and samples, and
+//! [`Scheduler::update`] folds the sampled tokens back in. No model, no threads: tests
+//! drive it with fake step outputs.
+//!
+//! Memory pressure never fails a request: when no block is free, the newest running
+//! sequence is preempted (its blocks released, its prompt plus generated tokens queued to
+//! be recomputed, usually mostly from the prefix cache). The oldest running sequence
+//! therefore always progresses, and since every request fits the cache on its own (checked
+//! at submit), every request completes.
+
+use std::collections::{HashMap, VecDeque};
+
+pub use crate::kv::BlockHash;
+/// One sequence's slice of a forward pass (defined next to the model that consumes it).
+pub use crate::models::llama::SeqChunk;
+
+/// The paged KV cache as the scheduler sees it: reference-counted blocks plus a prefix
+/// cache of full blocks, keyed by a hash chained over the blocks before them. Implemented
+/// by [`crate::kv::KvCache`] and by the fakes of the tests.
+pub trait KvPool {
+    fn block_tokens(&self) -> usize;
+    fn num_blocks(&self) -> usize;
+    /// Blocks `allocate` can hand out (including cached blocks it may evict).
+    fn num_free_blocks(&self) -> usize;
+    /// A block with one reference, or `None` when all are in use.
+    fn allocate(&mut self) -> Option<u32>;
+    fn retain(&mut self, block: u32);
+    fn release(&mut self, block: u32);
+    /// The retained blocks holding the longest cached run of full blocks of `tokens`.
+    fn lookup_prefix(&mut self, tokens: &[u32]) -> Vec<u32>;
+    /// The prefix-cache key of a full block: `tokens` (one block's worth) after the block
+    /// whose key is `parent` (`None` for the first block).
+    fn block_hash(&self, parent: Option<BlockHash>, tokens: &[u32]) -> BlockHash {
+        BlockHash::of(parent, tokens)
+    }
+    /// Makes a full, computed block findable by `lookup_prefix`.
+    fn register_full_block(&mut self, hash: BlockHash, block: u32);
+}
+
+/// The scheduler's handle of one sequence (one choice of one request).
+pub type SeqId = u64;
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Tokens per forward pass: decodes count one each, prefill chunks their length.
+    pub max_batch_tokens: usize,
+    /// Sequences holding KV blocks at once.
+    pub max_running: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_tokens: 512,
+            max_running: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScheduledChunk {
+    pub seq: SeqId,
+    pub start_pos: usize,
+    pub num_tokens: usize,
+    /// The chunk reaches the sequence's last token: its logits give the next token.
+    pub want_logits: bool,
+}
+
+/// One step's decisions.
+#[derive(Debug, Clone, Default)]
+pub struct StepPlan {
+    pub chunks: Vec<ScheduledChunk>,
+    /// Requests' first sequences admitted for the first time, with how many prompt tokens
+    /// the prefix cache supplied.
+    pub first_admissions: Vec<(SeqId, usize)>,
+    /// Sequences sent back to waiting to be recomputed later.
+    pub preempted: Vec<SeqId>,
+}
+
+impl StepPlan {
+    pub fn num_tokens(&self) -> usize {
+        self.chunks.iter().map(|c| c.num_tokens).sum()
+    }
+}
+
+/// A choice created when its request's prompt finished prefilling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Forked {
+    pub seq: SeqId,
+    pub request_id: u64,
+    pub index: u32,
+}
+
+#[derive(Debug)]
+struct Sequence {
+    request_id: u64,
+    index: u32,
+    /// Prompt, then generated tokens.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    /// Leading tokens whose KV is in `blocks`.
+    num_computed: usize,
+    blocks: Vec<u32>,
+    /// Prefix-cache keys of the full blocks of `tokens` computed so far (kept across
+    /// preemption: they depend on tokens only).
+    block_hashes: Vec<BlockHash>,
+    /// Leading blocks already in the prefix cache.
+    num_registered: usize,
+    /// Choices to fork off once the prompt is prefilled (`n - 1` on a request's first
+    /// sequence).
+    forks_pending: u32,
+    /// Whether admission is still to be reported (a request's first sequence only).
+    report_admission: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    seqs: HashMap<SeqId, Sequence>,
+    /// Oldest first; preempted sequences go back to the front.
+    waiting: VecDeque<SeqId>,
+    /// In admission order: the oldest is never preempted while a newer one holds blocks.
+    running: Vec<SeqId>,
+    next_seq_id: SeqId,
+    num_preemptions: u64,
+}
+
+impl Scheduler {
+    /// `max_running` is capped at `max_batch_tokens`: every running sequence must be able to
+    /// decode each step, or the newest ones would starve behind the oldest.
+    pub fn new(mut cfg: SchedulerConfig) -> Self {
+        assert!(
+            cfg.max_batch_tokens > 0 && cfg.max_running > 0,
+            "empty scheduler budget"
+        );
+        cfg.max_running = cfg.max_running.min(cfg.max_batch_tokens);
+        Self {
+            cfg,
+            ..Self::default()
+        }
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
+    }
+
+    /// Queues a request; its other `n - 1` choices are forked once the prompt is prefilled,
+    /// so they find its blocks in the prefix cache. Returns the first choice's sequence.
+    pub fn add_request(&mut self, request_id: u64, prompt: Vec<u32>, n: usize) -> SeqId {
+        assert!(!prompt.is_empty(), "empty prompt");
+        let id = self.new_sequence(request_id, 0, prompt, n.max(1) as u32 - 1, true);
+        self.waiting.push_back(id);
+        id
+    }
+
+    fn new_sequence(
+        &mut self,
+        request_id: u64,
+        index: u32,
+        tokens: Vec<u32>,
+        forks_pending: u32,
+        report_admission: bool,
+    ) -> SeqId {
+        let id = self.next_seq_id;
+        self.next_seq_id += 1;
+        let prompt_len = tokens.len();
+        self.seqs.insert(
+            id,
+            Sequence {
+                request_id,
+                index,
+                tokens,
+                prompt_len,
+                num_computed: 0,
+                blocks: Vec::new(),
+                block_hashes: Vec::new(),
+                num_registered: 0,
+                forks_pending,
+                report_admission,
+            },
+        );
+        id
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.seqs.is_empty()
+    }
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+    pub fn num_preemptions(&self) -> u64 {
+        self.num_preemptions
+    }
+    /// A sequence's prompt plus generated tokens.
+    pub fn tokens(&self, seq: SeqId) -> Option<&[u32]> {
+        self.seqs.get(&seq).map(|s| s.tokens.as_slice())
+    }
+    /// `(request_id, index)` of a sequence.
+    pub fn owner(&self, seq: SeqId) -> Option<(u64, u32)> {
+        self.seqs.get(&seq).map(|s| (s.request_id, s.index))
+    }
+    /// KV blocks a sequence holds now.
+    pub fn num_blocks_held(&self, seq: SeqId) -> usize {
+        self.seqs.get(&seq).map_or(0, |s| s.blocks.len())
+    }
+
+    /// Decides the next forward pass.
+    pub fn schedule<K: KvPool>(&mut self, kv: &mut K) -> StepPlan {
+        let mut plan = StepPlan::default();
+        let mut budget = self.cfg.max_batch_tokens;
+
+        // Running sequences, oldest first: decodes, and prompts partway through prefill.
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let id = self.running[i];
+            let seq = &self.seqs[&id];
+            let start_pos = seq.num_computed;
+            let wanted = (seq.tokens.len() - start_pos).min(budget);
+            if wanted == 0 {
+                i += 1;
+                continue;
+            }
+            let fit = loop {
+                let fit = self
+                    .grow_blocks(id, start_pos + wanted, kv)
+                    .saturating_sub(start_pos)
+                    .min(wanted);
+                if fit > 0 {
+                    break fit;
+                }
+                let victim = *self
+                    .running
+                    .last()
+                    .expect("the current sequence is running");
+                self.preempt(victim, kv);
+                plan.preempted.push(victim);
+                if victim == id {
+                    break 0;
+                }
+            };
+            if fit == 0 {
+                continue; // `id` was the newest and went back to waiting; the loop ends
+            }
+            let want_logits = start_pos + fit == self.seqs[&id].tokens.len();
+            plan.chunks.push(ScheduledChunk {
+                seq: id,
+                start_pos,
+                num_tokens: fit,
+                want_logits,
+            });
+            budget -= fit;
+            i += 1;
+        }
+
+        // Admissions, unless memory was short this step.
+        while plan.preempted.is_empty() && budget > 0 && self.running.len() < self.cfg.max_running {
+            let Some(&id) = self.waiting.front() else {
+                break;
+            };
+            let cached_tokens = self.attach_cached_prefix(id, kv);
+            let seq = &self.seqs[&id];
+            let start_pos = seq.num_computed;
+            let wanted = (seq.tokens.len() - start_pos).min(budget);
+            let fit = self
+                .grow_blocks(id, start_pos + wanted, kv)
+                .saturating_sub(start_pos)
+                .min(wanted);
+            if fit == 0 {
+                // Not even one block: wait for running sequences to free some.
+                self.release_blocks(id, kv);
+                break;
+            }
+            self.waiting.pop_front();
+            self.running.push(id);
+            let seq = self.seqs.get_mut(&id).expect("waiting sequences exist");
+            if seq.report_admission {
+                seq.report_admission = false;
+                plan.first_admissions.push((id, cached_tokens));
+            }
+            let want_logits = start_pos + fit == seq.tokens.len();
+            plan.chunks.push(ScheduledChunk {
+                seq: id,
+                start_pos,
+                num_tokens: fit,
+                want_logits,
+            });
+            budget -= fit;
+        }
+        plan
+    }
+
+    /// The model's view of a plan: token slices and block tables, in plan order.
+    pub fn batch(&self, plan: &StepPlan) -> Vec<SeqChunk<'_>> {
+        plan.chunks
+            .iter()
+            .map(|c| {
+                let seq = &self.seqs[&c.seq];
+                SeqChunk {
+                    tokens: &seq.tokens[c.start_pos..c.start_pos + c.num_tokens],
+                    start_pos: c.start_pos,
+                    block_table: &seq.blocks,
+                    want_logits: c.want_logits,
+                }
+            })
+            .collect()
+    }
+
+    /// Folds a finished pass back in: the planned chunks are now computed, `sampled` holds
+    /// the token drawn for each chunk that wanted logits. Returns choices forked off
+    /// requests whose prompt just finished prefilling.
+    pub fn update<K: KvPool>(
+        &mut self,
+        plan: &StepPlan,
+        sampled: &[(SeqId, u32)],
+        kv: &mut K,
+    ) -> Vec<Forked> {
+        let block_tokens = kv.block_tokens();
+        let mut forked = Vec::new();
+        for chunk in &plan.chunks {
+            let Some(seq) = self.seqs.get_mut(&chunk.seq) else {
+                continue;
+            };
+            debug_assert_eq!(seq.num_computed, chunk.start_pos);
+            seq.num_computed = chunk.start_pos + chunk.num_tokens;
+            let full_blocks = seq.num_computed / block_tokens;
+            while seq.num_registered < full_blocks {
+                let b = seq.num_registered;
+                while seq.block_hashes.len() <= b {
+                    let k = seq.block_hashes.len();
+                    let hash = kv.block_hash(
+                        seq.block_hashes.last().copied(),
+                        &seq.tokens[k * block_tokens..(k + 1) * block_tokens],
+                    );
+                    seq.block_hashes.push(hash);
+                }
+                kv.register_full_block(seq.block_hashes[b], seq.blocks[b]);
+                seq.num_registered += 1;
+            }
+            if seq.forks_pending > 0 && seq.num_computed >= seq.prompt_len {
+                let (request_id, n_forks) =
+                    (seq.request_id, std::mem::take(&mut seq.forks_pending));
+                let prompt = seq.tokens[..seq.prompt_len].to_vec();
+                let new: Vec<SeqId> = (1..=n_forks)
+                    .map(|index| self.new_sequence(request_id, index, prompt.clone(), 0, false))
+                    .collect();
+                for (i, &seq) in new.iter().enumerate().rev() {
+                    self.waiting.push_front(seq);
+                    forked.push(Forked {
+                        seq,
+                        request_id,
+                        index: i as u32 + 1,
+                    });
+                }
+            }
+        }
+        forked.sort_by_key(|f| (f.request_id, f.index));
+        for &(id, token) in sampled {
+            if let Some(seq) = self.seqs.get_mut(&id) {
+                seq.tokens.push(token);
+            }
+        }
+        forked
+    }
+
+    /// Removes a finished sequence and releases its blocks.
+    pub fn finish<K: KvPool>(&mut self, seq: SeqId, kv: &mut K) {
+        if let Some(mut s) = self.seqs.remove(&seq) {
+            for b in s.blocks.drain(..) {
+                kv.release(b);
+            }
+            self.running.retain(|&r| r != seq);
+            self.waiting.retain(|&w| w != seq);
+        }
+    }
+
+    /// Removes every sequence of a request (choices not forked yet included) and releases
+    /// their blocks. Returns the removed sequences.
+    pub fn abort<K: KvPool>(&mut self, request_id: u64, kv: &mut K) -> Vec<SeqId> {
+        let mut ids: Vec<SeqId> = self
+            .seqs
+            .iter()
+            .filter(|(_, s)| s.request_id == request_id)
+            .map(|(&id, _)| id)
+            .collect();
+        ids.sort_unstable();
+        for &id in &ids {
+            self.finish(id, kv);
+        }
+        ids
+    }
+
+    /// Retains the cached blocks of the longest known prefix of a waiting sequence; at
+    /// least its last token is left to compute, since its logits are needed. Returns the
+    /// tokens covered.
+    fn attach_cached_prefix<K: KvPool>(&mut self, id: SeqId, kv: &mut K) -> usize {
+        let block_tokens = kv.block_tokens();
+        let seq = self.seqs.get_mut(&id).expect("waiting sequences exist");
+        debug_assert!(seq.blocks.is_empty());
+        let mut blocks = kv.lookup_prefix(&seq.tokens[..seq.tokens.len() - 1]);
+        let max_blocks = (seq.tokens.len() - 1) / block_tokens;
+        while blocks.len() > max_blocks {
+            kv.release(blocks.pop().expect("non-empty"));
+        }
+        seq.num_computed = blocks.len() * block_tokens;
+        seq.num_registered = blocks.len();
+        seq.blocks = blocks;
+        seq.num_computed
+    }
+
+    /// Allocates blocks until positions `..upto` are covered or none is left; returns the
+    /// positions covered.
+    fn grow_blocks<K: KvPool>(&mut self, id: SeqId, upto: usize, kv: &mut K) -> usize {
+        let block_tokens = kv.block_tokens();
+        let seq = self.seqs.get_mut(&id).expect("scheduled sequences exist");
+        while seq.blocks.len() * block_tokens < upto {
+            match kv.allocate() {
+                Some(b) => seq.blocks.push(b),
+                None => break,
+            }
+        }
+        seq.blocks.len() * block_tokens
+    }
+
+    fn release_blocks<K: KvPool>(&mut self, id: SeqId, kv: &mut K) {
+        let seq = self.seqs.get_mut(&id).expect("sequence exists");
+        for b in seq.blocks.drain(..) {
+            kv.release(b);
+        }
+        seq.num_computed = 0;
+        seq.num_registered = 0;
+    }
+
+    /// Sends a running sequence back to the front of the waiting queue, to be recomputed.
+    fn preempt<K: KvPool>(&mut self, id: SeqId, kv: &mut K) {
+        self.release_blocks(id, kv);
+        self.running.retain(|&r| r != id);
+        self.waiting.push_front(id);
+        self.num_preemptions += 1;
+    }
+}
+
+impl KvPool for crate::kv::KvCache {
+    fn block_tokens(&self) -> usize {
+        crate::kv::KvCache::block_tokens(self)
+    }
+    fn num_blocks(&self) -> usize {
+        crate::kv::KvCache::num_blocks(self)
+    }
+    fn num_free_blocks(&self) -> usize {
+        crate::kv::KvCache::num_free_blocks(self)
+    }
+    fn allocate(&mut self) -> Option<u32> {
+        crate::kv::KvCache::allocate(self)
+    }
+    fn retain(&mut self, block: u32) {
+        crate::kv::KvCache::retain(self, block)
+    }
+    fn release(&mut self, block: u32) {
+        crate::kv::KvCache::release(self, block)
+    }
+    fn lookup_prefix(&mut self, tokens: &[u32]) -> Vec<u32> {
+        crate::kv::KvCache::lookup_prefix(self, tokens)
+    }
+    fn register_full_block(&mut self, hash: BlockHash, block: u32) {
+        crate::kv::KvCache::register_full_block(self, hash, block)
+    }
+}

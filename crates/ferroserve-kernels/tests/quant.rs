@@ -1,0 +1,658 @@
+//! GGUF formats and quantised matmul: layouts against ggml-shaped reference loops, round
+//! trips, every kernel on every ISA level against an f64 reference, batch invariance.
+//!
+//! Inputs are fresh each run (seeded from the clock, printed on failure); set
+//! `QUANT_TEST_SEED` to replay one.
+
+use ferroserve_kernels::quant::f16::{f16_to_f32, f32_to_f16};
+use ferroserve_kernels::quant::{
+    dequantize_row, quant_matmul, quant_matmul_prepared, quant_matmul_with_isa, quantize_row,
+    Q8Activations, QuantIsa, QuantType,
+};
+
+struct Rng(u64);
+
+impl Rng {
+    fn new(salt: u64) -> (Rng, u64) {
+        let seed = std::env::var("QUANT_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            });
+        (
+            Rng((seed ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1),
+            seed,
+        )
+    }
+    fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Uniform in [-1, 1).
+    fn f32(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next_u64() as u8).collect()
+    }
+    /// Weights with per-16 magnitude and offset changes, so block scales and minimums vary.
+    fn weights(&mut self, len: usize) -> Vec<f32> {
+        let mut v = Vec::with_capacity(len);
+        while v.len() < len {
+            let mag = 0.05 + 2.0 * self.f32().abs();
+            let offset = 0.5 * self.f32();
+            for _ in 0..16.min(len - v.len()) {
+                v.push((self.f32() + offset) * mag);
+            }
+        }
+        v
+    }
+}
+
+const BLOCK_TYPES: [QuantType; 5] = [
+    QuantType::Q8_0,
+    QuantType::Q4_0,
+    QuantType::Q4_1,
+    QuantType::Q4_K,
+    QuantType::Q6_K,
+];
+
+fn f16_bytes(v: f32) -> [u8; 2] {
+    f32_to_f16(v).to_le_bytes()
+}
+
+// ---------------------------------------------------------------------------------------
+// Layouts: our dequantisers against loops written in the shape of ggml's reference code
+// (ggml/src/ggml-quants.c, dequantize_row_*), on random bytes with finite scales.
+
+#[allow(clippy::needless_range_loop)] // kept in the shape of the C loops it mirrors
+fn ggml_shaped_dequantize(t: QuantType, bytes: &[u8], y: &mut [f32]) {
+    let h = |b: &[u8], at: usize| f16_to_f32(u16::from_le_bytes([b[at], b[at + 1]]));
+    match t {
+        QuantType::Q8_0 => {
+            for (i, x) in bytes.chunks_exact(34).enumerate() {
+                let d = h(x, 0);
+                for j in 0..32 {
+                    y[i * 32 + j] = x[2 + j] as i8 as f32 * d;
+                }
+            }
+        }
+        QuantType::Q4_0 | QuantType::Q4_1 => {
+            let bb = if t == QuantType::Q4_0 { 18 } else { 20 };
+            for (i, x) in bytes.chunks_exact(bb).enumerate() {
+                let d = h(x, 0);
+                let qs = &x[bb - 16..];
+                for j in 0..16 {
+                    let (x0, x1) = ((qs[j] & 0x0f) as i32, (qs[j] >> 4) as i32);
+                    if t == QuantType::Q4_0 {
+                        y[i * 32 + j] = (x0 - 8) as f32 * d;
+                        y[i * 32 + j + 16] = (x1 - 8) as f32 * d;
+                    } else {
+                        let m = h(x, 2);
+                        y[i * 32 + j] = x0 as f32 * d + m;
+                        y[i * 32 + j + 16] = x1 as f32 * d + m;
+                    }
+                }
+            }
+        }
+        QuantType::Q4_K => {
+            let get_scale_min_k4 = |j: usize, q: &[u8]| -> (u8, u8) {
+                if j < 4 {
+                    (q[j] & 63, q[j + 4] & 63)
+                } else {
+                    (
+                        (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+                        (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+                    )
+                }
+            };
+            let mut out = 0;
+            for x in bytes.chunks_exact(144) {
+                let (d, min) = (h(x, 0), h(x, 2));
+                let scales = &x[4..16];
+                let mut q = &x[16..];
+                let mut is = 0;
+                for _ in (0..256).step_by(64) {
+                    let (sc, m) = get_scale_min_k4(is, scales);
+                    let (d1, m1) = (d * sc as f32, min * m as f32);
+                    let (sc, m) = get_scale_min_k4(is + 1, scales);
+                    let (d2, m2) = (d * sc as f32, min * m as f32);
+                    for l in 0..32 {
+                        y[out] = d1 * (q[l] & 0xF) as f32 - m1;
+                        out += 1;
+                    }
+                    for l in 0..32 {
+                        y[out] = d2 * (q[l] >> 4) as f32 - m2;
+                        out += 1;
+                    }
+                    q = &q[32..];
+                    is += 2;
+                }
+            }
+        }
+        QuantType::Q6_K => {
+            for (i, x) in bytes.chunks_exact(210).enumerate() {
+                let d = h(x, 208);
+                let (mut ql, mut qh, mut sc) = (&x[0..128], &x[128..192], &x[192..208]);
+                let mut yo = i * 256;
+                for _ in (0..256).step_by(128) {
+                    for l in 0..32 {
+                        let is = l / 16;
+                        let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
+                        let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                        y[yo + l] = d * (sc[is] as i8) as f32 * q1 as f32;
+                        y[yo + l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
+                        y[yo + l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
+                        y[yo + l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
+                    }
+                    yo += 128;
+                    ql = &ql[64..];
+                    qh = &qh[32..];
+                    sc = &sc[8..];
+                }
+            }
+        }
+        _ => unreachable!(),
+    }
+}
+
+/// Random bytes with the f16 scale fields overwritten by finite values.
+fn random_blocks(t: QuantType, rng: &mut Rng, k: usize) -> Vec<u8> {
+    let mut bytes = rng.bytes(t.row_bytes(k));
+    let bb = t.block_bytes();
+    let scale_offsets: &[usize] = match t {
+        QuantType::Q8_0 | QuantType::Q4_0 => &[0],
+        QuantType::Q4_1 | QuantType::Q4_K => &[0, 2],
+        QuantType::Q6_K => &[208],
+        _ => &[],
+    };
+    for blk in bytes.chunks_exact_mut(bb) {
+        for &at in scale_offsets {
+            blk[at..at + 2].copy_from_slice(&f16_bytes(rng.f32() * 0.1));
+        }
+    }
+    bytes
+}
+
+#[test]
+fn block_sizes_match_ggml() {
+    let sizes = [
+        (QuantType::Q8_0, 32, 34),
+        (QuantType::Q4_0, 32, 18),
+        (QuantType::Q4_1, 32, 20),
+        (QuantType::Q4_K, 256, 144),
+        (QuantType::Q6_K, 256, 210),
+    ];
+    for (t, elems, bytes) in sizes {
+        assert_eq!(
+            (t.block_elems(), t.block_bytes()),
+            (elems, bytes),
+            "{}",
+            t.name()
+        );
+        assert_eq!(t.row_bytes(3 * elems), 3 * bytes);
+    }
+    assert_eq!(QuantType::F16.row_bytes(7), 14);
+    assert_eq!(QuantType::BF16.row_bytes(7), 14);
+    assert_eq!(QuantType::F32.row_bytes(7), 28);
+    for t in QuantType::ALL {
+        assert_eq!(QuantType::from_ggml_type(t.ggml_type()), Some(t));
+    }
+    assert_eq!(QuantType::from_ggml_type(3), Some(QuantType::Q4_1));
+}
+
+#[test]
+fn dequantize_matches_ggml_reference_loops() {
+    let (mut rng, seed) = Rng::new(1);
+    for t in BLOCK_TYPES {
+        let k = 3 * t.block_elems();
+        for _ in 0..20 {
+            let bytes = random_blocks(t, &mut rng, k);
+            let mut ours = vec![f32::NAN; k];
+            let mut theirs = vec![f32::NAN; k];
+            dequantize_row(t, &bytes, &mut ours);
+            ggml_shaped_dequantize(t, &bytes, &mut theirs);
+            for i in 0..k {
+                assert!(
+                    ours[i].to_bits() == theirs[i].to_bits(),
+                    "{} weight {i}: {} vs {} (seed {seed})",
+                    t.name(),
+                    ours[i],
+                    theirs[i]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn hand_made_blocks_decode_as_documented() {
+    // Q4_0, d = 2: byte i holds code i (weight i) and 15 − i (weight 16 + i).
+    let mut b = f16_bytes(2.0).to_vec();
+    b.extend((0..16u8).map(|i| i | ((15 - i) << 4)));
+    let mut y = [0f32; 32];
+    dequantize_row(QuantType::Q4_0, &b, &mut y);
+    for i in 0..16 {
+        assert_eq!(y[i], (i as f32 - 8.0) * 2.0);
+        assert_eq!(y[16 + i], (7.0 - i as f32) * 2.0);
+    }
+    // Q4_1, d = 0.5, m = −1.
+    let mut b = [f16_bytes(0.5), f16_bytes(-1.0)].concat();
+    b.extend((0..16u8).map(|i| i | ((15 - i) << 4)));
+    dequantize_row(QuantType::Q4_1, &b, &mut y);
+    assert_eq!((y[0], y[15], y[16], y[31]), (-1.0, 6.5, 6.5, -1.0));
+    // Q8_0, d = 0.25.
+    let mut b = f16_bytes(0.25).to_vec();
+    b.extend((0..32).map(|i: i32| (i * 8 - 128) as i8 as u8));
+    dequantize_row(QuantType::Q8_0, &b, &mut y);
+    assert_eq!((y[0], y[16], y[31]), (-32.0, 0.0, 30.0));
+    // BF16 and F16 of 1.5.
+    let mut one = [0f32; 1];
+    dequantize_row(QuantType::BF16, &[0xc0, 0x3f], &mut one);
+    assert_eq!(one[0], 1.5);
+    dequantize_row(QuantType::F16, &[0x00, 0x3e], &mut one);
+    assert_eq!(one[0], 1.5);
+}
+
+#[test]
+fn quantize_round_trips_within_half_a_step() {
+    let (mut rng, seed) = Rng::new(2);
+    // Error bound per block as a fraction of the block's max |x| (the code step is
+    // max/127, range/15, … and K formats add the rounding of their 6/8-bit scales).
+    let tolerance = |t: QuantType| match t {
+        QuantType::Q8_0 => 0.5 / 127.0 + 2e-3,
+        // The code range is −8..=7: a value near −max rounds to 8 and clamps to 7.
+        QuantType::Q4_0 => 1.0 / 8.0 + 2e-3,
+        QuantType::Q4_1 => 1.0 / 15.0 + 2e-3,
+        QuantType::Q4_K => 0.1,
+        QuantType::Q6_K => 0.5 / 31.0 + 0.02,
+        QuantType::F16 => 1e-3,
+        QuantType::BF16 => 4e-3,
+        QuantType::F32 => 0.0,
+    };
+    for t in QuantType::ALL {
+        let k = 4 * 256;
+        for _ in 0..10 {
+            let x = rng.weights(k);
+            let mut bytes = vec![0u8; t.row_bytes(k)];
+            quantize_row(t, &x, &mut bytes);
+            let mut y = vec![f32::NAN; k];
+            dequantize_row(t, &bytes, &mut y);
+            let be = t.block_elems().max(32);
+            for (xb, yb) in x.chunks(be).zip(y.chunks(be)) {
+                let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+                for (a, b) in xb.iter().zip(yb) {
+                    let err = (a - b).abs();
+                    let bound = if t == QuantType::F32 {
+                        0.0
+                    } else {
+                        tolerance(t) * amax
+                    };
+                    assert!(
+                        err <= bound,
+                        "{}: {a} → {b}, err {err} > {bound} (seed {seed})",
+                        t.name()
+                    );
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Matmul against f64 references.
+
+struct Case {
+    t: QuantType,
+    m: usize,
+    n: usize,
+    k: usize,
+}
+
+fn random_case(rng: &mut Rng, c: &Case) -> (Vec<u8>, Vec<f32>, Vec<f32>) {
+    let w_f32 = rng.weights(c.n * c.k);
+    let mut w = vec![0u8; c.n * c.t.row_bytes(c.k)];
+    for (row, bytes) in w_f32
+        .chunks_exact(c.k.max(1))
+        .zip(w.chunks_exact_mut(c.t.row_bytes(c.k).max(1)))
+    {
+        quantize_row(c.t, row, bytes);
+    }
+    let mut w_deq = vec![0f32; c.n * c.k];
+    for (bytes, row) in w
+        .chunks_exact(c.t.row_bytes(c.k).max(1))
+        .zip(w_deq.chunks_exact_mut(c.k.max(1)))
+    {
+        dequantize_row(c.t, bytes, row);
+    }
+    // Rows of different magnitudes, one with a large outlier.
+    let mut x: Vec<f32> = (0..c.m * c.k).map(|_| rng.f32()).collect();
+    for (r, row) in x.chunks_exact_mut(c.k.max(1)).enumerate() {
+        let mag = [1.0, 0.01, 30.0][r % 3];
+        row.iter_mut().for_each(|v| *v *= mag);
+        if r % 4 == 1 && !row.is_empty() {
+            row[c.k / 2] = 50.0;
+        }
+    }
+    (w, w_deq, x)
+}
+
+fn dot64(a: &[f32], b: &[f32]) -> (f64, f64) {
+    a.iter().zip(b).fold((0.0, 0.0), |(s, abs), (&p, &q)| {
+        (s + p as f64 * q as f64, abs + (p as f64 * q as f64).abs())
+    })
+}
+
+fn norm(a: &[f32]) -> f64 {
+    a.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt()
+}
+
+/// Checks `quant_matmul_with_isa` on one case against:
+/// (a) the f64 product of the dequantised weights and the *original* activations, within
+///     ‖w‖·‖x − x̂‖ (Cauchy–Schwarz on the activation rounding) plus f32 accumulation;
+/// (b) the f64 product with the activations the kernel actually saw (x̂), within f32
+///     accumulation error only — this catches layout slips the loose bound would not.
+fn check_case(isa: QuantIsa, c: &Case, rng: &mut Rng, seed: u64) {
+    let (w, w_deq, x) = random_case(rng, c);
+    let mut y = vec![f32::NAN; c.m * c.n];
+    quant_matmul_with_isa(isa, c.t, &w, c.n, c.k, &x, c.m, &mut y);
+    let mut x_hat = x.clone();
+    if c.t.is_block_quantised() {
+        let mut acts = Q8Activations::new();
+        acts.quantize(&x, c.m, c.k);
+        for r in 0..c.m {
+            acts.dequantize_row(r, &mut x_hat[r * c.k..(r + 1) * c.k]);
+        }
+    }
+    let ctx = |r: usize, j: usize| {
+        format!(
+            "{} {:?} m={} n={} k={} at [{r}, {j}] (seed {seed})",
+            c.t.name(),
+            isa,
+            c.m,
+            c.n,
+            c.k
+        )
+    };
+    for r in 0..c.m {
+        let xr = &x[r * c.k..(r + 1) * c.k];
+        let xhr = &x_hat[r * c.k..(r + 1) * c.k];
+        let x_err: Vec<f32> = xr.iter().zip(xhr).map(|(a, b)| a - b).collect();
+        for j in 0..c.n {
+            let got = y[r * c.n + j];
+            assert!(got.is_finite(), "{}: got {got}", ctx(r, j));
+            let wj = &w_deq[j * c.k..(j + 1) * c.k];
+            let (exact, _) = dot64(wj, xr);
+            let (seen, seen_abs) = dot64(wj, xhr);
+            // The 32-block kernels may split a weight into d·u + m (Q4_1 and Q4_K are stored
+            // so; the AVX-512 kernels treat Q8_0 and Q4_0 so too) and sum d·u·x̂ and m·Σx̂
+            // apart; those terms can exceed the result and cancel, so their rounding counts.
+            let affine = matches!(
+                c.t,
+                QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q4_K
+            );
+            let w_max = wj.iter().fold(0f64, |a, &v| a.max(v.abs() as f64));
+            let x_abs: f64 = xhr.iter().map(|&v| v.abs() as f64).sum();
+            let fp = 4e-5 * (seen_abs + if affine { 2.0 * w_max * x_abs } else { 0.0 }) + 1e-30;
+            let bound_a = norm(wj) * norm(&x_err) * 1.0001 + fp;
+            let err_a = (got as f64 - exact).abs();
+            assert!(
+                err_a <= bound_a,
+                "{}: got {got}, exact {exact}, err {err_a:e} > {bound_a:e}",
+                ctx(r, j)
+            );
+            let err_b = (got as f64 - seen).abs();
+            assert!(
+                err_b <= fp,
+                "{}: got {got}, with x̂ {seen}, err {err_b:e} > {fp:e}",
+                ctx(r, j)
+            );
+        }
+    }
+}
+
+#[test]
+fn matmul_matches_f64_reference_on_every_isa() {
+    let (mut rng, seed) = Rng::new(3);
+    for isa in QuantIsa::available() {
+        for t in QuantType::ALL {
+            let be = t.block_elems().max(32);
+            // One block, an odd number of blocks (pairing tail), and a longer row.
+            for k in [be, 3 * be, if be == 256 { 1536 } else { 576 }] {
+                for m in [1, 3, 17] {
+                    for n in [1, 7, 64, 129] {
+                        check_case(isa, &Case { t, m, n, k }, &mut rng, seed);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn float_weights_take_unaligned_k() {
+    let (mut rng, seed) = Rng::new(4);
+    for isa in QuantIsa::available() {
+        for t in [QuantType::F32, QuantType::F16, QuantType::BF16] {
+            for k in [1, 15, 17, 33, 100] {
+                check_case(isa, &Case { t, m: 5, n: 9, k }, &mut rng, seed);
+            }
+        }
+    }
+}
+
+#[test]
+fn empty_shapes() {
+    for t in QuantType::ALL {
+        let mut y = vec![f32::NAN; 6];
+        quant_matmul(t, &[], 3, 0, &[], 2, &mut y);
+        assert!(
+            y.iter().all(|&v| v == 0.0),
+            "{}: k = 0 gives zeros",
+            t.name()
+        );
+        let mut none: [f32; 0] = [];
+        quant_matmul(
+            t,
+            &vec![0u8; 3 * t.row_bytes(256)],
+            3,
+            256,
+            &[],
+            0,
+            &mut none,
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Batch invariance: a row's output bits do not depend on the batch or the thread split.
+
+fn run(isa: QuantIsa, t: QuantType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
+    let mut y = vec![f32::NAN; m * n];
+    quant_matmul_with_isa(isa, t, w, n, k, x, m, &mut y);
+    y
+}
+
+#[test]
+fn rows_are_bitwise_identical_alone_or_in_any_batch() {
+    let (mut rng, seed) = Rng::new(5);
+    let one_thread = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    let three_threads = rayon::ThreadPoolBuilder::new()
+        .num_threads(3)
+        .build()
+        .unwrap();
+    for isa in QuantIsa::available() {
+        for t in QuantType::ALL {
+            let (n, k) = (129, if t.block_elems() == 256 { 768 } else { 544 });
+            let c = Case { t, m: 16, n, k };
+            let (w, _, pool) = random_case(&mut rng, &c);
+            let row = |i: usize| &pool[i * k..(i + 1) * k];
+            for r in [0, 5, 15] {
+                let alone = run(isa, t, &w, n, k, row(r), 1);
+                let alone_1t = one_thread.install(|| run(isa, t, &w, n, k, row(r), 1));
+                let alone_3t = three_threads.install(|| run(isa, t, &w, n, k, row(r), 1));
+                let same = |other: &[f32], what: &str| {
+                    for j in 0..n {
+                        assert!(
+                            alone[j].to_bits() == other[j].to_bits(),
+                            "{} {isa:?}: row {r} col {j}: alone {} vs {what} {} (seed {seed})",
+                            t.name(),
+                            alone[j],
+                            other[j]
+                        );
+                    }
+                };
+                same(&alone_1t, "one thread");
+                same(&alone_3t, "three threads");
+                for m in [2, 5, 16] {
+                    for pos in [0, m / 2, m - 1] {
+                        // Batch of m rows with row r at `pos`, other rows from elsewhere.
+                        let mut x = Vec::with_capacity(m * k);
+                        for i in 0..m {
+                            x.extend_from_slice(if i == pos {
+                                row(r)
+                            } else {
+                                row((r + 3 * i + 1) % 16)
+                            });
+                        }
+                        let y = run(isa, t, &w, n, k, &x, m);
+                        same(
+                            &y[pos * n..(pos + 1) * n],
+                            &format!("batch of {m} at {pos}"),
+                        );
+                        let y1 = one_thread.install(|| run(isa, t, &w, n, k, &x, m));
+                        same(
+                            &y1[pos * n..(pos + 1) * n],
+                            &format!("batch of {m} at {pos}, one thread"),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn prepared_activations_give_the_same_bits() {
+    let (mut rng, _) = Rng::new(6);
+    let isa = QuantIsa::selected();
+    for t in BLOCK_TYPES {
+        let c = Case {
+            t,
+            m: 6,
+            n: 33,
+            k: 512,
+        };
+        let (w, _, x) = random_case(&mut rng, &c);
+        let direct = run(isa, t, &w, c.n, c.k, &x, c.m);
+        let mut acts = Q8Activations::new();
+        acts.quantize(&x, c.m, c.k);
+        let mut y = vec![f32::NAN; c.m * c.n];
+        quant_matmul_prepared(isa, t, &w, c.n, &acts, &mut y);
+        assert!(
+            direct
+                .iter()
+                .zip(&y)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{}",
+            t.name()
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// NaN never passes.
+
+#[test]
+fn nan_and_inf_propagate() {
+    let (mut rng, _) = Rng::new(7);
+    for isa in QuantIsa::available() {
+        for t in QuantType::ALL {
+            let (m, n, k) = (3, 5, 256);
+            let c = Case { t, m, n, k };
+            let (w, _, mut x) = random_case(&mut rng, &c);
+            x[k + 7] = f32::NAN; // row 1
+            x[2 * k + 100] = f32::INFINITY; // row 2
+            let y = run(isa, t, &w, n, k, &x, m);
+            for j in 0..n {
+                assert!(
+                    y[j].is_finite(),
+                    "{} {isa:?}: clean row 0 col {j}",
+                    t.name()
+                );
+                assert!(
+                    y[n + j].is_nan(),
+                    "{} {isa:?}: NaN row col {j} gave {}",
+                    t.name(),
+                    y[n + j]
+                );
+                assert!(
+                    !y[2 * n + j].is_finite(),
+                    "{} {isa:?}: inf row col {j} gave {}",
+                    t.name(),
+                    y[2 * n + j]
+                );
+            }
+            // A NaN weight scale poisons its column only.
+            let mut w = w.clone();
+            let row_bytes = t.row_bytes(k);
+            let at = match t {
+                QuantType::Q6_K => 208,
+                _ => 0,
+            };
+            if t == QuantType::F32 {
+                w[2 * row_bytes..2 * row_bytes + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+            } else if t == QuantType::BF16 {
+                w[2 * row_bytes..2 * row_bytes + 2].copy_from_slice(&[0xc0, 0x7f]);
+            } else {
+                w[2 * row_bytes + at..2 * row_bytes + at + 2].copy_from_slice(&f16_bytes(f32::NAN));
+            }
+            let y = run(isa, t, &w, n, k, &x[..k], 1);
+            for (j, v) in y.iter().enumerate() {
+                assert_eq!(
+                    v.is_nan(),
+                    j == 2,
+                    "{} {isa:?}: NaN weight, col {j} gave {v}",
+                    t.name()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn calls_from_inside_rayon_tasks_agree_with_direct_calls() {
+    // The per-thread activation scratch must cope with a thread re-entering while it waits.
+    use rayon::prelude::*;
+    let (mut rng, _) = Rng::new(8);
+    let t = QuantType::Q4_1;
+    let c = Case {
+        t,
+        m: 3,
+        n: 300,
+        k: 576,
+    };
+    let (w, _, x) = random_case(&mut rng, &c);
+    let direct = run(QuantIsa::selected(), t, &w, c.n, c.k, &x, c.m);
+    let nested: Vec<Vec<f32>> = (0..16)
+        .into_par_iter()
+        .map(|_| run(QuantIsa::selected(), t, &w, c.n, c.k, &x, c.m))
+        .collect();
+    for y in nested {
+        assert!(y
+            .iter()
+            .zip(&direct)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+}

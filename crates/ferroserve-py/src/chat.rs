@@ -1,0 +1,200 @@
+//! `ChatEngine`: submit / abort / fd / drain over `ferroserve_core::engine::ChatEngine`,
+//! plus the tokenizer helpers the HTTP layer needs.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use ferroserve_core::engine::{ChatEngine, ChatEvent, EngineConfig, TokenLogprob};
+use ferroserve_core::sample::SamplingParams;
+use ferroserve_core::tokenize::chat_template::{ChatMessage, ContentPart, MessageContent};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+
+use crate::errors::{detach, kind_name};
+
+#[pyclass(name = "ChatEngine", module = "ferroserve._core", frozen)]
+pub struct PyChatEngine {
+    inner: ChatEngine,
+}
+
+/// A message from Python: `(role, text)` or `(role, [(part_type, text), ...])`.
+#[derive(FromPyObject)]
+pub enum PyContent {
+    Text(String),
+    Parts(Vec<(String, String)>),
+}
+
+fn to_messages(messages: Vec<(String, PyContent)>) -> Vec<ChatMessage> {
+    messages
+        .into_iter()
+        .map(|(role, content)| ChatMessage {
+            role,
+            content: match content {
+                PyContent::Text(t) => MessageContent::Text(t),
+                PyContent::Parts(parts) => MessageContent::Parts(
+                    parts
+                        .into_iter()
+                        .map(|(kind, text)| if kind == "text" { ContentPart::Text(text) } else { ContentPart::Other { kind } })
+                        .collect(),
+                ),
+            },
+        })
+        .collect()
+}
+
+fn logprob_tuple<'py>(py: Python<'py>, lp: &TokenLogprob) -> PyResult<Bound<'py, PyTuple>> {
+    let top: Vec<Bound<'py, PyTuple>> = lp
+        .top
+        .iter()
+        .map(|t| (t.token_id, PyBytes::new(py, &t.bytes), t.logprob).into_pyobject(py))
+        .collect::<PyResult<_>>()?;
+    (lp.token_id, PyBytes::new(py, &lp.bytes), lp.logprob, top).into_pyobject(py)
+}
+
+#[pymethods]
+impl PyChatEngine {
+    /// Loads a GGUF llama-family model and starts its engine thread.
+    #[new]
+    #[pyo3(signature = (path, kv_budget_bytes = 512 << 20, max_batch_tokens = 512, max_running = 64))]
+    fn new(py: Python<'_>, path: PathBuf, kv_budget_bytes: usize, max_batch_tokens: usize, max_running: usize) -> PyResult<Self> {
+        let cfg = EngineConfig { kv_budget_bytes, max_batch_tokens, max_running };
+        let inner = detach(py, move || ChatEngine::load(&path, cfg))?;
+        Ok(Self { inner })
+    }
+
+    /// Queues a generation; returns `(prompt_tokens, max_tokens)`. Invalid parameters
+    /// raise `InvalidRequest` (message starts with the parameter name); events arrive
+    /// through `drain()`.
+    #[pyo3(signature = (request_id, prompt_tokens, *, n = 1, max_tokens = None, temperature = 1.0, top_p = 1.0,
+        top_k = 0, min_p = 0.0, seed = None, presence_penalty = 0.0, frequency_penalty = 0.0,
+        logit_bias = None, stop = None, ignore_eos = false, logprobs = false, top_logprobs = 0))]
+    #[allow(clippy::too_many_arguments)]
+    fn submit(
+        &self,
+        py: Python<'_>,
+        request_id: u64,
+        prompt_tokens: Vec<u32>,
+        n: usize,
+        max_tokens: Option<usize>,
+        temperature: f32,
+        top_p: f32,
+        top_k: usize,
+        min_p: f32,
+        seed: Option<u64>,
+        presence_penalty: f32,
+        frequency_penalty: f32,
+        logit_bias: Option<BTreeMap<u32, f32>>,
+        stop: Option<Vec<String>>,
+        ignore_eos: bool,
+        logprobs: bool,
+        top_logprobs: usize,
+    ) -> PyResult<(usize, usize)> {
+        let params = SamplingParams {
+            n,
+            max_tokens,
+            temperature,
+            top_p,
+            top_k,
+            min_p,
+            seed,
+            presence_penalty,
+            frequency_penalty,
+            logit_bias: logit_bias.unwrap_or_default(),
+            stop: stop.unwrap_or_default(),
+            ignore_eos,
+            logprobs,
+            top_logprobs,
+        };
+        let info = detach(py, || self.inner.submit(request_id, prompt_tokens, params))?;
+        Ok((info.prompt_tokens, info.max_tokens))
+    }
+
+    /// Drops the request at the engine's next step (its KV blocks are freed).
+    fn abort(&self, request_id: u64) {
+        self.inner.abort(request_id);
+    }
+
+    fn fd(&self) -> i32 {
+        self.inner.notifier().fd()
+    }
+
+    /// Every event since the last call, built under one GIL hold:
+    /// `("a", id, prompt_tokens, cached_tokens)`,
+    /// `("d", id, index, text, token_ids, logprobs | None)` with logprobs a list of
+    /// `(token_id, bytes, logprob, [(token_id, bytes, logprob), ...])`,
+    /// `("f", id, index, finish_reason, prompt_tokens, completion_tokens, cached_tokens)`,
+    /// `("e", id, error_kind, message)`.
+    fn drain<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let out = PyList::empty(py);
+        for ev in self.inner.notifier().drain() {
+            let item = match ev {
+                ChatEvent::Admitted { request_id, prompt_tokens, cached_tokens } => ("a", request_id, prompt_tokens, cached_tokens).into_pyobject(py)?,
+                ChatEvent::Delta { request_id, index, text, token_ids, logprobs } => {
+                    let lps = if logprobs.is_empty() {
+                        py.None()
+                    } else {
+                        let items: Vec<Bound<'py, PyTuple>> = logprobs.iter().map(|lp| logprob_tuple(py, lp)).collect::<PyResult<_>>()?;
+                        PyList::new(py, items)?.into_any().unbind()
+                    };
+                    ("d", request_id, index, text, token_ids, lps).into_pyobject(py)?
+                }
+                ChatEvent::Finished { request_id, index, finish_reason, usage } => {
+                    ("f", request_id, index, finish_reason.as_str(), usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens).into_pyobject(py)?
+                }
+                ChatEvent::Error { request_id, kind, message } => ("e", request_id, kind_name(kind), message).into_pyobject(py)?,
+            };
+            out.append(item)?;
+        }
+        Ok(out)
+    }
+
+    /// Messages `[(role, text | [(type, text), ...])]` rendered with the chat template
+    /// and tokenized (BOS added if the model wants it).
+    #[pyo3(signature = (messages, add_generation_prompt = true))]
+    fn encode_chat(&self, py: Python<'_>, messages: Vec<(String, PyContent)>, add_generation_prompt: bool) -> PyResult<Vec<u32>> {
+        let messages = to_messages(messages);
+        detach(py, || self.inner.encode_chat(&messages, add_generation_prompt))
+    }
+
+    #[pyo3(signature = (text, add_special = true, parse_special = true))]
+    fn encode(&self, py: Python<'_>, text: String, add_special: bool, parse_special: bool) -> PyResult<Vec<u32>> {
+        detach(py, || self.inner.encode(&text, add_special, parse_special))
+    }
+
+    #[pyo3(signature = (ids, skip_special_tokens = false))]
+    fn decode(&self, py: Python<'_>, ids: Vec<u32>, skip_special_tokens: bool) -> PyResult<String> {
+        detach(py, || self.inner.decode(&ids, skip_special_tokens))
+    }
+
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.inner.stats();
+        let d = PyDict::new(py);
+        d.set_item("running_sequences", s.running_sequences)?;
+        d.set_item("waiting_sequences", s.waiting_sequences)?;
+        d.set_item("kv_blocks_total", s.kv_blocks_total)?;
+        d.set_item("kv_blocks_free", s.kv_blocks_free)?;
+        d.set_item("kv_usage", s.kv_usage())?;
+        d.set_item("steps", s.steps)?;
+        d.set_item("preemptions", s.preemptions)?;
+        d.set_item("computed_tokens", s.computed_tokens)?;
+        d.set_item("generated_tokens", s.generated_tokens)?;
+        d.set_item("cached_prompt_tokens", s.cached_prompt_tokens)?;
+        d.set_item("finished_requests", s.finished_requests)?;
+        Ok(d)
+    }
+
+    #[getter]
+    fn alive(&self) -> bool {
+        self.inner.is_alive()
+    }
+
+    #[getter]
+    fn context_length(&self) -> usize {
+        self.inner.context_length()
+    }
+
+    #[getter]
+    fn vocab_size(&self) -> usize {
+        self.inner.vocab_size()
+    }
+}
