@@ -43,6 +43,7 @@ class ChatEngine:
         kv_budget_bytes: int = ...,  # 512 MiB
         max_batch_tokens: int = 512,
         max_running: int = 64,
+        chat_template: str | None = None,
     ) -> ChatEngine: ...
     def submit(
         self,

@@ -19,6 +19,7 @@ def _serve(args: argparse.Namespace) -> int:
             log_level=args.log_level,
             max_body_bytes=args.max_body_bytes,
             max_inputs=args.max_inputs,
+            chat_template_file=args.chat_template,
         )
     except ConfigError as exc:
         print(f"ferroserve: error: {exc}", file=sys.stderr)
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="env FERROSERVE_LOG_LEVEL")
     serve.add_argument("--max-body-bytes", type=int, help="largest accepted request body (default 16 MiB)")
     serve.add_argument("--max-inputs", type=int, help="most inputs in one embeddings request (default 2048)")
+    serve.add_argument("--chat-template", metavar="FILE", help="Jinja chat template replacing the GGUF's own (env FERROSERVE_CHAT_TEMPLATE)")
     serve.set_defaults(func=_serve)
 
     models = sub.add_parser("models", help="list the models `serve` would load")

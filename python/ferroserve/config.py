@@ -35,6 +35,8 @@ class Settings(msgspec.Struct):
     kv_budget_bytes: int = 512 * 1024 * 1024  # fits the default model's full 8,192-token context
     max_batch_tokens: int = 512
     max_running: int = 64
+    # A Jinja chat template replacing the GGUF's own, for every chat model.
+    chat_template: str | None = None
 
     def to_json(self) -> str:
         return msgspec.json.encode(self).decode()
@@ -108,6 +110,7 @@ def resolve(
     log_level: str | None = None,
     max_body_bytes: int | None = None,
     max_inputs: int | None = None,
+    chat_template_file: str | None = None,
 ) -> Settings:
     """Flags (non-None arguments) over environment over defaults."""
     s = Settings()
@@ -124,6 +127,12 @@ def resolve(
         s.max_running = int(_env("MAX_RUNNING") or s.max_running)
     except ValueError as exc:
         raise ConfigError(f"invalid numeric setting: {exc}") from None
+    template_file = chat_template_file or _env("CHAT_TEMPLATE")
+    if template_file:
+        try:
+            s.chat_template = Path(template_file).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the chat template {template_file}: {exc}") from None
     if not model_args and _env("MODELS"):
         model_args = [m.strip() for m in _env("MODELS").split(",") if m.strip()]
     s.models = [parse_model_arg(a) for a in model_args] if model_args else default_models()

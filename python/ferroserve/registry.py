@@ -52,6 +52,7 @@ class Registry:
                 kv_budget_bytes=settings.kv_budget_bytes,
                 max_batch_tokens=settings.max_batch_tokens,
                 max_running=settings.max_running,
+                chat_template=settings.chat_template,
                 created=created,
             )
             loaded = LoadedModel(

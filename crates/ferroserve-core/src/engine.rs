@@ -273,7 +273,19 @@ impl StepModel for LlamaModel {
 impl ChatEngine {
     /// Loads a llama-family GGUF model and starts its engine thread.
     pub fn load(path: &std::path::Path, cfg: EngineConfig) -> Result<Self> {
-        Self::start(LlamaModel::load(path)?, cfg)
+        Self::load_with_template(path, cfg, None)
+    }
+
+    /// Like [`load`](Self::load), with a chat template replacing the GGUF's own (compiled
+    /// now, so a broken override fails at start-up).
+    pub fn load_with_template(path: &std::path::Path, cfg: EngineConfig, chat_template: Option<&str>) -> Result<Self> {
+        let mut model = LlamaModel::load(path)?;
+        if let Some(source) = chat_template {
+            let gguf = crate::weights::gguf::GgufFile::open(path).map_err(|e| Error::model_load(path, e))?;
+            let template = ChatTemplate::from_gguf(&gguf, Some(source)).map_err(|e| Error::model_load(path, format!("chat template: {e}")))?;
+            model.chat_template = Some(template);
+        }
+        Self::start(model, cfg)
     }
 
     /// Starts the engine thread around a loaded model.

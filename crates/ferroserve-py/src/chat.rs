@@ -55,10 +55,17 @@ fn logprob_tuple<'py>(py: Python<'py>, lp: &TokenLogprob) -> PyResult<Bound<'py,
 impl PyChatEngine {
     /// Loads a GGUF llama-family model and starts its engine thread.
     #[new]
-    #[pyo3(signature = (path, kv_budget_bytes = 512 << 20, max_batch_tokens = 512, max_running = 64))]
-    fn new(py: Python<'_>, path: PathBuf, kv_budget_bytes: usize, max_batch_tokens: usize, max_running: usize) -> PyResult<Self> {
+    #[pyo3(signature = (path, kv_budget_bytes = 512 << 20, max_batch_tokens = 512, max_running = 64, chat_template = None))]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        kv_budget_bytes: usize,
+        max_batch_tokens: usize,
+        max_running: usize,
+        chat_template: Option<String>,
+    ) -> PyResult<Self> {
         let cfg = EngineConfig { kv_budget_bytes, max_batch_tokens, max_running };
-        let inner = detach(py, move || ChatEngine::load(&path, cfg))?;
+        let inner = detach(py, move || ChatEngine::load_with_template(&path, cfg, chat_template.as_deref()))?;
         Ok(Self { inner })
     }
 

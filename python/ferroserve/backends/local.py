@@ -130,8 +130,14 @@ class LocalChatModel:
     _loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
-    def load(cls, name: str, path: str, *, kv_budget_bytes: int, max_batch_tokens: int, max_running: int, created: int) -> LocalChatModel:
-        engine = _core.ChatEngine(path, kv_budget_bytes=kv_budget_bytes, max_batch_tokens=max_batch_tokens, max_running=max_running)
+    def load(
+        cls, name: str, path: str, *, kv_budget_bytes: int, max_batch_tokens: int, max_running: int,
+        chat_template: str | None, created: int,
+    ) -> LocalChatModel:
+        engine = _core.ChatEngine(
+            path, kv_budget_bytes=kv_budget_bytes, max_batch_tokens=max_batch_tokens,
+            max_running=max_running, chat_template=chat_template,
+        )
         return cls(name=name, path=path, engine=engine, created=created)
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:

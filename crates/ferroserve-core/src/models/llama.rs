@@ -299,9 +299,11 @@ impl LlamaModel {
             // Attention block.
             llama_ops::rms_norm(self.isa, &x, dim, &layer.attn_norm, eps, &mut h);
             let input = self.prepare(&mut acts, &h, rows);
-            self.matmul(&layer.wq, &input, &mut q);
-            self.matmul(&layer.wk, &input, &mut k);
-            self.matmul(&layer.wv, &input, &mut v);
+            // Side by side: K and V are too small to split well on their own.
+            rayon::join(
+                || self.matmul(&layer.wq, &input, &mut q),
+                || rayon::join(|| self.matmul(&layer.wk, &input, &mut k), || self.matmul(&layer.wv, &input, &mut v)),
+            );
             llama_ops::rope_pairs(&mut q, heads, head_dim, rope_dims, &cos_sin);
             llama_ops::rope_pairs(&mut k, kv_heads, head_dim, rope_dims, &cos_sin);
             {
@@ -329,8 +331,7 @@ impl LlamaModel {
             // Feed-forward block.
             llama_ops::rms_norm(self.isa, &x, dim, &layer.ffn_norm, eps, &mut h);
             let input = self.prepare(&mut acts, &h, rows);
-            self.matmul(&layer.w_gate, &input, &mut gate);
-            self.matmul(&layer.w_up, &input, &mut up);
+            rayon::join(|| self.matmul(&layer.w_gate, &input, &mut gate), || self.matmul(&layer.w_up, &input, &mut up));
             llama_ops::silu_mul(self.isa, &mut gate, &up);
             let input = self.prepare(&mut acts, &gate, rows);
             self.matmul(&layer.w_down, &input, &mut proj);
