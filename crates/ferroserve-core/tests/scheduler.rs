@@ -1171,7 +1171,8 @@ fn smollm2_concurrent_greedy_requests_match_solo_runs_bitwise() {
     // Again through a cache of 7 blocks (112 tokens: one request at a time fits, barely
     // two): constant preemption and recomputation from the prefix cache, same bits.
     drop(engine);
-    let block_bytes = 16 * 30 * 3 * 64 * 2 * 4; // SmolLM2-135M: 30 layers, 3 KV heads of 64
+    // SmolLM2-135M: 30 layers, 3 KV heads of 64; the cache decides its element size.
+    let block_bytes = ferroserve_core::kv::KvCache::block_bytes(16, 30, 3, 64);
     let tight = ChatEngine::load(
         &path,
         EngineConfig {
