@@ -299,11 +299,9 @@ impl LlamaModel {
             // Attention block.
             llama_ops::rms_norm(self.isa, &x, dim, &layer.attn_norm, eps, &mut h);
             let input = self.prepare(&mut acts, &h, rows);
-            // Side by side: K and V are too small to split well on their own.
-            rayon::join(
-                || self.matmul(&layer.wq, &input, &mut q),
-                || rayon::join(|| self.matmul(&layer.wk, &input, &mut k), || self.matmul(&layer.wv, &input, &mut v)),
-            );
+            self.matmul(&layer.wq, &input, &mut q);
+            self.matmul(&layer.wk, &input, &mut k);
+            self.matmul(&layer.wv, &input, &mut v);
             llama_ops::rope_pairs(&mut q, heads, head_dim, rope_dims, &cos_sin);
             llama_ops::rope_pairs(&mut k, kv_heads, head_dim, rope_dims, &cos_sin);
             {
@@ -331,7 +329,8 @@ impl LlamaModel {
             // Feed-forward block.
             llama_ops::rms_norm(self.isa, &x, dim, &layer.ffn_norm, eps, &mut h);
             let input = self.prepare(&mut acts, &h, rows);
-            rayon::join(|| self.matmul(&layer.w_gate, &input, &mut gate), || self.matmul(&layer.w_up, &input, &mut up));
+            self.matmul(&layer.w_gate, &input, &mut gate);
+            self.matmul(&layer.w_up, &input, &mut up);
             llama_ops::silu_mul(self.isa, &mut gate, &up);
             let input = self.prepare(&mut acts, &gate, rows);
             self.matmul(&layer.w_down, &input, &mut proj);
