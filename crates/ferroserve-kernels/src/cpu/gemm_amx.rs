@@ -166,7 +166,10 @@ pub fn linear(x: &[f32], rows: usize, w: &PackedLinear, act: Activation, out: &m
         for rb in g * blocks_per_task..((g + 1) * blocks_per_task).min(row_blocks) {
             let r0 = rb * BLOCK_ROWS;
             // SAFETY: `a` holds BLOCK_ROWS-padded rows of k2 pairs; `panel` k2 × NR pairs.
-            unsafe { x86::block_32x32(a.as_ptr().add(r0 * k2), k2, panel.as_ptr(), tile.as_mut_ptr()) };
+            // A block with at most 16 live rows (a short request) needs one A tile and two
+            // tile products per k-step instead of two and four.
+            let live_rows = BLOCK_ROWS.min(rows - r0);
+            unsafe { x86::block_32x32(a.as_ptr().add(r0 * k2), k2, panel.as_ptr(), tile.as_mut_ptr(), live_rows > TILE_ROWS) };
             let valid_rows = BLOCK_ROWS.min(rows - r0);
             let live = &mut tile[..valid_rows * NR];
             // Bias and activation over the whole contiguous tile in one vectorised pass.
@@ -238,7 +241,10 @@ mod x86 {
     /// # Safety
     /// `a`: 32 rows of `k2` u32 pairs; `b`: `k2` rows of NR u32 pairs; `c`: 32×32 f32;
     /// tiles configured on this thread; `k2` a multiple of 16.
-    pub unsafe fn block_32x32(a: *const u32, k2: usize, b: *const u32, c: *mut f32) {
+    pub unsafe fn block_32x32(a: *const u32, k2: usize, b: *const u32, c: *mut f32, both_halves: bool) {
+        if !both_halves {
+            return block_16x32(a, k2, b, c);
+        }
         let a_stride = k2 * 4;
         let b_stride = NR * 4;
         asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
@@ -282,11 +288,74 @@ mod x86 {
             options(nostack)
         );
     }
+
+    /// C[16×32] = A[16 rows × 2·k2] · B-panel; rows 16..32 of `c` are left untouched.
+    ///
+    /// # Safety
+    /// As `block_32x32`.
+    unsafe fn block_16x32(a: *const u32, k2: usize, b: *const u32, c: *mut f32) {
+        let a_stride = k2 * 4;
+        let b_stride = NR * 4;
+        asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
+        let mut q = 0;
+        while q < k2 {
+            let a0 = a.add(q);
+            let b0 = b.add(q * NR);
+            let b1 = b.add(q * NR + 16);
+            if q + 16 < k2 {
+                let next = b.add((q + 16) * NR) as *const i8;
+                for line in 0..32 {
+                    _mm_prefetch::<_MM_HINT_T0>(next.add(64 * line));
+                }
+            }
+            asm!(
+                "tileloadd tmm4, [{a0} + {sa}*1]",
+                "tileloadd tmm6, [{b0} + {sb}*1]",
+                "tileloadd tmm7, [{b1} + {sb}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                a0 = in(reg) a0, b0 = in(reg) b0, b1 = in(reg) b1,
+                sa = in(reg) a_stride, sb = in(reg) b_stride,
+                options(nostack, readonly)
+            );
+            q += TILE_K / 2;
+        }
+        let cs = NR * 4;
+        asm!(
+            "tilestored [{c0} + {cs}*1], tmm0",
+            "tilestored [{c1} + {cs}*1], tmm1",
+            c0 = in(reg) c, c1 = in(reg) c.add(16),
+            cs = in(reg) cs,
+            options(nostack)
+        );
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{CpuDevice, Device, Isa as CpuIsa};
+
+    /// Short batches (≤ 16 rows) take the one-A-tile path: rows must equal those of the
+    /// same inputs computed inside a larger batch (batch invariance across both paths).
+    #[test]
+    fn short_and_long_blocks_agree() {
+        let dev = CpuDevice::with_isa(CpuIsa::Amx);
+        if dev.isa() != CpuIsa::Amx {
+            return; // no AMX here; the f32 paths are covered in gemm.rs
+        }
+        let (n, k) = (70, 96);
+        let w: Vec<f32> = (0..n * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+        let x: Vec<f32> = (0..40 * k).map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0).collect();
+        let packed = dev.pack_linear(&w, n, k, None);
+        let mut all = vec![f32::NAN; 40 * n];
+        dev.linear(&x, 40, &packed, Activation::None, &mut all);
+        for rows in [1usize, 5, 16] {
+            let mut some = vec![f32::NAN; rows * n];
+            dev.linear(&x[..rows * k], rows, &packed, Activation::None, &mut some);
+            assert_eq!(some, all[..rows * n], "rows={rows}");
+        }
+    }
 
     #[test]
     fn bf16_rounding() {
