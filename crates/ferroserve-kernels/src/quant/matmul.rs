@@ -7,7 +7,7 @@
 //! a seeded request to give the same tokens alone or in company.
 //!
 //! How (the strategy of llama.cpp's CPU backend): the activation rows are quantised once per
-//! call to 8-bit blocks of 32 with an f32 scale ([`Q8Activations`]); each weight block is
+//! call to 8-bit blocks of 32 with an f16-rounded scale ([`Q8Activations`]); each weight block is
 //! then multiplied with integer dot products (AVX-512 VNNI `vpdpbusd`, AVX2
 //! `vpmaddubsw`, or scalar) and the block's `d_w·d_x` scale is applied in f32. The weights
 //! are read in place, once per call: a kernel takes a tile of weight rows × activation rows

@@ -2,7 +2,7 @@
 //! weight = q·d.
 //!
 //! Also home of [`Q8Activations`], the 8-bit form every block kernel multiplies against
-//! (the same idea with an f32 scale, as ggml's q8_0/q8_1 activation blocks).
+//! (ggml's q8_0/q8_1 activation blocks: the scale `d` rounded to f16, kept as f32).
 //!
 //! The kernels below are hand-written: no library multiplies these blocks in place with a
 //! reduction order fixed per output element (see `matmul.rs` for the strategy and why).
@@ -43,8 +43,9 @@ pub fn quantize_row(x: &[f32], out: &mut [u8]) {
 }
 
 /// Activation rows quantised to 8 bits in blocks of 32: `q = round(x / d)` with
-/// `d = max|x| / 127`, so |q| ≤ 127 (the kernels' saturation bounds rely on it). Each block
-/// also keeps `d·Σq`, the activation sum that weights of the form `d·q + m` need for their
+/// `d = max|x| / 127`, so |q| ≤ 127 (the kernels' saturation bounds rely on it); the stored
+/// `d` is then rounded to f16 as ggml does (see [`block_scales`]). Each block also keeps
+/// `d·Σq`, the activation sum that weights of the form `d·q + m` need for their
 /// `m` term (Q4_1 and Q4_K; on AVX-512 also Q4_0 and Q8_0, see `matmul::x86::avx512`).
 /// A block holding NaN or ±inf gets `d = NaN`, so the outputs it feeds are NaN.
 #[derive(Debug, Default, Clone)]
@@ -166,7 +167,6 @@ fn quantize_block(x: &[f32], q: &mut [i8]) -> [f32; 2] {
         q.fill(0);
         return [f32::NAN; 2];
     }
-    let d = amax / 127.0;
     let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
     let mut sum = 0i32;
     for (qi, v) in q.iter_mut().zip(x) {
@@ -174,6 +174,21 @@ fn quantize_block(x: &[f32], q: &mut [i8]) -> [f32; 2] {
         *qi = round_half_even(v * inv).clamp(-127.0, 127.0) as i8;
         sum += *qi as i32;
     }
+    block_scales(amax, sum)
+}
+
+/// A block's `[d, d·Σq]`: `d = amax / 127` rounded to f16 (to nearest even), as ggml stores
+/// it in its q8_0/q8_1 activation blocks (the codes are quantised with the unrounded
+/// `127 / amax`, as ggml does), so the block products `d_w·d_x` are ggml's. `d·Σq` uses that
+/// rounded `d` and stays f32: the AVX-512 kernels subtract `128·d_w·(d·Σq)` from a larger
+/// term and need it exact (ggml's q8_1 also rounds this sum to f16; we do not). Rounding
+/// `d` costs no accuracy worth measuring (the 8-bit codes already err by up to 1/254 of
+/// `amax`). A block whose `amax / 127` is beyond the f16 range
+/// (≥ 65520) gets an infinite `d`, as in ggml.
+#[inline]
+pub(crate) fn block_scales(amax: f32, sum: i32) -> [f32; 2] {
+    use super::f16::{f16_to_f32, f32_to_f16};
+    let d = f16_to_f32(f32_to_f16(amax / 127.0));
     [d, d * sum as f32]
 }
 
@@ -276,8 +291,7 @@ pub(crate) mod avx2 {
             );
             let sum = _mm_add_epi32(sum, _mm_unpackhi_epi64(sum, sum));
             let sum = _mm_cvtsi128_si32(_mm_add_epi32(sum, _mm_shuffle_epi32(sum, 1)));
-            let d = amax / 127.0;
-            *sb = [d, d * sum as f32];
+            *sb = super::block_scales(amax, sum);
         }
     }
 
@@ -380,8 +394,7 @@ pub(crate) mod avx512 {
             _mm_storeu_si128(qb.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(i0));
             _mm_storeu_si128(qb.as_mut_ptr().add(16).cast(), _mm512_cvtepi32_epi8(i1));
             let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
-            let d = amax / 127.0;
-            *sb = [d, d * sum as f32];
+            *sb = super::block_scales(amax, sum);
         }
     }
 
