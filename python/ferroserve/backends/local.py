@@ -24,21 +24,12 @@ class EmbeddingResult:
 _request_ids = itertools.count(1)
 
 
-@dataclass
-class LocalEmbeddingModel:
-    """One loaded embedding model and its completion dispatcher."""
+class EngineWatcher:
+    """Watches an engine's wake-up fd on the event loop; each wake-up drains every event
+    of the engine's last step(s) at once and hands them to `_dispatch`."""
 
-    name: str
-    path: str
-    engine: _core.EmbeddingEngine
-    created: int
-    _pending: dict[int, asyncio.Future] = field(default_factory=dict)
-    _loop: asyncio.AbstractEventLoop | None = None
-
-    @classmethod
-    def load(cls, name: str, path: str, *, max_batch_tokens: int, max_wait_us: int, created: int) -> LocalEmbeddingModel:
-        engine = _core.EmbeddingEngine(path, max_batch_tokens=max_batch_tokens, max_wait_us=max_wait_us)
-        return cls(name=name, path=path, engine=engine, created=created)
+    engine: _core.EmbeddingEngine | _core.ChatEngine
+    _loop: asyncio.AbstractEventLoop | None
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -53,10 +44,33 @@ class LocalEmbeddingModel:
 
     def _on_ready(self) -> None:
         try:
-            os.read(self.engine.fd(), 4096)
+            os.read(self.engine.fd(), 4096)  # before drain(): see notify.rs
         except BlockingIOError:
             pass
-        for event in self.engine.drain():
+        self._dispatch(self.engine.drain())
+
+    def _dispatch(self, events: list[tuple]) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class LocalEmbeddingModel(EngineWatcher):
+    """One loaded embedding model and its completion dispatcher."""
+
+    name: str
+    path: str
+    engine: _core.EmbeddingEngine
+    created: int
+    _pending: dict[int, asyncio.Future] = field(default_factory=dict)
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def load(cls, name: str, path: str, *, max_batch_tokens: int, max_wait_us: int, created: int) -> LocalEmbeddingModel:
+        engine = _core.EmbeddingEngine(path, max_batch_tokens=max_batch_tokens, max_wait_us=max_wait_us)
+        return cls(name=name, path=path, engine=engine, created=created)
+
+    def _dispatch(self, events: list[tuple]) -> None:
+        for event in events:
             fut = self._pending.pop(event[0], None)
             if fut is None or fut.done():
                 continue  # the client went away
@@ -119,7 +133,7 @@ class Collector:
 
 
 @dataclass
-class LocalChatModel:
+class LocalChatModel(EngineWatcher):
     """One loaded GGUF chat model: submit, then per-request collectors fed by `drain()`."""
 
     name: str
@@ -140,24 +154,9 @@ class LocalChatModel:
         )
         return cls(name=name, path=path, engine=engine, created=created)
 
-    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        fd = self.engine.fd()
-        os.set_blocking(fd, False)
-        loop.add_reader(fd, self._on_ready)
-
-    def detach(self) -> None:
-        if self._loop is not None:
-            self._loop.remove_reader(self.engine.fd())
-            self._loop = None
-
-    def _on_ready(self) -> None:
-        try:
-            os.read(self.engine.fd(), 4096)
-        except BlockingIOError:
-            pass
+    def _dispatch(self, events: list[tuple]) -> None:
         collectors = self._collectors
-        for event in self.engine.drain():
+        for event in events:
             c = collectors.get(event[1])
             if c is not None:
                 c.push(event)
