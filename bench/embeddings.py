@@ -1022,6 +1022,8 @@ async def run(a) -> int:
         print(f"  {key:24s} " + "  ".join(parts))
     other = {k: v.get("other_cores_median") for k, v in S.items()}
     other = {k: v for k, v in other.items() if v is not None}
+    result["noise_other_cores_median"] = statistics.median(other.values()) if other else None
+    result["disturbed"] = bool(other) and statistics.median(other.values()) > 0.1
     if other:
         worst = max(other, key=other.get)
         print(f"\nnoise: other processes used a median {statistics.median(other.values()):.2f} "
