@@ -4,20 +4,19 @@
 //! bitwise the same alone, in a batch of 16 at any position, with chunked prefill, or with its
 //! prefix served from the prefix cache), and that KV blocks all come back.
 //!
-//! How close to llama.cpp is "correct": both implementations quantise the activations to 8
-//! bits before every matmul, and that rounding turns any tiny difference upstream (sum orders,
-//! llama.cpp's f16 KV cache, RoPE angles, exp approximations) into a flipped 8-bit code now
-//! and then: small, chaotic logit noise, enough to reorder near-ties. An *exact* evaluation of
-//! the same weights (numpy in f64, no activation quantisation) agrees with llama.cpp no
-//! better than we do: its first-token top-5 log-probabilities are a mean 0.080 (max 0.28)
-//! away, it picks llama.cpp's token at 377 of 389 teacher-forced positions (96.9 %; all
-//! misses within 0.28 logits), and only 4 of the 14 free-running continuations stay identical
-//! for all their tokens. So the tests bound the noise instead of expecting identity:
-//! - first-token top-5 log-probabilities: mean |Δ| ≤ 0.12, max ≤ 0.6 (the maximum of 70
-//!   noisy values moves with every rounding change, so its bound only catches real bugs);
-//! - teacher-forced (llama.cpp's tokens fed back): our argmax is llama.cpp's token at ≥ 90 %
-//!   of the positions, and where it is not, llama.cpp's token trails ours by < 0.5 logits;
-//! - free-running greedy: printed per prompt; a divergence must happen at such a near-tie.
+//! How close to llama.cpp is "correct": bitwise, on this model. Both implementations quantise
+//! the activations to 8 bits before every matmul, which turns any tiny difference upstream
+//! into a flipped 8-bit code now and then; SmolLM2-135M is tie-prone enough that such noise
+//! alone changes 8–10 of the 14 greedy continuations (llama.cpp itself, run with `-fa off`,
+//! keeps only 6 of its own 14). So the model reproduces llama.cpp's CPU arithmetic op by op —
+//! Q4_1×Q8_1 lane order and f16 `s`, f64 RMSNorm sums, f32 RoPE angles, its vector `expf` in
+//! SwiGLU, flash attention's f16 query and f16 value accumulator — and every intermediate of
+//! a prompt matched llama.cpp's bit for bit when this was written (all but the logits, whose
+//! Q8_0 sum order differs by ≈ 1e-5). The tests therefore expect:
+//! - every free-running greedy continuation identical (the issue asks for ≥ 90 %; a miss
+//!   must still be a near-tie, < 0.5 logits, and is reported);
+//! - teacher-forced (llama.cpp's tokens fed back): our argmax is llama.cpp's token everywhere;
+//! - first-token top-5 log-probabilities: mean |Δ| ≤ 0.005, max ≤ 0.02.
 
 mod common;
 
@@ -28,8 +27,10 @@ use ferroserve_core::models::llama::{LlamaModel, SeqChunk};
 
 const NEW_TOKENS: usize = 32;
 /// Bounds on |our first-token log-probability − llama.cpp's| over the fixture's top-5 tokens.
-const LOGPROB_MEAN_TOLERANCE: f64 = 0.12;
-const LOGPROB_MAX_TOLERANCE: f64 = 0.6;
+const LOGPROB_MEAN_TOLERANCE: f64 = 0.005;
+const LOGPROB_MAX_TOLERANCE: f64 = 0.02;
+/// Share of the fixture prompts whose 32 greedy tokens must equal llama.cpp's.
+const IDENTICAL_SHARE: f64 = 0.9;
 /// A disagreement on the greedy token is acceptable when llama.cpp's choice trails ours by
 /// less than this many logits (our logits).
 const NEAR_TIE_LOGITS: f32 = 0.5;
@@ -291,7 +292,13 @@ fn greedy_continuations_and_first_token_logprobs_match_llama_cpp() {
         100.0 * agree as f64 / positions as f64
     );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-    assert!(agree * 10 >= positions * 9, "teacher-forced agreement {agree}/{positions} is below 90 %");
+    assert!(
+        identical as f64 >= IDENTICAL_SHARE * cases.len() as f64,
+        "{identical}/{} greedy continuations identical to llama.cpp's (need {:.0} %)",
+        cases.len(),
+        IDENTICAL_SHARE * 100.0
+    );
+    assert_eq!(agree, positions, "teacher-forced: our argmax differs from llama.cpp's token at {} positions", positions - agree);
     assert!(
         mean_err <= LOGPROB_MEAN_TOLERANCE && max_err <= LOGPROB_MAX_TOLERANCE,
         "first-token logprobs: mean |Δ| {mean_err:.4} (bound {LOGPROB_MEAN_TOLERANCE}), max {max_err:.4} (bound {LOGPROB_MAX_TOLERANCE})"

@@ -401,7 +401,10 @@ fn check_case(isa: QuantIsa, c: &Case, rng: &mut Rng, seed: u64) {
             );
             let w_max = wj.iter().fold(0f64, |a, &v| a.max(v.abs() as f64));
             let x_abs: f64 = xhr.iter().map(|&v| v.abs() as f64).sum();
-            let fp = 4e-5 * (seen_abs + if affine { 2.0 * w_max * x_abs } else { 0.0 }) + 1e-30;
+            // Q4_1 takes its `m` term as m·s with ggml's q8_1 `s = f16(d·Σq)` (unrounded d,
+            // then f16): ≤ 2⁻¹⁰ of |Σx̂| per block off the x̂ sum, and |m| ≤ max |w|.
+            let q81 = if c.t == QuantType::Q4_1 { 2f64.powi(-10) * w_max * x_abs } else { 0.0 };
+            let fp = 4e-5 * (seen_abs + if affine { 2.0 * w_max * x_abs } else { 0.0 }) + q81 + 1e-30;
             let bound_a = norm(wj) * norm(&x_err) * 1.0001 + fp;
             let err_a = (got as f64 - exact).abs();
             assert!(
@@ -654,5 +657,56 @@ fn calls_from_inside_rayon_tasks_agree_with_direct_calls() {
             .iter()
             .zip(&direct)
             .all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+}
+
+/// Q4_1 follows llama.cpp's `ggml_vec_dot_q4_1_q8_1` order exactly (see `q4_1::dot_portable`):
+/// the SIMD levels must give the portable code's bits, for decode (m = 1), tiles of four and
+/// ragged batches, and the portable code must be that order — checked here by recomputing
+/// it from the public pieces: per block eight f32 lanes `fma(d·d_x, Σ₄ q·a, lane)`, the
+/// lanes summed as `(l₀+l₄ + l₂+l₆) + (l₁+l₅ + l₃+l₇)`, plus `fma(m, f16(d_x·Σa), Σ)` in order.
+#[test]
+fn q4_1_matches_llama_cpp_order_on_every_isa() {
+    let (mut rng, seed) = Rng::new(11);
+    let t = QuantType::Q4_1;
+    let (n, k) = (37, 576);
+    for m in [1usize, 4, 7, 19] {
+        let c = Case { t, m, n, k };
+        let (w, _, x) = random_case(&mut rng, &c);
+        let portable = run(QuantIsa::Portable, t, &w, n, k, &x, m);
+        // The reference order, from the bytes.
+        let row_bytes = k / 32 * 20;
+        for r in 0..m {
+            let xr = &x[r * k..(r + 1) * k];
+            for j in 0..n {
+                let wr = &w[j * row_bytes..(j + 1) * row_bytes];
+                let (mut lanes, mut mins) = ([0f32; 8], 0f32);
+                for (b, blk) in wr.chunks_exact(20).enumerate() {
+                    let xb = &xr[b * 32..(b + 1) * 32];
+                    let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+                    let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+                    let qa: Vec<i32> = xb.iter().map(|v| (v * inv).round_ties_even() as i32).collect();
+                    let dx = f16_to_f32(f32_to_f16(amax / 127.0));
+                    let s = f16_to_f32(f32_to_f16(amax / 127.0 * qa.iter().sum::<i32>() as f32));
+                    let d = f16_to_f32(u16::from_le_bytes([blk[0], blk[1]]));
+                    let mw = f16_to_f32(u16::from_le_bytes([blk[2], blk[3]]));
+                    let code = |i: usize| if i < 16 { (blk[4 + i] & 15) as i32 } else { (blk[4 + i - 16] >> 4) as i32 };
+                    for (g, lane) in lanes.iter_mut().enumerate() {
+                        let dot: i32 = (4 * g..4 * g + 4).map(|i| code(i) * qa[i]).sum();
+                        *lane = (d * dx).mul_add(dot as f32, *lane);
+                    }
+                    mins = mw.mul_add(s, mins);
+                }
+                let h = [lanes[4] + lanes[0], lanes[5] + lanes[1], lanes[6] + lanes[2], lanes[7] + lanes[3]];
+                let want = ((h[0] + h[2]) + (h[1] + h[3])) + mins;
+                assert_eq!(portable[r * n + j].to_bits(), want.to_bits(), "portable m={m} row {r} col {j} (seed {seed})");
+            }
+        }
+        for isa in QuantIsa::available() {
+            let y = run(isa, t, &w, n, k, &x, m);
+            for (i, (a, b)) in y.iter().zip(&portable).enumerate() {
+                assert_eq!(a.to_bits(), b.to_bits(), "{isa:?} m={m} index {i}: {a} vs portable {b} (seed {seed})");
+            }
+        }
     }
 }

@@ -13,16 +13,18 @@
 //!   by absolute positions, whatever rows or tasks the call holds;
 //! - threads split whole (query, head) units, never a reduction.
 //!
-//! Rust neither re-associates nor contracts float arithmetic, so equal source-level operation
-//! sequences give equal bits; fused multiply-adds are a compile-time choice per ISA level (the
-//! level is fixed per process), so they cannot vary between calls either.
+//! The arithmetic is llama.cpp's CPU backend's, operation for operation (each function says
+//! which), because this tie-prone model's greedy output follows every rounding: the fixture
+//! continuations come out identical to llama.cpp's only so. Rust neither re-associates nor
+//! contracts float arithmetic, so equal source-level operation sequences give equal bits;
+//! fused multiply-adds are written out (`mul_add`) where llama.cpp's compiler fuses, and every
+//! ISA level gives the portable code's bits (tested).
 
 use std::cell::RefCell;
 use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::math::fast_exp;
 use super::Isa;
 use crate::quant::f16::{f16_to_f32, f32_to_f16};
 
@@ -36,9 +38,8 @@ const LANES: usize = 16;
 /// so the width is a compile-time constant).
 pub const SUPPORTED_HEAD_DIMS: [usize; 6] = [32, 64, 80, 96, 128, 256];
 
-/// What an instantiation `$body::<…, LEVEL>` may assume. Every x86 level uses fused
-/// multiply-adds; the portable one multiplies and adds separately (`mul_add` would be a libm
-/// call there).
+/// What an instantiation `$body::<…, LEVEL>` may assume (the levels differ only in which
+/// instructions do the f16 conversions; `mul_add` is a libm call on the portable one).
 const PORTABLE: u8 = 0;
 /// AVX2 + FMA + F16C.
 const AVX2: u8 = 1;
@@ -91,16 +92,6 @@ macro_rules! dispatch_level {
     }};
 }
 
-/// `a·b + c`: one rounding on the x86 levels, two on the portable one.
-#[inline(always)]
-fn madd<const L: u8>(a: f32, b: f32, c: f32) -> f32 {
-    if L > PORTABLE {
-        a.mul_add(b, c)
-    } else {
-        a * b + c
-    }
-}
-
 /// Sixteen IEEE halves widened to f32 (exact): one `vcvtph2ps` on x86.
 #[inline(always)]
 fn widen16<const L: u8>(h: &[u16; LANES]) -> [f32; LANES] {
@@ -142,40 +133,23 @@ pub fn rms_norm(isa: Isa, x: &[f32], dim: usize, weight: &[f32], eps: f32, out: 
     }
 }
 
+/// llama.cpp's arithmetic (`ggml_compute_forward_rms_norm_f32`), which greedy decoding on
+/// this model is sensitive to: squares rounded to f32 and summed in f64 in order, the mean
+/// rounded to f32, `scale = 1 / sqrt(mean + eps)` in f32, then `x · scale · w`. The f64 chain
+/// is sequential (≈ 1 µs per 576-wide row), small beside the matmuls.
 #[inline(always)]
 fn rms_norm_rows<const L: u8>(x: &[f32], dim: usize, weight: &[f32], eps: f32, out: &mut [f32]) {
     for (row, out) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
-        let mut lanes = [0f32; LANES];
-        let chunks = row.chunks_exact(LANES);
-        let tail = chunks.remainder();
-        for c in chunks {
-            for l in 0..LANES {
-                lanes[l] = madd::<L>(c[l], c[l], lanes[l]);
-            }
+        let mut sum = 0f64;
+        for &v in row {
+            sum += (v * v) as f64;
         }
-        let mut sum = sum_lanes(&lanes);
-        for &v in tail {
-            sum = madd::<L>(v, v, sum);
-        }
-        let scale = 1.0 / (sum / dim as f32 + eps).sqrt();
+        let mean = (sum / dim as f64) as f32;
+        let scale = 1.0 / (mean + eps).sqrt();
         for ((o, &v), &w) in out.iter_mut().zip(row).zip(weight) {
             *o = v * scale * w;
         }
     }
-}
-
-/// The sixteen lanes summed as a fixed tree.
-#[inline(always)]
-fn sum_lanes(l: &[f32; LANES]) -> f32 {
-    let mut v = *l;
-    let mut width = LANES / 2;
-    while width > 0 {
-        for i in 0..width {
-            v[i] += v[i + width];
-        }
-        width /= 2;
-    }
-    v[0]
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -195,21 +169,22 @@ pub struct RopeParams {
 }
 
 /// Fills `out` (`rope.dims` values) with `[cos θ₀, sin θ₀, cos θ₁, sin θ₁, …]` for position
-/// `pos`. Computed in f64 from the position alone, so a token's rotation cannot depend on
-/// the rows around it.
+/// `pos`, from the position alone (so a token's rotation cannot depend on the rows around
+/// it), in llama.cpp's f32 arithmetic (`ggml_rope_cache_init`): `θ₀ = pos`, each next angle
+/// the previous times `base^(−2/dims)` (f32 `powf`), divided by its frequency factor and
+/// times `freq_scale`, then libm's `cosf`/`sinf`.
 pub fn rope_cos_sin(pos: usize, rope: &RopeParams, out: &mut [f32]) {
     let dims = rope.dims;
     assert!(dims.is_multiple_of(2) && out.len() == dims, "rope_cos_sin: {dims} dims into {}", out.len());
     assert!(rope.freq_factors.is_empty() || rope.freq_factors.len() == dims / 2, "rope_cos_sin: {} frequency factors", rope.freq_factors.len());
-    let base = rope.base as f64;
-    let pos = pos as f64 * rope.freq_scale as f64;
+    let theta_scale = rope.base.powf(-2.0 / dims as f32);
+    let mut theta = pos as f32;
     for (i, cs) in out.chunks_exact_mut(2).enumerate() {
-        let mut theta = pos * base.powf(-2.0 * i as f64 / dims as f64);
-        if let Some(&f) = rope.freq_factors.get(i) {
-            theta /= f as f64;
-        }
-        cs[0] = theta.cos() as f32;
-        cs[1] = theta.sin() as f32;
+        let ff = rope.freq_factors.get(i).copied().unwrap_or(1.0);
+        let t = rope.freq_scale * (theta / ff);
+        cs[0] = t.cos();
+        cs[1] = t.sin();
+        theta *= theta_scale;
     }
 }
 
@@ -226,8 +201,10 @@ pub fn rope_pairs(x: &mut [f32], heads: usize, head_dim: usize, rope_dims: usize
         for head in row.chunks_exact_mut(head_dim) {
             for (pair, cs) in head[..rope_dims].chunks_exact_mut(2).zip(cs.chunks_exact(2)) {
                 let (a, b, c, s) = (pair[0], pair[1], cs[0], cs[1]);
-                pair[0] = a * c - b * s;
-                pair[1] = a * s + b * c;
+                // As llama.cpp's `rotate_pairs` compiles (GCC contracts each expression into one
+                // fused multiply-add); bitwise checked against its intermediates.
+                pair[0] = a.mul_add(c, -(b * s));
+                pair[1] = a.mul_add(s, b * c);
             }
         }
     }
@@ -250,8 +227,36 @@ pub fn silu_mul(isa: Isa, gate: &mut [f32], up: &[f32]) {
 #[inline(always)]
 fn silu_mul_slice<const L: u8>(gate: &mut [f32], up: &[f32]) {
     for (g, &u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + fast_exp(-*g)) * u;
+        *g = *g / (1.0 + ggml_expf(0.0 - *g)) * u;
     }
+}
+
+/// `eˣ` as llama.cpp's vectorised `ggml_v_expf` computes it (Arm's optimized-routines
+/// algorithm: `x = n·ln2 + b` with `n` rounded by the 1.5·2²³ shift, a degree-5 polynomial
+/// in `b` evaluated with fused multiply-adds, scaled by `2ⁿ`; |n| > 192 saturates to 0 or
+/// ∞). Same constants and operation order, so the same bits: llama.cpp's SwiGLU uses it, and
+/// greedy decoding here follows llama.cpp's roundings (max error ≈ 1.5 ulp).
+#[inline(always)]
+pub(crate) fn ggml_expf(x: f32) -> f32 {
+    const SHIFT: f32 = 12_582_912.0; // 0x1.8p23
+    const LOG2E: f32 = f32::from_bits(0x3fb8_aa3b); // 0x1.715476p+0
+    const LN2_HI: f32 = f32::from_bits(0x3f31_7200); // 0x1.62e4p-1
+    const LN2_LO: f32 = f32::from_bits(0x35bf_be8e); // 0x1.7f7d1cp-20
+    const C0: f32 = f32::from_bits(0x3f7f_fff6); // 0x1.ffffecp-1
+    const C1: f32 = f32::from_bits(0x3efffedb); // 0x1.fffdb6p-2
+    const C2: f32 = f32::from_bits(0x3e2aaf33); // 0x1.555e66p-3
+    const C3: f32 = f32::from_bits(0x3d2b9f17); // 0x1.573e2ep-5
+    const C4: f32 = f32::from_bits(0x3c072010); // 0x1.0e4020p-7
+    let z = x.mul_add(LOG2E, SHIFT);
+    let n = z - SHIFT;
+    let b = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, x));
+    let u = b * b;
+    let j = C4.mul_add(b, C3).mul_add(u, C2.mul_add(b, C1)).mul_add(u, C0.mul_add(b, 1.0));
+    if n.abs() > 192.0 {
+        return if n <= 0.0 { 0.0 } else { f32::INFINITY };
+    }
+    // j·2ⁿ with one rounding (as `vscalefps`): exact in f64, then rounded once.
+    (j as f64 * f64::from_bits(((n as i64 + 1023) as u64) << 52)) as f32
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -462,34 +467,64 @@ struct Task<'a> {
 
 #[inline(always)]
 fn attend_tile<const D: usize, const L: u8>(task: &Task<'_>, scores: &mut [f32]) {
-    let scale = 1.0 / (D as f32).sqrt();
     for i in task.tile.clone() {
         let row = task.seq.rows.start + i;
         let n_keys = task.seq.start_pos + i + 1;
         let at = row * task.width + task.head * D;
-        let mut q = [0f32; D];
-        for (qc, &v) in q.iter_mut().zip(&task.q[at..at + D]) {
-            *qc = v * scale;
-        }
+        let q: &[f32; D] = task.q[at..at + D].try_into().unwrap();
         let mut o = [0f32; D];
-        attend_one::<D, L>(&q, n_keys, task, scores, &mut o);
+        attend_one::<D, L>(q, n_keys, task, scores, &mut o);
         // SAFETY: (row, head) belongs to this task alone; `at + D <= out.len()` because `out`
         // has the length of `q`, which was just sliced at the same place.
         unsafe { std::ptr::copy_nonoverlapping(o.as_ptr(), task.out.add(at), D) };
     }
 }
 
-/// `acc += q · k`, lane-wise.
+/// Sixteen f32 values rounded to the nearest IEEE half (ties to even) and widened back:
+/// `vcvtps2ph` + `vcvtph2ps` on x86.
 #[inline(always)]
-fn fma_lanes<const L: u8>(acc: &mut [f32; LANES], q: f32, k: &[u16; LANES]) {
-    let k = widen16::<L>(k);
-    for lane in 0..LANES {
-        acc[lane] = madd::<L>(q, k[lane], acc[lane]);
+fn round_f16_16<const L: u8>(x: [f32; LANES]) -> [f32; LANES] {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        if L == AVX512 {
+            // SAFETY: LEVEL AVX512 is only instantiated inside `run_avx512` (AVX-512F);
+            // __m512 and [f32; 16] have the same layout.
+            return unsafe {
+                let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(std::mem::transmute::<[f32; LANES], __m512>(x));
+                std::mem::transmute::<__m512, [f32; LANES]>(_mm512_cvtph_ps(h))
+            };
+        }
+        if L == AVX2 {
+            // SAFETY: as above with `run_avx2` (F16C).
+            return unsafe {
+                let [lo, hi] = std::mem::transmute::<[f32; LANES], [__m256; 2]>(x);
+                let lo = _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(lo));
+                let hi = _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(hi));
+                std::mem::transmute::<[__m256; 2], [f32; LANES]>([lo, hi])
+            };
+        }
     }
+    x.map(|v| f16_to_f32(f32_to_f16(v)))
 }
 
-/// One (query, head): scores against keys `0..n_keys`, softmax, weighted sum of V.
-/// Every loop bound and lane assignment derives from `n_keys` and the key positions alone.
+/// One (query, head): scores against keys `0..n_keys`, softmax, weighted sum of V — with
+/// the arithmetic of llama.cpp's CPU flash attention (`ggml_compute_forward_flash_attn_ext_f16`,
+/// the path llama-server takes for decoding and for prompts shorter than its 64-row tile), so
+/// that greedy continuations reproduce llama.cpp's on this small, tie-prone model. A
+/// straightforward f32 softmax differs from it by up to ≈ 0.3 in the logits — as much as
+/// llama.cpp differs from itself with `-fa off`. Its distinctive roundings:
+/// - the query is rounded to f16 and each score is an f32 sum of exact f16·f16 products in a
+///   fixed tree (64 elements per step, four 16-lane accumulators, then halving), leftovers of
+///   a head width not a multiple of 64 added in f64;
+/// - an online softmax over the keys in position order with libm's `expf`, and the weighted
+///   sum of V kept **in f16**: after every key, `acc = f16(fma(v, p, acc))`, rescaled (again
+///   to f16) whenever a new maximum appears; the sum of weights in f32.
+///
+/// Every step depends only on the query, its position and the cached keys and values, so the
+/// result is batch-invariant. Scores are still computed sixteen keys at a time (keys as
+/// lanes, the element tree unrolled across them), and the f16 roundings are one vector
+/// instruction each way.
 #[inline(always)]
 fn attend_one<const D: usize, const L: u8>(q: &[f32; D], n_keys: usize, task: &Task<'_>, scores: &mut [f32], o: &mut [f32; D]) {
     let layout = task.layout;
@@ -498,101 +533,103 @@ fn attend_one<const D: usize, const L: u8>(q: &[f32; D], n_keys: usize, task: &T
     let g = task.kv_head;
     let n_blocks = n_keys.div_ceil(bt);
     let table = &task.seq.block_table[..n_blocks];
+    let scale = 1.0 / (D as f32).sqrt();
 
-    // Scores, sixteen keys per pass: eight partial sums over the head dimension (d mod 8)
-    // so that the multiply-add chains overlap, combined as a fixed tree.
+    let mut qh = [0f32; D];
+    for c16 in (0..D).step_by(LANES) {
+        let r = round_f16_16::<L>(q[c16..c16 + LANES].try_into().unwrap());
+        qh[c16..c16 + LANES].copy_from_slice(&r);
+    }
+    let full = D / 64 * 64;
+
     for (b, &block) in table.iter().enumerate() {
         let kt = &task.k_cache[block as usize * be + g * D * bt..][..D * bt];
         let valid = (n_keys - b * bt).min(bt);
         for l in 0..valid.div_ceil(LANES) {
             let keys = &kt[l * LANES..];
-            let k_row = |c: usize| -> &[u16; LANES] { keys[c * bt..c * bt + LANES].try_into().unwrap() };
-            let mut acc = [[0f32; LANES]; 8];
-            for c8 in (0..D).step_by(8) {
-                // Written out so that each accumulator is its own register.
-                let [a0, a1, a2, a3, a4, a5, a6, a7] = &mut acc;
-                fma_lanes::<L>(a0, q[c8], k_row(c8));
-                fma_lanes::<L>(a1, q[c8 + 1], k_row(c8 + 1));
-                fma_lanes::<L>(a2, q[c8 + 2], k_row(c8 + 2));
-                fma_lanes::<L>(a3, q[c8 + 3], k_row(c8 + 3));
-                fma_lanes::<L>(a4, q[c8 + 4], k_row(c8 + 4));
-                fma_lanes::<L>(a5, q[c8 + 5], k_row(c8 + 5));
-                fma_lanes::<L>(a6, q[c8 + 6], k_row(c8 + 6));
-                fma_lanes::<L>(a7, q[c8 + 7], k_row(c8 + 7));
+            let k_row = |c: usize| widen16::<L>(keys[c * bt..c * bt + LANES].try_into().unwrap());
+            // Element c's running sum over the 64-wide steps (products are exact in f32).
+            let elem = |c: usize| -> [f32; LANES] {
+                let mut acc = [0f32; LANES];
+                for step in (0..full).step_by(64) {
+                    let k = k_row(step + c);
+                    for lane in 0..LANES {
+                        acc[lane] += qh[step + c] * k[lane];
+                    }
+                }
+                acc
+            };
+            let mut x0 = [[0f32; LANES]; 16];
+            if full > 0 {
+                for (i, x) in x0.iter_mut().enumerate() {
+                    let (a, b2, c2, d2) = (elem(i), elem(16 + i), elem(32 + i), elem(48 + i));
+                    for lane in 0..LANES {
+                        x[lane] = (a[lane] + c2[lane]) + (b2[lane] + d2[lane]);
+                    }
+                }
+            }
+            // 16 element lanes summed as `_mm512_reduce_add_ps` does: halves of 8, 4, then pairs.
+            let mut t = [[0f32; LANES]; 8];
+            for i in 0..8 {
+                for lane in 0..LANES {
+                    t[i][lane] = x0[8 + i][lane] + x0[i][lane];
+                }
             }
             let s = &mut scores[b * bt + l * LANES..][..LANES];
             for lane in 0..LANES {
-                s[lane] = ((acc[0][lane] + acc[1][lane]) + (acc[2][lane] + acc[3][lane]))
-                    + ((acc[4][lane] + acc[5][lane]) + (acc[6][lane] + acc[7][lane]));
+                let u = [t[4][lane] + t[0][lane], t[5][lane] + t[1][lane], t[6][lane] + t[2][lane], t[7][lane] + t[3][lane]];
+                let mut sum = (u[0] + u[2]) + (u[1] + u[3]);
+                if full < D {
+                    let mut wide = sum as f64;
+                    for c in full..D {
+                        wide += (qh[c] * f16_to_f32(keys[c * bt + lane])) as f64;
+                    }
+                    sum = wide as f32;
+                }
+                s[lane] = sum * scale;
             }
         }
     }
 
-    // Softmax numerators in place; the sum in sixteen lanes by key position mod 16.
-    let scores = &mut scores[..n_keys];
-    let mut max_lanes = [f32::NEG_INFINITY; LANES];
-    let chunks = scores.chunks_exact(LANES);
-    let mut max = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    for c in chunks {
-        for l in 0..LANES {
-            max_lanes[l] = max_lanes[l].max(c[l]);
-        }
-    }
-    for m in max_lanes {
-        max = max.max(m);
-    }
-    let mut sum_l = [0f32; LANES];
-    let mut chunks = scores.chunks_exact_mut(LANES);
-    for c in &mut chunks {
-        for l in 0..LANES {
-            c[l] = fast_exp(c[l] - max);
-            sum_l[l] += c[l];
-        }
-    }
-    let mut sum = sum_lanes(&sum_l);
-    for v in chunks.into_remainder() {
-        *v = fast_exp(*v - max);
-        sum += *v;
-    }
-
-    // Weighted sum of V: even and odd keys in two accumulators (two independent chains).
-    let mut o_even = [0f32; D];
-    let mut o_odd = [0f32; D];
+    let mut m = f32::NEG_INFINITY;
+    let mut total = 0f32;
+    let mut acc = [0f32; D];
     let mut j = 0;
     for (b, &block) in table.iter().enumerate() {
         let vb = &task.v_cache[block as usize * be + g * bt * D..][..bt * D];
         let valid = (n_keys - b * bt).min(bt);
-        let mut slot = 0;
-        while slot + 2 <= valid {
-            let (p0, p1) = (scores[j], scores[j + 1]);
-            let v0 = &vb[slot * D..][..D];
-            let v1 = &vb[(slot + 1) * D..][..D];
-            for c16 in (0..D).step_by(LANES) {
-                let a = widen16::<L>(v0[c16..c16 + LANES].try_into().unwrap());
-                let b = widen16::<L>(v1[c16..c16 + LANES].try_into().unwrap());
-                for l in 0..LANES {
-                    o_even[c16 + l] = madd::<L>(p0, a[l], o_even[c16 + l]);
-                    o_odd[c16 + l] = madd::<L>(p1, b[l], o_odd[c16 + l]);
-                }
-            }
-            slot += 2;
-            j += 2;
-        }
-        if slot < valid {
-            let p0 = scores[j];
-            let v0 = &vb[slot * D..][..D];
-            for c16 in (0..D).step_by(LANES) {
-                let a = widen16::<L>(v0[c16..c16 + LANES].try_into().unwrap());
-                for l in 0..LANES {
-                    o_even[c16 + l] = madd::<L>(p0, a[l], o_even[c16 + l]);
-                }
-            }
+        for slot in 0..valid {
+            let s = scores[j];
             j += 1;
+            let (ms, vs) = if s > m {
+                let ms = (m - s).exp();
+                m = s;
+                for c16 in (0..D).step_by(LANES) {
+                    let mut x: [f32; LANES] = acc[c16..c16 + LANES].try_into().unwrap();
+                    for v in &mut x {
+                        *v *= ms;
+                    }
+                    acc[c16..c16 + LANES].copy_from_slice(&round_f16_16::<L>(x));
+                }
+                (ms, 1.0)
+            } else {
+                (1.0, (s - m).exp())
+            };
+            let v = &vb[slot * D..][..D];
+            for c16 in (0..D).step_by(LANES) {
+                let vv = widen16::<L>(v[c16..c16 + LANES].try_into().unwrap());
+                let mut x = [0f32; LANES];
+                for l in 0..LANES {
+                    x[l] = vv[l].mul_add(vs, acc[c16 + l]);
+                }
+                acc[c16..c16 + LANES].copy_from_slice(&round_f16_16::<L>(x));
+            }
+            total = total.mul_add(ms, vs);
         }
     }
-    let inv = 1.0 / sum;
+    let inv = if total == 0.0 { 0.0 } else { 1.0 / total };
     for c in 0..D {
-        o[c] = (o_even[c] + o_odd[c]) * inv;
+        o[c] = acc[c] * inv;
     }
 }
 
@@ -646,7 +683,10 @@ mod tests {
             }
             let mut x = x0.clone();
             rope_pairs(&mut x, heads, d, rd, &cs);
+            // The angles are llama.cpp's f32 recurrence θᵢ₊₁ = θᵢ·base^(−2/dims): θᵢ carries up
+            // to ≈ (i + 2) roundings of 2⁻²⁴ relative, i.e. ≈ pos·(i + 2)·2⁻²⁴ radians.
             let mut want = vec![0f64; x0.len()];
+            let mut tol = vec![1e-6f64; x0.len()];
             for (r, &p) in positions.iter().enumerate() {
                 for h in 0..heads {
                     let at = r * heads * d + h * d;
@@ -658,10 +698,15 @@ mod tests {
                         let (a, b) = (x0[at + 2 * i] as f64, x0[at + 2 * i + 1] as f64);
                         want[at + 2 * i] = a * theta.cos() - b * theta.sin();
                         want[at + 2 * i + 1] = a * theta.sin() + b * theta.cos();
+                        let angle_err = p as f64 * (i + 2) as f64 * 2f64.powi(-24) + 1e-7;
+                        tol[at + 2 * i] += (a.abs() + b.abs()) * angle_err;
+                        tol[at + 2 * i + 1] += (a.abs() + b.abs()) * angle_err;
                     }
                 }
             }
-            assert_close(&x, &want, 1e-6, &format!("rope rope_dims={rd}"));
+            for (i, ((&g, &w), &t)) in x.iter().zip(&want).zip(&tol).enumerate() {
+                assert!((g as f64 - w).abs() <= t, "rope rope_dims={rd}: index {i}: got {g}, want {w} (tolerance {t:e})");
+            }
         }
 
         // Linear position scaling and per-frequency divisors (Llama 3's `rope_freqs`).
@@ -675,7 +720,24 @@ mod tests {
                 [theta.cos(), theta.sin()]
             })
             .collect();
-        assert_close(&cs, &want, 1e-7, "rope scaled");
+        // θ₀ = 1234 is exact; later angles carry the recurrence's roundings (see above).
+        for (i, (&g, &w)) in cs.iter().zip(&want).enumerate() {
+            let tol = 1e-7 + 1234.0 * 0.25 * ((i / 2) + 2) as f64 * 2f64.powi(-24);
+            assert!((g as f64 - w).abs() <= tol, "rope scaled: index {i}: got {g}, want {w}");
+        }
+    }
+
+    #[test]
+    fn ggml_expf_is_within_two_ulp_and_saturates() {
+        let mut rng = Rng::new(seed(29));
+        for _ in 0..100_000 {
+            let x = rng.next_f32() * 87.0;
+            let (got, want) = (ggml_expf(x) as f64, (x as f64).exp());
+            assert!((got - want).abs() <= want * 2.5e-7, "expf({x}): {got} vs {want}");
+        }
+        assert_eq!(ggml_expf(0.0), 1.0);
+        assert_eq!(ggml_expf(-200.0), 0.0);
+        assert_eq!(ggml_expf(200.0), f32::INFINITY);
     }
 
     #[test]
@@ -774,6 +836,9 @@ mod tests {
             // gives peaked softmaxes.
             let total: usize = lens.iter().sum();
             let q: Vec<f32> = rng.vec(total * width).iter().map(|v| v * 3.0).collect();
+            // The kernel rounds the query to f16 first (as llama.cpp does); the reference
+            // starts from the same rounded query and is exact from there.
+            let q16: Vec<f32> = q.iter().map(|&v| f16_to_f32(f32_to_f16(v))).collect();
             let mut seqs = Vec::new();
             let mut row = 0;
             for (s, &len) in lens.iter().enumerate() {
@@ -787,7 +852,7 @@ mod tests {
                     let r = seq.rows.start + i;
                     for h in 0..heads {
                         let g = h / group;
-                        let qh = &q[r * width + h * d..][..d];
+                        let qh = &q16[r * width + h * d..][..d];
                         let sc: Vec<f64> = (0..=i)
                             .map(|j| (0..d).map(|c| qh[c] as f64 * f.kv[s][j].0[g * d + c] as f64).sum::<f64>() / (d as f64).sqrt())
                             .collect();
@@ -800,10 +865,29 @@ mod tests {
                     }
                 }
             }
+            let mut portable = vec![f32::NAN; total * width];
+            paged_attention(Isa::Portable, &q, &seqs, heads, &layout, &f.k, &f.v, &mut portable);
+            // The value sum is kept in f16 (llama.cpp's flash attention): each of a query's
+            // `n` keys adds one f16 rounding (≤ 2⁻¹¹ relative) to a sum bounded by the
+            // weights' total times max |v| (≤ 1 here), so |error| ≤ ≈ (n + 1)·2⁻¹¹.
+            for (s, seq) in seqs.iter().enumerate() {
+                for i in 0..lens[s] {
+                    let r = seq.rows.start + i;
+                    let tol = (i + 2) as f64 * 2f64.powi(-11);
+                    for c in r * width..(r + 1) * width {
+                        let err = (portable[c] as f64 - want[c]).abs();
+                        assert!(err <= tol, "attention d={d} heads={heads}/{kv_heads} bt={bt}: seq {s} query {i}: got {}, want {} (err {err:e}, tolerance {tol:e})", portable[c], want[c]);
+                    }
+                }
+            }
             for isa in isas() {
                 let mut out = vec![f32::NAN; total * width];
                 paged_attention(isa, &q, &seqs, heads, &layout, &f.k, &f.v, &mut out);
-                assert_close(&out, &want, 2e-5, &format!("attention {isa:?} d={d} heads={heads}/{kv_heads} bt={bt}"));
+                // Every level gives the portable code's bits.
+                assert!(
+                    out.iter().zip(&portable).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "attention {isa:?} d={d} heads={heads}/{kv_heads} bt={bt} differs from the portable path"
+                );
 
                 // Batch invariance: each query alone (a decode step at its position, in a
                 // one-row call) and in chunks of 7 must give the very same bits.

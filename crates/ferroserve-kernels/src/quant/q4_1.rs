@@ -56,10 +56,18 @@ pub fn quantize_row(x: &[f32], out: &mut [u8]) {
     }
 }
 
+/// The reference order, which every level reproduces bit for bit: llama.cpp's
+/// `ggml_vec_dot_q4_1_q8_1` on x86. Per block, eight integer dots over groups of four
+/// codes (groups 0–3 the low nibbles, i.e. elements 0–15; 4–7 the high ones), each
+/// accumulated into its own f32 lane as `fma(d·d_x, dot, lane)` in block order; the lanes
+/// summed as a fixed tree; plus the `m` terms `fma(m, s, Σ)` in block order, with `s` the
+/// f16-rounded activation sum ([`super::q8_0::q81_sum`]). Matching it keeps this model's
+/// greedy decoding on llama.cpp's path (see `tests/llama_reference.rs`).
 fn dot_portable<const R: usize>(w_row: &[u8], acts: &[ActRow<'_>; R]) -> [f32; R] {
     let nb = w_row.len() / BLOCK_BYTES;
     assert_rows_match(acts, nb);
-    let mut acc = [0f32; R];
+    let mut lanes = [[0f32; 8]; R];
+    let mut mins = [0f32; R];
     for (b, blk) in w_row.chunks_exact(BLOCK_BYTES).enumerate() {
         let (d, m) = (read_f16(blk, 0), read_f16(blk, 2));
         let mut q = [0i32; BLOCK_ELEMS];
@@ -68,12 +76,23 @@ fn dot_portable<const R: usize>(w_row: &[u8], acts: &[ActRow<'_>; R]) -> [f32; R
         }
         for (r, a) in acts.iter().enumerate() {
             let aq = &a.qs[b * BLOCK_ELEMS..(b + 1) * BLOCK_ELEMS];
-            let isum: i32 = q.iter().zip(aq).map(|(&qi, &x)| qi * x as i32).sum();
-            let [dx, dx_sum] = a.scales[b];
-            acc[r] += d * dx * isum as f32 + m * dx_sum;
+            let dd = d * a.scales[b][0];
+            for (g, lane) in lanes[r].iter_mut().enumerate() {
+                let isum: i32 = (4 * g..4 * g + 4).map(|i| q[i] * aq[i] as i32).sum();
+                *lane = dd.mul_add(isum as f32, *lane);
+            }
+            mins[r] = m.mul_add(a.q81_sums[b], mins[r]);
         }
     }
-    acc
+    core::array::from_fn(|r| hsum8(&lanes[r]) + mins[r])
+}
+
+/// Eight lanes summed as llama.cpp's `hsum_float_8`: upper half onto lower, then
+/// `(l₀ + l₂) + (l₁ + l₃)`.
+#[inline]
+fn hsum8(l: &[f32; 8]) -> f32 {
+    let h = [l[4] + l[0], l[5] + l[1], l[6] + l[2], l[7] + l[3]];
+    (h[0] + h[2]) + (h[1] + h[3])
 }
 
 pub(crate) fn matmul_cols_portable(
@@ -95,39 +114,9 @@ pub(crate) mod avx2 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    /// Per row: the lanes of Σq·a scaled by d·d_x, and in lane 1 of `mins` the
-    /// running Σ m·(d_x·Σa) (one multiply of `[d, m]` by `[d_x, d_x·Σa]` gives both).
-    struct Acc<const R: usize> {
-        dots: [__m256; R],
-        mins: [__m128; R],
-    }
-
+    /// `dot_portable`'s order with eight lanes in one register per row (`vpmaddubsw` +
+    /// `vpmaddwd` sum groups of four codes exactly; `hsum` is the same tree as `hsum8`).
     ///
-    /// # Safety
-    /// Reads the block at `blk` and activation block `b` of every row; needs AVX2/FMA/F16C.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn block<const R: usize>(
-        blk: *const u8,
-        b: usize,
-        acts: &[ActRow<'_>; R],
-        acc: &mut Acc<R>,
-    ) {
-        let dm = load_f16x2(blk);
-        let q = unpack_nibbles(blk.add(4));
-        for r in 0..R {
-            let a = _mm256_loadu_si256(acts[r].qs.as_ptr().add(b * BLOCK_ELEMS).cast());
-            let dot = dot_u8i8_avx2(q, a);
-            let scales = _mm_mul_ps(dm, load_act_scales(acts[r].scales.as_ptr().add(b)));
-            acc.dots[r] = _mm256_fmadd_ps(
-                _mm256_cvtepi32_ps(dot),
-                _mm256_broadcastss_ps(scales),
-                acc.dots[r],
-            );
-            acc.mins[r] = _mm_add_ps(acc.mins[r], scales);
-        }
-    }
-
     /// # Safety
     /// Needs AVX2, FMA and F16C; the shapes are checked here.
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -136,25 +125,22 @@ pub(crate) mod avx2 {
         let nb = w_row.len() / BLOCK_BYTES;
         assert_rows_match(acts, nb);
         let w = w_row.as_ptr();
-        let zero = || Acc {
-            dots: [_mm256_setzero_ps(); R],
-            mins: [_mm_setzero_ps(); R],
-        };
-        let (mut even, mut odd) = (zero(), zero());
-        let mut b = 0;
-        // SAFETY (pointer reads in `block`): b < nb, and the rows were checked above.
-        while b + 2 <= nb {
-            block(w.add(b * BLOCK_BYTES), b, acts, &mut even);
-            block(w.add((b + 1) * BLOCK_BYTES), b + 1, acts, &mut odd);
-            b += 2;
+        let mut dots = [_mm256_setzero_ps(); R];
+        let mut mins = [0f32; R];
+        for b in 0..nb {
+            // SAFETY: b < nb blocks of the row; the activation rows hold nb blocks (checked).
+            let blk = w.add(b * BLOCK_BYTES);
+            let dm = load_f16x2(blk);
+            let (d, m) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)));
+            let q = unpack_nibbles(blk.add(4));
+            for r in 0..R {
+                let a = _mm256_loadu_si256(acts[r].qs.as_ptr().add(b * BLOCK_ELEMS).cast());
+                let dd = _mm256_set1_ps(d * acts[r].scales.get_unchecked(b)[0]);
+                dots[r] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(dot_u8i8_avx2(q, a)), dots[r]);
+                mins[r] = m.mul_add(*acts[r].q81_sums.get_unchecked(b), mins[r]);
+            }
         }
-        if b < nb {
-            block(w.add(b * BLOCK_BYTES), b, acts, &mut even);
-        }
-        core::array::from_fn(|r| {
-            let mins = _mm_add_ps(even.mins[r], odd.mins[r]);
-            hsum(_mm256_add_ps(even.dots[r], odd.dots[r])) + _mm_cvtss_f32(_mm_movehdup_ps(mins))
-        })
+        core::array::from_fn(|r| hsum(dots[r]) + mins[r])
     }
 
     /// # Safety
@@ -171,62 +157,233 @@ pub(crate) mod avx2 {
     }
 }
 
-/// Groups of four blocks (see `matmul::x86::avx512`); Q4_1 is already `d·q + m`.
+/// `dot_portable`'s order on AVX-512: a tile of `C` weight rows × `R` activation rows (1×4,
+/// 4×1 or 1×1), each (weight row, activation row) "unit" with its own 8-lane chain. Two
+/// units share a 512-bit register (lanes 0–7 and 8–15), so per block one `vpdpbusd` sums
+/// the groups of four codes of two units exactly, and one multiply gives the four units'
+/// `d·d_x` while one fused multiply-add advances their four `m·s` chains.
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)] // index loops over the tile's register arrays
 pub(crate) mod avx512 {
-    use super::{assert_rows_match, ActRow, Q8Activations, BLOCK_BYTES};
-    use crate::quant::matmul::x86::avx512::{
-        byte_mask, group_kernel, nibble_words, unpack_nibble_pair, Group, Spread,
-        NIBBLE_PAIR_SPREAD,
-    };
+    use super::{assert_rows_match, ActRow, Q8Activations, BLOCK_BYTES, BLOCK_ELEMS};
+    use crate::quant::matmul::x86::*;
     use crate::quant::matmul::OutMatrix;
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    /// A block is 10 words: d, m, then the nibbles in words 2..10.
-    static NIBBLES: [u16; 32] = nibble_words(2, 12);
-    static SPREAD: Spread = NIBBLE_PAIR_SPREAD;
-
-    /// Blocks `p[0..n]` (n ≤ 4) of `readable` bytes at `p`: plain 64-byte loads where they
-    /// stay inside, else masked loads that read no byte past the blocks and zero the rest.
-    ///
     /// # Safety
-    /// `readable` bytes from `p` must be readable (at least the `n` blocks); needs AVX-512.
+    /// Needs the AVX-512 level (with VNNI); the shapes are checked here.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
     #[inline]
-    unsafe fn load_group<const TAIL: bool>(p: *const u8, n: usize, readable: usize) -> Group {
-        let pair = 2 * BLOCK_BYTES;
-        let (raw0, raw1) = if !TAIL && readable >= pair + 64 {
-            (
-                _mm512_loadu_si512(p.cast()),
-                _mm512_loadu_si512(p.add(pair).cast()),
-            )
-        } else {
-            let bytes = if TAIL {
-                n * BLOCK_BYTES
+    unsafe fn dot<const C: usize, const R: usize>(w: &[u8], row_bytes: usize, acts: &[ActRow<'_>; R]) -> [[f32; R]; C] {
+        let nb = row_bytes / BLOCK_BYTES;
+        assert!(w.len() >= C * row_bytes);
+        assert_rows_match(acts, nb);
+        if C * R != 4 {
+            return single(w, row_bytes, acts);
+        }
+        let wp = w.as_ptr();
+        // Unit u is (column u / R, row u % R); pair p holds units 2p and 2p + 1.
+        let mut acc = [_mm512_setzero_ps(); 2];
+        let mut mins = _mm256_setzero_ps();
+        let lo8_hi8 = |a: i32, b: i32| _mm512_setr_epi32(a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b);
+        let (idx0, idx1) = (lo8_hi8(0, 2), lo8_hi8(4, 6));
+        for b in 0..nb {
+            // SAFETY (all loads): block b of each of the C weight rows lies inside `w`, and
+            // the activation rows hold nb > b blocks (both checked above).
+            let header = |c: usize| wp.add(c * row_bytes + b * BLOCK_BYTES).cast::<i32>().read_unaligned();
+            let x_of = |r: usize| (acts[r].scales.get_unchecked(b)[0], *acts[r].q81_sums.get_unchecked(b));
+            // [d, m] and [d_x, s] per unit, interleaved.
+            let (dm, xs, codes, a) = if C == 4 {
+                let dm = _mm256_cvtph_ps(_mm_setr_epi32(header(0), header(1), header(2), header(3)));
+                let (dx, sx) = x_of(0);
+                let xs = _mm256_setr_ps(dx, sx, dx, sx, dx, sx, dx, sx);
+                let q = |c: usize| unpack_nibbles(wp.add(c * row_bytes + b * BLOCK_BYTES + 4));
+                let pair = |lo: __m256i, hi: __m256i| _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+                let a = _mm256_loadu_si256(acts[0].qs.as_ptr().add(b * BLOCK_ELEMS).cast());
+                let a = pair(a, a);
+                (dm, xs, [pair(q(0), q(1)), pair(q(2), q(3))], [a, a])
             } else {
-                4 * BLOCK_BYTES
+                let dm = _mm256_cvtph_ps(_mm_set1_epi32(header(0)));
+                let ((x0, s0), (x1, s1), (x2, s2), (x3, s3)) = (x_of(0), x_of(1), x_of(2), x_of(3));
+                let xs = _mm256_setr_ps(x0, s0, x1, s1, x2, s2, x3, s3);
+                let q = unpack_nibbles(wp.add(b * BLOCK_BYTES + 4));
+                let q = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q), q);
+                let a = |r: usize| _mm256_loadu_si256(acts[r].qs.as_ptr().add(b * BLOCK_ELEMS).cast());
+                let pair = |lo: __m256i, hi: __m256i| _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+                (dm, xs, [q, q], [pair(a(0), a(1)), pair(a(2), a(3))])
             };
-            let raw0 = _mm512_maskz_loadu_epi8(byte_mask(bytes.min(pair)), p.cast());
-            (
-                raw0,
-                _mm512_maskz_loadu_epi8(byte_mask(bytes.saturating_sub(pair)), p.add(pair).cast()),
-            )
-        };
-        // [d, m] of each block is dword 0 or 5 of its pair.
-        let dm = _mm512_permutex2var_epi32(
-            raw0,
-            _mm512_setr_epi32(0, 5, 16, 21, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
-            raw1,
-        );
-        Group {
-            u: [
-                unpack_nibble_pair(raw0, &NIBBLES),
-                unpack_nibble_pair(raw1, &NIBBLES),
-            ],
-            w: _mm256_cvtph_ps(_mm512_castsi512_si128(dm)),
+            let dd = _mm512_castps256_ps512(_mm256_mul_ps(dm, xs));
+            mins = _mm256_fmadd_ps(dm, xs, mins);
+            let scale = [_mm512_permutexvar_ps(idx0, dd), _mm512_permutexvar_ps(idx1, dd)];
+            for p in 0..2 {
+                let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[p], a[p]);
+                acc[p] = _mm512_fmadd_ps(scale[p], _mm512_cvtepi32_ps(dot), acc[p]);
+            }
+        }
+        let mut m = [0f32; 8];
+        _mm256_storeu_ps(m.as_mut_ptr(), mins);
+        let mut out = [[0f32; R]; C];
+        for p in 0..2 {
+            let lo = _mm512_castps512_ps256(acc[p]);
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc[p])));
+            for (u, half) in [(2 * p, lo), (2 * p + 1, hi)] {
+                out[u / R][u % R] = hsum(half) + m[2 * u + 1];
+            }
+        }
+        out
+    }
+
+    /// One unit (a ragged tile): the AVX2 kernel's loop with a VNNI dot.
+    ///
+    /// # Safety
+    /// As [`dot`], which checked the shapes.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    unsafe fn single<const C: usize, const R: usize>(w: &[u8], row_bytes: usize, acts: &[ActRow<'_>; R]) -> [[f32; R]; C] {
+        let nb = row_bytes / BLOCK_BYTES;
+        let mut out = [[0f32; R]; C];
+        for c in 0..C {
+            for r in 0..R {
+                let mut dots = _mm256_setzero_ps();
+                let mut mins = 0f32;
+                for b in 0..nb {
+                    let blk = w.as_ptr().add(c * row_bytes + b * BLOCK_BYTES);
+                    let dm = load_f16x2(blk);
+                    let (d, m) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)));
+                    let q = unpack_nibbles(blk.add(4));
+                    let a = _mm256_loadu_si256(acts[r].qs.as_ptr().add(b * BLOCK_ELEMS).cast());
+                    let dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, a);
+                    let dd = _mm256_set1_ps(d * acts[r].scales.get_unchecked(b)[0]);
+                    dots = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(dot), dots);
+                    mins = m.mul_add(*acts[r].q81_sums.get_unchecked(b), mins);
+                }
+                out[c][r] = hsum(dots) + mins;
+            }
+        }
+        out
+    }
+
+    /// Activation rows `r0..r0 + R` (R = 2·P = 4·Q) laid out for [`row_group`] once per call:
+    /// per block, P 512-bit code pairs (rows 2p, 2p + 1), P vectors `[d_x ×8 | d_x' ×8]`, and Q
+    /// vectors `[0, s, 0, s', …]` (four rows each) for the `m·s` chains.
+    struct Prepared<const P: usize, const Q: usize> {
+        pairs: Vec<[__m512i; P]>,
+        scales: Vec<[__m512; P]>,
+        sums: Vec<[__m256; Q]>,
+    }
+
+    /// # Safety
+    /// Rows `r0..r0 + 2P` must exist; needs the AVX-512 level.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn prepare<const P: usize, const Q: usize>(acts: &Q8Activations, r0: usize, nb: usize) -> Prepared<P, Q> {
+        let rows: [ActRow<'_>; 8] = core::array::from_fn(|i| acts.row(r0 + i.min(2 * P - 1)));
+        let mut prep = Prepared { pairs: Vec::with_capacity(nb), scales: Vec::with_capacity(nb), sums: Vec::with_capacity(nb) };
+        for b in 0..nb {
+            let a = |r: usize| _mm256_loadu_si256(rows[r].qs.as_ptr().add(b * BLOCK_ELEMS).cast());
+            let dx = |r: usize| rows[r].scales[b][0];
+            let s = |r: usize| rows[r].q81_sums[b];
+            prep.pairs.push(core::array::from_fn(|p| _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a(2 * p)), a(2 * p + 1))));
+            prep.scales.push(core::array::from_fn(|p| {
+                _mm512_insertf32x8::<1>(_mm512_set1_ps(dx(2 * p)), _mm256_set1_ps(dx(2 * p + 1)))
+            }));
+            prep.sums.push(core::array::from_fn(|q| {
+                let r = 4 * q;
+                _mm256_setr_ps(0.0, s(r), 0.0, s(r + 1), 0.0, s(r + 2), 0.0, s(r + 3))
+            }));
+        }
+        prep
+    }
+
+    /// Columns `cols` × the prepared rows `r0..r0 + 2P`: per weight block, its codes are
+    /// unpacked once and broadcast to both halves, and each pair of rows takes one
+    /// `vpdpbusd`, one multiply (`d·d_x` for both rows, exact) and one fused multiply-add.
+    ///
+    /// # Safety
+    /// As `matmul_cols`; `prep` was made from rows `r0..r0 + 2P` of this call's activations.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn row_group<const P: usize, const Q: usize>(
+        w: &[u8],
+        row_bytes: usize,
+        prep: &Prepared<P, Q>,
+        r0: usize,
+        cols: Range<usize>,
+        out: &OutMatrix,
+    ) {
+        let nb = row_bytes / BLOCK_BYTES;
+        assert!(prep.pairs.len() == nb && w.len() >= cols.end * row_bytes);
+        for j in cols {
+            let mut acc = [_mm512_setzero_ps(); P];
+            let mut mins = [_mm256_setzero_ps(); Q];
+            for b in 0..nb {
+                // SAFETY: block b of weight row j lies inside `w` (checked above).
+                let blk = w.as_ptr().add(j * row_bytes + b * BLOCK_BYTES);
+                let dm = _mm256_cvtph_ps(_mm_set1_epi32(blk.cast::<i32>().read_unaligned()));
+                let d = _mm512_broadcastss_ps(_mm256_castps256_ps128(dm));
+                let q = _mm512_broadcast_i64x4(unpack_nibbles(blk.add(4)));
+                let (pairs, scales, sums) = (&prep.pairs[b], &prep.scales[b], &prep.sums[b]);
+                for i in 0..Q {
+                    mins[i] = _mm256_fmadd_ps(dm, sums[i], mins[i]);
+                }
+                for p in 0..P {
+                    let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, pairs[p]);
+                    acc[p] = _mm512_fmadd_ps(_mm512_mul_ps(d, scales[p]), _mm512_cvtepi32_ps(dot), acc[p]);
+                }
+            }
+            let mut m = [[0f32; 8]; Q];
+            for i in 0..Q {
+                _mm256_storeu_ps(m[i].as_mut_ptr(), mins[i]);
+            }
+            for p in 0..P {
+                let lo = _mm512_castps512_ps256(acc[p]);
+                let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc[p])));
+                for (r, half) in [(2 * p, lo), (2 * p + 1, hi)] {
+                    // SAFETY: the caller gave this call columns `cols` alone.
+                    out.set(r0 + r, j, hsum(half) + m[r / 4][2 * (r % 4) + 1]);
+                }
+            }
         }
     }
 
-    group_kernel!(BLOCK_BYTES);
+    /// # Safety
+    /// The CPU must support the AVX-512 level; the caller owns columns `cols`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(crate) unsafe fn matmul_cols(
+        w: &[u8],
+        row_bytes: usize,
+        acts: &Q8Activations,
+        cols: Range<usize>,
+        out: &OutMatrix,
+    ) {
+        let m = acts.rows();
+        let nb = row_bytes / BLOCK_BYTES;
+        // Rows in groups of eight, then four, sharing each unpacked weight block; the rest
+        // (all of a decode step's single row) four columns at a time.
+        let mut r0 = 0;
+        while m - r0 >= 8 {
+            row_group(w, row_bytes, &prepare::<4, 2>(acts, r0, nb), r0, cols.clone(), out);
+            r0 += 8;
+        }
+        if m - r0 >= 4 {
+            row_group(w, row_bytes, &prepare::<2, 1>(acts, r0, nb), r0, cols.clone(), out);
+            r0 += 4;
+        }
+        for r in r0..m {
+            let row = [acts.row(r)];
+            let mut j = cols.start;
+            while j < cols.end {
+                let from = &w[j * row_bytes..];
+                if cols.end - j >= 4 {
+                    for (c, v) in dot::<4, 1>(from, row_bytes, &row).into_iter().enumerate() {
+                        // SAFETY: as above.
+                        out.set(r, j + c, v[0]);
+                    }
+                    j += 4;
+                } else {
+                    out.set(r, j, dot::<1, 1>(from, row_bytes, &row)[0][0]);
+                    j += 1;
+                }
+            }
+        }
+    }
 }

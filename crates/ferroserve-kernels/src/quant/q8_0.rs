@@ -55,6 +55,9 @@ pub struct Q8Activations {
     qs: Vec<i8>,
     /// Per block `[d, d·Σq]`, interleaved so one 8-byte load fetches both.
     scales: Vec<[f32; 2]>,
+    /// Per block ggml's q8_1 `s`: `d·Σq` with the unrounded `d`, rounded to f16 (see
+    /// [`q81_sum`]); what llama.cpp's Q4_1 dot product multiplies the weights' `m` by.
+    q81_sums: Vec<f32>,
 }
 
 /// One activation row as the kernels read it.
@@ -62,6 +65,7 @@ pub struct Q8Activations {
 pub(crate) struct ActRow<'a> {
     pub qs: &'a [i8],
     pub scales: &'a [[f32; 2]],
+    pub q81_sums: &'a [f32],
 }
 
 /// Rows times `k` below which quantising on one thread beats waking the pool.
@@ -94,6 +98,7 @@ impl Q8Activations {
         self.k = k;
         self.qs.resize(rows * k, 0);
         self.scales.resize(rows * k / BLOCK_ELEMS, [0.0; 2]);
+        self.q81_sums.resize(rows * k / BLOCK_ELEMS, 0.0);
         if rows * k >= PARALLEL_ELEMS {
             use rayon::prelude::*;
             const CHUNK_BLOCKS: usize = 256;
@@ -101,9 +106,10 @@ impl Q8Activations {
             let qs = self.qs.par_chunks_mut(CHUNK_BLOCKS * BLOCK_ELEMS);
             xs.zip(qs)
                 .zip(self.scales.par_chunks_mut(CHUNK_BLOCKS))
-                .for_each(|((x, q), s)| quantize_blocks(isa, x, q, s));
+                .zip(self.q81_sums.par_chunks_mut(CHUNK_BLOCKS))
+                .for_each(|(((x, q), s), s1)| quantize_blocks(isa, x, q, s, s1));
         } else {
-            quantize_blocks(isa, x, &mut self.qs, &mut self.scales);
+            quantize_blocks(isa, x, &mut self.qs, &mut self.scales, &mut self.q81_sums);
         }
     }
 
@@ -136,36 +142,38 @@ impl Q8Activations {
         ActRow {
             qs: &self.qs[r * self.k..(r + 1) * self.k],
             scales: &self.scales[r * nb..(r + 1) * nb],
+            q81_sums: &self.q81_sums[r * nb..(r + 1) * nb],
         }
     }
 }
 
-fn quantize_blocks(isa: QuantIsa, x: &[f32], q: &mut [i8], s: &mut [[f32; 2]]) {
-    assert!(x.len() == q.len() && x.len() == s.len() * BLOCK_ELEMS);
+fn quantize_blocks(isa: QuantIsa, x: &[f32], q: &mut [i8], s: &mut [[f32; 2]], s1: &mut [f32]) {
+    assert!(x.len() == q.len() && x.len() == s.len() * BLOCK_ELEMS && s1.len() == s.len());
     match isa {
         // SAFETY: the caller checked that the CPU supports `isa`.
         #[cfg(target_arch = "x86_64")]
-        QuantIsa::Avx512 => unsafe { avx512::quantize_blocks(x, q, s) },
+        QuantIsa::Avx512 => unsafe { avx512::quantize_blocks(x, q, s, s1) },
         #[cfg(target_arch = "x86_64")]
-        QuantIsa::Avx2 => unsafe { avx2::quantize_blocks(x, q, s) },
+        QuantIsa::Avx2 => unsafe { avx2::quantize_blocks(x, q, s, s1) },
         _ => {
-            for ((xb, qb), sb) in x
+            for (((xb, qb), sb), s1b) in x
                 .chunks_exact(BLOCK_ELEMS)
                 .zip(q.chunks_exact_mut(BLOCK_ELEMS))
                 .zip(s)
+                .zip(s1)
             {
-                *sb = quantize_block(xb, qb);
+                (*sb, *s1b) = quantize_block(xb, qb);
             }
         }
     }
 }
 
 /// The reference for the SIMD versions, which must match it bit for bit.
-fn quantize_block(x: &[f32], q: &mut [i8]) -> [f32; 2] {
+fn quantize_block(x: &[f32], q: &mut [i8]) -> ([f32; 2], f32) {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     if !x.iter().all(|v| v.is_finite()) {
         q.fill(0);
-        return [f32::NAN; 2];
+        return ([f32::NAN; 2], f32::NAN);
     }
     let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
     let mut sum = 0i32;
@@ -174,14 +182,15 @@ fn quantize_block(x: &[f32], q: &mut [i8]) -> [f32; 2] {
         *qi = round_half_even(v * inv).clamp(-127.0, 127.0) as i8;
         sum += *qi as i32;
     }
-    block_scales(amax, sum)
+    (block_scales(amax, sum), q81_sum(amax, sum))
 }
 
 /// A block's `[d, d·Σq]`: `d = amax / 127` rounded to f16 (to nearest even), as ggml stores
 /// it in its q8_0/q8_1 activation blocks (the codes are quantised with the unrounded
 /// `127 / amax`, as ggml does), so the block products `d_w·d_x` are ggml's. `d·Σq` uses that
 /// rounded `d` and stays f32: the AVX-512 kernels subtract `128·d_w·(d·Σq)` from a larger
-/// term and need it exact (ggml's q8_1 also rounds this sum to f16; we do not). Rounding
+/// term and need it exact (ggml's q8_1 rounds this sum to f16: Q4_1 reads that version,
+/// [`q81_sum`]). Rounding
 /// `d` costs no accuracy worth measuring (the 8-bit codes already err by up to 1/254 of
 /// `amax`). A block whose `amax / 127` is beyond the f16 range
 /// (≥ 65520) gets an infinite `d`, as in ggml.
@@ -190,6 +199,15 @@ pub(crate) fn block_scales(amax: f32, sum: i32) -> [f32; 2] {
     use super::f16::{f16_to_f32, f32_to_f16};
     let d = f16_to_f32(f32_to_f16(amax / 127.0));
     [d, d * sum as f32]
+}
+
+/// ggml's q8_1 block sum `s = f16(d·Σq)` with `d = amax / 127` before its own f16 rounding:
+/// Q4_1 weights (`w = d_w·q + m`) take their `m` term as `m·s`, and matching llama.cpp's
+/// roundings there keeps greedy decoding on its path (see `q4_1::dot_portable`).
+#[inline]
+pub(crate) fn q81_sum(amax: f32, sum: i32) -> f32 {
+    use super::f16::{f16_to_f32, f32_to_f16};
+    f16_to_f32(f32_to_f16(amax / 127.0 * sum as f32))
 }
 
 /// Checks the shapes the unchecked pointer arithmetic in the kernels relies on.
@@ -243,14 +261,15 @@ pub(crate) mod avx2 {
 
     /// `quantize_block` over many blocks, eight lanes at a time (same bits).
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) unsafe fn quantize_blocks(x: &[f32], q: &mut [i8], s: &mut [[f32; 2]]) {
+    pub(crate) unsafe fn quantize_blocks(x: &[f32], q: &mut [i8], s: &mut [[f32; 2]], s1: &mut [f32]) {
         let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
         let finite_max = _mm256_set1_ps(f32::MAX);
         let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-        for ((xb, qb), sb) in x
+        for (((xb, qb), sb), s1b) in x
             .chunks_exact(BLOCK_ELEMS)
             .zip(q.chunks_exact_mut(BLOCK_ELEMS))
             .zip(s)
+            .zip(s1)
         {
             let p = xb.as_ptr();
             let v = [
@@ -267,6 +286,7 @@ pub(crate) mod avx2 {
             if bad != 0 {
                 qb.fill(0);
                 *sb = [f32::NAN; 2];
+                *s1b = f32::NAN;
                 continue;
             }
             let m = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
@@ -292,6 +312,7 @@ pub(crate) mod avx2 {
             let sum = _mm_add_epi32(sum, _mm_unpackhi_epi64(sum, sum));
             let sum = _mm_cvtsi128_si32(_mm_add_epi32(sum, _mm_shuffle_epi32(sum, 1)));
             *sb = super::block_scales(amax, sum);
+            *s1b = super::q81_sum(amax, sum);
         }
     }
 
@@ -373,9 +394,9 @@ pub(crate) mod avx512 {
 
     /// `quantize_block` over many blocks, sixteen lanes at a time (same bits).
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub(crate) unsafe fn quantize_blocks(x: &[f32], q: &mut [i8], s: &mut [[f32; 2]]) {
+    pub(crate) unsafe fn quantize_blocks(x: &[f32], q: &mut [i8], s: &mut [[f32; 2]], s1: &mut [f32]) {
         let finite_max = _mm512_set1_ps(f32::MAX);
-        for ((xb, qb), sb) in x.chunks_exact(32).zip(q.chunks_exact_mut(32)).zip(s) {
+        for (((xb, qb), sb), s1b) in x.chunks_exact(32).zip(q.chunks_exact_mut(32)).zip(s).zip(s1) {
             let v0 = _mm512_loadu_ps(xb.as_ptr());
             let v1 = _mm512_loadu_ps(xb.as_ptr().add(16));
             let (a0, a1) = (_mm512_abs_ps(v0), _mm512_abs_ps(v1));
@@ -384,6 +405,7 @@ pub(crate) mod avx512 {
             if bad != 0 {
                 qb.fill(0);
                 *sb = [f32::NAN; 2];
+                *s1b = f32::NAN;
                 continue;
             }
             let amax = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1)); // exact in any order
@@ -395,6 +417,7 @@ pub(crate) mod avx512 {
             _mm_storeu_si128(qb.as_mut_ptr().add(16).cast(), _mm512_cvtepi32_epi8(i1));
             let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
             *sb = super::block_scales(amax, sum);
+            *s1b = super::q81_sum(amax, sum);
         }
     }
 
