@@ -327,6 +327,7 @@ pub(crate) mod avx512 {
             for b in 0..nb {
                 // SAFETY: block b of weight row j lies inside `w` (checked above).
                 let blk = w.as_ptr().add(j * row_bytes + b * BLOCK_BYTES);
+                _mm_prefetch::<_MM_HINT_T0>(blk.add(PREFETCH_AHEAD).cast());
                 let dm = _mm256_cvtph_ps(_mm_set1_epi32(blk.cast::<i32>().read_unaligned()));
                 let d = _mm512_broadcastss_ps(_mm256_castps256_ps128(dm));
                 let q = _mm512_broadcast_i64x4(unpack_nibbles(blk.add(4)));
