@@ -720,6 +720,8 @@ def parse_args(argv=None):
                         "< 0.1 core (shared machines); 0 = don't wait")
     p.add_argument("--skip-latency", action="store_true")
     p.add_argument("--skip-passages", action="store_true")
+    p.add_argument("--latency-only", action="store_true",
+                   help="skip the throughput measurements (sentences and passages)")
     p.add_argument("--out", help="result JSON path (default: bench/results/embeddings-<utc>.json)")
     p.add_argument("--quick", action="store_true",
                    help="development: 1 round, 512 sentences, 32 passages, fewer requests")
@@ -871,9 +873,10 @@ async def run(a) -> int:
             if a.onnx_c16 == "threads" and not a.skip_latency:
                 onnx_latency(onnx, short, 64, 16, usage_onnx)
         if client is not None:
-            await ours_throughput(client, sent_bodies[:8], sent_sizes[:8],
-                                  max(a.batch_concurrency), usage_ours)
-            await ours_throughput(client, pass_bodies[:2], pass_sizes[:2], 2, usage_ours)
+            if not a.latency_only:
+                await ours_throughput(client, sent_bodies[:8], sent_sizes[:8],
+                                      max(a.batch_concurrency), usage_ours)
+                await ours_throughput(client, pass_bodies[:2], pass_sizes[:2], 2, usage_ours)
             await ours_latency(client, short_bodies, 30, 1, usage_ours)
             await ours_latency(client, short_bodies, 64, 16, usage_ours)
 
@@ -889,14 +892,14 @@ async def run(a) -> int:
             log(f"round {r + 1}/{a.rounds}"
                 + (f" (others' load before it: {other:.2f} cores)" if other is not None else ""))
             # sentences, batches of 32
-            if client is not None:
+            if client is not None and not a.latency_only:
                 for c in a.batch_concurrency:
                     add(f"ours_sentences_c{c}",
                         await ours_throughput(client, sent_bodies, sent_sizes, c, usage_ours))
-            if onnx is not None:
+            if onnx is not None and not a.latency_only:
                 add("onnx_sentences", onnx_throughput(onnx, sent_batches, usage_onnx))
             # passages
-            if not a.skip_passages:
+            if not a.skip_passages and not a.latency_only:
                 if client is not None:
                     for c in a.batch_concurrency:
                         add(f"ours_passages_c{c}",
@@ -963,11 +966,11 @@ async def run(a) -> int:
     def in_flight(key):
         return f" (ours {key.rsplit('_', 1)[1].replace('c', 'c=')})" if key else ""
 
-    rows = [
-        (f"sentences/s, batch {a.batch}" + in_flight(best_sent_key),
-         best_sent, g("onnx_sentences", "items_per_s"), 1, "high"),
-    ]
-    if not a.skip_passages:
+    rows = []
+    if not a.latency_only:
+        rows.append((f"sentences/s, batch {a.batch}" + in_flight(best_sent_key),
+                     best_sent, g("onnx_sentences", "items_per_s"), 1, "high"))
+    if not a.skip_passages and not a.latency_only:
         rows.append((f"passages/s, batch {a.passage_batch}" + in_flight(best_pass_key),
                      best_pass, g("onnx_passages", "items_per_s"), 1, "high"))
     if not a.skip_latency:

@@ -199,7 +199,19 @@ impl BertModel {
 
     /// Sentence vectors `[seqs.len(), hidden]` for already-tokenized sequences (with
     /// special tokens, each at most `max_seq_length` long, ids < vocab size).
+    ///
+    /// The whole pass runs as one job on a rayon worker: called from a thread outside the
+    /// pool (the batcher), each of the ≈ 30 parallel sections of a pass would otherwise be
+    /// injected from outside and waited for on a latch, a cross-thread wake-up and a sleep
+    /// of the caller every time (≈ 500 context switches per short sentence; see
+    /// bench/NOTES.md). Inside the pool, sections fork on the worker's own deque.
     pub fn embed(&self, seqs: &[&[u32]]) -> Vec<f32> {
+        // `rayon::scope` runs its body on a worker of the global pool (in place if the
+        // caller already is one); no tasks are spawned into the scope itself.
+        rayon::scope(|_| self.embed_on_worker(seqs))
+    }
+
+    fn embed_on_worker(&self, seqs: &[&[u32]]) -> Vec<f32> {
         let h = self.config.hidden_size;
         let mut offsets = Vec::with_capacity(seqs.len() + 1);
         offsets.push(0usize);

@@ -2,11 +2,12 @@
 //!
 //! One task per (sequence, head): K is copied transposed and V contiguous into a small
 //! scratch buffer so both products are unit-stride AXPYs the compiler vectorises, with
-//! no horizontal reductions. Sequences are never padded, so no work is spent on padding.
+//! no horizontal reductions; each query row's scores and outputs are accumulated in
+//! 16-lane register blocks. Keys are padded only to the next multiple of 16.
 
 use rayon::prelude::*;
 
-use super::elementwise::softmax_in_place;
+use super::math::fast_exp;
 use super::{dispatch_isa, Isa};
 use crate::SeqLayout;
 
@@ -40,12 +41,15 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Score and output lanes per register-resident block (one AVX-512 register of f32).
+const LANES: usize = 16;
+
 #[inline(always)]
 fn head_attention(qkv: &[f32], start: usize, end: usize, h: usize, heads: usize, d: usize, out: *mut f32) {
     let len = end - start;
-    // Key positions padded to a multiple of 16 so the score loops have no scalar tail;
+    // Key positions padded to a multiple of LANES so the score loops have no scalar tail;
     // padded scores are excluded from the softmax below.
-    let padded = len.div_ceil(16) * 16;
+    let padded = len.div_ceil(LANES) * LANES;
     let hidden = heads * d;
     let stride = 3 * hidden;
     let scale = 1.0 / (d as f32).sqrt();
@@ -71,19 +75,53 @@ fn head_attention(qkv: &[f32], start: usize, end: usize, h: usize, heads: usize,
         }
         for i in 0..len {
             let q = &qkv[(start + i) * stride + h * d..(start + i) * stride + (h + 1) * d];
-            scores.fill(0.0);
-            for c in 0..d {
-                let qc = q[c] * scale;
-                for (s, &k) in scores.iter_mut().zip(&kt[c * padded..(c + 1) * padded]) {
-                    *s += qc * k;
+            // Scores for LANES keys at a time, accumulated in a register over the head
+            // dimension rather than re-loaded and re-stored from memory for every c.
+            let mut max = [f32::NEG_INFINITY; LANES];
+            for (b, block) in scores.chunks_exact_mut(LANES).enumerate() {
+                let mut s = [0.0f32; LANES];
+                for c in 0..d {
+                    let qc = q[c] * scale;
+                    let k: &[f32; LANES] = kt[c * padded + b * LANES..c * padded + (b + 1) * LANES].try_into().unwrap();
+                    for l in 0..LANES {
+                        s[l] += qc * k[l];
+                    }
+                }
+                for l in 0..LANES {
+                    // Padded keys (score 0) must not win the max.
+                    let live = b * LANES + l < len;
+                    max[l] = if live && s[l] > max[l] { s[l] } else { max[l] };
+                }
+                block.copy_from_slice(&s);
+            }
+            let m = max.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+            let mut sum = [0.0f32; LANES];
+            for (b, block) in scores.chunks_exact_mut(LANES).enumerate() {
+                for l in 0..LANES {
+                    let e = if b * LANES + l < len { fast_exp(block[l] - m) } else { 0.0 };
+                    block[l] = e;
+                    sum[l] += e;
                 }
             }
-            softmax_in_place(&mut scores[..len]);
-            acc.fill(0.0);
-            for (j, &p) in scores[..len].iter().enumerate() {
-                for (a, &vv) in acc.iter_mut().zip(&v[j * d..(j + 1) * d]) {
-                    *a += p * vv;
+            let inv = 1.0 / sum.iter().sum::<f32>();
+            // out = Σ_j p_j · V_j, one register block of the head dimension at a time.
+            let mut c0 = 0;
+            while c0 + LANES <= d {
+                let mut a = [0.0f32; LANES];
+                for j in 0..len {
+                    let p = scores[j];
+                    let vv: &[f32; LANES] = v[j * d + c0..j * d + c0 + LANES].try_into().unwrap();
+                    for l in 0..LANES {
+                        a[l] += p * vv[l];
+                    }
                 }
+                for l in 0..LANES {
+                    acc[c0 + l] = a[l] * inv;
+                }
+                c0 += LANES;
+            }
+            for c in c0..d {
+                acc[c] = (0..len).map(|j| scores[j] * v[j * d + c]).sum::<f32>() * inv;
             }
             // SAFETY: row start+i, columns h*d..(h+1)*d belong to this task only.
             unsafe { std::ptr::copy_nonoverlapping(acc.as_ptr(), out.add((start + i) * hidden + h * d), d) };
@@ -100,30 +138,32 @@ mod tests {
     #[test]
     fn attention_matches_f64() {
         let mut rng = Rng::new(99 ^ std::process::id() as u64);
-        let (heads, d) = (3, 8);
-        let hidden = heads * d;
-        let offsets = [0usize, 1, 6, 6 + 33, 6 + 33 + 2];
-        let rows = *offsets.last().unwrap();
-        let qkv = rng.vec(rows * 3 * hidden);
-        for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
-            let mut out = vec![f32::NAN; rows * hidden];
-            encoder_attention(isa, &qkv, &SeqLayout { offsets: &offsets }, heads, d, &mut out);
-            let mut want = vec![0.0f64; rows * hidden];
-            for s in 0..offsets.len() - 1 {
-                let (a, b) = (offsets[s], offsets[s + 1]);
-                for h in 0..heads {
-                    for i in a..b {
-                        let q = |c: usize| qkv[i * 3 * hidden + h * d + c] as f64;
-                        let sc: Vec<f64> = (a..b).map(|j| (0..d).map(|c| q(c) * qkv[j * 3 * hidden + hidden + h * d + c] as f64).sum::<f64>() / (d as f64).sqrt()).collect();
-                        let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                        let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
-                        for c in 0..d {
-                            want[i * hidden + h * d + c] = (a..b).zip(&sc).map(|(j, x)| (x - m).exp() / z * qkv[j * 3 * hidden + 2 * hidden + h * d + c] as f64).sum();
+        // d = 8: only the scalar tail of the output loop; d = 40: two register blocks + tail.
+        for (heads, d) in [(3usize, 8usize), (2, 40)] {
+            let hidden = heads * d;
+            let offsets = [0usize, 1, 6, 6 + 33, 6 + 33 + 2];
+            let rows = *offsets.last().unwrap();
+            let qkv = rng.vec(rows * 3 * hidden);
+            for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
+                let mut out = vec![f32::NAN; rows * hidden];
+                encoder_attention(isa, &qkv, &SeqLayout { offsets: &offsets }, heads, d, &mut out);
+                let mut want = vec![0.0f64; rows * hidden];
+                for s in 0..offsets.len() - 1 {
+                    let (a, b) = (offsets[s], offsets[s + 1]);
+                    for h in 0..heads {
+                        for i in a..b {
+                            let q = |c: usize| qkv[i * 3 * hidden + h * d + c] as f64;
+                            let sc: Vec<f64> = (a..b).map(|j| (0..d).map(|c| q(c) * qkv[j * 3 * hidden + hidden + h * d + c] as f64).sum::<f64>() / (d as f64).sqrt()).collect();
+                            let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                            let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
+                            for c in 0..d {
+                                want[i * hidden + h * d + c] = (a..b).zip(&sc).map(|(j, x)| (x - m).exp() / z * qkv[j * 3 * hidden + 2 * hidden + h * d + c] as f64).sum();
+                            }
                         }
                     }
                 }
+                assert_close(&out, &want, 1e-5, &format!("attention {isa:?} d={d}"));
             }
-            assert_close(&out, &want, 1e-5, &format!("attention {isa:?}"));
         }
     }
 }

@@ -36,12 +36,18 @@ fn layer_norm_rows(x: &mut [f32], residual: Option<&[f32]>, dim: usize, gamma: &
             }
         }
         let mean = lane_sum(row) / dim as f32;
+        // 16 lanes over whole chunks (vectorises; `i % 16` indexing did not), then the tail.
         let mut var_acc = [0.0f32; 16];
-        for (i, &v) in row.iter().enumerate() {
-            let d = v - mean;
-            var_acc[i % 16] += d * d;
+        let chunks = row.chunks_exact(16);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for l in 0..16 {
+                let d = c[l] - mean;
+                var_acc[l] += d * d;
+            }
         }
-        let var = var_acc.iter().sum::<f32>() / dim as f32;
+        let tail_var: f32 = tail.iter().map(|&v| (v - mean) * (v - mean)).sum();
+        let var = (var_acc.iter().sum::<f32>() + tail_var) / dim as f32;
         let inv = 1.0 / (var + eps).sqrt();
         for ((v, &g), &b) in row.iter_mut().zip(gamma).zip(beta) {
             *v = (*v - mean) * inv * g + b;

@@ -161,14 +161,20 @@ pub fn linear(x: &[f32], rows: usize, w: &PackedLinear, act: Activation, out: &m
         if let Some(b) = bias {
             bias_tile[..ncols].copy_from_slice(&b[c0..c0 + ncols]);
         }
-        // SAFETY: amx_available() was true when these weights were packed for AMX.
-        unsafe { x86::configure() };
+        let mut configured_rows = 0;
         for rb in g * blocks_per_task..((g + 1) * blocks_per_task).min(row_blocks) {
             let r0 = rb * BLOCK_ROWS;
-            // SAFETY: `a` holds BLOCK_ROWS-padded rows of k2 pairs; `panel` k2 × NR pairs.
             // A block with at most 16 live rows (a short request) needs one A tile and two
-            // tile products per k-step instead of two and four.
+            // tile products per k-step instead of two and four. The A and C tiles are
+            // configured with only the live rows: tile loads and products cost in
+            // proportion to their rows, so a 19-token sentence does not pay for 32.
             let live_rows = BLOCK_ROWS.min(rows - r0);
+            if live_rows != configured_rows {
+                // SAFETY: amx_available() was true when these weights were packed for AMX.
+                unsafe { x86::configure(live_rows) };
+                configured_rows = live_rows;
+            }
+            // SAFETY: `a` holds BLOCK_ROWS-padded rows of k2 pairs; `panel` k2 × NR pairs.
             unsafe { x86::block_32x32(a.as_ptr().add(r0 * k2), k2, panel.as_ptr(), tile.as_mut_ptr(), live_rows > TILE_ROWS) };
             let valid_rows = BLOCK_ROWS.min(rows - r0);
             let live = &mut tile[..valid_rows * NR];
@@ -204,9 +210,9 @@ mod x86 {
     use std::arch::asm;
     use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
 
-    use super::{NR, TILE_K};
+    use super::{NR, TILE_K, TILE_ROWS};
 
-    /// Palette 1, tiles 0–7 all 16 rows × 64 bytes.
+    /// Palette 1, tiles 0–7 × 64 bytes per row.
     #[repr(C, align(64))]
     struct TileConfig {
         palette: u8,
@@ -216,18 +222,25 @@ mod x86 {
         rows: [u8; 16],
     }
 
-    static CONFIG: TileConfig = TileConfig {
-        palette: 1,
-        start_row: 0,
-        reserved: [0; 14],
-        colsb: [64, 64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0],
-        rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
-    };
-
+    /// Configures the tiles for a block of `live_rows` (1..=32) rows of A: the first A tile
+    /// (tmm4) and its accumulators (tmm0–1) get `min(live_rows, 16)` rows, the second
+    /// (tmm5, tmm2–3) the rest (at least 1); B tiles (tmm6–7) are always 16 k-pair rows.
+    /// Each row of C depends only on its own row of A, so results do not change with this.
+    ///
     /// # Safety
     /// AMX must be available and permitted (see `amx_available`).
-    pub unsafe fn configure() {
-        asm!("ldtilecfg [{}]", in(reg) &CONFIG as *const TileConfig, options(nostack, readonly));
+    pub unsafe fn configure(live_rows: usize) {
+        debug_assert!((1..=2 * TILE_ROWS).contains(&live_rows));
+        let first = live_rows.min(TILE_ROWS) as u8;
+        let second = live_rows.saturating_sub(TILE_ROWS).max(1) as u8;
+        let config = TileConfig {
+            palette: 1,
+            start_row: 0,
+            reserved: [0; 14],
+            colsb: [64, 64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0],
+            rows: [first, first, second, second, first, second, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
+        };
+        asm!("ldtilecfg [{}]", in(reg) &config as *const TileConfig, options(nostack, readonly));
     }
 
     /// # Safety
@@ -337,7 +350,8 @@ mod tests {
     use crate::{CpuDevice, Device, Isa as CpuIsa};
 
     /// Short batches (≤ 16 rows) take the one-A-tile path: rows must equal those of the
-    /// same inputs computed inside a larger batch (batch invariance across both paths).
+    /// same inputs computed inside a larger batch (batch invariance across both paths and
+    /// across tile configurations).
     #[test]
     fn short_and_long_blocks_agree() {
         let dev = CpuDevice::with_isa(CpuIsa::Amx);
@@ -350,7 +364,9 @@ mod tests {
         let packed = dev.pack_linear(&w, n, k, None);
         let mut all = vec![f32::NAN; 40 * n];
         dev.linear(&x, 40, &packed, Activation::None, &mut all);
-        for rows in [1usize, 5, 16] {
+        // Tiles are configured with the live rows of each block: 19 and 33 rows give
+        // blocks of 19, and 32 + 1, where the 40-row batch has 32 + 8.
+        for rows in [1usize, 5, 16, 19, 33] {
             let mut some = vec![f32::NAN; rows * n];
             dev.linear(&x[..rows * k], rows, &packed, Activation::None, &mut some);
             assert_eq!(some, all[..rows * n], "rows={rows}");

@@ -10,7 +10,8 @@ pub fn fast_exp(x: f32) -> f32 {
     // Round to nearest by the 1.5·2^23 trick: `f32::round` (half away from zero) has no
     // single SIMD instruction and would become a libm call per element.
     const SHIFT: f32 = 12_582_912.0;
-    let n = (x * std::f32::consts::LOG2_E + SHIFT) - SHIFT;
+    let shifted = x * std::f32::consts::LOG2_E + SHIFT;
+    let n = shifted - SHIFT;
     let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
     // Degree-6 Taylor/minimax-like polynomial for e^r on [-0.35, 0.35].
     let p = 1.0
@@ -18,7 +19,10 @@ pub fn fast_exp(x: f32) -> f32 {
             + r * (0.5
                 + r * (0.166_666_67
                     + r * (0.041_666_668 + r * (0.008_333_334 + r * 0.001_388_889)))));
-    let bits = ((n as i32 + 127) as u32) << 23;
+    // 2^n from the shifted value's bits (SHIFT + n has bits 0x4B40_0000 + n): `n as i32`
+    // is a saturating cast with NaN handling that the compiler does not vectorise (it
+    // became a scalar convert per lane, the hottest part of GELU). Same value as before.
+    let bits = ((shifted.to_bits() as i32 - 0x4B40_0000 + 127) as u32) << 23;
     p * f32::from_bits(bits)
 }
 
@@ -62,6 +66,19 @@ mod tests {
         assert!(worst < 5e-7, "worst relative error {worst}");
         assert_eq!(fast_exp(-200.0), 0.0_f32.max(fast_exp(-200.0)));
         assert!(fast_exp(-200.0) < 1e-37);
+    }
+
+    /// 2^n taken from the shifted float's bits equals the old `n as i32` cast, bit for bit.
+    #[test]
+    fn exp_scale_from_bits_matches_cast() {
+        let mut x = -100.0f32;
+        while x < 100.0 {
+            let c = x.clamp(-87.3, 88.0);
+            let shifted = c * std::f32::consts::LOG2_E + 12_582_912.0;
+            let n = shifted - 12_582_912.0;
+            assert_eq!((shifted.to_bits() as i32 - 0x4B40_0000 + 127) as u32, (n as i32 + 127) as u32, "x={x}");
+            x += 0.003;
+        }
     }
 
     #[test]
