@@ -69,7 +69,7 @@ pub(crate) struct ActRow<'a> {
 }
 
 /// Rows times `k` below which quantising on one thread beats waking the pool.
-const PARALLEL_ELEMS: usize = 1 << 16;
+const PARALLEL_ELEMS: usize = 1 << 14;
 
 impl Q8Activations {
     pub fn new() -> Self {
