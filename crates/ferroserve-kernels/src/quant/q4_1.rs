@@ -157,11 +157,11 @@ pub(crate) mod avx2 {
     }
 }
 
-/// `dot_portable`'s order on AVX-512: a tile of `C` weight rows × `R` activation rows (1×4,
-/// 4×1 or 1×1), each (weight row, activation row) "unit" with its own 8-lane chain. Two
-/// units share a 512-bit register (lanes 0–7 and 8–15), so per block one `vpdpbusd` sums
-/// the groups of four codes of two units exactly, and one multiply gives the four units'
-/// `d·d_x` while one fused multiply-add advances their four `m·s` chains.
+/// `dot_portable`'s order on AVX-512. Every (weight row, activation row) "unit" keeps its own
+/// 8-lane chain, and two units share a 512-bit register (lanes 0–7 and 8–15), so one
+/// `vpdpbusd` sums the groups of four codes of two units exactly. Batches go through
+/// [`row_group`] (rows prepared once, each weight block unpacked once for 4–16 rows);
+/// single rows (decode) through [`four_columns`], which streams four weight rows at once.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)] // index loops over the tile's register arrays
 pub(crate) mod avx512 {
@@ -171,106 +171,88 @@ pub(crate) mod avx512 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    /// Bytes ahead of the current block to prefetch in the streaming (one-row) case; a
-    /// prefetch past the row's end touches the next row or is dropped (no fault).
+    /// Bytes ahead of the current block to prefetch: the hardware prefetcher alone leaves
+    /// these loops waiting on memory. A prefetch past the end is dropped (no fault).
     const PREFETCH_AHEAD: usize = 1024;
 
+    /// Weight rows `0..4` of `w` against one activation row: per block, one multiply gives
+    /// the four `d·d_x` and one fused multiply-add advances the four `m·s` chains.
+    ///
     /// # Safety
     /// Needs the AVX-512 level (with VNNI); the shapes are checked here.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
     #[inline]
-    unsafe fn dot<const C: usize, const R: usize>(w: &[u8], row_bytes: usize, acts: &[ActRow<'_>; R]) -> [[f32; R]; C] {
+    unsafe fn four_columns(w: &[u8], row_bytes: usize, act: &ActRow<'_>) -> [f32; 4] {
         let nb = row_bytes / BLOCK_BYTES;
-        assert!(w.len() >= C * row_bytes);
-        assert_rows_match(acts, nb);
-        if C * R != 4 {
-            return single(w, row_bytes, acts);
-        }
+        assert!(w.len() >= 4 * row_bytes);
+        assert_rows_match(std::slice::from_ref(act), nb);
         let wp = w.as_ptr();
-        // Unit u is (column u / R, row u % R); pair p holds units 2p and 2p + 1.
+        // Register p holds columns 2p (lanes 0–7) and 2p + 1 (lanes 8–15).
         let mut acc = [_mm512_setzero_ps(); 2];
         let mut mins = _mm256_setzero_ps();
         let lo8_hi8 = |a: i32, b: i32| _mm512_setr_epi32(a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b);
         let (idx0, idx1) = (lo8_hi8(0, 2), lo8_hi8(4, 6));
+        let pair = |lo: __m256i, hi: __m256i| _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
         for b in 0..nb {
-            // SAFETY (all loads): block b of each of the C weight rows lies inside `w`, and
-            // the activation rows hold nb > b blocks (both checked above).
-            let header = |c: usize| wp.add(c * row_bytes + b * BLOCK_BYTES).cast::<i32>().read_unaligned();
-            let x_of = |r: usize| (acts[r].scales.get_unchecked(b)[0], *acts[r].q81_sums.get_unchecked(b));
-            // [d, m] and [d_x, s] per unit, interleaved.
-            let (dm, xs, codes, a) = if C == 4 {
-                // Four weight rows stream at once: the hardware prefetcher alone leaves the
-                // one-row (decode) case waiting on memory, so fetch ≈ 1 KiB ahead.
-                for c in 0..4 {
-                    _mm_prefetch::<_MM_HINT_T0>(wp.add(c * row_bytes + b * BLOCK_BYTES + PREFETCH_AHEAD).cast());
-                }
-                let dm = _mm256_cvtph_ps(_mm_setr_epi32(header(0), header(1), header(2), header(3)));
-                let (dx, sx) = x_of(0);
-                let xs = _mm256_setr_ps(dx, sx, dx, sx, dx, sx, dx, sx);
-                let q = |c: usize| unpack_nibbles(wp.add(c * row_bytes + b * BLOCK_BYTES + 4));
-                let pair = |lo: __m256i, hi: __m256i| _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
-                let a = _mm256_loadu_si256(acts[0].qs.as_ptr().add(b * BLOCK_ELEMS).cast());
-                let a = pair(a, a);
-                (dm, xs, [pair(q(0), q(1)), pair(q(2), q(3))], [a, a])
-            } else {
-                let dm = _mm256_cvtph_ps(_mm_set1_epi32(header(0)));
-                let ((x0, s0), (x1, s1), (x2, s2), (x3, s3)) = (x_of(0), x_of(1), x_of(2), x_of(3));
-                let xs = _mm256_setr_ps(x0, s0, x1, s1, x2, s2, x3, s3);
-                let q = unpack_nibbles(wp.add(b * BLOCK_BYTES + 4));
-                let q = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q), q);
-                let a = |r: usize| _mm256_loadu_si256(acts[r].qs.as_ptr().add(b * BLOCK_ELEMS).cast());
-                let pair = |lo: __m256i, hi: __m256i| _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
-                (dm, xs, [q, q], [pair(a(0), a(1)), pair(a(2), a(3))])
-            };
+            // SAFETY (all loads): block b of each of the four weight rows lies inside `w`,
+            // and the activation row holds nb > b blocks (both checked above).
+            let blk = |c: usize| wp.add(c * row_bytes + b * BLOCK_BYTES);
+            for c in 0..4 {
+                _mm_prefetch::<_MM_HINT_T0>(blk(c).add(PREFETCH_AHEAD).cast());
+            }
+            let header = |c: usize| blk(c).cast::<i32>().read_unaligned();
+            // [d, m] per column and [d_x, s] repeated, interleaved.
+            let dm = _mm256_cvtph_ps(_mm_setr_epi32(header(0), header(1), header(2), header(3)));
+            let (dx, sx) = (act.scales.get_unchecked(b)[0], *act.q81_sums.get_unchecked(b));
+            let xs = _mm256_setr_ps(dx, sx, dx, sx, dx, sx, dx, sx);
+            let q = |c: usize| unpack_nibbles(blk(c).add(4));
+            let a = _mm256_loadu_si256(act.qs.as_ptr().add(b * BLOCK_ELEMS).cast());
+            let a = pair(a, a);
+            let codes = [pair(q(0), q(1)), pair(q(2), q(3))];
             let dd = _mm512_castps256_ps512(_mm256_mul_ps(dm, xs));
             mins = _mm256_fmadd_ps(dm, xs, mins);
             let scale = [_mm512_permutexvar_ps(idx0, dd), _mm512_permutexvar_ps(idx1, dd)];
             for p in 0..2 {
-                let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[p], a[p]);
+                let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[p], a);
                 acc[p] = _mm512_fmadd_ps(scale[p], _mm512_cvtepi32_ps(dot), acc[p]);
             }
         }
         let mut m = [0f32; 8];
         _mm256_storeu_ps(m.as_mut_ptr(), mins);
-        let mut out = [[0f32; R]; C];
+        let mut out = [0f32; 4];
         for p in 0..2 {
             let lo = _mm512_castps512_ps256(acc[p]);
             let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc[p])));
-            for (u, half) in [(2 * p, lo), (2 * p + 1, hi)] {
-                out[u / R][u % R] = hsum(half) + m[2 * u + 1];
-            }
+            out[2 * p] = hsum(lo) + m[4 * p + 1];
+            out[2 * p + 1] = hsum(hi) + m[4 * p + 3];
         }
         out
     }
 
-    /// One unit (a ragged tile): the AVX2 kernel's loop with a VNNI dot.
+    /// One weight row against one activation row: the AVX2 kernel's loop with a VNNI dot.
     ///
     /// # Safety
-    /// As [`dot`], which checked the shapes.
+    /// Needs the AVX-512 level (with VNNI); the shapes are checked here.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
     #[inline]
-    unsafe fn single<const C: usize, const R: usize>(w: &[u8], row_bytes: usize, acts: &[ActRow<'_>; R]) -> [[f32; R]; C] {
-        let nb = row_bytes / BLOCK_BYTES;
-        let mut out = [[0f32; R]; C];
-        for c in 0..C {
-            for r in 0..R {
-                let mut dots = _mm256_setzero_ps();
-                let mut mins = 0f32;
-                for b in 0..nb {
-                    let blk = w.as_ptr().add(c * row_bytes + b * BLOCK_BYTES);
-                    let dm = load_f16x2(blk);
-                    let (d, m) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)));
-                    let q = unpack_nibbles(blk.add(4));
-                    let a = _mm256_loadu_si256(acts[r].qs.as_ptr().add(b * BLOCK_ELEMS).cast());
-                    let dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, a);
-                    let dd = _mm256_set1_ps(d * acts[r].scales.get_unchecked(b)[0]);
-                    dots = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(dot), dots);
-                    mins = m.mul_add(*acts[r].q81_sums.get_unchecked(b), mins);
-                }
-                out[c][r] = hsum(dots) + mins;
-            }
+    unsafe fn one_column(w_row: &[u8], act: &ActRow<'_>) -> f32 {
+        let nb = w_row.len() / BLOCK_BYTES;
+        assert_rows_match(std::slice::from_ref(act), nb);
+        let mut dots = _mm256_setzero_ps();
+        let mut mins = 0f32;
+        for b in 0..nb {
+            // SAFETY: b < nb blocks of the row; the activation row holds nb blocks (checked).
+            let blk = w_row.as_ptr().add(b * BLOCK_BYTES);
+            let dm = load_f16x2(blk);
+            let (d, m) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)));
+            let q = unpack_nibbles(blk.add(4));
+            let a = _mm256_loadu_si256(act.qs.as_ptr().add(b * BLOCK_ELEMS).cast());
+            let dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, a);
+            let dd = _mm256_set1_ps(d * act.scales.get_unchecked(b)[0]);
+            dots = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(dot), dots);
+            mins = m.mul_add(*act.q81_sums.get_unchecked(b), mins);
         }
-        out
+        hsum(dots) + mins
     }
 
     /// Activation rows `r0..r0 + R` (R = 2·P = 4·Q) laid out for [`row_group`] once per call:
@@ -384,18 +366,18 @@ pub(crate) mod avx512 {
             r0 += 4;
         }
         for r in r0..m {
-            let row = [acts.row(r)];
+            let row = acts.row(r);
             let mut j = cols.start;
             while j < cols.end {
-                let from = &w[j * row_bytes..];
                 if cols.end - j >= 4 {
-                    for (c, v) in dot::<4, 1>(from, row_bytes, &row).into_iter().enumerate() {
-                        // SAFETY: as above.
-                        out.set(r, j + c, v[0]);
+                    for (c, v) in four_columns(&w[j * row_bytes..], row_bytes, &row).into_iter().enumerate() {
+                        // SAFETY: the caller gave this call columns `cols` alone.
+                        out.set(r, j + c, v);
                     }
                     j += 4;
                 } else {
-                    out.set(r, j, dot::<1, 1>(from, row_bytes, &row)[0][0]);
+                    // SAFETY: as above.
+                    out.set(r, j, one_column(&w[j * row_bytes..(j + 1) * row_bytes], &row));
                     j += 1;
                 }
             }
