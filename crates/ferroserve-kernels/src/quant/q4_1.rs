@@ -121,7 +121,7 @@ pub(crate) mod avx2 {
     /// Needs AVX2, FMA and F16C; the shapes are checked here.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn dot<const R: usize>(w_row: &[u8], acts: &[ActRow<'_>; R]) -> [f32; R] {
+    pub(super) unsafe fn dot<const R: usize>(w_row: &[u8], acts: &[ActRow<'_>; R]) -> [f32; R] {
         let nb = w_row.len() / BLOCK_BYTES;
         assert_rows_match(acts, nb);
         let w = w_row.as_ptr();
@@ -161,7 +161,8 @@ pub(crate) mod avx2 {
 /// 8-lane chain, and two units share a 512-bit register (lanes 0–7 and 8–15), so one
 /// `vpdpbusd` sums the groups of four codes of two units exactly. Batches go through
 /// [`row_group`] (rows prepared once, each weight block unpacked once for 4–16 rows);
-/// single rows (decode) through [`four_columns`], which streams four weight rows at once.
+/// single rows (decode) through [`four_columns`], which streams four weight rows at once
+/// (a ragged last column takes the AVX2 kernel).
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)] // index loops over the tile's register arrays
 pub(crate) mod avx512 {
@@ -227,32 +228,6 @@ pub(crate) mod avx512 {
             out[2 * p + 1] = hsum(hi) + m[4 * p + 3];
         }
         out
-    }
-
-    /// One weight row against one activation row: the AVX2 kernel's loop with a VNNI dot.
-    ///
-    /// # Safety
-    /// Needs the AVX-512 level (with VNNI); the shapes are checked here.
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    #[inline]
-    unsafe fn one_column(w_row: &[u8], act: &ActRow<'_>) -> f32 {
-        let nb = w_row.len() / BLOCK_BYTES;
-        assert_rows_match(std::slice::from_ref(act), nb);
-        let mut dots = _mm256_setzero_ps();
-        let mut mins = 0f32;
-        for b in 0..nb {
-            // SAFETY: b < nb blocks of the row; the activation row holds nb blocks (checked).
-            let blk = w_row.as_ptr().add(b * BLOCK_BYTES);
-            let dm = load_f16x2(blk);
-            let (d, m) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)));
-            let q = unpack_nibbles(blk.add(4));
-            let a = _mm256_loadu_si256(act.qs.as_ptr().add(b * BLOCK_ELEMS).cast());
-            let dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, a);
-            let dd = _mm256_set1_ps(d * act.scales.get_unchecked(b)[0]);
-            dots = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(dot), dots);
-            mins = m.mul_add(*act.q81_sums.get_unchecked(b), mins);
-        }
-        hsum(dots) + mins
     }
 
     /// Activation rows `r0..r0 + R` (R = 2·P = 4·Q) laid out for [`row_group`] once per call:
@@ -376,8 +351,10 @@ pub(crate) mod avx512 {
                     }
                     j += 4;
                 } else {
+                    // The AVX2 kernel's bits are these kernels' bits (same order, exact dots).
+                    let y = super::avx2::dot::<1>(&w[j * row_bytes..(j + 1) * row_bytes], &[row]);
                     // SAFETY: as above.
-                    out.set(r, j, one_column(&w[j * row_bytes..(j + 1) * row_bytes], &row));
+                    out.set(r, j, y[0]);
                     j += 1;
                 }
             }
