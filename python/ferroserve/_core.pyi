@@ -44,6 +44,7 @@ class ChatEngine:
         max_batch_tokens: int = 512,
         max_running: int = 64,
         chat_template: str | None = None,
+        numerics: str = "exact",
     ) -> ChatEngine: ...
     def submit(
         self,

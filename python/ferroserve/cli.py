@@ -20,6 +20,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_body_bytes=args.max_body_bytes,
             max_inputs=args.max_inputs,
             chat_template_file=args.chat_template,
+            numerics=args.numerics,
         )
     except ConfigError as exc:
         print(f"ferroserve: error: {exc}", file=sys.stderr)
@@ -82,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=int, help="largest accepted request body (default 16 MiB)")
     serve.add_argument("--max-inputs", type=int, help="most inputs in one embeddings request (default 2048)")
     serve.add_argument("--chat-template", metavar="FILE", help="Jinja chat template replacing the GGUF's own (env FERROSERVE_CHAT_TEMPLATE)")
+    serve.add_argument(
+        "--numerics", choices=["exact", "fast"],
+        help="chat matmul arithmetic: exact = llama.cpp's, same greedy output (default); fast = "
+        "AVX-512 panels, several times faster batches, other roundings (env FERROSERVE_NUMERICS)",
+    )
     serve.set_defaults(func=_serve)
 
     models = sub.add_parser("models", help="list the models `serve` would load")

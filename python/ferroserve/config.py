@@ -37,6 +37,8 @@ class Settings(msgspec.Struct):
     max_running: int = 64
     # A Jinja chat template replacing the GGUF's own, for every chat model.
     chat_template: str | None = None
+    # Chat matmul arithmetic: "exact" (llama.cpp's, bit for bit) or "fast" (AVX-512 panels).
+    numerics: str = "exact"
 
     def to_json(self) -> str:
         return msgspec.json.encode(self).decode()
@@ -111,6 +113,7 @@ def resolve(
     max_body_bytes: int | None = None,
     max_inputs: int | None = None,
     chat_template_file: str | None = None,
+    numerics: str | None = None,
 ) -> Settings:
     """Flags (non-None arguments) over environment over defaults."""
     s = Settings()
@@ -144,6 +147,9 @@ def resolve(
     names = [n for m in s.models for n in [m.name, *m.aliases]]
     if len(set(names)) != len(names):
         raise ConfigError(f"model names must be unique, got {names}")
+    s.numerics = (numerics or _env("NUMERICS") or s.numerics).lower()
+    if s.numerics not in ("exact", "fast"):
+        raise ConfigError(f"--numerics must be exact or fast, got {s.numerics!r}")
     if s.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"--log-level must be debug, info, warning or error, got {s.log_level!r}")
     return s

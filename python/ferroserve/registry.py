@@ -53,6 +53,7 @@ class Registry:
                 max_batch_tokens=settings.max_batch_tokens,
                 max_running=settings.max_running,
                 chat_template=settings.chat_template,
+                numerics=settings.numerics,
                 created=created,
             )
             loaded = LoadedModel(

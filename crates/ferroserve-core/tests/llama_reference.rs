@@ -23,7 +23,8 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use ferroserve_core::kv::KvCache;
-use ferroserve_core::models::llama::{LlamaModel, SeqChunk};
+use ferroserve_core::models::llama::{LlamaModel, Numerics, SeqChunk};
+use ferroserve_kernels::quant::QuantIsa;
 
 const NEW_TOKENS: usize = 32;
 /// Bounds on |our first-token log-probability − llama.cpp's| over the fixture's top-5 tokens.
@@ -215,10 +216,19 @@ fn trails_by(logits: &[f32], token: u32) -> f32 {
     logits[argmax(logits) as usize] - logits[token as usize]
 }
 
-#[test]
-fn greedy_continuations_and_first_token_logprobs_match_llama_cpp() {
-    let Some(path) = model_path() else { return };
-    let model = load(&path);
+/// How a model's greedy decoding compares with llama.cpp's on the fixture prompts.
+struct Comparison {
+    identical: usize,
+    cases: usize,
+    agree: usize,
+    positions: usize,
+    logprob_mean_err: f64,
+    logprob_max_err: f64,
+    /// Divergences (free-running or teacher-forced) that are no near-tie.
+    failures: Vec<String>,
+}
+
+fn compare_with_llama_cpp(model: &LlamaModel) -> Comparison {
     let fx = fixture();
     let mut kv = model.new_kv_cache(64 << 20);
     let eos = model.tokenizer.eos_token_ids().to_vec();
@@ -227,13 +237,13 @@ fn greedy_continuations_and_first_token_logprobs_match_llama_cpp() {
 
     // Free-running greedy, all prompts in one batch (batch invariance is tested below).
     let mut free: Vec<Gen> = cases.iter().map(|c| Gen::new(c.1.clone(), 0)).collect();
-    generate(&model, &mut kv, &mut free, NEW_TOKENS, usize::MAX, &eos, in_order);
+    generate(model, &mut kv, &mut free, NEW_TOKENS, usize::MAX, &eos, in_order);
     // Teacher-forced: llama.cpp's tokens fed back, our choice recorded at every step.
     let mut forced: Vec<Gen> = cases.iter().map(|c| Gen::new(c.1.clone(), 0)).collect();
     for (g, want) in forced.iter_mut().zip(&wants) {
         g.forced = want.clone();
     }
-    generate(&model, &mut kv, &mut forced, NEW_TOKENS, usize::MAX, &[], in_order);
+    generate(model, &mut kv, &mut forced, NEW_TOKENS, usize::MAX, &[], in_order);
 
     let mut identical = 0;
     let (mut agree, mut positions) = (0, 0);
@@ -291,11 +301,27 @@ fn greedy_continuations_and_first_token_logprobs_match_llama_cpp() {
         cases.len(),
         100.0 * agree as f64 / positions as f64
     );
+    assert_eq!(kv.num_free_blocks(), kv.num_blocks(), "every block is back");
+    Comparison {
+        identical,
+        cases: cases.len(),
+        agree,
+        positions,
+        logprob_mean_err: mean_err,
+        logprob_max_err: max_err,
+        failures,
+    }
+}
+
+#[test]
+fn greedy_continuations_and_first_token_logprobs_match_llama_cpp() {
+    let Some(path) = model_path() else { return };
+    let Comparison { identical, cases, agree, positions, logprob_mean_err: mean_err, logprob_max_err: max_err, failures } =
+        compare_with_llama_cpp(&load(&path));
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     assert!(
-        identical as f64 >= IDENTICAL_SHARE * cases.len() as f64,
-        "{identical}/{} greedy continuations identical to llama.cpp's (need {:.0} %)",
-        cases.len(),
+        identical as f64 >= IDENTICAL_SHARE * cases as f64,
+        "{identical}/{cases} greedy continuations identical to llama.cpp's (need {:.0} %)",
         IDENTICAL_SHARE * 100.0
     );
     assert_eq!(agree, positions, "teacher-forced: our argmax differs from llama.cpp's token at {} positions", positions - agree);
@@ -303,7 +329,25 @@ fn greedy_continuations_and_first_token_logprobs_match_llama_cpp() {
         mean_err <= LOGPROB_MEAN_TOLERANCE && max_err <= LOGPROB_MAX_TOLERANCE,
         "first-token logprobs: mean |Δ| {mean_err:.4} (bound {LOGPROB_MEAN_TOLERANCE}), max {max_err:.4} (bound {LOGPROB_MAX_TOLERANCE})"
     );
-    assert_eq!(kv.num_free_blocks(), kv.num_blocks(), "every block is back");
+}
+
+/// `Numerics::Fast` sums each block's integer dot before scaling, so its roundings differ from
+/// llama.cpp's and greedy text on this tie-prone model differs often (4/14 identical when
+/// measured). What must hold: every divergence from llama.cpp, free-running or teacher-forced,
+/// is a near-tie, and the first-token distribution stays close — the mean |Δ| bound is twice
+/// the size measured (0.07), the max that of llama.cpp's own `-fa on/off` spread (0.32).
+#[test]
+fn fast_numerics_diverge_from_llama_cpp_only_at_near_ties() {
+    let Some(path) = model_path() else { return };
+    if QuantIsa::selected() < QuantIsa::Avx512 {
+        println!("skipped: fast numerics need AVX-512 VNNI");
+        return;
+    }
+    let model = LlamaModel::load_with(&path, Numerics::Fast).unwrap_or_else(|e| panic!("{e}"));
+    let c = compare_with_llama_cpp(&model);
+    assert!(c.failures.is_empty(), "{}", c.failures.join("\n"));
+    assert!(c.logprob_mean_err <= 0.15 && c.logprob_max_err <= 0.35, "first-token logprobs: mean |Δ| {:.4}, max {:.4}", c.logprob_mean_err, c.logprob_max_err);
+    println!("fast numerics: {}/{} identical, teacher-forced {}/{}", c.identical, c.cases, c.agree, c.positions);
 }
 
 /// Compares two runs' logits bit for bit.
@@ -319,7 +363,20 @@ fn assert_same_logits(label: &str, alone: &Gen, other: &Gen) {
 #[test]
 fn logits_are_bitwise_batch_invariant() {
     let Some(path) = model_path() else { return };
-    let model = load(&path);
+    check_batch_invariance(&load(&path));
+}
+
+#[test]
+fn fast_numerics_logits_are_bitwise_batch_invariant() {
+    let Some(path) = model_path() else { return };
+    if QuantIsa::selected() < QuantIsa::Avx512 {
+        println!("skipped: fast numerics need AVX-512 VNNI");
+        return;
+    }
+    check_batch_invariance(&LlamaModel::load_with(&path, Numerics::Fast).unwrap_or_else(|e| panic!("{e}")));
+}
+
+fn check_batch_invariance(model: &LlamaModel) {
     let fx = fixture();
     let mut kv = model.new_kv_cache(64 << 20);
     let total = kv.num_blocks();
@@ -331,7 +388,7 @@ fn logits_are_bitwise_batch_invariant() {
     let mut alone = Vec::new();
     for p in &prompts {
         let mut seq = [Gen::new(p.clone(), 0)];
-        generate(&model, &mut kv, &mut seq, STEPS, usize::MAX, &[], in_order);
+        generate(model, &mut kv, &mut seq, STEPS, usize::MAX, &[], in_order);
         let [seq] = seq;
         alone.push(seq);
     }
@@ -341,14 +398,14 @@ fn logits_are_bitwise_batch_invariant() {
     // every step (so each sequence visits many positions in the batch).
     let mut batched: Vec<Gen> = prompts.iter().enumerate().map(|(i, p)| Gen::new(p.clone(), i % 5)).collect();
     let rotate = |step: usize, n: usize| (0..n).map(|i| (i + step * 3) % n.max(1)).rev().collect();
-    generate(&model, &mut kv, &mut batched, STEPS, 7, &[], rotate);
+    generate(model, &mut kv, &mut batched, STEPS, 7, &[], rotate);
     for (i, (a, b)) in alone.iter().zip(&batched).enumerate() {
         assert_same_logits(&format!("sequence {i}: alone vs batch of 16, chunks of 7"), a, b);
     }
 
     // Single-token prefill chunks, alone.
     let mut one = [Gen::new(prompts[12].clone(), 0)];
-    generate(&model, &mut kv, &mut one, STEPS, 1, &[], in_order);
+    generate(model, &mut kv, &mut one, STEPS, 1, &[], in_order);
     assert_same_logits("prompt fed one token per step", &alone[12], &one[0]);
     println!("16 sequences: logits bitwise identical alone, batched (rotating positions, chunks of 7) and token by token");
     assert_eq!(kv.num_free_blocks(), total, "every block is back");

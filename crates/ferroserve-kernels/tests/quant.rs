@@ -6,8 +6,8 @@
 
 use ferroserve_kernels::quant::f16::{f16_to_f32, f32_to_f16};
 use ferroserve_kernels::quant::{
-    dequantize_row, quant_matmul, quant_matmul_prepared, quant_matmul_with_isa, quantize_row,
-    Q8Activations, QuantIsa, QuantType,
+    dequantize_row, panel_matmul, quant_matmul, quant_matmul_prepared, quant_matmul_with_isa,
+    quantize_row, Panels, Q8Activations, QuantIsa, QuantType,
 };
 
 struct Rng(u64);
@@ -706,6 +706,105 @@ fn q4_1_matches_llama_cpp_order_on_every_isa() {
             let y = run(isa, t, &w, n, k, &x, m);
             for (i, (a, b)) in y.iter().zip(&portable).enumerate() {
                 assert_eq!(a.to_bits(), b.to_bits(), "{isa:?} m={m} index {i}: {a} vs portable {b} (seed {seed})");
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Fast numerics: weights repacked into 16-row panels, one f32 chain per output.
+
+fn run_panels(isa: QuantIsa, t: QuantType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
+    let panels = Panels::pack(t, w, n, k);
+    let mut acts = Q8Activations::new();
+    acts.quantize_with_isa(isa, x, m, k);
+    let mut y = vec![f32::NAN; m * n];
+    panel_matmul(isa, &panels, &acts, &mut y);
+    y
+}
+
+/// The fast order recomputed from the GGUF bytes and public pieces: per output, per block,
+/// `acc = fma(d·d_x, Σq·a, acc)` (whole-block integer dot), for Q4_1 also
+/// `mins = fma(m, f16(d_x·Σa), mins)`; the result `acc + mins`. Every ISA must give these bits
+/// for decode (m = 1), tiles of four and ragged batches, n off the 16-row panel grid; and the
+/// result must be the f64 product within the bounds `check_case` derives.
+#[test]
+fn panels_follow_the_fast_order_on_every_isa() {
+    let (mut rng, seed) = Rng::new(12);
+    for t in [QuantType::Q4_1, QuantType::Q8_0] {
+        let bb = t.block_bytes();
+        for (m, n, k) in [(1usize, 37usize, 576usize), (4, 16, 32), (7, 33, 96), (19, 5, 64)] {
+            let c = Case { t, m, n, k };
+            let (w, w_deq, x) = random_case(&mut rng, &c);
+            let portable = run_panels(QuantIsa::Portable, t, &w, n, k, &x, m);
+            let row_bytes = t.row_bytes(k);
+            let mut acts = Q8Activations::new();
+            acts.quantize(&x, m, k);
+            let mut x_hat = vec![0f32; k];
+            for r in 0..m {
+                let xr = &x[r * k..(r + 1) * k];
+                acts.dequantize_row(r, &mut x_hat);
+                for j in 0..n {
+                    let wr = &w[j * row_bytes..(j + 1) * row_bytes];
+                    let (mut acc, mut mins) = (0f32, 0f32);
+                    for (b, blk) in wr.chunks_exact(bb).enumerate() {
+                        let xb = &xr[b * 32..(b + 1) * 32];
+                        let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+                        let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+                        let qa: Vec<i32> = xb.iter().map(|v| (v * inv).round_ties_even() as i32).collect();
+                        let dx = f16_to_f32(f32_to_f16(amax / 127.0));
+                        let d = f16_to_f32(u16::from_le_bytes([blk[0], blk[1]]));
+                        let code = |i: usize| match t {
+                            QuantType::Q4_1 if i < 16 => (blk[4 + i] & 15) as i32,
+                            QuantType::Q4_1 => (blk[4 + i - 16] >> 4) as i32,
+                            _ => blk[2 + i] as i8 as i32,
+                        };
+                        let dot: i32 = (0..32).map(|i| code(i) * qa[i]).sum();
+                        acc = (d * dx).mul_add(dot as f32, acc);
+                        if t == QuantType::Q4_1 {
+                            let s = f16_to_f32(f32_to_f16(amax / 127.0 * qa.iter().sum::<i32>() as f32));
+                            mins = f16_to_f32(u16::from_le_bytes([blk[2], blk[3]])).mul_add(s, mins);
+                        }
+                    }
+                    let want = acc + mins;
+                    let got = portable[r * n + j];
+                    assert_eq!(got.to_bits(), want.to_bits(), "{} portable m={m} n={n} k={k} [{r}, {j}]: {got} vs {want} (seed {seed})", t.name());
+                    // Against f64 with the activations the kernel saw: f32 accumulation only
+                    // (terms d·u·x̂ and m·Σx̂ may cancel, hence the |w|·|x̂| part).
+                    let wj = &w_deq[j * k..(j + 1) * k];
+                    let (seen, seen_abs) = dot64(wj, &x_hat);
+                    let w_max = wj.iter().fold(0f64, |a, &v| a.max(v.abs() as f64));
+                    let x_abs: f64 = x_hat.iter().map(|&v| v.abs() as f64).sum();
+                    let q81 = if t == QuantType::Q4_1 { 2f64.powi(-10) * w_max * x_abs } else { 0.0 };
+                    let fp = 4e-5 * (seen_abs + 2.0 * w_max * x_abs) + q81 + 1e-30;
+                    assert!((got as f64 - seen).abs() <= fp, "{} m={m} [{r}, {j}]: {got} vs f64 {seen} (seed {seed})", t.name());
+                }
+            }
+            for isa in QuantIsa::available() {
+                let y = run_panels(isa, t, &w, n, k, &x, m);
+                for (i, (a, b)) in y.iter().zip(&portable).enumerate() {
+                    assert_eq!(a.to_bits(), b.to_bits(), "{} {isa:?} m={m} n={n} index {i}: {a} vs portable {b} (seed {seed})", t.name());
+                }
+            }
+        }
+    }
+}
+
+/// A row's panel outputs are the same bits alone, in any batch, at any position, on a
+/// matrix large enough to be split over the pool.
+#[test]
+fn panel_rows_are_bitwise_identical_alone_or_in_any_batch() {
+    let (mut rng, seed) = Rng::new(13);
+    let isa = QuantIsa::selected();
+    for t in [QuantType::Q4_1, QuantType::Q8_0] {
+        let (n, k, m) = (1000, 576, 21);
+        let c = Case { t, m, n, k };
+        let (w, _, x) = random_case(&mut rng, &c);
+        let batch = run_panels(isa, t, &w, n, k, &x, m);
+        for r in [0, 5, 20] {
+            let alone = run_panels(isa, t, &w, n, k, &x[r * k..(r + 1) * k], 1);
+            for j in 0..n {
+                assert_eq!(alone[j].to_bits(), batch[r * n + j].to_bits(), "{} row {r} col {j} (seed {seed})", t.name());
             }
         }
     }

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use ferroserve_core::engine::{ChatEngine, ChatEvent, EngineConfig, TokenLogprob};
+use ferroserve_core::models::llama::Numerics;
 use ferroserve_core::sample::SamplingParams;
 use ferroserve_core::tokenize::chat_template::{ChatMessage, ContentPart, MessageContent};
 use pyo3::prelude::*;
@@ -55,7 +56,9 @@ fn logprob_tuple<'py>(py: Python<'py>, lp: &TokenLogprob) -> PyResult<Bound<'py,
 impl PyChatEngine {
     /// Loads a GGUF llama-family model and starts its engine thread.
     #[new]
-    #[pyo3(signature = (path, kv_budget_bytes = 512 << 20, max_batch_tokens = 512, max_running = 64, chat_template = None))]
+    /// `numerics`: "exact" (llama.cpp's arithmetic, the default) or "fast" (see
+    /// `Numerics`); anything else raises `InvalidRequest`.
+    #[pyo3(signature = (path, kv_budget_bytes = 512 << 20, max_batch_tokens = 512, max_running = 64, chat_template = None, numerics = "exact"))]
     fn new(
         py: Python<'_>,
         path: PathBuf,
@@ -63,8 +66,12 @@ impl PyChatEngine {
         max_batch_tokens: usize,
         max_running: usize,
         chat_template: Option<String>,
+        numerics: &str,
     ) -> PyResult<Self> {
-        let cfg = EngineConfig { kv_budget_bytes, max_batch_tokens, max_running };
+        let numerics = Numerics::parse(numerics).ok_or_else(|| {
+            crate::errors::to_py(ferroserve_core::error::Error::InvalidRequest(format!("numerics: {numerics:?} is not one of \"exact\", \"fast\"")))
+        })?;
+        let cfg = EngineConfig { kv_budget_bytes, max_batch_tokens, max_running, numerics };
         let inner = detach(py, move || ChatEngine::load_with_template(&path, cfg, chat_template.as_deref()))?;
         Ok(Self { inner })
     }

@@ -146,11 +146,11 @@ class LocalChatModel(EngineWatcher):
     @classmethod
     def load(
         cls, name: str, path: str, *, kv_budget_bytes: int, max_batch_tokens: int, max_running: int,
-        chat_template: str | None, created: int,
+        chat_template: str | None, created: int, numerics: str = "exact",
     ) -> LocalChatModel:
         engine = _core.ChatEngine(
             path, kv_budget_bytes=kv_budget_bytes, max_batch_tokens=max_batch_tokens,
-            max_running=max_running, chat_template=chat_template,
+            max_running=max_running, chat_template=chat_template, numerics=numerics,
         )
         return cls(name=name, path=path, engine=engine, created=created)
 

@@ -23,7 +23,7 @@ use std::path::Path;
 
 use ferroserve_kernels::cpu::llama_ops::{self, PagedSeq, RopeParams, SUPPORTED_HEAD_DIMS};
 use ferroserve_kernels::cpu::Isa;
-use ferroserve_kernels::quant::{self, quant_matmul_prepared, quant_matmul_with_isa, Q8Activations, QuantIsa, QuantType};
+use ferroserve_kernels::quant::{self, panel_matmul, quant_matmul_prepared, quant_matmul_with_isa, Panels, Q8Activations, QuantIsa, QuantType};
 
 use crate::error::{Error, Result};
 use crate::kv::KvCache;
@@ -47,13 +47,49 @@ pub struct SeqChunk<'a> {
     pub want_logits: bool,
 }
 
-/// A weight matrix `[rows, cols]` in its packed GGUF form, pointing into the memory map.
+/// The arithmetic of the quantised matmuls, chosen per model at load.
+///
+/// Both are batch invariant and deterministic; they differ in the f32 sum order of a dot
+/// product over the 8-bit-quantised activations, which on a tie-prone model changes greedy
+/// continuations (bench/NOTES.md: 14/14 fixture prompts identical to llama.cpp with `Exact`,
+/// 4/14 with `Fast`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Numerics {
+    /// llama.cpp's CPU order, bit for bit (its Q4_1×Q8_1 eight-lane sums): the same greedy
+    /// output as llama.cpp.
+    #[default]
+    Exact,
+    /// Q4_1 and Q8_0 weights repacked at load into 16-row panels, one chain per output over
+    /// whole-block integer dots (`quant::panels`): ≈ 2–4× faster matmuls on AVX-512 VNNI.
+    Fast,
+}
+
+impl Numerics {
+    pub fn parse(name: &str) -> Option<Numerics> {
+        match name {
+            "exact" => Some(Numerics::Exact),
+            "fast" => Some(Numerics::Fast),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Numerics::Exact => "exact",
+            Numerics::Fast => "fast",
+        }
+    }
+}
+
+/// A weight matrix `[rows, cols]` in its packed GGUF form, pointing into the memory map;
+/// with `Numerics::Fast`, also repacked for the panel kernels.
 struct Matrix {
     ptr: *const u8,
     len: usize,
     wtype: QuantType,
     rows: usize,
     cols: usize,
+    panels: Option<Panels>,
 }
 
 // SAFETY: the bytes are an immutable memory map owned by the `LlamaModel` holding the
@@ -98,6 +134,7 @@ pub struct LlamaModel {
     rope: RopeParams,
     isa: Isa,
     quant_isa: QuantIsa,
+    numerics: Numerics,
     /// Owns the memory map every `Matrix` points into; never used otherwise.
     _gguf: GgufFile,
 }
@@ -110,14 +147,21 @@ impl std::fmt::Debug for LlamaModel {
             .field("output", &self.output.wtype.name())
             .field("isa", &self.isa)
             .field("quant_isa", &self.quant_isa)
+            .field("numerics", &self.numerics)
             .finish()
     }
 }
 
 impl LlamaModel {
-    /// Opens a GGUF file of a llama-family model. Every tensor's presence, shape and type is
-    /// checked here, so a forward pass cannot fail on a model that loaded.
+    /// Opens a GGUF file of a llama-family model with [`Numerics::Exact`]. Every tensor's
+    /// presence, shape and type is checked here, so a forward pass cannot fail on a model
+    /// that loaded.
     pub fn load(path: &Path) -> Result<Self> {
+        Self::load_with(path, Numerics::Exact)
+    }
+
+    /// [`LlamaModel::load`] with a choice of matmul arithmetic.
+    pub fn load_with(path: &Path, numerics: Numerics) -> Result<Self> {
         let err = |reason: String| Error::model_load(path, reason);
         let gguf = GgufFile::open(path).map_err(|e| err(e.to_string()))?;
         let hparams = gguf.llama_hparams().map_err(|e| err(e.to_string()))?;
@@ -139,7 +183,16 @@ impl LlamaModel {
         }
         let rope = rope_params(&gguf, hp).map_err(err)?;
 
-        let matrix = |name: &str, rows: usize, cols: usize| load_matrix(&gguf, name, rows, cols).map_err(err);
+        let fast = numerics == Numerics::Fast;
+        // The panel kernels are written for AVX-512 VNNI; elsewhere they would run the scalar
+        // reference, far slower than the exact order's AVX2 kernels.
+        if fast && QuantIsa::selected() < QuantIsa::Avx512 {
+            return Err(err(format!(
+                "fast numerics need AVX-512 VNNI (this CPU runs the {} level); use exact numerics",
+                QuantIsa::selected().as_str()
+            )));
+        }
+        let matrix = |name: &str, rows: usize, cols: usize| load_matrix(&gguf, name, rows, cols, fast).map_err(err);
         let vector = |name: &str, len: usize| load_vector(&gguf, name, len).map_err(err);
         let mut layers = Vec::with_capacity(hp.block_count);
         for i in 0..hp.block_count {
@@ -161,7 +214,8 @@ impl LlamaModel {
                 w_down: matrix(&name("ffn_down"), dim, ffn)?,
             });
         }
-        let token_embd = matrix("token_embd.weight", vocab, dim)?;
+        // Read one row per token, never multiplied: no panels.
+        let token_embd = load_matrix(&gguf, "token_embd.weight", vocab, dim, false).map_err(err)?;
         let output = if gguf.tensor_info("output.weight").is_some() {
             matrix("output.weight", vocab, dim)?
         } else {
@@ -180,6 +234,7 @@ impl LlamaModel {
             rope,
             isa: Isa::selected(),
             quant_isa: QuantIsa::selected(),
+            numerics,
             _gguf: gguf,
         })
     }
@@ -368,7 +423,9 @@ impl LlamaModel {
     /// `y[rows, w.rows] = input · wᵀ`.
     fn matmul(&self, w: &Matrix, input: &MatmulInput<'_>, y: &mut [f32]) {
         debug_assert_eq!(input.x.len(), input.rows * w.cols);
-        if w.wtype.is_block_quantised() {
+        if let Some(panels) = &w.panels {
+            panel_matmul(self.quant_isa, panels, input.acts, y);
+        } else if w.wtype.is_block_quantised() {
             quant_matmul_prepared(self.quant_isa, w.wtype, w.bytes(), w.rows, input.acts, y);
         } else {
             quant_matmul_with_isa(self.quant_isa, w.wtype, w.bytes(), w.rows, w.cols, input.x, input.rows, y);
@@ -389,7 +446,9 @@ fn add_in_place(x: &mut [f32], y: &[f32]) {
     }
 }
 
-fn load_matrix(gguf: &GgufFile, name: &str, rows: usize, cols: usize) -> std::result::Result<Matrix, String> {
+/// `fast`: also repack the weights into panels when the format has a panel layout (the other
+/// formats keep the exact kernels).
+fn load_matrix(gguf: &GgufFile, name: &str, rows: usize, cols: usize, fast: bool) -> std::result::Result<Matrix, String> {
     let t = gguf.tensor(name).map_err(|e| e.to_string())?;
     if t.shape != [rows, cols] {
         return Err(format!("tensor {name} has shape {:?}, expected [{rows}, {cols}]", t.shape));
@@ -400,7 +459,8 @@ fn load_matrix(gguf: &GgufFile, name: &str, rows: usize, cols: usize) -> std::re
     if wtype.is_block_quantised() && !cols.is_multiple_of(32) {
         return Err(format!("tensor {name}: rows of {cols} are not a multiple of 32"));
     }
-    Ok(Matrix { ptr: t.bytes.as_ptr(), len: t.bytes.len(), wtype, rows, cols })
+    let panels = (fast && Panels::supports(wtype)).then(|| Panels::pack(wtype, t.bytes, rows, cols));
+    Ok(Matrix { ptr: t.bytes.as_ptr(), len: t.bytes.len(), wtype, rows, cols, panels })
 }
 
 fn load_vector(gguf: &GgufFile, name: &str, len: usize) -> std::result::Result<Vec<f32>, String> {

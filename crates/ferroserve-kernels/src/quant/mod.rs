@@ -13,6 +13,7 @@
 
 pub mod f16;
 pub mod matmul;
+pub mod panels;
 pub mod q4_0;
 pub mod q4_1;
 pub mod q4_k;
@@ -20,6 +21,7 @@ pub mod q6_k;
 pub mod q8_0;
 
 pub use matmul::{quant_matmul, quant_matmul_prepared, quant_matmul_with_isa, QuantIsa};
+pub use panels::{panel_matmul, Panels};
 pub use q8_0::Q8Activations;
 
 /// A GGUF tensor type this crate can read (the subset our target models use).
