@@ -38,7 +38,7 @@ class Ticket:
     """One request as the gateway sees it."""
 
     __slots__ = ("gateway", "request_id", "started", "key", "workspace", "window", "capture", "prompt",
-                 "model", "price", "charged_prompt_tokens", "ttft_s")
+                 "model", "price", "charged_prompt_tokens", "ttft_s", "requests_used")
 
     def __init__(self, gateway: Gateway | None, request_id: str, started: float, key: ApiKey | None,
                  workspace: str | None, window: Window | None, capture: bool) -> None:
@@ -54,6 +54,7 @@ class Ticket:
         self.price: tuple[float, float] = (0.0, 0.0)
         self.charged_prompt_tokens = 0
         self.ttft_s: float | None = None
+        self.requests_used = window.requests if window is not None else 0
 
     def allow(self, model: LoadedModel) -> None:
         """403 unless the key may use the model (for routes that cost nothing, e.g. tokenize)."""
@@ -97,7 +98,7 @@ class Ticket:
         headers = [("x-request-id", self.request_id)]
         key = self.key
         if key is not None and self.window is not None and (key.rpm is not None or key.tpm is not None):
-            headers += self.gateway.limiter.headers(self.window, key.rpm, key.tpm, time.time())
+            headers += self.gateway.limiter.headers(self.window, key.rpm, key.tpm, time.time(), self.requests_used)
         return headers
 
 

@@ -67,13 +67,17 @@ class RateLimiter:
             message = f"Rate limit reached for {kind} per minute. Please try again in {retry_after} s."
         raise RateLimited(message, retry_after, headers or [])
 
-    def headers(self, w: Window, rpm: int | None, tpm: int | None, now: float) -> list[tuple[str, str]]:
-        """OpenAI's six headers and the X-RateLimit-* trio (which describes requests)."""
+    def headers(self, w: Window, rpm: int | None, tpm: int | None, now: float, requests_used: int | None = None) -> list[tuple[str, str]]:
+        """OpenAI's six headers and the X-RateLimit-* trio (which describes requests).
+
+        Remaining requests are as of this request's admission (`requests_used`), so concurrent
+        responses count down 4, 3, 2, 1, 0 whatever order they finish in; remaining tokens are
+        as of now, after this request's own completion tokens were added."""
         reset_s = max(0.0, w.started + self.window_s - now)
         reset = f"{reset_s:.3f}s"
         out = []
         if rpm is not None:
-            remaining = str(max(0, rpm - w.requests))
+            remaining = str(max(0, rpm - (w.requests if requests_used is None else requests_used)))
             out += [
                 ("x-ratelimit-limit-requests", str(rpm)),
                 ("x-ratelimit-remaining-requests", remaining),

@@ -73,6 +73,9 @@ class Metrics:
         out: list[str] = []
 
         def family(name: str, kind: str, help_: str) -> None:
+            # The classic text format (0.0.4) names counters with their _total suffix here.
+            if kind == "counter":
+                name += "_total"
             out.append(f"# HELP {name} {help_}")
             out.append(f"# TYPE {name} {kind}")
 
