@@ -61,7 +61,7 @@ async def create_key(gateway: Gateway, body: bytes) -> bytes:
         store.upsert_workspace(key.workspace, monthly_budget_usd=req.budget_usd, capture_prompts=req.capture_prompts)
         return store.keys(), store.workspaces()
 
-    gateway.replace_keys(*await gateway.worker.call(write))
+    gateway.replace_keys(*await gateway.call(write))
     return _encode({**key.public(time.time()), "key": secret})
 
 
@@ -69,7 +69,7 @@ async def revoke_key(gateway: Gateway, key_id: str) -> bytes:
     def write(store):
         return store.revoke_key(key_id), store.keys(), store.workspaces()
 
-    revoked, keys, workspaces = await gateway.worker.call(write)
+    revoked, keys, workspaces = await gateway.call(write)
     gateway.replace_keys(keys, workspaces)
     if not revoked:
         raise ApiError(404, f"No active API key {key_id!r}.", param="id", code="not_found")

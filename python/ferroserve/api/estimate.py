@@ -48,7 +48,8 @@ def estimate(registry: Registry, body: bytes, ticket: Ticket) -> bytes:
     if req.n < 1:
         raise invalid("n must be at least 1.", param="n")
     warnings: list[str] = []
-    texts = [req.input or req.prompt] if isinstance(req.input or req.prompt, str) else (req.input or req.prompt or [])
+    source = req.input if req.input is not None else req.prompt
+    texts: list[str] = [source] if isinstance(source, str) else list(source or [])
     context = model.context_length
     if "chat" in model.capabilities:
         kind = "chat"

@@ -50,14 +50,14 @@ async def list_records(gateway: Gateway, ticket: Ticket, query: str) -> bytes:
     workspace = workspace_scope(ticket, params)
     limit = _int(params, "limit", 50, 1000)
     model = _one(params, "model")
-    rows = await gateway.worker.call(lambda s: s.usage_rows(workspace=workspace, start=None, end=None, model=model, limit=limit))
+    rows = await gateway.call(lambda s: s.usage_rows(workspace=workspace, start=None, end=None, model=model, limit=limit))
     return _encode({"object": "list", "data": [history_json(r) for r in rows]})
 
 
 async def get_record(gateway: Gateway, ticket: Ticket, request_id: str) -> bytes:
     privileged = ticket.key is None or ticket.key.admin
     workspace = None if privileged else ticket.workspace
-    rows = await gateway.worker.call(
+    rows = await gateway.call(
         lambda s: s.usage_rows(workspace=workspace, start=None, end=None, model=None, limit=1, request_id=request_id))
     if not rows:
         raise ApiError(404, f"No request {request_id!r} in this workspace's history.", param="request_id", code="not_found")

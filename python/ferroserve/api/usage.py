@@ -114,7 +114,7 @@ async def summary(gateway: Gateway, ticket: Ticket, query: str) -> bytes:
         rows = None if group_by else store.usage_rows(**f, limit=limit)
         return totals, groups, rows
 
-    totals, groups, rows = await gateway.worker.call(read)
+    totals, groups, rows = await gateway.call(read)
     out = {
         "object": "usage",
         "workspace": f["workspace"] if f["workspace"] is not None else "*",
@@ -137,7 +137,7 @@ _CSV_COLUMNS = [c for c in USAGE_COLUMNS if c != "prompt"]
 async def export_csv(gateway: Gateway, ticket: Ticket, query: str) -> bytes:
     params, f = filters(ticket, query)
     f.pop("group_by")
-    rows = await gateway.worker.call(lambda store: store.usage_rows(**f))
+    rows = await gateway.call(lambda store: store.usage_rows(**f))
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(_CSV_COLUMNS)

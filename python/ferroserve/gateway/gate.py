@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from ferroserve.errors import ApiError
 from ferroserve.gateway.keys import ApiKey, Workspace, hash_secret
@@ -134,6 +135,11 @@ class Gateway:
             logger.info("usage flushed", extra={"fields": {"written": self.worker.written, "failed": self.worker.failed}})
             self.worker = None
 
+    def call(self, fn: Callable[[Store], Any]) -> asyncio.Future:
+        """Runs `fn(store)` on the store's thread, after every usage record queued before it."""
+        assert self.worker is not None, "gateway not started"
+        return self.worker.call(fn)
+
     def _reload_from(self, store: Store) -> None:
         """On the worker thread, after another process committed: reload keys and workspaces."""
         keys, workspaces = store.keys(), store.workspaces()
@@ -231,6 +237,7 @@ class Gateway:
         if ticket.ttft_s is not None and model is not None:
             self.metrics.observe_ttft(model, ticket.ttft_s)
         key = ticket.key
+        assert self.worker is not None
         self.worker.record((
             ticket.request_id, time.time(), key.id if key is not None else None, ticket.workspace, route, model,
             "local" if model is not None else None, int(bool(fields.get("cache_hit"))), prompt, completion, cached,
