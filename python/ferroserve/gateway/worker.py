@@ -1,7 +1,7 @@
 """The one thread that owns the server's SQLite connection.
 
 The request path only puts tuples on a queue (`record`, ≈ 0.3 µs); this thread takes
-everything queued, writes it in one transaction (`executemany`), and repeats. Reads and
+everything queued, writes it in one statement and one transaction, and repeats. Reads and
 admin writes reach the same thread as commands (`call`), queued behind the records before
 them, so a usage query sees every request answered before it was asked. Between batches it
 polls `PRAGMA data_version` and reports commits by other processes (the `keys` CLI).
