@@ -120,7 +120,7 @@ def _keys(args: argparse.Namespace) -> int:
             if args.budget_usd is not None and args.budget_usd < 0:
                 print("ferroserve: error: --budget-usd must not be negative", file=sys.stderr)
                 return 2
-            store.insert_key(key, key.secret_sha256)
+            store.insert_key(key)
             store.upsert_workspace(key.workspace, monthly_budget_usd=args.budget_usd,
                                    capture_prompts=True if args.capture_prompts else None)
             print(secret)

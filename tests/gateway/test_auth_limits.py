@@ -104,6 +104,14 @@ def test_admin_routes_need_an_admin_key(gw):
         assert secret not in r.text
 
 
+def test_keys_list_never_shows_secrets(gw):
+    listing = keys_cli(gw.data_dir, "list")
+    assert len(listing.splitlines()) >= 1 + len(gw.keys)
+    assert "revoked" in listing and "expired" in listing
+    for secret in gw.keys.values():
+        assert secret not in listing and secret[:3] + secret[3:7] + "…" in listing
+
+
 def test_public_routes_need_no_key(gw):
     for path in ("/health", "/v1/ready", "/v1/status", "/metrics"):
         assert httpx.get(gw.url + path).status_code == 200, path

@@ -57,7 +57,7 @@ async def create_key(gateway: Gateway, body: bytes) -> bytes:
         raise invalid(str(exc)) from None
 
     def write(store):
-        store.insert_key(key, key.secret_sha256)
+        store.insert_key(key)
         store.upsert_workspace(key.workspace, monthly_budget_usd=req.budget_usd, capture_prompts=req.capture_prompts)
         return store.keys(), store.workspaces()
 

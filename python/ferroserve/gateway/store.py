@@ -125,13 +125,13 @@ class Store:
             if capture_prompts is not None:
                 self.db.execute("UPDATE workspaces SET capture_prompts = ? WHERE name = ?", (int(capture_prompts), name))
 
-    def insert_key(self, key: ApiKey, secret_sha256: str) -> None:
+    def insert_key(self, key: ApiKey) -> None:
         with self._transaction():
             self.db.execute("INSERT OR IGNORE INTO workspaces (name, created_at) VALUES (?, ?)", (key.workspace, time.time()))
             self.db.execute(
                 f"INSERT INTO api_keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (key.id, key.workspace, key.hint, key.rpm, key.tpm, ",".join(sorted(key.models)) if key.models is not None else None,
-                 key.expires_at, int(key.admin), key.created_at, key.revoked_at, secret_sha256),
+                 key.expires_at, int(key.admin), key.created_at, key.revoked_at, key.secret_sha256),
             )
 
     def revoke_key(self, key_id: str) -> bool:
