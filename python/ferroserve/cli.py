@@ -46,13 +46,13 @@ def _serve(args: argparse.Namespace) -> int:
             host=args.host,
             port=args.port,
             model_args=args.model,
+            data_dir=args.data_dir,
+            price_args=args.price,
+            insecure_no_auth=args.insecure_no_auth,
             log_level=args.log_level,
             max_body_bytes=args.max_body_bytes,
             max_inputs=args.max_inputs,
             chat_template_file=args.chat_template,
-            data_dir=args.data_dir,
-            price_args=args.price,
-            insecure_no_auth=args.insecure_no_auth,
         )
     except ConfigError as exc:
         print(f"ferroserve: error: {exc}", file=sys.stderr)
@@ -162,12 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (default 8000, env FERROSERVE_PORT)")
     serve.add_argument("--model", action="append", metavar="NAME=PATH", help="serve a model folder/file under NAME (repeatable; env FERROSERVE_MODELS=a=p,b=q)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="env FERROSERVE_LOG_LEVEL")
-    serve.add_argument("--max-body-bytes", type=int, help="largest accepted request body (default 16 MiB)")
-    serve.add_argument("--max-inputs", type=int, help="most inputs in one embeddings request (default 2048)")
-    serve.add_argument("--chat-template", metavar="FILE", help="Jinja chat template replacing the GGUF's own (env FERROSERVE_CHAT_TEMPLATE)")
     serve.add_argument("--data-dir", metavar="DIR", help="keys, usage and request history (SQLite); default ~/.local/share/ferroserve, env FERROSERVE_DATA_DIR")
     serve.add_argument("--price", action="append", metavar="NAME=IN:OUT", help="USD per million input:output tokens for a model (repeatable; env FERROSERVE_PRICES=a=1:2,b=0.1:0)")
     serve.add_argument("--insecure-no-auth", action="store_true", help="serve without API keys on a non-loopback address")
+    serve.add_argument("--max-body-bytes", type=int, help="largest accepted request body (default 16 MiB)")
+    serve.add_argument("--max-inputs", type=int, help="most inputs in one embeddings request (default 2048)")
+    serve.add_argument("--chat-template", metavar="FILE", help="Jinja chat template replacing the GGUF's own (env FERROSERVE_CHAT_TEMPLATE)")
     serve.set_defaults(func=_serve)
 
     keys = sub.add_parser("keys", help="create, list and revoke API keys")

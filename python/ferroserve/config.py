@@ -33,13 +33,6 @@ class Settings(msgspec.Struct):
     log_level: str = "info"
     max_body_bytes: int = 16 * 1024 * 1024
     max_inputs: int = 2048
-    embed_max_batch_tokens: int = 16384
-    embed_max_wait_us: int = 1000
-    kv_budget_bytes: int = 512 * 1024 * 1024  # fits the default model's full 8,192-token context
-    max_batch_tokens: int = 512
-    max_running: int = 64
-    # A Jinja chat template replacing the GGUF's own, for every chat model.
-    chat_template: str | None = None
     # The gateway: keys, usage and request history live in SQLite under data_dir.
     data_dir: str = ""
     insecure_no_auth: bool = False
@@ -47,6 +40,13 @@ class Settings(msgspec.Struct):
     rate_window_s: float = 60.0
     # FERROSERVE_GATEWAY=off turns auth, limits, metering and request metrics off (benchmarks only).
     gateway: bool = True
+    embed_max_batch_tokens: int = 16384
+    embed_max_wait_us: int = 1000
+    kv_budget_bytes: int = 512 * 1024 * 1024  # fits the default model's full 8,192-token context
+    max_batch_tokens: int = 512
+    max_running: int = 64
+    # A Jinja chat template replacing the GGUF's own, for every chat model.
+    chat_template: str | None = None
 
     def to_json(self) -> str:
         return msgspec.json.encode(self).decode()
@@ -141,13 +141,13 @@ def resolve(
     host: str | None = None,
     port: int | None = None,
     model_args: list[str] | None = None,
+    data_dir: str | None = None,
+    price_args: list[str] | None = None,
+    insecure_no_auth: bool = False,
     log_level: str | None = None,
     max_body_bytes: int | None = None,
     max_inputs: int | None = None,
     chat_template_file: str | None = None,
-    data_dir: str | None = None,
-    price_args: list[str] | None = None,
-    insecure_no_auth: bool = False,
 ) -> Settings:
     """Flags (non-None arguments) over environment over defaults."""
     s = Settings()
@@ -182,6 +182,8 @@ def resolve(
     names = [n for m in s.models for n in [m.name, *m.aliases]]
     if len(set(names)) != len(names):
         raise ConfigError(f"model names must be unique, got {names}")
+    if s.log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"--log-level must be debug, info, warning or error, got {s.log_level!r}")
     if not price_args and _env("PRICES"):
         price_args = [p.strip() for p in _env("PRICES").split(",") if p.strip()]
     for name, inp, out in (parse_price_arg(a) for a in price_args or []):
@@ -192,6 +194,4 @@ def resolve(
     s.data_dir = resolve_data_dir(data_dir)
     s.insecure_no_auth = insecure_no_auth or (_env("INSECURE_NO_AUTH") or "").lower() in ("1", "true", "yes")
     s.gateway = (_env("GATEWAY") or "on").lower() not in ("0", "off", "false", "no")
-    if s.log_level not in ("debug", "info", "warning", "error"):
-        raise ConfigError(f"--log-level must be debug, info, warning or error, got {s.log_level!r}")
     return s
