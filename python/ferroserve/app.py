@@ -111,7 +111,9 @@ class App:
         if scope.proto != "http":
             return
         started = time.perf_counter()
-        request_id = scope.headers.get("x-request-id") or next(_REQUEST_IDS)
+        request_id = scope.headers.get("x-request-id")
+        if not request_id or len(request_id) > 200:  # a client's own id is kept if it is sane
+            request_id = next(_REQUEST_IDS)
         method, path = scope.method, scope.path
         gateway = self.gateway
         fields: dict = {}
@@ -179,7 +181,7 @@ class App:
         return 200, _encode({"status": "ready", "models": list(self.registry.models)}), {}
 
     async def _status(self, scope, proto, ticket, arg):
-        return 200, status.status(self.registry, self.ready), {}
+        return 200, status.status(self.registry, self.ready, scope.query_string), {}
 
     async def _list_models(self, scope, proto, ticket, arg):
         return 200, self._models_body or models.list_models(self.registry), {}

@@ -331,6 +331,9 @@ def test_status_and_prices_in_models(gw):
     s = httpx.get(gw.url + "/v1/status").json()
     assert s["object"] == "ipop.status" and s["status"] == "available"
     assert {m["id"]: m["available"] for m in s["models"]} == {"SmolLM2-135M-Instruct": True, "sentence-transformers/all-MiniLM-L6-v2": True}
+    assert len(httpx.get(gw.url + "/v1/status?ready=true").json()["models"]) == 2
+    long_id = "x" * 201  # an unreasonable client id is replaced, a sane one kept (tested elsewhere)
+    assert httpx.get(gw.url + "/v1/status", headers={"x-request-id": long_id}).headers["x-request-id"] != long_id
     cards = {m["id"]: m for m in httpx.get(gw.url + "/v1/models", headers=auth(gw.keys["user"])).json()["data"]}
     assert (cards["SmolLM2-135M-Instruct"]["input_per_m"], cards["SmolLM2-135M-Instruct"]["output_per_m"]) == (1000.0, 2000.0)
 

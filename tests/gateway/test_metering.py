@@ -31,7 +31,7 @@ def keys(data_dir):
 
 
 def start(data_dir: Path) -> Server:
-    srv = Server(["--log-level", "warning", *PRICES], data_dir=data_dir)
+    srv = Server(["--log-level", "info", *PRICES], data_dir=data_dir)
     srv.wait_ready()
     return srv
 
@@ -115,6 +115,15 @@ def test_usage_rows_match_responses_then_survive_a_restart(data_dir, keys):
         before = httpx.get(srv.url + "/v1/usage", headers=auth(keys["meter"])).json()
     finally:
         srv.stop()
+    # Access log: one JSON object per request, naming the key by id, never its secret or the prompts.
+    text = srv.log_path.read_text()
+    access = [json.loads(line) for line in text.splitlines() if line.startswith("{") and '"msg":"request"' in line]
+    mixed = {a["request_id"]: a for a in access if a["request_id"].startswith("mix-")}
+    assert len(mixed) == 200 and all(a["workspace"] == "meter" and a["key"].startswith("key_") for a in mixed.values())
+    assert mixed["mix-005"]["prompt_tokens"] == rows["mix-005"]["prompt_tokens"]
+    for secret in keys.values():
+        assert secret not in text
+    assert "Count to" not in text and "sentence number" not in text
 
     srv = start(data_dir)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from urllib.parse import parse_qs
 
 import msgspec
 
@@ -11,7 +12,9 @@ from ferroserve.registry import Registry
 _encode = msgspec.json.Encoder().encode
 
 
-def status(registry: Registry, ready: bool) -> bytes:
+def status(registry: Registry, ready: bool, query: str = "") -> bytes:
+    """`?ready=true` lists only the models that can serve now (as in the spec)."""
+    only_ready = parse_qs(query or "").get("ready", ["false"])[-1].lower() in ("1", "true")
     models = []
     for name, m in registry.models.items():
         # A chat engine whose thread died reports alive=False (and fails its requests with 503).
@@ -31,4 +34,6 @@ def status(registry: Registry, ready: bool) -> bytes:
         })
     n_up = sum(m["available"] for m in models)
     overall = "available" if models and n_up == len(models) else ("degraded" if n_up else "not_enabled")
+    if only_ready:
+        models = [m for m in models if m["available"]]
     return _encode({"object": "ipop.status", "status": overall, "generated_at_unix": int(time.time()), "models": models})
