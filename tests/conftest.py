@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,8 +25,13 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, data_dir: Path | None = None) -> None:
         self.port = free_port()
+        # Each server gets its own gateway database unless a test shares one on purpose
+        # (never the user's ~/.local/share/ferroserve, whose keys would lock the tests out).
+        self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="ferroserve-data-"))
+        if "--data-dir" not in args:
+            args = [*args, "--data-dir", str(self.data_dir)]
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "ferroserve", "serve", "--port", str(self.port), *args]
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"ferroserve-test-{self.port}.log"

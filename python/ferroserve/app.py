@@ -1,4 +1,4 @@
-"""The RSGI application: route table, body limits, errors, access log.
+"""The RSGI application: route table, gateway, body limits, errors, access log.
 
 granian calls ``create_app()`` in its worker; models load in ``__rsgi_init__`` on the
 worker's event loop, so ``/v1/ready`` is true as soon as requests are served.
@@ -15,41 +15,68 @@ from urllib.parse import unquote
 import msgspec
 
 from ferroserve import log
-from ferroserve.api import chat, completions, embeddings, models, tokenize
+from ferroserve.api import admin, chat, completions, embeddings, estimate, history, models, status, tokenize, usage
 from ferroserve.config import SETTINGS_ENV, Settings
 from ferroserve.errors import ApiError
+from ferroserve.gateway.gate import Gateway, Ticket
 from ferroserve.log import logger
 from ferroserve.registry import Registry
 
-JSON = [("content-type", "application/json")]
+JSON = ("content-type", "application/json")
 _encode = msgspec.json.Encoder().encode
 # Request ids: a random per-process prefix and a counter (unique, and cheaper than uuid4).
 _ID_PREFIX = os.urandom(6).hex()
 _REQUEST_IDS = (f"{_ID_PREFIX}{n:010x}" for n in itertools.count())
+
+# Who may call a route: PUBLIC (probes, scraping), USER (any valid key), INFERENCE (a key,
+# and the request is metered), ADMIN (an admin key).
+PUBLIC, USER, INFERENCE, ADMIN = "public", "user", "inference", "admin"
+_CONTENT_TYPES = {
+    "/metrics": ("content-type", "text/plain; version=0.0.4; charset=utf-8"),
+    "/v1/usage/export": ("content-type", "text/csv; charset=utf-8"),
+}
 
 
 class App:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.registry = Registry()
+        self.gateway = Gateway(settings, self.registry) if settings.gateway else None
         self.ready = False
+        # (method, path) -> (handler, access); handlers: (scope, proto, ticket, arg) -> (status, body, log fields)
         self._routes = {
-            ("GET", "/health"): self._health,
-            ("GET", "/v1/ready"): self._ready,
-            ("GET", "/v1/models"): self._list_models,
-            ("POST", "/v1/embeddings"): self._embeddings,
-            ("POST", "/v1/chat/completions"): self._chat,
-            ("POST", "/v1/completions"): self._completions,
-            ("POST", "/v1/tokenize"): self._tokenize,
-            ("POST", "/v1/detokenize"): self._detokenize,
-            ("GET", "/metrics"): self._metrics,
+            ("GET", "/health"): (self._health, PUBLIC),
+            ("GET", "/v1/ready"): (self._ready, PUBLIC),
+            ("GET", "/v1/status"): (self._status, PUBLIC),
+            ("GET", "/metrics"): (self._metrics, PUBLIC),
+            ("GET", "/v1/models"): (self._list_models, USER),
+            ("POST", "/v1/embeddings"): (self._embeddings, INFERENCE),
+            ("POST", "/v1/chat/completions"): (self._chat, INFERENCE),
+            ("POST", "/v1/completions"): (self._completions, INFERENCE),
+            ("POST", "/v1/tokenize"): (self._tokenize, USER),
+            ("POST", "/v1/detokenize"): (self._detokenize, USER),
+            ("POST", "/v1/estimate"): (self._estimate, USER),
+            ("GET", "/v1/usage"): (self._usage, USER),
+            ("GET", "/v1/usage/export"): (self._usage_export, USER),
+            ("GET", "/v1/request-history"): (self._history, USER),
+            ("GET", "/v1/admin/keys"): (self._admin_list_keys, ADMIN),
+            ("POST", "/v1/admin/keys"): (self._admin_create_key, ADMIN),
         }
+        # Routes with one path parameter: (method, prefix) -> (handler, access, route label).
+        self._prefix_routes = [
+            ("GET", "/v1/models/", self._get_model, USER, "/v1/models/{id}"),
+            ("GET", "/v1/request-history/", self._history_item, USER, "/v1/request-history/{id}"),
+            ("GET", "/v1/admin/keys/", self._admin_get_key, ADMIN, "/v1/admin/keys/{id}"),
+            ("DELETE", "/v1/admin/keys/", self._admin_revoke_key, ADMIN, "/v1/admin/keys/{id}"),
+        ]
         self._paths = {path for _, path in self._routes}
         self._models_body: bytes | None = None
 
     # RSGI lifecycle -------------------------------------------------------------
     def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
         log.setup(self.settings.log_level)
+        if self.gateway is not None:
+            self.gateway.start(loop)
         self.registry.load_all(self.settings)
         for m in self.registry.models.values():
             m.backend.attach(loop)
@@ -61,102 +88,163 @@ class App:
     def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
         for m in self.registry.models.values():
             m.backend.detach()
+        if self.gateway is not None:
+            self.gateway.stop()  # writes every queued usage record before the process exits
 
     # Request path ---------------------------------------------------------------
+    def _resolve(self, method: str, path: str):
+        """(handler, access, route label, path argument); raises 404/405."""
+        route = self._routes.get((method, path))
+        if route is not None:
+            return route[0], route[1], path, None
+        known_prefix = False
+        for m, prefix, handler, access, label in self._prefix_routes:
+            if path.startswith(prefix) and len(path) > len(prefix):
+                if m == method:
+                    return handler, access, label, unquote(path[len(prefix):])
+                known_prefix = True
+        if known_prefix or path in self._paths:
+            raise ApiError(405, f"Method {method} is not allowed on {path}.", code="method_not_allowed")
+        raise ApiError(404, f"Unknown route {method} {path}.", code="not_found")
+
     async def __rsgi__(self, scope, proto) -> None:
         if scope.proto != "http":
             return
         started = time.perf_counter()
-        request_id = scope.headers.get("x-request-id") or next(_REQUEST_IDS)
+        request_id = scope.headers.get("x-request-id")
+        if not request_id or len(request_id) > 200:  # a client's own id is kept if it is sane
+            request_id = next(_REQUEST_IDS)
         method, path = scope.method, scope.path
-        extra: dict = {}
+        gateway = self.gateway
+        fields: dict = {}
+        ticket: Ticket | None = None
+        label, access, cost, error_code = "other", PUBLIC, 0.0, None
         try:
-            handler = self._routes.get((method, path))
-            if handler is not None:
-                status, body, extra = await handler(scope, proto)
-                if body is None:  # a streamed response, already sent
-                    log.access(method, path, status, started, request_id, **extra)
-                    return
-            elif method == "GET" and path.startswith("/v1/models/"):
-                status, body = 200, models.get_model(self.registry, unquote(path[len("/v1/models/"):]))
-            elif path in self._paths:
-                raise ApiError(405, f"Method {method} is not allowed on {path}.", code="method_not_allowed")
+            handler, access, label, arg = self._resolve(method, path)
+            if gateway is None or access is PUBLIC:
+                ticket = Ticket(None, request_id, started, None, None, None, False)
             else:
-                raise ApiError(404, f"Unknown route {method} {path}.", code="not_found")
-            headers = [("content-type", "text/plain; version=0.0.4")] if path == "/metrics" else JSON
-            proto.response_bytes(status, [*headers, ("x-request-id", request_id)], body)
+                ticket = gateway.open_ticket(scope, request_id, started, admin=access is ADMIN)
+            status, body, fields = await handler(scope, proto, ticket, arg)
+            if gateway is not None and access is INFERENCE:
+                cost = gateway.settle(ticket, fields)
+            if body is not None:
+                proto.response_bytes(status, [_CONTENT_TYPES.get(label, JSON), *ticket.response_headers()], body)
         except ApiError as err:
-            status = err.status
-            proto.response_bytes(status, [*JSON, ("x-request-id", request_id), *err.headers], err.body())
+            status, error_code = err.status, err.code
+            if gateway is not None and access is INFERENCE and ticket is not None:
+                cost = gateway.settle(ticket, fields)
+            headers = ticket.response_headers() if ticket is not None else [("x-request-id", request_id)]
+            proto.response_bytes(status, [JSON, *headers, *err.headers], err.body())
         except Exception:
             logger.exception("unhandled error", extra={"fields": {"request_id": request_id, "path": path}})
-            status = 500
+            status, error_code = 500, "server_error"
             err = ApiError(500, "The server had an error while processing your request.", type="server_error")
-            proto.response_bytes(status, [*JSON, ("x-request-id", request_id)], err.body())
-        log.access(method, path, status, started, request_id, **extra)
+            proto.response_bytes(status, [JSON, ("x-request-id", request_id)], err.body())
+        if ticket is not None and ticket.key is not None:
+            fields = {**fields, "key": ticket.key.id, "workspace": ticket.workspace}
+        log.access(method, path, status, started, request_id, **fields)
+        if gateway is not None:
+            gateway.record(ticket, started, label, status, fields, cost, error_code, access is INFERENCE)
 
-    async def _read_body(self, scope, proto) -> bytes:
+    async def _read_body(self, scope, proto, ticket: Ticket | None = None) -> bytes:
         limit = self.settings.max_body_bytes
         declared = scope.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise ApiError(413, f"Request body of {declared} bytes exceeds the limit of {limit} bytes.", code="request_too_large")
         if declared is not None and declared.isdigit():
-            return await proto()
-        chunks, size = [], 0
-        async for chunk in proto:
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, f"Request body exceeds the limit of {limit} bytes.", code="request_too_large")
-            chunks.append(chunk)
-        return b"".join(chunks)
+            body = await proto()
+        else:
+            chunks, size = [], 0
+            async for chunk in proto:
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, f"Request body exceeds the limit of {limit} bytes.", code="request_too_large")
+                chunks.append(chunk)
+            body = b"".join(chunks)
+        if ticket is not None and ticket.capture and self.gateway is not None:
+            self.gateway.capture(ticket, body)
+        return body
 
-    # Handlers: (scope, proto) -> (status, body, log fields) ------------------------
-    async def _health(self, scope, proto):
+    def _needs_gateway(self) -> Gateway:
+        if self.gateway is None:
+            raise ApiError(503, "The gateway is turned off on this server (FERROSERVE_GATEWAY=off).", type="server_error", code="gateway_disabled")
+        return self.gateway
+
+    # Handlers: (scope, proto, ticket, path argument) -> (status, body, log fields) --------
+    async def _health(self, scope, proto, ticket, arg):
         return 200, b'{"status":"ok"}', {}
 
-    async def _ready(self, scope, proto):
+    async def _ready(self, scope, proto, ticket, arg):
         if not self.ready:
             raise ApiError(503, "Models are still loading.", type="server_error", code="not_ready")
         return 200, _encode({"status": "ready", "models": list(self.registry.models)}), {}
 
-    async def _list_models(self, scope, proto):
+    async def _status(self, scope, proto, ticket, arg):
+        return 200, status.status(self.registry, self.ready, scope.query_string), {}
+
+    async def _list_models(self, scope, proto, ticket, arg):
         return 200, self._models_body or models.list_models(self.registry), {}
 
-    async def _chat(self, scope, proto):
-        return await chat.create_chat_completion(self.registry, await self._read_body(scope, proto), proto)
+    async def _get_model(self, scope, proto, ticket, arg):
+        return 200, models.get_model(self.registry, arg), {}
 
-    async def _completions(self, scope, proto):
-        return await completions.create_completion(self.registry, await self._read_body(scope, proto), proto)
+    async def _chat(self, scope, proto, ticket, arg):
+        return await chat.create_chat_completion(self.registry, await self._read_body(scope, proto, ticket), proto, ticket)
 
-    async def _tokenize(self, scope, proto):
-        return 200, tokenize.tokenize(self.registry, await self._read_body(scope, proto)), {}
+    async def _completions(self, scope, proto, ticket, arg):
+        return await completions.create_completion(self.registry, await self._read_body(scope, proto, ticket), proto, ticket)
 
-    async def _detokenize(self, scope, proto):
-        return 200, tokenize.detokenize(self.registry, await self._read_body(scope, proto)), {}
-
-    async def _metrics(self, scope, proto):
-        # Prometheus text format; the gateway issue extends this with request metrics.
-        lines = []
-        for name, m in self.registry.models.items():
-            engine = m.backend.engine
-            if "chat" in m.capabilities:
-                s = engine.stats()
-                label = f'{{model="{name}"}}'
-                lines += [
-                    f"ferroserve_kv_cache_usage_ratio{label} {s['kv_usage']}",
-                    f"ferroserve_kv_cache_blocks_free{label} {s['kv_blocks_free']}",
-                    f"ferroserve_kv_cache_blocks_total{label} {s['kv_blocks_total']}",
-                    f"ferroserve_running_sequences{label} {s['running_sequences']}",
-                    f"ferroserve_waiting_sequences{label} {s['waiting_sequences']}",
-                    f"ferroserve_generated_tokens_total{label} {s['generated_tokens']}",
-                    f"ferroserve_preemptions_total{label} {s['preemptions']}",
-                ]
-        return 200, ("\n".join(lines) + "\n").encode(), {}
-
-    async def _embeddings(self, scope, proto):
-        body = await self._read_body(scope, proto)
-        out, extra = await embeddings.create_embedding(self.registry, body, self.settings.max_inputs)
+    async def _embeddings(self, scope, proto, ticket, arg):
+        body = await self._read_body(scope, proto, ticket)
+        out, extra = await embeddings.create_embedding(self.registry, body, self.settings.max_inputs, ticket)
         return 200, out, extra
+
+    async def _tokenize(self, scope, proto, ticket, arg):
+        return 200, tokenize.tokenize(self.registry, await self._read_body(scope, proto), ticket), {}
+
+    async def _detokenize(self, scope, proto, ticket, arg):
+        return 200, tokenize.detokenize(self.registry, await self._read_body(scope, proto), ticket), {}
+
+    async def _estimate(self, scope, proto, ticket, arg):
+        return 200, estimate.estimate(self.registry, await self._read_body(scope, proto), ticket), {}
+
+    async def _usage(self, scope, proto, ticket, arg):
+        return 200, await usage.summary(self._needs_gateway(), ticket, scope.query_string), {}
+
+    async def _usage_export(self, scope, proto, ticket, arg):
+        return 200, await usage.export_csv(self._needs_gateway(), ticket, scope.query_string), {}
+
+    async def _history(self, scope, proto, ticket, arg):
+        return 200, await history.list_records(self._needs_gateway(), ticket, scope.query_string), {}
+
+    async def _history_item(self, scope, proto, ticket, arg):
+        return 200, await history.get_record(self._needs_gateway(), ticket, arg), {}
+
+    async def _admin_list_keys(self, scope, proto, ticket, arg):
+        return 200, admin.list_keys(self._needs_gateway()), {}
+
+    async def _admin_get_key(self, scope, proto, ticket, arg):
+        return 200, admin.get_key(self._needs_gateway(), arg), {}
+
+    async def _admin_create_key(self, scope, proto, ticket, arg):
+        return 200, await admin.create_key(self._needs_gateway(), await self._read_body(scope, proto)), {}
+
+    async def _admin_revoke_key(self, scope, proto, ticket, arg):
+        return 200, await admin.revoke_key(self._needs_gateway(), arg), {}
+
+    async def _metrics(self, scope, proto, ticket, arg):
+        engines = [(name, m.backend.engine.stats()) for name, m in self.registry.models.items() if "chat" in m.capabilities]
+        gateway = self.gateway
+        if gateway is None:
+            from ferroserve.gateway.metrics import Metrics
+
+            return 200, Metrics().render(rate_limit_rejections={}, usage_queue_depth=0, engines=engines), {}
+        return 200, gateway.metrics.render(
+            rate_limit_rejections=gateway.limiter.rejected,
+            usage_queue_depth=gateway.worker.queue_depth() if gateway.worker is not None else 0,
+            engines=engines,
+        ), {}
 
 
 def create_app() -> App:

@@ -1,13 +1,43 @@
-"""`ferroserve serve | models | devices`."""
+"""`ferroserve serve | keys | models | devices`."""
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import sys
+import time
 
 from ferroserve import __version__
-from ferroserve.config import SETTINGS_ENV, ConfigError, resolve
+from ferroserve.config import SETTINGS_ENV, ConfigError, resolve, resolve_data_dir
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_auth(settings) -> str | None:
+    """Why the server must not start, or None: no keys is fine only on loopback."""
+    if not settings.gateway or settings.insecure_no_auth or _is_loopback(settings.host):
+        return None
+    from ferroserve.gateway.store import Store
+
+    store = Store(settings.data_dir)
+    try:
+        if store.keys():
+            return None
+    finally:
+        store.close()
+    return (
+        f"refusing to serve on {settings.host} without API keys: anyone who can reach it could use it. "
+        f"Create a key with `ferroserve keys create --workspace NAME --data-dir {settings.data_dir}`, "
+        "bind to 127.0.0.1, or pass --insecure-no-auth."
+    )
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -16,6 +46,9 @@ def _serve(args: argparse.Namespace) -> int:
             host=args.host,
             port=args.port,
             model_args=args.model,
+            data_dir=args.data_dir,
+            price_args=args.price,
+            insecure_no_auth=args.insecure_no_auth,
             log_level=args.log_level,
             max_body_bytes=args.max_body_bytes,
             max_inputs=args.max_inputs,
@@ -24,6 +57,10 @@ def _serve(args: argparse.Namespace) -> int:
         )
     except ConfigError as exc:
         print(f"ferroserve: error: {exc}", file=sys.stderr)
+        return 2
+    refusal = _check_auth(settings)
+    if refusal:
+        print(f"ferroserve: error: {refusal}", file=sys.stderr)
         return 2
     os.environ[SETTINGS_ENV] = settings.to_json()
 
@@ -63,6 +100,52 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys(args: argparse.Namespace) -> int:
+    from ferroserve.gateway import keys as keymod
+    from ferroserve.gateway.store import Store
+
+    store = Store(resolve_data_dir(args.data_dir))
+    try:
+        now = time.time()
+        if args.keys_command == "create":
+            try:
+                expires_at = keymod.parse_expiry(args.expires) if args.expires else None
+                secret, key = keymod.make_key(
+                    workspace=args.workspace, prefix=args.prefix or os.environ.get("FERROSERVE_KEY_PREFIX") or keymod.DEFAULT_KEY_PREFIX,
+                    rpm=args.rpm, tpm=args.tpm, models=args.models.split(",") if args.models else None,
+                    expires_at=expires_at, admin=args.admin, now=now,
+                )
+            except ValueError as exc:
+                print(f"ferroserve: error: {exc}", file=sys.stderr)
+                return 2
+            if args.budget_usd is not None and args.budget_usd < 0:
+                print("ferroserve: error: --budget-usd must not be negative", file=sys.stderr)
+                return 2
+            store.insert_key(key)
+            store.upsert_workspace(key.workspace, monthly_budget_usd=args.budget_usd,
+                                   capture_prompts=True if args.capture_prompts else None)
+            print(secret)
+            print(f"created {key.id} in workspace {key.workspace} (the key is shown only once)", file=sys.stderr)
+        elif args.keys_command == "list":
+            workspaces = store.workspaces()
+            print("id\tworkspace\thint\tstatus\tadmin\trpm\ttpm\tmodels\texpires\tbudget_usd")
+            for k in store.keys():
+                ws = workspaces.get(k.workspace)
+                expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(k.expires_at)) if k.expires_at else "-"
+                budget = ws.monthly_budget_usd if ws is not None and ws.monthly_budget_usd is not None else "-"
+                models = ",".join(sorted(k.models)) if k.models is not None else "*"
+                print(f"{k.id}\t{k.workspace}\t{k.hint}\t{k.state(now)}\t{'yes' if k.admin else 'no'}\t"
+                      f"{k.rpm or '-'}\t{k.tpm or '-'}\t{models}\t{expires}\t{budget}")
+        elif args.keys_command == "revoke":
+            if not store.revoke_key(args.key_id):
+                print(f"ferroserve: error: no active key {args.key_id}", file=sys.stderr)
+                return 1
+            print(f"revoked {args.key_id}", file=sys.stderr)
+    finally:
+        store.close()
+    return 0
+
+
 def _devices(args: argparse.Namespace) -> int:
     from ferroserve import _core
 
@@ -80,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (default 8000, env FERROSERVE_PORT)")
     serve.add_argument("--model", action="append", metavar="NAME=PATH", help="serve a model folder/file under NAME (repeatable; env FERROSERVE_MODELS=a=p,b=q)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="env FERROSERVE_LOG_LEVEL")
+    serve.add_argument("--data-dir", metavar="DIR", help="keys, usage and request history (SQLite); default ~/.local/share/ferroserve, env FERROSERVE_DATA_DIR")
+    serve.add_argument("--price", action="append", metavar="NAME=IN:OUT", help="USD per million input:output tokens for a model (repeatable; env FERROSERVE_PRICES=a=1:2,b=0.1:0)")
+    serve.add_argument("--insecure-no-auth", action="store_true", help="serve without API keys on a non-loopback address")
     serve.add_argument("--max-body-bytes", type=int, help="largest accepted request body (default 16 MiB)")
     serve.add_argument("--max-inputs", type=int, help="most inputs in one embeddings request (default 2048)")
     serve.add_argument("--chat-template", metavar="FILE", help="Jinja chat template replacing the GGUF's own (env FERROSERVE_CHAT_TEMPLATE)")
@@ -89,6 +175,27 @@ def build_parser() -> argparse.ArgumentParser:
         "AVX-512 panels, several times faster batches, other roundings (env FERROSERVE_NUMERICS)",
     )
     serve.set_defaults(func=_serve)
+
+    keys = sub.add_parser("keys", help="create, list and revoke API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    data_dir_help = "same as `serve --data-dir` (env FERROSERVE_DATA_DIR)"
+    create = keys_sub.add_parser("create", help="create a key and print it (once)")
+    create.add_argument("--workspace", required=True)
+    create.add_argument("--rpm", type=int, help="requests per minute")
+    create.add_argument("--tpm", type=int, help="tokens per minute")
+    create.add_argument("--budget-usd", type=float, help="the workspace's monthly spend cap in USD")
+    create.add_argument("--models", help="comma-separated models (names or aliases) the key may use; default all")
+    create.add_argument("--expires", metavar="DATE", help="YYYY-MM-DD (end of day, UTC) or an ISO date-time")
+    create.add_argument("--admin", action="store_true", help="may use /v1/admin/* and see every workspace")
+    create.add_argument("--capture-prompts", action="store_true", help="keep request bodies in the workspace's request history")
+    create.add_argument("--prefix", help="key prefix (default fs-, env FERROSERVE_KEY_PREFIX)")
+    create.add_argument("--data-dir", metavar="DIR", help=data_dir_help)
+    listing = keys_sub.add_parser("list", help="list keys (never their secrets)")
+    listing.add_argument("--data-dir", metavar="DIR", help=data_dir_help)
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by id")
+    revoke.add_argument("key_id")
+    revoke.add_argument("--data-dir", metavar="DIR", help=data_dir_help)
+    keys.set_defaults(func=_keys)
 
     models = sub.add_parser("models", help="list the models `serve` would load")
     models.add_argument("--model", action="append", metavar="NAME=PATH")

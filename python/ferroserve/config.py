@@ -21,6 +21,9 @@ class ModelSpec(msgspec.Struct):
     kind: str  # "embedding" | "chat"
     aliases: list[str] = []
     owned_by: str = "ferroserve"
+    # Prices in USD per million tokens (budgets and usage cost); shown in /v1/models.
+    input_usd_per_million_tokens: float = 0.0
+    output_usd_per_million_tokens: float = 0.0
 
 
 class Settings(msgspec.Struct):
@@ -30,6 +33,13 @@ class Settings(msgspec.Struct):
     log_level: str = "info"
     max_body_bytes: int = 16 * 1024 * 1024
     max_inputs: int = 2048
+    # The gateway: keys, usage and request history live in SQLite under data_dir.
+    data_dir: str = ""
+    insecure_no_auth: bool = False
+    # Length of a rate-limit window; 60 s ("per minute"). FERROSERVE_RATE_WINDOW_S exists for tests.
+    rate_window_s: float = 60.0
+    # FERROSERVE_GATEWAY=off turns auth, limits, metering and request metrics off (benchmarks only).
+    gateway: bool = True
     embed_max_batch_tokens: int = 16384
     embed_max_wait_us: int = 1000
     kv_budget_bytes: int = 512 * 1024 * 1024  # fits the default model's full 8,192-token context
@@ -99,6 +109,30 @@ def parse_model_arg(arg: str) -> ModelSpec:
     return ModelSpec(name=name, path=str(p), kind=detect_kind(p))
 
 
+def default_data_dir() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return str(Path(base) / "ferroserve")
+
+
+def resolve_data_dir(data_dir: str | None) -> str:
+    return str(Path(data_dir or _env("DATA_DIR") or default_data_dir()).expanduser().resolve())
+
+
+def parse_price_arg(arg: str) -> tuple[str, float, float]:
+    """`NAME=IN:OUT` (USD per million input and output tokens)."""
+    name, sep, rest = arg.partition("=")
+    inp, sep2, out = rest.partition(":")
+    try:
+        if not (sep and sep2 and name):
+            raise ValueError
+        prices = float(inp), float(out)
+    except ValueError:
+        raise ConfigError(f"--price expects NAME=INPUT:OUTPUT (USD per million tokens), got {arg!r}") from None
+    if min(prices) < 0:
+        raise ConfigError(f"prices must not be negative, got {arg!r}")
+    return name, *prices
+
+
 def _env(name: str) -> str | None:
     value = os.environ.get(f"FERROSERVE_{name}")
     return value if value not in (None, "") else None
@@ -109,6 +143,9 @@ def resolve(
     host: str | None = None,
     port: int | None = None,
     model_args: list[str] | None = None,
+    data_dir: str | None = None,
+    price_args: list[str] | None = None,
+    insecure_no_auth: bool = False,
     log_level: str | None = None,
     max_body_bytes: int | None = None,
     max_inputs: int | None = None,
@@ -128,6 +165,7 @@ def resolve(
         s.kv_budget_bytes = int(_env("KV_BUDGET_BYTES") or s.kv_budget_bytes)
         s.max_batch_tokens = int(_env("MAX_BATCH_TOKENS") or s.max_batch_tokens)
         s.max_running = int(_env("MAX_RUNNING") or s.max_running)
+        s.rate_window_s = float(_env("RATE_WINDOW_S") or s.rate_window_s)
     except ValueError as exc:
         raise ConfigError(f"invalid numeric setting: {exc}") from None
     template_file = chat_template_file or _env("CHAT_TEMPLATE")
@@ -152,4 +190,14 @@ def resolve(
         raise ConfigError(f"--numerics must be exact or fast, got {s.numerics!r}")
     if s.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"--log-level must be debug, info, warning or error, got {s.log_level!r}")
+    if not price_args and _env("PRICES"):
+        price_args = [p.strip() for p in _env("PRICES").split(",") if p.strip()]
+    for name, inp, out in (parse_price_arg(a) for a in price_args or []):
+        spec = next((m for m in s.models if name == m.name or name in m.aliases), None)
+        if spec is None:
+            raise ConfigError(f"--price names an unknown model {name!r}; models: {names}")
+        spec.input_usd_per_million_tokens, spec.output_usd_per_million_tokens = inp, out
+    s.data_dir = resolve_data_dir(data_dir)
+    s.insecure_no_auth = insecure_no_auth or (_env("INSECURE_NO_AUTH") or "").lower() in ("1", "true", "yes")
+    s.gateway = (_env("GATEWAY") or "on").lower() not in ("0", "off", "false", "no")
     return s

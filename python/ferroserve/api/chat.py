@@ -10,6 +10,7 @@ from ferroserve.api.generate import (
     sampling_params, sse, watch_disconnect,
 )
 from ferroserve.errors import ApiError, from_engine_exception, from_validation, invalid, model_not_found
+from ferroserve.gateway.gate import Ticket
 from ferroserve.registry import Registry
 from ferroserve.schemas.chat import ChatCompletionRequest, chat_decoder
 
@@ -51,7 +52,7 @@ def _logprobs_json(entries: list[tuple]) -> dict:
     }
 
 
-async def create_chat_completion(registry: Registry, body: bytes, proto) -> tuple[int, bytes | None, dict]:
+async def create_chat_completion(registry: Registry, body: bytes, proto, ticket: Ticket) -> tuple[int, bytes | None, dict]:
     """Returns (status, body, log fields); body None means the SSE response was sent."""
     try:
         req = chat_decoder.decode(body)
@@ -72,6 +73,7 @@ async def create_chat_completion(registry: Registry, body: bytes, proto) -> tupl
         raise invalid("top_logprobs requires logprobs to be true.", param="top_logprobs")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = sampling_params(req, max_tokens=max_tokens, logprobs=bool(req.logprobs), top_logprobs=top)
+    ticket.admit(model, len(prompt), (max_tokens or 0) * params["n"])
     request_id, collector, n_prompt, _ = backend.submit(prompt, params, stream=req.stream)
     name = model.spec.name
     cid, created = new_id("chatcmpl"), now()
@@ -88,15 +90,16 @@ async def create_chat_completion(registry: Registry, body: bytes, proto) -> tupl
             for i, c in enumerate(outcome.choices)
         ]
         log["completion_tokens"] = outcome.completion_tokens
+        log["cached_tokens"] = outcome.cached_tokens
         return 200, encode({
             "id": cid, "object": "chat.completion", "created": created, "model": name,
             "system_fingerprint": FINGERPRINT, "choices": choices, "usage": outcome.usage(),
         }), log
-    await _stream(backend, request_id, collector, params["n"], n_prompt, req, cid, created, name, proto, log)
+    await _stream(backend, request_id, collector, params["n"], n_prompt, req, cid, created, name, proto, log, ticket)
     return 200, None, log
 
 
-async def _stream(backend, request_id, collector, n, n_prompt, req, cid, created, name, proto, log) -> None:
+async def _stream(backend, request_id, collector, n, n_prompt, req, cid, created, name, proto, log, ticket) -> None:
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name, "system_fingerprint": FINGERPRINT}
 
@@ -107,7 +110,7 @@ async def _stream(backend, request_id, collector, n, n_prompt, req, cid, created
         return sse(encode(body))
 
     outcome = Outcome([Choice() for _ in range(n)], n_prompt)
-    transport = proto.response_stream(200, [*SSE_HEADERS])
+    transport = proto.response_stream(200, [*SSE_HEADERS, *ticket.response_headers()])
     disconnect = watch_disconnect(proto, collector)
     finished = False
     try:
@@ -124,6 +127,7 @@ async def _stream(backend, request_id, collector, n, n_prompt, req, cid, created
                     finished = True
                     return
                 if event[0] == "d" and (event[3] or event[5]):
+                    ticket.first_token()
                     lp = _logprobs_json(event[5]) if (req.logprobs and event[5]) else None
                     out.append(chunk(event[2], {"content": event[3]}, logprobs=lp))
                 elif event[0] == "f":
@@ -135,11 +139,13 @@ async def _stream(backend, request_id, collector, n, n_prompt, req, cid, created
                 out.append(DONE)
             if out:
                 await transport.send_bytes(b"".join(out))
-        log["completion_tokens"] = outcome.completion_tokens
     except Exception:
         # The client went away mid-write (or the stream broke): stop generating.
         finished = False
     finally:
+        # Metered even when the client left early: what was generated was generated.
+        log["completion_tokens"] = outcome.completion_tokens if finished else sum(len(c.token_ids) for c in outcome.choices)
+        log["cached_tokens"] = outcome.cached_tokens
         backend.finish(request_id, abort=not finished)
         if disconnect is not None:
             disconnect.cancel()

@@ -13,6 +13,7 @@ from ferroserve.api.generate import (
     sampling_params, sse, watch_disconnect,
 )
 from ferroserve.errors import ApiError, from_engine_exception, from_validation, invalid, model_not_found
+from ferroserve.gateway.gate import Ticket
 from ferroserve.registry import Registry
 from ferroserve.schemas.chat import CompletionRequest, completion_decoder
 
@@ -48,7 +49,7 @@ def _logprobs_json(entries: list[tuple]) -> dict:
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
-async def create_completion(registry: Registry, body: bytes, proto) -> tuple[int, bytes | None, dict]:
+async def create_completion(registry: Registry, body: bytes, proto, ticket: Ticket) -> tuple[int, bytes | None, dict]:
     try:
         req = completion_decoder.decode(body)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
@@ -71,6 +72,7 @@ async def create_completion(registry: Registry, body: bytes, proto) -> tuple[int
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
     params = sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs is not None, top_logprobs=top)
     n = params["n"]
+    ticket.admit(model, sum(len(p) for p in prompts), max_tokens * n * len(prompts))
     submitted = []
     try:
         for p in prompts:
@@ -84,7 +86,7 @@ async def create_completion(registry: Registry, body: bytes, proto) -> tuple[int
     n_prompt = sum(s[2] for s in submitted)
     log = {"model": name, "prompt_tokens": n_prompt}
     if req.stream:
-        await _stream(backend, submitted, n, req, cid, created, name, proto, log)
+        await _stream(backend, submitted, n, req, cid, created, name, proto, log, ticket)
         return 200, None, log
     try:
         outcomes = await asyncio.gather(*(collect(backend, rid, col, n, np_, proto) for rid, col, np_, _ in submitted))
@@ -107,18 +109,19 @@ async def create_completion(registry: Registry, body: bytes, proto) -> tuple[int
             usage[k] += u[k]
         usage["prompt_tokens_details"]["cached_tokens"] += u["prompt_tokens_details"]["cached_tokens"]
     log["completion_tokens"] = usage["completion_tokens"]
+    log["cached_tokens"] = usage["prompt_tokens_details"]["cached_tokens"]
     return 200, encode({
         "id": cid, "object": "text_completion", "created": created, "model": name,
         "system_fingerprint": FINGERPRINT, "choices": choices, "usage": usage,
     }), log
 
 
-async def _stream(backend, submitted, n, req, cid, created, name, proto, log) -> None:
+async def _stream(backend, submitted, n, req, cid, created, name, proto, log, ticket) -> None:
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     head = {"id": cid, "object": "text_completion", "created": created, "model": name, "system_fingerprint": FINGERPRINT}
     # One merged queue: every request's collector wakes this handler.
     outcomes = {rid: (pi, Outcome([Choice() for _ in range(n)], np_)) for pi, (rid, _, np_, _) in enumerate(submitted)}
-    transport = proto.response_stream(200, [*SSE_HEADERS])
+    transport = proto.response_stream(200, [*SSE_HEADERS, *ticket.response_headers()])
     disconnects = [watch_disconnect(proto, col) for _, col, _, _ in submitted]
     done: set[int] = set()
 
@@ -137,6 +140,7 @@ async def _stream(backend, submitted, n, req, cid, created, name, proto, log) ->
                     raise ConnectionError("client disconnected")
                 apply(outcome, event)
                 if event[0] == "d" and (event[3] or event[5]):
+                    ticket.first_token()
                     lp = _logprobs_json(event[5]) if (req.logprobs is not None and event[5]) else None
                     out.append(chunk(pi * n + event[2], event[3], logprobs=lp))
                 elif event[0] == "f":
@@ -159,7 +163,6 @@ async def _stream(backend, submitted, n, req, cid, created, name, proto, log) ->
                 "prompt_tokens_details": {"cached_tokens": cached}}})))
         tail.append(DONE)
         await transport.send_bytes(b"".join(tail))
-        log["completion_tokens"] = sum(o.completion_tokens for _, o in outcomes.values())
     except ApiError as err:
         try:
             await transport.send_bytes(error_event(err) + DONE)
@@ -168,6 +171,10 @@ async def _stream(backend, submitted, n, req, cid, created, name, proto, log) ->
     except Exception:
         pass  # client gone
     finally:
+        # Metered even when the client left early: what was generated was generated.
+        log["completion_tokens"] = sum(
+            o.completion_tokens if rid in done else sum(len(c.token_ids) for c in o.choices) for rid, (_, o) in outcomes.items())
+        log["cached_tokens"] = sum(o.cached_tokens for _, o in outcomes.values())
         for rid, *_ in submitted:
             backend.finish(rid, abort=rid not in done)
         for d in disconnects:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 
 from ferroserve.errors import invalid, model_not_found
+from ferroserve.gateway.gate import Ticket
 from ferroserve.registry import Registry
 from ferroserve.schemas.embeddings import EmbeddingRequest, decoder
 
@@ -43,7 +44,7 @@ def _split_input(req: EmbeddingRequest, max_inputs: int) -> tuple[list[str] | No
     raise invalid("'input' must be a string, a list of strings, a list of token ids or a list of such lists.", param="input")
 
 
-async def create_embedding(registry: Registry, body: bytes, max_inputs: int) -> tuple[bytes, dict]:
+async def create_embedding(registry: Registry, body: bytes, max_inputs: int, ticket: Ticket) -> tuple[bytes, dict]:
     """Returns the response body and log fields."""
     try:
         req = decoder.decode(body)
@@ -57,6 +58,8 @@ async def create_embedding(registry: Registry, body: bytes, max_inputs: int) -> 
     if req.dimensions is not None and not 1 <= req.dimensions <= (model.dimensions or 0):
         raise invalid(f"'dimensions' must be between 1 and {model.dimensions} for {model.spec.name}.", param="dimensions")
     texts, token_lists = _split_input(req, max_inputs)
+    # The engine tokenizes: prompt tokens are charged against the limits when it answers.
+    ticket.admit(model)
     result = await model.backend.embed(
         texts=texts,
         token_lists=token_lists,

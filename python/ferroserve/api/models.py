@@ -24,6 +24,8 @@ def card(registry: Registry, name: str) -> ModelCard:
         aliases=list(spec.aliases),
         dimensions=m.dimensions,
         device=m.device,
+        input_per_m=spec.input_usd_per_million_tokens,
+        output_per_m=spec.output_usd_per_million_tokens,
     )
 
 

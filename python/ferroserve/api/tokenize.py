@@ -7,25 +7,27 @@ import msgspec
 from ferroserve import _core
 from ferroserve.api.chat import _messages
 from ferroserve.errors import from_engine_exception, from_validation, invalid, model_not_found
+from ferroserve.gateway.gate import Ticket
 from ferroserve.registry import Registry
 from ferroserve.schemas.chat import detokenize_decoder, tokenize_decoder
 
 _encode = msgspec.json.Encoder().encode
 
 
-def _chat_model(registry: Registry, name: str):
+def _chat_model(registry: Registry, name: str, ticket: Ticket):
     model = registry.get(name)
     if model is None or "chat" not in model.capabilities:
         raise model_not_found(name)
+    ticket.allow(model)
     return model
 
 
-def tokenize(registry: Registry, body: bytes) -> bytes:
+def tokenize(registry: Registry, body: bytes, ticket: Ticket) -> bytes:
     try:
         req = tokenize_decoder.decode(body)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise from_validation(exc) from None
-    model = _chat_model(registry, req.model)
+    model = _chat_model(registry, req.model, ticket)
     engine = model.backend.engine
     if (req.prompt is None) == (req.messages is None):
         raise invalid("Give exactly one of prompt or messages.", param="prompt")
@@ -39,12 +41,12 @@ def tokenize(registry: Registry, body: bytes) -> bytes:
     return _encode({"tokens": tokens, "count": len(tokens), "max_model_len": engine.context_length})
 
 
-def detokenize(registry: Registry, body: bytes) -> bytes:
+def detokenize(registry: Registry, body: bytes, ticket: Ticket) -> bytes:
     try:
         req = detokenize_decoder.decode(body)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise from_validation(exc) from None
-    model = _chat_model(registry, req.model)
+    model = _chat_model(registry, req.model, ticket)
     engine = model.backend.engine
     if any(t < 0 or t >= engine.vocab_size for t in req.tokens):
         raise invalid(f"tokens must be ids below the vocabulary size {engine.vocab_size}.", param="tokens")

@@ -10,6 +10,10 @@ class ModelCard(msgspec.Struct, omit_defaults=True):
     object: str  # always "model"; no default so it is never omitted
     created: int
     owned_by: str
+    # USD per million input / output tokens (the neural-router spec's names); no default, so
+    # they are shown even when 0.
+    input_per_m: float
+    output_per_m: float
     context_length: int | None = None
     capabilities: list[str] = []
     aliases: list[str] = []

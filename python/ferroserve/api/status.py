@@ -1,0 +1,39 @@
+"""`GET /v1/status`: per-model availability in the IPOP spec's `PublicStatus` shape."""
+
+from __future__ import annotations
+
+import time
+from urllib.parse import parse_qs
+
+import msgspec
+
+from ferroserve.registry import Registry
+
+_encode = msgspec.json.Encoder().encode
+
+
+def status(registry: Registry, ready: bool, query: str = "") -> bytes:
+    """`?ready=true` lists only the models that can serve now (as in the spec)."""
+    only_ready = parse_qs(query or "").get("ready", ["false"])[-1].lower() in ("1", "true")
+    models = []
+    for name, m in registry.models.items():
+        # A chat engine whose thread died reports alive=False (and fails its requests with 503).
+        available = ready and bool(getattr(m.backend.engine, "alive", True))
+        models.append({
+            "id": name,
+            "display_name": name,
+            "available": available,
+            "status": "available" if available else "unavailable",
+            "supports_chat": "chat" in m.capabilities,
+            "supports_embeddings": "embeddings" in m.capabilities,
+            "supports_tools": False,
+            "supports_vision": False,
+            "supports_json_schema": False,
+            "supports_reasoning": False,
+            "latency_class": "local",
+        })
+    n_up = sum(m["available"] for m in models)
+    overall = "available" if models and n_up == len(models) else ("degraded" if n_up else "not_enabled")
+    if only_ready:
+        models = [m for m in models if m["available"]]
+    return _encode({"object": "ipop.status", "status": overall, "generated_at_unix": int(time.time()), "models": models})

@@ -1,0 +1,250 @@
+"""Per-request gateway work, all in memory on the event loop.
+
+`Gateway.open_ticket` authenticates a request (a dict lookup by the key's hash) and counts it
+against the key's request limit; handlers call `Ticket.admit` once they know the model and the
+prompt's token count (model allow-list, budget, token limit); `Gateway.settle` reconciles the
+actual usage before the response is sent (so its rate-limit headers are current) and
+`Gateway.record` queues the usage record for the SQLite writer after it was sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ferroserve.errors import ApiError
+from ferroserve.gateway.keys import ApiKey, Workspace, hash_secret
+from ferroserve.gateway.limits import RateLimiter, Window
+from ferroserve.gateway.metrics import Metrics
+from ferroserve.gateway.store import Store, month_start
+from ferroserve.gateway.worker import StoreWorker
+from ferroserve.log import logger
+
+if TYPE_CHECKING:
+    from ferroserve.config import Settings
+    from ferroserve.registry import LoadedModel, Registry
+
+OPEN_WORKSPACE = "default"
+_PROMPT_CAPTURE_BYTES = 64 * 1024
+
+
+def invalid_key(message: str) -> ApiError:
+    return ApiError(401, message, code="invalid_api_key")
+
+
+class Ticket:
+    """One request as the gateway sees it."""
+
+    __slots__ = ("gateway", "request_id", "started", "key", "workspace", "window", "capture", "prompt",
+                 "model", "price", "charged_prompt_tokens", "ttft_s", "requests_used")
+
+    def __init__(self, gateway: Gateway | None, request_id: str, started: float, key: ApiKey | None,
+                 workspace: str | None, window: Window | None, capture: bool) -> None:
+        self.gateway = gateway
+        self.request_id = request_id
+        self.started = started
+        self.key = key
+        self.workspace = workspace
+        self.window = window
+        self.capture = capture
+        self.prompt: str | None = None
+        self.model: str | None = None
+        self.price: tuple[float, float] = (0.0, 0.0)
+        self.charged_prompt_tokens = 0
+        self.ttft_s: float | None = None
+        self.requests_used = window.requests if window is not None else 0
+
+    def allow(self, model: LoadedModel) -> None:
+        """403 unless the key may use the model (for routes that cost nothing, e.g. tokenize)."""
+        key = self.key
+        spec = model.spec
+        if key is not None and not key.allows((spec.name, *spec.aliases)):
+            raise ApiError(403, f"This API key may not use the model `{spec.name}`.", param="model", code="model_not_allowed")
+
+    def admit(self, model: LoadedModel, prompt_tokens: int = 0, max_completion_tokens: int = 0) -> None:
+        """Before the backend runs: is the model allowed, does the budget hold, are there tokens
+        left this minute? Prompt tokens not known yet (embeddings: the engine tokenizes) are
+        charged at `settle`."""
+        spec = model.spec
+        self.model = spec.name
+        self.price = (spec.input_usd_per_million_tokens, spec.output_usd_per_million_tokens)
+        gw = self.gateway
+        if gw is None:
+            return
+        key = self.key
+        self.allow(model)
+        budget = gw.budget_of(self.workspace)
+        if budget is not None:
+            spent = gw.spent(self.workspace)
+            estimate = (prompt_tokens * self.price[0] + max_completion_tokens * self.price[1]) / 1e6
+            if spent >= budget or spent + estimate > budget:
+                raise ApiError(
+                    402,
+                    f"The workspace `{self.workspace}` has reached its monthly budget of ${budget:.2f} "
+                    f"(spent ${spent:.4f}; this request needs up to ${estimate:.4f}).",
+                    type="insufficient_quota", code="budget_exceeded",
+                )
+        if key is not None and key.tpm is not None and self.window is not None:
+            gw.limiter.admit_tokens(self.window, key.tpm, prompt_tokens, time.time())
+        self.charged_prompt_tokens = prompt_tokens
+
+    def first_token(self) -> None:
+        if self.ttft_s is None:
+            self.ttft_s = time.perf_counter() - self.started
+
+    def response_headers(self) -> list[tuple[str, str]]:
+        headers = [("x-request-id", self.request_id)]
+        key = self.key
+        if key is not None and self.window is not None and (key.rpm is not None or key.tpm is not None):
+            headers += self.gateway.limiter.headers(self.window, key.rpm, key.tpm, time.time(), self.requests_used)
+        return headers
+
+
+class Gateway:
+    def __init__(self, settings: Settings, registry: Registry) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.limiter = RateLimiter(settings.rate_window_s)
+        self.metrics = Metrics()
+        self._keys: dict[str, ApiKey] = {}  # by the secret's sha256
+        self._keys_by_id: dict[str, ApiKey] = {}
+        self._workspaces: dict[str, Workspace] = {}
+        self._spend: dict[str, float] = {}
+        self._spend_month = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.worker: StoreWorker | None = None
+
+    # Lifecycle ------------------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        store = Store(self.settings.data_dir)
+        self.replace_keys(store.keys(), store.workspaces())
+        now = time.time()
+        self._spend_month = month_start(now)
+        self._spend = store.spend_since(self._spend_month)
+        self.worker = StoreWorker(store, on_external_change=self._reload_from)
+        logger.info("gateway", extra={"fields": {"data": str(store.path), "keys": len(self._keys_by_id),
+                                                  "auth": "on" if self.auth_required else "off (no keys)"}})
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+            logger.info("usage flushed", extra={"fields": {"written": self.worker.written, "failed": self.worker.failed}})
+            self.worker = None
+
+    def call(self, fn: Callable[[Store], Any]) -> asyncio.Future:
+        """Runs `fn(store)` on the store's thread, after every usage record queued before it."""
+        assert self.worker is not None, "gateway not started"
+        return self.worker.call(fn)
+
+    def _reload_from(self, store: Store) -> None:
+        """On the worker thread, after another process committed: reload keys and workspaces."""
+        keys, workspaces = store.keys(), store.workspaces()
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.replace_keys, keys, workspaces)
+
+    def replace_keys(self, keys: list[ApiKey], workspaces: dict[str, Workspace]) -> None:
+        self._keys = {k.secret_sha256: k for k in keys}
+        self._keys_by_id = {k.id: k for k in keys}
+        self._workspaces = workspaces
+
+    @property
+    def auth_required(self) -> bool:
+        # Open only while no key exists at all; a revoked last key does not reopen the server.
+        return bool(self._keys)
+
+    def key_by_id(self, key_id: str) -> ApiKey | None:
+        return self._keys_by_id.get(key_id)
+
+    # Budgets ----------------------------------------------------------------------------
+    def budget_of(self, workspace: str | None) -> float | None:
+        ws = self._workspaces.get(workspace) if workspace is not None else None
+        return ws.monthly_budget_usd if ws is not None else None
+
+    def spent(self, workspace: str | None) -> float:
+        self._roll_month(time.time())
+        return self._spend.get(workspace, 0.0)
+
+    def _roll_month(self, now: float) -> None:
+        if month_start(now) != self._spend_month:
+            self._spend_month = month_start(now)
+            self._spend = {}
+
+    # The request path ---------------------------------------------------------------------
+    def open_ticket(self, scope, request_id: str, started: float, *, admin: bool) -> Ticket:
+        """Authenticates and counts the request; raises 401/403/429."""
+        if not self._keys:
+            ws = self._workspaces.get(OPEN_WORKSPACE)
+            return Ticket(self, request_id, started, None, OPEN_WORKSPACE, None, ws is not None and ws.capture_prompts)
+        headers = scope.headers
+        auth = headers.get("authorization")
+        if auth is not None and auth[:7].lower() == "bearer ":
+            secret = auth[7:].strip()
+        else:
+            secret = headers.get("x-api-key")
+        if not secret:
+            raise invalid_key("You didn't provide an API key. Send it as `Authorization: Bearer KEY`.")
+        digest = hash_secret(secret)
+        key = self._keys.get(digest)
+        # The dict lookup is by a hash of a 256-bit secret, which leaks nothing useful through
+        # its timing; the stored digest is still compared in constant time.
+        if key is None or not hmac.compare_digest(key.secret_sha256, digest):
+            raise invalid_key("Incorrect API key provided.")
+        now = time.time()
+        if key.revoked_at is not None:
+            raise invalid_key("This API key has been revoked.")
+        if key.expires_at is not None and now >= key.expires_at:
+            raise invalid_key("This API key has expired.")
+        if admin and not key.admin:
+            raise ApiError(403, "This route needs an admin API key.", code="permission_denied")
+        window = None
+        if key.rpm is not None or key.tpm is not None:
+            window = self.limiter.admit_request(key.id, key.rpm, key.tpm, now)
+        ws = self._workspaces.get(key.workspace)
+        return Ticket(self, request_id, started, key, key.workspace, window, ws is not None and ws.capture_prompts)
+
+    def settle(self, ticket: Ticket, fields: dict) -> float:
+        """The request's actual usage: tokens against the rate window, cost against the budget.
+        Returns the cost in USD."""
+        prompt = fields.get("prompt_tokens", 0)
+        completion = fields.get("completion_tokens", 0)
+        key = ticket.key
+        if key is not None and key.tpm is not None and ticket.window is not None:
+            ticket.window.tokens += prompt - ticket.charged_prompt_tokens + completion
+            ticket.charged_prompt_tokens = prompt
+        cost = (prompt * ticket.price[0] + completion * ticket.price[1]) / 1e6
+        if cost:
+            self._roll_month(time.time())
+            self._spend[ticket.workspace] = self._spend.get(ticket.workspace, 0.0) + cost
+        return cost
+
+    def record(self, ticket: Ticket | None, started: float, route: str, status: int, fields: dict, cost: float,
+               error_code: str | None, metered: bool) -> None:
+        """After the response: metrics always; a usage record for metered (inference) routes."""
+        seconds = time.perf_counter() - started
+        self.metrics.observe_request(route, status, seconds)
+        if not metered or ticket is None:
+            return
+        model = ticket.model or fields.get("model")
+        prompt = fields.get("prompt_tokens", 0)
+        completion = fields.get("completion_tokens", 0)
+        cached = fields.get("cached_tokens", 0)
+        if model is not None and (prompt or completion):
+            self.metrics.observe_tokens(model, prompt, completion, cached)
+        if ticket.ttft_s is not None and model is not None:
+            self.metrics.observe_ttft(model, ticket.ttft_s)
+        key = ticket.key
+        assert self.worker is not None
+        self.worker.record((
+            ticket.request_id, time.time(), key.id if key is not None else None, ticket.workspace, route, model,
+            "local" if model is not None else None, int(bool(fields.get("cache_hit"))), prompt, completion, cached,
+            cost, round(seconds * 1000, 3), round(ticket.ttft_s * 1000, 3) if ticket.ttft_s is not None else None,
+            status, error_code, ticket.prompt,
+        ))
+
+    def capture(self, ticket: Ticket, body: bytes) -> None:
+        if ticket.capture:
+            ticket.prompt = body[:_PROMPT_CAPTURE_BYTES].decode("utf-8", errors="replace")

@@ -1,0 +1,121 @@
+"""Request metrics in memory, rendered in the Prometheus text format on `GET /metrics`.
+
+Updating is a few dict operations per request (no locks: everything runs on the event loop);
+the engines' own gauges (queue depth, running batch, KV-cache use) are read at scrape time.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import defaultdict
+
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Histogram:
+    __slots__ = ("buckets", "counts", "total", "count")
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)  # the last one is +Inf
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.total += value
+        self.count += 1
+
+    def render(self, name: str, labels: str, out: list[str]) -> None:
+        cumulative = 0
+        sep = "," if labels else ""
+        for bound, n in zip((*self.buckets, float("inf")), self.counts):
+            cumulative += n
+            le = "+Inf" if bound == float("inf") else repr(bound)
+            out.append(f'{name}_bucket{{{labels}{sep}le="{le}"}} {cumulative}')
+        out.append(f"{name}_sum{{{labels}}} {self.total}")
+        out.append(f"{name}_count{{{labels}}} {self.count}")
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, int], int] = defaultdict(int)
+        self.latency: dict[str, Histogram] = {}
+        self.ttft: dict[str, Histogram] = {}
+        self.prompt_tokens: dict[str, int] = defaultdict(int)
+        self.completion_tokens: dict[str, int] = defaultdict(int)
+        self.cached_tokens: dict[str, int] = defaultdict(int)
+
+    def observe_request(self, route: str, status: int, seconds: float) -> None:
+        self.requests[(route, status)] += 1
+        h = self.latency.get(route)
+        if h is None:
+            h = self.latency[route] = Histogram(LATENCY_BUCKETS_S)
+        h.observe(seconds)
+
+    def observe_tokens(self, model: str, prompt: int, completion: int, cached: int) -> None:
+        self.prompt_tokens[model] += prompt
+        self.completion_tokens[model] += completion
+        self.cached_tokens[model] += cached
+
+    def observe_ttft(self, model: str, seconds: float) -> None:
+        h = self.ttft.get(model)
+        if h is None:
+            h = self.ttft[model] = Histogram(TTFT_BUCKETS_S)
+        h.observe(seconds)
+
+    def render(self, *, rate_limit_rejections: dict[str, int], usage_queue_depth: int, engines: list[tuple[str, dict]]) -> bytes:
+        out: list[str] = []
+
+        def family(name: str, kind: str, help_: str) -> None:
+            # The classic text format (0.0.4) names counters with their _total suffix here.
+            if kind == "counter":
+                name += "_total"
+            out.append(f"# HELP {name} {help_}")
+            out.append(f"# TYPE {name} {kind}")
+
+        family("ferroserve_requests", "counter", "HTTP requests by route and status.")
+        for (route, status), n in sorted(self.requests.items()):
+            out.append(f'ferroserve_requests_total{{route="{_label(route)}",status="{status}"}} {n}')
+        family("ferroserve_request_duration_seconds", "histogram", "Time from request to last byte, by route.")
+        for route, h in sorted(self.latency.items()):
+            h.render("ferroserve_request_duration_seconds", f'route="{_label(route)}"', out)
+        family("ferroserve_time_to_first_token_seconds", "histogram", "Streaming chat/completions: time to the first token.")
+        for model, h in sorted(self.ttft.items()):
+            h.render("ferroserve_time_to_first_token_seconds", f'model="{_label(model)}"', out)
+        for name, help_, values in (
+            ("ferroserve_prompt_tokens", "Prompt (input) tokens served, by model.", self.prompt_tokens),
+            ("ferroserve_completion_tokens", "Completion (output) tokens generated, by model.", self.completion_tokens),
+            ("ferroserve_cached_prompt_tokens", "Prompt tokens served from the prefix cache, by model.", self.cached_tokens),
+        ):
+            family(name, "counter", help_)
+            for model, n in sorted(values.items()):
+                out.append(f'{name}_total{{model="{_label(model)}"}} {n}')
+        family("ferroserve_rate_limit_rejections", "counter", "Requests rejected with 429, by the limit that was hit.")
+        for kind, n in sorted(rate_limit_rejections.items()):
+            out.append(f'ferroserve_rate_limit_rejections_total{{limit="{kind}"}} {n}')
+        family("ferroserve_usage_queue_depth", "gauge", "Usage records waiting for the SQLite writer.")
+        out.append(f"ferroserve_usage_queue_depth {usage_queue_depth}")
+        gauges = (
+            ("ferroserve_queue_depth", "gauge", "Sequences waiting to be scheduled.", "waiting_sequences"),
+            ("ferroserve_running_batch_size", "gauge", "Sequences in the running batch.", "running_sequences"),
+            ("ferroserve_waiting_sequences", "gauge", "Sequences waiting (same as queue depth).", "waiting_sequences"),
+            ("ferroserve_running_sequences", "gauge", "Sequences running (same as batch size).", "running_sequences"),
+            ("ferroserve_kv_cache_usage_ratio", "gauge", "Fraction of KV-cache blocks in use.", "kv_usage"),
+            ("ferroserve_kv_cache_blocks_free", "gauge", "Free KV-cache blocks.", "kv_blocks_free"),
+            ("ferroserve_kv_cache_blocks_total", "gauge", "KV-cache blocks.", "kv_blocks_total"),
+            ("ferroserve_generated_tokens", "counter", "Tokens generated by the engine.", "generated_tokens"),
+            ("ferroserve_preemptions", "counter", "Sequences preempted for lack of KV-cache blocks.", "preemptions"),
+        )
+        for name, kind, help_, stat in gauges:
+            family(name, kind, help_)
+            suffix = "_total" if kind == "counter" else ""
+            for model, stats in engines:
+                if stat in stats:
+                    out.append(f'{name}{suffix}{{model="{_label(model)}"}} {stats[stat]}')
+        return ("\n".join(out) + "\n").encode()

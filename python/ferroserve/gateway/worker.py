@@ -1,0 +1,147 @@
+"""The one thread that owns the server's SQLite connection.
+
+The request path only puts tuples on a queue (`record`, ≈ 0.3 µs); this thread takes
+everything queued, writes it in one statement and one transaction, and repeats. Reads and
+admin writes reach the same thread as commands (`call`), queued behind the records before
+them, so a usage query sees every request answered before it was asked. Between batches it
+polls `PRAGMA data_version` and reports commits by other processes (the `keys` CLI).
+
+`close()` drains the queue before returning: `__rsgi_del__` calls it, so a record queued for
+an answered request is on disk before the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ferroserve.gateway.store import Store
+from ferroserve.log import logger
+
+_STOP = object()
+MAX_BATCH = 4096
+
+
+class _Call:
+    __slots__ = ("fn", "future", "loop")
+
+    def __init__(self, fn: Callable[[Store], Any], future: asyncio.Future, loop: asyncio.AbstractEventLoop) -> None:
+        self.fn, self.future, self.loop = fn, future, loop
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class StoreWorker:
+    def __init__(self, store: Store, *, on_external_change: Callable[[Store], None], poll_s: float = 0.5) -> None:
+        self.store = store
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._on_external_change = on_external_change
+        self._poll_s = poll_s
+        self.written = 0
+        self.failed = 0
+        self._thread = threading.Thread(target=self._run, name="ferroserve-store", daemon=True)
+        self._thread.start()
+
+    # Called on the event loop -------------------------------------------------------
+    def record(self, row: tuple) -> None:
+        self._queue.put(row)
+
+    def call(self, fn: Callable[[Store], Any]) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.put(_Call(fn, future, loop))
+        return future
+
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    def close(self) -> None:
+        self._queue.put(_STOP)
+        self._thread.join()
+        self.store.close()
+
+    # The thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        version = self.store.data_version()
+        next_poll = time.monotonic() + self._poll_s
+        stopping = False
+        while not stopping:
+            try:
+                first = self._queue.get(timeout=self._poll_s)
+            except queue.Empty:
+                first = None
+            items = [] if first is None else [first]
+            while len(items) < MAX_BATCH:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            rows: list[tuple] = []
+            for item in items:
+                if type(item) is tuple:
+                    rows.append(item)
+                    continue
+                self._flush(rows)
+                rows = []
+                if item is _STOP:
+                    stopping = True  # keep going: records queued after it are written too
+                else:
+                    self._run_call(item)
+            self._flush(rows)
+            if stopping:
+                self._drain_rest()
+            if time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + self._poll_s
+                now_version = self.store.data_version()
+                if now_version != version:
+                    version = now_version
+                    try:
+                        self._on_external_change(self.store)
+                    except Exception:
+                        logger.exception("reloading keys failed")
+
+    def _drain_rest(self) -> None:
+        rows = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if type(item) is tuple:
+                rows.append(item)
+        self._flush(rows)
+
+    def _flush(self, rows: list[tuple]) -> None:
+        if not rows:
+            return
+        for attempt in range(5):
+            try:
+                self.store.insert_usage(rows)
+                self.written += len(rows)
+                return
+            except Exception:
+                # Most likely SQLITE_BUSY from a long CLI transaction: wait and retry.
+                logger.exception("writing usage records failed", extra={"fields": {"records": len(rows), "attempt": attempt}})
+                time.sleep(0.2 * (attempt + 1))
+        self.failed += len(rows)
+
+    def _run_call(self, call: _Call) -> None:
+        try:
+            result, error = call.fn(self.store), None
+        except BaseException as exc:  # handed to the awaiting handler
+            result, error = None, exc
+        try:
+            call.loop.call_soon_threadsafe(_settle, call.future, result, error)
+        except RuntimeError:  # the loop is closed (shutdown)
+            pass
