@@ -21,7 +21,7 @@
 
 use std::path::Path;
 
-use ferroserve_kernels::cpu::llama_ops::{self, PagedSeq, RopeParams, SUPPORTED_HEAD_DIMS};
+use ferroserve_kernels::cpu::llama_ops::{self, AttentionArith, PagedSeq, RopeParams, SUPPORTED_HEAD_DIMS};
 use ferroserve_kernels::cpu::Isa;
 use ferroserve_kernels::quant::{self, panel_matmul, quant_matmul_prepared, quant_matmul_with_isa, Panels, Q8Activations, QuantIsa, QuantType};
 
@@ -60,7 +60,8 @@ pub enum Numerics {
     #[default]
     Exact,
     /// Q4_1 and Q8_0 weights repacked at load into 16-row panels, one chain per output over
-    /// whole-block integer dots (`quant::panels`): ≈ 2–4× faster matmuls on AVX-512 VNNI.
+    /// whole-block integer dots (`quant::panels`): ≈ 2–4× faster matmuls on AVX-512 VNNI;
+    /// attention's softmax in f32 with a vectorised exp (`AttentionArith::Fast`).
     Fast,
 }
 
@@ -376,7 +377,7 @@ impl LlamaModel {
                 }
             }
             let (k_cache, v_cache) = kv.layer(li);
-            llama_ops::paged_attention(self.isa, &q, &seqs, heads, &layout, k_cache, v_cache, &mut attn);
+            llama_ops::paged_attention(self.isa, self.attention_arith(), &q, &seqs, heads, &layout, k_cache, v_cache, &mut attn);
             let input = self.prepare(&mut acts, &attn, rows);
             self.matmul(&layer.wo, &input, &mut proj);
             add_in_place(&mut x, &proj);
@@ -407,6 +408,13 @@ impl LlamaModel {
         let input = self.prepare(&mut acts, &normed, n);
         self.matmul(&self.output, &input, &mut logits);
         logits
+    }
+
+    fn attention_arith(&self) -> AttentionArith {
+        match self.numerics {
+            Numerics::Exact => AttentionArith::LlamaCpp,
+            Numerics::Fast => AttentionArith::Fast,
+        }
     }
 
     /// Quantises `x` once for the block-format matmuls that read it.

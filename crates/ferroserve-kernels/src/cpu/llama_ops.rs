@@ -374,6 +374,18 @@ impl OutPtr {
     }
 }
 
+/// The arithmetic of [`paged_attention`]'s softmax and value sum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionArith {
+    /// llama.cpp's flash attention (online softmax with libm `expf`, value sum kept in f16):
+    /// the same bits as llama.cpp, one sequential `expf` per key.
+    LlamaCpp,
+    /// Two passes in f32: scores, their maximum, `fast_exp` of all scores (vectorised), the
+    /// value sum in f32, one division. Within ≈ 1e-6 relative of exact softmax; no f16
+    /// roundings. Batch-invariant all the same (every sum in position order).
+    Fast,
+}
+
 /// Causal multi-head attention with grouped KV heads over a paged cache:
 /// `out[row, head] = softmax(q[row, head] · Kᵀ / √head_dim) · V` over the keys of the row's
 /// sequence at positions `0..=pos`, where head `h` reads KV head `h / (heads / kv_heads)`.
@@ -382,6 +394,7 @@ impl OutPtr {
 #[allow(clippy::too_many_arguments)]
 pub fn paged_attention(
     isa: Isa,
+    arith: AttentionArith,
     q: &[f32],
     seqs: &[PagedSeq<'_>],
     heads: usize,
@@ -436,7 +449,7 @@ pub fn paged_attention(
             if scores.len() < need {
                 scores.resize(need, 0.0);
             }
-            let task = Task { q, width, layout, k_cache, v_cache, seq: s, head: h, kv_head: h / group, tile, out: out_ptr.get() };
+            let task = Task { q, width, layout, k_cache, v_cache, seq: s, head: h, kv_head: h / group, tile, out: out_ptr.get(), arith };
             macro_rules! with_dim {
                 ($($dim:literal),*) => {
                     match d {
@@ -469,6 +482,7 @@ struct Task<'a> {
     /// Indices into the sequence's rows.
     tile: Range<usize>,
     out: *mut f32,
+    arith: AttentionArith,
 }
 
 #[inline(always)]
@@ -479,7 +493,11 @@ fn attend_tile<const D: usize, const L: u8>(task: &Task<'_>, scores: &mut [f32])
         let at = row * task.width + task.head * D;
         let q: &[f32; D] = task.q[at..at + D].try_into().unwrap();
         let mut o = [0f32; D];
-        attend_one::<D, L>(q, n_keys, task, scores, &mut o);
+        score_keys::<D, L>(q, n_keys, task, scores);
+        match task.arith {
+            AttentionArith::LlamaCpp => softmax_values::<D, L>(n_keys, task, scores, &mut o),
+            AttentionArith::Fast => softmax_values_fast::<D, L>(n_keys, task, scores, &mut o),
+        }
         // SAFETY: (row, head) belongs to this task alone; `at + D <= out.len()` because `out`
         // has the length of `q`, which was just sliced at the same place.
         unsafe { std::ptr::copy_nonoverlapping(o.as_ptr(), task.out.add(at), D) };
@@ -532,7 +550,7 @@ fn round_f16_16<const L: u8>(x: [f32; LANES]) -> [f32; LANES] {
 /// lanes, the element tree unrolled across them), and the f16 roundings are one vector
 /// instruction each way.
 #[inline(always)]
-fn attend_one<const D: usize, const L: u8>(q: &[f32; D], n_keys: usize, task: &Task<'_>, scores: &mut [f32], o: &mut [f32; D]) {
+fn score_keys<const D: usize, const L: u8>(q: &[f32; D], n_keys: usize, task: &Task<'_>, scores: &mut [f32]) {
     let layout = task.layout;
     let bt = layout.block_tokens;
     let be = layout.block_elems();
@@ -596,7 +614,14 @@ fn attend_one<const D: usize, const L: u8>(q: &[f32; D], n_keys: usize, task: &T
             }
         }
     }
+}
 
+/// The second half of [`score_keys`]' doc: llama.cpp's online softmax and f16 value sum.
+#[inline(always)]
+fn softmax_values<const D: usize, const L: u8>(n_keys: usize, task: &Task<'_>, scores: &[f32], o: &mut [f32; D]) {
+    let layout = task.layout;
+    let (bt, be, g) = (layout.block_tokens, layout.block_elems(), task.kv_head);
+    let table = &task.seq.block_table[..n_keys.div_ceil(bt)];
     let mut m = f32::NEG_INFINITY;
     let mut total = 0f32;
     let mut acc = [0f32; D];
@@ -631,6 +656,57 @@ fn attend_one<const D: usize, const L: u8>(q: &[f32; D], n_keys: usize, task: &T
                 acc[c16..c16 + LANES].copy_from_slice(&round_f16_16::<L>(x));
             }
             total = total.mul_add(ms, vs);
+        }
+    }
+    let inv = if total == 0.0 { 0.0 } else { 1.0 / total };
+    for c in 0..D {
+        o[c] = acc[c] * inv;
+    }
+}
+
+/// [`AttentionArith::Fast`]: the maximum score, all weights by `fast_exp` (sixteen lanes at a
+/// time), their sum in sixteen position-indexed lanes then a fixed tree, the values summed in
+/// f32 in position order. No step depends on the batch.
+#[inline(always)]
+fn softmax_values_fast<const D: usize, const L: u8>(n_keys: usize, task: &Task<'_>, scores: &mut [f32], o: &mut [f32; D]) {
+    let layout = task.layout;
+    let (bt, be, g) = (layout.block_tokens, layout.block_elems(), task.kv_head);
+    let table = &task.seq.block_table[..n_keys.div_ceil(bt)];
+    let s = &mut scores[..n_keys];
+    let m = s.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+    let mut lanes = [0f32; LANES];
+    let mut chunks = s.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (l, v) in c.iter_mut().enumerate() {
+            *v = super::math::fast_exp(*v - m);
+            lanes[l] += *v;
+        }
+    }
+    for (l, v) in chunks.into_remainder().iter_mut().enumerate() {
+        *v = super::math::fast_exp(*v - m);
+        lanes[l] += *v;
+    }
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for l in 0..width {
+            lanes[l] += lanes[l + width];
+        }
+    }
+    let total = lanes[0];
+    let mut acc = [0f32; D];
+    for (b, &block) in table.iter().enumerate() {
+        let vb = &task.v_cache[block as usize * be + g * bt * D..][..bt * D];
+        let valid = (n_keys - b * bt).min(bt);
+        for slot in 0..valid {
+            let p = s[b * bt + slot];
+            let v = &vb[slot * D..][..D];
+            for c16 in (0..D).step_by(LANES) {
+                let vv = widen16::<L>(v[c16..c16 + LANES].try_into().unwrap());
+                for l in 0..LANES {
+                    acc[c16 + l] = vv[l].mul_add(p, acc[c16 + l]);
+                }
+            }
         }
     }
     let inv = if total == 0.0 { 0.0 } else { 1.0 / total };
@@ -871,28 +947,36 @@ mod tests {
                     }
                 }
             }
+            for arith in [AttentionArith::LlamaCpp, AttentionArith::Fast] {
             let mut portable = vec![f32::NAN; total * width];
-            paged_attention(Isa::Portable, &q, &seqs, heads, &layout, &f.k, &f.v, &mut portable);
-            // The value sum is kept in f16 (llama.cpp's flash attention): each of a query's
-            // `n` keys adds one f16 rounding (≤ 2⁻¹¹ relative) to a sum bounded by the
-            // weights' total times max |v| (≤ 1 here), so |error| ≤ ≈ (n + 1)·2⁻¹¹.
+            paged_attention(Isa::Portable, arith, &q, &seqs, heads, &layout, &f.k, &f.v, &mut portable);
             for (s, seq) in seqs.iter().enumerate() {
                 for i in 0..lens[s] {
                     let r = seq.rows.start + i;
-                    let tol = (i + 2) as f64 * 2f64.powi(-11);
+                    let tol = match arith {
+                        // The value sum is kept in f16 (llama.cpp's flash attention): each of
+                        // a query's `n` keys adds one f16 rounding (≤ 2⁻¹¹ relative) to a sum
+                        // bounded by the weights' total times max |v| (≤ 1 here), so
+                        // |error| ≤ ≈ (n + 1)·2⁻¹¹.
+                        AttentionArith::LlamaCpp => (i + 2) as f64 * 2f64.powi(-11),
+                        // f32 throughout: `fast_exp` (≤ 2e-7 relative) of `s − max`, whose
+                        // rounding is ≤ 2⁻²⁴·|s| (|s| ≲ 30 here) ⇒ ≲ 2e-6 per weight, plus
+                        // f32 sums over n keys.
+                        AttentionArith::Fast => 4e-6 + (i + 2) as f64 * 2f64.powi(-23),
+                    };
                     for c in r * width..(r + 1) * width {
                         let err = (portable[c] as f64 - want[c]).abs();
-                        assert!(err <= tol, "attention d={d} heads={heads}/{kv_heads} bt={bt}: seq {s} query {i}: got {}, want {} (err {err:e}, tolerance {tol:e})", portable[c], want[c]);
+                        assert!(err <= tol, "attention {arith:?} d={d} heads={heads}/{kv_heads} bt={bt}: seq {s} query {i}: got {}, want {} (err {err:e}, tolerance {tol:e})", portable[c], want[c]);
                     }
                 }
             }
             for isa in isas() {
                 let mut out = vec![f32::NAN; total * width];
-                paged_attention(isa, &q, &seqs, heads, &layout, &f.k, &f.v, &mut out);
+                paged_attention(isa, arith, &q, &seqs, heads, &layout, &f.k, &f.v, &mut out);
                 // Every level gives the portable code's bits.
                 assert!(
                     out.iter().zip(&portable).all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "attention {isa:?} d={d} heads={heads}/{kv_heads} bt={bt} differs from the portable path"
+                    "attention {arith:?} {isa:?} d={d} heads={heads}/{kv_heads} bt={bt} differs from the portable path"
                 );
 
                 // Batch invariance: each query alone (a decode step at its position, in a
@@ -905,16 +989,17 @@ mod tests {
                             let qs = &q[r0 * width..(r0 + n) * width];
                             let mut o = vec![f32::NAN; n * width];
                             let one = [PagedSeq { rows: 0..n, start_pos: start, block_table: &f.tables[s] }];
-                            paged_attention(isa, qs, &one, heads, &layout, &f.k, &f.v, &mut o);
+                            paged_attention(isa, arith, qs, &one, heads, &layout, &f.k, &f.v, &mut o);
                             let whole = &out[r0 * width..(r0 + n) * width];
                             assert!(
                                 o.iter().zip(whole).all(|(a, b)| a.to_bits() == b.to_bits()),
-                                "{isa:?} d={d}: seq {s} rows {start}..{} differ when run in chunks of {chunk}",
+                                "{arith:?} {isa:?} d={d}: seq {s} rows {start}..{} differ when run in chunks of {chunk}",
                                 start + n
                             );
                         }
                     }
                 }
+            }
             }
         }
     }

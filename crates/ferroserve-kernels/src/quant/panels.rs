@@ -151,10 +151,11 @@ pub fn panel_matmul(isa: QuantIsa, w: &Panels, acts: &Q8Activations, y: &mut [f3
     };
     let out = PanelOut { ptr: y.as_mut_ptr(), m, n };
     let panels = n.div_ceil(PANEL_ROWS);
-    let work = panels * w.k * m;
+    // Work in weight bytes × activation rows, as `matmul::for_column_chunks` counts it: a few
+    // chunks per thread once a chunk is worth more than waking a worker.
+    let work = w.codes.len() * m;
     let threads = rayon::current_num_threads();
-    // As `matmul::for_column_chunks`: a few chunks per thread when the work is worth it.
-    let chunks = (work / (256 * 1024)).clamp(1, 4 * threads).min(panels);
+    let chunks = (work / (64 * 1024)).clamp(1, 4 * threads).min(panels);
     let chunks = if chunks < threads { chunks } else { chunks - chunks % threads };
     let per = panels.div_ceil(chunks);
     let run = |c: usize| {
@@ -282,11 +283,7 @@ mod avx512 {
         let m = acts.rows();
         for p in range {
             let mut r = 0;
-            while m - r >= 8 {
-                tile::<8, Q4>(w, acts, offsets, p, r, out);
-                r += 8;
-            }
-            if m - r >= 4 {
+            while m - r >= 4 {
                 tile::<4, Q4>(w, acts, offsets, p, r, out);
                 r += 4;
             }
