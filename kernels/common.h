@@ -150,7 +150,7 @@ inline float soft_f64_div_to_f32(soft_f64_sum s, uint n) {
     if (s.mant == 0)
         return 0.0f;
     /* Long division of mant * 2^11 (bit 63 set) by n: q1 (>= 2^32 since n < 2^31), then
-     * 32 more quotient bits q2, the remainder as sticky. Quotient = (q1:q2) * 2^(exp-11-32). */
+     * 32 more quotient bits q2, the remainder as sticky. */
     ulong num = s.mant << 11;
     ulong q1 = num / n, r1 = num % n;
     ulong t = r1 << 32;
@@ -160,8 +160,9 @@ inline float soft_f64_div_to_f32(soft_f64_sum s, uint n) {
     ulong window = (q1 << lift) | (lift ? (q2 >> (32 - lift)) : 0UL);
     ulong below = lift ? (q2 & ((1UL << (32 - lift)) - 1UL)) : q2;
     int sticky = (below != 0UL) || (r2 != 0UL);
-    /* window (bit 63 set) holds quotient bits; its unit is 2^(exp - 11 - 32 - lift). */
-    int unit = s.exp - 11 - 32 - lift;
+    /* (q1:q2) is the quotient in units of 2^(exp - 11 - 32); window = (q1:q2) >> (32 - lift)
+     * (bit 63 set), so its unit is 2^(exp - 11 - lift). */
+    int unit = s.exp - 11 - lift;
     ulong d53 = round_shift_right(window, 11, sticky);
     int de = unit + 11;
     if (d53 >> 53) {
