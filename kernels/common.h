@@ -269,6 +269,14 @@ inline size_t kv_v_index(uint block, uint kv_head, uint c, uint slot, uint kv_he
            ((size_t)kv_head * block_tokens + slot) * head_dim + c;
 }
 
+/* The exponential of the paged attention's softmax. The CPU calls libm's expf, which
+ * OpenCL C cannot reproduce (its exp is allowed 3 ulp, and glibc's expf computes in double);
+ * the tests build with -DATTENTION_EXP=ggml_expf to check every other rounding of the
+ * attention kernels bit for bit against the CPU's order, with the same exp on both sides. */
+#ifndef ATTENTION_EXP
+#define ATTENTION_EXP exp
+#endif
+
 #ifdef HEAD_DIM
 /* One attention score, q (already rounded to f16) against the cached key at (block, slot),
  * in the CPU kernel's tree (llama_ops::attend_one, after llama.cpp's f16 flash attention):
@@ -326,12 +334,12 @@ typedef struct {
 inline float online_softmax_step(softmax_state *st, float s, float *rescale) {
     float ms, vs;
     if (s > st->m) {
-        ms = exp(st->m - s);
+        ms = ATTENTION_EXP(st->m - s);
         st->m = s;
         vs = 1.0f;
     } else {
         ms = 1.0f;
-        vs = exp(s - st->m);
+        vs = ATTENTION_EXP(s - st->m);
     }
     st->total = fma(st->total, ms, vs);
     *rescale = ms;

@@ -257,3 +257,48 @@ def rope_cos_sin(max_pos: int, dims: int, base: float) -> np.ndarray:
         out[:, 2 * i + 1] = np.sin(theta)
         theta = (theta * theta_scale).astype(F32)
     return out
+
+
+def paged_attention_cpu_order(q: np.ndarray, k: np.ndarray, v: np.ndarray, seq_start, positions, heads: int, kv_heads: int, d: int, exp=None) -> np.ndarray:
+    """llama_ops::attend_one for every (row, head), head widths a multiple of 64 (the CPU
+    adds other widths' leftovers in f64). k, v: [keys, kv_heads * d] as cached (f16 values);
+    row r attends to keys seq_start[r] .. seq_start[r] + positions[r]. `exp` stands in for
+    libm's expf (default: ggml_expf, as the kernels built with -DATTENTION_EXP=ggml_expf)."""
+    assert d % 64 == 0
+    exp = exp or ggml_expf
+    group = heads // kv_heads
+    rows = q.shape[0]
+    q16 = f16_round(q).reshape(rows, heads, d)
+    k3 = k.astype(F32).reshape(-1, kv_heads, d)
+    v3 = v.astype(F32).reshape(-1, kv_heads, d)
+    scale = F32(1) / np.sqrt(F32(d))
+    out = np.zeros((rows, heads, d), F32)
+    g_of_h = np.arange(heads) // group
+    for r in range(rows):
+        n = int(positions[r]) + 1
+        keys = k3[seq_start[r] : seq_start[r] + n][:, g_of_h, :].transpose(1, 0, 2)  # [H, n, d]
+        vals = v3[seq_start[r] : seq_start[r] + n][:, g_of_h, :].transpose(1, 0, 2)
+        prod = (q16[r][:, None, :] * keys).astype(F32)  # exact
+        e = prod[..., 0:64].copy()
+        for step in range(64, d, 64):
+            e = (e + prod[..., step : step + 64]).astype(F32)
+        x0 = [(e[..., i] + e[..., 32 + i]) + (e[..., 16 + i] + e[..., 48 + i]) for i in range(16)]
+        t = [x0[8 + i] + x0[i] for i in range(8)]
+        u = [t[4] + t[0], t[5] + t[1], t[6] + t[2], t[7] + t[3]]
+        scores = (((u[0] + u[2]) + (u[1] + u[3])) * scale).astype(F32)  # [H, n]
+        m = np.full(heads, -np.inf, F32)
+        total = np.zeros(heads, F32)
+        acc = np.zeros((heads, d), F32)
+        with np.errstate(invalid="ignore", over="ignore"):
+            for j in range(n):
+                s = scores[:, j]
+                new = s > m
+                ms = np.where(new, exp(m - s), F32(1)).astype(F32)
+                vs = np.where(new, F32(1), exp(s - m)).astype(F32)
+                m = np.where(new, s, m)
+                acc = np.where(new[:, None], f16_round(acc * ms[:, None]), acc)
+                acc = f16_round(fma32(vals[:, j, :], vs[:, None], acc))
+                total = fma32(total, ms, vs)
+        inv = np.where(total == 0, F32(0), F32(1) / np.where(total == 0, F32(1), total)).astype(F32)
+        out[r] = acc * inv[:, None]
+    return out.reshape(rows, heads * d)

@@ -199,7 +199,7 @@ def attention_f64(fx: PagedFixture, q: np.ndarray, heads: int) -> np.ndarray:
     return out.reshape(q.shape)
 
 
-def run_attention(clenv, fx: PagedFixture, q: np.ndarray, heads: int, rows_sel: np.ndarray, variant: str) -> np.ndarray:
+def run_attention(clenv, fx: PagedFixture, q: np.ndarray, heads: int, rows_sel: np.ndarray, variant: str, **defines) -> np.ndarray:
     d = fx.d
     n = len(rows_sel)
     out, like = clenv.poisoned((n, heads * d))
@@ -207,7 +207,7 @@ def run_attention(clenv, fx: PagedFixture, q: np.ndarray, heads: int, rows_sel: 
         clenv.to_device(q[rows_sel]), fx.k_cache, fx.v_cache, clenv.to_device(fx.tables), clenv.to_device(fx.row_seq[rows_sel]),
         clenv.to_device(fx.row_pos[rows_sel]), out, np.uint32(heads), np.uint32(fx.kv_heads), np.uint32(fx.bt), np.uint32(fx.max_blocks),
     ]
-    kern = clenv.kernel(f"attention_paged_f16_{variant}", HEAD_DIM=d)
+    kern = clenv.kernel(f"attention_paged_f16_{variant}", HEAD_DIM=d, **defines)
     if variant == "decode":
         clenv.run(kern, (heads * d, n), (d, 1), *args)
     else:
@@ -250,3 +250,20 @@ def test_paged_attention(clenv, rng, d, heads, kv_heads, bt):
     assert np.array_equal(alone.view(np.uint32), prefill[last].view(np.uint32))
     chunk = np.arange(total - 40, total - 33)
     assert np.array_equal(run_attention(clenv, fx, q, heads, chunk, "prefill").view(np.uint32), prefill[chunk].view(np.uint32))
+
+
+@pytest.mark.parametrize("d,heads,kv_heads,bt", [c for c in ATTENTION_CASES if c[0] % 64 == 0])
+def test_paged_attention_cpu_order(clenv, bitwise, rng, d, heads, kv_heads, bt):
+    """Every rounding but the exponential's, bit for bit: built with ggml's expf in place of
+    OpenCL's exp, both kernels must give the NumPy transcription of the CPU kernel's order
+    (f16 query, score tree, online softmax with the f16 value accumulator) with that expf."""
+    lens = [1, bt + 1, 2 * bt + 3, 70]
+    fx = PagedFixture(clenv, rng, lens, kv_heads, d, bt)
+    q = (rng.uniform(-1, 1, (sum(lens), heads * d)) * 3).astype(F32)
+    rows = np.arange(sum(lens))
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])[fx.row_seq]
+    want = R.paged_attention_cpu_order(q, R.f16_round(fx.k), R.f16_round(fx.v), starts, fx.row_pos, heads, kv_heads, d)
+    for variant in ("prefill", "decode"):
+        got = run_attention(clenv, fx, q, heads, rows, variant, ATTENTION_EXP="ggml_expf")
+        bad = np.argwhere(got.view(np.uint32) != want.view(np.uint32))
+        assert bad.size == 0, f"{variant}: {len(bad)} values differ from the CPU order, first at {bad[0].tolist()}: {got[tuple(bad[0])]!r} vs {want[tuple(bad[0])]!r}"
