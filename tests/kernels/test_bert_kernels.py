@@ -11,6 +11,8 @@ import pytest
 
 from conftest import round_up
 
+pytestmark = pytest.mark.opencl
+
 F32 = np.float32
 U = 2.0**-24  # f32 unit roundoff
 

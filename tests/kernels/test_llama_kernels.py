@@ -11,6 +11,8 @@ import pytest
 
 import cl_reference as R
 from conftest import round_up
+
+pytestmark = pytest.mark.opencl
 from test_quant_kernels import same_bits
 
 F32 = np.float32

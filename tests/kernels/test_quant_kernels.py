@@ -10,6 +10,8 @@ import pytest
 import cl_reference as R
 from conftest import round_up
 
+pytestmark = pytest.mark.opencl
+
 F32 = np.float32
 # Work-group width for the matmuls: shapes below include n not a multiple of it, so the
 # kernels' bounds guard runs.
