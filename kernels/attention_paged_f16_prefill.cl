@@ -8,8 +8,8 @@
  * rounded to f16, scores in the fixed tree of attention_score_f16, online softmax over the
  * keys in position order with the value sum kept in f16 (common.h). Every step depends only
  * on the query, its position and the cached keys/values, so rows are batch-invariant, and
- * this kernel gives the bits of attention_paged_f16_decode.cl. Within tolerance of the CPU
- * (exp), not bitwise; see README.md.
+ * this kernel gives the bits of attention_paged_f16_decode.cl. Bitwise the CPU's with the
+ * default ATTENTION_EXP (glibc's expf emulated, common.h); see README.md.
  *
  * Compile with -DHEAD_DIM=D (the accumulators are private arrays of D floats).
  * q, out:       rows * heads * D floats

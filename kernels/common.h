@@ -269,12 +269,308 @@ inline size_t kv_v_index(uint block, uint kv_head, uint c, uint slot, uint kv_he
            ((size_t)kv_head * block_tokens + slot) * head_dim + c;
 }
 
-/* The exponential of the paged attention's softmax. The CPU calls libm's expf, which
- * OpenCL C cannot reproduce (its exp is allowed 3 ulp, and glibc's expf computes in double);
- * the tests build with -DATTENTION_EXP=ggml_expf to check every other rounding of the
- * attention kernels bit for bit against the CPU's order, with the same exp on both sides. */
+/* ---------------------------------------------------------------------------------------
+ * glibc's expf, bit for bit, without fp64: what the CPU's paged attention calls (Rust's
+ * f32::exp is libm's expf; on x86-64 with FMA glibc runs its FMA build of the algorithm
+ * of Szabolcs Nagy / Arm optimized-routines). OpenCL's exp() is only promised within
+ * 3 ulp, and glibc's algorithm computes in double, so the double operations are emulated
+ * exactly in integer arithmetic: a double is (sign, mant * 2^exp) with a 53-bit mantissa,
+ * and every operation is one correctly rounded fma (a multiplication is an fma with 0).
+ * Only normal doubles occur on this path.
+ * ------------------------------------------------------------------------------------- */
+
+typedef struct {
+    ulong hi, lo;
+} u128;
+
+typedef struct {
+    int neg;
+    int exp;
+    ulong mant; /* 0, or in [2^52, 2^53) */
+} sdouble;
+
+inline int u128_clz(u128 a) {
+    return a.hi ? (int)clz(a.hi) : 64 + (int)clz(a.lo);
+}
+
+inline u128 u128_shl(u128 a, int s) { /* 0 <= s < 128 */
+    u128 r;
+    if (s == 0)
+        return a;
+    if (s >= 64) {
+        r.hi = a.lo << (s - 64);
+        r.lo = 0;
+    } else {
+        r.hi = (a.hi << s) | (a.lo >> (64 - s));
+        r.lo = a.lo << s;
+    }
+    return r;
+}
+
+/* a >> s; nonzero bits shifted out set *sticky. */
+inline u128 u128_shr_sticky(u128 a, int s, int *sticky) {
+    u128 r;
+    if (s == 0)
+        return a;
+    if (s >= 128) {
+        *sticky |= (a.hi | a.lo) != 0UL;
+        r.hi = 0;
+        r.lo = 0;
+    } else if (s >= 64) {
+        *sticky |= (a.lo != 0UL) || (s > 64 && (a.hi & ((1UL << (s - 64)) - 1UL)) != 0UL);
+        r.lo = a.hi >> (s - 64);
+        r.hi = 0;
+    } else {
+        *sticky |= (a.lo & ((1UL << s) - 1UL)) != 0UL;
+        r.lo = (a.lo >> s) | (a.hi << (64 - s));
+        r.hi = a.hi >> s;
+    }
+    return r;
+}
+
+inline u128 u128_add(u128 a, u128 b) {
+    u128 r;
+    r.lo = a.lo + b.lo;
+    r.hi = a.hi + b.hi + (r.lo < a.lo ? 1UL : 0UL);
+    return r;
+}
+
+inline u128 u128_sub(u128 a, u128 b) { /* a >= b */
+    u128 r;
+    r.lo = a.lo - b.lo;
+    r.hi = a.hi - b.hi - (a.lo < b.lo ? 1UL : 0UL);
+    return r;
+}
+
+inline int u128_lt(u128 a, u128 b) {
+    return a.hi < b.hi || (a.hi == b.hi && a.lo < b.lo);
+}
+
+inline sdouble sd_zero(void) {
+    sdouble d;
+    d.neg = 0;
+    d.exp = 0;
+    d.mant = 0;
+    return d;
+}
+
+inline sdouble sd_from_bits(ulong b) {
+    sdouble d;
+    d.neg = (int)(b >> 63);
+    d.exp = (int)((b >> 52) & 0x7ffUL) - 1075;
+    d.mant = (b & 0xfffffffffffffUL) | (1UL << 52);
+    return d;
+}
+
+inline sdouble sd_from_float(float x) {
+    const uint bits = as_uint(x);
+    const uint biased = (bits >> 23) & 0xffu;
+    sdouble d;
+    d.neg = (int)(bits >> 31);
+    if (biased != 0) {
+        d.mant = (ulong)((bits & 0x7fffffu) | 0x800000u) << 29;
+        d.exp = (int)biased - 150 - 29;
+    } else if ((bits & 0x7fffffu) == 0) {
+        d.mant = 0;
+        d.exp = 0;
+    } else {
+        const ulong f = (ulong)(bits & 0x7fffffu);
+        const int shift = (int)clz(f) - 11;
+        d.mant = f << shift;
+        d.exp = -149 - shift;
+    }
+    return d;
+}
+
+/* (-1)^neg * s * 2^e (s != 0, plus `sticky` below its last bit) rounded to a double. */
+inline sdouble sd_round(int neg, u128 s, int e, int sticky) {
+    const int top = 127 - u128_clz(s);
+    sdouble d;
+    d.neg = neg;
+    if (top <= 52) { /* exact (sticky is never set with so few bits) */
+        d.mant = s.lo << (52 - top);
+        d.exp = e - (52 - top);
+        return d;
+    }
+    const int drop = top - 52;
+    int below = sticky;
+    const u128 kept = u128_shr_sticky(s, drop - 1, &below); /* keeps the rounding bit */
+    ulong m = kept.lo >> 1;
+    if ((kept.lo & 1UL) && (below || (m & 1UL)))
+        m += 1UL;
+    int re = e + drop;
+    if (m >> 53) {
+        m >>= 1;
+        re += 1;
+    }
+    d.mant = m;
+    d.exp = re;
+    return d;
+}
+
+/* a * b + c with one rounding to nearest even (a * b + 0 is the rounded product). */
+inline sdouble sd_fma(sdouble a, sdouble b, sdouble c) {
+    const int pneg = a.neg ^ b.neg;
+    if (a.mant == 0 || b.mant == 0)
+        return c.mant == 0 ? sd_zero() : c;
+    u128 p;
+    p.hi = mul_hi(a.mant, b.mant);
+    p.lo = a.mant * b.mant;
+    int pe = a.exp + b.exp;
+    if (c.mant == 0)
+        return sd_round(pneg, p, pe, 0);
+    /* Both operands with their top bit at 125 (two bits of headroom for the carry). */
+    const int lift = 125 - (127 - u128_clz(p));
+    p = u128_shl(p, lift);
+    pe -= lift;
+    u128 cm;
+    cm.hi = c.mant << 9; /* c.mant << 73 */
+    cm.lo = 0;
+    const int ce = c.exp - 73;
+    u128 big = p, small = cm;
+    int bneg = pneg, sneg = c.neg, be = pe, d = pe - ce;
+    if (ce > pe) {
+        big = cm;
+        small = p;
+        bneg = c.neg;
+        sneg = pneg;
+        be = ce;
+        d = ce - pe;
+    }
+    int sticky = 0;
+    small = u128_shr_sticky(small, d, &sticky);
+    u128 s;
+    int neg;
+    if (bneg == sneg) {
+        s = u128_add(big, small);
+        neg = bneg;
+    } else if (u128_lt(big, small)) { /* only when d = 0: nothing was shifted out */
+        s = u128_sub(small, big);
+        neg = sneg;
+    } else {
+        s = u128_sub(big, small);
+        neg = bneg;
+        if (sticky) { /* the true small operand was a little larger */
+            u128 one;
+            one.hi = 0;
+            one.lo = 1;
+            s = u128_sub(s, one);
+        }
+    }
+    if ((s.hi | s.lo) == 0UL && !sticky)
+        return sd_zero();
+    return sd_round(neg, s, be, sticky);
+}
+
+inline sdouble sd_mul(sdouble a, sdouble b) {
+    return sd_fma(a, b, sd_zero());
+}
+
+inline sdouble sd_add(sdouble a, sdouble b) {
+    return sd_fma(a, sd_from_bits(0x3ff0000000000000UL), b);
+}
+
+/* The double rounded to a float (to nearest even; float subnormals and overflow too). */
+inline float sd_to_float(sdouble d) {
+    if (d.mant == 0)
+        return d.neg ? -0.0f : 0.0f;
+    const int qe = max(d.exp + 52 - 23, -149); /* the float quantum's exponent */
+    const int drop = qe - d.exp;
+    const ulong f = drop >= 64 ? 0UL : round_shift_right(d.mant, drop, 0);
+    const float v = ldexp((float)f, qe);
+    return d.neg ? -v : v;
+}
+
+/* round-half-even(d) as an integer, |d| < 2^62. */
+inline long sd_rint(sdouble d) {
+    if (d.mant == 0)
+        return 0;
+    ulong m;
+    if (d.exp >= 0)
+        m = d.mant << d.exp;
+    else if (-d.exp >= 64)
+        m = 0;
+    else
+        m = round_shift_right(d.mant, -d.exp, 0);
+    return d.neg ? -(long)m : (long)m;
+}
+
+inline sdouble sd_from_long(long k) {
+    if (k == 0)
+        return sd_zero();
+    sdouble d;
+    d.neg = k < 0;
+    const ulong mag = k < 0 ? (ulong)(-k) : (ulong)k;
+    const int top = 63 - (int)clz(mag);
+    d.mant = top <= 52 ? mag << (52 - top) : mag >> (top - 52); /* exact for |k| < 2^53 */
+    d.exp = top - 52;
+    return d;
+}
+
+/* 2^(i/32) as doubles (correctly rounded), minus i << 47 in the bits: the table of glibc's
+ * exp2f/expf, so that table[k % 32] + (k << 47) is 2^(k/32) for any integer k. */
+__constant ulong EXP2F_TABLE[32] = {
+    0x3ff0000000000000UL, 0x3fefd9b0d3158574UL, 0x3fefb5586cf9890fUL, 0x3fef9301d0125b51UL,
+    0x3fef72b83c7d517bUL, 0x3fef54873168b9aaUL, 0x3fef387a6e756238UL, 0x3fef1e9df51fdee1UL,
+    0x3fef06fe0a31b715UL, 0x3feef1a7373aa9cbUL, 0x3feedea64c123422UL, 0x3feece086061892dUL,
+    0x3feebfdad5362a27UL, 0x3feeb42b569d4f82UL, 0x3feeab07dd485429UL, 0x3feea47eb03a5585UL,
+    0x3feea09e667f3bcdUL, 0x3fee9f75e8ec5f74UL, 0x3feea11473eb0187UL, 0x3feea589994cce13UL,
+    0x3feeace5422aa0dbUL, 0x3feeb737b0cdc5e5UL, 0x3feec49182a3f090UL, 0x3feed503b23e255dUL,
+    0x3feee89f995ad3adUL, 0x3feeff76f2fb5e47UL, 0x3fef199bdd85529cUL, 0x3fef3720dcef9069UL,
+    0x3fef5818dcfba487UL, 0x3fef7c97337b9b5fUL, 0x3fefa4afa2a490daUL, 0x3fefd0765b6e4540UL,
+};
+
+/* glibc's FMA build contracts the polynomial into fmas; -DLIBM_EXPF_FMA=0 gives the plain
+ * build's roundings (x86-64 CPUs without FMA, other libms using the same algorithm). */
+#ifndef LIBM_EXPF_FMA
+#define LIBM_EXPF_FMA 1
+#endif
+
+/* e^x with glibc's expf algorithm: k = round(x * 32 / ln 2), r = x * 32 / ln 2 - k,
+ * e^x = 2^(k/32) * (1 + c2 r + c1 r^2 + c0 r^3), all in double, then rounded to float. */
+inline float libm_expf(float x) {
+    const uint ux = as_uint(x);
+    const uint abstop = (ux >> 20) & 0x7ffu;
+    if (abstop >= (as_uint(88.0f) >> 20)) { /* |x| >= 88, or NaN */
+        if (ux == as_uint(-INFINITY))
+            return 0.0f;
+        if (abstop >= (as_uint(INFINITY) >> 20))
+            return x + x;
+        if (x > 0x1.62e42ep6f) /* beyond log(2^128) */
+            return INFINITY;
+        if (x < -0x1.9fe368p6f) /* below log(2^-150) */
+            return 0.0f;
+    }
+    const sdouble inv_ln2_n = sd_from_bits(0x40471547652b82feUL); /* 32 / ln 2 */
+    const sdouble c0 = sd_from_bits(0x3ebc6af84b912394UL);
+    const sdouble c1 = sd_from_bits(0x3f2ebfce50fac4f3UL);
+    const sdouble c2 = sd_from_bits(0x3f962e42ff0c52d6UL);
+    const sdouble one = sd_from_bits(0x3ff0000000000000UL);
+    const sdouble z = sd_mul(inv_ln2_n, sd_from_float(x));
+    const long k = sd_rint(z); /* glibc: (z + 0x1.8p52) - 0x1.8p52 */
+    sdouble r = sd_add(z, sd_from_long(-k)); /* exact */
+    const sdouble s = sd_from_bits(EXP2F_TABLE[k & 31] + ((ulong)k << 47));
+#if LIBM_EXPF_FMA
+    const sdouble zz = sd_fma(c0, r, c1);
+    const sdouble r2 = sd_mul(r, r);
+    sdouble y = sd_fma(c2, r, one);
+    y = sd_fma(zz, r2, y);
+#else
+    const sdouble zz = sd_add(sd_mul(c0, r), c1);
+    const sdouble r2 = sd_mul(r, r);
+    sdouble y = sd_add(sd_mul(c2, r), one);
+    y = sd_add(sd_mul(zz, r2), y);
+#endif
+    y = sd_mul(y, s);
+    return sd_to_float(y);
+}
+
+/* The exponential of the paged attention's softmax: by default libm_expf, the CPU's own
+ * (glibc's expf) bit for bit. -DATTENTION_EXP=exp trades that for OpenCL's native exp
+ * (within 3 ulp; several times cheaper than the integer-emulated double arithmetic), e.g.
+ * on a device where throughput matters more than matching the CPU device's tokens. */
 #ifndef ATTENTION_EXP
-#define ATTENTION_EXP exp
+#define ATTENTION_EXP libm_expf
 #endif
 
 #ifdef HEAD_DIM
@@ -324,8 +620,7 @@ inline float attention_score_f16(const float *qh, const __global half *k_cache, 
 /* One key's step of the online softmax, per value channel, in the CPU kernel's order:
  * a new maximum rescales the f16 accumulator (acc = f16(acc * e^(m - s))), otherwise the
  * key's weight is e^(s - m); then acc = f16(fma(v, weight, acc)) and
- * total = fma(total, rescale, weight). The CPU calls libm's expf; OpenCL's exp is allowed
- * 3 ulp, so this step is within tolerance of the CPU, not bitwise (README.md). */
+ * total = fma(total, rescale, weight), with ATTENTION_EXP for e^x (see above). */
 typedef struct {
     float m;
     float total;

@@ -259,13 +259,12 @@ def rope_cos_sin(max_pos: int, dims: int, base: float) -> np.ndarray:
     return out
 
 
-def paged_attention_cpu_order(q: np.ndarray, k: np.ndarray, v: np.ndarray, seq_start, positions, heads: int, kv_heads: int, d: int, exp=None) -> np.ndarray:
+def paged_attention_cpu_order(q: np.ndarray, k: np.ndarray, v: np.ndarray, seq_start, positions, heads: int, kv_heads: int, d: int, exp) -> np.ndarray:
     """llama_ops::attend_one for every (row, head), head widths a multiple of 64 (the CPU
     adds other widths' leftovers in f64). k, v: [keys, kv_heads * d] as cached (f16 values);
-    row r attends to keys seq_start[r] .. seq_start[r] + positions[r]. `exp` stands in for
-    libm's expf (default: ggml_expf, as the kernels built with -DATTENTION_EXP=ggml_expf)."""
+    row r attends to keys seq_start[r] .. seq_start[r] + positions[r]. `exp` is the CPU's
+    exponential, libm's expf (the tests pass glibc's through ctypes)."""
     assert d % 64 == 0
-    exp = exp or ggml_expf
     group = heads // kv_heads
     rows = q.shape[0]
     q16 = f16_round(q).reshape(rows, heads, d)

@@ -69,6 +69,14 @@ class CLEnv:
             self.programs[key] = self.cl.Kernel(program, name)
         return self.programs[key]
 
+    def kernel_from_source(self, source: str, name: str, **defines: int):
+        """A test-only kernel (e.g. one exposing a common.h function), cached likewise."""
+        key = (source, tuple(sorted(defines.items())))
+        if key not in self.programs:
+            opts = BUILD_OPTIONS + [f"-D{k}={v}" for k, v in sorted(defines.items())]
+            self.programs[key] = self.cl.Kernel(self.cl.Program(self.ctx, source).build(options=opts), name)
+        return self.programs[key]
+
     def to_device(self, array: np.ndarray):
         mf = self.cl.mem_flags
         a = np.ascontiguousarray(array)
@@ -116,6 +124,27 @@ def bitwise(clenv: CLEnv) -> None:
     """For tests that claim bitwise equality with the CPU kernels' arithmetic."""
     if not clenv.ieee_fp32:
         pytest.skip(f"{clenv.device.name} lacks round-to-nearest or correctly rounded divide/sqrt")
+
+
+@pytest.fixture(scope="session")
+def libm_expf():
+    """glibc's expf through ctypes (what Rust's f32::exp calls on Linux), vectorised."""
+    import ctypes
+
+    try:
+        libm = ctypes.CDLL("libm.so.6")
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version.restype = ctypes.c_char_p
+        version = libc.gnu_get_libc_version().decode()
+    except (OSError, AttributeError) as e:
+        pytest.skip(f"glibc's libm is not available ({e}): the CPU kernels' expf is glibc's")
+    major, minor = (int(v) for v in version.split(".")[:2])
+    if (major, minor) < (2, 27):
+        pytest.skip(f"glibc {version} predates the expf algorithm the kernels reproduce (2.27)")
+    libm.expf.restype = ctypes.c_float
+    libm.expf.argtypes = [ctypes.c_float]
+    ufunc = np.frompyfunc(lambda v: libm.expf(float(v)), 1, 1)
+    return lambda x: np.asarray(ufunc(np.asarray(x, np.float32)), dtype=np.float32)
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ def test_rms_norm(clenv, bitwise, rng, rows, dim, eps):
     mags = np.exp(rng.uniform(-6, 6, (rows, 1)))
     x = (rng.standard_normal((rows, dim)) * mags).astype(F32)
     if rows >= 4:
-        x[1] *= F32(1e-21)  # squares ~1e-42: subnormal f32, summed exactly as f64
+        x[1] = rng.standard_normal(dim) * 1e-21  # squares ~1e-42: subnormal f32, summed exactly as f64
         x[2, dim // 2] = F32(3e18)  # one square near f32's top
     w = rng.uniform(-2, 2, dim).astype(F32)
     out, like = clenv.poisoned((rows, dim))
@@ -255,17 +255,47 @@ def test_paged_attention(clenv, rng, d, heads, kv_heads, bt):
 
 
 @pytest.mark.parametrize("d,heads,kv_heads,bt", [c for c in ATTENTION_CASES if c[0] % 64 == 0])
-def test_paged_attention_cpu_order(clenv, bitwise, rng, d, heads, kv_heads, bt):
-    """Every rounding but the exponential's, bit for bit: built with ggml's expf in place of
-    OpenCL's exp, both kernels must give the NumPy transcription of the CPU kernel's order
-    (f16 query, score tree, online softmax with the f16 value accumulator) with that expf."""
+def test_paged_attention_cpu_order(clenv, bitwise, libm_expf, rng, d, heads, kv_heads, bt):
+    """Bit for bit: both kernels, as built by default, must give the NumPy transcription of
+    the CPU kernel's order (f16 query, score tree, online softmax with the f16 value
+    accumulator) with glibc's expf, the CPU's exponential."""
     lens = [1, bt + 1, 2 * bt + 3, 70]
     fx = PagedFixture(clenv, rng, lens, kv_heads, d, bt)
     q = (rng.uniform(-1, 1, (sum(lens), heads * d)) * 3).astype(F32)
     rows = np.arange(sum(lens))
     starts = np.concatenate([[0], np.cumsum(lens)[:-1]])[fx.row_seq]
-    want = R.paged_attention_cpu_order(q, R.f16_round(fx.k), R.f16_round(fx.v), starts, fx.row_pos, heads, kv_heads, d)
+    want = R.paged_attention_cpu_order(q, R.f16_round(fx.k), R.f16_round(fx.v), starts, fx.row_pos, heads, kv_heads, d, exp=libm_expf)
     for variant in ("prefill", "decode"):
-        got = run_attention(clenv, fx, q, heads, rows, variant, ATTENTION_EXP="ggml_expf")
+        got = run_attention(clenv, fx, q, heads, rows, variant)
         bad = np.argwhere(got.view(np.uint32) != want.view(np.uint32))
         assert bad.size == 0, f"{variant}: {len(bad)} values differ from the CPU order, first at {bad[0].tolist()}: {got[tuple(bad[0])]!r} vs {want[tuple(bad[0])]!r}"
+
+
+LIBM_EXPF_PROBE = """
+#include "common.h"
+__kernel void probe(const __global float *x, __global float *y, const uint n) {
+    const uint i = get_global_id(0);
+    if (i < n)
+        y[i] = libm_expf(x[i]);
+}
+"""
+
+
+def test_libm_expf_matches_glibc(clenv, bitwise, libm_expf, rng):
+    """common.h's libm_expf (glibc's algorithm with emulated double arithmetic) against
+    glibc's expf itself: the attention softmax's arguments (<= 0, down to underflow), small
+    magnitudes (down to subnormal floats), and the special cases."""
+    n = 200_000
+    x = np.concatenate([
+        rng.uniform(-110, 0, n // 2),
+        -np.exp(rng.uniform(-100, 4.7, n // 4)),
+        rng.uniform(-1, 89, n // 4),
+        [0.0, -0.0, -np.inf, np.inf, np.nan, 88.5, 88.72, 88.73, -103.9, -103.97, -103.98, -104.0, -1e-42, 1e-45],
+    ]).astype(F32)
+    y, like = clenv.poisoned(x.shape)
+    kern = clenv.kernel_from_source(LIBM_EXPF_PROBE, "probe")
+    clenv.run(kern, (round_up(len(x), 64),), (64,), clenv.to_device(x), y, np.uint32(len(x)))
+    got = clenv.read(y, like)
+    want = libm_expf(x)
+    bad = np.argwhere((got.view(np.uint32) != want.view(np.uint32)) & ~(np.isnan(got) & np.isnan(want)))[:, 0]
+    assert bad.size == 0, f"{len(bad)} differ, e.g. expf({x[bad[0]]!r}) = {got[bad[0]]!r}, glibc {want[bad[0]]!r}"
