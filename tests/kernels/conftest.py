@@ -52,12 +52,14 @@ class CLEnv:
 
     @property
     def ieee_fp32(self) -> bool:
-        """Whether the device promises what the bitwise kernels need: round to nearest and
-        correctly rounded division and sqrt (under -cl-fp32-correctly-rounded-divide-sqrt).
-        fma is correctly rounded on every OpenCL device (emulated if need be)."""
+        """Whether the device promises what the bitwise kernels need: round to nearest,
+        correctly rounded division and sqrt (under -cl-fp32-correctly-rounded-divide-sqrt)
+        and denormals (subnormal softmax weights and activations occur). fma is correctly
+        rounded on every OpenCL device (emulated if need be)."""
         cfg = self.device.single_fp_config
         fp = self.cl.device_fp_config
-        return bool(cfg & fp.ROUND_TO_NEAREST) and bool(cfg & fp.CORRECTLY_ROUNDED_DIVIDE_SQRT)
+        need = fp.ROUND_TO_NEAREST | fp.CORRECTLY_ROUNDED_DIVIDE_SQRT | fp.DENORM
+        return (cfg & need) == need
 
     def kernel(self, name: str, **defines: int):
         """The kernel `name` from kernels/<name>.cl, built once per session and defines."""
@@ -123,7 +125,7 @@ def clenv() -> CLEnv:
 def bitwise(clenv: CLEnv) -> None:
     """For tests that claim bitwise equality with the CPU kernels' arithmetic."""
     if not clenv.ieee_fp32:
-        pytest.skip(f"{clenv.device.name} lacks round-to-nearest or correctly rounded divide/sqrt")
+        pytest.skip(f"{clenv.device.name} lacks round-to-nearest, correctly rounded divide/sqrt or denormals")
 
 
 @pytest.fixture(scope="session")

@@ -161,3 +161,24 @@ def test_embedding_lookup_q8_0(clenv, rng, vocab, dim, rows):
     # One f32 product q * d per weight: exact against f64 (8 + 11 bits), hence bitwise.
     want = R.dequantize_q8_0(table, dim)[tokens]
     assert np.array_equal(got.astype(np.float64), want)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 7, 32), (4, 65, 96), (9, 130, 576), (6, 64, 1536), (3, 3, 288)])
+def test_matmul_q4_1_tiled_gives_the_same_bits(clenv, bitwise, rng, m, n, k):
+    """The tiled matrix-matrix kernel against the CPU order and the one-output-per-item kernel:
+    partial row tiles, n not a multiple of the tile, block counts not a multiple of the chunk."""
+    w = R.random_q4_1(rng, n, k)
+    x = activations(rng, m, k)
+    acts, (qs, scales, sums) = quantize_on_device(clenv, x)
+    y, like = clenv.poisoned((m, n))
+    tile_cols, tile_rows = 64, 4
+    clenv.run(
+        clenv.kernel("matmul_q4_1_q8_1_tiled"), (round_up(n, tile_cols), -(-m // tile_rows)), (tile_cols, 1),
+        clenv.to_device(w), *acts, y, np.uint32(n), np.uint32(k), np.uint32(m),
+    )
+    tiled = clenv.read(y, like)
+    assert not np.isnan(tiled).any(), "an output was not written (still NaN)"
+    want = R.matmul_q4_1_cpu_order(w, k, qs, scales, sums)
+    assert np.array_equal(tiled.view(np.uint32), want.view(np.uint32))
+    simple = run_matmul(clenv, "matmul_q4_1_q8_1", w, n, k, acts, m, with_sums=True)
+    assert np.array_equal(tiled.view(np.uint32), simple.view(np.uint32))
