@@ -44,6 +44,18 @@ def fma32(a, b, c) -> np.ndarray:
     return np.where(on_mid & away, other, r).astype(F32)
 
 
+def round_up(n: int, multiple: int) -> int:
+    """n rounded up to a multiple (global sizes for a given work-group size)."""
+    return -(-n // multiple) * multiple
+
+
+def same_bits(got: np.ndarray, want: np.ndarray) -> bool:
+    """Bitwise equal, except that any NaN matches any NaN (payloads are not specified)."""
+    want = np.asarray(want, F32)
+    both_nan = np.isnan(got) & np.isnan(want)
+    return got.shape == want.shape and bool(np.all((got.view(np.uint32) == want.view(np.uint32)) | both_nan))
+
+
 # --- GGUF block formats ------------------------------------------------------------------
 
 

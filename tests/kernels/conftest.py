@@ -157,7 +157,3 @@ def rng(request) -> np.random.Generator:
     print(f"seed={seed} (replay with FERROSERVE_KERNEL_SEED={seed})")
     request.node.user_properties.append(("seed", seed))
     return np.random.default_rng(seed)
-
-
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple

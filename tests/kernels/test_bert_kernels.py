@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import round_up
+from cl_reference import round_up
 
 pytestmark = pytest.mark.opencl
 

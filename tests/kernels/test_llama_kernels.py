@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 
 import cl_reference as R
-from conftest import round_up
+from cl_reference import round_up, same_bits
 
 pytestmark = pytest.mark.opencl
-from test_quant_kernels import same_bits
 
 F32 = np.float32
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import cl_reference as R
-from conftest import round_up
+from cl_reference import round_up, same_bits
 
 pytestmark = pytest.mark.opencl
 
@@ -39,13 +39,6 @@ def quantize_on_device(clenv, x: np.ndarray):
     sums, su_like = clenv.poisoned((m, nb))
     clenv.run(kern, (nb, m), None, clenv.to_device(x), qs, scales, sums, np.uint32(k))
     return (qs, scales, sums), (clenv.read(qs, qs_like), clenv.read(scales, sc_like), clenv.read(sums, su_like))
-
-
-def same_bits(got: np.ndarray, want: np.ndarray) -> bool:
-    """Bitwise equal, except that any NaN matches any NaN (payloads are not specified)."""
-    want = want.astype(F32)
-    both_nan = np.isnan(got) & np.isnan(want)
-    return got.shape == want.shape and bool(np.all((got.view(np.uint32) == want.view(np.uint32)) | both_nan))
 
 
 @pytest.mark.parametrize("m,k", [(1, 32), (3, 96), (2, 576), (7, 1536)])
