@@ -9,7 +9,11 @@ division and sqrt); it has no fma, so `fma32` computes one exactly.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+
+KERNELS = Path(__file__).resolve().parents[2] / "kernels"
 
 F32 = np.float32
 F64 = np.float64

@@ -11,12 +11,11 @@ from __future__ import annotations
 import os
 import secrets
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-KERNELS = Path(__file__).resolve().parents[2] / "kernels"
+from cl_reference import KERNELS
 
 # Options every kernel is built with (see kernels/common.h): OpenCL C 1.2, and IEEE division
 # and sqrt, which the bitwise kernels need (OpenCL otherwise allows 2.5 / 3 ulp). No fast-math
