@@ -30,7 +30,18 @@ build: $(VENV)/.deps
 serve: setup
 	$(VENV)/bin/ferroserve serve
 
-test: setup test-rust test-python
+test: setup $(VENV)/.opencl test-rust test-python
+
+# The OpenCL kernel tests (tests/kernels) run on PoCL, an OpenCL implementation for the CPU.
+# Where apt (or sudo) is unavailable PoCL is not installed and those tests skip with the
+# reason; `make serve` does not need any of this.
+$(VENV)/.opencl: $(VENV)/.deps
+	[ -e /etc/OpenCL/vendors/pocl.icd ] || { SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+		OPENCL_PKGS="pocl-opencl-icd ocl-icd-libopencl1 ocl-icd-opencl-dev"; \
+		$$SUDO apt-get install -y -q $$OPENCL_PKGS || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q $$OPENCL_PKGS; }; } \
+		|| echo "PoCL not installed: the OpenCL kernel tests (tests/kernels) will skip"
+	$(PIP) install -q "pyopencl>=2024.1"
+	touch $@
 
 test-rust:
 	cargo test --release

@@ -1,0 +1,177 @@
+"""Q8 activation quantisation, the Q4_1 and Q8_0 matmuls and the Q8_0 embedding lookup,
+against float64 maths (within a bound derived from the quantisation) and, bit for bit,
+against NumPy re-implementations of the CPU kernels' operation order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import cl_reference as R
+from cl_reference import round_up, same_bits
+
+pytestmark = pytest.mark.opencl
+
+F32 = np.float32
+# Work-group width for the matmuls: shapes below include n not a multiple of it, so the
+# kernels' bounds guard runs.
+MATMUL_LOCAL = 16
+
+# (m activation rows, n weight rows, k): one row (decode), k of one block, of several
+# blocks, of block counts 1, 2, 3 mod 4 (the AVX-512 Q8_0 order's short last group), odd n,
+# and the chat model's own widths (576 = 18 blocks, 1536 = 48 blocks).
+SHAPES = [(1, 1, 32), (1, 7, 64), (3, 33, 96), (5, 17, 160), (1, 45, 576), (4, 20, 1536), (2, 3, 224)]
+
+
+def activations(rng, m: int, k: int) -> np.ndarray:
+    """Rows with per-block magnitudes spread over decades (as hidden states are), so blocks
+    differ in scale and the f16 scale rounding is exercised."""
+    x = rng.standard_normal((m, k)) * np.exp(rng.uniform(-4, 3, (m, k // 32, 1))).repeat(32, axis=1).reshape(m, k)
+    return x.astype(F32)
+
+
+def quantize_on_device(clenv, x: np.ndarray):
+    m, k = x.shape
+    nb = k // 32
+    kern = clenv.kernel("quantize_q8_f32")
+    qs, qs_like = clenv.poisoned((m, k), np.int8)
+    scales, sc_like = clenv.poisoned((m, nb, 2))
+    sums, su_like = clenv.poisoned((m, nb))
+    clenv.run(kern, (nb, m), None, clenv.to_device(x), qs, scales, sums, np.uint32(k))
+    return (qs, scales, sums), (clenv.read(qs, qs_like), clenv.read(scales, sc_like), clenv.read(sums, su_like))
+
+
+@pytest.mark.parametrize("m,k", [(1, 32), (3, 96), (2, 576), (7, 1536)])
+def test_quantize_q8_matches_cpu_bits(clenv, bitwise, rng, m, k):
+    x = activations(rng, m, k)
+    # Edge blocks: a NaN, an infinity, all zeros, exact ties (amax 127 -> scale 1, so
+    # x.5 values round half to even), a negative maximum.
+    if k >= 64 and m >= 2:
+        x[0, 3] = np.nan
+        x[1, 32 + 5] = np.inf
+    if m >= 3:
+        x[2, :32] = 0.0
+        x[2, 32:64] = np.array([127.0, -0.5, 0.5, 1.5, 2.5, -2.5, 126.5] + [0.25] * 25, F32)
+        x[2, 64:96] = -rng.uniform(0, 3, 32).astype(F32)
+    _, (qs, scales, sums) = quantize_on_device(clenv, x)
+    want_qs, want_scales, want_sums = R.quantize_q8(x)
+    assert np.array_equal(qs, want_qs), "codes differ from the CPU's quantisation"
+    assert same_bits(scales, want_scales), "block scales [d, d*isum] differ from the CPU's bits"
+    assert same_bits(sums, want_sums), "q8_1 sums differ from the CPU's bits"
+    # And the codes are a quantisation of x: |x - q*d| <= d/2 plus the f16 rounding of d
+    # (<= 2^-11 relative, times |q| <= 127).
+    ok = np.isfinite(want_scales[:, :, 0])
+    deq = R.dequantize_acts(qs, scales)
+    err = np.abs(deq - x).reshape(m, k // 32, 32).max(axis=2)
+    d = want_scales[:, :, 0].astype(np.float64)
+    assert np.all(err[ok] <= d[ok] * (0.5 + 127 * 2.0**-11) * (1 + 1e-6) + 1e-30)
+    if k >= 64 and m >= 2:
+        assert np.isnan(scales[0, 0]).all() and np.isnan(scales[1, 1]).all() and (qs[0, :32] == 0).all()
+
+
+def matmul_bound(w64: np.ndarray, x: np.ndarray, scales: np.ndarray, extra: np.ndarray | float = 0.0) -> np.ndarray:
+    """|y - x.w^T| bound from the arithmetic: each activation is off by at most
+    d_x (1/2 + 127 * 2^-11) (code rounding, then the f16 rounding of d_x), so an output
+    by sum |w| * that; f32 accumulation adds about (k/32 + 8) roundings of 2^-24 relative
+    to sum |w x|; `extra` carries format-specific terms."""
+    m, k = x.shape
+    per_elem = np.repeat(scales[:, :, 0].astype(np.float64) * (0.5 + 127 * 2.0**-11), 32, axis=1)  # [m, k]
+    quant = per_elem @ np.abs(w64).T
+    mag = np.abs(x.astype(np.float64)) @ np.abs(w64).T
+    return quant + mag * (k / 32 + 8) * 2.0**-23 + extra + 1e-30
+
+
+def run_matmul(clenv, name: str, w: np.ndarray, n: int, k: int, acts, m: int, with_sums: bool) -> np.ndarray:
+    qs, scales, sums = acts
+    y, like = clenv.poisoned((m, n))
+    args = [clenv.to_device(w), qs, scales] + ([sums] if with_sums else []) + [y, np.uint32(n), np.uint32(k)]
+    clenv.run(clenv.kernel(name), (round_up(n, MATMUL_LOCAL), m), (MATMUL_LOCAL, 1), *args)
+    return clenv.read(y, like)
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_matmul_q4_1(clenv, bitwise, rng, m, n, k):
+    w = R.random_q4_1(rng, n, k)
+    x = activations(rng, m, k)
+    dev_acts, (qs, scales, sums) = quantize_on_device(clenv, x)
+    y = run_matmul(clenv, "matmul_q4_1_q8_1", w, n, k, dev_acts, m, with_sums=True)
+    assert not np.isnan(y).any(), "an output was not written (still NaN)"
+    # Bitwise: the CPU kernel's order (q4_1.rs dot_portable = every ISA level's bits).
+    want_bits = R.matmul_q4_1_cpu_order(w, k, qs, scales, sums)
+    diff = np.argwhere(y.view(np.uint32) != want_bits.view(np.uint32))
+    assert diff.size == 0, f"{len(diff)} outputs differ from the CPU order, first {diff[0]}: {y[tuple(diff[0])]!r} vs {want_bits[tuple(diff[0])]!r}"
+    # Maths: x.w^T in f64. Q4_1's m term uses the f16-rounded q8_1 sum s (off by <= |s|
+    # 2^-11 from d_x * sum q): add |m| * that per block.
+    w64 = R.dequantize_q4_1(w, k)
+    _, mw, _ = R.q4_1_parts(w, k)
+    extra = (np.abs(sums.astype(np.float64)) * 2.0**-11) @ np.abs(mw.astype(np.float64)).T
+    want = x.astype(np.float64) @ w64.T
+    bound = matmul_bound(w64, x, scales, extra)
+    assert np.all(np.abs(y - want) <= bound), f"max excess {np.max(np.abs(y - want) - bound)}"
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_matmul_q8_0(clenv, bitwise, rng, m, n, k):
+    w = R.random_q8_0(rng, n, k)
+    x = activations(rng, m, k)
+    dev_acts, (qs, scales, _) = quantize_on_device(clenv, x)
+    y = run_matmul(clenv, "matmul_q8_0_q8_0", w, n, k, dev_acts, m, with_sums=False)
+    assert not np.isnan(y).any(), "an output was not written (still NaN)"
+    want_bits = R.matmul_q8_0_avx512_order(w, k, qs, scales)
+    diff = np.argwhere(y.view(np.uint32) != want_bits.view(np.uint32))
+    assert diff.size == 0, f"{len(diff)} outputs differ from the CPU's AVX-512 order, first {diff[0]}: {y[tuple(diff[0])]!r} vs {want_bits[tuple(diff[0])]!r}"
+    w64 = R.dequantize_q8_0(w, k)
+    want = x.astype(np.float64) @ w64.T
+    # The offset form d(q + 128) - 128 d sums two terms each up to 128 |d d_x| * sum|q_x|
+    # that cancel: their f32 roundings add 2^-24 of that magnitude per block.
+    d, _ = R.q8_0_parts(w, k)
+    cancel = (np.abs(scales[:, :, 1].astype(np.float64)) * 128 * 2.0**-22) @ np.abs(d.astype(np.float64)).T
+    bound = matmul_bound(w64, x, scales, cancel * (k / 32 + 2))
+    assert np.all(np.abs(y - want) <= bound), f"max excess {np.max(np.abs(y - want) - bound)}"
+
+
+def test_matmul_q4_1_rows_are_batch_invariant(clenv, rng):
+    """A row's result does not depend on how many rows share the call."""
+    n, k, m = 19, 192, 6
+    w = R.random_q4_1(rng, n, k)
+    x = activations(rng, m, k)
+    acts, _ = quantize_on_device(clenv, x)
+    full = run_matmul(clenv, "matmul_q4_1_q8_1", w, n, k, acts, m, with_sums=True)
+    for r in (0, m - 1):
+        one_acts, _ = quantize_on_device(clenv, x[r : r + 1])
+        one = run_matmul(clenv, "matmul_q4_1_q8_1", w, n, k, one_acts, 1, with_sums=True)
+        assert np.array_equal(one.view(np.uint32), full[r : r + 1].view(np.uint32))
+
+
+@pytest.mark.parametrize("vocab,dim,rows", [(5, 32, 1), (50, 576, 7), (3, 96, 4)])
+def test_embedding_lookup_q8_0(clenv, rng, vocab, dim, rows):
+    table = R.random_q8_0(rng, vocab, dim)
+    tokens = rng.integers(0, vocab, rows).astype(np.uint32)
+    tokens[-1] = vocab - 1  # the last row of the table too
+    x, like = clenv.poisoned((rows, dim))
+    clenv.run(clenv.kernel("embedding_lookup_q8_0"), (round_up(dim, 64), rows), (64, 1), clenv.to_device(table), clenv.to_device(tokens), x, np.uint32(dim))
+    got = clenv.read(x, like)
+    # One f32 product q * d per weight: exact against f64 (8 + 11 bits), hence bitwise.
+    want = R.dequantize_q8_0(table, dim)[tokens]
+    assert np.array_equal(got.astype(np.float64), want)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 7, 32), (4, 65, 96), (9, 130, 576), (6, 64, 1536), (3, 3, 288)])
+def test_matmul_q4_1_tiled_gives_the_same_bits(clenv, bitwise, rng, m, n, k):
+    """The tiled matrix-matrix kernel against the CPU order and the one-output-per-item kernel:
+    partial row tiles, n not a multiple of the tile, block counts not a multiple of the chunk."""
+    w = R.random_q4_1(rng, n, k)
+    x = activations(rng, m, k)
+    acts, (qs, scales, sums) = quantize_on_device(clenv, x)
+    y, like = clenv.poisoned((m, n))
+    tile_cols, tile_rows = 64, 4
+    clenv.run(
+        clenv.kernel("matmul_q4_1_q8_1_tiled"), (round_up(n, tile_cols), -(-m // tile_rows)), (tile_cols, 1),
+        clenv.to_device(w), *acts, y, np.uint32(n), np.uint32(k), np.uint32(m),
+    )
+    tiled = clenv.read(y, like)
+    assert not np.isnan(tiled).any(), "an output was not written (still NaN)"
+    want = R.matmul_q4_1_cpu_order(w, k, qs, scales, sums)
+    assert np.array_equal(tiled.view(np.uint32), want.view(np.uint32))
+    simple = run_matmul(clenv, "matmul_q4_1_q8_1", w, n, k, acts, m, with_sums=True)
+    assert np.array_equal(tiled.view(np.uint32), simple.view(np.uint32))
