@@ -6,7 +6,8 @@
 //!
 //! `SINGLE_ONLY=1` runs only the one-sequence case, `reps` times, and prints nothing;
 //! `NUMERICS=fast` loads the model with the fast matmul order (default `exact`).
-//! `PREFILL_ONLY=1` only the sixteen-prompt prefill step, `reps` times (both for profiling).
+//! `PREFILL_ONLY=1` only the sixteen-prompt prefill step, `reps` times; `BATCH_ONLY=1` only the
+//! sixteen-sequence case, printing nothing (all for profiling).
 //!
 //! Method: one warm-up round, then `reps` rounds (default 5); each round runs the
 //! single-stream case and the 16-stream case back to back (A B A B …), so machine noise hits
@@ -144,6 +145,13 @@ fn main() {
         // For profiling the one-sequence decode alone.
         for _ in 0..reps {
             run(&model, &mut kv, single);
+        }
+        return;
+    }
+    if std::env::var_os("BATCH_ONLY").is_some() {
+        // For profiling the sixteen-sequence case alone (prefill, then 128 decode steps).
+        for _ in 0..reps {
+            run(&model, &mut kv, &prompts);
         }
         return;
     }
