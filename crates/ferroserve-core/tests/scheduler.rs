@@ -1067,6 +1067,7 @@ fn smollm2_concurrent_greedy_requests_match_solo_runs_bitwise() {
             kv_budget_bytes: 64 << 20,
             max_batch_tokens: 256,
             max_running: 32,
+            ..EngineConfig::default()
         },
     )
     .unwrap();
@@ -1163,6 +1164,7 @@ fn smollm2_concurrent_greedy_requests_match_solo_runs_bitwise() {
             kv_budget_bytes: 7 * block_bytes,
             max_batch_tokens: 256,
             max_running: 32,
+            ..EngineConfig::default()
         },
     )
     .unwrap();
