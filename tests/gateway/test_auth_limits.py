@@ -217,6 +217,16 @@ def test_tpm_headers_decrease_by_each_requests_tokens(gw):
     error_of(embed(gw.url, key), 429, "rate_limit_exceeded")
 
 
+def test_tpm_holds_exactly_for_concurrent_embeddings(gw):
+    """Embedding prompts are counted before the call, so a burst cannot overshoot the limit."""
+    admin = auth(gw.keys["admin"])
+    n = embed(gw.url, gw.keys["admin"]).json()["usage"]["prompt_tokens"]
+    key = httpx.post(gw.url + "/v1/admin/keys", json={"workspace": "tokens3", "tpm": 3 * n}, headers=admin).json()["key"]
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        statuses = sorted(r.status_code for r in pool.map(lambda _: embed(gw.url, key), range(12)))
+    assert statuses == [200] * 3 + [429] * 9
+
+
 # Budgets -----------------------------------------------------------------------------------
 def test_budget_exhaustion_is_402(gw):
     admin = auth(gw.keys["admin"])

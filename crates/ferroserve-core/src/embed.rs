@@ -131,6 +131,12 @@ impl EmbeddingEngine {
         Ok(prompt_tokens)
     }
 
+    /// The prompt tokens [`submit`](Self::submit) would count (same validation), without
+    /// queueing anything: lets the gateway charge rate limits and budgets before the call.
+    pub fn count_tokens(&self, inputs: Vec<EmbedInput>) -> Result<usize> {
+        Ok(self.tokenize(inputs)?.iter().map(Vec::len).sum())
+    }
+
     fn tokenize(&self, inputs: Vec<EmbedInput>) -> Result<Vec<Vec<u32>>> {
         inputs
             .into_iter()

@@ -47,6 +47,18 @@ impl PyEmbeddingEngine {
         detach(py, || self.inner.submit(request_id, inputs, dimensions, encoding))
     }
 
+    /// The prompt tokens `submit` would count for these inputs (same validation errors),
+    /// without queueing them.
+    #[pyo3(signature = (texts = None, token_lists = None))]
+    fn count_tokens(&self, py: Python<'_>, texts: Option<Vec<String>>, token_lists: Option<Vec<Vec<u32>>>) -> PyResult<usize> {
+        let inputs: Vec<EmbedInput> = match (texts, token_lists) {
+            (Some(t), None) => t.into_iter().map(EmbedInput::Text).collect(),
+            (None, Some(l)) => l.into_iter().map(EmbedInput::Tokens).collect(),
+            _ => return Err(pyo3::exceptions::PyTypeError::new_err("pass exactly one of texts / token_lists")),
+        };
+        detach(py, || self.inner.count_tokens(inputs))
+    }
+
     /// The wake-up fd: readable when `drain()` has events. Read it before draining.
     fn fd(&self) -> i32 {
         self.inner.notifier().fd()

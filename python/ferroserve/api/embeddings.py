@@ -58,8 +58,9 @@ async def create_embedding(registry: Registry, body: bytes, max_inputs: int, tic
     if req.dimensions is not None and not 1 <= req.dimensions <= (model.dimensions or 0):
         raise invalid(f"'dimensions' must be between 1 and {model.dimensions} for {model.spec.name}.", param="dimensions")
     texts, token_lists = _split_input(req, max_inputs)
-    # The engine tokenizes: prompt tokens are charged against the limits when it answers.
-    ticket.admit(model)
+    # Limits and budgets are checked with the exact prompt tokens before the call; counting
+    # costs a second tokenization, so only when a limit or budget applies.
+    ticket.admit(model, prompt_tokens=model.backend.count_tokens(texts, token_lists) if ticket.needs_prompt_tokens(model) else 0)
     result = await model.backend.embed(
         texts=texts,
         token_lists=token_lists,

@@ -79,6 +79,13 @@ class LocalEmbeddingModel(EngineWatcher):
             else:
                 fut.set_exception(from_engine(event[2], event[3]))
 
+    def count_tokens(self, texts: list[str] | None, token_lists: list[list[int]] | None) -> int:
+        """The prompt tokens `embed` would charge, without running anything."""
+        try:
+            return self.engine.count_tokens(texts=texts, token_lists=token_lists)
+        except _core.FerroserveError as exc:
+            raise from_engine_exception(exc, param="input") from None
+
     async def embed(
         self,
         *,

@@ -64,10 +64,22 @@ class Ticket:
         if key is not None and not key.allows((spec.name, *spec.aliases)):
             raise ApiError(403, f"This API key may not use the model `{spec.name}`.", param="model", code="model_not_allowed")
 
+    def needs_prompt_tokens(self, model: LoadedModel) -> bool:
+        """Whether `admit` needs the prompt's token count: a token limit on the key or a budget
+        on a priced model. Otherwise routes that count late (embeddings) skip counting."""
+        gw, key = self.gateway, self.key
+        if gw is None:
+            return False
+        if key is not None and key.tpm is not None:
+            return True
+        spec = model.spec
+        priced = spec.input_usd_per_million_tokens or spec.output_usd_per_million_tokens
+        return bool(priced) and gw.budget_of(self.workspace) is not None
+
     def admit(self, model: LoadedModel, prompt_tokens: int = 0, max_completion_tokens: int = 0) -> None:
         """Before the backend runs: is the model allowed, does the budget hold, are there tokens
-        left this minute? Prompt tokens not known yet (embeddings: the engine tokenizes) are
-        charged at `settle`."""
+        left this minute? `prompt_tokens` are charged now (embeddings count them first only
+        when `needs_prompt_tokens`); `settle` reconciles with the actual usage."""
         spec = model.spec
         self.model = spec.name
         self.price = (spec.input_usd_per_million_tokens, spec.output_usd_per_million_tokens)
