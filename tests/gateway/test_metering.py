@@ -97,6 +97,7 @@ def test_usage_rows_match_responses_then_survive_a_restart(data_dir, keys):
             assert row["status"] == status, rid
             got = {"prompt_tokens": row["prompt_tokens"], "completion_tokens": row["completion_tokens"], "cached_tokens": row["cached_tokens"]}
             assert got == usage, rid
+            assert row["cache_hit"] == int(usage["cached_tokens"] > 0), rid
             expected_cost = (usage["prompt_tokens"] * (1e6 if row["model"] == "sentence-transformers/all-MiniLM-L6-v2" else 1000)
                              + usage["completion_tokens"] * (0 if row["model"] == "sentence-transformers/all-MiniLM-L6-v2" else 2000)) / 1e6
             assert row["cost_usd"] == pytest.approx(expected_cost), rid

@@ -250,9 +250,10 @@ class Gateway:
             self.metrics.observe_ttft(model, ticket.ttft_s)
         key = ticket.key
         assert self.worker is not None
+        # A cache hit: the prefix cache served part of the prompt (there is no response cache).
         self.worker.record((
             ticket.request_id, time.time(), key.id if key is not None else None, ticket.workspace, route, model,
-            "local" if model is not None else None, int(bool(fields.get("cache_hit"))), prompt, completion, cached,
+            "local" if model is not None else None, int(cached > 0), prompt, completion, cached,
             cost, round(seconds * 1000, 3), round(ticket.ttft_s * 1000, 3) if ticket.ttft_s is not None else None,
             status, error_code, ticket.prompt,
         ))
