@@ -46,6 +46,7 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
+import http_floor  # noqa: E402
 from http_floor import free_port, log, wait_ready  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
@@ -68,24 +69,7 @@ def lua_script(method: str, body: str | None, key: str | None, delay_ms: float |
 
 
 def wrk(url: str, script: str, duration: int, connections: int) -> dict:
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write(script)
-    try:
-        out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", f.name, url],
-                             capture_output=True, text=True, check=True).stdout
-    finally:
-        os.unlink(f.name)
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    total = int(re.search(r"(\d+) requests in", out).group(1))
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    sock = re.search(r"Socket errors: (.*)", out)
-    p50 = re.search(r"50%\s+([\d.]+)(us|ms|s)", out)
-    scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}
-    return {
-        "requests_per_s": rps, "requests": total, "non_2xx": int(non2xx.group(1)) if non2xx else 0,
-        "socket_errors": sock.group(1) if sock else None,
-        "latency_p50_ms": float(p50.group(1)) * scale[p50.group(2)] if p50 else None,
-    }
+    return http_floor.wrk(url, duration, connections, script)
 
 
 def start(mode: str, port: int, data_dir: Path) -> subprocess.Popen:

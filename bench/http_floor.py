@@ -24,6 +24,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -71,16 +72,30 @@ def start(kind: str, port: int) -> subprocess.Popen:
     return proc
 
 
-def wrk(url: str, duration: int, connections: int) -> dict:
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", url],
-                         capture_output=True, text=True, check=True).stdout
+def wrk(url: str, duration: int, connections: int, script: str | None = None) -> dict:
+    """One wrk run (one thread, `connections` connections); `script` is an optional Lua
+    request script (bench/gateway.py sends POST bodies and headers with one)."""
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency"]
+    path = None
+    if script is not None:
+        with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+            f.write(script)
+        path = f.name
+        cmd += ["-s", path]
+    try:
+        out = subprocess.run([*cmd, url], capture_output=True, text=True, check=True).stdout
+    finally:
+        if path is not None:
+            os.unlink(path)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     sock = re.search(r"Socket errors: (.*)", out)
     p50 = re.search(r"50%\s+([\d.]+)(us|ms|s)", out)
     scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}
     return {
         "requests_per_s": rps,
+        "requests": total,
         "non_2xx": int(errors.group(1)) if errors else 0,
         "socket_errors": sock.group(1) if sock else None,
         "latency_p50_ms": float(p50.group(1)) * scale[p50.group(2)] if p50 else None,
