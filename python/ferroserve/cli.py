@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--numerics", choices=["exact", "fast"],
         help="chat matmul arithmetic: exact = llama.cpp's, same greedy output (default); fast = "
-        "AVX-512 panels, several times faster batches, other roundings (env FERROSERVE_NUMERICS)",
+        "repacked panels (AVX2/AVX-512), several times faster batches, other roundings (env FERROSERVE_NUMERICS)",
     )
     serve.set_defaults(func=_serve)
 

@@ -47,7 +47,7 @@ class Settings(msgspec.Struct):
     max_running: int = 64
     # A Jinja chat template replacing the GGUF's own, for every chat model.
     chat_template: str | None = None
-    # Chat matmul arithmetic: "exact" (llama.cpp's, bit for bit) or "fast" (AVX-512 panels).
+    # Chat matmul arithmetic: "exact" (llama.cpp's, bit for bit) or "fast" (repacked panels).
     numerics: str = "exact"
 
     def to_json(self) -> str:

@@ -60,7 +60,8 @@ pub enum Numerics {
     #[default]
     Exact,
     /// Q4_1 and Q8_0 weights repacked at load into 16-row panels, one chain per output over
-    /// whole-block integer dots (`quant::panels`): ≈ 2–4× faster matmuls on AVX-512 VNNI;
+    /// whole-block integer dots (`quant::panels`): ≈ 2–4× faster matmuls on AVX-512 VNNI
+    /// (AVX2 also supported);
     /// attention's softmax in f32 with a vectorised exp (`AttentionArith::Fast`).
     Fast,
 }
@@ -185,11 +186,11 @@ impl LlamaModel {
         let rope = rope_params(&gguf, hp).map_err(err)?;
 
         let fast = numerics == Numerics::Fast;
-        // The panel kernels are written for AVX-512 VNNI; elsewhere they would run the scalar
-        // reference, far slower than the exact order's AVX2 kernels.
-        if fast && QuantIsa::selected() < QuantIsa::Avx512 {
+        // The panel kernels are written for AVX-512 VNNI and AVX2; elsewhere they would run the
+        // scalar reference, slower than the exact order.
+        if fast && QuantIsa::selected() < QuantIsa::Avx2 {
             return Err(err(format!(
-                "fast numerics need AVX-512 VNNI (this CPU runs the {} level); use exact numerics",
+                "fast numerics need AVX2 or AVX-512 (this CPU runs the {} level); use exact numerics",
                 QuantIsa::selected().as_str()
             )));
         }

@@ -1,4 +1,5 @@
-//! "Fast" numerics for Q4_1 and Q8_0 weights: rows repacked at load into panels of sixteen,
+//! "Fast" numerics for Q4_1 and Q8_0 weights (AVX-512 VNNI and AVX2 kernels, a scalar
+//! reference): rows repacked at load into panels of sixteen,
 //! and one f32 chain per output, `acc = fma(d·d_x, Σq·a, acc)` per block with the block's
 //! whole integer dot product.
 //!
@@ -164,6 +165,9 @@ pub fn panel_matmul(isa: QuantIsa, w: &Panels, acts: &Q8Activations, y: &mut [f3
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the AVX-512 level was checked above; this call owns panels `range`.
             QuantIsa::Avx512 => unsafe { avx512::panels(w, acts, &offsets, range, &out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the AVX2 level was checked above; this call owns panels `range`.
+            QuantIsa::Avx2 => unsafe { avx2::panels(w, acts, range, &out) },
             _ => portable_panels(w, acts, &offsets, range, &out),
         }
     };
@@ -360,6 +364,109 @@ mod avx512 {
             _mm512_storeu_ps(y.as_mut_ptr(), _mm512_add_ps(acc[i], mins[i]));
             // SAFETY: the caller owns panel p.
             out.set_panel(r0 + i, p, &y);
+        }
+    }
+}
+
+/// The same order on AVX2: a panel as two halves of eight rows (one 256-bit register of i32 or
+/// f32 lanes each), `vpmaddubsw` + `vpmaddwd` for the integer dot of a group of four codes.
+/// `vpmaddubsw` saturates at i16, so Q8_0 does not use the +128 codes (up to 255·127·2) but
+/// their signed value with the sign moved onto the activation, |w|·(±a) ≤ 128·127·2 < 2¹⁵;
+/// both give the exact integer dot, hence the portable bits.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// Needs AVX2 + FMA; the caller owns panels `range` of `out`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn panels(w: &Panels, acts: &Q8Activations, range: Range<usize>, out: &PanelOut) {
+        let m = acts.rows();
+        for p in range {
+            let mut r = 0;
+            while m - r >= 2 {
+                tile::<2>(w, acts, p, r, out);
+                r += 2;
+            }
+            if m - r == 1 {
+                tile::<1>(w, acts, p, r, out);
+            }
+        }
+    }
+
+    /// Σ u·s over groups of four bytes into eight i32 lanes (`u` unsigned, pairs < 2¹⁵).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn dot4(u: __m256i, s: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+    }
+
+    /// Panel `p` against activation rows `r0..r0 + R`, one half of eight weight rows at a time.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn tile<const R: usize>(w: &Panels, acts: &Q8Activations, p: usize, r0: usize, out: &PanelOut) {
+        let nb = w.k / BLOCK_ELEMS;
+        let q4 = w.wtype == QuantType::Q4_1;
+        let rows: [ActRow<'_>; R] = core::array::from_fn(|i| acts.row(r0 + i));
+        let (codes, scales) = w.panel(p);
+        let (cp, sp) = (codes.as_ptr(), scales.as_ptr());
+        let mask = _mm256_set1_epi8(0x0f);
+        let flip = _mm256_set1_epi8(-128);
+        let mut y = [[0f32; PANEL_ROWS]; R];
+        for half in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); R];
+            let mut mins = [_mm256_setzero_ps(); R];
+            for b in 0..nb {
+                // Groups 0..8 of four codes for the half's eight rows, unsigned, and for Q8_0
+                // the signs to move onto the activations.
+                let mut v = [_mm256_setzero_si256(); 8];
+                let mut sign = [_mm256_setzero_si256(); 8];
+                let (dw, mw);
+                if q4 {
+                    // SAFETY: block b of the panel is 256 code bytes and 32 scales.
+                    let cb = cp.add(b * 256 + 32 * half);
+                    for t in 0..4 {
+                        let x = _mm256_loadu_si256(cb.add(64 * t).cast());
+                        v[t] = _mm256_and_si256(x, mask);
+                        v[t + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(x), mask);
+                    }
+                    dw = _mm256_loadu_ps(sp.add(b * 32 + 8 * half));
+                    mw = _mm256_loadu_ps(sp.add(b * 32 + 16 + 8 * half));
+                } else {
+                    // SAFETY: block b of the panel is 512 code bytes and 16 scales.
+                    let cb = cp.add(b * 512 + 32 * half);
+                    for g in 0..8 {
+                        let signed = _mm256_xor_si256(_mm256_loadu_si256(cb.add(64 * g).cast()), flip);
+                        v[g] = _mm256_abs_epi8(signed);
+                        sign[g] = signed;
+                    }
+                    dw = _mm256_loadu_ps(sp.add(b * 16 + 8 * half));
+                    mw = _mm256_setzero_ps();
+                }
+                for i in 0..R {
+                    // SAFETY: the activation row holds nb > b blocks of 32 bytes.
+                    let a = rows[i].qs.as_ptr().add(b * BLOCK_ELEMS).cast::<i32>();
+                    let mut sumi = _mm256_setzero_si256();
+                    for g in 0..8 {
+                        let ag = _mm256_set1_epi32(a.add(g).read_unaligned());
+                        let ag = if q4 { ag } else { _mm256_sign_epi8(ag, sign[g]) };
+                        sumi = _mm256_add_epi32(sumi, dot4(v[g], ag));
+                    }
+                    let dd = _mm256_mul_ps(dw, _mm256_set1_ps(rows[i].scales.get_unchecked(b)[0]));
+                    acc[i] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sumi), acc[i]);
+                    if q4 {
+                        mins[i] = _mm256_fmadd_ps(mw, _mm256_set1_ps(*rows[i].q81_sums.get_unchecked(b)), mins[i]);
+                    }
+                }
+            }
+            for i in 0..R {
+                _mm256_storeu_ps(y[i].as_mut_ptr().add(8 * half), _mm256_add_ps(acc[i], mins[i]));
+            }
+        }
+        for (i, yi) in y.iter().enumerate() {
+            // SAFETY: the caller owns panel p.
+            out.set_panel(r0 + i, p, yi);
         }
     }
 }
