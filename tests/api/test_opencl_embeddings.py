@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import Server
+from tests.conftest import Server
 from ferroserve import _core
 from ferroserve.config import package_dir
 

@@ -72,7 +72,12 @@ fn run_jobs(jobs: Vec<BatchJob>, cfg: &BatcherConfig, dim: usize, forward: &mut 
         match forward(&all[start..end]) {
             Ok(v) => vectors.extend(v),
             Err(e) => {
-                let message = e.to_string();
+                // Every job of the merge gets the error (Error is not Clone): as a device error,
+                // the only kind a forward pass produces, without repeating its prefix.
+                let message = match &e {
+                    Error::Device(m) => m.clone(),
+                    other => other.to_string(),
+                };
                 drop(all);
                 for job in jobs {
                     (job.done)(Err(Error::Device(message.clone())));

@@ -20,11 +20,12 @@ use std::ffi::c_void;
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 use std::ptr;
+use std::sync::{Mutex, MutexGuard};
 
 use opencl3::command_queue::CommandQueue;
 use opencl3::context::Context;
 use opencl3::device::{Device as ClDevice, CL_DEVICE_TYPE_ALL, CL_FP_CORRECTLY_ROUNDED_DIVIDE_SQRT, CL_FP_DENORM, CL_FP_ROUND_TO_NEAREST};
-use opencl3::error_codes::{error_text, ClError, DLOPEN_FUNCTION_NOT_AVAILABLE, DLOPEN_RUNTIME_LOAD_FAILED};
+use opencl3::error_codes::{error_text, ClError, CL_DEVICE_NOT_FOUND, DLOPEN_FUNCTION_NOT_AVAILABLE, DLOPEN_RUNTIME_LOAD_FAILED};
 use opencl3::kernel::Kernel;
 use opencl3::memory::{Buffer, ClMem, CL_MEM_READ_WRITE};
 use opencl3::platform::get_platforms;
@@ -93,7 +94,19 @@ pub struct DeviceInfo {
     pub ieee_fp32: bool,
 }
 
+/// Held around the driver's set-up calls (enumeration, context creation, program builds):
+/// PoCL behind ocl-icd, initialised from several threads at once, answered one thread with
+/// no devices and crashed another (seen in this crate's parallel tests). Set-up is rare, so
+/// serialising it costs nothing; launches and transfers on a queue are not locked.
+static SETUP_LOCK: Mutex<()> = Mutex::new(());
+
+fn setup_lock() -> MutexGuard<'static, ()> {
+    // A panic while holding it leaves no driver state of ours half-done: ignore poisoning.
+    SETUP_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn all_devices() -> Result<Vec<(String, ClDevice)>> {
+    let _setup = setup_lock();
     let platforms = match get_platforms() {
         Ok(p) => p,
         Err(ClError(code)) if code == DLOPEN_RUNTIME_LOAD_FAILED || code == DLOPEN_FUNCTION_NOT_AVAILABLE => return Err(OpenClError::NoRuntime),
@@ -107,9 +120,12 @@ fn all_devices() -> Result<Vec<(String, ClDevice)>> {
     for p in platforms {
         let pname = p.name().unwrap_or_else(|_| "?".into());
         // A platform without devices answers CL_DEVICE_NOT_FOUND: it simply adds none.
-        for id in p.get_devices(CL_DEVICE_TYPE_ALL).unwrap_or_default() {
-            out.push((pname.clone(), ClDevice::new(id)));
-        }
+        let ids = match p.get_devices(CL_DEVICE_TYPE_ALL) {
+            Ok(ids) => ids,
+            Err(ClError(CL_DEVICE_NOT_FOUND)) => Vec::new(),
+            Err(e) => return Err(api(format!("clGetDeviceIDs({pname})"))(e)),
+        };
+        out.extend(ids.into_iter().map(|id| (pname.clone(), ClDevice::new(id))));
     }
     Ok(out)
 }
@@ -210,6 +226,7 @@ impl OpenClDevice {
         }
         let (platform, device) = devices.swap_remove(index);
         let info = describe(index, platform, &device);
+        let _setup = setup_lock();
         let context = Context::from_device(&device).map_err(api("clCreateContext"))?;
         // clCreateCommandQueue (OpenCL 1.x) rather than ...WithProperties (2.0): FPGA SDKs
         // and older GPUs are 1.2 devices. In order, no profiling: each op sees the previous
@@ -237,6 +254,7 @@ impl OpenClDevice {
 
     /// Builds (or loads) kernel `name` with the given `-D` defines.
     pub fn kernel(&self, name: &str, defines: &[(&str, String)], from: &KernelSource) -> Result<BuiltKernel> {
+        let _setup = setup_lock();
         let program = match from {
             KernelSource::Embedded => {
                 let src = sources::source(name).ok_or_else(|| OpenClError::UnknownKernel(name.into()))?;
