@@ -112,6 +112,8 @@ fn probe_opencl(runner: &mut OpenClBert, dir: &Path, tokenizer: &EncoderTokenize
     let h = runner.hidden_size();
     for (i, text) in PROBE_TEXTS.iter().enumerate() {
         let c = cosine(&got[i * h..(i + 1) * h], &want[i * h..(i + 1) * h]);
+        // Negated on purpose: a NaN cosine (non-finite output) must fail too.
+        #[allow(clippy::neg_cmp_op_on_partial_ord)]
         if !(c >= PROBE_MIN_COSINE) {
             return Err(Error::Device(format!(
                 "{} computes embeddings that differ from the CPU's (cosine {c:.6} < {PROBE_MIN_COSINE} on {text:?})",

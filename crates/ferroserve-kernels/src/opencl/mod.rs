@@ -366,7 +366,7 @@ impl OpenClDevice {
             Some(l) => global.iter().zip(l).map(|(g, l)| g.div_ceil(*l) * l).collect(),
             None => global.to_vec(),
         };
-        if global.iter().any(|&g| g == 0) {
+        if global.contains(&0) {
             return Ok(()); // nothing to do (and OpenCL rejects empty ranges)
         }
         let local_ptr = local.map_or(ptr::null(), |l| l.as_ptr());
@@ -393,7 +393,7 @@ mod tests {
     #[test]
     fn no_platform_is_a_clear_error_not_a_panic() {
         if std::env::var_os(CHILD_ENV).is_some() {
-            let listed = list_devices().err().expect("no platform must be an error");
+            let listed = list_devices().expect_err("no platform must be an error");
             let opened = OpenClDevice::open(0).err().expect("no platform must be an error");
             for e in [listed, opened] {
                 assert!(matches!(e, OpenClError::NoPlatform | OpenClError::NoRuntime), "{e}");
