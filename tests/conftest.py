@@ -25,7 +25,9 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, data_dir: Path | None = None) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str] | None = None, data_dir: Path | None = None, wrapper: list[str] | None = None,
+    ) -> None:
         self.port = free_port()
         # Each server gets its own gateway database unless a test shares one on purpose
         # (never the user's ~/.local/share/ferroserve, whose keys would lock the tests out).
@@ -33,7 +35,8 @@ class Server:
         if "--data-dir" not in args:
             args = [*args, "--data-dir", str(self.data_dir)]
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "ferroserve", "serve", "--port", str(self.port), *args]
+        # `wrapper` runs the server under another command (e.g. a mount namespace hiding libOpenCL).
+        cmd = [*(wrapper or []), sys.executable, "-m", "ferroserve", "serve", "--port", str(self.port), *args]
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"ferroserve-test-{self.port}.log"
         self.log = self.log_path.open("w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})

@@ -16,11 +16,11 @@ import msgspec
 
 from ferroserve import log
 from ferroserve.api import admin, chat, completions, embeddings, estimate, history, models, status, tokenize, usage
-from ferroserve.config import SETTINGS_ENV, Settings
+from ferroserve.config import SETTINGS_ENV, STARTUP_ERROR_ENV, Settings
 from ferroserve.errors import ApiError
 from ferroserve.gateway.gate import Gateway, Ticket
 from ferroserve.log import logger
-from ferroserve.registry import Registry
+from ferroserve.registry import Registry, StartupRefused
 
 JSON = ("content-type", "application/json")
 _encode = msgspec.json.Encoder().encode
@@ -77,7 +77,18 @@ class App:
         log.setup(self.settings.log_level)
         if self.gateway is not None:
             self.gateway.start(loop)
-        self.registry.load_all(self.settings)
+        try:
+            self.registry.load_all(self.settings)
+        except StartupRefused as exc:
+            logger.error("refusing to start", extra={"fields": {"reason": str(exc)}})
+            path = os.environ.get(STARTUP_ERROR_ENV)
+            if not path:
+                raise
+            # Hand the reason to the CLI (it prints it and exits with status 2) and end this
+            # worker without a traceback: granian then stops. Nothing has been served yet.
+            with open(path, "w") as f:
+                f.write(str(exc))
+            os._exit(2)
         for m in self.registry.models.values():
             m.backend.attach(loop)
         # The model list cannot change while serving: encode it once.

@@ -6,10 +6,11 @@ import argparse
 import ipaddress
 import os
 import sys
+import tempfile
 import time
 
 from ferroserve import __version__
-from ferroserve.config import SETTINGS_ENV, ConfigError, resolve, resolve_data_dir
+from ferroserve.config import SETTINGS_ENV, STARTUP_ERROR_ENV, ConfigError, resolve, resolve_data_dir
 
 
 def _is_loopback(host: str) -> bool:
@@ -54,6 +55,8 @@ def _serve(args: argparse.Namespace) -> int:
             max_inputs=args.max_inputs,
             chat_template_file=args.chat_template,
             numerics=args.numerics,
+            device_args=args.device,
+            kernel_binaries=args.kernel_binaries,
         )
     except ConfigError as exc:
         print(f"ferroserve: error: {exc}", file=sys.stderr)
@@ -63,6 +66,13 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"ferroserve: error: {refusal}", file=sys.stderr)
         return 2
     os.environ[SETTINGS_ENV] = settings.to_json()
+    # The worker loads the models; a refusal it hits (an explicit device that is missing or
+    # fails to build or run) is written here so this process can exit with the reason and
+    # status 2. Devices are not probed in this process: an OpenCL driver started here (PoCL
+    # starts threads) would be inherited half-alive by granian's forked worker and hang it.
+    startup_error = tempfile.NamedTemporaryFile(prefix="ferroserve-startup-", suffix=".txt", delete=False)
+    startup_error.close()
+    os.environ[STARTUP_ERROR_ENV] = startup_error.name
 
     from granian import Granian
     from granian.constants import Interfaces, Loops
@@ -74,7 +84,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ImportError:
         loop = Loops.asyncio
     # One worker: the engine lives in it, and more processes would split batches.
-    Granian(
+    server = Granian(
         "ferroserve.app:create_app",
         factory=True,
         address=settings.host,
@@ -84,19 +94,33 @@ def _serve(args: argparse.Namespace) -> int:
         loop=loop,
         log_level=settings.log_level if settings.log_level != "warning" else "warn",
         log_access=False,
-    ).serve()
-    return 0
+    )
+    try:
+        server.serve()
+        status = 0
+    except SystemExit as exc:  # granian exits when its worker dies (e.g. at startup)
+        status = exc.code if isinstance(exc.code, int) else 1
+    try:
+        with open(startup_error.name) as f:
+            reason = f.read().strip()
+        os.unlink(startup_error.name)
+    except OSError:
+        reason = ""
+    if reason:
+        print(f"ferroserve: error: {reason}", file=sys.stderr)
+        return 2
+    return status
 
 
 def _models(args: argparse.Namespace) -> int:
     try:
-        settings = resolve(model_args=args.model)
+        settings = resolve(model_args=args.model, device_args=args.device)
     except ConfigError as exc:
         print(f"ferroserve: error: {exc}", file=sys.stderr)
         return 2
     for m in settings.models:
         aliases = f" (aliases: {', '.join(m.aliases)})" if m.aliases else ""
-        print(f"{m.name}\t{m.kind}\t{m.path}{aliases}")
+        print(f"{m.name}\t{m.kind}\t{m.device}\t{m.path}{aliases}")
     return 0
 
 
@@ -147,9 +171,45 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def _devices(args: argparse.Namespace) -> int:
+    """The CPU line, then one line per OpenCL device numbered as `--device opencl:N` counts
+    them. pyopencl describes them when installed (it is the tool people already use for
+    this); otherwise the server's own run-time-loaded OpenCL view does. Never fails for
+    want of OpenCL: a line says what is missing."""
     from ferroserve import _core
 
     print(f"cpu\tisa={_core.cpu_isa()}\tcores={os.cpu_count()}")
+    try:
+        import pyopencl as cl
+    except ImportError as exc:  # not installed, or its libOpenCL cannot be loaded
+        cl, why_no_pyopencl = None, str(exc)
+    if cl is not None:
+        try:
+            platforms = cl.get_platforms()
+        except cl.Error as exc:  # the ICD loader found no platform
+            print(f"opencl\tnone: no OpenCL platform ({exc}); install an OpenCL driver such as pocl-opencl-icd")
+            return 0
+        index = 0
+        for p in platforms:
+            try:
+                devices = p.get_devices()
+            except cl.Error:
+                devices = []
+            for d in devices:
+                print(f"opencl:{index}\t{d.name.strip()}\tplatform={p.name.strip()}\tversion={d.version.strip()}"
+                      f"\tglobal_mem={d.global_mem_size / 2**30:.1f} GiB\tcompute_units={d.max_compute_units}")
+                index += 1
+        if index == 0:
+            print("opencl\tnone: OpenCL platforms found but no device")
+        return 0
+    try:
+        devices = _core.opencl_devices()
+    except _core.DeviceError as exc:
+        print(f"opencl\tnone: {exc} (and pyopencl cannot be imported: {why_no_pyopencl})")
+        return 0
+    for d in devices:
+        print(f"opencl:{d['index']}\t{d['name']}\tplatform={d['platform']}\tversion={d['version']}"
+              f"\tglobal_mem={d['global_mem_bytes'] / 2**30:.1f} GiB\tcompute_units={d['compute_units']}"
+              "\t(listed by ferroserve's own OpenCL loader: pyopencl cannot be imported)")
     return 0
 
 
@@ -173,6 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--numerics", choices=["exact", "fast"],
         help="chat matmul arithmetic: exact = llama.cpp's, same greedy output (default); fast = "
         "repacked panels (AVX2/AVX-512), several times faster batches, other roundings (env FERROSERVE_NUMERICS)",
+    )
+    serve.add_argument(
+        "--device", action="append", metavar="[NAME=]DEVICE",
+        help="cpu (default), opencl[:N] (refuse to start if it cannot be used) or auto (OpenCL device 0, "
+        "else the CPU, with the reason logged); NAME= for one model only (repeatable). Only embedding "
+        "models run on OpenCL so far: chat models stay on the CPU (env FERROSERVE_DEVICE)",
+    )
+    serve.add_argument(
+        "--kernel-binaries", metavar="DIR",
+        help="load precompiled OpenCL program binaries <kernel>.bin / .aocx (e.g. FPGA bitstreams) "
+        "instead of building the kernel sources (env FERROSERVE_KERNEL_BINARIES)",
     )
     serve.set_defaults(func=_serve)
 
@@ -199,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="list the models `serve` would load")
     models.add_argument("--model", action="append", metavar="NAME=PATH")
+    models.add_argument("--device", action="append", metavar="[NAME=]DEVICE", help="as for serve")
     models.set_defaults(func=_models)
 
     devices = sub.add_parser("devices", help="list compute devices")

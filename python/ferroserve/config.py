@@ -13,6 +13,8 @@ from pathlib import Path
 import msgspec
 
 SETTINGS_ENV = "FERROSERVE_SETTINGS_JSON"
+# Where the granian worker writes why it refused to start (the CLI prints it, exits 2).
+STARTUP_ERROR_ENV = "FERROSERVE_STARTUP_ERROR_FILE"
 
 
 class ModelSpec(msgspec.Struct):
@@ -24,6 +26,9 @@ class ModelSpec(msgspec.Struct):
     # Prices in USD per million tokens (budgets and usage cost); shown in /v1/models.
     input_usd_per_million_tokens: float = 0.0
     output_usd_per_million_tokens: float = 0.0
+    # Where it runs: "cpu", "opencl:N" (explicit: refuse to start if it cannot be used) or
+    # "auto" (OpenCL device 0 if it builds and runs, else the CPU with the reason logged).
+    device: str = "cpu"
 
 
 class Settings(msgspec.Struct):
@@ -49,6 +54,9 @@ class Settings(msgspec.Struct):
     chat_template: str | None = None
     # Chat matmul arithmetic: "exact" (llama.cpp's, bit for bit) or "fast" (repacked panels).
     numerics: str = "exact"
+    # Precompiled OpenCL program binaries (<kernel>.bin / .aocx, e.g. FPGA bitstreams)
+    # instead of building the embedded kernel sources.
+    kernel_binaries: str | None = None
 
     def to_json(self) -> str:
         return msgspec.json.encode(self).decode()
@@ -133,6 +141,42 @@ def parse_price_arg(arg: str) -> tuple[str, float, float]:
     return name, *prices
 
 
+def parse_device(value: str) -> str:
+    """`cpu`, `opencl` (= `opencl:0`), `opencl:N` or `auto`, normalised; ConfigError otherwise."""
+    v = value.strip().lower()
+    if v in ("cpu", "auto"):
+        return v
+    if v == "opencl":
+        return "opencl:0"
+    head, sep, index = v.partition(":")
+    if head == "opencl" and sep and index.isdigit():
+        return f"opencl:{int(index)}"
+    raise ConfigError(f"--device expects cpu, opencl, opencl:N or auto (optionally NAME=DEVICE), got {value!r}")
+
+
+def apply_device_args(models: list[ModelSpec], device_args: list[str]) -> None:
+    """`--device DEVICE` sets every model's device, `--device NAME=DEVICE` one model's (later
+    arguments win). Only embedding models run on OpenCL so far: a global OpenCL choice
+    leaves chat models on the CPU (the registry logs it), while naming a chat model for
+    OpenCL is refused, since that request cannot be honoured."""
+    for arg in device_args:
+        name, sep, dev = arg.rpartition("=")
+        device = parse_device(dev)
+        if not sep:
+            for m in models:
+                m.device = device if m.kind == "embedding" else "cpu"
+            continue
+        spec = next((m for m in models if name == m.name or name in m.aliases), None)
+        if spec is None:
+            raise ConfigError(f"--device names an unknown model {name!r}; models: {[m.name for m in models]}")
+        if spec.kind == "chat" and device != "cpu":
+            raise ConfigError(
+                f"the chat model {spec.name} cannot run on {device}: only embedding models have an "
+                "OpenCL path so far (the chat model's is issue 5 item 4a); use --device cpu for it"
+            )
+        spec.device = device
+
+
 def _env(name: str) -> str | None:
     value = os.environ.get(f"FERROSERVE_{name}")
     return value if value not in (None, "") else None
@@ -151,6 +195,8 @@ def resolve(
     max_inputs: int | None = None,
     chat_template_file: str | None = None,
     numerics: str | None = None,
+    device_args: list[str] | None = None,
+    kernel_binaries: str | None = None,
 ) -> Settings:
     """Flags (non-None arguments) over environment over defaults."""
     s = Settings()
@@ -185,6 +231,15 @@ def resolve(
     names = [n for m in s.models for n in [m.name, *m.aliases]]
     if len(set(names)) != len(names):
         raise ConfigError(f"model names must be unique, got {names}")
+    if not device_args and _env("DEVICE"):
+        device_args = [d.strip() for d in _env("DEVICE").split(",") if d.strip()]
+    apply_device_args(s.models, device_args or [])
+    binaries = kernel_binaries or _env("KERNEL_BINARIES")
+    if binaries:
+        path = Path(binaries).expanduser().resolve()
+        if not path.is_dir():
+            raise ConfigError(f"--kernel-binaries {binaries}: not a directory")
+        s.kernel_binaries = str(path)
     s.numerics = (numerics or _env("NUMERICS") or s.numerics).lower()
     if s.numerics not in ("exact", "fast"):
         raise ConfigError(f"--numerics must be exact or fast, got {s.numerics!r}")

@@ -72,6 +72,7 @@ _ENGINE_ERRORS: dict[str, tuple[int, str, str | None]] = {
     "Overloaded": (503, "server_error", "capacity_unavailable"),
     "EngineDead": (503, "server_error", "engine_unavailable"),
     "ModelLoadError": (503, "server_error", "model_unavailable"),
+    "DeviceError": (503, "server_error", "device_unavailable"),
     "FerroserveError": (500, "server_error", None),
 }
 

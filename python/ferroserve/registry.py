@@ -12,6 +12,11 @@ from ferroserve.config import ModelSpec, Settings
 from ferroserve.log import logger
 
 
+class StartupRefused(Exception):
+    """A model cannot be served as configured (e.g. its explicit --device fails); the
+    server must not start. The message says why."""
+
+
 @dataclass
 class LoadedModel:
     spec: ModelSpec
@@ -46,6 +51,12 @@ class Registry:
         started = time.perf_counter()
         created = int(time.time())
         if spec.kind == "chat":
+            if any(m.device != "cpu" for m in settings.models):
+                # A global --device opencl/auto: say plainly that this model is not on it.
+                logger.warning(
+                    "chat model stays on the CPU",
+                    extra={"fields": {"model": spec.name, "reason": "the OpenCL chat path is not implemented yet (issue 5 item 4a); only embedding models run on OpenCL"}},
+                )
             chat = LocalChatModel.load(
                 spec.name,
                 spec.path,
@@ -66,13 +77,7 @@ class Registry:
                 device="cpu(" + _core.cpu_isa() + ")",
             )
         else:
-            backend = LocalEmbeddingModel.load(
-                spec.name,
-                spec.path,
-                max_batch_tokens=settings.embed_max_batch_tokens,
-                max_wait_us=settings.embed_max_wait_us,
-                created=created,
-            )
+            backend = self._load_embedding(spec, settings, created)
             loaded = LoadedModel(
                 spec=spec,
                 backend=backend,
@@ -89,3 +94,30 @@ class Registry:
         if tty:
             print(f" ready in {seconds:.2f} s on {loaded.device}", file=sys.stderr, flush=True)
         logger.info("model loaded", extra={"fields": {"model": spec.name, "device": loaded.device, "seconds": round(seconds, 3)}})
+
+    @staticmethod
+    def _load_embedding(spec: ModelSpec, settings: Settings, created: int) -> LocalEmbeddingModel:
+        """On the spec's device. `opencl:N` is explicit: if it cannot be used, StartupRefused.
+        `auto` tries OpenCL device 0 and falls back to the CPU, logging the reason."""
+
+        def load(device: str) -> LocalEmbeddingModel:
+            return LocalEmbeddingModel.load(
+                spec.name,
+                spec.path,
+                max_batch_tokens=settings.embed_max_batch_tokens,
+                max_wait_us=settings.embed_max_wait_us,
+                device=device,
+                kernel_binaries=settings.kernel_binaries if device != "cpu" else None,
+                created=created,
+            )
+
+        if spec.device == "cpu":
+            return load("cpu")
+        device = "opencl:0" if spec.device == "auto" else spec.device
+        try:
+            return load(device)
+        except _core.DeviceError as exc:
+            if spec.device != "auto":
+                raise StartupRefused(f"model {spec.name}: --device {device} cannot be used: {exc}") from None
+            logger.warning("OpenCL unavailable, using the CPU", extra={"fields": {"model": spec.name, "device": device, "reason": str(exc)}})
+            return load("cpu")

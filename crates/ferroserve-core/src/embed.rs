@@ -7,10 +7,12 @@ use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferroserve_kernels::opencl::KernelSource;
 use ferroserve_kernels::{CpuDevice, Device};
 
 use crate::error::{Error, Result};
 use crate::models::bert::{normalize, BertModel};
+use crate::models::bert_opencl::OpenClBert;
 use crate::notify::Notifier;
 use crate::sched::embed_batcher::{self, BatchJob, BatcherConfig};
 use crate::tokenize::bert::EncoderTokenizer;
@@ -40,16 +42,86 @@ pub struct EmbedEvent {
     pub result: Result<EmbedOutput>,
 }
 
+/// Where the model runs.
+#[derive(Debug, Clone)]
+pub enum DeviceChoice {
+    Cpu,
+    /// OpenCL device `index` (as `ferroserve devices` numbers them), kernels built from the
+    /// embedded sources or loaded as precompiled binaries.
+    OpenCl {
+        index: usize,
+        kernels: KernelSource,
+    },
+}
+
+impl DeviceChoice {
+    /// `cpu`, `opencl` (= `opencl:0`) or `opencl:N`.
+    pub fn parse(spec: &str, kernel_binaries: Option<&Path>) -> Result<Self> {
+        let kernels = kernel_binaries.map_or(KernelSource::Embedded, |d| KernelSource::Binaries(d.to_path_buf()));
+        match spec {
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "opencl" => Ok(DeviceChoice::OpenCl { index: 0, kernels }),
+            _ => spec
+                .strip_prefix("opencl:")
+                .and_then(|n| n.parse().ok())
+                .map(|index| DeviceChoice::OpenCl { index, kernels })
+                .ok_or_else(|| Error::InvalidRequest(format!("device must be cpu, opencl or opencl:N, got {spec:?}"))),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct EmbeddingEngineConfig {
     pub max_batch_tokens: usize,
     pub max_wait: Duration,
+    pub device: DeviceChoice,
 }
 
 impl Default for EmbeddingEngineConfig {
     fn default() -> Self {
-        Self { max_batch_tokens: 16 * 1024, max_wait: Duration::from_millis(1) }
+        Self { max_batch_tokens: 16 * 1024, max_wait: Duration::from_millis(1), device: DeviceChoice::Cpu }
     }
+}
+
+/// Sentences embedded on both devices when an OpenCL model loads: a device whose kernels
+/// build but compute something else (a broken driver, flushed denormals gone wrong) is
+/// refused at startup instead of serving wrong vectors. Two sequences of different lengths
+/// in one pass, so the packing is checked too.
+const PROBE_TEXTS: [&str; 2] = [
+    "A device check: the quick brown fox jumps over the lazy dog.",
+    "Embeddings computed on an OpenCL device must match the CPU's, sentence by sentence, to within rounding.",
+];
+/// What the end-to-end tests require of the OpenCL device against the reference.
+const PROBE_MIN_COSINE: f64 = 0.9999;
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+/// Runs [`PROBE_TEXTS`] through the OpenCL runner and the CPU model; an error says which
+/// sentence disagreed and by how much.
+fn probe_opencl(runner: &mut OpenClBert, dir: &Path, tokenizer: &EncoderTokenizer) -> Result<()> {
+    let seqs: Vec<Vec<u32>> = PROBE_TEXTS.iter().map(|t| tokenizer.encode(t)).collect::<Result<_>>()?;
+    let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+    let got = runner.embed(&refs)?;
+    let cpu = BertModel::load(dir, Arc::new(CpuDevice::new()))?;
+    let want = cpu.embed(&refs);
+    let h = runner.hidden_size();
+    for (i, text) in PROBE_TEXTS.iter().enumerate() {
+        let c = cosine(&got[i * h..(i + 1) * h], &want[i * h..(i + 1) * h]);
+        // Negated on purpose: a NaN cosine (non-finite output) must fail too.
+        #[allow(clippy::neg_cmp_op_on_partial_ord)]
+        if !(c >= PROBE_MIN_COSINE) {
+            return Err(Error::Device(format!(
+                "{} computes embeddings that differ from the CPU's (cosine {c:.6} < {PROBE_MIN_COSINE} on {text:?})",
+                runner.device_name()
+            )));
+        }
+    }
+    Ok(())
 }
 
 pub struct EmbeddingEngine {
@@ -68,20 +140,34 @@ impl EmbeddingEngine {
         if !dir.is_dir() {
             return Err(Error::model_load(dir, "not a directory"));
         }
-        let device: Arc<dyn Device> = Arc::new(CpuDevice::new());
-        let device_name = device.name();
-        let model = BertModel::load(dir, device)?;
-        let max_len = model.sentence.max_seq_length;
-        let tokenizer = EncoderTokenizer::from_file(&dir.join("tokenizer.json"), max_len)?;
-        let dim = model.hidden_size();
-        let vocab_size = model.config.vocab_size;
         let notifier = Arc::new(Notifier::new().map_err(|e| Error::Internal(e.to_string()))?);
         let (jobs, rx) = mpsc::channel();
-        let bcfg = BatcherConfig { max_wait: cfg.max_wait, max_batch_tokens: cfg.max_batch_tokens.max(max_len) };
-        std::thread::Builder::new()
-            .name("ferroserve-embed".into())
-            .spawn(move || embed_batcher::run(rx, bcfg, dim, |seqs| model.embed(seqs)))
-            .map_err(|e| Error::Internal(e.to_string()))?;
+        let spawn = |f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new().name("ferroserve-embed".into()).spawn(f).map(drop).map_err(|e| Error::Internal(e.to_string()))
+        };
+        let (tokenizer, dim, vocab_size, max_len, device_name);
+        match &cfg.device {
+            DeviceChoice::Cpu => {
+                let device: Arc<dyn Device> = Arc::new(CpuDevice::new());
+                device_name = device.name();
+                let model = BertModel::load(dir, device)?;
+                max_len = model.sentence.max_seq_length;
+                tokenizer = EncoderTokenizer::from_file(&dir.join("tokenizer.json"), max_len)?;
+                (dim, vocab_size) = (model.hidden_size(), model.config.vocab_size);
+                let bcfg = BatcherConfig { max_wait: cfg.max_wait, max_batch_tokens: cfg.max_batch_tokens.max(max_len) };
+                spawn(Box::new(move || embed_batcher::run(rx, bcfg, dim, |seqs| Ok(model.embed(seqs)))))?;
+            }
+            DeviceChoice::OpenCl { index, kernels } => {
+                let mut runner = OpenClBert::load(dir, *index, kernels)?;
+                device_name = runner.device_name();
+                max_len = runner.sentence.max_seq_length;
+                tokenizer = EncoderTokenizer::from_file(&dir.join("tokenizer.json"), max_len)?;
+                probe_opencl(&mut runner, dir, &tokenizer)?;
+                (dim, vocab_size) = (runner.hidden_size(), runner.config.vocab_size);
+                let bcfg = BatcherConfig { max_wait: cfg.max_wait, max_batch_tokens: cfg.max_batch_tokens.max(max_len) };
+                spawn(Box::new(move || embed_batcher::run(rx, bcfg, dim, |seqs| runner.embed(seqs))))?;
+            }
+        }
         Ok(Self { tokenizer, dim, vocab_size, max_len, device_name, jobs, notifier })
     }
 
@@ -113,7 +199,11 @@ impl EmbeddingEngine {
         let prompt_tokens = seqs.iter().map(Vec::len).sum();
         let notifier = self.notifier.clone();
         let dim = self.dim;
-        let done = Box::new(move |vectors: Vec<f32>| {
+        let done = Box::new(move |vectors: Result<Vec<f32>>| {
+            let vectors = match vectors {
+                Ok(v) => v,
+                Err(e) => return notifier.push(EmbedEvent { request_id, result: Err(e) }),
+            };
             let mut data_json = Vec::with_capacity(vectors.len() * 12 + 64);
             data_json.push(b'[');
             for (i, v) in vectors.chunks_exact(dim).enumerate() {

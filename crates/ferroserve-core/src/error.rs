@@ -14,6 +14,9 @@ pub enum ErrorKind {
     EngineDead,
     /// A model could not be loaded (startup error).
     ModelLoad,
+    /// The compute device is unavailable or failed (no OpenCL runtime, a kernel that does
+    /// not build, a failed launch): at startup the caller may fall back to the CPU.
+    Device,
     /// Anything else (→ 500).
     Internal,
 }
@@ -30,6 +33,8 @@ pub enum Error {
     EngineDead,
     #[error("cannot load model from {path}: {reason}")]
     ModelLoad { path: String, reason: String },
+    #[error("device error: {0}")]
+    Device(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -42,6 +47,7 @@ impl Error {
             Error::Overloaded(_) => ErrorKind::Overloaded,
             Error::EngineDead => ErrorKind::EngineDead,
             Error::ModelLoad { .. } => ErrorKind::ModelLoad,
+            Error::Device(_) => ErrorKind::Device,
             Error::Internal(_) => ErrorKind::Internal,
         }
     }

@@ -12,5 +12,5 @@ pub mod sched;
 pub mod tokenize;
 pub mod weights;
 
-pub use embed::{EmbedInput, EmbedOutput, EmbeddingEngine, EmbeddingEngineConfig};
+pub use embed::{DeviceChoice, EmbedInput, EmbedOutput, EmbeddingEngine, EmbeddingEngineConfig};
 pub use error::{Error, ErrorKind, Result};

@@ -1,11 +1,16 @@
 //! The `Device` trait — every op the models need — and its implementations.
 //!
 //! Model code (in `ferroserve-core`) is written against [`Device`] only, so the same
-//! model runs on the native CPU kernels ([`cpu::CpuDevice`]) or, later, on an OpenCL
-//! device. Tensors are plain row-major `f32` slices; weights that a device wants in
-//! its own layout are prepared once at load time ([`Device::pack_linear`]).
+//! model runs on the native CPU kernels ([`cpu::CpuDevice`]). Tensors are plain row-major
+//! `f32` slices; weights that a device wants in its own layout are prepared once at load
+//! time ([`Device::pack_linear`]).
+//!
+//! The OpenCL device ([`opencl`]) is deliberately not a `Device`: host-slice ops would copy
+//! every activation to the device and back between ops. It offers device buffers and
+//! kernel launches instead, and model runners keep a whole forward pass on the device.
 
 pub mod cpu;
+pub mod opencl;
 pub mod quant;
 
 pub use cpu::{CpuDevice, Isa};

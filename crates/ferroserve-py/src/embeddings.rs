@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use ferroserve_core::embed::{EmbedInput, Encoding};
-use ferroserve_core::{EmbeddingEngine, EmbeddingEngineConfig};
+use ferroserve_core::{DeviceChoice, EmbeddingEngine, EmbeddingEngineConfig};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 
@@ -17,11 +17,15 @@ pub struct PyEmbeddingEngine {
 
 #[pymethods]
 impl PyEmbeddingEngine {
-    /// Loads a sentence-transformers folder and starts its batcher thread.
+    /// Loads a sentence-transformers folder onto `device` (`cpu`, `opencl` or `opencl:N`;
+    /// OpenCL kernels from the embedded sources, or the program binaries in
+    /// `kernel_binaries`) and starts its batcher thread. A device that cannot be used raises
+    /// `DeviceError`; falling back to the CPU is the caller's decision.
     #[new]
-    #[pyo3(signature = (path, max_batch_tokens = 16384, max_wait_us = 1000))]
-    fn new(py: Python<'_>, path: PathBuf, max_batch_tokens: usize, max_wait_us: u64) -> PyResult<Self> {
-        let cfg = EmbeddingEngineConfig { max_batch_tokens, max_wait: Duration::from_micros(max_wait_us) };
+    #[pyo3(signature = (path, max_batch_tokens = 16384, max_wait_us = 1000, device = "cpu", kernel_binaries = None))]
+    fn new(py: Python<'_>, path: PathBuf, max_batch_tokens: usize, max_wait_us: u64, device: &str, kernel_binaries: Option<PathBuf>) -> PyResult<Self> {
+        let device = DeviceChoice::parse(device, kernel_binaries.as_deref()).map_err(crate::errors::to_py)?;
+        let cfg = EmbeddingEngineConfig { max_batch_tokens, max_wait: Duration::from_micros(max_wait_us), device };
         let inner = detach(py, move || EmbeddingEngine::load(&path, cfg))?;
         Ok(Self { inner })
     }

@@ -13,6 +13,7 @@ create_exception!(_core, ContextLengthExceeded, FerroserveError, "Prompt and out
 create_exception!(_core, Overloaded, FerroserveError, "The engine is saturated (HTTP 503).");
 create_exception!(_core, EngineDead, FerroserveError, "The engine thread stopped (HTTP 503).");
 create_exception!(_core, ModelLoadError, FerroserveError, "A model could not be loaded.");
+create_exception!(_core, DeviceError, FerroserveError, "The compute device is unavailable or failed.");
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -22,6 +23,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("Overloaded", py.get_type::<Overloaded>())?;
     m.add("EngineDead", py.get_type::<EngineDead>())?;
     m.add("ModelLoadError", py.get_type::<ModelLoadError>())?;
+    m.add("DeviceError", py.get_type::<DeviceError>())?;
     Ok(())
 }
 
@@ -33,6 +35,7 @@ pub fn kind_name(kind: ErrorKind) -> &'static str {
         ErrorKind::Overloaded => "Overloaded",
         ErrorKind::EngineDead => "EngineDead",
         ErrorKind::ModelLoad => "ModelLoadError",
+        ErrorKind::Device => "DeviceError",
         ErrorKind::Internal => "FerroserveError",
     }
 }
@@ -45,6 +48,7 @@ pub fn to_py(err: Error) -> PyErr {
         ErrorKind::Overloaded => Overloaded::new_err(msg),
         ErrorKind::EngineDead => EngineDead::new_err(msg),
         ErrorKind::ModelLoad => ModelLoadError::new_err(msg),
+        ErrorKind::Device => DeviceError::new_err(msg),
         ErrorKind::Internal => FerroserveError::new_err(msg),
     }
 }

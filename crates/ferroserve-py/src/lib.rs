@@ -14,10 +14,33 @@ fn cpu_isa() -> &'static str {
     ferroserve_kernels::Isa::selected().as_str()
 }
 
+/// The OpenCL devices this process can use, as `--device opencl:N` numbers them: a list of
+/// dicts (index, platform, name, version, global_mem_bytes, compute_units, ieee_fp32).
+/// Raises `DeviceError` with the reason when there is no ICD loader or no platform.
+#[pyfunction]
+fn opencl_devices(py: Python<'_>) -> PyResult<Vec<Bound<'_, pyo3::types::PyDict>>> {
+    let devices = py.allow_threads(ferroserve_kernels::opencl::list_devices).map_err(|e| errors::to_py(ferroserve_core::Error::Device(e.to_string())))?;
+    devices
+        .into_iter()
+        .map(|d| {
+            let dict = pyo3::types::PyDict::new(py);
+            dict.set_item("index", d.index)?;
+            dict.set_item("platform", d.platform)?;
+            dict.set_item("name", d.name)?;
+            dict.set_item("version", d.version)?;
+            dict.set_item("global_mem_bytes", d.global_mem_bytes)?;
+            dict.set_item("compute_units", d.compute_units)?;
+            dict.set_item("ieee_fp32", d.ieee_fp32)?;
+            Ok(dict)
+        })
+        .collect()
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(cpu_isa, m)?)?;
+    m.add_function(wrap_pyfunction!(opencl_devices, m)?)?;
     m.add_class::<embeddings::PyEmbeddingEngine>()?;
     m.add_class::<chat::PyChatEngine>()?;
     errors::register(m)?;

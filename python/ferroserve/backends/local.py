@@ -65,8 +65,13 @@ class LocalEmbeddingModel(EngineWatcher):
     _loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
-    def load(cls, name: str, path: str, *, max_batch_tokens: int, max_wait_us: int, created: int) -> LocalEmbeddingModel:
-        engine = _core.EmbeddingEngine(path, max_batch_tokens=max_batch_tokens, max_wait_us=max_wait_us)
+    def load(
+        cls, name: str, path: str, *, max_batch_tokens: int, max_wait_us: int, created: int,
+        device: str = "cpu", kernel_binaries: str | None = None,
+    ) -> LocalEmbeddingModel:
+        engine = _core.EmbeddingEngine(
+            path, max_batch_tokens=max_batch_tokens, max_wait_us=max_wait_us, device=device, kernel_binaries=kernel_binaries,
+        )
         return cls(name=name, path=path, engine=engine, created=created)
 
     def _dispatch(self, events: list[tuple]) -> None:

@@ -142,8 +142,32 @@ pub struct BertModel {
     layers: Vec<Layer>,
 }
 
-impl BertModel {
-    pub fn load(dir: &Path, device: Arc<dyn Device>) -> Result<Self> {
+/// One encoder layer's tensors as the checkpoint stores them: linear weights `[out, in]`
+/// row-major (PyTorch's layout), before any device packs them.
+pub(crate) struct LayerWeights {
+    /// Q, K and V fused into one `[3h, h]` matrix: one pass over the activations.
+    pub qkv: (Vec<f32>, Vec<f32>),
+    pub attn_out: (Vec<f32>, Vec<f32>),
+    pub attn_ln: (Vec<f32>, Vec<f32>),
+    pub ffn_in: (Vec<f32>, Vec<f32>),
+    pub ffn_out: (Vec<f32>, Vec<f32>),
+    pub out_ln: (Vec<f32>, Vec<f32>),
+}
+
+/// A sentence-transformers BERT folder, read and checked, device-independent: what
+/// [`BertModel`] (CPU, packed panels) and the OpenCL runner (device buffers) load from.
+pub(crate) struct BertCheckpoint {
+    pub config: BertConfig,
+    pub sentence: SentenceConfig,
+    pub word_emb: Vec<f32>,
+    pub pos_emb: Vec<f32>,
+    pub type0_emb: Vec<f32>,
+    pub emb_ln: (Vec<f32>, Vec<f32>),
+    pub layers: Vec<LayerWeights>,
+}
+
+impl BertCheckpoint {
+    pub fn load(dir: &Path) -> Result<Self> {
         let config: BertConfig = read_json(&dir.join("config.json"))?;
         if !matches!(config.hidden_act.as_str(), "gelu" | "gelu_python") {
             return Err(Error::model_load(dir, format!("unsupported hidden_act {:?} (only exact gelu)", config.hidden_act)));
@@ -161,10 +185,8 @@ impl BertModel {
         let (h, i) = (config.hidden_size, config.intermediate_size);
         let get = |name: &str, shape: &[usize]| st.f32_shaped(&format!("{prefix}{name}"), shape);
         let ln = |name: &str| -> Result<(Vec<f32>, Vec<f32>)> { Ok((get(&format!("{name}.weight"), &[h])?, get(&format!("{name}.bias"), &[h])?)) };
-        let linear = |name: &str, out: usize, inp: usize| -> Result<PackedLinear> {
-            let w = get(&format!("{name}.weight"), &[out, inp])?;
-            let b = get(&format!("{name}.bias"), &[out])?;
-            Ok(device.pack_linear(&w, out, inp, Some(&b)))
+        let linear = |name: &str, out: usize, inp: usize| -> Result<(Vec<f32>, Vec<f32>)> {
+            Ok((get(&format!("{name}.weight"), &[out, inp])?, get(&format!("{name}.bias"), &[out])?))
         };
 
         let word_emb = get("embeddings.word_embeddings.weight", &[config.vocab_size, h])?;
@@ -174,15 +196,14 @@ impl BertModel {
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for l in 0..config.num_hidden_layers {
             let p = format!("encoder.layer.{l}");
-            // Q, K and V fused into one [3h, h] matmul: one pass over the activations.
             let mut w = Vec::with_capacity(3 * h * h);
             let mut b = Vec::with_capacity(3 * h);
             for part in ["query", "key", "value"] {
                 w.extend(get(&format!("{p}.attention.self.{part}.weight"), &[h, h])?);
                 b.extend(get(&format!("{p}.attention.self.{part}.bias"), &[h])?);
             }
-            layers.push(Layer {
-                qkv: device.pack_linear(&w, 3 * h, h, Some(&b)),
+            layers.push(LayerWeights {
+                qkv: (w, b),
                 attn_out: linear(&format!("{p}.attention.output.dense"), h, h)?,
                 attn_ln: ln(&format!("{p}.attention.output.LayerNorm"))?,
                 ffn_in: linear(&format!("{p}.intermediate.dense"), i, h)?,
@@ -190,7 +211,37 @@ impl BertModel {
                 out_ln: ln(&format!("{p}.output.LayerNorm"))?,
             });
         }
-        Ok(Self { type0_emb: type_emb[..h].to_vec(), config, sentence, device, word_emb, pos_emb, emb_ln, layers })
+        Ok(Self { type0_emb: type_emb[..h].to_vec(), config, sentence, word_emb, pos_emb, emb_ln, layers })
+    }
+}
+
+impl BertModel {
+    pub fn load(dir: &Path, device: Arc<dyn Device>) -> Result<Self> {
+        let ck = BertCheckpoint::load(dir)?;
+        let (h, i) = (ck.config.hidden_size, ck.config.intermediate_size);
+        let pack = |(w, b): &(Vec<f32>, Vec<f32>), out: usize, inp: usize| device.pack_linear(w, out, inp, Some(b));
+        let layers = ck
+            .layers
+            .into_iter()
+            .map(|l| Layer {
+                qkv: pack(&l.qkv, 3 * h, h),
+                attn_out: pack(&l.attn_out, h, h),
+                attn_ln: l.attn_ln,
+                ffn_in: pack(&l.ffn_in, i, h),
+                ffn_out: pack(&l.ffn_out, h, i),
+                out_ln: l.out_ln,
+            })
+            .collect();
+        Ok(Self {
+            config: ck.config,
+            sentence: ck.sentence,
+            device,
+            word_emb: ck.word_emb,
+            pos_emb: ck.pos_emb,
+            type0_emb: ck.type0_emb,
+            emb_ln: ck.emb_ln,
+            layers,
+        })
     }
 
     pub fn hidden_size(&self) -> usize {

@@ -10,11 +10,14 @@
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
+use crate::error::{Error, Result};
+
 /// One request: tokenized sequences plus what to do with the vectors.
 pub struct BatchJob {
     pub seqs: Vec<Vec<u32>>,
-    /// Called once with `[seqs.len(), dim]` vectors (on the batcher thread).
-    pub done: Box<dyn FnOnce(Vec<f32>) + Send>,
+    /// Called once with `[seqs.len(), dim]` vectors, or the pass's error (on the batcher
+    /// thread).
+    pub done: Box<dyn FnOnce(Result<Vec<f32>>) + Send>,
 }
 
 #[derive(Debug, Clone)]
@@ -23,8 +26,10 @@ pub struct BatcherConfig {
     pub max_batch_tokens: usize,
 }
 
-/// Runs until every sender is dropped. `forward` maps sequences to `[n, dim]` vectors.
-pub fn run(rx: Receiver<BatchJob>, cfg: BatcherConfig, dim: usize, forward: impl Fn(&[&[u32]]) -> Vec<f32>) {
+/// Runs until every sender is dropped. `forward` maps sequences to `[n, dim]` vectors; it
+/// may fail (a device error), which fails the jobs of that merge and nothing after them.
+/// `FnMut`: a device runner reuses its scratch buffers from pass to pass.
+pub fn run(rx: Receiver<BatchJob>, cfg: BatcherConfig, dim: usize, mut forward: impl FnMut(&[&[u32]]) -> Result<Vec<f32>>) {
     let mut last_pass_jobs = 0usize;
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
@@ -47,13 +52,13 @@ pub fn run(rx: Receiver<BatchJob>, cfg: BatcherConfig, dim: usize, forward: impl
             }
         }
         last_pass_jobs = jobs.len();
-        run_jobs(jobs, &cfg, dim, &forward);
+        run_jobs(jobs, &cfg, dim, &mut forward);
     }
 }
 
 /// Splits the merged sequences into passes of at most `max_batch_tokens` and returns
 /// each job's vectors.
-fn run_jobs(jobs: Vec<BatchJob>, cfg: &BatcherConfig, dim: usize, forward: &impl Fn(&[&[u32]]) -> Vec<f32>) {
+fn run_jobs(jobs: Vec<BatchJob>, cfg: &BatcherConfig, dim: usize, forward: &mut impl FnMut(&[&[u32]]) -> Result<Vec<f32>>) {
     let all: Vec<&[u32]> = jobs.iter().flat_map(|j| j.seqs.iter().map(Vec::as_slice)).collect();
     let mut vectors = Vec::with_capacity(all.len() * dim);
     let mut start = 0;
@@ -64,13 +69,29 @@ fn run_jobs(jobs: Vec<BatchJob>, cfg: &BatcherConfig, dim: usize, forward: &impl
             tokens += all[end].len();
             end += 1;
         }
-        vectors.extend(forward(&all[start..end]));
+        match forward(&all[start..end]) {
+            Ok(v) => vectors.extend(v),
+            Err(e) => {
+                // Every job of the merge gets the error (Error is not Clone): as a device error,
+                // the only kind a forward pass produces, without repeating its prefix.
+                let message = match &e {
+                    Error::Device(m) => m.clone(),
+                    other => other.to_string(),
+                };
+                drop(all);
+                for job in jobs {
+                    (job.done)(Err(Error::Device(message.clone())));
+                }
+                return;
+            }
+        }
         start = end;
     }
+    drop(all);
     let mut at = 0;
     for job in jobs {
         let n = job.seqs.len() * dim;
-        (job.done)(vectors[at..at + n].to_vec());
+        (job.done)(Ok(vectors[at..at + n].to_vec()));
         at += n;
     }
 }
@@ -91,13 +112,13 @@ mod tests {
         for j in 0..5u32 {
             let r = results.clone();
             let seqs: Vec<Vec<u32>> = (0..3).map(|s| vec![j * 10 + s; (s + 1) as usize]).collect();
-            tx.send(BatchJob { seqs, done: Box::new(move |v| r.lock().unwrap().push((j, v))) }).unwrap();
+            tx.send(BatchJob { seqs, done: Box::new(move |v| r.lock().unwrap().push((j, v.unwrap()))) }).unwrap();
         }
         drop(tx);
         let cfg = BatcherConfig { max_wait: Duration::from_millis(1), max_batch_tokens: 8 };
         run(rx, cfg, 2, move |seqs| {
             p2.lock().unwrap().push(seqs.iter().map(|s| s.len()).sum::<usize>());
-            seqs.iter().flat_map(|s| [s.len() as f32, s[0] as f32]).collect()
+            Ok(seqs.iter().flat_map(|s| [s.len() as f32, s[0] as f32]).collect())
         });
         let results = results.lock().unwrap();
         assert_eq!(results.len(), 5);
@@ -108,5 +129,31 @@ mod tests {
         let passes = passes.lock().unwrap();
         assert!(passes.iter().all(|&t| t <= 8), "{passes:?}");
         assert_eq!(passes.iter().sum::<usize>(), 30);
+    }
+
+    /// A failing pass fails the jobs it carried, with the device's message, and the batcher
+    /// goes on serving the next ones.
+    #[test]
+    fn a_failed_pass_fails_its_jobs_and_the_batcher_continues() {
+        let (tx, rx) = mpsc::channel();
+        let results = Arc::new(Mutex::new(Vec::new()));
+        let send = |j: u32, tx: &mpsc::Sender<BatchJob>| {
+            let r = results.clone();
+            tx.send(BatchJob { seqs: vec![vec![j]], done: Box::new(move |v| r.lock().unwrap().push((j, v.map_err(|e| e.to_string())))) }).unwrap();
+        };
+        send(1, &tx);
+        send(2, &tx);
+        let cfg = BatcherConfig { max_wait: Duration::from_millis(1), max_batch_tokens: 1 };
+        let worker = std::thread::spawn(move || run(rx, cfg, 1, |seqs| if seqs[0][0] == 1 { Err(Error::Device("launch failed".into())) } else { Ok(vec![seqs[0][0] as f32]) }));
+        // Both jobs may merge into one split batch: job 1's pass fails, so the merge fails.
+        while results.lock().unwrap().len() < 2 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        send(3, &tx);
+        drop(tx);
+        worker.join().unwrap();
+        let results = results.lock().unwrap();
+        assert_eq!(results[0], (1, Err("device error: launch failed".to_string())));
+        assert_eq!(results.last().unwrap(), &(3, Ok(vec![3.0])));
     }
 }

