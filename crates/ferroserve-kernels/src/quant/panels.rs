@@ -144,8 +144,8 @@ pub fn panel_matmul(isa: QuantIsa, w: &Panels, acts: &Q8Activations, y: &mut [f3
     if m == 0 || n == 0 {
         return;
     }
-    // 128·Σa per (row, block), for the Q8_0 codes' offset.
-    let offsets: Vec<i32> = if w.wtype == QuantType::Q8_0 {
+    // 128·Σa per (row, block), for the Q8_0 codes' offset (the AVX2 kernel uses signed codes).
+    let offsets: Vec<i32> = if w.wtype == QuantType::Q8_0 && isa != QuantIsa::Avx2 {
         (0..m).flat_map(|r| acts.row(r).qs.chunks_exact(BLOCK_ELEMS).map(|q| 128 * q.iter().map(|&v| v as i32).sum::<i32>()).collect::<Vec<_>>()).collect()
     } else {
         Vec::new()
