@@ -8,26 +8,16 @@ use ferroserve_core::models::bert::BertModel;
 use ferroserve_core::tokenize::bert::EncoderTokenizer;
 use ferroserve_kernels::{CpuDevice, Device};
 
+#[path = "common/sentences.rs"]
+mod sentences;
+use sentences::synthetic_sentences;
+
 fn main() {
     let dir = std::path::PathBuf::from(std::env::args().nth(1).expect("model dir"));
     let device: Arc<dyn Device> = Arc::new(CpuDevice::new());
     let model = BertModel::load(&dir, device).unwrap();
     let tok = EncoderTokenizer::from_file(&dir.join("tokenizer.json"), 256).unwrap();
-    let words = ["the", "quick", "server", "batches", "requests", "into", "one", "forward", "pass", "while", "kernels", "stream", "weights", "from", "memory", "and", "tokens", "flow", "back", "to", "clients"];
-    let mut seed = 12345u64;
-    let mut next = || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
-    let sentences: Vec<Vec<u32>> = (0..2048)
-        .map(|_| {
-            let n = 10 + (next() % 11) as usize;
-            let s: Vec<&str> = (0..n).map(|_| words[(next() % words.len() as u64) as usize]).collect();
-            tok.encode(&s.join(" ")).unwrap()
-        })
-        .collect();
+    let sentences = synthetic_sentences(&tok, 2048);
     let tokens: usize = sentences.iter().map(Vec::len).sum();
     println!("{} sentences, {:.1} tokens avg, device {}", sentences.len(), tokens as f64 / 2048.0, CpuDevice::new().name());
     let rounds = if std::env::var("SINGLE_ONLY").is_ok() { 0 } else { 3 };

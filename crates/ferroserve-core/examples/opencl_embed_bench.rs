@@ -12,6 +12,10 @@ use ferroserve_core::tokenize::bert::EncoderTokenizer;
 use ferroserve_kernels::opencl::KernelSource;
 use ferroserve_kernels::{CpuDevice, Device};
 
+#[path = "common/sentences.rs"]
+mod sentences;
+use sentences::synthetic_sentences;
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -29,24 +33,7 @@ fn main() {
     let mut cl = OpenClBert::load(&dir, index, &KernelSource::Embedded).unwrap();
     println!("OpenCL load (weights + kernel builds): {:.2} s on {}", t.elapsed().as_secs_f64(), cl.device_name());
     let tok = EncoderTokenizer::from_file(&dir.join("tokenizer.json"), 256).unwrap();
-    let words = [
-        "the", "quick", "server", "batches", "requests", "into", "one", "forward", "pass", "while", "kernels", "stream", "weights", "from", "memory", "and", "tokens", "flow",
-        "back", "to", "clients",
-    ];
-    let mut seed = 12345u64;
-    let mut next = || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
-    let sentences: Vec<Vec<u32>> = (0..count)
-        .map(|_| {
-            let n = 10 + (next() % 11) as usize;
-            let s: Vec<&str> = (0..n).map(|_| words[(next() % words.len() as u64) as usize]).collect();
-            tok.encode(&s.join(" ")).unwrap()
-        })
-        .collect();
+    let sentences = synthetic_sentences(&tok, count);
     let tokens: usize = sentences.iter().map(Vec::len).sum();
     println!("{count} sentences, {:.1} tokens avg; CPU {cpu_name}", tokens as f64 / count as f64);
     // Warm-up: PoCL specialises each kernel for its launch sizes on first use.

@@ -60,9 +60,8 @@ pub enum Numerics {
     #[default]
     Exact,
     /// Q4_1 and Q8_0 weights repacked at load into 16-row panels, one chain per output over
-    /// whole-block integer dots (`quant::panels`): ≈ 2–4× faster matmuls on AVX-512 VNNI
-    /// (AVX2 also supported);
-    /// attention's softmax in f32 with a vectorised exp (`AttentionArith::Fast`).
+    /// whole-block integer dots (`quant::panels`, AVX-512 VNNI and AVX2): ≈ 2–4× faster
+    /// matmuls; attention's softmax in f32 with a vectorised exp (`AttentionArith::Fast`).
     Fast,
 }
 
@@ -72,13 +71,6 @@ impl Numerics {
             "exact" => Some(Numerics::Exact),
             "fast" => Some(Numerics::Fast),
             _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Numerics::Exact => "exact",
-            Numerics::Fast => "fast",
         }
     }
 }
