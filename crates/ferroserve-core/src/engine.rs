@@ -17,7 +17,9 @@ use rayon::prelude::*;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::kv::KvCache;
+use crate::embed::DeviceChoice;
 use crate::models::llama::{LlamaModel, Numerics};
+use crate::models::llama_opencl::{OpenClKv, OpenClLlama};
 use crate::notify::Notifier;
 use crate::sample::{Sampled, SamplingParams, SequenceSampler};
 use crate::sched::scheduler::{KvPool, Scheduler, SchedulerConfig, SeqChunk, SeqId, StepPlan};
@@ -33,7 +35,8 @@ pub trait StepModel: Send + Sync + 'static {
     fn vocab_size(&self) -> usize;
     /// Longest sequence (prompt plus output) the model takes.
     fn context_length(&self) -> usize;
-    fn new_kv_cache(&self, budget_bytes: usize) -> Self::Kv;
+    /// Fails when the cache's memory cannot be had (device memory).
+    fn new_kv_cache(&self, budget_bytes: usize) -> Result<Self::Kv>;
     /// Runs one pass; returns `[chunks with want_logits, vocab_size]` logits, in batch order.
     fn forward(&self, batch: &[SeqChunk<'_>], kv: &mut Self::Kv) -> Vec<f32>;
     fn vocab(&self) -> &dyn Vocab;
@@ -42,6 +45,14 @@ pub trait StepModel: Send + Sync + 'static {
         None
     }
     fn chat_template(&self) -> Option<&ChatTemplate> {
+        None
+    }
+    /// Where the model computes, e.g. `cpu(avx512)` or `opencl:0(<device>)`.
+    fn device_name(&self) -> String {
+        "cpu".into()
+    }
+    /// What the device's load check found, for the start-up log (`None` on the CPU).
+    fn device_check(&self) -> Option<String> {
         None
     }
 }
@@ -56,6 +67,8 @@ pub struct EngineConfig {
     pub max_running: usize,
     /// The matmuls' arithmetic (llama.cpp's exact order by default).
     pub numerics: Numerics,
+    /// Where the model computes: the CPU, or an OpenCL device (exact numerics only).
+    pub device: DeviceChoice,
 }
 
 impl Default for EngineConfig {
@@ -65,6 +78,7 @@ impl Default for EngineConfig {
             max_batch_tokens: 512,
             max_running: 64,
             numerics: Numerics::Exact,
+            device: DeviceChoice::Cpu,
         }
     }
 }
@@ -245,6 +259,8 @@ pub struct ChatEngine {
     vocab_size: usize,
     /// The model's context, capped by what the KV cache can hold for one sequence.
     max_context_tokens: usize,
+    device_name: String,
+    device_check: Option<String>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -256,8 +272,8 @@ impl StepModel for LlamaModel {
     fn context_length(&self) -> usize {
         LlamaModel::context_length(self)
     }
-    fn new_kv_cache(&self, budget_bytes: usize) -> KvCache {
-        LlamaModel::new_kv_cache(self, budget_bytes)
+    fn new_kv_cache(&self, budget_bytes: usize) -> Result<KvCache> {
+        Ok(LlamaModel::new_kv_cache(self, budget_bytes))
     }
     fn forward(&self, batch: &[SeqChunk<'_>], kv: &mut KvCache) -> Vec<f32> {
         LlamaModel::forward(self, batch, kv)
@@ -271,6 +287,42 @@ impl StepModel for LlamaModel {
     fn chat_template(&self) -> Option<&ChatTemplate> {
         self.chat_template.as_ref()
     }
+    fn device_name(&self) -> String {
+        format!("cpu({})", ferroserve_kernels::cpu::Isa::selected().as_str())
+    }
+}
+
+impl StepModel for OpenClLlama {
+    type Kv = OpenClKv;
+    fn vocab_size(&self) -> usize {
+        self.host().vocab_size()
+    }
+    fn context_length(&self) -> usize {
+        self.host().context_length()
+    }
+    fn new_kv_cache(&self, budget_bytes: usize) -> Result<OpenClKv> {
+        OpenClLlama::new_kv_cache(self, budget_bytes)
+    }
+    fn forward(&self, batch: &[SeqChunk<'_>], kv: &mut OpenClKv) -> Vec<f32> {
+        // A device that fails mid-step (lost, out of memory) ends the engine: the panic is
+        // caught on the engine thread, which fails every request with this message.
+        self.try_forward(batch, kv).unwrap_or_else(|e| panic!("{e}"))
+    }
+    fn vocab(&self) -> &dyn Vocab {
+        &self.host().tokenizer
+    }
+    fn tokenizer(&self) -> Option<&GgufTokenizer> {
+        Some(&self.host().tokenizer)
+    }
+    fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.host().chat_template.as_ref()
+    }
+    fn device_name(&self) -> String {
+        OpenClLlama::device_name(self).to_owned()
+    }
+    fn device_check(&self) -> Option<String> {
+        Some(self.check_summary())
+    }
 }
 
 impl ChatEngine {
@@ -282,13 +334,25 @@ impl ChatEngine {
     /// Like [`load`](Self::load), with a chat template replacing the GGUF's own (compiled
     /// now, so a broken override fails at start-up).
     pub fn load_with_template(path: &std::path::Path, cfg: EngineConfig, chat_template: Option<&str>) -> Result<Self> {
+        if cfg.numerics != Numerics::Exact && !matches!(cfg.device, DeviceChoice::Cpu) {
+            // Checked before the weights are read: the device kernels have one order.
+            return Err(Error::InvalidRequest(
+                "numerics: OpenCL devices compute llama.cpp's exact order only; use exact numerics or the CPU".into(),
+            ));
+        }
         let mut model = LlamaModel::load_with(path, cfg.numerics)?;
         if let Some(source) = chat_template {
             let gguf = crate::weights::gguf::GgufFile::open(path).map_err(|e| Error::model_load(path, e))?;
             let template = ChatTemplate::from_gguf(&gguf, Some(source)).map_err(|e| Error::model_load(path, format!("chat template: {e}")))?;
             model.chat_template = Some(template);
         }
-        Self::start(model, cfg)
+        match &cfg.device {
+            DeviceChoice::Cpu => Self::start(model, cfg),
+            DeviceChoice::OpenCl { index, kernels } => {
+                let model = OpenClLlama::load(model, *index, kernels)?;
+                Self::start(model, cfg)
+            }
+        }
     }
 
     /// Starts the engine thread around a loaded model.
@@ -299,7 +363,8 @@ impl ChatEngine {
             ));
         }
         let model = Arc::new(model);
-        let kv = model.new_kv_cache(cfg.kv_budget_bytes);
+        let kv = model.new_kv_cache(cfg.kv_budget_bytes)?;
+        let (device_name, device_check) = (model.device_name(), model.device_check());
         let kv_tokens = kv.num_blocks() * kv.block_tokens();
         if kv_tokens == 0 {
             return Err(Error::InvalidRequest(format!(
@@ -351,6 +416,8 @@ impl ChatEngine {
             model,
             vocab_size,
             max_context_tokens,
+            device_name,
+            device_check,
             thread: Mutex::new(Some(thread)),
         })
     }
@@ -521,6 +588,16 @@ impl ChatEngine {
     /// A token's raw bytes (for token-level views such as `/v1/tokenize` pieces).
     pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
         self.model.vocab().token_bytes(id).map(<[u8]>::to_vec)
+    }
+
+    /// Where the model computes (`cpu(<isa>)` or `opencl:N(<device>)`).
+    pub fn device_name(&self) -> &str {
+        &self.device_name
+    }
+
+    /// On an OpenCL device: how its logits compared with the CPU's at load.
+    pub fn device_check(&self) -> Option<&str> {
+        self.device_check.as_deref()
     }
 
     fn tokenizer(&self) -> Result<&GgufTokenizer> {

@@ -223,8 +223,8 @@ impl StepModel for FakeModel {
     fn context_length(&self) -> usize {
         self.context_length
     }
-    fn new_kv_cache(&self, budget_bytes: usize) -> FakeKv {
-        FakeKv::new(budget_bytes / BLOCK_BYTES, BLOCK_TOKENS)
+    fn new_kv_cache(&self, budget_bytes: usize) -> ferroserve_core::error::Result<FakeKv> {
+        Ok(FakeKv::new(budget_bytes / BLOCK_BYTES, BLOCK_TOKENS))
     }
     fn forward(&self, batch: &[SeqChunk<'_>], kv: &mut FakeKv) -> Vec<f32> {
         self.batch_tokens

@@ -87,6 +87,25 @@ impl KvCache {
         }
     }
 
+    /// The block pool and prefix cache only, for a device that keeps the K and V storage in
+    /// its own memory (`models::llama_opencl`): [`KvCache::layer`] is then empty.
+    pub fn without_storage(cfg: KvCacheConfig, layers: usize, kv_heads: usize, head_dim: usize) -> Self {
+        let layout = PagedKvLayout::new(cfg.block_tokens, kv_heads, head_dim);
+        KvCache {
+            cfg,
+            layout,
+            k: (0..layers).map(|_| Vec::new()).collect(),
+            v: (0..layers).map(|_| Vec::new()).collect(),
+            pool: BlockPool::new(cfg.num_blocks),
+            prefix: PrefixCache::new(cfg.num_blocks),
+        }
+    }
+
+    /// Whether [`KvCache::layer`] holds the blocks (false for [`KvCache::without_storage`]).
+    pub fn has_storage(&self) -> bool {
+        self.cfg.num_blocks == 0 || self.k.first().is_none_or(|k| !k.is_empty())
+    }
+
     /// As many blocks as fit in `budget_bytes` (K and V of every layer; bookkeeping aside).
     pub fn for_budget(budget_bytes: usize, block_tokens: usize, layers: usize, kv_heads: usize, head_dim: usize) -> Self {
         let num_blocks = budget_bytes / Self::block_bytes(block_tokens, layers, kv_heads, head_dim).max(1);

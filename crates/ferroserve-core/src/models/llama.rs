@@ -272,6 +272,7 @@ impl LlamaModel {
     fn check_batch(&self, batch: &[SeqChunk<'_>], kv: &KvCache) {
         let hp = &self.hparams;
         let layout = kv.layout();
+        assert!(kv.has_storage(), "the KV cache keeps its blocks on a device; this model computes on the CPU");
         assert!(
             kv.num_layers() == hp.block_count && layout.kv_heads == hp.head_count_kv && layout.head_dim == hp.head_dim,
             "KV cache ({} layers, {} KV heads of {}) was not made for this model",
@@ -431,6 +432,77 @@ impl LlamaModel {
         } else {
             quant_matmul_with_isa(self.quant_isa, w.wtype, w.bytes(), w.rows, w.cols, input.x, input.rows, y);
         }
+    }
+}
+
+/// A weight matrix as the GGUF stores it (packed blocks, `[rows, cols]`), for devices that
+/// upload the weights themselves (`llama_opencl`).
+pub struct MatrixView<'a> {
+    pub name: &'static str,
+    pub bytes: &'a [u8],
+    pub wtype: QuantType,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// One decoder layer's weights, in their stored form.
+pub struct LayerView<'a> {
+    pub attn_norm: &'a [f32],
+    pub ffn_norm: &'a [f32],
+    /// Q, K, V, attention output, gate, up, down, in the order a forward pass uses them.
+    pub wq: MatrixView<'a>,
+    pub wk: MatrixView<'a>,
+    pub wv: MatrixView<'a>,
+    pub wo: MatrixView<'a>,
+    pub w_gate: MatrixView<'a>,
+    pub w_up: MatrixView<'a>,
+    pub w_down: MatrixView<'a>,
+}
+
+impl Matrix {
+    fn view(&self, name: &'static str) -> MatrixView<'_> {
+        MatrixView { name, bytes: self.bytes(), wtype: self.wtype, rows: self.rows, cols: self.cols }
+    }
+}
+
+impl LlamaModel {
+    pub fn numerics(&self) -> Numerics {
+        self.numerics
+    }
+
+    pub fn rope(&self) -> &RopeParams {
+        &self.rope
+    }
+
+    pub fn layer_views(&self) -> Vec<LayerView<'_>> {
+        self.layers
+            .iter()
+            .map(|l| LayerView {
+                attn_norm: &l.attn_norm,
+                ffn_norm: &l.ffn_norm,
+                wq: l.wq.view("attn_q"),
+                wk: l.wk.view("attn_k"),
+                wv: l.wv.view("attn_v"),
+                wo: l.wo.view("attn_output"),
+                w_gate: l.w_gate.view("ffn_gate"),
+                w_up: l.w_up.view("ffn_up"),
+                w_down: l.w_down.view("ffn_down"),
+            })
+            .collect()
+    }
+
+    /// The token embedding table (read one row per token).
+    pub fn token_embd_view(&self) -> MatrixView<'_> {
+        self.token_embd.view("token_embd")
+    }
+
+    /// The vocabulary projection (`token_embd` again when the embeddings are tied).
+    pub fn output_view(&self) -> MatrixView<'_> {
+        self.output.view("output")
+    }
+
+    pub fn output_norm(&self) -> &[f32] {
+        &self.output_norm
     }
 }
 

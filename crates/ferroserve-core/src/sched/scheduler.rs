@@ -471,3 +471,30 @@ impl KvPool for crate::kv::KvCache {
         crate::kv::KvCache::register_full_block(self, hash, block)
     }
 }
+
+impl KvPool for crate::models::llama_opencl::OpenClKv {
+    fn block_tokens(&self) -> usize {
+        self.blocks().block_tokens()
+    }
+    fn num_blocks(&self) -> usize {
+        self.blocks().num_blocks()
+    }
+    fn num_free_blocks(&self) -> usize {
+        self.blocks().num_free_blocks()
+    }
+    fn allocate(&mut self) -> Option<u32> {
+        self.blocks_mut().allocate()
+    }
+    fn retain(&mut self, block: u32) {
+        self.blocks_mut().retain(block)
+    }
+    fn release(&mut self, block: u32) {
+        self.blocks_mut().release(block)
+    }
+    fn lookup_prefix(&mut self, tokens: &[u32]) -> Vec<u32> {
+        self.blocks_mut().lookup_prefix(tokens)
+    }
+    fn register_full_block(&mut self, hash: BlockHash, block: u32) {
+        self.blocks_mut().register_full_block(hash, block)
+    }
+}

@@ -131,3 +131,265 @@ impl BertKernels {
         dev.launch(&self.mean_pool, &args, &[l * num_seqs], Some(&[l]))
     }
 }
+
+/// Weight formats the llama matmul kernels read in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantWeights {
+    Q4_1,
+    Q8_0,
+}
+
+/// The llama decoder's kernels (kernels/README.md, "A forward pass on one command queue"),
+/// built once per model; the paged attention kernels are compiled for its head width.
+pub struct LlamaKernels {
+    embedding: BuiltKernel,
+    rms_norm: BuiltKernel,
+    quantize: BuiltKernel,
+    matmul_q4_1: BuiltKernel,
+    matmul_q4_1_tiled: BuiltKernel,
+    matmul_q8_0: BuiltKernel,
+    rope: BuiltKernel,
+    kv_write: BuiltKernel,
+    attention_prefill: BuiltKernel,
+    attention_decode: BuiltKernel,
+    add: BuiltKernel,
+    silu_mul: BuiltKernel,
+    gather_rows: BuiltKernel,
+    norm_group: usize,
+    head_dim: usize,
+}
+
+/// Work-items per group of `matmul_q4_1_q8_1_tiled` and activation rows per work-item (the
+/// kernel's `TILE_COLS` / `TILE_ROWS` defaults, passed explicitly so the launch and the
+/// build cannot disagree).
+const TILE_COLS: usize = 64;
+const TILE_ROWS: usize = 4;
+
+impl LlamaKernels {
+    pub const NAMES: [&'static str; 13] = [
+        "embedding_lookup_q8_0",
+        "rms_norm_f32",
+        "quantize_q8_f32",
+        "matmul_q4_1_q8_1",
+        "matmul_q4_1_q8_1_tiled",
+        "matmul_q8_0_q8_0",
+        "rope_f32",
+        "kv_write_f16_f32",
+        "attention_paged_f16_prefill",
+        "attention_paged_f16_decode",
+        "add_f32",
+        "silu_mul_f32",
+        "gather_rows_f32",
+    ];
+
+    pub fn build(dev: &OpenClDevice, head_dim: usize, from: &KernelSource) -> Result<Self> {
+        let none: &[(&str, String)] = &[];
+        let head = [("HEAD_DIM", head_dim.to_string())];
+        let tiles = [("TILE_COLS", TILE_COLS.to_string()), ("TILE_ROWS", TILE_ROWS.to_string())];
+        let rms_norm = dev.kernel("rms_norm_f32", none, from)?;
+        // One work-item computes the row's scale serially; the group then scales the row.
+        let norm_group = rms_norm.max_work_group_size.clamp(1, 64);
+        let attention_decode = dev.kernel("attention_paged_f16_decode", &head, from)?;
+        if attention_decode.max_work_group_size < head_dim {
+            return Err(super::OpenClError::Unsupported(format!(
+                "attention_paged_f16_decode needs work-groups of {head_dim} (the head width); this device allows {}",
+                attention_decode.max_work_group_size
+            )));
+        }
+        let matmul_q4_1_tiled = dev.kernel("matmul_q4_1_q8_1_tiled", &tiles, from)?;
+        if matmul_q4_1_tiled.max_work_group_size < TILE_COLS {
+            return Err(super::OpenClError::Unsupported(format!(
+                "matmul_q4_1_q8_1_tiled needs work-groups of {TILE_COLS}; this device allows {}",
+                matmul_q4_1_tiled.max_work_group_size
+            )));
+        }
+        Ok(Self {
+            embedding: dev.kernel("embedding_lookup_q8_0", none, from)?,
+            rms_norm,
+            quantize: dev.kernel("quantize_q8_f32", none, from)?,
+            matmul_q4_1: dev.kernel("matmul_q4_1_q8_1", none, from)?,
+            matmul_q4_1_tiled,
+            matmul_q8_0: dev.kernel("matmul_q8_0_q8_0", none, from)?,
+            rope: dev.kernel("rope_f32", none, from)?,
+            kv_write: dev.kernel("kv_write_f16_f32", none, from)?,
+            attention_prefill: dev.kernel("attention_paged_f16_prefill", &head, from)?,
+            attention_decode,
+            add: dev.kernel("add_f32", none, from)?,
+            silu_mul: dev.kernel("silu_mul_f32", none, from)?,
+            gather_rows: dev.kernel("gather_rows_f32", none, from)?,
+            norm_group,
+            head_dim,
+        })
+    }
+
+    fn all(&self) -> [&BuiltKernel; 13] {
+        [
+            &self.embedding,
+            &self.rms_norm,
+            &self.quantize,
+            &self.matmul_q4_1,
+            &self.matmul_q4_1_tiled,
+            &self.matmul_q8_0,
+            &self.rope,
+            &self.kv_write,
+            &self.attention_prefill,
+            &self.attention_decode,
+            &self.add,
+            &self.silu_mul,
+            &self.gather_rows,
+        ]
+    }
+
+    /// Writes every kernel's program binary to `dir` (the attention binaries are then fixed
+    /// to this model's head width).
+    pub fn save_binaries(&self, dev: &OpenClDevice, dir: &Path) -> Result<Vec<PathBuf>> {
+        self.all().iter().map(|k| dev.save_binary(k, dir)).collect()
+    }
+
+    /// `x[r] = dequantised Q8_0 row tokens[r]`.
+    pub fn embedding_lookup(&self, dev: &OpenClDevice, table: &DeviceBuffer<u8>, tokens: &DeviceBuffer<u32>, x: &DeviceBuffer<f32>, rows: usize, dim: usize) -> Result<()> {
+        let args = [Arg::buf(table), Arg::buf(tokens), Arg::buf(x), Arg::U32(dim as u32)];
+        dev.launch(&self.embedding, &args, &[dim, rows], None)
+    }
+
+    /// `out = RMSNorm(x) * weight` per row (`out` must not alias `x`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rms_norm(&self, dev: &OpenClDevice, x: &DeviceBuffer<f32>, weight: &DeviceBuffer<f32>, out: &DeviceBuffer<f32>, rows: usize, dim: usize, eps: f32) -> Result<()> {
+        let l = self.norm_group;
+        let args = [Arg::buf(x), Arg::buf(weight), Arg::buf(out), Arg::U32(dim as u32), Arg::F32(eps)];
+        dev.launch(&self.rms_norm, &args, &[l * rows], Some(&[l]))
+    }
+
+    /// Quantises `rows × k` activations into 8-bit blocks (`acts`), once for every matmul
+    /// that reads them.
+    pub fn quantize(&self, dev: &OpenClDevice, x: &DeviceBuffer<f32>, acts: &Q8Buffers, rows: usize, k: usize) -> Result<()> {
+        let args = [Arg::buf(x), Arg::buf(&acts.qs), Arg::buf(&acts.scales), Arg::buf(&acts.sums), Arg::U32(k as u32)];
+        dev.launch(&self.quantize, &args, &[k / 32, rows], None)
+    }
+
+    /// `y[m, n] = acts · wᵀ` for a packed `[n, k]` weight matrix. Q4_1 takes the tiled
+    /// kernel when several rows share the weights (same bits as the untiled one).
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul(&self, dev: &OpenClDevice, w: &DeviceBuffer<u8>, format: QuantWeights, acts: &Q8Buffers, y: &DeviceBuffer<f32>, m: usize, n: usize, k: usize) -> Result<()> {
+        let (n32, k32) = (n as u32, k as u32);
+        match format {
+            QuantWeights::Q4_1 if m > 1 => {
+                let args = [Arg::buf(w), Arg::buf(&acts.qs), Arg::buf(&acts.scales), Arg::buf(&acts.sums), Arg::buf(y), Arg::U32(n32), Arg::U32(k32), Arg::U32(m as u32)];
+                dev.launch(&self.matmul_q4_1_tiled, &args, &[n, m.div_ceil(TILE_ROWS)], Some(&[TILE_COLS, 1]))
+            }
+            QuantWeights::Q4_1 => {
+                let args = [Arg::buf(w), Arg::buf(&acts.qs), Arg::buf(&acts.scales), Arg::buf(&acts.sums), Arg::buf(y), Arg::U32(n32), Arg::U32(k32)];
+                dev.launch(&self.matmul_q4_1, &args, &[n, m], None)
+            }
+            QuantWeights::Q8_0 => {
+                let args = [Arg::buf(w), Arg::buf(&acts.qs), Arg::buf(&acts.scales), Arg::buf(y), Arg::U32(n32), Arg::U32(k32)];
+                dev.launch(&self.matmul_q8_0, &args, &[n, m], None)
+            }
+        }
+    }
+
+    /// Rotates the first `rope_dims` values of every head of `x` in place.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope(&self, dev: &OpenClDevice, x: &DeviceBuffer<f32>, positions: &DeviceBuffer<u32>, cos_sin: &DeviceBuffer<f32>, rows: usize, heads: usize, rope_dims: usize) -> Result<()> {
+        let args = [Arg::buf(x), Arg::buf(positions), Arg::buf(cos_sin), Arg::U32(heads as u32), Arg::U32(self.head_dim as u32), Arg::U32(rope_dims as u32)];
+        dev.launch(&self.rope, &args, &[rope_dims / 2, heads, rows], None)
+    }
+
+    /// Stores the step's K and V rows into one layer's paged f16 caches at `slot_mapping`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn kv_write(
+        &self,
+        dev: &OpenClDevice,
+        k: &DeviceBuffer<f32>,
+        v: &DeviceBuffer<f32>,
+        slot_mapping: &DeviceBuffer<u32>,
+        k_cache: &DeviceBuffer<u16>,
+        v_cache: &DeviceBuffer<u16>,
+        rows: usize,
+        kv_heads: usize,
+        block_tokens: usize,
+    ) -> Result<()> {
+        let args = [
+            Arg::buf(k),
+            Arg::buf(v),
+            Arg::buf(slot_mapping),
+            Arg::buf(k_cache),
+            Arg::buf(v_cache),
+            Arg::U32(kv_heads as u32),
+            Arg::U32(self.head_dim as u32),
+            Arg::U32(block_tokens as u32),
+        ];
+        dev.launch(&self.kv_write, &args, &[kv_heads * self.head_dim, rows], None)
+    }
+
+    /// Causal attention of every row over its sequence's cached keys `0..=row_pos`. `decode`
+    /// picks the kernel that parallelises within a (row, head), for steps of few rows; both
+    /// give the same bits.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention(&self, dev: &OpenClDevice, decode: bool, t: &AttentionTables, q: &DeviceBuffer<f32>, k_cache: &DeviceBuffer<u16>, v_cache: &DeviceBuffer<u16>, out: &DeviceBuffer<f32>) -> Result<()> {
+        let args = [
+            Arg::buf(q),
+            Arg::buf(k_cache),
+            Arg::buf(v_cache),
+            Arg::buf(t.block_tables),
+            Arg::buf(t.row_seq),
+            Arg::buf(t.row_pos),
+            Arg::buf(out),
+            Arg::U32(t.heads as u32),
+            Arg::U32(t.kv_heads as u32),
+            Arg::U32(t.block_tokens as u32),
+            Arg::U32(t.max_blocks as u32),
+        ];
+        if decode {
+            let d = self.head_dim;
+            dev.launch(&self.attention_decode, &args, &[t.heads * d, t.rows], Some(&[d, 1]))
+        } else {
+            dev.launch(&self.attention_prefill, &args, &[t.heads, t.rows], None)
+        }
+    }
+
+    /// `x += y` over `count` values.
+    pub fn add(&self, dev: &OpenClDevice, x: &DeviceBuffer<f32>, y: &DeviceBuffer<f32>, count: usize) -> Result<()> {
+        dev.launch(&self.add, &[Arg::buf(x), Arg::buf(y), Arg::U32(count as u32)], &[count], None)
+    }
+
+    /// `gate = silu(gate) * up` over `count` values.
+    pub fn silu_mul(&self, dev: &OpenClDevice, gate: &DeviceBuffer<f32>, up: &DeviceBuffer<f32>, count: usize) -> Result<()> {
+        dev.launch(&self.silu_mul, &[Arg::buf(gate), Arg::buf(up), Arg::U32(count as u32)], &[count], None)
+    }
+
+    /// `out[i] = x[rows[i]]` for `count` rows of `dim`.
+    pub fn gather_rows(&self, dev: &OpenClDevice, x: &DeviceBuffer<f32>, rows: &DeviceBuffer<u32>, out: &DeviceBuffer<f32>, count: usize, dim: usize) -> Result<()> {
+        dev.launch(&self.gather_rows, &[Arg::buf(x), Arg::buf(rows), Arg::buf(out), Arg::U32(dim as u32)], &[dim, count], None)
+    }
+}
+
+/// 8-bit activation blocks on the device (`quantize_q8_f32`'s outputs): `qs` `[rows·k]`,
+/// `scales` `[rows·k/32][d, d·Σq]`, `sums` `[rows·k/32]`.
+pub struct Q8Buffers {
+    pub qs: DeviceBuffer<i8>,
+    pub scales: DeviceBuffer<f32>,
+    pub sums: DeviceBuffer<f32>,
+}
+
+impl Q8Buffers {
+    /// Room for `rows × k` activations.
+    pub fn new(dev: &OpenClDevice, rows: usize, k: usize) -> Result<Self> {
+        let blocks = rows * k / 32;
+        Ok(Self { qs: dev.alloc(rows * k)?, scales: dev.alloc(2 * blocks)?, sums: dev.alloc(blocks)? })
+    }
+}
+
+/// A step's attention indices on the device (kernels/README.md "Conventions").
+pub struct AttentionTables<'a> {
+    /// `[num_seqs][max_blocks]` block ids.
+    pub block_tables: &'a DeviceBuffer<u32>,
+    /// Per row: its sequence, and its absolute position.
+    pub row_seq: &'a DeviceBuffer<u32>,
+    pub row_pos: &'a DeviceBuffer<u32>,
+    pub rows: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub block_tokens: usize,
+    pub max_blocks: usize,
+}
