@@ -64,6 +64,25 @@ class Server:
         self.log.close()
 
 
+def opencl_skip_reason() -> str | None:
+    """Why the OpenCL tests cannot run here, or None. Asks the extension itself (the loader
+    the server uses), not pyopencl."""
+    from ferroserve import _core
+
+    try:
+        devices = _core.opencl_devices()
+    except _core.DeviceError as exc:
+        return f"no usable OpenCL: {exc}"
+    return None if devices else "OpenCL platforms but no device; install pocl-opencl-icd (`make test` does)"
+
+
+def run_cli(args: list[str], env: dict[str, str] | None = None, wrapper: list[str] | None = None, timeout: float = 120):
+    return subprocess.run(
+        [*(wrapper or []), sys.executable, "-m", "ferroserve", *args],
+        env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout,
+    )
+
+
 @pytest.fixture(scope="session")
 def server():
     srv = Server(["--max-body-bytes", str(2 * 1024 * 1024), "--log-level", "warning"])

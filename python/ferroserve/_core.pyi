@@ -55,7 +55,13 @@ class ChatEngine:
         max_running: int = 64,
         chat_template: str | None = None,
         numerics: str = "exact",
+        device: str = "cpu",
+        kernel_binaries: str | PathLike[str] | None = None,
     ) -> ChatEngine: ...
+    @property
+    def device(self) -> str: ...
+    @property
+    def device_check(self) -> str | None: ...
     def submit(
         self,
         request_id: int,

@@ -237,8 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--device", action="append", metavar="[NAME=]DEVICE",
         help="cpu (default), opencl[:N] (refuse to start if it cannot be used) or auto (OpenCL device 0, "
-        "else the CPU, with the reason logged); NAME= for one model only (repeatable). Only embedding "
-        "models run on OpenCL so far: chat models stay on the CPU (env FERROSERVE_DEVICE)",
+        "else the CPU, with the reason logged); NAME= for one model only (repeatable). Chat models on "
+        "OpenCL need --numerics exact (env FERROSERVE_DEVICE)",
     )
     serve.add_argument(
         "--kernel-binaries", metavar="DIR",

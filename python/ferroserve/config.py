@@ -156,25 +156,33 @@ def parse_device(value: str) -> str:
 
 def apply_device_args(models: list[ModelSpec], device_args: list[str]) -> None:
     """`--device DEVICE` sets every model's device, `--device NAME=DEVICE` one model's (later
-    arguments win). Only embedding models run on OpenCL so far: a global OpenCL choice
-    leaves chat models on the CPU (the registry logs it), while naming a chat model for
-    OpenCL is refused, since that request cannot be honoured."""
+    arguments win)."""
     for arg in device_args:
         name, sep, dev = arg.rpartition("=")
         device = parse_device(dev)
         if not sep:
             for m in models:
-                m.device = device if m.kind == "embedding" else "cpu"
+                m.device = device
             continue
         spec = next((m for m in models if name == m.name or name in m.aliases), None)
         if spec is None:
             raise ConfigError(f"--device names an unknown model {name!r}; models: {[m.name for m in models]}")
-        if spec.kind == "chat" and device != "cpu":
-            raise ConfigError(
-                f"the chat model {spec.name} cannot run on {device}: only embedding models have an "
-                "OpenCL path so far (the chat model's is issue 5 item 4a); use --device cpu for it"
-            )
         spec.device = device
+
+
+def check_numerics_devices(models: list[ModelSpec], numerics: str) -> None:
+    """The OpenCL kernels compute the chat model in llama.cpp's exact order only: an explicit
+    OpenCL device with fast numerics is refused (`auto` then keeps the chat model on the CPU;
+    the registry logs it)."""
+    if numerics == "exact":
+        return
+    for m in models:
+        if m.kind == "chat" and m.device.startswith("opencl"):
+            raise ConfigError(
+                f"the chat model {m.name} cannot run on {m.device} with --numerics {numerics}: the OpenCL "
+                "kernels compute the exact order only; use --numerics exact, or --device "
+                f"{m.name}=cpu to keep it on the CPU"
+            )
 
 
 def _env(name: str) -> str | None:
@@ -243,6 +251,7 @@ def resolve(
     s.numerics = (numerics or _env("NUMERICS") or s.numerics).lower()
     if s.numerics not in ("exact", "fast"):
         raise ConfigError(f"--numerics must be exact or fast, got {s.numerics!r}")
+    check_numerics_devices(s.models, s.numerics)
     if s.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"--log-level must be debug, info, warning or error, got {s.log_level!r}")
     if not price_args and _env("PRICES"):

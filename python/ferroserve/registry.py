@@ -5,11 +5,15 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 from ferroserve.backends.local import LocalChatModel, LocalEmbeddingModel
 from ferroserve import _core
 from ferroserve.config import ModelSpec, Settings
 from ferroserve.log import logger
+
+
+B = TypeVar("B", LocalEmbeddingModel, LocalChatModel)
 
 
 class StartupRefused(Exception):
@@ -51,22 +55,7 @@ class Registry:
         started = time.perf_counter()
         created = int(time.time())
         if spec.kind == "chat":
-            if any(m.device != "cpu" for m in settings.models):
-                # A global --device opencl/auto: say plainly that this model is not on it.
-                logger.warning(
-                    "chat model stays on the CPU",
-                    extra={"fields": {"model": spec.name, "reason": "the OpenCL chat path is not implemented yet (issue 5 item 4a); only embedding models run on OpenCL"}},
-                )
-            chat = LocalChatModel.load(
-                spec.name,
-                spec.path,
-                kv_budget_bytes=settings.kv_budget_bytes,
-                max_batch_tokens=settings.max_batch_tokens,
-                max_running=settings.max_running,
-                chat_template=settings.chat_template,
-                numerics=settings.numerics,
-                created=created,
-            )
+            chat = self._load_chat(spec, settings, created)
             loaded = LoadedModel(
                 spec=spec,
                 backend=chat,
@@ -74,7 +63,7 @@ class Registry:
                 capabilities=["chat", "completions"],
                 context_length=chat.engine.context_length,
                 dimensions=None,
-                device="cpu(" + _core.cpu_isa() + ")",
+                device=chat.engine.device,
             )
         else:
             backend = self._load_embedding(spec, settings, created)
@@ -96,10 +85,34 @@ class Registry:
         logger.info("model loaded", extra={"fields": {"model": spec.name, "device": loaded.device, "seconds": round(seconds, 3)}})
 
     @staticmethod
-    def _load_embedding(spec: ModelSpec, settings: Settings, created: int) -> LocalEmbeddingModel:
-        """On the spec's device. `opencl:N` is explicit: if it cannot be used, StartupRefused.
-        `auto` tries OpenCL device 0 and falls back to the CPU, logging the reason."""
+    def _load_chat(spec: ModelSpec, settings: Settings, created: int) -> LocalChatModel:
+        def load(device: str) -> LocalChatModel:
+            return LocalChatModel.load(
+                spec.name,
+                spec.path,
+                kv_budget_bytes=settings.kv_budget_bytes,
+                max_batch_tokens=settings.max_batch_tokens,
+                max_running=settings.max_running,
+                chat_template=settings.chat_template,
+                numerics=settings.numerics,
+                device=device,
+                kernel_binaries=settings.kernel_binaries if device != "cpu" else None,
+                created=created,
+            )
 
+        if spec.device == "auto" and settings.numerics != "exact":
+            logger.warning(
+                "chat model stays on the CPU",
+                extra={"fields": {"model": spec.name, "reason": f"--numerics {settings.numerics} is CPU-only; the OpenCL kernels compute the exact order"}},
+            )
+            return load("cpu")
+        chat = _on_device(spec, load)
+        if chat.engine.device_check is not None:
+            logger.info("device check", extra={"fields": {"model": spec.name, "device": chat.engine.device, "result": chat.engine.device_check}})
+        return chat
+
+    @staticmethod
+    def _load_embedding(spec: ModelSpec, settings: Settings, created: int) -> LocalEmbeddingModel:
         def load(device: str) -> LocalEmbeddingModel:
             return LocalEmbeddingModel.load(
                 spec.name,
@@ -111,13 +124,20 @@ class Registry:
                 created=created,
             )
 
-        if spec.device == "cpu":
-            return load("cpu")
-        device = "opencl:0" if spec.device == "auto" else spec.device
-        try:
-            return load(device)
-        except _core.DeviceError as exc:
-            if spec.device != "auto":
-                raise StartupRefused(f"model {spec.name}: --device {device} cannot be used: {exc}") from None
-            logger.warning("OpenCL unavailable, using the CPU", extra={"fields": {"model": spec.name, "device": device, "reason": str(exc)}})
-            return load("cpu")
+        return _on_device(spec, load)
+
+
+def _on_device(spec: ModelSpec, load: Callable[[str], B]) -> B:
+    """Loads on the spec's device. `opencl:N` is explicit: if it cannot be used (no driver,
+    kernels that do not build, a load check that disagrees with the CPU), StartupRefused.
+    `auto` tries OpenCL device 0 and falls back to the CPU, logging the reason."""
+    if spec.device == "cpu":
+        return load("cpu")
+    device = "opencl:0" if spec.device == "auto" else spec.device
+    try:
+        return load(device)
+    except _core.DeviceError as exc:
+        if spec.device != "auto":
+            raise StartupRefused(f"model {spec.name}: --device {device} cannot be used: {exc}") from None
+        logger.warning("OpenCL unavailable, using the CPU", extra={"fields": {"model": spec.name, "device": device, "reason": str(exc)}})
+        return load("cpu")

