@@ -1,4 +1,4 @@
-"""`ferroserve serve | keys | models | devices`."""
+"""`ferroserve serve | keys | models | kernels | devices`."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 from ferroserve import __version__
-from ferroserve.config import SETTINGS_ENV, STARTUP_ERROR_ENV, ConfigError, resolve, resolve_data_dir
+from ferroserve.config import SETTINGS_ENV, STARTUP_ERROR_ENV, ConfigError, parse_device, resolve, resolve_data_dir
 
 
 def _is_loopback(host: str) -> bool:
@@ -121,6 +122,50 @@ def _models(args: argparse.Namespace) -> int:
     for m in settings.models:
         aliases = f" (aliases: {', '.join(m.aliases)})" if m.aliases else ""
         print(f"{m.name}\t{m.kind}\t{m.device}\t{m.path}{aliases}")
+    return 0
+
+
+def _kernels(args: argparse.Namespace) -> int:
+    """Builds the OpenCL kernels every configured model needs on one device and writes their
+    program binaries to --out, for `serve --device opencl:N --kernel-binaries DIR` (on an
+    FPGA flow, the place for offline-compiled .aocx files is the same directory)."""
+    import filecmp
+
+    from ferroserve import _core
+
+    try:
+        settings = resolve(model_args=args.model)
+        device = parse_device(args.device)
+    except ConfigError as exc:
+        print(f"ferroserve: error: {exc}", file=sys.stderr)
+        return 2
+    if not device.startswith("opencl:"):
+        print(f"ferroserve: error: --device must be opencl or opencl:N, got {args.device!r}", file=sys.stderr)
+        return 2
+    index = int(device.split(":")[1])
+    out = Path(args.out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, str] = {}  # file -> the model that wrote it
+    for m in settings.models:
+        with tempfile.TemporaryDirectory(dir=out) as tmp:
+            try:
+                files = _core.write_kernel_binaries(m.kind, m.path, index, tmp)
+            except _core.FerroserveError as exc:
+                print(f"ferroserve: error: model {m.name}: {exc}", file=sys.stderr)
+                return 2
+            for f in map(Path, files):
+                target = out / f.name
+                if f.name in written and not filecmp.cmp(f, target, shallow=False):
+                    # Same kernel, other -D values (e.g. another head width): one directory
+                    # cannot hold both.
+                    print(f"ferroserve: error: models {written[f.name]} and {m.name} need different builds of "
+                          f"{f.stem}; write their binaries to separate directories (--model)", file=sys.stderr)
+                    return 2
+                os.replace(f, target)
+                written[f.name] = m.name
+                print(target)
+    print(f"ferroserve: {len(written)} kernel binaries for {len(settings.models)} model(s) on {device}; serve with "
+          f"--device {device} --kernel-binaries {out}", file=sys.stderr)
     return 0
 
 
@@ -272,6 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--model", action="append", metavar="NAME=PATH")
     models.add_argument("--device", action="append", metavar="[NAME=]DEVICE", help="as for serve")
     models.set_defaults(func=_models)
+
+    kernels = sub.add_parser("kernels", help="write the OpenCL kernels' program binaries for --kernel-binaries")
+    kernels.add_argument("--out", required=True, metavar="DIR", help="where to write <kernel>.bin files")
+    kernels.add_argument("--device", default="opencl:0", metavar="DEVICE", help="opencl or opencl:N (default opencl:0)")
+    kernels.add_argument("--model", action="append", metavar="NAME=PATH", help="as for serve (default: the default models)")
+    kernels.set_defaults(func=_kernels)
 
     devices = sub.add_parser("devices", help="list compute devices")
     devices.set_defaults(func=_devices)

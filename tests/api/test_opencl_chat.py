@@ -18,6 +18,12 @@ from ferroserve.config import package_dir
 from tests.conftest import FIXTURES, Server, opencl_skip_reason, run_cli
 
 MODEL = "smollm2"  # the name the default (CPU) session server gives the chat model
+# What `ferroserve kernels` writes for the chat model (LlamaKernels::NAMES).
+CHAT_KERNELS = [
+    "embedding_lookup_q8_0", "rms_norm_f32", "quantize_q8_f32", "matmul_q4_1_q8_1", "matmul_q4_1_q8_1_tiled",
+    "matmul_q8_0_q8_0", "rope_f32", "kv_write_f16_f32", "attention_paged_f16_prefill", "attention_paged_f16_decode",
+    "add_f32", "silu_mul_f32", "gather_rows_f32",
+]
 
 
 def _gguf() -> str:
@@ -94,3 +100,47 @@ def test_device_selection_for_the_chat_model():
     assert r.returncode == 2 and "cannot run on opencl:1 with --numerics fast" in r.stderr, r.stderr
     r = run_cli(["models", "--model", f"chat={gguf}", "--device", "auto"], env={"FERROSERVE_NUMERICS": "fast"})
     assert r.returncode == 0 and r.stdout.split("\t")[2] == "auto", r.stderr
+
+
+def test_kernels_cli_writes_binaries_the_server_runs_from(tmp_path, client):
+    if (reason := opencl_skip_reason()) is not None:
+        pytest.skip(reason)
+    gguf = _gguf()
+    out = tmp_path / "bins"
+    r = run_cli(["kernels", "--out", str(out), "--model", f"{MODEL}={gguf}"], timeout=300)
+    assert r.returncode == 0, r.stderr
+    written = sorted(p.name for p in out.iterdir())
+    assert written == sorted(f"{k}.bin" for k in CHAT_KERNELS), written
+    assert f"--kernel-binaries {out}" in r.stderr
+    srv = Server(["--model", f"{MODEL}={gguf}", "--device", "opencl", "--kernel-binaries", str(out)])
+    try:
+        srv.wait_ready(timeout=300)
+        dev = OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=600)
+        kw = dict(model=MODEL, prompt="The three primary colors are", max_tokens=16, temperature=0)
+        assert dev.completions.create(**kw).choices[0].text == client.completions.create(**kw).choices[0].text
+    finally:
+        srv.stop()
+
+
+def test_a_kernel_binary_that_computes_something_else_is_refused_at_load(tmp_path):
+    """The load check compares the device's logits with the CPU's: a miscompiled (here:
+    deliberately wrong) kernel stops the server from starting instead of serving garbage."""
+    if (reason := opencl_skip_reason()) is not None:
+        pytest.skip(reason)
+    cl = pytest.importorskip("pyopencl")
+    gguf = _gguf()
+    out = tmp_path / "bins"
+    assert run_cli(["kernels", "--out", str(out), "--model", f"{MODEL}={gguf}"], timeout=300).returncode == 0
+    # SiLU left out: gate * up. Same name and arguments, so it loads and runs.
+    wrong = ("__kernel void silu_mul_f32(__global float *gate, const __global float *up, const uint count) {"
+             " const uint i = get_global_id(0); if (i < count) gate[i] = gate[i] * up[i]; }")
+    pocl = [p for p in cl.get_platforms() if "portable computing language" in p.name.lower()]
+    if not pocl:
+        pytest.skip("the wrong binary is built with PoCL, which is not installed")
+    ctx = cl.Context(pocl[0].get_devices()[:1])
+    (out / "silu_mul_f32.bin").write_bytes(cl.Program(ctx, wrong).build().binaries[0])
+    r = run_cli(["serve", "--port", "0", "--model", f"{MODEL}={gguf}", "--device", "opencl", "--kernel-binaries", str(out),
+                 "--data-dir", str(tmp_path / "data")], timeout=300)
+    assert r.returncode == 2, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert f"model {MODEL}: --device opencl:0 cannot be used:" in last and "load check" in last, last

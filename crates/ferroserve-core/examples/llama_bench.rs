@@ -6,6 +6,8 @@
 //!
 //! `SINGLE_ONLY=1` runs only the one-sequence case, `reps` times, and prints nothing;
 //! `NUMERICS=fast` loads the model with the fast matmul order (default `exact`).
+//! `DEVICE=opencl[:N]` runs it on OpenCL device N (`OpenClLlama`, exact numerics) instead of
+//! the CPU; `NEW_TOKENS=n` shortens the decode (default 128) for slow devices.
 //! `PREFILL_ONLY=1` only the sixteen-prompt prefill step, `reps` times; `BATCH_ONLY=1` only the
 //! sixteen-sequence case, printing nothing (all for profiling).
 //!
@@ -23,12 +25,14 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use ferroserve_core::kv::KvCache;
+use ferroserve_core::engine::StepModel;
 use ferroserve_core::models::llama::{LlamaModel, Numerics, SeqChunk};
+use ferroserve_core::models::llama_opencl::OpenClLlama;
+use ferroserve_core::sched::scheduler::KvPool;
+use ferroserve_kernels::opencl::KernelSource;
 use ferroserve_core::tokenize::chat_template::ChatMessage;
 
 const PROMPT_TOKENS: usize = 41;
-const NEW_TOKENS: usize = 128;
 const STREAMS: usize = 16;
 
 struct Stats {
@@ -57,10 +61,15 @@ struct RunTimes {
     decode_s: f64,
 }
 
-/// Prefills `prompts` in one step, then decodes `NEW_TOKENS` steps for all of them.
-fn run(model: &LlamaModel, kv: &mut KvCache, prompts: &[Vec<u32>]) -> RunTimes {
+fn new_tokens() -> usize {
+    std::env::var("NEW_TOKENS").ok().map_or(128, |n| n.parse().expect("NEW_TOKENS=<count>"))
+}
+
+/// Prefills `prompts` in one step, then decodes `new_tokens()` steps for all of them.
+fn run<M: StepModel>(model: &M, kv: &mut M::Kv, prompts: &[Vec<u32>]) -> RunTimes {
+    let new = new_tokens();
     let bt = kv.block_tokens();
-    let max_len = prompts.iter().map(Vec::len).max().unwrap() + NEW_TOKENS;
+    let max_len = prompts.iter().map(Vec::len).max().unwrap() + new;
     let mut tables: Vec<Vec<u32>> =
         prompts.iter().map(|_| (0..max_len.div_ceil(bt)).map(|_| kv.allocate().expect("KV cache too small")).collect()).collect();
 
@@ -76,7 +85,7 @@ fn run(model: &LlamaModel, kv: &mut KvCache, prompts: &[Vec<u32>]) -> RunTimes {
     let vocab = model.vocab_size();
     let mut last: Vec<u32> = logits.chunks_exact(vocab).map(argmax).collect();
     let mut decode_s = 0.0;
-    for step in 0..NEW_TOKENS {
+    for step in 0..new {
         let feeds: Vec<[u32; 1]> = last.iter().map(|&t| [t]).collect();
         let batch: Vec<SeqChunk<'_>> = feeds
             .iter()
@@ -125,33 +134,44 @@ fn main() {
             ids
         })
         .collect();
-    let mean_prompt = prompts.iter().map(Vec::len).sum::<usize>() as f64 / prompts.len() as f64;
+    match std::env::var("DEVICE").ok().as_deref() {
+        None | Some("cpu") => bench(&model, &path, &prompts, reps),
+        Some(dev) => {
+            let index = dev.strip_prefix("opencl").map(|n| n.trim_start_matches(':')).map(|n| if n.is_empty() { 0 } else { n.parse().expect("DEVICE=opencl:N") }).expect("DEVICE=cpu|opencl[:N]");
+            let model = OpenClLlama::load(model, index, &KernelSource::Embedded).unwrap_or_else(|e| panic!("{e}"));
+            println!("# {}: load check: {}", model.device_name(), model.check_summary());
+            bench(&model, &path, &prompts, reps)
+        }
+    }
+}
 
-    let mut kv = model.new_kv_cache(256 << 20);
+fn bench<M: StepModel + std::fmt::Debug>(model: &M, path: &str, prompts: &[Vec<u32>], reps: usize) {
+    let mean_prompt = prompts.iter().map(Vec::len).sum::<usize>() as f64 / prompts.len() as f64;
+    let mut kv = model.new_kv_cache(256 << 20).unwrap_or_else(|e| panic!("{e}"));
+    let new = new_tokens();
     println!(
-        "# llama_bench: {} ({} layers, dim {}), {} rayon threads, KV cache {} blocks of {} tokens",
+        "# llama_bench: {} on {}, {} rayon threads, KV cache {} blocks of {} tokens",
         path.rsplit('/').next().unwrap(),
-        model.hparams.block_count,
-        model.hparams.embedding_length,
+        model.device_name(),
         rayon::current_num_threads(),
         kv.num_blocks(),
         kv.block_tokens()
     );
     println!("# {model:?}");
-    println!("# prompts: {mean_prompt:.1} tokens on average, {NEW_TOKENS} new tokens, {reps} rounds after one warm-up (median [min, max])");
+    println!("# prompts: {mean_prompt:.1} tokens on average, {new} new tokens, {reps} rounds after one warm-up (median [min, max])");
 
     let single = &prompts[..1];
     if std::env::var_os("SINGLE_ONLY").is_some() {
         // For profiling the one-sequence decode alone.
         for _ in 0..reps {
-            run(&model, &mut kv, single);
+            run(model, &mut kv, single);
         }
         return;
     }
     if std::env::var_os("BATCH_ONLY").is_some() {
         // For profiling the sixteen-sequence case alone (prefill, then 128 decode steps).
         for _ in 0..reps {
-            run(&model, &mut kv, &prompts);
+            run(model, &mut kv, prompts);
         }
         return;
     }
@@ -176,16 +196,16 @@ fn main() {
         println!("{STREAMS} sequences: prefill (one step) {:9.1} tok/s [{:.1}, {:.1}]", s.median, s.min, s.max);
         return;
     }
-    run(&model, &mut kv, single);
-    run(&model, &mut kv, &prompts);
+    run(model, &mut kv, single);
+    run(model, &mut kv, prompts);
     let (mut s_prefill, mut s_decode, mut b_prefill, mut b_decode) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..reps {
-        let a = run(&model, &mut kv, single);
+        let a = run(model, &mut kv, single);
         s_prefill.push(single[0].len() as f64 / a.prefill_s);
-        s_decode.push(NEW_TOKENS as f64 / a.decode_s);
-        let b = run(&model, &mut kv, &prompts);
+        s_decode.push(new as f64 / a.decode_s);
+        let b = run(model, &mut kv, prompts);
         b_prefill.push(prompts.iter().map(Vec::len).sum::<usize>() as f64 / b.prefill_s);
-        b_decode.push((NEW_TOKENS * STREAMS) as f64 / b.decode_s);
+        b_decode.push((new * STREAMS) as f64 / b.decode_s);
     }
     let show = |label: &str, s: Stats, unit: &str| println!("{label:<44} {:9.1} {unit} [{:.1}, {:.1}]", s.median, s.min, s.max);
     let per_step = |v: &[f64], streams: usize| stats(v.iter().map(|tps| 1000.0 * streams as f64 / tps).collect());

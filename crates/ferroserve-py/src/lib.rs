@@ -17,6 +17,23 @@ fn cpu_isa() -> &'static str {
 /// The OpenCL devices this process can use, as `--device opencl:N` numbers them: a list of
 /// dicts (index, platform, name, version, global_mem_bytes, compute_units, ieee_fp32).
 /// Raises `DeviceError` with the reason when there is no ICD loader or no platform.
+/// Builds the OpenCL kernels a model needs (`kind` "chat": a GGUF file; "embedding": a
+/// sentence-transformers folder) on OpenCL device `device` and writes their program binaries
+/// into `out_dir` (for `--kernel-binaries`). Returns the files written. Raises `DeviceError`
+/// without a usable device, `ModelLoadError` for an unreadable model.
+#[pyfunction]
+fn write_kernel_binaries(py: Python<'_>, kind: &str, path: std::path::PathBuf, device: usize, out_dir: std::path::PathBuf) -> PyResult<Vec<String>> {
+    use ferroserve_core::models::{bert_opencl, llama_opencl};
+    let kind = kind.to_owned();
+    py.allow_threads(move || match kind.as_str() {
+        "chat" => llama_opencl::write_kernel_binaries(&path, device, &out_dir),
+        "embedding" => bert_opencl::write_kernel_binaries(&path, device, &out_dir),
+        other => Err(ferroserve_core::Error::InvalidRequest(format!("kind must be chat or embedding, got {other:?}"))),
+    })
+    .map(|files| files.iter().map(|f| f.to_string_lossy().into_owned()).collect())
+    .map_err(errors::to_py)
+}
+
 #[pyfunction]
 fn opencl_devices(py: Python<'_>) -> PyResult<Vec<Bound<'_, pyo3::types::PyDict>>> {
     let devices = py.allow_threads(ferroserve_kernels::opencl::list_devices).map_err(|e| errors::to_py(ferroserve_core::Error::Device(e.to_string())))?;
@@ -41,6 +58,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(cpu_isa, m)?)?;
     m.add_function(wrap_pyfunction!(opencl_devices, m)?)?;
+    m.add_function(wrap_pyfunction!(write_kernel_binaries, m)?)?;
     m.add_class::<embeddings::PyEmbeddingEngine>()?;
     m.add_class::<chat::PyChatEngine>()?;
     errors::register(m)?;

@@ -78,7 +78,7 @@ struct PoolingConfig {
     pooling_mode_mean_sqrt_len_tokens: bool,
 }
 
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+pub(crate) fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::model_load(path, e))?;
     serde_json::from_str(&text).map_err(|e| Error::model_load(path, format!("invalid JSON: {e}")))
 }

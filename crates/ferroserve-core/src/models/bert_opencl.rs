@@ -16,7 +16,7 @@ use ferroserve_kernels::opencl::ops::BertKernels;
 use ferroserve_kernels::opencl::{DeviceBuffer, KernelSource, OpenClDevice, OpenClError};
 
 use crate::error::{Error, Result};
-use crate::models::bert::{BertCheckpoint, BertConfig, Pooling, SentenceConfig};
+use crate::models::bert::{read_json, BertCheckpoint, BertConfig, Pooling, SentenceConfig};
 
 struct ClLayer {
     qkv: (DeviceBuffer<f32>, DeviceBuffer<f32>),
@@ -183,4 +183,17 @@ impl OpenClBert {
         dev.read(&sc.pooled, &mut out)?;
         Ok(out)
     }
+}
+
+/// Builds the encoder's kernels for the model in `model_dir` (its head width, from
+/// config.json; no weights are read) on OpenCL device `device_index`, and writes their
+/// program binaries to `out` for `KernelSource::Binaries`.
+pub fn write_kernel_binaries(model_dir: &Path, device_index: usize, out: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let config: BertConfig = read_json(&model_dir.join("config.json"))?;
+    if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
+        return Err(Error::model_load(model_dir, "hidden_size is not a multiple of num_attention_heads"));
+    }
+    let dev = OpenClDevice::open(device_index).map_err(cl_err)?;
+    let kernels = BertKernels::build(&dev, config.hidden_size / config.num_attention_heads, &KernelSource::Embedded).map_err(cl_err)?;
+    kernels.save_binaries(&dev, out).map_err(cl_err)
 }

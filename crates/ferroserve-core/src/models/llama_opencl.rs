@@ -462,6 +462,12 @@ impl OpenClLlama {
         Ok(logits)
     }
 
+    /// Writes the program binaries of the kernels this model was built with to `dir`.
+    pub fn save_kernel_binaries(&self, dir: &std::path::Path) -> Result<Vec<std::path::PathBuf>> {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.kernels.save_binaries(&state.dev, dir).map_err(cl_err)
+    }
+
     /// Runs the same small batch on the CPU model and on the device: two prompts of
     /// different lengths prefilled together (the second in two chunks), then a decode step,
     /// comparing every logit.
@@ -511,4 +517,15 @@ impl OpenClLlama {
         }
         Ok(report)
     }
+}
+
+/// Builds the decoder's kernels for the GGUF model at `gguf` (its head width, from the
+/// metadata; no weights are read) on OpenCL device `device_index`, and writes their program
+/// binaries to `out` for `KernelSource::Binaries` (what `ferroserve kernels` does).
+pub fn write_kernel_binaries(gguf: &std::path::Path, device_index: usize, out: &std::path::Path) -> Result<Vec<std::path::PathBuf>> {
+    let file = crate::weights::gguf::GgufFile::open(gguf).map_err(|e| Error::model_load(gguf, e.to_string()))?;
+    let hp = file.llama_hparams().map_err(|e| Error::model_load(gguf, e.to_string()))?;
+    let dev = OpenClDevice::open(device_index).map_err(cl_err)?;
+    let kernels = LlamaKernels::build(&dev, hp.head_dim, &KernelSource::Embedded).map_err(cl_err)?;
+    kernels.save_binaries(&dev, out).map_err(cl_err)
 }
