@@ -19,6 +19,7 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("kv_write_f16_f32", include_str!("../../../../kernels/kv_write_f16_f32.cl")),
     ("layer_norm_f32", include_str!("../../../../kernels/layer_norm_f32.cl")),
     ("matmul_f32_f32", include_str!("../../../../kernels/matmul_f32_f32.cl")),
+    ("matmul_f32_f32_tiled", include_str!("../../../../kernels/matmul_f32_f32_tiled.cl")),
     ("matmul_q4_1_q8_1", include_str!("../../../../kernels/matmul_q4_1_q8_1.cl")),
     ("matmul_q4_1_q8_1_tiled", include_str!("../../../../kernels/matmul_q4_1_q8_1_tiled.cl")),
     ("matmul_q8_0_q8_0", include_str!("../../../../kernels/matmul_q8_0_q8_0.cl")),
