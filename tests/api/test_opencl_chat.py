@@ -20,7 +20,7 @@ from tests.conftest import FIXTURES, Server, opencl_skip_reason, run_cli
 MODEL = "smollm2"  # the name the default (CPU) session server gives the chat model
 # What `ferroserve kernels` writes for the chat model (LlamaKernels::NAMES).
 CHAT_KERNELS = [
-    "embedding_lookup_q8_0", "rms_norm_f32", "quantize_q8_f32", "matmul_q4_1_q8_1", "matmul_q4_1_q8_1_tiled",
+    "embedding_lookup_q8_0", "rms_norm_f32", "quantize_q8_f32", "matmul_q4_1_q8_1",
     "matmul_q8_0_q8_0", "rope_f32", "kv_write_f16_f32", "attention_paged_f16_prefill", "attention_paged_f16_decode",
     "add_f32", "silu_mul_f32", "gather_rows_f32",
 ]

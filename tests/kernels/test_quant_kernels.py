@@ -81,11 +81,12 @@ def matmul_bound(w64: np.ndarray, x: np.ndarray, scales: np.ndarray, extra: np.n
     return quant + mag * (k / 32 + 8) * 2.0**-23 + extra + 1e-30
 
 
-def run_matmul(clenv, name: str, w: np.ndarray, n: int, k: int, acts, m: int, with_sums: bool) -> np.ndarray:
+def run_matmul(clenv, name: str, w: np.ndarray, n: int, k: int, acts, m: int, with_sums: bool, rows: int = 4) -> np.ndarray:
+    """Both kernels take `rows` activation rows per work-item (-DROWS); only Q4_1 reads `sums`."""
     qs, scales, sums = acts
     y, like = clenv.poisoned((m, n))
-    args = [clenv.to_device(w), qs, scales] + ([sums] if with_sums else []) + [y, np.uint32(n), np.uint32(k)]
-    clenv.run(clenv.kernel(name), (round_up(n, MATMUL_LOCAL), m), (MATMUL_LOCAL, 1), *args)
+    args = [clenv.to_device(w), qs, scales] + ([sums] if with_sums else []) + [y, np.uint32(n), np.uint32(k), np.uint32(m)]
+    clenv.run(clenv.kernel(name, ROWS=rows), (round_up(n, MATMUL_LOCAL), -(-m // rows)), (MATMUL_LOCAL, 1), *args)
     return clenv.read(y, like)
 
 
@@ -108,6 +109,30 @@ def test_matmul_q4_1(clenv, bitwise, rng, m, n, k):
     want = x.astype(np.float64) @ w64.T
     bound = matmul_bound(w64, x, scales, extra)
     assert np.all(np.abs(y - want) <= bound), f"max excess {np.max(np.abs(y - want) - bound)}"
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("m,n,k", [(1, 7, 32), (5, 65, 96), (17, 130, 576)])
+def test_matmul_q4_1_rows_per_item_give_the_same_bits(clenv, bitwise, rng, rows, m, n, k):
+    """Any -DROWS, with m not a multiple of it: each output is still the CPU order's bits."""
+    w = R.random_q4_1(rng, n, k)
+    x = activations(rng, m, k)
+    acts, (qs, scales, sums) = quantize_on_device(clenv, x)
+    y = run_matmul(clenv, "matmul_q4_1_q8_1", w, n, k, acts, m, with_sums=True, rows=rows)
+    want_bits = R.matmul_q4_1_cpu_order(w, k, qs, scales, sums)
+    assert np.array_equal(y.view(np.uint32), want_bits.view(np.uint32))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("m,n,k", [(1, 7, 32), (5, 65, 96), (17, 130, 576), (2, 9, 224)])
+def test_matmul_q8_0_rows_per_item_give_the_same_bits(clenv, bitwise, rng, rows, m, n, k):
+    """Any -DROWS, m not a multiple of it, block counts 1-3 mod 4: the AVX-512 order's bits."""
+    w = R.random_q8_0(rng, n, k)
+    x = activations(rng, m, k)
+    acts, (qs, scales, _) = quantize_on_device(clenv, x)
+    y = run_matmul(clenv, "matmul_q8_0_q8_0", w, n, k, acts, m, with_sums=False, rows=rows)
+    want_bits = R.matmul_q8_0_avx512_order(w, k, qs, scales)
+    assert np.array_equal(y.view(np.uint32), want_bits.view(np.uint32))
 
 
 @pytest.mark.parametrize("m,n,k", SHAPES)
@@ -154,24 +179,3 @@ def test_embedding_lookup_q8_0(clenv, rng, vocab, dim, rows):
     # One f32 product q * d per weight: exact against f64 (8 + 11 bits), hence bitwise.
     want = R.dequantize_q8_0(table, dim)[tokens]
     assert np.array_equal(got.astype(np.float64), want)
-
-
-@pytest.mark.parametrize("m,n,k", [(1, 7, 32), (4, 65, 96), (9, 130, 576), (6, 64, 1536), (3, 3, 288)])
-def test_matmul_q4_1_tiled_gives_the_same_bits(clenv, bitwise, rng, m, n, k):
-    """The tiled matrix-matrix kernel against the CPU order and the one-output-per-item kernel:
-    partial row tiles, n not a multiple of the tile, block counts not a multiple of the chunk."""
-    w = R.random_q4_1(rng, n, k)
-    x = activations(rng, m, k)
-    acts, (qs, scales, sums) = quantize_on_device(clenv, x)
-    y, like = clenv.poisoned((m, n))
-    tile_cols, tile_rows = 64, 4
-    clenv.run(
-        clenv.kernel("matmul_q4_1_q8_1_tiled"), (round_up(n, tile_cols), -(-m // tile_rows)), (tile_cols, 1),
-        clenv.to_device(w), *acts, y, np.uint32(n), np.uint32(k), np.uint32(m),
-    )
-    tiled = clenv.read(y, like)
-    assert not np.isnan(tiled).any(), "an output was not written (still NaN)"
-    want = R.matmul_q4_1_cpu_order(w, k, qs, scales, sums)
-    assert np.array_equal(tiled.view(np.uint32), want.view(np.uint32))
-    simple = run_matmul(clenv, "matmul_q4_1_q8_1", w, n, k, acts, m, with_sums=True)
-    assert np.array_equal(tiled.view(np.uint32), simple.view(np.uint32))

@@ -417,8 +417,11 @@ impl OpenClLlama {
             block_tokens: bt,
             max_blocks: table_len,
         };
-        // Decode steps (one token per sequence) parallelise within each (row, head).
-        let decode = batch.iter().all(|c| c.tokens.len() <= 1);
+        // Decode steps (one token per sequence) have few (row, head) pairs: on a GPU the decode
+        // kernel gives each pair a work-group. Not on a CPU device, where the group's work-items
+        // each repeat the softmax of every key (≈ 7× slower on PoCL than one work-item per pair:
+        // bench/NOTES.md); both kernels give the same bits.
+        let decode = !dev.info.is_cpu && batch.iter().all(|c| c.tokens.len() <= 1);
         let rope_dims = self.host.rope().dims;
         let matmul = |w: &ClMatrix, y: &DeviceBuffer<f32>, m: usize| kn.matmul(dev, &w.buf, w.format, &sc.acts, y, m, w.rows, w.cols);
 

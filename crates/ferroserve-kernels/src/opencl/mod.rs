@@ -24,7 +24,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use opencl3::command_queue::CommandQueue;
 use opencl3::context::Context;
-use opencl3::device::{Device as ClDevice, CL_DEVICE_TYPE_ALL, CL_FP_CORRECTLY_ROUNDED_DIVIDE_SQRT, CL_FP_DENORM, CL_FP_ROUND_TO_NEAREST};
+use opencl3::device::{Device as ClDevice, CL_DEVICE_TYPE_ALL, CL_DEVICE_TYPE_CPU, CL_FP_CORRECTLY_ROUNDED_DIVIDE_SQRT, CL_FP_DENORM, CL_FP_ROUND_TO_NEAREST};
 use opencl3::error_codes::{error_text, ClError, CL_DEVICE_NOT_FOUND, DLOPEN_FUNCTION_NOT_AVAILABLE, DLOPEN_RUNTIME_LOAD_FAILED};
 use opencl3::kernel::Kernel;
 use opencl3::memory::{Buffer, ClMem, CL_MEM_READ_WRITE};
@@ -92,6 +92,9 @@ pub struct DeviceInfo {
     /// Round to nearest, correctly rounded divide/sqrt and denormals: what the bitwise
     /// (chat) kernels need to give the CPU's bits; the embedding kernels work without it.
     pub ieee_fp32: bool,
+    /// A CPU device (such as PoCL's): work-items run as vectorised loops on a few cores,
+    /// so kernels that repeat work across a work-group cost that work in full.
+    pub is_cpu: bool,
 }
 
 /// Held around the driver's set-up calls (enumeration, context creation, program builds):
@@ -142,6 +145,7 @@ fn describe(index: usize, platform: String, d: &ClDevice) -> DeviceInfo {
         compute_units: d.max_compute_units().unwrap_or(0),
         max_work_group_size: d.max_work_group_size().unwrap_or(1),
         ieee_fp32: fp & need == need,
+        is_cpu: d.dev_type().is_ok_and(|t| t & CL_DEVICE_TYPE_CPU != 0),
     }
 }
 

@@ -180,7 +180,6 @@ pub struct LlamaKernels {
     rms_norm: BuiltKernel,
     quantize: BuiltKernel,
     matmul_q4_1: BuiltKernel,
-    matmul_q4_1_tiled: BuiltKernel,
     matmul_q8_0: BuiltKernel,
     rope: BuiltKernel,
     kv_write: BuiltKernel,
@@ -193,19 +192,19 @@ pub struct LlamaKernels {
     head_dim: usize,
 }
 
-/// Work-items per group of `matmul_q4_1_q8_1_tiled` and activation rows per work-item (the
-/// kernel's `TILE_COLS` / `TILE_ROWS` defaults, passed explicitly so the launch and the
-/// build cannot disagree).
-const TILE_COLS: usize = 64;
-const TILE_ROWS: usize = 4;
+/// Activation rows per work-item of `matmul_q4_1_q8_1` (`-DROWS`): each weight block is
+/// unpacked once for this many rows. 8 was the fastest on PoCL for 16 and 656 rows and no
+/// slower for one (bench/NOTES.md).
+const Q4_1_ROWS: usize = 8;
+/// The same for `matmul_q8_0_q8_0` (the logits), where 4 measured best on PoCL.
+const Q8_0_ROWS: usize = 4;
 
 impl LlamaKernels {
-    pub const NAMES: [&'static str; 13] = [
+    pub const NAMES: [&'static str; 12] = [
         "embedding_lookup_q8_0",
         "rms_norm_f32",
         "quantize_q8_f32",
         "matmul_q4_1_q8_1",
-        "matmul_q4_1_q8_1_tiled",
         "matmul_q8_0_q8_0",
         "rope_f32",
         "kv_write_f16_f32",
@@ -219,7 +218,6 @@ impl LlamaKernels {
     pub fn build(dev: &OpenClDevice, head_dim: usize, from: &KernelSource) -> Result<Self> {
         let none: &[(&str, String)] = &[];
         let head = [("HEAD_DIM", head_dim.to_string())];
-        let tiles = [("TILE_COLS", TILE_COLS.to_string()), ("TILE_ROWS", TILE_ROWS.to_string())];
         let rms_norm = dev.kernel("rms_norm_f32", none, from)?;
         // One work-item computes the row's scale serially; the group then scales the row.
         let norm_group = rms_norm.max_work_group_size.clamp(1, 64);
@@ -230,20 +228,12 @@ impl LlamaKernels {
                 attention_decode.max_work_group_size
             )));
         }
-        let matmul_q4_1_tiled = dev.kernel("matmul_q4_1_q8_1_tiled", &tiles, from)?;
-        if matmul_q4_1_tiled.max_work_group_size < TILE_COLS {
-            return Err(super::OpenClError::Unsupported(format!(
-                "matmul_q4_1_q8_1_tiled needs work-groups of {TILE_COLS}; this device allows {}",
-                matmul_q4_1_tiled.max_work_group_size
-            )));
-        }
         Ok(Self {
             embedding: dev.kernel("embedding_lookup_q8_0", none, from)?,
             rms_norm,
             quantize: dev.kernel("quantize_q8_f32", none, from)?,
-            matmul_q4_1: dev.kernel("matmul_q4_1_q8_1", none, from)?,
-            matmul_q4_1_tiled,
-            matmul_q8_0: dev.kernel("matmul_q8_0_q8_0", none, from)?,
+            matmul_q4_1: dev.kernel("matmul_q4_1_q8_1", &[("ROWS", Q4_1_ROWS.to_string())], from)?,
+            matmul_q8_0: dev.kernel("matmul_q8_0_q8_0", &[("ROWS", Q8_0_ROWS.to_string())], from)?,
             rope: dev.kernel("rope_f32", none, from)?,
             kv_write: dev.kernel("kv_write_f16_f32", none, from)?,
             attention_prefill: dev.kernel("attention_paged_f16_prefill", &head, from)?,
@@ -256,13 +246,12 @@ impl LlamaKernels {
         })
     }
 
-    fn all(&self) -> [&BuiltKernel; 13] {
+    fn all(&self) -> [&BuiltKernel; 12] {
         [
             &self.embedding,
             &self.rms_norm,
             &self.quantize,
             &self.matmul_q4_1,
-            &self.matmul_q4_1_tiled,
             &self.matmul_q8_0,
             &self.rope,
             &self.kv_write,
@@ -301,23 +290,18 @@ impl LlamaKernels {
         dev.launch(&self.quantize, &args, &[k / 32, rows], None)
     }
 
-    /// `y[m, n] = acts · wᵀ` for a packed `[n, k]` weight matrix. Q4_1 takes the tiled
-    /// kernel when several rows share the weights (same bits as the untiled one).
+    /// `y[m, n] = acts · wᵀ` for a packed `[n, k]` weight matrix.
     #[allow(clippy::too_many_arguments)]
     pub fn matmul(&self, dev: &OpenClDevice, w: &DeviceBuffer<u8>, format: QuantWeights, acts: &Q8Buffers, y: &DeviceBuffer<f32>, m: usize, n: usize, k: usize) -> Result<()> {
         let (n32, k32) = (n as u32, k as u32);
         match format {
-            QuantWeights::Q4_1 if m > 1 => {
-                let args = [Arg::buf(w), Arg::buf(&acts.qs), Arg::buf(&acts.scales), Arg::buf(&acts.sums), Arg::buf(y), Arg::U32(n32), Arg::U32(k32), Arg::U32(m as u32)];
-                dev.launch(&self.matmul_q4_1_tiled, &args, &[n, m.div_ceil(TILE_ROWS)], Some(&[TILE_COLS, 1]))
-            }
             QuantWeights::Q4_1 => {
-                let args = [Arg::buf(w), Arg::buf(&acts.qs), Arg::buf(&acts.scales), Arg::buf(&acts.sums), Arg::buf(y), Arg::U32(n32), Arg::U32(k32)];
-                dev.launch(&self.matmul_q4_1, &args, &[n, m], None)
+                let args = [Arg::buf(w), Arg::buf(&acts.qs), Arg::buf(&acts.scales), Arg::buf(&acts.sums), Arg::buf(y), Arg::U32(n32), Arg::U32(k32), Arg::U32(m as u32)];
+                dev.launch(&self.matmul_q4_1, &args, &[n, m.div_ceil(Q4_1_ROWS)], None)
             }
             QuantWeights::Q8_0 => {
-                let args = [Arg::buf(w), Arg::buf(&acts.qs), Arg::buf(&acts.scales), Arg::buf(y), Arg::U32(n32), Arg::U32(k32)];
-                dev.launch(&self.matmul_q8_0, &args, &[n, m], None)
+                let args = [Arg::buf(w), Arg::buf(&acts.qs), Arg::buf(&acts.scales), Arg::buf(y), Arg::U32(n32), Arg::U32(k32), Arg::U32(m as u32)];
+                dev.launch(&self.matmul_q8_0, &args, &[n, m.div_ceil(Q8_0_ROWS)], None)
             }
         }
     }

@@ -21,7 +21,6 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("matmul_f32_f32", include_str!("../../../../kernels/matmul_f32_f32.cl")),
     ("matmul_f32_f32_tiled", include_str!("../../../../kernels/matmul_f32_f32_tiled.cl")),
     ("matmul_q4_1_q8_1", include_str!("../../../../kernels/matmul_q4_1_q8_1.cl")),
-    ("matmul_q4_1_q8_1_tiled", include_str!("../../../../kernels/matmul_q4_1_q8_1_tiled.cl")),
     ("matmul_q8_0_q8_0", include_str!("../../../../kernels/matmul_q8_0_q8_0.cl")),
     ("mean_pool_f32", include_str!("../../../../kernels/mean_pool_f32.cl")),
     ("quantize_q8_f32", include_str!("../../../../kernels/quantize_q8_f32.cl")),
