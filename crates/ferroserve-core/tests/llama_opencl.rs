@@ -22,28 +22,6 @@ const NEW_TOKENS: usize = 32;
 /// Prompt tokens per prefill chunk: the longer fixture prompts take several steps.
 const PREFILL_CHUNK: usize = 16;
 
-/// The device to test: `$FERROSERVE_OPENCL_DEVICE`, else the first PoCL device, else 0, with
-/// whether it is PoCL (whose x86 back end rounds exactly, so bits are expected); `None`
-/// (printing why) without any OpenCL device.
-fn opencl_device() -> Option<(usize, bool)> {
-    let devices = match list_devices() {
-        Ok(d) if !d.is_empty() => d,
-        Ok(_) => panic!("OpenCL platforms answer with no device: a driver problem, not a reason to skip"),
-        Err(e) => {
-            eprintln!("SKIPPED: {e}");
-            return None;
-        }
-    };
-    let is_pocl = |i: usize| devices[i].platform.to_lowercase().contains("portable computing language");
-    if let Ok(i) = std::env::var("FERROSERVE_OPENCL_DEVICE") {
-        let i: usize = i.parse().expect("FERROSERVE_OPENCL_DEVICE is a device index");
-        return Some((i, is_pocl(i)));
-    }
-    let chosen = devices.iter().position(|d| d.platform.to_lowercase().contains("portable computing language")).unwrap_or(0);
-    eprintln!("OpenCL device {chosen}: {} ({})", devices[chosen].name, devices[chosen].platform);
-    Some((chosen, is_pocl(chosen)))
-}
-
 fn fixture_prompts() -> Vec<(String, Vec<u32>, Vec<u32>)> {
     let path = common::fixtures_dir().join("smollm2_reference.json");
     let fx: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
@@ -55,16 +33,6 @@ fn fixture_prompts() -> Vec<(String, Vec<u32>, Vec<u32>)> {
         }
     }
     out
-}
-
-fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// One sequence of a lock-step greedy run.
@@ -124,7 +92,7 @@ fn run(prompts: &[Vec<u32>], blocks_per_seq: usize, eos: &[u32], vocab: usize, m
             s.computed += tokens.len();
             if *want {
                 let row = rows.next().expect("a logits row per chunk that wants one");
-                let t = argmax(row);
+                let t = common::argmax(row);
                 s.logits.push(row.to_vec());
                 s.generated.push(t);
                 s.done = s.generated.len() >= NEW_TOKENS || eos.contains(&t);
@@ -139,7 +107,8 @@ fn run(prompts: &[Vec<u32>], blocks_per_seq: usize, eos: &[u32], vocab: usize, m
 #[test]
 fn greedy_fixture_output_equals_the_cpu_device() {
     let Some(path) = common::smollm2_gguf() else { return };
-    let Some((device, is_pocl)) = opencl_device() else { return };
+    let Some(info) = common::opencl_device() else { return };
+    let (device, is_pocl) = (info.index, common::is_pocl(&info));
     let cpu = LlamaModel::load(&path).unwrap();
     let dev = OpenClLlama::load(LlamaModel::load(&path).unwrap(), device, &KernelSource::Embedded).unwrap_or_else(|e| panic!("{e}"));
     eprintln!("{}: load check: {}", dev.device_name(), dev.check_summary());
@@ -186,7 +155,7 @@ fn greedy_fixture_output_equals_the_cpu_device() {
 #[test]
 fn chat_engine_on_opencl_generates_the_cpu_engines_tokens() {
     let Some(path) = common::smollm2_gguf() else { return };
-    let Some((device, _)) = opencl_device() else { return };
+    let Some(device) = common::opencl_device().map(|d| d.index) else { return };
     let cfg = |device| EngineConfig { kv_budget_bytes: 16 << 20, device, ..EngineConfig::default() };
     let on_cl = ChatEngine::load(&path, cfg(DeviceChoice::OpenCl { index: device, kernels: KernelSource::Embedded })).unwrap_or_else(|e| panic!("{e}"));
     assert!(on_cl.device_name().starts_with("opencl:"), "{}", on_cl.device_name());

@@ -64,16 +64,6 @@ fn cases(fx: &serde_json::Value) -> Vec<(String, Vec<u32>, serde_json::Value)> {
     out
 }
 
-fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
 /// The two largest logits' difference.
 fn top2_gap(logits: &[f32]) -> f32 {
     let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
@@ -191,7 +181,7 @@ fn generate(
             s.computed += tokens.len();
             if *want {
                 let row = rows.next().unwrap();
-                let choice = argmax(row);
+                let choice = common::argmax(row);
                 let t = s.forced.get(s.generated.len()).copied().unwrap_or(choice);
                 s.logits.push(row.to_vec());
                 s.choices.push(choice);
@@ -213,7 +203,7 @@ fn in_order(_: usize, n: usize) -> Vec<usize> {
 
 /// Our logit for `token` below our best, at one step.
 fn trails_by(logits: &[f32], token: u32) -> f32 {
-    logits[argmax(logits) as usize] - logits[token as usize]
+    logits[common::argmax(logits) as usize] - logits[token as usize]
 }
 
 /// How a model's greedy decoding compares with llama.cpp's on the fixture prompts.

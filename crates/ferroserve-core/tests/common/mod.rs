@@ -44,3 +44,42 @@ pub fn smollm2_gguf() -> Option<PathBuf> {
     }
     found
 }
+
+/// Index of the largest value (the first of equals): greedy decoding's choice.
+#[allow(dead_code)]
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// The OpenCL device to test: `$FERROSERVE_OPENCL_DEVICE`, else the first PoCL device, else
+/// device 0; `None` (printing why) without any OpenCL device.
+#[allow(dead_code)]
+pub fn opencl_device() -> Option<ferroserve_kernels::opencl::DeviceInfo> {
+    let mut devices = match ferroserve_kernels::opencl::list_devices() {
+        Ok(d) if !d.is_empty() => d,
+        Ok(_) => panic!("OpenCL platforms answer with no device: a driver problem, not a reason to skip"),
+        Err(e) => {
+            eprintln!("SKIPPED: {e}");
+            return None;
+        }
+    };
+    let chosen = match std::env::var("FERROSERVE_OPENCL_DEVICE") {
+        Ok(i) => i.parse().expect("FERROSERVE_OPENCL_DEVICE is a device index"),
+        Err(_) => devices.iter().position(is_pocl).unwrap_or(0),
+    };
+    let device = devices.swap_remove(chosen);
+    eprintln!("OpenCL device {}: {} ({})", device.index, device.name, device.platform);
+    Some(device)
+}
+
+/// PoCL, whose x86 back end rounds as IEEE requires (so bitwise agreement is expected).
+#[allow(dead_code)]
+pub fn is_pocl(device: &ferroserve_kernels::opencl::DeviceInfo) -> bool {
+    device.platform.to_lowercase().contains("portable computing language")
+}
