@@ -190,7 +190,7 @@ impl OpenClBert {
 /// program binaries to `out` for `KernelSource::Binaries`.
 pub fn write_kernel_binaries(model_dir: &Path, device_index: usize, out: &Path) -> Result<Vec<std::path::PathBuf>> {
     let config: BertConfig = read_json(&model_dir.join("config.json"))?;
-    if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
+    if config.num_attention_heads == 0 || !config.hidden_size.is_multiple_of(config.num_attention_heads) {
         return Err(Error::model_load(model_dir, "hidden_size is not a multiple of num_attention_heads"));
     }
     let dev = OpenClDevice::open(device_index).map_err(cl_err)?;

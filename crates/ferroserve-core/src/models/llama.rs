@@ -280,19 +280,26 @@ impl LlamaModel {
             layout.kv_heads,
             layout.head_dim
         );
+        self.check_chunks(batch, layout.block_tokens, kv.num_blocks());
+    }
+
+    /// The batch checks that do not depend on where the cache lives (token ids, block
+    /// tables, logits from empty chunks); panics as [`LlamaModel::forward`] says.
+    pub(crate) fn check_chunks(&self, batch: &[SeqChunk<'_>], block_tokens: usize, num_blocks: usize) {
+        let vocab = self.hparams.vocab_size;
         for (i, c) in batch.iter().enumerate() {
             assert!(!(c.want_logits && c.tokens.is_empty()), "chunk {i}: logits wanted from an empty chunk");
-            if let Some(&t) = c.tokens.iter().find(|&&t| t as usize >= hp.vocab_size) {
-                panic!("chunk {i}: token id {t} is outside the vocabulary ({})", hp.vocab_size);
+            if let Some(&t) = c.tokens.iter().find(|&&t| t as usize >= vocab) {
+                panic!("chunk {i}: token id {t} is outside the vocabulary ({vocab})");
             }
             let positions = c.start_pos + c.tokens.len();
             assert!(
-                c.block_table.len() * layout.block_tokens >= positions,
+                c.block_table.len() * block_tokens >= positions,
                 "chunk {i}: {} blocks cannot hold {positions} positions",
                 c.block_table.len()
             );
-            if let Some(&b) = c.block_table[..positions.div_ceil(layout.block_tokens)].iter().find(|&&b| b as usize >= kv.num_blocks()) {
-                panic!("chunk {i}: block {b} is outside the KV cache ({} blocks)", kv.num_blocks());
+            if let Some(&b) = c.block_table[..positions.div_ceil(block_tokens)].iter().find(|&&b| b as usize >= num_blocks) {
+                panic!("chunk {i}: block {b} is outside the KV cache ({num_blocks} blocks)");
             }
         }
     }

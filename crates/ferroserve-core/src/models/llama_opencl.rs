@@ -326,19 +326,11 @@ impl OpenClLlama {
     }
 
     fn check_batch(&self, batch: &[SeqChunk<'_>], blocks: &KvCache) {
-        let hp = &self.host.hparams;
-        let bt = blocks.block_tokens();
-        for (i, c) in batch.iter().enumerate() {
-            assert!(!(c.want_logits && c.tokens.is_empty()), "chunk {i}: logits wanted from an empty chunk");
-            if let Some(&t) = c.tokens.iter().find(|&&t| t as usize >= hp.vocab_size) {
-                panic!("chunk {i}: token id {t} is outside the vocabulary ({})", hp.vocab_size);
-            }
-            let positions = c.start_pos + c.tokens.len();
-            assert!(positions <= hp.context_length, "chunk {i}: position {positions} is past the context ({})", hp.context_length);
-            assert!(c.block_table.len() * bt >= positions, "chunk {i}: {} blocks cannot hold {positions} positions", c.block_table.len());
-            if let Some(&b) = c.block_table[..positions.div_ceil(bt)].iter().find(|&&b| b as usize >= blocks.num_blocks()) {
-                panic!("chunk {i}: block {b} is outside the KV cache ({} blocks)", blocks.num_blocks());
-            }
+        self.host.check_chunks(batch, blocks.block_tokens(), blocks.num_blocks());
+        // The RoPE table covers the model's context and no further.
+        let context = self.host.hparams.context_length;
+        if let Some((i, c)) = batch.iter().enumerate().find(|(_, c)| c.start_pos + c.tokens.len() > context) {
+            panic!("chunk {i}: position {} is past the context ({context})", c.start_pos + c.tokens.len());
         }
     }
 
