@@ -45,6 +45,7 @@ fn fixture(dir: &std::path::Path, max_len: usize) -> Fixture {
 
 #[test]
 fn opencl_embeddings_match_cpu_and_reference_and_are_batch_invariant() {
+    let _serial = common::opencl_serial();
     let Some(index) = common::opencl_device().map(|d| d.index) else { return };
     let dir = minilm_dir();
     let mut cl = OpenClBert::load(&dir, index, &KernelSource::Embedded).unwrap();
@@ -82,6 +83,7 @@ fn opencl_embeddings_match_cpu_and_reference_and_are_batch_invariant() {
 
 #[test]
 fn precompiled_binaries_give_the_same_bits_and_missing_ones_are_a_clear_error() {
+    let _serial = common::opencl_serial();
     let Some(index) = common::opencl_device().map(|d| d.index) else { return };
     let dir = minilm_dir();
     let mut from_source = OpenClBert::load(&dir, index, &KernelSource::Embedded).unwrap();
@@ -108,6 +110,7 @@ fn precompiled_binaries_give_the_same_bits_and_missing_ones_are_a_clear_error() 
 
 #[test]
 fn engine_on_opencl_serves_and_a_missing_device_is_a_device_error() {
+    let _serial = common::opencl_serial();
     let Some(index) = common::opencl_device().map(|d| d.index) else { return };
     let dir = minilm_dir();
     let count = list_devices().unwrap().len();
