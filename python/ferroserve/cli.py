@@ -58,6 +58,7 @@ def _serve(args: argparse.Namespace) -> int:
             numerics=args.numerics,
             device_args=args.device,
             kernel_binaries=args.kernel_binaries,
+            config_file=args.config,
         )
     except ConfigError as exc:
         print(f"ferroserve: error: {exc}", file=sys.stderr)
@@ -115,7 +116,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _models(args: argparse.Namespace) -> int:
     try:
-        settings = resolve(model_args=args.model, device_args=args.device)
+        settings = resolve(model_args=args.model, device_args=args.device, config_file=args.config)
     except ConfigError as exc:
         print(f"ferroserve: error: {exc}", file=sys.stderr)
         return 2
@@ -134,7 +135,7 @@ def _kernels(args: argparse.Namespace) -> int:
     from ferroserve import _core
 
     try:
-        settings = resolve(model_args=args.model)
+        settings = resolve(model_args=args.model, config_file=args.config)
         device = parse_device(args.device)
     except ConfigError as exc:
         print(f"ferroserve: error: {exc}", file=sys.stderr)
@@ -264,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve the models over HTTP")
+    serve.add_argument("--config", metavar="FILE", help="TOML settings file: top-level keys as the flags spell them, [[models]] tables with name, path, aliases, device and prices; flags and FERROSERVE_* override it (env FERROSERVE_CONFIG)")
     serve.add_argument("--host", help="bind address (default 127.0.0.1, env FERROSERVE_HOST)")
     serve.add_argument("--port", type=int, help="port (default 8000, env FERROSERVE_PORT)")
     serve.add_argument("--model", action="append", metavar="NAME=PATH", help="serve a model folder/file under NAME (repeatable; env FERROSERVE_MODELS=a=p,b=q)")
@@ -314,11 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
     keys.set_defaults(func=_keys)
 
     models = sub.add_parser("models", help="list the models `serve` would load")
+    models.add_argument("--config", metavar="FILE", help="TOML settings file: top-level keys as the flags spell them, [[models]] tables with name, path, aliases, device and prices; flags and FERROSERVE_* override it (env FERROSERVE_CONFIG)")
     models.add_argument("--model", action="append", metavar="NAME=PATH")
     models.add_argument("--device", action="append", metavar="[NAME=]DEVICE", help="as for serve")
     models.set_defaults(func=_models)
 
     kernels = sub.add_parser("kernels", help="write the OpenCL kernels' program binaries for --kernel-binaries")
+    kernels.add_argument("--config", metavar="FILE", help="TOML settings file: top-level keys as the flags spell them, [[models]] tables with name, path, aliases, device and prices; flags and FERROSERVE_* override it (env FERROSERVE_CONFIG)")
     kernels.add_argument("--out", required=True, metavar="DIR", help="where to write <kernel>.bin files")
     kernels.add_argument("--device", default="opencl:0", metavar="DEVICE", help="opencl or opencl:N (default opencl:0)")
     kernels.add_argument("--model", action="append", metavar="NAME=PATH", help="as for serve (default: the default models)")

