@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import math
+
 import numpy as np
 
 KERNELS = Path(__file__).resolve().parents[2] / "kernels"
@@ -317,3 +319,24 @@ def paged_attention_cpu_order(q: np.ndarray, k: np.ndarray, v: np.ndarray, seq_s
         inv = np.where(total == 0, F32(0), F32(1) / np.where(total == 0, F32(1), total)).astype(F32)
         out[r] = acc * inv[:, None]
     return out.reshape(rows, heads * d)
+
+
+def gelu64(x: np.ndarray) -> np.ndarray:
+    """Exact GELU in f64."""
+    return 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+
+
+def linear_f32_reference(x: np.ndarray, w: np.ndarray, b, act: int):
+    """(f64 result, error bound) of an f32 `act(x wᵀ + b)` computed as one serial fma chain
+    of k terms per output: at most k roundings of the running sum, each bounded by U times
+    sum |x w| (+ the bias addition); GELU's slope is at most ~1.13, plus erf's 16 ulp and the
+    final roundings."""
+    u = 2.0**-24
+    k = x.shape[1]
+    lin = x.astype(np.float64) @ w.astype(np.float64).T + (b if b is not None else 0)
+    mag = np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64)).T + (np.abs(b) if b is not None else 0)
+    tol = mag * (k + 1) * u
+    if act == 1:
+        want = gelu64(lin)
+        return want, 1.13 * tol + 0.5 * np.abs(lin) * 16 * 2.0**-23 + np.abs(want) * 4 * u
+    return lin, tol

@@ -9,16 +9,12 @@ import math
 import numpy as np
 import pytest
 
-from cl_reference import round_up
+from cl_reference import gelu64, linear_f32_reference, round_up
 
 pytestmark = pytest.mark.opencl
 
 F32 = np.float32
 U = 2.0**-24  # f32 unit roundoff
-
-
-def gelu64(x: np.ndarray) -> np.ndarray:
-    return 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
 
 
 def test_embedding_lookup_f32(clenv, rng):
@@ -92,17 +88,7 @@ def test_matmul_f32(clenv, rng, m, n, k, bias, act):
         clenv.to_device(b) if bias else None, y, np.uint32(n), np.uint32(k), np.uint32(act),
     )
     got = clenv.read(y, like)
-    lin = x.astype(np.float64) @ w.astype(np.float64).T + (b if bias else 0)
-    # A serial fma chain of k terms: at most k roundings of the running sum, each bounded
-    # by U times sum |x w| (+ the bias addition); GELU's slope is at most ~1.13, plus erf's
-    # 16 ulp as in test_gelu.
-    mag = np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64)).T + (np.abs(b) if bias else 0)
-    tol = mag * (k + 1) * U
-    if act == 1:
-        want = gelu64(lin)
-        tol = 1.13 * tol + 0.5 * np.abs(lin) * 16 * 2.0**-23 + np.abs(want) * 4 * U
-    else:
-        want = lin
+    want, tol = linear_f32_reference(x, w, b if bias else None, act)
     assert np.all(np.abs(got - want) <= tol + 1e-30)
 
 

@@ -12,12 +12,11 @@ import math
 import numpy as np
 import pytest
 
-from cl_reference import round_up
+from cl_reference import linear_f32_reference, round_up
 
 pytestmark = pytest.mark.opencl
 
 F32 = np.float32
-U = 2.0**-24  # f32 unit roundoff
 
 # (defines, (TILE_M, TILE_N, WORK_M, WORK_N)): the kernel's defaults (what ops.rs builds), a
 # GPU-style shape (4 x 4 per work-item, padded local rows), and a deliberately odd one (tiles
@@ -39,10 +38,6 @@ SHAPES = [
     (70, 384, 1536, False, 0),  # the FFN output: long k
     (5, 7, 129, False, 1),
 ]
-
-
-def gelu64(x: np.ndarray) -> np.ndarray:
-    return 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
 
 
 def run_tiled(clenv, tiles, x, w, b, act, guard=0):
@@ -74,17 +69,8 @@ def test_matmul_f32_tiled(clenv, rng, tiles, m, n, k, bias, act):
     x, w, b = inputs(rng, m, n, k, bias)
     got, guard = run_tiled(clenv, tiles, x, w, b, act, guard=67)
     assert np.all(np.isnan(guard)), "wrote past y"
-    lin = x.astype(np.float64) @ w.astype(np.float64).T + (b if bias else 0)
-    # The untiled kernel's bound (test_bert_kernels.test_matmul_f32): one serial fma chain of
-    # k terms per output, each rounding at most U sum |x w|, plus the bias addition; GELU's
-    # slope is at most ~1.13, plus erf's 16 ulp and the final roundings.
-    mag = np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64)).T + (np.abs(b) if bias else 0)
-    tol = mag * (k + 1) * U
-    if act == 1:
-        want = gelu64(lin)
-        tol = 1.13 * tol + 0.5 * np.abs(lin) * 16 * 2.0**-23 + np.abs(want) * 4 * U
-    else:
-        want = lin
+    # The untiled kernel's bound: each output is still one serial fma chain in k order.
+    want, tol = linear_f32_reference(x, w, b if bias else None, act)
     assert np.all(np.abs(got - want) <= tol + 1e-30), f"max err/tol {np.max(np.abs(got - want) / (tol + 1e-30))}"
 
 
