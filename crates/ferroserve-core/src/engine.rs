@@ -336,9 +336,7 @@ impl ChatEngine {
     pub fn load_with_template(path: &std::path::Path, cfg: EngineConfig, chat_template: Option<&str>) -> Result<Self> {
         if cfg.numerics != Numerics::Exact && !matches!(cfg.device, DeviceChoice::Cpu) {
             // Checked before the weights are read: the device kernels have one order.
-            return Err(Error::InvalidRequest(
-                "numerics: OpenCL devices compute llama.cpp's exact order only; use exact numerics or the CPU".into(),
-            ));
+            return Err(Error::InvalidRequest(crate::models::llama_opencl::EXACT_ONLY.into()));
         }
         let mut model = LlamaModel::load_with(path, cfg.numerics)?;
         if let Some(source) = chat_template {

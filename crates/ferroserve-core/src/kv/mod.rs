@@ -41,6 +41,14 @@ pub struct KvCacheConfig {
     pub num_blocks: usize,
 }
 
+impl KvCacheConfig {
+    /// Blocks of `block_tokens` slots, as many as fit in `budget_bytes` (K and V of every layer).
+    pub fn for_budget(budget_bytes: usize, block_tokens: usize, layers: usize, kv_heads: usize, head_dim: usize) -> Self {
+        let num_blocks = budget_bytes / KvCache::block_bytes(block_tokens, layers, kv_heads, head_dim).max(1);
+        KvCacheConfig { block_tokens, num_blocks }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvUsage {
     /// Blocks held by at least one sequence.
@@ -108,8 +116,7 @@ impl KvCache {
 
     /// As many blocks as fit in `budget_bytes` (K and V of every layer; bookkeeping aside).
     pub fn for_budget(budget_bytes: usize, block_tokens: usize, layers: usize, kv_heads: usize, head_dim: usize) -> Self {
-        let num_blocks = budget_bytes / Self::block_bytes(block_tokens, layers, kv_heads, head_dim).max(1);
-        Self::new(KvCacheConfig { block_tokens, num_blocks }, layers, kv_heads, head_dim)
+        Self::new(KvCacheConfig::for_budget(budget_bytes, block_tokens, layers, kv_heads, head_dim), layers, kv_heads, head_dim)
     }
 
     /// Bytes one block takes across all layers, K and V.

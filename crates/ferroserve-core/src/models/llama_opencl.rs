@@ -181,6 +181,9 @@ impl std::fmt::Debug for OpenClLlama {
     }
 }
 
+/// Why a model with fast numerics cannot go to an OpenCL device.
+pub const EXACT_ONLY: &str = "numerics: OpenCL devices compute llama.cpp's exact order only; use exact numerics or the CPU";
+
 /// How far the device's logits may be from the CPU's at the load check, relative to the
 /// largest CPU logit. A device with exact rounding matches bit for bit; one that flushes
 /// denormals or rounds division loosely drifts by far less than this, while a kernel that
@@ -213,9 +216,7 @@ impl OpenClLlama {
     /// bitwise on a device with IEEE division and denormals), or the load fails.
     pub fn load(host: LlamaModel, device_index: usize, kernels: &KernelSource) -> Result<Self> {
         if host.numerics() != Numerics::Exact {
-            return Err(Error::InvalidRequest(
-                "numerics: the OpenCL kernels compute llama.cpp's exact order only; use --numerics exact with an OpenCL device".into(),
-            ));
+            return Err(Error::InvalidRequest(EXACT_ONLY.into()));
         }
         let state = Self::upload(&host, device_index, kernels).map_err(cl_err)?;
         let device_name = state.dev.name();
@@ -293,9 +294,7 @@ impl OpenClLlama {
     /// memory.
     pub fn new_kv_cache(&self, budget_bytes: usize) -> Result<OpenClKv> {
         let hp = &self.host.hparams;
-        let per_block = KvCache::block_bytes(DEFAULT_BLOCK_TOKENS, hp.block_count, hp.head_count_kv, hp.head_dim);
-        let cfg = KvCacheConfig { block_tokens: DEFAULT_BLOCK_TOKENS, num_blocks: budget_bytes / per_block.max(1) };
-        self.new_kv_cache_with(cfg)
+        self.new_kv_cache_with(KvCacheConfig::for_budget(budget_bytes, DEFAULT_BLOCK_TOKENS, hp.block_count, hp.head_count_kv, hp.head_dim))
     }
 
     /// A KV cache of exactly `cfg`'s blocks in device memory.
