@@ -42,6 +42,19 @@ def _check_auth(settings) -> str | None:
     )
 
 
+def _isa_refusal() -> str | None:
+    """Why FERROSERVE_ISA cannot be honoured on this CPU (a level it lacks, or no level at
+    all), or None. Checked before anything loads: a server never silently runs another
+    level than the one asked for, and never one the CPU lacks."""
+    from ferroserve import _core
+
+    try:
+        _core.cpu_isa()
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _serve(args: argparse.Namespace) -> int:
     try:
         settings = resolve(
@@ -63,7 +76,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"ferroserve: error: {exc}", file=sys.stderr)
         return 2
-    refusal = _check_auth(settings)
+    refusal = _isa_refusal() or _check_auth(settings)
     if refusal:
         print(f"ferroserve: error: {refusal}", file=sys.stderr)
         return 2
@@ -142,6 +155,11 @@ def _kernels(args: argparse.Namespace) -> int:
         return 2
     if not device.startswith("opencl:"):
         print(f"ferroserve: error: --device must be opencl or opencl:N, got {args.device!r}", file=sys.stderr)
+        return 2
+    # The chat kernels are compiled for the CPU level's Q8_0 order (kernels/README.md).
+    refusal = _isa_refusal()
+    if refusal:
+        print(f"ferroserve: error: {refusal}", file=sys.stderr)
         return 2
     index = int(device.split(":")[1])
     out = Path(args.out).expanduser().resolve()
@@ -223,7 +241,11 @@ def _devices(args: argparse.Namespace) -> int:
     want of OpenCL: a line says what is missing."""
     from ferroserve import _core
 
-    print(f"cpu\tisa={_core.cpu_isa()}\tcores={os.cpu_count()}")
+    refusal = _isa_refusal()
+    if refusal:
+        print(f"ferroserve: error: {refusal}", file=sys.stderr)
+        return 2
+    print(f"cpu\tisa={_core.cpu_isa()}\tlevels={','.join(_core.cpu_isa_levels())}\tcores={os.cpu_count()}")
     try:
         import pyopencl as cl
     except ImportError as exc:  # not installed, or its libOpenCL cannot be loaded

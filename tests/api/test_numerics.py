@@ -24,7 +24,7 @@ PROMPTS = [
 
 pytestmark = pytest.mark.skipif(
     _core.cpu_isa() == "portable",
-    reason="fast numerics need AVX2 or AVX-512; this CPU runs the portable level",
+    reason="fast numerics need AVX2 or AVX-512; this process runs the portable level (the CPU or FERROSERVE_ISA)",
 )
 
 

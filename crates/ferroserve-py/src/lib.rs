@@ -8,10 +8,20 @@ mod errors;
 
 use pyo3::prelude::*;
 
-/// The CPU instruction-set level the kernels dispatch to (after `FERROSERVE_ISA`).
+/// The CPU instruction-set level the kernels dispatch to (after `FERROSERVE_ISA`). Raises
+/// ValueError, saying what this CPU supports, when `FERROSERVE_ISA` names a level it lacks
+/// or no level at all (servers call this before loading anything).
 #[pyfunction]
-fn cpu_isa() -> &'static str {
-    ferroserve_kernels::Isa::selected().as_str()
+fn cpu_isa() -> PyResult<&'static str> {
+    ferroserve_kernels::Isa::configured()
+        .map(|isa| isa.as_str())
+        .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))
+}
+
+/// Every CPU kernel level this CPU can run, lowest first (`FERROSERVE_ISA` may name any).
+#[pyfunction]
+fn cpu_isa_levels() -> Vec<&'static str> {
+    ferroserve_kernels::Isa::available().into_iter().map(|i| i.as_str()).collect()
 }
 
 /// The OpenCL devices this process can use, as `--device opencl:N` numbers them: a list of
@@ -57,6 +67,7 @@ fn opencl_devices(py: Python<'_>) -> PyResult<Vec<Bound<'_, pyo3::types::PyDict>
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(cpu_isa, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_isa_levels, m)?)?;
     m.add_function(wrap_pyfunction!(opencl_devices, m)?)?;
     m.add_function(wrap_pyfunction!(write_kernel_binaries, m)?)?;
     m.add_class::<embeddings::PyEmbeddingEngine>()?;

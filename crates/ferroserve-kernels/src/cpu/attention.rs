@@ -133,7 +133,7 @@ fn head_attention(qkv: &[f32], start: usize, end: usize, h: usize, heads: usize,
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::test_util::{assert_close, Rng};
+    use crate::cpu::test_util::{assert_close, levels, Rng};
 
     #[test]
     fn attention_matches_f64() {
@@ -144,7 +144,7 @@ mod tests {
             let offsets = [0usize, 1, 6, 6 + 33, 6 + 33 + 2];
             let rows = *offsets.last().unwrap();
             let qkv = rng.vec(rows * 3 * hidden);
-            for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
+            for isa in levels("attention_matches_f64") {
                 let mut out = vec![f32::NAN; rows * hidden];
                 encoder_attention(isa, &qkv, &SeqLayout { offsets: &offsets }, heads, d, &mut out);
                 let mut want = vec![0.0f64; rows * hidden];

@@ -111,12 +111,12 @@ pub(crate) fn softmax_in_place(row: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::test_util::{assert_close, Rng};
+    use crate::cpu::test_util::{assert_close, levels, Rng};
 
     #[test]
     fn layer_norm_matches_f64() {
         let mut rng = Rng::new(7 ^ std::process::id() as u64);
-        for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
+        for isa in levels("layer_norm_matches_f64") {
             for &(rows, dim) in &[(1, 1), (3, 384), (100, 17), (700, 384)] {
                 let x0 = rng.vec(rows * dim);
                 let res = rng.vec(rows * dim);
@@ -141,7 +141,7 @@ mod tests {
     #[test]
     fn gelu_and_softmax_match_f64() {
         let mut rng = Rng::new(11 ^ std::process::id() as u64);
-        for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
+        for isa in levels("gelu_and_softmax_match_f64") {
             let x0: Vec<f32> = rng.vec(40_001).iter().map(|v| v * 6.0).collect();
             let mut x = x0.clone();
             gelu(isa, &mut x);

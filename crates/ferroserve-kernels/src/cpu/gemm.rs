@@ -77,6 +77,7 @@ pub fn linear(isa: Isa, x: &[f32], rows: usize, w: &PackedLinear, act: Activatio
     let (n, k) = (w.out_features, w.in_features);
     assert!(x.len() >= rows * k, "x too short");
     assert!(out.len() >= rows * n, "out too short");
+    isa.assert_supported(); // `block` runs `isa`'s instructions
     if rows == 0 || n == 0 {
         return;
     }
@@ -268,7 +269,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::test_util::{assert_close, Rng};
+    use crate::cpu::test_util::{assert_close, levels, Rng};
     use crate::{Activation, CpuDevice, Device};
 
     fn reference(x: &[f32], m: usize, w: &[f32], n: usize, k: usize, bias: Option<&[f32]>) -> Vec<f64> {
@@ -289,8 +290,8 @@ mod tests {
     fn linear_matches_f64_reference_on_every_isa() {
         let mut rng = Rng::new(0x5eed_0001 ^ std::process::id() as u64);
         let shapes = [(1, 1, 1), (1, 32, 384), (3, 7, 5), (8, 33, 17), (9, 64, 64), (17, 100, 129), (97, 31, 384), (200, 65, 40)];
-        for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Amx] {
-            let dev = CpuDevice::with_isa(isa);
+        for isa in levels("linear_matches_f64_reference_on_every_isa") {
+            let dev = CpuDevice::with_isa(isa).expect("a level this CPU has");
             // bf16 inputs carry 8 significant bits: compare against the f64 product of
             // the bf16-rounded operands tightly, and loosely against the exact one.
             let tol = if dev.isa() == Isa::Amx { 2e-2 } else { 1e-5 };
@@ -320,8 +321,8 @@ mod tests {
     fn fused_gelu_matches_separate_gelu() {
         let mut rng = Rng::new(3 ^ std::process::id() as u64);
         let (m, n, k) = (37, 70, 400);
-        for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Amx] {
-            let dev = CpuDevice::with_isa(isa);
+        for isa in levels("fused_gelu_matches_separate_gelu") {
+            let dev = CpuDevice::with_isa(isa).expect("a level this CPU has");
             let w = dev.pack_linear(&rng.vec(n * k), n, k, Some(&rng.vec(n)));
             let x = rng.vec(m * k);
             let mut fused = vec![f32::NAN; m * n];

@@ -52,6 +52,7 @@ const AVX512: u8 = 2;
 
 /// The instantiation level for `isa`.
 fn level(isa: Isa) -> u8 {
+    isa.assert_supported();
     #[cfg(target_arch = "x86_64")]
     {
         // Every level above AVX2 includes AVX-512 F/BW/VL. F16C comes with every AVX2 CPU
@@ -82,7 +83,7 @@ macro_rules! dispatch_level {
                 f()
             }
             match level($isa) {
-                // SAFETY: `level` returns these only when the CPU has the features.
+                // SAFETY: `level` asserted that the CPU has the features.
                 AVX512 => unsafe { run_avx512(|| $body::<$($($gen,)*)? AVX512>($($arg),*)) },
                 AVX2 => unsafe { run_avx2(|| $body::<$($($gen,)*)? AVX2>($($arg),*)) },
                 _ => $body::<$($($gen,)*)? PORTABLE>($($arg),*),
@@ -718,11 +719,11 @@ fn softmax_values_fast<const D: usize, const L: u8>(n_keys: usize, task: &Task<'
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::test_util::{assert_close, Rng};
+    use crate::cpu::test_util::{assert_close, levels, Rng};
 
+    /// The levels with their own code here (AMX runs the AVX-512 ops), those the CPU has.
     fn isas() -> Vec<Isa> {
-        let best = Isa::detect_best();
-        [Isa::Portable, Isa::Avx2, Isa::Avx512].into_iter().filter(|&i| i <= best).collect()
+        levels("llama_ops").into_iter().filter(|&i| i <= Isa::Avx512).collect()
     }
 
     fn seed(salt: u64) -> u64 {

@@ -93,19 +93,23 @@ impl QuantIsa {
             .expect("portable is always available")
     }
 
-    /// The best supported level, lowered by `FERROSERVE_ISA=avx512|avx2|portable` if set
-    /// (read once). A request above what the CPU supports is clamped, never obeyed.
+    /// The process-wide level: the best this CPU supports at or below the CPU kernels'
+    /// level ([`crate::cpu::Isa::selected`], i.e. `FERROSERVE_ISA`), read once.
     pub fn selected() -> QuantIsa {
         static SELECTED: OnceLock<QuantIsa> = OnceLock::new();
-        *SELECTED.get_or_init(|| {
-            let best = QuantIsa::detect_best();
-            match std::env::var("FERROSERVE_ISA").ok().as_deref() {
-                Some("portable") => QuantIsa::Portable,
-                Some("avx2") => best.min(QuantIsa::Avx2),
-                Some("avx512") => best.min(QuantIsa::Avx512),
-                _ => best,
-            }
-        })
+        *SELECTED.get_or_init(|| QuantIsa::for_level(crate::cpu::Isa::selected()))
+    }
+
+    /// The quantised kernels' level under CPU kernel level `isa`: the best one this CPU
+    /// supports that does not exceed it (AVX-512 here also needs VNNI, AVX2 also F16C).
+    pub fn for_level(isa: crate::cpu::Isa) -> QuantIsa {
+        use crate::cpu::Isa;
+        let ceiling = match isa {
+            Isa::Portable => QuantIsa::Portable,
+            Isa::Avx2 => QuantIsa::Avx2,
+            Isa::Avx512 | Isa::Amx => QuantIsa::Avx512,
+        };
+        QuantIsa::detect_best().min(ceiling)
     }
 }
 
