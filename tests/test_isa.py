@@ -54,3 +54,13 @@ def test_the_server_runs_the_level_it_was_given():
         assert {m["device"] for m in models} == {"cpu(portable)"}, models
     finally:
         srv.stop()
+
+
+@pytest.mark.isa_matrix
+def test_the_session_server_runs_this_level(server):
+    """Under the ISA matrix (tests/isa_matrix.sh) the shared server really runs the level
+    FERROSERVE_ISA names, so the other isa_matrix tests check that level."""
+    import httpx
+
+    devices = {m["device"] for m in httpx.get(server.url + "/v1/models").json()["data"]}
+    assert devices == {f"cpu({_core.cpu_isa()})"}, devices

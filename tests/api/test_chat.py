@@ -38,6 +38,7 @@ def _piece(server, token_id: int) -> str:
     return httpx.post(server.url + "/v1/detokenize", json={"model": MODEL, "tokens": [token_id]}).json()["prompt"]
 
 
+@pytest.mark.isa_matrix
 def test_greedy_completions_reproduce_llama_cpp(client, server, smollm_reference):
     """Fixture continuations: identical, or diverging only at a near-tie shown in the logits."""
     items = smollm_reference["completions"] + smollm_reference["chats"]
@@ -148,6 +149,7 @@ async def _stream_text(url: str, body: dict) -> str:
             return "".join(t for t, _ in text), [lp for _, lp in text]
 
 
+@pytest.mark.isa_matrix
 def test_32_concurrent_streams_equal_each_alone(server):
     prompts = [f"Write one sentence about the number {i}." for i in range(32)]
     bodies = [{"model": MODEL, "prompt": p, "max_tokens": 24, "temperature": 0, "stream": True, "logprobs": 1} for p in prompts]

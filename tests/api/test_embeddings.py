@@ -16,6 +16,7 @@ def cosine(a, b) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
+@pytest.mark.isa_matrix
 @pytest.mark.parametrize("encoding", ["float", "base64"])
 def test_matches_reference_one_request(client, minilm_reference, encoding):
     texts = [it["text"] for it in minilm_reference]
@@ -46,6 +47,7 @@ def test_raw_base64_is_little_endian_float32(server, minilm_reference):
     assert cosine(vec, item["embedding"]) >= 0.9999
 
 
+@pytest.mark.isa_matrix
 def test_single_and_batched_give_identical_vectors(client, minilm_reference):
     texts = [it["text"] for it in minilm_reference[:12]]
     batched = client.embeddings.create(model=MODEL, input=texts).data

@@ -60,6 +60,7 @@ def _greedy_all(client: OpenAI, prompts: list[list[int]]) -> list[tuple[str, int
         return list(pool.map(one, prompts))
 
 
+@pytest.mark.isa_matrix
 def test_greedy_fixture_output_equals_the_cpu_server(opencl_client, client):
     fixture = json.loads((FIXTURES / "smollm2_reference.json").read_text())
     items = fixture["completions"] + fixture["chats"]
@@ -82,6 +83,7 @@ def test_streamed_chat_on_the_device_equals_the_cpu_server(opencl_client, client
     assert chunks[-1].choices[0].finish_reason == cpu.choices[0].finish_reason
 
 
+@pytest.mark.isa_matrix
 def test_models_lists_the_device_and_the_log_has_the_load_check(opencl_chat_server):
     model = httpx.get(opencl_chat_server.url + "/v1/models").json()["data"][0]
     assert model["id"] == MODEL and model["device"].startswith("opencl:0("), model

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The ISA matrix of `make test` (README: "CPUs and kernel levels"). `make test` first runs
+# every test at the host's best level; the CPU kernel unit tests there already loop over
+# every level this CPU has. This script then proves the other paths on this machine:
+#   1. the model-level checks (llama.cpp fixtures, batch invariance, the OpenCL device's
+#      bitwise agreement with the CPU, embedding fixtures) once per lower level the host
+#      has, with FERROSERVE_ISA forced;
+#   2. the kernel crate's tests on emulated CPUs without AVX-512 (qemu-x86_64 -cpu Haswell:
+#      AVX2/FMA/F16C) and without AVX (-cpu qemu64), so an AVX-512 machine shows that the
+#      run-time detection never picks an instruction an older host lacks (no SIGILL).
+# Levels the host lacks are listed as skipped, with the reason.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+read -r -a levels <<<"$($PY -c 'from ferroserve import _core; print(" ".join(_core.cpu_isa_levels()))')"
+best=${levels[-1]}
+summary=()
+for level in portable avx2 avx512 amx; do
+    if [[ " ${levels[*]} " != *" $level "* ]]; then
+        summary+=("$level: skipped, this CPU lacks it ($(FERROSERVE_ISA=$level $PY -m ferroserve devices 2>&1 | sed 's/.*needs //; s/, which.*//'))")
+    elif [[ $level == "$best" ]]; then
+        summary+=("$level: the host's best level, covered by the full cargo test and pytest runs")
+    fi
+done
+
+for level in "${levels[@]}"; do
+    [[ $level == "$best" ]] && continue
+    echo "=== ISA matrix: FERROSERVE_ISA=$level (model-level checks)"
+    start=$SECONDS
+    FERROSERVE_ISA=$level cargo test --release -q -p ferroserve-core --test llama_reference --test llama_opencl
+    FERROSERVE_ISA=$level .venv/bin/pytest -q -p no:cacheprovider -m isa_matrix
+    summary+=("$level: model-level checks passed ($((SECONDS - start)) s)")
+done
+
+if ! command -v qemu-x86_64 >/dev/null; then
+    summary+=("emulated CPUs: skipped, qemu-x86_64 is not installed (apt-get install qemu-user; \`make test\` does where apt works)")
+else
+    mapfile -t bins < <(cargo test --release -q -p ferroserve-kernels --no-run --message-format=json 2>/dev/null \
+        | $PY -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("profile", {}).get("test") and m.get("executable"):
+        print(m["executable"])')
+    for cpu in Haswell qemu64; do
+        echo "=== ISA matrix: kernel tests on an emulated $cpu CPU (qemu-x86_64 -cpu $cpu)"
+        start=$SECONDS
+        for bin in "${bins[@]}"; do
+            # FERROSERVE_ISA unset: the levels are whatever the emulated CPU reports.
+            env -u FERROSERVE_ISA qemu-x86_64 -cpu "$cpu" "$bin" -q 2>&1 | grep -v "TCG doesn't support requested feature" || exit 1
+        done
+        summary+=("emulated $cpu: kernel crate tests passed ($((SECONDS - start)) s)")
+    done
+fi
+
+echo "=== ISA matrix summary (host levels: ${levels[*]})"
+printf '  %s\n' "${summary[@]}"
