@@ -178,6 +178,46 @@ def matmul_q4_1_cpu_order(w: np.ndarray, k: int, qs, scales, sums) -> np.ndarray
     return (hsum8(lanes) + mins).astype(F32)
 
 
+def _q8_0_block_products(q: np.ndarray, a: np.ndarray, b: int) -> np.ndarray:
+    """Exact int32 [m, n, 32]: weight codes q [n, nb, 32] times activation codes a
+    [m, nb, 32] for block b."""
+    return q[None, :, b, :].astype(np.int32) * a[:, None, b, :].astype(np.int32)
+
+
+def matmul_q8_0_portable_order(w: np.ndarray, k: int, qs, scales) -> np.ndarray:
+    """q8_0.rs `dot_portable` (the CPU's portable level) for all (row, column) pairs:
+    per block in order, acc = acc + ((d * dx) * (float)isum), isum the block's exact sum."""
+    d, q = q8_0_parts(w, k)
+    nb = k // QK
+    m_rows, n = qs.shape[0], w.shape[0]
+    a = qs.reshape(m_rows, nb, QK)
+    acc = np.zeros((m_rows, n), F32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for b in range(nb):
+            isum = _q8_0_block_products(q, a, b).sum(axis=2).astype(F32)  # exact: < 2^24
+            dd = (d[None, :, b] * scales[:, None, b, 0]).astype(F32)
+            acc = (acc + (dd * isum).astype(F32)).astype(F32)
+    return acc
+
+
+def matmul_q8_0_avx2_order(w: np.ndarray, k: int, qs, scales) -> np.ndarray:
+    """q8_0.rs `avx2::dot` / `block` (the CPU's AVX2 level) for all pairs: 8 lanes of four
+    code products each, lane = fma((float)lane_sum, d * dx, lane), even blocks into one
+    accumulator and odd ones into another (an odd count's last block is even), then
+    hsum8(even + odd) (matmul.rs `x86::hsum`)."""
+    d, q = q8_0_parts(w, k)
+    nb = k // QK
+    m_rows, n = qs.shape[0], w.shape[0]
+    a = qs.reshape(m_rows, nb, QK)
+    acc = np.zeros((2, m_rows, n, 8), F32)  # even, odd
+    with np.errstate(invalid="ignore", over="ignore"):
+        for b in range(nb):
+            lanes = _q8_0_block_products(q, a, b).reshape(m_rows, n, 8, 4).sum(axis=3).astype(F32)
+            scale = (d[None, :, b] * scales[:, None, b, 0]).astype(F32)
+            acc[b % 2] = fma32(lanes, scale[..., None], acc[b % 2])
+        return hsum8((acc[0] + acc[1]).astype(F32))
+
+
 def matmul_q8_0_avx512_order(w: np.ndarray, k: int, qs, scales) -> np.ndarray:
     """The CPU's AVX-512 Q8_0 kernel (matmul.rs `group_step` / `finish`) for all pairs:
     weights as d*(q + 128) - 128 d, blocks in groups of four, 16-lane accumulators."""

@@ -81,12 +81,13 @@ def matmul_bound(w64: np.ndarray, x: np.ndarray, scales: np.ndarray, extra: np.n
     return quant + mag * (k / 32 + 8) * 2.0**-23 + extra + 1e-30
 
 
-def run_matmul(clenv, name: str, w: np.ndarray, n: int, k: int, acts, m: int, with_sums: bool, rows: int = 4) -> np.ndarray:
-    """Both kernels take `rows` activation rows per work-item (-DROWS); only Q4_1 reads `sums`."""
+def run_matmul(clenv, name: str, w: np.ndarray, n: int, k: int, acts, m: int, with_sums: bool, rows: int = 4, **defines) -> np.ndarray:
+    """Both kernels take `rows` activation rows per work-item (-DROWS); only Q4_1 reads `sums`.
+    `defines` are further -D options (Q8_0_ORDER)."""
     qs, scales, sums = acts
     y, like = clenv.poisoned((m, n))
     args = [clenv.to_device(w), qs, scales] + ([sums] if with_sums else []) + [y, np.uint32(n), np.uint32(k), np.uint32(m)]
-    clenv.run(clenv.kernel(name, ROWS=rows), (round_up(n, MATMUL_LOCAL), -(-m // rows)), (MATMUL_LOCAL, 1), *args)
+    clenv.run(clenv.kernel(name, ROWS=rows, **defines), (round_up(n, MATMUL_LOCAL), -(-m // rows)), (MATMUL_LOCAL, 1), *args)
     return clenv.read(y, like)
 
 
@@ -123,36 +124,83 @@ def test_matmul_q4_1_rows_per_item_give_the_same_bits(clenv, bitwise, rng, rows,
     assert np.array_equal(y.view(np.uint32), want_bits.view(np.uint32))
 
 
+# matmul_q8_0_q8_0's -DQ8_0_ORDER: the CPU level whose bits it reproduces, and that level's
+# NumPy transcription (the CPU's Q8_0 bits depend on its ISA level; see the kernel's header).
+Q8_0_ORDERS = {
+    0: ("portable", R.matmul_q8_0_portable_order),
+    1: ("AVX2", R.matmul_q8_0_avx2_order),
+    2: ("AVX-512", R.matmul_q8_0_avx512_order),
+}
+
+
+@pytest.mark.parametrize("order", sorted(Q8_0_ORDERS))
 @pytest.mark.parametrize("rows", [1, 3, 8])
-@pytest.mark.parametrize("m,n,k", [(1, 7, 32), (5, 65, 96), (17, 130, 576), (2, 9, 224)])
-def test_matmul_q8_0_rows_per_item_give_the_same_bits(clenv, bitwise, rng, rows, m, n, k):
-    """Any -DROWS, m not a multiple of it, block counts 1-3 mod 4: the AVX-512 order's bits."""
+@pytest.mark.parametrize("m,n,k", [(1, 7, 32), (3, 11, 64), (5, 65, 96), (17, 130, 576), (2, 9, 224)])
+def test_matmul_q8_0_rows_per_item_give_the_same_bits(clenv, bitwise, rng, order, rows, m, n, k):
+    """Any -DROWS, m not a multiple of it, odd block counts and counts 1-3 mod 4: each
+    order's bits."""
     w = R.random_q8_0(rng, n, k)
     x = activations(rng, m, k)
     acts, (qs, scales, _) = quantize_on_device(clenv, x)
-    y = run_matmul(clenv, "matmul_q8_0_q8_0", w, n, k, acts, m, with_sums=False, rows=rows)
-    want_bits = R.matmul_q8_0_avx512_order(w, k, qs, scales)
+    y = run_matmul(clenv, "matmul_q8_0_q8_0", w, n, k, acts, m, with_sums=False, rows=rows, Q8_0_ORDER=order)
+    want_bits = Q8_0_ORDERS[order][1](w, k, qs, scales)
     assert np.array_equal(y.view(np.uint32), want_bits.view(np.uint32))
 
 
-@pytest.mark.parametrize("m,n,k", SHAPES)
-def test_matmul_q8_0(clenv, bitwise, rng, m, n, k):
+@pytest.mark.parametrize("order", sorted(Q8_0_ORDERS))
+@pytest.mark.parametrize("m,n,k", SHAPES + [(2, 5, 128)])
+def test_matmul_q8_0(clenv, bitwise, rng, order, m, n, k):
     w = R.random_q8_0(rng, n, k)
     x = activations(rng, m, k)
     dev_acts, (qs, scales, _) = quantize_on_device(clenv, x)
-    y = run_matmul(clenv, "matmul_q8_0_q8_0", w, n, k, dev_acts, m, with_sums=False)
+    y = run_matmul(clenv, "matmul_q8_0_q8_0", w, n, k, dev_acts, m, with_sums=False, Q8_0_ORDER=order)
     assert not np.isnan(y).any(), "an output was not written (still NaN)"
-    want_bits = R.matmul_q8_0_avx512_order(w, k, qs, scales)
+    label, reference = Q8_0_ORDERS[order]
+    want_bits = reference(w, k, qs, scales)
     diff = np.argwhere(y.view(np.uint32) != want_bits.view(np.uint32))
-    assert diff.size == 0, f"{len(diff)} outputs differ from the CPU's AVX-512 order, first {diff[0]}: {y[tuple(diff[0])]!r} vs {want_bits[tuple(diff[0])]!r}"
+    assert diff.size == 0, f"{len(diff)} outputs differ from the CPU's {label} order, first {diff[0]}: {y[tuple(diff[0])]!r} vs {want_bits[tuple(diff[0])]!r}"
     w64 = R.dequantize_q8_0(w, k)
     want = x.astype(np.float64) @ w64.T
-    # The offset form d(q + 128) - 128 d sums two terms each up to 128 |d d_x| * sum|q_x|
-    # that cancel: their f32 roundings add 2^-24 of that magnitude per block.
-    d, _ = R.q8_0_parts(w, k)
-    cancel = (np.abs(scales[:, :, 1].astype(np.float64)) * 128 * 2.0**-22) @ np.abs(d.astype(np.float64)).T
-    bound = matmul_bound(w64, x, scales, cancel * (k / 32 + 2))
+    extra = 0.0
+    if order == 2:
+        # The offset form d(q + 128) - 128 d sums two terms each up to 128 |d d_x| * sum|q_x|
+        # that cancel: their f32 roundings add 2^-24 of that magnitude per block.
+        d, _ = R.q8_0_parts(w, k)
+        cancel = (np.abs(scales[:, :, 1].astype(np.float64)) * 128 * 2.0**-22) @ np.abs(d.astype(np.float64)).T
+        extra = cancel * (k / 32 + 2)
+    bound = matmul_bound(w64, x, scales, extra)
     assert np.all(np.abs(y - want) <= bound), f"max excess {np.max(np.abs(y - want) - bound)}"
+
+
+def test_matmul_q8_0_default_order_is_avx512_and_orders_differ(clenv, bitwise, rng):
+    """Without -DQ8_0_ORDER the kernel is the AVX-512 order (binaries built before the
+    define keep their meaning); and the three orders round differently, so the tests above
+    do tell a build for the wrong CPU level apart."""
+    m, n, k = 4, 64, 576
+    w = R.random_q8_0(rng, n, k)
+    x = activations(rng, m, k)
+    acts, (qs, scales, _) = quantize_on_device(clenv, x)
+    default = run_matmul(clenv, "matmul_q8_0_q8_0", w, n, k, acts, m, with_sums=False)
+    assert np.array_equal(default.view(np.uint32), R.matmul_q8_0_avx512_order(w, k, qs, scales).view(np.uint32))
+    bits = {o: ref(w, k, qs, scales).view(np.uint32) for o, (_, ref) in Q8_0_ORDERS.items()}
+    for a in bits:
+        for b in bits:
+            if a < b:
+                assert not np.array_equal(bits[a], bits[b]), f"orders {a} and {b} agree on every output"
+
+
+def test_matmul_q8_0_rows_are_batch_invariant(clenv, rng):
+    """Each order: a row's result does not depend on how many rows share the call."""
+    n, k, m = 19, 224, 6
+    w = R.random_q8_0(rng, n, k)
+    x = activations(rng, m, k)
+    acts, _ = quantize_on_device(clenv, x)
+    for order in Q8_0_ORDERS:
+        full = run_matmul(clenv, "matmul_q8_0_q8_0", w, n, k, acts, m, with_sums=False, Q8_0_ORDER=order)
+        for r in (0, m - 1):
+            one_acts, _ = quantize_on_device(clenv, x[r : r + 1])
+            one = run_matmul(clenv, "matmul_q8_0_q8_0", w, n, k, one_acts, 1, with_sums=False, Q8_0_ORDER=order)
+            assert np.array_equal(one.view(np.uint32), full[r : r + 1].view(np.uint32)), f"order {order}, row {r}"
 
 
 def test_matmul_q4_1_rows_are_batch_invariant(clenv, rng):

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use super::{Arg, BuiltKernel, DeviceBuffer, KernelSource, OpenClDevice, Result};
+use crate::quant::QuantIsa;
 
 /// The encoder's kernels, built once per model (attention is compiled for its head width).
 pub struct BertKernels {
@@ -199,6 +200,18 @@ const Q4_1_ROWS: usize = 8;
 /// The same for `matmul_q8_0_q8_0` (the logits), where 4 measured best on PoCL.
 const Q8_0_ROWS: usize = 4;
 
+/// `matmul_q8_0_q8_0`'s `-DQ8_0_ORDER`: the operation order of the CPU's Q8_0 kernel at
+/// `isa` (0 portable, 1 AVX2, 2 AVX-512; see the kernel's header). The CPU's Q8_0 bits
+/// depend on its ISA level, unlike Q4_1's, so the logits (the tied Q8_0 output matrix) are
+/// the CPU device's only if the kernel follows the level the CPU runs.
+pub fn q8_0_order(isa: QuantIsa) -> u32 {
+    match isa {
+        QuantIsa::Portable => 0,
+        QuantIsa::Avx2 => 1,
+        QuantIsa::Avx512 => 2,
+    }
+}
+
 impl LlamaKernels {
     pub const NAMES: [&'static str; 12] = [
         "embedding_lookup_q8_0",
@@ -215,9 +228,18 @@ impl LlamaKernels {
         "gather_rows_f32",
     ];
 
+    /// Builds the decoder's kernels. `matmul_q8_0_q8_0` is compiled for the operation order
+    /// of the CPU's Q8_0 kernel at [`QuantIsa::selected`] (the level the CPU device, and so
+    /// `OpenClLlama`'s load check, runs; [`q8_0_order`]), so that the logits are the CPU's on
+    /// every host and every `FERROSERVE_ISA`. Program binaries ([`KernelSource::Binaries`])
+    /// keep the order of the process that built them (their `-D` options are fixed): binaries
+    /// from a host at another level give logits off in the last bits, which the load check
+    /// reports as not bitwise (and refuses beyond its tolerance); rebuild them on the
+    /// serving host's level.
     pub fn build(dev: &OpenClDevice, head_dim: usize, from: &KernelSource) -> Result<Self> {
         let none: &[(&str, String)] = &[];
         let head = [("HEAD_DIM", head_dim.to_string())];
+        let q8_0 = [("ROWS", Q8_0_ROWS.to_string()), ("Q8_0_ORDER", q8_0_order(QuantIsa::selected()).to_string())];
         let rms_norm = dev.kernel("rms_norm_f32", none, from)?;
         // One work-item computes the row's scale serially; the group then scales the row.
         let norm_group = rms_norm.max_work_group_size.clamp(1, 64);
@@ -233,7 +255,7 @@ impl LlamaKernels {
             rms_norm,
             quantize: dev.kernel("quantize_q8_f32", none, from)?,
             matmul_q4_1: dev.kernel("matmul_q4_1_q8_1", &[("ROWS", Q4_1_ROWS.to_string())], from)?,
-            matmul_q8_0: dev.kernel("matmul_q8_0_q8_0", &[("ROWS", Q8_0_ROWS.to_string())], from)?,
+            matmul_q8_0: dev.kernel("matmul_q8_0_q8_0", &q8_0, from)?,
             rope: dev.kernel("rope_f32", none, from)?,
             kv_write: dev.kernel("kv_write_f16_f32", none, from)?,
             attention_prefill: dev.kernel("attention_paged_f16_prefill", &head, from)?,
