@@ -4,8 +4,9 @@
  * memory, x as it is and w transposed to k-major, read from global memory as float4s along
  * k with consecutive work-items reading consecutive float4s of a row (coalesced). Each
  * work-item then keeps WORK_M rows (strided by the group's height) x WORK_N consecutive
- * columns of outputs in WORK_M registers of type floatWORK_N: per k, one vector of WORK_N
- * weights from local memory and one broadcast x value per row.
+ * columns of outputs in vector registers, WORK_N / VW of VW floats per row (VW below: 16 with
+ * AVX-512, 8 with AVX, 4 on other x86 CPUs); for each of those column vectors in turn, per
+ * k: one vector of VW weights from local memory and one broadcast x value per row.
  *
  * Every output is one f32 fma chain in k order starting from 0 (k past the end reads as
  * zeros, and fma(0, 0, acc) = acc, up to the sign of a zero), then + bias, then GELU: the
@@ -78,19 +79,63 @@
 
 #define CAT2(a, b) a##b
 #define CAT(a, b) CAT2(a, b)
-#define VEC CAT(float, WORK_N)
-#define VLOAD CAT(vload, WORK_N)
-#define VSTORE CAT(vstore, WORK_N)
 
-/* X(i) for each of the work-item's rows i = 0 .. WORK_M-1 (named registers, not an array). */
-#if WORK_M == 1
-#define FOR_ROWS(X) X(0)
-#elif WORK_M == 2
-#define FOR_ROWS(X) X(0) X(1)
-#elif WORK_M == 4
-#define FOR_ROWS(X) X(0) X(1) X(2) X(3)
+/* A work-item's WORK_N columns of a row are PARTS vectors of VW floats. On x86, a vector
+ * wider than the target's registers passed to or returned from any function (builtins such
+ * as fma, vload or erf included) changes the calling convention: 8 floats need AVX, 16
+ * AVX-512, and PoCL's compiler warns (an error with -Werror) when it compiles for a host
+ * without them. So VW is the widest vector the target's ABI passes as is (its clang defines
+ * __AVX__ / __AVX512F__ accordingly; 4 floats = 128 bits on any x86-64), up to WORK_N;
+ * other targets have no such rule and take WORK_N. The bits do not depend on VW (each
+ * output is the same fma chain); -DMAX_VW=4 or 8 narrows the vectors further (the tests use
+ * it to cover the split on an AVX-512 host). */
+#if defined(__x86_64__) || defined(__i386__)
+#if defined(__AVX512F__)
+#define TARGET_VW 16
+#elif defined(__AVX__)
+#define TARGET_VW 8
 #else
-#define FOR_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
+#define TARGET_VW 4
+#endif
+#else
+#define TARGET_VW 16
+#endif
+#ifndef MAX_VW
+#define MAX_VW TARGET_VW
+#endif
+#if WORK_N <= MAX_VW && WORK_N <= TARGET_VW
+#define VW WORK_N
+#elif MAX_VW < TARGET_VW
+#define VW MAX_VW
+#else
+#define VW TARGET_VW
+#endif
+#define PARTS (WORK_N / VW)
+#if (VW != 2 && VW != 4 && VW != 8 && VW != 16) || PARTS > 4
+#error "MAX_VW must be a power of two, at least WORK_N / 4"
+#endif
+#define VEC CAT(float, VW)
+#define VLOAD CAT(vload, VW)
+#define VSTORE CAT(vstore, VW)
+
+/* X(i, q) for each of the work-item's rows i = 0 .. WORK_M-1 (named registers, not an
+ * array), and for each of a row's vectors q = 0 .. PARTS-1. */
+#if WORK_M == 1
+#define FOR_ROWS(X, q) X(0, q)
+#elif WORK_M == 2
+#define FOR_ROWS(X, q) X(0, q) X(1, q)
+#elif WORK_M == 4
+#define FOR_ROWS(X, q) X(0, q) X(1, q) X(2, q) X(3, q)
+#else
+#define FOR_ROWS(X, q) X(0, q) X(1, q) X(2, q) X(3, q) X(4, q) X(5, q) X(6, q) X(7, q)
+#endif
+
+#if PARTS == 1
+#define FOR_PARTS(X, i) X(i, 0)
+#elif PARTS == 2
+#define FOR_PARTS(X, i) X(i, 0) X(i, 1)
+#else
+#define FOR_PARTS(X, i) X(i, 0) X(i, 1) X(i, 2) X(i, 3)
 #endif
 
 /* Local row lengths: xs[r][kk] and ws[kk][c]. */
@@ -100,9 +145,20 @@
 /* gelu_erf (common.h) on a vector, operation for operation. */
 #define GELU_VEC(v) (0.5f * (v) * (1.0f + erf((v) * M_SQRT1_2_F)))
 
-#define DECLARE_ACC(i) VEC acc##i = (VEC)(0.0f);
-#define FMA_ROW(i) acc##i = fma((VEC)(xp[(i) * GROUP_M * XS_STRIDE + kk]), b, acc##i);
-#define STORE_ROW(i) store_row(acc##i, r0 + ty + (i) * GROUP_M, j0, m, n, bias, act, y);
+/* acc<i>_<q>: row i's columns q*VW .. q*VW+VW-1. The chunk is walked once per q (a k loop
+ * over the columns of vector q for every row, b their weights at k): the live accumulators
+ * are then WORK_M vectors, which fit x86's 16 AVX registers (WORK_M * PARTS vectors at once
+ * did not: the compiler kept some in memory, 1.3-1.5x slower on AVX2). */
+#define DECLARE_ACC(i, q) VEC acc##i##_##q = (VEC)(0.0f);
+#define DECLARE_PART(_, q) FOR_ROWS(DECLARE_ACC, q)
+#define FMA_ACC(i, q) acc##i##_##q = fma((VEC)(xp[(i) * GROUP_M * XS_STRIDE + kk]), b, acc##i##_##q);
+#define K_LOOP(_, q)                                                                               \
+    for (int kk = 0; kk < TILE_K; kk++) {                                                          \
+        const VEC b = VLOAD(q, wp + kk * WS_STRIDE);                                               \
+        FOR_ROWS(FMA_ACC, q)                                                                       \
+    }
+#define STORE_ACC(i, q) store_part(acc##i##_##q, r0 + ty + (i) * GROUP_M, j0 + (q) * VW, m, n, bias, act, y);
+#define STORE_PART(_, q) FOR_ROWS(STORE_ACC, q)
 
 /* a[row, col .. col+4] of a rows x cols row-major matrix, zeros outside it (selects, not
  * branches: see the top). */
@@ -117,20 +173,21 @@ inline float4 load4_edge(const __global float *a, const uint row, const uint col
     return v;
 }
 
-inline void store_row(VEC v, const uint row, const uint j0, const uint m, const uint n,
-                      const __global float *bias, const uint act, __global float *y) {
+/* y[row, j0 .. j0+VW] = act(v + bias), the columns < n. */
+inline void store_part(VEC v, const uint row, const uint j0, const uint m, const uint n,
+                       const __global float *bias, const uint act, __global float *y) {
     if (row >= m)
         return;
-    if (j0 + WORK_N <= n) {
+    if (j0 + VW <= n) {
         if (bias)
             v += VLOAD(0, bias + j0);
         if (act == 1)
             v = GELU_VEC(v);
         VSTORE(v, 0, y + (size_t)row * n + j0);
     } else {
-        float out[WORK_N];
+        float out[VW];
         VSTORE(v, 0, out);
-        for (uint c = 0; c < WORK_N && j0 + c < n; c++) {
+        for (uint c = 0; c < VW && j0 + c < n; c++) {
             float s = out[c];
             if (bias)
                 s += bias[j0 + c];
@@ -154,7 +211,7 @@ __kernel void matmul_f32_f32_tiled(const __global float *x, const __global float
     __local float xs[TILE_M * XS_STRIDE];  /* xs[r][kk] = x[r0 + r, k0 + kk] */
     __local float ws[TILE_K * WS_STRIDE];  /* ws[kk][c] = w[c0 + c, k0 + kk] */
 
-    FOR_ROWS(DECLARE_ACC)
+    FOR_PARTS(DECLARE_PART, _)
 
     for (uint k0 = 0; k0 < k; k0 += TILE_K) {
         /* Stage the chunk, zeros outside the matrices (uniform branches only: see the top). */
@@ -185,14 +242,11 @@ __kernel void matmul_f32_f32_tiled(const __global float *x, const __global float
         {
             const __local float *xp = xs + ty * XS_STRIDE;
             const __local float *wp = ws + tx * WORK_N;
-            for (int kk = 0; kk < TILE_K; kk++) {
-                const VEC b = VLOAD(0, wp + kk * WS_STRIDE);
-                FOR_ROWS(FMA_ROW)
-            }
+            FOR_PARTS(K_LOOP, _)
         }
         barrier(CLK_LOCAL_MEM_FENCE);
     }
 
     const uint j0 = c0 + tx * WORK_N;
-    FOR_ROWS(STORE_ROW)
+    FOR_PARTS(STORE_PART, _)
 }

@@ -18,12 +18,16 @@ pytestmark = pytest.mark.opencl
 
 F32 = np.float32
 
-# (defines, (TILE_M, TILE_N, WORK_M, WORK_N)): the kernel's defaults (what ops.rs builds), a
-# GPU-style shape (4 x 4 per work-item, padded local rows), and a deliberately odd one (tiles
-# that are not powers of two, more work-items than float4s to stage).
+# (defines, (TILE_M, TILE_N, WORK_M, WORK_N)): the kernel's defaults (what ops.rs builds), the
+# same with a row's 16 columns in two float8s and in four float4s (what x86 CPUs with AVX but
+# no AVX-512, and without AVX, compile; -DMAX_VW forces it on any host), a GPU-style shape
+# (4 x 4 per work-item, padded local rows), and a deliberately odd one (tiles that are not
+# powers of two, more work-items than float4s to stage).
 DEFAULT = {}
 TILES = {
     "default": (DEFAULT, (64, 64, 8, 16)),
+    "default_vec8": (dict(MAX_VW=8), (64, 64, 8, 16)),
+    "default_vec4": (dict(MAX_VW=4), (64, 64, 8, 16)),
     "gpu4x4": (dict(WORK_M=4, WORK_N=4, TILE_K=16, PAD_X=1, PAD_W=4), (64, 64, 4, 4)),
     "odd": (dict(TILE_M=3, TILE_N=6, TILE_K=4, WORK_M=1, WORK_N=2), (3, 6, 1, 2)),
 }
