@@ -51,13 +51,18 @@ def test_one_kernel_named_after_the_file(clenv, path):
 # convert_int16 included) builds here with AVX-512 and fails with -Werror on an AVX2 host.
 KERNEL_LIBRARIES = {"sse2": "athlon64", "avx": "sandybridge", "avx2": "haswell", "avx512": "skylake-avx512"}
 
-# The -D sets built besides the defaults (the tiled kernel's other vector widths, the host's
-# Q4_1 rows).
+# The -D sets built besides the defaults: the tiled kernel's other shapes and vector widths,
+# the host's Q4_1 rows and both Q4_1 forms, the other Q8_0 orders.
 EXTRA_BUILDS = [
     ("matmul_f32_f32_tiled", ["-DWORK_N=8"]),
+    ("matmul_f32_f32_tiled", ["-DMAX_VW=8"]),
+    ("matmul_f32_f32_tiled", ["-DMAX_VW=4"]),
     ("matmul_f32_f32_tiled", ["-DWORK_M=4", "-DWORK_N=4", "-DTILE_K=16", "-DPAD_X=1", "-DPAD_W=4"]),
     ("matmul_f32_f32_tiled", ["-DTILE_M=3", "-DTILE_N=6", "-DTILE_K=4", "-DWORK_M=1", "-DWORK_N=2"]),
     ("matmul_q4_1_q8_1", ["-DROWS=8"]),
+    ("matmul_q4_1_q8_1", ["-DROWS=8", "-DQ4_1_INT16=0"]),
+    ("matmul_q8_0_q8_0", ["-DQ8_0_ORDER=0"]),
+    ("matmul_q8_0_q8_0", ["-DQ8_0_ORDER=1"]),
 ]
 
 _BUILD_EVERY_KERNEL = r"""
