@@ -548,14 +548,18 @@ inline float libm_expf(float x) {
     const sdouble one = sd_from_bits(0x3ff0000000000000UL);
     const sdouble z = sd_mul(inv_ln2_n, sd_from_float(x));
     const long k = sd_rint(z); /* glibc: (z + 0x1.8p52) - 0x1.8p52 */
-    sdouble r = sd_add(z, sd_from_long(-k)); /* exact */
     const sdouble s = sd_from_bits(EXP2F_TABLE[k & 31] + ((ulong)k << 47));
 #if LIBM_EXPF_FMA
+    /* The FMA build contracts r = z - k with z's product too: r = fma(32/ln2, x, -k), one
+     * rounding (the unfused z - k is exact, but z itself was rounded). Near a rounding
+     * boundary of the result this decides the last bit (expf(-63.09946f) is one case). */
+    const sdouble r = sd_fma(inv_ln2_n, sd_from_float(x), sd_from_long(-k));
     const sdouble zz = sd_fma(c0, r, c1);
     const sdouble r2 = sd_mul(r, r);
     sdouble y = sd_fma(c2, r, one);
     y = sd_fma(zz, r2, y);
 #else
+    const sdouble r = sd_add(z, sd_from_long(-k)); /* exact */
     const sdouble zz = sd_add(sd_mul(c0, r), c1);
     const sdouble r2 = sd_mul(r, r);
     sdouble y = sd_add(sd_mul(c2, r), one);
