@@ -212,6 +212,21 @@ pub fn q8_0_order(isa: QuantIsa) -> u32 {
     }
 }
 
+/// The paged attention kernels' `-DLIBM_EXPF_FMA`: whether this process's `expf` (what the
+/// CPU's softmax calls) is glibc's FMA build, which contracts its double arithmetic into
+/// fmas. glibc's x86-64 ifunc picks that build on CPUs with FMA and AVX2 (ifunc-fma.h),
+/// else its SSE2 build, whose roundings `common.h` reproduces with 0.
+pub fn libm_expf_fma() -> u32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        u32::from(is_x86_feature_detected!("fma") && is_x86_feature_detected!("avx2"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        1 // glibc's aarch64 expf is compiled with fma contraction everywhere
+    }
+}
+
 impl LlamaKernels {
     pub const NAMES: [&'static str; 12] = [
         "embedding_lookup_q8_0",
@@ -238,7 +253,7 @@ impl LlamaKernels {
     /// serving host's level.
     pub fn build(dev: &OpenClDevice, head_dim: usize, from: &KernelSource) -> Result<Self> {
         let none: &[(&str, String)] = &[];
-        let head = [("HEAD_DIM", head_dim.to_string())];
+        let head = [("HEAD_DIM", head_dim.to_string()), ("LIBM_EXPF_FMA", libm_expf_fma().to_string())];
         let q8_0 = [("ROWS", Q8_0_ROWS.to_string()), ("Q8_0_ORDER", q8_0_order(QuantIsa::selected()).to_string())];
         let rms_norm = dev.kernel("rms_norm_f32", none, from)?;
         // One work-item computes the row's scale serially; the group then scales the row.
