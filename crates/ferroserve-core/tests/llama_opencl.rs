@@ -113,8 +113,19 @@ fn greedy_fixture_output_equals_the_cpu_device() {
     let cpu = LlamaModel::load(&path).unwrap();
     let dev = OpenClLlama::load(LlamaModel::load(&path).unwrap(), device, &KernelSource::Embedded).unwrap_or_else(|e| panic!("{e}"));
     eprintln!("{}: load check: {}", dev.device_name(), dev.check_summary());
+    // PoCL has IEEE rounding, correctly rounded division and sqrt, and denormals on every
+    // x86-64 host, and the kernels follow the CPU level's order: bitwise, whatever the host
+    // and FERROSERVE_ISA. Another device promises only what its load check passed.
     if is_pocl {
         assert!(dev.check().bitwise, "PoCL on x86 should reproduce the CPU's logits bit for bit: {:?}", dev.check());
+    } else if !dev.check().bitwise {
+        eprintln!(
+            "{} is not PoCL and its logits are not the CPU's bits: it holds only the load check's tolerance \
+             (max |diff| {}); greedy tokens may differ at near-ties, so they are not compared",
+            dev.device_name(),
+            dev.check().max_abs_diff
+        );
+        return;
     }
 
     let cases = fixture_prompts();
