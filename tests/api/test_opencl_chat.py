@@ -89,7 +89,15 @@ def test_models_lists_the_device_and_the_log_has_the_load_check(opencl_chat_serv
     assert model["id"] == MODEL and model["device"].startswith("opencl:0("), model
     log = opencl_chat_server.log_path.read_text()
     check = [json.loads(ln) for ln in log.splitlines() if '"msg":"device check"' in ln]
-    assert check and check[0]["result"] == "logits equal the CPU's bit for bit", log
+    assert check, log
+    # PoCL is bitwise on every x86-64 host and FERROSERVE_ISA level (the kernels follow the
+    # CPU level's order); another device promises only the load check's tolerance.
+    from ferroserve import _core
+
+    if "portable computing language" in _core.opencl_devices()[0]["platform"].lower():
+        assert check[0]["result"] == "logits equal the CPU's bit for bit", log
+    else:
+        assert check[0]["result"].startswith(("logits equal the CPU's bit for bit", "logits within ")), log
 
 
 def test_device_selection_for_the_chat_model():
