@@ -53,11 +53,13 @@
 #ifndef Q8_0_ORDER
 #define Q8_0_ORDER 2
 #endif
-#if Q8_0_ORDER == 1
+#if Q8_0_ORDER == 0
+#define CHAINS 1
+#elif Q8_0_ORDER == 1
 #define CHAINS 2
 #elif Q8_0_ORDER == 2
 #define CHAINS 4
-#elif Q8_0_ORDER != 0
+#else
 #error "Q8_0_ORDER must be 0 (portable), 1 (AVX2) or 2 (AVX-512)"
 #endif
 
@@ -111,41 +113,27 @@ __kernel void matmul_q8_0_q8_0(const __global uchar *w, const __global char *qs,
     const uint nb = k / QK;
     const __global uchar *wrow = w + (size_t)j * nb * Q8_0_BLOCK_BYTES;
 
+    /* Order 0: one scalar chain dot[t]. Orders 1, 2: acc[t][c][h] holds lanes 4h..4h+3 of
+     * chain c (block b goes to chain b % CHAINS), and order 2 its offset sums off[t][c]. */
 #if Q8_0_ORDER == 0
-    float acc[ROWS];
+    float dot[ROWS];
     for (uint t = 0; t < ROWS; t++)
-        acc[t] = 0.0f;
-    for (uint b = 0; b < nb; b++) {
-        const __global uchar *blk = wrow + (size_t)b * Q8_0_BLOCK_BYTES;
-        const float d = load_f16(blk);
-        int8 wp[4];
-        WEIGHT_PLANES(blk + 2, wp);
-        for (uint t = 0; t < rows; t++) {
-            const size_t r = r0 + t;
-            const uint8 x = LOAD32(qs + r * k + (size_t)b * QK);
-            const int8 l = LANE_SUMS(wp, x);
-            const int4 s = l.lo + l.hi;
-            const int isum = (s.x + s.y) + (s.z + s.w);
-            acc[t] = acc[t] + (d * scales[(r * nb + b) * 2]) * (float)isum;
-        }
-    }
-    for (uint t = 0; t < rows; t++)
-        y[(size_t)(r0 + t) * n + j] = acc[t];
+        dot[t] = 0.0f;
 #else
-    /* acc[t][c][h]: lanes 4h..4h+3 of chain c (block b goes to chain b % CHAINS). */
     float4 acc[ROWS][CHAINS][2];
-#if Q8_0_ORDER == 2
-    float off[ROWS][CHAINS];
-#endif
     for (uint t = 0; t < ROWS; t++) {
         for (int c = 0; c < CHAINS; c++) {
             acc[t][c][0] = (float4)(0.0f);
             acc[t][c][1] = (float4)(0.0f);
-#if Q8_0_ORDER == 2
-            off[t][c] = 0.0f;
-#endif
         }
     }
+#endif
+#if Q8_0_ORDER == 2
+    float off[ROWS][CHAINS];
+    for (uint t = 0; t < ROWS; t++)
+        for (int c = 0; c < CHAINS; c++)
+            off[t][c] = 0.0f;
+#endif
     for (uint b0 = 0; b0 < nb; b0 += CHAINS) {
 #pragma unroll
         for (uint c = 0; c < CHAINS; c++) {
@@ -160,9 +148,15 @@ __kernel void matmul_q8_0_q8_0(const __global uchar *w, const __global char *qs,
                     const uint8 x = LOAD32(qs + r * k + (size_t)b * QK);
                     const int8 l = LANE_SUMS(wp, x);
                     const __global float *s = scales + (r * nb + b) * 2;
+#if Q8_0_ORDER == 0
+                    const int4 l4 = l.lo + l.hi;
+                    const int isum = (l4.x + l4.y) + (l4.z + l4.w);
+                    dot[t] = dot[t] + (d * s[0]) * (float)isum;
+#else
                     const float4 scale = (float4)(d * s[0]);
                     acc[t][c][0] = fma(convert_float4(l.lo), scale, acc[t][c][0]);
                     acc[t][c][1] = fma(convert_float4(l.hi), scale, acc[t][c][1]);
+#endif
 #if Q8_0_ORDER == 2
                     off[t][c] = off[t][c] + (d * -128.0f) * s[1];
 #endif
@@ -171,6 +165,9 @@ __kernel void matmul_q8_0_q8_0(const __global uchar *w, const __global char *qs,
         }
     }
     for (uint t = 0; t < rows; t++) {
+#if Q8_0_ORDER == 0
+        const float v = dot[t];
+#else
         /* The 8 lanes v summed by hsum8: ((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7)). */
 #if Q8_0_ORDER == 1
         const float4 lo = acc[t][0][0] + acc[t][1][0]; /* v = even + odd */
@@ -181,10 +178,10 @@ __kernel void matmul_q8_0_q8_0(const __global uchar *w, const __global char *qs,
 #endif
         const float4 h = lo + hi;
         float v = (h.x + h.z) + (h.y + h.w);
+#endif
 #if Q8_0_ORDER == 2
         v = v + ((off[t][0] + off[t][2]) + (off[t][1] + off[t][3]));
 #endif
         y[(size_t)(r0 + t) * n + j] = v;
     }
-#endif
 }
