@@ -12,6 +12,8 @@ import os
 import tomllib
 from pathlib import Path
 
+from typing import Any
+
 import msgspec
 
 SETTINGS_ENV = "FERROSERVE_SETTINGS_JSON"
@@ -31,6 +33,39 @@ class ModelSpec(msgspec.Struct):
     # Where it runs: "cpu", "opencl:N" (explicit: refuse to start if it cannot be used) or
     # "auto" (OpenCL device 0 if it builds and runs, else the CPU with the reason logged).
     device: str = "cpu"
+    # Where it runs: "local" (this process's engine, `path` required) or a `[[backends]]` name.
+    backend: str = "local"
+    # The backend's own name for the model (default: `name`).
+    upstream_model: str | None = None
+    # Model names tried in order when this one cannot serve (connection error, timeout, 429,
+    # 5xx, engine overloaded) before anything reached the client.
+    fallbacks: list[str] = []
+    # 0..1, used by `model: "auto"` (objective quality / quality-per-dollar); None: 0.5.
+    quality: float | None = None
+    # Expected speed while the router has not measured the model yet (latency-aware routing).
+    prefill_tokens_per_s: float | None = None
+    decode_tokens_per_s: float | None = None
+    # Backend-specific model options (e.g. a Triton model's tensor names); checked by the backend.
+    options: dict[str, Any] = {}
+
+
+class BackendSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A `[[backends]]` table: a service other than this process that serves models."""
+
+    name: str
+    kind: str  # "upstream" (any OpenAI-compatible HTTP API) | "triton"
+    # upstream: "http://host:8000/v1"; triton: "host:8001" (gRPC) or "http://host:8000" (HTTP).
+    base_url: str
+    # The environment variable holding the API key (never the key itself in the file).
+    api_key_env: str | None = None
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 120.0
+    max_concurrent: int = 64
+    # triton: "grpc" (default, asyncio) or "http".
+    protocol: str = "grpc"
+    # upstream: also offer HTTP/2 (negotiated by TLS ALPN on https URLs).
+    http2: bool = True
+    owned_by: str | None = None
 
 
 class Settings(msgspec.Struct):
@@ -59,6 +94,15 @@ class Settings(msgspec.Struct):
     # Precompiled OpenCL program binaries (<kernel>.bin / .aocx, e.g. FPGA bitstreams)
     # instead of building the embedded kernel sources.
     kernel_binaries: str | None = None
+    # Remote backends (`[[backends]]` of the config file).
+    backends: list[BackendSpec] = []
+    # The embedding response cache: size in MiB (0 turns it off) and entry lifetime.
+    embed_cache_mb: int = 64
+    embed_cache_ttl_s: float = 3600.0
+    # Circuit breaker per model: open after this many consecutive failures, probe again
+    # (half-open) after the cool-down.
+    breaker_failures: int = 3
+    breaker_cooldown_s: float = 10.0
 
     def to_json(self) -> str:
         return msgspec.json.encode(self).decode()
@@ -76,11 +120,21 @@ class FileModel(msgspec.Struct, forbid_unknown_fields=True):
     """A `[[models]]` table of the config file."""
 
     name: str
-    path: str
+    path: str | None = None  # required for backend "local"
     aliases: list[str] = []
     device: str = "cpu"
     input_usd_per_million_tokens: float = 0.0
     output_usd_per_million_tokens: float = 0.0
+    backend: str = "local"
+    # For a remote model: "chat" or "embedding" (a local model's kind comes from its file).
+    kind: str | None = None
+    upstream_model: str | None = None
+    fallbacks: list[str] = []
+    quality: float | None = None
+    owned_by: str | None = None
+    prefill_tokens_per_s: float | None = None
+    decode_tokens_per_s: float | None = None
+    options: dict[str, Any] = {}
 
 
 class ConfigFile(msgspec.Struct, forbid_unknown_fields=True):
@@ -102,6 +156,11 @@ class ConfigFile(msgspec.Struct, forbid_unknown_fields=True):
     chat_template: str | None = None  # a file, as --chat-template
     numerics: str | None = None
     kernel_binaries: str | None = None
+    embed_cache_mb: int | None = None
+    embed_cache_ttl_s: float | None = None
+    breaker_failures: int | None = None
+    breaker_cooldown_s: float | None = None
+    backends: list[BackendSpec] = []
     models: list[FileModel] = []
 
 
@@ -123,17 +182,65 @@ def load_config_file(path: str) -> ConfigFile:
     config.data_dir, config.chat_template, config.kernel_binaries = (
         rel(config.data_dir), rel(config.chat_template), rel(config.kernel_binaries))
     for m in config.models:
-        m.path = rel(m.path) or m.path
+        m.path = rel(m.path)
     return config
 
 
-def file_model(m: FileModel) -> ModelSpec:
-    p = Path(m.path).resolve()
-    return ModelSpec(
-        name=m.name, path=str(p), kind=detect_kind(p), aliases=list(m.aliases), device=parse_device(m.device),
+BACKEND_KINDS = ("upstream", "triton")
+
+
+def file_model(m: FileModel, backends: dict[str, BackendSpec]) -> ModelSpec:
+    common = dict(
+        name=m.name, aliases=list(m.aliases), backend=m.backend, upstream_model=m.upstream_model,
+        fallbacks=list(m.fallbacks), quality=m.quality,
         input_usd_per_million_tokens=m.input_usd_per_million_tokens,
         output_usd_per_million_tokens=m.output_usd_per_million_tokens,
+        prefill_tokens_per_s=m.prefill_tokens_per_s, decode_tokens_per_s=m.decode_tokens_per_s,
+        options=dict(m.options),
     )
+    if m.quality is not None and not 0.0 <= m.quality <= 1.0:
+        raise ConfigError(f"model {m.name}: quality must be between 0 and 1, got {m.quality}")
+    if m.backend == "local":
+        if m.path is None:
+            raise ConfigError(f"model {m.name}: a local model needs `path` (or set `backend` to a [[backends]] name)")
+        p = Path(m.path).resolve()
+        return ModelSpec(path=str(p), kind=detect_kind(p), device=parse_device(m.device),
+                         owned_by=m.owned_by or "ferroserve", **common)
+    spec = backends.get(m.backend)
+    if spec is None:
+        raise ConfigError(f"model {m.name}: backend {m.backend!r} is not a [[backends]] name; backends: {['local', *backends]}")
+    if m.kind not in ("chat", "embedding"):
+        raise ConfigError(f"model {m.name}: a model on backend {m.backend!r} needs kind = \"chat\" or \"embedding\"")
+    return ModelSpec(path=m.path or "", kind=m.kind, device=spec.base_url,
+                     owned_by=m.owned_by or spec.owned_by or spec.name, **common)
+
+
+def check_backends(backends: list[BackendSpec]) -> dict[str, BackendSpec]:
+    out: dict[str, BackendSpec] = {}
+    for b in backends:
+        if b.name in out or b.name == "local":
+            raise ConfigError(f"[[backends]] names must be unique and not \"local\", got {b.name!r} twice")
+        if b.kind not in BACKEND_KINDS:
+            raise ConfigError(f"backend {b.name}: kind must be one of {', '.join(BACKEND_KINDS)}, got {b.kind!r}")
+        if b.kind == "triton" and b.protocol not in ("grpc", "http"):
+            raise ConfigError(f"backend {b.name}: protocol must be grpc or http, got {b.protocol!r}")
+        if b.api_key_env is not None and not os.environ.get(b.api_key_env):
+            raise ConfigError(f"backend {b.name}: the environment variable {b.api_key_env} (api_key_env) is not set")
+        if min(b.connect_timeout_s, b.read_timeout_s) <= 0 or b.max_concurrent < 1:
+            raise ConfigError(f"backend {b.name}: timeouts must be positive and max_concurrent at least 1")
+        out[b.name] = b
+    return out
+
+
+def check_fallbacks(models: list[ModelSpec]) -> None:
+    names = {n: m for m in models for n in (m.name, *m.aliases)}
+    for m in models:
+        for f in m.fallbacks:
+            target = names.get(f)
+            if target is None:
+                raise ConfigError(f"model {m.name}: fallback {f!r} is not a model name; models: {sorted(names)}")
+            if target.kind != m.kind:
+                raise ConfigError(f"model {m.name}: fallback {f!r} is a {target.kind} model, not {m.kind}")
 
 
 # The bundled default models: (python package, path inside it, canonical name, aliases, kind).
@@ -228,11 +335,14 @@ def apply_device_args(models: list[ModelSpec], device_args: list[str]) -> None:
         device = parse_device(dev)
         if not sep:
             for m in models:
-                m.device = device
+                if m.backend == "local":
+                    m.device = device
             continue
         spec = next((m for m in models if name == m.name or name in m.aliases), None)
         if spec is None:
             raise ConfigError(f"--device names an unknown model {name!r}; models: {[m.name for m in models]}")
+        if spec.backend != "local":
+            raise ConfigError(f"--device {arg}: {spec.name} runs on backend {spec.backend!r}, not in this process")
         spec.device = device
 
 
@@ -272,6 +382,7 @@ def resolve(
     device_args: list[str] | None = None,
     kernel_binaries: str | None = None,
     config_file: str | None = None,
+    embed_cache_mb: int | None = None,
 ) -> Settings:
     """Flags (non-None arguments) over environment over the config file over defaults."""
     s = Settings()
@@ -279,7 +390,8 @@ def resolve(
     file = load_config_file(config_path) if config_path else ConfigFile()
     # The file's values take the defaults' place; flags and environment then apply on top.
     for key in ("host", "port", "log_level", "max_body_bytes", "max_inputs", "embed_max_batch_tokens",
-                "embed_max_wait_us", "kv_budget_bytes", "max_batch_tokens", "max_running", "numerics"):
+                "embed_max_wait_us", "kv_budget_bytes", "max_batch_tokens", "max_running", "numerics",
+                "embed_cache_mb", "embed_cache_ttl_s", "breaker_failures", "breaker_cooldown_s"):
         if getattr(file, key) is not None:
             setattr(s, key, getattr(file, key))
     try:
@@ -294,6 +406,9 @@ def resolve(
         s.max_batch_tokens = int(_env("MAX_BATCH_TOKENS") or s.max_batch_tokens)
         s.max_running = int(_env("MAX_RUNNING") or s.max_running)
         s.rate_window_s = float(_env("RATE_WINDOW_S") or s.rate_window_s)
+        s.embed_cache_mb = embed_cache_mb if embed_cache_mb is not None else int(_env("EMBED_CACHE_MB") or s.embed_cache_mb)
+        s.embed_cache_ttl_s = float(_env("EMBED_CACHE_TTL_S") or s.embed_cache_ttl_s)
+        s.breaker_cooldown_s = float(_env("BREAKER_COOLDOWN_S") or s.breaker_cooldown_s)
     except ValueError as exc:
         raise ConfigError(f"invalid numeric setting: {exc}") from None
     template_file = chat_template_file or _env("CHAT_TEMPLATE") or file.chat_template
@@ -304,10 +419,14 @@ def resolve(
             raise ConfigError(f"cannot read the chat template {template_file}: {exc}") from None
     if not model_args and _env("MODELS"):
         model_args = [m.strip() for m in _env("MODELS").split(",") if m.strip()]
+    backends = check_backends(file.backends)
+    s.backends = list(backends.values())
+    if s.embed_cache_mb < 0:
+        raise ConfigError(f"--embed-cache-mb must be 0 (off) or more, got {s.embed_cache_mb}")
     if model_args:
         s.models = [parse_model_arg(a) for a in model_args]
     elif file.models:
-        s.models = [file_model(m) for m in file.models]
+        s.models = [file_model(m, backends) for m in file.models]
     else:
         s.models = default_models()
     if not s.models:
@@ -331,6 +450,7 @@ def resolve(
     if s.numerics not in ("exact", "fast"):
         raise ConfigError(f"--numerics must be exact or fast, got {s.numerics!r}")
     check_numerics_devices(s.models, s.numerics)
+    check_fallbacks(s.models)
     if s.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"--log-level must be debug, info, warning or error, got {s.log_level!r}")
     if not price_args and _env("PRICES"):

@@ -1,0 +1,254 @@
+"""The one interface every backend implements: the api layer and the router speak only this.
+
+A backend object serves one model entry of the configuration (a local engine model, one model
+of an OpenAI-compatible upstream, one Triton model). Backends of the same `[[backends]]` table
+share its connection pool. Everything here is request-level and async; per-token work stays in
+the backend (for the local one, in Rust).
+
+Chat and text completions: `generate(request)` is an async iterator of events ::
+
+    Admitted(prompt_tokens, cached_tokens)       at most once, before any Delta
+    Delta(index, text, token_ids, logprobs)      zero or more per choice
+    Finished(index, reason, completion_tokens)   once per choice (n of them)
+    Failed(error)                                 instead of the rest; the last event
+
+Leaving the iteration early (`aclose()`, or the consuming task cancelled because the client
+went away) cancels the request in the backend: the engine aborts it, the upstream's HTTP stream
+is closed, Triton's stream is cancelled.
+
+Errors: a request the backend rejects as invalid is a `Failed(ApiError)` (400, naming the
+parameter) and is not retried elsewhere. A backend that cannot serve right now (connection
+refused, timeout, 429, 5xx, engine overloaded or dead) is `Failed(Unavailable)`: the router tries
+the next candidate if nothing has reached the client yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+import msgspec
+import numpy as np
+
+from ferroserve.errors import ApiError
+
+# (token_id, token bytes, logprob, [(token_id, bytes, logprob) of the top alternatives]).
+# Upstreams that do not send token ids use -1.
+TokenLogprob = tuple[int, bytes, float, list[tuple[int, bytes, float]]]
+
+HEALTHY, DEGRADED, DOWN = "healthy", "degraded", "down"
+
+
+class Unavailable(Exception):
+    """The backend cannot serve this request now; another candidate may.
+
+    `status` is the upstream's HTTP status when there was one (429, 5xx), `retry_after` its
+    Retry-After in seconds when it sent one."""
+
+    def __init__(self, reason: str, *, status: int | None = None, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+        self.retry_after = retry_after
+
+
+# Requests ------------------------------------------------------------------------------------
+class SamplingParams(msgspec.Struct, kw_only=True):
+    """OpenAI sampling fields, defaults filled in (the engine validates ranges)."""
+
+    n: int = 1
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    stop: list[str] | None = None
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+class Message(msgspec.Struct):
+    """A chat message as backends see it: role and text, or content parts `[(type, text)]`."""
+
+    role: str
+    content: str | list[tuple[str, str]]
+
+
+class ChatRequest(msgspec.Struct, kw_only=True):
+    """One generation: `messages` (chat) or `prompt` (a text completion, one prompt)."""
+
+    messages: list[Message] | None = None
+    prompt: str | list[int] | None = None
+    params: SamplingParams
+    # Whether deltas are wanted as they are produced (streaming) or only at the end.
+    stream: bool = False
+    # Per-backend memo (e.g. the local backend's prompt tokens, so count_tokens and generate
+    # tokenize once). Keyed by backend name.
+    memo: dict[str, Any] = {}
+
+
+class EmbedRequest(msgspec.Struct, kw_only=True):
+    """Exactly one of `texts` / `token_lists` (validated by the api layer)."""
+
+    texts: list[str] | None = None
+    token_lists: list[list[int]] | None = None
+    dimensions: int | None = None
+    encoding: Literal["float", "base64"] = "float"
+
+
+# Events ---------------------------------------------------------------------------------------
+class Admitted(msgspec.Struct):
+    prompt_tokens: int
+    cached_tokens: int = 0
+
+
+class Delta(msgspec.Struct):
+    index: int
+    text: str
+    token_ids: list[int] = []
+    logprobs: list[TokenLogprob] | None = None
+
+
+class Finished(msgspec.Struct):
+    index: int
+    reason: str  # "stop" | "length" | ...
+    completion_tokens: int
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+
+
+class Failed(msgspec.Struct):
+    error: Any  # ApiError (the client's fault: not retried) | Unavailable (try the next candidate)
+
+
+Event = Admitted | Delta | Finished | Failed
+
+
+# Embeddings -------------------------------------------------------------------------------------
+class EmbeddingResult(msgspec.Struct):
+    """The vectors of one request and its prompt tokens.
+
+    The local engine hands back the OpenAI `data` array already encoded by Rust (`data_json`);
+    other backends return float32 `vectors` (one row per input) and `data_json()` encodes them."""
+
+    prompt_tokens: int
+    encoded: bytes | None = None
+    vectors: Any = None  # np.ndarray float32 (n, d)
+
+    def data_json(self, encoding: str) -> bytes:
+        if self.encoded is not None:
+            return self.encoded
+        return encode_vectors(self.vectors, encoding)
+
+    def as_array(self) -> np.ndarray:
+        """The vectors as float32 (decoding the engine's JSON when that is what we have)."""
+        if self.vectors is not None:
+            return self.vectors
+        rows = msgspec.json.decode(self.encoded or b"[]")
+        out = []
+        for row in rows:
+            e = row["embedding"]
+            out.append(np.frombuffer(base64.b64decode(e), dtype="<f4") if isinstance(e, str) else np.asarray(e, dtype=np.float32))
+        return np.stack(out) if out else np.zeros((0, 0), np.float32)
+
+
+def encode_vectors(vectors: np.ndarray, encoding: str) -> bytes:
+    """OpenAI's `data` array for float32 vectors (shortest round-trip floats, as the engine)."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    items = []
+    for i, row in enumerate(vectors):
+        if encoding == "base64":
+            emb: Any = base64.b64encode(row.astype("<f4").tobytes()).decode()
+        else:
+            emb = [float(x) for x in row.tolist()]
+        items.append({"object": "embedding", "index": i, "embedding": emb})
+    return msgspec.json.encode(items)
+
+
+# What a backend tells about itself ------------------------------------------------------------
+class BackendInfo(msgspec.Struct, kw_only=True):
+    kind: str  # "local" | "upstream" | "triton"
+    backend: str  # the [[backends]] name ("local" for this process's engine)
+    capabilities: list[str]  # "chat", "completions", "embeddings"
+    context_length: int | None = None
+    dimensions: int | None = None
+    device: str | None = None  # local: "cpu(avx512)"...; remote: its base URL
+    owned_by: str = "ferroserve"
+    input_usd_per_million_tokens: float = 0.0
+    output_usd_per_million_tokens: float = 0.0
+
+
+class BackendStats(msgspec.Struct, kw_only=True):
+    """Live load. `queue_depth` waits, `running` computes; rates are tokens/s of the backend
+    itself where it knows them (the router measures its own per candidate either way)."""
+
+    queue_depth: int = 0
+    running: int = 0
+    kv_usage: float | None = None
+    prefill_tokens_per_s: float | None = None
+    decode_tokens_per_s: float | None = None
+
+
+class Backend(ABC):
+    """One servable model. Subclasses implement `generate` (chat/completions) and/or `embed`."""
+
+    name: str  # the model entry's name (what clients ask for)
+
+    @abstractmethod
+    def info(self) -> BackendInfo: ...
+
+    def health(self) -> str:
+        """The backend's own view: HEALTHY, DEGRADED or DOWN (the router adds its breaker)."""
+        return HEALTHY
+
+    def stats(self) -> BackendStats:
+        return BackendStats()
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Called once on the serving event loop before any request."""
+
+    def stop(self) -> None:
+        """Called once when the worker stops."""
+
+    # Chat and text completions.
+    def count_tokens(self, request: ChatRequest) -> int:
+        """The prompt's tokens (exact where the backend has the tokenizer, else an estimate)."""
+        raise ApiError(400, f"The model `{self.name}` does not generate text.", param="model", code="model_not_supported")
+
+    def generate(self, request: ChatRequest) -> AsyncIterator[Event]:
+        raise ApiError(400, f"The model `{self.name}` does not generate text.", param="model", code="model_not_supported")
+
+    # Embeddings.
+    def count_embed_tokens(self, request: EmbedRequest) -> int:
+        raise ApiError(400, f"The model `{self.name}` does not create embeddings.", param="model", code="model_not_supported")
+
+    async def embed(self, request: EmbedRequest) -> EmbeddingResult:
+        raise ApiError(400, f"The model `{self.name}` does not create embeddings.", param="model", code="model_not_supported")
+
+    # Tokenizer access for /v1/tokenize, /v1/detokenize (local models only).
+    def tokenizer(self) -> Any | None:
+        return None
+
+
+def estimate_tokens(request: ChatRequest) -> int:
+    """About four bytes per token: for backends without our tokenizer (settled later with the
+    usage the backend reports)."""
+    if request.messages is not None:
+        size = 0
+        for m in request.messages:
+            c = m.content
+            size += len(c.encode()) if isinstance(c, str) else sum(len(t.encode()) for _, t in c)
+            size += 16  # role and template tokens
+        return max(1, size // 4)
+    p = request.prompt
+    if isinstance(p, list):
+        return len(p)
+    return max(1, len((p or "").encode()) // 4)
