@@ -18,7 +18,9 @@ from ferroserve import log
 from ferroserve.api import admin, chat, completions, embeddings, estimate, history, models, status, tokenize, usage
 from ferroserve.config import SETTINGS_ENV, STARTUP_ERROR_ENV, Settings
 from ferroserve.errors import ApiError
+from ferroserve.gateway.embed_cache import EmbedCache
 from ferroserve.gateway.gate import Gateway, Ticket
+from ferroserve.gateway.router import Router, health_of as router_health
 from ferroserve.log import logger
 from ferroserve.registry import Registry, StartupRefused
 
@@ -41,6 +43,9 @@ class App:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.registry = Registry()
+        self.router = Router(self.registry, settings)
+        self.embed_cache = (EmbedCache(settings.embed_cache_mb * 1024 * 1024, settings.embed_cache_ttl_s)
+                            if settings.embed_cache_mb > 0 else None)
         self.gateway = Gateway(settings, self.registry) if settings.gateway else None
         self.ready = False
         # (method, path) -> (handler, access); handlers: (scope, proto, ticket, arg) -> (status, body, log fields)
@@ -70,7 +75,6 @@ class App:
             ("DELETE", "/v1/admin/keys/", self._admin_revoke_key, ADMIN, "/v1/admin/keys/{id}"),
         ]
         self._paths = {path for _, path in self._routes}
-        self._models_body: bytes | None = None
 
     # RSGI lifecycle -------------------------------------------------------------
     def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -90,15 +94,13 @@ class App:
                 f.write(str(exc))
             os._exit(2)
         for m in self.registry.models.values():
-            m.backend.attach(loop)
-        # The model list cannot change while serving: encode it once.
-        self._models_body = models.list_models(self.registry)
+            m.backend.start(loop)
         self.ready = True
         logger.info("serving", extra={"fields": {"host": self.settings.host, "port": self.settings.port, "models": list(self.registry.models)}})
 
     def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
         for m in self.registry.models.values():
-            m.backend.detach()
+            m.backend.stop()
         if self.gateway is not None:
             self.gateway.stop()  # writes every queued usage record before the process exits
 
@@ -192,23 +194,24 @@ class App:
         return 200, _encode({"status": "ready", "models": list(self.registry.models)}), {}
 
     async def _status(self, scope, proto, ticket, arg):
-        return 200, status.status(self.registry, self.ready, scope.query_string), {}
+        return 200, status.status(self.registry, self.ready, scope.query_string, self.embed_cache), {}
 
     async def _list_models(self, scope, proto, ticket, arg):
-        return 200, self._models_body or models.list_models(self.registry), {}
+        return 200, models.list_models(self.registry), {}
 
     async def _get_model(self, scope, proto, ticket, arg):
         return 200, models.get_model(self.registry, arg), {}
 
     async def _chat(self, scope, proto, ticket, arg):
-        return await chat.create_chat_completion(self.registry, await self._read_body(scope, proto, ticket), proto, ticket)
+        return await chat.create_chat_completion(self.router, await self._read_body(scope, proto, ticket), proto, ticket)
 
     async def _completions(self, scope, proto, ticket, arg):
-        return await completions.create_completion(self.registry, await self._read_body(scope, proto, ticket), proto, ticket)
+        return await completions.create_completion(self.router, await self._read_body(scope, proto, ticket), proto, ticket)
 
     async def _embeddings(self, scope, proto, ticket, arg):
         body = await self._read_body(scope, proto, ticket)
-        out, extra = await embeddings.create_embedding(self.registry, body, self.settings.max_inputs, ticket)
+        out, extra, headers = await embeddings.create_embedding(self.router, body, self.settings.max_inputs, ticket, self.embed_cache)
+        ticket.extra_headers = headers
         return 200, out, extra
 
     async def _tokenize(self, scope, proto, ticket, arg):
@@ -245,16 +248,18 @@ class App:
         return 200, await admin.revoke_key(self._needs_gateway(), arg), {}
 
     async def _metrics(self, scope, proto, ticket, arg):
-        engines = [(name, m.backend.engine.stats()) for name, m in self.registry.models.items() if "chat" in m.capabilities]
+        engines = [(name, m.backend.raw_stats()) for name, m in self.registry.models.items() if hasattr(m.backend, "raw_stats")]
+        routing = [(name, m.info.backend, router_health(m), m.health) for name, m in self.registry.models.items()]
         gateway = self.gateway
         if gateway is None:
             from ferroserve.gateway.metrics import Metrics
 
-            return 200, Metrics().render(rate_limit_rejections={}, usage_queue_depth=0, engines=engines), {}
+            return 200, Metrics().render(rate_limit_rejections={}, usage_queue_depth=0, engines=engines, routing=routing,
+                                         cache=self.embed_cache), {}
         return 200, gateway.metrics.render(
             rate_limit_rejections=gateway.limiter.rejected,
             usage_queue_depth=gateway.worker.queue_depth() if gateway.worker is not None else 0,
-            engines=engines,
+            engines=engines, routing=routing, cache=self.embed_cache,
         ), {}
 
 

@@ -7,9 +7,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
-from ferroserve.backends.local import LocalChatModel, LocalEmbeddingModel
 from ferroserve import _core
-from ferroserve.config import ModelSpec, Settings
+from ferroserve.backends.base import Backend, BackendInfo
+from ferroserve.backends.local import LocalChatModel, LocalEmbeddingModel
+from ferroserve.config import BackendSpec, ModelSpec, Settings
+from ferroserve.gateway.router import Health
 from ferroserve.log import logger
 
 
@@ -21,21 +23,37 @@ class StartupRefused(Exception):
     server must not start. The message says why."""
 
 
-@dataclass
+@dataclass(eq=False)
 class LoadedModel:
     spec: ModelSpec
-    backend: LocalEmbeddingModel | LocalChatModel
+    backend: Backend
     created: int
-    capabilities: list[str]
-    context_length: int
-    dimensions: int | None
-    device: str
+    info: BackendInfo
+    health: Health
+
+    @property
+    def capabilities(self) -> list[str]:
+        return self.info.capabilities
+
+    @property
+    def context_length(self) -> int | None:
+        return self.info.context_length
+
+    @property
+    def dimensions(self) -> int | None:
+        return self.info.dimensions
+
+    @property
+    def device(self) -> str | None:
+        return self.info.device
 
 
 class Registry:
     def __init__(self) -> None:
         self.models: dict[str, LoadedModel] = {}
         self._names: dict[str, str] = {}
+        # Connection pools / clients shared by the models of one [[backends]] table.
+        self.pools: dict = {}
 
     def resolve_name(self, requested: str) -> str | None:
         return self._names.get(requested)
@@ -50,42 +68,45 @@ class Registry:
 
     def load(self, spec: ModelSpec, settings: Settings) -> None:
         tty = sys.stderr.isatty()
+        where = spec.path if spec.backend == "local" else f"backend {spec.backend}"
         if tty:
-            print(f"ferroserve: loading {spec.name} from {spec.path} …", end="", file=sys.stderr, flush=True)
+            print(f"ferroserve: loading {spec.name} from {where} …", end="", file=sys.stderr, flush=True)
         started = time.perf_counter()
         created = int(time.time())
-        if spec.kind == "chat":
-            chat = self._load_chat(spec, settings, created)
-            loaded = LoadedModel(
-                spec=spec,
-                backend=chat,
-                created=created,
-                capabilities=["chat", "completions"],
-                context_length=chat.engine.context_length,
-                dimensions=None,
-                device=chat.engine.device,
-            )
+        backend: Backend
+        if spec.backend != "local":
+            backend = self._remote(spec, settings)
+        elif spec.kind == "chat":
+            backend = self._load_chat(spec, settings)
         else:
-            backend = self._load_embedding(spec, settings, created)
-            loaded = LoadedModel(
-                spec=spec,
-                backend=backend,
-                created=created,
-                capabilities=["embeddings"],
-                context_length=backend.engine.max_tokens,
-                dimensions=backend.engine.dim,
-                device=backend.engine.device,
-            )
+            backend = self._load_embedding(spec, settings)
+        info = backend.info()
+        loaded = LoadedModel(spec=spec, backend=backend, created=created, info=info,
+                             health=Health(settings.breaker_failures, settings.breaker_cooldown_s))
         self.models[spec.name] = loaded
         for n in (spec.name, *spec.aliases):
             self._names[n] = spec.name
         seconds = time.perf_counter() - started
         if tty:
             print(f" ready in {seconds:.2f} s on {loaded.device}", file=sys.stderr, flush=True)
-        logger.info("model loaded", extra={"fields": {"model": spec.name, "device": loaded.device, "seconds": round(seconds, 3)}})
+        logger.info("model loaded", extra={"fields": {"model": spec.name, "backend": info.backend, "device": loaded.device,
+                                                      "seconds": round(seconds, 3)}})
+
+    def _remote(self, spec: ModelSpec, settings: Settings) -> Backend:
+        backend: BackendSpec = next(b for b in settings.backends if b.name == spec.backend)
+        if backend.kind == "upstream":
+            from ferroserve.backends import upstream
+
+            return upstream.create(spec, backend, self.pools)
+        try:
+            from ferroserve.backends import triton
+        except ImportError as exc:
+            raise StartupRefused(f"model {spec.name}: the triton backend needs tritonclient "
+                                 f"(pip install 'ferroserve[triton]'): {exc}") from None
+        return triton.create(spec, backend, self.pools)
 
     @staticmethod
-    def _load_chat(spec: ModelSpec, settings: Settings, created: int) -> LocalChatModel:
+    def _load_chat(spec: ModelSpec, settings: Settings) -> LocalChatModel:
         def load(device: str) -> LocalChatModel:
             return LocalChatModel.load(
                 spec.name,
@@ -97,7 +118,7 @@ class Registry:
                 numerics=settings.numerics,
                 device=device,
                 kernel_binaries=settings.kernel_binaries if device != "cpu" else None,
-                created=created,
+                spec=spec,
             )
 
         if spec.device == "auto" and settings.numerics != "exact":
@@ -112,7 +133,7 @@ class Registry:
         return chat
 
     @staticmethod
-    def _load_embedding(spec: ModelSpec, settings: Settings, created: int) -> LocalEmbeddingModel:
+    def _load_embedding(spec: ModelSpec, settings: Settings) -> LocalEmbeddingModel:
         def load(device: str) -> LocalEmbeddingModel:
             return LocalEmbeddingModel.load(
                 spec.name,
@@ -121,7 +142,7 @@ class Registry:
                 max_wait_us=settings.embed_max_wait_us,
                 device=device,
                 kernel_binaries=settings.kernel_binaries if device != "cpu" else None,
-                created=created,
+                spec=spec,
             )
 
         return _on_device(spec, load)

@@ -1,12 +1,15 @@
-"""`POST /v1/embeddings`."""
+"""`POST /v1/embeddings`: routed like generations, answered from the embedding cache when the
+same content was embedded within the cache's lifetime."""
 
 from __future__ import annotations
 
 import msgspec
 
-from ferroserve.errors import invalid, model_not_found
+from ferroserve.backends.base import EmbedRequest
+from ferroserve.errors import from_validation, invalid
+from ferroserve.gateway.embed_cache import EmbedCache
 from ferroserve.gateway.gate import Ticket
-from ferroserve.registry import Registry
+from ferroserve.gateway.router import Router
 from ferroserve.schemas.embeddings import EmbeddingRequest, decoder
 
 _encode = msgspec.json.Encoder().encode
@@ -44,37 +47,62 @@ def _split_input(req: EmbeddingRequest, max_inputs: int) -> tuple[list[str] | No
     raise invalid("'input' must be a string, a list of strings, a list of token ids or a list of such lists.", param="input")
 
 
-async def create_embedding(registry: Registry, body: bytes, max_inputs: int, ticket: Ticket) -> tuple[bytes, dict]:
-    """Returns the response body and log fields."""
+def _body(data_json: bytes, name: str, n: int) -> bytes:
+    return b"".join((
+        b'{"object":"list","data":', data_json, b',"model":', _encode(name),
+        b',"usage":{"prompt_tokens":%d,"total_tokens":%d}}' % (n, n),
+    ))
+
+
+async def create_embedding(router: Router, body: bytes, max_inputs: int, ticket: Ticket,
+                           cache: EmbedCache | None) -> tuple[bytes, dict, list[tuple[str, str]]]:
+    """Returns the response body, log fields and extra response headers."""
     try:
         req = decoder.decode(body)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        from ferroserve.errors import from_validation
-
         raise from_validation(exc) from None
-    model = registry.get(req.model)
-    if model is None or "embeddings" not in model.capabilities:
-        raise model_not_found(req.model)
-    if req.dimensions is not None and not 1 <= req.dimensions <= (model.dimensions or 0):
-        raise invalid(f"'dimensions' must be between 1 and {model.dimensions} for {model.spec.name}.", param="dimensions")
+    router.require(req.model, "embeddings")
+    plan = router.plan(req.model, "embeddings", req.route)
+    first = plan.candidates[0]
+    if req.dimensions is not None and not 1 <= req.dimensions <= (first.dimensions or 0):
+        raise invalid(f"'dimensions' must be between 1 and {first.dimensions} for {first.spec.name}.", param="dimensions")
     texts, token_lists = _split_input(req, max_inputs)
+    request = EmbedRequest(texts=texts, token_lists=token_lists, dimensions=req.dimensions, encoding=req.encoding_format)
+    if plan.named is not None:
+        ticket.allow(plan.named)
+    plan.candidates = [m for m in plan.candidates if ticket.allows(m)] or plan.candidates[:0]
+    if not plan.candidates:
+        ticket.allow(first)  # raises the 403
+    cache_mode = (req.metadata or {}).get("cache_mode", "default")
+    if cache_mode not in ("default", "bypass"):
+        raise invalid("metadata.cache_mode must be \"default\" or \"bypass\".", param="metadata")
+    bypass = cache_mode == "bypass"
+    key = None
+    if cache is not None and not bypass and plan.named is not None:
+        key = cache.key(plan.named.spec.name, texts, token_lists, req.dimensions, req.encoding_format)
+        hit = cache.get(key)
+        if hit is not None:
+            data_json, n = hit
+            # Metered as any request: limits, budget and usage apply to a hit.
+            ticket.admit(plan.named, n)
+            ticket.cache_hit = True
+            name = plan.named.spec.name
+            return _body(data_json, name, n), {"model": name, "prompt_tokens": n, "cache": "hit"}, [("x-ferroserve-cache", "hit")]
     # Limits and budgets are checked with the exact prompt tokens before the call; counting
     # costs a second tokenization, so only when a limit or budget applies.
-    ticket.admit(model, prompt_tokens=model.backend.count_tokens(texts, token_lists) if ticket.needs_prompt_tokens(model) else 0)
-    result = await model.backend.embed(
-        texts=texts,
-        token_lists=token_lists,
-        dimensions=req.dimensions,
-        base64=req.encoding_format == "base64",
-    )
+    ticket.admit(first, prompt_tokens=first.backend.count_embed_tokens(request) if ticket.needs_prompt_tokens(first) else 0)
+    model, result = await router.embed(plan, request)
+    ticket.served(model, plan)
+    data_json = result.data_json(req.encoding_format)
     n = result.prompt_tokens
-    body = b"".join(
-        (
-            b'{"object":"list","data":',
-            result.data_json,
-            b',"model":',
-            _encode(model.spec.name),
-            b',"usage":{"prompt_tokens":%d,"total_tokens":%d}}' % (n, n),
-        )
-    )
-    return body, {"model": model.spec.name, "prompt_tokens": n}
+    if key is not None:
+        cache.put(key, data_json, n)
+    name = plan.response_model_name()
+    log = {"model": model.spec.name, "prompt_tokens": n, "backend": model.info.backend}
+    if plan.tried:
+        log["fallbacks"] = plan.tried
+    out = _body(data_json, name, n)
+    if plan.routed:
+        out = out[:-1] + b',"routing":' + _encode(plan.routing()) + b"}"
+    headers = [("x-ferroserve-cache", "bypass" if bypass else "miss")] if cache is not None else []
+    return out, log, headers

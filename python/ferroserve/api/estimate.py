@@ -7,9 +7,9 @@ import math
 
 import msgspec
 
-from ferroserve import _core
-from ferroserve.api.chat import _messages
-from ferroserve.errors import from_engine_exception, from_validation, invalid, model_not_found
+from ferroserve.api.chat import messages_of
+from ferroserve.backends.base import ChatRequest, SamplingParams
+from ferroserve.errors import from_validation, invalid, model_not_found
 from ferroserve.gateway.gate import Ticket
 from ferroserve.registry import Registry
 from ferroserve.schemas.chat import ChatMessage
@@ -28,6 +28,10 @@ class EstimateRequest(msgspec.Struct, forbid_unknown_fields=False):
 
 
 _decoder = msgspec.json.Decoder(EstimateRequest)
+
+
+def spec_name(model) -> str:
+    return model.spec.name
 
 
 def estimate(registry: Registry, body: bytes, ticket: Ticket) -> bytes:
@@ -53,14 +57,15 @@ def estimate(registry: Registry, body: bytes, ticket: Ticket) -> bytes:
     context = model.context_length
     if "chat" in model.capabilities:
         kind = "chat"
-        engine = model.backend.engine
-        try:
-            if req.messages is not None:
-                prompt_tokens = len(engine.encode_chat(_messages(req), True))
-            else:
-                prompt_tokens = sum(len(engine.encode(t, True, True)) for t in texts)
-        except _core.FerroserveError as exc:
-            raise from_engine_exception(exc, param=given[0]) from None
+        backend = model.backend
+        if req.messages is not None:
+            prompt_tokens = backend.count_tokens(ChatRequest(messages=messages_of(req), params=SamplingParams()))
+        else:
+            prompt_tokens = sum(backend.count_tokens(ChatRequest(prompt=t, params=SamplingParams())) for t in texts)
+        if model.backend.tokenizer() is None:
+            warnings.append(f"prompt tokens are estimated (about 4 bytes per token): {spec_name(model)} runs on "
+                            f"backend {model.info.backend}, whose tokenizer is not here.")
+        context = context or prompt_tokens + (max_tokens or 0)
         if max_tokens is None:
             completion = max(0, context - prompt_tokens)
             warnings.append("max_tokens not given: the completion estimate is the most the context window allows.")
@@ -77,7 +82,7 @@ def estimate(registry: Registry, body: bytes, ticket: Ticket) -> bytes:
         prompt_tokens = sum(math.ceil(len(t.encode()) / 4) + 2 for t in texts)
         warnings.append("embedding prompt tokens are estimated from text length (about 4 bytes per token).")
         completion = 0
-        fits = all(math.ceil(len(t.encode()) / 4) + 2 <= context for t in texts)
+        fits = context is None or all(math.ceil(len(t.encode()) / 4) + 2 <= context for t in texts)
     spec = model.spec
     cost = (prompt_tokens * spec.input_usd_per_million_tokens + completion * spec.output_usd_per_million_tokens) / 1e6
     if not fits:
@@ -93,7 +98,7 @@ def estimate(registry: Registry, body: bytes, ticket: Ticket) -> bytes:
         "input_token_rate": spec.input_usd_per_million_tokens,
         "output_token_rate": spec.output_usd_per_million_tokens,
         "within_context_window": fits,
-        "max_input_tokens": context,
-        "max_output_tokens": context if kind == "chat" else 0,
+        "max_input_tokens": context or 0,
+        "max_output_tokens": (context or 0) if kind == "chat" else 0,
         "warnings": warnings,
     })

@@ -1,5 +1,6 @@
-"""What chat and text completions share: parameter mapping, collecting a request's
-events into choices, SSE framing, and cancellation when the client goes away."""
+"""What chat and text completions share: parameter mapping, routing a generation to a
+candidate, folding its events into choices, SSE framing, and cancellation when the client
+goes away."""
 
 from __future__ import annotations
 
@@ -10,16 +11,18 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from ferroserve.backends.local import Collector, LocalChatModel
-from ferroserve.errors import ApiError, from_engine, invalid
+from ferroserve.backends.base import Admitted, ChatRequest, Delta, Failed, Finished, SamplingParams, Unavailable
+from ferroserve.errors import ApiError, invalid
+from ferroserve.gateway.gate import Ticket
+from ferroserve.gateway.router import Plan, Router
 from ferroserve.schemas.chat import SamplingFields
 
 _encode = msgspec.json.Encoder().encode
 FINGERPRINT = "ferroserve-0.1.0"
 
 
-def sampling_params(req: SamplingFields, *, max_tokens: int | None, logprobs: bool, top_logprobs: int) -> dict:
-    """OpenAI fields -> engine keyword arguments (the engine validates ranges)."""
+def sampling_params(req: SamplingFields, *, max_tokens: int | None, logprobs: bool, top_logprobs: int) -> SamplingParams:
+    """OpenAI fields -> the backends' sampling parameters (the engine validates ranges)."""
     stop = req.stop
     if isinstance(stop, str):
         stop = [stop]
@@ -29,31 +32,24 @@ def sampling_params(req: SamplingFields, *, max_tokens: int | None, logprobs: bo
             bias = {int(k): float(v) for k, v in req.logit_bias.items()}
         except ValueError:
             raise invalid("logit_bias keys must be token ids.", param="logit_bias") from None
-    params: dict = {
-        "n": 1 if req.n is None else req.n,
-        "max_tokens": max_tokens,
-        "temperature": 1.0 if req.temperature is None else req.temperature,
-        "top_p": 1.0 if req.top_p is None else req.top_p,
-        "top_k": req.top_k or 0,
-        "min_p": req.min_p or 0.0,
-        "seed": req.seed,
-        "presence_penalty": req.presence_penalty or 0.0,
-        "frequency_penalty": req.frequency_penalty or 0.0,
-        "logit_bias": bias,
-        "stop": stop,
-        "ignore_eos": req.ignore_eos,
-        "logprobs": logprobs,
-        "top_logprobs": top_logprobs,
-    }
-    if params["n"] < 1:
+    n = 1 if req.n is None else req.n
+    if n < 1:
         raise invalid("n must be at least 1.", param="n")
     if max_tokens is not None and max_tokens < 1:
         raise invalid("max_tokens must be at least 1.", param="max_tokens")
-    if req.seed is not None and not 0 <= req.seed < 2**64:
-        params["seed"] = req.seed % 2**64
     if top_logprobs < 0:
         raise invalid("top_logprobs must be between 0 and 20.", param="top_logprobs")
-    return params
+    seed = req.seed
+    if seed is not None and not 0 <= seed < 2**64:
+        seed %= 2**64
+    return SamplingParams(
+        n=n, max_tokens=max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=req.top_k or 0, min_p=req.min_p or 0.0, seed=seed,
+        presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+        logit_bias=bias, stop=stop, ignore_eos=req.ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs,
+    )
 
 
 @dataclass
@@ -75,6 +71,16 @@ class Outcome:
     def completion_tokens(self) -> int:
         return sum(c.completion_tokens for c in self.choices)
 
+    @property
+    def generated_tokens(self) -> int:
+        """What was generated so far (metered even when the client left early)."""
+        return sum(c.completion_tokens if c.finish_reason is not None else max(len(c.token_ids), len(c.text))
+                   for c in self.choices)
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.choices)
+
     def usage(self) -> dict:
         return {
             "prompt_tokens": self.prompt_tokens,
@@ -84,53 +90,91 @@ class Outcome:
         }
 
 
-def watch_disconnect(proto, collector: Collector) -> asyncio.Future | None:
-    """Pushes an ('x',) event into the collector when the client goes away."""
-    try:
-        fut = asyncio.ensure_future(proto.client_disconnect())
-    except Exception:  # an older RSGI protocol object without client_disconnect
-        return None
-    fut.add_done_callback(lambda f: None if f.cancelled() else collector.push(("x",)))
-    return fut
+def apply(outcome: Outcome, event) -> None:
+    """Folds one backend event into the outcome; raises ApiError for a failure."""
+    t = type(event)
+    if t is Delta:
+        c = outcome.choices[event.index]
+        c.text.append(event.text)
+        c.token_ids.extend(event.token_ids)
+        if event.logprobs:
+            c.logprobs.extend(event.logprobs)
+    elif t is Finished:
+        c = outcome.choices[event.index]
+        c.finish_reason = event.reason
+        c.completion_tokens = event.completion_tokens
+        if event.prompt_tokens:
+            outcome.prompt_tokens = event.prompt_tokens
+        outcome.cached_tokens = event.cached_tokens
+    elif t is Admitted:
+        outcome.prompt_tokens = event.prompt_tokens
+        outcome.cached_tokens = event.cached_tokens
+    elif t is Failed:
+        raise failure_error(event.error)
 
 
-def apply(outcome: Outcome, event: tuple) -> None:
-    """Folds one engine event into the outcome; raises ApiError for an engine error."""
-    kind = event[0]
-    if kind == "d":
-        c = outcome.choices[event[2]]
-        c.text.append(event[3])
-        c.token_ids.extend(event[4])
-        if event[5]:
-            c.logprobs.extend(event[5])
-    elif kind == "f":
-        c = outcome.choices[event[2]]
-        c.finish_reason = event[3]
-        c.completion_tokens = event[5]
-        outcome.cached_tokens = event[6]
-    elif kind == "a":
-        outcome.cached_tokens = event[3]
-    elif kind == "e":
-        raise from_engine(event[2], event[3])
+def failure_error(error) -> ApiError:
+    """A backend failure the client sees: its ApiError, or a 503 for a backend that stopped
+    serving after the response was committed."""
+    if isinstance(error, ApiError):
+        return error
+    if isinstance(error, Unavailable):
+        return ApiError(503, f"The backend stopped serving this request: {error.reason}", type="server_error",
+                        code="backend_unavailable")
+    return ApiError(500, "The server had an error while processing your request.", type="server_error")
 
 
-async def collect(model: LocalChatModel, request_id: int, collector: Collector, n: int, prompt_tokens: int, proto) -> Outcome:
-    """Waits for all `n` choices (non-streaming). Aborts the request if the client leaves."""
-    outcome = Outcome([Choice() for _ in range(n)], prompt_tokens)
-    disconnect = watch_disconnect(proto, collector)
-    finished = False
-    try:
-        while not finished:
-            for event in await collector.next_batch():
-                if event[0] == "x":
-                    raise asyncio.CancelledError("client disconnected")
-                apply(outcome, event)
-            finished = all(c.finish_reason is not None for c in outcome.choices)
-        return outcome
-    finally:
-        model.finish(request_id, abort=not finished)
-        if disconnect is not None:
-            disconnect.cancel()
+class Disconnect:
+    """Cancels the handler's task when the client goes away (the backend's generation is
+    then closed, which aborts it). `fired` tells the handler why it was cancelled."""
+
+    __slots__ = ("task", "fired", "fut")
+
+    def __init__(self, proto) -> None:
+        self.task = asyncio.current_task()
+        self.fired = False
+        try:
+            self.fut = asyncio.ensure_future(proto.client_disconnect())
+        except Exception:  # an RSGI protocol object without client_disconnect
+            self.fut = None
+            return
+        self.fut.add_done_callback(self._on_disconnect)
+
+    def _on_disconnect(self, fut: asyncio.Future) -> None:
+        if not fut.cancelled() and self.task is not None:
+            self.fired = True
+            self.task.cancel()
+
+    def close(self) -> None:
+        if self.fut is not None:
+            self.fut.remove_done_callback(self._on_disconnect)
+            self.fut.cancel()
+            self.fut = None
+
+    def absorb(self) -> bool:
+        """Inside `except CancelledError`: True if the cancellation was the client leaving
+        (then it is absorbed), False if it must propagate."""
+        if self.fired and self.task is not None:
+            self.task.uncancel()
+            return True
+        return False
+
+
+async def start_generation(router: Router, plan: Plan, request: ChatRequest, ticket: Ticket):
+    """Routes the request: `(model that serves, its event iterator)`. The ticket learns which
+    candidate serves (its prices apply) once one does."""
+    model, events = await router.open_generation(plan, request, first_byte_commits=request.stream)
+    ticket.served(model, plan)
+    return model, events
+
+
+def route_fields(plan: Plan, log: dict) -> None:
+    """Log/usage fields naming who served and which fallbacks were tried."""
+    if plan.served_by is not None:
+        log["model"] = plan.served_by.spec.name
+        log["backend"] = plan.served_by.info.backend
+    if plan.tried:
+        log["fallbacks"] = plan.tried
 
 
 def new_id(prefix: str) -> str:

@@ -31,6 +31,7 @@ def history_json(r: dict) -> dict:
         "cost": r["cost_usd"],
         "backend": r["backend"],
         "cache_hit": bool(r["cache_hit"]),
+        "fallbacks": r["fallbacks"].split("\n") if r["fallbacks"] else [],
         "key_id": r["key_id"],
         "workspace": r["workspace"],
         "latency_ms": r["latency_ms"],

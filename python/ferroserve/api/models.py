@@ -1,10 +1,12 @@
-"""`GET /v1/models` and `GET /v1/models/{id}`."""
+"""`GET /v1/models` and `GET /v1/models/{id}`: every model of every backend, with its provider,
+prices, context window and live health."""
 
 from __future__ import annotations
 
 import msgspec
 
 from ferroserve.errors import model_not_found
+from ferroserve.gateway.router import health_of
 from ferroserve.registry import Registry
 from ferroserve.schemas.models import ModelCard, ModelList
 
@@ -19,13 +21,19 @@ def card(registry: Registry, name: str) -> ModelCard:
         object="model",
         created=m.created,
         owned_by=spec.owned_by,
+        provider=m.info.backend,
+        backend_kind=m.info.kind,
+        health=health_of(m),
         context_length=m.context_length,
+        context_window=m.context_length,
         capabilities=m.capabilities,
         aliases=list(spec.aliases),
         dimensions=m.dimensions,
         device=m.device,
         input_per_m=spec.input_usd_per_million_tokens,
         output_per_m=spec.output_usd_per_million_tokens,
+        fallbacks=list(spec.fallbacks),
+        quality=spec.quality,
     )
 
 

@@ -1,4 +1,5 @@
-"""`GET /v1/status`: per-model availability in the IPOP spec's `PublicStatus` shape."""
+"""`GET /v1/status`: per-model availability in the IPOP spec's `PublicStatus` shape, plus each
+model's backend, router health and breaker."""
 
 from __future__ import annotations
 
@@ -7,18 +8,19 @@ from urllib.parse import parse_qs
 
 import msgspec
 
+from ferroserve.gateway.router import health_of
 from ferroserve.registry import Registry
 
 _encode = msgspec.json.Encoder().encode
 
 
-def status(registry: Registry, ready: bool, query: str = "") -> bytes:
+def status(registry: Registry, ready: bool, query: str = "", cache=None) -> bytes:
     """`?ready=true` lists only the models that can serve now (as in the spec)."""
     only_ready = parse_qs(query or "").get("ready", ["false"])[-1].lower() in ("1", "true")
     models = []
     for name, m in registry.models.items():
-        # A chat engine whose thread died reports alive=False (and fails its requests with 503).
-        available = ready and bool(getattr(m.backend.engine, "alive", True))
+        health = health_of(m)
+        available = ready and health != "down"
         models.append({
             "id": name,
             "display_name": name,
@@ -30,10 +32,17 @@ def status(registry: Registry, ready: bool, query: str = "") -> bytes:
             "supports_vision": False,
             "supports_json_schema": False,
             "supports_reasoning": False,
-            "latency_class": "local",
+            "latency_class": "local" if m.info.kind == "local" else "remote",
+            "backend": m.info.backend,
+            "backend_kind": m.info.kind,
+            "health": health,
+            "router": m.health.as_json(),
         })
     n_up = sum(m["available"] for m in models)
     overall = "available" if models and n_up == len(models) else ("degraded" if n_up else "not_enabled")
     if only_ready:
         models = [m for m in models if m["available"]]
-    return _encode({"object": "ipop.status", "status": overall, "generated_at_unix": int(time.time()), "models": models})
+    out = {"object": "ipop.status", "status": overall, "generated_at_unix": int(time.time()), "models": models}
+    if cache is not None:
+        out["embed_cache"] = cache.stats()
+    return _encode(out)

@@ -92,6 +92,7 @@ def record_json(r: dict) -> dict:
         "workspace": r["workspace"],
         "backend": r["backend"],
         "cache_hit": bool(r["cache_hit"]),
+        "fallbacks": r["fallbacks"].split("\n") if r["fallbacks"] else [],
         "status": r["status"],
         "tokens_in": r["prompt_tokens"],
         "tokens_out": r["completion_tokens"],

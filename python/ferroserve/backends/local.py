@@ -1,7 +1,9 @@
 """The local backend: models run by the Rust engine in this process.
 
-Each engine signals finished requests on a pipe fd; the event loop watches it and one
-``drain()`` call hands every finished request of that wake-up to its waiting handler.
+Each engine signals finished work on a pipe fd; the event loop watches it and one ``drain()``
+call hands every event of that wake-up to the waiting requests. The engine's event tuples are
+decoded here, once, into the typed events of ``backends.base``; nothing above this module
+touches a Rust object.
 """
 
 from __future__ import annotations
@@ -9,19 +11,33 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from ferroserve import _core
+from ferroserve.backends.base import (
+    DOWN, HEALTHY, Admitted, Backend, BackendInfo, BackendStats, ChatRequest, Delta, EmbeddingResult, EmbedRequest,
+    Event, Failed, Finished, Message, Unavailable,
+)
+from ferroserve.config import ModelSpec
 from ferroserve.errors import ApiError, from_engine, from_engine_exception
 
-
-@dataclass(slots=True)
-class EmbeddingResult:
-    data_json: bytes
-    prompt_tokens: int
-
-
 _request_ids = itertools.count(1)
+# Engine error kinds that mean "cannot serve now" (another candidate may), not "bad request".
+_UNAVAILABLE_KINDS = ("Overloaded", "EngineDead", "DeviceError")
+
+
+def _failure(kind: str, message: str, param: str | None) -> ApiError | Unavailable:
+    if kind in _UNAVAILABLE_KINDS:
+        return Unavailable(f"{kind}: {message}", status=503)
+    return from_engine(kind, message, param)
+
+
+def _from_exception(exc: _core.FerroserveError, param: str | None) -> ApiError | Unavailable:
+    kind = type(exc).__name__
+    if kind in _UNAVAILABLE_KINDS:
+        return Unavailable(f"{kind}: {exc}", status=503)
+    return from_engine_exception(exc, param)
 
 
 class EngineWatcher:
@@ -31,13 +47,13 @@ class EngineWatcher:
     engine: _core.EmbeddingEngine | _core.ChatEngine
     _loop: asyncio.AbstractEventLoop | None
 
-    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         fd = self.engine.fd()
         os.set_blocking(fd, False)
         loop.add_reader(fd, self._on_ready)
 
-    def detach(self) -> None:
+    def stop(self) -> None:
         if self._loop is not None:
             self._loop.remove_reader(self.engine.fd())
             self._loop = None
@@ -53,26 +69,36 @@ class EngineWatcher:
         raise NotImplementedError
 
 
-@dataclass
-class LocalEmbeddingModel(EngineWatcher):
+@dataclass(eq=False)
+class LocalEmbeddingModel(EngineWatcher, Backend):
     """One loaded embedding model and its completion dispatcher."""
 
     name: str
     path: str
     engine: _core.EmbeddingEngine
-    created: int
+    spec: ModelSpec | None = None
     _pending: dict[int, asyncio.Future] = field(default_factory=dict)
     _loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
     def load(
-        cls, name: str, path: str, *, max_batch_tokens: int, max_wait_us: int, created: int,
-        device: str = "cpu", kernel_binaries: str | None = None,
+        cls, name: str, path: str, *, max_batch_tokens: int, max_wait_us: int,
+        device: str = "cpu", kernel_binaries: str | None = None, spec: ModelSpec | None = None,
     ) -> LocalEmbeddingModel:
         engine = _core.EmbeddingEngine(
             path, max_batch_tokens=max_batch_tokens, max_wait_us=max_wait_us, device=device, kernel_binaries=kernel_binaries,
         )
-        return cls(name=name, path=path, engine=engine, created=created)
+        return cls(name=name, path=path, engine=engine, spec=spec)
+
+    def info(self) -> BackendInfo:
+        spec = self.spec
+        return BackendInfo(
+            kind="local", backend="local", capabilities=["embeddings"], context_length=self.engine.max_tokens,
+            dimensions=self.engine.dim, device=self.engine.device,
+            owned_by=spec.owned_by if spec else "ferroserve",
+            input_usd_per_million_tokens=spec.input_usd_per_million_tokens if spec else 0.0,
+            output_usd_per_million_tokens=spec.output_usd_per_million_tokens if spec else 0.0,
+        )
 
     def _dispatch(self, events: list[tuple]) -> None:
         for event in events:
@@ -80,43 +106,32 @@ class LocalEmbeddingModel(EngineWatcher):
             if fut is None or fut.done():
                 continue  # the client went away
             if event[1]:
-                fut.set_result(EmbeddingResult(event[2], event[3]))
+                fut.set_result(EmbeddingResult(event[3], encoded=event[2]))
             else:
-                fut.set_exception(from_engine(event[2], event[3]))
+                fut.set_exception(_failure(event[2], event[3], event[4] if len(event) > 4 else None))
 
-    def count_tokens(self, texts: list[str] | None, token_lists: list[list[int]] | None) -> int:
+    def count_embed_tokens(self, request: EmbedRequest) -> int:
         """The prompt tokens `embed` would charge, without running anything."""
         try:
-            return self.engine.count_tokens(texts=texts, token_lists=token_lists)
+            return self.engine.count_tokens(texts=request.texts, token_lists=request.token_lists)
         except _core.FerroserveError as exc:
-            raise from_engine_exception(exc, param="input") from None
+            raise _from_exception(exc, "input") from None
 
-    async def embed(
-        self,
-        *,
-        texts: list[str] | None,
-        token_lists: list[list[int]] | None,
-        dimensions: int | None,
-        base64: bool,
-    ) -> EmbeddingResult:
+    async def embed(self, request: EmbedRequest) -> EmbeddingResult:
         assert self._loop is not None, "model not attached to the event loop"
         request_id = next(_request_ids)
         fut = self._loop.create_future()
         self._pending[request_id] = fut
         try:
-            self.engine.submit(request_id, texts=texts, token_lists=token_lists, dimensions=dimensions, base64=base64)
+            self.engine.submit(request_id, texts=request.texts, token_lists=request.token_lists,
+                               dimensions=request.dimensions, base64=request.encoding == "base64")
         except _core.FerroserveError as exc:
             self._pending.pop(request_id, None)
-            raise from_engine_exception(exc, param="dimensions" if "dimensions" in str(exc) else "input") from None
+            raise _from_exception(exc, "input") from None
         try:
             return await fut
         finally:
             self._pending.pop(request_id, None)
-
-
-class ModelNotReady(ApiError):
-    def __init__(self, name: str) -> None:
-        super().__init__(503, f"Model {name} is not loaded yet.", type="server_error", code="model_not_ready")
 
 
 class Collector:
@@ -144,29 +159,76 @@ class Collector:
         return batch
 
 
-@dataclass
-class LocalChatModel(EngineWatcher):
+@dataclass(eq=False)
+class LocalChatModel(EngineWatcher, Backend):
     """One loaded GGUF chat model: submit, then per-request collectors fed by `drain()`."""
 
     name: str
     path: str
     engine: "_core.ChatEngine"
-    created: int
+    spec: ModelSpec | None = None
     _collectors: dict[int, Collector] = field(default_factory=dict)
     _loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
     def load(
         cls, name: str, path: str, *, kv_budget_bytes: int, max_batch_tokens: int, max_running: int,
-        chat_template: str | None, created: int, numerics: str = "exact",
-        device: str = "cpu", kernel_binaries: str | None = None,
+        chat_template: str | None, numerics: str = "exact",
+        device: str = "cpu", kernel_binaries: str | None = None, spec: ModelSpec | None = None,
     ) -> LocalChatModel:
         engine = _core.ChatEngine(
             path, kv_budget_bytes=kv_budget_bytes, max_batch_tokens=max_batch_tokens,
             max_running=max_running, chat_template=chat_template, numerics=numerics,
             device=device, kernel_binaries=kernel_binaries,
         )
-        return cls(name=name, path=path, engine=engine, created=created)
+        return cls(name=name, path=path, engine=engine, spec=spec)
+
+    def info(self) -> BackendInfo:
+        spec = self.spec
+        return BackendInfo(
+            kind="local", backend="local", capabilities=["chat", "completions"], context_length=self.engine.context_length,
+            device=self.engine.device, owned_by=spec.owned_by if spec else "ferroserve",
+            input_usd_per_million_tokens=spec.input_usd_per_million_tokens if spec else 0.0,
+            output_usd_per_million_tokens=spec.output_usd_per_million_tokens if spec else 0.0,
+        )
+
+    def health(self) -> str:
+        # A chat engine whose thread died reports alive=False (and fails requests with 503).
+        return HEALTHY if self.engine.alive else DOWN
+
+    def stats(self) -> BackendStats:
+        s = self.engine.stats()
+        return BackendStats(queue_depth=s["waiting_sequences"], running=s["running_sequences"], kv_usage=s["kv_usage"])
+
+    def raw_stats(self) -> dict:
+        """The engine's own counters, for /metrics."""
+        return self.engine.stats()
+
+    # The tokenizer, for /v1/tokenize and /v1/detokenize (engine errors become 400s).
+    def tokenizer(self) -> LocalChatModel:
+        return self
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.vocab_size
+
+    def encode_text(self, text: str, add_special: bool, param: str = "prompt") -> list[int]:
+        try:
+            return self.engine.encode(text, add_special, True)
+        except _core.FerroserveError as exc:
+            raise from_engine_exception(exc, param=param) from None
+
+    def encode_messages(self, messages: list[Message], add_generation_prompt: bool) -> list[int]:
+        try:
+            return self.engine.encode_chat([(m.role, m.content) for m in messages], add_generation_prompt)
+        except _core.FerroserveError as exc:
+            raise from_engine_exception(exc, param="messages") from None
+
+    def decode_ids(self, ids: list[int]) -> str:
+        try:
+            return self.engine.decode(ids, False)
+        except _core.FerroserveError as exc:
+            raise from_engine_exception(exc, param="tokens") from None
 
     def _dispatch(self, events: list[tuple]) -> None:
         collectors = self._collectors
@@ -175,34 +237,66 @@ class LocalChatModel(EngineWatcher):
             if c is not None:
                 c.push(event)
 
-    def submit(self, prompt_tokens: list[int], params: dict, *, stream: bool) -> tuple[int, Collector, int, int]:
-        """Queues a request; returns (request_id, collector, prompt_tokens, max_tokens)."""
+    def prompt_tokens(self, request: ChatRequest) -> list[int]:
+        """The request's prompt as token ids (templated and tokenized once; memoised)."""
+        memo = request.memo
+        tokens = memo.get("local")
+        if tokens is not None:
+            return tokens
+        if request.messages is not None:
+            tokens = self.encode_messages(request.messages, True)
+        elif isinstance(request.prompt, str):
+            tokens = self.encode_text(request.prompt, True)
+        else:
+            tokens = list(request.prompt or [])
+        memo["local"] = tokens
+        return tokens
+
+    def count_tokens(self, request: ChatRequest) -> int:
+        return len(self.prompt_tokens(request))
+
+    async def generate(self, request: ChatRequest) -> AsyncIterator[Event]:
         assert self._loop is not None, "model not attached to the event loop"
+        try:
+            prompt = self.prompt_tokens(request)
+        except ApiError as err:
+            yield Failed(err)
+            return
+        params = request.params
         request_id = next(_request_ids)
-        collector = Collector(self._loop, wake_on_finish_only=not stream)
+        collector = Collector(self._loop, wake_on_finish_only=not request.stream)
         self._collectors[request_id] = collector
         try:
-            n_prompt, max_tokens = self.engine.submit(request_id, prompt_tokens, **params)
+            self.engine.submit(
+                request_id, prompt, n=params.n, max_tokens=params.max_tokens, temperature=params.temperature,
+                top_p=params.top_p, top_k=params.top_k, min_p=params.min_p, seed=params.seed,
+                presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+                logit_bias=params.logit_bias, stop=params.stop, ignore_eos=params.ignore_eos,
+                logprobs=params.logprobs, top_logprobs=params.top_logprobs,
+            )
         except _core.FerroserveError as exc:
             self._collectors.pop(request_id, None)
-            raise from_engine_exception(exc, param=_param_of(str(exc))) from None
-        return request_id, collector, n_prompt, max_tokens
-
-    def finish(self, request_id: int, *, abort: bool) -> None:
-        """Forget the request; abort it in the engine if it may still be running."""
-        self._collectors.pop(request_id, None)
-        if abort:
-            self.engine.abort(request_id)
-
-
-_PARAMS = {
-    "n", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
-    "presence_penalty", "frequency_penalty", "logit_bias", "stop", "logprobs", "top_logprobs",
-    "prompt", "messages",
-}
-
-
-def _param_of(message: str) -> str | None:
-    """Engine validation messages start with the parameter's name."""
-    head = message.split(" ", 1)[0].strip("`'\":,")
-    return head if head in _PARAMS else None
+            yield Failed(_from_exception(exc, None))
+            return
+        remaining = params.n
+        try:
+            while remaining:
+                for e in await collector.next_batch():
+                    kind = e[0]
+                    if kind == "d":
+                        yield Delta(e[2], e[3], e[4], e[5])
+                    elif kind == "f":
+                        remaining -= 1
+                        yield Finished(e[2], e[3], e[5], e[4], e[6])
+                    elif kind == "a":
+                        yield Admitted(e[2], e[3])
+                    elif kind == "e":
+                        remaining = 0
+                        yield Failed(_failure(e[2], e[3], e[4] if len(e) > 4 else None))
+                        return
+        finally:
+            # Forget the request; abort it in the engine if it may still be running (the
+            # consumer stopped iterating: the client went away, or a fallback took over).
+            self._collectors.pop(request_id, None)
+            if remaining:
+                self.engine.abort(request_id)

@@ -24,7 +24,9 @@ from ferroserve.gateway.worker import StoreWorker
 from ferroserve.log import logger
 
 if TYPE_CHECKING:
+    from ferroserve.backends.base import ChatRequest
     from ferroserve.config import Settings
+    from ferroserve.gateway.router import Plan
     from ferroserve.registry import LoadedModel, Registry
 
 OPEN_WORKSPACE = "default"
@@ -39,7 +41,8 @@ class Ticket:
     """One request as the gateway sees it."""
 
     __slots__ = ("gateway", "request_id", "started", "key", "workspace", "window", "capture", "prompt",
-                 "model", "price", "charged_prompt_tokens", "ttft_s", "requests_used")
+                 "model", "price", "charged_prompt_tokens", "ttft_s", "requests_used", "backend", "fallbacks", "cache_hit",
+                 "extra_headers")
 
     def __init__(self, gateway: Gateway | None, request_id: str, started: float, key: ApiKey | None,
                  workspace: str | None, window: Window | None, capture: bool) -> None:
@@ -56,6 +59,10 @@ class Ticket:
         self.charged_prompt_tokens = 0
         self.ttft_s: float | None = None
         self.requests_used = window.requests if window is not None else 0
+        self.backend: str | None = None
+        self.fallbacks: list[str] | None = None
+        self.cache_hit = False
+        self.extra_headers: list[tuple[str, str]] | None = None
 
     def allow(self, model: LoadedModel) -> None:
         """403 unless the key may use the model (for routes that cost nothing, e.g. tokenize)."""
@@ -63,6 +70,36 @@ class Ticket:
         spec = model.spec
         if key is not None and not key.allows((spec.name, *spec.aliases)):
             raise ApiError(403, f"This API key may not use the model `{spec.name}`.", param="model", code="model_not_allowed")
+
+    def allows(self, model: LoadedModel) -> bool:
+        key = self.key
+        return key is None or key.allows((model.spec.name, *model.spec.aliases))
+
+    def admit_plan(self, plans: list[Plan], requests: list[ChatRequest], max_completion_tokens: int) -> None:
+        """`admit` for routed generations (one plan per request: a text completion may carry
+        several prompts). A model asked for by name must be allowed (403); candidates the key
+        may not use are dropped (for "auto", 403 if none is left). Each prompt is counted by
+        its first candidate (the local backend tokenizes once for count and generation)."""
+        prompt_tokens = 0
+        for plan, request in zip(plans, requests):
+            if plan.named is not None:
+                self.allow(plan.named)
+            allowed = [m for m in plan.candidates if self.allows(m)]
+            if not allowed:
+                raise ApiError(403, f"This API key may not use any model `{plan.requested}` can route to.", param="model",
+                               code="model_not_allowed")
+            plan.candidates = allowed
+            prompt_tokens += allowed[0].backend.count_tokens(request)
+        self.admit(plans[0].candidates[0], prompt_tokens, max_completion_tokens)
+
+    def served(self, model: LoadedModel, plan: Plan | None = None) -> None:
+        """The candidate that serves: its prices apply, and the usage record names it."""
+        spec = model.spec
+        self.model = spec.name
+        self.price = (spec.input_usd_per_million_tokens, spec.output_usd_per_million_tokens)
+        self.backend = model.info.backend
+        if plan is not None and plan.tried:
+            self.fallbacks = list(plan.tried)
 
     def needs_prompt_tokens(self, model: LoadedModel) -> bool:
         """Whether `admit` needs the prompt's token count: a token limit on the key or a budget
@@ -109,6 +146,8 @@ class Ticket:
 
     def response_headers(self) -> list[tuple[str, str]]:
         headers = [("x-request-id", self.request_id)]
+        if self.extra_headers:
+            headers += self.extra_headers
         key = self.key
         if key is not None and self.window is not None and (key.rpm is not None or key.tpm is not None):
             headers += self.gateway.limiter.headers(self.window, key.rpm, key.tpm, time.time(), self.requests_used)
@@ -250,12 +289,15 @@ class Gateway:
             self.metrics.observe_ttft(model, ticket.ttft_s)
         key = ticket.key
         assert self.worker is not None
-        # A cache hit: the prefix cache served part of the prompt (there is no response cache).
+        # cache_hit: a cache served the request (the embedding cache all of it: backend "cache";
+        # the prefix cache part of the prompt: cached_tokens); fallbacks: the candidates that
+        # failed before the one that served.
+        backend = ticket.backend or (("cache" if ticket.cache_hit else "local") if model is not None else None)
         self.worker.record((
             ticket.request_id, time.time(), key.id if key is not None else None, ticket.workspace, route, model,
-            "local" if model is not None else None, int(cached > 0), prompt, completion, cached,
+            backend, int(ticket.cache_hit or cached > 0), prompt, completion, cached,
             cost, round(seconds * 1000, 3), round(ticket.ttft_s * 1000, 3) if ticket.ttft_s is not None else None,
-            status, error_code, ticket.prompt,
+            status, error_code, ticket.prompt, "\n".join(ticket.fallbacks) if ticket.fallbacks else None,
         ))
 
     def capture(self, ticket: Ticket, body: bytes) -> None:

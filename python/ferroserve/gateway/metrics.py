@@ -69,7 +69,8 @@ class Metrics:
             h = self.ttft[model] = Histogram(TTFT_BUCKETS_S)
         h.observe(seconds)
 
-    def render(self, *, rate_limit_rejections: dict[str, int], usage_queue_depth: int, engines: list[tuple[str, dict]]) -> bytes:
+    def render(self, *, rate_limit_rejections: dict[str, int], usage_queue_depth: int, engines: list[tuple[str, dict]],
+               routing: list[tuple] = (), cache=None) -> bytes:
         out: list[str] = []
 
         def family(name: str, kind: str, help_: str) -> None:
@@ -118,4 +119,26 @@ class Metrics:
             for model, stats in engines:
                 if stat in stats:
                     out.append(f'{name}{suffix}{{model="{_label(model)}"}} {stats[stat]}')
+        # The router: per model (candidate) its backend, health, breaker and measured speed.
+        family("ferroserve_backend_up", "gauge", "1 if the model's backend is healthy, 0.5 degraded, 0 down.")
+        for model, backend, health, _ in routing:
+            value = {"healthy": 1, "degraded": 0.5}.get(health, 0)
+            out.append(f'ferroserve_backend_up{{model="{_label(model)}",backend="{_label(backend)}",health="{health}"}} {value}')
+        family("ferroserve_backend_breaker_open", "gauge", "1 while the model's circuit breaker is open or half-open.")
+        for model, backend, _, h in routing:
+            out.append(f'ferroserve_backend_breaker_open{{model="{_label(model)}",backend="{_label(backend)}"}} {int(h.state != "closed")}')
+        family("ferroserve_backend_failures", "counter", "Requests a model's backend could not serve (then a fallback was tried).")
+        for model, backend, _, h in routing:
+            out.append(f'ferroserve_backend_failures_total{{model="{_label(model)}",backend="{_label(backend)}"}} {h.failures}')
+        family("ferroserve_backend_latency_seconds", "gauge", "EWMA of a model's request latency as the router measured it.")
+        for model, backend, _, h in routing:
+            if h.latency_s is not None:
+                out.append(f'ferroserve_backend_latency_seconds{{model="{_label(model)}",backend="{_label(backend)}"}} {h.latency_s}')
+        if cache is not None:
+            family("ferroserve_embed_cache_hits", "counter", "Embedding requests answered from the cache.")
+            out.append(f"ferroserve_embed_cache_hits_total {cache.hits}")
+            family("ferroserve_embed_cache_misses", "counter", "Embedding requests the cache could not answer.")
+            out.append(f"ferroserve_embed_cache_misses_total {cache.misses}")
+            family("ferroserve_embed_cache_bytes", "gauge", "Bytes held by the embedding cache.")
+            out.append(f"ferroserve_embed_cache_bytes {cache.size}")
         return ("\n".join(out) + "\n").encode()

@@ -58,7 +58,8 @@ CREATE TABLE IF NOT EXISTS usage (
     ttft_ms REAL,
     status INTEGER NOT NULL,
     error_code TEXT,
-    prompt TEXT
+    prompt TEXT,
+    fallbacks TEXT
 );
 CREATE INDEX IF NOT EXISTS usage_workspace_time ON usage(workspace, created_at);
 CREATE INDEX IF NOT EXISTS usage_request_id ON usage(request_id);
@@ -68,7 +69,7 @@ CREATE INDEX IF NOT EXISTS usage_request_id ON usage(request_id);
 USAGE_COLUMNS = (
     "request_id", "created_at", "key_id", "workspace", "route", "model", "backend", "cache_hit",
     "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd", "latency_ms", "ttft_ms",
-    "status", "error_code", "prompt",
+    "status", "error_code", "prompt", "fallbacks",
 )
 # A batch is written as multi-row INSERTs of up to 1,024 rows (17,408 parameters, under SQLite's
 # 32,766): one bind loop in C and one sqlite3_step per statement, so the GIL is handed back and
@@ -97,6 +98,9 @@ class Store:
         # NORMAL in WAL mode: a commit survives a process crash, only an OS crash can lose the last ones.
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_SCHEMA)
+        # Databases written before routing existed have no `fallbacks` column.
+        if "fallbacks" not in {row[1] for row in self.db.execute("PRAGMA table_info(usage)")}:
+            self.db.execute("ALTER TABLE usage ADD COLUMN fallbacks TEXT")
 
     def close(self) -> None:
         self.db.close()

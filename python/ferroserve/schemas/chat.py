@@ -20,6 +20,15 @@ class ChatMessage(msgspec.Struct, forbid_unknown_fields=False):
     tool_call_id: str | None = None
 
 
+class Route(msgspec.Struct, forbid_unknown_fields=False):
+    """Neural Router's routing extension (`route` on a request)."""
+
+    objective: str | None = None
+    fallbacks: list[str] = []
+    max_latency_ms: float | None = None
+    task_class: str | None = None
+
+
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=False):
     include_usage: bool = False
 
@@ -43,6 +52,7 @@ class SamplingFields(msgspec.Struct, forbid_unknown_fields=False, kw_only=True):
     seed: int | None = None
     user: str | None = None
     ignore_eos: bool = False
+    route: Route | None = None
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):

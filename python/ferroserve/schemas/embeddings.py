@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from ferroserve.schemas.chat import Route
+
 
 class EmbeddingRequest(msgspec.Struct, forbid_unknown_fields=False):
     model: str
@@ -15,6 +17,9 @@ class EmbeddingRequest(msgspec.Struct, forbid_unknown_fields=False):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     user: str | None = None
+    # Neural Router's routing extension; NUREV-style per-request options (`cache_mode: "bypass"`).
+    route: Route | None = None
+    metadata: dict[str, Any] | None = None
 
 
 decoder = msgspec.json.Decoder(EmbeddingRequest)

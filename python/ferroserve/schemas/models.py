@@ -14,11 +14,19 @@ class ModelCard(msgspec.Struct, omit_defaults=True):
     # they are shown even when 0.
     input_per_m: float
     output_per_m: float
+    # Who serves it: "local" (this process) or a [[backends]] name, its kind, and the router's
+    # live view: healthy / degraded / down.
+    provider: str
+    backend_kind: str
+    health: str
     context_length: int | None = None
     capabilities: list[str] = []
     aliases: list[str] = []
     dimensions: int | None = None
     device: str | None = None
+    context_window: int | None = None  # Neural Router's name for context_length
+    fallbacks: list[str] = []
+    quality: float | None = None
 
 
 class ModelList(msgspec.Struct):

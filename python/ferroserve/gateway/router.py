@@ -1,0 +1,454 @@
+"""The router: a model name (or "auto") → an ordered list of candidates, each a backend with
+its measured health, tried in order until one serves.
+
+Per candidate it keeps EWMAs of time to first token per prompt token, seconds per generated
+token and the error rate, and a circuit breaker: `breaker_failures` consecutive failures open
+it; after `breaker_cooldown_s` one request probes it (half-open); a success closes it.
+
+The scoring rule of `model: "auto"` (also in the README):
+- candidates: every model with the capability the route needs, minus those whose breaker is
+  open or whose backend is down, minus those whose `options.task_classes` does not list the
+  request's `route.task_class` (models without `task_classes` take any class);
+- `max_latency_ms`: each candidate's predicted time for this request is
+  prompt tokens × its measured prefill seconds per token + max_tokens × its measured decode
+  seconds per token + its queue wait (queue depth × its measured time to first token); a cold
+  candidate uses its configured `prefill_tokens_per_s` / `decode_tokens_per_s`, and one with
+  neither is assumed to meet the bound. Candidates predicted to miss are dropped; if none is left,
+  the fastest predicted is chosen and `reason` says the bound cannot be met;
+- objective `latency`: the smallest predicted time; `cost`: the smallest price for this request
+  (prompt tokens × input price + max_tokens × output price); `quality`: the highest `quality`
+  (unset = 0.5); `quality-per-dollar` (the default): quality / (input + output price per million
+  tokens + 0.01). Ties go to the next criterion (quality, then cost, then configuration order);
+- the order tried: the choice, then `route.fallbacks`, then the choice's configured
+  `fallbacks`, then the remaining candidates in score order.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from ferroserve.backends.base import DEGRADED, DOWN, HEALTHY, Admitted, ChatRequest, Delta, Event, Failed, Finished, Unavailable
+from ferroserve.errors import ApiError, invalid, model_not_found
+from ferroserve.log import logger
+from ferroserve.schemas.chat import Route
+
+OBJECTIVES = ("latency", "cost", "quality", "quality-per-dollar")
+DEFAULT_OBJECTIVE = "quality-per-dollar"
+_ALPHA = 0.2  # EWMA weight of the newest sample
+
+
+def check_route(route: Route | None) -> None:
+    if route is None:
+        return
+    if route.objective is not None and route.objective not in OBJECTIVES:
+        raise invalid(f"route.objective must be one of {', '.join(OBJECTIVES)}.", param="route")
+    if route.max_latency_ms is not None and route.max_latency_ms <= 0:
+        raise invalid("route.max_latency_ms must be positive.", param="route")
+
+
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+
+
+@dataclass
+class Health:
+    """What the router has measured about one candidate."""
+
+    failures_to_open: int
+    cooldown_s: float
+    prefill_s_per_token: float | None = None
+    decode_s_per_token: float | None = None
+    ttft_s: float | None = None
+    latency_s: float | None = None
+    tokens_per_s: float | None = None
+    error_rate: float = 0.0
+    consecutive_failures: int = 0
+    state: str = CLOSED
+    opened_at: float = 0.0
+    probing: bool = False
+    requests: int = 0
+    failures: int = 0
+    last_error: str | None = None
+
+    def _ewma(self, old: float | None, new: float) -> float:
+        return new if old is None else old + _ALPHA * (new - old)
+
+    def available(self, now: float) -> bool:
+        """May a request be sent now? An open breaker lets one probe through per cool-down."""
+        if self.state == CLOSED:
+            return True
+        if self.state == OPEN and now - self.opened_at >= self.cooldown_s:
+            self.state = HALF_OPEN
+        return self.state == HALF_OPEN and not self.probing
+
+    def begin(self) -> None:
+        if self.state == HALF_OPEN:
+            self.probing = True
+
+    def success(self, *, prompt_tokens: int, completion_tokens: int, ttft_s: float | None, total_s: float) -> None:
+        self.requests += 1
+        self.consecutive_failures = 0
+        self.state, self.probing = CLOSED, False
+        self.error_rate = self._ewma(self.error_rate, 0.0)
+        self.latency_s = self._ewma(self.latency_s, total_s)
+        if ttft_s is not None:
+            self.ttft_s = self._ewma(self.ttft_s, ttft_s)
+            self.prefill_s_per_token = self._ewma(self.prefill_s_per_token, ttft_s / max(prompt_tokens, 1))
+            if completion_tokens > 1:
+                per_token = max(total_s - ttft_s, 0.0) / (completion_tokens - 1)
+                self.decode_s_per_token = self._ewma(self.decode_s_per_token, per_token)
+                if per_token > 0:
+                    self.tokens_per_s = self._ewma(self.tokens_per_s, 1.0 / per_token)
+
+    def failure(self, reason: str, now: float) -> None:
+        self.requests += 1
+        self.failures += 1
+        self.last_error = reason
+        self.consecutive_failures += 1
+        self.error_rate = self._ewma(self.error_rate, 1.0)
+        if self.state == HALF_OPEN or self.consecutive_failures >= self.failures_to_open:
+            if self.state != OPEN:
+                logger.warning("circuit open", extra={"fields": {"reason": reason[:200]}})
+            self.state, self.opened_at, self.probing = OPEN, now, False
+
+    def release(self) -> None:
+        """A request that neither succeeded nor failed (the client left): free the probe."""
+        self.probing = False
+
+    def as_json(self) -> dict:
+        return {
+            "breaker": self.state, "consecutive_failures": self.consecutive_failures,
+            "error_rate": round(self.error_rate, 4), "requests": self.requests, "failures": self.failures,
+            "ewma_latency_ms": None if self.latency_s is None else round(self.latency_s * 1000, 3),
+            "ewma_ttft_ms": None if self.ttft_s is None else round(self.ttft_s * 1000, 3),
+            "ewma_tokens_per_s": None if self.tokens_per_s is None else round(self.tokens_per_s, 2),
+        }
+
+
+def health_of(model) -> str:
+    """healthy / degraded / down for a LoadedModel: its backend's own view and its breaker."""
+    own = model.backend.health()
+    h: Health = model.health
+    if own == DOWN or (h.state == OPEN and time.monotonic() - h.opened_at < h.cooldown_s):
+        return DOWN
+    if own == DEGRADED or h.state != CLOSED or h.error_rate > 0.2:
+        return DEGRADED
+    return HEALTHY
+
+
+@dataclass
+class Plan:
+    """The candidates of one request, in the order they are tried, and why."""
+
+    requested: str
+    candidates: list  # LoadedModel
+    objective: str | None = None
+    reason: str | None = None
+    considered: int = 0
+    routed: bool = False  # the request asked for auto or carried `route`: answer with `routing`
+    tried: list[str] = field(default_factory=list)  # candidates that failed, with why
+    served_by: object | None = None  # LoadedModel
+    named: object | None = None  # the LoadedModel asked for by name (None for "auto")
+
+    def response_model_name(self) -> str:
+        """Responses name the model asked for (an alias as its model's name); for "auto", the
+        model chosen."""
+        if self.named is not None:
+            return self.named.spec.name
+        return self.served_by.spec.name if self.served_by is not None else self.requested
+
+    def routing(self) -> dict:
+        selected = self.served_by.spec.name if self.served_by is not None else None
+        return {
+            "selected": selected,
+            "objective": self.objective,
+            "candidates_considered": self.considered,
+            "reason": self.reason,
+            "fallbacks_used": list(self.tried),
+        }
+
+
+class NoProvider(ApiError):
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(503, message, type="server_error", code="no_provider_available",
+                         headers=[("retry-after", str(max(1, int(retry_after + 0.999))))])
+
+
+class Router:
+    def __init__(self, registry, settings) -> None:
+        self.registry = registry
+        self.settings = settings
+
+    # Planning ------------------------------------------------------------------------------
+    def require(self, requested: str, capability: str) -> None:
+        """404 unless `requested` is "auto" or a model with the capability (checked before the
+        request's other fields, as OpenAI does)."""
+        if requested == "auto":
+            return
+        model = self.registry.get(requested)
+        if model is None or capability not in model.capabilities:
+            raise model_not_found(requested)
+
+    def plan(self, requested: str, capability: str, route: Route | None, *, prompt_tokens_hint: int = 0,
+             max_tokens: int = 0) -> Plan:
+        """The candidates for `requested` (a model name or "auto"); 404 if it names nothing."""
+        registry = self.registry
+        check_route(route)
+        now = time.monotonic()
+        if requested == "auto":
+            pool = [m for m in registry.models.values() if capability in m.capabilities]
+            if not pool:
+                raise model_not_found(requested)
+            objective = (route.objective if route else None) or DEFAULT_OBJECTIVE
+            eligible = [m for m in pool if m.health.available(now) and m.backend.health() != DOWN]
+            task = route.task_class if route else None
+            if task is not None:
+                eligible = [m for m in eligible if _takes_task(m, task)]
+            ranked, reason = self._rank(eligible, objective, route, prompt_tokens_hint, max_tokens)
+            if not ranked:
+                ranked, reason = pool, "no candidate is healthy; trying all"
+            order = [ranked[0], *self._named(route.fallbacks if route else [], capability),
+                     *self._named(ranked[0].spec.fallbacks, capability), *ranked[1:]]
+            return Plan(requested, _dedup(order), objective, reason, len(pool), True)
+        model = registry.get(requested)
+        if model is None or capability not in model.capabilities:
+            raise model_not_found(requested)
+        order = [model, *self._named(route.fallbacks if route else [], capability), *self._named(model.spec.fallbacks, capability)]
+        order = _dedup(order)
+        plan = Plan(requested, order, route.objective if route else None, "requested model", len(order), route is not None,
+                    named=model)
+        if route is not None and route.max_latency_ms is not None:
+            meets = [m for m in order if self._predict(m, prompt_tokens_hint, max_tokens) is None
+                     or self._predict(m, prompt_tokens_hint, max_tokens) * 1000 <= route.max_latency_ms]
+            if not meets:
+                order.sort(key=lambda m: self._predict(m, prompt_tokens_hint, max_tokens) or 0.0)
+                plan.reason = f"no candidate is predicted within {route.max_latency_ms:g} ms; fastest predicted first"
+            elif meets[0] is not order[0]:
+                plan.reason = f"{order[0].spec.name} is predicted to miss {route.max_latency_ms:g} ms"
+                order[:] = meets + [m for m in order if m not in meets]
+            plan.candidates = order
+        return plan
+
+    def _named(self, names: list[str], capability: str) -> list:
+        out = []
+        for n in names:
+            m = self.registry.get(n)
+            if m is None or capability not in m.capabilities:
+                raise invalid(f"Fallback model `{n}` does not exist or cannot serve this route.", param="route")
+            out.append(m)
+        return out
+
+    def _predict(self, m, prompt_tokens: int, max_tokens: int) -> float | None:
+        """Seconds this request is predicted to take on `m`; None when nothing is known."""
+        h: Health = m.health
+        spec = m.spec
+        prefill = h.prefill_s_per_token
+        if prefill is None and spec.prefill_tokens_per_s:
+            prefill = 1.0 / spec.prefill_tokens_per_s
+        decode = h.decode_s_per_token
+        if decode is None and spec.decode_tokens_per_s:
+            decode = 1.0 / spec.decode_tokens_per_s
+        if prefill is None and decode is None:
+            return None
+        queue = m.backend.stats().queue_depth * (h.ttft_s or 0.0)
+        return max(prompt_tokens, 1) * (prefill or 0.0) + max(max_tokens, 0) * (decode or 0.0) + queue
+
+    def _rank(self, pool: list, objective: str, route: Route | None, prompt_tokens: int, max_tokens: int):
+        reason = None
+        bound = route.max_latency_ms if route else None
+        predicted = {id(m): self._predict(m, prompt_tokens, max_tokens) for m in pool}
+        if bound is not None and pool:
+            meets = [m for m in pool if predicted[id(m)] is None or predicted[id(m)] * 1000 <= bound]
+            if not meets:
+                fastest = min(pool, key=lambda m: predicted[id(m)] or 0.0)
+                rest = sorted((m for m in pool if m is not fastest), key=lambda m: predicted[id(m)] or 0.0)
+                return [fastest, *rest], (f"no candidate is predicted within {bound:g} ms; chose the fastest predicted "
+                                          f"({predicted[id(fastest)] * 1000:.0f} ms)")
+            pool = meets
+
+        def quality(m) -> float:
+            return 0.5 if m.spec.quality is None else m.spec.quality
+
+        def cost(m) -> float:
+            s = m.spec
+            return (max(prompt_tokens, 1) * s.input_usd_per_million_tokens + max(max_tokens, 1) * s.output_usd_per_million_tokens) / 1e6
+
+        def qpd(m) -> float:
+            s = m.spec
+            return quality(m) / (s.input_usd_per_million_tokens + s.output_usd_per_million_tokens + 0.01)
+
+        def latency(m) -> float:
+            p = predicted[id(m)]
+            return float("inf") if p is None else p
+
+        keys = {
+            "latency": lambda m: (latency(m), -quality(m), cost(m)),
+            "cost": lambda m: (cost(m), -quality(m), latency(m)),
+            "quality": lambda m: (-quality(m), cost(m), latency(m)),
+            "quality-per-dollar": lambda m: (-qpd(m), -quality(m), latency(m)),
+        }
+        ranked = sorted(pool, key=keys[objective])  # stable: configuration order breaks ties
+        if ranked:
+            best = ranked[0]
+            detail = {
+                "latency": lambda m: "lowest predicted latency" + (f" ({latency(m) * 1000:.0f} ms)" if latency(m) != float("inf") else " (no measurement yet)"),
+                "cost": lambda m: f"lowest cost (${cost(m):.6f} for this request)",
+                "quality": lambda m: f"highest quality ({quality(m):g})",
+                "quality-per-dollar": lambda m: f"best quality-per-dollar ({qpd(m):.3g})",
+            }[objective](best)
+            reason = detail + (f" within {bound:g} ms" if bound is not None else "")
+        return ranked, reason
+
+    # Serving -------------------------------------------------------------------------------
+    def _next(self, plan: Plan, index: int):
+        """The next candidate from `index` whose breaker lets a request through."""
+        now = time.monotonic()
+        for i in range(index, len(plan.candidates)):
+            m = plan.candidates[i]
+            if m.health.available(now):
+                return i, m
+            plan.tried.append(f"{m.spec.name}: circuit open")
+        return None, None
+
+    def _exhausted(self, plan: Plan) -> NoProvider:
+        waits = [max(0.0, m.health.cooldown_s - (time.monotonic() - m.health.opened_at))
+                 for m in plan.candidates if m.health.state == OPEN]
+        retry = min(waits) if waits else 1.0
+        names = ", ".join(m.spec.name for m in plan.candidates)
+        return NoProvider(f"No provider is available for `{plan.requested}`: every candidate ({names}) failed or is "
+                          f"open. Tried: {'; '.join(plan.tried) or 'none'}.", retry)
+
+    async def open_generation(self, plan: Plan, request: ChatRequest, *, first_byte_commits: bool):
+        """Starts the generation on the first candidate that can serve it.
+
+        Returns `(model, events)`: an async iterator whose first events are those already
+        received. With `first_byte_commits` (streaming), a candidate is kept as soon as it
+        produced its first Delta or Finished (what the client will see); before that, an
+        Unavailable moves on to the next candidate. Without it (a buffered response), the
+        whole generation is collected first, so a failure at any point moves on."""
+        index = 0
+        while True:
+            index, m = self._next(plan, index)
+            if m is None:
+                raise self._exhausted(plan)
+            index += 1
+            h: Health = m.health
+            h.begin()
+            started = time.perf_counter()
+            gen = m.backend.generate(request)
+            buffered: list[Event] = []
+            failure: ApiError | Unavailable | None = None
+            try:
+                async for ev in gen:
+                    if type(ev) is Failed:
+                        failure = ev.error
+                        break
+                    buffered.append(ev)
+                    if first_byte_commits and type(ev) is not Admitted:
+                        break
+            except Unavailable as exc:
+                failure = exc
+            except ApiError:
+                await gen.aclose()
+                h.release()
+                raise
+            except BaseException:
+                await gen.aclose()
+                h.release()
+                raise
+            if failure is None:
+                plan.served_by = m
+                ttft = (time.perf_counter() - started) if any(type(e) is Delta for e in buffered) else None
+                if not first_byte_commits:
+                    self._observe(m, buffered, started, ttft)
+                    return m, _replay(buffered)
+                return m, self._tracked(m, gen, buffered, started, ttft)
+            await gen.aclose()
+            if isinstance(failure, ApiError):
+                h.release()
+                raise failure
+            h.failure(failure.reason, time.monotonic())
+            plan.tried.append(f"{m.spec.name}: {failure.reason}"[:300])
+            logger.info("fallback", extra={"fields": {"model": m.spec.name, "reason": failure.reason[:200]}})
+
+    def _observe(self, m, events: list[Event], started: float, ttft: float | None) -> None:
+        prompt = completion = 0
+        for e in events:
+            if type(e) is Finished:
+                completion += e.completion_tokens
+                prompt = e.prompt_tokens or prompt
+            elif type(e) is Admitted:
+                prompt = e.prompt_tokens
+        m.health.success(prompt_tokens=prompt, completion_tokens=completion, ttft_s=ttft, total_s=time.perf_counter() - started)
+
+    async def _tracked(self, m, gen, first: list[Event], started: float, ttft: float | None) -> AsyncIterator[Event]:
+        """The committed generation: replays what was buffered, then the rest, and records the
+        outcome in the candidate's health."""
+        events: list[Event] = list(first)
+        done = False
+        try:
+            for ev in first:
+                yield ev
+            async for ev in gen:
+                if type(ev) is Failed:
+                    if isinstance(ev.error, Unavailable):
+                        m.health.failure(ev.error.reason, time.monotonic())
+                    done = True
+                    yield ev
+                    return
+                if ttft is None and type(ev) is Delta:
+                    ttft = time.perf_counter() - started
+                if type(ev) is not Delta:
+                    events.append(ev)
+                yield ev
+            done = True
+            self._observe(m, events, started, ttft)
+        finally:
+            if not done:
+                m.health.release()
+            await gen.aclose()
+
+    async def embed(self, plan: Plan, request):
+        index = 0
+        while True:
+            index, m = self._next(plan, index)
+            if m is None:
+                raise self._exhausted(plan)
+            index += 1
+            h: Health = m.health
+            h.begin()
+            started = time.perf_counter()
+            try:
+                result = await m.backend.embed(request)
+            except Unavailable as exc:
+                h.failure(exc.reason, time.monotonic())
+                plan.tried.append(f"{m.spec.name}: {exc.reason}"[:300])
+                logger.info("fallback", extra={"fields": {"model": m.spec.name, "reason": exc.reason[:200]}})
+                continue
+            except BaseException:
+                h.release()
+                raise
+            elapsed = time.perf_counter() - started
+            h.success(prompt_tokens=result.prompt_tokens, completion_tokens=0, ttft_s=elapsed, total_s=elapsed)
+            plan.served_by = m
+            return m, result
+
+
+async def _replay(events: list[Event]) -> AsyncIterator[Event]:
+    for e in events:
+        yield e
+
+
+def _dedup(models: list) -> list:
+    seen, out = set(), []
+    for m in models:
+        if id(m) not in seen:
+            seen.add(id(m))
+            out.append(m)
+    return out
+
+
+def _takes_task(m, task: str) -> bool:
+    classes = m.spec.options.get("task_classes")
+    return classes is None or task in classes
