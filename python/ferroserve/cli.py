@@ -72,6 +72,7 @@ def _serve(args: argparse.Namespace) -> int:
             device_args=args.device,
             kernel_binaries=args.kernel_binaries,
             config_file=args.config,
+            embed_cache_mb=args.embed_cache_mb,
         )
     except ConfigError as exc:
         print(f"ferroserve: error: {exc}", file=sys.stderr)
@@ -133,9 +134,15 @@ def _models(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"ferroserve: error: {exc}", file=sys.stderr)
         return 2
+    names = {n: m for m in settings.models for n in (m.name, *m.aliases)}
     for m in settings.models:
         aliases = f" (aliases: {', '.join(m.aliases)})" if m.aliases else ""
-        print(f"{m.name}\t{m.kind}\t{m.device}\t{m.path}{aliases}")
+        where = m.path if m.backend == "local" else f"backend {m.backend}, as {m.upstream_model or m.name}"
+        # The candidates a request for this name tries, in order (model "auto" ranks them per
+        # request; see the README).
+        candidates = [m.name, *(names[f].name for f in m.fallbacks)]
+        quality = "" if m.quality is None else f"\tquality={m.quality:g}"
+        print(f"{m.name}\t{m.kind}\t{m.device}\t{where}{aliases}\tcandidates: {' -> '.join(candidates)}{quality}")
     return 0
 
 
@@ -165,7 +172,8 @@ def _kernels(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, str] = {}  # file -> the model that wrote it
-    for m in settings.models:
+    local = [m for m in settings.models if m.backend == "local"]
+    for m in local:
         with tempfile.TemporaryDirectory(dir=out) as tmp:
             try:
                 files = _core.write_kernel_binaries(m.kind, m.path, index, tmp)
@@ -183,7 +191,7 @@ def _kernels(args: argparse.Namespace) -> int:
                 os.replace(f, target)
                 written[f.name] = m.name
                 print(target)
-    print(f"ferroserve: {len(written)} kernel binaries for {len(settings.models)} model(s) on {device}; serve with "
+    print(f"ferroserve: {len(written)} kernel binaries for {len(local)} model(s) on {device}; serve with "
           f"--device {device} --kernel-binaries {out}", file=sys.stderr)
     return 0
 
@@ -287,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve the models over HTTP")
-    serve.add_argument("--config", metavar="FILE", help="TOML settings file: top-level keys as the flags spell them, [[models]] tables with name, path, aliases, device and prices; flags and FERROSERVE_* override it (env FERROSERVE_CONFIG)")
+    serve.add_argument("--config", metavar="FILE", help="TOML settings file: top-level keys as the flags spell them, [[models]] tables with name, path, aliases, device and prices, [[backends]] for remote models (README); flags and FERROSERVE_* override it (env FERROSERVE_CONFIG)")
     serve.add_argument("--host", help="bind address (default 127.0.0.1, env FERROSERVE_HOST)")
     serve.add_argument("--port", type=int, help="port (default 8000, env FERROSERVE_PORT)")
     serve.add_argument("--model", action="append", metavar="NAME=PATH", help="serve a model folder/file under NAME (repeatable; env FERROSERVE_MODELS=a=p,b=q)")
@@ -314,6 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="load precompiled OpenCL program binaries <kernel>.bin / .aocx (e.g. FPGA bitstreams) "
         "instead of building the kernel sources (env FERROSERVE_KERNEL_BINARIES)",
     )
+    serve.add_argument(
+        "--embed-cache-mb", type=int, metavar="MB",
+        help="memory for cached embedding responses (identical requests answered byte for byte for "
+        "embed_cache_ttl_s, default 1 h); 0 turns the cache off (default 64, env FERROSERVE_EMBED_CACHE_MB)",
+    )
     serve.set_defaults(func=_serve)
 
     keys = sub.add_parser("keys", help="create, list and revoke API keys")
@@ -338,13 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
     keys.set_defaults(func=_keys)
 
     models = sub.add_parser("models", help="list the models `serve` would load")
-    models.add_argument("--config", metavar="FILE", help="TOML settings file: top-level keys as the flags spell them, [[models]] tables with name, path, aliases, device and prices; flags and FERROSERVE_* override it (env FERROSERVE_CONFIG)")
+    models.add_argument("--config", metavar="FILE", help="TOML settings file: top-level keys as the flags spell them, [[models]] tables with name, path, aliases, device and prices, [[backends]] for remote models (README); flags and FERROSERVE_* override it (env FERROSERVE_CONFIG)")
     models.add_argument("--model", action="append", metavar="NAME=PATH")
     models.add_argument("--device", action="append", metavar="[NAME=]DEVICE", help="as for serve")
     models.set_defaults(func=_models)
 
     kernels = sub.add_parser("kernels", help="write the OpenCL kernels' program binaries for --kernel-binaries")
-    kernels.add_argument("--config", metavar="FILE", help="TOML settings file: top-level keys as the flags spell them, [[models]] tables with name, path, aliases, device and prices; flags and FERROSERVE_* override it (env FERROSERVE_CONFIG)")
+    kernels.add_argument("--config", metavar="FILE", help="TOML settings file: top-level keys as the flags spell them, [[models]] tables with name, path, aliases, device and prices, [[backends]] for remote models (README); flags and FERROSERVE_* override it (env FERROSERVE_CONFIG)")
     kernels.add_argument("--out", required=True, metavar="DIR", help="where to write <kernel>.bin files")
     kernels.add_argument("--device", default="opencl:0", metavar="DEVICE", help="opencl or opencl:N (default opencl:0)")
     kernels.add_argument("--model", action="append", metavar="NAME=PATH", help="as for serve (default: the default models)")
