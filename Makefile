@@ -16,7 +16,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "maturin>=1.7,<2" "granian>=2.5" "msgspec>=0.19" "uvloop>=0.19" \
 		"pytest>=8" "openai>=1.50" "httpx>=0.27" "numpy>=1.26" "mypy>=1.18" \
-		"prometheus_client>=0.20" "httpx[http2]>=0.27" "tritonclient[grpc,http]>=2.50"
+		"prometheus_client>=0.20" "httpx[http2]>=0.27" "tritonclient[grpc,http]>=2.50" "tokenizers>=0.15"
 	touch $@
 
 $(VENV)/.models: $(VENV)/.deps
@@ -30,7 +30,7 @@ build: $(VENV)/.deps
 serve: setup
 	$(VENV)/bin/ferroserve serve
 
-test: setup $(VENV)/.opencl $(VENV)/.qemu test-rust test-python test-isa-matrix
+test: setup $(VENV)/.opencl $(VENV)/.qemu $(VENV)/.triton test-rust test-python test-isa-matrix
 
 # The OpenCL kernel tests (tests/kernels) run on PoCL, an OpenCL implementation for the CPU.
 # Where apt (or sudo) is unavailable PoCL is not installed and those tests skip with the
@@ -42,6 +42,15 @@ $(VENV)/.opencl: $(VENV)/.deps
 		|| echo "PoCL not installed: the OpenCL kernel tests (tests/kernels) will skip"
 	$(PIP) install -q "pyopencl>=2024.1"
 	touch $@
+
+# A real Triton server for tests/backends/test_triton.py: nvidia-pytriton bundles one. It gets
+# its own venv (it pins numpy<2). Where it cannot be installed (its one wheel needs x86_64 and
+# glibc >= 2.35) the stamp holds the reason and those tests skip with it.
+$(VENV)/.triton: $(VENV)/.deps
+	{ test -x .venv-triton/bin/python || $(PYTHON) -m venv .venv-triton; } \
+		&& .venv-triton/bin/pip install -q "nvidia-pytriton==0.7.0" > $@.log 2>&1 && : > $@ \
+		|| { echo "nvidia-pytriton not installed: tests/backends/test_triton.py will skip. pip said:"; \
+			tail -n 5 $@.log | tee $@; }
 
 # qemu-user runs the kernel tests on emulated CPUs without AVX-512 and without AVX
 # (tests/isa_matrix.sh); where apt is unavailable that part of the matrix says it skipped.
