@@ -83,7 +83,9 @@ def from_engine(kind: str, message: str, param: str | None = None) -> ApiError:
 
 
 def from_engine_exception(exc: _core.FerroserveError, param: str | None = None) -> ApiError:
-    return from_engine(type(exc).__name__, str(exc), param)
+    """The engine names the parameter at fault (``exc.param``); the caller's ``param`` is the
+    fallback for errors where only it knows (``messages`` or ``prompt`` for a long context)."""
+    return from_engine(type(exc).__name__, str(exc), getattr(exc, "param", None) or param)
 
 
 _AT_PATH = re.compile(r"at `\$\.?([^`]*)`")

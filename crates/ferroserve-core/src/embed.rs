@@ -65,7 +65,7 @@ impl DeviceChoice {
                 .strip_prefix("opencl:")
                 .and_then(|n| n.parse().ok())
                 .map(|index| DeviceChoice::OpenCl { index, kernels })
-                .ok_or_else(|| Error::InvalidRequest(format!("device must be cpu, opencl or opencl:N, got {spec:?}"))),
+                .ok_or_else(|| Error::invalid_request(format!("device must be cpu, opencl or opencl:N, got {spec:?}"))),
         }
     }
 }
@@ -188,11 +188,11 @@ impl EmbeddingEngine {
     /// arrives as an [`EmbedEvent`] on the notifier. Returns the prompt token count.
     pub fn submit(&self, request_id: u64, inputs: Vec<EmbedInput>, dimensions: Option<usize>, encoding: Encoding) -> Result<usize> {
         if inputs.is_empty() {
-            return Err(Error::InvalidRequest("input must not be empty".into()));
+            return Err(Error::invalid("input", "input must not be empty"));
         }
         if let Some(d) = dimensions {
             if d == 0 || d > self.dim {
-                return Err(Error::InvalidRequest(format!("dimensions must be between 1 and {} for this model", self.dim)));
+                return Err(Error::invalid("dimensions", format!("dimensions must be between 1 and {} for this model", self.dim)));
             }
         }
         let seqs = self.tokenize(inputs)?;
@@ -232,12 +232,12 @@ impl EmbeddingEngine {
             .into_iter()
             .enumerate()
             .map(|(i, input)| match input {
-                EmbedInput::Text(t) if t.is_empty() => Err(Error::InvalidRequest(format!("input[{i}] is an empty string"))),
+                EmbedInput::Text(t) if t.is_empty() => Err(Error::invalid("input", format!("input[{i}] is an empty string"))),
                 EmbedInput::Text(t) => self.tokenizer.encode(&t),
-                EmbedInput::Tokens(ids) if ids.is_empty() => Err(Error::InvalidRequest(format!("input[{i}] is an empty token list"))),
+                EmbedInput::Tokens(ids) if ids.is_empty() => Err(Error::invalid("input", format!("input[{i}] is an empty token list"))),
                 EmbedInput::Tokens(ids) => {
                     if let Some(bad) = ids.iter().find(|&&id| id as usize >= self.vocab_size) {
-                        return Err(Error::InvalidRequest(format!("input[{i}] has token id {bad}, outside the vocabulary (size {})", self.vocab_size)));
+                        return Err(Error::invalid("input", format!("input[{i}] has token id {bad}, outside the vocabulary (size {})", self.vocab_size)));
                     }
                     Ok(self.tokenizer.wrap_ids(&ids))
                 }

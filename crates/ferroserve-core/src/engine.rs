@@ -158,6 +158,8 @@ pub enum ChatEvent {
         request_id: u64,
         kind: ErrorKind,
         message: String,
+        /// The request parameter at fault, by its OpenAI name (as [`Error::param`]).
+        param: Option<&'static str>,
     },
 }
 
@@ -336,7 +338,7 @@ impl ChatEngine {
     pub fn load_with_template(path: &std::path::Path, cfg: EngineConfig, chat_template: Option<&str>) -> Result<Self> {
         if cfg.numerics != Numerics::Exact && !matches!(cfg.device, DeviceChoice::Cpu) {
             // Checked before the weights are read: the device kernels have one order.
-            return Err(Error::InvalidRequest(crate::models::llama_opencl::EXACT_ONLY.into()));
+            return Err(Error::invalid_request(crate::models::llama_opencl::EXACT_ONLY));
         }
         let mut model = LlamaModel::load_with(path, cfg.numerics)?;
         if let Some(source) = chat_template {
@@ -356,8 +358,8 @@ impl ChatEngine {
     /// Starts the engine thread around a loaded model.
     pub fn start<M: StepModel>(model: M, cfg: EngineConfig) -> Result<Self> {
         if cfg.max_batch_tokens == 0 || cfg.max_running == 0 {
-            return Err(Error::InvalidRequest(
-                "max_batch_tokens and max_running must be at least 1".into(),
+            return Err(Error::invalid_request(
+                "max_batch_tokens and max_running must be at least 1",
             ));
         }
         let model = Arc::new(model);
@@ -365,7 +367,7 @@ impl ChatEngine {
         let (device_name, device_check) = (model.device_name(), model.device_check());
         let kv_tokens = kv.num_blocks() * kv.block_tokens();
         if kv_tokens == 0 {
-            return Err(Error::InvalidRequest(format!(
+            return Err(Error::invalid_request(format!(
                 "kv_budget_bytes ({}) holds no KV block",
                 cfg.kv_budget_bytes
             )));
@@ -428,15 +430,16 @@ impl ChatEngine {
         params: SamplingParams,
     ) -> Result<SubmitInfo> {
         if prompt_tokens.is_empty() {
-            return Err(Error::InvalidRequest(
-                "prompt must contain at least one token".into(),
+            return Err(Error::invalid(
+                "prompt",
+                "prompt must contain at least one token",
             ));
         }
         if let Some(bad) = prompt_tokens
             .iter()
             .find(|&&id| id as usize >= self.vocab_size)
         {
-            return Err(Error::InvalidRequest(format!(
+            return Err(Error::invalid("prompt", format!(
                 "prompt has token id {bad}, outside the vocabulary (size {})",
                 self.vocab_size
             )));
@@ -446,14 +449,14 @@ impl ChatEngine {
         let ctx = self.max_context_tokens;
         let max_tokens = match params.max_tokens {
             Some(max_tokens) if prompt_len + max_tokens > ctx => {
-                return Err(Error::ContextLengthExceeded(format!(
+                return Err(Error::context_length_exceeded(format!(
                     "This model's maximum context length is {ctx} tokens. However, you requested {} tokens ({prompt_len} in the messages, {max_tokens} in the completion). Please reduce the length of the messages or completion.",
                     prompt_len + max_tokens
                 )));
             }
             Some(max_tokens) => max_tokens,
             None if prompt_len >= ctx => {
-                return Err(Error::ContextLengthExceeded(format!(
+                return Err(Error::context_length_exceeded(format!(
                     "This model's maximum context length is {ctx} tokens. However, your messages resulted in {prompt_len} tokens, leaving none for the completion. Please reduce the length of the messages."
                 )));
             }
@@ -473,7 +476,7 @@ impl ChatEngine {
             return Err(Error::EngineDead);
         };
         if !lock(&self.shared.in_flight).insert(request_id) {
-            return Err(Error::InvalidRequest(format!(
+            return Err(Error::invalid_request(format!(
                 "request_id {request_id} is already in flight"
             )));
         }
@@ -540,7 +543,7 @@ impl ChatEngine {
         let template = self
             .model
             .chat_template()
-            .ok_or_else(|| Error::InvalidRequest(ChatTemplateError::Missing.to_string()))?;
+            .ok_or_else(|| template_error(ChatTemplateError::Missing))?;
         template
             .render(messages, add_generation_prompt)
             .map_err(template_error)
@@ -617,16 +620,19 @@ impl Drop for ChatEngine {
 
 fn template_error(e: ChatTemplateError) -> Error {
     match e {
-        ChatTemplateError::Missing
-        | ChatTemplateError::Rejected(_)
-        | ChatTemplateError::UnsupportedContentPart { .. } => Error::InvalidRequest(e.to_string()),
+        // The model, not the conversation, lacks something: no parameter to blame.
+        ChatTemplateError::Missing => Error::invalid_request(e.to_string()),
+        ChatTemplateError::Rejected(_) | ChatTemplateError::UnsupportedContentPart { .. } => {
+            Error::invalid("messages", e.to_string())
+        }
         other => Error::Internal(other.to_string()),
     }
 }
 
 fn vocab_error(e: GgufVocabError) -> Error {
     match e {
-        GgufVocabError::UnknownTokenId { .. } => Error::InvalidRequest(e.to_string()),
+        // Only decoding looks ids up: `/detokenize`'s `tokens`.
+        GgufVocabError::UnknownTokenId { .. } => Error::invalid("tokens", e.to_string()),
         other => Error::Internal(other.to_string()),
     }
 }
@@ -663,6 +669,7 @@ fn fail_everything(shared: &Shared, rx: &Receiver<Command>, message: &str) {
             request_id,
             kind: ErrorKind::EngineDead,
             message: message.to_owned(),
+            param: None,
         }));
 }
 

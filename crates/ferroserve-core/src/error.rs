@@ -1,5 +1,7 @@
 //! The engine's one error type. `kind()` is what the bindings map to Python exception
-//! classes (and those to HTTP statuses); messages are for humans only.
+//! classes (and those to HTTP statuses); `param()` names the request parameter a client
+//! error concerns (OpenAI's `param`), so no caller has to parse messages, which are for
+//! humans only.
 
 /// Coarse error categories, stable across messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,10 +25,14 @@ pub enum ErrorKind {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{0}")]
-    InvalidRequest(String),
-    #[error("{0}")]
-    ContextLengthExceeded(String),
+    /// `param`: the OpenAI request parameter at fault (`"temperature"`, `"input"`), `None`
+    /// when the error is about no single parameter (engine configuration, a duplicate id).
+    #[error("{message}")]
+    InvalidRequest { message: String, param: Option<&'static str> },
+    /// `param` is `None` from the engine: whether the prompt arrived as `messages` or
+    /// `prompt` is known only to the API layer.
+    #[error("{message}")]
+    ContextLengthExceeded { message: String, param: Option<&'static str> },
     #[error("engine overloaded: {0}")]
     Overloaded(String),
     #[error("the engine thread has stopped")]
@@ -42,8 +48,8 @@ pub enum Error {
 impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::InvalidRequest(_) => ErrorKind::InvalidRequest,
-            Error::ContextLengthExceeded(_) => ErrorKind::ContextLengthExceeded,
+            Error::InvalidRequest { .. } => ErrorKind::InvalidRequest,
+            Error::ContextLengthExceeded { .. } => ErrorKind::ContextLengthExceeded,
             Error::Overloaded(_) => ErrorKind::Overloaded,
             Error::EngineDead => ErrorKind::EngineDead,
             Error::ModelLoad { .. } => ErrorKind::ModelLoad,
@@ -52,9 +58,49 @@ impl Error {
         }
     }
 
+    /// The request parameter this error concerns, by its OpenAI name.
+    pub fn param(&self) -> Option<&'static str> {
+        match self {
+            Error::InvalidRequest { param, .. } | Error::ContextLengthExceeded { param, .. } => *param,
+            _ => None,
+        }
+    }
+
+    /// An invalid request blamed on parameter `param` (its OpenAI name).
+    pub fn invalid(param: &'static str, message: impl Into<String>) -> Self {
+        Error::InvalidRequest { message: message.into(), param: Some(param) }
+    }
+
+    /// An invalid request that concerns no single parameter.
+    pub fn invalid_request(message: impl Into<String>) -> Self {
+        Error::InvalidRequest { message: message.into(), param: None }
+    }
+
+    pub fn context_length_exceeded(message: impl Into<String>) -> Self {
+        Error::ContextLengthExceeded { message: message.into(), param: None }
+    }
+
     pub fn model_load(path: impl AsRef<std::path::Path>, reason: impl std::fmt::Display) -> Self {
         Error::ModelLoad { path: path.as_ref().display().to_string(), reason: reason.to_string() }
     }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn param_travels_with_the_error_and_stays_out_of_the_message() {
+        let e = Error::invalid("temperature", "temperature must be between 0 and 2, got 3");
+        assert_eq!((e.kind(), e.param()), (ErrorKind::InvalidRequest, Some("temperature")));
+        assert_eq!(e.to_string(), "temperature must be between 0 and 2, got 3");
+        let e = Error::invalid_request("request_id 7 is already in flight");
+        assert_eq!((e.kind(), e.param()), (ErrorKind::InvalidRequest, None));
+        let e = Error::context_length_exceeded("too long");
+        assert_eq!((e.kind(), e.param()), (ErrorKind::ContextLengthExceeded, None));
+        assert_eq!(e.to_string(), "too long");
+        assert_eq!(Error::Internal("x".into()).param(), None);
+    }
+}

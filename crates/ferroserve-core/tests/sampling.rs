@@ -317,6 +317,7 @@ fn validation_names_the_parameter() {
     let check = |params: SamplingParams, name: &str| {
         let err = params.validate(1000).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidRequest);
+        assert_eq!(err.param(), Some(name.trim()), "{err}");
         assert!(
             err.to_string().starts_with(name),
             "{err} should start with {name}"

@@ -918,6 +918,7 @@ fn submit_validates_synchronously() {
     .unwrap();
     let kind = |r: ferroserve_core::Result<_>| r.unwrap_err().kind();
     let msg = |r: ferroserve_core::Result<_>| r.unwrap_err().to_string();
+    let param = |r: ferroserve_core::Result<_>| r.unwrap_err().param();
     // 100 blocks of 4 tokens: the KV cache caps the context at 400 tokens.
     assert_eq!(engine.context_length(), 400);
     let too_long = SamplingParams {
@@ -932,6 +933,11 @@ fn submit_validates_synchronously() {
         kind(engine.submit(1, vec![1; 400], SamplingParams::default())),
         ErrorKind::ContextLengthExceeded
     );
+    // Whether the prompt came as `messages` or `prompt` only the API layer knows.
+    assert_eq!(
+        param(engine.submit(1, vec![1; 400], SamplingParams::default())),
+        None
+    );
     let info = engine
         .submit(
             1,
@@ -945,6 +951,21 @@ fn submit_validates_synchronously() {
     assert_eq!((info.prompt_tokens, info.max_tokens), (10, 390));
     engine.abort(1);
     assert!(msg(engine.submit(2, vec![], SamplingParams::default())).starts_with("prompt"));
+    assert_eq!(
+        param(engine.submit(2, vec![VOCAB as u32], SamplingParams::default())),
+        Some("prompt")
+    );
+    assert_eq!(
+        param(engine.submit(
+            2,
+            vec![1],
+            SamplingParams {
+                temperature: -1.0,
+                ..SamplingParams::default()
+            }
+        )),
+        Some("temperature")
+    );
     assert!(
         msg(engine.submit(2, vec![VOCAB as u32], SamplingParams::default())).starts_with("prompt")
     );
@@ -971,6 +992,11 @@ fn submit_validates_synchronously() {
         kind(engine.submit(3, vec![1, 2], SamplingParams::default())),
         ErrorKind::InvalidRequest,
         "duplicate id"
+    );
+    assert_eq!(
+        param(engine.submit(3, vec![1, 2], SamplingParams::default())),
+        None,
+        "an engine-level error, no parameter at fault"
     );
     engine.abort(3);
 }

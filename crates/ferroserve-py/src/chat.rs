@@ -76,7 +76,7 @@ impl PyChatEngine {
         kernel_binaries: Option<PathBuf>,
     ) -> PyResult<Self> {
         let numerics = Numerics::parse(numerics).ok_or_else(|| {
-            crate::errors::to_py(ferroserve_core::error::Error::InvalidRequest(format!("numerics: {numerics:?} is not one of \"exact\", \"fast\"")))
+            crate::errors::to_py(ferroserve_core::error::Error::invalid_request(format!("numerics: {numerics:?} is not one of \"exact\", \"fast\"")))
         })?;
         let device = DeviceChoice::parse(device, kernel_binaries.as_deref()).map_err(crate::errors::to_py)?;
         let cfg = EngineConfig { kv_budget_bytes, max_batch_tokens, max_running, numerics, device };
@@ -85,7 +85,7 @@ impl PyChatEngine {
     }
 
     /// Queues a generation; returns `(prompt_tokens, max_tokens)`. Invalid parameters
-    /// raise `InvalidRequest` (message starts with the parameter name); events arrive
+    /// raise `InvalidRequest` with `param` naming the parameter; events arrive
     /// through `drain()`.
     #[pyo3(signature = (request_id, prompt_tokens, *, n = 1, max_tokens = None, temperature = 1.0, top_p = 1.0,
         top_k = 0, min_p = 0.0, seed = None, presence_penalty = 0.0, frequency_penalty = 0.0,
@@ -145,7 +145,7 @@ impl PyChatEngine {
     /// `("d", id, index, text, token_ids, logprobs | None)` with logprobs a list of
     /// `(token_id, bytes, logprob, [(token_id, bytes, logprob), ...])`,
     /// `("f", id, index, finish_reason, prompt_tokens, completion_tokens, cached_tokens)`,
-    /// `("e", id, error_kind, message)`.
+    /// `("e", id, error_kind, message, param | None)`.
     fn drain<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let out = PyList::empty(py);
         for ev in self.inner.notifier().drain() {
@@ -163,7 +163,7 @@ impl PyChatEngine {
                 ChatEvent::Finished { request_id, index, finish_reason, usage } => {
                     ("f", request_id, index, finish_reason.as_str(), usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens).into_pyobject(py)?
                 }
-                ChatEvent::Error { request_id, kind, message } => ("e", request_id, kind_name(kind), message).into_pyobject(py)?,
+                ChatEvent::Error { request_id, kind, message, param } => ("e", request_id, kind_name(kind), message, param).into_pyobject(py)?,
             };
             out.append(item)?;
         }

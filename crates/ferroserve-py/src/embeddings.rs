@@ -70,7 +70,7 @@ impl PyEmbeddingEngine {
 
     /// Every finished request since the last call, as
     /// `(request_id, True, data_json: bytes, prompt_tokens)` or
-    /// `(request_id, False, error_kind: str, message: str)`.
+    /// `(request_id, False, error_kind: str, message: str, param: str | None)`.
     fn drain<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyTuple>>> {
         self.inner
             .notifier()
@@ -78,7 +78,7 @@ impl PyEmbeddingEngine {
             .into_iter()
             .map(|ev| match ev.result {
                 Ok(out) => (ev.request_id, true, PyBytes::new(py, &out.data_json), out.prompt_tokens).into_pyobject(py),
-                Err(e) => (ev.request_id, false, kind_name(e.kind()), e.to_string()).into_pyobject(py),
+                Err(e) => (ev.request_id, false, kind_name(e.kind()), e.to_string(), e.param()).into_pyobject(py),
             })
             .collect()
     }

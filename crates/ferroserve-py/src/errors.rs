@@ -24,6 +24,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("EngineDead", py.get_type::<EngineDead>())?;
     m.add("ModelLoadError", py.get_type::<ModelLoadError>())?;
     m.add("DeviceError", py.get_type::<DeviceError>())?;
+    // A class default, so `exc.param` reads `None` on errors raised elsewhere too.
+    py.get_type::<FerroserveError>().setattr("param", py.None())?;
     Ok(())
 }
 
@@ -40,9 +42,12 @@ pub fn kind_name(kind: ErrorKind) -> &'static str {
     }
 }
 
+/// The exception for `err`, with `param` (the OpenAI request parameter at fault, or `None`)
+/// set on the instance.
 pub fn to_py(err: Error) -> PyErr {
     let msg = err.to_string();
-    match err.kind() {
+    let param = err.param();
+    let py_err = match err.kind() {
         ErrorKind::InvalidRequest => InvalidRequest::new_err(msg),
         ErrorKind::ContextLengthExceeded => ContextLengthExceeded::new_err(msg),
         ErrorKind::Overloaded => Overloaded::new_err(msg),
@@ -50,7 +55,13 @@ pub fn to_py(err: Error) -> PyErr {
         ErrorKind::ModelLoad => ModelLoadError::new_err(msg),
         ErrorKind::Device => DeviceError::new_err(msg),
         ErrorKind::Internal => FerroserveError::new_err(msg),
-    }
+    };
+    // Callers hold the GIL already (`detach` re-acquires it first), so this is cheap.
+    Python::with_gil(|py| {
+        // Cannot fail on a fresh exception instance; if it did, the class default `None` shows.
+        let _ = py_err.value(py).setattr("param", param);
+    });
+    py_err
 }
 
 /// Runs `f` with the GIL released, turning engine errors and panics into exceptions.

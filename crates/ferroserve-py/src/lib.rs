@@ -38,7 +38,7 @@ fn write_kernel_binaries(py: Python<'_>, kind: &str, path: std::path::PathBuf, d
     py.allow_threads(move || match kind.as_str() {
         "chat" => llama_opencl::write_kernel_binaries(&path, device, &out_dir),
         "embedding" => bert_opencl::write_kernel_binaries(&path, device, &out_dir),
-        other => Err(ferroserve_core::Error::InvalidRequest(format!("kind must be chat or embedding, got {other:?}"))),
+        other => Err(ferroserve_core::Error::invalid_request(format!("kind must be chat or embedding, got {other:?}"))),
     })
     .map(|files| files.iter().map(|f| f.to_string_lossy().into_owned()).collect())
     .map_err(errors::to_py)

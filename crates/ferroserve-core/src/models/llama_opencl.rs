@@ -216,7 +216,7 @@ impl OpenClLlama {
     /// bitwise on a device with IEEE division and denormals), or the load fails.
     pub fn load(host: LlamaModel, device_index: usize, kernels: &KernelSource) -> Result<Self> {
         if host.numerics() != Numerics::Exact {
-            return Err(Error::InvalidRequest(EXACT_ONLY.into()));
+            return Err(Error::invalid_request(EXACT_ONLY));
         }
         let state = Self::upload(&host, device_index, kernels).map_err(cl_err)?;
         let device_name = state.dev.name();

@@ -1,8 +1,8 @@
 //! Per-request sampling parameters and their validation.
 //!
 //! The API layer maps OpenAI's request fields onto [`SamplingParams`]; the engine never sees
-//! OpenAI JSON. Validation messages start with the parameter's OpenAI name, so the bindings
-//! can report it (`param` in the error body) without a second error type.
+//! OpenAI JSON. Validation errors name the parameter by its OpenAI name ([`Error::param`]),
+//! which the bindings report as `param` in the error body; messages start with it too.
 
 use std::collections::BTreeMap;
 
@@ -81,72 +81,100 @@ impl SamplingParams {
 
     /// Checks every value against its allowed range; `vocab_size` bounds `logit_bias` ids.
     pub fn validate(&self, vocab_size: usize) -> Result<()> {
-        let invalid = |msg: String| Err(Error::InvalidRequest(msg));
+        let invalid = |param: &'static str, msg: String| Err(Error::invalid(param, msg));
         if self.n == 0 || self.n > MAX_CHOICES {
-            return invalid(format!(
-                "n must be between 1 and {MAX_CHOICES}, got {}",
-                self.n
-            ));
+            return invalid(
+                "n",
+                format!("n must be between 1 and {MAX_CHOICES}, got {}", self.n),
+            );
         }
         if self.max_tokens == Some(0) {
-            return invalid("max_tokens must be at least 1".into());
+            return invalid("max_tokens", "max_tokens must be at least 1".into());
         }
         if !(0.0..=2.0).contains(&self.temperature) {
-            return invalid(format!(
-                "temperature must be between 0 and 2, got {}",
-                self.temperature
-            ));
+            return invalid(
+                "temperature",
+                format!(
+                    "temperature must be between 0 and 2, got {}",
+                    self.temperature
+                ),
+            );
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return invalid(format!(
-                "top_p must be greater than 0 and at most 1, got {}",
-                self.top_p
-            ));
+            return invalid(
+                "top_p",
+                format!(
+                    "top_p must be greater than 0 and at most 1, got {}",
+                    self.top_p
+                ),
+            );
         }
         if !(0.0..=1.0).contains(&self.min_p) {
-            return invalid(format!("min_p must be between 0 and 1, got {}", self.min_p));
+            return invalid(
+                "min_p",
+                format!("min_p must be between 0 and 1, got {}", self.min_p),
+            );
         }
         if !(-2.0..=2.0).contains(&self.presence_penalty) {
-            return invalid(format!(
-                "presence_penalty must be between -2 and 2, got {}",
-                self.presence_penalty
-            ));
+            return invalid(
+                "presence_penalty",
+                format!(
+                    "presence_penalty must be between -2 and 2, got {}",
+                    self.presence_penalty
+                ),
+            );
         }
         if !(-2.0..=2.0).contains(&self.frequency_penalty) {
-            return invalid(format!(
-                "frequency_penalty must be between -2 and 2, got {}",
-                self.frequency_penalty
-            ));
+            return invalid(
+                "frequency_penalty",
+                format!(
+                    "frequency_penalty must be between -2 and 2, got {}",
+                    self.frequency_penalty
+                ),
+            );
         }
         for (&id, &bias) in &self.logit_bias {
             if id as usize >= vocab_size {
-                return invalid(format!(
-                    "logit_bias has token id {id}, outside the vocabulary (size {vocab_size})"
-                ));
+                return invalid(
+                    "logit_bias",
+                    format!(
+                        "logit_bias has token id {id}, outside the vocabulary (size {vocab_size})"
+                    ),
+                );
             }
             if !(-100.0..=100.0).contains(&bias) {
-                return invalid(format!(
-                    "logit_bias for token {id} must be between -100 and 100, got {bias}"
-                ));
+                return invalid(
+                    "logit_bias",
+                    format!("logit_bias for token {id} must be between -100 and 100, got {bias}"),
+                );
             }
         }
         if self.stop.len() > MAX_STOP_STRINGS {
-            return invalid(format!(
-                "stop may have at most {MAX_STOP_STRINGS} sequences, got {}",
-                self.stop.len()
-            ));
+            return invalid(
+                "stop",
+                format!(
+                    "stop may have at most {MAX_STOP_STRINGS} sequences, got {}",
+                    self.stop.len()
+                ),
+            );
         }
         if self.stop.iter().any(String::is_empty) {
-            return invalid("stop sequences must not be empty".into());
+            return invalid("stop", "stop sequences must not be empty".into());
         }
         if self.top_logprobs > MAX_TOP_LOGPROBS {
-            return invalid(format!(
-                "top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {}",
-                self.top_logprobs
-            ));
+            return invalid(
+                "top_logprobs",
+                format!(
+                    "top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {}",
+                    self.top_logprobs
+                ),
+            );
         }
         if self.top_logprobs > 0 && !self.logprobs {
-            return invalid("top_logprobs requires logprobs to be true".into());
+            return invalid(
+                "top_logprobs",
+                "top_logprobs requires logprobs to be true".into(),
+            );
         }
         Ok(())
     }

@@ -44,7 +44,7 @@ impl EncoderTokenizer {
 
     /// Token ids of `text`, with special tokens, truncated.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode_fast(text, true).map_err(|e| Error::InvalidRequest(format!("cannot tokenize input: {e}")))?;
+        let enc = self.inner.encode_fast(text, true).map_err(|e| Error::invalid("input", format!("cannot tokenize input: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }
 
