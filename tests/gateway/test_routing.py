@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -387,6 +389,14 @@ def test_the_second_identical_embedding_request_is_a_byte_identical_hit(faults):
 
 
 # The upstream dies under load -------------------------------------------------------------------
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a server and its granian workers (the worker is the one serving)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    for child in children:
+        os.kill(int(child), signal.SIGKILL)
+    os.kill(pid, signal.SIGKILL)
+
+
 def test_killing_the_upstream_under_streaming_load_fails_no_request(tmp_path):
     gguf, _ = _model_paths()
     upstream = Server(["--insecure-no-auth", "--log-level", "warning"])
@@ -416,29 +426,41 @@ fallbacks = ["smollm2"]
         front = Server(["--config", str(cfg), "--log-level", "warning"])
         front.wait_ready()
 
-        def one(i: int) -> tuple[int, str, str | None]:
+        streaming = threading.Semaphore(0)
+
+        def one(i: int) -> tuple[int, str, str | None, str]:
             with httpx.stream("POST", front.url + "/v1/chat/completions", timeout=120, json={
-                    "model": "big", "messages": [{"role": "user", "content": f"Count from {i} upwards."}],
-                    "max_tokens": 48, "temperature": 0, "stream": True}) as r:
-                text, finish = [], None
+                    "model": "big", "messages": [{"role": "user", "content": f"Tell a long story about the number {i}."}],
+                    "max_tokens": 160, "temperature": 0, "ignore_eos": True, "stream": True}) as r:
+                text, finish, counted = [], None, False
                 for line in r.iter_lines():
                     if line.startswith("data: {"):
                         chunk = json.loads(line[6:])
                         if "error" in chunk:
-                            return 500, "".join(text), None
+                            return 500, "".join(text), None, r.headers.get("x-request-id", "")
                         for c in chunk["choices"]:
                             text.append(c["delta"].get("content") or "")
                             finish = c["finish_reason"] or finish
-                return r.status_code, "".join(text), finish
+                        if not counted and "".join(text):
+                            counted = True
+                            streaming.release()
+                return r.status_code, "".join(text), finish, r.headers.get("x-request-id", "")
 
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
-            futures = [pool.submit(one, i) for i in range(48)]
-            time.sleep(1.5)  # requests are streaming from the upstream now
-            upstream.proc.send_signal(signal.SIGKILL)
+            futures = [pool.submit(one, i) for i in range(32)]
+            for _ in range(16):  # 16 answers are streaming from the upstream now
+                assert streaming.acquire(timeout=120)
+            _kill_tree(upstream.proc.pid)
             results = [f.result() for f in futures]
         failed = [r for r in results if r[0] != 200 or r[2] is None]
         assert not failed, failed
-        assert all(text for _, text, _ in results)
+        assert all(text for _, text, _, _ in results)
+        # Streams cut mid-answer continued on the local model; later requests fell back before
+        # their first byte. Usage records name the local backend and the failed upstream.
+        rows = [_history(front.url, rid) for *_, rid in results]
+        resumed = [r for r in rows if r["backend"] == "local" and any("after" in f and "tokens" in f for f in r["fallbacks"])]
+        assert resumed, [(r["backend"], r["fallbacks"]) for r in rows]
+        assert all(r["tokens_out"] == 160 for r in rows), [r["tokens_out"] for r in rows]
     finally:
         if front is not None:
             front.stop()

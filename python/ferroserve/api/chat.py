@@ -160,3 +160,6 @@ async def _stream(events, n, req, cid, created, name, plan, proto, log, ticket) 
         log.update(prompt_tokens=outcome.prompt_tokens, cached_tokens=outcome.cached_tokens,
                    completion_tokens=outcome.completion_tokens if outcome.finished else outcome.generated_tokens)
         await events.aclose()
+        # A stream resumed on a fallback mid-answer: the usage names who finished it.
+        ticket.served(plan.served_by, plan)
+        route_fields(plan, log)

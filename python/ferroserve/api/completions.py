@@ -115,6 +115,9 @@ async def create_completion(router: Router, body: bytes, proto, ticket: Ticket) 
         log["cached_tokens"] = sum(o.cached_tokens for o in outcomes)
         for events in started:
             await events.aclose()
+        if plans[0].served_by is not None:
+            ticket.served(plans[0].served_by, plans[0])
+            route_fields(plans[0], log)
 
 
 def _usage(outcomes: list[Outcome]) -> dict:

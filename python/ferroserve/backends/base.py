@@ -7,7 +7,8 @@ the backend (for the local one, in Rust).
 
 Chat and text completions: `generate(request)` is an async iterator of events ::
 
-    Admitted(prompt_tokens, cached_tokens)       at most once, before any Delta
+    Admitted(prompt_tokens, cached_tokens)       at most once (before the deltas locally; an
+                                                 OpenAI upstream reports usage at the end)
     Delta(index, text, token_ids, logprobs)      zero or more per choice
     Finished(index, reason, completion_tokens)   once per choice (n of them)
     Failed(error)                                 instead of the rest; the last event
@@ -90,6 +91,9 @@ class ChatRequest(msgspec.Struct, kw_only=True):
     params: SamplingParams
     # Whether deltas are wanted as they are produced (streaming) or only at the end.
     stream: bool = False
+    # Text of the answer already sent to the client by a candidate that stopped mid-stream:
+    # the generation continues it (only backends with `can_resume` get such requests).
+    resume: str | None = None
     # Per-backend memo (e.g. the local backend's prompt tokens, so count_tokens and generate
     # tokenize once). Keyed by backend name.
     memo: dict[str, Any] = {}
@@ -201,6 +205,8 @@ class Backend(ABC):
     """One servable model. Subclasses implement `generate` (chat/completions) and/or `embed`."""
 
     name: str  # the model entry's name (what clients ask for)
+    # Can continue an answer another backend started (`ChatRequest.resume`).
+    can_resume = False
 
     @abstractmethod
     def info(self) -> BackendInfo: ...

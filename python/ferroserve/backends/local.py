@@ -169,6 +169,7 @@ class LocalChatModel(EngineWatcher, Backend):
     spec: ModelSpec | None = None
     _collectors: dict[int, Collector] = field(default_factory=dict)
     _loop: asyncio.AbstractEventLoop | None = None
+    can_resume = True
 
     @classmethod
     def load(
@@ -249,6 +250,12 @@ class LocalChatModel(EngineWatcher, Backend):
             tokens = self.encode_text(request.prompt, True)
         else:
             tokens = list(request.prompt or [])
+        if request.resume:
+            # Continue an answer another candidate started: its text follows the prompt (and
+            # is not counted as prompt tokens).
+            sent = self.encode_text(request.resume, False)
+            memo["local_resumed"] = len(sent)
+            tokens = tokens + sent
         memo["local"] = tokens
         return tokens
 
@@ -279,6 +286,7 @@ class LocalChatModel(EngineWatcher, Backend):
             yield Failed(_from_exception(exc, None))
             return
         remaining = params.n
+        resumed = request.memo.get("local_resumed", 0)
         try:
             while remaining:
                 for e in await collector.next_batch():
@@ -287,9 +295,9 @@ class LocalChatModel(EngineWatcher, Backend):
                         yield Delta(e[2], e[3], e[4], e[5])
                     elif kind == "f":
                         remaining -= 1
-                        yield Finished(e[2], e[3], e[5], e[4], e[6])
+                        yield Finished(e[2], e[3], e[5], e[4] - resumed, e[6])
                     elif kind == "a":
-                        yield Admitted(e[2], e[3])
+                        yield Admitted(e[2] - resumed, e[3])
                     elif kind == "e":
                         remaining = 0
                         yield Failed(_failure(e[2], e[3], e[4] if len(e) > 4 else None))

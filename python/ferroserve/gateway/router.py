@@ -29,6 +29,8 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import msgspec
+
 from ferroserve.backends.base import DEGRADED, DOWN, HEALTHY, Admitted, ChatRequest, Delta, Event, Failed, Finished, Unavailable
 from ferroserve.errors import ApiError, invalid, model_not_found
 from ferroserve.log import logger
@@ -363,7 +365,7 @@ class Router:
                 if not first_byte_commits:
                     self._observe(m, buffered, started, ttft)
                     return m, _replay(buffered)
-                return m, self._tracked(m, gen, buffered, started, ttft)
+                return m, self._tracked(plan, request, index, m, gen, buffered, started, ttft)
             await gen.aclose()
             if isinstance(failure, ApiError):
                 h.release()
@@ -382,24 +384,35 @@ class Router:
                 prompt = e.prompt_tokens
         m.health.success(prompt_tokens=prompt, completion_tokens=completion, ttft_s=ttft, total_s=time.perf_counter() - started)
 
-    async def _tracked(self, m, gen, first: list[Event], started: float, ttft: float | None) -> AsyncIterator[Event]:
+    async def _tracked(self, plan: Plan, request: ChatRequest, index: int, m, gen, first: list[Event], started: float,
+                       ttft: float | None) -> AsyncIterator[Event]:
         """The committed generation: replays what was buffered, then the rest, and records the
-        outcome in the candidate's health."""
+        outcome in the candidate's health. If the candidate stops serving mid-stream (n = 1),
+        the answer continues on the next candidate that can resume one (`_resume`)."""
         events: list[Event] = list(first)
+        text: list[str] = [e.text for e in first if type(e) is Delta]
         done = False
         try:
             for ev in first:
                 yield ev
             async for ev in gen:
-                if type(ev) is Failed:
+                t = type(ev)
+                if t is Failed:
+                    done = True
                     if isinstance(ev.error, Unavailable):
                         m.health.failure(ev.error.reason, time.monotonic())
-                    done = True
+                        if request.params.n == 1:
+                            await gen.aclose()
+                            async for resumed in self._resume(plan, request, index, m, ev.error, text):
+                                yield resumed
+                            return
                     yield ev
                     return
-                if ttft is None and type(ev) is Delta:
-                    ttft = time.perf_counter() - started
-                if type(ev) is not Delta:
+                if t is Delta:
+                    text.append(ev.text)
+                    if ttft is None:
+                        ttft = time.perf_counter() - started
+                else:
                     events.append(ev)
                 yield ev
             done = True
@@ -408,6 +421,54 @@ class Router:
             if not done:
                 m.health.release()
             await gen.aclose()
+
+    async def _resume(self, plan: Plan, request: ChatRequest, index: int, failed, error: Unavailable,
+                      text: list[str]) -> AsyncIterator[Event]:
+        """Continues a streamed answer whose candidate stopped mid-stream: the next candidate
+        that can resume (today: local models) generates from the prompt plus the text already
+        sent, with the tokens left of max_tokens; the client sees one continuous stream.
+        Completion tokens count both parts."""
+        sent = "".join(text)
+        emitted = len(text)  # one delta per token from every backend we have
+        params = request.params
+        left = None if params.max_tokens is None else params.max_tokens - emitted
+        plan.tried.append(f"{failed.spec.name}: {error.reason} after {emitted} tokens"[:300])
+        if left is not None and left <= 0:
+            yield Finished(0, "length", emitted)
+            return
+        resumed = msgspec.structs.replace(request, params=msgspec.structs.replace(params, max_tokens=left), memo={},
+                                          resume=sent)
+        while True:
+            index, m = self._next(plan, index)
+            if m is None:
+                yield Failed(error)
+                return
+            index += 1
+            if not m.backend.can_resume:
+                continue
+            gen = m.backend.generate(resumed)
+            got_any = False
+            try:
+                async for ev in gen:
+                    t = type(ev)
+                    if t is Failed:
+                        if got_any or not isinstance(ev.error, Unavailable):
+                            yield ev
+                            return
+                        m.health.failure(ev.error.reason, time.monotonic())
+                        plan.tried.append(f"{m.spec.name}: {ev.error.reason}"[:300])
+                        break
+                    got_any = True
+                    plan.served_by = m
+                    if t is Finished:
+                        ev = msgspec.structs.replace(ev, completion_tokens=ev.completion_tokens + emitted)
+                    yield ev
+                else:
+                    logger.info("stream resumed", extra={"fields": {"from": failed.spec.name, "on": m.spec.name,
+                                                                    "tokens_before": emitted}})
+                    return
+            finally:
+                await gen.aclose()
 
     async def embed(self, plan: Plan, request):
         index = 0
