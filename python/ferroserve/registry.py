@@ -10,7 +10,7 @@ from typing import Callable, TypeVar
 from ferroserve import _core
 from ferroserve.backends.base import Backend, BackendInfo
 from ferroserve.backends.local import LocalChatModel, LocalEmbeddingModel
-from ferroserve.config import BackendSpec, ModelSpec, Settings
+from ferroserve.config import BackendSpec, ConfigError, ModelSpec, Settings
 from ferroserve.gateway.router import Health
 from ferroserve.log import logger
 
@@ -94,16 +94,19 @@ class Registry:
 
     def _remote(self, spec: ModelSpec, settings: Settings) -> Backend:
         backend: BackendSpec = next(b for b in settings.backends if b.name == spec.backend)
-        if backend.kind == "upstream":
-            from ferroserve.backends import upstream
-
-            return upstream.create(spec, backend, self.pools)
         try:
-            from ferroserve.backends import triton
-        except ImportError as exc:
-            raise StartupRefused(f"model {spec.name}: the triton backend needs tritonclient "
-                                 f"(pip install 'ferroserve[triton]'): {exc}") from None
-        return triton.create(spec, backend, self.pools)
+            if backend.kind == "upstream":
+                from ferroserve.backends import upstream
+
+                return upstream.create(spec, backend, self.pools)
+            try:
+                from ferroserve.backends import triton
+            except ImportError as exc:
+                raise StartupRefused(f"model {spec.name}: the triton backend needs tritonclient "
+                                     f"(pip install 'ferroserve[triton]'): {exc}") from None
+            return triton.create(spec, backend, self.pools)
+        except ConfigError as exc:
+            raise StartupRefused(f"model {spec.name}: {exc}") from None
 
     @staticmethod
     def _load_chat(spec: ModelSpec, settings: Settings) -> LocalChatModel:
