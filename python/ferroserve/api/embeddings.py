@@ -95,7 +95,7 @@ async def create_embedding(router: Router, body: bytes, max_inputs: int, ticket:
     ticket.served(model, plan)
     data_json = result.data_json(req.encoding_format)
     n = result.prompt_tokens
-    if key is not None:
+    if key is not None and cache is not None:
         cache.put(key, data_json, n)
     name = plan.response_model_name()
     log = {"model": model.spec.name, "prompt_tokens": n, "backend": model.info.backend}

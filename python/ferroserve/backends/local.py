@@ -199,7 +199,7 @@ class LocalChatModel(EngineWatcher, Backend):
 
     def stats(self) -> BackendStats:
         s = self.engine.stats()
-        return BackendStats(queue_depth=s["waiting_sequences"], running=s["running_sequences"], kv_usage=s["kv_usage"])
+        return BackendStats(queue_depth=int(s["waiting_sequences"]), running=int(s["running_sequences"]), kv_usage=s["kv_usage"])
 
     def raw_stats(self) -> dict:
         """The engine's own counters, for /metrics."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -35,6 +36,9 @@ from ferroserve.backends.base import DEGRADED, DOWN, HEALTHY, Admitted, ChatRequ
 from ferroserve.errors import ApiError, invalid, model_not_found
 from ferroserve.log import logger
 from ferroserve.schemas.chat import Route
+
+if TYPE_CHECKING:
+    from ferroserve.registry import LoadedModel
 
 OBJECTIVES = ("latency", "cost", "quality", "quality-per-dollar")
 DEFAULT_OBJECTIVE = "quality-per-dollar"
@@ -144,14 +148,14 @@ class Plan:
     """The candidates of one request, in the order they are tried, and why."""
 
     requested: str
-    candidates: list  # LoadedModel
+    candidates: list[LoadedModel]
     objective: str | None = None
     reason: str | None = None
     considered: int = 0
     routed: bool = False  # the request asked for auto or carried `route`: answer with `routing`
     tried: list[str] = field(default_factory=list)  # candidates that failed, with why
-    served_by: object | None = None  # LoadedModel
-    named: object | None = None  # the LoadedModel asked for by name (None for "auto")
+    served_by: LoadedModel | None = None
+    named: LoadedModel | None = None  # the model asked for by name (None for "auto")
 
     def response_model_name(self) -> str:
         """Responses name the model asked for (an alias as its model's name); for "auto", the
@@ -221,10 +225,10 @@ class Router:
         plan = Plan(requested, order, route.objective if route else None, "requested model", len(order), route is not None,
                     named=model)
         if route is not None and route.max_latency_ms is not None:
-            meets = [m for m in order if self._predict(m, prompt_tokens_hint, max_tokens) is None
-                     or self._predict(m, prompt_tokens_hint, max_tokens) * 1000 <= route.max_latency_ms]
+            predicted = {id(m): self._predict(m, prompt_tokens_hint, max_tokens) for m in order}
+            meets = [m for m in order if _within(predicted[id(m)], route.max_latency_ms)]
             if not meets:
-                order.sort(key=lambda m: self._predict(m, prompt_tokens_hint, max_tokens) or 0.0)
+                order.sort(key=lambda m: predicted[id(m)] or 0.0)
                 plan.reason = f"no candidate is predicted within {route.max_latency_ms:g} ms; fastest predicted first"
             elif meets[0] is not order[0]:
                 plan.reason = f"{order[0].spec.name} is predicted to miss {route.max_latency_ms:g} ms"
@@ -261,12 +265,12 @@ class Router:
         bound = route.max_latency_ms if route else None
         predicted = {id(m): self._predict(m, prompt_tokens, max_tokens) for m in pool}
         if bound is not None and pool:
-            meets = [m for m in pool if predicted[id(m)] is None or predicted[id(m)] * 1000 <= bound]
+            meets = [m for m in pool if _within(predicted[id(m)], bound)]
             if not meets:
                 fastest = min(pool, key=lambda m: predicted[id(m)] or 0.0)
                 rest = sorted((m for m in pool if m is not fastest), key=lambda m: predicted[id(m)] or 0.0)
                 return [fastest, *rest], (f"no candidate is predicted within {bound:g} ms; chose the fastest predicted "
-                                          f"({predicted[id(fastest)] * 1000:.0f} ms)")
+                                          f"({(predicted[id(fastest)] or 0.0) * 1000:.0f} ms)")
             pool = meets
 
         def quality(m) -> float:
@@ -499,6 +503,11 @@ class Router:
 async def _replay(events: list[Event]) -> AsyncIterator[Event]:
     for e in events:
         yield e
+
+
+def _within(predicted_s: float | None, bound_ms: float) -> bool:
+    """A candidate with no prediction is assumed to meet the bound (so it gets measured)."""
+    return predicted_s is None or predicted_s * 1000 <= bound_ms
 
 
 def _dedup(models: list) -> list:
