@@ -86,4 +86,4 @@ lint:
 	cargo clippy --release --all-targets
 
 clean:
-	rm -rf $(VENV) target
+	rm -rf $(VENV) .venv-triton target

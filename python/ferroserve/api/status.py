@@ -37,6 +37,7 @@ def status(registry: Registry, ready: bool, query: str = "", cache=None) -> byte
             "backend_kind": m.info.kind,
             "health": health,
             "router": m.health.as_json(),
+            "load": msgspec.structs.asdict(m.backend.stats()),
         })
     n_up = sum(m["available"] for m in models)
     overall = "available" if models and n_up == len(models) else ("degraded" if n_up else "not_enabled")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -169,6 +170,7 @@ class LocalChatModel(EngineWatcher, Backend):
     spec: ModelSpec | None = None
     _collectors: dict[int, Collector] = field(default_factory=dict)
     _loop: asyncio.AbstractEventLoop | None = None
+    _rate: tuple[float, int, float] = (0.0, 0, 0.0)  # (monotonic time, generated tokens, tokens/s)
     can_resume = True
 
     @classmethod
@@ -199,7 +201,15 @@ class LocalChatModel(EngineWatcher, Backend):
 
     def stats(self) -> BackendStats:
         s = self.engine.stats()
-        return BackendStats(queue_depth=int(s["waiting_sequences"]), running=int(s["running_sequences"]), kv_usage=s["kv_usage"])
+        # Live decode rate: generated tokens per second since the previous reading at least a
+        # second ago (the engine counts; this only differences two readings).
+        now = time.monotonic()
+        t0, n0, rate = self._rate
+        if now - t0 >= 1.0:
+            rate = (s["generated_tokens"] - n0) / (now - t0)
+            self._rate = (now, s["generated_tokens"], rate)
+        return BackendStats(queue_depth=int(s["waiting_sequences"]), running=int(s["running_sequences"]),
+                            kv_usage=s["kv_usage"], decode_tokens_per_s=rate)
 
     def raw_stats(self) -> dict:
         """The engine's own counters, for /metrics."""
