@@ -98,14 +98,21 @@ class Health:
         self.state, self.probing = CLOSED, False
         self.error_rate = self._ewma(self.error_rate, 0.0)
         self.latency_s = self._ewma(self.latency_s, total_s)
-        if ttft_s is not None:
+        per_token = None
+        if ttft_s is not None:  # streamed: the first token splits prefill from decode
             self.ttft_s = self._ewma(self.ttft_s, ttft_s)
             self.prefill_s_per_token = self._ewma(self.prefill_s_per_token, ttft_s / max(prompt_tokens, 1))
             if completion_tokens > 1:
                 per_token = max(total_s - ttft_s, 0.0) / (completion_tokens - 1)
-                self.decode_s_per_token = self._ewma(self.decode_s_per_token, per_token)
-                if per_token > 0:
-                    self.tokens_per_s = self._ewma(self.tokens_per_s, 1.0 / per_token)
+        elif completion_tokens > 0:
+            # Buffered: only the total is known; what the prefill estimate (if any) does not
+            # explain is charged to decoding (conservative while prefill is unmeasured).
+            prefill = prompt_tokens * (self.prefill_s_per_token or 0.0)
+            per_token = max(total_s - prefill, 0.0) / completion_tokens
+        if per_token is not None:
+            self.decode_s_per_token = self._ewma(self.decode_s_per_token, per_token)
+            if per_token > 0:
+                self.tokens_per_s = self._ewma(self.tokens_per_s, 1.0 / per_token)
 
     def failure(self, reason: str, now: float) -> None:
         self.requests += 1
@@ -355,20 +362,17 @@ class Router:
                         break
             except Unavailable as exc:
                 failure = exc
-            except ApiError:
-                await gen.aclose()
-                h.release()
-                raise
-            except BaseException:
+            except BaseException:  # a client error, or the client left (cancelled)
                 await gen.aclose()
                 h.release()
                 raise
             if failure is None:
                 plan.served_by = m
-                ttft = (time.perf_counter() - started) if any(type(e) is Delta for e in buffered) else None
                 if not first_byte_commits:
-                    self._observe(m, buffered, started, ttft)
+                    # Buffered: only the total time is known (success() splits it).
+                    self._observe(m, buffered, started, None)
                     return m, _replay(buffered)
+                ttft = (time.perf_counter() - started) if any(type(e) is Delta for e in buffered) else None
                 return m, self._tracked(plan, request, index, m, gen, buffered, started, ttft)
             await gen.aclose()
             if isinstance(failure, ApiError):
