@@ -273,6 +273,11 @@ class FaultServer:
         kind = "chat.completion" if chat else "text_completion"
         head = {"id": "fault-1", "created": 0, "model": body.get("model")}
         if not body.get("stream"):
+            # A buffered answer takes as long as the stream would have, and hangs as it would.
+            if mode in ("hang_after_headers", "hang_mid_stream"):
+                await watch.sleep(3600)
+            if mode == "slow":
+                await watch.sleep(self.prefill_delay_s + self.token_delay_s * max(len(tokens) - 1, 0))
             choices = []
             for i in range(n):
                 text = "".join(tokens)

@@ -11,6 +11,7 @@ import os
 import time
 
 import httpx
+import msgspec
 import numpy as np
 import pytest
 
@@ -196,20 +197,24 @@ def test_unknown_upstream_model_is_unavailable(upstream):
 @pytest.mark.parametrize("encoding", ["float", "base64"])
 def test_embeddings_bitwise_equal_upstream(upstream, encoding):
     inputs = ["hello world", "the quick brown fox", "ü"]
-    direct = httpx.post(upstream.url + "/v1/embeddings", json={"model": EMBED, "input": inputs, "encoding_format": encoding}).json()
+    answer = httpx.post(upstream.url + "/v1/embeddings", json={"model": EMBED, "input": inputs, "encoding_format": encoding})
+    direct = answer.json()
     want = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), "<f4") if encoding == "base64"
                      else np.asarray(d["embedding"], np.float32) for d in direct["data"]])
 
     async def go():
         b = backend(upstream.url + "/v1", name="emb", upstream_model=EMBED, kind="embedding")
         try:
-            return await b.embed(EmbedRequest(texts=inputs))
+            return await b.embed(EmbedRequest(texts=inputs, encoding=encoding))
         finally:
             await b.pool.aclose()
 
     result = asyncio.run(go())
-    assert result.vectors.dtype == np.float32 and result.vectors.shape == want.shape
-    assert result.vectors.tobytes() == want.tobytes()
+    vectors = result.as_array()
+    assert vectors.dtype == np.float32 and vectors.shape == want.shape
+    assert vectors.tobytes() == want.tobytes()
+    # The upstream's data array is passed through byte for byte as it wrote it.
+    assert b'"data":' + result.data_json(encoding) + b"," in answer.content
     assert result.prompt_tokens == direct["usage"]["prompt_tokens"]
 
 
@@ -220,12 +225,12 @@ def test_embeddings_token_lists(upstream):
     async def go():
         b = backend(upstream.url + "/v1", name="emb", upstream_model=EMBED, kind="embedding")
         try:
-            return await b.embed(EmbedRequest(token_lists=[ids]))
+            return await b.embed(EmbedRequest(token_lists=[ids], encoding="base64"))
         finally:
             await b.pool.aclose()
 
     result = asyncio.run(go())
-    assert result.vectors[0].tobytes() == base64.b64decode(direct["data"][0]["embedding"])
+    assert result.as_array()[0].tobytes() == base64.b64decode(direct["data"][0]["embedding"])
 
 
 # (b) The fault server ------------------------------------------------------------------------------
@@ -415,8 +420,8 @@ def test_embeddings_from_fault_server(fault, client):
         finally:
             await b.pool.aclose()
 
-    result = asyncio.run(go(dimensions=4))
-    assert result.vectors.shape == (2, 4) and result.vectors.dtype == np.float32
+    result = asyncio.run(go(dimensions=4, encoding="base64"))
+    assert result.as_array().shape == (2, 4) and result.as_array().dtype == np.float32
     assert fault.requests[-1].json == {"model": "fault-embed", "input": ["a", "bb"], "encoding_format": "base64", "dimensions": 4}
     fault.mode = "500"
     with pytest.raises(Unavailable) as unavailable:

@@ -165,14 +165,17 @@ class EmbeddingResult(msgspec.Struct):
 
 
 def encode_vectors(vectors: np.ndarray, encoding: str) -> bytes:
-    """OpenAI's `data` array for float32 vectors (shortest round-trip floats, as the engine)."""
+    """OpenAI's `data` array for float32 vectors (shortest round-trip float32 digits, as the
+    engine writes them)."""
     vectors = np.asarray(vectors, dtype=np.float32)
     items = []
     for i, row in enumerate(vectors):
         if encoding == "base64":
             emb: Any = base64.b64encode(row.astype("<f4").tobytes()).decode()
         else:
-            emb = [float(x) for x in row.tolist()]
+            # numpy prints each float32 in its shortest round-trip form ("0.1", not the
+            # double "0.10000000149011612"); the double parsed from it prints the same.
+            emb = [float(x) for x in row.astype(str)]
         items.append({"object": "embedding", "index": i, "embedding": emb})
     return msgspec.json.encode(items)
 

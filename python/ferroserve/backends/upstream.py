@@ -142,6 +142,7 @@ class _ChatMessageOut(msgspec.Struct):
 class _ChatFullChoice(msgspec.Struct):
     index: int = 0
     message: _ChatMessageOut | None = None
+    logprobs: _ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -150,13 +151,11 @@ class _ChatFull(msgspec.Struct):
     usage: _Usage | None = None
 
 
-class _EmbeddingItem(msgspec.Struct):
-    index: int
-    embedding: str | list[float]
+class _EmbeddingPassThrough(msgspec.Struct):
+    """The upstream's `data` array kept as its bytes: passed to the client as the upstream
+    wrote it (its float formatting, or its base64), with no decode and re-encode."""
 
-
-class _EmbeddingResponse(msgspec.Struct):
-    data: list[_EmbeddingItem]
+    data: msgspec.Raw
     usage: _Usage | None = None
 
 
@@ -178,7 +177,7 @@ _decode_chat_chunk = msgspec.json.Decoder(_ChatChunk).decode
 _decode_completion_chunk = msgspec.json.Decoder(_CompletionChunk).decode
 _decode_chat_full = msgspec.json.Decoder(_ChatFull).decode
 _decode_completion_full = msgspec.json.Decoder(_CompletionChunk).decode
-_decode_embeddings = msgspec.json.Decoder(_EmbeddingResponse).decode
+_decode_embeddings_raw = msgspec.json.Decoder(_EmbeddingPassThrough).decode
 _decode_error = msgspec.json.Decoder(_ErrorEnvelope).decode
 
 _STREAM_HEADERS = {"accept": "text/event-stream", "accept-encoding": "identity", "content-type": "application/json"}
@@ -346,7 +345,10 @@ class UpstreamBackend(Backend):
         pool.running += 1
         try:
             try:
-                response = await pool.post("/chat/completions" if chat else "/completions", body, _STREAM_HEADERS)
+                # A buffered answer is asked for as one JSON answer: one read and one decode
+                # instead of a wake-up per token (nothing reaches the client before it ends).
+                response = await pool.post("/chat/completions" if chat else "/completions", body,
+                                           _STREAM_HEADERS if request.stream else _JSON_HEADERS)
                 pool.note_answer(response.status_code)
                 if response.status_code != 200:
                     yield Failed(await _status_error(response, pool.spec.name))
@@ -384,7 +386,9 @@ class UpstreamBackend(Backend):
 
     def _generation_body(self, request: ChatRequest, chat: bool) -> bytes:
         p = request.params
-        body: dict[str, Any] = {"model": self.upstream_model, "stream": True, "stream_options": {"include_usage": True}}
+        body: dict[str, Any] = {"model": self.upstream_model, "stream": request.stream}
+        if request.stream:
+            body["stream_options"] = {"include_usage": True}
         if chat:
             body["messages"] = [
                 {"role": m.role, "content": m.content if isinstance(m.content, str)
@@ -440,7 +444,7 @@ class UpstreamBackend(Backend):
         body: dict[str, Any] = {
             "model": self.upstream_model,
             "input": request.texts if request.texts is not None else request.token_lists,
-            "encoding_format": "base64",  # the exact float32 bits, and a third of the bytes
+            "encoding_format": request.encoding,  # the client's: the data array is passed through
         }
         if request.dimensions is not None:
             body["dimensions"] = request.dimensions
@@ -462,7 +466,7 @@ class UpstreamBackend(Backend):
             except _TRANSPORT_ERRORS as exc:
                 raise pool.note_transport_error(exc) from None
             try:
-                answer = _decode_embeddings(content)
+                answer = _decode_embeddings_raw(content)
             except msgspec.DecodeError as exc:
                 raise Unavailable(f"upstream {pool.spec.name} sent an unreadable embeddings answer: {exc}") from None
         finally:
@@ -472,7 +476,7 @@ class UpstreamBackend(Backend):
                 await response.aclose()
         return EmbeddingResult(
             prompt_tokens=answer.usage.prompt_tokens if answer.usage else self.count_embed_tokens(request),
-            vectors=_stack_embeddings(answer.data),
+            encoded=bytes(answer.data),
         )
 
 
@@ -627,7 +631,7 @@ def _full_events(data: bytes, chat: bool, n: int, request: ChatRequest) -> list[
             text = c.message.content if c.message is not None else None
             if c.index < n and text:
                 counted[c.index] = 1
-                deltas.append(Delta(c.index, text))
+                deltas.append(Delta(c.index, text, [], _chat_logprobs(c.logprobs) if c.logprobs else None))
             if c.finish_reason is not None:
                 finish[c.index] = c.finish_reason
         usage = full.usage
@@ -641,17 +645,6 @@ def _full_events(data: bytes, chat: bool, n: int, request: ChatRequest) -> list[
                 finish[d.index] = d.finish_reason
         usage = comp.usage
     return deltas + _settle(usage, counted, finish, request)
-
-
-def _stack_embeddings(items: list[_EmbeddingItem]) -> np.ndarray:
-    if not items:
-        return np.zeros((0, 0), np.float32)
-    rows = [
-        np.frombuffer(base64.b64decode(item.embedding), dtype="<f4") if isinstance(item.embedding, str)
-        else np.asarray(item.embedding, dtype=np.float32)
-        for item in sorted(items, key=lambda item: item.index)
-    ]
-    return np.stack(rows).astype(np.float32, copy=False)
 
 
 # Errors ------------------------------------------------------------------------------------------------
