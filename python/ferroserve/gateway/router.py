@@ -324,6 +324,19 @@ class Router:
             plan.tried.append(f"{m.spec.name}: circuit open")
         return None, None
 
+    def _attempts(self, plan: Plan):
+        """Each candidate a request may be sent to now, in order, as `(index after it, model)`
+        with its breaker told a request is going (a half-open one lets this one probe);
+        NoProvider when none is left."""
+        index = 0
+        while True:
+            index, m = self._next(plan, index)
+            if m is None:
+                raise self._exhausted(plan)
+            index += 1
+            m.health.begin()
+            yield index, m
+
     def _exhausted(self, plan: Plan) -> NoProvider:
         waits = [max(0.0, m.health.cooldown_s - (time.monotonic() - m.health.opened_at))
                  for m in plan.candidates if m.health.state == OPEN]
@@ -340,14 +353,8 @@ class Router:
         produced its first Delta or Finished (what the client will see); before that, an
         Unavailable moves on to the next candidate. Without it (a buffered response), the
         whole generation is collected first, so a failure at any point moves on."""
-        index = 0
-        while True:
-            index, m = self._next(plan, index)
-            if m is None:
-                raise self._exhausted(plan)
-            index += 1
+        for index, m in self._attempts(plan):
             h: Health = m.health
-            h.begin()
             started = time.perf_counter()
             gen = m.backend.generate(request)
             buffered: list[Event] = []
@@ -378,9 +385,8 @@ class Router:
             if isinstance(failure, ApiError):
                 h.release()
                 raise failure
-            h.failure(failure.reason, time.monotonic())
-            plan.tried.append(f"{m.spec.name}: {failure.reason}"[:300])
-            logger.info("fallback", extra={"fields": {"model": m.spec.name, "reason": failure.reason[:200]}})
+            self._failed(plan, m, failure)
+        raise AssertionError("unreachable: _attempts raises NoProvider when no candidate is left")
 
     def _observe(self, m, events: list[Event], started: float, ttft: float | None) -> None:
         prompt = completion = 0
@@ -479,21 +485,13 @@ class Router:
                 await gen.aclose()
 
     async def embed(self, plan: Plan, request):
-        index = 0
-        while True:
-            index, m = self._next(plan, index)
-            if m is None:
-                raise self._exhausted(plan)
-            index += 1
+        for _, m in self._attempts(plan):
             h: Health = m.health
-            h.begin()
             started = time.perf_counter()
             try:
                 result = await m.backend.embed(request)
             except Unavailable as exc:
-                h.failure(exc.reason, time.monotonic())
-                plan.tried.append(f"{m.spec.name}: {exc.reason}"[:300])
-                logger.info("fallback", extra={"fields": {"model": m.spec.name, "reason": exc.reason[:200]}})
+                self._failed(plan, m, exc)
                 continue
             except BaseException:
                 h.release()
@@ -502,6 +500,14 @@ class Router:
             h.success(prompt_tokens=result.prompt_tokens, completion_tokens=0, ttft_s=elapsed, total_s=elapsed)
             plan.served_by = m
             return m, result
+        raise AssertionError("unreachable: _attempts raises NoProvider when no candidate is left")
+
+    @staticmethod
+    def _failed(plan: Plan, m: LoadedModel, error: Unavailable) -> None:
+        """A candidate could not serve: its breaker counts it, the plan and the log say why."""
+        m.health.failure(error.reason, time.monotonic())
+        plan.tried.append(f"{m.spec.name}: {error.reason}"[:300])
+        logger.info("fallback", extra={"fields": {"model": m.spec.name, "reason": error.reason[:200]}})
 
 
 async def _replay(events: list[Event]) -> AsyncIterator[Event]:
