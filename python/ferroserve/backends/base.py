@@ -94,8 +94,8 @@ class ChatRequest(msgspec.Struct, kw_only=True):
     # Text of the answer already sent to the client by a candidate that stopped mid-stream:
     # the generation continues it (only backends with `can_resume` get such requests).
     resume: str | None = None
-    # Per-backend memo (e.g. the local backend's prompt tokens, so count_tokens and generate
-    # tokenize once). Keyed by backend name.
+    # Per-model memo (e.g. a local model's prompt tokens, so count_tokens and generate tokenize
+    # once). Keyed by the model's name.
     memo: dict[str, Any] = {}
 
 

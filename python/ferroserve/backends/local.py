@@ -251,7 +251,7 @@ class LocalChatModel(EngineWatcher, Backend):
     def prompt_tokens(self, request: ChatRequest) -> list[int]:
         """The request's prompt as token ids (templated and tokenized once; memoised)."""
         memo = request.memo
-        tokens = memo.get("local")
+        tokens = memo.get(self.name)  # keyed by model: two local models may tokenize differently
         if tokens is not None:
             return tokens
         if request.messages is not None:
@@ -264,9 +264,9 @@ class LocalChatModel(EngineWatcher, Backend):
             # Continue an answer another candidate started: its text follows the prompt (and
             # is not counted as prompt tokens).
             sent = self.encode_text(request.resume, False)
-            memo["local_resumed"] = len(sent)
+            memo[self.name + ":resumed"] = len(sent)
             tokens = tokens + sent
-        memo["local"] = tokens
+        memo[self.name] = tokens
         return tokens
 
     def count_tokens(self, request: ChatRequest) -> int:
@@ -296,7 +296,7 @@ class LocalChatModel(EngineWatcher, Backend):
             yield Failed(_from_exception(exc, None))
             return
         remaining = params.n
-        resumed = request.memo.get("local_resumed", 0)
+        resumed = request.memo.get(self.name + ":resumed", 0)
         try:
             while remaining:
                 for e in await collector.next_batch():
