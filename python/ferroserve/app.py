@@ -248,7 +248,7 @@ class App:
         return 200, await admin.revoke_key(self._needs_gateway(), arg), {}
 
     async def _metrics(self, scope, proto, ticket, arg):
-        engines = [(name, m.backend.raw_stats()) for name, m in self.registry.models.items() if hasattr(m.backend, "raw_stats")]
+        engines = [(name, stats) for name, m in self.registry.models.items() if (stats := m.backend.engine_stats()) is not None]
         routing = [(name, m.info.backend, router_health(m), m.health) for name, m in self.registry.models.items()]
         gateway = self.gateway
         if gateway is None:

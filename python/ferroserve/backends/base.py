@@ -221,6 +221,10 @@ class Backend(ABC):
     def stats(self) -> BackendStats:
         return BackendStats()
 
+    def engine_stats(self) -> dict | None:
+        """This process's engine counters for /metrics (local models only)."""
+        return None
+
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Called once on the serving event loop before any request."""
 

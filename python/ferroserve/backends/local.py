@@ -211,7 +211,7 @@ class LocalChatModel(EngineWatcher, Backend):
         return BackendStats(queue_depth=int(s["waiting_sequences"]), running=int(s["running_sequences"]),
                             kv_usage=s["kv_usage"], decode_tokens_per_s=rate)
 
-    def raw_stats(self) -> dict:
+    def engine_stats(self) -> dict:
         """The engine's own counters, for /metrics."""
         return self.engine.stats()
 
