@@ -83,6 +83,7 @@ class Registry:
         info = backend.info()
         loaded = LoadedModel(spec=spec, backend=backend, created=created, info=info,
                              health=Health(settings.breaker_failures, settings.breaker_cooldown_s))
+        backend.info_changed = lambda: setattr(loaded, "info", backend.info())
         self.models[spec.name] = loaded
         for n in (spec.name, *spec.aliases):
             self._names[n] = spec.name

@@ -225,6 +225,8 @@ def test_models_lists_every_backend_with_health_and_prices(setup):
     assert (data["big"]["input_per_m"], data["big"]["output_per_m"]) == (2.0, 6.0)
     assert data["smollm2"]["provider"] == "local" and data["smollm2"]["context_window"] == 8192
     assert data["big"]["health"] in ("healthy", "degraded", "down")
+    # A remote model's context window and dimensions come from the upstream's own model list.
+    assert data["big"]["context_window"] == 8192 and data["peer-embed"]["dimensions"] == 384
     one = httpx.get(front.url + "/v1/models/big").json()
     assert one["fallbacks"] == ["smollm2"] and one["quality"] == 0.9
 

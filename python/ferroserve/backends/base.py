@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import base64
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 import msgspec
@@ -210,6 +210,8 @@ class Backend(ABC):
     name: str  # the model entry's name (what clients ask for)
     # Can continue an answer another backend started (`ChatRequest.resume`).
     can_resume = False
+    # Set by the registry: call when what `info()` returns changed (e.g. learnt from a remote).
+    info_changed: Callable[[], None] | None = None
 
     @abstractmethod
     def info(self) -> BackendInfo: ...

@@ -178,6 +178,16 @@ _decode_completion_chunk = msgspec.json.Decoder(_CompletionChunk).decode
 _decode_chat_full = msgspec.json.Decoder(_ChatFull).decode
 _decode_completion_full = msgspec.json.Decoder(_CompletionChunk).decode
 _decode_embeddings_raw = msgspec.json.Decoder(_EmbeddingPassThrough).decode
+
+
+class _ModelList(msgspec.Struct):
+    data: list[dict[str, Any]] = []
+
+
+_decode_model_list = msgspec.json.Decoder(_ModelList).decode
+# Where OpenAI-compatible servers put a model's context window (ours, vLLM, Neural Router).
+_CONTEXT_KEYS = ("context_length", "max_model_len", "context_window")
+DISCOVERY_RETRY_S = 30.0
 _decode_error = msgspec.json.Decoder(_ErrorEnvelope).decode
 
 _STREAM_HEADERS = {"accept": "text/event-stream", "accept-encoding": "identity", "content-type": "application/json"}
@@ -211,7 +221,7 @@ class UpstreamPool:
         key_env = self.spec.api_key_env
         return {"authorization": f"Bearer {os.environ[key_env]}"} if key_env else {}
 
-    async def post(self, path: str, body: bytes, headers: dict[str, str]) -> Any:
+    async def post(self, path: str, body: bytes, headers: dict[str, str], method: str = "POST") -> Any:
         """POSTs `body` and returns the response once its head arrived (body unread): an
         `http1.Response` or an `httpx.Response`, which share what we use of them."""
         if self.plain_http:
@@ -219,9 +229,26 @@ class UpstreamPool:
                 self.http1 = http1.Http1Pool(self.spec.base_url, self.auth_headers(),
                                              connect_timeout_s=self.spec.connect_timeout_s,
                                              read_timeout_s=self.spec.read_timeout_s)
-            return await self.http1.request("POST", path, body, _HEADER_LINES[id(headers)])
+            return await self.http1.request(method, path, body, _HEADER_LINES[id(headers)])
         client = self.get_client()
-        return await client.send(client.build_request("POST", path, content=body, headers=headers), stream=True)
+        return await client.send(client.build_request(method, path, content=body, headers=headers), stream=True)
+
+    async def model_list(self) -> dict[str, dict]:
+        """The upstream's `GET /models` by model id (aliases too, where it lists them)."""
+        response = await self.post("/models", b"", _JSON_HEADERS, method="GET")
+        try:
+            self.note_answer(response.status_code)
+            if response.status_code != 200:
+                raise Unavailable(f"upstream {self.spec.name}: GET /models answered {response.status_code}")
+            listing = _decode_model_list(await response.aread())
+        finally:
+            await response.aclose()
+        out: dict[str, dict] = {}
+        for card in listing.data:
+            for name in (card.get("id"), *(card.get("aliases") or ())):
+                if isinstance(name, str):
+                    out[name] = card
+        return out
 
     def get_client(self) -> httpx.AsyncClient:
         if self.client is None:
@@ -287,11 +314,14 @@ class UpstreamBackend(Backend):
         self.pool = pool
         self.upstream_model = spec.upstream_model or spec.name
         self._loop: asyncio.AbstractEventLoop | None = None
+        # What the upstream's GET /models said about this model (context window, dimensions).
+        self.discovered: dict[str, int] = {}
+        self._discovery: asyncio.Task | None = None
 
     def info(self) -> BackendInfo:
         s = self.spec
-        context_length = s.options.get("context_length")
-        dimensions = s.options.get("dimensions")
+        context_length = s.options.get("context_length", self.discovered.get("context_length"))
+        dimensions = s.options.get("dimensions", self.discovered.get("dimensions"))
         return BackendInfo(
             kind="upstream", backend=self.pool.spec.name,
             capabilities=["chat", "completions"] if s.kind == "chat" else ["embeddings"],
@@ -310,8 +340,32 @@ class UpstreamBackend(Backend):
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        if "context_length" not in self.spec.options or (self.spec.kind == "embedding" and "dimensions" not in self.spec.options):
+            self._discovery = loop.create_task(self._discover())
+
+    async def _discover(self) -> None:
+        """Learns the model's context window (and an embedding model's dimensions) from the
+        upstream's model list, for /v1/models and the router; retried while the upstream is
+        unreachable. Configured `options` win."""
+        while True:
+            try:
+                card = (await self.pool.model_list()).get(self.upstream_model)
+            except (Unavailable, msgspec.DecodeError, *_TRANSPORT_ERRORS) as exc:
+                if isinstance(exc, _TRANSPORT_ERRORS):
+                    self.pool.note_transport_error(exc)
+                await asyncio.sleep(DISCOVERY_RETRY_S)
+                continue
+            if card is not None:
+                found = {"context_length": next((card[k] for k in _CONTEXT_KEYS if isinstance(card.get(k), int)), None),
+                         "dimensions": card.get("dimensions") if isinstance(card.get("dimensions"), int) else None}
+                self.discovered = {k: v for k, v in found.items() if v is not None}
+                if self.info_changed is not None:
+                    self.info_changed()
+            return
 
     def stop(self) -> None:
+        if self._discovery is not None:
+            self._discovery.cancel()
         if self.pool.client is None and self.pool.http1 is None:
             return
         try:
