@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 
 use rayon::prelude::*;
@@ -21,6 +21,7 @@ use crate::embed::DeviceChoice;
 use crate::models::llama::{LlamaModel, Numerics};
 use crate::models::llama_opencl::{OpenClKv, OpenClLlama};
 use crate::notify::Notifier;
+use crate::sample::grammar::{CompiledGrammar, GrammarCompiler, GrammarState};
 use crate::sample::{Sampled, SamplingParams, SequenceSampler};
 use crate::sched::scheduler::{KvPool, Scheduler, SchedulerConfig, SeqChunk, SeqId, StepPlan};
 use crate::tokenize::chat_template::{ChatMessage, ChatTemplate, ChatTemplateError};
@@ -153,7 +154,8 @@ pub enum ChatEvent {
         finish_reason: FinishReason,
         usage: Usage,
     },
-    /// The request failed as a whole (the engine died); no further events follow.
+    /// The request failed as a whole (the engine died, or a grammar could not continue);
+    /// no further events follow.
     Error {
         request_id: u64,
         kind: ErrorKind,
@@ -219,6 +221,7 @@ struct Submission {
     params: Arc<SamplingParams>,
     max_tokens: usize,
     seed: u64,
+    grammar: Option<Arc<CompiledGrammar>>,
 }
 
 /// State both sides touch; the engine thread owns everything else.
@@ -263,6 +266,9 @@ pub struct ChatEngine {
     max_context_tokens: usize,
     device_name: String,
     device_check: Option<String>,
+    /// Built on the first structured-output request (the token trie and its slices take
+    /// a moment at a 49k vocabulary; engines that never see one never pay).
+    grammars: OnceLock<std::result::Result<GrammarCompiler, String>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -418,6 +424,7 @@ impl ChatEngine {
             max_context_tokens,
             device_name,
             device_check,
+            grammars: OnceLock::new(),
             thread: Mutex::new(Some(thread)),
         })
     }
@@ -462,6 +469,10 @@ impl ChatEngine {
             }
             None => ctx - prompt_len,
         };
+        let grammar = match &params.json_schema {
+            Some(schema) => Some(self.grammar_compiler()?.compile(schema)?),
+            None => None,
+        };
         let seed = params.seed.unwrap_or_else(|| fresh_seed(request_id));
         let submission = Submission {
             request_id,
@@ -469,6 +480,7 @@ impl ChatEngine {
             params: Arc::new(params),
             max_tokens,
             seed,
+            grammar,
         };
 
         let commands = lock(&self.shared.commands);
@@ -601,6 +613,23 @@ impl ChatEngine {
         self.device_check.as_deref()
     }
 
+    /// The structured-output compiler over this model's vocabulary, built on first use.
+    pub fn grammar_compiler(&self) -> Result<&GrammarCompiler> {
+        let built = self.grammars.get_or_init(|| {
+            let model = Arc::clone(&self.model);
+            let tokenize = self.model.tokenizer().is_some().then(|| {
+                Box::new(move |text: &str| {
+                    model
+                        .tokenizer()
+                        .and_then(|t| t.encode(text, false).ok())
+                        .unwrap_or_default()
+                }) as crate::sample::grammar::Tokenize
+            });
+            GrammarCompiler::new(self.model.vocab(), tokenize).map_err(|e| e.to_string())
+        });
+        built.as_ref().map_err(|e| Error::Internal(e.clone()))
+    }
+
     fn tokenizer(&self) -> Result<&GgufTokenizer> {
         self.model
             .tokenizer()
@@ -675,6 +704,7 @@ fn fail_everything(shared: &Shared, rx: &Receiver<Command>, message: &str) {
 
 struct RequestState {
     params: Arc<SamplingParams>,
+    grammar: Option<Arc<CompiledGrammar>>,
     seed: u64,
     prompt_tokens: usize,
     cached_tokens: usize,
@@ -687,6 +717,8 @@ struct SeqOutput {
     request_id: u64,
     index: u32,
     sampler: SequenceSampler,
+    /// Structured output: this choice's own place in the grammar.
+    grammar: Option<GrammarState>,
     detok: Detokenizer,
     generated: usize,
 }
@@ -697,9 +729,22 @@ impl SeqOutput {
             request_id,
             index,
             sampler: SequenceSampler::new(Arc::clone(&req.params), req.seed, index as u64),
+            grammar: req.grammar.as_ref().map(|g| g.start()),
             detok: Detokenizer::new(req.params.stop.clone()),
             generated: 0,
         }
+    }
+
+    /// The next token: under a grammar, its mask applies to the row and the token is
+    /// committed to it. `Err`: the grammar cannot go on (the request fails).
+    fn sample(&mut self, logits: &[f32]) -> std::result::Result<Sampled, String> {
+        let Some(grammar) = &mut self.grammar else {
+            return Ok(self.sampler.sample(logits));
+        };
+        let mask = grammar.mask()?;
+        let sampled = self.sampler.sample_masked(logits, Some(&mask));
+        grammar.commit(sampled.token_id)?;
+        Ok(sampled)
     }
 }
 
@@ -747,6 +792,7 @@ impl<M: StepModel> EngineCore<M> {
                 let n = s.params.n;
                 let req = RequestState {
                     params: s.params,
+                    grammar: s.grammar,
                     seed: s.seed,
                     prompt_tokens: s.prompt.len(),
                     cached_tokens: 0,
@@ -798,7 +844,19 @@ impl<M: StepModel> EngineCore<M> {
         if plan.chunks.is_empty() {
             return;
         }
-        let sampled = self.run_model(&plan);
+        let mut sampled = Vec::with_capacity(plan.chunks.len());
+        for (seq, outcome) in self.run_model(&plan) {
+            match outcome {
+                Ok(s) => sampled.push((seq, s)),
+                Err(message) => {
+                    if let Some(request_id) = self.outputs.get(&seq).map(|o| o.request_id) {
+                        self.fail_request(request_id, message);
+                    }
+                }
+            }
+        }
+        // A failed request's other choices drew tokens too: they are gone with it.
+        sampled.retain(|(seq, _)| self.outputs.contains_key(seq));
         let sampled_ids: Vec<(SeqId, u32)> =
             sampled.iter().map(|(seq, s)| (*seq, s.token_id)).collect();
         for forked in self.sched.update(&plan, &sampled_ids, &mut self.kv) {
@@ -817,7 +875,7 @@ impl<M: StepModel> EngineCore<M> {
     }
 
     /// One forward pass, then a token for every chunk that produced logits.
-    fn run_model(&mut self, plan: &StepPlan) -> Vec<(SeqId, Sampled)> {
+    fn run_model(&mut self, plan: &StepPlan) -> Vec<(SeqId, std::result::Result<Sampled, String>)> {
         let logits = {
             let batch = self.sched.batch(plan);
             self.model.forward(&batch, &mut self.kv)
@@ -838,8 +896,9 @@ impl<M: StepModel> EngineCore<M> {
             logits.len(),
             rows.len()
         );
-        // Sequences sample independently (each from its own counter-based generator), so
-        // they run in parallel and the result does not depend on which thread took which.
+        // Sequences sample independently (each from its own counter-based generator and its
+        // own grammar state, masks included), so they run in parallel and the result does
+        // not depend on which thread took which, nor on the rest of the batch.
         let mut work: Vec<(usize, SeqId, &mut SeqOutput, &[f32])> = self
             .outputs
             .iter_mut()
@@ -847,7 +906,7 @@ impl<M: StepModel> EngineCore<M> {
             .collect();
         work.sort_unstable_by_key(|w| w.0);
         work.par_iter_mut()
-            .map(|(_, seq, out, row)| (*seq, out.sampler.sample(row)))
+            .map(|(_, seq, out, row)| (*seq, out.sample(row)))
             .collect()
     }
 
@@ -861,7 +920,10 @@ impl<M: StepModel> EngineCore<M> {
         let req = &self.requests[&out.request_id];
         let token = sampled.token_id;
         out.generated += 1;
-        let is_eos = !req.params.ignore_eos && vocab.eos_token_ids().contains(&token);
+        // Under a grammar, end-of-generation is allowed only once the document is complete,
+        // and then it ends the choice even with `ignore_eos`.
+        let is_eos = (out.grammar.is_some() || !req.params.ignore_eos)
+            && vocab.eos_token_ids().contains(&token);
         let (mut text, mut finish) = (String::new(), None);
         if is_eos {
             text.push_str(&out.detok.finish());
@@ -911,6 +973,23 @@ impl<M: StepModel> EngineCore<M> {
             self.sched.finish(seq, &mut self.kv);
             self.outputs.remove(&seq);
             self.finish_choice(request_id, index, reason, generated);
+        }
+    }
+
+    /// Ends a whole request with an `Error` event: its sequences and blocks are dropped.
+    fn fail_request(&mut self, request_id: u64, message: String) {
+        for seq in self.sched.abort(request_id, &mut self.kv) {
+            self.outputs.remove(&seq);
+        }
+        if self.requests.remove(&request_id).is_some() {
+            self.ended_requests.push(request_id);
+            self.stats.finished_requests += 1;
+            self.events.push(ChatEvent::Error {
+                request_id,
+                kind: ErrorKind::Internal,
+                message: format!("structured output: {message}"),
+                param: None,
+            });
         }
     }
 

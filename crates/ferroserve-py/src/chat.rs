@@ -86,10 +86,12 @@ impl PyChatEngine {
 
     /// Queues a generation; returns `(prompt_tokens, max_tokens)`. Invalid parameters
     /// raise `InvalidRequest` with `param` naming the parameter; events arrive
-    /// through `drain()`.
+    /// through `drain()`. `json_schema` (JSON text) constrains every choice to a document
+    /// valid under it; what cannot be enforced raises `InvalidRequest` (`response_format`).
     #[pyo3(signature = (request_id, prompt_tokens, *, n = 1, max_tokens = None, temperature = 1.0, top_p = 1.0,
         top_k = 0, min_p = 0.0, seed = None, presence_penalty = 0.0, frequency_penalty = 0.0,
-        logit_bias = None, stop = None, ignore_eos = false, logprobs = false, top_logprobs = 0))]
+        logit_bias = None, stop = None, ignore_eos = false, logprobs = false, top_logprobs = 0,
+        json_schema = None))]
     #[allow(clippy::too_many_arguments)]
     fn submit(
         &self,
@@ -110,6 +112,7 @@ impl PyChatEngine {
         ignore_eos: bool,
         logprobs: bool,
         top_logprobs: usize,
+        json_schema: Option<String>,
     ) -> PyResult<(usize, usize)> {
         let params = SamplingParams {
             n,
@@ -126,6 +129,7 @@ impl PyChatEngine {
             ignore_eos,
             logprobs,
             top_logprobs,
+            json_schema,
         };
         let info = detach(py, || self.inner.submit(request_id, prompt_tokens, params))?;
         Ok((info.prompt_tokens, info.max_tokens))

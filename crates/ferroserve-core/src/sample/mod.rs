@@ -1,6 +1,8 @@
 //! Sampling: per-request parameters, logits processors, truncation, the random draw and
-//! logprobs. Everything here works on one sequence's row of logits at a time.
+//! logprobs, and grammar masks (structured output). Everything here works on one sequence's row
+//! of logits at a time.
 
+pub mod grammar;
 pub mod logprobs;
 mod params;
 mod rng;

@@ -46,6 +46,10 @@ pub struct SamplingParams {
     pub logprobs: bool,
     /// With `logprobs`, also the `top_logprobs` most likely alternatives per token.
     pub top_logprobs: usize,
+    /// Structured output: every choice is a JSON document valid under this JSON schema
+    /// (JSON text; `{"type": "object"}` for any object). The engine compiles it at submit
+    /// and refuses what it cannot enforce (`param` `response_format`).
+    pub json_schema: Option<String>,
 }
 
 impl Default for SamplingParams {
@@ -66,6 +70,7 @@ impl Default for SamplingParams {
             ignore_eos: false,
             logprobs: false,
             top_logprobs: 0,
+            json_schema: None,
         }
     }
 }

@@ -5,6 +5,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::grammar::{apply_mask, TokenMask};
 use super::logprobs::{argmax, key_id, log_sum_exp, logprob, rank_key, top_ids_into};
 use super::params::SamplingParams;
 use super::rng::CounterRng;
@@ -73,17 +74,37 @@ impl SequenceSampler {
 
     /// Picks the next token from one row of raw logits and records it for the penalties.
     pub fn sample(&mut self, logits: &[f32]) -> Sampled {
-        SCRATCH.with(|scratch| self.sample_with(logits, &mut scratch.borrow_mut()))
+        self.sample_masked(logits, None)
     }
 
-    fn sample_with(&mut self, logits: &[f32], scratch: &mut Scratch) -> Sampled {
+    /// [`sample`](Self::sample) among the tokens `allowed` (a grammar's mask): the others
+    /// get probability 0 before truncation and the draw, and in the logprobs.
+    pub fn sample_masked(&mut self, logits: &[f32], allowed: Option<&TokenMask>) -> Sampled {
+        SCRATCH.with(|scratch| self.sample_with(logits, allowed, &mut scratch.borrow_mut()))
+    }
+
+    fn sample_with(&mut self, logits: &[f32], allowed: Option<&TokenMask>, scratch: &mut Scratch) -> Sampled {
         self.process(logits, &mut scratch.processed);
+        if let Some(mask) = allowed {
+            apply_mask(mask, &mut scratch.processed);
+        }
         let params = Arc::clone(&self.params);
-        let token_id = if params.temperature == 0.0 || params.top_k == 1 {
+        let mut token_id = if params.temperature == 0.0 || params.top_k == 1 {
             argmax(&scratch.processed)
         } else {
             self.draw(scratch)
         };
+        if let Some(mask) = allowed {
+            // The draw's rounding fallbacks may land on a zero-weight candidate (top-k wider
+            // than the allowed set, a raw logit of -inf): never leave the mask.
+            if !mask.is_allowed(token_id) {
+                token_id = argmax(&scratch.processed);
+            }
+            if !mask.is_allowed(token_id) {
+                // Every allowed token's raw logit was -inf (or NaN): the mask still rules.
+                token_id = mask.first_bit_set().map_or(token_id, |id| id as u32);
+            }
+        }
         let logprobs = params.logprobs.then(|| {
             let x = &scratch.processed;
             let lse = log_sum_exp(x);
