@@ -8,6 +8,7 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
@@ -19,6 +20,38 @@ from ferroserve.schemas.chat import SamplingFields
 
 _encode = msgspec.json.Encoder().encode
 FINGERPRINT = "ferroserve-0.1.0"
+
+
+def response_format_of(value: Any) -> dict[str, Any] | None:
+    """OpenAI's `response_format`, checked: None for free text (absent or `text`), else
+    `{"type": "json_object"}` or `{"type": "json_schema", "json_schema": {name, schema, strict}}`.
+    Anything else is a 400, never silently ignored. Whether the schema can be enforced is the
+    backend's answer (the engine names the feature it cannot)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        raise invalid("response_format must be an object with a `type`.", param="response_format")
+    kind = value["type"]
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind != "json_schema":
+        raise invalid(f"response_format type {kind!r} is not supported: use 'text', 'json_object' or 'json_schema'.",
+                      param="response_format")
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict):
+        raise invalid("response_format of type 'json_schema' needs a `json_schema` object.", param="response_format")
+    name = spec.get("name")
+    if not isinstance(name, str) or not name:
+        raise invalid("response_format.json_schema.name is required.", param="response_format")
+    schema = spec.get("schema", {})
+    if not isinstance(schema, (dict, bool)):
+        raise invalid("response_format.json_schema.schema must be a JSON schema object.", param="response_format")
+    strict = spec.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise invalid("response_format.json_schema.strict must be a boolean.", param="response_format")
+    return {"type": "json_schema", "json_schema": value["json_schema"]}
 
 
 def sampling_params(req: SamplingFields, *, max_tokens: int | None, logprobs: bool, top_logprobs: int) -> SamplingParams:
@@ -49,6 +82,7 @@ def sampling_params(req: SamplingFields, *, max_tokens: int | None, logprobs: bo
         top_k=req.top_k or 0, min_p=req.min_p or 0.0, seed=seed,
         presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
         logit_bias=bias, stop=stop, ignore_eos=req.ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs,
+        response_format=response_format_of(getattr(req, "response_format", None)),
     )
 
 

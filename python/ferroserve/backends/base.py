@@ -74,6 +74,18 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    # Structured output, OpenAI's `response_format` as checked by the api layer:
+    # `{"type": "json_object"}` or `{"type": "json_schema", "json_schema": {...}}`; None for
+    # free text. A backend enforces it, forwards it to an upstream that does, or refuses the
+    # request (400 on `response_format`): never ignores it.
+    response_format: dict[str, Any] | None = None
+
+
+def response_format_schema(response_format: dict[str, Any]) -> str:
+    """The JSON schema (as JSON text) a response format asks for: `json_object` is any object."""
+    if response_format["type"] == "json_object":
+        return '{"type": "object"}'
+    return msgspec.json.encode(response_format["json_schema"].get("schema", {})).decode()
 
 
 class Message(msgspec.Struct):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from ferroserve import _core
 from ferroserve.backends.base import (
     DOWN, HEALTHY, Admitted, Backend, BackendInfo, BackendStats, ChatRequest, Delta, EmbeddingResult, EmbedRequest,
-    Event, Failed, Finished, Message, Unavailable,
+    Event, Failed, Finished, Message, Unavailable, response_format_schema,
 )
 from ferroserve.config import ModelSpec
 from ferroserve.errors import ApiError, from_engine, from_engine_exception
@@ -274,6 +274,10 @@ class LocalChatModel(EngineWatcher, Backend):
 
     async def generate(self, request: ChatRequest) -> AsyncIterator[Event]:
         assert self._loop is not None, "model not attached to the event loop"
+        if request.resume and request.params.response_format is not None:
+            # The grammar would start a new document after the text already sent.
+            yield Failed(Unavailable("a constrained answer cannot be resumed on another model"))
+            return
         try:
             prompt = self.prompt_tokens(request)
         except ApiError as err:
@@ -290,6 +294,7 @@ class LocalChatModel(EngineWatcher, Backend):
                 presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
                 logit_bias=params.logit_bias, stop=params.stop, ignore_eos=params.ignore_eos,
                 logprobs=params.logprobs, top_logprobs=params.top_logprobs,
+                json_schema=response_format_schema(params.response_format) if params.response_format else None,
             )
         except _core.FerroserveError as exc:
             self._collectors.pop(request_id, None)

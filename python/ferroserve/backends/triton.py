@@ -491,6 +491,10 @@ class TritonGenerationModel(TritonModel):
         if p.logprobs:
             yield Failed(ApiError(400, f"`{self.name}` (Triton) does not return logprobs", param="logprobs"))
             return
+        if p.response_format is not None:
+            yield Failed(ApiError(400, f"`{self.name}` (Triton) cannot enforce response_format (structured output)",
+                                  param="response_format"))
+            return
         try:
             prompt = self._prompt(request)
             prompt_tokens = self.count_tokens(request)

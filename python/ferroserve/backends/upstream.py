@@ -482,6 +482,9 @@ class UpstreamBackend(Backend):
             body["min_p"] = p.min_p
         if p.ignore_eos:
             body["ignore_eos"] = True
+        if p.response_format is not None:
+            # Enforced (or refused) by the upstream, as the client asked.
+            body["response_format"] = p.response_format
         return _encode(body)
 
     # Embeddings.

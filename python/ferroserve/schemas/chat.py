@@ -73,6 +73,7 @@ class CompletionRequest(SamplingFields, kw_only=True):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+    response_format: Any = None
 
 
 class TokenizeRequest(msgspec.Struct, forbid_unknown_fields=False):
