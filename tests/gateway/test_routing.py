@@ -469,3 +469,15 @@ fallbacks = ["smollm2"]
         if front is not None:
             front.stop()
         upstream.stop()
+
+
+def test_embeddings_route_and_auto_answer_with_routing(faults):
+    front = faults["front"]
+    r = httpx.post(front.url + "/v1/embeddings", json={"model": "auto", "input": "route me", "route": {"objective": "cost"}})
+    assert r.status_code == 200, r.text
+    routing = r.json()["routing"]
+    assert routing["objective"] == "cost" and routing["candidates_considered"] == 2  # minilm, peer-embed
+    assert r.json()["model"] == routing["selected"]
+    named = httpx.post(front.url + "/v1/embeddings", json={"model": "peer-embed", "input": "route me",
+                                                           "route": {"fallbacks": ["minilm"]}})
+    assert named.json()["routing"]["selected"] == "peer-embed" and named.json()["model"] == "peer-embed"
