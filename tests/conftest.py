@@ -85,7 +85,10 @@ def run_cli(args: list[str], env: dict[str, str] | None = None, wrapper: list[st
 
 @pytest.fixture(scope="session")
 def server():
-    srv = Server(["--max-body-bytes", str(2 * 1024 * 1024), "--log-level", "warning"])
+    # --numerics exact: tests on this server compare greedy output with llama.cpp's (fixtures),
+    # which only llama.cpp's arithmetic reproduces; the default (fast on AVX2 and up) has its
+    # own server in tests/api/test_numerics.py.
+    srv = Server(["--max-body-bytes", str(2 * 1024 * 1024), "--log-level", "warning", "--numerics", "exact"])
     try:
         srv.wait_ready()
         yield srv

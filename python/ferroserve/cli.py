@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 
 from ferroserve import __version__
-from ferroserve.config import SETTINGS_ENV, STARTUP_ERROR_ENV, ConfigError, parse_device, resolve, resolve_data_dir
+from ferroserve.config import (
+    SETTINGS_ENV, STARTUP_ERROR_ENV, ConfigError, ModelSpec, default_numerics, parse_device, resolve, resolve_data_dir,
+)
 
 
 def _is_loopback(host: str) -> bool:
@@ -130,7 +132,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _models(args: argparse.Namespace) -> int:
     try:
-        settings = resolve(model_args=args.model, device_args=args.device, config_file=args.config)
+        settings = resolve(model_args=args.model, device_args=args.device, config_file=args.config, numerics=args.numerics)
     except ConfigError as exc:
         print(f"ferroserve: error: {exc}", file=sys.stderr)
         return 2
@@ -142,8 +144,29 @@ def _models(args: argparse.Namespace) -> int:
         # request; see the README).
         candidates = [m.name, *(names[f].name for f in m.fallbacks)]
         quality = "" if m.quality is None else f"\tquality={m.quality:g}"
-        print(f"{m.name}\t{m.kind}\t{m.device}\t{where}{aliases}\tcandidates: {' -> '.join(candidates)}{quality}")
+        numerics = f"\tnumerics={_chat_numerics(m, settings.numerics)}" if m.kind == "chat" and m.backend == "local" else ""
+        print(f"{m.name}\t{m.kind}\t{m.device}\t{where}{aliases}\tcandidates: {' -> '.join(candidates)}{quality}{numerics}")
     return 0
+
+
+def _chat_numerics(spec: ModelSpec, configured: str | None) -> str:
+    """The numerics `serve` would give this local chat model (the registry decides the same
+    way at load): the configured ones, else the default for its device at this CPU level."""
+    from ferroserve import _core
+
+    if configured == "fast" and spec.device == "auto":
+        return "fast (on the CPU)"
+    if configured is not None:
+        return configured
+    try:
+        level = _core.cpu_isa()
+    except ValueError:  # FERROSERVE_ISA names a level this CPU lacks: `serve` refuses it
+        return "unknown (FERROSERVE_ISA cannot run here)"
+    if spec.device == "auto" and default_numerics("cpu", level) != "exact":
+        return f"exact on OpenCL, else {default_numerics('cpu', level)} on the CPU"
+    if spec.device == "auto":
+        return "exact"
+    return default_numerics(spec.device, level)
 
 
 def _kernels(args: argparse.Namespace) -> int:
@@ -308,14 +331,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--chat-template", metavar="FILE", help="Jinja chat template replacing the GGUF's own (env FERROSERVE_CHAT_TEMPLATE)")
     serve.add_argument(
         "--numerics", choices=["exact", "fast"],
-        help="chat matmul arithmetic: exact = llama.cpp's, same greedy output (default); fast = "
-        "repacked panels (AVX2/AVX-512), several times faster batches, other roundings (env FERROSERVE_NUMERICS)",
+        help="chat matmul arithmetic: fast = repacked panels, several times faster batches, as close to "
+        "the model as exact (the default on AVX2/AVX-512 CPUs); exact = llama.cpp's, same greedy output "
+        "(the default on the portable level and on OpenCL); env FERROSERVE_NUMERICS",
     )
     serve.add_argument(
         "--device", action="append", metavar="[NAME=]DEVICE",
         help="cpu (default), opencl[:N] (refuse to start if it cannot be used) or auto (OpenCL device 0, "
         "else the CPU, with the reason logged); NAME= for one model only (repeatable). Chat models on "
-        "OpenCL need --numerics exact (env FERROSERVE_DEVICE)",
+        "OpenCL run --numerics exact (an explicit fast keeps them off it) (env FERROSERVE_DEVICE)",
     )
     serve.add_argument(
         "--kernel-binaries", metavar="DIR",
@@ -354,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--config", metavar="FILE", help="TOML settings file: top-level keys as the flags spell them, [[models]] tables with name, path, aliases, device and prices, [[backends]] for remote models (README); flags and FERROSERVE_* override it (env FERROSERVE_CONFIG)")
     models.add_argument("--model", action="append", metavar="NAME=PATH")
     models.add_argument("--device", action="append", metavar="[NAME=]DEVICE", help="as for serve")
+    models.add_argument("--numerics", choices=["exact", "fast"], help="as for serve (the list shows each chat model's)")
     models.set_defaults(func=_models)
 
     kernels = sub.add_parser("kernels", help="write the OpenCL kernels' program binaries for --kernel-binaries")

@@ -90,7 +90,8 @@ class Settings(msgspec.Struct):
     # A Jinja chat template replacing the GGUF's own, for every chat model.
     chat_template: str | None = None
     # Chat matmul arithmetic: "exact" (llama.cpp's, bit for bit) or "fast" (repacked panels).
-    numerics: str = "exact"
+    # None: each chat model gets `default_numerics` for the device it loads on.
+    numerics: str | None = None
     # Precompiled OpenCL program binaries (<kernel>.bin / .aocx, e.g. FPGA bitstreams)
     # instead of building the embedded kernel sources.
     kernel_binaries: str | None = None
@@ -346,11 +347,21 @@ def apply_device_args(models: list[ModelSpec], device_args: list[str]) -> None:
         spec.device = device
 
 
-def check_numerics_devices(models: list[ModelSpec], numerics: str) -> None:
+def default_numerics(device: str, cpu_level: str) -> str:
+    """A chat model's numerics when none is configured, for the device it loads on ("cpu" or
+    "opencl:N") at the CPU kernel level in use (`_core.cpu_isa()`): fast where its kernels
+    exist (AVX2 and up), exact on the portable level and on OpenCL (whose kernels compute the
+    exact order only). Fast is as close to the model as exact (the f64-reference gate,
+    crates/ferroserve-core/tests/numerics_quality.rs) and several times faster in batches;
+    exact stays llama.cpp's arithmetic bit for bit, for whoever needs that parity."""
+    return "fast" if device == "cpu" and cpu_level != "portable" else "exact"
+
+
+def check_numerics_devices(models: list[ModelSpec], numerics: str | None) -> None:
     """The OpenCL kernels compute the chat model in llama.cpp's exact order only: an explicit
-    OpenCL device with fast numerics is refused (`auto` then keeps the chat model on the CPU;
-    the registry logs it)."""
-    if numerics == "exact":
+    OpenCL device with explicit fast numerics is refused (`auto` then keeps the chat model on
+    the CPU; the registry logs it). Unset numerics are exact there (`default_numerics`)."""
+    if numerics in (None, "exact"):
         return
     for m in models:
         if m.kind == "chat" and m.device.startswith("opencl"):
@@ -446,8 +457,9 @@ def resolve(
         if not path.is_dir():
             raise ConfigError(f"--kernel-binaries {binaries}: not a directory")
         s.kernel_binaries = str(path)
-    s.numerics = (numerics or _env("NUMERICS") or s.numerics).lower()
-    if s.numerics not in ("exact", "fast"):
+    explicit_numerics = numerics or _env("NUMERICS") or s.numerics
+    s.numerics = explicit_numerics.lower() if explicit_numerics else None
+    if s.numerics not in (None, "exact", "fast"):
         raise ConfigError(f"--numerics must be exact or fast, got {s.numerics!r}")
     check_numerics_devices(s.models, s.numerics)
     check_fallbacks(s.models)

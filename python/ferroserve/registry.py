@@ -10,7 +10,7 @@ from typing import Callable, TypeVar
 from ferroserve import _core
 from ferroserve.backends.base import Backend, BackendInfo
 from ferroserve.backends.local import LocalChatModel, LocalEmbeddingModel
-from ferroserve.config import BackendSpec, ConfigError, ModelSpec, Settings
+from ferroserve.config import BackendSpec, ConfigError, ModelSpec, Settings, default_numerics
 from ferroserve.gateway.router import Health
 from ferroserve.log import logger
 
@@ -30,6 +30,8 @@ class LoadedModel:
     created: int
     info: BackendInfo
     health: Health
+    # A local chat model's arithmetic ("exact" or "fast"); None for every other model.
+    numerics: str | None = None
 
     @property
     def capabilities(self) -> list[str]:
@@ -74,15 +76,16 @@ class Registry:
         started = time.perf_counter()
         created = int(time.time())
         backend: Backend
+        numerics = None
         if spec.backend != "local":
             backend = self._remote(spec, settings)
         elif spec.kind == "chat":
-            backend = self._load_chat(spec, settings)
+            backend, numerics = self._load_chat(spec, settings)
         else:
             backend = self._load_embedding(spec, settings)
         info = backend.info()
         loaded = LoadedModel(spec=spec, backend=backend, created=created, info=info,
-                             health=Health(settings.breaker_failures, settings.breaker_cooldown_s))
+                             health=Health(settings.breaker_failures, settings.breaker_cooldown_s), numerics=numerics)
         backend.info_changed = lambda: setattr(loaded, "info", backend.info())
         self.models[spec.name] = loaded
         for n in (spec.name, *spec.aliases):
@@ -90,8 +93,10 @@ class Registry:
         seconds = time.perf_counter() - started
         if tty:
             print(f" ready in {seconds:.2f} s on {loaded.device}", file=sys.stderr, flush=True)
-        logger.info("model loaded", extra={"fields": {"model": spec.name, "backend": info.backend, "device": loaded.device,
-                                                      "seconds": round(seconds, 3)}})
+        fields = {"model": spec.name, "backend": info.backend, "device": loaded.device, "seconds": round(seconds, 3)}
+        if numerics is not None:
+            fields["numerics"] = numerics
+        logger.info("model loaded", extra={"fields": fields})
 
     def _remote(self, spec: ModelSpec, settings: Settings) -> Backend:
         backend: BackendSpec = next(b for b in settings.backends if b.name == spec.backend)
@@ -110,8 +115,14 @@ class Registry:
             raise StartupRefused(f"model {spec.name}: {exc}") from None
 
     @staticmethod
-    def _load_chat(spec: ModelSpec, settings: Settings) -> LocalChatModel:
+    def _load_chat(spec: ModelSpec, settings: Settings) -> tuple[LocalChatModel, str]:
+        """The chat model and the numerics it runs: the configured ones, else
+        `default_numerics` for the device it lands on (`auto` tries OpenCL with exact first:
+        the user asked for a device; on a fallback to the CPU, the CPU's default)."""
+        chosen: dict[str, str] = {}  # the numerics of the last load attempted, i.e. of the one that succeeded
+
         def load(device: str) -> LocalChatModel:
+            chosen["numerics"] = settings.numerics or default_numerics(device, _core.cpu_isa())
             return LocalChatModel.load(
                 spec.name,
                 spec.path,
@@ -119,22 +130,22 @@ class Registry:
                 max_batch_tokens=settings.max_batch_tokens,
                 max_running=settings.max_running,
                 chat_template=settings.chat_template,
-                numerics=settings.numerics,
+                numerics=chosen["numerics"],
                 device=device,
                 kernel_binaries=settings.kernel_binaries if device != "cpu" else None,
                 spec=spec,
             )
 
-        if spec.device == "auto" and settings.numerics != "exact":
+        if spec.device == "auto" and settings.numerics == "fast":
             logger.warning(
                 "chat model stays on the CPU",
-                extra={"fields": {"model": spec.name, "reason": f"--numerics {settings.numerics} is CPU-only; the OpenCL kernels compute the exact order"}},
+                extra={"fields": {"model": spec.name, "reason": "--numerics fast is CPU-only; the OpenCL kernels compute the exact order"}},
             )
-            return load("cpu")
+            return load("cpu"), chosen["numerics"]
         chat = _on_device(spec, load)
         if chat.engine.device_check is not None:
             logger.info("device check", extra={"fields": {"model": spec.name, "device": chat.engine.device, "result": chat.engine.device_check}})
-        return chat
+        return chat, chosen["numerics"]
 
     @staticmethod
     def _load_embedding(spec: ModelSpec, settings: Settings) -> LocalEmbeddingModel:

@@ -8,6 +8,7 @@ Skips with the reason where no OpenCL platform exists; `make test` installs PoCL
 from __future__ import annotations
 
 import json
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -90,6 +91,9 @@ def test_models_lists_the_device_and_the_log_has_the_load_check(opencl_chat_serv
     log = opencl_chat_server.log_path.read_text()
     check = [json.loads(ln) for ln in log.splitlines() if '"msg":"device check"' in ln]
     assert check, log
+    # No numerics configured: exact on OpenCL, at every CPU level.
+    loaded = [json.loads(ln) for ln in log.splitlines() if '"msg":"model loaded"' in ln]
+    assert [ln["numerics"] for ln in loaded] == ["exact"], log
     # PoCL is bitwise on every x86-64 host and FERROSERVE_ISA level (the kernels follow the
     # CPU level's order); another device promises only the load check's tolerance.
     from ferroserve import _core
@@ -110,6 +114,31 @@ def test_device_selection_for_the_chat_model():
     assert r.returncode == 2 and "cannot run on opencl:1 with --numerics fast" in r.stderr, r.stderr
     r = run_cli(["models", "--model", f"chat={gguf}", "--device", "auto"], env={"FERROSERVE_NUMERICS": "fast"})
     assert r.returncode == 0 and r.stdout.split("\t")[2] == "auto", r.stderr
+
+
+@pytest.mark.parametrize("platform", ["present", "absent"])
+def test_auto_prefers_the_device_with_exact_numerics_over_fast_on_the_cpu(platform):
+    """No numerics configured and `--device auto`: the device asked for wins (OpenCL with
+    exact); without an OpenCL platform the CPU's default (fast from AVX2 up)."""
+    from ferroserve import _core
+    from ferroserve.config import default_numerics
+
+    if platform == "present" and (reason := opencl_skip_reason()) is not None:
+        pytest.skip(reason)
+    # An ICD loader with no vendor drivers: no OpenCL platform.
+    env = {"FERROSERVE_NUMERICS": ""} | ({} if platform == "present" else {"OCL_ICD_VENDORS": tempfile.mkdtemp()})
+    srv = Server(["--model", f"{MODEL}={_gguf()}", "--device", "auto", "--log-level", "info"], env=env)
+    try:
+        srv.wait_ready(timeout=300)
+        device = httpx.get(srv.url + "/v1/models").json()["data"][0]["device"]
+    finally:
+        srv.stop()
+    log = srv.log_path.read_text()
+    loaded = [json.loads(ln) for ln in log.splitlines() if '"msg":"model loaded"' in ln]
+    if platform == "present":
+        assert device.startswith("opencl:0(") and [ln["numerics"] for ln in loaded] == ["exact"], log
+    else:
+        assert device.startswith("cpu(") and [ln["numerics"] for ln in loaded] == [default_numerics("cpu", _core.cpu_isa())], log
 
 
 def test_kernels_cli_writes_binaries_the_server_runs_from(tmp_path, client):
