@@ -15,7 +15,7 @@ from urllib.parse import unquote
 import msgspec
 
 from ferroserve import log
-from ferroserve.api import admin, chat, completions, embeddings, estimate, history, models, status, tokenize, usage
+from ferroserve.api import admin, chat, completions, embeddings, estimate, history, models, responses, status, tokenize, usage
 from ferroserve.config import SETTINGS_ENV, STARTUP_ERROR_ENV, Settings
 from ferroserve.errors import ApiError
 from ferroserve.gateway.embed_cache import EmbedCache
@@ -58,6 +58,8 @@ class App:
             ("POST", "/v1/embeddings"): (self._embeddings, INFERENCE),
             ("POST", "/v1/chat/completions"): (self._chat, INFERENCE),
             ("POST", "/v1/completions"): (self._completions, INFERENCE),
+            ("POST", "/v1/responses"): (self._responses_create, INFERENCE),
+            ("POST", "/v1/responses/input_tokens"): (self._responses_input_tokens, USER),
             ("POST", "/v1/tokenize"): (self._tokenize, USER),
             ("POST", "/v1/detokenize"): (self._detokenize, USER),
             ("POST", "/v1/estimate"): (self._estimate, USER),
@@ -72,6 +74,9 @@ class App:
             ("GET", "/v1/models/", self._get_model, USER, "/v1/models/{id}"),
             ("GET", "/v1/request-history/", self._history_item, USER, "/v1/request-history/{id}"),
             ("GET", "/v1/admin/keys/", self._admin_get_key, ADMIN, "/v1/admin/keys/{id}"),
+            ("GET", "/v1/responses/", self._responses_get, USER, "/v1/responses/{id}"),
+            ("DELETE", "/v1/responses/", self._responses_delete, USER, "/v1/responses/{id}"),
+            ("POST", "/v1/responses/", self._responses_cancel, USER, "/v1/responses/{id}/cancel"),
             ("DELETE", "/v1/admin/keys/", self._admin_revoke_key, ADMIN, "/v1/admin/keys/{id}"),
         ]
         self._paths = {path for _, path in self._routes}
@@ -132,14 +137,18 @@ class App:
         fields: dict = {}
         ticket: Ticket | None = None
         label, access, cost, error_code = "other", PUBLIC, 0.0, None
+        metered = False
         try:
             handler, access, label, arg = self._resolve(method, path)
             if gateway is None or access is PUBLIC:
                 ticket = Ticket(None, request_id, started, None, None, None, False)
             else:
                 ticket = gateway.open_ticket(scope, request_id, started, admin=access is ADMIN)
+            metered = access is INFERENCE
             status, body, fields = await handler(scope, proto, ticket, arg)
-            if gateway is not None and access is INFERENCE:
+            if fields.pop(responses.METERED_LATER, False):
+                metered = False  # a background response: its task settles and records the usage
+            if gateway is not None and metered:
                 cost = gateway.settle(ticket, fields)
             if body is not None:
                 proto.response_bytes(status, [_CONTENT_TYPES.get(label, JSON), *ticket.response_headers()], body)
@@ -158,7 +167,7 @@ class App:
             fields = {**fields, "key": ticket.key.id, "workspace": ticket.workspace}
         log.access(method, path, status, started, request_id, **fields)
         if gateway is not None:
-            gateway.record(ticket, started, label, status, fields, cost, error_code, access is INFERENCE)
+            gateway.record(ticket, started, label, status, fields, cost, error_code, metered)
 
     async def _read_body(self, scope, proto, ticket: Ticket | None = None) -> bytes:
         limit = self.settings.max_body_bytes
@@ -207,6 +216,21 @@ class App:
 
     async def _completions(self, scope, proto, ticket, arg):
         return await completions.create_completion(self.router, await self._read_body(scope, proto, ticket), proto, ticket)
+
+    async def _responses_create(self, scope, proto, ticket, arg):
+        return await responses.create_response(self.router, self.gateway, await self._read_body(scope, proto, ticket), proto, ticket)
+
+    async def _responses_input_tokens(self, scope, proto, ticket, arg):
+        return 200, await responses.input_tokens(self.router, self.gateway, await self._read_body(scope, proto), ticket), {}
+
+    async def _responses_get(self, scope, proto, ticket, arg):
+        return 200, await responses.get(self._needs_gateway(), ticket, arg, scope.query_string), {}
+
+    async def _responses_delete(self, scope, proto, ticket, arg):
+        return 200, await responses.delete(self._needs_gateway(), ticket, arg), {}
+
+    async def _responses_cancel(self, scope, proto, ticket, arg):
+        return 200, await responses.cancel(self._needs_gateway(), ticket, arg), {}
 
     async def _embeddings(self, scope, proto, ticket, arg):
         body = await self._read_body(scope, proto, ticket)

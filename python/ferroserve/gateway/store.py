@@ -63,6 +63,21 @@ CREATE TABLE IF NOT EXISTS usage (
 );
 CREATE INDEX IF NOT EXISTS usage_workspace_time ON usage(workspace, created_at);
 CREATE INDEX IF NOT EXISTS usage_request_id ON usage(request_id);
+CREATE TABLE IF NOT EXISTS responses (
+    id TEXT PRIMARY KEY,
+    workspace TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    status TEXT NOT NULL,
+    model TEXT NOT NULL,
+    request TEXT NOT NULL,
+    input_items TEXT NOT NULL,
+    output TEXT NOT NULL,
+    usage TEXT,
+    error TEXT,
+    incomplete_details TEXT,
+    previous_response_id TEXT,
+    completed_at REAL
+);
 """
 
 # Column order of a usage record tuple (what the request path enqueues).
@@ -78,6 +93,14 @@ USAGE_COLUMNS = (
 _ROW_PLACEHOLDERS = "(" + ", ".join("?" * len(USAGE_COLUMNS)) + ")"
 _INSERT_USAGE_HEAD = f"INSERT INTO usage ({', '.join(USAGE_COLUMNS)}) VALUES "
 _ROWS_PER_INSERT = 1024
+# Stored Responses API objects (`/v1/responses`): JSON columns are the api layer's, opaque here.
+RESPONSE_COLUMNS = (
+    "id", "workspace", "created_at", "status", "model", "request", "input_items", "output", "usage", "error",
+    "incomplete_details", "previous_response_id", "completed_at",
+)
+# Columns a finished generation updates.
+_RESPONSE_RESULT_COLUMNS = ("status", "model", "output", "usage", "error", "incomplete_details", "completed_at")
+_ACTIVE_RESPONSE = ("queued", "in_progress")
 _KEY_COLUMNS = "id, workspace, hint, rpm, tpm, models, expires_at, admin, created_at, revoked_at, secret_sha256"
 
 
@@ -205,3 +228,42 @@ class Store:
                 where.append(clause)
                 args.append(value)
         return where, args
+
+    # Stored responses ------------------------------------------------------------------
+    def insert_response(self, row: dict) -> None:
+        self.db.execute(f"INSERT INTO responses ({', '.join(RESPONSE_COLUMNS)}) VALUES ({', '.join('?' * len(RESPONSE_COLUMNS))})",
+                        [row[c] for c in RESPONSE_COLUMNS])
+
+    def update_response(self, response_id: str, values: dict, *, only_if_active: bool = True) -> bool:
+        """Writes a generation's result (`_RESPONSE_RESULT_COLUMNS`). With `only_if_active`, a
+        response that is no longer queued or in progress (cancelled meanwhile, perhaps by
+        another worker process) keeps its state: False."""
+        columns = [c for c in _RESPONSE_RESULT_COLUMNS if c in values]
+        sql = f"UPDATE responses SET {', '.join(c + ' = ?' for c in columns)} WHERE id = ?"
+        args = [values[c] for c in columns] + [response_id]
+        if only_if_active:
+            sql += " AND status IN (?, ?)"
+            args += _ACTIVE_RESPONSE
+        return self.db.execute(sql, args).rowcount == 1
+
+    def response_chain(self, response_id: str, workspace: str) -> list[dict]:
+        """The response and the ones it continues (`previous_response_id`), oldest first; empty
+        when the id is not in the workspace. A deleted link ends the chain."""
+        cols = ", ".join("r." + c for c in RESPONSE_COLUMNS)
+        rows = self.db.execute(
+            f"""WITH RECURSIVE chain(id, previous, depth) AS (
+                    SELECT id, previous_response_id, 0 FROM responses WHERE id = ? AND workspace = ?
+                    UNION ALL
+                    SELECT r.id, r.previous_response_id, chain.depth + 1 FROM responses r JOIN chain ON r.id = chain.previous
+                    WHERE r.workspace = ? AND chain.depth < 100000)
+                SELECT {cols} FROM responses r JOIN chain ON r.id = chain.id ORDER BY chain.depth DESC""",
+            (response_id, workspace, workspace))
+        return [dict(zip(RESPONSE_COLUMNS, r)) for r in rows]
+
+    def get_response(self, response_id: str, workspace: str) -> dict | None:
+        row = self.db.execute(f"SELECT {', '.join(RESPONSE_COLUMNS)} FROM responses WHERE id = ? AND workspace = ?",
+                              (response_id, workspace)).fetchone()
+        return dict(zip(RESPONSE_COLUMNS, row)) if row is not None else None
+
+    def delete_response(self, response_id: str, workspace: str) -> bool:
+        return self.db.execute("DELETE FROM responses WHERE id = ? AND workspace = ?", (response_id, workspace)).rowcount == 1
