@@ -88,7 +88,7 @@ def _unsupported(message: str, param: str) -> ApiError:
 def _check_common(req: ResponseCreateRequest | InputTokensRequest) -> None:
     """Fields OpenAI defines whose value we can honour only in its neutral form."""
     if req.tools:
-        raise _unsupported("Tools are not supported on /v1/responses yet.", "tools")
+        raise _unsupported("`tools` are not supported on /v1/responses yet (tool calls are coming).", "tools")
     if req.tool_choice not in (None, "none", "auto"):
         raise _unsupported("tool_choice needs tools, which are not supported on /v1/responses yet.", "tool_choice")
     if req.truncation not in (None, "disabled"):
