@@ -24,7 +24,7 @@ use crate::notify::Notifier;
 use crate::sample::grammar::{CompiledGrammar, GrammarCompiler, GrammarState};
 use crate::sample::{Sampled, SamplingParams, SequenceSampler};
 use crate::sched::scheduler::{KvPool, Scheduler, SchedulerConfig, SeqChunk, SeqId, StepPlan};
-use crate::tokenize::chat_template::{ChatMessage, ChatTemplate, ChatTemplateError};
+use crate::tokenize::chat_template::{ChatMessage, ChatTemplate, ChatTemplateError, ToolSpec};
 use crate::tokenize::detok::{Detokenizer, Vocab};
 use crate::tokenize::gguf_vocab::{GgufTokenizer, GgufVocabError};
 
@@ -469,9 +469,16 @@ impl ChatEngine {
             }
             None => ctx - prompt_len,
         };
-        let grammar = match &params.json_schema {
-            Some(schema) => Some(self.grammar_compiler()?.compile(schema)?),
-            None => None,
+        let grammar = match (&params.json_schema, &params.lark_grammar) {
+            (Some(_), Some(_)) => {
+                return Err(Error::invalid(
+                    "response_format",
+                    "response_format cannot be combined with a tool-call grammar",
+                ))
+            }
+            (Some(schema), None) => Some(self.grammar_compiler()?.compile(schema)?),
+            (None, Some(lark)) => Some(self.grammar_compiler()?.compile_lark(lark)?),
+            (None, None) => None,
         };
         let seed = params.seed.unwrap_or_else(|| fresh_seed(request_id));
         let submission = Submission {
@@ -552,12 +559,23 @@ impl ChatEngine {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String> {
+        self.render_chat_with_tools(messages, &[], add_generation_prompt)
+    }
+
+    /// [`render_chat`](Self::render_chat) with the functions the model may call (see
+    /// [`ChatTemplate::render_with_tools`]).
+    pub fn render_chat_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[ToolSpec],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let template = self
             .model
             .chat_template()
             .ok_or_else(|| template_error(ChatTemplateError::Missing))?;
         template
-            .render(messages, add_generation_prompt)
+            .render_with_tools(messages, tools, add_generation_prompt)
             .map_err(template_error)
     }
 
@@ -568,7 +586,17 @@ impl ChatEngine {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<Vec<u32>> {
-        let text = self.render_chat(messages, add_generation_prompt)?;
+        self.encode_chat_with_tools(messages, &[], add_generation_prompt)
+    }
+
+    /// [`encode_chat`](Self::encode_chat) with the functions the model may call.
+    pub fn encode_chat_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[ToolSpec],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>> {
+        let text = self.render_chat_with_tools(messages, tools, add_generation_prompt)?;
         let tokenizer = self.tokenizer()?;
         let mut ids = tokenizer.encode(&text, true).map_err(vocab_error)?;
         if let (true, Some(bos)) = (tokenizer.add_bos_token(), tokenizer.bos_token_id()) {

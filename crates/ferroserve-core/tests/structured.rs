@@ -152,10 +152,7 @@ fn run(
 }
 
 fn prompt(engine: &ChatEngine, question: &str) -> Vec<u32> {
-    let messages = [ChatMessage {
-        role: "user".into(),
-        content: MessageContent::Text(question.into()),
-    }];
+    let messages = [ChatMessage::new("user", MessageContent::Text(question.into()))];
     engine.encode_chat(&messages, true).unwrap()
 }
 

@@ -8,7 +8,7 @@ use ferroserve_core::engine::{ChatEngine, ChatEvent, EngineConfig, TokenLogprob}
 use ferroserve_core::models::llama::Numerics;
 use ferroserve_core::DeviceChoice;
 use ferroserve_core::sample::SamplingParams;
-use ferroserve_core::tokenize::chat_template::{ChatMessage, ContentPart, MessageContent};
+use ferroserve_core::tokenize::chat_template::{ChatMessage, ContentPart, MessageContent, ToolCall, ToolSpec};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
@@ -26,12 +26,23 @@ pub enum PyContent {
     Parts(Vec<(String, String)>),
 }
 
-fn to_messages(messages: Vec<(String, PyContent)>) -> Vec<ChatMessage> {
+/// A message from Python: `(role, content)`, or `(role, content, tool_calls, tool_call_id)`
+/// with `tool_calls` a list of `(id, name, arguments_json)`.
+#[derive(FromPyObject)]
+pub enum PyMessage {
+    WithTools((String, PyContent, Vec<(String, String, String)>, Option<String>)),
+    Plain((String, PyContent)),
+}
+
+fn to_messages(messages: Vec<PyMessage>) -> Vec<ChatMessage> {
     messages
         .into_iter()
-        .map(|(role, content)| ChatMessage {
-            role,
-            content: match content {
+        .map(|message| {
+            let (role, content, calls, tool_call_id) = match message {
+                PyMessage::Plain((role, content)) => (role, content, Vec::new(), None),
+                PyMessage::WithTools(m) => m,
+            };
+            let content = match content {
                 PyContent::Text(t) => MessageContent::Text(t),
                 PyContent::Parts(parts) => MessageContent::Parts(
                     parts
@@ -39,7 +50,24 @@ fn to_messages(messages: Vec<(String, PyContent)>) -> Vec<ChatMessage> {
                         .map(|(kind, text)| if kind == "text" { ContentPart::Text(text) } else { ContentPart::Other { kind } })
                         .collect(),
                 ),
-            },
+            };
+            let mut out = ChatMessage::new(role, content);
+            out.tool_calls = calls.into_iter().map(|(id, name, arguments)| ToolCall { id, name, arguments }).collect();
+            out.tool_call_id = tool_call_id;
+            out
+        })
+        .collect()
+}
+
+/// Tools from Python: `(name, description, parameters_json)`; parameters that are not a
+/// JSON object raise `InvalidRequest` on `tools`.
+fn to_tools(tools: Vec<(String, Option<String>, String)>) -> PyResult<Vec<ToolSpec>> {
+    tools
+        .into_iter()
+        .map(|(name, description, parameters)| {
+            let message = format!("tools: the parameters of {name:?} must be a JSON schema object");
+            ToolSpec::parse(name, description, &parameters)
+                .ok_or_else(|| crate::errors::to_py(ferroserve_core::error::Error::invalid("tools", message)))
         })
         .collect()
 }
@@ -88,10 +116,12 @@ impl PyChatEngine {
     /// raise `InvalidRequest` with `param` naming the parameter; events arrive
     /// through `drain()`. `json_schema` (JSON text) constrains every choice to a document
     /// valid under it; what cannot be enforced raises `InvalidRequest` (`response_format`).
+    /// `lark_grammar` (llguidance Lark, `%json` schemas embedded) constrains tool calls the
+    /// same way (`InvalidRequest` on `tools`).
     #[pyo3(signature = (request_id, prompt_tokens, *, n = 1, max_tokens = None, temperature = 1.0, top_p = 1.0,
         top_k = 0, min_p = 0.0, seed = None, presence_penalty = 0.0, frequency_penalty = 0.0,
         logit_bias = None, stop = None, ignore_eos = false, logprobs = false, top_logprobs = 0,
-        json_schema = None))]
+        json_schema = None, lark_grammar = None))]
     #[allow(clippy::too_many_arguments)]
     fn submit(
         &self,
@@ -113,6 +143,7 @@ impl PyChatEngine {
         logprobs: bool,
         top_logprobs: usize,
         json_schema: Option<String>,
+        lark_grammar: Option<String>,
     ) -> PyResult<(usize, usize)> {
         let params = SamplingParams {
             n,
@@ -130,6 +161,7 @@ impl PyChatEngine {
             logprobs,
             top_logprobs,
             json_schema,
+            lark_grammar,
         };
         let info = detach(py, || self.inner.submit(request_id, prompt_tokens, params))?;
         Ok((info.prompt_tokens, info.max_tokens))
@@ -174,12 +206,20 @@ impl PyChatEngine {
         Ok(out)
     }
 
-    /// Messages `[(role, text | [(type, text), ...])]` rendered with the chat template
-    /// and tokenized (BOS added if the model wants it).
-    #[pyo3(signature = (messages, add_generation_prompt = true))]
-    fn encode_chat(&self, py: Python<'_>, messages: Vec<(String, PyContent)>, add_generation_prompt: bool) -> PyResult<Vec<u32>> {
+    /// Messages `[(role, text | [(type, text), ...])]` (or `(role, content, tool_calls,
+    /// tool_call_id)`) rendered with the chat template and tokenized (BOS added if the model
+    /// wants it). `tools`: `[(name, description, parameters_json)]` the model may call.
+    #[pyo3(signature = (messages, add_generation_prompt = true, tools = None))]
+    fn encode_chat(
+        &self,
+        py: Python<'_>,
+        messages: Vec<PyMessage>,
+        add_generation_prompt: bool,
+        tools: Option<Vec<(String, Option<String>, String)>>,
+    ) -> PyResult<Vec<u32>> {
         let messages = to_messages(messages);
-        detach(py, || self.inner.encode_chat(&messages, add_generation_prompt))
+        let tools = to_tools(tools.unwrap_or_default())?;
+        detach(py, || self.inner.encode_chat_with_tools(&messages, &tools, add_generation_prompt))
     }
 
     #[pyo3(signature = (text, add_special = true, parse_special = true))]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import re
+from typing import Any
 
 import msgspec
 
@@ -10,7 +12,9 @@ from ferroserve.api.generate import (
     DONE, FINGERPRINT, SSE_HEADERS, Choice, Disconnect, Outcome, apply, encode, error_event, failure_error, new_id, now,
     route_fields, sampling_params, sse, start_generation,
 )
-from ferroserve.backends.base import ChatRequest, Delta, Failed, Finished, Message, estimate_tokens
+from ferroserve.backends.base import (
+    ChatRequest, Delta, Failed, Finished, Message, Tool, ToolCall, ToolCallDelta, estimate_tokens,
+)
 from ferroserve.errors import from_validation, invalid
 from ferroserve.gateway.gate import Ticket
 from ferroserve.gateway.router import Router
@@ -21,7 +25,7 @@ def messages_of(req) -> list[Message]:
     if not req.messages:
         raise invalid("messages must contain at least one message.", param="messages")
     out = []
-    for m in req.messages:
+    for i, m in enumerate(req.messages):
         content = m.content
         if content is None:
             content = ""
@@ -33,8 +37,70 @@ def messages_of(req) -> list[Message]:
                 else:
                     raise invalid(f"Content parts of type {p.type!r} are not supported by this text-only model.", param="messages")
             content = parts
-        out.append(Message(m.role, content))
+        calls = _tool_calls_of(i, m.tool_calls) if m.tool_calls else None
+        if m.role == "tool" and not m.tool_call_id:
+            raise invalid(f"messages[{i}]: a tool message needs its tool_call_id.", param="messages")
+        out.append(Message(m.role, content, calls, m.tool_call_id if m.role == "tool" else None))
     return out
+
+
+def _tool_calls_of(i: int, calls: list[Any]) -> list[ToolCall]:
+    out = []
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not isinstance(call.get("id"), str):
+            raise invalid(f"messages[{i}].tool_calls: each call needs an id and a function with a name.", param="messages")
+        arguments = function.get("arguments", "{}")
+        if not isinstance(arguments, str):  # some clients send the object itself
+            arguments = msgspec.json.encode(arguments).decode()
+        out.append(ToolCall(call["id"], function["name"], arguments))
+    return out
+
+
+_FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def tools_of(tools: list[Any] | None, tool_choice: Any, parallel_tool_calls: bool | None) -> tuple[list[Tool] | None, str, str | None, bool]:
+    """OpenAI's `tools` / `tool_choice` / `parallel_tool_calls`, checked: (tools or None when
+    the model may not call any, "auto" | "required" | "function", the named function, parallel)."""
+    parallel = True if parallel_tool_calls is None else bool(parallel_tool_calls)
+    specs: list[Tool] = []
+    for i, t in enumerate(tools or ()):
+        function = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(function, dict):
+            raise invalid(f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}.", param="tools")
+        name = function.get("name")
+        if not isinstance(name, str) or not _FUNCTION_NAME.match(name):
+            raise invalid(f"tools[{i}].function.name must be 1-64 letters, digits, '_' or '-'.", param="tools")
+        if any(s.name == name for s in specs):
+            raise invalid(f"tools: the function name {name!r} is used twice.", param="tools")
+        parameters = function.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(parameters, dict):
+            raise invalid(f"tools[{i}].function.parameters must be a JSON schema object.", param="tools")
+        description = function.get("description")
+        strict = function.get("strict")
+        specs.append(Tool(name=name, parameters=parameters, description=description if isinstance(description, str) else None,
+                          strict=strict if isinstance(strict, bool) else None))
+    choice, named = "auto", None
+    if tool_choice is None:
+        choice = "auto"
+    elif isinstance(tool_choice, str):
+        if tool_choice not in ("none", "auto", "required"):
+            raise invalid(f"tool_choice {tool_choice!r} is not one of 'none', 'auto', 'required' or a function.", param="tool_choice")
+        choice = tool_choice
+    elif isinstance(tool_choice, dict) and tool_choice.get("type") == "function" and isinstance(tool_choice.get("function"), dict):
+        named = tool_choice["function"].get("name")
+        if not any(s.name == named for s in specs):
+            raise invalid(f"tool_choice names the function {named!r}, which is not in tools.", param="tool_choice")
+        choice = "function"
+    else:
+        raise invalid("tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}.",
+                      param="tool_choice")
+    if choice == "required" and not specs:
+        raise invalid("tool_choice 'required' needs tools.", param="tool_choice")
+    if choice == "none" or not specs:
+        return None, "auto", None, parallel
+    return specs, choice, named, parallel
 
 
 def _logprobs_json(entries: list[tuple]) -> dict:
@@ -61,14 +127,14 @@ async def create_chat_completion(router: Router, body: bytes, proto, ticket: Tic
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise from_validation(exc) from None
     router.require(req.model, "chat")
-    if req.tools and req.tool_choice not in (None, "none"):
-        raise invalid("Tool calling is not supported by this model yet.", param="tools")
+    tools, tool_choice, tool_function, parallel = tools_of(req.tools, req.tool_choice, req.parallel_tool_calls)
     top = req.top_logprobs or 0
     if top and not req.logprobs:
         raise invalid("top_logprobs requires logprobs to be true.", param="top_logprobs")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = sampling_params(req, max_tokens=max_tokens, logprobs=bool(req.logprobs), top_logprobs=top)
-    request = ChatRequest(messages=messages_of(req), params=params, stream=req.stream)
+    request = ChatRequest(messages=messages_of(req), params=params, stream=req.stream, tools=tools,
+                          tool_choice=tool_choice, tool_choice_function=tool_function, parallel_tool_calls=parallel)
     plan = router.plan(req.model, "chat", req.route, prompt_tokens_hint=estimate_tokens(request), max_tokens=max_tokens or 0)
     ticket.admit_plan([plan], [request], (max_tokens or 0) * params.n)
     cid, created = new_id("chatcmpl"), now()
@@ -80,14 +146,18 @@ async def create_chat_completion(router: Router, body: bytes, proto, ticket: Tic
         route_fields(plan, log)
         if not req.stream:
             outcome = Outcome([Choice() for _ in range(params.n)], 0)
+            calls: list[list[dict]] = [[] for _ in range(params.n)]
             async for ev in events:
-                apply(outcome, ev)
+                if type(ev) is ToolCallDelta:
+                    _fold_call(calls[ev.index], ev)
+                else:
+                    apply(outcome, ev)
             log.update(prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens,
                        cached_tokens=outcome.cached_tokens)
             choices = [
                 {
                     "index": i,
-                    "message": {"role": "assistant", "content": "".join(c.text)},
+                    "message": _message(c, calls[i]),
                     "logprobs": _logprobs_json(c.logprobs) if req.logprobs else None,
                     "finish_reason": c.finish_reason,
                 }
@@ -107,6 +177,32 @@ async def create_chat_completion(router: Router, body: bytes, proto, ticket: Tic
         return 499, None, log
     finally:
         disconnect.close()
+
+
+def _fold_call(calls: list[dict], ev: ToolCallDelta) -> None:
+    while len(calls) <= ev.call_index:
+        calls.append({"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+    call = calls[ev.call_index]
+    if ev.id is not None:
+        call["id"] = ev.id
+    if ev.name is not None:
+        call["function"]["name"] = ev.name
+    call["function"]["arguments"] += ev.arguments
+
+
+def _message(choice: Choice, calls: list[dict]) -> dict:
+    text = "".join(choice.text)
+    if not calls:
+        return {"role": "assistant", "content": text}
+    return {"role": "assistant", "content": text or None, "tool_calls": calls}
+
+
+def _call_delta(ev: ToolCallDelta) -> dict:
+    """OpenAI's `delta.tool_calls` entry: index, id, type and name first, then arguments."""
+    if ev.id is not None or ev.name is not None:
+        return {"tool_calls": [{"index": ev.call_index, "id": ev.id, "type": "function",
+                                "function": {"name": ev.name, "arguments": ev.arguments}}]}
+    return {"tool_calls": [{"index": ev.call_index, "function": {"arguments": ev.arguments}}]}
 
 
 async def _stream(events, n, req, cid, created, name, plan, proto, log, ticket) -> None:
@@ -137,6 +233,12 @@ async def _stream(events, n, req, cid, created, name, plan, proto, log, ticket) 
                 pending.append(error_event(failure_error(ev.error)) + DONE)
                 await transport.send_bytes(b"".join(pending))
                 return
+            if t is ToolCallDelta:
+                ticket.first_token()
+                pending.append(chunk(ev.index, _call_delta(ev)))
+                await transport.send_bytes(b"".join(pending))
+                pending = []
+                continue
             apply(outcome, ev)
             if t is Delta:
                 if ev.text or ev.logprobs:

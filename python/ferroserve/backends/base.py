@@ -10,6 +10,8 @@ Chat and text completions: `generate(request)` is an async iterator of events ::
     Admitted(prompt_tokens, cached_tokens)       at most once (before the deltas locally; an
                                                  OpenAI upstream reports usage at the end)
     Delta(index, text, token_ids, logprobs)      zero or more per choice
+    ToolCallDelta(index, call_index, ...)        a tool call's start (id, name), then its
+                                                 arguments in fragments (chat with tools)
     Finished(index, reason, completion_tokens)   once per choice (n of them)
     Failed(error)                                 instead of the rest; the last event
 
@@ -88,11 +90,31 @@ def response_format_schema(response_format: dict[str, Any]) -> str:
     return msgspec.json.encode(response_format["json_schema"].get("schema", {})).decode()
 
 
+class ToolCall(msgspec.Struct):
+    """A function call an assistant message made; `arguments` is JSON text."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+class Tool(msgspec.Struct, kw_only=True):
+    """A function the model may call; `parameters` is its arguments' JSON schema."""
+
+    name: str
+    parameters: dict[str, Any]
+    description: str | None = None
+    strict: bool | None = None
+
+
 class Message(msgspec.Struct):
-    """A chat message as backends see it: role and text, or content parts `[(type, text)]`."""
+    """A chat message as backends see it: role and text, or content parts `[(type, text)]`;
+    an assistant turn's `tool_calls`, a `tool` turn's `tool_call_id`."""
 
     role: str
     content: str | list[tuple[str, str]]
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
 
 class ChatRequest(msgspec.Struct, kw_only=True):
@@ -101,6 +123,14 @@ class ChatRequest(msgspec.Struct, kw_only=True):
     messages: list[Message] | None = None
     prompt: str | list[int] | None = None
     params: SamplingParams
+    # Chat with tools (checked by the api layer): the functions, and which the model must use:
+    # "auto" (text or calls), "required" (one or more calls) or "function" (the one named by
+    # `tool_choice_function`). `tool_choice` "none" arrives as no tools. A backend enforces
+    # it, forwards it, or refuses the request (400 on `tools`).
+    tools: list[Tool] | None = None
+    tool_choice: str = "auto"
+    tool_choice_function: str | None = None
+    parallel_tool_calls: bool = True
     # Whether deltas are wanted as they are produced (streaming) or only at the end.
     stream: bool = False
     # Text of the answer already sent to the client by a candidate that stopped mid-stream:
@@ -133,9 +163,20 @@ class Delta(msgspec.Struct):
     logprobs: list[TokenLogprob] | None = None
 
 
+class ToolCallDelta(msgspec.Struct):
+    """Part of choice `index`'s tool call number `call_index`: the first part carries its
+    `id` and `name`; the `arguments` fragments, concatenated, are the call's JSON text."""
+
+    index: int
+    call_index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
 class Finished(msgspec.Struct):
     index: int
-    reason: str  # "stop" | "length" | ...
+    reason: str  # "stop" | "length" | "tool_calls" | ...
     completion_tokens: int
     prompt_tokens: int = 0
     cached_tokens: int = 0
@@ -145,7 +186,7 @@ class Failed(msgspec.Struct):
     error: Any  # ApiError (the client's fault: not retried) | Unavailable (try the next candidate)
 
 
-Event = Admitted | Delta | Finished | Failed
+Event = Admitted | Delta | ToolCallDelta | Finished | Failed
 
 
 # Embeddings -------------------------------------------------------------------------------------
@@ -274,6 +315,10 @@ def estimate_tokens(request: ChatRequest) -> int:
             c = m.content
             size += len(c.encode()) if isinstance(c, str) else sum(len(t.encode()) for _, t in c)
             size += 16  # role and template tokens
+            for call in m.tool_calls or ():
+                size += len(call.name) + len(call.arguments.encode())
+        for tool in request.tools or ():
+            size += len(msgspec.json.encode(tool))
         return max(1, size // 4)
     p = request.prompt
     if isinstance(p, list):

@@ -15,15 +15,19 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import msgspec
+
 from ferroserve import _core
 from ferroserve.backends.base import (
     DOWN, HEALTHY, Admitted, Backend, BackendInfo, BackendStats, ChatRequest, Delta, EmbeddingResult, EmbedRequest,
-    Event, Failed, Finished, Message, Unavailable, response_format_schema,
+    Event, Failed, Finished, Message, Tool, Unavailable, response_format_schema,
 )
+from ferroserve.backends.toolcalls import ToolCallParser, lark_grammar
 from ferroserve.config import ModelSpec
 from ferroserve.errors import ApiError, from_engine, from_engine_exception
 
 _request_ids = itertools.count(1)
+_encode_json = msgspec.json.Encoder().encode
 # Engine error kinds that mean "cannot serve now" (another candidate may), not "bad request".
 _UNAVAILABLE_KINDS = ("Overloaded", "EngineDead", "DeviceError")
 
@@ -229,9 +233,16 @@ class LocalChatModel(EngineWatcher, Backend):
         except _core.FerroserveError as exc:
             raise from_engine_exception(exc, param=param) from None
 
-    def encode_messages(self, messages: list[Message], add_generation_prompt: bool) -> list[int]:
+    def encode_messages(self, messages: list[Message], add_generation_prompt: bool,
+                        tools: list[Tool] | None = None) -> list[int]:
+        rows = [
+            (m.role, m.content) if m.tool_calls is None and m.tool_call_id is None
+            else (m.role, m.content, [(c.id, c.name, c.arguments) for c in m.tool_calls or ()], m.tool_call_id)
+            for m in messages
+        ]
+        specs = [(t.name, t.description, _encode_json(t.parameters).decode()) for t in tools] if tools else None
         try:
-            return self.engine.encode_chat([(m.role, m.content) for m in messages], add_generation_prompt)
+            return self.engine.encode_chat(rows, add_generation_prompt, specs)
         except _core.FerroserveError as exc:
             raise from_engine_exception(exc, param="messages") from None
 
@@ -255,7 +266,7 @@ class LocalChatModel(EngineWatcher, Backend):
         if tokens is not None:
             return tokens
         if request.messages is not None:
-            tokens = self.encode_messages(request.messages, True)
+            tokens = self.encode_messages(request.messages, True, request.tools)
         elif isinstance(request.prompt, str):
             tokens = self.encode_text(request.prompt, True)
         else:
@@ -274,16 +285,30 @@ class LocalChatModel(EngineWatcher, Backend):
 
     async def generate(self, request: ChatRequest) -> AsyncIterator[Event]:
         assert self._loop is not None, "model not attached to the event loop"
-        if request.resume and request.params.response_format is not None:
+        if request.resume and (request.params.response_format is not None or request.tools):
             # The grammar would start a new document after the text already sent.
             yield Failed(Unavailable("a constrained answer cannot be resumed on another model"))
             return
+        params = request.params
+        json_schema = lark = None
+        if request.tools:
+            # Tool calls: one grammar for calls (and, under auto, the text alternative).
+            text_schema = None
+            if params.response_format is not None:
+                text_schema = msgspec.json.decode(response_format_schema(params.response_format))
+            try:
+                lark = lark_grammar(request.tools, request.tool_choice, request.tool_choice_function,
+                                    request.parallel_tool_calls, text_schema)
+            except ApiError as err:
+                yield Failed(err)
+                return
+        elif params.response_format is not None:
+            json_schema = response_format_schema(params.response_format)
         try:
             prompt = self.prompt_tokens(request)
         except ApiError as err:
             yield Failed(err)
             return
-        params = request.params
         request_id = next(_request_ids)
         collector = Collector(self._loop, wake_on_finish_only=not request.stream)
         self._collectors[request_id] = collector
@@ -294,7 +319,7 @@ class LocalChatModel(EngineWatcher, Backend):
                 presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
                 logit_bias=params.logit_bias, stop=params.stop, ignore_eos=params.ignore_eos,
                 logprobs=params.logprobs, top_logprobs=params.top_logprobs,
-                json_schema=response_format_schema(params.response_format) if params.response_format else None,
+                json_schema=json_schema, lark_grammar=lark,
             )
         except _core.FerroserveError as exc:
             self._collectors.pop(request_id, None)
@@ -302,15 +327,38 @@ class LocalChatModel(EngineWatcher, Backend):
             return
         remaining = params.n
         resumed = request.memo.get(self.name + ":resumed", 0)
+        # With tools, each choice's text goes through its parser: text, or tool-call deltas.
+        parsers = [ToolCallParser(i) for i in range(params.n)] if request.tools else None
         try:
             while remaining:
                 for e in await collector.next_batch():
                     kind = e[0]
                     if kind == "d":
-                        yield Delta(e[2], e[3], e[4], e[5])
+                        if parsers is None:
+                            yield Delta(e[2], e[3], e[4], e[5])
+                            continue
+                        # Token ids and logprobs ride on the choice's next event (text or
+                        # tool call); an event-less step still reports them.
+                        pieces = parsers[e[2]].feed(e[3])
+                        if not pieces:
+                            yield Delta(e[2], "", e[4], e[5])
+                        for k, piece in enumerate(pieces):
+                            if isinstance(piece, str):
+                                yield Delta(e[2], piece, e[4] if k == 0 else [], e[5] if k == 0 else None)
+                            else:
+                                if k == 0:
+                                    yield Delta(e[2], "", e[4], e[5])
+                                yield piece
                     elif kind == "f":
                         remaining -= 1
-                        yield Finished(e[2], e[3], e[5], e[4] - resumed, e[6])
+                        reason = e[3]
+                        if parsers is not None:
+                            parser = parsers[e[2]]
+                            for text in parser.finish():
+                                yield Delta(e[2], text)
+                            if parser.answered_with_calls and reason == "stop":
+                                reason = "tool_calls"
+                        yield Finished(e[2], reason, e[5], e[4] - resumed, e[6])
                     elif kind == "a":
                         yield Admitted(e[2] - resumed, e[3])
                     elif kind == "e":

@@ -30,6 +30,8 @@ pub const GRAMMAR_CACHE_ENTRIES: usize = 256;
 
 /// The request parameter every grammar error is blamed on.
 const PARAM: &str = "response_format";
+/// The parameter a tool-call grammar's errors are blamed on.
+const TOOLS_PARAM: &str = "tools";
 
 /// Our tokenizer as llguidance sees it: the trie of token bytes and text → ids.
 struct VocabEnv {
@@ -132,6 +134,29 @@ impl GrammarCompiler {
         Ok(compiled)
     }
 
+    /// A Lark grammar (llguidance's dialect: JSON schemas embedded with `%json`), compiled
+    /// on first use: tool calls. What it cannot enforce is an `InvalidRequest` on `tools`.
+    pub fn compile_lark(&self, lark: &str) -> Result<Arc<CompiledGrammar>> {
+        // A separate key space: a Lark text never equals a canonical JSON schema, but the
+        // prefix makes that obvious.
+        let key = format!("lark:{lark}");
+        if let Some(hit) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            return Ok(hit);
+        }
+        let grammar = TopLevelGrammar::from_lark(lark.to_owned());
+        let compiled = Arc::new(self.build(grammar, TOOLS_PARAM, "the tool-call grammar")?);
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, Arc::clone(&compiled));
+        Ok(compiled)
+    }
+
     fn compile_uncached(&self, mut schema: Value) -> Result<CompiledGrammar> {
         if let Some(obj) = schema.as_object_mut() {
             // llguidance reads its options from this key; a client must not loosen ours.
@@ -143,7 +168,12 @@ impl GrammarCompiler {
             }
             json_options().apply_to(&mut schema);
         }
-        let grammar = TopLevelGrammar::from_json_schema(schema);
+        self.build(TopLevelGrammar::from_json_schema(schema), PARAM, "the schema")
+    }
+
+    /// Compiles a grammar; anything llguidance would reject or only approximate is an
+    /// `InvalidRequest` on `param`, never a looser grammar.
+    fn build(&self, grammar: TopLevelGrammar, param: &'static str, what: &str) -> Result<CompiledGrammar> {
         let parser = self
             .factory
             .create_parser_from_init_ext(
@@ -154,32 +184,25 @@ impl GrammarCompiler {
             )
             .map_err(|e| {
                 Error::invalid(
-                    PARAM,
-                    format!(
-                        "response_format: the schema cannot be enforced: {}",
-                        first_line(e)
-                    ),
+                    param,
+                    format!("{param}: {what} cannot be enforced: {}", first_line(e)),
                 )
             })?;
         let mut matcher = Matcher::new(Ok(parser.deep_clone()));
-        // Anything llguidance would only approximate is refused, not loosened.
         let warnings = matcher.grammar_warnings();
         if !warnings.is_empty() {
             return Err(Error::invalid(
-                PARAM,
+                param,
                 format!(
-                    "response_format: the schema cannot be enforced exactly: {}",
+                    "{param}: {what} cannot be enforced exactly: {}",
                     warnings.join("; ")
                 ),
             ));
         }
         if let Some(e) = matcher.get_error() {
             return Err(Error::invalid(
-                PARAM,
-                format!(
-                    "response_format: the schema cannot be enforced: {}",
-                    first_line(e)
-                ),
+                param,
+                format!("{param}: {what} cannot be enforced: {}", first_line(e)),
             ));
         }
         Ok(CompiledGrammar { parser })
@@ -475,6 +498,35 @@ mod tests {
             assert!(e.to_string().starts_with("response_format"), "{e}");
         }
         assert!(compiler.compile("{not json").is_err());
+    }
+
+    #[test]
+    fn a_lark_grammar_with_embedded_json_constrains_tool_calls() {
+        let vocab = ByteVocab::new();
+        let compiler = compiler(&vocab);
+        let lark = r#"
+start: TEXT | call
+call: "<t>" %json {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"], "additionalProperties": false} "</t>"
+TEXT: /(?s:.*)/ & ~/(?s:.*)<t>(?s:.*)/
+"#;
+        let grammar = compiler.compile_lark(lark).unwrap();
+        let accepts = |text: &str| {
+            let mut state = grammar.start();
+            for b in text.bytes() {
+                if !state.mask().unwrap().is_allowed(b as u32) {
+                    return false;
+                }
+                state.commit(b as u32).unwrap();
+            }
+            state.is_accepting()
+        };
+        assert!(accepts("hello"));
+        assert!(accepts("<t>{\"a\": 12}</t>"));
+        assert!(!accepts("<t>{\"b\": 1}</t>"));
+        assert!(!accepts("x <t>"));
+        let e = compiler.compile_lark("start: %json {\"type\": \"array\", \"uniqueItems\": true}").err().unwrap();
+        assert_eq!(e.param(), Some("tools"), "{e}");
+        assert!(e.to_string().contains("uniqueItems"), "{e}");
     }
 
     #[test]

@@ -50,6 +50,10 @@ pub struct SamplingParams {
     /// (JSON text; `{"type": "object"}` for any object). The engine compiles it at submit
     /// and refuses what it cannot enforce (`param` `response_format`).
     pub json_schema: Option<String>,
+    /// Tool calls: every choice matches this llguidance Lark grammar (JSON schemas embedded
+    /// with `%json`), compiled at submit like `json_schema`; what it cannot enforce is refused
+    /// on `param` `tools`. At most one of `json_schema` and `lark_grammar`.
+    pub lark_grammar: Option<String>,
 }
 
 impl Default for SamplingParams {
@@ -71,6 +75,7 @@ impl Default for SamplingParams {
             logprobs: false,
             top_logprobs: 0,
             json_schema: None,
+            lark_grammar: None,
         }
     }
 }

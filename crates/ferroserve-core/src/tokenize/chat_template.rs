@@ -4,6 +4,12 @@
 //! a non-HTML-escaping `tojson`), so the rendered prompt is byte-identical to the reference.
 //!
 //! The engine never sees OpenAI JSON: the API layer converts requests into [`ChatMessage`]s.
+//!
+//! Tools: a template that mentions `tools` gets them as Hugging Face passes them (`tools`,
+//! `message.tool_calls`, `message.tool_call_id`). Any other template gets the conversation
+//! lowered to Hermes-style text first ([`hermes_lowering`]): the tool list in the system
+//! message inside `<tools></tools>`, calls as `<tool_call>{"name": ..., "arguments": ...}
+//! </tool_call>` in the assistant's text, results as `<tool_response>` blocks in a user turn.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -38,14 +44,54 @@ type Result<T, E = ChatTemplateError> = std::result::Result<T, E>;
 pub struct ChatMessage {
     pub role: String,
     pub content: MessageContent,
+    /// An assistant turn's calls.
+    pub tool_calls: Vec<ToolCall>,
+    /// A `tool` turn: the call it answers.
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
     pub fn text(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self::new(role, MessageContent::Text(content.into()))
+    }
+
+    pub fn new(role: impl Into<String>, content: MessageContent) -> Self {
         ChatMessage {
             role: role.into(),
-            content: MessageContent::Text(content.into()),
+            content,
+            tool_calls: Vec::new(),
+            tool_call_id: None,
         }
+    }
+}
+
+/// A function call the assistant made.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    /// JSON text (what the model wrote; an object when it parses).
+    pub arguments: String,
+}
+
+/// A function the model may call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolSpec {
+    pub name: String,
+    pub description: Option<String>,
+    /// A JSON schema (an object).
+    pub parameters: serde_json::Value,
+}
+
+impl ToolSpec {
+    /// `parameters` as JSON text; `None` unless it is a JSON object.
+    pub fn parse(name: String, description: Option<String>, parameters: &str) -> Option<Self> {
+        let parameters: serde_json::Value = serde_json::from_str(parameters).ok()?;
+        parameters.is_object().then_some(ToolSpec {
+            name,
+            description,
+            parameters,
+        })
     }
 }
 
@@ -145,20 +191,51 @@ impl ChatTemplate {
         &self.source
     }
 
+    /// Whether the template renders tools itself (it refers to `tools`); otherwise tool
+    /// conversations are lowered to Hermes-style text.
+    pub fn supports_tools(&self) -> bool {
+        self.source.contains("tools")
+    }
+
     /// Renders the conversation. With `add_generation_prompt` the output ends with the
     /// assistant turn's opening, ready for the model to continue.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.render_with_tools(messages, &[], add_generation_prompt)
+    }
+
+    /// [`render`](Self::render) with the functions the model may call.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[ToolSpec],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let uses_tools = !tools.is_empty()
+            || messages
+                .iter()
+                .any(|m| !m.tool_calls.is_empty() || m.role == "tool");
+        let lowered;
+        let messages = if uses_tools && !self.supports_tools() {
+            lowered = hermes_lowering(messages, tools)?;
+            &lowered[..]
+        } else {
+            messages
+        };
         let messages = messages
             .iter()
             .enumerate()
             .map(|(index, message)| message_value(index, message))
             .collect::<Result<Vec<Value>>>()?;
-        let context = Value::from(BTreeMap::from([
+        let mut context = BTreeMap::from([
             ("messages", Value::from(messages)),
             ("add_generation_prompt", Value::from(add_generation_prompt)),
             ("bos_token", Value::from(self.bos_token.as_str())),
             ("eos_token", Value::from(self.eos_token.as_str())),
-        ]));
+        ]);
+        if !tools.is_empty() && self.supports_tools() {
+            context.insert("tools", Value::from(tools.iter().map(tool_value).collect::<Vec<_>>()));
+        }
+        let context = Value::from(context);
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
@@ -173,7 +250,184 @@ impl ChatTemplate {
 }
 
 fn message_value(index: usize, message: &ChatMessage) -> Result<Value> {
-    let content = match &message.content {
+    let content = content_text(index, message)?;
+    let mut fields = BTreeMap::from([
+        ("role", Value::from(message.role.as_str())),
+        ("content", Value::from(content)),
+    ]);
+    if !message.tool_calls.is_empty() {
+        // Hugging Face's shape; `arguments` as an object where it parses (templates write it
+        // with `tojson`), else the text.
+        let calls: Vec<Value> = message
+            .tool_calls
+            .iter()
+            .map(|call| {
+                let arguments = serde_json::from_str::<serde_json::Value>(&call.arguments)
+                    .map(|v| json_value(&v))
+                    .unwrap_or_else(|_| Value::from(call.arguments.as_str()));
+                let function = BTreeMap::from([
+                    ("name", Value::from(call.name.as_str())),
+                    ("arguments", arguments),
+                ]);
+                Value::from(BTreeMap::from([
+                    ("id", Value::from(call.id.as_str())),
+                    ("type", Value::from("function")),
+                    ("function", Value::from(function)),
+                ]))
+            })
+            .collect();
+        fields.insert("tool_calls", Value::from(calls));
+    }
+    if let Some(id) = &message.tool_call_id {
+        fields.insert("tool_call_id", Value::from(id.as_str()));
+    }
+    Ok(Value::from(fields))
+}
+
+/// A JSON value for the template (minijinja is built without serde; maps come out with
+/// sorted keys).
+fn json_value(value: &serde_json::Value) -> Value {
+    match value {
+        serde_json::Value::Null => Value::from(()),
+        serde_json::Value::Bool(b) => Value::from(*b),
+        serde_json::Value::Number(n) => match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => Value::from(i),
+            (None, Some(f)) => Value::from(f),
+            _ => Value::from(n.to_string()),
+        },
+        serde_json::Value::String(s) => Value::from(s.as_str()),
+        serde_json::Value::Array(items) => Value::from(items.iter().map(json_value).collect::<Vec<_>>()),
+        serde_json::Value::Object(map) => Value::from(
+            map.iter()
+                .map(|(k, v)| (k.clone(), json_value(v)))
+                .collect::<BTreeMap<String, Value>>(),
+        ),
+    }
+}
+
+/// `{"type": "function", "function": {name, description, parameters}}`, as HF templates expect.
+fn tool_value(tool: &ToolSpec) -> Value {
+    json_value(&tool_json(tool))
+}
+
+fn tool_json(tool: &ToolSpec) -> serde_json::Value {
+    let mut function = serde_json::Map::new();
+    function.insert("name".into(), tool.name.clone().into());
+    if let Some(d) = &tool.description {
+        function.insert("description".into(), d.clone().into());
+    }
+    function.insert("parameters".into(), tool.parameters.clone());
+    serde_json::json!({"type": "function", "function": function})
+}
+
+/// The Hermes tool prompt (as Qwen2.5's and NousResearch's Hermes templates write it).
+const HERMES_TOOLS_HEADER: &str = "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>";
+const HERMES_TOOLS_FOOTER: &str = "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>";
+
+/// A tool conversation as plain text turns, for templates that know nothing of tools: the
+/// tool list appended to the system message (one is added if there is none), each call a
+/// `<tool_call>` block after the assistant's text, consecutive tool results one user turn
+/// of `<tool_response>` blocks.
+pub fn hermes_lowering(messages: &[ChatMessage], tools: &[ToolSpec]) -> Result<Vec<ChatMessage>> {
+    let mut out: Vec<ChatMessage> = Vec::with_capacity(messages.len() + 1);
+    if !tools.is_empty() {
+        let mut prompt = String::from(HERMES_TOOLS_HEADER);
+        for tool in tools {
+            prompt.push('\n');
+            prompt.push_str(&python_json(&tool_json(tool)));
+        }
+        prompt.push_str(HERMES_TOOLS_FOOTER);
+        match messages.first() {
+            Some(first) if first.role == "system" => {
+                let text = content_text(0, first)?;
+                out.push(ChatMessage::text("system", format!("{text}\n\n{prompt}")));
+            }
+            _ => out.push(ChatMessage::text("system", prompt)),
+        }
+    }
+    for (index, message) in messages.iter().enumerate() {
+        if index == 0 && !tools.is_empty() && message.role == "system" {
+            continue;
+        }
+        let text = content_text(index, message)?;
+        if message.role == "tool" {
+            let block = format!("<tool_response>\n{text}\n</tool_response>");
+            match out.last_mut() {
+                Some(prev) if prev.role == "user" && index > 0 && messages[index - 1].role == "tool" => {
+                    if let MessageContent::Text(t) = &mut prev.content {
+                        t.push('\n');
+                        t.push_str(&block);
+                    }
+                }
+                _ => out.push(ChatMessage::text("user", block)),
+            }
+            continue;
+        }
+        if message.tool_calls.is_empty() {
+            out.push(ChatMessage::text(message.role.clone(), text));
+            continue;
+        }
+        let mut lines: Vec<String> = Vec::new();
+        if !text.is_empty() {
+            lines.push(text);
+        }
+        for call in &message.tool_calls {
+            let arguments = serde_json::from_str::<serde_json::Value>(&call.arguments)
+                .map(|v| python_json(&v))
+                .unwrap_or_else(|_| call.arguments.clone());
+            lines.push(format!(
+                "<tool_call>\n{{\"name\": {}, \"arguments\": {arguments}}}\n</tool_call>",
+                python_json(&serde_json::Value::String(call.name.clone()))
+            ));
+        }
+        out.push(ChatMessage::text(message.role.clone(), lines.join("\n")));
+    }
+    Ok(out)
+}
+
+/// JSON as Python's `json.dumps` writes it (`", "`, `": "`): the separators the constrained
+/// tool calls use, so the prompt and the answers look alike.
+/// Object keys keep the client's order.
+fn python_json(value: &serde_json::Value) -> String {
+    fn write(w: &mut JsonWriter, value: &serde_json::Value) {
+        match value {
+            serde_json::Value::String(s) => w.string(s),
+            serde_json::Value::Array(items) => {
+                w.out.push('[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        w.out.push_str(", ");
+                    }
+                    write(w, item);
+                }
+                w.out.push(']');
+            }
+            serde_json::Value::Object(map) => {
+                w.out.push('{');
+                for (i, (key, item)) in map.iter().enumerate() {
+                    if i > 0 {
+                        w.out.push_str(", ");
+                    }
+                    w.string(key);
+                    w.out.push_str(": ");
+                    write(w, item);
+                }
+                w.out.push('}');
+            }
+            other => w.out.push_str(&other.to_string()),
+        }
+    }
+    let mut writer = JsonWriter {
+        out: String::new(),
+        indent: None,
+        sort_keys: false,
+    };
+    write(&mut writer, value);
+    writer.out
+}
+
+fn content_text(index: usize, message: &ChatMessage) -> Result<String> {
+    Ok(match &message.content {
         MessageContent::Text(text) => text.clone(),
         MessageContent::Parts(parts) => {
             let mut texts = Vec::with_capacity(parts.len());
@@ -190,11 +444,7 @@ fn message_value(index: usize, message: &ChatMessage) -> Result<Value> {
             }
             texts.join("\n")
         }
-    };
-    Ok(Value::from(BTreeMap::from([
-        ("role", Value::from(message.role.as_str())),
-        ("content", Value::from(content)),
-    ])))
+    })
 }
 
 /// Marks an error raised by the template's own `raise_exception`, to tell it from a bug.
@@ -393,20 +643,20 @@ mod tests {
             "",
         )
         .unwrap();
-        let parts = ChatMessage {
-            role: "user".into(),
-            content: MessageContent::Parts(vec![
+        let parts = ChatMessage::new(
+            "user",
+            MessageContent::Parts(vec![
                 ContentPart::Text("a".into()),
                 ContentPart::Text("b".into()),
             ]),
-        };
+        );
         assert_eq!(t.render(&[parts], false).unwrap(), "a\nb|");
-        let image = ChatMessage {
-            role: "user".into(),
-            content: MessageContent::Parts(vec![ContentPart::Other {
+        let image = ChatMessage::new(
+            "user",
+            MessageContent::Parts(vec![ContentPart::Other {
                 kind: "image_url".into(),
             }]),
-        };
+        );
         let err = t
             .render(&[ChatMessage::text("user", "x"), image], false)
             .unwrap_err();
@@ -461,5 +711,54 @@ mod tests {
             ChatTemplate::new("{% for %}", "", ""),
             Err(ChatTemplateError::Syntax(_))
         ));
+    }
+
+    #[test]
+    fn tool_conversations_are_lowered_to_hermes_text_for_templates_without_tools() {
+        let t = ChatTemplate::new(
+            "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        assert!(!t.supports_tools());
+        let tools = [ToolSpec {
+            name: "get_weather".into(),
+            description: Some("Weather now".into()),
+            parameters: serde_json::json!({"type": "object", "properties": {"city": {"type": "string"}}}),
+        }];
+        let mut call = ChatMessage::text("assistant", "");
+        call.tool_calls.push(ToolCall {
+            id: "call_1".into(),
+            name: "get_weather".into(),
+            arguments: r#"{"city":"Paris"}"#.into(),
+        });
+        let mut result = ChatMessage::text("tool", "18C");
+        result.tool_call_id = Some("call_1".into());
+        let messages = [ChatMessage::text("user", "Weather in Paris?"), call, result];
+        let out = t.render_with_tools(&messages, &tools, true).unwrap();
+        assert!(out.starts_with("<system># Tools\n"), "{out}");
+        assert!(out.contains(r#"<tools>
+{"type": "function", "function": {"name": "get_weather", "description": "Weather now", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+</tools>"#), "{out}");
+        assert!(out.contains("<user>Weather in Paris?\n<assistant><tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n<user><tool_response>\n18C\n</tool_response>\n"), "{out}");
+    }
+
+    #[test]
+    fn templates_with_tools_get_them_natively() {
+        let t = ChatTemplate::new(
+            "{% for tool in tools %}[{{ tool.function.name }}]{% endfor %}{% for m in messages %}{% for c in m.tool_calls %}{{ c.function.name }}{{ c.function.arguments | tojson }}{% endfor %}{{ m.tool_call_id }}{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        assert!(t.supports_tools());
+        let tools = [ToolSpec { name: "f".into(), description: None, parameters: serde_json::json!({"type": "object"}) }];
+        let mut call = ChatMessage::text("assistant", "");
+        call.tool_calls.push(ToolCall { id: "c".into(), name: "f".into(), arguments: r#"{"x": 1}"#.into() });
+        let mut result = ChatMessage::text("tool", "ok");
+        result.tool_call_id = Some("c".into());
+        let out = t.render_with_tools(&[call, result], &tools, false).unwrap();
+        assert_eq!(out, r#"[f]f{"x": 1}c"#);
     }
 }
