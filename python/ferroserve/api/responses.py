@@ -220,7 +220,7 @@ async def _conversation(gateway: Gateway | None, ticket: Ticket, previous_id: st
     if previous_id is None:
         return [], None
     gw = _needs_gateway(gateway, "previous_response_id")
-    chain = await gw.call(lambda s: s.response_chain(previous_id, ticket.workspace))
+    chain = await gw.call(lambda s: s.response_chain(previous_id, ticket.workspace or ""))
     if not chain:
         raise invalid(f"Previous response with id '{previous_id}' not found.", param="previous_response_id",
                       code="previous_response_not_found")
@@ -337,8 +337,7 @@ async def create_response(router: Router, gateway: Gateway | None, body: bytes, 
     text_echo, response_format = text_format(req.text)
     store = req.store if req.store is not None else gateway is not None
     background = bool(req.background)
-    if store:
-        _needs_gateway(gateway, "store: true (the default)")
+    store_in = _needs_gateway(gateway, "store: true") if store else None
     own_items = input_items(req.input)
     prior, _ = await _conversation(gateway, ticket, req.previous_response_id)
     params = SamplingParams(max_tokens=req.max_output_tokens,
@@ -373,7 +372,7 @@ async def create_response(router: Router, gateway: Gateway | None, body: bytes, 
         _, events = await start_generation(router, plan, request, ticket)
         route_fields(plan, log)
         if req.stream:
-            await _stream(gen, events, plan, proto, ticket, log, gateway if store else None)
+            await _stream(gen, events, plan, proto, ticket, log, store_in)
             return 200, None, log
         try:
             async for ev in events:
@@ -382,8 +381,8 @@ async def create_response(router: Router, gateway: Gateway | None, body: bytes, 
             await events.aclose()
         gen.finish(plan)
         gen.log_tokens(log)
-        if store:
-            await gateway.call(lambda s: s.insert_response(record.row()))
+        if store_in is not None:
+            await store_in.call(lambda s: s.insert_response(record.row()))
         out = record.json()
         if plan.routed:
             out["routing"] = plan.routing()
@@ -448,7 +447,8 @@ async def _stream(gen: Generation, events, plan: Plan, proto, ticket: Ticket, lo
         gen.log_tokens(log)
         await events.aclose()
         # A stream resumed on a fallback mid-answer: the usage names who finished it.
-        ticket.served(plan.served_by, plan)
+        if plan.served_by is not None:
+            ticket.served(plan.served_by, plan)
         route_fields(plan, log)
     if final and gateway is not None:
         await gateway.call(lambda s: s.insert_response(rec.row()))
