@@ -495,6 +495,9 @@ class TritonGenerationModel(TritonModel):
             yield Failed(ApiError(400, f"`{self.name}` (Triton) cannot enforce response_format (structured output)",
                                   param="response_format"))
             return
+        if request.tools:
+            yield Failed(ApiError(400, f"`{self.name}` (Triton) cannot call tools", param="tools"))
+            return
         try:
             prompt = self._prompt(request)
             prompt_tokens = self.count_tokens(request)

@@ -53,7 +53,9 @@ from ferroserve.backends.base import (
     Event,
     Failed,
     Finished,
+    Message,
     TokenLogprob,
+    ToolCallDelta,
     Unavailable,
     estimate_tokens,
 )
@@ -98,8 +100,22 @@ class _ChatLogprobs(msgspec.Struct):
     content: list[_ChatTokenLogprob] | None = None
 
 
+class _FunctionIn(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _ToolCallIn(msgspec.Struct):
+    """A tool call in an upstream's answer (a stream's delta carries `index`)."""
+
+    index: int = 0
+    id: str | None = None
+    function: _FunctionIn | None = None
+
+
 class _ChatDelta(msgspec.Struct):
     content: str | None = None
+    tool_calls: list[_ToolCallIn] | None = None
 
 
 class _ChatChoice(msgspec.Struct):
@@ -137,6 +153,7 @@ class _CompletionChunk(msgspec.Struct):
 # A non-streaming answer, for upstreams that ignore `stream: true`.
 class _ChatMessageOut(msgspec.Struct):
     content: str | None = None
+    tool_calls: list[_ToolCallIn] | None = None
 
 
 class _ChatFullChoice(msgspec.Struct):
@@ -444,11 +461,21 @@ class UpstreamBackend(Backend):
         if request.stream:
             body["stream_options"] = {"include_usage": True}
         if chat:
-            body["messages"] = [
-                {"role": m.role, "content": m.content if isinstance(m.content, str)
-                 else [{"type": kind, "text": text} for kind, text in m.content]}
-                for m in request.messages or ()
-            ]
+            body["messages"] = [_message_json(m) for m in request.messages or ()]
+            if request.tools:
+                # Enforced (or not) by the upstream, as the client asked.
+                body["tools"] = [
+                    {"type": "function", "function": {
+                        "name": t.name, "parameters": t.parameters,
+                        **({"description": t.description} if t.description is not None else {}),
+                        **({"strict": t.strict} if t.strict is not None else {}),
+                    }}
+                    for t in request.tools
+                ]
+                body["tool_choice"] = (request.tool_choice if request.tool_choice != "function"
+                                       else {"type": "function", "function": {"name": request.tool_choice_function}})
+                if not request.parallel_tool_calls:
+                    body["parallel_tool_calls"] = False
         else:
             body["prompt"] = request.prompt
         body["temperature"] = p.temperature
@@ -596,6 +623,12 @@ class _SseStream:
             self.usage = chunk.usage
         if isinstance(chunk, _ChatChunk):
             for c in chunk.choices:
+                if c.delta is not None and c.delta.tool_calls:
+                    if c.index >= len(self.counted):
+                        self.counted.extend([0] * (c.index + 1 - len(self.counted)))
+                    for call in c.delta.tool_calls:
+                        self.counted[c.index] += 1
+                        events.append(_tool_call_event(c.index, call.index, call))
                 self._choice(c.index, c.delta.content if c.delta is not None else None,
                              _chat_logprobs(c.logprobs) if c.logprobs is not None else None, c.finish_reason, events)
         else:
@@ -621,6 +654,25 @@ class _SseStream:
         if not self.done and len(self.reasons) < self.n:
             raise _StreamFailure("the stream ended before every choice finished")
         return events + _settle(self.usage, self.counted, self.reasons, request)
+
+
+def _message_json(m: Message) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": m.role, "content": m.content if isinstance(m.content, str)
+                           else [{"type": kind, "text": text} for kind, text in m.content]}
+    if m.tool_calls:
+        out["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                             for c in m.tool_calls]
+        if not out["content"]:
+            out["content"] = None
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+def _tool_call_event(index: int, call_index: int, call: _ToolCallIn) -> ToolCallDelta:
+    f = call.function
+    return ToolCallDelta(index, call_index, call.id, f.name if f is not None else None,
+                         (f.arguments or "") if f is not None else "")
 
 
 def _settle(usage: _Usage | None, counted: list[int], finish: dict[int, str], request: ChatRequest) -> list[Event]:
@@ -689,6 +741,9 @@ def _full_events(data: bytes, chat: bool, n: int, request: ChatRequest) -> list[
             if c.index < n and text:
                 counted[c.index] = 1
                 deltas.append(Delta(c.index, text, [], _chat_logprobs(c.logprobs) if c.logprobs else None))
+            if c.index < n and c.message is not None and c.message.tool_calls:
+                counted[c.index] = 1
+                deltas.extend(_tool_call_event(c.index, k, call) for k, call in enumerate(c.message.tool_calls))
             if c.finish_reason is not None:
                 finish[c.index] = c.finish_reason
         usage = full.usage
