@@ -168,12 +168,21 @@ impl GrammarCompiler {
             }
             json_options().apply_to(&mut schema);
         }
-        self.build(TopLevelGrammar::from_json_schema(schema), PARAM, "the schema")
+        self.build(
+            TopLevelGrammar::from_json_schema(schema),
+            PARAM,
+            "the schema",
+        )
     }
 
     /// Compiles a grammar; anything llguidance would reject or only approximate is an
     /// `InvalidRequest` on `param`, never a looser grammar.
-    fn build(&self, grammar: TopLevelGrammar, param: &'static str, what: &str) -> Result<CompiledGrammar> {
+    fn build(
+        &self,
+        grammar: TopLevelGrammar,
+        param: &'static str,
+        what: &str,
+    ) -> Result<CompiledGrammar> {
         let parser = self
             .factory
             .create_parser_from_init_ext(
@@ -524,7 +533,10 @@ TEXT: /(?s:.*)/ & ~/(?s:.*)<t>(?s:.*)/
         assert!(accepts("<t>{\"a\": 12}</t>"));
         assert!(!accepts("<t>{\"b\": 1}</t>"));
         assert!(!accepts("x <t>"));
-        let e = compiler.compile_lark("start: %json {\"type\": \"array\", \"uniqueItems\": true}").err().unwrap();
+        let e = compiler
+            .compile_lark("start: %json {\"type\": \"array\", \"uniqueItems\": true}")
+            .err()
+            .unwrap();
         assert_eq!(e.param(), Some("tools"), "{e}");
         assert!(e.to_string().contains("uniqueItems"), "{e}");
     }

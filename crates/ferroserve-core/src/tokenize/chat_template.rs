@@ -233,7 +233,10 @@ impl ChatTemplate {
             ("eos_token", Value::from(self.eos_token.as_str())),
         ]);
         if !tools.is_empty() && self.supports_tools() {
-            context.insert("tools", Value::from(tools.iter().map(tool_value).collect::<Vec<_>>()));
+            context.insert(
+                "tools",
+                Value::from(tools.iter().map(tool_value).collect::<Vec<_>>()),
+            );
         }
         let context = Value::from(context);
         let template = self
@@ -296,7 +299,9 @@ fn json_value(value: &serde_json::Value) -> Value {
             _ => Value::from(n.to_string()),
         },
         serde_json::Value::String(s) => Value::from(s.as_str()),
-        serde_json::Value::Array(items) => Value::from(items.iter().map(json_value).collect::<Vec<_>>()),
+        serde_json::Value::Array(items) => {
+            Value::from(items.iter().map(json_value).collect::<Vec<_>>())
+        }
         serde_json::Value::Object(map) => Value::from(
             map.iter()
                 .map(|(k, v)| (k.clone(), json_value(v)))
@@ -353,7 +358,9 @@ pub fn hermes_lowering(messages: &[ChatMessage], tools: &[ToolSpec]) -> Result<V
         if message.role == "tool" {
             let block = format!("<tool_response>\n{text}\n</tool_response>");
             match out.last_mut() {
-                Some(prev) if prev.role == "user" && index > 0 && messages[index - 1].role == "tool" => {
+                Some(prev)
+                    if prev.role == "user" && index > 0 && messages[index - 1].role == "tool" =>
+                {
                     if let MessageContent::Text(t) = &mut prev.content {
                         t.push('\n');
                         t.push_str(&block);
@@ -753,9 +760,17 @@ mod tests {
         )
         .unwrap();
         assert!(t.supports_tools());
-        let tools = [ToolSpec { name: "f".into(), description: None, parameters: serde_json::json!({"type": "object"}) }];
+        let tools = [ToolSpec {
+            name: "f".into(),
+            description: None,
+            parameters: serde_json::json!({"type": "object"}),
+        }];
         let mut call = ChatMessage::text("assistant", "");
-        call.tool_calls.push(ToolCall { id: "c".into(), name: "f".into(), arguments: r#"{"x": 1}"#.into() });
+        call.tool_calls.push(ToolCall {
+            id: "c".into(),
+            name: "f".into(),
+            arguments: r#"{"x": 1}"#.into(),
+        });
         let mut result = ChatMessage::text("tool", "ok");
         result.tool_call_id = Some("c".into());
         let out = t.render_with_tools(&[call, result], &tools, false).unwrap();
