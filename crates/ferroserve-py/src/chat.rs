@@ -30,9 +30,12 @@ pub enum PyContent {
 /// with `tool_calls` a list of `(id, name, arguments_json)`.
 #[derive(FromPyObject)]
 pub enum PyMessage {
-    WithTools((String, PyContent, Vec<(String, String, String)>, Option<String>)),
+    WithTools(PyToolMessage),
     Plain((String, PyContent)),
 }
+
+/// `(role, content, [(id, name, arguments_json)], tool_call_id)`.
+type PyToolMessage = (String, PyContent, Vec<(String, String, String)>, Option<String>);
 
 fn to_messages(messages: Vec<PyMessage>) -> Vec<ChatMessage> {
     messages
