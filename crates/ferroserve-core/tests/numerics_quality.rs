@@ -21,7 +21,7 @@
 //! ranges 0.77–3.0×; bench/NOTES.md, "Fast numerics against an f64 reference"), so without the
 //! 2·SE term the verdict would be a coin toss on which sample was drawn.
 //!
-//! Sized to ≈ 4,800 scored positions, ≈ 55 s in `cargo test --release` on 2 cores (the f64
+//! Sized to ≈ 4,800 scored positions, 55–80 s in `cargo test --release` on 2 cores (the f64
 //! pass, ≈ 9 ms per position in 64-token windows, is most of it). A larger
 //! `FERROSERVE_QUALITY_PROSE_TOKENS` (default 4096) measures on more prose.
 //!
@@ -40,7 +40,7 @@ use llama_f64::{log_softmax, LlamaF64};
 
 /// The prose: this many tokens from the start of the text, in independent windows of
 /// `PROSE_WINDOW_TOKENS` (each scored from its second token on, each one sampling unit of the
-/// gate). Sized so the whole test, dominated by the f64 pass, takes ≈ 55 s in release on a
+/// gate). Sized so the whole test, dominated by the f64 pass, takes 55–80 s in release on a
 /// 2-core machine.
 const PROSE_SOURCE: &str = "/usr/share/common-licenses/GPL-3";
 const PROSE_TOKENS: usize = 4096;
@@ -205,7 +205,8 @@ fn spread(e: &Tally, f: &Tally) {
             (v.iter().sum::<f64>() / v.len() as f64, v.len())
         };
         let ((me, n), (mf, _)) = (mean(e), mean(f));
-        println!("positions {lo}..{hi}: {n}, mean KL exact {me:.2e}, fast {mf:.2e} (fast/exact {:.3})", mf / me);
+        let end = if hi == usize::MAX { String::new() } else { hi.to_string() };
+        println!("positions {lo}..{end}: {n}, mean KL exact {me:.2e}, fast {mf:.2e} (fast/exact {:.3})", mf / me);
     }
 }
 
