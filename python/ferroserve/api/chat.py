@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 from typing import Any
 
@@ -139,8 +138,7 @@ async def create_chat_completion(router: Router, body: bytes, proto, ticket: Tic
     ticket.admit_plan([plan], [request], (max_tokens or 0) * params.n)
     cid, created = new_id("chatcmpl"), now()
     log: dict = {"model": plan.candidates[0].spec.name}
-    disconnect = Disconnect(proto)
-    try:
+    with Disconnect(proto):
         model, events = await start_generation(router, plan, request, ticket)
         name = plan.response_model_name()
         route_fields(plan, log)
@@ -170,13 +168,8 @@ async def create_chat_completion(router: Router, body: bytes, proto, ticket: Tic
             return 200, encode(out), log
         await _stream(events, params.n, req, cid, created, name, plan, proto, log, ticket)
         return 200, None, log
-    except asyncio.CancelledError:
-        if not disconnect.absorb():
-            raise
-        log["client_disconnected"] = True
-        return 499, None, log
-    finally:
-        disconnect.close()
+    log["client_disconnected"] = True
+    return 499, None, log
 
 
 def _fold_call(calls: list[dict], ev: ToolCallDelta) -> None:

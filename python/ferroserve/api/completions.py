@@ -72,43 +72,39 @@ async def create_completion(router: Router, body: bytes, proto, ticket: Ticket) 
     cid, created = new_id("cmpl"), now()
     log: dict = {"model": plans[0].candidates[0].spec.name}
     outcomes = [Outcome([Choice() for _ in range(n)], 0) for _ in requests]
-    disconnect = Disconnect(proto)
     started: list = []
     try:
-        for plan, r in zip(plans, requests):
-            started.append((await start_generation(router, plan, r, ticket))[1])
-        route_fields(plans[0], log)
-        name = plans[0].response_model_name()
-        if req.stream:
-            await _stream(started, outcomes, n, req, cid, created, name, plans[0], proto, ticket)
-            return 200, None, log
+        with Disconnect(proto):
+            for plan, r in zip(plans, requests):
+                started.append((await start_generation(router, plan, r, ticket))[1])
+            route_fields(plans[0], log)
+            name = plans[0].response_model_name()
+            if req.stream:
+                await _stream(started, outcomes, n, req, cid, created, name, plans[0], proto, ticket)
+                return 200, None, log
 
-        async def run(events, outcome):
-            async for ev in events:
-                apply(outcome, ev)
+            async def run(events, outcome):
+                async for ev in events:
+                    apply(outcome, ev)
 
-        await asyncio.gather(*(run(e, o) for e, o in zip(started, outcomes)))
-        choices = []
-        for pi, outcome in enumerate(outcomes):
-            for j, c in enumerate(outcome.choices):
-                choices.append({
-                    "index": pi * n + j,
-                    "text": "".join(c.text),
-                    "logprobs": _logprobs_json(c.logprobs) if req.logprobs is not None else None,
-                    "finish_reason": c.finish_reason,
-                })
-        out = {"id": cid, "object": "text_completion", "created": created, "model": name,
-               "system_fingerprint": FINGERPRINT, "choices": choices, "usage": _usage(outcomes)}
-        if plans[0].routed:
-            out["routing"] = plans[0].routing()
-        return 200, encode(out), log
-    except asyncio.CancelledError:
-        if not disconnect.absorb():
-            raise
+            await asyncio.gather(*(run(e, o) for e, o in zip(started, outcomes)))
+            choices = []
+            for pi, outcome in enumerate(outcomes):
+                for j, c in enumerate(outcome.choices):
+                    choices.append({
+                        "index": pi * n + j,
+                        "text": "".join(c.text),
+                        "logprobs": _logprobs_json(c.logprobs) if req.logprobs is not None else None,
+                        "finish_reason": c.finish_reason,
+                    })
+            out = {"id": cid, "object": "text_completion", "created": created, "model": name,
+                   "system_fingerprint": FINGERPRINT, "choices": choices, "usage": _usage(outcomes)}
+            if plans[0].routed:
+                out["routing"] = plans[0].routing()
+            return 200, encode(out), log
         log["client_disconnected"] = True
         return 499, None, log
     finally:
-        disconnect.close()
         # Metered even when the client left early: what was generated was generated.
         log["prompt_tokens"] = sum(o.prompt_tokens for o in outcomes)
         log["completion_tokens"] = sum(o.completion_tokens if o.finished else o.generated_tokens for o in outcomes)

@@ -193,6 +193,16 @@ class Disconnect:
             return True
         return False
 
+    # `with Disconnect(proto):` around a handler's work: the watcher is closed on the way out,
+    # and a cancellation caused by the client leaving is absorbed (the code after the block
+    # then answers 499 for the log); any other cancellation propagates.
+    def __enter__(self) -> Disconnect:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.close()
+        return exc_type is not None and issubclass(exc_type, asyncio.CancelledError) and self.absorb()
+
 
 async def start_generation(router: Router, plan: Plan, request: ChatRequest, ticket: Ticket):
     """Routes the request: `(model that serves, its event iterator)`. The ticket learns which

@@ -367,35 +367,30 @@ async def create_response(router: Router, gateway: Gateway | None, body: bytes, 
         _BACKGROUND[record.id] = task
         return 200, encode(record.json()), {**log, METERED_LATER: True}
     gen = Generation(record)
-    disconnect = Disconnect(proto)
     try:
-        _, events = await start_generation(router, plan, request, ticket)
-        route_fields(plan, log)
-        if req.stream:
-            await _stream(gen, events, plan, proto, ticket, log, store_in)
-            return 200, None, log
-        try:
-            async for ev in events:
-                apply(gen.outcome, ev)
-        finally:
-            await events.aclose()
-        gen.finish(plan)
-        gen.log_tokens(log)
-        if store_in is not None:
-            await store_in.call(lambda s: s.insert_response(record.row()))
-        out = record.json()
-        if plan.routed:
-            out["routing"] = plan.routing()
-        return 200, encode(out), log
+        with Disconnect(proto):
+            _, events = await start_generation(router, plan, request, ticket)
+            route_fields(plan, log)
+            if req.stream:
+                await _stream(gen, events, plan, proto, ticket, log, store_in)
+                return 200, None, log
+            try:
+                async for ev in events:
+                    apply(gen.outcome, ev)
+            finally:
+                await events.aclose()
+            gen.finish(plan)
+            gen.log_tokens(log)
+            if store_in is not None:
+                await store_in.call(lambda s: s.insert_response(record.row()))
+            out = record.json()
+            if plan.routed:
+                out["routing"] = plan.routing()
+            return 200, encode(out), log
     except ApiError as err:
         raise _as_text_format(err) from None
-    except asyncio.CancelledError:
-        if not disconnect.absorb():
-            raise
-        log["client_disconnected"] = True
-        return 499, None, log
-    finally:
-        disconnect.close()
+    log["client_disconnected"] = True
+    return 499, None, log
 
 
 def _sse_event(kind: str, sequence: itertools.count, **body) -> bytes:
