@@ -64,6 +64,18 @@ class Server:
         self.log.close()
 
 
+def request_history(url: str, request_id: str) -> dict:
+    """A request's record on a server (`GET /v1/request-history/{id}`), waiting up to 10 s for
+    the usage writer to store it."""
+    deadline = time.monotonic() + 10
+    while True:
+        r = httpx.get(f"{url}/v1/request-history/{request_id}", timeout=10)
+        if r.status_code == 200 or time.monotonic() > deadline:
+            assert r.status_code == 200, r.text
+            return r.json()
+        time.sleep(0.1)
+
+
 def opencl_skip_reason() -> str | None:
     """Why the OpenCL tests cannot run here, or None. Asks the extension itself (the loader
     the server uses), not pyopencl."""

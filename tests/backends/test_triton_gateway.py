@@ -5,7 +5,6 @@ configured local fallbacks serve."""
 
 from __future__ import annotations
 
-import time
 
 import httpx
 import numpy as np
@@ -14,7 +13,7 @@ from openai import OpenAI
 
 from ferroserve.config import package_dir
 from tests.backends.test_triton import MINILM, TritonProcess, _last_request_id, _wait_for_event, triton_skip_reason
-from tests.conftest import Server
+from tests.conftest import Server, request_history
 
 
 @pytest.fixture(scope="module")
@@ -71,16 +70,6 @@ fallbacks = ["smollm2"]
         triton.stop()
 
 
-def _history(url: str, request_id: str) -> dict:
-    deadline = time.monotonic() + 10
-    while True:
-        r = httpx.get(f"{url}/v1/request-history/{request_id}", timeout=10)
-        if r.status_code == 200 or time.monotonic() > deadline:
-            assert r.status_code == 200, r.text
-            return r.json()
-        time.sleep(0.1)
-
-
 def _client(front: Server) -> OpenAI:
     return OpenAI(base_url=front.url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
@@ -94,7 +83,7 @@ def test_embeddings_through_triton_equal_the_local_engine(stack):
     want = np.array([d.embedding for d in local.data], np.float32)
     assert np.abs(got - want).max() < 1e-5
     assert via.parse().usage.prompt_tokens == local.usage.prompt_tokens
-    assert _history(front.url, via.headers["x-request-id"])["backend"] == "tri"
+    assert request_history(front.url, via.headers["x-request-id"])["backend"] == "tri"
 
 
 def test_chat_through_triton_plain_and_streamed(stack):
@@ -105,7 +94,7 @@ def test_chat_through_triton_plain_and_streamed(stack):
     # The test generator answers with the prompt's words reversed (tests/backends/triton_models.py).
     assert answer.choices[0].message.content.startswith("assistant: three two one")
     assert answer.model == "gen-tri" and answer.usage.completion_tokens > 3
-    assert _history(front.url, plain.headers["x-request-id"])["backend"] == "tri"
+    assert request_history(front.url, plain.headers["x-request-id"])["backend"] == "tri"
     chunks = list(_client(front).chat.completions.create(model="gen-tri", messages=messages, max_tokens=20, stream=True))
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == answer.choices[0].message.content
@@ -130,11 +119,11 @@ def test_triton_down_falls_back_to_the_local_models(stack):
     triton.kill()
     emb = _client(front).embeddings.with_raw_response.create(model="minilm-tri", input=["after triton"])
     assert emb.parse().model == "minilm-tri"
-    row = _history(front.url, emb.headers["x-request-id"])
+    row = request_history(front.url, emb.headers["x-request-id"])
     assert row["backend"] == "local" and row["model"] == "minilm-local" and row["fallbacks"][0].startswith("minilm-tri:")
     chat = _client(front).chat.completions.with_raw_response.create(
         model="gen-tri", messages=[{"role": "user", "content": "Hi"}], max_tokens=5, stream=False)
     assert chat.parse().choices[0].message.content
-    assert _history(front.url, chat.headers["x-request-id"])["backend"] == "local"
+    assert request_history(front.url, chat.headers["x-request-id"])["backend"] == "local"
     health = {m["id"]: m["health"] for m in httpx.get(front.url + "/v1/models").json()["data"]}
     assert health["minilm-tri"] == "down" and health["gen-tri"] == "down" and health["smollm2"] == "healthy"

@@ -18,7 +18,7 @@ from openai import OpenAI
 
 from ferroserve.config import package_dir
 from tests.backends.fault_server import FaultServer
-from tests.conftest import Server
+from tests.conftest import Server, request_history
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -163,16 +163,6 @@ def _chat(url: str, model: str, **extra) -> httpx.Response:
     return httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
 
 
-def _history(url: str, request_id: str) -> dict:
-    deadline = time.monotonic() + 10
-    while True:
-        r = httpx.get(f"{url}/v1/request-history/{request_id}", timeout=10)
-        if r.status_code == 200 or time.monotonic() > deadline:
-            assert r.status_code == 200, r.text
-            return r.json()
-        time.sleep(0.1)
-
-
 # An OpenAI-compatible upstream ------------------------------------------------------------------
 def test_chat_through_the_upstream_equals_the_upstream_answered_directly(setup):
     front, upstream = setup["front"], setup["upstream"]
@@ -244,7 +234,7 @@ def test_a_failing_upstream_falls_back_before_the_first_byte(faults, mode):
     # A connection closed before any answer is retried once on a fresh connection (a stale
     # keep-alive connection looks the same), then the fallback serves.
     assert flaky.count("/v1/chat/completions") == (2 if mode == "close" else 1)
-    row = _history(front.url, r.headers["x-request-id"])
+    row = request_history(front.url, r.headers["x-request-id"])
     assert row["backend"] == "local" and row["model"] == "smollm2"
     assert len(row["fallbacks"]) == 1 and row["fallbacks"][0].startswith("flaky:")
 
@@ -386,7 +376,7 @@ def test_the_second_identical_embedding_request_is_a_byte_identical_hit(faults):
     assert bypass.headers["x-ferroserve-cache"] == "bypass" and bypass.content == first.content
     other = httpx.post(front.url + "/v1/embeddings", json={**body, "dimensions": 8})  # another request, another entry
     assert other.headers["x-ferroserve-cache"] == "miss"
-    row = _history(front.url, second.headers["x-request-id"])
+    row = request_history(front.url, second.headers["x-request-id"])
     assert row["cache_hit"] and row["backend"] == "cache" and row["tokens_in"] == first.json()["usage"]["prompt_tokens"]
     bad = httpx.post(front.url + "/v1/embeddings", json={**body, "metadata": {"cache_mode": "sometimes"}})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "metadata"
@@ -461,7 +451,7 @@ fallbacks = ["smollm2"]
         assert all(text for _, text, _, _ in results)
         # Streams cut mid-answer continued on the local model; later requests fell back before
         # their first byte. Usage records name the local backend and the failed upstream.
-        rows = [_history(front.url, rid) for *_, rid in results]
+        rows = [request_history(front.url, rid) for *_, rid in results]
         resumed = [r for r in rows if r["backend"] == "local" and any("after" in f and "tokens" in f for f in r["fallbacks"])]
         assert resumed, [(r["backend"], r["fallbacks"]) for r in rows]
         assert all(r["tokens_out"] == 160 for r in rows), [r["tokens_out"] for r in rows]
