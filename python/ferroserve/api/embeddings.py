@@ -63,16 +63,12 @@ async def create_embedding(router: Router, body: bytes, max_inputs: int, ticket:
         raise from_validation(exc) from None
     router.require(req.model, "embeddings")
     plan = router.plan(req.model, "embeddings", req.route)
+    ticket.restrict(plan)
     first = plan.candidates[0]
     if req.dimensions is not None and not 1 <= req.dimensions <= (first.dimensions or 0):
         raise invalid(f"'dimensions' must be between 1 and {first.dimensions} for {first.spec.name}.", param="dimensions")
     texts, token_lists = _split_input(req, max_inputs)
     request = EmbedRequest(texts=texts, token_lists=token_lists, dimensions=req.dimensions, encoding=req.encoding_format)
-    if plan.named is not None:
-        ticket.allow(plan.named)
-    plan.candidates = [m for m in plan.candidates if ticket.allows(m)] or plan.candidates[:0]
-    if not plan.candidates:
-        ticket.allow(first)  # raises the 403
     cache_mode = (req.metadata or {}).get("cache_mode", "default")
     if cache_mode not in ("default", "bypass"):
         raise invalid("metadata.cache_mode must be \"default\" or \"bypass\".", param="metadata")

@@ -601,11 +601,6 @@ async def input_tokens(router: Router, gateway: Gateway | None, body: bytes, tic
         raise invalid("input is required.", param="input")
     request = ChatRequest(messages=messages_of(req.instructions, items), params=SamplingParams())
     plan = router.plan(model, "chat", None, prompt_tokens_hint=estimate_tokens(request))
-    if plan.named is not None:
-        ticket.allow(plan.named)
-    allowed = [m for m in plan.candidates if ticket.allows(m)]
-    if not allowed:
-        raise ApiError(403, f"This API key may not use any model `{model}` can route to.", param="model",
-                       code="model_not_allowed")
-    count = allowed[0].backend.count_tokens(request)
+    ticket.restrict(plan)
+    count = plan.candidates[0].backend.count_tokens(request)
     return encode({"object": "response.input_tokens", "input_tokens": count, "input_tokens_details": {"cached_tokens": 0}})

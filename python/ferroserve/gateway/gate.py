@@ -82,15 +82,20 @@ class Ticket:
         its first candidate (the local backend tokenizes once for count and generation)."""
         prompt_tokens = 0
         for plan, request in zip(plans, requests):
-            if plan.named is not None:
-                self.allow(plan.named)
-            allowed = [m for m in plan.candidates if self.allows(m)]
-            if not allowed:
-                raise ApiError(403, f"This API key may not use any model `{plan.requested}` can route to.", param="model",
-                               code="model_not_allowed")
-            plan.candidates = allowed
-            prompt_tokens += allowed[0].backend.count_tokens(request)
+            self.restrict(plan)
+            prompt_tokens += plan.candidates[0].backend.count_tokens(request)
         self.admit(plans[0].candidates[0], prompt_tokens, max_completion_tokens)
+
+    def restrict(self, plan: Plan) -> None:
+        """Keeps the plan's candidates this key may use: a model asked for by name must be
+        allowed (403), others it may not use are dropped (403 if none is left)."""
+        if plan.named is not None:
+            self.allow(plan.named)
+        allowed = [m for m in plan.candidates if self.allows(m)]
+        if not allowed:
+            raise ApiError(403, f"This API key may not use any model `{plan.requested}` can route to.", param="model",
+                           code="model_not_allowed")
+        plan.candidates = allowed
 
     def served(self, model: LoadedModel, plan: Plan | None = None) -> None:
         """The candidate that serves: its prices apply, and the usage record names it."""
