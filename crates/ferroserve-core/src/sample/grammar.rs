@@ -117,21 +117,7 @@ impl GrammarCompiler {
                 "response_format: the schema must be a JSON object",
             ));
         }
-        let key = canonical_json(&schema);
-        if let Some(hit) = self
-            .cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-        {
-            return Ok(hit);
-        }
-        let compiled = Arc::new(self.compile_uncached(schema)?);
-        self.cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key, Arc::clone(&compiled));
-        Ok(compiled)
+        self.cache_or(canonical_json(&schema), || self.compile_uncached(schema))
     }
 
     /// A Lark grammar (llguidance's dialect: JSON schemas embedded with `%json`), compiled
@@ -139,7 +125,22 @@ impl GrammarCompiler {
     pub fn compile_lark(&self, lark: &str) -> Result<Arc<CompiledGrammar>> {
         // A separate key space: a Lark text never equals a canonical JSON schema, but the
         // prefix makes that obvious.
-        let key = format!("lark:{lark}");
+        self.cache_or(format!("lark:{lark}"), || {
+            self.build(
+                TopLevelGrammar::from_lark(lark.to_owned()),
+                TOOLS_PARAM,
+                "the tool-call grammar",
+            )
+        })
+    }
+
+    /// The cached grammar under `key`, or `compile`'s result, cached (the lock is not held
+    /// while compiling: two first uses may both compile, the second insert wins).
+    fn cache_or(
+        &self,
+        key: String,
+        compile: impl FnOnce() -> Result<CompiledGrammar>,
+    ) -> Result<Arc<CompiledGrammar>> {
         if let Some(hit) = self
             .cache
             .lock()
@@ -148,8 +149,7 @@ impl GrammarCompiler {
         {
             return Ok(hit);
         }
-        let grammar = TopLevelGrammar::from_lark(lark.to_owned());
-        let compiled = Arc::new(self.build(grammar, TOOLS_PARAM, "the tool-call grammar")?);
+        let compiled = Arc::new(compile()?);
         self.cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
