@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -53,6 +54,15 @@ class Server:
                 pass
             time.sleep(0.1)
         raise RuntimeError(f"server not ready after {timeout}s:\n{self.log_path.read_text()}")
+
+    def kill(self) -> None:
+        """SIGKILL the server and its granian workers (a worker is the one serving): a crash."""
+        pid = self.proc.pid
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            os.kill(int(child), signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
+        self.proc.wait()
+        self.log.close()
 
     def stop(self) -> None:
         self.proc.terminate()

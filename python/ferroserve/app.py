@@ -100,10 +100,13 @@ class App:
             os._exit(2)
         for m in self.registry.models.values():
             m.backend.start(loop)
+        if self.gateway is not None:
+            responses.start_background(loop, self.router, self.gateway)
         self.ready = True
         logger.info("serving", extra={"fields": {"host": self.settings.host, "port": self.settings.port, "models": list(self.registry.models)}})
 
     def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
+        responses.stop_background()
         for m in self.registry.models.values():
             m.backend.stop()
         if self.gateway is not None:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
-import signal
 import threading
 import time
 from pathlib import Path
@@ -383,14 +381,6 @@ def test_the_second_identical_embedding_request_is_a_byte_identical_hit(faults):
 
 
 # The upstream dies under load -------------------------------------------------------------------
-def _kill_tree(pid: int) -> None:
-    """SIGKILL a server and its granian workers (the worker is the one serving)."""
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    for child in children:
-        os.kill(int(child), signal.SIGKILL)
-    os.kill(pid, signal.SIGKILL)
-
-
 def test_killing_the_upstream_under_streaming_load_fails_no_request(tmp_path):
     gguf, _ = _model_paths()
     upstream = Server(["--insecure-no-auth", "--log-level", "warning"])
@@ -444,7 +434,7 @@ fallbacks = ["smollm2"]
             futures = [pool.submit(one, i) for i in range(32)]
             for _ in range(16):  # 16 answers are streaming from the upstream now
                 assert streaming.acquire(timeout=120)
-            _kill_tree(upstream.proc.pid)
+            upstream.kill()
             results = [f.result() for f in futures]
         failed = [r for r in results if r[0] != 200 or r[2] is None]
         assert not failed, failed

@@ -7,7 +7,8 @@ first) comes next, then this request's `input`. Stored responses live in the gat
 `responses` table, scoped to the caller's workspace; every read and write goes through the
 store thread (`Gateway.call`). `background: true` answers at once with status `queued` and runs
 the generation as a task on this event loop; the task settles and records its own usage when
-it ends (the create request then carries `METERED_LATER` and the app meters nothing)."""
+it ends (the create request then carries `METERED_LATER` and the app meters nothing). The row
+keeps the job, so a background response survives its process (`response_jobs`)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from ferroserve.api.generate import (
     SSE_HEADERS, Choice, Disconnect, Outcome, apply, encode, failure_error, response_format_of, route_fields,
     start_generation,
 )
+from ferroserve.api.response_jobs import BackgroundJobs, Job, decode_job, encode_job
 from ferroserve.backends.base import ChatRequest, Delta, Failed, Message, SamplingParams, estimate_tokens
 from ferroserve.errors import ApiError, from_validation, invalid
 from ferroserve.gateway.gate import Gateway, Ticket
@@ -39,10 +41,8 @@ ROUTE = "/v1/responses"
 # settles nor records usage for the request; the background task does when it ends.
 METERED_LATER = "metered_later"
 ACTIVE = ("queued", "in_progress")
-# Background generations of this process, by response id (owned by the event loop). A cancel
-# that reaches another worker process marks the row cancelled; the owner's final write then
-# leaves it so.
-_BACKGROUND: dict[str, asyncio.Task] = {}
+# This process's background generations (`start_background`); None without a gateway.
+_jobs: BackgroundJobs | None = None
 
 _to_json = msgspec.json.Encoder().encode
 _from_json = msgspec.json.decode
@@ -361,10 +361,14 @@ async def create_response(router: Router, gateway: Gateway | None, body: bytes, 
                     input_items=own_items, previous_response_id=req.previous_response_id)
     log: dict = {"model": plan.candidates[0].spec.name}
     if background:
-        gw = _needs_gateway(gateway, "background: true")
-        await gw.call(lambda s: s.insert_response(record.row()))
-        task = asyncio.get_running_loop().create_task(_run_background(router, gw, plan, request, ticket, record))
-        _BACKGROUND[record.id] = task
+        gw, jobs = _needs_gateway(gateway, "background: true"), _jobs
+        assert jobs is not None, "start_background() was not called"
+        key_id = ticket.key.id if ticket.key is not None else None
+        job = Job(model=req.model, route=req.route, max_tokens=max_tokens, request=request, request_id=ticket.request_id,
+                  key_id=key_id)
+        row = {**record.row(), "key_id": key_id, "owner": jobs.owner, "heartbeat": time.time(), "job": encode_job(job)}
+        await gw.call(lambda s: s.insert_response(row))
+        jobs.spawn(record.id, _run_background(router, gw, plan, request, ticket, record))
         return 200, encode(record.json()), {**log, METERED_LATER: True}
     gen = Generation(record)
     try:
@@ -476,18 +480,47 @@ async def _run_background(router: Router, gateway: Gateway, plan: Plan, request:
         gen.fail(ApiError(500, "The server had an error while processing your request.", type="server_error",
                           code="server_error"))
         status, error_code = 500, "server_error"
+    if events is not None:
+        await events.aclose()
+    gen.log_tokens(log)
+    if plan.served_by is not None:
+        ticket.served(plan.served_by, plan)
+        route_fields(plan, log)
+    cost = gateway.settle(ticket, log)
+    gateway.record(ticket, ticket.started, ROUTE, status, log, cost, error_code, True)
+    owner, result = _jobs.owner if _jobs is not None else "", record.result()
+    await gateway.call(lambda s: s.finish_response(record.id, owner, result))
+
+
+async def _recover(router: Router, gateway: Gateway, row: dict) -> None:
+    """Runs a background response again whose process died (or stopped) before it finished."""
+    record, job = Stored.from_row(row), decode_job(row["job"])
+    record.status = "queued"
+    key = gateway.key_by_id(job.key_id) if job.key_id is not None else None
+    ticket = Ticket(gateway, job.request_id, time.perf_counter(), key, record.workspace, None, False)
     try:
-        if events is not None:
-            await events.aclose()
-        gen.log_tokens(log)
-        if plan.served_by is not None:
-            ticket.served(plan.served_by, plan)
-            route_fields(plan, log)
-        cost = gateway.settle(ticket, log)
-        gateway.record(ticket, ticket.started, ROUTE, status, log, cost, error_code, True)
-        await gateway.call(lambda s: s.update_response(record.id, record.result()))
-    finally:
-        _BACKGROUND.pop(record.id, None)
+        plan = router.plan(job.model, "chat", job.route, prompt_tokens_hint=estimate_tokens(job.request),
+                           max_tokens=job.max_tokens)
+        ticket.restrict(plan)
+        ticket.served(plan.candidates[0])
+    except ApiError as err:  # the model or the key's rights changed since it was accepted
+        Generation(record).fail(err)
+        owner, result = _jobs.owner if _jobs is not None else "", record.result()
+        await gateway.call(lambda s: s.finish_response(record.id, owner, result))
+        return
+    await _run_background(router, gateway, plan, job.request, ticket, record)
+
+
+def start_background(loop: asyncio.AbstractEventLoop, router: Router, gateway: Gateway) -> None:
+    """At start: this process runs background responses, and picks up those left over."""
+    global _jobs
+    _jobs = BackgroundJobs(gateway, lambda row: _recover(router, gateway, row))
+    _jobs.start(loop)
+
+
+def stop_background() -> None:
+    if _jobs is not None:
+        _jobs.stop()
 
 
 # Stored responses -------------------------------------------------------------------------------
@@ -551,7 +584,9 @@ async def _input_items(gateway: Gateway, ticket: Ticket, response_id: str, param
 
 async def delete(gateway: Gateway, ticket: Ticket, arg: str) -> bytes:
     """`DELETE /v1/responses/{id}`: a background generation still running is cancelled first."""
-    await _stop_local(arg)
+    await _load(gateway, ticket, arg)  # 404 before anything is stopped: only the workspace's own
+    if _jobs is not None:
+        await _jobs.stop_local(arg)  # elsewhere, the owner's next heartbeat finds the row gone
     if not await gateway.call(lambda s: s.delete_response(arg, ticket.workspace or "")):
         raise _not_found(arg)
     return encode({"id": arg, "object": "response", "deleted": True})
@@ -567,22 +602,12 @@ async def cancel(gateway: Gateway, ticket: Ticket, arg: str) -> bytes:
     if not record.params.get("background"):
         raise invalid("Only responses created with background: true can be cancelled.", param="response_id")
     if record.status in ACTIVE:
-        if not await _stop_local(response_id):
-            # Another worker process runs it: mark it; that process's final write leaves the mark.
+        if _jobs is None or not await _jobs.stop_local(response_id):
+            # Another process runs it: mark it. Its next heartbeat sees the mark and stops the
+            # generation; its final write keeps `cancelled` and adds what was generated.
             await gateway.call(lambda s: s.update_response(response_id, {"status": "cancelled"}))
         record = await _load(gateway, ticket, response_id)
     return encode(record.json())
-
-
-async def _stop_local(response_id: str) -> bool:
-    """Cancels this process's background generation of the response and waits until its
-    final state is written; False if this process runs none."""
-    task = _BACKGROUND.get(response_id)
-    if task is None:
-        return False
-    task.cancel()
-    await asyncio.wait([task])
-    return True
 
 
 # POST /v1/responses/input_tokens -----------------------------------------------------------------

@@ -76,7 +76,11 @@ CREATE TABLE IF NOT EXISTS responses (
     error TEXT,
     incomplete_details TEXT,
     previous_response_id TEXT,
-    completed_at REAL
+    completed_at REAL,
+    key_id TEXT,
+    owner TEXT,
+    heartbeat REAL,
+    job TEXT
 );
 """
 
@@ -98,6 +102,9 @@ RESPONSE_COLUMNS = (
     "id", "workspace", "created_at", "status", "model", "request", "input_items", "output", "usage", "error",
     "incomplete_details", "previous_response_id", "completed_at",
 )
+# A background response's bookkeeping (api/response_jobs.py): the key that pays, the process
+# running it and when that process last said so, and the job to run again if it dies.
+_RESPONSE_JOB_COLUMNS = ("key_id", "owner", "heartbeat", "job")
 # Columns a finished generation updates.
 _RESPONSE_RESULT_COLUMNS = ("status", "model", "output", "usage", "error", "incomplete_details", "completed_at")
 _ACTIVE_RESPONSE = ("queued", "in_progress")
@@ -124,6 +131,11 @@ class Store:
         # Databases written before routing existed have no `fallbacks` column.
         if "fallbacks" not in {row[1] for row in self.db.execute("PRAGMA table_info(usage)")}:
             self.db.execute("ALTER TABLE usage ADD COLUMN fallbacks TEXT")
+        # ... and responses written before background responses were durable no job columns.
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(responses)")}
+        for column, kind in zip(_RESPONSE_JOB_COLUMNS, ("TEXT", "TEXT", "REAL", "TEXT")):
+            if column not in have:
+                self.db.execute(f"ALTER TABLE responses ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         self.db.close()
@@ -231,20 +243,54 @@ class Store:
 
     # Stored responses ------------------------------------------------------------------
     def insert_response(self, row: dict) -> None:
-        self.db.execute(f"INSERT INTO responses ({', '.join(RESPONSE_COLUMNS)}) VALUES ({', '.join('?' * len(RESPONSE_COLUMNS))})",
-                        [row[c] for c in RESPONSE_COLUMNS])
+        """A new response; a background one also carries `_RESPONSE_JOB_COLUMNS`."""
+        columns = RESPONSE_COLUMNS + _RESPONSE_JOB_COLUMNS
+        self.db.execute(f"INSERT INTO responses ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                        [row.get(c) for c in columns])
 
-    def update_response(self, response_id: str, values: dict, *, only_if_active: bool = True) -> bool:
-        """Writes a generation's result (`_RESPONSE_RESULT_COLUMNS`). With `only_if_active`, a
-        response that is no longer queued or in progress (cancelled meanwhile, perhaps by
-        another worker process) keeps its state: False."""
+    def update_response(self, response_id: str, values: dict) -> bool:
+        """Writes some of `_RESPONSE_RESULT_COLUMNS` of a response still queued or in progress;
+        False if it is no longer (finished, cancelled or deleted meanwhile)."""
         columns = [c for c in _RESPONSE_RESULT_COLUMNS if c in values]
-        sql = f"UPDATE responses SET {', '.join(c + ' = ?' for c in columns)} WHERE id = ?"
-        args = [values[c] for c in columns] + [response_id]
-        if only_if_active:
-            sql += " AND status IN (?, ?)"
-            args += _ACTIVE_RESPONSE
+        sql = f"UPDATE responses SET {', '.join(c + ' = ?' for c in columns)} WHERE id = ? AND status IN (?, ?)"
+        return self.db.execute(sql, [values[c] for c in columns] + [response_id, *_ACTIVE_RESPONSE]).rowcount == 1
+
+    def finish_response(self, response_id: str, owner: str, values: dict) -> bool:
+        """A background generation's final write, by the process that owns it. A response
+        cancelled meanwhile (through another process) keeps `cancelled` and gets what was
+        generated; one deleted, or claimed by another process, is left alone: False."""
+        columns = [c for c in _RESPONSE_RESULT_COLUMNS if c in values and c != "status"]
+        sets = ", ".join([*(c + " = ?" for c in columns), "status = CASE WHEN status = 'cancelled' THEN status ELSE ? END",
+                          "owner = NULL", "heartbeat = NULL", "job = NULL"])
+        sql = f"UPDATE responses SET {sets} WHERE id = ? AND owner = ? AND status IN (?, ?, 'cancelled')"
+        args = [values[c] for c in columns] + [values["status"], response_id, owner, *_ACTIVE_RESPONSE]
         return self.db.execute(sql, args).rowcount == 1
+
+    def beat_responses(self, owner: str, now: float) -> set[str]:
+        """The owner is alive: refresh its running responses' heartbeat. Returns the ids still
+        queued or in progress (the others were cancelled or deleted elsewhere)."""
+        self.db.execute("UPDATE responses SET heartbeat = ? WHERE owner = ? AND status IN (?, ?)", (now, owner, *_ACTIVE_RESPONSE))
+        return {r[0] for r in self.db.execute("SELECT id FROM responses WHERE owner = ? AND status IN (?, ?)",
+                                              (owner, *_ACTIVE_RESPONSE))}
+
+    def claim_responses(self, owner: str, now: float, stale_before: float, limit: int) -> list[dict]:
+        """Takes over up to `limit` background responses nobody runs: released by a stopping
+        server, or whose owner's heartbeat is older than `stale_before` (it died). Atomic across
+        processes (one write transaction)."""
+        columns = RESPONSE_COLUMNS + _RESPONSE_JOB_COLUMNS
+        with self._transaction():
+            rows = self.db.execute(
+                f"SELECT {', '.join(columns)} FROM responses WHERE status IN (?, ?) AND job IS NOT NULL "
+                "AND (owner IS NULL OR heartbeat IS NULL OR heartbeat < ?) ORDER BY created_at LIMIT ?",
+                (*_ACTIVE_RESPONSE, stale_before, limit)).fetchall()
+            for r in rows:
+                self.db.execute("UPDATE responses SET owner = ?, heartbeat = ? WHERE id = ?", (owner, now, r[0]))
+        return [{**dict(zip(columns, r)), "owner": owner, "heartbeat": now} for r in rows]
+
+    def release_responses(self, owner: str) -> int:
+        """A stopping server hands its running responses to whoever starts next."""
+        return self.db.execute("UPDATE responses SET owner = NULL, heartbeat = NULL WHERE owner = ? AND status IN (?, ?)",
+                               (owner, *_ACTIVE_RESPONSE)).rowcount
 
     def response_chain(self, response_id: str, workspace: str) -> list[dict]:
         """The response and the ones it continues (`previous_response_id`), oldest first; empty
