@@ -62,39 +62,53 @@ _FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 def tools_of(tools: list[Any] | None, tool_choice: Any, parallel_tool_calls: bool | None) -> tuple[list[Tool] | None, str, str | None, bool]:
     """OpenAI's `tools` / `tool_choice` / `parallel_tool_calls`, checked: (tools or None when
     the model may not call any, "auto" | "required" | "function", the named function, parallel)."""
-    parallel = True if parallel_tool_calls is None else bool(parallel_tool_calls)
-    specs: list[Tool] = []
+    functions = []
     for i, t in enumerate(tools or ()):
         function = t.get("function") if isinstance(t, dict) else None
         if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(function, dict):
             raise invalid(f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}.", param="tools")
+        functions.append((f"tools[{i}].function", function))
+    named = None
+    if isinstance(tool_choice, dict) and tool_choice.get("type") == "function" and isinstance(tool_choice.get("function"), dict):
+        named = tool_choice["function"].get("name")
+        if not isinstance(named, str):
+            raise invalid("tool_choice.function.name must be a string.", param="tool_choice")
+    elif tool_choice is not None and not isinstance(tool_choice, str):
+        raise invalid("tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}.",
+                      param="tool_choice")
+    return function_tools(functions, tool_choice if isinstance(tool_choice, str) else None, named, parallel_tool_calls)
+
+
+def function_tools(functions: list[tuple[str, dict]], choice: str | None, named: Any,
+                   parallel_tool_calls: bool | None) -> tuple[list[Tool] | None, str, str | None, bool]:
+    """The checks chat completions and responses share: `functions` are (where in the request,
+    {name, description, parameters, strict}); `choice` a string tool_choice or None; `named`
+    the function a tool_choice object names (or None)."""
+    parallel = True if parallel_tool_calls is None else bool(parallel_tool_calls)
+    specs: list[Tool] = []
+    for where, function in functions:
         name = function.get("name")
         if not isinstance(name, str) or not _FUNCTION_NAME.match(name):
-            raise invalid(f"tools[{i}].function.name must be 1-64 letters, digits, '_' or '-'.", param="tools")
+            raise invalid(f"{where}.name must be 1-64 letters, digits, '_' or '-'.", param="tools")
         if any(s.name == name for s in specs):
             raise invalid(f"tools: the function name {name!r} is used twice.", param="tools")
-        parameters = function.get("parameters", {"type": "object", "properties": {}})
+        parameters = function.get("parameters")
+        if parameters is None:
+            parameters = {"type": "object", "properties": {}}
         if not isinstance(parameters, dict):
-            raise invalid(f"tools[{i}].function.parameters must be a JSON schema object.", param="tools")
+            raise invalid(f"{where}.parameters must be a JSON schema object.", param="tools")
         description = function.get("description")
         strict = function.get("strict")
         specs.append(Tool(name=name, parameters=parameters, description=description if isinstance(description, str) else None,
                           strict=strict if isinstance(strict, bool) else None))
-    choice, named = "auto", None
-    if tool_choice is None:
-        choice = "auto"
-    elif isinstance(tool_choice, str):
-        if tool_choice not in ("none", "auto", "required"):
-            raise invalid(f"tool_choice {tool_choice!r} is not one of 'none', 'auto', 'required' or a function.", param="tool_choice")
-        choice = tool_choice
-    elif isinstance(tool_choice, dict) and tool_choice.get("type") == "function" and isinstance(tool_choice.get("function"), dict):
-        named = tool_choice["function"].get("name")
+    if named is not None:
         if not any(s.name == named for s in specs):
             raise invalid(f"tool_choice names the function {named!r}, which is not in tools.", param="tool_choice")
         choice = "function"
-    else:
-        raise invalid("tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}.",
-                      param="tool_choice")
+    elif choice is None:
+        choice = "auto"
+    elif choice not in ("none", "auto", "required"):
+        raise invalid(f"tool_choice {choice!r} is not one of 'none', 'auto', 'required' or a function.", param="tool_choice")
     if choice == "required" and not specs:
         raise invalid("tool_choice 'required' needs tools.", param="tool_choice")
     if choice == "none" or not specs:

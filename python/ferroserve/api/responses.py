@@ -22,12 +22,15 @@ from urllib.parse import parse_qs
 
 import msgspec
 
+from ferroserve.api.chat import function_tools
 from ferroserve.api.generate import (
     SSE_HEADERS, Choice, Disconnect, Outcome, apply, encode, failure_error, response_format_of, route_fields,
     start_generation,
 )
 from ferroserve.api.response_jobs import BackgroundJobs, Job, decode_job, encode_job
-from ferroserve.backends.base import ChatRequest, Delta, Failed, Message, SamplingParams, estimate_tokens
+from ferroserve.backends.base import (
+    ChatRequest, Delta, Failed, Message, SamplingParams, Tool, ToolCall, ToolCallDelta, estimate_tokens,
+)
 from ferroserve.errors import ApiError, from_validation, invalid
 from ferroserve.gateway.gate import Gateway, Ticket
 from ferroserve.gateway.router import Plan, Router
@@ -85,12 +88,29 @@ def _unsupported(message: str, param: str) -> ApiError:
     return invalid(message, param=param, code="unsupported_parameter")
 
 
+def tools_of(req: ResponseCreateRequest | InputTokensRequest) -> tuple[list[Tool] | None, str, str | None, bool]:
+    """Responses' function tools (flat: `{type: function, name, parameters, ...}`) and
+    `tool_choice` (`{type: function, name}` for a named one), checked as chat checks its own."""
+    functions = []
+    for i, t in enumerate(req.tools or ()):
+        kind = t.get("type") if isinstance(t, dict) else None
+        if kind != "function":
+            raise _unsupported(f"tools[{i}]: tools of type {kind!r} are not supported; this server calls function tools only.",
+                               "tools")
+        functions.append((f"tools[{i}]", t))
+    choice, named = req.tool_choice, None
+    if isinstance(choice, dict):
+        if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
+            raise _unsupported("tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'name': ...}.",
+                               "tool_choice")
+        choice, named = None, choice["name"]
+    elif choice is not None and not isinstance(choice, str):
+        raise invalid("tool_choice must be a string or an object.", param="tool_choice")
+    return function_tools(functions, choice, named, req.parallel_tool_calls)
+
+
 def _check_common(req: ResponseCreateRequest | InputTokensRequest) -> None:
     """Fields OpenAI defines whose value we can honour only in its neutral form."""
-    if req.tools:
-        raise _unsupported("`tools` are not supported on /v1/responses yet (tool calls are coming).", "tools")
-    if req.tool_choice not in (None, "none", "auto"):
-        raise _unsupported("tool_choice needs tools, which are not supported on /v1/responses yet.", "tool_choice")
     if req.truncation not in (None, "disabled"):
         raise _unsupported("truncation 'auto' (dropping input to fit the context) is not supported; use 'disabled'.",
                            "truncation")
@@ -181,9 +201,12 @@ def input_items(value: str | list[dict[str, Any]]) -> list[dict]:
     items = []
     for i, item in enumerate(value):
         kind = item.get("type", "message")
+        if kind in ("function_call", "function_call_output"):
+            items.append(_call_item(i, kind, item))
+            continue
         if kind != "message":
-            raise _unsupported(f"input[{i}]: items of type {kind!r} are not supported (messages only, until tool calls land).",
-                               "input")
+            raise _unsupported(f"input[{i}]: items of type {kind!r} are not supported (messages, function_call and "
+                               "function_call_output).", "input")
         role = item.get("role")
         if role not in _ROLES:
             raise invalid(f"input[{i}].role must be one of {', '.join(_ROLES)}.", param="input")
@@ -206,11 +229,47 @@ def input_items(value: str | list[dict[str, Any]]) -> list[dict]:
     return items
 
 
+def _call_item(i: int, kind: str, item: dict) -> dict:
+    """An input `function_call` (a call the model made earlier) or `function_call_output` (its
+    result), as stored."""
+    call_id = item.get("call_id")
+    if not isinstance(call_id, str) or not call_id:
+        raise invalid(f"input[{i}]: a {kind} item needs its call_id.", param="input")
+    item_id = item.get("id") if isinstance(item.get("id"), str) and item.get("id") else None
+    if kind == "function_call":
+        name, arguments = item.get("name"), item.get("arguments")
+        if not isinstance(name, str) or not isinstance(arguments, str):
+            raise invalid(f"input[{i}]: a function_call item needs a name and arguments (JSON text).", param="input")
+        return {"id": item_id or _id("fc"), "type": kind, "status": "completed", "arguments": arguments, "call_id": call_id,
+                "name": name}
+    output = item.get("output")
+    if isinstance(output, list):  # text parts
+        if not all(isinstance(p, dict) and p.get("type") in ("input_text", "output_text") and isinstance(p.get("text"), str)
+                   for p in output):
+            raise _unsupported(f"input[{i}].output: only text parts are supported.", "input")
+        output = "".join(p["text"] for p in output)
+    if not isinstance(output, str):
+        raise invalid(f"input[{i}]: a function_call_output item needs its output (a string).", param="input")
+    return {"id": item_id or _id("fco"), "type": kind, "status": "completed", "call_id": call_id, "output": output}
+
+
 def messages_of(instructions: str | None, items: list[dict]) -> list[Message]:
+    """The prompt's messages: a function call joins the assistant turn before it (the text
+    the model wrote, or the calls it made alongside), its output is a `tool` message."""
     out = [Message("system", instructions)] if instructions else []
     for item in items:
-        texts = [part["text"] for part in item["content"]]
-        out.append(Message(item["role"], texts[0] if len(texts) == 1 else [("text", t) for t in texts]))
+        kind = item["type"]
+        if kind == "function_call":
+            call = ToolCall(item["call_id"], item["name"], item["arguments"])
+            if out and out[-1].role == "assistant":
+                out[-1].tool_calls = [*(out[-1].tool_calls or ()), call]
+            else:
+                out.append(Message("assistant", "", [call]))
+        elif kind == "function_call_output":
+            out.append(Message("tool", item["output"], None, item["call_id"]))
+        else:
+            texts = [part["text"] for part in item["content"]]
+            out.append(Message(item["role"], texts[0] if len(texts) == 1 else [("text", t) for t in texts]))
     return out
 
 
@@ -288,23 +347,57 @@ class Stored:
 
 
 class Generation:
-    """The one assistant message a response generates, folded from backend events."""
+    """The output a response generates, folded from backend events: the assistant's message
+    and its function calls, in the order they began."""
 
     def __init__(self, record: Stored) -> None:
         self.record = record
-        self.item_id = _id("msg")
         self.outcome = Outcome([Choice()], 0)
+        self.items: list[dict] = []
+        self.message: dict | None = None
+        self._calls: dict[int, dict] = {}
 
     @property
     def text(self) -> str:
         return "".join(self.outcome.choices[0].text)
+
+    def fold(self, ev) -> dict | None:
+        """Folds one event (raises ApiError for a failure); returns the output item it began."""
+        if type(ev) is ToolCallDelta:
+            call, began = self._calls.get(ev.call_index), None
+            if call is None:
+                call = {"id": _id("fc"), "type": "function_call", "status": "in_progress", "arguments": "",
+                        "call_id": ev.id or _id("call"), "name": ev.name or ""}
+                self._calls[ev.call_index] = call
+                self.items.append(call)
+                began = dict(call)  # as it began: no arguments yet
+            call["arguments"] += ev.arguments
+            return began
+        apply(self.outcome, ev)
+        if type(ev) is Delta and ev.text and self.message is None:
+            return self._begin_message()
+        return None
+
+    def call_item(self, call_index: int) -> dict:
+        return self._calls[call_index]
+
+    def _begin_message(self) -> dict:
+        self.message = {**message_item("assistant", [], None, "in_progress"), "content": []}
+        self.items.append(self.message)
+        return dict(self.message)
 
     def finish(self, plan: Plan) -> None:
         rec, choice = self.record, self.outcome.choices[0]
         cut = choice.finish_reason == "length"
         rec.status = "incomplete" if cut else "completed"
         rec.incomplete_details = {"reason": "max_output_tokens"} if cut else None
-        rec.output = [message_item("assistant", [self.text], self.item_id, rec.status)]
+        if not self.items:  # nothing at all was generated: still one (empty) message
+            self._begin_message()
+        for item in self.items:
+            item["status"] = rec.status
+        if self.message is not None:
+            self.message["content"] = [{"type": "output_text", "text": self.text, "annotations": []}]
+        rec.output = self.items
         rec.completed_at = time.time() if not cut else None
         rec.model = plan.response_model_name()
         rec.usage = usage_of(self.outcome)
@@ -334,6 +427,7 @@ async def create_response(router: Router, gateway: Gateway | None, body: bytes, 
     req = _decode(body, CREATE_FIELDS, ResponseCreateRequest)
     router.require(req.model, "chat")
     _check_create(req)
+    tools, tool_choice, tool_function, parallel = tools_of(req)
     text_echo, response_format = text_format(req.text)
     store = req.store if req.store is not None else gateway is not None
     background = bool(req.background)
@@ -345,15 +439,16 @@ async def create_response(router: Router, gateway: Gateway | None, body: bytes, 
                             top_p=1.0 if req.top_p is None else req.top_p, response_format=response_format)
     # A background generation streams too: a cancel then meters what was generated so far.
     request = ChatRequest(messages=messages_of(req.instructions, prior + own_items), params=params,
-                          stream=bool(req.stream or req.background))
+                          stream=bool(req.stream or req.background), tools=tools, tool_choice=tool_choice,
+                          tool_choice_function=tool_function, parallel_tool_calls=parallel)
     max_tokens = req.max_output_tokens or 0
     plan = router.plan(req.model, "chat", req.route, prompt_tokens_hint=estimate_tokens(request), max_tokens=max_tokens)
     ticket.admit_plan([plan], [request], max_tokens)
     echo = {
         "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "temperature": params.temperature,
         "top_p": params.top_p, "text": text_echo, "store": store, "background": background, "metadata": req.metadata or {},
-        "parallel_tool_calls": True if req.parallel_tool_calls is None else req.parallel_tool_calls,
-        "tool_choice": req.tool_choice or "auto", "tools": [], "truncation": "disabled", "user": req.user,
+        "parallel_tool_calls": parallel, "tool_choice": req.tool_choice or "auto", "tools": req.tools or [],
+        "truncation": "disabled", "user": req.user,
         "service_tier": "default", "reasoning": {"effort": None, "summary": None}, "top_logprobs": 0,
     }
     record = Stored(id=_id("resp"), workspace=ticket.workspace or "", created_at=time.time(),
@@ -380,7 +475,7 @@ async def create_response(router: Router, gateway: Gateway | None, body: bytes, 
                 return 200, None, log
             try:
                 async for ev in events:
-                    apply(gen.outcome, ev)
+                    gen.fold(ev)
             finally:
                 await events.aclose()
             gen.finish(plan)
@@ -403,23 +498,28 @@ def _sse_event(kind: str, sequence: itertools.count, **body) -> bytes:
 
 
 async def _stream(gen: Generation, events, plan: Plan, proto, ticket: Ticket, log: dict, gateway: Gateway | None) -> None:
-    """OpenAI's event sequence for one output message; `gateway` given: store the response
-    once it reached a final state."""
+    """OpenAI's event sequence for the output items (the message, function calls) as they
+    begin; `gateway` given: store the response once it reached a final state."""
     rec, seq = gen.record, itertools.count()
-    where = {"item_id": gen.item_id, "output_index": 0, "content_index": 0}
     transport = proto.response_stream(200, [*SSE_HEADERS, *ticket.response_headers()])
     head = rec.json()
     if plan.routed:
         head["routing"] = plan.routing()
+    announced: set[str] = set()
+
+    def begin(item: dict) -> bytes:
+        announced.add(item["id"])
+        index = next(n for n, i in enumerate(gen.items) if i["id"] == item["id"])
+        out = _sse_event("response.output_item.added", seq, output_index=index, item=item)
+        if item["type"] == "message":
+            out += _sse_event("response.content_part.added", seq, item_id=item["id"], output_index=index, content_index=0,
+                              part={"type": "output_text", "text": "", "annotations": []})
+        return out
+
     final = False
     try:
-        await transport.send_bytes(b"".join([
-            _sse_event("response.created", seq, response=head),
-            _sse_event("response.in_progress", seq, response=head),
-            _sse_event("response.output_item.added", seq, output_index=0,
-                       item={**message_item("assistant", [], gen.item_id, "in_progress"), "content": []}),
-            _sse_event("response.content_part.added", seq, **where, part={"type": "output_text", "text": "", "annotations": []}),
-        ]))
+        await transport.send_bytes(_sse_event("response.created", seq, response=head)
+                                   + _sse_event("response.in_progress", seq, response=head))
         async for ev in events:
             t = type(ev)
             if t is Failed:
@@ -427,19 +527,36 @@ async def _stream(gen: Generation, events, plan: Plan, proto, ticket: Ticket, lo
                 final = True
                 await transport.send_bytes(_sse_event("response.failed", seq, response=rec.json()))
                 return
-            apply(gen.outcome, ev)
+            began = gen.fold(ev)
+            out = begin(began) if began is not None else b""
             if t is Delta and ev.text:
+                index = gen.items.index(gen.message)
+                out += _sse_event("response.output_text.delta", seq, item_id=gen.message["id"], output_index=index,
+                                  content_index=0, delta=ev.text, logprobs=[])
+            elif t is ToolCallDelta and ev.arguments:
+                call = gen.call_item(ev.call_index)
+                out += _sse_event("response.function_call_arguments.delta", seq, item_id=call["id"],
+                                  output_index=gen.items.index(call), delta=ev.arguments)
+            if out:
                 ticket.first_token()
-                await transport.send_bytes(_sse_event("response.output_text.delta", seq, **where, delta=ev.text, logprobs=[]))
+                await transport.send_bytes(out)
         gen.finish(plan)
         final = True
-        text = gen.text
-        await transport.send_bytes(b"".join([
-            _sse_event("response.output_text.done", seq, **where, text=text, logprobs=[]),
-            _sse_event("response.content_part.done", seq, **where, part={"type": "output_text", "text": text, "annotations": []}),
-            _sse_event("response.output_item.done", seq, output_index=0, item=rec.output[0]),
-            _sse_event("response.incomplete" if rec.status == "incomplete" else "response.completed", seq, response=rec.json()),
-        ]))
+        out = b""
+        for index, item in enumerate(rec.output):
+            if item["id"] not in announced:  # an empty answer's message
+                out += begin({**item, "status": "in_progress", "content": []})
+            if item["type"] == "message":
+                text = item["content"][0]["text"]
+                where = {"item_id": item["id"], "output_index": index, "content_index": 0}
+                out += _sse_event("response.output_text.done", seq, **where, text=text, logprobs=[])
+                out += _sse_event("response.content_part.done", seq, **where, part=item["content"][0])
+            else:
+                out += _sse_event("response.function_call_arguments.done", seq, item_id=item["id"], output_index=index,
+                                  arguments=item["arguments"])
+            out += _sse_event("response.output_item.done", seq, output_index=index, item=item)
+        kind = "response.incomplete" if rec.status == "incomplete" else "response.completed"
+        await transport.send_bytes(out + _sse_event(kind, seq, response=rec.json()))
     except Exception:
         pass  # the client went away mid-write (or the stream broke): stop generating
     finally:
@@ -465,12 +582,13 @@ async def _run_background(router: Router, gateway: Gateway, plan: Plan, request:
         await gateway.call(lambda s: s.update_response(record.id, {"status": "in_progress"}))
         _, events = await start_generation(router, plan, request, ticket)
         async for ev in events:
-            apply(gen.outcome, ev)
+            gen.fold(ev)
         gen.finish(plan)
     except asyncio.CancelledError:
-        record.status, record.usage = "cancelled", usage_of(gen.outcome)
-        if gen.text:  # what was generated before the cancel
-            record.output = [message_item("assistant", [gen.text], gen.item_id, "incomplete")]
+        gen.finish(plan)  # what was generated before the cancel
+        record.status, record.incomplete_details, record.completed_at = "cancelled", None, None
+        for item in record.output:
+            item["status"] = "incomplete"
         status, error_code = 499, "cancelled"
     except ApiError as err:
         gen.fail(_as_text_format(err))
@@ -624,7 +742,9 @@ async def input_tokens(router: Router, gateway: Gateway | None, body: bytes, tic
     items = prior + (input_items(req.input) if req.input is not None else [])
     if not items and not req.instructions:
         raise invalid("input is required.", param="input")
-    request = ChatRequest(messages=messages_of(req.instructions, items), params=SamplingParams())
+    tools, tool_choice, tool_function, parallel = tools_of(req)
+    request = ChatRequest(messages=messages_of(req.instructions, items), params=SamplingParams(), tools=tools,
+                          tool_choice=tool_choice, tool_choice_function=tool_function, parallel_tool_calls=parallel)
     plan = router.plan(model, "chat", None, prompt_tokens_hint=estimate_tokens(request))
     ticket.restrict(plan)
     count = plan.candidates[0].backend.count_tokens(request)
