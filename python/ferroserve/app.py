@@ -227,7 +227,7 @@ class App:
         return 200, await responses.input_tokens(self.router, self.gateway, await self._read_body(scope, proto), ticket), {}
 
     async def _responses_get(self, scope, proto, ticket, arg):
-        return 200, await responses.get(self._needs_gateway(), ticket, arg, scope.query_string), {}
+        return 200, await responses.get(self._needs_gateway(), ticket, arg, scope.query_string, proto), {}
 
     async def _responses_delete(self, scope, proto, ticket, arg):
         return 200, await responses.delete(self._needs_gateway(), ticket, arg), {}

@@ -349,3 +349,44 @@ def test_routes_need_a_key(srv):
     assert httpx.get(srv.url + "/v1/responses/resp_x").status_code == 401
     assert httpx.post(srv.url + "/v1/responses", json={"model": MODEL, "input": "x"}).status_code == 401
     assert httpx.get(srv.url + "/v1/responses", headers=auth(srv.keys["alpha"])).status_code == 405
+
+
+def test_background_stream_announces_queued_and_runs_to_the_end(client):
+    events = list(client.responses.create(model=MODEL, input="Say hi.", background=True, stream=True, **SMALL))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[0].type == "response.created" and events[0].response.status == "queued"
+    assert events[1].type == "response.in_progress" and events[-1].type in ("response.completed", "response.incomplete")
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    final = events[-1].response
+    assert text and final.output_text == text and final.background is True
+    assert client.responses.retrieve(final.id).output_text == text
+
+
+def _sse(lines) -> list[dict]:
+    return [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+
+
+def test_background_stream_survives_the_client_and_resumes_after_a_sequence_number(srv, client):
+    body = {"model": MODEL, "input": "Write a very long story about the sea.", "background": True, "stream": True,
+            "temperature": 0, "max_output_tokens": 300}
+    seen: list[dict] = []
+    with httpx.stream("POST", srv.url + "/v1/responses", json=body, headers=auth(srv.keys["alpha"]), timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            seen += _sse([line])
+            if sum(e["type"] == "response.output_text.delta" for e in seen) == 5:
+                break  # the client leaves mid-answer
+    rid, last = seen[0]["response"]["id"], seen[-1]["sequence_number"]
+    rest: list[dict] = []
+    with httpx.stream("GET", f"{srv.url}/v1/responses/{rid}", params={"stream": "true", "starting_after": last},
+                      headers=auth(srv.keys["alpha"]), timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        rest = _sse(r.iter_lines())
+    assert [e["sequence_number"] for e in rest] == list(range(last + 1, last + 1 + len(rest)))
+    assert rest[-1]["type"] in ("response.completed", "response.incomplete")
+    text = "".join(e["delta"] for e in seen + rest if e["type"] == "response.output_text.delta")
+    assert text == rest[-1]["response"]["output_text"] == client.responses.retrieve(rid).output_text
+    # Finished: there is nothing left to stream.
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.responses.retrieve(rid, stream=True)
+    assert exc.value.body["param"] == "stream"

@@ -16,6 +16,7 @@ import asyncio
 import itertools
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
@@ -133,9 +134,6 @@ def _check_create(req: ResponseCreateRequest) -> None:
             raise _unsupported("Stream obfuscation is not supported; set include_obfuscation to false.", "stream_options")
     if req.max_output_tokens is not None and req.max_output_tokens < 1:
         raise invalid("max_output_tokens must be at least 1.", param="max_output_tokens")
-    if req.background and req.stream:
-        raise _unsupported("A background response cannot be streamed yet: poll it with GET /v1/responses/{id}.",
-                           "background")
     if req.background and req.store is False:
         raise invalid("A background response must be stored (store: true).", param="store")
 
@@ -356,6 +354,7 @@ class Generation:
         self.items: list[dict] = []
         self.message: dict | None = None
         self._calls: dict[int, dict] = {}
+        self.error: ApiError | None = None
 
     @property
     def text(self) -> str:
@@ -403,6 +402,7 @@ class Generation:
         rec.usage = usage_of(self.outcome)
 
     def fail(self, err: ApiError) -> None:
+        self.error = err
         rec = self.record
         rec.status = "failed"
         rec.error = {"code": err.code or err.type, "message": err.message}
@@ -463,8 +463,15 @@ async def create_response(router: Router, gateway: Gateway | None, body: bytes, 
                   key_id=key_id)
         row = {**record.row(), "key_id": key_id, "owner": jobs.owner, "heartbeat": time.time(), "job": encode_job(job)}
         await gw.call(lambda s: s.insert_response(row))
+        stream = _logs[record.id] = EventLog()
+        await stream.extend([_sse_event("response.created", stream.seq, response=record.json())])
         jobs.spawn(record.id, _run_background(router, gw, plan, request, ticket, record))
-        return 200, encode(record.json()), {**log, METERED_LATER: True}
+        if not req.stream:
+            return 200, encode(record.json()), {**log, METERED_LATER: True}
+        # Streamed as it runs; a client that leaves stops reading, not the generation.
+        with Disconnect(proto):
+            await stream.follow(proto.response_stream(200, [*SSE_HEADERS, *ticket.response_headers()]), -1)
+        return 200, None, {**log, METERED_LATER: True}
     gen = Generation(record)
     try:
         with Disconnect(proto):
@@ -497,66 +504,114 @@ def _sse_event(kind: str, sequence: itertools.count, **body) -> bytes:
     return b"event: " + kind.encode() + b"\ndata: " + encode(payload) + b"\n\n"
 
 
-async def _stream(gen: Generation, events, plan: Plan, proto, ticket: Ticket, log: dict, gateway: Gateway | None) -> None:
+class EventLog:
+    """A background response's SSE events as its generation produces them (event `n` has
+    sequence number `n`), for the clients that stream it: the creator and `GET ...?stream=true`
+    with `starting_after`. Lives while the generation runs; followers keep reading to the end."""
+
+    def __init__(self) -> None:
+        self.seq = itertools.count()
+        self.events: list[bytes] = []
+        self.closed = False
+        self._changed = asyncio.Condition()
+
+    async def extend(self, events: list[bytes]) -> None:
+        async with self._changed:
+            self.events += events
+            self._changed.notify_all()
+
+    async def close(self) -> None:
+        async with self._changed:
+            self.closed = True
+            self._changed.notify_all()
+
+    async def follow(self, transport, after: int) -> None:
+        """Sends the events after sequence number `after`, then each new one, until the end."""
+        sent = after + 1
+        while True:
+            async with self._changed:
+                await self._changed.wait_for(lambda: len(self.events) > sent or self.closed)
+                chunk, closed = self.events[sent:], self.closed
+            if chunk:
+                try:
+                    await transport.send_bytes(b"".join(chunk))
+                except Exception:
+                    return  # the client went away: the generation goes on
+                sent += len(chunk)
+            elif closed:
+                return
+
+
+# Event logs of the background responses this process runs, by response id.
+_logs: dict[str, EventLog] = {}
+
+
+async def _events(gen: Generation, events, plan: Plan, ticket: Ticket, seq: itertools.count, *,
+                  created: bool = True) -> AsyncIterator[list[bytes]]:
     """OpenAI's event sequence for the output items (the message, function calls) as they
-    begin; `gateway` given: store the response once it reached a final state."""
-    rec, seq = gen.record, itertools.count()
-    transport = proto.response_stream(200, [*SSE_HEADERS, *ticket.response_headers()])
+    begin, one list per step; `created`: also `response.created` first (a background response
+    announced it when it was queued)."""
+    rec = gen.record
     head = rec.json()
     if plan.routed:
         head["routing"] = plan.routing()
     announced: set[str] = set()
 
-    def begin(item: dict) -> bytes:
+    def begin(item: dict) -> list[bytes]:
         announced.add(item["id"])
         index = next(n for n, i in enumerate(gen.items) if i["id"] == item["id"])
-        out = _sse_event("response.output_item.added", seq, output_index=index, item=item)
+        out = [_sse_event("response.output_item.added", seq, output_index=index, item=item)]
         if item["type"] == "message":
-            out += _sse_event("response.content_part.added", seq, item_id=item["id"], output_index=index, content_index=0,
-                              part={"type": "output_text", "text": "", "annotations": []})
+            out.append(_sse_event("response.content_part.added", seq, item_id=item["id"], output_index=index,
+                                  content_index=0, part={"type": "output_text", "text": "", "annotations": []}))
         return out
 
-    final = False
+    yield ([_sse_event("response.created", seq, response=head)] if created else []) \
+        + [_sse_event("response.in_progress", seq, response=head)]
+    async for ev in events:
+        t = type(ev)
+        if t is Failed:
+            gen.fail(_as_text_format(failure_error(ev.error)))
+            yield [_sse_event("response.failed", seq, response=rec.json())]
+            return
+        began = gen.fold(ev)
+        out = begin(began) if began is not None else []
+        if t is Delta and ev.text:
+            index = gen.items.index(gen.message)
+            out.append(_sse_event("response.output_text.delta", seq, item_id=gen.message["id"], output_index=index,
+                                  content_index=0, delta=ev.text, logprobs=[]))
+        elif t is ToolCallDelta and ev.arguments:
+            call = gen.call_item(ev.call_index)
+            out.append(_sse_event("response.function_call_arguments.delta", seq, item_id=call["id"],
+                                  output_index=gen.items.index(call), delta=ev.arguments))
+        if out:
+            ticket.first_token()
+            yield out
+    gen.finish(plan)
+    out = []
+    for index, item in enumerate(rec.output):
+        if item["id"] not in announced:  # an empty answer's message
+            out += begin({**item, "status": "in_progress", "content": []})
+        if item["type"] == "message":
+            text = item["content"][0]["text"]
+            where = {"item_id": item["id"], "output_index": index, "content_index": 0}
+            out.append(_sse_event("response.output_text.done", seq, **where, text=text, logprobs=[]))
+            out.append(_sse_event("response.content_part.done", seq, **where, part=item["content"][0]))
+        else:
+            out.append(_sse_event("response.function_call_arguments.done", seq, item_id=item["id"], output_index=index,
+                                  arguments=item["arguments"]))
+        out.append(_sse_event("response.output_item.done", seq, output_index=index, item=item))
+    kind = "response.incomplete" if rec.status == "incomplete" else "response.completed"
+    yield [*out, _sse_event(kind, seq, response=rec.json())]
+
+
+async def _stream(gen: Generation, events, plan: Plan, proto, ticket: Ticket, log: dict, gateway: Gateway | None) -> None:
+    """A foreground stream; `gateway` given: store the response once it reached a final state."""
+    rec = gen.record
+    transport = proto.response_stream(200, [*SSE_HEADERS, *ticket.response_headers()])
     try:
-        await transport.send_bytes(_sse_event("response.created", seq, response=head)
-                                   + _sse_event("response.in_progress", seq, response=head))
-        async for ev in events:
-            t = type(ev)
-            if t is Failed:
-                gen.fail(_as_text_format(failure_error(ev.error)))
-                final = True
-                await transport.send_bytes(_sse_event("response.failed", seq, response=rec.json()))
-                return
-            began = gen.fold(ev)
-            out = begin(began) if began is not None else b""
-            if t is Delta and ev.text:
-                index = gen.items.index(gen.message)
-                out += _sse_event("response.output_text.delta", seq, item_id=gen.message["id"], output_index=index,
-                                  content_index=0, delta=ev.text, logprobs=[])
-            elif t is ToolCallDelta and ev.arguments:
-                call = gen.call_item(ev.call_index)
-                out += _sse_event("response.function_call_arguments.delta", seq, item_id=call["id"],
-                                  output_index=gen.items.index(call), delta=ev.arguments)
-            if out:
-                ticket.first_token()
-                await transport.send_bytes(out)
-        gen.finish(plan)
-        final = True
-        out = b""
-        for index, item in enumerate(rec.output):
-            if item["id"] not in announced:  # an empty answer's message
-                out += begin({**item, "status": "in_progress", "content": []})
-            if item["type"] == "message":
-                text = item["content"][0]["text"]
-                where = {"item_id": item["id"], "output_index": index, "content_index": 0}
-                out += _sse_event("response.output_text.done", seq, **where, text=text, logprobs=[])
-                out += _sse_event("response.content_part.done", seq, **where, part=item["content"][0])
-            else:
-                out += _sse_event("response.function_call_arguments.done", seq, item_id=item["id"], output_index=index,
-                                  arguments=item["arguments"])
-            out += _sse_event("response.output_item.done", seq, output_index=index, item=item)
-        kind = "response.incomplete" if rec.status == "incomplete" else "response.completed"
-        await transport.send_bytes(out + _sse_event(kind, seq, response=rec.json()))
+        async for chunk in _events(gen, events, plan, ticket, itertools.count()):
+            await transport.send_bytes(b"".join(chunk))
     except Exception:
         pass  # the client went away mid-write (or the stream broke): stop generating
     finally:
@@ -566,7 +621,7 @@ async def _stream(gen: Generation, events, plan: Plan, proto, ticket: Ticket, lo
         if plan.served_by is not None:
             ticket.served(plan.served_by, plan)
         route_fields(plan, log)
-    if final and gateway is not None:
+    if rec.status not in ACTIVE and gateway is not None:
         await gateway.call(lambda s: s.insert_response(rec.row()))
 
 
@@ -577,13 +632,18 @@ async def _run_background(router: Router, gateway: Gateway, plan: Plan, request:
     gen = Generation(record)
     log: dict = {"model": plan.candidates[0].spec.name}
     status, error_code, events = 200, None, None
+    stream = _logs.get(record.id)
+    if stream is None:  # recovered from another process: announced afresh
+        stream = _logs[record.id] = EventLog()
+        await stream.extend([_sse_event("response.created", stream.seq, response=record.json())])
     try:
         record.status = "in_progress"
         await gateway.call(lambda s: s.update_response(record.id, {"status": "in_progress"}))
         _, events = await start_generation(router, plan, request, ticket)
-        async for ev in events:
-            gen.fold(ev)
-        gen.finish(plan)
+        async for chunk in _events(gen, events, plan, ticket, stream.seq, created=False):
+            await stream.extend(chunk)
+        if gen.error is not None:
+            status, error_code = gen.error.status, gen.error.code or gen.error.type
     except asyncio.CancelledError:
         gen.finish(plan)  # what was generated before the cancel
         record.status, record.incomplete_details, record.completed_at = "cancelled", None, None
@@ -607,7 +667,11 @@ async def _run_background(router: Router, gateway: Gateway, plan: Plan, request:
     cost = gateway.settle(ticket, log)
     gateway.record(ticket, ticket.started, ROUTE, status, log, cost, error_code, True)
     owner, result = _jobs.owner if _jobs is not None else "", record.result()
-    await gateway.call(lambda s: s.finish_response(record.id, owner, result))
+    try:
+        await gateway.call(lambda s: s.finish_response(record.id, owner, result))
+    finally:
+        _logs.pop(record.id, None)
+        await stream.close()
 
 
 async def _recover(router: Router, gateway: Gateway, row: dict) -> None:
@@ -653,19 +717,31 @@ def _not_found(response_id: str) -> ApiError:
     return ApiError(404, f"No response with id '{response_id}' in this workspace.", param="response_id", code="not_found")
 
 
-async def get(gateway: Gateway, ticket: Ticket, arg: str, query: str) -> bytes:
-    """`GET /v1/responses/{id}` and `GET /v1/responses/{id}/input_items`."""
+async def get(gateway: Gateway, ticket: Ticket, arg: str, query: str, proto) -> bytes | None:
+    """`GET /v1/responses/{id}` and `GET /v1/responses/{id}/input_items`; with `stream=true`, a
+    background response's events (after `starting_after`) while it runs here: None, sent."""
     params = parse_qs(query or "")
     response_id, _, rest = arg.partition("/")
     if rest == "input_items":
         return await _input_items(gateway, ticket, response_id, params)
     if rest:
         raise ApiError(404, f"Unknown route GET /v1/responses/{arg}.", code="not_found")
-    if params.get("stream", ["false"])[-1].lower() == "true":
-        raise _unsupported("Streaming a stored response again is not supported.", "stream")
     if params.get("include"):
         raise _unsupported(f"include values {params['include']} are not supported.", "include")
-    return encode((await _load(gateway, ticket, response_id)).json())
+    record = await _load(gateway, ticket, response_id)
+    if params.get("stream", ["false"])[-1].lower() != "true":
+        return encode(record.json())
+    stream = _logs.get(response_id)
+    if stream is None:
+        raise _unsupported("Only a background response still running on this server can be streamed; this one is "
+                           f"{record.status}: GET it without stream.", "stream")
+    try:
+        after = int(params.get("starting_after", ["-1"])[-1])
+    except ValueError:
+        raise invalid("starting_after must be an integer (a sequence number).", param="starting_after") from None
+    with Disconnect(proto):
+        await stream.follow(proto.response_stream(200, [*SSE_HEADERS, *ticket.response_headers()]), after)
+    return None
 
 
 async def _input_items(gateway: Gateway, ticket: Ticket, response_id: str, params: dict) -> bytes:
