@@ -24,7 +24,7 @@ use crate::notify::Notifier;
 use crate::sample::grammar::{CompiledGrammar, GrammarCompiler, GrammarState};
 use crate::sample::{Sampled, SamplingParams, SequenceSampler};
 use crate::sched::scheduler::{KvPool, Scheduler, SchedulerConfig, SeqChunk, SeqId, StepPlan};
-use crate::tokenize::chat_template::{ChatMessage, ChatTemplate, ChatTemplateError, ToolSpec};
+use crate::tokenize::chat_template::{ChatMessage, ChatTemplate, ChatTemplateError, ToolFormat, ToolSpec};
 use crate::tokenize::detok::{Detokenizer, Vocab};
 use crate::tokenize::gguf_vocab::{GgufTokenizer, GgufVocabError};
 
@@ -551,6 +551,11 @@ impl ChatEngine {
 
     pub fn has_chat_template(&self) -> bool {
         self.model.chat_template().is_some()
+    }
+
+    /// The format the rendered prompt asks tool calls in (`None` without a chat template).
+    pub fn tool_format(&self) -> Option<ToolFormat> {
+        self.model.chat_template().map(ChatTemplate::tool_format)
     }
 
     /// The conversation rendered with the model's chat template.

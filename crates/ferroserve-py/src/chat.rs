@@ -279,4 +279,11 @@ impl PyChatEngine {
     fn vocab_size(&self) -> usize {
         self.inner.vocab_size()
     }
+
+    /// How the prompt asks for tool calls: "hermes", "mistral" or "llama3_json" (the names
+    /// `backends/toolcalls.py` knows); `None` without a chat template.
+    #[getter]
+    fn tool_format(&self) -> Option<&'static str> {
+        self.inner.tool_format().map(|f| f.name())
+    }
 }

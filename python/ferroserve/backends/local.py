@@ -22,7 +22,7 @@ from ferroserve.backends.base import (
     DOWN, HEALTHY, Admitted, Backend, BackendInfo, BackendStats, ChatRequest, Delta, EmbeddingResult, EmbedRequest,
     Event, Failed, Finished, Message, Tool, Unavailable, response_format_schema,
 )
-from ferroserve.backends.toolcalls import ToolCallParser, lark_grammar
+from ferroserve.backends.toolcalls import FORMATS, HERMES, ToolCallParser, lark_grammar
 from ferroserve.config import ModelSpec
 from ferroserve.errors import ApiError, from_engine, from_engine_exception
 
@@ -190,6 +190,11 @@ class LocalChatModel(EngineWatcher, Backend):
         )
         return cls(name=name, path=path, engine=engine, spec=spec)
 
+    @property
+    def tool_format(self):
+        """The call format the model's prompt asks for (its template's, or our Hermes lowering)."""
+        return FORMATS.get(self.engine.tool_format or "hermes", HERMES)
+
     def info(self) -> BackendInfo:
         spec = self.spec
         return BackendInfo(
@@ -298,7 +303,7 @@ class LocalChatModel(EngineWatcher, Backend):
                 text_schema = msgspec.json.decode(response_format_schema(params.response_format))
             try:
                 lark = lark_grammar(request.tools, request.tool_choice, request.tool_choice_function,
-                                    request.parallel_tool_calls, text_schema)
+                                    request.parallel_tool_calls, text_schema, self.tool_format)
             except ApiError as err:
                 yield Failed(err)
                 return
@@ -328,7 +333,7 @@ class LocalChatModel(EngineWatcher, Backend):
         remaining = params.n
         resumed = request.memo.get(self.name + ":resumed", 0)
         # With tools, each choice's text goes through its parser: text, or tool-call deltas.
-        parsers = [ToolCallParser(i) for i in range(params.n)] if request.tools else None
+        parsers = [ToolCallParser(i, self.tool_format) for i in range(params.n)] if request.tools else None
         try:
             while remaining:
                 for e in await collector.next_batch():

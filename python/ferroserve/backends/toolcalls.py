@@ -1,15 +1,18 @@
 """Tool calls on a local model: the grammar that constrains them and the parser that turns
 the model's text back into calls.
 
-The wire format is Hermes' (what the built-in tool prompt asks for, see chat_template.rs):
+The wire format is the one the rendered prompt asks for (the engine's `tool_format`, see
+chat_template.rs): Hermes' for our own lowering and templates such as Qwen's,
 
     <tool_call>
     {"name": "get_weather", "arguments": {"city": "Paris"}}
     </tool_call>
 
-one block per call, blocks separated by a newline. The grammar is llguidance Lark with each
-function's `{"name": <const>, "arguments": <its parameters schema>}` embedded as `%json`, so
-every call the engine emits names an allowed function and its arguments validate:
+one block per call, blocks separated by a newline; Mistral's `[TOOL_CALLS][{...}, {...}]`; or
+Llama 3's bare `{"name": ..., "parameters": {...}}`. Each is a `ToolFormat`: text around the
+calls and around each call, and the arguments' key. The grammar is llguidance Lark with each
+function's `{"name": <const>, "<arguments key>": <its parameters schema>}` embedded as `%json`,
+so every call the engine emits names an allowed function and its arguments validate:
 
 - `required` / a named function: the answer is one call (`parallel_tool_calls` false) or one
   or more, from the first token;
@@ -32,25 +35,60 @@ import msgspec
 from ferroserve.backends.base import Tool, ToolCallDelta
 from ferroserve.errors import invalid
 
-MARKER = "<tool_call>"
-END_MARKER = "</tool_call>"
+
+class ToolFormat(msgspec.Struct, frozen=True, kw_only=True):
+    """How an answer made of calls is written: `open`, then each call object between
+    `call_open` and `call_close`, `separator` between calls, then `close`."""
+
+    name: str
+    open: str = ""
+    call_open: str = ""
+    call_close: str = ""
+    separator: str
+    close: str = ""
+    arguments_key: str = "arguments"
+
+    @property
+    def prefix(self) -> str:
+        """What every answer made of calls begins with (the grammar's JSON has fixed spacing)."""
+        return self.open + self.call_open + '{"name"'
+
+    @property
+    def trigger(self) -> str:
+        """Text that marks a call: under `auto`, free text never contains it."""
+        return (self.open + self.call_open).strip() or '{"name"'
+
+
+FORMATS = {f.name: f for f in (
+    ToolFormat(name="hermes", call_open="<tool_call>\n", call_close="\n</tool_call>", separator="\n"),
+    ToolFormat(name="mistral", open="[TOOL_CALLS][", separator=", ", close="]"),
+    ToolFormat(name="llama3_json", separator="; ", arguments_key="parameters"),
+)}
+HERMES = FORMATS["hermes"]
 # The separators the prompt's JSON uses (json.dumps'), and no free whitespace: a model cannot
 # stall in endless newlines inside a call.
 _JSON_OPTIONS = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
-# Free text under `auto`: anything without the call marker.
-_FREE_TEXT = 'TEXT: /(?s:.*)/ & ~/(?s:.*)<tool_call>(?s:.*)/'
+_REGEX_SPECIAL = set("\\.+*?()|[]{}^$#&-~")
+
+
+def _lark_literal(text: str) -> str:
+    return _encode(text).decode()
+
+
+def _regex_literal(text: str) -> str:
+    return "".join("\\" + ch if ch in _REGEX_SPECIAL else ch for ch in text)
 
 _encode = msgspec.json.Encoder().encode
 
 
-def _call_schema(tool: Tool) -> dict[str, Any]:
+def _call_schema(tool: Tool, arguments_key: str) -> dict[str, Any]:
     parameters = dict(tool.parameters) if tool.parameters else {"type": "object"}
     if "x-guidance" in parameters:
         raise invalid(f"tools: the parameters of {tool.name!r} use `x-guidance`, which is not supported.", param="tools")
     schema: dict[str, Any] = {
         "type": "object",
         "properties": {"name": {"const": tool.name}},
-        "required": ["name", "arguments"],
+        "required": ["name", arguments_key],
         "additionalProperties": False,
         "x-guidance": _JSON_OPTIONS,
     }
@@ -59,22 +97,25 @@ def _call_schema(tool: Tool) -> dict[str, Any]:
     for key in ("$defs", "definitions"):
         if key in parameters:
             schema[key] = parameters.pop(key)
-    schema["properties"]["arguments"] = parameters
+    schema["properties"][arguments_key] = parameters
     return schema
 
 
 def lark_grammar(tools: list[Tool], choice: str, function: str | None, parallel: bool,
-                 text_schema: dict[str, Any] | None = None) -> str:
+                 text_schema: dict[str, Any] | None = None, fmt: ToolFormat = HERMES) -> str:
     """The grammar of an answer under `choice` ("auto", "required" or "function" with
-    `function` named). Under `auto`, `text_schema` (a response_format's JSON schema) replaces
-    free text."""
+    `function` named), calls written in `fmt`. Under `auto`, `text_schema` (a
+    response_format's JSON schema) replaces free text."""
     allowed = [t for t in tools if choice != "function" or t.name == function]
-    rules = [f"fn_{i}: %json {_encode(_call_schema(t)).decode()}" for i, t in enumerate(allowed)]
+    rules = [f"fn_{i}: %json {_encode(_call_schema(t, fmt.arguments_key)).decode()}" for i, t in enumerate(allowed)]
     body = " | ".join(f"fn_{i}" for i in range(len(allowed)))
-    lines = [
-        'call: "<tool_call>\\n" (' + body + ') "\\n</tool_call>"',
-        'calls: call ("\\n" call)*' if parallel else "calls: call",
-    ]
+
+    def seq(*parts: str) -> str:  # Lark has no empty literal: leave empty parts out
+        return " ".join(p for p in parts if p and p != '""')
+
+    call = seq(_lark_literal(fmt.call_open), f"({body})", _lark_literal(fmt.call_close))
+    more = f'({_lark_literal(fmt.separator)} call)*' if parallel else ""
+    lines = [f"call: {call}", "calls: " + seq(_lark_literal(fmt.open), "call", more, _lark_literal(fmt.close))]
     if choice != "auto":
         lines.insert(0, "start: calls")
     elif text_schema is not None:
@@ -85,7 +126,7 @@ def lark_grammar(tools: list[Tool], choice: str, function: str | None, parallel:
         lines.append(f"text: %json {_encode(text).decode()}")
     else:
         lines.insert(0, "start: TEXT | calls")
-        lines.append(_FREE_TEXT)
+        lines.append(f"TEXT: /(?s:.*)/ & ~/(?s:.*){_regex_literal(fmt.trigger)}(?s:.*)/")
     return "\n".join(lines + rules) + "\n"
 
 
@@ -93,7 +134,11 @@ def new_call_id() -> str:
     return "call_" + uuid.uuid4().hex[:24]
 
 
-_HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
+def _header(arguments_key: str) -> re.Pattern[str]:
+    return re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"' + re.escape(arguments_key) + r'"\s*:\s*')
+
+
+_HEADERS = {name: _header(f.arguments_key) for name, f in FORMATS.items()}
 _START, _TEXT, _HEADER_STATE, _ARGS, _TAIL, _BETWEEN = range(6)
 
 
@@ -103,10 +148,12 @@ class ToolCallParser:
     An answer that starts with the marker is calls; any other answer is text (the grammar
     allows nothing else). `feed` returns the events for the text so far."""
 
-    __slots__ = ("index", "state", "buffer", "calls", "depth", "in_string", "escape", "started", "scalar")
+    __slots__ = ("index", "fmt", "header", "state", "buffer", "calls", "depth", "in_string", "escape", "started", "scalar")
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, fmt: ToolFormat = HERMES) -> None:
         self.index = index
+        self.fmt = fmt
+        self.header = _HEADERS.get(fmt.name) or _header(fmt.arguments_key)
         self.state = _START
         self.buffer = ""
         self.calls = 0
@@ -130,19 +177,21 @@ class ToolCallParser:
         while True:
             state = self.state
             buf = self.buffer
+            fmt = self.fmt
             if state == _START:
-                if buf.startswith(MARKER):
-                    self.buffer = buf[len(MARKER):]
+                prefix = fmt.prefix
+                if buf.startswith(prefix):
+                    self.buffer = buf[len(fmt.open + fmt.call_open):]
                     self.state = _HEADER_STATE
-                elif MARKER.startswith(buf):
-                    return out  # may still become the marker
+                elif prefix.startswith(buf):
+                    return out  # may still become a call
                 else:
                     self.state = _TEXT
                     self.buffer = ""
                     out.append(buf)
                     return out
             elif state == _HEADER_STATE:
-                m = _HEADER.match(buf)
+                m = self.header.match(buf)
                 if m is None:
                     return out
                 name = msgspec.json.decode(('"' + m.group(1) + '"').encode())
@@ -152,7 +201,7 @@ class ToolCallParser:
                 self._reset_args()
             elif state == _ARGS:
                 if not self.started:
-                    buf = buf.lstrip()  # the space after "arguments": is not part of them
+                    buf = buf.lstrip()  # the space after the key's colon is not part of them
                     if not buf:
                         self.buffer = ""
                         return out
@@ -166,19 +215,20 @@ class ToolCallParser:
                 self.buffer = buf[end:]
                 self.calls += 1
                 self.state = _TAIL
-            elif state == _TAIL:
-                at = buf.find(END_MARKER)
+            elif state == _TAIL:  # the call object's "}" and the call's closing text
+                end = "}" + fmt.call_close
+                at = buf.find(end)
                 if at < 0:
                     return out
-                self.buffer = buf[at + len(END_MARKER):]
+                self.buffer = buf[at + len(end):]
                 self.state = _BETWEEN
-            else:  # _BETWEEN: the next call, or nothing (the grammar allows no text here)
-                rest = buf.lstrip()
-                if rest.startswith(MARKER):
-                    self.buffer = rest[len(MARKER):]
+            else:  # _BETWEEN: the next call, or the end (the grammar allows nothing else)
+                following = fmt.separator + fmt.call_open
+                if buf.startswith(following):
+                    self.buffer = buf[len(following):]
                     self.state = _HEADER_STATE
                 else:
-                    if not MARKER.startswith(rest):
+                    if not (following.startswith(buf) or fmt.close.startswith(buf)):
                         self.buffer = ""
                     return out
 

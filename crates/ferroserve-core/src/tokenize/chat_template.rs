@@ -5,11 +5,13 @@
 //!
 //! The engine never sees OpenAI JSON: the API layer converts requests into [`ChatMessage`]s.
 //!
-//! Tools: a template that mentions `tools` gets them as Hugging Face passes them (`tools`,
+//! Tools: a template that renders tools and prompts for a call format we can constrain and
+//! parse ([`ToolFormat`]) gets them as Hugging Face passes them (`tools`,
 //! `message.tool_calls`, `message.tool_call_id`). Any other template gets the conversation
 //! lowered to Hermes-style text first ([`hermes_lowering`]): the tool list in the system
 //! message inside `<tools></tools>`, calls as `<tool_call>{"name": ..., "arguments": ...}
 //! </tool_call>` in the assistant's text, results as `<tool_response>` blocks in a user turn.
+//! Either way the prompt asks for exactly the format the sampler then enforces.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -118,6 +120,47 @@ pub struct ChatTemplate {
     source: String,
     bos_token: String,
     eos_token: String,
+    native_tools: Option<ToolFormat>,
+}
+
+/// How a model writes tool calls. The Python layer holds each format's grammar and parser
+/// (`backends/toolcalls.py`); the names are the contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToolFormat {
+    /// `<tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>` per call (Hermes, Qwen 2.5+,
+    /// SmolLM3, and our lowering for templates without tools).
+    Hermes,
+    /// `[TOOL_CALLS][{"name": ..., "arguments": ...}, ...]` (Mistral's v3 templates).
+    Mistral,
+    /// `{"name": ..., "parameters": ...}` as the whole answer (Llama 3.1 / 3.2's JSON tool use).
+    Llama3Json,
+}
+
+impl ToolFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            ToolFormat::Hermes => "hermes",
+            ToolFormat::Mistral => "mistral",
+            ToolFormat::Llama3Json => "llama3_json",
+        }
+    }
+
+    /// The format a template that renders `tools` prompts for, recognised by the markers its
+    /// prompt text names; `None` for a template without tools or with a format we do not know.
+    fn of_template(source: &str) -> Option<ToolFormat> {
+        if !source.contains("tools") {
+            None
+        } else if source.contains("<tool_call>") {
+            Some(ToolFormat::Hermes)
+        } else if source.contains("[TOOL_CALLS]") {
+            Some(ToolFormat::Mistral)
+        } else if source.contains("\"parameters\": dictionary") || source.contains("<|python_tag|>")
+        {
+            Some(ToolFormat::Llama3Json)
+        } else {
+            None
+        }
+    }
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -157,6 +200,7 @@ impl ChatTemplate {
             .map_err(|e| ChatTemplateError::Syntax(describe(&e)))?;
         Ok(ChatTemplate {
             env,
+            native_tools: ToolFormat::of_template(&source),
             source,
             bos_token: bos_token.into(),
             eos_token: eos_token.into(),
@@ -191,10 +235,16 @@ impl ChatTemplate {
         &self.source
     }
 
-    /// Whether the template renders tools itself (it refers to `tools`); otherwise tool
-    /// conversations are lowered to Hermes-style text.
+    /// Whether the template renders tools itself, in a [`ToolFormat`] we know; otherwise tool
+    /// conversations are lowered to Hermes-style text (a template that renders tools in an
+    /// unknown format too: the model would answer in a format the sampler cannot enforce).
     pub fn supports_tools(&self) -> bool {
-        self.source.contains("tools")
+        self.native_tools.is_some()
+    }
+
+    /// The format the prompt asks tool calls in: the template's own, or Hermes when lowered.
+    pub fn tool_format(&self) -> ToolFormat {
+        self.native_tools.unwrap_or(ToolFormat::Hermes)
     }
 
     /// Renders the conversation. With `add_generation_prompt` the output ends with the
@@ -754,7 +804,7 @@ mod tests {
     #[test]
     fn templates_with_tools_get_them_natively() {
         let t = ChatTemplate::new(
-            "{% for tool in tools %}[{{ tool.function.name }}]{% endfor %}{% for m in messages %}{% for c in m.tool_calls %}{{ c.function.name }}{{ c.function.arguments | tojson }}{% endfor %}{{ m.tool_call_id }}{% endfor %}",
+            "{# <tool_call> #}{% for tool in tools %}[{{ tool.function.name }}]{% endfor %}{% for m in messages %}{% for c in m.tool_calls %}{{ c.function.name }}{{ c.function.arguments | tojson }}{% endfor %}{{ m.tool_call_id }}{% endfor %}",
             "",
             "",
         )
@@ -775,5 +825,33 @@ mod tests {
         result.tool_call_id = Some("c".into());
         let out = t.render_with_tools(&[call, result], &tools, false).unwrap();
         assert_eq!(out, r#"[f]f{"x": 1}c"#);
+    }
+
+    #[test]
+    fn tool_formats_are_recognised_by_the_markers_the_template_prompts_for() {
+        let format = |source: &str| {
+            let t = ChatTemplate::new(source, "", "").unwrap();
+            (t.supports_tools(), t.tool_format())
+        };
+        assert_eq!(
+            format("{% for m in messages %}{{ m.content }}{% endfor %}"),
+            (false, ToolFormat::Hermes)
+        );
+        assert_eq!(format("{{ tools }}<tool_call>"), (true, ToolFormat::Hermes));
+        assert_eq!(
+            format("{{ tools }}[TOOL_CALLS]"),
+            (true, ToolFormat::Mistral)
+        );
+        assert_eq!(
+            format(
+                r#"{{ tools }}{{ 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}"#
+            ),
+            (true, ToolFormat::Llama3Json)
+        );
+        // Tools rendered in a format we cannot enforce: lowered to Hermes instead.
+        assert_eq!(
+            format("{{ tools }}<function_calls>"),
+            (false, ToolFormat::Hermes)
+        );
     }
 }
