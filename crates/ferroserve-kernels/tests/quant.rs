@@ -55,13 +55,20 @@ impl Rng {
     }
 }
 
-const BLOCK_TYPES: [QuantType; 5] = [
+const BLOCK_TYPES: [QuantType; 9] = [
     QuantType::Q8_0,
     QuantType::Q4_0,
     QuantType::Q4_1,
     QuantType::Q4_K,
     QuantType::Q6_K,
+    QuantType::Q5_0,
+    QuantType::Q5_1,
+    QuantType::Q5_K,
+    QuantType::IQ4_NL,
 ];
+
+/// ggml's `kvalues_iq4nl` (ggml-common.h).
+const KVALUES_IQ4NL: [i8; 16] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
 
 fn f16_bytes(v: f32) -> [u8; 2] {
     f32_to_f16(v).to_le_bytes()
@@ -160,7 +167,73 @@ fn ggml_shaped_dequantize(t: QuantType, bytes: &[u8], y: &mut [f32]) {
                 }
             }
         }
+        QuantType::Q5_0 | QuantType::Q5_1 => {
+            let bb = if t == QuantType::Q5_0 { 22 } else { 24 };
+            for (i, x) in bytes.chunks_exact(bb).enumerate() {
+                let d = h(x, 0);
+                let qh = u32::from_le_bytes(x[bb - 20..bb - 16].try_into().unwrap());
+                let qs = &x[bb - 16..];
+                for j in 0..16 {
+                    let xh_0 = (((qh >> j) << 4) & 0x10) as u8;
+                    let xh_1 = ((qh >> (j + 12)) & 0x10) as u8;
+                    let (x0, x1) = (((qs[j] & 0x0f) | xh_0) as i32, ((qs[j] >> 4) | xh_1) as i32);
+                    if t == QuantType::Q5_0 {
+                        y[i * 32 + j] = (x0 - 16) as f32 * d;
+                        y[i * 32 + j + 16] = (x1 - 16) as f32 * d;
+                    } else {
+                        let m = h(x, 2);
+                        y[i * 32 + j] = x0 as f32 * d + m;
+                        y[i * 32 + j + 16] = x1 as f32 * d + m;
+                    }
+                }
+            }
+        }
+        QuantType::Q5_K => {
+            let mut out = 0;
+            for x in bytes.chunks_exact(176) {
+                let (d, min) = (h(x, 0), h(x, 2));
+                let scales = &x[4..16];
+                let qh = &x[16..48];
+                let mut ql = &x[48..];
+                let (mut is, mut u1, mut u2) = (0, 1u8, 2u8);
+                for _ in (0..256).step_by(64) {
+                    let (sc, m) = get_scale_min_k4(is, scales);
+                    let (d1, m1) = (d * sc as f32, min * m as f32);
+                    let (sc, m) = get_scale_min_k4(is + 1, scales);
+                    let (d2, m2) = (d * sc as f32, min * m as f32);
+                    for l in 0..32 {
+                        y[out] = d1 * ((ql[l] & 0xF) + if qh[l] & u1 != 0 { 16 } else { 0 }) as f32 - m1;
+                        out += 1;
+                    }
+                    for l in 0..32 {
+                        y[out] = d2 * ((ql[l] >> 4) + if qh[l] & u2 != 0 { 16 } else { 0 }) as f32 - m2;
+                        out += 1;
+                    }
+                    ql = &ql[32..];
+                    is += 2;
+                    u1 <<= 2;
+                    u2 <<= 2;
+                }
+            }
+        }
+        QuantType::IQ4_NL => {
+            for (i, x) in bytes.chunks_exact(18).enumerate() {
+                let d = h(x, 0);
+                for j in 0..16 {
+                    y[i * 32 + j] = d * KVALUES_IQ4NL[(x[2 + j] & 0xf) as usize] as f32;
+                    y[i * 32 + j + 16] = d * KVALUES_IQ4NL[(x[2 + j] >> 4) as usize] as f32;
+                }
+            }
+        }
         _ => unreachable!(),
+    }
+}
+
+fn get_scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
     }
 }
 
@@ -169,8 +242,8 @@ fn random_blocks(t: QuantType, rng: &mut Rng, k: usize) -> Vec<u8> {
     let mut bytes = rng.bytes(t.row_bytes(k));
     let bb = t.block_bytes();
     let scale_offsets: &[usize] = match t {
-        QuantType::Q8_0 | QuantType::Q4_0 => &[0],
-        QuantType::Q4_1 | QuantType::Q4_K => &[0, 2],
+        QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q5_0 | QuantType::IQ4_NL => &[0],
+        QuantType::Q4_1 | QuantType::Q4_K | QuantType::Q5_1 | QuantType::Q5_K => &[0, 2],
         QuantType::Q6_K => &[208],
         _ => &[],
     };
@@ -190,6 +263,10 @@ fn block_sizes_match_ggml() {
         (QuantType::Q4_1, 32, 20),
         (QuantType::Q4_K, 256, 144),
         (QuantType::Q6_K, 256, 210),
+        (QuantType::Q5_0, 32, 22),
+        (QuantType::Q5_1, 32, 24),
+        (QuantType::Q5_K, 256, 176),
+        (QuantType::IQ4_NL, 32, 18),
     ];
     for (t, elems, bytes) in sizes {
         assert_eq!(
@@ -274,6 +351,12 @@ fn quantize_round_trips_within_half_a_step() {
         QuantType::Q4_1 => 1.0 / 15.0 + 2e-3,
         QuantType::Q4_K => 0.1,
         QuantType::Q6_K => 0.5 / 31.0 + 0.02,
+        // −16..=15, as Q4_0.
+        QuantType::Q5_0 => 1.0 / 16.0 + 2e-3,
+        QuantType::Q5_1 => 1.0 / 31.0 + 2e-3,
+        QuantType::Q5_K => 0.05,
+        // The table's widest gap is 24/127 and its top end 113 of 127.
+        QuantType::IQ4_NL => 14.0 / 127.0 + 2e-3,
         QuantType::F16 => 1e-3,
         QuantType::BF16 => 4e-3,
         QuantType::F32 => 0.0,
@@ -397,13 +480,18 @@ fn check_case(isa: QuantIsa, c: &Case, rng: &mut Rng, seed: u64) {
             // apart; those terms can exceed the result and cancel, so their rounding counts.
             let affine = matches!(
                 c.t,
-                QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q4_K
+                QuantType::Q8_0
+                    | QuantType::Q4_0
+                    | QuantType::Q4_1
+                    | QuantType::Q4_K
+                    | QuantType::Q5_1
+                    | QuantType::Q5_K
             );
             let w_max = wj.iter().fold(0f64, |a, &v| a.max(v.abs() as f64));
             let x_abs: f64 = xhr.iter().map(|&v| v.abs() as f64).sum();
             // Q4_1 takes its `m` term as m·s with ggml's q8_1 `s = f16(d·Σq)` (unrounded d,
             // then f16): ≤ 2⁻¹⁰ of |Σx̂| per block off the x̂ sum, and |m| ≤ max |w|.
-            let q81 = if c.t == QuantType::Q4_1 { 2f64.powi(-10) * w_max * x_abs } else { 0.0 };
+            let q81 = if matches!(c.t, QuantType::Q4_1 | QuantType::Q5_1) { 2f64.powi(-10) * w_max * x_abs } else { 0.0 };
             let fp = 4e-5 * (seen_abs + if affine { 2.0 * w_max * x_abs } else { 0.0 }) + q81 + 1e-30;
             let bound_a = norm(wj) * norm(&x_err) * 1.0001 + fp;
             let err_a = (got as f64 - exact).abs();
@@ -706,6 +794,145 @@ fn q4_1_matches_llama_cpp_order_on_every_isa() {
             let y = run(isa, t, &w, n, k, &x, m);
             for (i, (a, b)) in y.iter().zip(&portable).enumerate() {
                 assert_eq!(a.to_bits(), b.to_bits(), "{isa:?} m={m} index {i}: {a} vs portable {b} (seed {seed})");
+            }
+        }
+    }
+}
+
+/// An activation block as ggml quantises it: codes, `d` rounded to f16, q8_1's
+/// `s = f16(d·Σq)` (unrounded d) and the f32 `d·Σq` with the rounded d.
+struct ActBlock {
+    q: Vec<i32>,
+    d: f32,
+    s81: f32,
+    d_sum: f32,
+}
+
+fn act_block(xb: &[f32]) -> ActBlock {
+    let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+    let q: Vec<i32> = xb.iter().map(|v| (v * inv).round_ties_even() as i32).collect();
+    let sum = q.iter().sum::<i32>();
+    let d = f16_to_f32(f32_to_f16(amax / 127.0));
+    let s81 = f16_to_f32(f32_to_f16(amax / 127.0 * sum as f32));
+    ActBlock { q, d, s81, d_sum: d * sum as f32 }
+}
+
+/// llama.cpp's `hsum_float_8`.
+fn hsum_float_8(l: &[f32; 8]) -> f32 {
+    let h = [l[4] + l[0], l[5] + l[1], l[6] + l[2], l[7] + l[3]];
+    (h[0] + h[2]) + (h[1] + h[3])
+}
+
+/// Eight lanes `fma(scale, Σ₄ w·a, lane)` over groups of four weights.
+fn lanes_fma(lanes: &mut [f32; 8], scale: f32, w: &[i32], a: &[i32]) {
+    for (g, lane) in lanes.iter_mut().enumerate() {
+        let dot: i32 = (4 * g..4 * g + 4).map(|i| w[i] * a[i]).sum();
+        *lane = scale.mul_add(dot as f32, *lane);
+    }
+}
+
+/// One output of the order each of these formats documents, recomputed from the GGUF bytes
+/// (`wr`, one weight row) and the f32 activations (`xr`): llama.cpp's x86 loops for Q5_0
+/// (`ggml_vec_dot_q5_0_q8_0`), Q5_1 (`…q5_1_q8_1`) and IQ4_NL (`…iq4_nl_q8_0`: even and
+/// odd blocks in two sets of lanes, an unpaired last block added alone); for Q5_K, which
+/// multiplies 32-activation blocks rather than llama.cpp's Q8_K, Q5_1's order per sub-block.
+fn reference_order(t: QuantType, wr: &[u8], xr: &[f32]) -> f32 {
+    let h = |b: &[u8], at: usize| f16_to_f32(u16::from_le_bytes([b[at], b[at + 1]]));
+    let acts: Vec<ActBlock> = xr.chunks_exact(32).map(act_block).collect();
+    let five_bit = |qh: u32, qs: &[u8], i: usize| -> i32 {
+        let low = if i < 16 { qs[i] & 15 } else { qs[i - 16] >> 4 };
+        (low as u32 | ((qh >> i) & 1) << 4) as i32
+    };
+    let (mut lanes, mut odd, mut mins) = ([0f32; 8], [0f32; 8], 0f32);
+    match t {
+        QuantType::Q5_0 | QuantType::Q5_1 => {
+            let bb = t.block_bytes();
+            for (blk, a) in wr.chunks_exact(bb).zip(&acts) {
+                let qh = u32::from_le_bytes(blk[bb - 20..bb - 16].try_into().unwrap());
+                let offset = if t == QuantType::Q5_0 { 16 } else { 0 };
+                let w: Vec<i32> = (0..32).map(|i| five_bit(qh, &blk[bb - 16..], i) - offset).collect();
+                lanes_fma(&mut lanes, h(blk, 0) * a.d, &w, &a.q);
+                if t == QuantType::Q5_1 {
+                    mins = h(blk, 2).mul_add(a.s81, mins);
+                }
+            }
+            hsum_float_8(&lanes) + mins
+        }
+        QuantType::Q5_K => {
+            for (s, blk) in wr.chunks_exact(176).enumerate() {
+                for j in 0..8 {
+                    let (sc, m) = get_scale_min_k4(j, &blk[4..16]);
+                    let a = &acts[8 * s + j];
+                    let w: Vec<i32> = (0..32)
+                        .map(|l| {
+                            let byte = blk[48 + 32 * (j / 2) + l];
+                            let low = if j % 2 == 0 { byte & 15 } else { byte >> 4 };
+                            (low | ((blk[16 + l] >> j) & 1) << 4) as i32
+                        })
+                        .collect();
+                    lanes_fma(&mut lanes, h(blk, 0) * sc as f32 * a.d, &w, &a.q);
+                    mins = (h(blk, 2) * m as f32).mul_add(a.d_sum, mins);
+                }
+            }
+            hsum_float_8(&lanes) - mins
+        }
+        QuantType::IQ4_NL => {
+            let nb = wr.len() / 18;
+            let values = |blk: &[u8]| -> Vec<i32> {
+                (0..32)
+                    .map(|i| KVALUES_IQ4NL[if i < 16 { blk[2 + i] & 15 } else { blk[2 + i - 16] >> 4 } as usize] as i32)
+                    .collect()
+            };
+            for (b, (blk, a)) in wr.chunks_exact(18).zip(&acts).enumerate().take(nb - nb % 2) {
+                let set = if b % 2 == 0 { &mut lanes } else { &mut odd };
+                lanes_fma(set, a.d * h(blk, 0), &values(blk), &a.q);
+            }
+            let mut sum = hsum_float_8(&std::array::from_fn(|g| lanes[g] + odd[g]));
+            if nb % 2 == 1 {
+                let (blk, a) = (&wr[(nb - 1) * 18..], &acts[nb - 1]);
+                let dot: i32 = values(blk).iter().zip(&a.q).map(|(v, q)| v * q).sum();
+                sum = (a.d * h(blk, 0)).mul_add(dot as f32, sum);
+            }
+            sum
+        }
+        _ => unreachable!(),
+    }
+}
+
+/// Q5_0, Q5_1, IQ4_NL and Q5_K follow one documented order on every ISA level: the portable
+/// code must be that order (recomputed here from the bytes by `reference_order`), and every
+/// level must give its bits, for decode (m = 1), tiles of four and ragged batches, with an
+/// odd number of blocks (IQ4_NL's unpaired last block) and an even one.
+#[test]
+fn exact_order_formats_give_their_reference_bits_on_every_isa() {
+    let (mut rng, seed) = Rng::new(14);
+    for t in [QuantType::Q5_0, QuantType::Q5_1, QuantType::IQ4_NL, QuantType::Q5_K] {
+        let ks: &[usize] = if t == QuantType::Q5_K { &[256, 768] } else { &[32, 576, 608] };
+        for &k in ks {
+            let n = 37;
+            let row_bytes = t.row_bytes(k);
+            for m in [1usize, 4, 7] {
+                let c = Case { t, m, n, k };
+                let (mut w, _, x) = random_case(&mut rng, &c);
+                if t == QuantType::Q5_K {
+                    // Random codes and scales, not only the round-to-nearest quantiser's.
+                    w = (0..n).flat_map(|_| random_blocks(t, &mut rng, k)).collect();
+                }
+                let portable = run(QuantIsa::Portable, t, &w, n, k, &x, m);
+                for r in 0..m {
+                    for j in 0..n {
+                        let want = reference_order(t, &w[j * row_bytes..(j + 1) * row_bytes], &x[r * k..(r + 1) * k]);
+                        let got = portable[r * n + j];
+                        assert_eq!(got.to_bits(), want.to_bits(), "{} portable k={k} m={m} [{r}, {j}]: {got} vs {want} (seed {seed})", t.name());
+                    }
+                }
+                for isa in QuantIsa::available() {
+                    let y = run(isa, t, &w, n, k, &x, m);
+                    for (i, (a, b)) in y.iter().zip(&portable).enumerate() {
+                        assert_eq!(a.to_bits(), b.to_bits(), "{} {isa:?} k={k} m={m} index {i}: {a} vs portable {b} (seed {seed})", t.name());
+                    }
+                }
             }
         }
     }

@@ -66,8 +66,8 @@ pub enum GgufError {
 pub type Result<T, E = GgufError> = std::result::Result<T, E>;
 
 /// Tensor element types, numbered as ggml's `enum ggml_type` (ggml/include/ggml.h); the ids are
-/// what GGUF stores. The IQ* and ternary types are left out on purpose: no kernel here reads
-/// them, so a file using them should fail at load time rather than later.
+/// what GGUF stores. The IQ* and ternary types but IQ4_NL are left out on purpose: no kernel
+/// here reads them, so a file using them should fail at load time rather than later.
 #[allow(non_camel_case_types)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum GgmlType {
@@ -85,6 +85,7 @@ pub enum GgmlType {
     Q5_K,
     Q6_K,
     Q8_K,
+    IQ4_NL,
     I8,
     I16,
     I32,
@@ -111,6 +112,7 @@ impl GgmlType {
             13 => Q5_K,
             14 => Q6_K,
             15 => Q8_K,
+            20 => IQ4_NL,
             24 => I8,
             25 => I16,
             26 => I32,
@@ -138,6 +140,7 @@ impl GgmlType {
             Q5_K => 13,
             Q6_K => 14,
             Q8_K => 15,
+            IQ4_NL => 20,
             I8 => 24,
             I16 => 25,
             I32 => 26,
@@ -164,6 +167,7 @@ impl GgmlType {
             Q5_K => "Q5_K",
             Q6_K => "Q6_K",
             Q8_K => "Q8_K",
+            IQ4_NL => "IQ4_NL",
             I8 => "I8",
             I16 => "I16",
             I32 => "I32",
@@ -179,7 +183,7 @@ impl GgmlType {
         use GgmlType::*;
         match self {
             F32 | F16 | BF16 | F64 | I8 | I16 | I32 | I64 => 1,
-            Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q8_1 => 32,
+            Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q8_1 | IQ4_NL => 32,
             Q2_K | Q3_K | Q4_K | Q5_K | Q6_K | Q8_K => 256,
         }
     }
@@ -204,6 +208,7 @@ impl GgmlType {
             Q5_K => 176, // 2 f16 + 12 scales + 32 high bits + 128 quants
             Q6_K => 210, // 128 low bits + 64 high bits + 16 scales + f16
             Q8_K => 292, // f32 scale + 256 int8 + 16 int16 block sums
+            IQ4_NL => 18, // f16 scale + 16 bytes of nibbles (table indices)
         }
     }
 
@@ -1045,6 +1050,8 @@ mod tests {
         assert_eq!(GgmlType::from_id(12), Some(GgmlType::Q4_K));
         assert_eq!(GgmlType::from_id(30), Some(GgmlType::BF16));
         assert_eq!(GgmlType::from_id(4), None); // removed Q4_2
+        assert_eq!(GgmlType::from_id(20), Some(GgmlType::IQ4_NL));
+        assert_eq!(GgmlType::IQ4_NL.bytes_for(64), Some(36));
         assert_eq!(GgmlType::Q4_1.bytes_for(64), Some(40));
         assert_eq!(GgmlType::Q6_K.bytes_for(100), None);
     }

@@ -35,7 +35,7 @@ use rayon::prelude::*;
 
 use super::f16::{F32Rows, FloatFormat};
 use super::q8_0::Q8Activations;
-use super::{q4_0, q4_1, q4_k, q6_k, q8_0, QuantType};
+use super::{iq4_nl, q4_0, q4_1, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0, QuantType};
 
 /// The instruction-set level the quantised kernels run with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -227,6 +227,15 @@ fn quantised_kernel(isa: QuantIsa, wtype: QuantType) -> QuantisedKernel {
             }
         };
     }
+    macro_rules! pick_avx2 {
+        ($family:ident) => {
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                QuantIsa::Avx2 | QuantIsa::Avx512 => $family::avx2::matmul_cols as QuantisedKernel,
+                _ => $family::matmul_cols_portable as QuantisedKernel,
+            }
+        };
+    }
     match wtype {
         QuantType::Q8_0 => pick!(q8_0),
         QuantType::Q4_0 => pick!(q4_0),
@@ -234,11 +243,13 @@ fn quantised_kernel(isa: QuantIsa, wtype: QuantType) -> QuantisedKernel {
         QuantType::Q4_K => pick!(q4_k),
         // Q6_K's per-16 scales fit `vpmaddwd` better than a VNNI dot (see q6_k.rs), so its
         // AVX2 kernel serves both x86 levels.
-        QuantType::Q6_K => match isa {
-            #[cfg(target_arch = "x86_64")]
-            QuantIsa::Avx2 | QuantIsa::Avx512 => q6_k::avx2::matmul_cols as QuantisedKernel,
-            _ => q6_k::matmul_cols_portable as QuantisedKernel,
-        },
+        QuantType::Q6_K => pick_avx2!(q6_k),
+        // These follow one reduction order on every level (llama.cpp's for Q5_0, Q5_1 and
+        // IQ4_NL), which their AVX2 kernels already give: it serves both x86 levels.
+        QuantType::Q5_0 => pick_avx2!(q5_0),
+        QuantType::Q5_1 => pick_avx2!(q5_1),
+        QuantType::Q5_K => pick_avx2!(q5_k),
+        QuantType::IQ4_NL => pick_avx2!(iq4_nl),
         QuantType::F32 | QuantType::F16 | QuantType::BF16 => {
             unreachable!("float formats take the f32 path")
         }
@@ -446,6 +457,27 @@ pub(crate) mod x86 {
         let lo = _mm_and_si128(raw, mask);
         let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
         _mm256_set_m128i(hi, lo)
+    }
+
+    /// The 32 bits of the little-endian `u32` at `p` as 32 bytes, byte `i` 0xff where bit
+    /// `i` is set, else 0 (llama.cpp's `bytes_from_bits_32`, for the 5th bits of Q5_0/Q5_1).
+    ///
+    /// # Safety
+    /// Reads 4 bytes at `p`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    pub unsafe fn bytes_from_bits(p: *const u8) -> __m256i {
+        let bits = p.cast::<i32>().read_unaligned();
+        let spread = _mm256_set_epi64x(
+            0x0303_0303_0303_0303,
+            0x0202_0202_0202_0202,
+            0x0101_0101_0101_0101,
+            0,
+        );
+        let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(bits), spread);
+        // Byte i of each 8 keeps all bits but bit i: all ones exactly when bit i was set.
+        let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
+        _mm256_cmpeq_epi8(_mm256_or_si256(bytes, others), _mm256_set1_epi64x(-1))
     }
 
     /// AVX-512 kernels for the 32-weight block formats (and Q4_K's 32-weight sub-blocks).

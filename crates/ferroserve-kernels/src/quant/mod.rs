@@ -12,11 +12,15 @@
 //! kernels whose reduction order depends on the thread split). See [`matmul`].
 
 pub mod f16;
+pub mod iq4_nl;
 pub mod matmul;
 pub mod panels;
 pub mod q4_0;
 pub mod q4_1;
 pub mod q4_k;
+pub mod q5_0;
+pub mod q5_1;
+pub mod q5_k;
 pub mod q6_k;
 pub mod q8_0;
 
@@ -36,10 +40,14 @@ pub enum QuantType {
     Q4_1,
     Q4_K,
     Q6_K,
+    Q5_0,
+    Q5_1,
+    Q5_K,
+    IQ4_NL,
 }
 
 impl QuantType {
-    pub const ALL: [QuantType; 8] = [
+    pub const ALL: [QuantType; 12] = [
         QuantType::F32,
         QuantType::F16,
         QuantType::BF16,
@@ -48,6 +56,10 @@ impl QuantType {
         QuantType::Q4_1,
         QuantType::Q4_K,
         QuantType::Q6_K,
+        QuantType::Q5_0,
+        QuantType::Q5_1,
+        QuantType::Q5_K,
+        QuantType::IQ4_NL,
     ];
 
     /// The `ggml_type` number GGUF files store in their tensor infos.
@@ -61,9 +73,13 @@ impl QuantType {
             QuantType::F16 => 1,
             QuantType::Q4_0 => 2,
             QuantType::Q4_1 => 3,
+            QuantType::Q5_0 => 6,
+            QuantType::Q5_1 => 7,
             QuantType::Q8_0 => 8,
             QuantType::Q4_K => 12,
+            QuantType::Q5_K => 13,
             QuantType::Q6_K => 14,
+            QuantType::IQ4_NL => 20,
             QuantType::BF16 => 30,
         }
     }
@@ -78,6 +94,10 @@ impl QuantType {
             QuantType::Q4_1 => "Q4_1",
             QuantType::Q4_K => "Q4_K",
             QuantType::Q6_K => "Q6_K",
+            QuantType::Q5_0 => "Q5_0",
+            QuantType::Q5_1 => "Q5_1",
+            QuantType::Q5_K => "Q5_K",
+            QuantType::IQ4_NL => "IQ4_NL",
         }
     }
 
@@ -90,6 +110,10 @@ impl QuantType {
             QuantType::Q4_1 => q4_1::BLOCK_ELEMS,
             QuantType::Q4_K => q4_k::BLOCK_ELEMS,
             QuantType::Q6_K => q6_k::BLOCK_ELEMS,
+            QuantType::Q5_0 => q5_0::BLOCK_ELEMS,
+            QuantType::Q5_1 => q5_1::BLOCK_ELEMS,
+            QuantType::Q5_K => q5_k::BLOCK_ELEMS,
+            QuantType::IQ4_NL => iq4_nl::BLOCK_ELEMS,
         }
     }
 
@@ -102,6 +126,10 @@ impl QuantType {
             QuantType::Q4_1 => q4_1::BLOCK_BYTES,
             QuantType::Q4_K => q4_k::BLOCK_BYTES,
             QuantType::Q6_K => q6_k::BLOCK_BYTES,
+            QuantType::Q5_0 => q5_0::BLOCK_BYTES,
+            QuantType::Q5_1 => q5_1::BLOCK_BYTES,
+            QuantType::Q5_K => q5_k::BLOCK_BYTES,
+            QuantType::IQ4_NL => iq4_nl::BLOCK_BYTES,
         }
     }
 
@@ -140,6 +168,10 @@ pub fn dequantize_row(t: QuantType, bytes: &[u8], out: &mut [f32]) {
         QuantType::Q4_1 => q4_1::dequantize_row(bytes, out),
         QuantType::Q4_K => q4_k::dequantize_row(bytes, out),
         QuantType::Q6_K => q6_k::dequantize_row(bytes, out),
+        QuantType::Q5_0 => q5_0::dequantize_row(bytes, out),
+        QuantType::Q5_1 => q5_1::dequantize_row(bytes, out),
+        QuantType::Q5_K => q5_k::dequantize_row(bytes, out),
+        QuantType::IQ4_NL => iq4_nl::dequantize_row(bytes, out),
     }
 }
 
@@ -163,6 +195,10 @@ pub fn quantize_row(t: QuantType, x: &[f32], out: &mut [u8]) {
         QuantType::Q4_1 => q4_1::quantize_row(x, out),
         QuantType::Q4_K => q4_k::quantize_row(x, out),
         QuantType::Q6_K => q6_k::quantize_row(x, out),
+        QuantType::Q5_0 => q5_0::quantize_row(x, out),
+        QuantType::Q5_1 => q5_1::quantize_row(x, out),
+        QuantType::Q5_K => q5_k::quantize_row(x, out),
+        QuantType::IQ4_NL => iq4_nl::quantize_row(x, out),
     }
 }
 

@@ -90,7 +90,7 @@ fn dot_portable<const R: usize>(w_row: &[u8], acts: &[ActRow<'_>; R]) -> [f32; R
 /// Eight lanes summed as llama.cpp's `hsum_float_8`: upper half onto lower, then
 /// `(l₀ + l₂) + (l₁ + l₃)`.
 #[inline]
-fn hsum8(l: &[f32; 8]) -> f32 {
+pub(crate) fn hsum8(l: &[f32; 8]) -> f32 {
     let h = [l[4] + l[0], l[5] + l[1], l[6] + l[2], l[7] + l[3]];
     (h[0] + h[2]) + (h[1] + h[3])
 }

@@ -37,7 +37,7 @@ pub fn scale_min(packed: &[u8], j: usize) -> (u8, u8) {
 }
 
 /// Inverse of [`scale_min`] for eight 6-bit pairs.
-fn pack_scale_min(sc: &[u8; 8], m: &[u8; 8]) -> [u8; 12] {
+pub(crate) fn pack_scale_min(sc: &[u8; 8], m: &[u8; 8]) -> [u8; 12] {
     let mut p = [0u8; 12];
     for j in 0..4 {
         p[j] = sc[j] | ((sc[j + 4] >> 4) << 6);
