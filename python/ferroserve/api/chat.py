@@ -212,6 +212,16 @@ def _call_delta(ev: ToolCallDelta) -> dict:
     return {"tool_calls": [{"index": ev.call_index, "function": {"arguments": ev.arguments}}]}
 
 
+def text_chunk_parts(head: dict, n: int, include_usage: bool) -> tuple[list[bytes], bytes]:
+    """The chunk almost every streamed token makes (`delta: {"content": text}`, no logprobs)
+    is the same bytes around the text: encoded once per request, so a token costs one string
+    encode. Returns the bytes before the text per choice index, and after it."""
+    heads = [sse(encode({**head, "choices": [{"index": i, "delta": {"content": ""}}]}))[:-len(b'""}}]}\n\n')]
+             for i in range(n)]
+    tail = b'},"logprobs":null,"finish_reason":null}]' + (b',"usage":null' if include_usage else b"") + b"}\n\n"
+    return heads, tail
+
+
 async def _stream(events, n, req, cid, created, name, plan, proto, log, ticket) -> None:
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name, "system_fingerprint": FINGERPRINT}
@@ -221,6 +231,8 @@ async def _stream(events, n, req, cid, created, name, plan, proto, log, ticket) 
         if include_usage:
             body["usage"] = None
         return sse(encode(body))
+
+    text_heads, text_tail = text_chunk_parts(head, n, include_usage)
 
     outcome = Outcome([Choice() for _ in range(n)], 0)
     transport = proto.response_stream(200, [*SSE_HEADERS, *ticket.response_headers()])
@@ -250,8 +262,10 @@ async def _stream(events, n, req, cid, created, name, plan, proto, log, ticket) 
             if t is Delta:
                 if ev.text or ev.logprobs:
                     ticket.first_token()
-                    lp = _logprobs_json(ev.logprobs) if (req.logprobs and ev.logprobs) else None
-                    pending.append(chunk(ev.index, {"content": ev.text}, logprobs=lp))
+                    if req.logprobs and ev.logprobs:
+                        pending.append(chunk(ev.index, {"content": ev.text}, logprobs=_logprobs_json(ev.logprobs)))
+                    else:
+                        pending.append(text_heads[ev.index] + encode(ev.text) + text_tail)
             elif t is Finished:
                 pending.append(chunk(ev.index, {}, finish_reason=ev.reason))
                 if outcome.finished:
