@@ -616,7 +616,7 @@ def parse_args(argv=None):
             p.error(f"--model {a.model}: no such file")
         if a.gguf and Path(a.gguf).resolve() != Path(a.model).resolve():
             p.error("--model already sets llama-server's file; drop --gguf")
-        a.gguf = a.model
+        a.gguf = str(Path(a.model).resolve())
     if a.ours_model is None:
         a.ours_model = Path(a.model).stem if a.model else "smollm2"
     return a
