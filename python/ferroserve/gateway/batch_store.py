@@ -244,7 +244,9 @@ class BatchStore:
         """The owner's commit of a chunk's results; returns the batch's status now (None when
         this process no longer owns it)."""
         columns = [c for c in values if c in _PROGRESS_COLUMNS]
-        sets = ", ".join([*(c + " = ?" for c in columns), "heartbeat = ?"])
+        # Only a batch not yet begun changes status here (a cancel meanwhile is kept).
+        sets = ", ".join([*(("status = CASE WHEN status = 'validating' THEN ? ELSE status END" if c == "status" else c + " = ?")
+                            for c in columns), "heartbeat = ?"])
         row = self.db.execute(f"UPDATE batches SET {sets} WHERE id = ? AND owner = ? RETURNING status",
                               [*(values[c] for c in columns), now, batch_id, owner]).fetchone()
         return row[0] if row is not None else None

@@ -116,6 +116,11 @@ class BatchRunner:
             raise LeaseLost(batch_id)
         return status
 
+    async def _start(self, row: dict, progress: dict) -> str:
+        """A claimed batch begins (or resumes): `in_progress` unless it was cancelled."""
+        first = {**progress, "status": "in_progress", "in_progress_at": time.time()} if row["status"] == "validating" else progress
+        return await self._commit(row["id"], first)
+
     def _ticket(self, row: dict, request_id: str) -> Ticket:
         key = self.gateway.key_by_id(row["key_id"]) if row["key_id"] else None
         return Ticket(self.gateway, request_id, time.perf_counter(), key, row["workspace"], None, False)
@@ -124,9 +129,7 @@ class BatchRunner:
     async def _embeddings(self, row: dict) -> dict | None:
         batch_id = row["id"]
         progress = {k: row[k] for k in ("completed", "failed", "total_tokens", "input_offset", "output_bytes", "dimensions")}
-        if row["status"] == "validating":
-            progress.update(status="in_progress", in_progress_at=time.time())
-        status = await self._commit(batch_id, progress)
+        status = await self._start(row, progress)
         reader = LineReader(self.files.path(row["input_path"]), row["input_offset"])
         out = Appender(self.files.path(DataFiles.batch(batch_id, "f32")), row["output_bytes"])
         budget_error: ApiError | None = None
@@ -240,9 +243,7 @@ class BatchRunner:
     async def _openai(self, row: dict) -> dict | None:
         batch_id = row["id"]
         progress = {k: row[k] for k in ("completed", "failed", "input_offset", "output_bytes", "error_bytes")}
-        if row["status"] == "validating":
-            progress.update(status="in_progress", in_progress_at=time.time())
-        status = await self._commit(batch_id, progress)
+        status = await self._start(row, progress)
         reader = LineReader(self.files.path(row["input_path"]), row["input_offset"])
         out = Appender(self.files.path(DataFiles.batch(batch_id, "out.jsonl")), row["output_bytes"])
         err = Appender(self.files.path(DataFiles.batch(batch_id, "err.jsonl")), row["error_bytes"])
