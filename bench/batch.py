@@ -183,10 +183,12 @@ def main() -> int:
         best_sync = max(sync.values())
 
         log("idle probes ...")
-        rss_idle = worker_rss_mb(server.pid)
         probes = Probes(url).start()
         time.sleep(args.idle_s)
         idle = probes.stop()
+        # After the idle probes: memory the interactive paths touch (KV pages, buffers) is not
+        # counted as the batch's.
+        rss_idle = worker_rss_mb(server.pid)
         log(f"  idle: {idle}")
 
         log(f"batch of {args.inputs} ...")
