@@ -15,12 +15,16 @@ from urllib.parse import unquote
 import msgspec
 
 from ferroserve import log
-from ferroserve.api import admin, chat, completions, embeddings, estimate, history, models, responses, status, tokenize, usage
+from ferroserve.api import (
+    admin, batch_embeddings, batches, chat, completions, embeddings, estimate, files, history, models, responses, status, tokenize,
+    usage,
+)
 from ferroserve.config import SETTINGS_ENV, STARTUP_ERROR_ENV, Settings
 from ferroserve.errors import ApiError
 from ferroserve.gateway.embed_cache import EmbedCache
 from ferroserve.gateway.gate import Gateway, Ticket
 from ferroserve.gateway.router import Router, health_of as router_health
+from ferroserve.jobs.runner import BatchRunner
 from ferroserve.log import logger
 from ferroserve.registry import Registry, StartupRefused
 
@@ -47,6 +51,7 @@ class App:
         self.embed_cache = (EmbedCache(settings.embed_cache_mb * 1024 * 1024, settings.embed_cache_ttl_s)
                             if settings.embed_cache_mb > 0 else None)
         self.gateway = Gateway(settings, self.registry) if settings.gateway else None
+        self.batches = BatchRunner(self.router, self.gateway, settings) if self.gateway is not None else None
         self.ready = False
         # (method, path) -> (handler, access); handlers: (scope, proto, ticket, arg) -> (status, body, log fields)
         self._routes = {
@@ -68,6 +73,11 @@ class App:
             ("GET", "/v1/request-history"): (self._history, USER),
             ("GET", "/v1/admin/keys"): (self._admin_list_keys, ADMIN),
             ("POST", "/v1/admin/keys"): (self._admin_create_key, ADMIN),
+            ("POST", "/v1/files"): (self._files_upload, USER),
+            ("GET", "/v1/files"): (self._files_list, USER),
+            ("POST", "/v1/batches"): (self._batches_create, USER),
+            ("GET", "/v1/batches"): (self._batches_list, USER),
+            ("POST", "/v1/batch/embeddings"): (self._batch_embeddings_create, USER),
         }
         # Routes with one path parameter: (method, prefix) -> (handler, access, route label).
         self._prefix_routes = [
@@ -78,6 +88,14 @@ class App:
             ("DELETE", "/v1/responses/", self._responses_delete, USER, "/v1/responses/{id}"),
             ("POST", "/v1/responses/", self._responses_cancel, USER, "/v1/responses/{id}/cancel"),
             ("DELETE", "/v1/admin/keys/", self._admin_revoke_key, ADMIN, "/v1/admin/keys/{id}"),
+            ("GET", "/v1/files/", self._files_get, USER, "/v1/files/{id}"),
+            ("DELETE", "/v1/files/", self._files_delete, USER, "/v1/files/{id}"),
+            ("GET", "/v1/batches/", self._batches_get, USER, "/v1/batches/{id}"),
+            ("POST", "/v1/batches/", self._batches_cancel, USER, "/v1/batches/{id}/cancel"),
+            ("GET", "/v1/batch/", self._batch_embeddings_get, USER, "/v1/batch/{id}"),
+            ("DELETE", "/v1/batch/", self._batch_embeddings_cancel, USER, "/v1/batch/{id}"),
+            # Signed: the URL itself is the credential (no bearer token).
+            ("GET", batch_embeddings.RESULTS_PREFIX, self._batch_embeddings_download, PUBLIC, "/v1/batch-results/{id}"),
         ]
         self._paths = {path for _, path in self._routes}
 
@@ -102,11 +120,15 @@ class App:
             m.backend.start(loop)
         if self.gateway is not None:
             responses.start_background(loop, self.router, self.gateway)
+            assert self.batches is not None
+            self.batches.start(loop)
         self.ready = True
         logger.info("serving", extra={"fields": {"host": self.settings.host, "port": self.settings.port, "models": list(self.registry.models)}})
 
     def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
         responses.stop_background()
+        if self.batches is not None:
+            self.batches.stop()
         for m in self.registry.models.values():
             m.backend.stop()
         if self.gateway is not None:
@@ -273,6 +295,57 @@ class App:
 
     async def _admin_revoke_key(self, scope, proto, ticket, arg):
         return 200, await admin.revoke_key(self._needs_gateway(), arg), {}
+
+    # Files and batches -----------------------------------------------------------------
+    def _needs_batches(self) -> tuple[Gateway, BatchRunner]:
+        gateway = self._needs_gateway()
+        assert self.batches is not None
+        return gateway, self.batches
+
+    async def _files_upload(self, scope, proto, ticket, arg):
+        gateway, runner = self._needs_batches()
+        return 200, await files.upload(gateway, runner.files, self.settings.max_file_bytes, scope, proto, ticket), {}
+
+    async def _files_list(self, scope, proto, ticket, arg):
+        return 200, await files.list_files(self._needs_gateway(), ticket, scope.query_string), {}
+
+    async def _files_get(self, scope, proto, ticket, arg):
+        gateway, runner = self._needs_batches()
+        return 200, await files.get(gateway, runner.files, ticket, arg, proto), {}
+
+    async def _files_delete(self, scope, proto, ticket, arg):
+        gateway, runner = self._needs_batches()
+        return 200, await files.delete(gateway, runner.files, ticket, arg), {}
+
+    async def _batches_create(self, scope, proto, ticket, arg):
+        gateway, runner = self._needs_batches()
+        return 200, await batches.create(gateway, runner, await self._read_body(scope, proto), ticket), {}
+
+    async def _batches_list(self, scope, proto, ticket, arg):
+        return 200, await batches.list_batches(self._needs_gateway(), ticket, scope.query_string), {}
+
+    async def _batches_get(self, scope, proto, ticket, arg):
+        return 200, await batches.get(self._needs_gateway(), ticket, arg), {}
+
+    async def _batches_cancel(self, scope, proto, ticket, arg):
+        return 200, await batches.cancel(self._needs_gateway(), ticket, arg), {}
+
+    async def _batch_embeddings_create(self, scope, proto, ticket, arg):
+        gateway, runner = self._needs_batches()
+        body = await self._read_body(scope, proto)
+        return 201, await batch_embeddings.create(self.router, gateway, runner, body, ticket), {}
+
+    async def _batch_embeddings_get(self, scope, proto, ticket, arg):
+        gateway, runner = self._needs_batches()
+        return 200, await batch_embeddings.get(gateway, runner, scope, ticket, arg), {}
+
+    async def _batch_embeddings_cancel(self, scope, proto, ticket, arg):
+        return 200, await batch_embeddings.cancel(self._needs_gateway(), ticket, arg), {}
+
+    async def _batch_embeddings_download(self, scope, proto, ticket, arg):
+        gateway, runner = self._needs_batches()
+        await batch_embeddings.download(gateway, runner, scope, proto, arg)
+        return 200, None, {}
 
     async def _metrics(self, scope, proto, ticket, arg):
         engines = [(name, stats) for name, m in self.registry.models.items() if (stats := m.backend.engine_stats()) is not None]

@@ -255,6 +255,11 @@ def _keys(args: argparse.Namespace) -> int:
                 models = ",".join(sorted(k.models)) if k.models is not None else "*"
                 print(f"{k.id}\t{k.workspace}\t{k.hint}\t{k.state(now)}\t{'yes' if k.admin else 'no'}\t"
                       f"{k.rpm or '-'}\t{k.tpm or '-'}\t{models}\t{expires}\t{budget}")
+        elif args.keys_command == "workspace-secret":
+            # Batch webhooks are signed with it (HMAC-SHA-256); shown, or replaced with --rotate.
+            print(store.webhook_secret(args.workspace, rotate=args.rotate))
+            if args.rotate:
+                print(f"rotated the webhook secret of workspace {args.workspace}", file=sys.stderr)
         elif args.keys_command == "revoke":
             if not store.revoke_key(args.key_id):
                 print(f"ferroserve: error: no active key {args.key_id}", file=sys.stderr)
@@ -353,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(func=_serve)
 
-    keys = sub.add_parser("keys", help="create, list and revoke API keys")
+    keys = sub.add_parser("keys", help="create, list and revoke API keys; show or rotate workspace webhook secrets")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     data_dir_help = "same as `serve --data-dir` (env FERROSERVE_DATA_DIR)"
     create = keys_sub.add_parser("create", help="create a key and print it (once)")
@@ -372,6 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = keys_sub.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("key_id")
     revoke.add_argument("--data-dir", metavar="DIR", help=data_dir_help)
+    secret = keys_sub.add_parser("workspace-secret", help="print a workspace's webhook signing secret (made on first use)")
+    secret.add_argument("--workspace", required=True)
+    secret.add_argument("--rotate", action="store_true", help="replace it with a new one (webhooks sent after use the new one)")
+    secret.add_argument("--data-dir", metavar="DIR", help=data_dir_help)
     keys.set_defaults(func=_keys)
 
     models = sub.add_parser("models", help="list the models `serve` would load")

@@ -104,6 +104,12 @@ class Settings(msgspec.Struct):
     # (half-open) after the cool-down.
     breaker_failures: int = 3
     breaker_cooldown_s: float = 10.0
+    # Files and batches: the largest upload (OpenAI's batch limit), inputs per batch chunk (one
+    # commit each), batches one process runs at once, and the first webhook retry's delay.
+    max_file_bytes: int = 200 * 1024 * 1024
+    batch_chunk_inputs: int = 256
+    batch_concurrency: int = 2
+    webhook_retry_base_s: float = 1.0
 
     def to_json(self) -> str:
         return msgspec.json.encode(self).decode()
@@ -420,6 +426,10 @@ def resolve(
         s.embed_cache_mb = embed_cache_mb if embed_cache_mb is not None else int(_env("EMBED_CACHE_MB") or s.embed_cache_mb)
         s.embed_cache_ttl_s = float(_env("EMBED_CACHE_TTL_S") or s.embed_cache_ttl_s)
         s.breaker_cooldown_s = float(_env("BREAKER_COOLDOWN_S") or s.breaker_cooldown_s)
+        s.max_file_bytes = int(_env("MAX_FILE_BYTES") or s.max_file_bytes)
+        s.batch_chunk_inputs = int(_env("BATCH_CHUNK_INPUTS") or s.batch_chunk_inputs)
+        s.batch_concurrency = int(_env("BATCH_CONCURRENCY") or s.batch_concurrency)
+        s.webhook_retry_base_s = float(_env("WEBHOOK_RETRY_BASE_S") or s.webhook_retry_base_s)
     except ValueError as exc:
         raise ConfigError(f"invalid numeric setting: {exc}") from None
     template_file = chat_template_file or _env("CHAT_TEMPLATE") or file.chat_template

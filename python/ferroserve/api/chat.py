@@ -133,7 +133,8 @@ def _logprobs_json(entries: list[tuple]) -> dict:
     }
 
 
-async def create_chat_completion(router: Router, body: bytes, proto, ticket: Ticket) -> tuple[int, bytes | None, dict]:
+async def create_chat_completion(router: Router, body: bytes, proto, ticket: Ticket,
+                                 priority: str = "interactive") -> tuple[int, bytes | None, dict]:
     """Returns (status, body, log fields); body None means the SSE response was sent."""
     try:
         req = chat_decoder.decode(body)
@@ -147,7 +148,8 @@ async def create_chat_completion(router: Router, body: bytes, proto, ticket: Tic
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = sampling_params(req, max_tokens=max_tokens, logprobs=bool(req.logprobs), top_logprobs=top)
     request = ChatRequest(messages=messages_of(req), params=params, stream=req.stream, tools=tools,
-                          tool_choice=tool_choice, tool_choice_function=tool_function, parallel_tool_calls=parallel)
+                          tool_choice=tool_choice, tool_choice_function=tool_function, parallel_tool_calls=parallel,
+                          priority=priority)
     plan = router.plan(req.model, "chat", req.route, prompt_tokens_hint=estimate_tokens(request), max_tokens=max_tokens or 0)
     ticket.admit_plan([plan], [request], (max_tokens or 0) * params.n)
     cid, created = new_id("chatcmpl"), now()

@@ -46,7 +46,8 @@ def _logprobs_json(entries: list[tuple]) -> dict:
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
-async def create_completion(router: Router, body: bytes, proto, ticket: Ticket) -> tuple[int, bytes | None, dict]:
+async def create_completion(router: Router, body: bytes, proto, ticket: Ticket,
+                            priority: str = "interactive") -> tuple[int, bytes | None, dict]:
     try:
         req = completion_decoder.decode(body)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
@@ -65,7 +66,7 @@ async def create_completion(router: Router, body: bytes, proto, ticket: Ticket) 
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
     params = sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs is not None, top_logprobs=top)
     n = params.n
-    requests = [ChatRequest(prompt=p, params=params, stream=req.stream) for p in _prompts(req)]
+    requests = [ChatRequest(prompt=p, params=params, stream=req.stream, priority=priority) for p in _prompts(req)]
     plans = [router.plan(req.model, "completions", req.route, prompt_tokens_hint=estimate_tokens(r), max_tokens=max_tokens)
              for r in requests]
     ticket.admit_plan(plans, requests, max_tokens * n * len(requests))

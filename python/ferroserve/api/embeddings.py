@@ -55,7 +55,7 @@ def _body(data_json: bytes, name: str, n: int) -> bytes:
 
 
 async def create_embedding(router: Router, body: bytes, max_inputs: int, ticket: Ticket,
-                           cache: EmbedCache | None) -> tuple[bytes, dict, list[tuple[str, str]]]:
+                           cache: EmbedCache | None, priority: str = "interactive") -> tuple[bytes, dict, list[tuple[str, str]]]:
     """Returns the response body, log fields and extra response headers."""
     try:
         req = decoder.decode(body)
@@ -68,7 +68,8 @@ async def create_embedding(router: Router, body: bytes, max_inputs: int, ticket:
     if req.dimensions is not None and not 1 <= req.dimensions <= (first.dimensions or 0):
         raise invalid(f"'dimensions' must be between 1 and {first.dimensions} for {first.spec.name}.", param="dimensions")
     texts, token_lists = _split_input(req, max_inputs)
-    request = EmbedRequest(texts=texts, token_lists=token_lists, dimensions=req.dimensions, encoding=req.encoding_format)
+    request = EmbedRequest(texts=texts, token_lists=token_lists, dimensions=req.dimensions, encoding=req.encoding_format,
+                           priority=priority)
     cache_mode = (req.metadata or {}).get("cache_mode", "default")
     if cache_mode not in ("default", "bypass"):
         raise invalid("metadata.cache_mode must be \"default\" or \"bypass\".", param="metadata")

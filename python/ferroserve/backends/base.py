@@ -139,6 +139,8 @@ class ChatRequest(msgspec.Struct, kw_only=True):
     # Per-model memo (e.g. a local model's prompt tokens, so count_tokens and generate tokenize
     # once). Keyed by the model's name.
     memo: dict[str, Any] = {}
+    # "interactive" or "batch" (rows of batch jobs: scheduled after interactive work).
+    priority: str = "interactive"
 
 
 class EmbedRequest(msgspec.Struct, kw_only=True):
@@ -148,6 +150,8 @@ class EmbedRequest(msgspec.Struct, kw_only=True):
     token_lists: list[list[int]] | None = None
     dimensions: int | None = None
     encoding: Literal["float", "base64"] = "float"
+    # "interactive" or "batch" (chunks of batch jobs: scheduled after interactive work).
+    priority: str = "interactive"
 
 
 # Events ---------------------------------------------------------------------------------------

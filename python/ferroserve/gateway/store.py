@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ferroserve.gateway.batch_store import BatchStore, Leased
 from ferroserve.gateway.keys import ApiKey, Workspace
 
 DB_NAME = "ferroserve.sqlite3"
@@ -117,7 +118,7 @@ def month_start(now: float) -> float:
     return float(calendar.timegm((t.tm_year, t.tm_mon, 1, 0, 0, 0, 0, 0, 0)))
 
 
-class Store:
+class Store(BatchStore):
     def __init__(self, data_dir: str | Path) -> None:
         path = Path(data_dir).expanduser()
         path.mkdir(parents=True, exist_ok=True)
@@ -136,6 +137,7 @@ class Store:
         for column, kind in zip(_RESPONSE_JOB_COLUMNS, ("TEXT", "TEXT", "REAL", "TEXT")):
             if column not in have:
                 self.db.execute(f"ALTER TABLE responses ADD COLUMN {column} {kind}")
+        self._init_batch_schema()
 
     def close(self) -> None:
         self.db.close()
@@ -269,28 +271,15 @@ class Store:
     def beat_responses(self, owner: str, now: float) -> set[str]:
         """The owner is alive: refresh its running responses' heartbeat. Returns the ids still
         queued or in progress (the others were cancelled or deleted elsewhere)."""
-        self.db.execute("UPDATE responses SET heartbeat = ? WHERE owner = ? AND status IN (?, ?)", (now, owner, *_ACTIVE_RESPONSE))
-        return {r[0] for r in self.db.execute("SELECT id FROM responses WHERE owner = ? AND status IN (?, ?)",
-                                              (owner, *_ACTIVE_RESPONSE))}
+        return self.beat("responses", owner, now)
 
     def claim_responses(self, owner: str, now: float, stale_before: float, limit: int) -> list[dict]:
-        """Takes over up to `limit` background responses nobody runs: released by a stopping
-        server, or whose owner's heartbeat is older than `stale_before` (it died). Atomic across
-        processes (one write transaction)."""
-        columns = RESPONSE_COLUMNS + _RESPONSE_JOB_COLUMNS
-        with self._transaction():
-            rows = self.db.execute(
-                f"SELECT {', '.join(columns)} FROM responses WHERE status IN (?, ?) AND job IS NOT NULL "
-                "AND (owner IS NULL OR heartbeat IS NULL OR heartbeat < ?) ORDER BY created_at LIMIT ?",
-                (*_ACTIVE_RESPONSE, stale_before, limit)).fetchall()
-            for r in rows:
-                self.db.execute("UPDATE responses SET owner = ?, heartbeat = ? WHERE id = ?", (owner, now, r[0]))
-        return [{**dict(zip(columns, r)), "owner": owner, "heartbeat": now} for r in rows]
+        """Takes over up to `limit` background responses nobody runs (see `BatchStore.claim`)."""
+        return self.claim("responses", owner, now, stale_before, limit, "AND job IS NOT NULL")
 
     def release_responses(self, owner: str) -> int:
         """A stopping server hands its running responses to whoever starts next."""
-        return self.db.execute("UPDATE responses SET owner = NULL, heartbeat = NULL WHERE owner = ? AND status IN (?, ?)",
-                               (owner, *_ACTIVE_RESPONSE)).rowcount
+        return self.release("responses", owner)
 
     def response_chain(self, response_id: str, workspace: str) -> list[dict]:
         """The response and the ones it continues (`previous_response_id`), oldest first; empty
@@ -313,3 +302,6 @@ class Store:
 
     def delete_response(self, response_id: str, workspace: str) -> bool:
         return self.db.execute("DELETE FROM responses WHERE id = ? AND workspace = ?", (response_id, workspace)).rowcount == 1
+
+
+Store.LEASED["responses"] = Leased(RESPONSE_COLUMNS + _RESPONSE_JOB_COLUMNS, f"status IN {_ACTIVE_RESPONSE!r}")

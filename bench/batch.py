@@ -1,0 +1,253 @@
+#!/usr/bin/env python3
+"""Batch embeddings (issue 15): a large `/v1/batch/embeddings` job against the synchronous
+endpoint's best throughput, and what it does to interactive traffic and memory. One run:
+
+1. sync: the same kind of short sentences through `POST /v1/embeddings` in requests of 256 and
+   2,048 inputs at concurrency 1, 2 and 4; the best inputs/s is the anchor;
+2. idle: interactive probes alone (one-sentence embeddings and 16-token chats, one at a time,
+   paced) — p50/p95 latency; the worker's RSS;
+3. batch: a 100,000-input batch (submit → completed, from the batch's own timestamps and the
+   poll) while the same probes run; p50/p95 during it; the worker's peak RSS, sampled every
+   0.2 s.
+
+    .venv/bin/python bench/batch.py                 # 100,000 inputs, ≈ 5 min on 2 cores
+    .venv/bin/python bench/batch.py --inputs 20000  # quicker
+
+The server is started by the script (gateway on, no keys, its own data dir) with the flags
+given after `--`. Results go to bench/results/batch-<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+EMBED, CHAT = "all-minilm", "smollm2"
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sentences(n: int, salt: str) -> list[str]:
+    subjects = ("The cat", "A ship", "My neighbour", "This server", "The river", "An old tree", "Our team", "The market")
+    verbs = ("watches", "carries", "remembers", "builds", "follows", "answers", "paints", "measures")
+    objects = ("the lighthouse", "a quiet song", "every invoice", "the morning train", "two red apples", "the long report")
+    return [f"{subjects[i % 8]} {verbs[(i // 8) % 8]} {objects[(i // 64) % 6]} {salt}{i}." for i in range(n)]
+
+
+def worker_rss_mb(main_pid: int) -> float:
+    """RSS of the granian worker (the process serving; its parent only supervises)."""
+    try:
+        children = Path(f"/proc/{main_pid}/task/{main_pid}/children").read_text().split()
+        pid = int(children[0]) if children else main_pid
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return float("nan")
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else float("nan")
+
+
+class Probes:
+    """Interactive traffic: a one-sentence embedding every `embed_every_s`, a 16-token chat
+    every `chat_every_s`, each answered before the next of its kind (latencies in ms)."""
+
+    def __init__(self, url: str, embed_every_s: float = 0.2, chat_every_s: float = 1.0) -> None:
+        self.url, self.embed_every_s, self.chat_every_s = url, embed_every_s, chat_every_s
+        self.embed_ms: list[float] = []
+        self.chat_ms: list[float] = []
+        self.errors = 0
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def _loop(self, every_s: float, fn, out: list[float]) -> None:
+        client = httpx.Client(timeout=120)
+        i = 0
+        while not self._stop.is_set():
+            began = time.perf_counter()
+            try:
+                r = fn(client, i)
+                if r.status_code != 200:
+                    self.errors += 1
+                else:
+                    out.append((time.perf_counter() - began) * 1000)
+            except httpx.HTTPError:
+                self.errors += 1
+            i += 1
+            self._stop.wait(max(0.0, every_s - (time.perf_counter() - began)))
+
+    def _embed(self, client: httpx.Client, i: int):
+        return client.post(self.url + "/v1/embeddings", json={"model": EMBED, "input": f"interactive probe number {i} here",
+                                                              "metadata": {"cache_mode": "bypass"}})
+
+    def _chat(self, client: httpx.Client, i: int):
+        return client.post(self.url + "/v1/chat/completions", json={
+            "model": CHAT, "messages": [{"role": "user", "content": f"Say something about {i}."}], "max_tokens": 16,
+            "temperature": 0, "ignore_eos": True})
+
+    def start(self) -> Probes:
+        for every, fn, out in ((self.embed_every_s, self._embed, self.embed_ms), (self.chat_every_s, self._chat, self.chat_ms)):
+            t = threading.Thread(target=self._loop, args=(every, fn, out), daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def stop(self) -> dict:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+        return {"embed_n": len(self.embed_ms), "embed_p50_ms": pct(self.embed_ms, 0.5), "embed_p95_ms": pct(self.embed_ms, 0.95),
+                "chat_n": len(self.chat_ms), "chat_p50_ms": pct(self.chat_ms, 0.5), "chat_p95_ms": pct(self.chat_ms, 0.95),
+                "errors": self.errors}
+
+
+def sync_throughput(url: str, texts: list[str], per_request: int, concurrency: int) -> float:
+    bodies = [json.dumps({"model": EMBED, "input": texts[i:i + per_request], "encoding_format": "base64",
+                          "metadata": {"cache_mode": "bypass"}}).encode() for i in range(0, len(texts), per_request)]
+    client = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=concurrency))
+
+    def send(body: bytes) -> None:
+        r = client.post(url + "/v1/embeddings", content=body, headers={"content-type": "application/json"})
+        r.raise_for_status()
+
+    began = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(send, bodies))
+    return len(texts) / (time.perf_counter() - began)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--inputs", type=int, default=100_000)
+    ap.add_argument("--sync-inputs", type=int, default=16_384, help="inputs per synchronous configuration")
+    ap.add_argument("--idle-s", type=float, default=30.0, help="seconds of probes on the idle server")
+    ap.add_argument("server_args", nargs="*", help="extra `ferroserve serve` flags (after --)")
+    args = ap.parse_args()
+
+    port = free_port()
+    data_dir = tempfile.mkdtemp(prefix="ferroserve-bench-batch-")
+    url = f"http://127.0.0.1:{port}"
+    log_path = Path(tempfile.gettempdir()) / f"ferroserve-bench-batch-{port}.log"
+    cmd = [sys.executable, "-m", "ferroserve", "serve", "--port", str(port), "--data-dir", data_dir, "--log-level", "warning",
+           *args.server_args]
+    server = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(url + "/v1/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise SystemExit(f"server did not start; see {log_path}")
+            time.sleep(0.2)
+        # Warm-up: both models, every path once.
+        sync_throughput(url, sentences(512, "w"), 256, 2)
+        Probes(url).start().stop()
+
+        log("sync throughput ...")
+        sync = {}
+        for per_request in (256, 2048):
+            for concurrency in (1, 2, 4):
+                rate = sync_throughput(url, sentences(args.sync_inputs, f"s{per_request}c{concurrency}-"), per_request, concurrency)
+                sync[f"{per_request}x{concurrency}"] = round(rate, 1)
+                log(f"  {per_request} inputs/request, c={concurrency}: {rate:.0f} inputs/s")
+        best_sync = max(sync.values())
+
+        log("idle probes ...")
+        probes = Probes(url).start()
+        time.sleep(args.idle_s)
+        idle = probes.stop()
+        # After the idle probes: memory the interactive paths touch (KV pages, buffers) is not
+        # counted as the batch's.
+        rss_idle = worker_rss_mb(server.pid)
+        log(f"  idle: {idle}")
+
+        log(f"batch of {args.inputs} ...")
+        texts = sentences(args.inputs, "b")
+        rss_peak = [rss_idle]
+        sampling = threading.Event()
+
+        def sample() -> None:
+            while not sampling.is_set():
+                rss_peak.append(worker_rss_mb(server.pid))
+                sampling.wait(0.2)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        probes = Probes(url).start()
+        began = time.perf_counter()
+        r = httpx.post(url + "/v1/batch/embeddings", json={"model": EMBED, "inputs": texts}, timeout=600)
+        assert r.status_code == 201, r.text
+        batch_id = r.json()["id"]
+        submitted = time.perf_counter()
+        while True:
+            got = httpx.get(f"{url}/v1/batch/{batch_id}", timeout=60).json()
+            if got["status"] in ("completed", "failed", "cancelled"):
+                break
+            time.sleep(0.25)
+        finished = time.perf_counter()
+        during = probes.stop()
+        sampling.set()
+        sampler.join()
+        assert got["status"] == "completed" and got["completed_jobs"] == args.inputs, got
+        batch_rate = args.inputs / (finished - began)
+        log(f"  batch: {finished - began:.1f} s ({submitted - began:.2f} s to accept), {batch_rate:.0f} inputs/s; during: {during}")
+
+        result = {
+            "bench": "batch", "when": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version()},
+            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip(),
+            "server_args": args.server_args, "inputs": args.inputs,
+            "sync_inputs_per_s": sync, "sync_best_inputs_per_s": best_sync,
+            "batch_seconds": round(finished - began, 2), "batch_accept_seconds": round(submitted - began, 3),
+            "batch_inputs_per_s": round(batch_rate, 1), "batch_vs_sync_best": round(batch_rate / best_sync, 3),
+            "idle": idle, "during_batch": during,
+            "embed_p95_ratio": round(during["embed_p95_ms"] / idle["embed_p95_ms"], 2),
+            "chat_p95_ratio": round(during["chat_p95_ms"] / idle["chat_p95_ms"], 2),
+            "rss_idle_mb": round(rss_idle, 1), "rss_peak_mb": round(max(rss_peak), 1),
+            "rss_growth_mb": round(max(rss_peak) - rss_idle, 1),
+        }
+        out = REPO / "bench" / "results" / f"batch-{_dt.datetime.now(_dt.timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+        log(f"written {out}")
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

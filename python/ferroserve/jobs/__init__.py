@@ -1,0 +1,1 @@
+"""Durable background work: leases, the batch runner, result files, webhooks."""
