@@ -584,7 +584,9 @@ mod avx512 {
             for j in 0..SUBS {
                 let b = SUBS * s + j;
                 let cb = unit.add(K_SCALE_BYTES + NIBBLE_BYTES * j);
-                _mm_prefetch::<_MM_HINT_T0>(cb.add(PREFETCH_AHEAD).cast());
+                for line in 0..4 {
+                    _mm_prefetch::<_MM_HINT_T0>(cb.add(PREFETCH_AHEAD + 64 * line).cast());
+                }
                 let v = nibbles(cb);
                 let dw = _mm512_mul_ps(d, byte_lanes(PANEL_ROWS * j));
                 let mw = _mm512_mul_ps(dmin, byte_lanes(PANEL_ROWS * (SUBS + j)));
@@ -626,8 +628,9 @@ mod avx512 {
             for j in 0..SUBS {
                 let b = SUBS * s + j;
                 let cb = unit.add(K_SCALE_BYTES + Q6_BYTES * j);
-                _mm_prefetch::<_MM_HINT_T0>(cb.add(PREFETCH_AHEAD).cast());
-                _mm_prefetch::<_MM_HINT_T0>(cb.add(PREFETCH_AHEAD + 192).cast());
+                for line in 0..6 {
+                    _mm_prefetch::<_MM_HINT_T0>(cb.add(PREFETCH_AHEAD + 64 * line).cast());
+                }
                 let h = [_mm512_loadu_si512(cb.add(NIBBLE_BYTES).cast()), _mm512_loadu_si512(cb.add(NIBBLE_BYTES + 64).cast())];
                 let mut v = [_mm512_setzero_si512(); 8];
                 for t in 0..4 {
