@@ -529,7 +529,9 @@ mod avx512 {
             if Q4 {
                 // SAFETY: block b of the panel is 256 code bytes and 32 scales (layout above).
                 let cb = cp.add(b * 256);
-                _mm_prefetch::<_MM_HINT_T0>(cb.add(PREFETCH_AHEAD).cast());
+                for line in 0..4 {
+                    _mm_prefetch::<_MM_HINT_T0>(cb.add(PREFETCH_AHEAD + 64 * line).cast());
+                }
                 v = nibbles(cb);
                 dw = _mm512_loadu_ps(sp.add(b * 32));
                 mw = _mm512_loadu_ps(sp.add(b * 32 + 16));
