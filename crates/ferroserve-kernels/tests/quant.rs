@@ -1023,8 +1023,8 @@ fn panels_follow_the_fast_order_on_every_isa() {
 fn panel_rows_are_bitwise_identical_alone_or_in_any_batch() {
     let (mut rng, seed) = Rng::new(13);
     let isa = QuantIsa::selected();
-    for t in [QuantType::Q4_1, QuantType::Q8_0] {
-        let (n, k, m) = (1000, 576, 21);
+    for t in [QuantType::Q4_1, QuantType::Q8_0, QuantType::Q4_K, QuantType::Q6_K] {
+        let (n, k, m) = (1000, if t.block_elems() == 256 { 768 } else { 576 }, 21);
         let c = Case { t, m, n, k };
         let (w, _, x) = random_case(&mut rng, &c);
         let batch = run_panels(isa, t, &w, n, k, &x, m);
@@ -1032,6 +1032,132 @@ fn panel_rows_are_bitwise_identical_alone_or_in_any_batch() {
             let alone = run_panels(isa, t, &w, n, k, &x[r * k..(r + 1) * k], 1);
             for j in 0..n {
                 assert_eq!(alone[j].to_bits(), batch[r * n + j].to_bits(), "{} row {r} col {j} (seed {seed})", t.name());
+            }
+        }
+    }
+}
+
+/// A K-quant super-block decoded to integers, ggml's layout read independently of the crate:
+/// per 32-weight sub-block `(scale, min)` in f32 (Q4_K: `d·sc`, `dmin·m`, both exact; Q6_K:
+/// `d` and 0), per 16 weights an integer multiplier (Q4_K: 1; Q6_K: the i8 scale) and the codes.
+struct KSuper {
+    scale: [f32; 8],
+    min: [f32; 8],
+    group: [i32; 16],
+    q: [i32; 256],
+}
+
+fn decode_k_super(t: QuantType, x: &[u8]) -> KSuper {
+    let h = |at: usize| f16_to_f32(u16::from_le_bytes([x[at], x[at + 1]]));
+    let mut k = KSuper { scale: [0.0; 8], min: [0.0; 8], group: [1; 16], q: [0; 256] };
+    if t == QuantType::Q4_K {
+        let (d, dmin) = (h(0), h(2));
+        for j in 0..8 {
+            let (sc, m) = if j < 4 {
+                (x[4 + j] & 63, x[8 + j] & 63)
+            } else {
+                ((x[8 + j] & 0xF) | ((x[j] >> 6) << 4), (x[8 + j] >> 4) | ((x[4 + j] >> 6) << 4))
+            };
+            k.scale[j] = d * sc as f32;
+            k.min[j] = dmin * m as f32;
+        }
+        for i in 0..256 {
+            let byte = x[16 + 32 * (i / 64) + i % 32];
+            k.q[i] = if i % 64 < 32 { byte & 0xF } else { byte >> 4 } as i32;
+        }
+    } else {
+        k.scale = [h(208); 8];
+        for (g, s) in k.group.iter_mut().enumerate() {
+            *s = x[192 + g] as i8 as i32;
+        }
+        for i in 0..256 {
+            let (half, l, part) = (i / 128, i % 32, i % 128 / 32);
+            let ql = x[64 * half + l + 32 * (part % 2)];
+            let low = if part < 2 { ql & 0xF } else { ql >> 4 };
+            let high = (x[128 + 32 * half + l] >> (2 * part)) & 3;
+            k.q[i] = (low | (high << 4)) as i32 - 32;
+        }
+    }
+    k
+}
+
+/// Q4_K and Q6_K panels: the fast order recomputed from the GGUF bytes — per sub-block,
+/// Q4_K `acc = fma((d·sc)·d_x, Σq·a, acc)`, `mins = fma(dmin·m, d_x·Σa, mins)`, result
+/// `acc − mins`; Q6_K `acc = fma(d·d_x, s₀·Σq·a + s₁·Σq·a, acc)` over its two groups of 16 —
+/// bit for bit on the portable level, every other ISA level the portable bits, and the f64
+/// product within f32 accumulation error. Weights both from the round-to-nearest quantiser
+/// and random bytes (extreme codes and scales: Q6_K's −32 codes, −128 scales).
+#[test]
+fn k_quant_panels_follow_the_fast_order_on_every_isa() {
+    let (mut rng, seed) = Rng::new(14);
+    for t in [QuantType::Q4_K, QuantType::Q6_K] {
+        let bb = t.block_bytes();
+        for (m, n, k) in [(1usize, 37usize, 512usize), (4, 16, 256), (7, 33, 768), (19, 5, 256), (2, 70, 1024)] {
+            for random_bytes in [false, true] {
+                let c = Case { t, m, n, k };
+                let (mut w, mut w_deq, x) = random_case(&mut rng, &c);
+                if random_bytes {
+                    w = (0..n).flat_map(|_| random_blocks(t, &mut rng, k)).collect();
+                    for (bytes, row) in w.chunks_exact(t.row_bytes(k)).zip(w_deq.chunks_exact_mut(k)) {
+                        dequantize_row(t, bytes, row);
+                    }
+                }
+                let portable = run_panels(QuantIsa::Portable, t, &w, n, k, &x, m);
+                let row_bytes = t.row_bytes(k);
+                let mut acts = Q8Activations::new();
+                acts.quantize(&x, m, k);
+                let mut x_hat = vec![0f32; k];
+                for r in 0..m {
+                    let xr = &x[r * k..(r + 1) * k];
+                    acts.dequantize_row(r, &mut x_hat);
+                    for j in 0..n {
+                        let wr = &w[j * row_bytes..(j + 1) * row_bytes];
+                        let (mut acc, mut mins, mut mass) = (0f32, 0f32, 0f64);
+                        for (s, blk) in wr.chunks_exact(bb).enumerate() {
+                            let ks = decode_k_super(t, blk);
+                            for sub in 0..8 {
+                                let b = 8 * s + sub;
+                                let xb = &xr[b * 32..(b + 1) * 32];
+                                let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+                                let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+                                let qa: Vec<i32> = xb.iter().map(|v| (v * inv).round_ties_even() as i32).collect();
+                                let dx = f16_to_f32(f32_to_f16(amax / 127.0));
+                                let half_dot = |h: usize| -> i32 {
+                                    let dot: i32 = (16 * h..16 * h + 16).map(|i| ks.q[32 * sub + i] * qa[i]).sum();
+                                    ks.group[2 * sub + h] * dot
+                                };
+                                let sumi = half_dot(0) + half_dot(1);
+                                acc = (ks.scale[sub] * dx).mul_add(sumi as f32, acc);
+                                let qa_sum: i32 = qa.iter().sum();
+                                mins = ks.min[sub].mul_add(dx * qa_sum as f32, mins);
+                                let abs_dot: f64 =
+                                    (0..32).map(|i| (ks.group[2 * sub + i / 16] * ks.q[32 * sub + i] * qa[i]).abs() as f64).sum();
+                                let qa_abs: f64 = qa.iter().map(|&v| v.abs() as f64).sum();
+                                mass += dx as f64 * (ks.scale[sub].abs() as f64 * abs_dot + ks.min[sub].abs() as f64 * qa_abs);
+                            }
+                        }
+                        let want = acc - mins;
+                        let got = portable[r * n + j];
+                        let at = format!("{} m={m} n={n} k={k} random bytes {random_bytes} [{r}, {j}] (seed {seed})", t.name());
+                        assert_eq!(got.to_bits(), want.to_bits(), "{at}: portable {got} vs {want}");
+                        // Against f64 with the activations the kernel saw: f32 rounding of
+                        // the chain's terms only, relative to the terms' absolute mass.
+                        let (seen, _) = dot64(&w_deq[j * k..(j + 1) * k], &x_hat);
+                        let fp = 4e-5 * mass + 1e-30;
+                        assert!((got as f64 - seen).abs() <= fp, "{at}: {got} vs f64 {seen}, bound {fp}");
+                    }
+                }
+                for isa in QuantIsa::available() {
+                    let y = run_panels(isa, t, &w, n, k, &x, m);
+                    for (i, (a, b)) in y.iter().zip(&portable).enumerate() {
+                        assert_eq!(
+                            a.to_bits(),
+                            b.to_bits(),
+                            "{} {isa:?} m={m} n={n} index {i}: {a} vs portable {b} (seed {seed})",
+                            t.name()
+                        );
+                    }
+                }
             }
         }
     }

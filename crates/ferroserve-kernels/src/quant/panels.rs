@@ -1,5 +1,5 @@
-//! "Fast" numerics for Q4_1 and Q8_0 weights (AVX-512 VNNI and AVX2 kernels, a scalar
-//! reference): rows repacked at load into panels of sixteen,
+//! "Fast" numerics for Q4_1, Q8_0, Q4_K and Q6_K weights (AVX-512 VNNI and AVX2 kernels, a
+//! scalar reference): rows repacked at load into panels of sixteen,
 //! and one f32 chain per output, `acc = fma(d·d_x, Σq·a, acc)` per block with the block's
 //! whole integer dot product.
 //!
@@ -26,6 +26,35 @@
 //! - Q8_0: 512 code bytes, eight vectors; vector `g` holds row `c`'s codes `4g..4g + 4`
 //!   offset by 128 (`q ^ 0x80`, unsigned for `vpdpbusd`; the kernel subtracts `128·Σa`).
 //!   Then 16 f32: the rows' `d`.
+//!
+//! The K-quants pack per 256-weight super-block instead, keeping their small integer scales
+//! (an f32 per sub-block would cost 4 more bytes per 32 weights, and decode is bound by the
+//! weight bytes read):
+//! - Q4_K: 256 bytes of sub-block scales, `sc[j]` for the sixteen rows at bytes `16j..16j + 16`
+//!   and `m[j]` at `128 + 16j..`, then per sub-block `j` 256 code bytes in Q4_1's layout (its
+//!   nibbles re-paired: element `i` and `16 + i` share a byte). Then 32 f32: the rows' `d`,
+//!   then their `dmin`. 19 bytes per 32 weights (the GGUF block: 18). Each sub-block is Q4_1
+//!   shaped, `w = (d·sc)·q − dmin·m`, with both products exact in f32 (an f16 times a 6-bit
+//!   integer), so the order is Q4_1's: `acc = fma((d·sc)·d_x, Σq·a, acc)`,
+//!   `mins = fma(dmin·m, d_x·Σa, mins)` per sub-block, the result `acc − mins` (`d_x·Σa`
+//!   the f32 [`Q8Activations`] keep; Q4_1 reads llama.cpp's f16-rounded one).
+//! - Q6_K: 256 bytes of i8 scales, group `g`'s (weights `16g..16g + 16`) at bytes
+//!   `16g..16g + 16`, then per sub-block 384 code bytes of `u = q + 32` (0..64): 256 bytes of
+//!   low nibbles in Q4_1's layout, then two 64-byte vectors `h` of the top two bits, vector
+//!   `h` holding at byte `4c + i`, bits `2t..2t + 2`, element `16h + 4t + i`'s. Then 16 f32:
+//!   the rows' `d`. 26.5 bytes per 32 weights (the GGUF block: 26.25). Per sub-block the
+//!   integer `s₀·Σ₁₆ q·a + s₁·Σ₁₆ q·a` (exact in i32: |s·q·a| ≤ 128·32·127, 32 terms), then
+//!   `acc = fma(d·d_x, that, acc)`.
+//!
+//! Why not repack Q4_K into Q4_1 panels (no new kernel, but an f32 `d·sc` and `dmin·m` per
+//! sub-block: 24 bytes per 32 weights): measured side by side (`panel_bench kquant`, the 1B
+//! FFN shape n = 8192, k = 2048, weights streamed from memory, AVX-512 level, 2 threads on a
+//! loaded 2-core EPYC), Q4_1 panels took 1.01–1.17× the Q4_K panels' time at m = 1 and 1.06×
+//! at m = 16, so the integer-scale layout costs nothing in the kernel and keeps the repacked
+//! copy 21 % smaller. Against the exact kernels of the same format, same runs: Q4_K 3.1–3.6×
+//! (m = 1) and 5.6–6.0× (m = 16), Q6_K 1.3–1.5× and 5.5–6.2×. On the AVX2 level Q6_K panels
+//! are slower than the exact AVX2 kernel at m = 1 (0.63×; 1.27× at m = 16): the unpacking and
+//! sign handling is paid per eight rows there. Details: bench/NOTES.md, "K-quant panels".
 
 use std::ops::Range;
 
@@ -33,11 +62,19 @@ use rayon::prelude::*;
 
 use super::matmul::QuantIsa;
 use super::q8_0::{ActRow, Q8Activations};
-use super::{read_f16, QuantType};
+use super::{q4_k, q6_k, read_f16, QuantType};
 
 /// Weight rows per panel (one 512-bit register of f32 or i32 lanes).
 pub const PANEL_ROWS: usize = 16;
 const BLOCK_ELEMS: usize = 32;
+/// A K-quant super-block: eight sub-blocks of 32 (one activation block each).
+const SUPER_ELEMS: usize = 256;
+const SUBS: usize = SUPER_ELEMS / BLOCK_ELEMS;
+/// A K-quant unit's leading integer scales: Q4_K's `sc` and `m`, Q6_K's sixteen group scales.
+const K_SCALE_BYTES: usize = 16 * PANEL_ROWS;
+/// Code bytes of one 32-weight block of a panel: Q4_1 and Q4_K nibbles, Q6_K nibbles + top bits.
+const NIBBLE_BYTES: usize = 16 * PANEL_ROWS;
+const Q6_BYTES: usize = NIBBLE_BYTES + 8 * PANEL_ROWS;
 
 /// A weight matrix `[n, k]` repacked for [`panel_matmul`].
 #[derive(Debug, Clone)]
@@ -52,19 +89,29 @@ pub struct Panels {
 impl Panels {
     /// Whether weights of `wtype` can be repacked (the fast numerics cover these).
     pub fn supports(wtype: QuantType) -> bool {
-        matches!(wtype, QuantType::Q4_1 | QuantType::Q8_0)
+        matches!(wtype, QuantType::Q4_1 | QuantType::Q8_0 | QuantType::Q4_K | QuantType::Q6_K)
     }
 
-    fn code_bytes_per_block(wtype: QuantType) -> usize {
+    /// Weights per packing unit: a block, or a K-quant's super-block.
+    fn unit_elems(wtype: QuantType) -> usize {
         match wtype {
-            QuantType::Q4_1 => PANEL_ROWS * 16,
+            QuantType::Q4_K | QuantType::Q6_K => SUPER_ELEMS,
+            _ => BLOCK_ELEMS,
+        }
+    }
+
+    fn code_bytes_per_unit(wtype: QuantType) -> usize {
+        match wtype {
+            QuantType::Q4_1 => NIBBLE_BYTES,
+            QuantType::Q4_K => K_SCALE_BYTES + SUBS * NIBBLE_BYTES,
+            QuantType::Q6_K => K_SCALE_BYTES + SUBS * Q6_BYTES,
             _ => PANEL_ROWS * 32,
         }
     }
 
-    fn scales_per_block(wtype: QuantType) -> usize {
+    fn scales_per_unit(wtype: QuantType) -> usize {
         match wtype {
-            QuantType::Q4_1 => 2 * PANEL_ROWS,
+            QuantType::Q4_1 | QuantType::Q4_K => 2 * PANEL_ROWS,
             _ => PANEL_ROWS,
         }
     }
@@ -73,31 +120,35 @@ impl Panels {
     /// not supported or the length does not fit the shape.
     pub fn pack(wtype: QuantType, w: &[u8], n: usize, k: usize) -> Panels {
         assert!(Panels::supports(wtype), "{} weights have no panel layout", wtype.name());
-        assert!(k.is_multiple_of(BLOCK_ELEMS), "row length {k} is not a multiple of {BLOCK_ELEMS}");
+        let unit = Panels::unit_elems(wtype);
+        assert!(k.is_multiple_of(unit), "row length {k} is not a multiple of {unit}");
         let row_bytes = wtype.row_bytes(k);
         assert_eq!(w.len(), n * row_bytes, "{}: weight bytes for [{n}, {k}]", wtype.name());
-        let (nb, panels) = (k / BLOCK_ELEMS, n.div_ceil(PANEL_ROWS));
-        let (cb, sb) = (Panels::code_bytes_per_block(wtype), Panels::scales_per_block(wtype));
-        // Padding rows: Q4_1 codes 0 with d = m = 0; Q8_0 codes 0 (stored as 0x80) with d = 0.
+        let (nu, panels) = (k / unit, n.div_ceil(PANEL_ROWS));
+        let (cb, sb) = (Panels::code_bytes_per_unit(wtype), Panels::scales_per_unit(wtype));
+        // Padding rows: codes 0 (Q8_0's stored as 0x80) with every scale 0.
         let pad = if wtype == QuantType::Q8_0 { 0x80 } else { 0 };
-        let mut codes = vec![pad; panels * nb * cb];
-        let mut scales = vec![0f32; panels * nb * sb];
-        let block_bytes = row_bytes / nb;
+        let mut codes = vec![pad; panels * nu * cb];
+        let mut scales = vec![0f32; panels * nu * sb];
+        let unit_bytes = row_bytes / nu;
         for j in 0..n {
             let (p, c) = (j / PANEL_ROWS, j % PANEL_ROWS);
-            for b in 0..nb {
-                let blk = &w[j * row_bytes + b * block_bytes..][..block_bytes];
-                let dst = &mut codes[(p * nb + b) * cb..][..cb];
-                let s = &mut scales[(p * nb + b) * sb..][..sb];
-                s[c] = read_f16(blk, 0);
+            for u in 0..nu {
+                let blk = &w[j * row_bytes + u * unit_bytes..][..unit_bytes];
+                let dst = &mut codes[(p * nu + u) * cb..][..cb];
+                let s = &mut scales[(p * nu + u) * sb..][..sb];
                 match wtype {
                     QuantType::Q4_1 => {
+                        s[c] = read_f16(blk, 0);
                         s[PANEL_ROWS + c] = read_f16(blk, 2);
                         for t in 0..4 {
                             dst[t * 64 + 4 * c..][..4].copy_from_slice(&blk[4 + 4 * t..][..4]);
                         }
                     }
+                    QuantType::Q4_K => pack_q4_k(blk, c, dst, s),
+                    QuantType::Q6_K => pack_q6_k(blk, c, dst, s),
                     _ => {
+                        s[c] = read_f16(blk, 0);
                         for g in 0..8 {
                             for i in 0..4 {
                                 dst[g * 64 + 4 * c + i] = blk[2 + 4 * g + i] ^ 0x80;
@@ -128,10 +179,56 @@ impl Panels {
     }
 
     fn panel(&self, p: usize) -> (&[u8], &[f32]) {
-        let nb = self.k / BLOCK_ELEMS;
-        let (cb, sb) = (Panels::code_bytes_per_block(self.wtype), Panels::scales_per_block(self.wtype));
-        (&self.codes[p * nb * cb..(p + 1) * nb * cb], &self.scales[p * nb * sb..(p + 1) * nb * sb])
+        let nu = self.k / Panels::unit_elems(self.wtype);
+        let (cb, sb) = (Panels::code_bytes_per_unit(self.wtype), Panels::scales_per_unit(self.wtype));
+        (&self.codes[p * nu * cb..(p + 1) * nu * cb], &self.scales[p * nu * sb..(p + 1) * nu * sb])
     }
+}
+
+/// Row `c` of a panel's Q4_K super-block (`dst`, `s`: the unit's codes and scales).
+fn pack_q4_k(blk: &[u8], c: usize, dst: &mut [u8], s: &mut [f32]) {
+    s[c] = read_f16(blk, 0);
+    s[PANEL_ROWS + c] = read_f16(blk, 2);
+    for j in 0..SUBS {
+        let (sc, m) = q4_k::scale_min(&blk[4..16], j);
+        dst[PANEL_ROWS * j + c] = sc;
+        dst[PANEL_ROWS * (SUBS + j) + c] = m;
+        let code = |i: usize| q4_k::nibble(&blk[16..], BLOCK_ELEMS * j + i);
+        let cb = &mut dst[K_SCALE_BYTES + NIBBLE_BYTES * j..][..NIBBLE_BYTES];
+        for t in 0..4 {
+            for i in 0..4 {
+                cb[64 * t + 4 * c + i] = code(4 * t + i) | (code(16 + 4 * t + i) << 4);
+            }
+        }
+    }
+}
+
+/// Row `c` of a panel's Q6_K super-block.
+fn pack_q6_k(blk: &[u8], c: usize, dst: &mut [u8], s: &mut [f32]) {
+    s[c] = read_f16(blk, q6_k::D);
+    for g in 0..16 {
+        dst[PANEL_ROWS * g + c] = q6_k::scale(blk, 16 * g) as i8 as u8;
+    }
+    for j in 0..SUBS {
+        let u = |i: usize| (q6_k::code(blk, BLOCK_ELEMS * j + i) + 32) as u8;
+        let cb = &mut dst[K_SCALE_BYTES + Q6_BYTES * j..][..Q6_BYTES];
+        for i in 0..4 {
+            for t in 0..4 {
+                cb[64 * t + 4 * c + i] = (u(4 * t + i) & 0x0f) | ((u(16 + 4 * t + i) & 0x0f) << 4);
+            }
+            for h in 0..2 {
+                cb[NIBBLE_BYTES + 64 * h + 4 * c + i] = (0..4).fold(0, |bits, t| bits | ((u(16 * h + 4 * t + i) >> 4) << (2 * t)));
+            }
+        }
+    }
+}
+
+/// Per activation row and group of `group` bytes, `times·Σa`: the correction for weight codes
+/// stored with an offset (Q8_0's +128 over 32 bytes, Q6_K's +32 over 16).
+fn group_sums(acts: &Q8Activations, group: usize, times: i32) -> Vec<i32> {
+    (0..acts.rows())
+        .flat_map(|r| acts.row(r).qs.chunks_exact(group).map(move |q| times * q.iter().map(|&v| v as i32).sum::<i32>()))
+        .collect()
 }
 
 /// `y[m, n] = acts · Wᵀ` in the fast order (module docs), `acts` quantised from the
@@ -144,11 +241,12 @@ pub fn panel_matmul(isa: QuantIsa, w: &Panels, acts: &Q8Activations, y: &mut [f3
     if m == 0 || n == 0 {
         return;
     }
-    // 128·Σa per (row, block), for the Q8_0 codes' offset (the AVX2 kernel uses signed codes).
-    let offsets: Vec<i32> = if w.wtype == QuantType::Q8_0 && isa != QuantIsa::Avx2 {
-        (0..m).flat_map(|r| acts.row(r).qs.chunks_exact(BLOCK_ELEMS).map(|q| 128 * q.iter().map(|&v| v as i32).sum::<i32>()).collect::<Vec<_>>()).collect()
-    } else {
-        Vec::new()
+    // The offsets of codes stored unsigned for `vpdpbusd`: 128·Σa per (row, block) for Q8_0
+    // (the AVX2 kernel uses signed codes), 32·Σa per (row, 16 bytes) for Q6_K on AVX-512.
+    let offsets = match w.wtype {
+        QuantType::Q8_0 if isa != QuantIsa::Avx2 => group_sums(acts, BLOCK_ELEMS, 128),
+        QuantType::Q6_K if isa == QuantIsa::Avx512 => group_sums(acts, 16, 32),
+        _ => Vec::new(),
     };
     let out = PanelOut { ptr: y.as_mut_ptr(), m, n };
     let panels = n.div_ceil(PANEL_ROWS);
@@ -204,58 +302,118 @@ impl PanelOut {
 }
 
 /// The reference order, scalar: per output, per block, `dd = d_w·d_x` (f32),
-/// `acc = fma(dd, Σq·a, acc)`, and for Q4_1 `mins = fma(m, s, mins)`; the result `acc + mins`.
+/// `acc = fma(dd, Σq·a, acc)`, and for Q4_1 `mins = fma(m, s, mins)`; the result `acc + mins`
+/// (the K-quants' orders in the module docs).
 fn portable_panels(w: &Panels, acts: &Q8Activations, offsets: &[i32], range: Range<usize>, out: &PanelOut) {
     let nb = w.k / BLOCK_ELEMS;
     for p in range {
         let (codes, scales) = w.panel(p);
         for r in 0..acts.rows() {
             let a = acts.row(r);
-            let mut acc = [0f32; PANEL_ROWS];
-            let mut mins = [0f32; PANEL_ROWS];
-            for b in 0..nb {
-                let aq = &a.qs[b * BLOCK_ELEMS..][..BLOCK_ELEMS];
-                let dx = a.scales[b][0];
-                for c in 0..PANEL_ROWS {
-                    let sumi = match w.wtype {
-                        QuantType::Q4_1 => {
-                            let cb = &codes[b * 256..][..256];
-                            (0..4)
-                                .map(|t| {
-                                    let bytes = &cb[t * 64 + 4 * c..][..4];
-                                    (0..4)
-                                        .map(|i| {
-                                            (bytes[i] & 0x0f) as i32 * aq[4 * t + i] as i32
-                                                + (bytes[i] >> 4) as i32 * aq[16 + 4 * t + i] as i32
-                                        })
-                                        .sum::<i32>()
-                                })
-                                .sum::<i32>()
-                        }
-                        _ => {
-                            let cb = &codes[b * 512..][..512];
-                            (0..8).map(|g| (0..4).map(|i| cb[g * 64 + 4 * c + i] as i32 * aq[4 * g + i] as i32).sum::<i32>()).sum::<i32>()
-                                - offsets[r * nb + b]
-                        }
-                    };
-                    match w.wtype {
-                        QuantType::Q4_1 => {
-                            let s = &scales[b * 32..][..32];
-                            acc[c] = (s[c] * dx).mul_add(sumi as f32, acc[c]);
-                            mins[c] = s[PANEL_ROWS + c].mul_add(a.q81_sums[b], mins[c]);
-                        }
-                        _ => {
-                            let s = &scales[b * 16..][..16];
-                            acc[c] = (s[c] * dx).mul_add(sumi as f32, acc[c]);
-                        }
-                    }
-                }
-            }
-            let y: [f32; PANEL_ROWS] = core::array::from_fn(|c| acc[c] + mins[c]);
+            let y = match w.wtype {
+                QuantType::Q4_1 => portable_q4_1(codes, scales, a),
+                QuantType::Q4_K => portable_q4_k(codes, scales, a),
+                QuantType::Q6_K => portable_q6_k(codes, scales, a),
+                _ => portable_q8_0(codes, scales, a, &offsets[r * nb..(r + 1) * nb]),
+            };
             // SAFETY: this call owns panel p (see `panel_matmul`).
             unsafe { out.set_panel(r, p, &y) };
         }
     }
+}
+
+/// Σ code·a of row `c` in a 32-weight block of nibbles in Q4_1's panel layout (`cb`, 256 bytes).
+fn nibble_dot(cb: &[u8], c: usize, aq: &[i8]) -> i32 {
+    (0..4)
+        .map(|t| {
+            let bytes = &cb[t * 64 + 4 * c..][..4];
+            (0..4)
+                .map(|i| (bytes[i] & 0x0f) as i32 * aq[4 * t + i] as i32 + (bytes[i] >> 4) as i32 * aq[16 + 4 * t + i] as i32)
+                .sum::<i32>()
+        })
+        .sum()
+}
+
+fn portable_q4_1(codes: &[u8], scales: &[f32], a: ActRow<'_>) -> [f32; PANEL_ROWS] {
+    let mut acc = [0f32; PANEL_ROWS];
+    let mut mins = [0f32; PANEL_ROWS];
+    for (b, (cb, s)) in codes.chunks_exact(NIBBLE_BYTES).zip(scales.chunks_exact(2 * PANEL_ROWS)).enumerate() {
+        let aq = &a.qs[b * BLOCK_ELEMS..][..BLOCK_ELEMS];
+        let dx = a.scales[b][0];
+        for c in 0..PANEL_ROWS {
+            let sumi = nibble_dot(cb, c, aq);
+            acc[c] = (s[c] * dx).mul_add(sumi as f32, acc[c]);
+            mins[c] = s[PANEL_ROWS + c].mul_add(a.q81_sums[b], mins[c]);
+        }
+    }
+    core::array::from_fn(|c| acc[c] + mins[c])
+}
+
+/// `offsets`: the row's 128·Σa per block.
+fn portable_q8_0(codes: &[u8], scales: &[f32], a: ActRow<'_>, offsets: &[i32]) -> [f32; PANEL_ROWS] {
+    let mut acc = [0f32; PANEL_ROWS];
+    for (b, (cb, s)) in codes.chunks_exact(PANEL_ROWS * 32).zip(scales.chunks_exact(PANEL_ROWS)).enumerate() {
+        let aq = &a.qs[b * BLOCK_ELEMS..][..BLOCK_ELEMS];
+        let dx = a.scales[b][0];
+        for c in 0..PANEL_ROWS {
+            let sumi =
+                (0..8).map(|g| (0..4).map(|i| cb[g * 64 + 4 * c + i] as i32 * aq[4 * g + i] as i32).sum::<i32>()).sum::<i32>() - offsets[b];
+            acc[c] = (s[c] * dx).mul_add(sumi as f32, acc[c]);
+        }
+    }
+    acc
+}
+
+/// Per sub-block `acc = fma((d·sc)·d_x, Σq·a, acc)`, `mins = fma(dmin·m, d_x·Σa, mins)`;
+/// the result `acc − mins`.
+fn portable_q4_k(codes: &[u8], scales: &[f32], a: ActRow<'_>) -> [f32; PANEL_ROWS] {
+    let mut acc = [0f32; PANEL_ROWS];
+    let mut mins = [0f32; PANEL_ROWS];
+    let unit_bytes = K_SCALE_BYTES + SUBS * NIBBLE_BYTES;
+    for (u, (unit, s)) in codes.chunks_exact(unit_bytes).zip(scales.chunks_exact(2 * PANEL_ROWS)).enumerate() {
+        for j in 0..SUBS {
+            let b = SUBS * u + j;
+            let aq = &a.qs[b * BLOCK_ELEMS..][..BLOCK_ELEMS];
+            let [dx, dx_sum] = a.scales[b];
+            let cb = &unit[K_SCALE_BYTES + NIBBLE_BYTES * j..][..NIBBLE_BYTES];
+            for c in 0..PANEL_ROWS {
+                let sumi = nibble_dot(cb, c, aq);
+                let dw = s[c] * unit[PANEL_ROWS * j + c] as f32;
+                let mw = s[PANEL_ROWS + c] * unit[PANEL_ROWS * (SUBS + j) + c] as f32;
+                acc[c] = (dw * dx).mul_add(sumi as f32, acc[c]);
+                mins[c] = mw.mul_add(dx_sum, mins[c]);
+            }
+        }
+    }
+    core::array::from_fn(|c| acc[c] - mins[c])
+}
+
+/// Per sub-block `acc = fma(d·d_x, s₀·Σq·a + s₁·Σq·a, acc)` over its two groups of 16.
+fn portable_q6_k(codes: &[u8], scales: &[f32], a: ActRow<'_>) -> [f32; PANEL_ROWS] {
+    let mut acc = [0f32; PANEL_ROWS];
+    let unit_bytes = K_SCALE_BYTES + SUBS * Q6_BYTES;
+    for (u, (unit, s)) in codes.chunks_exact(unit_bytes).zip(scales.chunks_exact(PANEL_ROWS)).enumerate() {
+        for j in 0..SUBS {
+            let b = SUBS * u + j;
+            let aq = &a.qs[b * BLOCK_ELEMS..][..BLOCK_ELEMS];
+            let dx = a.scales[b][0];
+            let cb = &unit[K_SCALE_BYTES + Q6_BYTES * j..][..Q6_BYTES];
+            for c in 0..PANEL_ROWS {
+                let code = |e: usize| {
+                    let (h, t, i) = (e / 16, e % 16 / 4, e % 4);
+                    let low = (cb[64 * t + 4 * c + i] >> (4 * h)) & 0x0f;
+                    let high = (cb[NIBBLE_BYTES + 64 * h + 4 * c + i] >> (2 * t)) & 3;
+                    (low | (high << 4)) as i32 - 32
+                };
+                let group = |h: usize| {
+                    let dot: i32 = (16 * h..16 * h + 16).map(|e| code(e) * aq[e] as i32).sum();
+                    unit[PANEL_ROWS * (2 * j + h) + c] as i8 as i32 * dot
+                };
+                acc[c] = (s[c] * dx).mul_add((group(0) + group(1)) as f32, acc[c]);
+            }
+        }
+    }
+    acc
 }
 
 /// The order of [`portable_panels`] with sixteen weight rows per register: per block, the
@@ -263,6 +421,9 @@ fn portable_panels(w: &Panels, acts: &Q8Activations, offsets: &[i32], range: Ran
 /// rows, and each activation row takes eight `vpdpbusd` against broadcast groups of four of
 /// its bytes (two chains of four, then one add: integer sums, so any order is exact), one
 /// convert, one multiply (`d·d_x`) and one fma (plus the `m·s` fma for Q4_1).
+/// The K-quants add per sub-block, once per tile, the widening of their integer scales (Q4_K:
+/// `d·sc` and `dmin·m`, two multiplies; Q6_K: the i8 scales, applied per activation row with
+/// two `vpmulld` on the two 16-weight dots).
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::*;
@@ -271,34 +432,90 @@ mod avx512 {
     /// Bytes ahead of the current block to prefetch (as the row kernels do).
     const PREFETCH_AHEAD: usize = 2048;
 
+    /// Which tile kernel, as a const generic.
+    const Q4_1: u8 = 0;
+    const Q8_0: u8 = 1;
+    const Q4_K: u8 = 2;
+    const Q6_K: u8 = 3;
+
     /// # Safety
     /// Needs the AVX-512 level (F/BW/VL/VNNI); the caller owns panels `range` of `out`.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
     pub(super) unsafe fn panels(w: &Panels, acts: &Q8Activations, offsets: &[i32], range: Range<usize>, out: &PanelOut) {
-        if w.wtype == QuantType::Q4_1 {
-            panels_of::<true>(w, acts, offsets, range, out);
-        } else {
-            panels_of::<false>(w, acts, offsets, range, out);
+        match w.wtype {
+            QuantType::Q4_1 => panels_of::<Q4_1>(w, acts, offsets, range, out),
+            QuantType::Q4_K => panels_of::<Q4_K>(w, acts, offsets, range, out),
+            QuantType::Q6_K => panels_of::<Q6_K>(w, acts, offsets, range, out),
+            _ => panels_of::<Q8_0>(w, acts, offsets, range, out),
         }
     }
 
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn panels_of<const Q4: bool>(w: &Panels, acts: &Q8Activations, offsets: &[i32], range: Range<usize>, out: &PanelOut) {
+    unsafe fn panels_of<const KIND: u8>(w: &Panels, acts: &Q8Activations, offsets: &[i32], range: Range<usize>, out: &PanelOut) {
         let m = acts.rows();
         for p in range {
             let mut r = 0;
             while m - r >= 4 {
-                tile::<4, Q4>(w, acts, offsets, p, r, out);
+                tile_of::<4, KIND>(w, acts, offsets, p, r, out);
                 r += 4;
             }
             if m - r >= 2 {
-                tile::<2, Q4>(w, acts, offsets, p, r, out);
+                tile_of::<2, KIND>(w, acts, offsets, p, r, out);
                 r += 2;
             }
             if m - r == 1 {
-                tile::<1, Q4>(w, acts, offsets, p, r, out);
+                tile_of::<1, KIND>(w, acts, offsets, p, r, out);
             }
         }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    unsafe fn tile_of<const R: usize, const KIND: u8>(
+        w: &Panels,
+        acts: &Q8Activations,
+        offsets: &[i32],
+        p: usize,
+        r0: usize,
+        out: &PanelOut,
+    ) {
+        match KIND {
+            Q4_1 => tile::<R, true>(w, acts, offsets, p, r0, out),
+            Q8_0 => tile::<R, false>(w, acts, offsets, p, r0, out),
+            Q4_K => tile_q4_k::<R>(w, acts, p, r0, out),
+            _ => tile_q6_k::<R>(w, acts, offsets, p, r0, out),
+        }
+    }
+
+    /// The integer dots of one 32-byte activation block (`a`) with eight code vectors, groups
+    /// `0..4` and `4..8` summed apart (the two 16-weight halves).
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    unsafe fn dots(v: &[__m512i; 8], a: *const i32) -> (__m512i, __m512i) {
+        // SAFETY (caller): `a` points at 32 readable bytes.
+        let group = |g: usize| _mm512_set1_epi32(a.add(g).read_unaligned());
+        let mut lo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[0], group(0));
+        let mut hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[4], group(4));
+        for g in 1..4 {
+            lo = _mm512_dpbusd_epi32(lo, v[g], group(g));
+            hi = _mm512_dpbusd_epi32(hi, v[g + 4], group(g + 4));
+        }
+        (lo, hi)
+    }
+
+    /// The eight code vectors of a 32-weight block of nibbles in Q4_1's panel layout.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    unsafe fn nibbles(cb: *const u8) -> [__m512i; 8] {
+        let mask = _mm512_set1_epi8(0x0f);
+        let mut v = [_mm512_setzero_si512(); 8];
+        for t in 0..4 {
+            // SAFETY (caller): `cb` points at 256 readable bytes.
+            let x = _mm512_loadu_si512(cb.add(64 * t).cast());
+            v[t] = _mm512_and_si512(x, mask);
+            v[t + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(x), mask);
+        }
+        v
     }
 
     /// Panel `p` against activation rows `r0..r0 + R`.
@@ -311,7 +528,6 @@ mod avx512 {
         let (cp, sp) = (codes.as_ptr(), scales.as_ptr());
         let mut acc = [_mm512_setzero_ps(); R];
         let mut mins = [_mm512_setzero_ps(); R];
-        let mask = _mm512_set1_epi8(0x0f);
         for b in 0..nb {
             // The eight code vectors of this block: groups 0..8 of four codes per row.
             let mut v = [_mm512_setzero_si512(); 8];
@@ -320,12 +536,10 @@ mod avx512 {
             if Q4 {
                 // SAFETY: block b of the panel is 256 code bytes and 32 scales (layout above).
                 let cb = cp.add(b * 256);
-                _mm_prefetch::<_MM_HINT_T0>(cb.add(PREFETCH_AHEAD).cast());
-                for t in 0..4 {
-                    let x = _mm512_loadu_si512(cb.add(64 * t).cast());
-                    v[t] = _mm512_and_si512(x, mask);
-                    v[t + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(x), mask);
+                for line in 0..4 {
+                    _mm_prefetch::<_MM_HINT_T0>(cb.add(PREFETCH_AHEAD + 64 * line).cast());
                 }
+                v = nibbles(cb);
                 dw = _mm512_loadu_ps(sp.add(b * 32));
                 mw = _mm512_loadu_ps(sp.add(b * 32 + 16));
             } else {
@@ -340,14 +554,7 @@ mod avx512 {
             }
             for i in 0..R {
                 // SAFETY: the activation row holds nb > b blocks of 32 bytes.
-                let a = rows[i].qs.as_ptr().add(b * BLOCK_ELEMS).cast::<i32>();
-                let group = |g: usize| _mm512_set1_epi32(a.add(g).read_unaligned());
-                let mut lo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[0], group(0));
-                let mut hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[4], group(4));
-                for g in 1..4 {
-                    lo = _mm512_dpbusd_epi32(lo, v[g], group(g));
-                    hi = _mm512_dpbusd_epi32(hi, v[g + 4], group(g + 4));
-                }
+                let (lo, hi) = dots(&v, rows[i].qs.as_ptr().add(b * BLOCK_ELEMS).cast());
                 let mut sumi = _mm512_add_epi32(lo, hi);
                 if !Q4 {
                     sumi = _mm512_sub_epi32(sumi, _mm512_set1_epi32(*offsets.get_unchecked((r0 + i) * nb + b)));
@@ -362,6 +569,111 @@ mod avx512 {
         for i in 0..R {
             let mut y = [0f32; PANEL_ROWS];
             _mm512_storeu_ps(y.as_mut_ptr(), _mm512_add_ps(acc[i], mins[i]));
+            // SAFETY: the caller owns panel p.
+            out.set_panel(r0 + i, p, &y);
+        }
+    }
+
+    /// Q4_K panel `p` against activation rows `r0..r0 + R`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    unsafe fn tile_q4_k<const R: usize>(w: &Panels, acts: &Q8Activations, p: usize, r0: usize, out: &PanelOut) {
+        let nsb = w.k / SUPER_ELEMS;
+        let rows: [ActRow<'_>; R] = core::array::from_fn(|i| acts.row(r0 + i));
+        let (codes, scales) = w.panel(p);
+        let (cp, sp) = (codes.as_ptr(), scales.as_ptr());
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut mins = [_mm512_setzero_ps(); R];
+        for s in 0..nsb {
+            // SAFETY: super-block s of the panel is K_SCALE_BYTES + 8·256 code bytes and 32
+            // scales (layout in the module docs); activation rows hold 8·nsb blocks.
+            let unit = cp.add(s * (K_SCALE_BYTES + SUBS * NIBBLE_BYTES));
+            let (d, dmin) = (_mm512_loadu_ps(sp.add(32 * s)), _mm512_loadu_ps(sp.add(32 * s + 16)));
+            let byte_lanes = |at: usize| _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(unit.add(at).cast())));
+            for j in 0..SUBS {
+                let b = SUBS * s + j;
+                let cb = unit.add(K_SCALE_BYTES + NIBBLE_BYTES * j);
+                for line in 0..4 {
+                    _mm_prefetch::<_MM_HINT_T0>(cb.add(PREFETCH_AHEAD + 64 * line).cast());
+                }
+                let v = nibbles(cb);
+                let dw = _mm512_mul_ps(d, byte_lanes(PANEL_ROWS * j));
+                let mw = _mm512_mul_ps(dmin, byte_lanes(PANEL_ROWS * (SUBS + j)));
+                for i in 0..R {
+                    let (lo, hi) = dots(&v, rows[i].qs.as_ptr().add(b * BLOCK_ELEMS).cast());
+                    let [dx, dx_sum] = *rows[i].scales.get_unchecked(b);
+                    let dd = _mm512_mul_ps(dw, _mm512_set1_ps(dx));
+                    acc[i] = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(_mm512_add_epi32(lo, hi)), acc[i]);
+                    mins[i] = _mm512_fmadd_ps(mw, _mm512_set1_ps(dx_sum), mins[i]);
+                }
+            }
+        }
+        for i in 0..R {
+            let mut y = [0f32; PANEL_ROWS];
+            _mm512_storeu_ps(y.as_mut_ptr(), _mm512_sub_ps(acc[i], mins[i]));
+            // SAFETY: the caller owns panel p.
+            out.set_panel(r0 + i, p, &y);
+        }
+    }
+
+    /// Q6_K panel `p` against activation rows `r0..r0 + R`: codes unpacked to `q + 32` (0..64,
+    /// unsigned for `vpdpbusd`), the offsets' 32·Σa subtracted per 16-weight half.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    unsafe fn tile_q6_k<const R: usize>(w: &Panels, acts: &Q8Activations, offsets: &[i32], p: usize, r0: usize, out: &PanelOut) {
+        let (nb, nsb) = (w.k / BLOCK_ELEMS, w.k / SUPER_ELEMS);
+        let rows: [ActRow<'_>; R] = core::array::from_fn(|i| acts.row(r0 + i));
+        let (codes, scales) = w.panel(p);
+        let (cp, sp) = (codes.as_ptr(), scales.as_ptr());
+        let mut acc = [_mm512_setzero_ps(); R];
+        let (low4, high2) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(0x30));
+        // (A & C) | B for A = low bits, B = top bits in place, C = the low-nibble mask.
+        const SELECT: i32 = 0xEC;
+        for s in 0..nsb {
+            // SAFETY: super-block s of the panel is K_SCALE_BYTES + 8·384 code bytes and 16
+            // scales; activation rows hold 8·nsb blocks and `offsets` 2 halves per block.
+            let unit = cp.add(s * (K_SCALE_BYTES + SUBS * Q6_BYTES));
+            let d = _mm512_loadu_ps(sp.add(16 * s));
+            for j in 0..SUBS {
+                let b = SUBS * s + j;
+                let cb = unit.add(K_SCALE_BYTES + Q6_BYTES * j);
+                for line in 0..6 {
+                    _mm_prefetch::<_MM_HINT_T0>(cb.add(PREFETCH_AHEAD + 64 * line).cast());
+                }
+                let h = [_mm512_loadu_si512(cb.add(NIBBLE_BYTES).cast()), _mm512_loadu_si512(cb.add(NIBBLE_BYTES + 64).cast())];
+                let mut v = [_mm512_setzero_si512(); 8];
+                for t in 0..4 {
+                    // Bits 2t..2t + 2 of each byte to bits 4..6 (16-bit shifts: the mask drops
+                    // what crosses from the neighbouring byte).
+                    let top = |x: __m512i| {
+                        let moved = match t {
+                            0 => _mm512_slli_epi16::<4>(x),
+                            1 => _mm512_slli_epi16::<2>(x),
+                            2 => x,
+                            _ => _mm512_srli_epi16::<2>(x),
+                        };
+                        _mm512_and_si512(moved, high2)
+                    };
+                    let x = _mm512_loadu_si512(cb.add(64 * t).cast());
+                    v[t] = _mm512_ternarylogic_epi32::<SELECT>(x, top(h[0]), low4);
+                    v[t + 4] = _mm512_ternarylogic_epi32::<SELECT>(_mm512_srli_epi16::<4>(x), top(h[1]), low4);
+                }
+                let group_scales = |g: usize| _mm512_cvtepi8_epi32(_mm_loadu_si128(unit.add(PANEL_ROWS * g).cast()));
+                let (s0, s1) = (group_scales(2 * j), group_scales(2 * j + 1));
+                for i in 0..R {
+                    let (lo, hi) = dots(&v, rows[i].qs.as_ptr().add(b * BLOCK_ELEMS).cast());
+                    let off = offsets.as_ptr().add(((r0 + i) * nb + b) * 2);
+                    let lo = _mm512_sub_epi32(lo, _mm512_set1_epi32(*off));
+                    let hi = _mm512_sub_epi32(hi, _mm512_set1_epi32(*off.add(1)));
+                    let sumi = _mm512_add_epi32(_mm512_mullo_epi32(lo, s0), _mm512_mullo_epi32(hi, s1));
+                    let dd = _mm512_mul_ps(d, _mm512_set1_ps(rows[i].scales.get_unchecked(b)[0]));
+                    acc[i] = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(sumi), acc[i]);
+                }
+            }
+        }
+        for (i, acc_i) in acc.iter().enumerate() {
+            let mut y = [0f32; PANEL_ROWS];
+            _mm512_storeu_ps(y.as_mut_ptr(), *acc_i);
             // SAFETY: the caller owns panel p.
             out.set_panel(r0 + i, p, &y);
         }
@@ -382,16 +694,40 @@ mod avx2 {
     /// Needs AVX2 + FMA; the caller owns panels `range` of `out`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn panels(w: &Panels, acts: &Q8Activations, range: Range<usize>, out: &PanelOut) {
+        match w.wtype {
+            QuantType::Q4_K => panels_of::<Q4_K>(w, acts, range, out),
+            QuantType::Q6_K => panels_of::<Q6_K>(w, acts, range, out),
+            _ => panels_of::<BLOCKS>(w, acts, range, out),
+        }
+    }
+
+    /// Which tile kernel, as a const generic: Q4_1 and Q8_0 share one.
+    const BLOCKS: u8 = 0;
+    const Q4_K: u8 = 1;
+    const Q6_K: u8 = 2;
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn panels_of<const KIND: u8>(w: &Panels, acts: &Q8Activations, range: Range<usize>, out: &PanelOut) {
         let m = acts.rows();
         for p in range {
             let mut r = 0;
             while m - r >= 2 {
-                tile::<2>(w, acts, p, r, out);
+                tile_of::<2, KIND>(w, acts, p, r, out);
                 r += 2;
             }
             if m - r == 1 {
-                tile::<1>(w, acts, p, r, out);
+                tile_of::<1, KIND>(w, acts, p, r, out);
             }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn tile_of<const R: usize, const KIND: u8>(w: &Panels, acts: &Q8Activations, p: usize, r0: usize, out: &PanelOut) {
+        match KIND {
+            BLOCKS => tile::<R>(w, acts, p, r0, out),
+            Q4_K => tile_q4_k::<R>(w, acts, p, r0, out),
+            _ => tile_q6_k::<R>(w, acts, p, r0, out),
         }
     }
 
@@ -462,6 +798,128 @@ mod avx2 {
             }
             for i in 0..R {
                 _mm256_storeu_ps(y[i].as_mut_ptr().add(8 * half), _mm256_add_ps(acc[i], mins[i]));
+            }
+        }
+        for (i, yi) in y.iter().enumerate() {
+            // SAFETY: the caller owns panel p.
+            out.set_panel(r0 + i, p, yi);
+        }
+    }
+
+    /// Q4_K panel `p` against activation rows `r0..r0 + R`, as [`tile`] for Q4_1 with the
+    /// sub-block's `d·sc` and `dmin·m` widened from the integer scales once per half.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn tile_q4_k<const R: usize>(w: &Panels, acts: &Q8Activations, p: usize, r0: usize, out: &PanelOut) {
+        let nsb = w.k / SUPER_ELEMS;
+        let rows: [ActRow<'_>; R] = core::array::from_fn(|i| acts.row(r0 + i));
+        let (codes, scales) = w.panel(p);
+        let (cp, sp) = (codes.as_ptr(), scales.as_ptr());
+        let mask = _mm256_set1_epi8(0x0f);
+        let mut y = [[0f32; PANEL_ROWS]; R];
+        for half in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); R];
+            let mut mins = [_mm256_setzero_ps(); R];
+            for s in 0..nsb {
+                // SAFETY: super-block s of the panel is K_SCALE_BYTES + 8·256 code bytes and 32
+                // scales; activation rows hold 8·nsb blocks.
+                let unit = cp.add(s * (K_SCALE_BYTES + SUBS * NIBBLE_BYTES));
+                let d = _mm256_loadu_ps(sp.add(32 * s + 8 * half));
+                let dmin = _mm256_loadu_ps(sp.add(32 * s + 16 + 8 * half));
+                let byte_lanes = |at: usize| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(unit.add(at + 8 * half).cast())));
+                for j in 0..SUBS {
+                    let b = SUBS * s + j;
+                    let cb = unit.add(K_SCALE_BYTES + NIBBLE_BYTES * j + 32 * half);
+                    let mut v = [_mm256_setzero_si256(); 8];
+                    for t in 0..4 {
+                        let x = _mm256_loadu_si256(cb.add(64 * t).cast());
+                        v[t] = _mm256_and_si256(x, mask);
+                        v[t + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(x), mask);
+                    }
+                    let dw = _mm256_mul_ps(d, byte_lanes(PANEL_ROWS * j));
+                    let mw = _mm256_mul_ps(dmin, byte_lanes(PANEL_ROWS * (SUBS + j)));
+                    for i in 0..R {
+                        let a = rows[i].qs.as_ptr().add(b * BLOCK_ELEMS).cast::<i32>();
+                        let mut sumi = _mm256_setzero_si256();
+                        for (g, vg) in v.iter().enumerate() {
+                            sumi = _mm256_add_epi32(sumi, dot4(*vg, _mm256_set1_epi32(a.add(g).read_unaligned())));
+                        }
+                        let [dx, dx_sum] = *rows[i].scales.get_unchecked(b);
+                        let dd = _mm256_mul_ps(dw, _mm256_set1_ps(dx));
+                        acc[i] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sumi), acc[i]);
+                        mins[i] = _mm256_fmadd_ps(mw, _mm256_set1_ps(dx_sum), mins[i]);
+                    }
+                }
+            }
+            for i in 0..R {
+                _mm256_storeu_ps(y[i].as_mut_ptr().add(8 * half), _mm256_sub_ps(acc[i], mins[i]));
+            }
+        }
+        for (i, yi) in y.iter().enumerate() {
+            // SAFETY: the caller owns panel p.
+            out.set_panel(r0 + i, p, yi);
+        }
+    }
+
+    /// Q6_K panel `p` against activation rows `r0..r0 + R`: signed codes, their signs moved
+    /// onto the activations as for Q8_0 (|q| ≤ 32, pairs ≤ 2·32·127), then `vpmaddwd` by the
+    /// group's i16 scale gives `s·Σq·a` per lane, exactly.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn tile_q6_k<const R: usize>(w: &Panels, acts: &Q8Activations, p: usize, r0: usize, out: &PanelOut) {
+        let nsb = w.k / SUPER_ELEMS;
+        let rows: [ActRow<'_>; R] = core::array::from_fn(|i| acts.row(r0 + i));
+        let (codes, scales) = w.panel(p);
+        let (cp, sp) = (codes.as_ptr(), scales.as_ptr());
+        let (low4, high2, bias) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x30), _mm256_set1_epi8(32));
+        let mut y = [[0f32; PANEL_ROWS]; R];
+        for half in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); R];
+            for s in 0..nsb {
+                // SAFETY: super-block s of the panel is K_SCALE_BYTES + 8·384 code bytes and 16
+                // scales; activation rows hold 8·nsb blocks.
+                let unit = cp.add(s * (K_SCALE_BYTES + SUBS * Q6_BYTES));
+                let d = _mm256_loadu_ps(sp.add(16 * s + 8 * half));
+                // A group's i8 scales as i16 pairs `[s, s]`, one per row.
+                let group_scales = |g: usize| {
+                    let s32 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(unit.add(PANEL_ROWS * g + 8 * half).cast()));
+                    _mm256_or_si256(_mm256_and_si256(s32, _mm256_set1_epi32(0xffff)), _mm256_slli_epi32::<16>(s32))
+                };
+                for j in 0..SUBS {
+                    let b = SUBS * s + j;
+                    let cb = unit.add(K_SCALE_BYTES + Q6_BYTES * j + 32 * half);
+                    let h = [_mm256_loadu_si256(cb.add(NIBBLE_BYTES).cast()), _mm256_loadu_si256(cb.add(NIBBLE_BYTES + 64).cast())];
+                    let mut q = [_mm256_setzero_si256(); 8];
+                    for t in 0..4 {
+                        let top = |x: __m256i| {
+                            let moved = match t {
+                                0 => _mm256_slli_epi16::<4>(x),
+                                1 => _mm256_slli_epi16::<2>(x),
+                                2 => x,
+                                _ => _mm256_srli_epi16::<2>(x),
+                            };
+                            _mm256_and_si256(moved, high2)
+                        };
+                        let x = _mm256_loadu_si256(cb.add(64 * t).cast());
+                        q[t] = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(x, low4), top(h[0])), bias);
+                        q[t + 4] = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(x), low4), top(h[1])), bias);
+                    }
+                    let abs = q.map(|qg| _mm256_abs_epi8(qg));
+                    let sc = [group_scales(2 * j), group_scales(2 * j + 1)];
+                    for i in 0..R {
+                        let a = rows[i].qs.as_ptr().add(b * BLOCK_ELEMS).cast::<i32>();
+                        let mut sumi = _mm256_setzero_si256();
+                        for g in 0..8 {
+                            let ag = _mm256_sign_epi8(_mm256_set1_epi32(a.add(g).read_unaligned()), q[g]);
+                            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(abs[g], ag), sc[g / 4]));
+                        }
+                        let dd = _mm256_mul_ps(d, _mm256_set1_ps(rows[i].scales.get_unchecked(b)[0]));
+                        acc[i] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sumi), acc[i]);
+                    }
+                }
+            }
+            for i in 0..R {
+                _mm256_storeu_ps(y[i].as_mut_ptr().add(8 * half), acc[i]);
             }
         }
         for (i, yi) in y.iter().enumerate() {

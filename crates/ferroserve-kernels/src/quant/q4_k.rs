@@ -49,7 +49,7 @@ pub(crate) fn pack_scale_min(sc: &[u8; 8], m: &[u8; 8]) -> [u8; 12] {
 
 /// The code of weight `i` (0..256) of a super-block's 128 nibble bytes.
 #[inline]
-fn nibble(qs: &[u8], i: usize) -> u8 {
+pub(crate) fn nibble(qs: &[u8], i: usize) -> u8 {
     let (c, l) = (i / 64, i % 64);
     if l < 32 {
         qs[32 * c + l] & 0x0f

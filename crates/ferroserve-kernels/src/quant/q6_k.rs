@@ -22,11 +22,11 @@ pub const BLOCK_ELEMS: usize = 256;
 pub const BLOCK_BYTES: usize = 128 + 64 + 16 + 2;
 const QH: usize = 128;
 const SCALES: usize = 192;
-const D: usize = 208;
+pub(crate) const D: usize = 208;
 
 /// The signed weight code (q − 32, in −32..32) of weight `i` (0..256) of a super-block.
 #[inline]
-fn code(blk: &[u8], i: usize) -> i32 {
+pub(crate) fn code(blk: &[u8], i: usize) -> i32 {
     let (h, g, l) = (i / 128, (i % 128) / 32, i % 32);
     let low_byte = blk[64 * h + l + 32 * (g & 1)];
     let low = if g < 2 {
@@ -40,7 +40,7 @@ fn code(blk: &[u8], i: usize) -> i32 {
 
 /// Scale of weight `i`: `scales[i / 16]` (16-weight groups are contiguous in weight order).
 #[inline]
-fn scale(blk: &[u8], i: usize) -> i32 {
+pub(crate) fn scale(blk: &[u8], i: usize) -> i32 {
     blk[SCALES + i / 16] as i8 as i32
 }
 
