@@ -61,6 +61,39 @@ def test_empty_input_400(server, inp):
     assert_error(post(server, {"model": MODEL, "input": inp}), 400, param="input")
 
 
+CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0}
+
+
+@pytest.mark.parametrize("field,value", [
+    ("audio", {"voice": "alloy", "format": "wav"}),
+    ("prediction", {"type": "content", "content": "x"}),
+    ("functions", [{"name": "f", "parameters": {}}]),
+    ("function_call", "auto"),
+    ("reasoning_effort", "high"),
+    ("web_search_options", {}),
+    ("prompt_cache_retention", "24h"),
+    ("service_tier", "priority"),
+    ("store", True),
+    ("modalities", ["text", "audio"]),
+    ("verbosity", "low"),
+])
+def test_openai_chat_fields_we_cannot_honour_are_400_naming_them(server, field, value):
+    r = post(server, {**CHAT, field: value}, path="/v1/chat/completions")
+    assert_error(r, 400, param=field, code="unsupported_parameter")
+    assert field in r.json()["error"]["message"] or field in ("store", "modalities", "verbosity")
+
+
+@pytest.mark.parametrize("extra", [
+    {"service_tier": "auto"}, {"service_tier": "default"}, {"service_tier": "flex"}, {"store": False},
+    {"modalities": ["text"]}, {"verbosity": "medium"}, {"metadata": {"run": "1"}}, {"prompt_cache_key": "k"},
+    {"safety_identifier": "u-1"},
+])
+def test_openai_chat_fields_in_a_form_we_honour_are_accepted(server, extra):
+    r = post(server, {**CHAT, **extra}, path="/v1/chat/completions")
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 2
+
+
 def test_unknown_model_404(server):
     assert_error(post(server, {"model": "gpt-9", "input": "hi"}), 404, code="model_not_found", param="model")
 

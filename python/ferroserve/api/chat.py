@@ -133,6 +133,29 @@ def _logprobs_json(entries: list[tuple]) -> dict:
     }
 
 
+def unhonoured(req: ChatCompletionRequest) -> None:
+    """OpenAI's chat fields we take only in a form we honour; anything else is a 400 naming the
+    field, never silently ignored. (`metadata`, `prompt_cache_key` and `safety_identifier`
+    change nothing that is generated: accepted, as `user` is. Prefix caching is automatic.)"""
+    refused = {"audio": req.audio, "prediction": req.prediction, "functions": req.functions,
+               "function_call": req.function_call, "reasoning_effort": req.reasoning_effort,
+               "web_search_options": req.web_search_options, "prompt_cache_retention": req.prompt_cache_retention}
+    for name, value in refused.items():
+        if value is not None:
+            hint = " Use `tools` and `tool_choice`." if name.startswith("function") else ""
+            raise invalid(f"`{name}` is not supported by this server.{hint}", param=name, code="unsupported_parameter")
+    if req.service_tier not in (None, "auto", "default", "flex"):
+        raise invalid(f"service_tier {req.service_tier!r} is not supported: use 'auto', 'default' or 'flex' (batch priority).",
+                      param="service_tier", code="unsupported_parameter")
+    if req.store:
+        raise invalid("Stored chat completions are not supported (store: true); use /v1/responses to store answers.",
+                      param="store", code="unsupported_parameter")
+    if req.modalities not in (None, ["text"]):
+        raise invalid("Only the text modality is supported.", param="modalities", code="unsupported_parameter")
+    if req.verbosity not in (None, "medium"):
+        raise invalid("verbosity other than 'medium' is not supported.", param="verbosity", code="unsupported_parameter")
+
+
 async def create_chat_completion(router: Router, body: bytes, proto, ticket: Ticket,
                                  priority: str = "interactive") -> tuple[int, bytes | None, dict]:
     """Returns (status, body, log fields); body None means the SSE response was sent."""
@@ -141,6 +164,9 @@ async def create_chat_completion(router: Router, body: bytes, proto, ticket: Tic
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise from_validation(exc) from None
     router.require(req.model, "chat")
+    unhonoured(req)
+    if req.service_tier == "flex":  # OpenAI's cheaper, slower tier: our batch priority
+        priority = "batch"
     tools, tool_choice, tool_function, parallel = tools_of(req.tools, req.tool_choice, req.parallel_tool_calls)
     top = req.top_logprobs or 0
     if top and not req.logprobs:

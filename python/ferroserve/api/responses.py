@@ -125,8 +125,9 @@ def _check_create(req: ResponseCreateRequest) -> None:
         raise _unsupported(f"include values {req.include} are not supported.", "include")
     if req.top_logprobs:
         raise _unsupported("top_logprobs is not supported on /v1/responses yet.", "top_logprobs")
-    if req.service_tier not in (None, "auto", "default"):
-        raise _unsupported(f"service_tier {req.service_tier!r} is not supported; use 'auto' or 'default'.", "service_tier")
+    if req.service_tier not in (None, "auto", "default", "flex"):
+        raise _unsupported(f"service_tier {req.service_tier!r} is not supported; use 'auto', 'default' or 'flex' "
+                           "(batch priority).", "service_tier")
     for name, value in (req.stream_options or {}).items():
         if name != "include_obfuscation":
             raise invalid(f"Unknown parameter: 'stream_options.{name}'.", param="stream_options", code="unknown_parameter")
@@ -440,7 +441,8 @@ async def create_response(router: Router, gateway: Gateway | None, body: bytes, 
     # A background generation streams too: a cancel then meters what was generated so far.
     request = ChatRequest(messages=messages_of(req.instructions, prior + own_items), params=params,
                           stream=bool(req.stream or req.background), tools=tools, tool_choice=tool_choice,
-                          tool_choice_function=tool_function, parallel_tool_calls=parallel)
+                          tool_choice_function=tool_function, parallel_tool_calls=parallel,
+                          priority="batch" if req.service_tier == "flex" else "interactive")
     max_tokens = req.max_output_tokens or 0
     plan = router.plan(req.model, "chat", req.route, prompt_tokens_hint=estimate_tokens(request), max_tokens=max_tokens)
     ticket.admit_plan([plan], [request], max_tokens)
@@ -449,7 +451,7 @@ async def create_response(router: Router, gateway: Gateway | None, body: bytes, 
         "top_p": params.top_p, "text": text_echo, "store": store, "background": background, "metadata": req.metadata or {},
         "parallel_tool_calls": parallel, "tool_choice": req.tool_choice or "auto", "tools": req.tools or [],
         "truncation": "disabled", "user": req.user,
-        "service_tier": "default", "reasoning": {"effort": None, "summary": None}, "top_logprobs": 0,
+        "service_tier": "flex" if req.service_tier == "flex" else "default", "reasoning": {"effort": None, "summary": None}, "top_logprobs": 0,
     }
     record = Stored(id=_id("resp"), workspace=ticket.workspace or "", created_at=time.time(),
                     status="queued" if background else "in_progress", model=plan.response_model_name(), params=echo,

@@ -64,6 +64,22 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     tool_choice: Any = None
     response_format: Any = None
     parallel_tool_calls: bool | None = None
+    # OpenAI fields checked by `api/chat.unhonoured`: honoured in their neutral (or our) form,
+    # a 400 naming them otherwise.
+    service_tier: str | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    modalities: list[str] | None = None
+    audio: Any = None
+    prediction: Any = None
+    functions: Any = None
+    function_call: Any = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    web_search_options: Any = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    safety_identifier: str | None = None
 
 
 class CompletionRequest(SamplingFields, kw_only=True):
