@@ -15,6 +15,7 @@ use crate::models::bert::{normalize, BertModel};
 use crate::models::bert_opencl::OpenClBert;
 use crate::notify::Notifier;
 use crate::sched::embed_batcher::{self, BatchJob, BatcherConfig};
+use crate::sched::Priority;
 use crate::tokenize::bert::EncoderTokenizer;
 
 pub enum EmbedInput {
@@ -186,7 +187,8 @@ impl EmbeddingEngine {
 
     /// Tokenizes (errors are returned at once) and queues the request; the result
     /// arrives as an [`EmbedEvent`] on the notifier. Returns the prompt token count.
-    pub fn submit(&self, request_id: u64, inputs: Vec<EmbedInput>, dimensions: Option<usize>, encoding: Encoding) -> Result<usize> {
+    /// Batch-priority inputs go into passes only after every waiting interactive input.
+    pub fn submit(&self, request_id: u64, inputs: Vec<EmbedInput>, dimensions: Option<usize>, encoding: Encoding, priority: Priority) -> Result<usize> {
         if inputs.is_empty() {
             return Err(Error::invalid("input", "input must not be empty"));
         }
@@ -217,7 +219,7 @@ impl EmbeddingEngine {
             data_json.push(b']');
             notifier.push(EmbedEvent { request_id, result: Ok(EmbedOutput { data_json, prompt_tokens }) });
         });
-        self.jobs.send(BatchJob { seqs, done }).map_err(|_| Error::EngineDead)?;
+        self.jobs.send(BatchJob { seqs, priority, done }).map_err(|_| Error::EngineDead)?;
         Ok(prompt_tokens)
     }
 

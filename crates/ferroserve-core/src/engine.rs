@@ -24,6 +24,7 @@ use crate::notify::Notifier;
 use crate::sample::grammar::{CompiledGrammar, GrammarCompiler, GrammarState};
 use crate::sample::{Sampled, SamplingParams, SequenceSampler};
 use crate::sched::scheduler::{KvPool, Scheduler, SchedulerConfig, SeqChunk, SeqId, StepPlan};
+use crate::sched::Priority;
 use crate::tokenize::chat_template::{ChatMessage, ChatTemplate, ChatTemplateError, ToolFormat, ToolSpec};
 use crate::tokenize::detok::{Detokenizer, Vocab};
 use crate::tokenize::gguf_vocab::{GgufTokenizer, GgufVocabError};
@@ -222,6 +223,7 @@ struct Submission {
     max_tokens: usize,
     seed: u64,
     grammar: Option<Arc<CompiledGrammar>>,
+    priority: Priority,
 }
 
 /// State both sides touch; the engine thread owns everything else.
@@ -429,12 +431,26 @@ impl ChatEngine {
         })
     }
 
-    /// Validates and queues a request; returns at once. Output arrives as [`ChatEvent`]s.
+    /// Validates and queues an interactive request; returns at once. Output arrives as
+    /// [`ChatEvent`]s.
     pub fn submit(
         &self,
         request_id: u64,
         prompt_tokens: Vec<u32>,
         params: SamplingParams,
+    ) -> Result<SubmitInfo> {
+        self.submit_with_priority(request_id, prompt_tokens, params, Priority::Interactive)
+    }
+
+    /// [`submit`](Self::submit) at a given priority: batch requests run only on what
+    /// interactive ones leave of each step (see [`crate::sched::scheduler`]); their output
+    /// is the same, only later.
+    pub fn submit_with_priority(
+        &self,
+        request_id: u64,
+        prompt_tokens: Vec<u32>,
+        params: SamplingParams,
+        priority: Priority,
     ) -> Result<SubmitInfo> {
         if prompt_tokens.is_empty() {
             return Err(Error::invalid(
@@ -488,6 +504,7 @@ impl ChatEngine {
             max_tokens,
             seed,
             grammar,
+            priority,
         };
 
         let commands = lock(&self.shared.commands);
@@ -832,7 +849,7 @@ impl<M: StepModel> EngineCore<M> {
                     max_tokens: s.max_tokens,
                     open: vec![true; n],
                 };
-                let seq = self.sched.add_request(s.request_id, s.prompt, n);
+                let seq = self.sched.add_request(s.request_id, s.prompt, n, s.priority);
                 self.outputs
                     .insert(seq, SeqOutput::new(s.request_id, 0, &req));
                 self.requests.insert(s.request_id, req);

@@ -22,6 +22,7 @@ use ferroserve_core::sample::SamplingParams;
 use ferroserve_core::sched::scheduler::{
     KvPool, Scheduler, SchedulerConfig, SeqChunk, SeqId, StepPlan,
 };
+use ferroserve_core::sched::Priority::{self, Batch, Interactive};
 use ferroserve_core::tokenize::detok::Vocab;
 use ferroserve_core::ErrorKind;
 
@@ -311,7 +312,7 @@ fn chunked_prefill_respects_the_budget() {
         max_batch_tokens: 128,
         max_running: 8,
     });
-    let seq = sched.add_request(1, (0..1000).map(|i| i % 50).collect(), 1);
+    let seq = sched.add_request(1, (0..1000).map(|i| i % 50).collect(), 1, Interactive);
     let mut steps = 0;
     let mut expected_start = 0;
     loop {
@@ -338,13 +339,13 @@ fn new_requests_are_admitted_while_others_decode() {
         max_batch_tokens: 64,
         max_running: 8,
     });
-    let a = sched.add_request(1, vec![1; 10], 1);
-    let b = sched.add_request(2, vec![2; 20], 1);
+    let a = sched.add_request(1, vec![1; 10], 1, Interactive);
+    let b = sched.add_request(2, vec![2; 20], 1, Interactive);
     let plan = step_by_hand(&mut sched, &mut kv);
     assert_eq!(plan.first_admissions, vec![(a, 0), (b, 0)]);
     assert_eq!(plan.num_tokens(), 30);
     // Both decode now; a long third prompt takes the rest of the budget alongside them.
-    let c = sched.add_request(3, vec![3; 500], 1);
+    let c = sched.add_request(3, vec![3; 500], 1, Interactive);
     let plan = step_by_hand(&mut sched, &mut kv);
     let shape: Vec<(SeqId, usize, bool)> = plan
         .chunks
@@ -372,12 +373,12 @@ fn prefix_cache_supplies_full_blocks_of_a_repeated_prompt() {
     let mut kv = FakeKv::new(100, BLOCK_TOKENS);
     let mut sched = Scheduler::new(SchedulerConfig::default());
     let prompt: Vec<u32> = (0..23).collect();
-    let first = sched.add_request(1, prompt.clone(), 1);
+    let first = sched.add_request(1, prompt.clone(), 1, Interactive);
     step_by_hand(&mut sched, &mut kv);
     sched.finish(first, &mut kv);
     assert_eq!(kv.num_free_blocks(), 100);
     // 22 of 23 tokens could come from the cache; whole blocks only: 20.
-    let second = sched.add_request(2, prompt.clone(), 1);
+    let second = sched.add_request(2, prompt.clone(), 1, Interactive);
     let plan = step_by_hand(&mut sched, &mut kv);
     assert_eq!(plan.first_admissions, vec![(second, 20)]);
     assert_eq!(
@@ -387,7 +388,7 @@ fn prefix_cache_supplies_full_blocks_of_a_repeated_prompt() {
     // A prompt of exactly whole blocks recomputes its whole last block (privately): the
     // last token's logits are needed, and shared blocks are never written.
     let exact: Vec<u32> = (0..24).collect();
-    let third = sched.add_request(3, exact, 1);
+    let third = sched.add_request(3, exact, 1, Interactive);
     let plan = step_by_hand(&mut sched, &mut kv);
     assert_eq!(plan.first_admissions, vec![(third, 20)]);
 }
@@ -396,7 +397,7 @@ fn prefix_cache_supplies_full_blocks_of_a_repeated_prompt() {
 fn forks_share_the_prompt_blocks() {
     let mut kv = FakeKv::new(100, BLOCK_TOKENS);
     let mut sched = Scheduler::new(SchedulerConfig::default());
-    let parent = sched.add_request(7, (0..18).collect(), 3);
+    let parent = sched.add_request(7, (0..18).collect(), 3, Interactive);
     let plan = sched.schedule(&mut kv);
     run_forward(&sched, &plan, &mut kv);
     let forks = sched.update(&plan, &[(parent, 5)], &mut kv);
@@ -439,6 +440,7 @@ fn aborting_fifty_scheduled_requests_frees_every_block() {
             r,
             (0..30).map(|i| (i * r as u32) % 60).collect(),
             1 + (r as usize % 3),
+            Interactive,
         );
     }
     for _ in 0..12 {
@@ -461,7 +463,7 @@ fn memory_pressure_preempts_the_newest_and_never_deadlocks() {
         max_running: 8,
     });
     let ids: Vec<SeqId> = (0..4)
-        .map(|r| sched.add_request(r, vec![r as u32 + 1; 8], 1))
+        .map(|r| sched.add_request(r, vec![r as u32 + 1; 8], 1, Interactive))
         .collect();
     let mut done = 0;
     for _ in 0..2000 {
@@ -478,6 +480,233 @@ fn memory_pressure_preempts_the_newest_and_never_deadlocks() {
         }
     }
     assert_eq!(done, 4, "all sequences complete");
+    assert!(sched.num_preemptions() > 0);
+    assert_eq!(kv.num_free_blocks(), kv.num_blocks());
+}
+
+// ---------------------------------------------------------------------------------------
+// Priorities
+
+/// Tokens of a plan per class: `(interactive, batch)`.
+fn tokens_by_class(sched: &Scheduler, plan: &StepPlan) -> (usize, usize) {
+    plan.chunks
+        .iter()
+        .fold((0, 0), |(i, b), c| match sched.priority(c.seq).unwrap() {
+            Interactive => (i + c.num_tokens, b),
+            Batch => (i, b + c.num_tokens),
+        })
+}
+
+#[test]
+fn batch_sequences_get_only_the_budget_interactive_ones_leave() {
+    let mut kv = FakeKv::new(1000, BLOCK_TOKENS);
+    let mut sched = Scheduler::new(SchedulerConfig {
+        max_batch_tokens: 64,
+        max_running: 16,
+    });
+    // Submitted first, yet served last: age does not outrank priority.
+    let batch = sched.add_request(1, vec![1; 100], 1, Batch);
+    let interactive = sched.add_request(2, (0..200).map(|i| i % 50).collect(), 1, Interactive);
+    // The interactive prompt takes the whole budget; the batch one is not even admitted.
+    for _ in 0..3 {
+        let plan = step_by_hand(&mut sched, &mut kv);
+        assert_eq!(tokens_by_class(&sched, &plan), (64, 0));
+        assert!(plan.first_admissions.iter().all(|&(s, _)| s != batch));
+        assert_eq!(sched.num_blocks_held(batch), 0);
+    }
+    // 8 interactive prompt tokens are left: the batch prompt gets the other 56.
+    let plan = step_by_hand(&mut sched, &mut kv);
+    assert_eq!(plan.first_admissions, vec![(batch, 0)]);
+    assert_eq!(tokens_by_class(&sched, &plan), (8, 56));
+    assert_eq!(sched.tokens(interactive).unwrap().len(), 201);
+    let plan = step_by_hand(&mut sched, &mut kv);
+    assert_eq!(tokens_by_class(&sched, &plan), (1, 44));
+    assert_eq!(sched.tokens(batch).unwrap().len(), 101);
+    // A second interactive prompt fills the budget next to the first one's decodes: the
+    // running batch sequence gets no token, not even its decode, but keeps its blocks.
+    let late = sched.add_request(3, (0..150).map(|i| (i * 7) % 50).collect(), 1, Interactive);
+    for _ in 0..2 {
+        let plan = step_by_hand(&mut sched, &mut kv);
+        assert_eq!(tokens_by_class(&sched, &plan), (64, 0));
+        assert!(plan.preempted.is_empty());
+        assert_eq!(sched.tokens(batch).unwrap().len(), 101);
+        assert_eq!(
+            sched.num_blocks_held(batch),
+            100usize.div_ceil(BLOCK_TOKENS)
+        );
+    }
+    // The last 24 prompt tokens and a decode leave room: the batch sequence decodes again.
+    let plan = step_by_hand(&mut sched, &mut kv);
+    assert_eq!(tokens_by_class(&sched, &plan), (25, 1));
+    assert_eq!(sched.tokens(late).unwrap().len(), 151);
+    assert_eq!(sched.tokens(batch).unwrap().len(), 102);
+}
+
+#[test]
+fn batch_sequences_use_the_whole_budget_without_interactive_demand() {
+    let mut kv = FakeKv::new(1000, BLOCK_TOKENS);
+    let mut sched = Scheduler::new(SchedulerConfig {
+        max_batch_tokens: 64,
+        max_running: 16,
+    });
+    let interactive = sched.add_request(1, vec![1; 10], 1, Interactive);
+    let batch: Vec<SeqId> = (0..3)
+        .map(|r| sched.add_request(10 + r, vec![r as u32 + 2; 100], 1, Batch))
+        .collect();
+    // A short interactive prompt, then its decodes: the batch prompts take the rest.
+    let plan = step_by_hand(&mut sched, &mut kv);
+    assert_eq!(tokens_by_class(&sched, &plan), (10, 54));
+    for _ in 0..2 {
+        let plan = step_by_hand(&mut sched, &mut kv);
+        assert_eq!(tokens_by_class(&sched, &plan), (1, 63));
+    }
+    // No interactive demand: batch work fills every step while it has that much to do.
+    sched.finish(interactive, &mut kv);
+    let plan = step_by_hand(&mut sched, &mut kv);
+    assert_eq!(tokens_by_class(&sched, &plan), (0, 64));
+    // Two decodes and the last 58 prompt tokens: all of it runs at once.
+    let plan = step_by_hand(&mut sched, &mut kv);
+    assert_eq!(tokens_by_class(&sched, &plan), (0, 60));
+    assert!(batch
+        .iter()
+        .all(|&s| plan.chunks.iter().any(|c| c.seq == s && c.want_logits)));
+}
+
+#[test]
+fn memory_pressure_preempts_batch_sequences_first_whatever_their_age() {
+    // 10 blocks of 4 tokens, shared by an interactive sequence between two batch ones.
+    let mut kv = FakeKv::new(10, BLOCK_TOKENS);
+    let mut sched = Scheduler::new(SchedulerConfig {
+        max_batch_tokens: 64,
+        max_running: 8,
+    });
+    let older = sched.add_request(1, vec![1; 8], 1, Batch);
+    step_by_hand(&mut sched, &mut kv);
+    let interactive = sched.add_request(2, vec![2; 8], 1, Interactive);
+    step_by_hand(&mut sched, &mut kv);
+    let younger = sched.add_request(3, vec![3; 8], 1, Batch);
+    step_by_hand(&mut sched, &mut kv);
+    assert_eq!(sched.num_running(), 3);
+    // The interactive sequence grows to 9 of the 10 blocks, decoding every step; only batch
+    // sequences make room, the younger first, then the older one.
+    let mut preempted = Vec::new();
+    while sched.tokens(interactive).unwrap().len() < 37 {
+        let before = sched.tokens(interactive).unwrap().len();
+        let plan = step_by_hand(&mut sched, &mut kv);
+        assert_eq!(sched.tokens(interactive).unwrap().len(), before + 1);
+        preempted.extend(plan.preempted.iter().copied());
+    }
+    assert!(
+        preempted.iter().all(|&s| s == older || s == younger),
+        "{preempted:?}"
+    );
+    assert_eq!(preempted[0], younger);
+    assert!(preempted.contains(&older), "{preempted:?}");
+    // Once the interactive sequence is done, the batch ones complete.
+    sched.finish(interactive, &mut kv);
+    for _ in 0..2000 {
+        step_by_hand(&mut sched, &mut kv);
+        for id in [older, younger] {
+            if sched.tokens(id).is_some_and(|t| t.len() >= 20) {
+                sched.finish(id, &mut kv);
+            }
+        }
+        if !sched.has_work() {
+            break;
+        }
+    }
+    assert!(!sched.has_work());
+    assert_eq!(kv.num_free_blocks(), kv.num_blocks());
+}
+
+#[test]
+fn an_interactive_arrival_takes_memory_and_slots_from_batch_work() {
+    // 8 blocks of 4 tokens, all held by two batch prompts of 16 tokens.
+    let mut kv = FakeKv::new(8, BLOCK_TOKENS);
+    let mut sched = Scheduler::new(SchedulerConfig {
+        max_batch_tokens: 64,
+        max_running: 8,
+    });
+    let first = sched.add_request(1, vec![1; 16], 1, Batch);
+    let second = sched.add_request(2, vec![2; 16], 1, Batch);
+    step_by_hand(&mut sched, &mut kv);
+    assert_eq!(kv.num_free_blocks(), 0);
+    // Admitted at the next step: the newest batch sequence gives up its blocks.
+    let interactive = sched.add_request(3, vec![3; 6], 1, Interactive);
+    let plan = step_by_hand(&mut sched, &mut kv);
+    assert_eq!(plan.first_admissions, vec![(interactive, 0)]);
+    assert_eq!(plan.preempted, vec![second]);
+    let shape: Vec<(SeqId, usize, usize)> = plan
+        .chunks
+        .iter()
+        .map(|c| (c.seq, c.start_pos, c.num_tokens))
+        .collect();
+    assert_eq!(shape, vec![(interactive, 0, 6), (first, 16, 1)]);
+
+    // Running slots likewise: with `max_running` taken by batch sequences, an interactive
+    // request takes the newest one's slot.
+    let mut kv = FakeKv::new(100, BLOCK_TOKENS);
+    let mut sched = Scheduler::new(SchedulerConfig {
+        max_batch_tokens: 64,
+        max_running: 2,
+    });
+    sched.add_request(1, vec![1; 5], 1, Batch);
+    let second = sched.add_request(2, vec![2; 5], 1, Batch);
+    step_by_hand(&mut sched, &mut kv);
+    assert_eq!(sched.num_running_of(Batch), 2);
+    let interactive = sched.add_request(3, vec![3; 5], 1, Interactive);
+    let plan = step_by_hand(&mut sched, &mut kv);
+    assert_eq!(plan.first_admissions, vec![(interactive, 0)]);
+    assert_eq!(plan.preempted, vec![second]);
+    assert_eq!(
+        (
+            sched.num_running_of(Interactive),
+            sched.num_running_of(Batch),
+            sched.num_waiting_of(Batch)
+        ),
+        (1, 1, 1)
+    );
+}
+
+#[test]
+fn mixed_priorities_under_memory_pressure_all_complete() {
+    // 16 blocks of 4 tokens; each sequence grows to 40 tokens (10 blocks).
+    let mut kv = FakeKv::new(16, BLOCK_TOKENS);
+    let mut sched = Scheduler::new(SchedulerConfig {
+        max_batch_tokens: 32,
+        max_running: 8,
+    });
+    let ids: Vec<SeqId> = (0..8u64)
+        .map(|r| {
+            let priority = if r % 2 == 0 { Batch } else { Interactive };
+            sched.add_request(r, vec![r as u32 + 1; 6 + r as usize], 1, priority)
+        })
+        .collect();
+    let mut finished: Vec<Priority> = Vec::new();
+    for _ in 0..5000 {
+        let plan = step_by_hand(&mut sched, &mut kv);
+        if plan
+            .preempted
+            .iter()
+            .any(|&s| sched.priority(s) == Some(Interactive))
+        {
+            assert_eq!(
+                sched.num_running_of(Batch),
+                0,
+                "an interactive sequence was preempted while a batch one held blocks"
+            );
+        }
+        for &id in &ids {
+            if sched.tokens(id).is_some_and(|t| t.len() >= 40) {
+                finished.push(sched.priority(id).unwrap());
+                sched.finish(id, &mut kv);
+            }
+        }
+        if finished.len() == ids.len() {
+            break;
+        }
+    }
+    assert_eq!(finished.len(), 8, "all sequences complete");
     assert!(sched.num_preemptions() > 0);
     assert_eq!(kv.num_free_blocks(), kv.num_blocks());
 }
@@ -644,6 +873,15 @@ fn workload() -> Vec<(u64, Vec<u32>, SamplingParams)> {
 }
 
 fn run_workload(kv_blocks: usize, max_running: usize) -> (Outcome, u64) {
+    run_workload_at(kv_blocks, max_running, |_| Interactive)
+}
+
+/// [`run_workload`] with each request's priority chosen by its id.
+fn run_workload_at(
+    kv_blocks: usize,
+    max_running: usize,
+    priority_of: fn(u64) -> Priority,
+) -> (Outcome, u64) {
     let (engine, _) = fake_engine(
         Logits::ContextHash,
         kv_blocks,
@@ -656,7 +894,9 @@ fn run_workload(kv_blocks: usize, max_running: usize) -> (Outcome, u64) {
     let mut expected = HashMap::new();
     for (id, prompt, params) in workload() {
         expected.insert(id, params.n);
-        engine.submit(id, prompt, params).unwrap();
+        engine
+            .submit_with_priority(id, prompt, params, priority_of(id))
+            .unwrap();
     }
     let outcome = collect(&engine, &expected);
     let stats = engine.stats();
@@ -693,6 +933,32 @@ fn preemption_under_a_tiny_kv_budget_gives_the_same_outputs() {
     let five = &roomy.choices[&(5, 0)];
     if five.finish == Some(FinishReason::Stop) && five.completion_tokens < 30 {
         assert!(!five.text.contains('q'));
+    }
+}
+
+fn even_ids_batch(request_id: u64) -> Priority {
+    if request_id % 2 == 0 {
+        Batch
+    } else {
+        Interactive
+    }
+}
+
+#[test]
+fn batch_priority_changes_when_sequences_run_not_what_they_output() {
+    watchdog(Duration::from_secs(120));
+    let (interactive, _) = run_workload(10_000, 64);
+    for kv_blocks in [10_000, 30] {
+        let (mixed, preemptions) = run_workload_at(kv_blocks, 64, even_ids_batch);
+        assert_eq!(preemptions > 0, kv_blocks == 30);
+        assert_eq!(mixed.choices.len(), interactive.choices.len());
+        for (key, choice) in &interactive.choices {
+            let other = &mixed.choices[key];
+            assert_eq!(choice.tokens, other.tokens, "{key:?}");
+            assert_eq!(choice.text, other.text, "{key:?}");
+            assert_eq!(choice.logprobs, other.logprobs, "{key:?}");
+            assert_eq!(choice.finish, other.finish, "{key:?}");
+        }
     }
 }
 

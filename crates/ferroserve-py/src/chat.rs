@@ -8,6 +8,7 @@ use ferroserve_core::engine::{ChatEngine, ChatEvent, EngineConfig, TokenLogprob}
 use ferroserve_core::models::llama::Numerics;
 use ferroserve_core::DeviceChoice;
 use ferroserve_core::sample::SamplingParams;
+use ferroserve_core::sched::Priority;
 use ferroserve_core::tokenize::chat_template::{ChatMessage, ContentPart, MessageContent, ToolCall, ToolSpec};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
@@ -120,11 +121,12 @@ impl PyChatEngine {
     /// through `drain()`. `json_schema` (JSON text) constrains every choice to a document
     /// valid under it; what cannot be enforced raises `InvalidRequest` (`response_format`).
     /// `lark_grammar` (llguidance Lark, `%json` schemas embedded) constrains tool calls the
-    /// same way (`InvalidRequest` on `tools`).
+    /// same way (`InvalidRequest` on `tools`). `priority`: "interactive" or "batch" (runs
+    /// only on what interactive requests leave of each step); else `InvalidRequest`.
     #[pyo3(signature = (request_id, prompt_tokens, *, n = 1, max_tokens = None, temperature = 1.0, top_p = 1.0,
         top_k = 0, min_p = 0.0, seed = None, presence_penalty = 0.0, frequency_penalty = 0.0,
         logit_bias = None, stop = None, ignore_eos = false, logprobs = false, top_logprobs = 0,
-        json_schema = None, lark_grammar = None))]
+        json_schema = None, lark_grammar = None, priority = "interactive"))]
     #[allow(clippy::too_many_arguments)]
     fn submit(
         &self,
@@ -147,7 +149,9 @@ impl PyChatEngine {
         top_logprobs: usize,
         json_schema: Option<String>,
         lark_grammar: Option<String>,
+        priority: &str,
     ) -> PyResult<(usize, usize)> {
+        let priority = Priority::parse(priority).map_err(crate::errors::to_py)?;
         let params = SamplingParams {
             n,
             max_tokens,
@@ -166,7 +170,7 @@ impl PyChatEngine {
             json_schema,
             lark_grammar,
         };
-        let info = detach(py, || self.inner.submit(request_id, prompt_tokens, params))?;
+        let info = detach(py, || self.inner.submit_with_priority(request_id, prompt_tokens, params, priority))?;
         Ok((info.prompt_tokens, info.max_tokens))
     }
 

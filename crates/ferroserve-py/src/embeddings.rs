@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use ferroserve_core::embed::{EmbedInput, Encoding};
+use ferroserve_core::sched::Priority;
 use ferroserve_core::{DeviceChoice, EmbeddingEngine, EmbeddingEngineConfig};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
@@ -31,8 +32,11 @@ impl PyEmbeddingEngine {
     }
 
     /// Queues a request: exactly one of `texts` / `token_lists`. Returns the prompt token
-    /// count; the result arrives through `drain()` under `request_id`.
-    #[pyo3(signature = (request_id, texts = None, token_lists = None, dimensions = None, base64 = false))]
+    /// count; the result arrives through `drain()` under `request_id`. `priority`:
+    /// "interactive" or "batch" (embedded after every waiting interactive input); else
+    /// `InvalidRequest`.
+    #[pyo3(signature = (request_id, texts = None, token_lists = None, dimensions = None, base64 = false, *, priority = "interactive"))]
+    #[allow(clippy::too_many_arguments)]
     fn submit(
         &self,
         py: Python<'_>,
@@ -41,14 +45,16 @@ impl PyEmbeddingEngine {
         token_lists: Option<Vec<Vec<u32>>>,
         dimensions: Option<usize>,
         base64: bool,
+        priority: &str,
     ) -> PyResult<usize> {
+        let priority = Priority::parse(priority).map_err(crate::errors::to_py)?;
         let inputs: Vec<EmbedInput> = match (texts, token_lists) {
             (Some(t), None) => t.into_iter().map(EmbedInput::Text).collect(),
             (None, Some(l)) => l.into_iter().map(EmbedInput::Tokens).collect(),
             _ => return Err(pyo3::exceptions::PyTypeError::new_err("pass exactly one of texts / token_lists")),
         };
         let encoding = if base64 { Encoding::Base64 } else { Encoding::Float };
-        detach(py, || self.inner.submit(request_id, inputs, dimensions, encoding))
+        detach(py, || self.inner.submit(request_id, inputs, dimensions, encoding, priority))
     }
 
     /// The prompt tokens `submit` would count for these inputs (same validation errors),

@@ -1,4 +1,8 @@
-//! Scheduling: the embedding batcher (continuous batching for chat comes later).
+//! Scheduling: the embedding batcher, the continuous-batching scheduler for generation,
+//! and the request priorities both honour.
 
 pub mod embed_batcher;
+pub mod priority;
 pub mod scheduler;
+
+pub use priority::Priority;

@@ -10,12 +10,21 @@
 //! be recomputed, usually mostly from the prefix cache). The oldest running sequence
 //! therefore always progresses, and since every request fits the cache on its own (checked
 //! at submit), every request completes.
+//!
+//! Priorities: each step serves the interactive class first (its running sequences, then
+//! its admissions), and only then the batch class, with the token budget, blocks and
+//! running slots interactive work left. A batch sequence is always preempted before an
+//! interactive one, and an interactive sequence that finds no block or slot takes one from
+//! the newest batch sequence. Batch work thus progresses exactly when interactive demand
+//! leaves room, and uses the whole step when there is none. Priorities only choose which
+//! sequences run in a step, never how a sequence is computed.
 
 use std::collections::{HashMap, VecDeque};
 
 pub use crate::kv::BlockHash;
 /// One sequence's slice of a forward pass (defined next to the model that consumes it).
 pub use crate::models::llama::SeqChunk;
+pub use crate::sched::Priority;
 
 /// The paged KV cache as the scheduler sees it: reference-counted blocks plus a prefix
 /// cache of full blocks, keyed by a hash chained over the blocks before them. Implemented
@@ -114,16 +123,26 @@ struct Sequence {
     forks_pending: u32,
     /// Whether admission is still to be reported (a request's first sequence only).
     report_admission: bool,
+    /// The request's (shared by its forks).
+    priority: Priority,
+}
+
+/// The queues of one priority class.
+#[derive(Debug, Default)]
+struct Lane {
+    /// Oldest first; preempted sequences go back to the front.
+    waiting: VecDeque<SeqId>,
+    /// In admission order: the oldest is never preempted while a newer one of its class
+    /// holds blocks.
+    running: Vec<SeqId>,
 }
 
 #[derive(Debug, Default)]
 pub struct Scheduler {
     cfg: SchedulerConfig,
     seqs: HashMap<SeqId, Sequence>,
-    /// Oldest first; preempted sequences go back to the front.
-    waiting: VecDeque<SeqId>,
-    /// In admission order: the oldest is never preempted while a newer one holds blocks.
-    running: Vec<SeqId>,
+    /// One per priority, by [`Priority::index`].
+    lanes: [Lane; Priority::ALL.len()],
     next_seq_id: SeqId,
     num_preemptions: u64,
 }
@@ -149,10 +168,16 @@ impl Scheduler {
 
     /// Queues a request; its other `n - 1` choices are forked once the prompt is prefilled,
     /// so they find its blocks in the prefix cache. Returns the first choice's sequence.
-    pub fn add_request(&mut self, request_id: u64, prompt: Vec<u32>, n: usize) -> SeqId {
+    pub fn add_request(
+        &mut self,
+        request_id: u64,
+        prompt: Vec<u32>,
+        n: usize,
+        priority: Priority,
+    ) -> SeqId {
         assert!(!prompt.is_empty(), "empty prompt");
-        let id = self.new_sequence(request_id, 0, prompt, n.max(1) as u32 - 1, true);
-        self.waiting.push_back(id);
+        let id = self.new_sequence(request_id, 0, prompt, n.max(1) as u32 - 1, true, priority);
+        self.lane_mut(priority).waiting.push_back(id);
         id
     }
 
@@ -163,6 +188,7 @@ impl Scheduler {
         tokens: Vec<u32>,
         forks_pending: u32,
         report_admission: bool,
+        priority: Priority,
     ) -> SeqId {
         let id = self.next_seq_id;
         self.next_seq_id += 1;
@@ -180,19 +206,35 @@ impl Scheduler {
                 num_registered: 0,
                 forks_pending,
                 report_admission,
+                priority,
             },
         );
         id
+    }
+
+    fn lane(&self, priority: Priority) -> &Lane {
+        &self.lanes[priority.index()]
+    }
+    fn lane_mut(&mut self, priority: Priority) -> &mut Lane {
+        &mut self.lanes[priority.index()]
     }
 
     pub fn has_work(&self) -> bool {
         !self.seqs.is_empty()
     }
     pub fn num_running(&self) -> usize {
-        self.running.len()
+        self.lanes.iter().map(|l| l.running.len()).sum()
     }
     pub fn num_waiting(&self) -> usize {
-        self.waiting.len()
+        self.lanes.iter().map(|l| l.waiting.len()).sum()
+    }
+    /// Sequences of one class holding KV blocks.
+    pub fn num_running_of(&self, priority: Priority) -> usize {
+        self.lane(priority).running.len()
+    }
+    /// Sequences of one class queued for admission (preempted ones included).
+    pub fn num_waiting_of(&self, priority: Priority) -> usize {
+        self.lane(priority).waiting.len()
     }
     pub fn num_preemptions(&self) -> u64 {
         self.num_preemptions
@@ -209,19 +251,38 @@ impl Scheduler {
     pub fn num_blocks_held(&self, seq: SeqId) -> usize {
         self.seqs.get(&seq).map_or(0, |s| s.blocks.len())
     }
+    pub fn priority(&self, seq: SeqId) -> Option<Priority> {
+        self.seqs.get(&seq).map(|s| s.priority)
+    }
 
-    /// Decides the next forward pass.
+    /// Decides the next forward pass: each class in turn, most urgent first, schedules its
+    /// running sequences and then admits waiting ones, under what budget is left.
     pub fn schedule<K: KvPool>(&mut self, kv: &mut K) -> StepPlan {
         let mut plan = StepPlan::default();
         let mut budget = self.cfg.max_batch_tokens;
+        for priority in Priority::ALL {
+            self.schedule_running(priority, &mut plan, &mut budget, kv);
+            self.admit_waiting(priority, &mut plan, &mut budget, kv);
+        }
+        plan
+    }
 
-        // Running sequences, oldest first: decodes, and prompts partway through prefill.
+    /// Running sequences of one class, oldest first: decodes, and prompts partway through
+    /// prefill. Short of blocks, the newest sequence of the least urgent class present is
+    /// preempted; in its own class that may be the sequence itself.
+    fn schedule_running<K: KvPool>(
+        &mut self,
+        priority: Priority,
+        plan: &mut StepPlan,
+        budget: &mut usize,
+        kv: &mut K,
+    ) {
         let mut i = 0;
-        while i < self.running.len() && budget > 0 {
-            let id = self.running[i];
+        while i < self.lane(priority).running.len() && *budget > 0 {
+            let id = self.lane(priority).running[i];
             let seq = &self.seqs[&id];
             let start_pos = seq.num_computed;
-            let wanted = (seq.tokens.len() - start_pos).min(budget);
+            let wanted = (seq.tokens.len() - start_pos).min(*budget);
             if wanted == 0 {
                 i += 1;
                 continue;
@@ -234,12 +295,10 @@ impl Scheduler {
                 if fit > 0 {
                     break fit;
                 }
-                let victim = *self
-                    .running
-                    .last()
+                let victim = self
+                    .victim(priority, true)
                     .expect("the current sequence is running");
-                self.preempt(victim, kv);
-                plan.preempted.push(victim);
+                self.preempt_for(victim, plan, kv);
                 if victim == id {
                     break 0;
                 }
@@ -247,52 +306,110 @@ impl Scheduler {
             if fit == 0 {
                 continue; // `id` was the newest and went back to waiting; the loop ends
             }
-            let want_logits = start_pos + fit == self.seqs[&id].tokens.len();
-            plan.chunks.push(ScheduledChunk {
-                seq: id,
-                start_pos,
-                num_tokens: fit,
-                want_logits,
-            });
-            budget -= fit;
+            plan.chunks.push(self.chunk(id, start_pos, fit));
+            *budget -= fit;
             i += 1;
         }
+    }
 
-        // Admissions, unless memory was short this step.
-        while plan.preempted.is_empty() && budget > 0 && self.running.len() < self.cfg.max_running {
-            let Some(&id) = self.waiting.front() else {
+    /// Admissions of one class, oldest first. A class is not admitted while a more urgent
+    /// one still waits, nor once memory was short for it this step (one of its own, or a
+    /// more urgent sequence, was preempted). A waiting sequence short of a block or a
+    /// running slot takes it from the newest sequence of a less urgent class, if any.
+    fn admit_waiting<K: KvPool>(
+        &mut self,
+        priority: Priority,
+        plan: &mut StepPlan,
+        budget: &mut usize,
+        kv: &mut K,
+    ) {
+        let more_urgent_waiting = Priority::ALL
+            .iter()
+            .any(|&p| p < priority && !self.lane(p).waiting.is_empty());
+        if more_urgent_waiting {
+            return;
+        }
+        while *budget > 0 && !self.memory_was_short(priority, plan) {
+            let Some(&id) = self.lane(priority).waiting.front() else {
                 break;
             };
+            if self.num_running() >= self.cfg.max_running {
+                let Some(victim) = self.victim(priority, false) else {
+                    break;
+                };
+                self.preempt_for(victim, plan, kv);
+                continue;
+            }
             let cached_tokens = self.attach_cached_prefix(id, kv);
             let seq = &self.seqs[&id];
             let start_pos = seq.num_computed;
-            let wanted = (seq.tokens.len() - start_pos).min(budget);
-            let fit = self
-                .grow_blocks(id, start_pos + wanted, kv)
-                .saturating_sub(start_pos)
-                .min(wanted);
+            let wanted = (seq.tokens.len() - start_pos).min(*budget);
+            let fit = loop {
+                let fit = self
+                    .grow_blocks(id, start_pos + wanted, kv)
+                    .saturating_sub(start_pos)
+                    .min(wanted);
+                if fit > 0 {
+                    break fit;
+                }
+                match self.victim(priority, false) {
+                    Some(victim) => self.preempt_for(victim, plan, kv),
+                    None => break 0,
+                }
+            };
             if fit == 0 {
                 // Not even one block: wait for running sequences to free some.
                 self.release_blocks(id, kv);
                 break;
             }
-            self.waiting.pop_front();
-            self.running.push(id);
+            let lane = self.lane_mut(priority);
+            lane.waiting.pop_front();
+            lane.running.push(id);
             let seq = self.seqs.get_mut(&id).expect("waiting sequences exist");
             if seq.report_admission {
                 seq.report_admission = false;
                 plan.first_admissions.push((id, cached_tokens));
             }
-            let want_logits = start_pos + fit == seq.tokens.len();
-            plan.chunks.push(ScheduledChunk {
-                seq: id,
-                start_pos,
-                num_tokens: fit,
-                want_logits,
-            });
-            budget -= fit;
+            plan.chunks.push(self.chunk(id, start_pos, fit));
+            *budget -= fit;
         }
-        plan
+    }
+
+    /// Whether a sequence as urgent as `priority`, or more, was preempted this step.
+    fn memory_was_short(&self, priority: Priority, plan: &StepPlan) -> bool {
+        plan.preempted
+            .iter()
+            .any(|id| self.seqs[id].priority <= priority)
+    }
+
+    /// The sequence to preempt when one of class `priority` lacks a block or a slot: the
+    /// newest running one of the least urgent class that has any, down to `priority` itself
+    /// if `own_class`. Those classes have nothing scheduled yet this step, except the class
+    /// being scheduled, whose newest sequence is not scheduled before its elders.
+    fn victim(&self, priority: Priority, own_class: bool) -> Option<SeqId> {
+        Priority::ALL
+            .iter()
+            .rev()
+            .filter(|&&p| p > priority || (own_class && p == priority))
+            .find_map(|&p| self.lane(p).running.last().copied())
+    }
+
+    fn preempt_for<K: KvPool>(&mut self, victim: SeqId, plan: &mut StepPlan, kv: &mut K) {
+        debug_assert!(
+            plan.chunks.iter().all(|c| c.seq != victim),
+            "a scheduled sequence is preempted"
+        );
+        self.preempt(victim, kv);
+        plan.preempted.push(victim);
+    }
+
+    fn chunk(&self, id: SeqId, start_pos: usize, num_tokens: usize) -> ScheduledChunk {
+        ScheduledChunk {
+            seq: id,
+            start_pos,
+            num_tokens,
+            want_logits: start_pos + num_tokens == self.seqs[&id].tokens.len(),
+        }
     }
 
     /// The model's view of a plan: token slices and block tables, in plan order.
@@ -343,14 +460,19 @@ impl Scheduler {
                 seq.num_registered += 1;
             }
             if seq.forks_pending > 0 && seq.num_computed >= seq.prompt_len {
-                let (request_id, n_forks) =
-                    (seq.request_id, std::mem::take(&mut seq.forks_pending));
+                let (request_id, priority, n_forks) = (
+                    seq.request_id,
+                    seq.priority,
+                    std::mem::take(&mut seq.forks_pending),
+                );
                 let prompt = seq.tokens[..seq.prompt_len].to_vec();
                 let new: Vec<SeqId> = (1..=n_forks)
-                    .map(|index| self.new_sequence(request_id, index, prompt.clone(), 0, false))
+                    .map(|index| {
+                        self.new_sequence(request_id, index, prompt.clone(), 0, false, priority)
+                    })
                     .collect();
                 for (i, &seq) in new.iter().enumerate().rev() {
-                    self.waiting.push_front(seq);
+                    self.lane_mut(priority).waiting.push_front(seq);
                     forked.push(Forked {
                         seq,
                         request_id,
@@ -374,8 +496,9 @@ impl Scheduler {
             for b in s.blocks.drain(..) {
                 kv.release(b);
             }
-            self.running.retain(|&r| r != seq);
-            self.waiting.retain(|&w| w != seq);
+            let lane = self.lane_mut(s.priority);
+            lane.running.retain(|&r| r != seq);
+            lane.waiting.retain(|&w| w != seq);
         }
     }
 
@@ -436,11 +559,13 @@ impl Scheduler {
         seq.num_registered = 0;
     }
 
-    /// Sends a running sequence back to the front of the waiting queue, to be recomputed.
+    /// Sends a running sequence back to the front of its class's waiting queue, to be
+    /// recomputed.
     fn preempt<K: KvPool>(&mut self, id: SeqId, kv: &mut K) {
         self.release_blocks(id, kv);
-        self.running.retain(|&r| r != id);
-        self.waiting.push_front(id);
+        let lane = self.lane_mut(self.seqs[&id].priority);
+        lane.running.retain(|&r| r != id);
+        lane.waiting.push_front(id);
         self.num_preemptions += 1;
     }
 }
