@@ -129,7 +129,8 @@ class LocalEmbeddingModel(EngineWatcher, Backend):
         self._pending[request_id] = fut
         try:
             self.engine.submit(request_id, texts=request.texts, token_lists=request.token_lists,
-                               dimensions=request.dimensions, base64=request.encoding == "base64")
+                               dimensions=request.dimensions, base64=request.encoding == "base64",
+                               priority=request.priority)
         except _core.FerroserveError as exc:
             self._pending.pop(request_id, None)
             raise _from_exception(exc, "input") from None
@@ -324,7 +325,7 @@ class LocalChatModel(EngineWatcher, Backend):
                 presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
                 logit_bias=params.logit_bias, stop=params.stop, ignore_eos=params.ignore_eos,
                 logprobs=params.logprobs, top_logprobs=params.top_logprobs,
-                json_schema=json_schema, lark_grammar=lark,
+                json_schema=json_schema, lark_grammar=lark, priority=request.priority,
             )
         except _core.FerroserveError as exc:
             self._collectors.pop(request_id, None)
