@@ -177,7 +177,7 @@ class App:
             if gateway is None or access is PUBLIC:
                 ticket = Ticket(None, request_id, started, None, None, None, False)
             else:
-                ticket = gateway.open_ticket(scope, request_id, started, admin=access is ADMIN)
+                ticket = gateway.open_ticket(scope, request_id, started, admin=access is ADMIN, metered=access is INFERENCE)
             metered = access is INFERENCE
             status, body, fields = await handler(scope, proto, ticket, arg)
             if fields.pop(responses.METERED_LATER, False):
@@ -308,7 +308,7 @@ class App:
         return 200, await admin.create_key(self._needs_gateway(), await self._read_body(scope, proto)), {}
 
     async def _admin_revoke_key(self, scope, proto, ticket, arg):
-        return 200, await admin.revoke_key(self._needs_gateway(), arg), {}
+        return 200, await admin.revoke_key(self._needs_gateway(), ticket, arg), {}
 
     # Files and batches -----------------------------------------------------------------
     def _needs_batches(self) -> tuple[Gateway, BatchRunner]:

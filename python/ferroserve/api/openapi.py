@@ -62,8 +62,11 @@ class Op:
         return self.route or self.path
 
 
-SSE = {"text/event-stream": {"type": "string", "description": "Server-sent events, ending with `data: [DONE]`."}}
-RESPONSE_EVENTS = {"text/event-stream": {"type": "string", "description": "Server-sent events (`event:` and `data:` lines)."}}
+# One server-sent event, as SSE parsers (and schemathesis) read the stream.
+_EVENT = {"type": "object", "required": ["data"],
+          "properties": {"event": {"type": "string"}, "data": {"type": "string"}, "id": {"type": "string"}}}
+SSE = {"text/event-stream": {**_EVENT, "description": "Chunks as `data:` JSON lines, ending with `data: [DONE]`."}}
+RESPONSE_EVENTS = {"text/event-stream": {**_EVENT, "description": "Responses API events (`event:` and `data:` lines)."}}
 BINARY = {"type": "string", "format": "binary"}
 
 
