@@ -16,7 +16,8 @@ $(VENV)/.deps: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "maturin>=1.7,<2" "granian>=2.5" "msgspec>=0.19" "uvloop>=0.19" \
 		"pytest>=8" "openai>=1.50" "httpx>=0.27" "numpy>=1.26" "mypy>=1.18" "python-multipart>=0.0.20" \
-		"prometheus_client>=0.20" "httpx[http2]>=0.27" "tritonclient[grpc,http]>=2.50" "tokenizers>=0.15" "jsonschema>=4.20" "hypothesis>=6.100"
+		"prometheus_client>=0.20" "httpx[http2]>=0.27" "tritonclient[grpc,http]>=2.50" "tokenizers>=0.15" "jsonschema>=4.20" "hypothesis>=6.100" \
+		"schemathesis==4.32.5"
 	touch $@
 
 $(VENV)/.models: $(VENV)/.deps

@@ -16,8 +16,8 @@ import msgspec
 
 from ferroserve import log
 from ferroserve.api import (
-    admin, batch_embeddings, batches, chat, completions, embeddings, estimate, files, history, models, responses, status, tokenize,
-    usage,
+    admin, batch_embeddings, batches, chat, completions, embeddings, estimate, files, history, models, openapi, responses, status,
+    tokenize, usage,
 )
 from ferroserve.config import SETTINGS_ENV, STARTUP_ERROR_ENV, Settings
 from ferroserve.errors import ApiError
@@ -58,6 +58,7 @@ class App:
             ("GET", "/health"): (self._health, PUBLIC),
             ("GET", "/v1/ready"): (self._ready, PUBLIC),
             ("GET", "/v1/status"): (self._status, PUBLIC),
+            ("GET", "/v1/openapi.json"): (self._openapi, PUBLIC),
             ("GET", "/metrics"): (self._metrics, PUBLIC),
             ("GET", "/v1/models"): (self._list_models, USER),
             ("POST", "/v1/embeddings"): (self._embeddings, INFERENCE),
@@ -98,6 +99,14 @@ class App:
             ("GET", batch_embeddings.RESULTS_PREFIX, self._batch_embeddings_download, PUBLIC, "/v1/batch-results/{id}"),
         ]
         self._paths = {path for _, path in self._routes}
+        # Every route has its operations in api/openapi.py: a route added without them fails here.
+        openapi.check(self.route_list())
+        self._openapi_json: bytes | None = None
+
+    def route_list(self) -> list[tuple[str, str, str]]:
+        """(method, route label, access) of every route, for the OpenAPI document."""
+        return ([(m, path, access) for (m, path), (_, access) in self._routes.items()]
+                + [(m, label, access) for m, _, _, access, label in self._prefix_routes])
 
     # RSGI lifecycle -------------------------------------------------------------
     def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -168,7 +177,7 @@ class App:
             if gateway is None or access is PUBLIC:
                 ticket = Ticket(None, request_id, started, None, None, None, False)
             else:
-                ticket = gateway.open_ticket(scope, request_id, started, admin=access is ADMIN)
+                ticket = gateway.open_ticket(scope, request_id, started, admin=access is ADMIN, metered=access is INFERENCE)
             metered = access is INFERENCE
             status, body, fields = await handler(scope, proto, ticket, arg)
             if fields.pop(responses.METERED_LATER, False):
@@ -229,6 +238,11 @@ class App:
 
     async def _status(self, scope, proto, ticket, arg):
         return 200, status.status(self.registry, self.ready, scope.query_string, self.embed_cache), {}
+
+    async def _openapi(self, scope, proto, ticket, arg):
+        if self._openapi_json is None:
+            self._openapi_json = msgspec.json.encode(openapi.document(self.route_list()))
+        return 200, self._openapi_json, {}
 
     async def _list_models(self, scope, proto, ticket, arg):
         return 200, models.list_models(self.registry), {}
@@ -294,7 +308,7 @@ class App:
         return 200, await admin.create_key(self._needs_gateway(), await self._read_body(scope, proto)), {}
 
     async def _admin_revoke_key(self, scope, proto, ticket, arg):
-        return 200, await admin.revoke_key(self._needs_gateway(), arg), {}
+        return 200, await admin.revoke_key(self._needs_gateway(), ticket, arg), {}
 
     # Files and batches -----------------------------------------------------------------
     def _needs_batches(self) -> tuple[Gateway, BatchRunner]:

@@ -75,6 +75,8 @@ def _serve(args: argparse.Namespace) -> int:
             kernel_binaries=args.kernel_binaries,
             config_file=args.config,
             embed_cache_mb=args.embed_cache_mb,
+            default_max_tokens=args.default_max_tokens,
+            max_tokens_limit=args.max_tokens_limit,
         )
     except ConfigError as exc:
         print(f"ferroserve: error: {exc}", file=sys.stderr)
@@ -355,6 +357,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--embed-cache-mb", type=int, metavar="MB",
         help="memory for cached embedding responses (identical requests answered byte for byte for "
         "embed_cache_ttl_s, default 1 h); 0 turns the cache off (default 64, env FERROSERVE_EMBED_CACHE_MB)",
+    )
+    serve.add_argument(
+        "--default-max-tokens", type=int, metavar="N",
+        help="max_tokens of a chat completion or response that names none (default: to the end of the "
+        "context, as OpenAI; env FERROSERVE_DEFAULT_MAX_TOKENS)",
+    )
+    serve.add_argument(
+        "--max-tokens-limit", type=int, metavar="N",
+        help="the most tokens one request may generate per choice; a request asking for more is a 400, one "
+        "naming none stops there (default: no limit but the context; env FERROSERVE_MAX_TOKENS_LIMIT)",
     )
     serve.set_defaults(func=_serve)
 

@@ -75,6 +75,11 @@ class Settings(msgspec.Struct):
     log_level: str = "info"
     max_body_bytes: int = 16 * 1024 * 1024
     max_inputs: int = 2048
+    # Generation length: the max_tokens of a chat completion or response that names none
+    # (None: to the end of the context, OpenAI's default), and the most any request may ask
+    # for (None: no limit but the context; a request over it is a 400).
+    default_max_tokens: int | None = None
+    max_tokens_limit: int | None = None
     # The gateway: keys, usage and request history live in SQLite under data_dir.
     data_dir: str = ""
     insecure_no_auth: bool = False
@@ -153,6 +158,8 @@ class ConfigFile(msgspec.Struct, forbid_unknown_fields=True):
     log_level: str | None = None
     max_body_bytes: int | None = None
     max_inputs: int | None = None
+    default_max_tokens: int | None = None
+    max_tokens_limit: int | None = None
     data_dir: str | None = None
     insecure_no_auth: bool | None = None
     embed_max_batch_tokens: int | None = None
@@ -400,6 +407,8 @@ def resolve(
     kernel_binaries: str | None = None,
     config_file: str | None = None,
     embed_cache_mb: int | None = None,
+    default_max_tokens: int | None = None,
+    max_tokens_limit: int | None = None,
 ) -> Settings:
     """Flags (non-None arguments) over environment over the config file over defaults."""
     s = Settings()
@@ -408,7 +417,8 @@ def resolve(
     # The file's values take the defaults' place; flags and environment then apply on top.
     for key in ("host", "port", "log_level", "max_body_bytes", "max_inputs", "embed_max_batch_tokens",
                 "embed_max_wait_us", "kv_budget_bytes", "max_batch_tokens", "max_running", "numerics",
-                "embed_cache_mb", "embed_cache_ttl_s", "breaker_failures", "breaker_cooldown_s"):
+                "embed_cache_mb", "embed_cache_ttl_s", "breaker_failures", "breaker_cooldown_s", "default_max_tokens",
+                "max_tokens_limit"):
         if getattr(file, key) is not None:
             setattr(s, key, getattr(file, key))
     try:
@@ -430,6 +440,8 @@ def resolve(
         s.batch_chunk_inputs = int(_env("BATCH_CHUNK_INPUTS") or s.batch_chunk_inputs)
         s.batch_concurrency = int(_env("BATCH_CONCURRENCY") or s.batch_concurrency)
         s.webhook_retry_base_s = float(_env("WEBHOOK_RETRY_BASE_S") or s.webhook_retry_base_s)
+        s.default_max_tokens = default_max_tokens or int(_env("DEFAULT_MAX_TOKENS") or s.default_max_tokens or 0) or None
+        s.max_tokens_limit = max_tokens_limit or int(_env("MAX_TOKENS_LIMIT") or s.max_tokens_limit or 0) or None
     except ValueError as exc:
         raise ConfigError(f"invalid numeric setting: {exc}") from None
     template_file = chat_template_file or _env("CHAT_TEMPLATE") or file.chat_template
@@ -442,6 +454,11 @@ def resolve(
         model_args = [m.strip() for m in _env("MODELS").split(",") if m.strip()]
     backends = check_backends(file.backends)
     s.backends = list(backends.values())
+    for name in ("default_max_tokens", "max_tokens_limit"):
+        if getattr(s, name) is not None and getattr(s, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
+    if s.default_max_tokens is not None and s.max_tokens_limit is not None and s.default_max_tokens > s.max_tokens_limit:
+        raise ConfigError(f"--default-max-tokens ({s.default_max_tokens}) is above --max-tokens-limit ({s.max_tokens_limit})")
     if s.embed_cache_mb < 0:
         raise ConfigError(f"--embed-cache-mb must be 0 (off) or more, got {s.embed_cache_mb}")
     if model_args:

@@ -13,11 +13,16 @@ import msgspec
 from ferroserve import _core
 
 
-class ErrorBody(msgspec.Struct, omit_defaults=False):
+class ErrorBody(msgspec.Struct, omit_defaults=True):
+    """OpenAI's error object. `param` is always sent (null when no parameter is at fault);
+    `code` is always a string (OpenAI's where it has one), so clients and specs that require
+    it (OpenFPGA's) can switch on it."""
+
     message: str
     type: str
-    param: str | None = None
-    code: str | None = None
+    param: str | None
+    code: str
+    retry_after: int | None = None  # 429 only: the seconds in `retry-after` (the NUREV spec's field)
 
 
 class ErrorEnvelope(msgspec.Struct):
@@ -25,6 +30,13 @@ class ErrorEnvelope(msgspec.Struct):
 
 
 _encode = msgspec.json.Encoder().encode
+
+# The code an error gets when the raiser names none: OpenAI's word for the status.
+DEFAULT_CODES = {
+    400: "invalid_value", 401: "invalid_api_key", 402: "insufficient_quota", 403: "permission_denied",
+    404: "not_found", 405: "method_not_allowed", 413: "request_too_large", 429: "rate_limit_exceeded",
+    500: "server_error", 503: "service_unavailable",
+}
 
 
 class ApiError(Exception):
@@ -45,7 +57,7 @@ class ApiError(Exception):
         self.message = message
         self.type = type
         self.param = param
-        self.code = code
+        self.code = code if code is not None else DEFAULT_CODES.get(status, type)
         self.headers = headers or []
 
     def body(self) -> bytes:
@@ -67,18 +79,18 @@ def model_not_found(model: str) -> ApiError:
 
 # Engine error kind -> (status, type, code). The single mapping from engine to HTTP.
 _ENGINE_ERRORS: dict[str, tuple[int, str, str | None]] = {
-    "InvalidRequest": (400, "invalid_request_error", None),
+    "InvalidRequest": (400, "invalid_request_error", "invalid_value"),
     "ContextLengthExceeded": (400, "invalid_request_error", "context_length_exceeded"),
     "Overloaded": (503, "server_error", "capacity_unavailable"),
     "EngineDead": (503, "server_error", "engine_unavailable"),
     "ModelLoadError": (503, "server_error", "model_unavailable"),
     "DeviceError": (503, "server_error", "device_unavailable"),
-    "FerroserveError": (500, "server_error", None),
+    "FerroserveError": (500, "server_error", "server_error"),
 }
 
 
 def from_engine(kind: str, message: str, param: str | None = None) -> ApiError:
-    status, type_, code = _ENGINE_ERRORS.get(kind, (500, "server_error", None))
+    status, type_, code = _ENGINE_ERRORS.get(kind, (500, "server_error", "server_error"))
     return ApiError(status, message, type=type_, param=param if status == 400 else None, code=code)
 
 
@@ -90,6 +102,7 @@ def from_engine_exception(exc: _core.FerroserveError, param: str | None = None) 
 
 _AT_PATH = re.compile(r"at `\$\.?([^`]*)`")
 _MISSING = re.compile(r"missing required field `([^`]*)`")
+_UNKNOWN = re.compile(r"unknown field `([^`]*)`")
 
 
 def from_validation(exc: msgspec.ValidationError | msgspec.DecodeError) -> ApiError:
@@ -101,7 +114,17 @@ def from_validation(exc: msgspec.ValidationError | msgspec.DecodeError) -> ApiEr
         missing = _MISSING.search(text)
         if missing and not param:
             param = missing.group(1)
+        unknown = _UNKNOWN.search(text)
         if param:
             param = re.sub(r"\[\d+\]", "", param).split(".")[0] or None
-        return invalid(text, param=param)
+        # OpenAI's codes for the three ways a body can be wrong.
+        if missing:
+            code = "missing_required_parameter"
+        elif unknown:
+            code, param = "unknown_parameter", param or unknown.group(1)
+        elif text.startswith("Expected `"):
+            code = "invalid_type"
+        else:
+            code = "invalid_value"
+        return invalid(text, param=param, code=code)
     return invalid(f"We could not parse the JSON body of your request. ({text})", code="invalid_json")

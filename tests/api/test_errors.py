@@ -23,6 +23,8 @@ def assert_error(r: httpx.Response, status: int, *, code=None, param=None, type_
     assert set(err) == {"message", "type", "param", "code"}
     assert err["message"]
     assert err["type"] == type_
+    # Never null: OpenFPGA's schema requires a string, and clients switch on it.
+    assert isinstance(err["code"], str) and err["code"], err
     if code is not None:
         assert err["code"] == code
     if param is not None:
@@ -92,6 +94,21 @@ def test_openai_chat_fields_in_a_form_we_honour_are_accepted(server, extra):
     r = post(server, {**CHAT, **extra}, path="/v1/chat/completions")
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == 2
+
+
+@pytest.mark.parametrize(
+    "body,code",
+    [
+        (b"{not json", "invalid_json"),
+        ({"input": "hi"}, "missing_required_parameter"),
+        ({"model": 3, "input": "hi"}, "invalid_type"),
+        ({"model": MODEL, "input": ""}, "invalid_value"),
+        ({"model": MODEL, "input": "hi", "encoding_format": "int8"}, "invalid_value"),
+    ],
+)
+def test_400s_carry_openai_codes(server, body, code):
+    """Issue 16 (8): 400s sent `code: null`; now OpenAI's code for each kind of mistake."""
+    assert_error(post(server, body), 400, code=code)
 
 
 def test_unknown_model_404(server):

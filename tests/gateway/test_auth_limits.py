@@ -47,7 +47,7 @@ def client(gw, key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0)
 
 
-def error_of(r: httpx.Response, status: int, code: str | None) -> dict:
+def error_of(r: httpx.Response, status: int, code: str) -> dict:
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["message"] and err["type"]
@@ -128,8 +128,8 @@ def test_admin_api_creates_and_revokes_keys(gw):
     assert httpx.delete(gw.url + f"/v1/admin/keys/{made['id']}", headers=admin).json()["status"] == "revoked"
     error_of(embed(gw.url, made["key"]), 401, "invalid_api_key")
     error_of(httpx.delete(gw.url + "/v1/admin/keys/key_nope", headers=admin), 404, "not_found")
-    error_of(httpx.post(gw.url + "/v1/admin/keys", json={"workspace": "x", "rpm": 0}, headers=admin), 400, None)
-    error_of(httpx.post(gw.url + "/v1/admin/keys", json={"rpm": 3}, headers=admin), 400, None)
+    error_of(httpx.post(gw.url + "/v1/admin/keys", json={"workspace": "x", "rpm": 0}, headers=admin), 400, "invalid_value")
+    error_of(httpx.post(gw.url + "/v1/admin/keys", json={"rpm": 3}, headers=admin), 400, "missing_required_parameter")
 
 
 def test_key_created_by_the_cli_reaches_the_running_server(gw):
@@ -288,8 +288,8 @@ def test_usage_filters_groups_and_csv(gw):
     lines = csv_r.text.strip().splitlines()
     assert lines[0].startswith("request_id,created_at,key_id,workspace")
     assert len(lines) - 1 == plain["total_requests"]
-    error_of(httpx.get(gw.url + "/v1/usage?group_by=hour", headers=h), 400, None)
-    error_of(httpx.get(gw.url + "/v1/usage?start=yesterday", headers=h), 400, None)
+    error_of(httpx.get(gw.url + "/v1/usage?group_by=hour", headers=h), 400, "invalid_value")
+    error_of(httpx.get(gw.url + "/v1/usage?start=yesterday", headers=h), 400, "invalid_value")
     error_of(httpx.get(gw.url + "/v1/usage?workspace=ops", headers=h), 403, "permission_denied")
     everyone = httpx.get(gw.url + "/v1/usage?workspace=*", headers=auth(gw.keys["admin"])).json()
     assert everyone["total_requests"] > plain["total_requests"]
@@ -332,7 +332,7 @@ def test_estimate_counts_tokens_and_cost_without_running(gw):
     emb = httpx.post(gw.url + "/v1/estimate", json={"model": EMBED, "input": ["a b c", "d"]}, headers=h).json()
     assert emb["kind"] == "embeddings" and emb["estimated_prompt_tokens"] > 0 and emb["estimated_completion_tokens"] == 0
     assert httpx.get(gw.url + "/v1/usage", headers=h).json()["total_requests"] == before  # nothing ran
-    error_of(httpx.post(gw.url + "/v1/estimate", json={"model": CHAT}, headers=h), 400, None)
+    error_of(httpx.post(gw.url + "/v1/estimate", json={"model": CHAT}, headers=h), 400, "invalid_value")
     error_of(httpx.post(gw.url + "/v1/estimate", json={"model": "nope", "prompt": "x"}, headers=h), 404, "model_not_found")
     error_of(httpx.post(gw.url + "/v1/estimate", json={"model": CHAT, "prompt": "x"}, headers=auth(gw.keys["embed_only"])), 403, "model_not_allowed")
 

@@ -9,7 +9,7 @@ import msgspec
 
 from ferroserve.errors import ApiError, from_validation, invalid
 from ferroserve.gateway import keys as keymod
-from ferroserve.gateway.gate import Gateway
+from ferroserve.gateway.gate import Gateway, Ticket
 
 _encode = msgspec.json.Encoder().encode
 
@@ -65,7 +65,12 @@ async def create_key(gateway: Gateway, body: bytes) -> bytes:
     return _encode({**key.public(time.time()), "key": secret})
 
 
-async def revoke_key(gateway: Gateway, key_id: str) -> bytes:
+async def revoke_key(gateway: Gateway, ticket: Ticket, key_id: str) -> bytes:
+    # The key making the request cannot revoke itself: that would lock its holder out (revoke
+    # it with another admin key, or the CLI).
+    if ticket.key is not None and ticket.key.id == key_id:
+        raise invalid("An API key cannot revoke itself; use another admin key or `ferroserve keys revoke`.", param="id",
+                      code="cannot_revoke_self")
     def write(store):
         return store.revoke_key(key_id), store.keys(), store.workspaces()
 

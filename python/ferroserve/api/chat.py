@@ -8,8 +8,8 @@ from typing import Any
 import msgspec
 
 from ferroserve.api.generate import (
-    DONE, FINGERPRINT, SSE_HEADERS, Choice, Disconnect, Outcome, apply, encode, error_event, failure_error, new_id, now,
-    route_fields, sampling_params, sse, start_generation,
+    DONE, FINGERPRINT, SSE_HEADERS, Choice, Disconnect, Outcome, apply, encode, error_event, failure_error, max_tokens_of,
+    new_id, now, route_fields, sampling_params, sse, start_generation,
 )
 from ferroserve.backends.base import (
     ChatRequest, Delta, Failed, Finished, Message, Tool, ToolCall, ToolCallDelta, estimate_tokens,
@@ -171,7 +171,8 @@ async def create_chat_completion(router: Router, body: bytes, proto, ticket: Tic
     top = req.top_logprobs or 0
     if top and not req.logprobs:
         raise invalid("top_logprobs requires logprobs to be true.", param="top_logprobs")
-    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    asked = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    max_tokens = max_tokens_of(router, req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens, asked)
     params = sampling_params(req, max_tokens=max_tokens, logprobs=bool(req.logprobs), top_logprobs=top)
     request = ChatRequest(messages=messages_of(req), params=params, stream=req.stream, tools=tools,
                           tool_choice=tool_choice, tool_choice_function=tool_function, parallel_tool_calls=parallel,

@@ -8,8 +8,8 @@ import asyncio
 import msgspec
 
 from ferroserve.api.generate import (
-    DONE, FINGERPRINT, SSE_HEADERS, Choice, Disconnect, Outcome, apply, encode, error_event, failure_error, new_id, now,
-    route_fields, sampling_params, sse, start_generation,
+    DONE, FINGERPRINT, SSE_HEADERS, Choice, Disconnect, Outcome, apply, encode, error_event, failure_error, max_tokens_of,
+    new_id, now, route_fields, sampling_params, sse, start_generation,
 )
 from ferroserve.backends.base import ChatRequest, Delta, Failed, Finished, estimate_tokens
 from ferroserve.errors import ApiError, from_validation, invalid
@@ -63,7 +63,7 @@ async def create_completion(router: Router, body: bytes, proto, ticket: Ticket,
     if not 0 <= top <= 5:
         raise invalid("logprobs must be between 0 and 5.", param="logprobs")
     # OpenAI's default for /v1/completions is 16 tokens.
-    max_tokens = 16 if req.max_tokens is None else req.max_tokens
+    max_tokens = max_tokens_of(router, req.max_tokens, "max_tokens", default=16)
     params = sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs is not None, top_logprobs=top)
     n = params.n
     requests = [ChatRequest(prompt=p, params=params, stream=req.stream, priority=priority) for p in _prompts(req)]

@@ -54,6 +54,21 @@ def response_format_of(value: Any) -> dict[str, Any] | None:
     return {"type": "json_schema", "json_schema": value["json_schema"]}
 
 
+def max_tokens_of(router: Router, requested: int | None, param: str, default: int | None = None) -> int | None:
+    """A request's max_tokens under the operator's `--default-max-tokens` and
+    `--max-tokens-limit`: absent, the route's own `default` (16 for text completions), else the
+    server's default, else the limit (else None: to the end of the context); above the limit,
+    a 400."""
+    settings = router.settings
+    limit = settings.max_tokens_limit
+    if requested is None:
+        requested = default if default is not None else settings.default_max_tokens
+        return min(requested, limit) if requested is not None and limit is not None else (requested or limit)
+    if limit is not None and requested > limit:
+        raise invalid(f"{param} is {requested}; this server generates at most {limit} tokens per request.", param=param)
+    return requested
+
+
 def sampling_params(req: SamplingFields, *, max_tokens: int | None, logprobs: bool, top_logprobs: int) -> SamplingParams:
     """OpenAI fields -> the backends' sampling parameters (the engine validates ranges)."""
     stop = req.stop

@@ -25,7 +25,7 @@ import msgspec
 
 from ferroserve.api.chat import function_tools
 from ferroserve.api.generate import (
-    SSE_HEADERS, Choice, Disconnect, Outcome, apply, encode, failure_error, response_format_of, route_fields,
+    SSE_HEADERS, Choice, Disconnect, Outcome, apply, encode, failure_error, max_tokens_of, response_format_of, route_fields,
     start_generation,
 )
 from ferroserve.api.response_jobs import BackgroundJobs, Job, decode_job, encode_job
@@ -435,7 +435,8 @@ async def create_response(router: Router, gateway: Gateway | None, body: bytes, 
     store_in = _needs_gateway(gateway, "store: true") if store else None
     own_items = input_items(req.input)
     prior, _ = await _conversation(gateway, ticket, req.previous_response_id)
-    params = SamplingParams(max_tokens=req.max_output_tokens,
+    max_output_tokens = max_tokens_of(router, req.max_output_tokens, "max_output_tokens")
+    params = SamplingParams(max_tokens=max_output_tokens,
                             temperature=1.0 if req.temperature is None else req.temperature,
                             top_p=1.0 if req.top_p is None else req.top_p, response_format=response_format)
     # A background generation streams too: a cancel then meters what was generated so far.
@@ -443,7 +444,7 @@ async def create_response(router: Router, gateway: Gateway | None, body: bytes, 
                           stream=bool(req.stream or req.background), tools=tools, tool_choice=tool_choice,
                           tool_choice_function=tool_function, parallel_tool_calls=parallel,
                           priority="batch" if req.service_tier == "flex" else "interactive")
-    max_tokens = req.max_output_tokens or 0
+    max_tokens = max_output_tokens or 0
     plan = router.plan(req.model, "chat", req.route, prompt_tokens_hint=estimate_tokens(request), max_tokens=max_tokens)
     ticket.admit_plan([plan], [request], max_tokens)
     echo = {

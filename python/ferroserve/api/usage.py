@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import io
+import math
 from urllib.parse import parse_qs
 
 import msgspec
@@ -27,6 +28,11 @@ def iso(ts: float | None) -> str | None:
     return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+# Unix seconds a UTC date can show: years 1 to 9999.
+_MIN_TS = _dt.datetime(1, 1, 2, tzinfo=_dt.timezone.utc).timestamp()
+_MAX_TS = _dt.datetime(9999, 12, 30, tzinfo=_dt.timezone.utc).timestamp()
+
+
 def _time(params: dict, name: str, end_of_day: bool) -> float | None:
     values = params.get(name)
     if not values:
@@ -37,9 +43,13 @@ def _time(params: dict, name: str, end_of_day: bool) -> float | None:
             day = _dt.date.fromisoformat(text)
             ts = _dt.datetime(day.year, day.month, day.day, tzinfo=_dt.timezone.utc).timestamp()
             return ts + 86400 if end_of_day else ts
-        return float(text)
+        ts = float(text)
     except ValueError:
-        raise invalid(f"{name} must be a date (YYYY-MM-DD) or unix seconds, got {text!r}.", param=name) from None
+        ts = math.nan
+    # A finite moment a date can show (`inf`, `nan` and 1e20 parse as floats, and were a 500).
+    if not _MIN_TS <= ts <= _MAX_TS:
+        raise invalid(f"{name} must be a date (YYYY-MM-DD) or unix seconds, got {text!r}.", param=name)
+    return ts
 
 
 def _one(params: dict, name: str) -> str | None:
@@ -51,7 +61,8 @@ def _int(params: dict, name: str, default: int, most: int) -> int:
     text = _one(params, name)
     if text is None:
         return default
-    if not text.isdigit() or not 1 <= int(text) <= most:
+    # isascii: "²".isdigit() is true and int("²") fails (was a 500).
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= most:
         raise invalid(f"{name} must be an integer between 1 and {most}.", param=name)
     return int(text)
 

@@ -230,8 +230,10 @@ class Gateway:
             self._spend = {}
 
     # The request path ---------------------------------------------------------------------
-    def open_ticket(self, scope, request_id: str, started: float, *, admin: bool) -> Ticket:
-        """Authenticates and counts the request; raises 401/403/429."""
+    def open_ticket(self, scope, request_id: str, started: float, *, admin: bool, metered: bool = True) -> Ticket:
+        """Authenticates the request and, for a metered (inference) route, counts it against the
+        key's limits; raises 401/403/429. Reading usage, models or history is not metered, so a
+        key over its limit can still see why."""
         if not self._keys:
             ws = self._workspaces.get(OPEN_WORKSPACE)
             return Ticket(self, request_id, started, None, OPEN_WORKSPACE, None, ws is not None and ws.capture_prompts)
@@ -257,7 +259,7 @@ class Gateway:
         if admin and not key.admin:
             raise ApiError(403, "This route needs an admin API key.", code="permission_denied")
         window = None
-        if key.rpm is not None or key.tpm is not None:
+        if metered and (key.rpm is not None or key.tpm is not None):
             window = self.limiter.admit_request(key.id, key.rpm, key.tpm, now)
         ws = self._workspaces.get(key.workspace)
         return Ticket(self, request_id, started, key, key.workspace, window, ws is not None and ws.capture_prompts)

@@ -17,7 +17,11 @@ from __future__ import annotations
 
 import math
 
-from ferroserve.errors import ApiError
+import msgspec
+
+from ferroserve.errors import ApiError, ErrorBody, ErrorEnvelope
+
+_encode = msgspec.json.Encoder().encode
 
 
 class Window:
@@ -109,4 +113,4 @@ class RateLimited(ApiError):
 
     def body(self) -> bytes:
         # error.retry_after as in the nurev spec; the rest is the usual OpenAI body.
-        return super().body()[:-2] + b',"retry_after":%d}}' % self.retry_after
+        return _encode(ErrorEnvelope(ErrorBody(self.message, self.type, self.param, self.code, self.retry_after)))

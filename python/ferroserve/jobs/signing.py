@@ -25,7 +25,9 @@ def signed_query(key: str, path: str, now: float) -> tuple[str, int]:
 def check(key: str, path: str, params: dict[str, str], now: float | None = None) -> None:
     """403 unless `params` carry a valid, unexpired signature for `path`."""
     expires_text, given = params.get("expires", ""), params.get("signature", "")
-    if not expires_text.isdigit() or not given:
+    # isascii: "²".isdigit() is true and int("²") fails; compare_digest refuses non-ASCII str
+    # (both were 500s).
+    if not (expires_text.isascii() and expires_text.isdigit()) or not given or not given.isascii():
         raise ApiError(403, "This URL is not signed.", type="permission_error", code="invalid_signature")
     expires = int(expires_text)
     if not hmac.compare_digest(signature(key, path, expires), given):

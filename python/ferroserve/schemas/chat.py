@@ -109,3 +109,117 @@ chat_decoder = msgspec.json.Decoder(ChatCompletionRequest)
 completion_decoder = msgspec.json.Decoder(CompletionRequest)
 tokenize_decoder = msgspec.json.Decoder(TokenizeRequest)
 detokenize_decoder = msgspec.json.Decoder(DetokenizeRequest)
+
+
+# Responses. The handlers assemble these as dicts or pre-encoded bytes (the hot paths); the
+# Structs describe them for `/v1/openapi.json`, and the schemathesis tests check live
+# responses against that document, so the two cannot drift apart. `forbid_unknown_fields`
+# makes the document say `additionalProperties: false`: an undocumented field is a failure.
+class PromptTokensDetails(msgspec.Struct, forbid_unknown_fields=True):
+    cached_tokens: int
+
+
+class Usage(msgspec.Struct, forbid_unknown_fields=True):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class Routing(msgspec.Struct, forbid_unknown_fields=True):
+    """Neural Router's answer on a routed request (`model: "auto"`, `route`, fallbacks)."""
+
+    selected: str | None
+    objective: str | None
+    candidates_considered: int
+    reason: str | None
+    fallbacks_used: list[str]
+
+
+class FunctionCall(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(msgspec.Struct, forbid_unknown_fields=True):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class AssistantMessage(msgspec.Struct, forbid_unknown_fields=True):
+    role: Literal["assistant"]
+    content: str | None
+    tool_calls: list[ToolCallOut] = []
+
+
+class TopLogprob(msgspec.Struct, forbid_unknown_fields=True):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(msgspec.Struct, forbid_unknown_fields=True):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(msgspec.Struct, forbid_unknown_fields=True):
+    content: list[TokenLogprob]
+
+
+class ChatChoice(msgspec.Struct, forbid_unknown_fields=True):
+    index: int
+    message: AssistantMessage
+    logprobs: ChoiceLogprobs | None
+    finish_reason: str | None
+
+
+class ChatCompletion(msgspec.Struct, forbid_unknown_fields=True):
+    """`POST /v1/chat/completions` without `stream` (with it: `chat.completion.chunk` events)."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChatChoice]
+    usage: Usage
+    routing: Routing | None = None
+
+
+class CompletionLogprobs(msgspec.Struct, forbid_unknown_fields=True):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(msgspec.Struct, forbid_unknown_fields=True):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: str | None
+
+
+class TextCompletion(msgspec.Struct, forbid_unknown_fields=True):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    routing: Routing | None = None
+
+
+class TokenizeResponse(msgspec.Struct, forbid_unknown_fields=True):
+    tokens: list[int]
+    count: int
+    max_model_len: int | None
+
+
+class DetokenizeResponse(msgspec.Struct, forbid_unknown_fields=True):
+    prompt: str

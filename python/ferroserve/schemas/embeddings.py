@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from ferroserve.schemas.chat import Route
+from ferroserve.schemas.chat import Route, Routing
 
 
 class EmbeddingRequest(msgspec.Struct, forbid_unknown_fields=False):
@@ -23,3 +23,22 @@ class EmbeddingRequest(msgspec.Struct, forbid_unknown_fields=False):
 
 
 decoder = msgspec.json.Decoder(EmbeddingRequest)
+
+
+class Embedding(msgspec.Struct, forbid_unknown_fields=True):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str  # a string: base64 of little-endian float32
+
+
+class EmbeddingUsage(msgspec.Struct, forbid_unknown_fields=True):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(msgspec.Struct, forbid_unknown_fields=True):
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+    routing: Routing | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 
 
-class ModelCard(msgspec.Struct, omit_defaults=True):
+class ModelCard(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
     id: str
     object: str  # always "model"; no default so it is never omitted
     created: int
@@ -29,6 +29,6 @@ class ModelCard(msgspec.Struct, omit_defaults=True):
     quality: float | None = None
 
 
-class ModelList(msgspec.Struct):
+class ModelList(msgspec.Struct, forbid_unknown_fields=True):
     data: list[ModelCard]
     object: str = "list"
