@@ -24,17 +24,15 @@ import datetime as _dt
 import json
 import os
 import platform
-import socket
-import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+from serving import start_server
 
 REPO = Path(__file__).resolve().parents[1]
 EMBED, CHAT = "all-minilm", "smollm2"
@@ -42,12 +40,6 @@ EMBED, CHAT = "all-minilm", "smollm2"
 
 def log(*a):
     print(*a, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sentences(n: int, salt: str) -> list[str]:
@@ -151,24 +143,8 @@ def main() -> int:
     ap.add_argument("server_args", nargs="*", help="extra `ferroserve serve` flags (after --)")
     args = ap.parse_args()
 
-    port = free_port()
-    data_dir = tempfile.mkdtemp(prefix="ferroserve-bench-batch-")
-    url = f"http://127.0.0.1:{port}"
-    log_path = Path(tempfile.gettempdir()) / f"ferroserve-bench-batch-{port}.log"
-    cmd = [sys.executable, "-m", "ferroserve", "serve", "--port", str(port), "--data-dir", data_dir, "--log-level", "warning",
-           *args.server_args]
-    server = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
+    server, url, log_path = start_server(args.server_args, name="batch")
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(url + "/v1/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise SystemExit(f"server did not start; see {log_path}")
-            time.sleep(0.2)
         # Warm-up: both models, every path once.
         sync_throughput(url, sentences(512, "w"), 256, 2)
         Probes(url).start().stop()

@@ -24,24 +24,16 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
+from serving import start_server
 
 REPO = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_model() -> str:
@@ -110,24 +102,8 @@ def main() -> None:
     ap.add_argument("--serve-args", default="", help="extra `ferroserve serve` arguments")
     args = ap.parse_args()
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    data_dir = tempfile.mkdtemp(prefix="ferroserve-stream-cpu-")
-    cmd = [sys.executable, "-m", "ferroserve", "serve", "--port", str(port), "--insecure-no-auth", "--log-level", "warning",
-           "--data-dir", data_dir, *args.serve_args.split()]
-    log = open(Path(data_dir) / "server.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    proc, url, _ = start_server(["--insecure-no-auth", *args.serve_args.split()], name="stream-cpu", timeout_s=120)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/v1/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                sys.exit(f"server did not start: {Path(data_dir, 'server.log').read_text()}")
-            time.sleep(0.2)
         pid = worker_pid(proc.pid)
         asyncio.run(round_(url, 4, 16, 9000))  # warm-up
         print(f"# stream_cpu: {args.streams} streams x {args.max_tokens} tokens, {args.rounds} rounds; CPU: {cpu_model()}, "
