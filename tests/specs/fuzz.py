@@ -180,7 +180,7 @@ def run(name: str, url: str, key: str, max_examples: int, seed: int = 16, worker
                "--seed", str(seed), "--workers", str(workers), "--request-timeout", "120", "--no-color",
                "--header", f"Authorization: Bearer {key}", "--continue-on-failure", "--suppress-health-check", "all",
                "--report", "ndjson", "--report-ndjson-path", str(events), "--output-truncate", "true", *extra_args]
-        env = {**os.environ, "SCHEMATHESIS_HOOKS": ""}
+        env = {**os.environ, "SCHEMATHESIS_HOOKS": str(Path(__file__).with_name("fuzz_hooks.py"))}
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, cwd=tmp)
         cases = _count(events)
     return {"spec": name, "cases": cases, "failures": _failures(proc.stdout), "status": proc.returncode,
