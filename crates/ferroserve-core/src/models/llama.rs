@@ -481,6 +481,19 @@ impl LlamaModel {
         &self.rope
     }
 
+    /// Weight bytes one decode step streams through the matmuls: every layer matrix and the
+    /// output projection once, as the kernels read them (the repacked panels with fast
+    /// numerics, else the GGUF blocks), and the same in the GGUF's own encoding. The floors of
+    /// bench/NOTES.md divide these by the measured bandwidth.
+    pub fn weight_bytes_per_step(&self) -> (usize, usize) {
+        let matrices = self
+            .layers
+            .iter()
+            .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down])
+            .chain([&self.output]);
+        matrices.fold((0, 0), |(read, file), m| (read + m.panels.as_ref().map_or(m.len, Panels::size_bytes), file + m.len))
+    }
+
     pub fn layer_views(&self) -> Vec<LayerView<'_>> {
         self.layers
             .iter()
