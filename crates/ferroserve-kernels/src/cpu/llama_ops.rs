@@ -203,6 +203,13 @@ pub fn rope_pairs(x: &mut [f32], heads: usize, head_dim: usize, rope_dims: usize
     assert!(rope_dims <= head_dim && rope_dims.is_multiple_of(2), "rope_pairs: rope_dims {rope_dims}, head_dim {head_dim}");
     assert!(width > 0 && x.len().is_multiple_of(width), "rope_pairs: length {} is not whole rows of {width}", x.len());
     assert_eq!(cos_sin.len(), x.len() / width * rope_dims, "rope_pairs: cos/sin table length");
+    // Compiled for the CPU's level so that `mul_add` is one instruction, not a libm call (an
+    // fma is exact either way: the same bits).
+    dispatch_level!(Isa::selected(), rope_rows(x, width, head_dim, rope_dims, cos_sin));
+}
+
+#[inline(always)]
+fn rope_rows<const L: u8>(x: &mut [f32], width: usize, head_dim: usize, rope_dims: usize, cos_sin: &[f32]) {
     for (row, cs) in x.chunks_exact_mut(width).zip(cos_sin.chunks_exact(rope_dims.max(1))) {
         for head in row.chunks_exact_mut(head_dim) {
             for (pair, cs) in head[..rope_dims].chunks_exact_mut(2).zip(cs.chunks_exact(2)) {
