@@ -587,14 +587,20 @@ mod avx512 {
                 for line in 0..4 {
                     _mm_prefetch::<_MM_HINT_T0>(cb.add(PREFETCH_AHEAD + 64 * line).cast());
                 }
+                // The scales are a second stream (128 bytes a block): as far ahead.
+                let ahead = sp.wrapping_add((b + PREFETCH_AHEAD / 256) * 32);
+                _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(16).cast());
                 v = nibbles(cb);
                 dw = _mm512_loadu_ps(sp.add(b * 32));
                 mw = _mm512_loadu_ps(sp.add(b * 32 + 16));
             } else {
                 // SAFETY: block b of the panel is 512 code bytes and 16 scales.
                 let cb = cp.add(b * 512);
-                _mm_prefetch::<_MM_HINT_T0>(cb.add(PREFETCH_AHEAD).cast());
-                _mm_prefetch::<_MM_HINT_T0>(cb.add(PREFETCH_AHEAD + 256).cast());
+                for line in 0..8 {
+                    _mm_prefetch::<_MM_HINT_T0>(cb.wrapping_add(PREFETCH_AHEAD + 64 * line).cast());
+                }
+                _mm_prefetch::<_MM_HINT_T0>(sp.wrapping_add((b + PREFETCH_AHEAD / 512) * 16).cast());
                 for (g, vg) in v.iter_mut().enumerate() {
                     *vg = _mm512_loadu_si512(cb.add(64 * g).cast());
                 }
@@ -637,6 +643,9 @@ mod avx512 {
             // scales (layout in the module docs); activation rows hold 8·nsb blocks.
             let unit = cp.add(s * (K_SCALE_BYTES + SUBS * NIBBLE_BYTES));
             let (d, dmin) = (_mm512_loadu_ps(sp.add(32 * s)), _mm512_loadu_ps(sp.add(32 * s + 16)));
+            // The next super-block's scales (a second stream, 128 bytes per 2,304 of codes).
+            _mm_prefetch::<_MM_HINT_T0>(sp.wrapping_add(32 * (s + 1)).cast());
+            _mm_prefetch::<_MM_HINT_T0>(sp.wrapping_add(32 * (s + 1) + 16).cast());
             let byte_lanes = |at: usize| _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(unit.add(at).cast())));
             for j in 0..SUBS {
                 let b = SUBS * s + j;
@@ -682,6 +691,7 @@ mod avx512 {
             // scales; activation rows hold 8·nsb blocks and `offsets` 2 halves per block.
             let unit = cp.add(s * (K_SCALE_BYTES + SUBS * Q6_BYTES));
             let d = _mm512_loadu_ps(sp.add(16 * s));
+            _mm_prefetch::<_MM_HINT_T0>(sp.wrapping_add(16 * (s + 1)).cast());
             for j in 0..SUBS {
                 let b = SUBS * s + j;
                 let cb = unit.add(K_SCALE_BYTES + Q6_BYTES * j);
