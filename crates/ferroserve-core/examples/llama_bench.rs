@@ -9,7 +9,8 @@
 //! `DEVICE=opencl[:N]` runs it on OpenCL device N (`OpenClLlama`, exact numerics) instead of
 //! the CPU; `NEW_TOKENS=n` shortens the decode (default 128) for slow devices.
 //! `PREFILL_ONLY=1` only the sixteen-prompt prefill step, `reps` times; `BATCH_ONLY=1` only the
-//! sixteen-sequence case, printing nothing (all for profiling).
+//! sixteen-sequence case, printing nothing (all for profiling). `STREAMS=n` batches `n`
+//! sequences instead of sixteen (the prompts repeat their topics past sixteen).
 //!
 //! Method: one warm-up round, then `reps` rounds (default 5); each round runs the
 //! single-stream case and the 16-stream case back to back (A B A B …), so machine noise hits
@@ -20,7 +21,10 @@
 //! engine's and costs the same for any model).
 //!
 //! Floors (docs/PERFORMANCE.md): a decode step streams every weight once, ≈ 96.6 MB, so at
-//! ≈ 46 GB/s it takes ≥ 2.1 ms for one sequence or sixteen.
+//! ≈ 46 GB/s it takes ≥ 2.1 ms for one sequence or sixteen. The bench prints that floor for the
+//! model at hand: the weight bytes of a step (`LlamaModel::weight_bytes_per_step`) over the
+//! bandwidth of a STREAM-like copy measured in the same run (`FLOOR=0` skips it), and the
+//! one-sequence step as a fraction of it.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -33,7 +37,7 @@ use ferroserve_kernels::opencl::KernelSource;
 use ferroserve_core::tokenize::chat_template::ChatMessage;
 
 const PROMPT_TOKENS: usize = 41;
-const STREAMS: usize = 16;
+const DEFAULT_STREAMS: usize = 16;
 
 struct Stats {
     median: f64,
@@ -123,8 +127,11 @@ fn main() {
         "a clock that runs backwards", "the last bookstore", "a garden in space", "a shy volcano",
         "a detective ant", "the moon's birthday", "a river that sings", "a paper boat's journey",
     ];
+    let streams = std::env::var("STREAMS").ok().map_or(DEFAULT_STREAMS, |n| n.parse().expect("STREAMS=<count>"));
     let prompts: Vec<Vec<u32>> = topics
         .iter()
+        .cycle()
+        .take(streams)
         .map(|topic| {
             let text = template
                 .render(&[ChatMessage::text("user", format!("Write a short story about {topic}, please."))], true)
@@ -134,18 +141,39 @@ fn main() {
             ids
         })
         .collect();
+    let bytes = model.weight_bytes_per_step();
     match std::env::var("DEVICE").ok().as_deref() {
-        None | Some("cpu") => bench(&model, &path, &prompts, reps),
+        None | Some("cpu") => bench(&model, &path, &prompts, reps, Some(bytes)),
         Some(dev) => {
             let index = dev.strip_prefix("opencl").map(|n| n.trim_start_matches(':')).map(|n| if n.is_empty() { 0 } else { n.parse().expect("DEVICE=opencl:N") }).expect("DEVICE=cpu|opencl[:N]");
             let model = OpenClLlama::load(model, index, &KernelSource::Embedded).unwrap_or_else(|e| panic!("{e}"));
             println!("# {}: load check: {}", model.device_name(), model.check_summary());
-            bench(&model, &path, &prompts, reps)
+            bench(&model, &path, &prompts, reps, None)
         }
     }
 }
 
-fn bench<M: StepModel + std::fmt::Debug>(model: &M, path: &str, prompts: &[Vec<u32>], reps: usize) {
+/// GB/s of a STREAM-style copy (bytes read + bytes written, as STREAM counts them) over all
+/// pool threads, 256 MiB each way (8× the 32 MiB L3): the best of five after one warm-up.
+fn copy_bandwidth_gbs() -> f64 {
+    use rayon::prelude::*;
+    let len = 256 << 20;
+    let src = vec![1u8; len];
+    let mut dst = vec![0u8; len];
+    let chunk = 1 << 20;
+    let mut best = 0f64;
+    for _ in 0..6 {
+        let t = Instant::now();
+        dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(|(d, s)| d.copy_from_slice(s));
+        best = best.max(2.0 * len as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    assert_eq!(dst[len - 1], 1);
+    best
+}
+
+/// `weight_bytes`: (bytes the kernels read per step, the same weights' GGUF bytes), for the floor.
+fn bench<M: StepModel + std::fmt::Debug>(model: &M, path: &str, prompts: &[Vec<u32>], reps: usize, weight_bytes: Option<(usize, usize)>) {
+    let streams = prompts.len();
     let mean_prompt = prompts.iter().map(Vec::len).sum::<usize>() as f64 / prompts.len() as f64;
     let mut kv = model.new_kv_cache(256 << 20).unwrap_or_else(|e| panic!("{e}"));
     let new = new_tokens();
@@ -161,6 +189,22 @@ fn bench<M: StepModel + std::fmt::Debug>(model: &M, path: &str, prompts: &[Vec<u
     println!("# prompts: {mean_prompt:.1} tokens on average, {new} new tokens, {reps} rounds after one warm-up (median [min, max])");
 
     let single = &prompts[..1];
+    let profiling = ["SINGLE_ONLY", "BATCH_ONLY", "PREFILL_ONLY"].iter().any(|v| std::env::var_os(v).is_some());
+    // The floor: the weight bytes of one step over the bandwidth measured now.
+    let floor_ms = match weight_bytes {
+        Some((read, file)) if !profiling && std::env::var("FLOOR").as_deref() != Ok("0") => {
+            let gbs = copy_bandwidth_gbs();
+            let floor_ms = file as f64 / gbs / 1e6;
+            println!(
+                "# floor: {:.1} MB of weights per step ({:.1} MB as read), copy bandwidth {gbs:.1} GB/s => {floor_ms:.2} ms ({:.2} ms as read)",
+                file as f64 / 1e6,
+                read as f64 / 1e6,
+                read as f64 / gbs / 1e6
+            );
+            Some(floor_ms)
+        }
+        _ => None,
+    };
     if std::env::var_os("SINGLE_ONLY").is_some() {
         // For profiling the one-sequence decode alone.
         for _ in 0..reps {
@@ -193,7 +237,7 @@ fn bench<M: StepModel + std::fmt::Debug>(model: &M, path: &str, prompts: &[Vec<u
             tables.into_iter().flatten().for_each(|b| kv.release(b));
         }
         let s = stats(rates);
-        println!("{STREAMS} sequences: prefill (one step) {:9.1} tok/s [{:.1}, {:.1}]", s.median, s.min, s.max);
+        println!("{streams} sequences: prefill (one step) {:9.1} tok/s [{:.1}, {:.1}]", s.median, s.min, s.max);
         return;
     }
     run(model, &mut kv, single);
@@ -205,15 +249,20 @@ fn bench<M: StepModel + std::fmt::Debug>(model: &M, path: &str, prompts: &[Vec<u
         s_decode.push(new as f64 / a.decode_s);
         let b = run(model, &mut kv, prompts);
         b_prefill.push(prompts.iter().map(Vec::len).sum::<usize>() as f64 / b.prefill_s);
-        b_decode.push((new * STREAMS) as f64 / b.decode_s);
+        b_decode.push((new * streams) as f64 / b.decode_s);
     }
     let show = |label: &str, s: Stats, unit: &str| println!("{label:<44} {:9.1} {unit} [{:.1}, {:.1}]", s.median, s.min, s.max);
     let per_step = |v: &[f64], streams: usize| stats(v.iter().map(|tps| 1000.0 * streams as f64 / tps).collect());
     show("1 sequence: prefill", stats(s_prefill), "tok/s");
     show("1 sequence: decode", stats(s_decode.clone()), "tok/s");
-    show("1 sequence: decode step", per_step(&s_decode, 1), "ms");
-    show(&format!("{STREAMS} sequences: prefill (one step)"), stats(b_prefill), "tok/s");
-    show(&format!("{STREAMS} sequences: decode (aggregate)"), stats(b_decode.clone()), "tok/s");
-    show(&format!("{STREAMS} sequences: decode step"), per_step(&b_decode, STREAMS), "ms");
+    let single_step = per_step(&s_decode, 1);
+    let single_median_ms = single_step.median;
+    show("1 sequence: decode step", single_step, "ms");
+    if let Some(floor_ms) = floor_ms {
+        println!("{:<44} {:9.1} %", "1 sequence: floor / decode step (median)", 100.0 * floor_ms / single_median_ms);
+    }
+    show(&format!("{streams} sequences: prefill (one step)"), stats(b_prefill), "tok/s");
+    show(&format!("{streams} sequences: decode (aggregate)"), stats(b_decode.clone()), "tok/s");
+    show(&format!("{streams} sequences: decode step"), per_step(&b_decode, streams), "ms");
     assert_eq!(kv.num_free_blocks(), kv.num_blocks());
 }

@@ -6,7 +6,7 @@
 
 use ferroserve_kernels::quant::f16::{f16_to_f32, f32_to_f16};
 use ferroserve_kernels::quant::{
-    dequantize_row, panel_matmul, quant_matmul, quant_matmul_prepared, quant_matmul_with_isa,
+    dequantize_row, panel_matmul, panel_matmuls, quant_matmul, quant_matmul_prepared, quant_matmul_with_isa,
     quantize_row, Panels, Q8Activations, QuantIsa, QuantType,
 };
 
@@ -1032,6 +1032,43 @@ fn panel_rows_are_bitwise_identical_alone_or_in_any_batch() {
             let alone = run_panels(isa, t, &w, n, k, &x[r * k..(r + 1) * k], 1);
             for j in 0..n {
                 assert_eq!(alone[j].to_bits(), batch[r * n + j].to_bits(), "{} row {r} col {j} (seed {seed})", t.name());
+            }
+        }
+    }
+}
+
+/// Several matrices in one `panel_matmuls` call (split over the pool together, chunks crossing
+/// from one matrix into the next) give each matrix's `panel_matmul` bits, on every level.
+#[test]
+fn panel_matmuls_give_each_matrix_its_own_bits() {
+    let (mut rng, seed) = Rng::new(14);
+    // A layer's Q, K, V (K and V small), a mix of formats, and K-quants as in Q4_K_M.
+    let sets: [&[(QuantType, usize)]; 3] = [
+        &[(QuantType::Q4_1, 576), (QuantType::Q4_1, 192), (QuantType::Q4_1, 197)],
+        &[(QuantType::Q8_0, 300), (QuantType::Q4_1, 1536), (QuantType::Q8_0, 17)],
+        &[(QuantType::Q4_K, 512), (QuantType::Q6_K, 128), (QuantType::Q4_K, 40)],
+    ];
+    for set in sets {
+        let k = if set[0].0.block_elems() == 256 { 768 } else { 576 };
+        for m in [1usize, 5, 16] {
+            let x: Vec<f32> = (0..m * k).map(|_| rng.f32() * 4.0).collect();
+            let mats: Vec<(Panels, usize)> = set
+                .iter()
+                .map(|&(t, n)| (Panels::pack(t, &random_case(&mut rng, &Case { t, m: 1, n, k }).0, n, k), n))
+                .collect();
+            for isa in QuantIsa::available() {
+                let mut acts = Q8Activations::new();
+                acts.quantize_with_isa(isa, &x, m, k);
+                let mut ys: Vec<Vec<f32>> = mats.iter().map(|(_, n)| vec![f32::NAN; m * n]).collect();
+                let mut outputs: Vec<(&Panels, &mut [f32])> = mats.iter().zip(ys.iter_mut()).map(|((p, _), y)| (p, y.as_mut_slice())).collect();
+                panel_matmuls(isa, &mut outputs, &acts);
+                for ((p, n), y) in mats.iter().zip(&ys) {
+                    let mut alone = vec![f32::NAN; m * n];
+                    panel_matmul(isa, p, &acts, &mut alone);
+                    for (i, (a, b)) in y.iter().zip(&alone).enumerate() {
+                        assert_eq!(a.to_bits(), b.to_bits(), "{} n={n} m={m} {isa:?} index {i}: {a} vs {b} (seed {seed})", p.wtype().name());
+                    }
+                }
             }
         }
     }

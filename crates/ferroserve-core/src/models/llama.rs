@@ -23,7 +23,7 @@ use std::path::Path;
 
 use ferroserve_kernels::cpu::llama_ops::{self, AttentionArith, PagedSeq, RopeParams, SUPPORTED_HEAD_DIMS};
 use ferroserve_kernels::cpu::Isa;
-use ferroserve_kernels::quant::{self, panel_matmul, quant_matmul_prepared, quant_matmul_with_isa, Panels, Q8Activations, QuantIsa, QuantType};
+use ferroserve_kernels::quant::{self, panel_matmul, panel_matmuls, quant_matmul_prepared, quant_matmul_with_isa, Panels, Q8Activations, QuantIsa, QuantType};
 
 use crate::error::{Error, Result};
 use crate::kv::KvCache;
@@ -356,9 +356,7 @@ impl LlamaModel {
             // Attention block.
             llama_ops::rms_norm(self.isa, &x, dim, &layer.attn_norm, eps, &mut h);
             let input = self.prepare(&mut acts, &h, rows);
-            self.matmul(&layer.wq, &input, &mut q);
-            self.matmul(&layer.wk, &input, &mut k);
-            self.matmul(&layer.wv, &input, &mut v);
+            self.matmuls(&mut [(&layer.wq, &mut q), (&layer.wk, &mut k), (&layer.wv, &mut v)], &input);
             llama_ops::rope_pairs(&mut q, heads, head_dim, rope_dims, &cos_sin);
             llama_ops::rope_pairs(&mut k, kv_heads, head_dim, rope_dims, &cos_sin);
             {
@@ -386,8 +384,7 @@ impl LlamaModel {
             // Feed-forward block.
             llama_ops::rms_norm(self.isa, &x, dim, &layer.ffn_norm, eps, &mut h);
             let input = self.prepare(&mut acts, &h, rows);
-            self.matmul(&layer.w_gate, &input, &mut gate);
-            self.matmul(&layer.w_up, &input, &mut up);
+            self.matmuls(&mut [(&layer.w_gate, &mut gate), (&layer.w_up, &mut up)], &input);
             llama_ops::silu_mul(self.isa, &mut gate, &up);
             let input = self.prepare(&mut acts, &gate, rows);
             self.matmul(&layer.w_down, &input, &mut proj);
@@ -427,6 +424,20 @@ impl LlamaModel {
             acts.quantize_with_isa(self.quant_isa, x, rows, k);
         }
         MatmulInput { x, rows, acts }
+    }
+
+    /// [`LlamaModel::matmul`] for matrices that share an input: with panels, one parallel
+    /// region for all of them (`panel_matmuls`), the same bits.
+    fn matmuls(&self, outputs: &mut [(&Matrix, &mut [f32])], input: &MatmulInput<'_>) {
+        if outputs.iter().all(|(w, _)| w.panels.is_some()) {
+            let mut panels: Vec<(&Panels, &mut [f32])> =
+                outputs.iter_mut().map(|(w, y)| (w.panels.as_ref().unwrap(), &mut **y)).collect();
+            panel_matmuls(self.quant_isa, &mut panels, input.acts);
+        } else {
+            for (w, y) in outputs.iter_mut() {
+                self.matmul(w, input, y);
+            }
+        }
     }
 
     /// `y[rows, w.rows] = input · wᵀ`.
@@ -479,6 +490,19 @@ impl LlamaModel {
 
     pub fn rope(&self) -> &RopeParams {
         &self.rope
+    }
+
+    /// Weight bytes one decode step streams through the matmuls: every layer matrix and the
+    /// output projection once, as the kernels read them (the repacked panels with fast
+    /// numerics, else the GGUF blocks), and the same in the GGUF's own encoding. The floors of
+    /// bench/NOTES.md divide these by the measured bandwidth.
+    pub fn weight_bytes_per_step(&self) -> (usize, usize) {
+        let matrices = self
+            .layers
+            .iter()
+            .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down])
+            .chain([&self.output]);
+        matrices.fold((0, 0), |(read, file), m| (read + m.panels.as_ref().map_or(m.len, Panels::size_bytes), file + m.len))
     }
 
     pub fn layer_views(&self) -> Vec<LayerView<'_>> {

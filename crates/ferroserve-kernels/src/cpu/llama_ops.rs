@@ -203,6 +203,13 @@ pub fn rope_pairs(x: &mut [f32], heads: usize, head_dim: usize, rope_dims: usize
     assert!(rope_dims <= head_dim && rope_dims.is_multiple_of(2), "rope_pairs: rope_dims {rope_dims}, head_dim {head_dim}");
     assert!(width > 0 && x.len().is_multiple_of(width), "rope_pairs: length {} is not whole rows of {width}", x.len());
     assert_eq!(cos_sin.len(), x.len() / width * rope_dims, "rope_pairs: cos/sin table length");
+    // Compiled for the CPU's level so that `mul_add` is one instruction, not a libm call (an
+    // fma is exact either way: the same bits).
+    dispatch_level!(Isa::selected(), rope_rows(x, width, head_dim, rope_dims, cos_sin));
+}
+
+#[inline(always)]
+fn rope_rows<const L: u8>(x: &mut [f32], width: usize, head_dim: usize, rope_dims: usize, cos_sin: &[f32]) {
     for (row, cs) in x.chunks_exact_mut(width).zip(cos_sin.chunks_exact(rope_dims.max(1))) {
         for head in row.chunks_exact_mut(head_dim) {
             for (pair, cs) in head[..rope_dims].chunks_exact_mut(2).zip(cs.chunks_exact(2)) {
@@ -350,6 +357,8 @@ pub struct PagedSeq<'a> {
     pub block_table: &'a [u32],
 }
 
+mod grouped;
+
 /// Queries of one sequence per task: enough to amortise the task, few enough to spread a
 /// single prompt over the threads.
 const QUERY_TILE: usize = 16;
@@ -427,6 +436,30 @@ pub fn paged_attention(
         }
     }
 
+    if arith == AttentionArith::Fast && d.is_multiple_of(64) {
+        grouped::paged_attention_grouped(isa, q, seqs, heads, layout, k_cache, v_cache, out);
+    } else {
+        paged_attention_by_head(isa, arith, q, seqs, heads, layout, k_cache, v_cache, out);
+    }
+}
+
+/// [`paged_attention`] one (sequence, query head, query tile) per task, the keys and values
+/// read once per query head; the path of [`AttentionArith::LlamaCpp`] and of head widths the
+/// grouped fast path does not cover (the caller checked the arguments).
+#[allow(clippy::too_many_arguments)]
+fn paged_attention_by_head(
+    isa: Isa,
+    arith: AttentionArith,
+    q: &[f32],
+    seqs: &[PagedSeq<'_>],
+    heads: usize,
+    layout: &PagedKvLayout,
+    k_cache: &[u16],
+    v_cache: &[u16],
+    out: &mut [f32],
+) {
+    let (d, kv_heads, bt) = (layout.head_dim, layout.kv_heads, layout.block_tokens);
+    let width = heads * d;
     // Tasks: (sequence, head, query tile). Per head rather than per KV head, so that even a
     // single decoding sequence spreads evenly over the threads; the KV head's blocks are read
     // once per query head, from cache after the first.
@@ -902,6 +935,35 @@ mod tests {
             for (p, (kr, vr)) in rows.iter().enumerate() {
                 layout.read_token(&f.k, &f.v, f.tables[s][p / 16] as usize, p % 16, &mut k, &mut v);
                 assert_eq!((&k, &v), (kr, vr), "seq {s} pos {p}");
+            }
+        }
+    }
+
+    /// The fast path by KV head gives the per-head fast path's bits, for every group size
+    /// (one query head per KV head, three, four, five split 2 + 3, eight split 4 + 4).
+    #[test]
+    fn grouped_fast_attention_gives_the_per_head_bits() {
+        let mut rng = Rng::new(seed(19));
+        for &(d, heads, kv_heads) in &[(64, 9, 3), (64, 32, 8), (64, 4, 4), (128, 8, 1), (128, 10, 2), (256, 4, 2)] {
+            let layout = PagedKvLayout::new(16, kv_heads, d);
+            let lens = [1usize, 16, 17, 45, 130];
+            let f = fixture(&mut rng, layout, &lens);
+            let width = heads * d;
+            let total: usize = lens.iter().sum();
+            let q: Vec<f32> = rng.vec(total * width).iter().map(|v| v * 3.0).collect();
+            let mut seqs = Vec::new();
+            let mut row = 0;
+            for (s, &len) in lens.iter().enumerate() {
+                seqs.push(PagedSeq { rows: row..row + len, start_pos: 0, block_table: &f.tables[s] });
+                row += len;
+            }
+            for isa in isas() {
+                let mut by_head = vec![f32::NAN; total * width];
+                paged_attention_by_head(isa, AttentionArith::Fast, &q, &seqs, heads, &layout, &f.k, &f.v, &mut by_head);
+                let mut grouped = vec![f32::NAN; total * width];
+                paged_attention(isa, AttentionArith::Fast, &q, &seqs, heads, &layout, &f.k, &f.v, &mut grouped);
+                let differ = grouped.iter().zip(&by_head).position(|(a, b)| a.to_bits() != b.to_bits());
+                assert_eq!(differ, None, "{isa:?} d={d} heads={heads}/{kv_heads}: grouped {:?} vs per head {:?}", differ.map(|i| grouped[i]), differ.map(|i| by_head[i]));
             }
         }
     }

@@ -25,7 +25,7 @@ pub mod q6_k;
 pub mod q8_0;
 
 pub use matmul::{quant_matmul, quant_matmul_prepared, quant_matmul_with_isa, QuantIsa};
-pub use panels::{panel_matmul, Panels};
+pub use panels::{panel_matmul, panel_matmuls, Panels};
 pub use q8_0::Q8Activations;
 
 /// A GGUF tensor type this crate can read (the subset our target models use).
