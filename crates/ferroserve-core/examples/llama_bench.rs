@@ -11,6 +11,9 @@
 //! `PREFILL_ONLY=1` only the sixteen-prompt prefill step, `reps` times; `BATCH_ONLY=1` only the
 //! sixteen-sequence case, printing nothing (all for profiling). `STREAMS=n` batches `n`
 //! sequences instead of sixteen (the prompts repeat their topics past sixteen).
+//! `LONG_PROMPT=n` only prefills one prompt of `n` tokens (the opening of
+//! /usr/share/common-licenses/GPL-3) in chunks of `CHUNK` tokens (default 512, the engine's
+//! `max_batch_tokens`), `reps` times, and prints its tok/s (issue 14 step 4).
 //!
 //! Method: one warm-up round, then `reps` rounds (default 5); each round runs the
 //! single-stream case and the 16-stream case back to back (A B A B …), so machine noise hits
@@ -205,6 +208,10 @@ fn bench<M: StepModel + std::fmt::Debug>(model: &M, path: &str, prompts: &[Vec<u
         }
         _ => None,
     };
+    if let Some(n) = std::env::var("LONG_PROMPT").ok().map(|n| n.parse::<usize>().expect("LONG_PROMPT=<tokens>")) {
+        long_prompt(model, &mut kv, prompts, n, reps);
+        return;
+    }
     if std::env::var_os("SINGLE_ONLY").is_some() {
         // For profiling the one-sequence decode alone.
         for _ in 0..reps {
@@ -265,4 +272,38 @@ fn bench<M: StepModel + std::fmt::Debug>(model: &M, path: &str, prompts: &[Vec<u
     show(&format!("{streams} sequences: decode (aggregate)"), stats(b_decode.clone()), "tok/s");
     show(&format!("{streams} sequences: decode step"), per_step(&b_decode, streams), "ms");
     assert_eq!(kv.num_free_blocks(), kv.num_blocks());
+}
+
+/// One `n`-token prompt prefilled in chunks of `CHUNK` tokens (each chunk one `forward`, as the
+/// engine schedules a long prompt alone), `reps` times after a warm-up: tok/s of the whole.
+/// The tokens: the GPL-3 text through the model's tokenizer (a chat prompt's ids repeated if
+/// the file is missing, which says so).
+fn long_prompt<M: StepModel>(model: &M, kv: &mut M::Kv, prompts: &[Vec<u32>], n: usize, reps: usize) {
+    let chunk = std::env::var("CHUNK").ok().map_or(512, |c| c.parse().expect("CHUNK=<tokens>"));
+    let ids: Vec<u32> = match std::fs::read_to_string("/usr/share/common-licenses/GPL-3") {
+        Ok(text) => model.tokenizer().expect("tokenizer").encode(&text, true).expect("encode"),
+        Err(e) => {
+            println!("# /usr/share/common-licenses/GPL-3: {e}; repeating a chat prompt instead");
+            prompts[0].iter().copied().cycle().take(n).collect()
+        }
+    };
+    assert!(ids.len() >= n, "the text has only {} tokens", ids.len());
+    let ids = &ids[..n];
+    let bt = kv.block_tokens();
+    let mut rates = Vec::new();
+    for rep in 0..=reps {
+        let table: Vec<u32> = (0..n.div_ceil(bt)).map(|_| kv.allocate().expect("KV cache too small")).collect();
+        let t = Instant::now();
+        for start in (0..n).step_by(chunk) {
+            let end = (start + chunk).min(n);
+            let batch = [SeqChunk { tokens: &ids[start..end], start_pos: start, block_table: &table, want_logits: end == n }];
+            model.forward(&batch, kv);
+        }
+        if rep > 0 {
+            rates.push(n as f64 / t.elapsed().as_secs_f64());
+        }
+        table.into_iter().for_each(|b| kv.release(b));
+    }
+    let s = stats(rates);
+    println!("1 prompt of {n} tokens, chunks of {chunk}: prefill {:9.1} tok/s [{:.1}, {:.1}]", s.median, s.min, s.max);
 }
