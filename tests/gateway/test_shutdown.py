@@ -21,7 +21,6 @@ from pathlib import Path
 
 import httpx
 import openai
-import pytest
 
 from tests.conftest import Server
 from tests.gateway.conftest import CHAT, EMBED, PRICES, auth, create_key
@@ -125,7 +124,8 @@ def test_a_short_shutdown_timeout_cuts_a_long_stream_and_still_exits_0_in_time()
             outcome["error"] = exc
 
     def long_plain() -> None:
-        outcome["plain"] = httpx.post(srv.url + "/v1/chat/completions", timeout=120, headers={**auth(key), "x-request-id": "cut-plain"},
+        outcome["plain"] = httpx.post(srv.url + "/v1/chat/completions", timeout=120,
+                                      headers={**auth(key), "x-request-id": "cut-plain"},
                                       json={"model": CHAT, "messages": [{"role": "user", "content": "Go on."}],
                                             "max_tokens": 4000, "ignore_eos": True})
 
