@@ -1,5 +1,6 @@
 """Clients that go away (issue 16, part 5): mid-stream, mid-prefill, while waiting for a plain
-answer, and while still sending the body. Each one is one access line with status 499 (as nginx
+answer, and while still sending the body (chat), and mid-stream on text completions (n=2)
+and responses. Each one is one access line with status 499 (as nginx
 logs it), never an error or a traceback, and afterwards the server holds what it held before:
 KV blocks, running and waiting sequences, asyncio tasks and open file descriptors (read from
 `/metrics` and, for the descriptors, from /proc as well).
@@ -25,8 +26,9 @@ from tests.conftest import Server
 TOTAL = int(os.environ.get("FERROSERVE_DISCONNECTS", "1000"))
 CONCURRENCY = 32
 CHAT = "smollm2"
-# Shares of the total: mid-stream, mid-prefill, plain (non-streaming), mid-body.
-SHARES = {"stream": 0.4, "prefill": 0.25, "plain": 0.25, "body": 0.1}
+# Shares of the total: chat mid-stream, mid-prefill, plain (non-streaming), mid-body; text
+# completions and responses mid-stream.
+SHARES = {"stream": 0.35, "prefill": 0.2, "plain": 0.2, "body": 0.1, "completions": 0.075, "responses": 0.075}
 
 
 @pytest.fixture(scope="module")
@@ -59,20 +61,29 @@ def _gauges(srv: Server) -> dict[str, float]:
     return out
 
 
-def _chat_body(kind: str, i: int) -> bytes:
+def _request(kind: str, i: int) -> tuple[str, bytes]:
+    """(path, JSON body) of disconnect number i of a kind."""
+    if kind == "completions":
+        # One prompt: a request with several starts them one after another, each once the one
+        # before has its first token, and 32 of those at once can fill the running batch.
+        return "/v1/completions", json.dumps({"model": CHAT, "prompt": "Once upon a time", "n": 2,
+                                              "max_tokens": 400, "ignore_eos": True, "stream": True}).encode()
+    if kind == "responses":
+        return "/v1/responses", json.dumps({"model": CHAT, "input": "Tell a long story.", "max_output_tokens": 400,
+                                            "stream": True}).encode()
     if kind == "prefill":
         # A long prompt that no other request shares (no prefix-cache hit): the client leaves
         # while it is still being read.
         content = f"{i} " + " ".join(f"word{(i * 7 + j) % 997}" for j in range(900))
     else:
         content = "Count to fifty."
-    return json.dumps({"model": CHAT, "messages": [{"role": "user", "content": content}], "max_tokens": 400,
-                       "ignore_eos": True, "stream": kind != "plain"}).encode()
+    return "/v1/chat/completions", json.dumps({"model": CHAT, "messages": [{"role": "user", "content": content}],
+                                               "max_tokens": 400, "ignore_eos": True, "stream": kind != "plain"}).encode()
 
 
 async def _disconnect(port: int, kind: str, i: int, prefix: str) -> None:
-    body = _chat_body(kind, i)
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+    path, body = _request(kind, i)
+    head = (f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
             f"x-request-id: {prefix}-{kind}-{i}\r\ncontent-length: {len(body)}\r\n\r\n").encode()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
@@ -80,11 +91,11 @@ async def _disconnect(port: int, kind: str, i: int, prefix: str) -> None:
             writer.write(head + body[: len(body) // 2])  # and never the rest
             await writer.drain()
             await asyncio.sleep(0.01)
-        elif kind == "stream":
+        elif kind in ("stream", "completions", "responses"):
             writer.write(head + body)
             await writer.drain()
             seen = b""
-            while seen.count(b"data: {") < 3:  # the role chunk and two tokens
+            while seen.count(b"data: {") < 3:  # e.g. the role chunk and two tokens
                 chunk = await asyncio.wait_for(reader.read(4096), 60)
                 assert chunk, "the server closed the stream early"
                 seen += chunk
@@ -149,5 +160,6 @@ def test_a_thousand_disconnects_leave_nothing_behind(srv):
     # The mid-prefill clients left before their first token (most of them; they race the engine).
     prefill = [e[0] for rid, e in by_id.items() if rid.startswith("dc-prefill-")]
     assert sum(1 for e in prefill if not e.get("completion_tokens")) >= len(prefill) // 2, prefill[:5]
-    assert all(e[0].get("completion_tokens", 0) >= 1 for rid, e in by_id.items() if rid.startswith("dc-stream-"))
+    assert all(e[0].get("completion_tokens", 0) >= 1 for rid, e in by_id.items()
+               if rid.startswith(("dc-stream-", "dc-completions-")))
     assert not re.search(r'"status":5\d\d', log)
