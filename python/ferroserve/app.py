@@ -4,8 +4,9 @@ granian calls ``create_app()`` in its worker; models load in ``__rsgi_init__`` o
 worker's event loop, so ``/v1/ready`` is true as soon as requests are served.
 
 Shutdown (SIGTERM): granian stops accepting connections and waits for the requests in flight;
-the app gives them ``shutdown_timeout_s``, then cancels the rest (their usage is recorded as
-for a client that left), and ``__rsgi_del__`` stops the engines and flushes the usage writer.
+the app gives them ``shutdown_timeout_s``, then cuts the rest (a stream ends with an error
+event and is metered for what it sent, any other request is a 503), and ``__rsgi_del__`` stops
+the engines and flushes the usage writer.
 """
 
 from __future__ import annotations
@@ -262,7 +263,7 @@ class App:
             proto.response_bytes(status, [JSON, *headers, *err.headers], err.body())
         except ProtocolClosed:
             # The client went away while its body was read or the answer written: nginx's 499.
-            status, error_code, fields = 499, "client_disconnected", {**fields, "client_disconnected": True}
+            status, fields = 499, {**fields, "client_disconnected": True}
         except asyncio.CancelledError:
             if asyncio.current_task() in self._cut:
                 # The shutdown timeout ran out before the answer (streams end themselves).
@@ -271,15 +272,15 @@ class App:
                 proto.response_bytes(status, [JSON, ("x-request-id", request_id)], err.body())
             else:
                 # The client left as the handler finished (its Disconnect fired too late to be absorbed).
-                status, error_code, fields = 499, "client_disconnected", {**fields, "client_disconnected": True}
+                status, fields = 499, {**fields, "client_disconnected": True}
         except Exception:
             logger.exception("unhandled error", extra={"fields": {"request_id": request_id, "path": path}})
             status, error_code = 500, "server_error"
             err = ApiError(500, "The server had an error while processing your request.", type="server_error")
             proto.response_bytes(status, [JSON, ("x-request-id", request_id)], err.body())
-        if status == 499:
+        if status == 499:  # here, or a handler's own (`Disconnect`)
             error_code = "client_disconnected"
-        elif fields.get("shutdown_cut"):
+        elif fields.get("shutdown_cut"):  # a stream the shutdown cut
             error_code = "server_shutting_down"
         if ticket is not None and ticket.key is not None:
             fields = {**fields, "key": ticket.key.id, "workspace": ticket.workspace}
