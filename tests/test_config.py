@@ -63,6 +63,23 @@ path = "{emb}"
     assert s.port == 9125 and {m.device for m in s.models} == {"cpu"}
 
 
+def test_shutdown_and_header_limits_from_file_env_and_flags(tmp_path, monkeypatch):
+    for name in ("SHUTDOWN_TIMEOUT", "HEADER_TIMEOUT", "MAX_HEADER_BYTES"):
+        monkeypatch.delenv(f"FERROSERVE_{name}", raising=False)
+    s = resolve()
+    assert (s.shutdown_timeout_s, s.header_timeout_s, s.max_header_bytes) == (30.0, 30.0, 65536)
+    cfg = _write(tmp_path, "shutdown_timeout = 5\nheader_timeout = 7.5\nmax_header_bytes = 32768\n")
+    s = resolve(config_file=str(cfg))
+    assert (s.shutdown_timeout_s, s.header_timeout_s, s.max_header_bytes) == (5.0, 7.5, 32768)
+    monkeypatch.setenv("FERROSERVE_SHUTDOWN_TIMEOUT", "0")  # 0: cut at once
+    assert resolve(config_file=str(cfg)).shutdown_timeout_s == 0.0
+    assert resolve(config_file=str(cfg), shutdown_timeout_s=12, header_timeout_s=3).header_timeout_s == 3
+    with pytest.raises(ConfigError, match="--max-header-bytes must be at least 8192"):
+        resolve(max_header_bytes=100)
+    with pytest.raises(ConfigError, match="--shutdown-timeout 0 or more"):
+        resolve(shutdown_timeout_s=-1)
+
+
 @pytest.mark.parametrize("text,message", [
     ("prot = 8000\n", "unknown field `prot`"),
     ("port = 'eighty'\n", "Expected `int | null`, got `str`"),

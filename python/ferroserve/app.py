@@ -2,6 +2,11 @@
 
 granian calls ``create_app()`` in its worker; models load in ``__rsgi_init__`` on the
 worker's event loop, so ``/v1/ready`` is true as soon as requests are served.
+
+Shutdown (SIGTERM): granian stops accepting connections and waits for the requests in flight;
+the app gives them ``shutdown_timeout_s``, then cuts the rest (a stream ends with an error
+event and is metered for what it sent, any other request is a 503), and ``__rsgi_del__`` stops
+the engines and flushes the usage writer.
 """
 
 from __future__ import annotations
@@ -9,16 +14,19 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import signal
 import time
 from urllib.parse import unquote
 
 import msgspec
+from granian.rsgi import ProtocolClosed
 
 from ferroserve import log
 from ferroserve.api import (
     admin, batch_embeddings, batches, chat, completions, embeddings, estimate, files, history, models, openapi, responses, status,
     tokenize, usage,
 )
+from ferroserve.api.generate import SHUTDOWN, shutdown_error
 from ferroserve.config import SETTINGS_ENV, STARTUP_ERROR_ENV, Settings
 from ferroserve.errors import ApiError
 from ferroserve.gateway.embed_cache import EmbedCache
@@ -53,6 +61,11 @@ class App:
         self.gateway = Gateway(settings, self.registry) if settings.gateway else None
         self.batches = BatchRunner(self.router, self.gateway, settings) if self.gateway is not None else None
         self.ready = False
+        # Shutdown: the handlers' tasks in flight, and those cut when the timeout ran out.
+        self.stopping = False
+        self._in_flight: set[asyncio.Task] = set()
+        self._cut: set[asyncio.Task] = set()
+        self._stop_deadline: float | None = None
         # (method, path) -> (handler, access); handlers: (scope, proto, ticket, arg) -> (status, body, log fields)
         self._routes = {
             ("GET", "/health"): (self._health, PUBLIC),
@@ -131,10 +144,54 @@ class App:
             responses.start_background(loop, self.router, self.gateway)
             assert self.batches is not None
             self.batches.start(loop)
+        try:
+            # granian stops a worker on SIGINT or SIGTERM and then waits for every connection
+            # with no limit; the app takes SIGTERM to start its own clock first.
+            loop.add_signal_handler(signal.SIGTERM, self._on_sigterm, loop)
+        except (NotImplementedError, RuntimeError):  # no signals here (not the main thread)
+            pass
         self.ready = True
         logger.info("serving", extra={"fields": {"host": self.settings.host, "port": self.settings.port, "models": list(self.registry.models)}})
 
+    def _on_sigterm(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.stopping:
+            return
+        self.stopping, self.ready = True, False
+        timeout = self.settings.shutdown_timeout_s
+        self._stop_deadline = loop.time() + timeout
+        logger.info("shutting down", extra={"fields": {"requests_in_flight": len(self._in_flight), "timeout_s": timeout}})
+        loop.call_later(timeout, self._cut_in_flight)
+        # Hand the stop itself to granian's own handler (on SIGINT, as for SIGTERM): it closes
+        # the listener at once, lets each connection finish its request and then ends the worker.
+        signal.raise_signal(signal.SIGINT)
+
+    def _cut_in_flight(self) -> None:
+        """The shutdown timeout ran out: cancel what is still running (each handler's cleanup
+        aborts its generation; the app logs and records it as a 503)."""
+        tasks = [t for t in self._in_flight if not t.done()]
+        if tasks:
+            logger.warning("shutdown timeout: cutting requests", extra={"fields": {"requests": len(tasks)}})
+        for task in tasks:
+            self._cut.add(task)
+            task.cancel(SHUTDOWN)
+
+    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Runs the loop until the handlers still running are done (those of clients that left
+        are no connection granian waits for), within what is left of the shutdown timeout."""
+        pending = {t for t in self._in_flight if not t.done()}
+        if not pending:
+            return
+        now = loop.time()
+        deadline = self._stop_deadline if self._stop_deadline is not None else now + self.settings.shutdown_timeout_s
+        _, pending = loop.run_until_complete(asyncio.wait(pending, timeout=max(deadline - now, 0.0)))
+        if pending:
+            self._cut_in_flight()
+            loop.run_until_complete(asyncio.wait(pending, timeout=5.0))
+
     def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.stopping, self.ready = True, False
+        self._drain(loop)
+        log.flush_access()  # lines queued for a loop turn that will not come
         responses.stop_background()
         if self.batches is not None:
             self.batches.stop()
@@ -162,6 +219,16 @@ class App:
     async def __rsgi__(self, scope, proto) -> None:
         if scope.proto != "http":
             return
+        task = asyncio.current_task()
+        self._in_flight.add(task)
+        try:
+            await self._serve(scope, proto)
+        finally:
+            self._in_flight.discard(task)
+
+    async def _serve(self, scope, proto) -> None:
+        """One request: route, gateway, handler, response, access line and usage record. Never
+        raises: granian would log a traceback for what is an answer (a 499 or a 503 too)."""
         started = time.perf_counter()
         request_id = scope.headers.get("x-request-id")
         if not request_id or len(request_id) > 200:  # a client's own id is kept if it is sane
@@ -170,7 +237,7 @@ class App:
         gateway = self.gateway
         fields: dict = {}
         ticket: Ticket | None = None
-        label, access, cost, error_code = "other", PUBLIC, 0.0, None
+        label, access, cost, error_code = "other", PUBLIC, None, None
         metered = False
         try:
             handler, access, label, arg = self._resolve(method, path)
@@ -178,30 +245,50 @@ class App:
                 ticket = Ticket(None, request_id, started, None, None, None, False)
             else:
                 ticket = gateway.open_ticket(scope, request_id, started, admin=access is ADMIN, metered=access is INFERENCE)
-            metered = access is INFERENCE
+            metered = ticket.metered = access is INFERENCE
+            ticket.route = label
             status, body, fields = await handler(scope, proto, ticket, arg)
             if fields.pop(responses.METERED_LATER, False):
-                metered = False  # a background response: its task settles and records the usage
-            if gateway is not None and metered:
-                cost = gateway.settle(ticket, fields)
+                # A background response: its task settles and records the usage.
+                metered = ticket.metered = False
             if body is not None:
+                # A metered answer leaves once its usage record is committed.
+                await ticket.finish(status, fields)
                 proto.response_bytes(status, [_CONTENT_TYPES.get(label, JSON), *ticket.response_headers()], body)
         except ApiError as err:
             status, error_code = err.status, err.code
-            if gateway is not None and access is INFERENCE and ticket is not None:
-                cost = gateway.settle(ticket, fields)
+            if gateway is not None and metered:
+                cost = gateway.settle(ticket, fields)  # before the response: its rate-limit headers are current
             headers = ticket.response_headers() if ticket is not None else [("x-request-id", request_id)]
             proto.response_bytes(status, [JSON, *headers, *err.headers], err.body())
+        except ProtocolClosed:
+            # The client went away while its body was read or the answer written: nginx's 499.
+            status, fields = 499, {**fields, "client_disconnected": True}
+        except asyncio.CancelledError:
+            if asyncio.current_task() in self._cut:
+                # The shutdown timeout ran out before the answer (streams end themselves).
+                err = shutdown_error()
+                status, error_code = err.status, err.code
+                proto.response_bytes(status, [JSON, ("x-request-id", request_id)], err.body())
+            else:
+                # The client left as the handler finished (its Disconnect fired too late to be absorbed).
+                status, fields = 499, {**fields, "client_disconnected": True}
         except Exception:
             logger.exception("unhandled error", extra={"fields": {"request_id": request_id, "path": path}})
             status, error_code = 500, "server_error"
             err = ApiError(500, "The server had an error while processing your request.", type="server_error")
             proto.response_bytes(status, [JSON, ("x-request-id", request_id)], err.body())
+        if status == 499:  # here, or a handler's own (`Disconnect`)
+            error_code = "client_disconnected"
+        elif fields.get("shutdown_cut"):  # a stream the shutdown cut
+            error_code = "server_shutting_down"
         if ticket is not None and ticket.key is not None:
             fields = {**fields, "key": ticket.key.id, "workspace": ticket.workspace}
         log.access(method, path, status, started, request_id, **fields)
-        if gateway is not None:
-            gateway.record(ticket, started, label, status, fields, cost, error_code, metered)
+        if gateway is not None and not (ticket is not None and ticket.finished):
+            if metered and cost is None:
+                cost = gateway.settle(ticket, fields)
+            gateway.record(ticket, started, label, status, fields, cost or 0.0, error_code, metered)
 
     async def _read_body(self, scope, proto, ticket: Ticket | None = None) -> bytes:
         limit = self.settings.max_body_bytes
@@ -369,12 +456,23 @@ class App:
             from ferroserve.gateway.metrics import Metrics
 
             return 200, Metrics().render(rate_limit_rejections={}, usage_queue_depth=0, engines=engines, routing=routing,
-                                         cache=self.embed_cache), {}
+                                         cache=self.embed_cache, process=_process_gauges()), {}
         return 200, gateway.metrics.render(
             rate_limit_rejections=gateway.limiter.rejected,
             usage_queue_depth=gateway.worker.queue_depth() if gateway.worker is not None else 0,
-            engines=engines, routing=routing, cache=self.embed_cache,
+            engines=engines, routing=routing, cache=self.embed_cache, process=_process_gauges(),
         ), {}
+
+
+def _process_gauges() -> dict[str, int]:
+    """What a leak per request would grow: tasks on the loop (this scrape's own included) and
+    open file descriptors (sockets, the database, the engines' eventfds)."""
+    gauges = {"asyncio_tasks": len(asyncio.all_tasks())}
+    try:
+        gauges["open_fds"] = len(os.listdir("/proc/self/fd"))
+    except OSError:  # no procfs (not Linux)
+        pass
+    return gauges
 
 
 def create_app() -> App:

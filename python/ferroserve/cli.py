@@ -77,6 +77,9 @@ def _serve(args: argparse.Namespace) -> int:
             embed_cache_mb=args.embed_cache_mb,
             default_max_tokens=args.default_max_tokens,
             max_tokens_limit=args.max_tokens_limit,
+            max_header_bytes=args.max_header_bytes,
+            header_timeout_s=args.header_timeout,
+            shutdown_timeout_s=args.shutdown_timeout,
         )
     except ConfigError as exc:
         print(f"ferroserve: error: {exc}", file=sys.stderr)
@@ -96,6 +99,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from granian import Granian
     from granian.constants import Interfaces, Loops
+    from granian.http import HTTP1Settings
 
     try:
         import uvloop  # noqa: F401
@@ -114,6 +118,13 @@ def _serve(args: argparse.Namespace) -> int:
         loop=loop,
         log_level=settings.log_level if settings.log_level != "warning" else "warn",
         log_access=False,
+        # Slow clients: all headers within header_timeout_s (slowloris is cut off); the head's
+        # size is bounded by the read buffer (a bigger head is a 431).
+        http1_settings=HTTP1Settings(header_read_timeout=int(settings.header_timeout_s * 1000),
+                                     max_buffer_size=settings.max_header_bytes),
+        # The worker drains for shutdown_timeout_s itself (App.__rsgi_init__); this is the
+        # backstop for a worker that does not exit after that (it is then killed).
+        workers_kill_timeout=int(settings.shutdown_timeout_s) + 30,
     )
     try:
         server.serve()
@@ -367,6 +378,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-tokens-limit", type=int, metavar="N",
         help="the most tokens one request may generate per choice; a request asking for more is a 400, one "
         "naming none stops there (default: no limit but the context; env FERROSERVE_MAX_TOKENS_LIMIT)",
+    )
+    serve.add_argument(
+        "--max-header-bytes", type=int, metavar="N",
+        help="largest accepted request head (request line and headers); a bigger one is a 431 (default 65536, "
+        "env FERROSERVE_MAX_HEADER_BYTES)",
+    )
+    serve.add_argument(
+        "--header-timeout", type=float, metavar="SECONDS",
+        help="time a client has to send a request's headers; a slower one is disconnected (default 30, "
+        "env FERROSERVE_HEADER_TIMEOUT)",
+    )
+    serve.add_argument(
+        "--shutdown-timeout", type=float, metavar="SECONDS",
+        help="on SIGTERM, how long requests in flight (streams too) may take to finish before they are cut; "
+        "new connections are refused at once (default 30, env FERROSERVE_SHUTDOWN_TIMEOUT)",
     )
     serve.set_defaults(func=_serve)
 

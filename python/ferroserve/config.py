@@ -74,6 +74,12 @@ class Settings(msgspec.Struct):
     models: list[ModelSpec] = []
     log_level: str = "info"
     max_body_bytes: int = 16 * 1024 * 1024
+    # Request headers: their total size (a bigger head is a 431) and the time a client has to
+    # send all of them (slow clients are cut off; granian's HTTP/1 limits).
+    max_header_bytes: int = 64 * 1024
+    header_timeout_s: float = 30.0
+    # On SIGTERM: how long requests in flight may take to finish before they are cut.
+    shutdown_timeout_s: float = 30.0
     max_inputs: int = 2048
     # Generation length: the max_tokens of a chat completion or response that names none
     # (None: to the end of the context, OpenAI's default), and the most any request may ask
@@ -157,6 +163,9 @@ class ConfigFile(msgspec.Struct, forbid_unknown_fields=True):
     port: int | None = None
     log_level: str | None = None
     max_body_bytes: int | None = None
+    max_header_bytes: int | None = None
+    header_timeout: float | None = None  # seconds, as --header-timeout
+    shutdown_timeout: float | None = None  # seconds, as --shutdown-timeout
     max_inputs: int | None = None
     default_max_tokens: int | None = None
     max_tokens_limit: int | None = None
@@ -409,6 +418,9 @@ def resolve(
     embed_cache_mb: int | None = None,
     default_max_tokens: int | None = None,
     max_tokens_limit: int | None = None,
+    max_header_bytes: int | None = None,
+    header_timeout_s: float | None = None,
+    shutdown_timeout_s: float | None = None,
 ) -> Settings:
     """Flags (non-None arguments) over environment over the config file over defaults."""
     s = Settings()
@@ -418,9 +430,12 @@ def resolve(
     for key in ("host", "port", "log_level", "max_body_bytes", "max_inputs", "embed_max_batch_tokens",
                 "embed_max_wait_us", "kv_budget_bytes", "max_batch_tokens", "max_running", "numerics",
                 "embed_cache_mb", "embed_cache_ttl_s", "breaker_failures", "breaker_cooldown_s", "default_max_tokens",
-                "max_tokens_limit"):
+                "max_tokens_limit", "max_header_bytes"):
         if getattr(file, key) is not None:
             setattr(s, key, getattr(file, key))
+    for key in ("header_timeout", "shutdown_timeout"):
+        if getattr(file, key) is not None:
+            setattr(s, key + "_s", getattr(file, key))
     try:
         s.host = host or _env("HOST") or s.host
         s.port = port if port is not None else int(_env("PORT") or s.port)
@@ -442,6 +457,10 @@ def resolve(
         s.webhook_retry_base_s = float(_env("WEBHOOK_RETRY_BASE_S") or s.webhook_retry_base_s)
         s.default_max_tokens = default_max_tokens or int(_env("DEFAULT_MAX_TOKENS") or s.default_max_tokens or 0) or None
         s.max_tokens_limit = max_tokens_limit or int(_env("MAX_TOKENS_LIMIT") or s.max_tokens_limit or 0) or None
+        s.max_header_bytes = max_header_bytes or int(_env("MAX_HEADER_BYTES") or s.max_header_bytes)
+        s.header_timeout_s = header_timeout_s or float(_env("HEADER_TIMEOUT") or s.header_timeout_s)
+        s.shutdown_timeout_s = (shutdown_timeout_s if shutdown_timeout_s is not None
+                                else float(_env("SHUTDOWN_TIMEOUT") or s.shutdown_timeout_s))
     except ValueError as exc:
         raise ConfigError(f"invalid numeric setting: {exc}") from None
     template_file = chat_template_file or _env("CHAT_TEMPLATE") or file.chat_template
@@ -459,6 +478,10 @@ def resolve(
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
     if s.default_max_tokens is not None and s.max_tokens_limit is not None and s.default_max_tokens > s.max_tokens_limit:
         raise ConfigError(f"--default-max-tokens ({s.default_max_tokens}) is above --max-tokens-limit ({s.max_tokens_limit})")
+    if s.max_header_bytes < 8192:  # granian's (hyper's) smallest read buffer
+        raise ConfigError(f"--max-header-bytes must be at least 8192, got {s.max_header_bytes}")
+    if s.header_timeout_s <= 0 or s.shutdown_timeout_s < 0:
+        raise ConfigError("--header-timeout must be positive and --shutdown-timeout 0 or more")
     if s.embed_cache_mb < 0:
         raise ConfigError(f"--embed-cache-mb must be 0 (off) or more, got {s.embed_cache_mb}")
     if model_args:

@@ -89,3 +89,8 @@ def access(method: str, path: str, status: int, started: float, request_id: str,
         }
         fields.update(extra)
         _access_log.write(fields)
+
+
+def flush_access() -> None:
+    """Writes the access lines still queued (at shutdown, when no loop turn will)."""
+    _access_log.flush()

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
 import msgspec
 
 from ferroserve.api.generate import (
-    DONE, FINGERPRINT, SSE_HEADERS, Choice, Disconnect, Outcome, apply, encode, error_event, failure_error, max_tokens_of,
-    new_id, now, route_fields, sampling_params, sse, start_generation,
+    DONE, FINGERPRINT, SSE_HEADERS, Choice, Disconnect, Outcome, ProtocolClosed, apply, cut_by_shutdown, encode, end_cut_stream,
+    error_event, failure_error, max_tokens_of, new_id, now, route_fields, sampling_params, shutdown_error, sse, start_generation,
+    stream_status,
 )
 from ferroserve.backends.base import (
     ChatRequest, Delta, Failed, Finished, Message, Tool, ToolCall, ToolCallDelta, estimate_tokens,
@@ -210,7 +212,7 @@ async def create_chat_completion(router: Router, body: bytes, proto, ticket: Tic
                 out["routing"] = plan.routing()
             return 200, encode(out), log
         await _stream(events, params.n, req, cid, created, name, plan, proto, log, ticket)
-        return 200, None, log
+        return stream_status(log), None, log
     log["client_disconnected"] = True
     return 499, None, log
 
@@ -274,11 +276,22 @@ async def _stream(events, n, req, cid, created, name, plan, proto, log, ticket) 
             body["usage"] = None
         first[0] = sse(encode(body))
     pending: list[bytes] = first
+
+    def usage_fields() -> None:
+        # Metered even when the client left early: what was generated was generated.
+        log.update(prompt_tokens=outcome.prompt_tokens, cached_tokens=outcome.cached_tokens,
+                   completion_tokens=outcome.completion_tokens if outcome.finished else outcome.generated_tokens)
+        # A stream resumed on a fallback mid-answer: the usage names who finished it.
+        ticket.served(plan.served_by, plan)
+        route_fields(plan, log)
+
     try:
         async for ev in events:
             t = type(ev)
             if t is Failed:
                 pending.append(error_event(failure_error(ev.error)) + DONE)
+                usage_fields()
+                await ticket.finish(200, log)  # the usage is committed before the last byte
                 await transport.send_bytes(b"".join(pending))
                 return
             if t is ToolCallDelta:
@@ -301,17 +314,20 @@ async def _stream(events, n, req, cid, created, name, plan, proto, log, ticket) 
                     if include_usage:
                         pending.append(sse(encode({**head, "choices": [], "usage": outcome.usage()})))
                     pending.append(DONE)
+                    usage_fields()
+                    await ticket.finish(200, log)  # the usage is committed before the last byte
             else:
                 continue
             await transport.send_bytes(b"".join(pending))
             pending = []
+    except ProtocolClosed:
+        log["client_disconnected"] = True  # the client went away mid-write: stop generating
+    except asyncio.CancelledError as exc:
+        if not cut_by_shutdown(exc):
+            raise
+        await end_cut_stream(transport, error_event(shutdown_error()) + DONE, log)
     except Exception:
-        pass  # the client went away mid-write (or the stream broke): stop generating
+        pass  # the stream broke: what was sent stands
     finally:
-        # Metered even when the client left early: what was generated was generated.
-        log.update(prompt_tokens=outcome.prompt_tokens, cached_tokens=outcome.cached_tokens,
-                   completion_tokens=outcome.completion_tokens if outcome.finished else outcome.generated_tokens)
+        usage_fields()
         await events.aclose()
-        # A stream resumed on a fallback mid-answer: the usage names who finished it.
-        ticket.served(plan.served_by, plan)
-        route_fields(plan, log)

@@ -8,8 +8,9 @@ import asyncio
 import msgspec
 
 from ferroserve.api.generate import (
-    DONE, FINGERPRINT, SSE_HEADERS, Choice, Disconnect, Outcome, apply, encode, error_event, failure_error, max_tokens_of,
-    new_id, now, route_fields, sampling_params, sse, start_generation,
+    DONE, FINGERPRINT, SSE_HEADERS, Choice, Disconnect, Outcome, ProtocolClosed, apply, cut_by_shutdown, encode, end_cut_stream,
+    error_event, failure_error, max_tokens_of, new_id, now, route_fields, sampling_params, shutdown_error, sse, start_generation,
+    stream_status,
 )
 from ferroserve.backends.base import ChatRequest, Delta, Failed, Finished, estimate_tokens
 from ferroserve.errors import ApiError, from_validation, invalid
@@ -74,6 +75,16 @@ async def create_completion(router: Router, body: bytes, proto, ticket: Ticket,
     log: dict = {"model": plans[0].candidates[0].spec.name}
     outcomes = [Outcome([Choice() for _ in range(n)], 0) for _ in requests]
     started: list = []
+
+    def usage_fields() -> None:
+        # Metered even when the client left early: what was generated was generated.
+        log["prompt_tokens"] = sum(o.prompt_tokens for o in outcomes)
+        log["completion_tokens"] = sum(o.completion_tokens if o.finished else o.generated_tokens for o in outcomes)
+        log["cached_tokens"] = sum(o.cached_tokens for o in outcomes)
+        if plans[0].served_by is not None:
+            ticket.served(plans[0].served_by, plans[0])
+            route_fields(plans[0], log)
+
     try:
         with Disconnect(proto):
             for plan, r in zip(plans, requests):
@@ -81,8 +92,8 @@ async def create_completion(router: Router, body: bytes, proto, ticket: Ticket,
             route_fields(plans[0], log)
             name = plans[0].response_model_name()
             if req.stream:
-                await _stream(started, outcomes, n, req, cid, created, name, plans[0], proto, ticket)
-                return 200, None, log
+                await _stream(started, outcomes, n, req, cid, created, name, plans[0], proto, ticket, log, usage_fields)
+                return stream_status(log), None, log
 
             async def run(events, outcome):
                 async for ev in events:
@@ -106,15 +117,9 @@ async def create_completion(router: Router, body: bytes, proto, ticket: Ticket,
         log["client_disconnected"] = True
         return 499, None, log
     finally:
-        # Metered even when the client left early: what was generated was generated.
-        log["prompt_tokens"] = sum(o.prompt_tokens for o in outcomes)
-        log["completion_tokens"] = sum(o.completion_tokens if o.finished else o.generated_tokens for o in outcomes)
-        log["cached_tokens"] = sum(o.cached_tokens for o in outcomes)
+        usage_fields()
         for events in started:
             await events.aclose()
-        if plans[0].served_by is not None:
-            ticket.served(plans[0].served_by, plans[0])
-            route_fields(plans[0], log)
 
 
 def _usage(outcomes: list[Outcome]) -> dict:
@@ -124,7 +129,7 @@ def _usage(outcomes: list[Outcome]) -> dict:
             "prompt_tokens_details": {"cached_tokens": sum(o.cached_tokens for o in outcomes)}}
 
 
-async def _stream(started, outcomes, n, req, cid, created, name, plan, proto, ticket) -> None:
+async def _stream(started, outcomes, n, req, cid, created, name, plan, proto, ticket, log, usage_fields) -> None:
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     head = {"id": cid, "object": "text_completion", "created": created, "model": name, "system_fingerprint": FINGERPRINT}
     transport = proto.response_stream(200, [*SSE_HEADERS, *ticket.response_headers()])
@@ -160,11 +165,21 @@ async def _stream(started, outcomes, n, req, cid, created, name, plan, proto, ti
         if include_usage:
             tail.append(sse(encode({**head, "choices": [], "usage": _usage(outcomes)})))
         tail.append(DONE)
+        usage_fields()
+        await ticket.finish(200, log)  # the usage is committed before the last byte
         await transport.send_bytes(b"".join(tail))
     except ApiError as err:
         try:
+            usage_fields()
+            await ticket.finish(200, log)
             await transport.send_bytes(error_event(err) + DONE)
-        except Exception:
-            pass
+        except ProtocolClosed:
+            log["client_disconnected"] = True
+    except ProtocolClosed:
+        log["client_disconnected"] = True  # the client went away mid-write: stop generating
+    except asyncio.CancelledError as exc:
+        if not cut_by_shutdown(exc):
+            raise
+        await end_cut_stream(transport, error_event(shutdown_error()) + DONE, log)
     except Exception:
-        pass  # client gone
+        pass  # the stream broke: what was sent stands

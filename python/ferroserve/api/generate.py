@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
+from granian.rsgi import ProtocolClosed  # what a read or write raises once the client left
 
 from ferroserve.backends.base import Admitted, ChatRequest, Delta, Failed, Finished, SamplingParams, Unavailable
 from ferroserve.errors import ApiError, invalid
@@ -190,7 +191,9 @@ class Disconnect:
         self.fut.add_done_callback(self._on_disconnect)
 
     def _on_disconnect(self, fut: asyncio.Future) -> None:
-        if not fut.cancelled() and self.task is not None:
+        # `self.fut` is None once closed: a callback scheduled just before `close` (the client
+        # left as the handler finished) must not cancel the task after the block.
+        if not fut.cancelled() and self.fut is not None and self.task is not None:
             self.fired = True
             self.task.cancel()
 
@@ -217,6 +220,39 @@ class Disconnect:
     def __exit__(self, exc_type, exc, tb) -> bool:
         self.close()
         return exc_type is not None and issubclass(exc_type, asyncio.CancelledError) and self.absorb()
+
+
+# The message of the cancellation that cuts a request still running when the shutdown timeout
+# runs out (App._cut_in_flight).
+SHUTDOWN = "server shutting down"
+
+
+def cut_by_shutdown(exc: asyncio.CancelledError) -> bool:
+    return bool(exc.args) and exc.args[0] == SHUTDOWN
+
+
+def shutdown_error() -> ApiError:
+    return ApiError(503, "The server is shutting down; retry the request.", type="server_error", code="server_shutting_down")
+
+
+async def end_cut_stream(transport, last: bytes, log: dict) -> None:
+    """Inside `except CancelledError` of a stream the shutdown cut: the cancellation is absorbed
+    (the handler returns and its usage is recorded as for a client that left), and the client
+    is told with `last` (an error event) instead of a stream that just stops."""
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+    log["shutdown_cut"] = True
+    try:
+        await transport.send_bytes(last)
+    except ProtocolClosed:
+        pass
+
+
+def stream_status(log: dict) -> int:
+    """The access-log status of a stream: 200 once begun, 499 if the client left, 503 if the
+    shutdown cut it."""
+    return 503 if log.get("shutdown_cut") else 499 if log.get("client_disconnected") else 200
 
 
 async def start_generation(router: Router, plan: Plan, request: ChatRequest, ticket: Ticket):

@@ -25,8 +25,8 @@ import msgspec
 
 from ferroserve.api.chat import function_tools
 from ferroserve.api.generate import (
-    SSE_HEADERS, Choice, Disconnect, Outcome, apply, encode, failure_error, max_tokens_of, response_format_of, route_fields,
-    start_generation,
+    SSE_HEADERS, Choice, Disconnect, Outcome, ProtocolClosed, apply, cut_by_shutdown, encode, end_cut_stream, failure_error,
+    max_tokens_of, response_format_of, route_fields, shutdown_error, start_generation, stream_status,
 )
 from ferroserve.api.response_jobs import BackgroundJobs, Job, decode_job, encode_job
 from ferroserve.backends.base import (
@@ -482,7 +482,7 @@ async def create_response(router: Router, gateway: Gateway | None, body: bytes, 
             route_fields(plan, log)
             if req.stream:
                 await _stream(gen, events, plan, proto, ticket, log, store_in)
-                return 200, None, log
+                return stream_status(log), None, log
             try:
                 async for ev in events:
                     gen.fold(ev)
@@ -612,19 +612,39 @@ async def _stream(gen: Generation, events, plan: Plan, proto, ticket: Ticket, lo
     """A foreground stream; `gateway` given: store the response once it reached a final state."""
     rec = gen.record
     transport = proto.response_stream(200, [*SSE_HEADERS, *ticket.response_headers()])
-    try:
-        async for chunk in _events(gen, events, plan, ticket, itertools.count()):
-            await transport.send_bytes(b"".join(chunk))
-    except Exception:
-        pass  # the client went away mid-write (or the stream broke): stop generating
-    finally:
+
+    def usage_fields() -> None:
         gen.log_tokens(log)
-        await events.aclose()
         # A stream resumed on a fallback mid-answer: the usage names who finished it.
         if plan.served_by is not None:
             ticket.served(plan.served_by, plan)
         route_fields(plan, log)
-    if rec.status not in ACTIVE and gateway is not None:
+
+    stored = False
+    seq = itertools.count()
+    try:
+        async for chunk in _events(gen, events, plan, ticket, seq):
+            if rec.status not in ACTIVE:
+                # The final events: the usage (and a stored response) are committed before them.
+                usage_fields()
+                await ticket.finish(200, log)
+                if gateway is not None:
+                    await gateway.call(lambda s: s.insert_response(rec.row()))
+                    stored = True
+            await transport.send_bytes(b"".join(chunk))
+    except ProtocolClosed:
+        log["client_disconnected"] = True  # the client went away mid-write: stop generating
+    except asyncio.CancelledError as exc:
+        if not cut_by_shutdown(exc):
+            raise
+        err = shutdown_error()
+        await end_cut_stream(transport, _sse_event("error", seq, code=err.code, message=err.message, param=None), log)
+    except Exception:
+        pass  # the stream broke: what was sent stands
+    finally:
+        usage_fields()
+        await events.aclose()
+    if rec.status not in ACTIVE and gateway is not None and not stored:
         await gateway.call(lambda s: s.insert_response(rec.row()))
 
 

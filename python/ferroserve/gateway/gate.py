@@ -4,7 +4,10 @@
 against the key's request limit; handlers call `Ticket.admit` once they know the model and the
 prompt's token count (model allow-list, budget, token limit); `Gateway.settle` reconciles the
 actual usage before the response is sent (so its rate-limit headers are current) and
-`Gateway.record` queues the usage record for the SQLite writer after it was sent.
+`Gateway.record` queues the usage record for the SQLite writer. An inference request that is
+answered (a body, or a stream to its end) goes through `Ticket.finish`, which waits until its
+record is committed before the answer's last byte is sent: a request the client saw answered
+is in the usage table even if the process is killed right after.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ class Ticket:
 
     __slots__ = ("gateway", "request_id", "started", "key", "workspace", "window", "capture", "prompt",
                  "model", "price", "charged_prompt_tokens", "ttft_s", "requests_used", "backend", "fallbacks", "cache_hit",
-                 "extra_headers")
+                 "extra_headers", "route", "metered", "finished")
 
     def __init__(self, gateway: Gateway | None, request_id: str, started: float, key: ApiKey | None,
                  workspace: str | None, window: Window | None, capture: bool) -> None:
@@ -63,6 +66,23 @@ class Ticket:
         self.fallbacks: list[str] | None = None
         self.cache_hit = False
         self.extra_headers: list[tuple[str, str]] | None = None
+        self.route = "other"  # the route label the usage record and metrics name
+        self.metered = False  # an inference route: settled and recorded as usage
+        self.finished = False  # settled and recorded (by `finish`)
+
+    async def finish(self, status: int, fields: dict) -> None:
+        """Settles a metered request and records its usage, then waits until the record is
+        committed. Called right before the answer's last byte (the body, a stream's final
+        event), once; the app records anything that did not get here (errors, disconnects)
+        after the response, without waiting."""
+        gw = self.gateway
+        if gw is None or not self.metered or self.finished:
+            return
+        self.finished = True
+        cost = gw.settle(self, fields)
+        committed = gw.record(self, self.started, self.route, status, fields, cost, None, True, durable=True)
+        if committed is not None:
+            await committed
 
     def allow(self, model: LoadedModel) -> None:
         """403 unless the key may use the model (for routes that cost nothing, e.g. tokenize)."""
@@ -280,12 +300,13 @@ class Gateway:
         return cost
 
     def record(self, ticket: Ticket | None, started: float, route: str, status: int, fields: dict, cost: float,
-               error_code: str | None, metered: bool) -> None:
-        """After the response: metrics always; a usage record for metered (inference) routes."""
+               error_code: str | None, metered: bool, durable: bool = False) -> asyncio.Future | None:
+        """Metrics always; a usage record for metered (inference) routes. `durable`: returns a
+        future that is done once the record is committed."""
         seconds = time.perf_counter() - started
         self.metrics.observe_request(route, status, seconds)
         if not metered or ticket is None:
-            return
+            return None
         model = ticket.model or fields.get("model")
         prompt = fields.get("prompt_tokens", 0)
         completion = fields.get("completion_tokens", 0)
@@ -300,12 +321,16 @@ class Gateway:
         # the prefix cache part of the prompt: cached_tokens); fallbacks: the candidates that
         # failed before the one that served.
         backend = ticket.backend or (("cache" if ticket.cache_hit else "local") if model is not None else None)
-        self.worker.record((
+        row = (
             ticket.request_id, time.time(), key.id if key is not None else None, ticket.workspace, route, model,
             backend, int(ticket.cache_hit or cached > 0), prompt, completion, cached,
             cost, round(seconds * 1000, 3), round(ticket.ttft_s * 1000, 3) if ticket.ttft_s is not None else None,
             status, error_code, ticket.prompt, "\n".join(ticket.fallbacks) if ticket.fallbacks else None,
-        ))
+        )
+        if durable:
+            return self.worker.record_committed(row)
+        self.worker.record(row)
+        return None
 
     def capture(self, ticket: Ticket, body: bytes) -> None:
         if ticket.capture:

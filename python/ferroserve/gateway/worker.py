@@ -1,13 +1,16 @@
 """The one thread that owns the server's SQLite connection.
 
 The request path only puts tuples on a queue (`record`, ≈ 0.3 µs); this thread takes
-everything queued, writes it in one statement and one transaction, and repeats. Reads and
+everything queued, writes it in one statement and one transaction, and repeats. A record
+queued with `record_committed` comes with a future that is done once its transaction is
+committed (the app answers a metered request only then); the records of one batch share one
+commit and one wake-up of the event loop. Reads and
 admin writes reach the same thread as commands (`call`), queued behind the records before
 them, so a usage query sees every request answered before it was asked. Between batches it
 polls `PRAGMA data_version` and reports commits by other processes (the `keys` CLI).
 
-`close()` drains the queue before returning: `__rsgi_del__` calls it, so a record queued for
-an answered request is on disk before the process exits.
+`close()` drains the queue before returning: `__rsgi_del__` calls it, so every record queued
+(errors and disconnects too) is on disk before the process exits on SIGTERM.
 """
 
 from __future__ import annotations
@@ -33,6 +36,21 @@ class _Call:
         self.fn, self.future, self.loop = fn, future, loop
 
 
+class _Committed:
+    """A usage record whose writer waits for its commit."""
+
+    __slots__ = ("row", "future", "loop")
+
+    def __init__(self, row: tuple, future: asyncio.Future, loop: asyncio.AbstractEventLoop) -> None:
+        self.row, self.future, self.loop = row, future, loop
+
+
+def _settle_all(futures: list[asyncio.Future]) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_result(None)
+
+
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
     if future.done():
         return
@@ -56,6 +74,12 @@ class StoreWorker:
     # Called on the event loop -------------------------------------------------------
     def record(self, row: tuple) -> None:
         self._queue.put(row)
+
+    def record_committed(self, row: tuple) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.put(_Committed(row, future, loop))
+        return future
 
     def call(self, fn: Callable[[Store], Any]) -> asyncio.Future:
         loop = asyncio.get_running_loop()
@@ -88,17 +112,23 @@ class StoreWorker:
                 except queue.Empty:
                     break
             rows: list[tuple] = []
+            waiting: list[_Committed] = []
             for item in items:
-                if type(item) is tuple:
+                kind = type(item)
+                if kind is tuple:
                     rows.append(item)
                     continue
-                self._flush(rows)
-                rows = []
+                if kind is _Committed:
+                    rows.append(item.row)
+                    waiting.append(item)
+                    continue
+                self._flush(rows, waiting)
+                rows, waiting = [], []
                 if item is _STOP:
                     stopping = True  # keep going: records queued after it are written too
                 else:
                     self._run_call(item)
-            self._flush(rows)
+            self._flush(rows, waiting)
             if stopping:
                 self._drain_rest()
             if time.monotonic() >= next_poll:
@@ -112,7 +142,7 @@ class StoreWorker:
                         logger.exception("reloading keys failed")
 
     def _drain_rest(self) -> None:
-        rows = []
+        rows, waiting = [], []
         while True:
             try:
                 item = self._queue.get_nowait()
@@ -120,11 +150,28 @@ class StoreWorker:
                 break
             if type(item) is tuple:
                 rows.append(item)
-        self._flush(rows)
+            elif type(item) is _Committed:
+                rows.append(item.row)
+                waiting.append(item)
+        self._flush(rows, waiting)
 
-    def _flush(self, rows: list[tuple]) -> None:
-        if not rows:
+    def _flush(self, rows: list[tuple], waiting: list[_Committed] = ()) -> None:
+        if rows:
+            self._write(rows)
+        if not waiting:
             return
+        # The answers wait for this: one wake-up of their loop for the whole batch. (After five
+        # failed attempts they are let go too; the failure is logged and counted.)
+        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
+        for item in waiting:
+            by_loop.setdefault(item.loop, []).append(item.future)
+        for loop, futures in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle_all, futures)
+            except RuntimeError:  # the loop is closed (shutdown)
+                pass
+
+    def _write(self, rows: list[tuple]) -> None:
         for attempt in range(5):
             try:
                 self.store.insert_usage(rows)
