@@ -324,8 +324,12 @@ fn greedy_continuations_and_first_token_logprobs_match_llama_cpp() {
 /// `Numerics::Fast` sums each block's integer dot before scaling, so its roundings differ from
 /// llama.cpp's and greedy text on this tie-prone model differs often (4/14 identical when
 /// measured). What must hold: every divergence from llama.cpp, free-running or teacher-forced,
-/// is a near-tie, and the first-token distribution stays close — the mean |Δ| bound is twice
-/// the size measured (0.07), the max that of llama.cpp's own `-fa on/off` spread (0.32).
+/// is a near-tie, and the first-token distribution stays close — the mean |Δ| bound is about
+/// twice the size measured (0.07 with the query rounded to f16 as llama.cpp does; 0.086 since
+/// the fast attention keeps it in f32, bench/NOTES.md), the max a little above llama.cpp's own
+/// `-fa on/off` spread (0.32; measured 0.351 on a fifth-ranked token, p ≈ 0.05). The closer
+/// authority is the f64 reference (tests/numerics_quality.rs), where fast mode's mean KL is
+/// 0.995× exact's.
 #[test]
 fn fast_numerics_diverge_from_llama_cpp_only_at_near_ties() {
     let Some(path) = model_path() else { return };
@@ -336,7 +340,7 @@ fn fast_numerics_diverge_from_llama_cpp_only_at_near_ties() {
     let model = LlamaModel::load_with(&path, Numerics::Fast).unwrap_or_else(|e| panic!("{e}"));
     let c = compare_with_llama_cpp(&model);
     assert!(c.failures.is_empty(), "{}", c.failures.join("\n"));
-    assert!(c.logprob_mean_err <= 0.15 && c.logprob_max_err <= 0.35, "first-token logprobs: mean |Δ| {:.4}, max {:.4}", c.logprob_mean_err, c.logprob_max_err);
+    assert!(c.logprob_mean_err <= 0.15 && c.logprob_max_err <= 0.40, "first-token logprobs: mean |Δ| {:.4}, max {:.4}", c.logprob_mean_err, c.logprob_max_err);
     println!("fast numerics: {}/{} identical, teacher-forced {}/{}", c.identical, c.cases, c.agree, c.positions);
 }
 

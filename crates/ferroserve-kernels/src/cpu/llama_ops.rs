@@ -390,9 +390,10 @@ pub enum AttentionArith {
     /// llama.cpp's flash attention (online softmax with libm `expf`, value sum kept in f16):
     /// the same bits as llama.cpp, one sequential `expf` per key.
     LlamaCpp,
-    /// Two passes in f32: scores, their maximum, `fast_exp` of all scores (vectorised), the
-    /// value sum in f32, one division. Within ≈ 1e-6 relative of exact softmax; no f16
-    /// roundings. Batch-invariant all the same (every sum in position order).
+    /// f32 throughout (`grouped.rs` has the exact order): each score two FMA chains over the
+    /// head's elements, the maximum, `fast_exp` of all scores (vectorised), the value sum as
+    /// an FMA chain in position order, one multiplication by the sum's reciprocal. Within
+    /// ≈ 1e-6 relative of exact softmax; no f16 roundings. Batch-invariant all the same.
     Fast,
 }
 
@@ -436,20 +437,18 @@ pub fn paged_attention(
         }
     }
 
-    if arith == AttentionArith::Fast && d.is_multiple_of(64) {
-        grouped::paged_attention_grouped(isa, q, seqs, heads, layout, k_cache, v_cache, out);
-    } else {
-        paged_attention_by_head(isa, arith, q, seqs, heads, layout, k_cache, v_cache, out);
+    match arith {
+        AttentionArith::Fast => grouped::paged_attention_grouped(isa, q, seqs, heads, layout, k_cache, v_cache, out),
+        AttentionArith::LlamaCpp => paged_attention_by_head(isa, q, seqs, heads, layout, k_cache, v_cache, out),
     }
 }
 
-/// [`paged_attention`] one (sequence, query head, query tile) per task, the keys and values
-/// read once per query head; the path of [`AttentionArith::LlamaCpp`] and of head widths the
-/// grouped fast path does not cover (the caller checked the arguments).
+/// [`paged_attention`] for [`AttentionArith::LlamaCpp`]: one (sequence, query head, query
+/// tile) per task, the keys and values read once per query head (the caller checked the
+/// arguments).
 #[allow(clippy::too_many_arguments)]
 fn paged_attention_by_head(
     isa: Isa,
-    arith: AttentionArith,
     q: &[f32],
     seqs: &[PagedSeq<'_>],
     heads: usize,
@@ -483,7 +482,7 @@ fn paged_attention_by_head(
             if scores.len() < need {
                 scores.resize(need, 0.0);
             }
-            let task = Task { q, width, layout, k_cache, v_cache, seq: s, head: h, kv_head: h / group, tile, out: out_ptr.get(), arith };
+            let task = Task { q, width, layout, k_cache, v_cache, seq: s, head: h, kv_head: h / group, tile, out: out_ptr.get() };
             macro_rules! with_dim {
                 ($($dim:literal),*) => {
                     match d {
@@ -516,7 +515,6 @@ struct Task<'a> {
     /// Indices into the sequence's rows.
     tile: Range<usize>,
     out: *mut f32,
-    arith: AttentionArith,
 }
 
 #[inline(always)]
@@ -528,10 +526,7 @@ fn attend_tile<const D: usize, const L: u8>(task: &Task<'_>, scores: &mut [f32])
         let q: &[f32; D] = task.q[at..at + D].try_into().unwrap();
         let mut o = [0f32; D];
         score_keys::<D, L>(q, n_keys, task, scores);
-        match task.arith {
-            AttentionArith::LlamaCpp => softmax_values::<D, L>(n_keys, task, scores, &mut o),
-            AttentionArith::Fast => softmax_values_fast::<D, L>(n_keys, task, scores, &mut o),
-        }
+        softmax_values::<D, L>(n_keys, task, scores, &mut o);
         // SAFETY: (row, head) belongs to this task alone; `at + D <= out.len()` because `out`
         // has the length of `q`, which was just sliced at the same place.
         unsafe { std::ptr::copy_nonoverlapping(o.as_ptr(), task.out.add(at), D) };
@@ -690,57 +685,6 @@ fn softmax_values<const D: usize, const L: u8>(n_keys: usize, task: &Task<'_>, s
                 acc[c16..c16 + LANES].copy_from_slice(&round_f16_16::<L>(x));
             }
             total = total.mul_add(ms, vs);
-        }
-    }
-    let inv = if total == 0.0 { 0.0 } else { 1.0 / total };
-    for c in 0..D {
-        o[c] = acc[c] * inv;
-    }
-}
-
-/// [`AttentionArith::Fast`]: the maximum score, all weights by `fast_exp` (sixteen lanes at a
-/// time), their sum in sixteen position-indexed lanes then a fixed tree, the values summed in
-/// f32 in position order. No step depends on the batch.
-#[inline(always)]
-fn softmax_values_fast<const D: usize, const L: u8>(n_keys: usize, task: &Task<'_>, scores: &mut [f32], o: &mut [f32; D]) {
-    let layout = task.layout;
-    let (bt, be, g) = (layout.block_tokens, layout.block_elems(), task.kv_head);
-    let table = &task.seq.block_table[..n_keys.div_ceil(bt)];
-    let s = &mut scores[..n_keys];
-    let m = s.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-    let mut lanes = [0f32; LANES];
-    let mut chunks = s.chunks_exact_mut(LANES);
-    for c in &mut chunks {
-        for (l, v) in c.iter_mut().enumerate() {
-            *v = super::math::fast_exp(*v - m);
-            lanes[l] += *v;
-        }
-    }
-    for (l, v) in chunks.into_remainder().iter_mut().enumerate() {
-        *v = super::math::fast_exp(*v - m);
-        lanes[l] += *v;
-    }
-    let mut width = LANES;
-    while width > 1 {
-        width /= 2;
-        for l in 0..width {
-            lanes[l] += lanes[l + width];
-        }
-    }
-    let total = lanes[0];
-    let mut acc = [0f32; D];
-    for (b, &block) in table.iter().enumerate() {
-        let vb = &task.v_cache[block as usize * be + g * bt * D..][..bt * D];
-        let valid = (n_keys - b * bt).min(bt);
-        for slot in 0..valid {
-            let p = s[b * bt + slot];
-            let v = &vb[slot * D..][..D];
-            for c16 in (0..D).step_by(LANES) {
-                let vv = widen16::<L>(v[c16..c16 + LANES].try_into().unwrap());
-                for l in 0..LANES {
-                    acc[c16 + l] = vv[l].mul_add(p, acc[c16 + l]);
-                }
-            }
         }
     }
     let inv = if total == 0.0 { 0.0 } else { 1.0 / total };
@@ -939,39 +883,13 @@ mod tests {
         }
     }
 
-    /// The fast path by KV head gives the per-head fast path's bits, for every group size
-    /// (one query head per KV head, three, four, five split 2 + 3, eight split 4 + 4).
-    #[test]
-    fn grouped_fast_attention_gives_the_per_head_bits() {
-        let mut rng = Rng::new(seed(19));
-        for &(d, heads, kv_heads) in &[(64, 9, 3), (64, 32, 8), (64, 4, 4), (128, 8, 1), (128, 10, 2), (256, 4, 2)] {
-            let layout = PagedKvLayout::new(16, kv_heads, d);
-            let lens = [1usize, 16, 17, 45, 130];
-            let f = fixture(&mut rng, layout, &lens);
-            let width = heads * d;
-            let total: usize = lens.iter().sum();
-            let q: Vec<f32> = rng.vec(total * width).iter().map(|v| v * 3.0).collect();
-            let mut seqs = Vec::new();
-            let mut row = 0;
-            for (s, &len) in lens.iter().enumerate() {
-                seqs.push(PagedSeq { rows: row..row + len, start_pos: 0, block_table: &f.tables[s] });
-                row += len;
-            }
-            for isa in isas() {
-                let mut by_head = vec![f32::NAN; total * width];
-                paged_attention_by_head(isa, AttentionArith::Fast, &q, &seqs, heads, &layout, &f.k, &f.v, &mut by_head);
-                let mut grouped = vec![f32::NAN; total * width];
-                paged_attention(isa, AttentionArith::Fast, &q, &seqs, heads, &layout, &f.k, &f.v, &mut grouped);
-                let differ = grouped.iter().zip(&by_head).position(|(a, b)| a.to_bits() != b.to_bits());
-                assert_eq!(differ, None, "{isa:?} d={d} heads={heads}/{kv_heads}: grouped {:?} vs per head {:?}", differ.map(|i| grouped[i]), differ.map(|i| by_head[i]));
-            }
-        }
-    }
-
     #[test]
     fn paged_attention_matches_f64_and_is_batch_invariant() {
         let mut rng = Rng::new(seed(17));
-        for &(d, heads, kv_heads, bt) in &[(64, 9, 3, 16), (32, 4, 4, 32), (128, 4, 1, 16), (80, 2, 1, 16)] {
+        // Group sizes 3, 1, 4, 2, 4 (Llama 3.2's 32/8) and 5 (split 2 + 3 into tasks).
+        for &(d, heads, kv_heads, bt) in
+            &[(64, 9, 3, 16), (32, 4, 4, 32), (128, 4, 1, 16), (80, 2, 1, 16), (64, 32, 8, 16), (96, 10, 2, 32)]
+        {
             let layout = PagedKvLayout::new(bt, kv_heads, d);
             // Sequence lengths around block and lane boundaries, and one long one.
             let lens = [1usize, 15, 16, 17, 33, 130];
@@ -981,8 +899,9 @@ mod tests {
             // gives peaked softmaxes.
             let total: usize = lens.iter().sum();
             let q: Vec<f32> = rng.vec(total * width).iter().map(|v| v * 3.0).collect();
-            // The kernel rounds the query to f16 first (as llama.cpp does); the reference
-            // starts from the same rounded query and is exact from there.
+            // The exact kernel rounds the query to f16 first (as llama.cpp does): its
+            // reference starts from the same rounded query and is exact from there; the fast
+            // kernel's from the query itself.
             let q16: Vec<f32> = q.iter().map(|&v| f16_to_f32(f32_to_f16(v))).collect();
             let mut seqs = Vec::new();
             let mut row = 0;
@@ -991,26 +910,31 @@ mod tests {
                 row += len;
             }
             let group = heads / kv_heads;
-            let mut want = vec![0f64; total * width];
-            for (s, seq) in seqs.iter().enumerate() {
-                for i in 0..lens[s] {
-                    let r = seq.rows.start + i;
-                    for h in 0..heads {
-                        let g = h / group;
-                        let qh = &q16[r * width + h * d..][..d];
-                        let sc: Vec<f64> = (0..=i)
-                            .map(|j| (0..d).map(|c| qh[c] as f64 * f.kv[s][j].0[g * d + c] as f64).sum::<f64>() / (d as f64).sqrt())
-                            .collect();
-                        let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                        let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
-                        for c in 0..d {
-                            want[r * width + h * d + c] =
-                                sc.iter().enumerate().map(|(j, x)| (x - m).exp() / z * f.kv[s][j].1[g * d + c] as f64).sum();
+            let reference = |q: &[f32]| {
+                let mut want = vec![0f64; total * width];
+                for (s, seq) in seqs.iter().enumerate() {
+                    for i in 0..lens[s] {
+                        let r = seq.rows.start + i;
+                        for h in 0..heads {
+                            let g = h / group;
+                            let qh = &q[r * width + h * d..][..d];
+                            let sc: Vec<f64> = (0..=i)
+                                .map(|j| (0..d).map(|c| qh[c] as f64 * f.kv[s][j].0[g * d + c] as f64).sum::<f64>() / (d as f64).sqrt())
+                                .collect();
+                            let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                            let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
+                            for c in 0..d {
+                                want[r * width + h * d + c] =
+                                    sc.iter().enumerate().map(|(j, x)| (x - m).exp() / z * f.kv[s][j].1[g * d + c] as f64).sum();
+                            }
                         }
                     }
                 }
-            }
+                want
+            };
+            let (want16, want32) = (reference(&q16), reference(&q));
             for arith in [AttentionArith::LlamaCpp, AttentionArith::Fast] {
+            let want = if arith == AttentionArith::LlamaCpp { &want16 } else { &want32 };
             let mut portable = vec![f32::NAN; total * width];
             paged_attention(Isa::Portable, arith, &q, &seqs, heads, &layout, &f.k, &f.v, &mut portable);
             for (s, seq) in seqs.iter().enumerate() {
