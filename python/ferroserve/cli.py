@@ -77,6 +77,8 @@ def _serve(args: argparse.Namespace) -> int:
             embed_cache_mb=args.embed_cache_mb,
             default_max_tokens=args.default_max_tokens,
             max_tokens_limit=args.max_tokens_limit,
+            max_queue=args.max_queue,
+            max_embedding_queue=args.max_embedding_queue,
         )
     except ConfigError as exc:
         print(f"ferroserve: error: {exc}", file=sys.stderr)
@@ -367,6 +369,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-tokens-limit", type=int, metavar="N",
         help="the most tokens one request may generate per choice; a request asking for more is a 400, one "
         "naming none stops there (default: no limit but the context; env FERROSERVE_MAX_TOKENS_LIMIT)",
+    )
+    serve.add_argument(
+        "--max-queue", type=int, metavar="N",
+        help="admission control: chat sequences that may wait per chat model for a place in the running batch; "
+        "beyond them a request gets 503 capacity_unavailable with Retry-After at once (default: half of "
+        "FERROSERVE_MAX_RUNNING, i.e. 32; env FERROSERVE_MAX_QUEUE)",
+    )
+    serve.add_argument(
+        "--max-embedding-queue", type=int, metavar="N",
+        help="admission control: requests one embedding model may hold queued or embedding (default 1024; "
+        "env FERROSERVE_MAX_EMBEDDING_QUEUE)",
     )
     serve.set_defaults(func=_serve)
 

@@ -92,6 +92,11 @@ class Settings(msgspec.Struct):
     kv_budget_bytes: int = 512 * 1024 * 1024  # fits the default model's full 8,192-token context
     max_batch_tokens: int = 512
     max_running: int = 64
+    # Admission control: per chat model, the sequences that may wait for a place in the running
+    # batch (None: half of max_running); per embedding model, the requests in its
+    # engine. Beyond them a request gets 503 capacity_unavailable with retry-after at once.
+    max_queue: int | None = None
+    max_embedding_queue: int = 1024
     # A Jinja chat template replacing the GGUF's own, for every chat model.
     chat_template: str | None = None
     # Chat matmul arithmetic: "exact" (llama.cpp's, bit for bit) or "fast" (repacked panels).
@@ -167,6 +172,8 @@ class ConfigFile(msgspec.Struct, forbid_unknown_fields=True):
     kv_budget_bytes: int | None = None
     max_batch_tokens: int | None = None
     max_running: int | None = None
+    max_queue: int | None = None
+    max_embedding_queue: int | None = None
     chat_template: str | None = None  # a file, as --chat-template
     numerics: str | None = None
     kernel_binaries: str | None = None
@@ -409,6 +416,8 @@ def resolve(
     embed_cache_mb: int | None = None,
     default_max_tokens: int | None = None,
     max_tokens_limit: int | None = None,
+    max_queue: int | None = None,
+    max_embedding_queue: int | None = None,
 ) -> Settings:
     """Flags (non-None arguments) over environment over the config file over defaults."""
     s = Settings()
@@ -418,7 +427,7 @@ def resolve(
     for key in ("host", "port", "log_level", "max_body_bytes", "max_inputs", "embed_max_batch_tokens",
                 "embed_max_wait_us", "kv_budget_bytes", "max_batch_tokens", "max_running", "numerics",
                 "embed_cache_mb", "embed_cache_ttl_s", "breaker_failures", "breaker_cooldown_s", "default_max_tokens",
-                "max_tokens_limit"):
+                "max_tokens_limit", "max_queue", "max_embedding_queue"):
         if getattr(file, key) is not None:
             setattr(s, key, getattr(file, key))
     try:
@@ -442,6 +451,11 @@ def resolve(
         s.webhook_retry_base_s = float(_env("WEBHOOK_RETRY_BASE_S") or s.webhook_retry_base_s)
         s.default_max_tokens = default_max_tokens or int(_env("DEFAULT_MAX_TOKENS") or s.default_max_tokens or 0) or None
         s.max_tokens_limit = max_tokens_limit or int(_env("MAX_TOKENS_LIMIT") or s.max_tokens_limit or 0) or None
+        if max_queue is not None or _env("MAX_QUEUE"):
+            s.max_queue = max_queue if max_queue is not None else int(_env("MAX_QUEUE") or 0)
+        if max_embedding_queue is not None or _env("MAX_EMBEDDING_QUEUE"):
+            s.max_embedding_queue = (max_embedding_queue if max_embedding_queue is not None
+                                     else int(_env("MAX_EMBEDDING_QUEUE") or 0))
     except ValueError as exc:
         raise ConfigError(f"invalid numeric setting: {exc}") from None
     template_file = chat_template_file or _env("CHAT_TEMPLATE") or file.chat_template
@@ -459,6 +473,10 @@ def resolve(
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
     if s.default_max_tokens is not None and s.max_tokens_limit is not None and s.default_max_tokens > s.max_tokens_limit:
         raise ConfigError(f"--default-max-tokens ({s.default_max_tokens}) is above --max-tokens-limit ({s.max_tokens_limit})")
+    if s.max_queue is not None and s.max_queue < 1:
+        raise ConfigError(f"--max-queue must be at least 1, got {s.max_queue}")
+    if s.max_embedding_queue < 1:
+        raise ConfigError(f"--max-embedding-queue must be at least 1, got {s.max_embedding_queue}")
     if s.embed_cache_mb < 0:
         raise ConfigError(f"--embed-cache-mb must be 0 (off) or more, got {s.embed_cache_mb}")
     if model_args:
