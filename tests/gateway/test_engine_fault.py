@@ -21,7 +21,7 @@ from tests.conftest import Server
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 CHAT = "SmolLM2-135M-Instruct"
-PANIC_AFTER_STEPS = 40
+PANIC_AFTER_STEPS = 100  # steps: long enough for both requests to be in flight at the panic
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +74,11 @@ def test_a_dead_chat_engine_fails_its_requests_with_503_and_the_probes_say_so(se
     assert r.status_code == 503, r.text
     assert r.json()["error"]["code"] == "engine_unavailable" and "test-only panic" in r.json()["error"]["message"], r.text
 
-    # New chat requests: 503 at once, streaming or not.
-    for stream in (False, True):
+    # New chat requests: 503 at once, streaming or not, saying why (also once the breaker is open).
+    for stream in (False, True, False):
         r = httpx.post(url + "/v1/chat/completions", json=_body(stream), timeout=30)
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable", r.text
+        assert "test-only panic" in r.json()["error"]["message"], r.text
 
     # The probes name the model whose engine stopped.
     for probe in ("/health", "/v1/ready"):

@@ -410,7 +410,8 @@ class LocalChatModel(EngineWatcher, Backend):
             )
         except _core.FerroserveError as exc:
             self._collectors.pop(request_id, None)
-            yield Failed(_from_exception(exc, None))
+            fault = self.fault()  # a stopped engine refuses with a bare EngineDead: say why it stopped
+            yield Failed(_failure("EngineDead", fault, None) if fault is not None else _from_exception(exc, None))
             return
         if interactive:
             self._in_flight += params.n

@@ -339,7 +339,8 @@ class Router:
             m = plan.candidates[i]
             if m.health.available(now):
                 return i, m
-            plan.tried.append(f"{m.spec.name}: circuit open")
+            last = f" (last error: {m.health.last_error})" if m.health.last_error else ""
+            plan.tried.append(f"{m.spec.name}: circuit open{last}"[:300])
             plan.failure_codes.append(m.health.last_code)
         return None, None
 
