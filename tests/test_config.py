@@ -91,6 +91,24 @@ def test_a_wrong_file_is_a_clear_error(tmp_path, text, message):
         resolve(config_file=str(_write(tmp_path, text)))
 
 
+def test_admission_bounds_come_from_the_file_environment_and_flags(tmp_path, monkeypatch):
+    monkeypatch.delenv("FERROSERVE_MAX_QUEUE", raising=False)
+    monkeypatch.delenv("FERROSERVE_MAX_EMBEDDING_QUEUE", raising=False)
+    _models()
+    s = resolve()
+    assert (s.max_queue, s.max_embedding_queue) == (None, 1024)  # None: half the chat engine's max_running
+    cfg = _write(tmp_path, "max_queue = 5\nmax_embedding_queue = 50\n")
+    s = resolve(config_file=str(cfg))
+    assert (s.max_queue, s.max_embedding_queue) == (5, 50)
+    monkeypatch.setenv("FERROSERVE_MAX_QUEUE", "6")
+    assert resolve(config_file=str(cfg)).max_queue == 6
+    s = resolve(config_file=str(cfg), max_queue=7, max_embedding_queue=70)
+    assert (s.max_queue, s.max_embedding_queue) == (7, 70)
+    for bad in ({"max_queue": 0}, {"max_embedding_queue": 0}):
+        with pytest.raises(ConfigError, match="must be at least 1"):
+            resolve(**bad)
+
+
 def test_a_bad_device_in_the_file_is_refused_by_the_cli(tmp_path):
     chat, _ = _models()
     cfg = _write(tmp_path, f'[[models]]\nname = "chat"\npath = "{chat}"\ndevice = "gpu"\n')

@@ -316,11 +316,13 @@ class App:
 
     # Handlers: (scope, proto, ticket, path argument) -> (status, body, log fields) --------
     async def _health(self, scope, proto, ticket, arg):
+        status.check_engines(self.registry)
         return 200, b'{"status":"ok"}', {}
 
     async def _ready(self, scope, proto, ticket, arg):
         if not self.ready:
             raise ApiError(503, "Models are still loading.", type="server_error", code="not_ready")
+        status.check_engines(self.registry)
         return 200, _encode({"status": "ready", "models": list(self.registry.models)}), {}
 
     async def _status(self, scope, proto, ticket, arg):

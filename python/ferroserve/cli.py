@@ -80,6 +80,8 @@ def _serve(args: argparse.Namespace) -> int:
             max_header_bytes=args.max_header_bytes,
             header_timeout_s=args.header_timeout,
             shutdown_timeout_s=args.shutdown_timeout,
+            max_queue=args.max_queue,
+            max_embedding_queue=args.max_embedding_queue,
         )
     except ConfigError as exc:
         print(f"ferroserve: error: {exc}", file=sys.stderr)
@@ -393,6 +395,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--shutdown-timeout", type=float, metavar="SECONDS",
         help="on SIGTERM, how long requests in flight (streams too) may take to finish before they are cut; "
         "new connections are refused at once (default 30, env FERROSERVE_SHUTDOWN_TIMEOUT)",
+    )
+    serve.add_argument(
+        "--max-queue", type=int, metavar="N",
+        help="admission control: chat sequences that may wait per chat model for a place in the running batch; "
+        "beyond them a request gets 503 capacity_unavailable with Retry-After at once (default: half of "
+        "FERROSERVE_MAX_RUNNING, i.e. 32; env FERROSERVE_MAX_QUEUE)",
+    )
+    serve.add_argument(
+        "--max-embedding-queue", type=int, metavar="N",
+        help="admission control: requests one embedding model may hold queued or embedding (default 1024; "
+        "env FERROSERVE_MAX_EMBEDDING_QUEUE)",
     )
     serve.set_defaults(func=_serve)
 

@@ -98,6 +98,11 @@ class Settings(msgspec.Struct):
     kv_budget_bytes: int = 512 * 1024 * 1024  # fits the default model's full 8,192-token context
     max_batch_tokens: int = 512
     max_running: int = 64
+    # Admission control: per chat model, the sequences that may wait for a place in the running
+    # batch (None: half of max_running); per embedding model, the requests in its
+    # engine. Beyond them a request gets 503 capacity_unavailable with retry-after at once.
+    max_queue: int | None = None
+    max_embedding_queue: int = 1024
     # A Jinja chat template replacing the GGUF's own, for every chat model.
     chat_template: str | None = None
     # Chat matmul arithmetic: "exact" (llama.cpp's, bit for bit) or "fast" (repacked panels).
@@ -176,6 +181,8 @@ class ConfigFile(msgspec.Struct, forbid_unknown_fields=True):
     kv_budget_bytes: int | None = None
     max_batch_tokens: int | None = None
     max_running: int | None = None
+    max_queue: int | None = None
+    max_embedding_queue: int | None = None
     chat_template: str | None = None  # a file, as --chat-template
     numerics: str | None = None
     kernel_binaries: str | None = None
@@ -421,6 +428,8 @@ def resolve(
     max_header_bytes: int | None = None,
     header_timeout_s: float | None = None,
     shutdown_timeout_s: float | None = None,
+    max_queue: int | None = None,
+    max_embedding_queue: int | None = None,
 ) -> Settings:
     """Flags (non-None arguments) over environment over the config file over defaults."""
     s = Settings()
@@ -430,7 +439,7 @@ def resolve(
     for key in ("host", "port", "log_level", "max_body_bytes", "max_inputs", "embed_max_batch_tokens",
                 "embed_max_wait_us", "kv_budget_bytes", "max_batch_tokens", "max_running", "numerics",
                 "embed_cache_mb", "embed_cache_ttl_s", "breaker_failures", "breaker_cooldown_s", "default_max_tokens",
-                "max_tokens_limit", "max_header_bytes"):
+                "max_tokens_limit", "max_header_bytes", "max_queue", "max_embedding_queue"):
         if getattr(file, key) is not None:
             setattr(s, key, getattr(file, key))
     for key in ("header_timeout", "shutdown_timeout"):
@@ -461,6 +470,11 @@ def resolve(
         s.header_timeout_s = header_timeout_s or float(_env("HEADER_TIMEOUT") or s.header_timeout_s)
         s.shutdown_timeout_s = (shutdown_timeout_s if shutdown_timeout_s is not None
                                 else float(_env("SHUTDOWN_TIMEOUT") or s.shutdown_timeout_s))
+        if max_queue is not None or _env("MAX_QUEUE"):
+            s.max_queue = max_queue if max_queue is not None else int(_env("MAX_QUEUE") or 0)
+        if max_embedding_queue is not None or _env("MAX_EMBEDDING_QUEUE"):
+            s.max_embedding_queue = (max_embedding_queue if max_embedding_queue is not None
+                                     else int(_env("MAX_EMBEDDING_QUEUE") or 0))
     except ValueError as exc:
         raise ConfigError(f"invalid numeric setting: {exc}") from None
     template_file = chat_template_file or _env("CHAT_TEMPLATE") or file.chat_template
@@ -482,6 +496,10 @@ def resolve(
         raise ConfigError(f"--max-header-bytes must be at least 8192, got {s.max_header_bytes}")
     if s.header_timeout_s <= 0 or s.shutdown_timeout_s < 0:
         raise ConfigError("--header-timeout must be positive and --shutdown-timeout 0 or more")
+    if s.max_queue is not None and s.max_queue < 1:
+        raise ConfigError(f"--max-queue must be at least 1, got {s.max_queue}")
+    if s.max_embedding_queue < 1:
+        raise ConfigError(f"--max-embedding-queue must be at least 1, got {s.max_embedding_queue}")
     if s.embed_cache_mb < 0:
         raise ConfigError(f"--embed-cache-mb must be 0 (off) or more, got {s.embed_cache_mb}")
     if model_args:

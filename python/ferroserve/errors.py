@@ -89,6 +89,11 @@ _ENGINE_ERRORS: dict[str, tuple[int, str, str | None]] = {
 }
 
 
+def engine_code(kind: str) -> str:
+    """The error code of an engine error kind (as `from_engine` gives it)."""
+    return _ENGINE_ERRORS.get(kind, (500, "server_error", "server_error"))[2] or "server_error"
+
+
 def from_engine(kind: str, message: str, param: str | None = None) -> ApiError:
     status, type_, code = _ENGINE_ERRORS.get(kind, (500, "server_error", "server_error"))
     return ApiError(status, message, type=type_, param=param if status == 400 else None, code=code)

@@ -134,6 +134,7 @@ class Registry:
                 device=device,
                 kernel_binaries=settings.kernel_binaries if device != "cpu" else None,
                 spec=spec,
+                max_queue=settings.max_queue,
             )
 
         if spec.device == "auto" and settings.numerics == "fast":
@@ -158,6 +159,7 @@ class Registry:
                 device=device,
                 kernel_binaries=settings.kernel_binaries if device != "cpu" else None,
                 spec=spec,
+                max_queue=settings.max_embedding_queue,
             )
 
         return _on_device(spec, load)

@@ -235,6 +235,8 @@ struct Shared {
     notifier: Notifier<ChatEvent>,
     stats: Mutex<EngineStats>,
     alive: AtomicBool,
+    /// Why the engine thread stopped (set once, with `alive` false).
+    failure: Mutex<Option<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -393,6 +395,7 @@ impl ChatEngine {
                 ..Default::default()
             }),
             alive: AtomicBool::new(true),
+            failure: Mutex::new(None),
         });
         let sched = Scheduler::new(SchedulerConfig {
             max_batch_tokens: cfg.max_batch_tokens,
@@ -408,11 +411,17 @@ impl ChatEngine {
             events: Vec::new(),
             ended_requests: Vec::new(),
             stats: EngineStats::default(),
+            test_panic_after_steps: test_panic_after_steps(),
         };
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("ferroserve-chat".into())
             .spawn(move || {
+                // One catch around the whole loop, not one per step: after a panic mid-step
+                // the scheduler's queues, the block tables and the KV pool may disagree, so
+                // the engine is not resumed. Every request in flight gets `EngineDead` (a 503
+                // upstairs), later submits fail the same way, and `is_alive()` turns false for
+                // `/health`. Restarting the process is the way back.
                 let outcome = catch_unwind(AssertUnwindSafe(|| core.run(&rx)));
                 if let Err(panic) = outcome {
                     fail_everything(&thread_shared, &rx, &panic_message(&*panic));
@@ -541,6 +550,11 @@ impl ChatEngine {
     /// False once the engine thread panicked (then every call fails with `EngineDead`).
     pub fn is_alive(&self) -> bool {
         self.shared.alive.load(Ordering::Acquire)
+    }
+
+    /// Why the engine thread stopped (`None` while it runs).
+    pub fn failure(&self) -> Option<String> {
+        lock(&self.shared.failure).clone()
     }
 
     /// As of the last step.
@@ -726,6 +740,16 @@ fn fresh_seed(request_id: u64) -> u64 {
     std::collections::hash_map::RandomState::new().hash_one((request_id, nanos))
 }
 
+/// Test-only fault injection: with this variable set to N when a chat engine starts, its
+/// thread panics inside step N + 1 (with sequences scheduled), as a bug in a kernel or the
+/// scheduler would. Read once per engine; inert unless set. The fault tests use it
+/// (tests/gateway/test_engine_fault.py); never set it in production.
+pub const TEST_PANIC_AFTER_STEPS_ENV: &str = "FERROSERVE_TEST_PANIC_AFTER_STEPS";
+
+fn test_panic_after_steps() -> Option<u64> {
+    std::env::var(TEST_PANIC_AFTER_STEPS_ENV).ok()?.trim().parse().ok()
+}
+
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     let what = panic
         .downcast_ref::<&str>()
@@ -737,6 +761,7 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 
 /// After a panic: refuse new work, then fail every request that was in flight.
 fn fail_everything(shared: &Shared, rx: &Receiver<Command>, message: &str) {
+    *lock(&shared.failure) = Some(message.to_owned());
     shared.alive.store(false, Ordering::Release);
     // Under the commands lock, so every submit either saw `None` or is in `in_flight`.
     lock(&shared.commands).take();
@@ -811,6 +836,8 @@ struct EngineCore<M: StepModel> {
     /// Requests whose last event is among `events`.
     ended_requests: Vec<u64>,
     stats: EngineStats,
+    /// Test-only: see [`TEST_PANIC_AFTER_STEPS_ENV`].
+    test_panic_after_steps: Option<u64>,
 }
 
 impl<M: StepModel> EngineCore<M> {
@@ -893,6 +920,9 @@ impl<M: StepModel> EngineCore<M> {
         }
         if plan.chunks.is_empty() {
             return;
+        }
+        if let Some(n) = self.test_panic_after_steps.filter(|&n| self.stats.steps >= n) {
+            panic!("test-only panic after {n} engine steps ({TEST_PANIC_AFTER_STEPS_ENV})");
         }
         let mut sampled = Vec::with_capacity(plan.chunks.len());
         for (seq, outcome) in self.run_model(&plan) {

@@ -274,6 +274,12 @@ impl PyChatEngine {
         self.inner.is_alive()
     }
 
+    /// Why the engine thread stopped (`None` while it runs).
+    #[getter]
+    fn failure(&self) -> Option<String> {
+        self.inner.failure()
+    }
+
     #[getter]
     fn context_length(&self) -> usize {
         self.inner.context_length()

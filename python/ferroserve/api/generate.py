@@ -170,7 +170,7 @@ def failure_error(error) -> ApiError:
         return error
     if isinstance(error, Unavailable):
         return ApiError(503, f"The backend stopped serving this request: {error.reason}", type="server_error",
-                        code="backend_unavailable")
+                        code=error.code or "backend_unavailable")
     return ApiError(500, "The server had an error while processing your request.", type="server_error")
 
 

@@ -88,8 +88,10 @@ _KEY_ID = {"id": "$response.body#/id"}
 
 OPERATIONS: tuple[Op, ...] = (
     # Probes and documents.
-    Op("GET", "/health", "health", "Liveness probe.", "status", status.Health),
-    Op("GET", "/v1/ready", "ready", "Readiness: 200 once every model is loaded, 503 before.", "status", status.Ready),
+    Op("GET", "/health", "health", "Liveness probe: 503 once an engine thread of this process stopped.", "status",
+       status.Health),
+    Op("GET", "/v1/ready", "ready", "Readiness: 200 once every model is loaded, 503 before and once an engine stopped.",
+       "status", status.Ready),
     Op("GET", "/v1/status", "getStatus", "Per-model availability (IPOP's PublicStatus), backends, router health, load.",
        "status", status.PublicStatus,
        query=(Query("ready", {"type": "boolean"}, "List only the models that can serve now."),)),
@@ -231,7 +233,7 @@ def _statuses(op: Op, access: str) -> list[int]:
     if op.request is not None or op.request_content is not None:
         out.add(413)
     if op.operation_id in ("health", "getOpenApi", "metrics"):
-        out = {405}
+        out = {405, 503} if op.operation_id == "health" else {405}
     return sorted(out)
 
 
@@ -255,6 +257,8 @@ def _operation(op: Op, access: str) -> dict:
         headers = dict(_REQUEST_ID)
         if code == 429:
             headers["retry-after"] = {"required": True, "schema": _STRING}
+        elif code == 503:  # sent when waiting helps (a full queue, an open breaker)
+            headers["retry-after"] = {"required": False, "schema": _STRING}
         answers[str(code)] = {"description": _ERROR_TEXT[code], "headers": headers,
                               "content": {"application/json": {"schema": _schema_ref(ErrorEnvelope)}}}
     out: dict[str, Any] = {"operationId": op.operation_id, "summary": op.summary, "tags": [op.tag], "responses": answers}

@@ -1,5 +1,5 @@
 """`GET /v1/status`: per-model availability in the IPOP spec's `PublicStatus` shape, plus each
-model's backend, router health and breaker."""
+model's backend, router health and breaker; `/health` and `/v1/ready`'s engine check."""
 
 from __future__ import annotations
 
@@ -8,10 +8,22 @@ from urllib.parse import parse_qs
 
 import msgspec
 
+from ferroserve.errors import ApiError
 from ferroserve.gateway.router import health_of
 from ferroserve.registry import Registry
 
 _encode = msgspec.json.Encoder().encode
+
+
+def check_engines(registry: Registry) -> None:
+    """503 `engine_unavailable` naming every model whose engine in this process stopped (its
+    thread died): the process cannot serve them until it restarts, so liveness and readiness
+    probes must fail. Remote backends never fail it."""
+    down = [(name, why) for name, m in registry.models.items() if (why := m.backend.fault()) is not None]
+    if down:
+        names = ", ".join(f"`{name}` ({why})" for name, why in down)
+        raise ApiError(503, f"The engine of {names} stopped; the server must be restarted to serve "
+                       f"{'it' if len(down) == 1 else 'them'}.", type="server_error", code="engine_unavailable")
 
 
 def status(registry: Registry, ready: bool, query: str = "", cache=None) -> bytes:
@@ -21,6 +33,7 @@ def status(registry: Registry, ready: bool, query: str = "", cache=None) -> byte
     for name, m in registry.models.items():
         health = health_of(m)
         available = ready and health != "down"
+        fault = m.backend.fault()
         models.append({
             "id": name,
             "display_name": name,
@@ -38,6 +51,7 @@ def status(registry: Registry, ready: bool, query: str = "", cache=None) -> byte
             "health": health,
             "router": m.health.as_json(),
             "load": msgspec.structs.asdict(m.backend.stats()),
+            **({"error": fault} if fault is not None else {}),
         })
     n_up = sum(m["available"] for m in models)
     overall = "available" if models and n_up == len(models) else ("degraded" if n_up else "not_enabled")

@@ -49,13 +49,25 @@ class Unavailable(Exception):
     """The backend cannot serve this request now; another candidate may.
 
     `status` is the upstream's HTTP status when there was one (429, 5xx), `retry_after` its
-    Retry-After in seconds when it sent one."""
+    Retry-After in seconds when it sent one. `code` is the error code the client gets when no
+    candidate serves and every one failed the same way (e.g. `engine_unavailable`)."""
 
-    def __init__(self, reason: str, *, status: int | None = None, retry_after: float | None = None) -> None:
+    def __init__(self, reason: str, *, status: int | None = None, retry_after: float | None = None,
+                 code: str | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.status = status
         self.retry_after = retry_after
+        self.code = code
+
+
+class AtCapacity(Unavailable):
+    """The backend's admission bound is reached (its queue is full): load, not a fault, so the
+    router's breaker does not count it. Another candidate may serve; if none does, the client
+    gets 503 `capacity_unavailable` with `retry-after`."""
+
+    def __init__(self, reason: str, retry_after: float = 1.0) -> None:
+        super().__init__(reason, status=503, retry_after=retry_after, code="capacity_unavailable")
 
 
 # Requests ------------------------------------------------------------------------------------
@@ -282,6 +294,12 @@ class Backend(ABC):
 
     def engine_stats(self) -> dict | None:
         """This process's engine counters for /metrics (local models only)."""
+        return None
+
+    def fault(self) -> str | None:
+        """Why a part of this process that serves the model is dead (a local engine thread
+        that stopped), or None. `/health` and `/v1/ready` answer 503 while any model has one;
+        remote backends have none (their outages are the router's business)."""
         return None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:

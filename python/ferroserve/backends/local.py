@@ -19,12 +19,12 @@ import msgspec
 
 from ferroserve import _core
 from ferroserve.backends.base import (
-    DOWN, HEALTHY, Admitted, Backend, BackendInfo, BackendStats, ChatRequest, Delta, EmbeddingResult, EmbedRequest,
-    Event, Failed, Finished, Message, Tool, Unavailable, response_format_schema,
+    DOWN, HEALTHY, Admitted, AtCapacity, Backend, BackendInfo, BackendStats, ChatRequest, Delta, EmbeddingResult,
+    EmbedRequest, Event, Failed, Finished, Message, Tool, Unavailable, response_format_schema,
 )
 from ferroserve.backends.toolcalls import FORMATS, HERMES, ToolCallParser, lark_grammar
 from ferroserve.config import ModelSpec
-from ferroserve.errors import ApiError, from_engine, from_engine_exception
+from ferroserve.errors import ApiError, engine_code, from_engine, from_engine_exception
 
 _request_ids = itertools.count(1)
 _encode_json = msgspec.json.Encoder().encode
@@ -33,16 +33,34 @@ _UNAVAILABLE_KINDS = ("Overloaded", "EngineDead", "DeviceError")
 
 
 def _failure(kind: str, message: str, param: str | None) -> ApiError | Unavailable:
+    if kind == "Overloaded":
+        return AtCapacity(f"{kind}: {message}")
     if kind in _UNAVAILABLE_KINDS:
-        return Unavailable(f"{kind}: {message}", status=503)
+        return Unavailable(f"{kind}: {message}", status=503, code=engine_code(kind))
     return from_engine(kind, message, param)
 
 
 def _from_exception(exc: _core.FerroserveError, param: str | None) -> ApiError | Unavailable:
     kind = type(exc).__name__
     if kind in _UNAVAILABLE_KINDS:
-        return Unavailable(f"{kind}: {exc}", status=503)
+        return _failure(kind, str(exc), None)
     return from_engine_exception(exc, param)
+
+
+# Admission control (overload): each local model counts its interactive requests admitted and
+# not yet finished, a few integer operations per request (never per token), and refuses new
+# ones with `AtCapacity` (503 `capacity_unavailable`, `retry-after`) once its queue is full,
+# at once, instead of letting them pile up in the engine. Batch-priority work is not bounded
+# here: the engine runs it only on what interactive work leaves, and the batch runner bounds
+# how much of it is in flight.
+CAPACITY_RETRY_AFTER_S = 1.0
+
+
+def default_max_queue(max_running: int) -> int:
+    """Half a running batch may wait: at full load an admitted request then waits about half
+    a request's time for its place, so its latency stays within 2x of what it is at capacity
+    (issue 16's target; a whole batch waiting would sit right at 2x)."""
+    return max(1, max_running // 2)
 
 
 class EngineWatcher:
@@ -82,18 +100,27 @@ class LocalEmbeddingModel(EngineWatcher, Backend):
     path: str
     engine: _core.EmbeddingEngine
     spec: ModelSpec | None = None
+    # Interactive requests in the engine (queued or in its batch) at most; see "Admission".
+    max_queue: int = 1024
     _pending: dict[int, asyncio.Future] = field(default_factory=dict)
     _loop: asyncio.AbstractEventLoop | None = None
+    _in_flight: int = 0
+    _rejections: int = 0
 
     @classmethod
     def load(
         cls, name: str, path: str, *, max_batch_tokens: int, max_wait_us: int,
-        device: str = "cpu", kernel_binaries: str | None = None, spec: ModelSpec | None = None,
+        device: str = "cpu", kernel_binaries: str | None = None, spec: ModelSpec | None = None, max_queue: int = 1024,
     ) -> LocalEmbeddingModel:
         engine = _core.EmbeddingEngine(
             path, max_batch_tokens=max_batch_tokens, max_wait_us=max_wait_us, device=device, kernel_binaries=kernel_binaries,
         )
-        return cls(name=name, path=path, engine=engine, spec=spec)
+        return cls(name=name, path=path, engine=engine, spec=spec, max_queue=max_queue)
+
+    def engine_stats(self) -> dict:
+        """Admission counters for /metrics (the batcher keeps no others)."""
+        return {"admission_in_flight": self._in_flight, "admission_waiting": self._in_flight,
+                "admission_queue_limit": self.max_queue, "capacity_rejections": self._rejections}
 
     def info(self) -> BackendInfo:
         spec = self.spec
@@ -124,6 +151,12 @@ class LocalEmbeddingModel(EngineWatcher, Backend):
 
     async def embed(self, request: EmbedRequest) -> EmbeddingResult:
         assert self._loop is not None, "model not attached to the event loop"
+        interactive = request.priority == "interactive"
+        if interactive and self._in_flight >= self.max_queue:
+            self._rejections += 1
+            raise AtCapacity(f"The model `{self.name}` is at capacity: {self._in_flight} requests are in its engine "
+                             f"(the limit is {self.max_queue}). Please retry after {CAPACITY_RETRY_AFTER_S:g} s.",
+                             CAPACITY_RETRY_AFTER_S)
         request_id = next(_request_ids)
         fut = self._loop.create_future()
         self._pending[request_id] = fut
@@ -134,9 +167,12 @@ class LocalEmbeddingModel(EngineWatcher, Backend):
         except _core.FerroserveError as exc:
             self._pending.pop(request_id, None)
             raise _from_exception(exc, "input") from None
+        counted = 1 if interactive else 0
+        self._in_flight += counted
         try:
             return await fut
         finally:
+            self._in_flight -= counted
             self._pending.pop(request_id, None)
 
 
@@ -173,9 +209,16 @@ class LocalChatModel(EngineWatcher, Backend):
     path: str
     engine: "_core.ChatEngine"
     spec: ModelSpec | None = None
+    # Admission (see above): the engine's running batch, and the sequences that may wait for a
+    # place in it.
+    max_running: int = 64
+    max_queue: int = 32
     _collectors: dict[int, Collector] = field(default_factory=dict)
     _loop: asyncio.AbstractEventLoop | None = None
     _rate: tuple[float, int, float] = (0.0, 0, 0.0)  # (monotonic time, generated tokens, tokens/s)
+    _in_flight: int = 0  # sequences (n per request) of interactive requests submitted, not finished
+    _batch_in_flight: int = 0  # the same for batch-priority requests
+    _rejections: int = 0
     can_resume = True
 
     @classmethod
@@ -183,13 +226,15 @@ class LocalChatModel(EngineWatcher, Backend):
         cls, name: str, path: str, *, kv_budget_bytes: int, max_batch_tokens: int, max_running: int,
         chat_template: str | None, numerics: str = "exact",
         device: str = "cpu", kernel_binaries: str | None = None, spec: ModelSpec | None = None,
+        max_queue: int | None = None,
     ) -> LocalChatModel:
         engine = _core.ChatEngine(
             path, kv_budget_bytes=kv_budget_bytes, max_batch_tokens=max_batch_tokens,
             max_running=max_running, chat_template=chat_template, numerics=numerics,
             device=device, kernel_binaries=kernel_binaries,
         )
-        return cls(name=name, path=path, engine=engine, spec=spec)
+        return cls(name=name, path=path, engine=engine, spec=spec, max_running=max_running,
+                   max_queue=default_max_queue(max_running) if max_queue is None else max_queue)
 
     @property
     def tool_format(self):
@@ -209,6 +254,32 @@ class LocalChatModel(EngineWatcher, Backend):
         # A chat engine whose thread died reports alive=False (and fails requests with 503).
         return HEALTHY if self.engine.alive else DOWN
 
+    def fault(self) -> str | None:
+        if self.engine.alive:
+            return None
+        return self.engine.failure or "the engine thread stopped"
+
+    def waiting(self) -> int:
+        """Sequences of interactive requests waiting for a place in the running batch, as
+        admission counts them: those admitted beyond the batch's `max_running`, or, when the
+        KV budget lets the engine run fewer (its blocks are taken; it preempts), the sequences
+        the engine reports waiting. Batch-priority sequences are subtracted from the latter
+        (they wait behind interactive work by design); the engine's count is as of its last
+        step, which only errs towards waiting more."""
+        over = self._in_flight - self.max_running
+        if over >= self.max_queue:
+            return over
+        return max(over, self.engine.stats()["waiting_sequences"] - self._batch_in_flight, 0)
+
+    def _at_capacity(self) -> AtCapacity | None:
+        waiting = self.waiting()
+        if waiting < self.max_queue:
+            return None
+        self._rejections += 1
+        return AtCapacity(f"The model `{self.name}` is at capacity: {waiting} requests are waiting for its engine "
+                          f"(the limit is {self.max_queue}). Please retry after {CAPACITY_RETRY_AFTER_S:g} s.",
+                          CAPACITY_RETRY_AFTER_S)
+
     def stats(self) -> BackendStats:
         s = self.engine.stats()
         # Live decode rate: generated tokens per second since the previous reading at least a
@@ -222,8 +293,11 @@ class LocalChatModel(EngineWatcher, Backend):
                             kv_usage=s["kv_usage"], decode_tokens_per_s=rate)
 
     def engine_stats(self) -> dict:
-        """The engine's own counters, for /metrics."""
-        return self.engine.stats()
+        """The engine's own counters and admission's, for /metrics."""
+        stats = self.engine.stats()
+        stats.update(admission_in_flight=self._in_flight, admission_waiting=self.waiting(),
+                     admission_queue_limit=self.max_queue, capacity_rejections=self._rejections)
+        return stats
 
     # The tokenizer, for /v1/tokenize and /v1/detokenize (engine errors become 400s).
     def tokenizer(self) -> LocalChatModel:
@@ -291,6 +365,13 @@ class LocalChatModel(EngineWatcher, Backend):
 
     async def generate(self, request: ChatRequest) -> AsyncIterator[Event]:
         assert self._loop is not None, "model not attached to the event loop"
+        interactive = request.priority == "interactive"
+        # First, so a refusal costs no grammar or tokenizing; nothing below awaits before the
+        # submit counts the request, so concurrent requests cannot slip past the bound together.
+        rejected = self._at_capacity() if interactive else None
+        if rejected is not None:
+            yield Failed(rejected)
+            return
         if request.resume and (request.params.response_format is not None or request.tools):
             # The grammar would start a new document after the text already sent.
             yield Failed(Unavailable("a constrained answer cannot be resumed on another model"))
@@ -329,8 +410,13 @@ class LocalChatModel(EngineWatcher, Backend):
             )
         except _core.FerroserveError as exc:
             self._collectors.pop(request_id, None)
-            yield Failed(_from_exception(exc, None))
+            fault = self.fault()  # a stopped engine refuses with a bare EngineDead: say why it stopped
+            yield Failed(_failure("EngineDead", fault, None) if fault is not None else _from_exception(exc, None))
             return
+        if interactive:
+            self._in_flight += params.n
+        else:
+            self._batch_in_flight += params.n
         remaining = params.n
         resumed = request.memo.get(self.name + ":resumed", 0)
         # With tools, each choice's text goes through its parser: text, or tool-call deltas.
@@ -375,5 +461,9 @@ class LocalChatModel(EngineWatcher, Backend):
             # Forget the request; abort it in the engine if it may still be running (the
             # consumer stopped iterating: the client went away, or a fallback took over).
             self._collectors.pop(request_id, None)
+            if interactive:
+                self._in_flight -= params.n
+            else:
+                self._batch_in_flight -= params.n
             if remaining:
                 self.engine.abort(request_id)

@@ -32,8 +32,10 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from ferroserve.backends.base import DEGRADED, DOWN, HEALTHY, Admitted, ChatRequest, Delta, Event, Failed, Finished, Unavailable
-from ferroserve.errors import ApiError, invalid, model_not_found
+from ferroserve.backends.base import (
+    DEGRADED, DOWN, HEALTHY, Admitted, AtCapacity, ChatRequest, Delta, Event, Failed, Finished, Unavailable,
+)
+from ferroserve.errors import ApiError, from_engine, invalid, model_not_found
 from ferroserve.log import logger
 from ferroserve.schemas.chat import Route
 
@@ -76,6 +78,7 @@ class Health:
     requests: int = 0
     failures: int = 0
     last_error: str | None = None
+    last_code: str | None = None  # the last failure's error code, if it had one
 
     def _ewma(self, old: float | None, new: float) -> float:
         return new if old is None else old + _ALPHA * (new - old)
@@ -114,10 +117,11 @@ class Health:
             if per_token > 0:
                 self.tokens_per_s = self._ewma(self.tokens_per_s, 1.0 / per_token)
 
-    def failure(self, reason: str, now: float) -> None:
+    def failure(self, reason: str, now: float, code: str | None = None) -> None:
         self.requests += 1
         self.failures += 1
         self.last_error = reason
+        self.last_code = code
         self.consecutive_failures += 1
         self.error_rate = self._ewma(self.error_rate, 1.0)
         if self.state == HALF_OPEN or self.consecutive_failures >= self.failures_to_open:
@@ -161,6 +165,9 @@ class Plan:
     considered: int = 0
     routed: bool = False  # the request asked for auto or carried `route`: answer with `routing`
     tried: list[str] = field(default_factory=list)  # candidates that failed, with why
+    # Why each candidate tried or skipped could not serve: its error code (None: no code).
+    failure_codes: list[str | None] = field(default_factory=list)
+    at_capacity: list[AtCapacity] = field(default_factory=list)  # candidates whose queue was full
     served_by: LoadedModel | None = None
     named: LoadedModel | None = None  # the model asked for by name (None for "auto")
 
@@ -182,10 +189,21 @@ class Plan:
         }
 
 
+def _retry_after(seconds: float) -> list[tuple[str, str]]:
+    return [("retry-after", str(max(1, int(seconds + 0.999))))]
+
+
 class NoProvider(ApiError):
-    def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(503, message, type="server_error", code="no_provider_available",
-                         headers=[("retry-after", str(max(1, int(retry_after + 0.999))))])
+    def __init__(self, message: str, retry_after: float, code: str = "no_provider_available") -> None:
+        super().__init__(503, message, type="server_error", code=code, headers=_retry_after(retry_after))
+
+
+def over_capacity(plan: Plan) -> ApiError:
+    """Every candidate's queue was full: 503 `capacity_unavailable` (the engine's Overloaded
+    mapping), with `retry-after`."""
+    err = from_engine("Overloaded", " ".join(e.reason for e in plan.at_capacity))
+    err.headers = _retry_after(min(e.retry_after or 1.0 for e in plan.at_capacity))
+    return err
 
 
 class Router:
@@ -321,7 +339,9 @@ class Router:
             m = plan.candidates[i]
             if m.health.available(now):
                 return i, m
-            plan.tried.append(f"{m.spec.name}: circuit open")
+            last = f" (last error: {m.health.last_error})" if m.health.last_error else ""
+            plan.tried.append(f"{m.spec.name}: circuit open{last}"[:300])
+            plan.failure_codes.append(m.health.last_code)
         return None, None
 
     def _attempts(self, plan: Plan):
@@ -337,13 +357,18 @@ class Router:
             m.health.begin()
             yield index, m
 
-    def _exhausted(self, plan: Plan) -> NoProvider:
+    def _exhausted(self, plan: Plan) -> ApiError:
+        codes = set(plan.failure_codes)
+        if codes == {"capacity_unavailable"}:
+            return over_capacity(plan)
         waits = [max(0.0, m.health.cooldown_s - (time.monotonic() - m.health.opened_at))
                  for m in plan.candidates if m.health.state == OPEN]
         retry = min(waits) if waits else 1.0
         names = ", ".join(m.spec.name for m in plan.candidates)
+        # Every candidate failed the same known way (say its engine died): that code, else ours.
+        code = codes.pop() if len(codes) == 1 and None not in codes else "no_provider_available"
         return NoProvider(f"No provider is available for `{plan.requested}`: every candidate ({names}) failed or is "
-                          f"open. Tried: {'; '.join(plan.tried) or 'none'}.", retry)
+                          f"open. Tried: {'; '.join(plan.tried) or 'none'}.", retry, code)
 
     async def open_generation(self, plan: Plan, request: ChatRequest, *, first_byte_commits: bool):
         """Starts the generation on the first candidate that can serve it.
@@ -414,7 +439,7 @@ class Router:
                 if t is Failed:
                     done = True
                     if isinstance(ev.error, Unavailable):
-                        m.health.failure(ev.error.reason, time.monotonic())
+                        m.health.failure(ev.error.reason, time.monotonic(), ev.error.code)
                         if request.params.n == 1:
                             await gen.aclose()
                             async for resumed in self._resume(plan, request, index, m, ev.error, text):
@@ -469,7 +494,10 @@ class Router:
                         if got_any or not isinstance(ev.error, Unavailable):
                             yield ev
                             return
-                        m.health.failure(ev.error.reason, time.monotonic())
+                        if isinstance(ev.error, AtCapacity):
+                            m.health.release()
+                        else:
+                            m.health.failure(ev.error.reason, time.monotonic(), ev.error.code)
                         plan.tried.append(f"{m.spec.name}: {ev.error.reason}"[:300])
                         break
                     got_any = True
@@ -504,8 +532,16 @@ class Router:
 
     @staticmethod
     def _failed(plan: Plan, m: LoadedModel, error: Unavailable) -> None:
-        """A candidate could not serve: its breaker counts it, the plan and the log say why."""
-        m.health.failure(error.reason, time.monotonic())
+        """A candidate could not serve: its breaker counts it, the plan and the log say why.
+        A full queue is load, not a fault: the breaker and the log leave it out (under
+        overload there is one per refused request; the access line says it)."""
+        plan.failure_codes.append(error.code)
+        if isinstance(error, AtCapacity):
+            m.health.release()
+            plan.at_capacity.append(error)
+            plan.tried.append(f"{m.spec.name}: at capacity")
+            return
+        m.health.failure(error.reason, time.monotonic(), error.code)
         plan.tried.append(f"{m.spec.name}: {error.reason}"[:300])
         logger.info("fallback", extra={"fields": {"model": m.spec.name, "reason": error.reason[:200]}})
 

@@ -48,6 +48,8 @@ class ModelStatus(msgspec.Struct, forbid_unknown_fields=True):
     health: Literal["healthy", "degraded", "down"]
     router: RouterHealth
     load: BackendStats
+    # Why the model's engine in this process stopped (only then).
+    error: str | None = None
 
 
 class EmbedCacheStats(msgspec.Struct, forbid_unknown_fields=True):

@@ -1,0 +1,335 @@
+#!/usr/bin/env python3
+"""Issue 16 part 4: overload, driven by locust (as a library), against one ferroserve it starts.
+
+    .venv/bin/python bench/overload.py                     # 60 s capacity + 5 min at 3x, ≈ 7 min
+    .venv/bin/python bench/overload.py --duration 120      # a shorter overload phase
+
+The server runs as users run it (gateway on, `--insecure-no-auth`, its own `--data-dir`), with
+the default admission bounds unless `--max-queue` / `--max-running` say otherwise, access lines
+on (`--log-level info`) so the server's own time for each refusal is known too.
+
+1. Warm-up: `--warmup` (30) s closed loop at concurrency `max_running` (the engine's batch).
+2. Capacity: `--capacity-duration` s closed loop at concurrency `max_running`: every request is
+   admitted (none waits), the batch stays full. Capacity X = answered requests per second;
+   the unloaded p95 at capacity L = their p95 latency.
+3. Overload: `--factor` (3) x X requests per second, open loop: locust users with
+   `constant_pacing(--pacing)` (each starts one request every `--pacing` s whatever the
+   answers do), `factor * X * pacing` of them, spawned at the arrival rate so arrivals spread
+   evenly, for `--duration` s. The server's worker RSS is sampled every 5 s.
+
+Every request: non-streaming chat on the default model, one user message with a request number
+in it (no prefix cache helps), `max_tokens` 32 (`--max-tokens`), `ignore_eos`, temperature 0.
+
+Targets (issue 16): admitted p95 <= 2 L; refusals (503 capacity_unavailable) p99 <= 5 ms;
+worker RSS within +-5 % of its value when the overload phase began; no request hangs (none times
+out, none fails otherwise, and admission's in-flight count is back to 0 after the run). The
+latency figures are of the overload phase after its first `--pacing` s (the users' ramp-up);
+hangs count over the whole phase. RSS is also reported at ready, after the warm-up and after
+the capacity phase: the KV cache's pages are zeroed lazily, and freed blocks that hold a
+cached prefix are reused last, so RSS grows until every block of the KV budget has been used
+once (≈ 250 requests of this shape for the default 512 MiB) and is flat after that.
+Client times are locust's (the client shares the 2 cores with the server); the server's own
+times come from its access lines.
+
+Results: a summary on stdout and bench/results/overload-<UTC time>.json (`--out`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import itertools
+import json
+import math
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import gevent
+from locust import FastHttpUser, constant, constant_pacing, task
+from locust.env import Environment
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+WORK = BENCH_DIR / ".work"
+MODEL = "SmolLM2-135M-Instruct"
+
+
+def log(*a) -> None:
+    print(*a, file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    v = sorted(values)
+    return v[min(len(v) - 1, max(0, math.ceil(q / 100 * len(v)) - 1))]
+
+
+class Server:
+    def __init__(self, python: str, extra: list[str], env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.data_dir = Path(tempfile.mkdtemp(prefix="ferroserve-bench-overload-"))
+        self.cmd = [python, "-m", "ferroserve", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                    "--data-dir", str(self.data_dir), "--insecure-no-auth", "--log-level", "info", *extra]
+        WORK.mkdir(exist_ok=True)
+        self.log_path = WORK / "overload-server.log"
+        self._log = self.log_path.open("w")
+        log(f"[server] {' '.join(self.cmd)}")
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env={**os.environ, **env})
+
+    def get(self, path: str) -> tuple[int, str]:
+        import http.client
+
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            c.request("GET", path)
+            r = c.getresponse()
+            return r.status, r.read().decode()
+        finally:
+            c.close()
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"the server exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                if self.get("/v1/ready")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise SystemExit(f"the server was not ready after {timeout:.0f} s; log {self.log_path}")
+
+    def worker_pid(self) -> int:
+        """The granian worker (the process that holds the engines)."""
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        return int(children[0])
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.worker_pid()}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+    def metric(self, name: str) -> float | None:
+        for line in self.get("/metrics")[1].splitlines():
+            if line.startswith(f'{name}{{model="{MODEL}"}} '):
+                return float(line.split()[-1])
+        return None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+
+# Load -----------------------------------------------------------------------------------------------
+Row = tuple[float, int, float, "str | None"]  # (start unix time, status, client ms, failure or None)
+
+
+class Records:
+    """Every request of the current phase."""
+
+    def __init__(self) -> None:
+        self.phase = "warmup"
+        self.rows: dict[str, list[Row]] = {}
+
+    def on_request(self, request_type, name, response_time, response_length, response=None, exception=None,
+                   start_time=None, **kw) -> None:
+        status = getattr(response, "status_code", 0) or 0
+        failure = None if exception is None else f"{type(exception).__name__}: {exception}"[:120]
+        self.rows.setdefault(self.phase, []).append((start_time or time.time(), status, response_time, failure))
+
+
+def make_user(max_tokens: int, timeout_s: float):
+    counter = itertools.count()
+
+    class ChatUser(FastHttpUser):
+        network_timeout = timeout_s
+        connection_timeout = timeout_s
+        wait_time = constant(0)
+
+        @task
+        def chat(self) -> None:
+            body = {"model": "smollm2", "messages": [{"role": "user", "content": f"[{next(counter)}] Tell me a story."}],
+                    "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+            with self.client.post("/v1/chat/completions", json=body, catch_response=True) as r:
+                if r.status_code == 503:
+                    # The refusal this benchmark is about; its shape is checked on the way.
+                    ok = r.headers.get("retry-after") and b"capacity_unavailable" in (r.content or b"")
+                    r.success() if ok else r.failure("a 503 that is not capacity_unavailable with retry-after")
+                elif r.status_code == 200:
+                    usage = r.json().get("usage", {})
+                    if usage.get("completion_tokens") != max_tokens:
+                        r.failure(f"completion_tokens {usage.get('completion_tokens')} != {max_tokens}")
+
+    return ChatUser
+
+
+def run_phase(user_class, host: str, records: Records, phase: str, users: int, spawn_rate: float, seconds: float,
+              sampler=None) -> float:
+    """One locust run (its own environment and runner) of `users` users for `seconds`."""
+    env = Environment(user_classes=[user_class], host=host)
+    env.events.request.add_listener(records.on_request)
+    records.phase = phase
+    runner = env.create_local_runner()
+    started = time.monotonic()
+    runner.start(users, spawn_rate=spawn_rate)
+    while time.monotonic() - started < seconds:
+        gevent.sleep(min(5.0, seconds - (time.monotonic() - started)))
+        if sampler is not None:
+            sampler()
+    records.phase = phase + "-drain"  # requests cut short by the stop are not the phase's
+    runner.quit()
+    return time.monotonic() - started
+
+
+def summary(rows: list[Row], seconds: float) -> dict:
+    """Answered = 200 with all its tokens; refused = 503 capacity_unavailable with retry-after;
+    other = anything else (a timeout, a failed check, another status): a hang or a bug."""
+    ok = [ms for _, status, ms, err in rows if status == 200 and err is None]
+    refused = [ms for _, status, ms, err in rows if status == 503 and err is None]
+    other = [(status, err) for _, status, ms, err in rows if err is not None or status not in (200, 503)]
+    return {
+        "requests": len(rows), "seconds": round(seconds, 1), "offered_per_s": round(len(rows) / seconds, 2),
+        "answered": len(ok), "answered_per_s": round(len(ok) / seconds, 2),
+        "answered_ms": {"p50": percentile(ok, 50), "p95": percentile(ok, 95), "p99": percentile(ok, 99), "max": max(ok, default=None)},
+        "refused": len(refused),
+        "refused_ms": {"p50": percentile(refused, 50), "p99": percentile(refused, 99), "max": max(refused, default=None)},
+        "other": len(other), "other_kinds": sorted({f"{s}: {e}" for s, e in other}),
+    }
+
+
+def server_refusal_ms(log_path: Path, since_unix: float, until_unix: float) -> dict:
+    """The server's own time (access line `ms`) for each 503 of the overload window."""
+    ms = []
+    for line in log_path.read_text().splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("msg") == "request" and entry.get("status") == 503 and since_unix <= entry.get("ts", 0) <= until_unix:
+            ms.append(entry["ms"])
+    return {"count": len(ms), "p50": percentile(ms, 50), "p99": percentile(ms, 99), "max": max(ms, default=None)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--duration", type=float, default=300.0, help="seconds of overload (default 300)")
+    p.add_argument("--capacity-duration", type=float, default=60.0)
+    p.add_argument("--warmup", type=float, default=30.0, help="seconds; long enough to use every KV block once")
+    p.add_argument("--factor", type=float, default=3.0, help="offered load as a multiple of the capacity")
+    p.add_argument("--pacing", type=float, default=10.0, help="seconds between one overload user's requests")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-running", type=int, default=64, help="FERROSERVE_MAX_RUNNING (the default)")
+    p.add_argument("--max-queue", type=int, help="--max-queue for the server (default: the server's)")
+    p.add_argument("--timeout", type=float, default=60.0, help="a request slower than this is a hang")
+    p.add_argument("--server-python", default=str(REPO / ".venv" / "bin" / "python"),
+                   help="the Python that runs `-m ferroserve serve` (default: the repo's .venv)")
+    p.add_argument("--out", type=Path)
+    a = p.parse_args()
+
+    extra = ["--max-queue", str(a.max_queue)] if a.max_queue is not None else []
+    server = Server(a.server_python, extra, {"FERROSERVE_MAX_RUNNING": str(a.max_running)})
+    records = Records()
+    result: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+                    "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+                    "started_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    try:
+        server.wait_ready()
+        rss_phases = {"ready": server.rss_bytes()}
+        result["rss_phases_mb"] = rss_phases
+        user = make_user(a.max_tokens, a.timeout)
+        concurrency = a.max_running
+        log(f"warm-up: {a.warmup:.0f} s at concurrency {concurrency}")
+        run_phase(user, server.url, records, "warmup", concurrency, concurrency, a.warmup)
+        gevent.sleep(3)
+        rss_phases["after_warmup"] = server.rss_bytes()
+
+        log(f"capacity: {a.capacity_duration:.0f} s closed loop at concurrency {concurrency}")
+        seconds = run_phase(user, server.url, records, "capacity", concurrency, concurrency, a.capacity_duration)
+        capacity = summary(records.rows.get("capacity", []), seconds)
+        result["capacity"] = capacity
+        x = capacity["answered_per_s"]
+        unloaded_p95 = capacity["answered_ms"]["p95"]
+        log(f"  capacity {x:.2f} req/s, p95 {unloaded_p95:.0f} ms, refused {capacity['refused']}")
+        gevent.sleep(3)
+        rss_phases["after_capacity"] = server.rss_bytes()
+
+        rate = a.factor * x
+        users = max(1, round(rate * a.pacing))
+        user.wait_time = constant_pacing(a.pacing)
+        rss: list[tuple[float, int]] = []
+        t0 = time.monotonic()
+
+        def sample() -> None:
+            rss.append((round(time.monotonic() - t0, 1), server.rss_bytes()))
+
+        sample()
+        log(f"overload: {rate:.1f} req/s offered ({a.factor:g}x) by {users} users pacing {a.pacing:g} s, {a.duration:.0f} s")
+        began = time.time()
+        run_phase(user, server.url, records, "overload", users, rate, a.duration, sample)
+        # Arrivals ramp up over the first `pacing` s (users spawn at the arrival rate): the
+        # figures are of the steady part after it (the whole phase must still hang nowhere).
+        since, until = began + a.pacing, time.time()
+        rows = records.rows.get("overload", [])
+        overload = summary([r for r in rows if r[0] >= since], until - since)
+        overload["whole_phase"] = summary(rows, until - began)
+        overload["server_refusal_ms"] = server_refusal_ms(server.log_path, since, until)
+        gevent.sleep(5)
+        in_flight_after = server.metric("ferroserve_admission_in_flight")
+        rss_first, rss_values = rss[0][1], [b for _, b in rss]
+        result["overload"] = overload
+        result["rss"] = {"samples": rss, "first_mb": round(rss_first / 2**20, 1), "last_mb": round(rss_values[-1] / 2**20, 1),
+                         "min_mb": round(min(rss_values) / 2**20, 1), "max_mb": round(max(rss_values) / 2**20, 1),
+                         "max_drift_pct": round(100 * max(abs(b - rss_first) for b in rss_values) / rss_first, 2)}
+        for k, v in rss_phases.items():
+            rss_phases[k] = round(v / 2**20, 1)
+        result["after"] = {"admission_in_flight": in_flight_after, "health": server.get("/health")[0],
+                           "capacity_rejections_total": server.metric("ferroserve_capacity_rejections_total")}
+        p95 = overload["answered_ms"]["p95"]
+        result["targets"] = {
+            "admitted_p95_over_unloaded": round(p95 / unloaded_p95, 3) if p95 and unloaded_p95 else None,
+            "admitted_p95_within_2x": bool(p95 and unloaded_p95 and p95 <= 2 * unloaded_p95),
+            "refusal_p99_ms_client": overload["refused_ms"]["p99"],
+            "refusal_p99_ms_server": overload["server_refusal_ms"]["p99"],
+            "refusal_p99_within_5ms_client": (overload["refused_ms"]["p99"] or 0) <= 5.0,
+            "rss_within_5pct": result["rss"]["max_drift_pct"] <= 5.0,
+            "no_hangs": overload["whole_phase"]["other"] == 0 and in_flight_after == 0,
+        }
+    finally:
+        server.stop()
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = a.out or BENCH_DIR / "results" / f"overload-{stamp}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: result[k] for k in ("capacity", "overload", "rss", "after", "targets") if k in result}, indent=2))
+    log(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

