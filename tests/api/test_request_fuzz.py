@@ -189,6 +189,9 @@ def test_responses(fuzz_server, body):
     ("/v1/chat/completions", {"logit_bias": {"-5": 1}}),
     ("/v1/chat/completions", {"logit_bias": {"99999999999999": 1}}),
     ("/v1/chat/completions", {"n": 2**64}),
+    # n = 2**32 - 1 made the completions handler build that many choices before the engine
+    # refused it: the worker grew to 22 GB and was OOM-killed. n is bounded (128) first now.
+    ("/v1/completions", {"n": 129}),
     ("/v1/chat/completions", {"top_logprobs": 2**64, "logprobs": True}),
     ("/v1/chat/completions", {"max_tokens": 2**64}),
     ("/v1/completions", {"prompt": [99999999999]}),
@@ -202,3 +205,5 @@ def test_found_cases(fuzz_server, path, body):
     # top_k -1 is vLLM's "all tokens": accepted. The rest are the client's errors.
     expected = 200 if body == {"top_k": -1} else 400
     assert r.status_code == expected, r.text
+    if "n" in body:
+        assert "n must be between 1 and 128" in r.json()["error"]["message"], r.text

@@ -57,6 +57,7 @@ def response_format_of(value: Any) -> dict[str, Any] | None:
 # The engine takes counts and token ids as unsigned 32-bit (or wider) integers; JSON integers
 # are unbounded. A value past that is the client's error (400), not an overflow in the binding.
 U32_MAX = 2**32 - 1
+MAX_CHOICES = 128
 
 
 def check_u32(value: int, param: str) -> int:
@@ -97,9 +98,10 @@ def sampling_params(req: SamplingFields, *, max_tokens: int | None, logprobs: bo
         if not all(0 <= k <= U32_MAX for k in bias):
             raise invalid("logit_bias keys must be token ids.", param="logit_bias")
     n = 1 if req.n is None else req.n
-    if n < 1:
-        raise invalid("n must be at least 1.", param="n")
-    check_u32(n, "n")
+    # OpenAI's own bound; a backend may allow fewer (the engine: 16). Checked here because the
+    # handlers size per-choice state by n before a backend sees it.
+    if not 1 <= n <= MAX_CHOICES:
+        raise invalid(f"n must be between 1 and {MAX_CHOICES}.", param="n")
     if max_tokens is not None and max_tokens < 1:
         raise invalid("max_tokens must be at least 1.", param="max_tokens")
     if not 0 <= top_logprobs <= 20:
