@@ -88,14 +88,18 @@ pub fn gguf(data: &[u8]) {
             let _ = value.as_str();
         }
         for info in file.tensor_infos() {
-            let view = file.tensor(&info.name).expect("a listed tensor is readable");
+            let view = file
+                .tensor(&info.name)
+                .expect("a listed tensor is readable");
             assert_eq!(view.bytes.len(), info.n_bytes);
         }
         let _ = file.llama_hparams();
         let _ = GgufTokenizer::from_gguf(&file);
         let _ = ChatTemplate::from_gguf(&file, None);
     }
-    let Ok(model) = LlamaModel::load_with(&path, Numerics::Exact) else { return };
+    let Ok(model) = LlamaModel::load_with(&path, Numerics::Exact) else {
+        return;
+    };
     let hp = &model.hparams;
     // A few blocks' worth of cache; a fuzzed file's dimensions are small (they match its tensors).
     let block_bytes = KvCache::block_bytes(16, hp.block_count, hp.head_count_kv, hp.head_dim);
@@ -103,7 +107,12 @@ pub fn gguf(data: &[u8]) {
     let Some(block) = kv.allocate() else { return };
     let token = (data.len() % model.vocab_size()) as u32;
     let logits = model.forward(
-        &[SeqChunk { tokens: &[token], start_pos: 0, block_table: &[block], want_logits: true }],
+        &[SeqChunk {
+            tokens: &[token],
+            start_pos: 0,
+            block_table: &[block],
+            want_logits: true,
+        }],
         &mut kv,
     );
     assert_eq!(logits.len(), model.vocab_size());
@@ -126,7 +135,9 @@ pub fn safetensors(data: &[u8]) {
         }
     }
     let device = Arc::new(ferroserve_kernels::cpu::CpuDevice::new());
-    let Ok(model) = BertModel::load(scratch_dir(), device) else { return };
+    let Ok(model) = BertModel::load(scratch_dir(), device) else {
+        return;
+    };
     let vectors = model.embed(&[&[0, 1, 2]]);
     assert_eq!(vectors.len(), model.hidden_size());
 }
@@ -170,14 +181,27 @@ fn chat() -> &'static Chat {
 /// odd: the rest is a token id list (little-endian u16 ids, or u32 when bit 1 is set, so ids
 /// past the vocabulary occur) to decode.
 pub fn tokenizer(data: &[u8]) {
-    let Some((&mode, rest)) = data.split_first() else { return };
-    let Chat { tokenizer: tok, spellable, .. } = chat();
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let Chat {
+        tokenizer: tok,
+        spellable,
+        ..
+    } = chat();
     if mode & 1 == 0 {
         let text = String::from_utf8_lossy(rest);
         let parse_special = mode & 2 != 0;
-        let ids = tok.encode(&text, parse_special).expect("encoding never fails");
-        let back = tok.decode_bytes(&ids, true).expect("encoded ids are in the vocabulary");
-        let spelled: Vec<u8> = text.bytes().filter(|&b| spellable[usize::from(b)]).collect();
+        let ids = tok
+            .encode(&text, parse_special)
+            .expect("encoding never fails");
+        let back = tok
+            .decode_bytes(&ids, true)
+            .expect("encoded ids are in the vocabulary");
+        let spelled: Vec<u8> = text
+            .bytes()
+            .filter(|&b| spellable[usize::from(b)])
+            .collect();
         assert!(
             back == spelled,
             "decode(encode(text)) differs (parse_special {parse_special}, ids {ids:?}):\n {:?}\n {:?}",
@@ -200,9 +224,15 @@ pub fn tokenizer(data: &[u8]) {
 
 fn token_ids(bytes: &[u8], wide: bool) -> Vec<u32> {
     if wide {
-        bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+        bytes
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
     } else {
-        bytes.chunks_exact(2).map(|b| u32::from(u16::from_le_bytes([b[0], b[1]]))).collect()
+        bytes
+            .chunks_exact(2)
+            .map(|b| u32::from(u16::from_le_bytes([b[0], b[1]])))
+            .collect()
     }
 }
 
@@ -211,10 +241,14 @@ fn token_ids(bytes: &[u8], wide: bool) -> Vec<u32> {
 /// the first stop string. Input: a count byte (up to 3 stops), each stop as a length byte and
 /// its bytes (lossily UTF-8), then little-endian u16 ids taken modulo the vocabulary size.
 pub fn detokenizer(data: &[u8]) {
-    let Some((&count, mut rest)) = data.split_first() else { return };
+    let Some((&count, mut rest)) = data.split_first() else {
+        return;
+    };
     let mut stops = Vec::new();
     for _ in 0..count % 4 {
-        let Some((&len, tail)) = rest.split_first() else { return };
+        let Some((&len, tail)) = rest.split_first() else {
+            return;
+        };
         let len = usize::from(len).min(tail.len());
         stops.push(String::from_utf8_lossy(&tail[..len]).into_owned());
         rest = &tail[len..];
@@ -244,7 +278,10 @@ pub fn detokenizer(data: &[u8]) {
             out.push_str(&detok.finish());
             assert_eq!(out, whole, "streamed text differs from the whole decoding");
             for stop in &stops {
-                assert!(!out.contains(stop.as_str()), "stop string {stop:?} was let through");
+                assert!(
+                    !out.contains(stop.as_str()),
+                    "stop string {stop:?} was let through"
+                );
             }
         }
         Some(which) => {
@@ -346,11 +383,16 @@ impl JsonValue {
             JsonValue::Bool(b) => (*b).into(),
             JsonValue::Int(i) => (*i).into(),
             // JSON has no NaN or infinity: they become null, as serde_json writes them.
-            JsonValue::Float(f) => serde_json::Number::from_f64(*f).map_or(serde_json::Value::Null, Into::into),
+            JsonValue::Float(f) => {
+                serde_json::Number::from_f64(*f).map_or(serde_json::Value::Null, Into::into)
+            }
             JsonValue::String(s) => s.clone().into(),
             JsonValue::Array(items) => items.iter().map(JsonValue::to_serde).collect(),
             JsonValue::Object(fields) => serde_json::Value::Object(
-                fields.iter().map(|(k, v)| (k.clone(), v.to_serde())).collect(),
+                fields
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.to_serde()))
+                    .collect(),
             ),
         }
     }
@@ -369,7 +411,9 @@ impl Json {
 /// `raise_exception` or a content part it cannot take is an error, never a panic. The prompt
 /// is then tokenized as the engine does.
 pub fn chat_template(data: &[u8]) {
-    let Ok(conversation) = Conversation::arbitrary_take_rest(Unstructured::new(data)) else { return };
+    let Ok(conversation) = Conversation::arbitrary_take_rest(Unstructured::new(data)) else {
+        return;
+    };
     let templates = templates();
     let template = &templates[usize::from(conversation.template) % templates.len()];
     let messages: Vec<ChatMessage> = conversation
@@ -400,7 +444,11 @@ pub fn chat_template(data: &[u8]) {
             message.tool_calls = m
                 .tool_calls
                 .iter()
-                .map(|(id, name, arguments)| ToolCall { id: id.clone(), name: name.clone(), arguments: arguments.text() })
+                .map(|(id, name, arguments)| ToolCall {
+                    id: id.clone(),
+                    name: name.clone(),
+                    arguments: arguments.text(),
+                })
                 .collect();
             message.tool_call_id = m.tool_call_id.clone();
             message
@@ -409,18 +457,34 @@ pub fn chat_template(data: &[u8]) {
     let tools: Vec<ToolSpec> = conversation
         .tools
         .iter()
-        .filter_map(|t| ToolSpec::parse(t.name.clone(), t.description.clone(), &t.parameters.text()))
+        .filter_map(|t| {
+            ToolSpec::parse(t.name.clone(), t.description.clone(), &t.parameters.text())
+        })
         .collect();
-    let Ok(prompt) = template.render_with_tools(&messages, &tools, conversation.add_generation_prompt) else { return };
+    let Ok(prompt) =
+        template.render_with_tools(&messages, &tools, conversation.add_generation_prompt)
+    else {
+        return;
+    };
     // A plain conversation (no tools) keeps every message's text.
-    if tools.is_empty() && messages.iter().all(|m| m.tool_calls.is_empty() && m.role != "tool") {
+    if tools.is_empty()
+        && messages
+            .iter()
+            .all(|m| m.tool_calls.is_empty() && m.role != "tool")
+    {
         for m in &messages {
             if let MessageContent::Text(text) = &m.content {
-                assert!(prompt.contains(text.as_str()), "message text {text:?} missing from {prompt:?}");
+                assert!(
+                    prompt.contains(text.as_str()),
+                    "message text {text:?} missing from {prompt:?}"
+                );
             }
         }
     }
-    chat().tokenizer.encode(&prompt, true).expect("a rendered prompt tokenizes");
+    chat()
+        .tokenizer
+        .encode(&prompt, true)
+        .expect("a rendered prompt tokenizes");
 }
 
 /// Runs `target` on each file named in `args` (directories: every file in them), catching
@@ -474,8 +538,13 @@ mod tests {
         let dir = scratch_dir().join("seed-test-bert");
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("config.json"), seeds::TINY_BERT_CONFIG).unwrap();
-        std::fs::write(dir.join("model.safetensors"), seeds::tiny_bert_safetensors()).unwrap();
-        let model = BertModel::load(&dir, Arc::new(ferroserve_kernels::cpu::CpuDevice::new())).unwrap();
+        std::fs::write(
+            dir.join("model.safetensors"),
+            seeds::tiny_bert_safetensors(),
+        )
+        .unwrap();
+        let model =
+            BertModel::load(&dir, Arc::new(ferroserve_kernels::cpu::CpuDevice::new())).unwrap();
         let v = model.embed(&[&[0, 1, 2]]);
         assert!(v.iter().all(|x| x.is_finite()), "{v:?}");
         safetensors(&seeds::tiny_bert_safetensors());

@@ -21,7 +21,13 @@ const ALIGNMENT: usize = 32;
 
 impl GgufWriter {
     fn new() -> Self {
-        GgufWriter { kv: Vec::new(), kv_count: 0, infos: Vec::new(), data: Vec::new(), tensor_count: 0 }
+        GgufWriter {
+            kv: Vec::new(),
+            kv_count: 0,
+            infos: Vec::new(),
+            data: Vec::new(),
+            tensor_count: 0,
+        }
     }
 
     fn string(out: &mut Vec<u8>, s: &str) {
@@ -119,11 +125,15 @@ fn f32_ones(n: usize) -> Vec<u8> {
 /// byte-level BPE vocabulary with SmolLM2's pre-tokenizer, control tokens and a ChatML
 /// template; Q8_0 matrices, tied output. About 10 KB.
 pub fn tiny_llama_gguf() -> Vec<u8> {
-    let mut tokens: Vec<String> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"].map(String::from).to_vec();
+    let mut tokens: Vec<String> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        .map(String::from)
+        .to_vec();
     tokens.extend(('a'..='z').map(String::from));
     tokens.extend(["Ġ", "Ċ", "Ġt", "he"].map(String::from));
     let token_refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
-    let token_types: Vec<i32> = (0..tokens.len()).map(|i| if i < 3 { 3 } else { 1 }).collect();
+    let token_types: Vec<i32> = (0..tokens.len())
+        .map(|i| if i < 3 { 3 } else { 1 })
+        .collect();
     let vocab = tokens.len();
     let (dim, ffn) = (32usize, 32usize);
 
@@ -151,7 +161,12 @@ pub fn tiny_llama_gguf() -> Vec<u8> {
     );
 
     let dims = |rows: usize, cols: usize| [cols as u64, rows as u64];
-    w.tensor("token_embd.weight", &dims(vocab, dim), 8, &q8_0(vocab * dim, 0));
+    w.tensor(
+        "token_embd.weight",
+        &dims(vocab, dim),
+        8,
+        &q8_0(vocab * dim, 0),
+    );
     w.tensor("blk.0.attn_norm.weight", &[dim as u64], 0, &f32_ones(dim));
     for (salt, (name, rows, cols)) in [
         ("attn_q", dim, dim),
@@ -165,7 +180,12 @@ pub fn tiny_llama_gguf() -> Vec<u8> {
     .into_iter()
     .enumerate()
     {
-        w.tensor(&format!("blk.0.{name}.weight"), &dims(rows, cols), 8, &q8_0(rows * cols, salt + 1));
+        w.tensor(
+            &format!("blk.0.{name}.weight"),
+            &dims(rows, cols),
+            8,
+            &q8_0(rows * cols, salt + 1),
+        );
     }
     w.tensor("blk.0.ffn_norm.weight", &[dim as u64], 0, &f32_ones(dim));
     w.tensor("output_norm.weight", &[dim as u64], 0, &f32_ones(dim));
@@ -246,5 +266,8 @@ pub fn tiny_bert_safetensors() -> Vec<u8> {
 
 /// Two small tensors and no metadata: a header to mutate, not a model.
 pub fn small_safetensors() -> Vec<u8> {
-    safetensors_file(&[("a".into(), vec![2, 2]), ("b.weight".into(), vec![3])], false)
+    safetensors_file(
+        &[("a".into(), vec![2, 2]), ("b.weight".into(), vec![3])],
+        false,
+    )
 }

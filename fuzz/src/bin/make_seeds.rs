@@ -31,15 +31,27 @@ fn main() {
     };
     write("gguf", "tiny_llama.gguf", &seeds::tiny_llama_gguf());
     write("gguf", "minimal.gguf", &seeds::minimal_gguf());
-    write("safetensors", "tiny_bert.safetensors", &seeds::tiny_bert_safetensors());
-    write("safetensors", "small.safetensors", &seeds::small_safetensors());
+    write(
+        "safetensors",
+        "tiny_bert.safetensors",
+        &seeds::tiny_bert_safetensors(),
+    );
+    write(
+        "safetensors",
+        "small.safetensors",
+        &seeds::small_safetensors(),
+    );
 
     let path = std::env::var_os("FERROSERVE_SMOLLM2_GGUF").expect("set FERROSERVE_SMOLLM2_GGUF");
     let tokenizer = GgufTokenizer::from_gguf(&GgufFile::open(path).unwrap()).unwrap();
     for (i, text) in TEXTS.iter().enumerate() {
         // Tokenizer: mode 0 (plain text) and 2 (special tokens parsed), then the text.
         let mode = if text.contains("<|") { 2 } else { 0 };
-        write("tokenizer", &format!("text{i}"), &[&[mode][..], text.as_bytes()].concat());
+        write(
+            "tokenizer",
+            &format!("text{i}"),
+            &[&[mode][..], text.as_bytes()].concat(),
+        );
         // Token ids (mode 1: u16 ids) and the detokenizer's stream: no stops for even i, else
         // two stops ("\n" and a word of the text).
         let ids: Vec<u8> = tokenizer
