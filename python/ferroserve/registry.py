@@ -79,10 +79,16 @@ class Registry:
         numerics = None
         if spec.backend != "local":
             backend = self._remote(spec, settings)
-        elif spec.kind == "chat":
-            backend, numerics = self._load_chat(spec, settings)
         else:
-            backend = self._load_embedding(spec, settings)
+            # A model file the engine refuses (corrupt, truncated, unsupported) or settings it
+            # cannot run with: the server must not start, and says why (exit status 2).
+            try:
+                if spec.kind == "chat":
+                    backend, numerics = self._load_chat(spec, settings)
+                else:
+                    backend = self._load_embedding(spec, settings)
+            except _core.FerroserveError as exc:
+                raise StartupRefused(f"model {spec.name}: {exc}") from None
         info = backend.info()
         loaded = LoadedModel(spec=spec, backend=backend, created=created, info=info,
                              health=Health(settings.breaker_failures, settings.breaker_cooldown_s), numerics=numerics)

@@ -8,9 +8,9 @@ import asyncio
 import msgspec
 
 from ferroserve.api.generate import (
-    DONE, FINGERPRINT, SSE_HEADERS, Choice, Disconnect, Outcome, ProtocolClosed, apply, cut_by_shutdown, encode, end_cut_stream,
-    error_event, failure_error, max_tokens_of, new_id, now, route_fields, sampling_params, shutdown_error, sse, start_generation,
-    stream_status,
+    DONE, FINGERPRINT, SSE_HEADERS, U32_MAX, Choice, Disconnect, Outcome, ProtocolClosed, apply, cut_by_shutdown, encode,
+    end_cut_stream, error_event, failure_error, max_tokens_of, new_id, now, route_fields, sampling_params, shutdown_error, sse,
+    start_generation, stream_status,
 )
 from ferroserve.backends.base import ChatRequest, Delta, Failed, Finished, estimate_tokens
 from ferroserve.errors import ApiError, from_validation, invalid
@@ -26,12 +26,19 @@ def _prompts(req: CompletionRequest) -> list[str | list[int]]:
     if not p:
         raise invalid("prompt must not be empty.", param="prompt")
     if all(type(t) is int for t in p):
-        return [list(p)]
+        return [_token_ids(p)]
     if all(isinstance(t, str) for t in p):
         return list(p)
     if all(isinstance(t, list) and all(type(x) is int for x in t) for t in p):
-        return [list(t) for t in p]
+        return [_token_ids(t) for t in p]
     raise invalid("prompt must be a string, a list of strings, a list of token ids or a list of such lists.", param="prompt")
+
+
+def _token_ids(ids: list[int]) -> list[int]:
+    # Ids past the vocabulary are the engine's to refuse; ids no token can have are refused here.
+    if not all(0 <= t <= U32_MAX for t in ids):
+        raise invalid("prompt token ids must be non-negative integers.", param="prompt")
+    return list(ids)
 
 
 def _logprobs_json(entries: list[tuple]) -> dict:

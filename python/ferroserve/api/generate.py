@@ -55,6 +55,18 @@ def response_format_of(value: Any) -> dict[str, Any] | None:
     return {"type": "json_schema", "json_schema": value["json_schema"]}
 
 
+# The engine takes counts and token ids as unsigned 32-bit (or wider) integers; JSON integers
+# are unbounded. A value past that is the client's error (400), not an overflow in the binding.
+U32_MAX = 2**32 - 1
+MAX_CHOICES = 128
+
+
+def check_u32(value: int, param: str) -> int:
+    if value > U32_MAX:
+        raise invalid(f"{param} is {value}, larger than this server accepts ({U32_MAX}).", param=param)
+    return value
+
+
 def max_tokens_of(router: Router, requested: int | None, param: str, default: int | None = None) -> int | None:
     """A request's max_tokens under the operator's `--default-max-tokens` and
     `--max-tokens-limit`: absent, the route's own `default` (16 for text completions), else the
@@ -65,6 +77,9 @@ def max_tokens_of(router: Router, requested: int | None, param: str, default: in
     if requested is None:
         requested = default if default is not None else settings.default_max_tokens
         return min(requested, limit) if requested is not None and limit is not None else (requested or limit)
+    if requested < 1:
+        raise invalid(f"{param} must be at least 1.", param=param)
+    check_u32(requested, param)
     if limit is not None and requested > limit:
         raise invalid(f"{param} is {requested}; this server generates at most {limit} tokens per request.", param=param)
     return requested
@@ -81,13 +96,23 @@ def sampling_params(req: SamplingFields, *, max_tokens: int | None, logprobs: bo
             bias = {int(k): float(v) for k, v in req.logit_bias.items()}
         except ValueError:
             raise invalid("logit_bias keys must be token ids.", param="logit_bias") from None
+        if not all(0 <= k <= U32_MAX for k in bias):
+            raise invalid("logit_bias keys must be token ids.", param="logit_bias")
     n = 1 if req.n is None else req.n
-    if n < 1:
-        raise invalid("n must be at least 1.", param="n")
+    # OpenAI's own bound; a backend may allow fewer (the engine: 16). Checked here because the
+    # handlers size per-choice state by n before a backend sees it.
+    if not 1 <= n <= MAX_CHOICES:
+        raise invalid(f"n must be between 1 and {MAX_CHOICES}.", param="n")
     if max_tokens is not None and max_tokens < 1:
         raise invalid("max_tokens must be at least 1.", param="max_tokens")
-    if top_logprobs < 0:
+    if not 0 <= top_logprobs <= 20:
         raise invalid("top_logprobs must be between 0 and 20.", param="top_logprobs")
+    # vLLM's clients send -1 for "all tokens" (our 0); a top_k past the vocabulary is all
+    # tokens too.
+    top_k = req.top_k or 0
+    if top_k < -1:
+        raise invalid("top_k must be -1 or 0 (all tokens) or a positive number of tokens.", param="top_k")
+    top_k = min(max(top_k, 0), U32_MAX)
     seed = req.seed
     if seed is not None and not 0 <= seed < 2**64:
         seed %= 2**64
@@ -95,7 +120,7 @@ def sampling_params(req: SamplingFields, *, max_tokens: int | None, logprobs: bo
         n=n, max_tokens=max_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=req.top_k or 0, min_p=req.min_p or 0.0, seed=seed,
+        top_k=top_k, min_p=req.min_p or 0.0, seed=seed,
         presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
         logit_bias=bias, stop=stop, ignore_eos=req.ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs,
         response_format=response_format_of(getattr(req, "response_format", None)),

@@ -175,6 +175,18 @@ impl BertCheckpoint {
         if config.position_embedding_type != "absolute" {
             return Err(Error::model_load(dir, "only absolute position embeddings are supported"));
         }
+        // Zero sizes would divide by zero or index empty tables below: a corrupt config.json.
+        let sizes = [
+            ("hidden_size", config.hidden_size),
+            ("num_attention_heads", config.num_attention_heads),
+            ("intermediate_size", config.intermediate_size),
+            ("max_position_embeddings", config.max_position_embeddings),
+            ("vocab_size", config.vocab_size),
+            ("type_vocab_size", config.type_vocab_size),
+        ];
+        if let Some((name, _)) = sizes.iter().find(|(_, size)| *size == 0) {
+            return Err(Error::model_load(dir, format!("config.json: {name} must be at least 1")));
+        }
         if config.hidden_size % config.num_attention_heads != 0 {
             return Err(Error::model_load(dir, "hidden_size is not a multiple of num_attention_heads"));
         }
@@ -193,11 +205,15 @@ impl BertCheckpoint {
         let pos_emb = get("embeddings.position_embeddings.weight", &[config.max_position_embeddings, h])?;
         let type_emb = get("embeddings.token_type_embeddings.weight", &[config.type_vocab_size, h])?;
         let emb_ln = ln("embeddings.LayerNorm")?;
-        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        // Grown as each layer's tensors check out: a corrupt num_hidden_layers must be a
+        // missing-tensor error, not a huge allocation (an abort).
+        let mut layers = Vec::new();
         for l in 0..config.num_hidden_layers {
             let p = format!("encoder.layer.{l}");
-            let mut w = Vec::with_capacity(3 * h * h);
-            let mut b = Vec::with_capacity(3 * h);
+            // Grown as each part passes its shape check: a config.json whose sizes do not match
+            // the tensors must not reserve `3 h²` floats first.
+            let mut w = Vec::new();
+            let mut b = Vec::new();
             for part in ["query", "key", "value"] {
                 w.extend(get(&format!("{p}.attention.self.{part}.weight"), &[h, h])?);
                 b.extend(get(&format!("{p}.attention.self.{part}.bias"), &[h])?);

@@ -188,7 +188,9 @@ impl LlamaModel {
         }
         let matrix = |name: &str, rows: usize, cols: usize| load_matrix(&gguf, name, rows, cols, fast).map_err(err);
         let vector = |name: &str, len: usize| load_vector(&gguf, name, len).map_err(err);
-        let mut layers = Vec::with_capacity(hp.block_count);
+        // Grown as each block's tensors check out: block_count is a number from the file, and
+        // a corrupt one must be a missing-tensor error, not a terabyte allocation (an abort).
+        let mut layers = Vec::new();
         for i in 0..hp.block_count {
             let name = |t: &str| format!("blk.{i}.{t}.weight");
             for bias in ["attn_q", "attn_k", "attn_v", "attn_output"] {

@@ -102,17 +102,21 @@ impl Detokenizer {
     }
 
     /// Ends the sequence (EOS, length): everything held back is final. An incomplete
-    /// character becomes U+FFFD.
+    /// character becomes U+FFFD, which can complete a stop string (one ending in U+FFFD after
+    /// held-back text): the text is then cut before it, as in [`push`](Self::push).
     pub fn finish(&mut self) -> String {
         if self.stopped {
             return String::new();
         }
-        let mut text = std::mem::take(&mut self.held_text);
         if !self.partial_char.is_empty() {
-            text.push_str(&String::from_utf8_lossy(&self.partial_char));
+            self.held_text.push_str(&String::from_utf8_lossy(&self.partial_char));
             self.partial_char.clear();
         }
-        text
+        if let Some((at, _)) = self.earliest_stop() {
+            self.held_text.truncate(at);
+            self.stopped = true;
+        }
+        std::mem::take(&mut self.held_text)
     }
 
     /// The leftmost match of any stop string in the held text (ties: the earlier stop).
@@ -204,6 +208,24 @@ mod tests {
         assert_eq!(deltas, vec!["", "ENx", ""]);
         assert_eq!(stopped, None);
         assert_eq!(tail, "E");
+    }
+
+    /// Found by the detokenizer fuzz target: the U+FFFD that `finish` makes of an unfinished
+    /// character was emitted without the stop check, letting a stop string through.
+    #[test]
+    fn a_stop_string_completed_at_finish_is_cut() {
+        for stop in ["\u{FFFD}", "x\u{FFFD}"] {
+            let mut d = Detokenizer::new(vec![stop.to_string()]);
+            assert_eq!(d.push(b"ax").text, if stop.starts_with('x') { "a" } else { "ax" });
+            assert_eq!(d.push(&[0xe2, 0x82]).text, "");
+            assert_eq!(d.finish(), "", "stop {stop:?}");
+            assert!(d.is_stopped());
+        }
+        // Without a stop string the unfinished character is still a replacement character.
+        let mut d = Detokenizer::new(vec!["y".into()]);
+        assert_eq!(d.push(&[b'a', 0xe2]).text, "a");
+        assert_eq!(d.finish(), "\u{FFFD}");
+        assert!(!d.is_stopped());
     }
 
     #[test]

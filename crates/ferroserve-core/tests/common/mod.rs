@@ -10,6 +10,7 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
 }
 
+#[allow(dead_code)]
 pub fn fixtures_dir() -> PathBuf {
     repo_root().join("../shared/fixtures")
 }
