@@ -87,11 +87,13 @@ class LocalEmbeddingModel(EngineWatcher, Backend):
 
     @classmethod
     def load(
-        cls, name: str, path: str, *, max_batch_tokens: int, max_wait_us: int,
+        cls, name: str, path: str, *, max_batch_tokens: int, max_wait_us: int, batch_pass_tokens: int = 256,
+        batch_pass_tokens_busy: int = 16,
         device: str = "cpu", kernel_binaries: str | None = None, spec: ModelSpec | None = None,
     ) -> LocalEmbeddingModel:
         engine = _core.EmbeddingEngine(
             path, max_batch_tokens=max_batch_tokens, max_wait_us=max_wait_us, device=device, kernel_binaries=kernel_binaries,
+            batch_pass_tokens=batch_pass_tokens, batch_pass_tokens_busy=batch_pass_tokens_busy,
         )
         return cls(name=name, path=path, engine=engine, spec=spec)
 
@@ -114,6 +116,10 @@ class LocalEmbeddingModel(EngineWatcher, Backend):
                 fut.set_result(EmbeddingResult(event[3], encoded=event[2]))
             else:
                 fut.set_exception(_failure(event[2], event[3], event[4] if len(event) > 4 else None))
+
+    def engine_stats(self) -> dict:
+        """The batcher's counters per priority, for /metrics."""
+        return self.engine.stats()
 
     def count_embed_tokens(self, request: EmbedRequest) -> int:
         """The prompt tokens `embed` would charge, without running anything."""

@@ -119,6 +119,18 @@ class Metrics:
             for model, stats in engines:
                 if stat in stats:
                     out.append(f'{name}{suffix}{{model="{_label(model)}"}} {stats[stat]}')
+        # Embedding engines: the batcher's queue and passes by priority (batch jobs run at batch).
+        for name, kind, help_, stat in (
+            ("ferroserve_embed_waiting_inputs", "gauge", "Embedding inputs queued in the engine, by priority.", "waiting_inputs"),
+            ("ferroserve_embed_passes", "counter", "Embedding forward passes, by priority.", "passes"),
+            ("ferroserve_embed_inputs", "counter", "Inputs embedded, by priority.", "embedded_inputs"),
+        ):
+            family(name, kind, help_)
+            suffix = "_total" if kind == "counter" else ""
+            for model, stats in engines:
+                for priority in ("interactive", "batch"):
+                    if f"{stat}_{priority}" in stats:
+                        out.append(f'{name}{suffix}{{model="{_label(model)}",priority="{priority}"}} {stats[f"{stat}_{priority}"]}')
         # The router: per model (candidate) its backend, health, breaker and measured speed.
         family("ferroserve_backend_up", "gauge", "1 if the model's backend is healthy, 0.5 degraded, 0 down.")
         for model, backend, health, _ in routing:

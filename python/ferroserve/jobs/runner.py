@@ -173,7 +173,7 @@ class BatchRunner:
             take, budget_error = self._affordable(ticket, first, texts)
         if take == 0:
             return vectors, ok, 0, [], budget_error
-        request = EmbedRequest(texts=texts[:take], encoding="base64", priority="batch")
+        request = EmbedRequest(texts=texts[:take], encoding="base64", priority=self.settings.batch_jobs_priority)
         result, model, error = None, None, None
         for attempt in range(UNAVAILABLE_RETRIES + 1):
             try:
@@ -311,12 +311,14 @@ class BatchRunner:
         status = 200
         try:
             if endpoint == "/v1/chat/completions":
-                status, out, fields = await chat.create_chat_completion(self.router, raw, None, ticket, priority="batch")
+                status, out, fields = await chat.create_chat_completion(self.router, raw, None, ticket,
+                                                                        priority=self.settings.batch_jobs_priority)
             elif endpoint == "/v1/completions":
-                status, out, fields = await completions.create_completion(self.router, raw, None, ticket, priority="batch")
+                status, out, fields = await completions.create_completion(self.router, raw, None, ticket,
+                                                                          priority=self.settings.batch_jobs_priority)
             else:
                 out, fields, _ = await embeddings.create_embedding(self.router, raw, self.settings.max_inputs, ticket, None,
-                                                                   priority="batch")
+                                                                   priority=self.settings.batch_jobs_priority)
         except ApiError as exc:
             error, status = exc, exc.status
         except Exception:
