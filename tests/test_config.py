@@ -99,6 +99,13 @@ def test_the_server_serves_what_the_file_names(tmp_path):
         srv.stop()
 
 
+@pytest.mark.parametrize("url", ["example.com", "ftp://example.com", "https://example.com/?a=1", "https://"])
+def test_a_public_url_must_be_an_http_base_url(url):
+    with pytest.raises(ConfigError, match="--public-url must be an http"):
+        resolve(public_url=url)
+    assert resolve(public_url="https://api.example.com/").public_url == "https://api.example.com"
+
+
 def test_batch_priority_settings_are_checked(monkeypatch):
     monkeypatch.setenv("FERROSERVE_BATCH_JOBS_PRIORITY", "urgent")
     with pytest.raises(ConfigError, match="FERROSERVE_BATCH_JOBS_PRIORITY must be batch or interactive"):

@@ -77,6 +77,7 @@ def _serve(args: argparse.Namespace) -> int:
             embed_cache_mb=args.embed_cache_mb,
             default_max_tokens=args.default_max_tokens,
             max_tokens_limit=args.max_tokens_limit,
+            public_url=args.public_url,
         )
     except ConfigError as exc:
         print(f"ferroserve: error: {exc}", file=sys.stderr)
@@ -367,6 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-tokens-limit", type=int, metavar="N",
         help="the most tokens one request may generate per choice; a request asking for more is a 400, one "
         "naming none stops there (default: no limit but the context; env FERROSERVE_MAX_TOKENS_LIMIT)",
+    )
+    serve.add_argument(
+        "--public-url", metavar="URL",
+        help="this server's address as clients reach it (e.g. https://api.example.com behind a proxy), used "
+        "in signed batch-result URLs and webhook payloads (default: the request's Host header; env FERROSERVE_PUBLIC_URL)",
     )
     serve.set_defaults(func=_serve)
 

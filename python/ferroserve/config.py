@@ -11,6 +11,7 @@ import importlib.util
 import os
 import tomllib
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from typing import Any
 
@@ -123,6 +124,9 @@ class Settings(msgspec.Struct):
     # The priority batch jobs run at: "batch" (they give way to interactive requests) or
     # "interactive" (they compete with them; what bench/batch.py compares against).
     batch_jobs_priority: str = "batch"
+    # This server's base URL as clients reach it (behind a proxy or load balancer), for signed
+    # batch-result URLs and webhook payloads; None: the request's Host header.
+    public_url: str | None = None
 
     def to_json(self) -> str:
         return msgspec.json.encode(self).decode()
@@ -184,6 +188,7 @@ class ConfigFile(msgspec.Struct, forbid_unknown_fields=True):
     breaker_cooldown_s: float | None = None
     embed_batch_pass_tokens: int | None = None
     embed_batch_pass_tokens_busy: int | None = None
+    public_url: str | None = None
     backends: list[BackendSpec] = []
     models: list[FileModel] = []
 
@@ -254,6 +259,14 @@ def check_backends(backends: list[BackendSpec]) -> dict[str, BackendSpec]:
             raise ConfigError(f"backend {b.name}: timeouts must be positive and max_concurrent at least 1")
         out[b.name] = b
     return out
+
+
+def check_public_url(url: str) -> str:
+    """An http(s) base URL without query or fragment; returned without its trailing slash."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise ConfigError(f"--public-url must be an http(s) URL such as https://api.example.com, got {url!r}")
+    return url.rstrip("/")
 
 
 def check_fallbacks(models: list[ModelSpec]) -> None:
@@ -419,6 +432,7 @@ def resolve(
     embed_cache_mb: int | None = None,
     default_max_tokens: int | None = None,
     max_tokens_limit: int | None = None,
+    public_url: str | None = None,
 ) -> Settings:
     """Flags (non-None arguments) over environment over the config file over defaults."""
     s = Settings()
@@ -429,7 +443,7 @@ def resolve(
                 "embed_max_wait_us", "kv_budget_bytes", "max_batch_tokens", "max_running", "numerics",
                 "embed_cache_mb", "embed_cache_ttl_s", "breaker_failures", "breaker_cooldown_s", "default_max_tokens",
                 "max_tokens_limit", "embed_batch_pass_tokens",
-                "embed_batch_pass_tokens_busy"):
+                "embed_batch_pass_tokens_busy", "public_url"):
         if getattr(file, key) is not None:
             setattr(s, key, getattr(file, key))
     try:
@@ -454,6 +468,7 @@ def resolve(
         s.batch_concurrency = int(_env("BATCH_CONCURRENCY") or s.batch_concurrency)
         s.webhook_retry_base_s = float(_env("WEBHOOK_RETRY_BASE_S") or s.webhook_retry_base_s)
         s.batch_jobs_priority = _env("BATCH_JOBS_PRIORITY") or s.batch_jobs_priority
+        s.public_url = public_url or _env("PUBLIC_URL") or s.public_url
         s.default_max_tokens = default_max_tokens or int(_env("DEFAULT_MAX_TOKENS") or s.default_max_tokens or 0) or None
         s.max_tokens_limit = max_tokens_limit or int(_env("MAX_TOKENS_LIMIT") or s.max_tokens_limit or 0) or None
     except ValueError as exc:
@@ -473,6 +488,8 @@ def resolve(
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
     if s.default_max_tokens is not None and s.max_tokens_limit is not None and s.default_max_tokens > s.max_tokens_limit:
         raise ConfigError(f"--default-max-tokens ({s.default_max_tokens}) is above --max-tokens-limit ({s.max_tokens_limit})")
+    if s.public_url is not None:
+        s.public_url = check_public_url(s.public_url)
     for name in ("embed_batch_pass_tokens", "embed_batch_pass_tokens_busy"):
         if getattr(s, name) < 1:
             raise ConfigError(f"FERROSERVE_{name.upper()} must be at least 1, got {getattr(s, name)}")

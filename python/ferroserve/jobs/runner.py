@@ -16,6 +16,7 @@ error files keyed by `custom_id`).
 from __future__ import annotations
 
 import asyncio
+import datetime
 import os
 import secrets
 import time
@@ -361,7 +362,7 @@ class BatchRunner:
                     name = f"{batch_id}_{'output' if purpose == 'batch_output' else 'error'}.jsonl"
                     files.append({"id": file_id, "workspace": row["workspace"], "purpose": purpose, "filename": name,
                                   "bytes": size, "created_at": now, "path": DataFiles.batch(batch_id, suffix)})
-        if row.get("webhook_url") and final in ("completed", "failed"):
+        if row.get("webhook_url") and final in ("completed", "failed", "cancelled"):
             values["webhook_state"] = "pending"
         owner = self.leases.owner
         if not await self.gateway.call(lambda s: s.finish_batch(batch_id, owner, values, files)):
@@ -374,7 +375,13 @@ class BatchRunner:
         totals = {"total_jobs": row["total"], "completed_jobs": row["completed"], "failed_jobs": row["failed"],
                   "total_tokens": row["total_tokens"]}
         status = row["status"]
-        body = webhooks.payload(row["id"], status, totals)
+        results = None
+        if status == "completed" and self.settings.public_url:
+            # No request here to take a Host header from: only a configured address will do.
+            url, expires = signing.results_url(await self.signing_key(), self.settings.public_url, row["id"], time.time())
+            expires_at = datetime.datetime.fromtimestamp(expires, datetime.timezone.utc).isoformat(timespec="seconds")
+            results = {"url": url, "expires_at": expires_at.replace("+00:00", "Z")}
+        body = webhooks.payload(row["id"], status, totals, results)
         assert self._client is not None
         await webhooks.deliver(self.gateway, self._client, row, self.leases.owner, body, f"batch.{status}",
                                self.settings.webhook_retry_base_s)
