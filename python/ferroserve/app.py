@@ -19,6 +19,7 @@ from ferroserve.api import (
     admin, batch_embeddings, batches, chat, completions, embeddings, estimate, files, history, models, openapi, responses, status,
     tokenize, usage,
 )
+from ferroserve.backends.local import interactive_in_flight, interactive_request
 from ferroserve.config import SETTINGS_ENV, STARTUP_ERROR_ENV, Settings
 from ferroserve.errors import ApiError
 from ferroserve.gateway.embed_cache import EmbedCache
@@ -179,6 +180,8 @@ class App:
             else:
                 ticket = gateway.open_ticket(scope, request_id, started, admin=access is ADMIN, metered=access is INFERENCE)
             metered = access is INFERENCE
+            if metered:
+                ticket.interactive = interactive_request()
             status, body, fields = await handler(scope, proto, ticket, arg)
             if fields.pop(responses.METERED_LATER, False):
                 metered = False  # a background response: its task settles and records the usage
@@ -186,6 +189,7 @@ class App:
                 cost = gateway.settle(ticket, fields)
             if body is not None:
                 proto.response_bytes(status, [_CONTENT_TYPES.get(label, JSON), *ticket.response_headers()], body)
+            ticket.end_interactive()
         except ApiError as err:
             status, error_code = err.status, err.code
             if gateway is not None and access is INFERENCE and ticket is not None:
@@ -197,6 +201,8 @@ class App:
             status, error_code = 500, "server_error"
             err = ApiError(500, "The server had an error while processing your request.", type="server_error")
             proto.response_bytes(status, [JSON, ("x-request-id", request_id)], err.body())
+        if ticket is not None:
+            ticket.end_interactive()  # after an error too
         if ticket is not None and ticket.key is not None:
             fields = {**fields, "key": ticket.key.id, "workspace": ticket.workspace}
         log.access(method, path, status, started, request_id, **fields)
@@ -369,11 +375,11 @@ class App:
             from ferroserve.gateway.metrics import Metrics
 
             return 200, Metrics().render(rate_limit_rejections={}, usage_queue_depth=0, engines=engines, routing=routing,
-                                         cache=self.embed_cache), {}
+                                         cache=self.embed_cache, interactive_in_flight=interactive_in_flight()), {}
         return 200, gateway.metrics.render(
             rate_limit_rejections=gateway.limiter.rejected,
             usage_queue_depth=gateway.worker.queue_depth() if gateway.worker is not None else 0,
-            engines=engines, routing=routing, cache=self.embed_cache,
+            engines=engines, routing=routing, cache=self.embed_cache, interactive_in_flight=interactive_in_flight(),
         ), {}
 
 

@@ -1,6 +1,7 @@
 """Batch jobs give way to interactive requests (issue 15), on a real server: an interactive
-embedding sent while a batch's inputs wait in the embedding engine is answered ahead of them.
-Checked by order — the engine's queue as /metrics reports it — not by latency."""
+embedding sent while a batch's inputs wait in the embedding engine is answered ahead of them,
+and what counts as interactive (what batch work waits for). Checked by order and by the
+counts /metrics reports, not by latency."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.gateway.conftest import EMBED, auth
+from tests.gateway.conftest import CHAT, EMBED, auth
 from tests.jobs.conftest import sentences, start_server
 
 # One chunk holds the whole batch, so every batch input waiting in the engine was queued
@@ -60,3 +61,30 @@ def test_interactive_embeddings_go_ahead_of_a_queued_batch(srv, keys):
     assert queue["batch"] > 0 and queue["interactive"] == 0, queue
     r = httpx.delete(f"{srv.url}/v1/batch/{batch_id}", headers=auth(key))
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
+
+
+def interactive_in_flight(url: str) -> float:
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text):
+        if family.name == "ferroserve_interactive_in_flight":
+            return family.samples[0].value
+    raise AssertionError("/metrics has no ferroserve_interactive_in_flight")
+
+
+@pytest.mark.parametrize("service_tier, counted", [("default", True), ("flex", False)])
+def test_an_inference_request_counts_as_interactive_until_answered(srv, keys, service_tier, counted):
+    """What batch work waits for: a chat request from arrival to its last byte, unless it
+    asked for batch priority (OpenAI's flex tier)."""
+    assert interactive_in_flight(srv.url) == 0
+    body = {"model": CHAT, "messages": [{"role": "user", "content": "Count to fifty."}], "max_tokens": 48,
+            "ignore_eos": True, "stream": True, "service_tier": service_tier}
+    with httpx.stream("POST", srv.url + "/v1/chat/completions", headers=auth(keys["alpha"]), json=body, timeout=120) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))  # the stream is open
+        # Counted at the HTTP layer and in the chat engine; a flex request in neither.
+        assert (interactive_in_flight(srv.url) > 0) == counted
+        assert [line for line in lines if line == "data: [DONE]"]
+    deadline = time.monotonic() + 10  # the server closes the request just after its last byte
+    while interactive_in_flight(srv.url) != 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)

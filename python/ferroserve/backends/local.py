@@ -45,6 +45,19 @@ def _from_exception(exc: _core.FerroserveError, param: str | None) -> ApiError |
     return from_engine_exception(exc, param)
 
 
+def interactive_request() -> _core.InteractiveRequest:
+    """Counts a request as interactive on this process's engines from now until its
+    `close()`: batch passes and steps wait meanwhile (`sched/interactive.rs`). The HTTP layer
+    opens one when an inference request arrives, so batch work already gives way while the
+    request is parsed, routed and tokenized, and while its answer is written."""
+    return _core.InteractiveRequest()
+
+
+def interactive_in_flight() -> int:
+    """Interactive requests in flight on this process (HTTP layer and engines)."""
+    return _core.InteractiveRequest.in_flight()
+
+
 class EngineWatcher:
     """Watches an engine's wake-up fd on the event loop; each wake-up drains every event
     of the engine's last step(s) at once and hands them to `_dispatch`."""

@@ -42,7 +42,7 @@ class Ticket:
 
     __slots__ = ("gateway", "request_id", "started", "key", "workspace", "window", "capture", "prompt",
                  "model", "price", "charged_prompt_tokens", "ttft_s", "requests_used", "backend", "fallbacks", "cache_hit",
-                 "extra_headers")
+                 "extra_headers", "interactive")
 
     def __init__(self, gateway: Gateway | None, request_id: str, started: float, key: ApiKey | None,
                  workspace: str | None, window: Window | None, capture: bool) -> None:
@@ -63,6 +63,15 @@ class Ticket:
         self.fallbacks: list[str] | None = None
         self.cache_hit = False
         self.extra_headers: list[tuple[str, str]] | None = None
+        # While set, this request counts as interactive on the server's engines (batch work
+        # waits): from arrival until answered, unless it asks for batch priority.
+        self.interactive: Any = None
+
+    def end_interactive(self) -> None:
+        """Answered, or running at batch priority: batch work no longer waits for this request."""
+        if self.interactive is not None:
+            self.interactive.close()
+            self.interactive = None
 
     def allow(self, model: LoadedModel) -> None:
         """403 unless the key may use the model (for routes that cost nothing, e.g. tokenize)."""

@@ -70,7 +70,7 @@ class Metrics:
         h.observe(seconds)
 
     def render(self, *, rate_limit_rejections: dict[str, int], usage_queue_depth: int, engines: list[tuple[str, dict]],
-               routing: list[tuple] = (), cache=None) -> bytes:
+               routing: list[tuple] = (), cache=None, interactive_in_flight: int = 0) -> bytes:
         out: list[str] = []
 
         def family(name: str, kind: str, help_: str) -> None:
@@ -119,6 +119,10 @@ class Metrics:
             for model, stats in engines:
                 if stat in stats:
                     out.append(f'{name}{suffix}{{model="{_label(model)}"}} {stats[stat]}')
+        family("ferroserve_interactive_in_flight", "gauge",
+               "Interactive work in flight: an inference request counts at the HTTP layer from arrival to its last "
+               "byte, and again in the engine running it. Batch work waits while this is above zero.")
+        out.append(f"ferroserve_interactive_in_flight {interactive_in_flight}")
         # Embedding engines: the batcher's queue and passes by priority (batch jobs run at batch).
         for name, kind, help_, stat in (
             ("ferroserve_embed_waiting_inputs", "gauge", "Embedding inputs queued in the engine, by priority.", "waiting_inputs"),
