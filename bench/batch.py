@@ -7,9 +7,10 @@ and per arm (a server configuration, started fresh):
    `POST /v1/embeddings` in requests of 256 and 2,048 inputs at concurrency 1, 2 and 4; the
    best inputs/s is the anchor;
 2. idle: interactive probes alone (one-sentence embeddings every 0.2 s and 16-token chats
-   every 1 s, each answered before the next of its kind) — p50/p95 latency; then the
-   worker's RSS (after the probes, so memory the interactive paths touch is not counted
-   as the batch's);
+   every 1 s, each answered before the next of its kind) — p50/p95 latency — half of
+   `--idle-s` before the batches and half after them, pooled (the machine's load drifts);
+   the worker's RSS after the first half (so memory the interactive paths touch is not
+   counted as the batch's);
 3. throughput: a batch of `--inputs` with no other traffic (submit → completed);
 4. during: a batch of `--probed-inputs` while the same probes run; p50/p95 during it.
    The worker's peak RSS is sampled every 0.2 s through 3 and 4.
@@ -113,6 +114,8 @@ class Probes:
             "temperature": 0, "ignore_eos": True})
 
     def start(self) -> Probes:
+        """Starts (or starts again: the latencies add up) the probe threads."""
+        self._stop.clear()
         for every, fn, out in ((self.embed_every_s, self._embed, self.embed_ms), (self.chat_every_s, self._chat, self.chat_ms)):
             t = threading.Thread(target=self._loop, args=(every, fn, out), daemon=True)
             t.start()
@@ -180,7 +183,7 @@ def run_arm(args, arm: str, env: dict[str, str], round_no: int, with_sync: bool)
         if with_sync:
             log("sync throughput ...")
             sync = {}
-            for per_request in (256, 2048):
+            for per_request in (32, 256, 2048):
                 for concurrency in (1, 2, 4):
                     rate = sync_throughput(url, sentences(args.sync_inputs, f"s{per_request}c{concurrency}-"), per_request,
                                            concurrency)
@@ -190,11 +193,13 @@ def run_arm(args, arm: str, env: dict[str, str], round_no: int, with_sync: bool)
             out["sync_best_inputs_per_s"] = max(sync.values())
 
         log(f"[{arm} round {round_no}] idle probes ...")
-        probes = Probes(url).start()
-        time.sleep(args.idle_s)
-        idle = probes.stop()
+        # Half the idle probes before the batches and half after, pooled: the machine's load
+        # drifts, and the idle latencies are then from around the batch's time, not only before it.
+        idle_probes = Probes(url).start()
+        time.sleep(args.idle_s / 2)
+        idle_before = idle_probes.stop()
         rss_idle = worker_rss_mb(server.pid)
-        log(f"  idle: {idle}")
+        log(f"  idle before: {idle_before}")
 
         rss_peak = [rss_idle]
         sampling = threading.Event()
@@ -216,12 +221,17 @@ def run_arm(args, arm: str, env: dict[str, str], round_no: int, with_sync: bool)
         sampling.set()
         sampler.join()
         log(f"  {probed_seconds:.1f} s; during: {during}")
+        log(f"[{arm} round {round_no}] idle probes again ...")
+        idle_probes.start()
+        time.sleep(args.idle_s / 2)
+        idle = idle_probes.stop()
+        log(f"  idle (both halves): {idle}")
         out.update({
             "batch_seconds": round(seconds, 2), "batch_accept_seconds": round(accept, 3),
             "batch_inputs_per_s": round(args.inputs / seconds, 1),
             "probed_batch_seconds": round(probed_seconds, 2),
             "probed_batch_inputs_per_s": round(args.probed_inputs / probed_seconds, 1),
-            "idle": idle, "during_batch": during,
+            "idle": idle, "idle_before_batches": idle_before, "during_batch": during,
             "embed_p95_ratio": round(during["embed_p95_ms"] / idle["embed_p95_ms"], 2),
             "chat_p95_ratio": round(during["chat_p95_ms"] / idle["chat_p95_ms"], 2),
             "rss_idle_mb": round(rss_idle, 1), "rss_peak_mb": round(max(rss_peak), 1),
@@ -261,13 +271,17 @@ def main() -> int:
     for round_no in range(args.rounds):
         for index, (arm, env) in enumerate(arms):
             runs.append(run_arm(args, arm, env, round_no, with_sync=index == 0))
-    best_sync = max(r["sync_best_inputs_per_s"] for r in runs if "sync_best_inputs_per_s" in r)
+    # Each round's batches against that round's synchronous best: the same window of a shared machine.
+    sync_of_round = {r["round"]: r["sync_best_inputs_per_s"] for r in runs if "sync_best_inputs_per_s" in r}
+    for r in runs:
+        r["batch_vs_sync_best"] = round(r["batch_inputs_per_s"] / sync_of_round[r["round"]], 3)
+    best_sync = max(sync_of_round.values())
     summary = {}
     for arm, _ in arms:
         mine = [r for r in runs if r["arm"] == arm]
         summary[arm] = {
             "batch_inputs_per_s": median([r["batch_inputs_per_s"] for r in mine]),
-            "batch_vs_sync_best": round(median([r["batch_inputs_per_s"] for r in mine]) / best_sync, 3),
+            "batch_vs_sync_best": median([r["batch_vs_sync_best"] for r in mine]),
             "embed_p95_ratio": median([r["embed_p95_ratio"] for r in mine]),
             "chat_p95_ratio": median([r["chat_p95_ratio"] for r in mine]),
             "rss_growth_mb": max(r["rss_growth_mb"] for r in mine),
