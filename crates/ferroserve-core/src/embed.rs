@@ -30,10 +30,14 @@ pub enum Encoding {
     Float,
     /// A JSON string: base64 of little-endian float32 (OpenAI's format).
     Base64,
+    /// No JSON: the rows as little-endian float32, back to back (for callers that want the
+    /// vectors themselves, e.g. batch jobs writing them to a file).
+    F32,
 }
 
 /// One finished request: the response's whole `data` array, already JSON-encoded
-/// (built on the batcher thread so the HTTP layer only wraps it).
+/// (built on the batcher thread so the HTTP layer only wraps it); with [`Encoding::F32`],
+/// the rows as little-endian float32 instead.
 pub struct EmbedOutput {
     pub data_json: Vec<u8>,
     pub prompt_tokens: usize,
@@ -243,6 +247,10 @@ impl EmbeddingEngine {
                 Ok(v) => v,
                 Err(e) => return notifier.push(EmbedEvent { request_id, result: Err(e) }),
             };
+            if encoding == Encoding::F32 {
+                let data = vectors.chunks_exact(dim).flat_map(|v| truncated(v, dimensions)).flat_map(f32::to_le_bytes).collect();
+                return notifier.push(EmbedEvent { request_id, result: Ok(EmbedOutput { data_json: data, prompt_tokens }) });
+            }
             let mut data_json = Vec::with_capacity(vectors.len() * 12 + 64);
             data_json.push(b'[');
             for (i, v) in vectors.chunks_exact(dim).enumerate() {
@@ -297,8 +305,8 @@ fn batcher_config(cfg: &EmbeddingEngineConfig, max_len: usize) -> BatcherConfig 
     }
 }
 
-/// Truncates to `dimensions` (re-normalising, as OpenAI does) and encodes as JSON.
-fn encode_row(v: &[f32], dimensions: Option<usize>, encoding: Encoding) -> Vec<u8> {
+/// The row cut to `dimensions` (re-normalised, as OpenAI does).
+fn truncated(v: &[f32], dimensions: Option<usize>) -> Vec<f32> {
     let mut v = v.to_vec();
     if let Some(d) = dimensions {
         if d < v.len() {
@@ -306,6 +314,12 @@ fn encode_row(v: &[f32], dimensions: Option<usize>, encoding: Encoding) -> Vec<u
             normalize(&mut v);
         }
     }
+    v
+}
+
+/// Truncates to `dimensions` and encodes as JSON.
+fn encode_row(v: &[f32], dimensions: Option<usize>, encoding: Encoding) -> Vec<u8> {
+    let v = truncated(v, dimensions);
     match encoding {
         Encoding::Float => {
             let mut s = String::with_capacity(v.len() * 12 + 2);
@@ -321,7 +335,7 @@ fn encode_row(v: &[f32], dimensions: Option<usize>, encoding: Encoding) -> Vec<u
             s.push(']');
             s.into_bytes()
         }
-        Encoding::Base64 => {
+        Encoding::Base64 | Encoding::F32 => {
             let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
             let mut out = Vec::with_capacity(bytes.len() * 4 / 3 + 4);
             out.push(b'"');

@@ -56,8 +56,9 @@ impl PyEmbeddingEngine {
     /// Queues a request: exactly one of `texts` / `token_lists`. Returns the prompt token
     /// count; the result arrives through `drain()` under `request_id`. `priority`:
     /// "interactive" or "batch" (embedded after every waiting interactive input); else
-    /// `InvalidRequest`.
-    #[pyo3(signature = (request_id, texts = None, token_lists = None, dimensions = None, base64 = false, *, priority = "interactive"))]
+    /// `InvalidRequest`. `f32`: the result is the rows as little-endian float32 bytes, not
+    /// the JSON `data` array.
+    #[pyo3(signature = (request_id, texts = None, token_lists = None, dimensions = None, base64 = false, *, priority = "interactive", f32 = false))]
     #[allow(clippy::too_many_arguments)]
     fn submit(
         &self,
@@ -68,6 +69,7 @@ impl PyEmbeddingEngine {
         dimensions: Option<usize>,
         base64: bool,
         priority: &str,
+        f32: bool,
     ) -> PyResult<usize> {
         let priority = Priority::parse(priority).map_err(crate::errors::to_py)?;
         let inputs: Vec<EmbedInput> = match (texts, token_lists) {
@@ -75,7 +77,11 @@ impl PyEmbeddingEngine {
             (None, Some(l)) => l.into_iter().map(EmbedInput::Tokens).collect(),
             _ => return Err(pyo3::exceptions::PyTypeError::new_err("pass exactly one of texts / token_lists")),
         };
-        let encoding = if base64 { Encoding::Base64 } else { Encoding::Float };
+        let encoding = match (f32, base64) {
+            (true, _) => Encoding::F32,
+            (false, true) => Encoding::Base64,
+            (false, false) => Encoding::Float,
+        };
         detach(py, || self.inner.submit(request_id, inputs, dimensions, encoding, priority))
     }
 

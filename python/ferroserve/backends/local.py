@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import msgspec
+import numpy as np
 
 from ferroserve import _core
 from ferroserve.backends.base import (
@@ -146,17 +147,30 @@ class LocalEmbeddingModel(EngineWatcher, Backend):
         request_id = next(_request_ids)
         fut = self._loop.create_future()
         self._pending[request_id] = fut
-        try:
+
+        def submit() -> None:
             self.engine.submit(request_id, texts=request.texts, token_lists=request.token_lists,
                                dimensions=request.dimensions, base64=request.encoding == "base64",
-                               priority=request.priority)
+                               priority=request.priority, f32=request.vectors_only)
+
+        try:
+            if request.priority == "batch":
+                # A batch chunk's tokenization (milliseconds for hundreds of inputs, GIL
+                # released) runs off the event loop, which meanwhile serves interactive requests.
+                await self._loop.run_in_executor(None, submit)
+            else:
+                submit()
         except _core.FerroserveError as exc:
             self._pending.pop(request_id, None)
             raise _from_exception(exc, "input") from None
         try:
-            return await fut
+            result = await fut
         finally:
             self._pending.pop(request_id, None)
+        if request.vectors_only:
+            rows = len(request.texts if request.texts is not None else request.token_lists or [])
+            return EmbeddingResult(result.prompt_tokens, vectors=np.frombuffer(result.encoded or b"", "<f4").reshape(rows, -1))
+        return result
 
 
 class Collector:
