@@ -1,20 +1,30 @@
 #!/usr/bin/env python3
 """Batch embeddings (issue 15): a large `/v1/batch/embeddings` job against the synchronous
-endpoint's best throughput, and what it does to interactive traffic and memory. One run:
+endpoint's best throughput, and what it does to interactive traffic and memory. Per round
+and per arm (a server configuration, started fresh):
 
-1. sync: the same kind of short sentences through `POST /v1/embeddings` in requests of 256 and
-   2,048 inputs at concurrency 1, 2 and 4; the best inputs/s is the anchor;
-2. idle: interactive probes alone (one-sentence embeddings and 16-token chats, one at a time,
-   paced) — p50/p95 latency; the worker's RSS;
-3. batch: a 100,000-input batch (submit → completed, from the batch's own timestamps and the
-   poll) while the same probes run; p50/p95 during it; the worker's peak RSS, sampled every
-   0.2 s.
+1. sync (first arm of each round): the same kind of short sentences through
+   `POST /v1/embeddings` in requests of 256 and 2,048 inputs at concurrency 1, 2 and 4; the
+   best inputs/s is the anchor;
+2. idle: interactive probes alone (one-sentence embeddings every 0.2 s and 16-token chats
+   every 1 s, each answered before the next of its kind) — p50/p95 latency — half of
+   `--idle-s` before the batches and half after them, pooled (the machine's load drifts);
+   the worker's RSS after the first half (so memory the interactive paths touch is not
+   counted as the batch's);
+3. throughput: a batch of `--inputs` with no other traffic (submit → completed); the
+   worker's peak RSS during it (sampled every 0.2 s) is the batch's memory;
+4. during: a batch of `--probed-inputs` while the same probes run; p50/p95 during it (and
+   the peak RSS, which also holds the KV-cache blocks the chat probes touch).
 
-    .venv/bin/python bench/batch.py                 # 100,000 inputs, ≈ 5 min on 2 cores
-    .venv/bin/python bench/batch.py --inputs 20000  # quicker
+Arms: `priorities` (the defaults: batch jobs at batch priority) and `no-priorities`
+(`FERROSERVE_BATCH_JOBS_PRIORITY=interactive`: batch rows compete with interactive requests
+as equals), or `name:VAR=value,VAR=value` for any other environment.
 
-The server is started by the script (gateway on, no keys, its own data dir) with the flags
-given after `--`. Results go to bench/results/batch-<time>.json.
+    .venv/bin/python bench/batch.py                                  # 100,000 inputs, 1 round
+    .venv/bin/python bench/batch.py --inputs 20000 --rounds 2        # quicker A/B
+
+Flags after `--` go to `ferroserve serve` (gateway on, no keys, its own data dir). Results
+go to bench/results/batch-<time>.json.
 """
 
 from __future__ import annotations
@@ -105,6 +115,8 @@ class Probes:
             "temperature": 0, "ignore_eos": True})
 
     def start(self) -> Probes:
+        """Starts (or starts again: the latencies add up) the probe threads."""
+        self._stop.clear()
         for every, fn, out in ((self.embed_every_s, self._embed, self.embed_ms), (self.chat_every_s, self._chat, self.chat_ms)):
             t = threading.Thread(target=self._loop, args=(every, fn, out), daemon=True)
             t.start()
@@ -135,40 +147,61 @@ def sync_throughput(url: str, texts: list[str], per_request: int, concurrency: i
     return len(texts) / (time.perf_counter() - began)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--inputs", type=int, default=100_000)
-    ap.add_argument("--sync-inputs", type=int, default=16_384, help="inputs per synchronous configuration")
-    ap.add_argument("--idle-s", type=float, default=30.0, help="seconds of probes on the idle server")
-    ap.add_argument("server_args", nargs="*", help="extra `ferroserve serve` flags (after --)")
-    args = ap.parse_args()
+ARMS = {"priorities": {}, "no-priorities": {"FERROSERVE_BATCH_JOBS_PRIORITY": "interactive"}}
 
-    server, url, log_path = start_server(args.server_args, name="batch")
+
+def parse_arm(spec: str) -> tuple[str, dict[str, str]]:
+    if spec in ARMS:
+        return spec, ARMS[spec]
+    name, _, assignments = spec.partition(":")
+    return name, dict(a.split("=", 1) for a in assignments.split(",") if a)
+
+
+def run_batch(url: str, texts: list[str]) -> tuple[float, float]:
+    """Submits one batch and polls it to the end: (seconds submit → completed, seconds to accept)."""
+    began = time.perf_counter()
+    r = httpx.post(url + "/v1/batch/embeddings", json={"model": EMBED, "inputs": texts}, timeout=600)
+    assert r.status_code == 201, r.text
+    batch_id = r.json()["id"]
+    submitted = time.perf_counter()
+    while True:
+        got = httpx.get(f"{url}/v1/batch/{batch_id}", timeout=60).json()
+        if got["status"] in ("completed", "failed", "cancelled"):
+            break
+        time.sleep(0.25)
+    finished = time.perf_counter()
+    assert got["status"] == "completed" and got["completed_jobs"] == len(texts), got
+    return finished - began, submitted - began
+
+
+def run_arm(args, arm: str, env: dict[str, str], round_no: int, with_sync: bool) -> dict:
+    server, url, log_path = start_server(args.server_args, name="batch", env=env)
     try:
         # Warm-up: both models, every path once.
         sync_throughput(url, sentences(512, "w"), 256, 2)
         Probes(url).start().stop()
+        out: dict = {"arm": arm, "env": env, "round": round_no, "load_average_before": os.getloadavg()}
+        if with_sync:
+            log("sync throughput ...")
+            sync = {}
+            for per_request in (32, 256, 2048):
+                for concurrency in (1, 2, 4):
+                    rate = sync_throughput(url, sentences(args.sync_inputs, f"s{per_request}c{concurrency}-"), per_request,
+                                           concurrency)
+                    sync[f"{per_request}x{concurrency}"] = round(rate, 1)
+                    log(f"  {per_request} inputs/request, c={concurrency}: {rate:.0f} inputs/s")
+            out["sync_inputs_per_s"] = sync
+            out["sync_best_inputs_per_s"] = max(sync.values())
 
-        log("sync throughput ...")
-        sync = {}
-        for per_request in (256, 2048):
-            for concurrency in (1, 2, 4):
-                rate = sync_throughput(url, sentences(args.sync_inputs, f"s{per_request}c{concurrency}-"), per_request, concurrency)
-                sync[f"{per_request}x{concurrency}"] = round(rate, 1)
-                log(f"  {per_request} inputs/request, c={concurrency}: {rate:.0f} inputs/s")
-        best_sync = max(sync.values())
-
-        log("idle probes ...")
-        probes = Probes(url).start()
-        time.sleep(args.idle_s)
-        idle = probes.stop()
-        # After the idle probes: memory the interactive paths touch (KV pages, buffers) is not
-        # counted as the batch's.
+        log(f"[{arm} round {round_no}] idle probes ...")
+        # Half the idle probes before the batches and half after, pooled: the machine's load
+        # drifts, and the idle latencies are then from around the batch's time, not only before it.
+        idle_probes = Probes(url).start()
+        time.sleep(args.idle_s / 2)
+        idle_before = idle_probes.stop()
         rss_idle = worker_rss_mb(server.pid)
-        log(f"  idle: {idle}")
+        log(f"  idle before: {idle_before}")
 
-        log(f"batch of {args.inputs} ...")
-        texts = sentences(args.inputs, "b")
         rss_peak = [rss_idle]
         sampling = threading.Event()
 
@@ -179,49 +212,97 @@ def main() -> int:
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
+        log(f"[{arm} round {round_no}] batch of {args.inputs}, no other traffic ...")
+        seconds, accept = run_batch(url, sentences(args.inputs, f"b{round_no}-"))
+        rss_batch_alone = max(rss_peak)
+        log(f"  {seconds:.1f} s ({accept:.2f} s to accept), {args.inputs / seconds:.0f} inputs/s; peak RSS {rss_batch_alone:.0f} MB")
+        log(f"[{arm} round {round_no}] batch of {args.probed_inputs} with probes ...")
         probes = Probes(url).start()
-        began = time.perf_counter()
-        r = httpx.post(url + "/v1/batch/embeddings", json={"model": EMBED, "inputs": texts}, timeout=600)
-        assert r.status_code == 201, r.text
-        batch_id = r.json()["id"]
-        submitted = time.perf_counter()
-        while True:
-            got = httpx.get(f"{url}/v1/batch/{batch_id}", timeout=60).json()
-            if got["status"] in ("completed", "failed", "cancelled"):
-                break
-            time.sleep(0.25)
-        finished = time.perf_counter()
+        probed_seconds, _ = run_batch(url, sentences(args.probed_inputs, f"p{round_no}-"))
         during = probes.stop()
         sampling.set()
         sampler.join()
-        assert got["status"] == "completed" and got["completed_jobs"] == args.inputs, got
-        batch_rate = args.inputs / (finished - began)
-        log(f"  batch: {finished - began:.1f} s ({submitted - began:.2f} s to accept), {batch_rate:.0f} inputs/s; during: {during}")
-
-        result = {
-            "bench": "batch", "when": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version()},
-            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip(),
-            "server_args": args.server_args, "inputs": args.inputs,
-            "sync_inputs_per_s": sync, "sync_best_inputs_per_s": best_sync,
-            "batch_seconds": round(finished - began, 2), "batch_accept_seconds": round(submitted - began, 3),
-            "batch_inputs_per_s": round(batch_rate, 1), "batch_vs_sync_best": round(batch_rate / best_sync, 3),
-            "idle": idle, "during_batch": during,
+        log(f"  {probed_seconds:.1f} s; during: {during}")
+        log(f"[{arm} round {round_no}] idle probes again ...")
+        idle_probes.start()
+        time.sleep(args.idle_s / 2)
+        idle = idle_probes.stop()
+        log(f"  idle (both halves): {idle}")
+        out.update({
+            "batch_seconds": round(seconds, 2), "batch_accept_seconds": round(accept, 3),
+            "batch_inputs_per_s": round(args.inputs / seconds, 1),
+            "probed_batch_seconds": round(probed_seconds, 2),
+            "probed_batch_inputs_per_s": round(args.probed_inputs / probed_seconds, 1),
+            "idle": idle, "idle_before_batches": idle_before, "during_batch": during,
             "embed_p95_ratio": round(during["embed_p95_ms"] / idle["embed_p95_ms"], 2),
             "chat_p95_ratio": round(during["chat_p95_ms"] / idle["chat_p95_ms"], 2),
-            "rss_idle_mb": round(rss_idle, 1), "rss_peak_mb": round(max(rss_peak), 1),
-            "rss_growth_mb": round(max(rss_peak) - rss_idle, 1),
-        }
-        out = REPO / "bench" / "results" / f"batch-{_dt.datetime.now(_dt.timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(json.dumps(result, indent=2))
-        log(f"written {out}")
+            # The batch's own memory: its peak with no other traffic. With the probes, each new
+            # chat prompt also touches fresh KV-cache blocks (≈ 0.7 MB a chat until the KV
+            # budget is touched), which is the chat path's memory, not the batch's.
+            "rss_idle_mb": round(rss_idle, 1), "rss_peak_batch_alone_mb": round(rss_batch_alone, 1),
+            "rss_growth_mb": round(rss_batch_alone - rss_idle, 1),
+            "rss_peak_with_probes_mb": round(max(rss_peak), 1),
+            "load_average_after": os.getloadavg(),
+        })
+        return out
     finally:
         server.terminate()
         try:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def median(values: list[float]) -> float:
+    values = sorted(values)
+    n = len(values)
+    return values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--inputs", type=int, default=100_000, help="inputs of the batch run alone (throughput)")
+    ap.add_argument("--probed-inputs", type=int, default=None, help="inputs of the batch run with probes (default: --inputs)")
+    ap.add_argument("--sync-inputs", type=int, default=16_384, help="inputs per synchronous configuration")
+    ap.add_argument("--idle-s", type=float, default=30.0, help="seconds of probes on the idle server")
+    ap.add_argument("--rounds", type=int, default=1, help="rounds; each runs every arm, in turn")
+    ap.add_argument("--arms", nargs="+", default=["priorities", "no-priorities"],
+                    help="priorities, no-priorities, or name:VAR=value,...")
+    ap.add_argument("server_args", nargs="*", help="extra `ferroserve serve` flags (after --)")
+    args = ap.parse_args()
+    args.probed_inputs = args.probed_inputs or args.inputs
+    arms = [parse_arm(a) for a in args.arms]
+
+    runs = []
+    for round_no in range(args.rounds):
+        for index, (arm, env) in enumerate(arms):
+            runs.append(run_arm(args, arm, env, round_no, with_sync=index == 0))
+    # Each round's batches against that round's synchronous best: the same window of a shared machine.
+    sync_of_round = {r["round"]: r["sync_best_inputs_per_s"] for r in runs if "sync_best_inputs_per_s" in r}
+    for r in runs:
+        r["batch_vs_sync_best"] = round(r["batch_inputs_per_s"] / sync_of_round[r["round"]], 3)
+    best_sync = max(sync_of_round.values())
+    summary = {}
+    for arm, _ in arms:
+        mine = [r for r in runs if r["arm"] == arm]
+        summary[arm] = {
+            "batch_inputs_per_s": median([r["batch_inputs_per_s"] for r in mine]),
+            "batch_vs_sync_best": median([r["batch_vs_sync_best"] for r in mine]),
+            "embed_p95_ratio": median([r["embed_p95_ratio"] for r in mine]),
+            "chat_p95_ratio": median([r["chat_p95_ratio"] for r in mine]),
+            "rss_growth_mb": max(r["rss_growth_mb"] for r in mine),
+        }
+    result = {
+        "bench": "batch", "when": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version()},
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip(),
+        "server_args": args.server_args, "inputs": args.inputs, "probed_inputs": args.probed_inputs, "rounds": args.rounds,
+        "sync_best_inputs_per_s": best_sync, "summary": summary, "runs": runs,
+    }
+    out = REPO / "bench" / "results" / f"batch-{_dt.datetime.now(_dt.timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    log(f"written {out}")
     return 0
 
 

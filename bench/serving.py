@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -20,16 +21,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args: list[str], *, name: str, timeout_s: float = 180) -> tuple[subprocess.Popen, str, Path]:
-    """Starts `ferroserve serve` on a free port with its own data dir and waits until it is
-    ready. Returns (process, base URL, log file); exits with the log's path if it does not start."""
+def start_server(args: list[str], *, name: str, timeout_s: float = 180,
+                 env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str, Path]:
+    """Starts `ferroserve serve` on a free port with its own data dir (and `env` over this
+    process's environment) and waits until it is ready. Returns (process, base URL, log
+    file); exits with the log's path if it does not start."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     data_dir = tempfile.mkdtemp(prefix=f"ferroserve-bench-{name}-")
     log_path = Path(tempfile.gettempdir()) / f"ferroserve-bench-{name}-{port}.log"
     cmd = [sys.executable, "-m", "ferroserve", "serve", "--port", str(port), "--data-dir", data_dir, "--log-level", "warning",
            *args]
-    proc = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, cwd=REPO)
+    proc = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, cwd=REPO,
+                            env={**os.environ, **env} if env else None)
     deadline = time.monotonic() + timeout_s
     while True:
         try:

@@ -132,3 +132,23 @@ def test_the_server_serves_what_the_file_names(tmp_path):
         assert r.status_code == 200, r.text
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("url", ["example.com", "ftp://example.com", "https://example.com/?a=1", "https://"])
+def test_a_public_url_must_be_an_http_base_url(url):
+    with pytest.raises(ConfigError, match="--public-url must be an http"):
+        resolve(public_url=url)
+    assert resolve(public_url="https://api.example.com/").public_url == "https://api.example.com"
+
+
+def test_batch_priority_settings_are_checked(monkeypatch):
+    monkeypatch.setenv("FERROSERVE_BATCH_JOBS_PRIORITY", "urgent")
+    with pytest.raises(ConfigError, match="FERROSERVE_BATCH_JOBS_PRIORITY must be batch or interactive"):
+        resolve()
+    monkeypatch.setenv("FERROSERVE_BATCH_JOBS_PRIORITY", "interactive")
+    monkeypatch.setenv("FERROSERVE_EMBED_BATCH_PASS_TOKENS_BUSY", "0")
+    with pytest.raises(ConfigError, match="FERROSERVE_EMBED_BATCH_PASS_TOKENS_BUSY must be at least 1"):
+        resolve()
+    monkeypatch.setenv("FERROSERVE_EMBED_BATCH_PASS_TOKENS_BUSY", "8")
+    s = resolve()
+    assert (s.batch_jobs_priority, s.embed_batch_pass_tokens, s.embed_batch_pass_tokens_busy) == ("interactive", 256, 8)

@@ -3,7 +3,7 @@
 from os import PathLike
 from typing import Any, final
 
-__all__ = ['__version__', 'cpu_isa', 'cpu_isa_levels', 'opencl_devices', 'write_kernel_binaries', 'EmbeddingEngine', 'ChatEngine', 'FerroserveError', 'InvalidRequest', 'ContextLengthExceeded', 'Overloaded', 'EngineDead', 'ModelLoadError', 'DeviceError']
+__all__ = ['__version__', 'cpu_isa', 'cpu_isa_levels', 'opencl_devices', 'write_kernel_binaries', 'EmbeddingEngine', 'ChatEngine', 'InteractiveRequest', 'FerroserveError', 'InvalidRequest', 'ContextLengthExceeded', 'Overloaded', 'EngineDead', 'ModelLoadError', 'DeviceError']
 __version__: str
 
 def cpu_isa() -> str: ...
@@ -21,6 +21,14 @@ class ModelLoadError(FerroserveError): ...
 class DeviceError(FerroserveError): ...
 
 @final
+class InteractiveRequest:
+    """An interactive request in flight (batch work on every engine waits while one is)."""
+    def __new__(cls) -> InteractiveRequest: ...
+    def close(self) -> None: ...
+    @staticmethod
+    def in_flight() -> int: ...
+
+@final
 class EmbeddingEngine:
     def __new__(
         cls,
@@ -29,6 +37,8 @@ class EmbeddingEngine:
         max_wait_us: int = 1000,
         device: str = "cpu",
         kernel_binaries: str | PathLike[str] | None = None,
+        batch_pass_tokens: int = 256,
+        batch_pass_tokens_busy: int = 16,
     ) -> EmbeddingEngine: ...
     def submit(
         self,
@@ -39,8 +49,10 @@ class EmbeddingEngine:
         base64: bool = False,
         *,
         priority: str = "interactive",  # or "batch"
+        f32: bool = False,
     ) -> int: ...
     def count_tokens(self, texts: list[str] | None = None, token_lists: list[list[int]] | None = None) -> int: ...
+    def stats(self) -> dict[str, int]: ...
     def fd(self) -> int: ...
     def drain(self) -> list[tuple[Any, ...]]: ...
     @property

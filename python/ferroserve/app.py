@@ -27,6 +27,7 @@ from ferroserve.api import (
     tokenize, usage,
 )
 from ferroserve.api.generate import SHUTDOWN, shutdown_error
+from ferroserve.backends.local import interactive_in_flight, interactive_request
 from ferroserve.config import SETTINGS_ENV, STARTUP_ERROR_ENV, Settings
 from ferroserve.errors import ApiError
 from ferroserve.gateway.embed_cache import EmbedCache
@@ -247,6 +248,8 @@ class App:
                 ticket = gateway.open_ticket(scope, request_id, started, admin=access is ADMIN, metered=access is INFERENCE)
             metered = ticket.metered = access is INFERENCE
             ticket.route = label
+            if metered:
+                ticket.interactive = interactive_request()
             status, body, fields = await handler(scope, proto, ticket, arg)
             if fields.pop(responses.METERED_LATER, False):
                 # A background response: its task settles and records the usage.
@@ -255,6 +258,7 @@ class App:
                 # A metered answer leaves once its usage record is committed.
                 await ticket.finish(status, fields)
                 proto.response_bytes(status, [_CONTENT_TYPES.get(label, JSON), *ticket.response_headers()], body)
+            ticket.end_interactive()
         except ApiError as err:
             status, error_code = err.status, err.code
             if gateway is not None and metered:
@@ -282,6 +286,8 @@ class App:
             error_code = "client_disconnected"
         elif fields.get("shutdown_cut"):  # a stream the shutdown cut
             error_code = "server_shutting_down"
+        if ticket is not None:
+            ticket.end_interactive()  # after an error too
         if ticket is not None and ticket.key is not None:
             fields = {**fields, "key": ticket.key.id, "workspace": ticket.workspace}
         log.access(method, path, status, started, request_id, **fields)
@@ -458,11 +464,13 @@ class App:
             from ferroserve.gateway.metrics import Metrics
 
             return 200, Metrics().render(rate_limit_rejections={}, usage_queue_depth=0, engines=engines, routing=routing,
-                                         cache=self.embed_cache, process=_process_gauges()), {}
+                                         cache=self.embed_cache, process=_process_gauges(),
+                                         interactive_in_flight=interactive_in_flight()), {}
         return 200, gateway.metrics.render(
             rate_limit_rejections=gateway.limiter.rejected,
             usage_queue_depth=gateway.worker.queue_depth() if gateway.worker is not None else 0,
             engines=engines, routing=routing, cache=self.embed_cache, process=_process_gauges(),
+            interactive_in_flight=interactive_in_flight(),
         ), {}
 
 

@@ -82,6 +82,7 @@ def _serve(args: argparse.Namespace) -> int:
             shutdown_timeout_s=args.shutdown_timeout,
             max_queue=args.max_queue,
             max_embedding_queue=args.max_embedding_queue,
+            public_url=args.public_url,
         )
     except ConfigError as exc:
         print(f"ferroserve: error: {exc}", file=sys.stderr)
@@ -406,6 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-embedding-queue", type=int, metavar="N",
         help="admission control: requests one embedding model may hold queued or embedding (default 1024; "
         "env FERROSERVE_MAX_EMBEDDING_QUEUE)",
+    )
+    serve.add_argument(
+        "--public-url", metavar="URL",
+        help="this server's address as clients reach it (e.g. https://api.example.com behind a proxy), used "
+        "in signed batch-result URLs and webhook payloads (default: the request's Host header; env FERROSERVE_PUBLIC_URL)",
     )
     serve.set_defaults(func=_serve)
 

@@ -11,6 +11,7 @@ import importlib.util
 import os
 import tomllib
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from typing import Any
 
@@ -95,6 +96,11 @@ class Settings(msgspec.Struct):
     gateway: bool = True
     embed_max_batch_tokens: int = 16384
     embed_max_wait_us: int = 1000
+    # Tokens in a forward pass of batch-priority embeddings (an interactive request arriving
+    # during one waits for at most this much work), and the same while interactive traffic
+    # is recent (the last second): a pass always takes at least one input.
+    embed_batch_pass_tokens: int = 256
+    embed_batch_pass_tokens_busy: int = 16
     kv_budget_bytes: int = 512 * 1024 * 1024  # fits the default model's full 8,192-token context
     max_batch_tokens: int = 512
     max_running: int = 64
@@ -126,6 +132,12 @@ class Settings(msgspec.Struct):
     batch_chunk_inputs: int = 256
     batch_concurrency: int = 2
     webhook_retry_base_s: float = 1.0
+    # The priority batch jobs run at: "batch" (they give way to interactive requests) or
+    # "interactive" (they compete with them; what bench/batch.py compares against).
+    batch_jobs_priority: str = "batch"
+    # This server's base URL as clients reach it (behind a proxy or load balancer), for signed
+    # batch-result URLs and webhook payloads; None: the request's Host header.
+    public_url: str | None = None
 
     def to_json(self) -> str:
         return msgspec.json.encode(self).decode()
@@ -190,6 +202,9 @@ class ConfigFile(msgspec.Struct, forbid_unknown_fields=True):
     embed_cache_ttl_s: float | None = None
     breaker_failures: int | None = None
     breaker_cooldown_s: float | None = None
+    embed_batch_pass_tokens: int | None = None
+    embed_batch_pass_tokens_busy: int | None = None
+    public_url: str | None = None
     backends: list[BackendSpec] = []
     models: list[FileModel] = []
 
@@ -260,6 +275,14 @@ def check_backends(backends: list[BackendSpec]) -> dict[str, BackendSpec]:
             raise ConfigError(f"backend {b.name}: timeouts must be positive and max_concurrent at least 1")
         out[b.name] = b
     return out
+
+
+def check_public_url(url: str) -> str:
+    """An http(s) base URL without query or fragment; returned without its trailing slash."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise ConfigError(f"--public-url must be an http(s) URL such as https://api.example.com, got {url!r}")
+    return url.rstrip("/")
 
 
 def check_fallbacks(models: list[ModelSpec]) -> None:
@@ -430,6 +453,7 @@ def resolve(
     shutdown_timeout_s: float | None = None,
     max_queue: int | None = None,
     max_embedding_queue: int | None = None,
+    public_url: str | None = None,
 ) -> Settings:
     """Flags (non-None arguments) over environment over the config file over defaults."""
     s = Settings()
@@ -439,7 +463,8 @@ def resolve(
     for key in ("host", "port", "log_level", "max_body_bytes", "max_inputs", "embed_max_batch_tokens",
                 "embed_max_wait_us", "kv_budget_bytes", "max_batch_tokens", "max_running", "numerics",
                 "embed_cache_mb", "embed_cache_ttl_s", "breaker_failures", "breaker_cooldown_s", "default_max_tokens",
-                "max_tokens_limit", "max_header_bytes", "max_queue", "max_embedding_queue"):
+                "max_tokens_limit", "max_header_bytes", "max_queue", "max_embedding_queue", "embed_batch_pass_tokens",
+                "embed_batch_pass_tokens_busy", "public_url"):
         if getattr(file, key) is not None:
             setattr(s, key, getattr(file, key))
     for key in ("header_timeout", "shutdown_timeout"):
@@ -453,6 +478,8 @@ def resolve(
         s.max_inputs = max_inputs or int(_env("MAX_INPUTS") or s.max_inputs)
         s.embed_max_batch_tokens = int(_env("EMBED_MAX_BATCH_TOKENS") or s.embed_max_batch_tokens)
         s.embed_max_wait_us = int(_env("EMBED_MAX_WAIT_US") or s.embed_max_wait_us)
+        s.embed_batch_pass_tokens = int(_env("EMBED_BATCH_PASS_TOKENS") or s.embed_batch_pass_tokens)
+        s.embed_batch_pass_tokens_busy = int(_env("EMBED_BATCH_PASS_TOKENS_BUSY") or s.embed_batch_pass_tokens_busy)
         s.kv_budget_bytes = int(_env("KV_BUDGET_BYTES") or s.kv_budget_bytes)
         s.max_batch_tokens = int(_env("MAX_BATCH_TOKENS") or s.max_batch_tokens)
         s.max_running = int(_env("MAX_RUNNING") or s.max_running)
@@ -464,6 +491,8 @@ def resolve(
         s.batch_chunk_inputs = int(_env("BATCH_CHUNK_INPUTS") or s.batch_chunk_inputs)
         s.batch_concurrency = int(_env("BATCH_CONCURRENCY") or s.batch_concurrency)
         s.webhook_retry_base_s = float(_env("WEBHOOK_RETRY_BASE_S") or s.webhook_retry_base_s)
+        s.batch_jobs_priority = _env("BATCH_JOBS_PRIORITY") or s.batch_jobs_priority
+        s.public_url = public_url or _env("PUBLIC_URL") or s.public_url
         s.default_max_tokens = default_max_tokens or int(_env("DEFAULT_MAX_TOKENS") or s.default_max_tokens or 0) or None
         s.max_tokens_limit = max_tokens_limit or int(_env("MAX_TOKENS_LIMIT") or s.max_tokens_limit or 0) or None
         s.max_header_bytes = max_header_bytes or int(_env("MAX_HEADER_BYTES") or s.max_header_bytes)
@@ -500,6 +529,13 @@ def resolve(
         raise ConfigError(f"--max-queue must be at least 1, got {s.max_queue}")
     if s.max_embedding_queue < 1:
         raise ConfigError(f"--max-embedding-queue must be at least 1, got {s.max_embedding_queue}")
+    if s.public_url is not None:
+        s.public_url = check_public_url(s.public_url)
+    for name in ("embed_batch_pass_tokens", "embed_batch_pass_tokens_busy"):
+        if getattr(s, name) < 1:
+            raise ConfigError(f"FERROSERVE_{name.upper()} must be at least 1, got {getattr(s, name)}")
+    if s.batch_jobs_priority not in ("batch", "interactive"):
+        raise ConfigError(f"FERROSERVE_BATCH_JOBS_PRIORITY must be batch or interactive, got {s.batch_jobs_priority!r}")
     if s.embed_cache_mb < 0:
         raise ConfigError(f"--embed-cache-mb must be 0 (off) or more, got {s.embed_cache_mb}")
     if model_args:

@@ -162,6 +162,8 @@ class Registry:
                 spec.path,
                 max_batch_tokens=settings.embed_max_batch_tokens,
                 max_wait_us=settings.embed_max_wait_us,
+                batch_pass_tokens=settings.embed_batch_pass_tokens,
+                batch_pass_tokens_busy=settings.embed_batch_pass_tokens_busy,
                 device=device,
                 kernel_binaries=settings.kernel_binaries if device != "cpu" else None,
                 spec=spec,

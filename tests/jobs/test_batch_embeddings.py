@@ -100,9 +100,10 @@ def test_an_unreachable_receiver_is_tried_at_least_five_times(srv, keys):
     assert all(0.5 * 2 ** i <= d <= 2 ** i for i, d in enumerate(delays))  # exponential, jittered
 
 
-def test_cancel_mid_way(srv, keys):
+def test_cancel_mid_way(srv, data_dir, keys, receiver):
     key = keys["alpha"]
-    batch = submit(srv, key, sentences(5000, "c"))
+    hook = receiver()
+    batch = submit(srv, key, sentences(5000, "c"), webhook_url=hook.url)
     wait_batch(srv.url, key, batch["id"], until=lambda b: b["completed_jobs"] > 0)
     r = httpx.delete(f"{srv.url}/v1/batch/{batch['id']}", headers=auth(key))
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
@@ -115,6 +116,34 @@ def test_cancel_mid_way(srv, keys):
     assert after["completed_jobs"] == done["completed_jobs"]  # it stopped
     r = httpx.get(f"{srv.url}/v1/batch/{batch['id']}/results", headers=auth(key))
     assert r.status_code == 404
+    # The webhook says so, signed like the others, with the totals where it stopped.
+    [(headers, body, _)] = hook.wait(1, 60)
+    assert webhooks.verify(keys_cli(data_dir, "workspace-secret", "--workspace", "alpha"), body, headers["x-ferroserve-signature"])
+    assert headers["x-ferroserve-event"] == "batch.cancelled"
+    event = json.loads(body)
+    assert (event["event"], event["batch_id"], event["status"]) == ("batch.cancelled", batch["id"], "cancelled")
+    assert event["totals"]["completed_jobs"] == after["completed_jobs"] and "results" not in event
+
+
+def test_public_url_in_result_urls_and_webhooks(data_dir, keys, receiver):
+    """Behind a proxy the Host header may be an internal address: with --public-url the
+    signed results URL (from GET and in the webhook) starts with the public one, and the
+    same path and signature work when the proxy forwards them."""
+    server = start_server(data_dir, "--public-url", "https://batches.example.com/")
+    try:
+        key, hook = keys["alpha"], receiver()
+        batch = submit(server, key, sentences(8, "u"), webhook_url=hook.url)
+        [(_, body, _)] = hook.wait(1, 60)
+        event = json.loads(body)
+        assert event["event"] == "batch.completed"
+        got = httpx.get(f"{server.url}/v1/batch/{batch['id']}/results", headers=auth(key)).json()
+        for url in (got["url"], event["results"]["url"]):
+            assert url.startswith(f"https://batches.example.com/v1/batch-results/{batch['id']}?expires="), url
+            proxied = httpx.get(server.url + url.removeprefix("https://batches.example.com"), timeout=60)
+            assert proxied.status_code == 200 and len(proxied.text.splitlines()) == 8
+        assert event["results"]["expires_at"].endswith("Z")
+    finally:
+        server.stop()
 
 
 def test_tampered_and_expired_result_urls_are_refused(srv, data_dir, keys):

@@ -23,14 +23,21 @@ fn main() {
     let tokens: usize = sentences.iter().map(Vec::len).sum();
     println!("{} sentences, {:.1} tokens avg, device {}", sentences.len(), tokens as f64 / count as f64, CpuDevice::new().name());
     let rounds = if std::env::var("SINGLE_ONLY").is_ok() { 0 } else { 3 };
+    // PASS_SIZES=1,8,32,256: sentences per forward pass (which pass size embeds fastest: the
+    // embedding batcher's cap on batch-priority passes).
+    let pass_sizes: Vec<usize> =
+        std::env::var("PASS_SIZES").map_or(vec![32], |v| v.split(',').map(|n| n.trim().parse().expect("PASS_SIZES=<n>,<n>,...")).collect());
     for round in 0..rounds {
-        let t = Instant::now();
-        for chunk in sentences.chunks(32) {
-            let refs: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
-            std::hint::black_box(model.embed(&refs));
+        for &size in &pass_sizes {
+            let t = Instant::now();
+            for chunk in sentences.chunks(size) {
+                let refs: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
+                std::hint::black_box(model.embed(&refs));
+            }
+            let s = t.elapsed().as_secs_f64();
+            let passes = count.div_ceil(size);
+            println!("round {round}: batches of {size}: {:.0} sentences/s, {:.2} ms a pass", count as f64 / s, s * 1e3 / passes as f64);
         }
-        let s = t.elapsed().as_secs_f64();
-        println!("round {round}: batches of 32: {:.0} sentences/s", count as f64 / s);
     }
     // GAP_US: idle time between single requests, as a server at concurrency 1 sees
     // (client and HTTP work between passes); the workers may fall asleep in it.

@@ -14,7 +14,8 @@ use crate::error::{Error, Result};
 use crate::models::bert::{normalize, BertModel};
 use crate::models::bert_opencl::OpenClBert;
 use crate::notify::Notifier;
-use crate::sched::embed_batcher::{self, BatchJob, BatcherConfig};
+use crate::sched::embed_batcher::{self, BatchJob, BatcherConfig, BatcherStats};
+use crate::sched::interactive::{BatchYield, InteractiveLoad, BATCH_MAX_YIELD};
 use crate::sched::Priority;
 use crate::tokenize::bert::EncoderTokenizer;
 
@@ -29,10 +30,14 @@ pub enum Encoding {
     Float,
     /// A JSON string: base64 of little-endian float32 (OpenAI's format).
     Base64,
+    /// No JSON: the rows as little-endian float32, back to back (for callers that want the
+    /// vectors themselves, e.g. batch jobs writing them to a file).
+    F32,
 }
 
 /// One finished request: the response's whole `data` array, already JSON-encoded
-/// (built on the batcher thread so the HTTP layer only wraps it).
+/// (built on the batcher thread so the HTTP layer only wraps it); with [`Encoding::F32`],
+/// the rows as little-endian float32 instead.
 pub struct EmbedOutput {
     pub data_json: Vec<u8>,
     pub prompt_tokens: usize,
@@ -74,13 +79,38 @@ impl DeviceChoice {
 #[derive(Debug, Clone)]
 pub struct EmbeddingEngineConfig {
     pub max_batch_tokens: usize,
+    /// Tokens in a forward pass of batch-priority inputs: an interactive request arriving
+    /// during one waits for at most this much work (see [`embed_batcher`]).
+    pub batch_pass_tokens: usize,
+    /// The same while interactive traffic is recent on the server (a pass always takes at
+    /// least one input).
+    pub batch_pass_tokens_busy: usize,
     pub max_wait: Duration,
     pub device: DeviceChoice,
+    /// The interactive requests in flight on this server's engines: batch passes wait while
+    /// there are any. A server shares [`InteractiveLoad::server`] between its engines.
+    pub interactive: Arc<InteractiveLoad>,
+    /// The longest batch passes wait in a row before one runs anyway.
+    pub batch_max_yield: Duration,
 }
+
+/// The default [`EmbeddingEngineConfig::batch_pass_tokens`]: about twenty short sentences,
+/// where a 2-core CPU embeds fastest (bench/NOTES.md, issue 15: larger passes are slower).
+pub const DEFAULT_BATCH_PASS_TOKENS: usize = 256;
+/// The default [`EmbeddingEngineConfig::batch_pass_tokens_busy`]: one short sentence.
+pub const DEFAULT_BATCH_PASS_TOKENS_BUSY: usize = 16;
 
 impl Default for EmbeddingEngineConfig {
     fn default() -> Self {
-        Self { max_batch_tokens: 16 * 1024, max_wait: Duration::from_millis(1), device: DeviceChoice::Cpu }
+        Self {
+            max_batch_tokens: 16 * 1024,
+            batch_pass_tokens: DEFAULT_BATCH_PASS_TOKENS,
+            batch_pass_tokens_busy: DEFAULT_BATCH_PASS_TOKENS_BUSY,
+            max_wait: Duration::from_millis(1),
+            device: DeviceChoice::Cpu,
+            interactive: InteractiveLoad::new(),
+            batch_max_yield: BATCH_MAX_YIELD,
+        }
     }
 }
 
@@ -133,6 +163,8 @@ pub struct EmbeddingEngine {
     device_name: String,
     jobs: Sender<BatchJob>,
     notifier: Arc<Notifier<EmbedEvent>>,
+    interactive: Arc<InteractiveLoad>,
+    stats: Arc<BatcherStats>,
 }
 
 impl EmbeddingEngine {
@@ -143,6 +175,8 @@ impl EmbeddingEngine {
         }
         let notifier = Arc::new(Notifier::new().map_err(|e| Error::Internal(e.to_string()))?);
         let (jobs, rx) = mpsc::channel();
+        let stats = Arc::new(BatcherStats::default());
+        let batcher_stats = Arc::clone(&stats);
         let spawn = |f: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new().name("ferroserve-embed".into()).spawn(f).map(drop).map_err(|e| Error::Internal(e.to_string()))
         };
@@ -155,8 +189,9 @@ impl EmbeddingEngine {
                 max_len = model.sentence.max_seq_length;
                 tokenizer = EncoderTokenizer::from_file(&dir.join("tokenizer.json"), max_len)?;
                 (dim, vocab_size) = (model.hidden_size(), model.config.vocab_size);
-                let bcfg = BatcherConfig { max_wait: cfg.max_wait, max_batch_tokens: cfg.max_batch_tokens.max(max_len) };
-                spawn(Box::new(move || embed_batcher::run(rx, bcfg, dim, |seqs| Ok(model.embed(seqs)))))?;
+                let bcfg = batcher_config(&cfg, max_len);
+                let yielding = BatchYield::new(Arc::clone(&cfg.interactive), cfg.batch_max_yield);
+                spawn(Box::new(move || embed_batcher::run(rx, bcfg, dim, yielding, &batcher_stats, |seqs| Ok(model.embed(seqs)))))?;
             }
             DeviceChoice::OpenCl { index, kernels } => {
                 let mut runner = OpenClBert::load(dir, *index, kernels)?;
@@ -165,11 +200,12 @@ impl EmbeddingEngine {
                 tokenizer = EncoderTokenizer::from_file(&dir.join("tokenizer.json"), max_len)?;
                 probe_opencl(&mut runner, dir, &tokenizer)?;
                 (dim, vocab_size) = (runner.hidden_size(), runner.config.vocab_size);
-                let bcfg = BatcherConfig { max_wait: cfg.max_wait, max_batch_tokens: cfg.max_batch_tokens.max(max_len) };
-                spawn(Box::new(move || embed_batcher::run(rx, bcfg, dim, |seqs| runner.embed(seqs))))?;
+                let bcfg = batcher_config(&cfg, max_len);
+                let yielding = BatchYield::new(Arc::clone(&cfg.interactive), cfg.batch_max_yield);
+                spawn(Box::new(move || embed_batcher::run(rx, bcfg, dim, yielding, &batcher_stats, |seqs| runner.embed(seqs))))?;
             }
         }
-        Ok(Self { tokenizer, dim, vocab_size, max_len, device_name, jobs, notifier })
+        Ok(Self { tokenizer, dim, vocab_size, max_len, device_name, jobs, notifier, interactive: cfg.interactive, stats })
     }
 
     pub fn dim(&self) -> usize {
@@ -184,10 +220,15 @@ impl EmbeddingEngine {
     pub fn notifier(&self) -> &Notifier<EmbedEvent> {
         &self.notifier
     }
+    /// Inputs waiting, passes and inputs embedded, per priority.
+    pub fn stats(&self) -> &BatcherStats {
+        &self.stats
+    }
 
     /// Tokenizes (errors are returned at once) and queues the request; the result
     /// arrives as an [`EmbedEvent`] on the notifier. Returns the prompt token count.
-    /// Batch-priority inputs go into passes only after every waiting interactive input.
+    /// Batch-priority inputs go into passes only after every waiting interactive input, and
+    /// not while interactive requests are in flight elsewhere on the server.
     pub fn submit(&self, request_id: u64, inputs: Vec<EmbedInput>, dimensions: Option<usize>, encoding: Encoding, priority: Priority) -> Result<usize> {
         if inputs.is_empty() {
             return Err(Error::invalid("input", "input must not be empty"));
@@ -206,6 +247,10 @@ impl EmbeddingEngine {
                 Ok(v) => v,
                 Err(e) => return notifier.push(EmbedEvent { request_id, result: Err(e) }),
             };
+            if encoding == Encoding::F32 {
+                let data = vectors.chunks_exact(dim).flat_map(|v| truncated(v, dimensions)).flat_map(f32::to_le_bytes).collect();
+                return notifier.push(EmbedEvent { request_id, result: Ok(EmbedOutput { data_json: data, prompt_tokens }) });
+            }
             let mut data_json = Vec::with_capacity(vectors.len() * 12 + 64);
             data_json.push(b'[');
             for (i, v) in vectors.chunks_exact(dim).enumerate() {
@@ -219,7 +264,8 @@ impl EmbeddingEngine {
             data_json.push(b']');
             notifier.push(EmbedEvent { request_id, result: Ok(EmbedOutput { data_json, prompt_tokens }) });
         });
-        self.jobs.send(BatchJob { seqs, priority, done }).map_err(|_| Error::EngineDead)?;
+        let in_flight = (priority == Priority::Interactive).then(|| self.interactive.enter());
+        self.jobs.send(BatchJob { seqs, priority, in_flight, done }).map_err(|_| Error::EngineDead)?;
         Ok(prompt_tokens)
     }
 
@@ -248,8 +294,19 @@ impl EmbeddingEngine {
     }
 }
 
-/// Truncates to `dimensions` (re-normalising, as OpenAI does) and encodes as JSON.
-fn encode_row(v: &[f32], dimensions: Option<usize>, encoding: Encoding) -> Vec<u8> {
+fn batcher_config(cfg: &EmbeddingEngineConfig, max_len: usize) -> BatcherConfig {
+    // A pass must fit the longest sequence.
+    let max_batch_tokens = cfg.max_batch_tokens.max(max_len);
+    BatcherConfig {
+        max_wait: cfg.max_wait,
+        max_batch_tokens,
+        batch_pass_tokens: cfg.batch_pass_tokens.min(max_batch_tokens),
+        batch_pass_tokens_busy: cfg.batch_pass_tokens_busy.min(max_batch_tokens),
+    }
+}
+
+/// The row cut to `dimensions` (re-normalised, as OpenAI does).
+fn truncated(v: &[f32], dimensions: Option<usize>) -> Vec<f32> {
     let mut v = v.to_vec();
     if let Some(d) = dimensions {
         if d < v.len() {
@@ -257,6 +314,12 @@ fn encode_row(v: &[f32], dimensions: Option<usize>, encoding: Encoding) -> Vec<u
             normalize(&mut v);
         }
     }
+    v
+}
+
+/// Truncates to `dimensions` and encodes as JSON.
+fn encode_row(v: &[f32], dimensions: Option<usize>, encoding: Encoding) -> Vec<u8> {
+    let v = truncated(v, dimensions);
     match encoding {
         Encoding::Float => {
             let mut s = String::with_capacity(v.len() * 12 + 2);
@@ -272,7 +335,7 @@ fn encode_row(v: &[f32], dimensions: Option<usize>, encoding: Encoding) -> Vec<u
             s.push(']');
             s.into_bytes()
         }
-        Encoding::Base64 => {
+        Encoding::Base64 | Encoding::F32 => {
             let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
             let mut out = Vec::with_capacity(bytes.len() * 4 / 3 + 4);
             out.push(b'"');

@@ -9,9 +9,10 @@
 use std::collections::{HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 
@@ -24,6 +25,7 @@ use crate::notify::Notifier;
 use crate::sample::grammar::{CompiledGrammar, GrammarCompiler, GrammarState};
 use crate::sample::{Sampled, SamplingParams, SequenceSampler};
 use crate::sched::scheduler::{KvPool, Scheduler, SchedulerConfig, SeqChunk, SeqId, StepPlan};
+use crate::sched::interactive::{BatchYield, InteractiveLoad, InteractiveRequest, BATCH_MAX_YIELD, YIELD_POLL};
 use crate::sched::Priority;
 use crate::tokenize::chat_template::{ChatMessage, ChatTemplate, ChatTemplateError, ToolFormat, ToolSpec};
 use crate::tokenize::detok::{Detokenizer, Vocab};
@@ -71,6 +73,12 @@ pub struct EngineConfig {
     pub numerics: Numerics,
     /// Where the model computes: the CPU, or an OpenCL device (exact numerics only).
     pub device: DeviceChoice,
+    /// The interactive requests in flight on this server's engines: steps of batch
+    /// sequences alone wait while there are any. A server shares
+    /// [`InteractiveLoad::server`] between its engines.
+    pub interactive: Arc<InteractiveLoad>,
+    /// The longest such steps wait in a row before one runs anyway.
+    pub batch_max_yield: Duration,
 }
 
 impl Default for EngineConfig {
@@ -81,6 +89,8 @@ impl Default for EngineConfig {
             max_running: 64,
             numerics: Numerics::Exact,
             device: DeviceChoice::Cpu,
+            interactive: InteractiveLoad::new(),
+            batch_max_yield: BATCH_MAX_YIELD,
         }
     }
 }
@@ -224,6 +234,8 @@ struct Submission {
     seed: u64,
     grammar: Option<Arc<CompiledGrammar>>,
     priority: Priority,
+    /// An interactive request's place in the server's count, held until it ends.
+    in_flight: Option<InteractiveRequest>,
 }
 
 /// State both sides touch; the engine thread owns everything else.
@@ -274,6 +286,7 @@ pub struct ChatEngine {
     /// a moment at a 49k vocabulary; engines that never see one never pay).
     grammars: OnceLock<std::result::Result<GrammarCompiler, String>>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    interactive: Arc<InteractiveLoad>,
 }
 
 impl StepModel for LlamaModel {
@@ -412,6 +425,7 @@ impl ChatEngine {
             ended_requests: Vec::new(),
             stats: EngineStats::default(),
             test_panic_after_steps: test_panic_after_steps(),
+            yielding: BatchYield::new(Arc::clone(&cfg.interactive), cfg.batch_max_yield),
         };
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -437,6 +451,7 @@ impl ChatEngine {
             device_check,
             grammars: OnceLock::new(),
             thread: Mutex::new(Some(thread)),
+            interactive: cfg.interactive,
         })
     }
 
@@ -514,6 +529,7 @@ impl ChatEngine {
             seed,
             grammar,
             priority,
+            in_flight: (priority == Priority::Interactive).then(|| self.interactive.enter()),
         };
 
         let commands = lock(&self.shared.commands);
@@ -786,6 +802,8 @@ struct RequestState {
     max_tokens: usize,
     /// Choices not finished yet, by index.
     open: Vec<bool>,
+    /// Counts an interactive request out of the server's load when the request ends.
+    _in_flight: Option<InteractiveRequest>,
 }
 
 struct SeqOutput {
@@ -838,6 +856,8 @@ struct EngineCore<M: StepModel> {
     stats: EngineStats,
     /// Test-only: see [`TEST_PANIC_AFTER_STEPS_ENV`].
     test_panic_after_steps: Option<u64>,
+    /// When steps of batch sequences alone give way to interactive work on other engines.
+    yielding: BatchYield,
 }
 
 impl<M: StepModel> EngineCore<M> {
@@ -857,7 +877,17 @@ impl<M: StepModel> EngineCore<M> {
                 }
             }
             if self.sched.has_work() {
-                self.step();
+                if self.batch_only() && !self.yielding.may_run(Instant::now()) {
+                    // Interactive work runs on another engine: wait for it to end, or for
+                    // a command (an interactive request of our own runs at once).
+                    match rx.recv_timeout(YIELD_POLL) {
+                        Ok(cmd) => self.apply(cmd),
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Err(RecvTimeoutError::Disconnected) => return,
+                    }
+                } else {
+                    self.step();
+                }
             }
             self.publish();
         }
@@ -875,6 +905,7 @@ impl<M: StepModel> EngineCore<M> {
                     cached_tokens: 0,
                     max_tokens: s.max_tokens,
                     open: vec![true; n],
+                    _in_flight: s.in_flight,
                 };
                 let seq = self.sched.add_request(s.request_id, s.prompt, n, s.priority);
                 self.outputs
@@ -900,6 +931,11 @@ impl<M: StepModel> EngineCore<M> {
                 }
             }
         }
+    }
+
+    /// Whether the next step would run batch sequences only.
+    fn batch_only(&self) -> bool {
+        self.sched.num_running_of(Priority::Interactive) == 0 && self.sched.num_waiting_of(Priority::Interactive) == 0
     }
 
     fn step(&mut self) {

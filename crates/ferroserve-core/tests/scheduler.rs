@@ -22,6 +22,7 @@ use ferroserve_core::sample::SamplingParams;
 use ferroserve_core::sched::scheduler::{
     KvPool, Scheduler, SchedulerConfig, SeqChunk, SeqId, StepPlan,
 };
+use ferroserve_core::sched::InteractiveLoad;
 use ferroserve_core::sched::Priority::{self, Batch, Interactive};
 use ferroserve_core::tokenize::detok::Vocab;
 use ferroserve_core::ErrorKind;
@@ -962,6 +963,59 @@ fn batch_priority_changes_when_sequences_run_not_what_they_output() {
     }
 }
 
+/// While another engine of the server has an interactive request in flight, steps of batch
+/// sequences alone wait; this engine's own interactive requests still run (and count in the
+/// server's load while they do); the batch request runs once the other engine's ends.
+#[test]
+fn batch_steps_wait_for_interactive_work_on_other_engines() {
+    watchdog(Duration::from_secs(60));
+    let load = InteractiveLoad::new();
+    let (engine, _) = fake_engine(
+        Logits::ContextHash,
+        1000,
+        EngineConfig {
+            interactive: Arc::clone(&load),
+            // Never forced through: this test is about order, not the starvation bound.
+            batch_max_yield: Duration::from_secs(3600),
+            ..EngineConfig::default()
+        },
+    );
+    let params = SamplingParams {
+        max_tokens: Some(4),
+        ignore_eos: true,
+        seed: Some(7),
+        ..SamplingParams::default()
+    };
+    let embedding_elsewhere = load.enter();
+    let long = SamplingParams {
+        max_tokens: Some(40),
+        ..params.clone()
+    };
+    engine
+        .submit_with_priority(1, vec![3, 4, 5], long, Batch)
+        .unwrap();
+    assert_eq!(load.in_flight(), 1, "batch requests are not counted");
+    engine.submit(2, vec![6, 7, 8], params.clone()).unwrap();
+    let own = collect(&engine, &HashMap::from([(2, 1)]));
+    assert_eq!(own.choices[&(2, 0)].completion_tokens, 4);
+    // The interactive request is counted out once it ends; the other engine's is still in.
+    assert_eq!(load.in_flight(), 1);
+    // The batch request ran only in the steps its interactive neighbour shared (the
+    // scheduler's own rule), so it is not finished; and no step runs it alone now.
+    let steps = engine.stats().steps;
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(engine.stats().steps, steps);
+    assert!(own.choices.get(&(1, 0)).is_none_or(|c| c.finish.is_none()));
+    drop(embedding_elsewhere);
+    let rest = collect(&engine, &HashMap::from([(1, 1)]));
+    let batch = &rest.choices[&(1, 0)];
+    assert_eq!(batch.finish, Some(FinishReason::Length));
+    assert_eq!(
+        own.choices.get(&(1, 0)).map_or(0, |c| c.tokens.len()) + batch.tokens.len(),
+        40
+    );
+}
+
 #[test]
 fn max_running_one_serialises_and_still_matches() {
     watchdog(Duration::from_secs(120));
@@ -1343,7 +1397,6 @@ fn logprob_bits(c: &Choice) -> Vec<(u32, Vec<(u32, u32)>)> {
         })
         .collect()
 }
-
 
 fn smollm2_path() -> Option<PathBuf> {
     common::smollm2_gguf()

@@ -8,7 +8,7 @@ use ferroserve_core::engine::{ChatEngine, ChatEvent, EngineConfig, TokenLogprob}
 use ferroserve_core::models::llama::Numerics;
 use ferroserve_core::DeviceChoice;
 use ferroserve_core::sample::SamplingParams;
-use ferroserve_core::sched::Priority;
+use ferroserve_core::sched::{InteractiveLoad, Priority};
 use ferroserve_core::tokenize::chat_template::{ChatMessage, ContentPart, MessageContent, ToolCall, ToolSpec};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
@@ -111,7 +111,8 @@ impl PyChatEngine {
             crate::errors::to_py(ferroserve_core::error::Error::invalid_request(format!("numerics: {numerics:?} is not one of \"exact\", \"fast\"")))
         })?;
         let device = DeviceChoice::parse(device, kernel_binaries.as_deref()).map_err(crate::errors::to_py)?;
-        let cfg = EngineConfig { kv_budget_bytes, max_batch_tokens, max_running, numerics, device };
+        // The server's engines share one count of interactive work (batch work yields to it).
+        let cfg = EngineConfig { kv_budget_bytes, max_batch_tokens, max_running, numerics, device, interactive: InteractiveLoad::server(), ..EngineConfig::default() };
         let inner = detach(py, move || ChatEngine::load_with_template(&path, cfg, chat_template.as_deref()))?;
         Ok(Self { inner })
     }

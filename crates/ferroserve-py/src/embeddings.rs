@@ -4,10 +4,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use ferroserve_core::embed::{EmbedInput, Encoding};
-use ferroserve_core::sched::Priority;
+use ferroserve_core::sched::{InteractiveLoad, Priority};
 use ferroserve_core::{DeviceChoice, EmbeddingEngine, EmbeddingEngineConfig};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyTuple};
 
 use crate::errors::{detach, kind_name};
 
@@ -21,12 +21,34 @@ impl PyEmbeddingEngine {
     /// Loads a sentence-transformers folder onto `device` (`cpu`, `opencl` or `opencl:N`;
     /// OpenCL kernels from the embedded sources, or the program binaries in
     /// `kernel_binaries`) and starts its batcher thread. A device that cannot be used raises
-    /// `DeviceError`; falling back to the CPU is the caller's decision.
+    /// `DeviceError`; falling back to the CPU is the caller's decision. Batch-priority inputs
+    /// run in passes of at most `batch_pass_tokens` (`batch_pass_tokens_busy` while
+    /// interactive traffic is recent), and wait while interactive requests are in flight on
+    /// any engine of this process. (The defaults are `ferroserve_core::embed`'s, written out so
+    /// the signature shows them.)
     #[new]
-    #[pyo3(signature = (path, max_batch_tokens = 16384, max_wait_us = 1000, device = "cpu", kernel_binaries = None))]
-    fn new(py: Python<'_>, path: PathBuf, max_batch_tokens: usize, max_wait_us: u64, device: &str, kernel_binaries: Option<PathBuf>) -> PyResult<Self> {
+    #[pyo3(signature = (path, max_batch_tokens = 16384, max_wait_us = 1000, device = "cpu", kernel_binaries = None, batch_pass_tokens = 256, batch_pass_tokens_busy = 16))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        max_batch_tokens: usize,
+        max_wait_us: u64,
+        device: &str,
+        kernel_binaries: Option<PathBuf>,
+        batch_pass_tokens: usize,
+        batch_pass_tokens_busy: usize,
+    ) -> PyResult<Self> {
         let device = DeviceChoice::parse(device, kernel_binaries.as_deref()).map_err(crate::errors::to_py)?;
-        let cfg = EmbeddingEngineConfig { max_batch_tokens, max_wait: Duration::from_micros(max_wait_us), device };
+        let cfg = EmbeddingEngineConfig {
+            max_batch_tokens,
+            batch_pass_tokens,
+            batch_pass_tokens_busy,
+            max_wait: Duration::from_micros(max_wait_us),
+            device,
+            interactive: InteractiveLoad::server(),
+            ..EmbeddingEngineConfig::default()
+        };
         let inner = detach(py, move || EmbeddingEngine::load(&path, cfg))?;
         Ok(Self { inner })
     }
@@ -34,8 +56,9 @@ impl PyEmbeddingEngine {
     /// Queues a request: exactly one of `texts` / `token_lists`. Returns the prompt token
     /// count; the result arrives through `drain()` under `request_id`. `priority`:
     /// "interactive" or "batch" (embedded after every waiting interactive input); else
-    /// `InvalidRequest`.
-    #[pyo3(signature = (request_id, texts = None, token_lists = None, dimensions = None, base64 = false, *, priority = "interactive"))]
+    /// `InvalidRequest`. `f32`: the result is the rows as little-endian float32 bytes, not
+    /// the JSON `data` array.
+    #[pyo3(signature = (request_id, texts = None, token_lists = None, dimensions = None, base64 = false, *, priority = "interactive", f32 = false))]
     #[allow(clippy::too_many_arguments)]
     fn submit(
         &self,
@@ -46,6 +69,7 @@ impl PyEmbeddingEngine {
         dimensions: Option<usize>,
         base64: bool,
         priority: &str,
+        f32: bool,
     ) -> PyResult<usize> {
         let priority = Priority::parse(priority).map_err(crate::errors::to_py)?;
         let inputs: Vec<EmbedInput> = match (texts, token_lists) {
@@ -53,7 +77,11 @@ impl PyEmbeddingEngine {
             (None, Some(l)) => l.into_iter().map(EmbedInput::Tokens).collect(),
             _ => return Err(pyo3::exceptions::PyTypeError::new_err("pass exactly one of texts / token_lists")),
         };
-        let encoding = if base64 { Encoding::Base64 } else { Encoding::Float };
+        let encoding = match (f32, base64) {
+            (true, _) => Encoding::F32,
+            (false, true) => Encoding::Base64,
+            (false, false) => Encoding::Float,
+        };
         detach(py, || self.inner.submit(request_id, inputs, dimensions, encoding, priority))
     }
 
@@ -67,6 +95,19 @@ impl PyEmbeddingEngine {
             _ => return Err(pyo3::exceptions::PyTypeError::new_err("pass exactly one of texts / token_lists")),
         };
         detach(py, || self.inner.count_tokens(inputs))
+    }
+
+    /// The batcher's counters, per priority ("interactive" / "batch"): `waiting_inputs_<p>`
+    /// (queued, not embedded yet), `passes_<p>` and `embedded_inputs_<p>` (so far).
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.inner.stats();
+        let d = PyDict::new(py);
+        for p in Priority::ALL {
+            d.set_item(format!("waiting_inputs_{}", p.as_str()), s.waiting_inputs(p))?;
+            d.set_item(format!("passes_{}", p.as_str()), s.passes(p))?;
+            d.set_item(format!("embedded_inputs_{}", p.as_str()), s.embedded_inputs(p))?;
+        }
+        Ok(d)
     }
 
     /// The wake-up fd: readable when `drain()` has events. Read it before draining.

@@ -5,6 +5,7 @@
 mod chat;
 mod embeddings;
 mod errors;
+mod interactive;
 
 use pyo3::prelude::*;
 
@@ -72,6 +73,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(write_kernel_binaries, m)?)?;
     m.add_class::<embeddings::PyEmbeddingEngine>()?;
     m.add_class::<chat::PyChatEngine>()?;
+    m.add_class::<interactive::PyInteractiveRequest>()?;
     errors::register(m)?;
     Ok(())
 }

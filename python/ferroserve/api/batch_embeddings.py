@@ -21,7 +21,7 @@ from ferroserve.jobs.runner import EMBEDDINGS, BatchRunner
 from ferroserve.jobs.storage import DataFiles, read_blocks, write_durably
 
 MAX_INPUTS = 100_000
-RESULTS_PREFIX = "/v1/batch-results/"
+RESULTS_PREFIX = signing.RESULTS_PREFIX
 _encode = msgspec.json.Encoder().encode
 # NUREV's statuses for ours (OpenAI's words, shared with /v1/batches).
 _STATUS = {"validating": "pending", "in_progress": "processing", "finalizing": "processing", "completed": "completed",
@@ -104,11 +104,8 @@ async def get(gateway: Gateway, runner: BatchRunner, scope, ticket: Ticket, arg:
         if row["status"] != "completed":
             raise ApiError(404, f"The batch '{batch_id}' is {_STATUS[row['status']]}; results exist once it is completed.",
                            param="id", code="results_not_ready")
-        path = RESULTS_PREFIX + batch_id
-        query, expires = signing.signed_query(await runner.signing_key(), path, time.time())
-        host = scope.headers.get("host") or f"{runner.settings.host}:{runner.settings.port}"
-        scheme = getattr(scope, "scheme", None) or "http"
-        return _encode({"url": f"{scheme}://{host}{path}?{query}", "expires_at": _iso(expires)})
+        url, expires = signing.results_url(await runner.signing_key(), base_url(runner, scope), batch_id, time.time())
+        return _encode({"url": url, "expires_at": _iso(expires)})
     if rest == "webhook-deliveries":
         rows = await gateway.call(lambda s: s.webhook_deliveries(batch_id))
         data = [{"id": f"whd_{r['id']}", "object": "webhook_delivery", "attempt": r["attempt"], "event": r["event"],
@@ -116,6 +113,16 @@ async def get(gateway: Gateway, runner: BatchRunner, scope, ticket: Ticket, arg:
                  "duration_ms": r["duration_ms"], "created_at": _iso(r["created_at"])} for r in rows]
         return _encode({"object": "list", "data": data})
     raise ApiError(404, f"Unknown route GET /v1/batch/{arg}.", code="not_found")
+
+
+def base_url(runner: BatchRunner, scope) -> str:
+    """This server as the client reached it: `--public-url` when set (behind a proxy the Host
+    header may name an internal address), else the request's Host header."""
+    if runner.settings.public_url:
+        return runner.settings.public_url
+    host = scope.headers.get("host") or f"{runner.settings.host}:{runner.settings.port}"
+    scheme = getattr(scope, "scheme", None) or "http"
+    return f"{scheme}://{host}"
 
 
 async def cancel(gateway: Gateway, ticket: Ticket, batch_id: str) -> bytes:

@@ -169,6 +169,8 @@ async def create_chat_completion(router: Router, body: bytes, proto, ticket: Tic
     unhonoured(req)
     if req.service_tier == "flex":  # OpenAI's cheaper, slower tier: our batch priority
         priority = "batch"
+    if priority == "batch":
+        ticket.end_interactive()
     tools, tool_choice, tool_function, parallel = tools_of(req.tools, req.tool_choice, req.parallel_tool_calls)
     top = req.top_logprobs or 0
     if top and not req.logprobs:

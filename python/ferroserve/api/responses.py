@@ -428,6 +428,8 @@ async def create_response(router: Router, gateway: Gateway | None, body: bytes, 
     req = _decode(body, CREATE_FIELDS, ResponseCreateRequest)
     router.require(req.model, "chat")
     _check_create(req)
+    if req.service_tier == "flex":
+        ticket.end_interactive()  # batch priority: batch work need not wait for it
     tools, tool_choice, tool_function, parallel = tools_of(req)
     text_echo, response_format = text_format(req.text)
     store = req.store if req.store is not None else gateway is not None

@@ -164,6 +164,9 @@ class EmbedRequest(msgspec.Struct, kw_only=True):
     encoding: Literal["float", "base64"] = "float"
     # "interactive" or "batch" (chunks of batch jobs: scheduled after interactive work).
     priority: str = "interactive"
+    # The caller wants the float32 vectors (`EmbeddingResult.as_array`), not the OpenAI `data`
+    # array: a local engine then encodes no JSON at all (batch jobs).
+    vectors_only: bool = False
 
 
 # Events ---------------------------------------------------------------------------------------

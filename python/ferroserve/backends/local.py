@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import msgspec
+import numpy as np
 
 from ferroserve import _core
 from ferroserve.backends.base import (
@@ -61,6 +62,19 @@ def default_max_queue(max_running: int) -> int:
     a request's time for its place, so its latency stays within 2x of what it is at capacity
     (issue 16's target; a whole batch waiting would sit right at 2x)."""
     return max(1, max_running // 2)
+
+
+def interactive_request() -> _core.InteractiveRequest:
+    """Counts a request as interactive on this process's engines from now until its
+    `close()`: batch passes and steps wait meanwhile (`sched/interactive.rs`). The HTTP layer
+    opens one when an inference request arrives, so batch work already gives way while the
+    request is parsed, routed and tokenized, and while its answer is written."""
+    return _core.InteractiveRequest()
+
+
+def interactive_in_flight() -> int:
+    """Interactive requests in flight on this process (HTTP layer and engines)."""
+    return _core.InteractiveRequest.in_flight()
 
 
 class EngineWatcher:
@@ -109,18 +123,21 @@ class LocalEmbeddingModel(EngineWatcher, Backend):
 
     @classmethod
     def load(
-        cls, name: str, path: str, *, max_batch_tokens: int, max_wait_us: int,
+        cls, name: str, path: str, *, max_batch_tokens: int, max_wait_us: int, batch_pass_tokens: int = 256,
+        batch_pass_tokens_busy: int = 16,
         device: str = "cpu", kernel_binaries: str | None = None, spec: ModelSpec | None = None, max_queue: int = 1024,
     ) -> LocalEmbeddingModel:
         engine = _core.EmbeddingEngine(
             path, max_batch_tokens=max_batch_tokens, max_wait_us=max_wait_us, device=device, kernel_binaries=kernel_binaries,
+            batch_pass_tokens=batch_pass_tokens, batch_pass_tokens_busy=batch_pass_tokens_busy,
         )
         return cls(name=name, path=path, engine=engine, spec=spec, max_queue=max_queue)
 
     def engine_stats(self) -> dict:
-        """Admission counters for /metrics (the batcher keeps no others)."""
+        """Admission counters and the batcher's counters per priority, for /metrics."""
         return {"admission_in_flight": self._in_flight, "admission_waiting": self._in_flight,
-                "admission_queue_limit": self.max_queue, "capacity_rejections": self._rejections}
+                "admission_queue_limit": self.max_queue, "capacity_rejections": self._rejections,
+                **self.engine.stats()}
 
     def info(self) -> BackendInfo:
         spec = self.spec
@@ -160,20 +177,33 @@ class LocalEmbeddingModel(EngineWatcher, Backend):
         request_id = next(_request_ids)
         fut = self._loop.create_future()
         self._pending[request_id] = fut
-        try:
+
+        def submit() -> None:
             self.engine.submit(request_id, texts=request.texts, token_lists=request.token_lists,
                                dimensions=request.dimensions, base64=request.encoding == "base64",
-                               priority=request.priority)
+                               priority=request.priority, f32=request.vectors_only)
+
+        try:
+            if request.priority == "batch":
+                # A batch chunk's tokenization (milliseconds for hundreds of inputs, GIL
+                # released) runs off the event loop, which meanwhile serves interactive requests.
+                await self._loop.run_in_executor(None, submit)
+            else:
+                submit()
         except _core.FerroserveError as exc:
             self._pending.pop(request_id, None)
             raise _from_exception(exc, "input") from None
         counted = 1 if interactive else 0
         self._in_flight += counted
         try:
-            return await fut
+            result = await fut
         finally:
             self._in_flight -= counted
             self._pending.pop(request_id, None)
+        if request.vectors_only:
+            rows = len(request.texts if request.texts is not None else request.token_lists or [])
+            return EmbeddingResult(result.prompt_tokens, vectors=np.frombuffer(result.encoded or b"", "<f4").reshape(rows, -1))
+        return result
 
 
 class Collector:

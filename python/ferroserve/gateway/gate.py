@@ -45,7 +45,7 @@ class Ticket:
 
     __slots__ = ("gateway", "request_id", "started", "key", "workspace", "window", "capture", "prompt",
                  "model", "price", "charged_prompt_tokens", "ttft_s", "requests_used", "backend", "fallbacks", "cache_hit",
-                 "extra_headers", "route", "metered", "finished")
+                 "extra_headers", "route", "metered", "finished", "interactive")
 
     def __init__(self, gateway: Gateway | None, request_id: str, started: float, key: ApiKey | None,
                  workspace: str | None, window: Window | None, capture: bool) -> None:
@@ -69,6 +69,9 @@ class Ticket:
         self.route = "other"  # the route label the usage record and metrics name
         self.metered = False  # an inference route: settled and recorded as usage
         self.finished = False  # settled and recorded (by `finish`)
+        # While set, this request counts as interactive on the server's engines (batch work
+        # waits): from arrival until answered, unless it asks for batch priority.
+        self.interactive: Any = None
 
     async def finish(self, status: int, fields: dict) -> None:
         """Settles a metered request and records its usage, then waits until the record is
@@ -83,6 +86,12 @@ class Ticket:
         committed = gw.record(self, self.started, self.route, status, fields, cost, None, True, durable=True)
         if committed is not None:
             await committed
+
+    def end_interactive(self) -> None:
+        """Answered, or running at batch priority: batch work no longer waits for this request."""
+        if self.interactive is not None:
+            self.interactive.close()
+            self.interactive = None
 
     def allow(self, model: LoadedModel) -> None:
         """403 unless the key may use the model (for routes that cost nothing, e.g. tokenize)."""

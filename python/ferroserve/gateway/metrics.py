@@ -70,7 +70,8 @@ class Metrics:
         h.observe(seconds)
 
     def render(self, *, rate_limit_rejections: dict[str, int], usage_queue_depth: int, engines: list[tuple[str, dict]],
-               routing: list[tuple] = (), cache=None, process: dict[str, int] | None = None) -> bytes:
+               routing: list[tuple] = (), cache=None, process: dict[str, int] | None = None,
+               interactive_in_flight: int = 0) -> bytes:
         out: list[str] = []
 
         def family(name: str, kind: str, help_: str) -> None:
@@ -133,6 +134,22 @@ class Metrics:
                     value = stats["kv_blocks_total"] - stats["kv_blocks_free"]
                 if value is not None:
                     out.append(f'{name}{suffix}{{model="{_label(model)}"}} {value}')
+        family("ferroserve_interactive_in_flight", "gauge",
+               "Interactive work in flight: an inference request counts at the HTTP layer from arrival to its last "
+               "byte, and again in the engine running it. Batch work waits while this is above zero.")
+        out.append(f"ferroserve_interactive_in_flight {interactive_in_flight}")
+        # Embedding engines: the batcher's queue and passes by priority (batch jobs run at batch).
+        for name, kind, help_, stat in (
+            ("ferroserve_embed_waiting_inputs", "gauge", "Embedding inputs queued in the engine, by priority.", "waiting_inputs"),
+            ("ferroserve_embed_passes", "counter", "Embedding forward passes, by priority.", "passes"),
+            ("ferroserve_embed_inputs", "counter", "Inputs embedded, by priority.", "embedded_inputs"),
+        ):
+            family(name, kind, help_)
+            suffix = "_total" if kind == "counter" else ""
+            for model, stats in engines:
+                for priority in ("interactive", "batch"):
+                    if f"{stat}_{priority}" in stats:
+                        out.append(f'{name}{suffix}{{model="{_label(model)}",priority="{priority}"}} {stats[f"{stat}_{priority}"]}')
         # The router: per model (candidate) its backend, health, breaker and measured speed.
         family("ferroserve_backend_up", "gauge", "1 if the model's backend is healthy, 0.5 degraded, 0 down.")
         for model, backend, health, _ in routing:

@@ -16,6 +16,7 @@ error files keyed by `custom_id`).
 from __future__ import annotations
 
 import asyncio
+import datetime
 import os
 import secrets
 import time
@@ -173,7 +174,8 @@ class BatchRunner:
             take, budget_error = self._affordable(ticket, first, texts)
         if take == 0:
             return vectors, ok, 0, [], budget_error
-        request = EmbedRequest(texts=texts[:take], encoding="base64", priority="batch")
+        request = EmbedRequest(texts=texts[:take], encoding="base64", priority=self.settings.batch_jobs_priority,
+                               vectors_only=True)
         result, model, error = None, None, None
         for attempt in range(UNAVAILABLE_RETRIES + 1):
             try:
@@ -311,12 +313,14 @@ class BatchRunner:
         status = 200
         try:
             if endpoint == "/v1/chat/completions":
-                status, out, fields = await chat.create_chat_completion(self.router, raw, None, ticket, priority="batch")
+                status, out, fields = await chat.create_chat_completion(self.router, raw, None, ticket,
+                                                                        priority=self.settings.batch_jobs_priority)
             elif endpoint == "/v1/completions":
-                status, out, fields = await completions.create_completion(self.router, raw, None, ticket, priority="batch")
+                status, out, fields = await completions.create_completion(self.router, raw, None, ticket,
+                                                                          priority=self.settings.batch_jobs_priority)
             else:
                 out, fields, _ = await embeddings.create_embedding(self.router, raw, self.settings.max_inputs, ticket, None,
-                                                                   priority="batch")
+                                                                   priority=self.settings.batch_jobs_priority)
         except ApiError as exc:
             error, status = exc, exc.status
         except Exception:
@@ -359,7 +363,7 @@ class BatchRunner:
                     name = f"{batch_id}_{'output' if purpose == 'batch_output' else 'error'}.jsonl"
                     files.append({"id": file_id, "workspace": row["workspace"], "purpose": purpose, "filename": name,
                                   "bytes": size, "created_at": now, "path": DataFiles.batch(batch_id, suffix)})
-        if row.get("webhook_url") and final in ("completed", "failed"):
+        if row.get("webhook_url") and final in ("completed", "failed", "cancelled"):
             values["webhook_state"] = "pending"
         owner = self.leases.owner
         if not await self.gateway.call(lambda s: s.finish_batch(batch_id, owner, values, files)):
@@ -372,7 +376,13 @@ class BatchRunner:
         totals = {"total_jobs": row["total"], "completed_jobs": row["completed"], "failed_jobs": row["failed"],
                   "total_tokens": row["total_tokens"]}
         status = row["status"]
-        body = webhooks.payload(row["id"], status, totals)
+        results = None
+        if status == "completed" and self.settings.public_url:
+            # No request here to take a Host header from: only a configured address will do.
+            url, expires = signing.results_url(await self.signing_key(), self.settings.public_url, row["id"], time.time())
+            expires_at = datetime.datetime.fromtimestamp(expires, datetime.timezone.utc).isoformat(timespec="seconds")
+            results = {"url": url, "expires_at": expires_at.replace("+00:00", "Z")}
+        body = webhooks.payload(row["id"], status, totals, results)
         assert self._client is not None
         await webhooks.deliver(self.gateway, self._client, row, self.leases.owner, body, f"batch.{status}",
                                self.settings.webhook_retry_base_s)

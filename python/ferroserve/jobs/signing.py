@@ -11,6 +11,8 @@ from ferroserve.errors import ApiError
 
 RESULT_URL_TTL_S = 24 * 3600
 KEY_NAME = "result_urls"
+# Where a batch's results are served (the path that is signed, whatever the base URL).
+RESULTS_PREFIX = "/v1/batch-results/"
 
 
 def signature(key: str, path: str, expires: int) -> str:
@@ -20,6 +22,14 @@ def signature(key: str, path: str, expires: int) -> str:
 def signed_query(key: str, path: str, now: float) -> tuple[str, int]:
     expires = int(now) + RESULT_URL_TTL_S
     return f"expires={expires}&signature={signature(key, path, expires)}", expires
+
+
+def results_url(key: str, base_url: str, batch_id: str, now: float) -> tuple[str, int]:
+    """A batch's signed results URL under `base_url` (`scheme://host[:port]`, as clients reach
+    this server), and when it expires."""
+    path = RESULTS_PREFIX + batch_id
+    query, expires = signed_query(key, path, now)
+    return f"{base_url}{path}?{query}", expires
 
 
 def check(key: str, path: str, params: dict[str, str], now: float | None = None) -> None:

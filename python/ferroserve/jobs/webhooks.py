@@ -43,8 +43,13 @@ def backoff_s(attempt: int, base_s: float) -> float:
     return ceiling * random.uniform(0.5, 1.0)
 
 
-def payload(batch_id: str, status: str, totals: dict) -> bytes:
-    return _encode({"event": f"batch.{status}", "batch_id": batch_id, "status": status, "totals": totals})
+def payload(batch_id: str, status: str, totals: dict, results: dict | None = None) -> bytes:
+    """NUREV's `{event, batch_id, status, totals}`; with `results` (`{url, expires_at}`, a
+    completed batch on a server that knows its public URL) the signed results URL too."""
+    body = {"event": f"batch.{status}", "batch_id": batch_id, "status": status, "totals": totals}
+    if results is not None:
+        body["results"] = results
+    return _encode(body)
 
 
 async def deliver(gateway: Gateway, client: httpx.AsyncClient, row: dict, owner: str, body: bytes, event: str,
