@@ -177,7 +177,12 @@ impl EmbeddingEngine {
         let (jobs, rx) = mpsc::channel();
         let stats = Arc::new(BatcherStats::default());
         let batcher_stats = Arc::clone(&stats);
+        crate::sched::compute_priority::lower_compute_pool();
         let spawn = |f: Box<dyn FnOnce() + Send>| {
+            let f = move || {
+                crate::sched::compute_priority::lower_this_thread();
+                f()
+            };
             std::thread::Builder::new().name("ferroserve-embed".into()).spawn(f).map(drop).map_err(|e| Error::Internal(e.to_string()))
         };
         let (tokenizer, dim, vocab_size, max_len, device_name);

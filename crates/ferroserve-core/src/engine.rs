@@ -363,6 +363,7 @@ impl ChatEngine {
             // Checked before the weights are read: the device kernels have one order.
             return Err(Error::invalid_request(crate::models::llama_opencl::EXACT_ONLY));
         }
+        crate::sched::compute_priority::lower_compute_pool();
         let mut model = LlamaModel::load_with(path, cfg.numerics)?;
         if let Some(source) = chat_template {
             let gguf = crate::weights::gguf::GgufFile::open(path).map_err(|e| Error::model_load(path, e))?;
@@ -431,6 +432,7 @@ impl ChatEngine {
         let thread = std::thread::Builder::new()
             .name("ferroserve-chat".into())
             .spawn(move || {
+                crate::sched::compute_priority::lower_this_thread();
                 // One catch around the whole loop, not one per step: after a panic mid-step
                 // the scheduler's queues, the block tables and the KV pool may disagree, so
                 // the engine is not resumed. Every request in flight gets `EngineDead` (a 503

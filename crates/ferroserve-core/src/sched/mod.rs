@@ -2,6 +2,7 @@
 //! the request priorities both honour, and how batch work gives way to interactive work
 //! across the engines of one server.
 
+pub mod compute_priority;
 pub mod embed_batcher;
 pub mod interactive;
 pub mod priority;
