@@ -109,9 +109,13 @@ def test_seed_reproducibility(client):
 
 
 def test_n_choices_and_usage(client):
-    r = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=10, temperature=0.8, seed=7, n=3)
+    # ignore_eos: every choice runs its 10 tokens, so the usage must count all three.
+    r = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=10, temperature=0.8, seed=7, n=3,
+                                  extra_body={"ignore_eos": True})
     assert [c.index for c in r.choices] == [0, 1, 2]
-    assert r.usage.completion_tokens == 30 or all(c.finish_reason for c in r.choices)
+    assert [c.finish_reason for c in r.choices] == ["length"] * 3
+    assert r.usage.completion_tokens == 30, r.usage
+    assert len({c.text for c in r.choices}) > 1, "three samples at temperature 0.8 all alike"
 
 
 def test_stop_string_across_token_boundary(client):
