@@ -151,4 +151,4 @@ def test_batch_priority_settings_are_checked(monkeypatch):
         resolve()
     monkeypatch.setenv("FERROSERVE_EMBED_BATCH_PASS_TOKENS_BUSY", "8")
     s = resolve()
-    assert (s.batch_jobs_priority, s.embed_batch_pass_tokens, s.embed_batch_pass_tokens_busy) == ("interactive", 256, 8)
+    assert (s.batch_jobs_priority, s.embed_batch_pass_tokens, s.embed_batch_pass_tokens_busy) == ("interactive", 2048, 8)

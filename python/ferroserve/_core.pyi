@@ -37,7 +37,7 @@ class EmbeddingEngine:
         max_wait_us: int = 1000,
         device: str = "cpu",
         kernel_binaries: str | PathLike[str] | None = None,
-        batch_pass_tokens: int = 256,
+        batch_pass_tokens: int = 2048,
         batch_pass_tokens_busy: int = 16,
     ) -> EmbeddingEngine: ...
     def submit(

@@ -99,7 +99,7 @@ class Settings(msgspec.Struct):
     # Tokens in a forward pass of batch-priority embeddings (an interactive request arriving
     # during one waits for at most this much work), and the same while interactive traffic
     # is recent (the last second): a pass always takes at least one input.
-    embed_batch_pass_tokens: int = 256
+    embed_batch_pass_tokens: int = 2048
     embed_batch_pass_tokens_busy: int = 16
     kv_budget_bytes: int = 512 * 1024 * 1024  # fits the default model's full 8,192-token context
     max_batch_tokens: int = 512

@@ -94,9 +94,12 @@ pub struct EmbeddingEngineConfig {
     pub batch_max_yield: Duration,
 }
 
-/// The default [`EmbeddingEngineConfig::batch_pass_tokens`]: about twenty short sentences,
-/// where a 2-core CPU embeds fastest (bench/NOTES.md, issue 15: larger passes are slower).
-pub const DEFAULT_BATCH_PASS_TOKENS: usize = 256;
+/// The default [`EmbeddingEngineConfig::batch_pass_tokens`] (no interactive traffic in the
+/// last second): about the pass a synchronous request of 128 short inputs makes, so a sparse
+/// interactive request waits at most as long as behind one ordinary request. Smaller passes
+/// cost throughput (bench/NOTES.md, issue 15: 256 tokens ran at 0.70x the synchronous best,
+/// 1,024 at 0.86x, 4,096 at 0.98x, same run).
+pub const DEFAULT_BATCH_PASS_TOKENS: usize = 2048;
 /// The default [`EmbeddingEngineConfig::batch_pass_tokens_busy`]: one short sentence.
 pub const DEFAULT_BATCH_PASS_TOKENS_BUSY: usize = 16;
 

@@ -27,7 +27,7 @@ impl PyEmbeddingEngine {
     /// any engine of this process. (The defaults are `ferroserve_core::embed`'s, written out so
     /// the signature shows them.)
     #[new]
-    #[pyo3(signature = (path, max_batch_tokens = 16384, max_wait_us = 1000, device = "cpu", kernel_binaries = None, batch_pass_tokens = 256, batch_pass_tokens_busy = 16))]
+    #[pyo3(signature = (path, max_batch_tokens = 16384, max_wait_us = 1000, device = "cpu", kernel_binaries = None, batch_pass_tokens = 2048, batch_pass_tokens_busy = 16))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,

@@ -123,7 +123,7 @@ class LocalEmbeddingModel(EngineWatcher, Backend):
 
     @classmethod
     def load(
-        cls, name: str, path: str, *, max_batch_tokens: int, max_wait_us: int, batch_pass_tokens: int = 256,
+        cls, name: str, path: str, *, max_batch_tokens: int, max_wait_us: int, batch_pass_tokens: int = 2048,
         batch_pass_tokens_busy: int = 16,
         device: str = "cpu", kernel_binaries: str | None = None, spec: ModelSpec | None = None, max_queue: int = 1024,
     ) -> LocalEmbeddingModel:
