@@ -10,7 +10,9 @@ three numbers clients see (limit, remaining, reset) then mean exactly what they 
 window boundary.
 
 Everything runs on the event loop thread and no check awaits between reading and bumping a
-counter, so counts are exact under any number of concurrent clients.
+counter, so counts are exact under any number of concurrent clients — of this process. These
+windows are per process: replicas behind a load balancer each grant the full limit unless
+they count in Redis (`--redis-url`, shared_limits.py).
 """
 
 from __future__ import annotations
@@ -59,6 +61,10 @@ class RateLimiter:
         if tpm is not None and w.tokens + prompt_tokens > tpm:
             self._reject("tokens", w, now, prompt_tokens=prompt_tokens, tpm=tpm)
         w.tokens += prompt_tokens
+
+    def add_tokens(self, w: Window, tokens: int) -> None:
+        """A request's actual usage, reconciled after it ran (may be negative)."""
+        w.tokens += tokens
 
     def _reject(self, kind: str, w: Window, now: float, *, prompt_tokens: int = 0, tpm: int = 0,
                 headers: list[tuple[str, str]] | None = None) -> None:
