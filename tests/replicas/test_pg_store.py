@@ -91,3 +91,27 @@ def test_claims_by_two_replicas_take_disjoint_rows(database_url):
     finally:
         a.close()
         b.close()
+
+
+def test_a_connection_the_database_dropped_is_replaced_after_one_failed_call(database_url):
+    store = PostgresStore(database_url)
+    try:
+        assert store.keys() == []
+        with psycopg.connect(database_url, autocommit=True) as admin:
+            killed = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                   "WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchall()
+        assert killed
+        try:
+            store.keys()  # may fail once: the pool learns the connection is gone
+        except psycopg.OperationalError:
+            pass
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert store.keys() == []
+                break
+            except psycopg.OperationalError:
+                assert time.monotonic() < deadline, "the store did not reconnect"
+                time.sleep(0.1)
+    finally:
+        store.close()

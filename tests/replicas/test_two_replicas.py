@@ -124,6 +124,17 @@ def test_rpm_across_both_replicas_under_concurrent_load_grants_exactly_the_limit
         assert r.json()["error"]["code"] == "rate_limit_exceeded"
 
 
+def test_tpm_across_both_replicas_grants_the_tokens_and_not_one_more(replicas):
+    key = _new_key(replicas, "--workspace", "tokens", "--tpm", "40")
+    targets = itertools.islice(itertools.cycle([replicas.a.url, replicas.b.url]), 30)
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(lambda url: _embed(url, key, "hello world"), targets))
+    granted = [r for r in results if r.status_code == 200]
+    price = granted[0].json()["usage"]["prompt_tokens"]
+    assert len(granted) == 40 // price, [r.status_code for r in results]
+    assert all(r.status_code == 429 for r in results if r.status_code != 200)
+
+
 def test_a_budget_is_never_overspent_by_concurrent_requests_split_across_replicas(replicas):
     key = _new_key(replicas, "--workspace", "budgeted", "--budget-usd", str(BUDGET_USD))
     # Learn one request's price through A ($1 per token), then race the rest of the budget.

@@ -9,8 +9,11 @@ advisory lock (replicas starting together migrate once), `data_version` reads th
 counter the triggers bump, the day grouping, and `claim`'s `FOR UPDATE SKIP LOCKED`, so
 replicas take disjoint rows of one queue without waiting on each other.
 
-Like the SQLite store, an instance belongs to one thread (the store worker, or the CLI). The
-connection is in autocommit mode; `_transaction` groups what must land together.
+Like the SQLite store, an instance belongs to one thread (the store worker, or the CLI). Its
+connection comes from a psycopg pool of one, in autocommit mode: a connection broken by a
+database restart or failover is thrown away when it goes back, so after one failed call (the
+usage writer retries) the next gets a fresh connection. `_transaction` holds one connection
+for what must land together.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from functools import lru_cache
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
+from psycopg_pool import ConnectionPool
 
 from ferroserve.gateway.pg_migrations import MIGRATIONS
 from ferroserve.gateway.store import Store
@@ -38,16 +42,20 @@ def _to_pyformat(sql: str) -> str:
 
 
 class _Connection:
-    """The slice of sqlite3.Connection the store uses, on a psycopg connection."""
+    """The slice of sqlite3.Connection the store uses, on a pooled psycopg connection: the one
+    a transaction holds, else one checked out for the statement. (Results are fetched whole
+    by psycopg's client-side cursors, so they outlive the checkout.)"""
 
-    def __init__(self, conn: psycopg.Connection) -> None:
-        self.conn = conn
+    def __init__(self, pool: ConnectionPool) -> None:
+        self.pool = pool
+        self.held: psycopg.Connection | None = None
 
     def execute(self, sql: str, args=()) -> psycopg.Cursor:
-        return self.conn.execute(_to_pyformat(sql), list(args) if args else None)
-
-    def close(self) -> None:
-        self.conn.close()
+        params = list(args) if args else None
+        if self.held is not None:
+            return self.held.execute(_to_pyformat(sql), params)
+        with self.pool.connection() as conn:
+            return conn.execute(_to_pyformat(sql), params)
 
 
 def describe(url: str) -> str:
@@ -84,18 +92,25 @@ class PostgresStore(Store):
 
     def __init__(self, url: str) -> None:
         self.location = describe(url)
-        conn = psycopg.connect(url, autocommit=True)
-        self.applied_migrations = migrate(conn)
-        self._conn = conn
-        self.db = _Connection(conn)  # type: ignore[assignment]
+        # A plain connection first: a wrong URL or a database that is down fails here at once,
+        # with the driver's own message.
+        with psycopg.connect(url, autocommit=True) as conn:
+            self.applied_migrations = migrate(conn)
+        self._pool = ConnectionPool(url, min_size=1, max_size=1, kwargs={"autocommit": True}, timeout=10.0, open=True,
+                                    name="ferroserve-store")
+        self.db = _Connection(self._pool)  # type: ignore[assignment]
 
     def close(self) -> None:
-        self._conn.close()
+        self._pool.close()
 
     @contextmanager
     def _transaction(self) -> Iterator[_Connection]:
-        with self._conn.transaction():
-            yield self.db
+        with self._pool.connection() as conn, conn.transaction():
+            self.db.held = conn
+            try:
+                yield self.db
+            finally:
+                self.db.held = None
 
     def data_version(self) -> int:
         return self.db.execute("SELECT version FROM key_version").fetchone()[0]
