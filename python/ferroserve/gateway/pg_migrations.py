@@ -143,7 +143,8 @@ CREATE TABLE server_secrets (
     value TEXT NOT NULL,
     created_at DOUBLE PRECISION NOT NULL
 );
--- Bumped by every change to keys or workspaces: each replica polls it (one tiny read twice a
+-- Bumped by every row changed in keys or workspaces (row triggers: an upsert that changes
+-- nothing does not bump it). Each replica polls it (one tiny read twice a
 -- second) and reloads its key cache when it moves, so a key revoked anywhere is refused
 -- everywhere within a second.
 CREATE TABLE key_version (only_row BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (only_row), version BIGINT NOT NULL);
@@ -154,8 +155,8 @@ BEGIN
     RETURN NULL;
 END $$;
 CREATE TRIGGER api_keys_changed AFTER INSERT OR UPDATE OR DELETE ON api_keys
-    FOR EACH STATEMENT EXECUTE FUNCTION bump_key_version();
+    FOR EACH ROW EXECUTE FUNCTION bump_key_version();
 CREATE TRIGGER workspaces_changed AFTER INSERT OR UPDATE OR DELETE ON workspaces
-    FOR EACH STATEMENT EXECUTE FUNCTION bump_key_version();
+    FOR EACH ROW EXECUTE FUNCTION bump_key_version();
 """),
 ]
