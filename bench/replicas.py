@@ -19,8 +19,9 @@ another; the median latency per route and mode, over all rounds. Routes:
   RPM limit (never reached): auth, the rate window (Redis: one script round trip), the 404
   and a usage record queued for the writer (not waited for).
 - `embeddings`: `POST /v1/embeddings` of one short input, key with RPM and TPM limits, in a
-  workspace with a budget, on a priced model: window, tokens and budget reservation (three
-  Redis round trips), the model, the budget settled, and the usage record committed before
+  workspace with a budget, on a priced model: window (one Redis round trip), then tokens and
+  budget reservation together (one more), the model, the budget settled (no round trip when
+  the cost is the reservation), and the usage record committed before
   the answer (the durable path: a PostgreSQL commit, or SQLite's).
 
 Results go to bench/results/replicas-<UTC time>.json.

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ferroserve.errors import ApiError
 from ferroserve.gateway.keys import ApiKey, Workspace, hash_secret
-from ferroserve.gateway.limits import RateLimiter, Window
+from ferroserve.gateway.limits import RateLimiter, Window, budget_exceeded
 from ferroserve.gateway.metrics import Metrics
 from ferroserve.gateway.store import month_start
 from ferroserve.gateway.store_api import GatewayStore, open_store
@@ -40,6 +40,8 @@ _PROMPT_CAPTURE_BYTES = 64 * 1024
 
 def invalid_key(message: str) -> ApiError:
     return ApiError(401, message, code="invalid_api_key")
+
+
 
 
 class Ticket:
@@ -164,26 +166,20 @@ class Ticket:
         key = self.key
         self.allow(model)
         budget = gw.budget_of(self.workspace)
-        if budget is not None:
-            spent = gw.spent(self.workspace)
-            estimate = (prompt_tokens * self.price[0] + max_completion_tokens * self.price[1]) / 1e6
-            if gw.budgets is not None:
-                # Replicas: reserve the worst case in Redis, atomically (settle reconciles).
-                counter, spent = gw.budgets.reserve(self.workspace, budget, estimate, spent)
-                refused = counter is None
-                if not refused:
-                    self.reservation = (counter, estimate)
-            else:
-                refused = spent >= budget or spent + estimate > budget
-            if refused:
-                raise ApiError(
-                    402,
-                    f"The workspace `{self.workspace}` has reached its monthly budget of ${budget:.2f} "
-                    f"(spent ${spent:.4f}; this request needs up to ${estimate:.4f}).",
-                    type="insufficient_quota", code="budget_exceeded",
-                )
-        if key is not None and key.tpm is not None and self.window is not None:
-            gw.limiter.admit_tokens(self.window, key.tpm, prompt_tokens, time.time())
+        estimate = (prompt_tokens * self.price[0] + max_completion_tokens * self.price[1]) / 1e6
+        tpm = key.tpm if key is not None and self.window is not None else None
+        if gw.budgets is not None:
+            # Replicas: the budget's worst case reserved and the prompt tokens counted in Redis,
+            # atomically and in one round trip (settle reconciles both).
+            if budget is not None or tpm is not None:
+                self.reservation = gw.budgets.admit(self, budget, estimate, gw.spent(self.workspace), tpm, prompt_tokens)
+        else:
+            if budget is not None:
+                spent = gw.spent(self.workspace)
+                if spent >= budget or spent + estimate > budget:
+                    raise budget_exceeded(self.workspace, budget, spent, estimate)
+            if tpm is not None:
+                gw.limiter.admit_tokens(self.window, tpm, prompt_tokens, time.time())
         self.charged_prompt_tokens = prompt_tokens
 
     def first_token(self) -> None:
@@ -211,7 +207,7 @@ class Gateway:
 
             client = shared_limits.connect(settings.redis_url)
             self.limiter = shared_limits.SharedRateLimiter(settings.rate_window_s, client)
-            self.budgets = shared_limits.SharedBudgets(client)
+            self.budgets = shared_limits.SharedBudgets(client, self.limiter)
         self.metrics = Metrics()
         self._keys: dict[str, ApiKey] = {}  # by the secret's sha256
         self._keys_by_id: dict[str, ApiKey] = {}

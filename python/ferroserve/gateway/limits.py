@@ -111,6 +111,15 @@ class RateLimiter:
         return out
 
 
+def budget_exceeded(workspace: str | None, budget: float, spent: float, estimate: float) -> ApiError:
+    return ApiError(
+        402,
+        f"The workspace `{workspace}` has reached its monthly budget of ${budget:.2f} "
+        f"(spent ${spent:.4f}; this request needs up to ${estimate:.4f}).",
+        type="insufficient_quota", code="budget_exceeded",
+    )
+
+
 class RateLimited(ApiError):
     def __init__(self, message: str, retry_after: int, headers: list[tuple[str, str]]) -> None:
         super().__init__(429, message, type="rate_limit_error", code="rate_limit_exceeded",

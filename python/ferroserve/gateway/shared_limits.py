@@ -6,9 +6,10 @@ script: Redis runs a script alone, so N replicas together admit exactly `rpm` re
 window, and each request costs one round trip. The hash expires with its window.
 
 Budgets: one counter per workspace and month holds what was spent plus what is reserved by
-requests in flight. `reserve` adds a request's worst-case cost (prompt tokens and
-max_tokens at the model's prices) only if the total stays within the budget; `settle` then
-replaces the reservation with the actual cost. Since the actual cost never exceeds the
+requests in flight. `SharedBudgets.admit` adds a request's worst-case cost (prompt tokens and
+max_tokens at the model's prices) only if the total stays within the budget, and counts the
+prompt's tokens in the key's window, in the same script (one round trip; neither or both);
+`settle` then replaces the reservation with the actual cost. Since the actual cost never exceeds the
 reservation, concurrent requests on any replicas never spend more than the budget. The
 counter starts from the database's spend for the month (the first replica to need it sets it).
 
@@ -21,13 +22,17 @@ unchecked pass.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import redis
 
 from ferroserve.errors import ApiError
-from ferroserve.gateway.limits import RateLimiter, Window
+from ferroserve.gateway.limits import RateLimiter, Window, budget_exceeded
 from ferroserve.gateway.store import month_start
 from ferroserve.log import logger
+
+if TYPE_CHECKING:
+    from ferroserve.gateway.gate import Ticket
 
 _TIMEOUT_S = 1.0
 # A month's budget counter outlives its month by a few days (late settlements land in it).
@@ -48,30 +53,32 @@ if rpm >= 0 and requests >= rpm then return {0, v[1], requests, tokens, 'request
 if tpm >= 0 and tokens >= tpm then return {0, v[1], requests, tokens, 'tokens'} end
 return {1, v[1], redis.call('HINCRBY', k, 'requests', 1), tokens, ''}
 """
-# KEYS[1] the window; ARGV: tpm, prompt tokens. Returns {admitted, tokens used}. A window that
-# ended meanwhile counts nothing (the next request opens a fresh one).
-_ADMIT_TOKENS = """
-local k = KEYS[1]
-if redis.call('EXISTS', k) == 0 then return {1, 0} end
-local used = tonumber(redis.call('HGET', k, 'tokens'))
-if used + tonumber(ARGV[2]) > tonumber(ARGV[1]) then return {0, used} end
-return {1, redis.call('HINCRBY', k, 'tokens', ARGV[2])}
-"""
 _ADD_TOKENS = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 return redis.call('HINCRBY', KEYS[1], 'tokens', ARGV[1])
 """
-# KEYS[1] the workspace's month; ARGV: budget, estimate, the spend to start from, ttl.
-# Returns {reserved 0/1, spent and reserved before this request (a string: Lua numbers
-# would come back truncated to integers)}.
-_RESERVE = """
-local k = KEYS[1]
-if redis.call('EXISTS', k) == 0 then redis.call('SET', k, ARGV[3], 'EX', ARGV[4]) end
-local spent = tonumber(redis.call('GET', k))
-local budget, estimate = tonumber(ARGV[1]), tonumber(ARGV[2])
-if spent >= budget or spent + estimate > budget then return {0, tostring(spent)} end
-redis.call('INCRBYFLOAT', k, ARGV[2])
-return {1, tostring(spent)}
+# The budget and the prompt's tokens, checked and counted together (a request refused for
+# tokens reserves no budget). KEYS[1] the workspace's month, KEYS[2] the key's window;
+# ARGV: budget (-1: none), estimate, the spend to start the month's counter from, its ttl,
+# tpm (-1: none), prompt tokens. Returns {what refused ('' when admitted), spent and reserved
+# before this request (a string: Lua numbers would come back truncated to integers), tokens
+# used in the window}. A window that ended meanwhile counts no tokens.
+_ADMIT = """
+local budget, estimate, tpm, prompt = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local spent, used = 0, 0
+if budget >= 0 then
+    if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[4]) end
+    spent = tonumber(redis.call('GET', KEYS[1]))
+    if spent >= budget or spent + estimate > budget then return {'budget', tostring(spent), 0} end
+end
+local counted = tpm >= 0 and redis.call('EXISTS', KEYS[2]) == 1
+if counted then
+    used = tonumber(redis.call('HGET', KEYS[2], 'tokens'))
+    if used + prompt > tpm then return {'tokens', tostring(spent), used} end
+end
+if budget >= 0 then redis.call('INCRBYFLOAT', KEYS[1], ARGV[2]) end
+if counted then used = redis.call('HINCRBY', KEYS[2], 'tokens', prompt) end
+return {'', tostring(spent), used}
 """
 
 
@@ -100,7 +107,6 @@ class SharedRateLimiter(RateLimiter):
         super().__init__(window_s)
         self.client = client
         self._admit_request = client.register_script(_ADMIT_REQUEST)
-        self._admit_tokens = client.register_script(_ADMIT_TOKENS)
         self._add_tokens = client.register_script(_ADD_TOKENS)
 
     def admit_request(self, key_id: str, rpm: int | None, tpm: int | None, now: float) -> Window:
@@ -115,18 +121,6 @@ class SharedRateLimiter(RateLimiter):
             self._reject(what.decode(), w, now, headers=self.headers(w, rpm, tpm, now))
         return w
 
-    def admit_tokens(self, w: Window, tpm: int | None, prompt_tokens: int, now: float) -> None:
-        if tpm is None:
-            return
-        assert isinstance(w, SharedWindow)
-        try:
-            ok, used = self._admit_tokens(keys=[w.key], args=[tpm, prompt_tokens])
-        except redis.RedisError as exc:
-            raise unavailable(exc) from None
-        w.tokens = int(used)
-        if not ok:
-            self._reject("tokens", w, now, prompt_tokens=prompt_tokens, tpm=tpm)
-
     def add_tokens(self, w: Window, tokens: int) -> None:
         assert isinstance(w, SharedWindow)
         if not tokens:
@@ -139,24 +133,38 @@ class SharedRateLimiter(RateLimiter):
 
 
 class SharedBudgets:
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, limiter: SharedRateLimiter) -> None:
         self.client = client
-        self._reserve = client.register_script(_RESERVE)
+        self.limiter = limiter
+        self._admit = client.register_script(_ADMIT)
 
     @staticmethod
     def counter(workspace: str, now: float) -> str:
         return f"ferroserve:spend:{workspace}:{int(month_start(now))}"
 
-    def reserve(self, workspace: str, budget: float, estimate_usd: float, spent_in_database: float) -> tuple[str | None, float]:
-        """(the counter holding the reservation, or None when the budget does not allow it;
-        what was spent and reserved before this request)."""
-        counter = self.counter(workspace, time.time())
+    def admit(self, ticket: Ticket, budget: float | None, estimate_usd: float, spent_in_database: float,
+              tpm: int | None, prompt_tokens: int) -> tuple[str, float] | None:
+        """Reserves `estimate_usd` of the workspace's budget and counts the prompt's tokens in
+        the key's window, or neither: raises 402 (budget) or 429 (tokens). Returns the
+        reservation (counter, USD) for `settle`, None without a budget."""
+        now = time.time()
+        counter = self.counter(ticket.workspace or "", now)
+        window = ticket.window
+        window_key = window.key if isinstance(window, SharedWindow) else ""
         try:
-            ok, spent = self._reserve(keys=[counter], args=[repr(budget), repr(estimate_usd), repr(spent_in_database),
-                                                            _BUDGET_TTL_S])
+            refused, spent, used = self._admit(
+                keys=[counter, window_key],
+                args=[-1 if budget is None else repr(budget), repr(estimate_usd), repr(spent_in_database), _BUDGET_TTL_S,
+                      -1 if tpm is None else tpm, prompt_tokens])
         except redis.RedisError as exc:
             raise unavailable(exc) from None
-        return (counter if ok else None), float(spent)
+        if refused == b"budget":
+            raise budget_exceeded(ticket.workspace, budget, float(spent), estimate_usd)
+        if tpm is not None and window is not None:
+            window.tokens = int(used)
+        if refused == b"tokens":
+            self.limiter._reject("tokens", window, now, prompt_tokens=prompt_tokens, tpm=tpm)
+        return (counter, estimate_usd) if budget is not None else None
 
     def settle(self, counter: str, reserved_usd: float, cost_usd: float) -> None:
         """Replaces the reservation with the actual cost."""
