@@ -44,6 +44,36 @@ def _check_auth(settings) -> str | None:
     )
 
 
+def _check_shared_state(settings) -> str | None:
+    """Why the shared database or Redis cannot be used (unreachable, refused), or None. Checked
+    here, before the server starts, so a wrong URL is one clear line and status 2; the schema
+    is migrated here too (the worker finds it current)."""
+    if settings.database_url:
+        import psycopg
+
+        from ferroserve.gateway.pg_store import describe, migrate
+
+        try:
+            with psycopg.connect(settings.database_url, autocommit=True, connect_timeout=10) as conn:
+                migrate(conn)
+        except psycopg.Error as exc:
+            reason = str(exc).strip().splitlines()[0]
+            return f"cannot use the database {describe(settings.database_url)}: {reason}"
+    if settings.redis_url:
+        import redis
+
+        from ferroserve.gateway.shared_limits import connect
+
+        client = connect(settings.redis_url)
+        try:
+            client.ping()
+        except redis.RedisError as exc:
+            return f"cannot reach Redis at --redis-url: {exc}"
+        finally:
+            client.close()
+    return None
+
+
 def _isa_refusal() -> str | None:
     """Why FERROSERVE_ISA cannot be honoured on this CPU (a level it lacks, or no level at
     all), or None. Checked before anything loads: a server never silently runs another
@@ -90,7 +120,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"ferroserve: error: {exc}", file=sys.stderr)
         return 2
-    refusal = _isa_refusal() or _check_auth(settings)
+    refusal = _isa_refusal() or _check_shared_state(settings) or _check_auth(settings)
     if refusal:
         print(f"ferroserve: error: {refusal}", file=sys.stderr)
         return 2

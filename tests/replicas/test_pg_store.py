@@ -11,7 +11,7 @@ from ferroserve.gateway.keys import make_key
 from ferroserve.gateway.pg_migrations import MIGRATIONS
 from ferroserve.gateway.pg_store import PostgresStore
 from ferroserve.gateway.store import USAGE_COLUMNS
-from tests.conftest import run_cli
+from tests.conftest import free_port, run_cli
 
 
 def test_migrations_apply_once_and_cli_reports_them(database_url):
@@ -115,3 +115,13 @@ def test_a_connection_the_database_dropped_is_replaced_after_one_failed_call(dat
                 time.sleep(0.1)
     finally:
         store.close()
+
+
+def test_serve_with_an_unreachable_database_or_redis_exits_2_with_one_clear_line():
+    port = free_port()  # nothing listens there
+    for flags, words in ((["--database-url", f"postgresql://fs:secret@127.0.0.1:{port}/db"], "cannot use the database"),
+                         (["--redis-url", f"redis://127.0.0.1:{port}/0"], "cannot reach Redis"),
+                         (["--database-url", "mysql://127.0.0.1/db"], "must be a postgresql:// URL")):
+        r = run_cli(["serve", "--port", str(free_port()), *flags], timeout=60)
+        assert r.returncode == 2, r.stderr
+        assert words in r.stderr and "secret" not in r.stderr and "Traceback" not in r.stderr, r.stderr
