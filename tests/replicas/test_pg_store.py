@@ -125,3 +125,28 @@ def test_serve_with_an_unreachable_database_or_redis_exits_2_with_one_clear_line
         r = run_cli(["serve", "--port", str(free_port()), *flags], timeout=60)
         assert r.returncode == 2, r.stderr
         assert words in r.stderr and "secret" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_stored_responses_chain_update_finish_and_claim_on_postgres(database_url):
+    store = PostgresStore(database_url)
+    try:
+        base = {"workspace": "w", "status": "completed", "model": "m", "request": "{}", "input_items": "[]",
+                "output": "[]", "created_at": 1.0}
+        store.insert_response({**base, "id": "resp_1"})
+        store.insert_response({**base, "id": "resp_2", "previous_response_id": "resp_1", "created_at": 2.0})
+        store.insert_response({**base, "id": "resp_3", "previous_response_id": "resp_2", "created_at": 3.0,
+                               "status": "queued", "job": '{"x": 1}', "key_id": "key_a"})
+        assert [r["id"] for r in store.response_chain("resp_3", "w")] == ["resp_1", "resp_2", "resp_3"]
+        assert store.response_chain("resp_3", "other") == []
+        [claimed] = store.claim_responses("A", 10.0, 5.0, 8)  # only the queued one has a job
+        assert claimed["id"] == "resp_3" and claimed["owner"] == "A"
+        assert store.beat_responses("A", 11.0) == {"resp_3"}
+        assert store.update_response("resp_3", {"status": "in_progress"})
+        assert store.finish_response("resp_3", "A", {"status": "completed", "output": '["done"]', "completed_at": 12.0})
+        got = store.get_response("resp_3", "w")
+        assert got["status"] == "completed" and got["output"] == '["done"]' and got["completed_at"] == 12.0
+        assert not store.update_response("resp_3", {"status": "in_progress"})  # finished: left alone
+        assert store.delete_response("resp_2", "w") and store.get_response("resp_2", "w") is None
+        assert [r["id"] for r in store.response_chain("resp_3", "w")] == ["resp_3"]  # a deleted link ends it
+    finally:
+        store.close()

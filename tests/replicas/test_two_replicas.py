@@ -167,6 +167,23 @@ def test_usage_from_both_replicas_sums_in_v1_usage(replicas):
         assert usage["total_requests"] == 7 and usage["total_tokens_in"] == tokens, usage
 
 
+def test_a_file_uploaded_through_one_replica_is_listed_read_and_deleted_through_the_other(replicas):
+    from openai import OpenAI
+
+    key = _new_key(replicas, "--workspace", "filing")
+    a = OpenAI(base_url=replicas.a.url + "/v1", api_key=key, max_retries=0)
+    b = OpenAI(base_url=replicas.b.url + "/v1", api_key=key, max_retries=0)
+    data = b'{"custom_id": "x", "method": "POST", "url": "/v1/embeddings", "body": {"model": "all-minilm", "input": "hi"}}\n'
+    first = a.files.create(file=("one.jsonl", data), purpose="batch")
+    second = a.files.create(file=("two.jsonl", data), purpose="batch")
+    assert [f.id for f in b.files.list()] == [second.id, first.id]  # newest first, from the shared database
+    assert [f.id for f in b.files.list(after=second.id)] == [first.id]
+    assert b.files.retrieve(first.id).bytes == len(data)
+    assert b.files.content(first.id).content == data  # the bytes, from the shared files dir
+    assert b.files.delete(first.id).deleted
+    assert [f.id for f in a.files.list()] == [second.id]
+
+
 def test_a_batch_started_on_a_killed_minus_nine_completes_on_b_exactly_once(replicas):
     key = _new_key(replicas, "--workspace", "batching")
     a = replicas.start()  # a third replica to kill, so the others live on for the rest
