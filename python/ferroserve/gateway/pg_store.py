@@ -18,6 +18,7 @@ for what must land together.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,7 +29,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
 from ferroserve.gateway.pg_migrations import MIGRATIONS
-from ferroserve.gateway.store import Store
+from ferroserve.gateway.store import _INSERT_USAGE_HEAD, _ROW_PLACEHOLDERS, _ROWS_PER_INSERT, Store
 
 # Any constant: the advisory lock only has to be the same number in every replica.
 _MIGRATION_LOCK = 0x66657272  # "ferr"
@@ -111,6 +112,16 @@ class PostgresStore(Store):
                 yield self.db
             finally:
                 self.db.held = None
+
+    def insert_usage(self, records: list[tuple]) -> None:
+        """Up to `_ROWS_PER_INSERT` rows are one statement, which in autocommit mode is its own
+        transaction: one round trip instead of BEGIN, INSERT, COMMIT (the writer usually
+        flushes a few rows at a time)."""
+        if len(records) > _ROWS_PER_INSERT:
+            super().insert_usage(records)
+            return
+        sql = _INSERT_USAGE_HEAD + ", ".join([_ROW_PLACEHOLDERS] * len(records))
+        self.db.execute(sql, list(itertools.chain.from_iterable(records)))
 
     def data_version(self) -> int:
         return self.db.execute("SELECT version FROM key_version").fetchone()[0]
