@@ -17,7 +17,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PIP) install -q "maturin>=1.7,<2" "granian>=2.5" "msgspec>=0.19" "uvloop>=0.19" \
 		"pytest>=8" "openai>=1.50" "httpx>=0.27" "numpy>=1.26" "mypy>=1.18" "python-multipart>=0.0.20" \
 		"prometheus_client>=0.20" "httpx[http2]>=0.27" "tritonclient[grpc,http]>=2.50" "tokenizers>=0.15" "jsonschema>=4.20" "hypothesis>=6.100" \
-		"schemathesis==4.32.5"
+		"schemathesis==4.32.5" "psycopg[binary,pool]>=3.2" "redis>=5"
 	touch $@
 
 $(VENV)/.models: $(VENV)/.deps
@@ -31,7 +31,7 @@ build: $(VENV)/.deps
 serve: setup
 	$(VENV)/bin/ferroserve serve
 
-test: setup $(VENV)/.opencl $(VENV)/.qemu $(VENV)/.triton test-rust test-python test-isa-matrix
+test: setup $(VENV)/.opencl $(VENV)/.qemu $(VENV)/.triton $(VENV)/.replicas test-rust test-python test-isa-matrix
 
 # The OpenCL kernel tests (tests/kernels) run on PoCL, an OpenCL implementation for the CPU.
 # Where apt (or sudo) is unavailable PoCL is not installed and those tests skip with the
@@ -52,6 +52,15 @@ $(VENV)/.triton: $(VENV)/.deps
 		&& .venv-triton/bin/pip install -q "nvidia-pytriton==0.7.0" > $@.log 2>&1 && : > $@ \
 		|| { echo "nvidia-pytriton not installed: tests/backends/test_triton.py will skip. pip said:"; \
 			tail -n 5 $@.log | tee $@; }
+
+# Real PostgreSQL and Redis servers for tests/replicas (started by the tests on loopback in
+# temporary directories); where apt is unavailable those tests skip with the reason.
+$(VENV)/.replicas: $(VENV)/.deps
+	{ command -v redis-server >/dev/null && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; } || { SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+		REPLICA_PKGS="postgresql redis-server"; \
+		$$SUDO apt-get install -y -q $$REPLICA_PKGS || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q $$REPLICA_PKGS; }; } \
+		|| echo "postgresql/redis-server not installed: tests/replicas will skip"
+	touch $@
 
 # qemu-user runs the kernel tests on emulated CPUs without AVX-512 and without AVX
 # (tests/isa_matrix.sh); where apt is unavailable that part of the matrix says it skipped.

@@ -29,9 +29,9 @@ def _check_auth(settings) -> str | None:
     """Why the server must not start, or None: no keys is fine only on loopback."""
     if not settings.gateway or settings.insecure_no_auth or _is_loopback(settings.host):
         return None
-    from ferroserve.gateway.store import Store
+    from ferroserve.gateway.store_api import open_store
 
-    store = Store(settings.data_dir)
+    store = open_store(settings.data_dir, settings.database_url)
     try:
         if store.keys():
             return None
@@ -42,6 +42,36 @@ def _check_auth(settings) -> str | None:
         f"Create a key with `ferroserve keys create --workspace NAME --data-dir {settings.data_dir}`, "
         "bind to 127.0.0.1, or pass --insecure-no-auth."
     )
+
+
+def _check_shared_state(settings) -> str | None:
+    """Why the shared database or Redis cannot be used (unreachable, refused), or None. Checked
+    here, before the server starts, so a wrong URL is one clear line and status 2; the schema
+    is migrated here too (the worker finds it current)."""
+    if settings.database_url:
+        import psycopg
+
+        from ferroserve.gateway.pg_store import describe, migrate
+
+        try:
+            with psycopg.connect(settings.database_url, autocommit=True, connect_timeout=10) as conn:
+                migrate(conn)
+        except psycopg.Error as exc:
+            reason = str(exc).strip().splitlines()[0]
+            return f"cannot use the database {describe(settings.database_url)}: {reason}"
+    if settings.redis_url:
+        import redis
+
+        from ferroserve.gateway.shared_limits import connect
+
+        client = connect(settings.redis_url)
+        try:
+            client.ping()
+        except redis.RedisError as exc:
+            return f"cannot reach Redis at --redis-url: {exc}"
+        finally:
+            client.close()
+    return None
 
 
 def _isa_refusal() -> str | None:
@@ -83,11 +113,14 @@ def _serve(args: argparse.Namespace) -> int:
             max_queue=args.max_queue,
             max_embedding_queue=args.max_embedding_queue,
             public_url=args.public_url,
+            database_url=args.database_url,
+            redis_url=args.redis_url,
+            files_dir=args.files_dir,
         )
     except ConfigError as exc:
         print(f"ferroserve: error: {exc}", file=sys.stderr)
         return 2
-    refusal = _isa_refusal() or _check_auth(settings)
+    refusal = _isa_refusal() or _check_shared_state(settings) or _check_auth(settings)
     if refusal:
         print(f"ferroserve: error: {refusal}", file=sys.stderr)
         return 2
@@ -235,11 +268,21 @@ def _kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+def _database_url(args: argparse.Namespace) -> str | None:
+    from ferroserve.config import _env, check_database_url
+
+    return check_database_url(args.database_url or _env("DATABASE_URL"))
+
+
 def _keys(args: argparse.Namespace) -> int:
     from ferroserve.gateway import keys as keymod
-    from ferroserve.gateway.store import Store
+    from ferroserve.gateway.store_api import open_store
 
-    store = Store(resolve_data_dir(args.data_dir))
+    try:
+        store = open_store(resolve_data_dir(args.data_dir), _database_url(args))
+    except ConfigError as exc:
+        print(f"ferroserve: error: {exc}", file=sys.stderr)
+        return 2
     try:
         now = time.time()
         if args.keys_command == "create":
@@ -283,6 +326,37 @@ def _keys(args: argparse.Namespace) -> int:
             print(f"revoked {args.key_id}", file=sys.stderr)
     finally:
         store.close()
+    return 0
+
+
+def _db(args: argparse.Namespace) -> int:
+    """`ferroserve db migrate`: brings the PostgreSQL schema up to date (servers also do it at
+    start; this lets a deployment do it once, before rolling replicas out)."""
+    try:
+        url = _database_url(args)
+    except ConfigError as exc:
+        print(f"ferroserve: error: {exc}", file=sys.stderr)
+        return 2
+    if not url:
+        print("ferroserve: error: db migrate needs --database-url or FERROSERVE_DATABASE_URL "
+              "(the SQLite store migrates itself when opened)", file=sys.stderr)
+        return 2
+    import psycopg
+
+    from ferroserve.gateway.pg_migrations import MIGRATIONS
+    from ferroserve.gateway.pg_store import describe, migrate
+
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            applied = migrate(conn)
+    except psycopg.Error as exc:
+        print(f"ferroserve: error: {describe(url)}: {exc}", file=sys.stderr)
+        return 1
+    latest = MIGRATIONS[-1][0]
+    if applied:
+        print(f"applied migrations {', '.join(map(str, applied))}; schema version {latest}", file=sys.stderr)
+    else:
+        print(f"schema already at version {latest}", file=sys.stderr)
     return 0
 
 
@@ -413,11 +487,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="this server's address as clients reach it (e.g. https://api.example.com behind a proxy), used "
         "in signed batch-result URLs and webhook payloads (default: the request's Host header; env FERROSERVE_PUBLIC_URL)",
     )
+    serve.add_argument(
+        "--database-url", metavar="URL",
+        help="keep keys, usage, budgets, stored responses, files and batches in this PostgreSQL database "
+        "(postgresql://user:pass@host/db), shared by replicas, instead of SQLite under --data-dir "
+        "(env FERROSERVE_DATABASE_URL)",
+    )
+    serve.add_argument(
+        "--redis-url", metavar="URL",
+        help="count rate-limit windows and budget reservations in this Redis (redis://host:port/0), so "
+        "replicas together grant exactly each limit (default: each process counts its own; env FERROSERVE_REDIS_URL)",
+    )
+    serve.add_argument(
+        "--files-dir", metavar="DIR",
+        help="uploaded files and batch inputs/results (default: under --data-dir); replicas share one path "
+        "(env FERROSERVE_FILES_DIR)",
+    )
     serve.set_defaults(func=_serve)
 
     keys = sub.add_parser("keys", help="create, list and revoke API keys; show or rotate workspace webhook secrets")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     data_dir_help = "same as `serve --data-dir` (env FERROSERVE_DATA_DIR)"
+    database_url_help = "same as `serve --database-url` (env FERROSERVE_DATABASE_URL)"
     create = keys_sub.add_parser("create", help="create a key and print it (once)")
     create.add_argument("--workspace", required=True)
     create.add_argument("--rpm", type=int, help="requests per minute")
@@ -429,16 +520,26 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--capture-prompts", action="store_true", help="keep request bodies in the workspace's request history")
     create.add_argument("--prefix", help="key prefix (default fs-, env FERROSERVE_KEY_PREFIX)")
     create.add_argument("--data-dir", metavar="DIR", help=data_dir_help)
+    create.add_argument("--database-url", metavar="URL", help=database_url_help)
     listing = keys_sub.add_parser("list", help="list keys (never their secrets)")
     listing.add_argument("--data-dir", metavar="DIR", help=data_dir_help)
+    listing.add_argument("--database-url", metavar="URL", help=database_url_help)
     revoke = keys_sub.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("key_id")
     revoke.add_argument("--data-dir", metavar="DIR", help=data_dir_help)
+    revoke.add_argument("--database-url", metavar="URL", help=database_url_help)
     secret = keys_sub.add_parser("workspace-secret", help="print a workspace's webhook signing secret (made on first use)")
     secret.add_argument("--workspace", required=True)
     secret.add_argument("--rotate", action="store_true", help="replace it with a new one (webhooks sent after use the new one)")
     secret.add_argument("--data-dir", metavar="DIR", help=data_dir_help)
+    secret.add_argument("--database-url", metavar="URL", help=database_url_help)
     keys.set_defaults(func=_keys)
+
+    db = sub.add_parser("db", help="the shared PostgreSQL database")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    db_migrate = db_sub.add_parser("migrate", help="apply the schema migrations it lacks (servers also do at start)")
+    db_migrate.add_argument("--database-url", metavar="URL", help=database_url_help)
+    db.set_defaults(func=_db)
 
     models = sub.add_parser("models", help="list the models `serve` would load")
     models.add_argument("--config", metavar="FILE", help="TOML settings file: top-level keys as the flags spell them, [[models]] tables with name, path, aliases, device and prices, [[backends]] for remote models (README); flags and FERROSERVE_* override it (env FERROSERVE_CONFIG)")

@@ -87,8 +87,15 @@ class Settings(msgspec.Struct):
     # for (None: no limit but the context; a request over it is a 400).
     default_max_tokens: int | None = None
     max_tokens_limit: int | None = None
-    # The gateway: keys, usage and request history live in SQLite under data_dir.
+    # The gateway: keys, usage and request history live in SQLite under data_dir, or in the
+    # PostgreSQL database at database_url when replicas share them (store_api.py).
     data_dir: str = ""
+    database_url: str | None = None
+    # Rate-limit windows and budget reservations in Redis, counted across replicas (limits.py);
+    # None: each process counts its own.
+    redis_url: str | None = None
+    # Uploaded files, batch inputs and results (None: under data_dir); replicas share one path.
+    files_dir: str | None = None
     insecure_no_auth: bool = False
     # Length of a rate-limit window; 60 s ("per minute"). FERROSERVE_RATE_WINDOW_S exists for tests.
     rate_window_s: float = 60.0
@@ -205,6 +212,9 @@ class ConfigFile(msgspec.Struct, forbid_unknown_fields=True):
     embed_batch_pass_tokens: int | None = None
     embed_batch_pass_tokens_busy: int | None = None
     public_url: str | None = None
+    database_url: str | None = None
+    redis_url: str | None = None
+    files_dir: str | None = None
     backends: list[BackendSpec] = []
     models: list[FileModel] = []
 
@@ -275,6 +285,18 @@ def check_backends(backends: list[BackendSpec]) -> dict[str, BackendSpec]:
             raise ConfigError(f"backend {b.name}: timeouts must be positive and max_concurrent at least 1")
         out[b.name] = b
     return out
+
+
+def check_database_url(url: str | None) -> str | None:
+    if url is not None and not url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(f"--database-url must be a postgresql:// URL, got one starting {url.split(':', 1)[0]!r}")
+    return url
+
+
+def check_redis_url(url: str | None) -> str | None:
+    if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"--redis-url must be a redis://, rediss:// or unix:// URL, got one starting {url.split(':', 1)[0]!r}")
+    return url
 
 
 def check_public_url(url: str) -> str:
@@ -454,6 +476,9 @@ def resolve(
     max_queue: int | None = None,
     max_embedding_queue: int | None = None,
     public_url: str | None = None,
+    database_url: str | None = None,
+    redis_url: str | None = None,
+    files_dir: str | None = None,
 ) -> Settings:
     """Flags (non-None arguments) over environment over the config file over defaults."""
     s = Settings()
@@ -577,6 +602,10 @@ def resolve(
             raise ConfigError(f"--price names an unknown model {name!r}; models: {names}")
         spec.input_usd_per_million_tokens, spec.output_usd_per_million_tokens = inp, out
     s.data_dir = resolve_data_dir(data_dir or _env("DATA_DIR") or file.data_dir)
+    s.database_url = check_database_url(database_url or _env("DATABASE_URL") or file.database_url)
+    s.redis_url = check_redis_url(redis_url or _env("REDIS_URL") or file.redis_url)
+    shared_files = files_dir or _env("FILES_DIR") or file.files_dir
+    s.files_dir = str(Path(shared_files).expanduser().resolve()) if shared_files else None
     env_no_auth = _env("INSECURE_NO_AUTH")
     s.insecure_no_auth = insecure_no_auth or (
         env_no_auth.lower() in ("1", "true", "yes") if env_no_auth is not None else bool(file.insecure_no_auth))

@@ -128,6 +128,9 @@ class BatchStore:
 
     db: sqlite3.Connection
     LEASED: dict[str, Leased] = {}
+    # Appended to `claim`'s SELECT: SQLite's BEGIN IMMEDIATE already excludes other writers;
+    # PostgreSQL locks the rows it takes and skips the ones another replica is taking.
+    CLAIM_LOCK = ""
 
     def _init_batch_schema(self) -> None:
         self.db.executescript(BATCH_SCHEMA)
@@ -151,7 +154,7 @@ class BatchStore:
         with self._transaction():
             rows = self.db.execute(
                 f"SELECT {', '.join(lease.columns)} FROM {table} WHERE {lease.active} {where} "
-                "AND (owner IS NULL OR heartbeat IS NULL OR heartbeat < ?) ORDER BY created_at LIMIT ?",
+                f"AND (owner IS NULL OR heartbeat IS NULL OR heartbeat < ?) ORDER BY created_at LIMIT ?{self.CLAIM_LOCK}",
                 (stale_before, limit)).fetchall()
             for r in rows:
                 self.db.execute(f"UPDATE {table} SET owner = ?, heartbeat = ? WHERE id = ?", (owner, now, r[0]))
@@ -166,14 +169,15 @@ class BatchStore:
     # Secrets -------------------------------------------------------------------------------
     def server_secret(self, name: str) -> str:
         """A random secret shared by every process on this database, made on first use."""
-        self.db.execute("INSERT OR IGNORE INTO server_secrets (name, value, created_at) VALUES (?, ?, ?)",
+        self.db.execute("INSERT INTO server_secrets (name, value, created_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                         (name, secrets.token_hex(32), time.time()))
         return self.db.execute("SELECT value FROM server_secrets WHERE name = ?", (name,)).fetchone()[0]
 
     def webhook_secret(self, workspace: str, *, rotate: bool = False) -> str:
         """The workspace's webhook signing secret (made on first use; a new one if `rotate`)."""
         with self._transaction():
-            self.db.execute("INSERT OR IGNORE INTO workspaces (name, created_at) VALUES (?, ?)", (workspace, time.time()))
+            self.db.execute("INSERT INTO workspaces (name, created_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                            (workspace, time.time()))
             row = self.db.execute("SELECT webhook_secret FROM workspaces WHERE name = ?", (workspace,)).fetchone()
             if row[0] is not None and not rotate:
                 return row[0]
@@ -225,7 +229,7 @@ class BatchStore:
     def get_batch(self, batch_id: str, workspace: str | None, kind: str) -> dict | None:
         """The batch if it is in `workspace` (None: any, for a signed URL that proves access)."""
         row = self.db.execute(f"SELECT {', '.join(BATCH_COLUMNS)} FROM batches WHERE id = ? AND kind = ? "
-                              "AND (? IS NULL OR workspace = ?)", (batch_id, kind, workspace, workspace)).fetchone()
+                              "AND (CAST(? AS TEXT) IS NULL OR workspace = ?)", (batch_id, kind, workspace, workspace)).fetchone()
         return dict(zip(BATCH_COLUMNS, row)) if row is not None else None
 
     def list_batches(self, workspace: str, kind: str, limit: int, after: str | None) -> list[dict]:

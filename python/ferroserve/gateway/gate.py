@@ -4,7 +4,8 @@
 against the key's request limit; handlers call `Ticket.admit` once they know the model and the
 prompt's token count (model allow-list, budget, token limit); `Gateway.settle` reconciles the
 actual usage before the response is sent (so its rate-limit headers are current) and
-`Gateway.record` queues the usage record for the SQLite writer. An inference request that is
+`Gateway.record` queues the usage record for the store's writer. Limits and budgets are
+counted here in memory, or in Redis when replicas share them (shared_limits.py). An inference request that is
 answered (a body, or a stream to its end) goes through `Ticket.finish`, which waits until its
 record is committed before the answer's last byte is sent: a request the client saw answered
 is in the usage table even if the process is killed right after.
@@ -20,9 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 from ferroserve.errors import ApiError
 from ferroserve.gateway.keys import ApiKey, Workspace, hash_secret
-from ferroserve.gateway.limits import RateLimiter, Window
+from ferroserve.gateway.limits import RateLimiter, Window, budget_exceeded
 from ferroserve.gateway.metrics import Metrics
-from ferroserve.gateway.store import Store, month_start
+from ferroserve.gateway.store import month_start
+from ferroserve.gateway.store_api import GatewayStore, open_store
 from ferroserve.gateway.worker import StoreWorker
 from ferroserve.log import logger
 
@@ -40,12 +42,14 @@ def invalid_key(message: str) -> ApiError:
     return ApiError(401, message, code="invalid_api_key")
 
 
+
+
 class Ticket:
     """One request as the gateway sees it."""
 
     __slots__ = ("gateway", "request_id", "started", "key", "workspace", "window", "capture", "prompt",
                  "model", "price", "charged_prompt_tokens", "ttft_s", "requests_used", "backend", "fallbacks", "cache_hit",
-                 "extra_headers", "route", "metered", "finished", "interactive")
+                 "extra_headers", "route", "metered", "finished", "interactive", "reservation")
 
     def __init__(self, gateway: Gateway | None, request_id: str, started: float, key: ApiKey | None,
                  workspace: str | None, window: Window | None, capture: bool) -> None:
@@ -72,6 +76,8 @@ class Ticket:
         # While set, this request counts as interactive on the server's engines (batch work
         # waits): from arrival until answered, unless it asks for batch priority.
         self.interactive: Any = None
+        # With shared budgets (Redis): (the counter, USD reserved), until `settle` reconciles it.
+        self.reservation: tuple[str, float] | None = None
 
     async def finish(self, status: int, fields: dict) -> None:
         """Settles a metered request and records its usage, then waits until the record is
@@ -160,18 +166,20 @@ class Ticket:
         key = self.key
         self.allow(model)
         budget = gw.budget_of(self.workspace)
-        if budget is not None:
-            spent = gw.spent(self.workspace)
-            estimate = (prompt_tokens * self.price[0] + max_completion_tokens * self.price[1]) / 1e6
-            if spent >= budget or spent + estimate > budget:
-                raise ApiError(
-                    402,
-                    f"The workspace `{self.workspace}` has reached its monthly budget of ${budget:.2f} "
-                    f"(spent ${spent:.4f}; this request needs up to ${estimate:.4f}).",
-                    type="insufficient_quota", code="budget_exceeded",
-                )
-        if key is not None and key.tpm is not None and self.window is not None:
-            gw.limiter.admit_tokens(self.window, key.tpm, prompt_tokens, time.time())
+        estimate = (prompt_tokens * self.price[0] + max_completion_tokens * self.price[1]) / 1e6
+        tpm = key.tpm if key is not None and self.window is not None else None
+        if gw.budgets is not None:
+            # Replicas: the budget's worst case reserved and the prompt tokens counted in Redis,
+            # atomically and in one round trip (settle reconciles both).
+            if budget is not None or tpm is not None:
+                self.reservation = gw.budgets.admit(self, budget, estimate, gw.spent(self.workspace), tpm, prompt_tokens)
+        else:
+            if budget is not None:
+                spent = gw.spent(self.workspace)
+                if spent >= budget or spent + estimate > budget:
+                    raise budget_exceeded(self.workspace, budget, spent, estimate)
+            if tpm is not None:
+                gw.limiter.admit_tokens(self.window, tpm, prompt_tokens, time.time())
         self.charged_prompt_tokens = prompt_tokens
 
     def first_token(self) -> None:
@@ -193,6 +201,13 @@ class Gateway:
         self.settings = settings
         self.registry = registry
         self.limiter = RateLimiter(settings.rate_window_s)
+        self.budgets = None
+        if settings.redis_url:
+            from ferroserve.gateway import shared_limits
+
+            client = shared_limits.connect(settings.redis_url)
+            self.limiter = shared_limits.SharedRateLimiter(settings.rate_window_s, client)
+            self.budgets = shared_limits.SharedBudgets(client, self.limiter)
         self.metrics = Metrics()
         self._keys: dict[str, ApiKey] = {}  # by the secret's sha256
         self._keys_by_id: dict[str, ApiKey] = {}
@@ -205,13 +220,13 @@ class Gateway:
     # Lifecycle ------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        store = Store(self.settings.data_dir)
+        store = open_store(self.settings.data_dir, self.settings.database_url)
         self.replace_keys(store.keys(), store.workspaces())
         now = time.time()
         self._spend_month = month_start(now)
         self._spend = store.spend_since(self._spend_month)
         self.worker = StoreWorker(store, on_external_change=self._reload_from)
-        logger.info("gateway", extra={"fields": {"data": str(store.path), "keys": len(self._keys_by_id),
+        logger.info("gateway", extra={"fields": {"data": store.location, "keys": len(self._keys_by_id),
                                                   "auth": "on" if self.auth_required else "off (no keys)"}})
 
     def stop(self) -> None:
@@ -220,12 +235,12 @@ class Gateway:
             logger.info("usage flushed", extra={"fields": {"written": self.worker.written, "failed": self.worker.failed}})
             self.worker = None
 
-    def call(self, fn: Callable[[Store], Any]) -> asyncio.Future:
+    def call(self, fn: Callable[[GatewayStore], Any]) -> asyncio.Future:
         """Runs `fn(store)` on the store's thread, after every usage record queued before it."""
         assert self.worker is not None, "gateway not started"
         return self.worker.call(fn)
 
-    def _reload_from(self, store: Store) -> None:
+    def _reload_from(self, store: GatewayStore) -> None:
         """On the worker thread, after another process committed: reload keys and workspaces."""
         keys, workspaces = store.keys(), store.workspaces()
         if self._loop is not None:
@@ -300,9 +315,13 @@ class Gateway:
         completion = fields.get("completion_tokens", 0)
         key = ticket.key
         if key is not None and key.tpm is not None and ticket.window is not None:
-            ticket.window.tokens += prompt - ticket.charged_prompt_tokens + completion
+            self.limiter.add_tokens(ticket.window, prompt - ticket.charged_prompt_tokens + completion)
             ticket.charged_prompt_tokens = prompt
         cost = (prompt * ticket.price[0] + completion * ticket.price[1]) / 1e6
+        if ticket.reservation is not None:
+            counter, reserved = ticket.reservation
+            ticket.reservation = None
+            self.budgets.settle(counter, reserved, cost)
         if cost:
             self._roll_month(time.time())
             self._spend[ticket.workspace] = self._spend.get(ticket.workspace, 0.0) + cost

@@ -10,7 +10,9 @@ three numbers clients see (limit, remaining, reset) then mean exactly what they 
 window boundary.
 
 Everything runs on the event loop thread and no check awaits between reading and bumping a
-counter, so counts are exact under any number of concurrent clients.
+counter, so counts are exact under any number of concurrent clients — of this process. These
+windows are per process: replicas behind a load balancer each grant the full limit unless
+they count in Redis (`--redis-url`, shared_limits.py).
 """
 
 from __future__ import annotations
@@ -60,6 +62,10 @@ class RateLimiter:
             self._reject("tokens", w, now, prompt_tokens=prompt_tokens, tpm=tpm)
         w.tokens += prompt_tokens
 
+    def add_tokens(self, w: Window, tokens: int) -> None:
+        """A request's actual usage, reconciled after it ran (may be negative)."""
+        w.tokens += tokens
+
     def _reject(self, kind: str, w: Window, now: float, *, prompt_tokens: int = 0, tpm: int = 0,
                 headers: list[tuple[str, str]] | None = None) -> None:
         """Raises 429. `headers`: the rate-limit headers, when no ticket exists yet to add them."""
@@ -103,6 +109,15 @@ class RateLimiter:
                     ("X-RateLimit-Reset", str(math.ceil(reset_s))),
                 ]
         return out
+
+
+def budget_exceeded(workspace: str | None, budget: float, spent: float, estimate: float) -> ApiError:
+    return ApiError(
+        402,
+        f"The workspace `{workspace}` has reached its monthly budget of ${budget:.2f} "
+        f"(spent ${spent:.4f}; this request needs up to ${estimate:.4f}).",
+        type="insufficient_quota", code="budget_exceeded",
+    )
 
 
 class RateLimited(ApiError):

@@ -1,6 +1,9 @@
 """Persistence for the gateway: keys, workspaces and usage records in SQLite (WAL mode).
 
-`Store` is the small interface a shared database could replace later: every method is a
+`Store` is the SQLite implementation of `store_api.GatewayStore`; `pg_store.PostgresStore`
+runs the same SQL on PostgreSQL when replicas share state (`--database-url`). The SQL here is
+written in the subset both engines accept (`ON CONFLICT DO NOTHING`, `CAST(? AS TEXT)`); the
+few real differences are class attributes (`DAY_EXPR`, `CLAIM_LOCK`). Every method is a
 plain synchronous call on one connection. In the server only one thread owns a `Store`
 (see `worker.py`); the `keys` CLI opens its own. SQLite's WAL mode lets the CLI write while
 the server reads and writes, and `PRAGMA data_version` tells the server that someone else
@@ -119,10 +122,14 @@ def month_start(now: float) -> float:
 
 
 class Store(BatchStore):
+    # The UTC day of a unix time, for `usage_totals(group_by="day")`.
+    DAY_EXPR = "strftime('%Y-%m-%d', created_at, 'unixepoch')"
+
     def __init__(self, data_dir: str | Path) -> None:
         path = Path(data_dir).expanduser()
         path.mkdir(parents=True, exist_ok=True)
         self.path = path / DB_NAME
+        self.location = str(self.path)
         # check_same_thread=False: the worker thread opens it and then owns it alone.
         self.db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -160,7 +167,7 @@ class Store(BatchStore):
     # Keys and workspaces -------------------------------------------------------------
     def upsert_workspace(self, name: str, *, monthly_budget_usd: float | None = None, capture_prompts: bool | None = None) -> None:
         with self._transaction():
-            self.db.execute("INSERT OR IGNORE INTO workspaces (name, created_at) VALUES (?, ?)", (name, time.time()))
+            self.db.execute("INSERT INTO workspaces (name, created_at) VALUES (?, ?) ON CONFLICT DO NOTHING", (name, time.time()))
             if monthly_budget_usd is not None:
                 self.db.execute("UPDATE workspaces SET monthly_budget_usd = ? WHERE name = ?", (monthly_budget_usd, name))
             if capture_prompts is not None:
@@ -168,7 +175,8 @@ class Store(BatchStore):
 
     def insert_key(self, key: ApiKey) -> None:
         with self._transaction():
-            self.db.execute("INSERT OR IGNORE INTO workspaces (name, created_at) VALUES (?, ?)", (key.workspace, time.time()))
+            self.db.execute("INSERT INTO workspaces (name, created_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                            (key.workspace, time.time()))
             self.db.execute(
                 f"INSERT INTO api_keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (key.id, key.workspace, key.hint, key.rpm, key.tpm, ",".join(sorted(key.models)) if key.models is not None else None,
@@ -225,7 +233,7 @@ class Store(BatchStore):
         """(group, requests, prompt_tokens, completion_tokens, cached_tokens, cost_usd) rows;
         one row with group None when `group_by` is None."""
         where, args = self._filters(workspace, start, end, model)
-        group = {None: "NULL", "day": "strftime('%Y-%m-%d', created_at, 'unixepoch')", "model": "model"}[group_by]
+        group = {None: "NULL", "day": self.DAY_EXPR, "model": "model"}[group_by]
         sql = (f"SELECT {group} AS g, COUNT(*), COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), "
                f"COALESCE(SUM(cached_tokens), 0), COALESCE(SUM(cost_usd), 0.0) FROM usage")
         if where:

@@ -7,7 +7,8 @@ committed (the app answers a metered request only then); the records of one batc
 commit and one wake-up of the event loop. Reads and
 admin writes reach the same thread as commands (`call`), queued behind the records before
 them, so a usage query sees every request answered before it was asked. Between batches it
-polls `PRAGMA data_version` and reports commits by other processes (the `keys` CLI).
+polls the store's data version (SQLite's `PRAGMA data_version`, PostgreSQL's key-version
+counter) and reports changes made by other processes (the `keys` CLI, other replicas).
 
 `close()` drains the queue before returning: `__rsgi_del__` calls it, so every record queued
 (errors and disconnects too) is on disk before the process exits on SIGTERM.
@@ -22,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ferroserve.gateway.store import Store
+from ferroserve.gateway.store_api import GatewayStore
 from ferroserve.log import logger
 
 _STOP = object()
@@ -32,7 +33,7 @@ MAX_BATCH = 4096
 class _Call:
     __slots__ = ("fn", "future", "loop")
 
-    def __init__(self, fn: Callable[[Store], Any], future: asyncio.Future, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, fn: Callable[[GatewayStore], Any], future: asyncio.Future, loop: asyncio.AbstractEventLoop) -> None:
         self.fn, self.future, self.loop = fn, future, loop
 
 
@@ -61,7 +62,7 @@ def _settle(future: asyncio.Future, result: Any, error: BaseException | None) ->
 
 
 class StoreWorker:
-    def __init__(self, store: Store, *, on_external_change: Callable[[Store], None], poll_s: float = 0.5) -> None:
+    def __init__(self, store: GatewayStore, *, on_external_change: Callable[[GatewayStore], None], poll_s: float = 0.5) -> None:
         self.store = store
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._on_external_change = on_external_change
@@ -81,7 +82,7 @@ class StoreWorker:
         self._queue.put(_Committed(row, future, loop))
         return future
 
-    def call(self, fn: Callable[[Store], Any]) -> asyncio.Future:
+    def call(self, fn: Callable[[GatewayStore], Any]) -> asyncio.Future:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._queue.put(_Call(fn, future, loop))
@@ -178,7 +179,8 @@ class StoreWorker:
                 self.written += len(rows)
                 return
             except Exception:
-                # Most likely SQLITE_BUSY from a long CLI transaction: wait and retry.
+                # Most likely SQLITE_BUSY from a long CLI transaction (or a PostgreSQL
+                # restart): wait and retry.
                 logger.exception("writing usage records failed", extra={"fields": {"records": len(rows), "attempt": attempt}})
                 time.sleep(0.2 * (attempt + 1))
         self.failed += len(rows)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from ferroserve.gateway.gate import Gateway
-from ferroserve.gateway.store import Store
+from ferroserve.gateway.store_api import open_store
 from ferroserve.log import logger
 
 HEARTBEAT_S = 2.0
@@ -61,7 +61,8 @@ class Leases:
             self._ticker.cancel()
         if self._tasks:
             # Its own connection: the store thread's is not to be shared across threads.
-            store = Store(self.gateway.settings.data_dir)
+            settings = self.gateway.settings
+            store = open_store(settings.data_dir, settings.database_url)
             try:
                 released = store.release(self.table, self.owner)
             finally:

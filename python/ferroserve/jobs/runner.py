@@ -66,7 +66,7 @@ class BatchRunner:
         self.router = router
         self.gateway = gateway
         self.settings = settings
-        self.files = DataFiles(settings.data_dir)
+        self.files = DataFiles(settings.files_dir or settings.data_dir)
         # New batches and those of a process that died are claimed alike.
         self.leases = Leases(gateway, "batches", self._run, noun="batch", capacity=settings.batch_concurrency,
                              claimed="batch claimed")

@@ -1,0 +1,152 @@
+"""The PostgreSQL store on a real server: migrations, the `db migrate` and `keys` CLI, and the
+queries whose SQL differs from SQLite's (day grouping, claims that skip each other's rows)."""
+
+from __future__ import annotations
+
+import time
+
+import psycopg
+
+from ferroserve.gateway.keys import make_key
+from ferroserve.gateway.pg_migrations import MIGRATIONS
+from ferroserve.gateway.pg_store import PostgresStore
+from ferroserve.gateway.store import USAGE_COLUMNS
+from tests.conftest import free_port, run_cli
+
+
+def test_migrations_apply_once_and_cli_reports_them(database_url):
+    r = run_cli(["db", "migrate", "--database-url", database_url])
+    assert r.returncode == 0, r.stderr
+    assert f"applied migrations 1" in r.stderr
+    r = run_cli(["db", "migrate"], env={"FERROSERVE_DATABASE_URL": database_url})
+    assert r.returncode == 0 and f"already at version {MIGRATIONS[-1][0]}" in r.stderr
+    with psycopg.connect(database_url) as conn:
+        assert [v for (v,) in conn.execute("SELECT version FROM schema_migrations ORDER BY version")] == \
+            [v for v, _ in MIGRATIONS]
+
+
+def test_db_migrate_without_url_or_with_a_wrong_one_is_a_clear_error():
+    r = run_cli(["db", "migrate"], env={"FERROSERVE_DATABASE_URL": ""})
+    assert r.returncode == 2 and "needs --database-url" in r.stderr
+    r = run_cli(["db", "migrate", "--database-url", "mysql://x/y"])
+    assert r.returncode == 2 and "postgresql://" in r.stderr
+
+
+def test_keys_cli_on_postgres(database_url):
+    r = run_cli(["keys", "create", "--workspace", "team", "--rpm", "5", "--budget-usd", "2.5", "--database-url", database_url])
+    assert r.returncode == 0, r.stderr
+    secret = r.stdout.strip()
+    listing = run_cli(["keys", "list", "--database-url", database_url]).stdout.splitlines()
+    assert len(listing) == 2 and "\tteam\t" in listing[1] and listing[1].endswith("\t2.5")
+    key_id = listing[1].split("\t")[0]
+    store = PostgresStore(database_url)
+    try:
+        version = store.data_version()
+        [key] = store.keys()
+        assert key.id == key_id and key.rpm == 5 and key.secret_sha256 and secret.startswith(key.hint.rstrip("…"))
+        assert run_cli(["keys", "revoke", key_id, "--database-url", database_url]).returncode == 0
+        assert store.data_version() > version  # what replicas poll to reload their keys
+        assert store.keys()[0].revoked_at is not None
+        assert run_cli(["keys", "revoke", key_id, "--database-url", database_url]).returncode == 1
+    finally:
+        store.close()
+
+
+def test_usage_totals_by_day_and_rows_newest_first(database_url):
+    store = PostgresStore(database_url)
+    try:
+        day = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+        rows = [("r1", day + 10, None, "w", "embeddings", "m", "local", 0, 3, 0, 0, 0.5, 1.0, None, 200, None, None, None),
+                ("r2", day + 86400 + 5, None, "w", "chat", "m", "local", 1, 4, 6, 2, 0.25, 2.0, 1.5, 200, None, None, None),
+                ("r3", day + 86400 + 5, None, "w", "chat", "n", "local", 0, 1, 1, 0, 0.125, 2.0, None, 500, "x", "p", "a\nb")]
+        assert len(rows[0]) == len(USAGE_COLUMNS)
+        store.insert_usage(rows)
+        by_day = store.usage_totals(workspace="w", start=None, end=None, model=None, group_by="day")
+        assert by_day == [("2026-01-01", 1, 3, 0, 0, 0.5), ("2026-01-02", 2, 5, 7, 2, 0.375)]
+        newest = store.usage_rows(workspace="w", start=None, end=None, model=None, limit=2)
+        assert [r["request_id"] for r in newest] == ["r3", "r2"]  # same time: the later insert first
+        assert store.spend_since(day) == {"w": 0.875}
+    finally:
+        store.close()
+
+
+def test_claims_by_two_replicas_take_disjoint_rows(database_url):
+    a, b = PostgresStore(database_url), PostgresStore(database_url)
+    try:
+        now = time.time()
+        for i in range(6):
+            a.insert_batch({"id": f"batch_{i}", "workspace": "w", "kind": "openai", "status": "validating",
+                            "endpoint": "/v1/embeddings", "input_path": "x", "total": 1, "created_at": now + i})
+        # A holds its claim's row locks while B claims: B skips them instead of waiting.
+        with a._transaction():
+            first = a.db.execute("SELECT id FROM batches ORDER BY created_at LIMIT 3 FOR UPDATE").fetchall()
+            got_b = b.claim("batches", "B", now, now - 10, 6)
+        assert {r["id"] for r in got_b} == {f"batch_{i}" for i in range(3, 6)} and len(first) == 3
+        got_a = a.claim("batches", "A", now, now - 10, 6)
+        assert {r["id"] for r in got_a} == {f"batch_{i}" for i in range(3)}
+        assert a.claim("batches", "A", now, now - 10, 6) == []  # B's are fresh: not stale yet
+        # Twenty seconds on, every heartbeat is stale: all six are A's to take.
+        assert len(a.claim("batches", "A", now + 20, now + 15, 6)) == 6
+        assert a.get_batch("batch_4", None, "openai")["owner"] == "A"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_connection_the_database_dropped_is_replaced_after_one_failed_call(database_url):
+    store = PostgresStore(database_url)
+    try:
+        assert store.keys() == []
+        with psycopg.connect(database_url, autocommit=True) as admin:
+            killed = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                   "WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchall()
+        assert killed
+        try:
+            store.keys()  # may fail once: the pool learns the connection is gone
+        except psycopg.OperationalError:
+            pass
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert store.keys() == []
+                break
+            except psycopg.OperationalError:
+                assert time.monotonic() < deadline, "the store did not reconnect"
+                time.sleep(0.1)
+    finally:
+        store.close()
+
+
+def test_serve_with_an_unreachable_database_or_redis_exits_2_with_one_clear_line():
+    port = free_port()  # nothing listens there
+    for flags, words in ((["--database-url", f"postgresql://fs:secret@127.0.0.1:{port}/db"], "cannot use the database"),
+                         (["--redis-url", f"redis://127.0.0.1:{port}/0"], "cannot reach Redis"),
+                         (["--database-url", "mysql://127.0.0.1/db"], "must be a postgresql:// URL")):
+        r = run_cli(["serve", "--port", str(free_port()), *flags], timeout=60)
+        assert r.returncode == 2, r.stderr
+        assert words in r.stderr and "secret" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_stored_responses_chain_update_finish_and_claim_on_postgres(database_url):
+    store = PostgresStore(database_url)
+    try:
+        base = {"workspace": "w", "status": "completed", "model": "m", "request": "{}", "input_items": "[]",
+                "output": "[]", "created_at": 1.0}
+        store.insert_response({**base, "id": "resp_1"})
+        store.insert_response({**base, "id": "resp_2", "previous_response_id": "resp_1", "created_at": 2.0})
+        store.insert_response({**base, "id": "resp_3", "previous_response_id": "resp_2", "created_at": 3.0,
+                               "status": "queued", "job": '{"x": 1}', "key_id": "key_a"})
+        assert [r["id"] for r in store.response_chain("resp_3", "w")] == ["resp_1", "resp_2", "resp_3"]
+        assert store.response_chain("resp_3", "other") == []
+        [claimed] = store.claim_responses("A", 10.0, 5.0, 8)  # only the queued one has a job
+        assert claimed["id"] == "resp_3" and claimed["owner"] == "A"
+        assert store.beat_responses("A", 11.0) == {"resp_3"}
+        assert store.update_response("resp_3", {"status": "in_progress"})
+        assert store.finish_response("resp_3", "A", {"status": "completed", "output": '["done"]', "completed_at": 12.0})
+        got = store.get_response("resp_3", "w")
+        assert got["status"] == "completed" and got["output"] == '["done"]' and got["completed_at"] == 12.0
+        assert not store.update_response("resp_3", {"status": "in_progress"})  # finished: left alone
+        assert store.delete_response("resp_2", "w") and store.get_response("resp_2", "w") is None
+        assert [r["id"] for r in store.response_chain("resp_3", "w")] == ["resp_3"]  # a deleted link ends it
+    finally:
+        store.close()
