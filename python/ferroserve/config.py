@@ -103,10 +103,11 @@ class Settings(msgspec.Struct):
     embed_batch_pass_tokens_busy: int = 16
     kv_budget_bytes: int = 512 * 1024 * 1024  # fits the default model's full 8,192-token context
     max_batch_tokens: int = 512
-    # A forward pass may grow to this many tokens with interactive prompts that arrive together
-    # (when it delays no decoding stream, or more prompts wait than streams it delays), so a
-    # burst gets its first tokens after one pass; other passes stay within max_batch_tokens.
-    burst_batch_tokens: int = 2048
+    # A forward pass may grow to this many tokens with whole short interactive prompts that
+    # arrive together (when it delays no decoding stream, or more prompts wait than streams it
+    # delays), so a burst gets its first tokens after one pass. At or below max_batch_tokens
+    # (the default): off; bench/NOTES.md ("Step token budget") has why and how to measure it.
+    burst_batch_tokens: int = 512
     max_running: int = 64
     # Admission control: per chat model, the sequences that may wait for a place in the running
     # batch (None: half of max_running); per embedding model, the requests in its

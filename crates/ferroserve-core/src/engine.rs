@@ -89,7 +89,7 @@ impl Default for EngineConfig {
         Self {
             kv_budget_bytes: 256 << 20,
             max_batch_tokens: 512,
-            burst_batch_tokens: 2048,
+            burst_batch_tokens: 512, // off (see SchedulerConfig)
             max_running: 64,
             numerics: Numerics::Exact,
             device: DeviceChoice::Cpu,

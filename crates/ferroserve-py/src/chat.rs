@@ -94,7 +94,7 @@ impl PyChatEngine {
     /// `opencl:N` (exact numerics only; kernels from the embedded sources or the program
     /// binaries in `kernel_binaries`); a device that cannot be used, or whose load check
     /// disagrees with the CPU, raises `DeviceError`.
-    #[pyo3(signature = (path, kv_budget_bytes = 512 << 20, max_batch_tokens = 512, burst_batch_tokens = 2048, max_running = 64, chat_template = None, numerics = "exact", device = "cpu", kernel_binaries = None))]
+    #[pyo3(signature = (path, kv_budget_bytes = 512 << 20, max_batch_tokens = 512, burst_batch_tokens = 512, max_running = 64, chat_template = None, numerics = "exact", device = "cpu", kernel_binaries = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,

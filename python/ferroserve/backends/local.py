@@ -254,7 +254,7 @@ class LocalChatModel(EngineWatcher, Backend):
     @classmethod
     def load(
         cls, name: str, path: str, *, kv_budget_bytes: int, max_batch_tokens: int, max_running: int,
-        chat_template: str | None, burst_batch_tokens: int = 2048, numerics: str = "exact",
+        chat_template: str | None, burst_batch_tokens: int = 512, numerics: str = "exact",
         device: str = "cpu", kernel_binaries: str | None = None, spec: ModelSpec | None = None,
         max_queue: int | None = None,
     ) -> LocalChatModel:

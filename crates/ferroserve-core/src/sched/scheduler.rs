@@ -75,7 +75,9 @@ impl Default for SchedulerConfig {
     fn default() -> Self {
         Self {
             max_batch_tokens: 512,
-            burst_batch_tokens: 2048,
+            // Off: on SmolLM2 a burst of 16 short prompts gains only a step's fixed cost
+            // at the p95 and loses at the p50 (bench/NOTES.md, "Step token budget").
+            burst_batch_tokens: 512,
             max_running: 64,
         }
     }
