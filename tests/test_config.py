@@ -152,3 +152,16 @@ def test_batch_priority_settings_are_checked(monkeypatch):
     monkeypatch.setenv("FERROSERVE_EMBED_BATCH_PASS_TOKENS_BUSY", "8")
     s = resolve()
     assert (s.batch_jobs_priority, s.embed_batch_pass_tokens, s.embed_batch_pass_tokens_busy) == ("interactive", 2048, 8)
+
+
+def test_step_token_budgets_come_from_the_file_and_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("FERROSERVE_MAX_BATCH_TOKENS", raising=False)
+    monkeypatch.delenv("FERROSERVE_BURST_BATCH_TOKENS", raising=False)
+    _models()
+    s = resolve()
+    assert (s.max_batch_tokens, s.burst_batch_tokens) == (512, 512)  # bursts off
+    cfg = _write(tmp_path, "max_batch_tokens = 256\nburst_batch_tokens = 1024\n")
+    s = resolve(config_file=str(cfg))
+    assert (s.max_batch_tokens, s.burst_batch_tokens) == (256, 1024)
+    monkeypatch.setenv("FERROSERVE_BURST_BATCH_TOKENS", "2048")
+    assert resolve(config_file=str(cfg)).burst_batch_tokens == 2048

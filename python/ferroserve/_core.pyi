@@ -69,6 +69,7 @@ class ChatEngine:
         path: str | PathLike[str],
         kv_budget_bytes: int = ...,  # 512 MiB
         max_batch_tokens: int = 512,
+        burst_batch_tokens: int = 512,
         max_running: int = 64,
         chat_template: str | None = None,
         numerics: str = "exact",

@@ -110,6 +110,11 @@ class Settings(msgspec.Struct):
     embed_batch_pass_tokens_busy: int = 16
     kv_budget_bytes: int = 512 * 1024 * 1024  # fits the default model's full 8,192-token context
     max_batch_tokens: int = 512
+    # A forward pass may grow to this many tokens with whole short interactive prompts that
+    # arrive together (when it delays no decoding stream, or more prompts wait than streams it
+    # delays), so a burst gets its first tokens after one pass. At or below max_batch_tokens
+    # (the default): off; bench/NOTES.md ("Step token budget") has why and how to measure it.
+    burst_batch_tokens: int = 512
     max_running: int = 64
     # Admission control: per chat model, the sequences that may wait for a place in the running
     # batch (None: half of max_running); per embedding model, the requests in its
@@ -199,6 +204,7 @@ class ConfigFile(msgspec.Struct, forbid_unknown_fields=True):
     embed_max_wait_us: int | None = None
     kv_budget_bytes: int | None = None
     max_batch_tokens: int | None = None
+    burst_batch_tokens: int | None = None
     max_running: int | None = None
     max_queue: int | None = None
     max_embedding_queue: int | None = None
@@ -486,7 +492,7 @@ def resolve(
     file = load_config_file(config_path) if config_path else ConfigFile()
     # The file's values take the defaults' place; flags and environment then apply on top.
     for key in ("host", "port", "log_level", "max_body_bytes", "max_inputs", "embed_max_batch_tokens",
-                "embed_max_wait_us", "kv_budget_bytes", "max_batch_tokens", "max_running", "numerics",
+                "embed_max_wait_us", "kv_budget_bytes", "max_batch_tokens", "burst_batch_tokens", "max_running", "numerics",
                 "embed_cache_mb", "embed_cache_ttl_s", "breaker_failures", "breaker_cooldown_s", "default_max_tokens",
                 "max_tokens_limit", "max_header_bytes", "max_queue", "max_embedding_queue", "embed_batch_pass_tokens",
                 "embed_batch_pass_tokens_busy", "public_url"):
@@ -507,6 +513,7 @@ def resolve(
         s.embed_batch_pass_tokens_busy = int(_env("EMBED_BATCH_PASS_TOKENS_BUSY") or s.embed_batch_pass_tokens_busy)
         s.kv_budget_bytes = int(_env("KV_BUDGET_BYTES") or s.kv_budget_bytes)
         s.max_batch_tokens = int(_env("MAX_BATCH_TOKENS") or s.max_batch_tokens)
+        s.burst_batch_tokens = int(_env("BURST_BATCH_TOKENS") or s.burst_batch_tokens)
         s.max_running = int(_env("MAX_RUNNING") or s.max_running)
         s.rate_window_s = float(_env("RATE_WINDOW_S") or s.rate_window_s)
         s.embed_cache_mb = embed_cache_mb if embed_cache_mb is not None else int(_env("EMBED_CACHE_MB") or s.embed_cache_mb)

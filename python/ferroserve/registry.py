@@ -134,6 +134,7 @@ class Registry:
                 spec.path,
                 kv_budget_bytes=settings.kv_budget_bytes,
                 max_batch_tokens=settings.max_batch_tokens,
+                burst_batch_tokens=settings.burst_batch_tokens,
                 max_running=settings.max_running,
                 chat_template=settings.chat_template,
                 numerics=chosen["numerics"],

@@ -67,6 +67,9 @@ pub struct EngineConfig {
     pub kv_budget_bytes: usize,
     /// Tokens per forward pass (decodes plus prefill chunks).
     pub max_batch_tokens: usize,
+    /// Tokens per forward pass when interactive prompts arrive together (see
+    /// [`SchedulerConfig::burst_batch_tokens`]).
+    pub burst_batch_tokens: usize,
     /// Sequences decoding at once (capped at `max_batch_tokens`).
     pub max_running: usize,
     /// The matmuls' arithmetic (llama.cpp's exact order by default).
@@ -86,6 +89,7 @@ impl Default for EngineConfig {
         Self {
             kv_budget_bytes: 256 << 20,
             max_batch_tokens: 512,
+            burst_batch_tokens: 512, // off (see SchedulerConfig)
             max_running: 64,
             numerics: Numerics::Exact,
             device: DeviceChoice::Cpu,
@@ -413,6 +417,7 @@ impl ChatEngine {
         });
         let sched = Scheduler::new(SchedulerConfig {
             max_batch_tokens: cfg.max_batch_tokens,
+            burst_batch_tokens: cfg.burst_batch_tokens,
             max_running: cfg.max_running,
         });
         let mut core = EngineCore {

@@ -311,6 +311,7 @@ fn chunked_prefill_respects_the_budget() {
     let mut kv = FakeKv::new(1000, BLOCK_TOKENS);
     let mut sched = Scheduler::new(SchedulerConfig {
         max_batch_tokens: 128,
+        burst_batch_tokens: 0,
         max_running: 8,
     });
     let seq = sched.add_request(1, (0..1000).map(|i| i % 50).collect(), 1, Interactive);
@@ -338,6 +339,7 @@ fn new_requests_are_admitted_while_others_decode() {
     let mut kv = FakeKv::new(1000, BLOCK_TOKENS);
     let mut sched = Scheduler::new(SchedulerConfig {
         max_batch_tokens: 64,
+        burst_batch_tokens: 0,
         max_running: 8,
     });
     let a = sched.add_request(1, vec![1; 10], 1, Interactive);
@@ -434,6 +436,7 @@ fn aborting_fifty_scheduled_requests_frees_every_block() {
     let mut kv = FakeKv::new(300, BLOCK_TOKENS);
     let mut sched = Scheduler::new(SchedulerConfig {
         max_batch_tokens: 256,
+        burst_batch_tokens: 0,
         max_running: 64,
     });
     for r in 0..50 {
@@ -461,6 +464,7 @@ fn memory_pressure_preempts_the_newest_and_never_deadlocks() {
     let mut kv = FakeKv::new(12, BLOCK_TOKENS);
     let mut sched = Scheduler::new(SchedulerConfig {
         max_batch_tokens: 64,
+        burst_batch_tokens: 0,
         max_running: 8,
     });
     let ids: Vec<SeqId> = (0..4)
@@ -486,6 +490,149 @@ fn memory_pressure_preempts_the_newest_and_never_deadlocks() {
 }
 
 // ---------------------------------------------------------------------------------------
+// Bursts: prompts arriving together
+
+fn burst_config() -> SchedulerConfig {
+    SchedulerConfig {
+        max_batch_tokens: 64,
+        burst_batch_tokens: 256,
+        max_running: 32,
+    }
+}
+
+/// Sequences decoding now (one token each), for setting up a step.
+fn decode_until_all_running(sched: &mut Scheduler, kv: &mut FakeKv) {
+    while sched.num_waiting() > 0 {
+        step_by_hand(sched, kv);
+    }
+    step_by_hand(sched, kv);
+}
+
+#[test]
+fn prompts_arriving_together_are_prefilled_in_one_step() {
+    let mut kv = FakeKv::new(1000, BLOCK_TOKENS);
+    let mut sched = Scheduler::new(burst_config());
+    let seqs: Vec<SeqId> = (0..5)
+        .map(|r| sched.add_request(r, vec![r as u32 + 1; 41], 1, Interactive))
+        .collect();
+    // 205 prompt tokens, more than max_batch_tokens: no stream is decoding, so the step
+    // grows and every prompt gets its first token from it.
+    let plan = step_by_hand(&mut sched, &mut kv);
+    assert_eq!(plan.num_tokens(), 205);
+    assert!(plan.chunks.iter().all(|c| c.want_logits));
+    assert!(seqs.iter().all(|&s| sched.tokens(s).unwrap().len() == 42));
+    // Decoding from then on: back to max_batch_tokens (here five tokens).
+    let plan = step_by_hand(&mut sched, &mut kv);
+    assert_eq!(plan.num_tokens(), 5);
+
+    // Without the burst budget the same prompts take four steps to all get a token.
+    let mut kv = FakeKv::new(1000, BLOCK_TOKENS);
+    let mut sched = Scheduler::new(SchedulerConfig {
+        burst_batch_tokens: 0,
+        ..burst_config()
+    });
+    let seqs: Vec<SeqId> = (0..5)
+        .map(|r| sched.add_request(r, vec![r as u32 + 1; 41], 1, Interactive))
+        .collect();
+    let mut steps = 0;
+    while seqs.iter().any(|&s| sched.tokens(s).unwrap().len() == 41) {
+        let plan = step_by_hand(&mut sched, &mut kv);
+        assert!(plan.num_tokens() <= 64);
+        steps += 1;
+    }
+    assert_eq!(steps, 4);
+}
+
+#[test]
+fn long_prompts_keep_to_max_batch_tokens_and_short_ones_burst_beside_them() {
+    let mut kv = FakeKv::new(1000, BLOCK_TOKENS);
+    let mut sched = Scheduler::new(burst_config());
+    let long = sched.add_request(1, (0..600).map(|i| i % 50).collect(), 1, Interactive);
+    let short: Vec<SeqId> = (2..6)
+        .map(|r| sched.add_request(r, vec![r as u32; 41], 1, Interactive))
+        .collect();
+    // The long prompt takes an ordinary chunk; the four short ones come whole with the
+    // burst tokens instead of waiting up to ten steps behind it.
+    let plan = step_by_hand(&mut sched, &mut kv);
+    assert_eq!(plan.num_tokens(), 64 + 4 * 41);
+    assert!(short.iter().all(|&s| sched.tokens(s).unwrap().len() == 42));
+    // Then it goes on in chunks of max_batch_tokens: no burst for the long prompt.
+    let mut chunks = Vec::new();
+    while sched.tokens(long).unwrap().len() == 600 {
+        let plan = step_by_hand(&mut sched, &mut kv);
+        assert!(plan.num_tokens() <= 64);
+        chunks.push(plan.chunks[0].num_tokens);
+    }
+    assert_eq!(chunks, vec![64, 64, 64, 64, 64, 64, 64, 64, 24]);
+}
+
+#[test]
+fn a_step_grows_only_while_waiting_prompts_outnumber_the_streams_it_delays() {
+    // One stream decodes; six prompts arrive (120 tokens): the six outnumber the one
+    // stream, so they all join its next step.
+    let mut kv = FakeKv::new(1000, BLOCK_TOKENS);
+    let mut sched = Scheduler::new(burst_config());
+    sched.add_request(0, vec![9; 10], 1, Interactive);
+    decode_until_all_running(&mut sched, &mut kv);
+    for r in 1..=6 {
+        sched.add_request(r, vec![r as u32; 20], 1, Interactive);
+    }
+    let plan = step_by_hand(&mut sched, &mut kv);
+    assert_eq!(plan.num_tokens(), 1 + 6 * 20);
+    assert_eq!(sched.num_waiting(), 0);
+
+    // Eight streams decode; four prompts arrive (120 tokens): the step keeps to
+    // max_batch_tokens, and the streams' next token is not held up by all four prompts.
+    let mut kv = FakeKv::new(1000, BLOCK_TOKENS);
+    let mut sched = Scheduler::new(burst_config());
+    for r in 0..8 {
+        sched.add_request(r, vec![r as u32 + 1; 10], 1, Interactive);
+    }
+    decode_until_all_running(&mut sched, &mut kv);
+    for r in 8..12 {
+        sched.add_request(r, vec![r as u32; 30], 1, Interactive);
+    }
+    let plan = step_by_hand(&mut sched, &mut kv);
+    assert_eq!(plan.num_tokens(), 64);
+    assert_eq!(
+        plan.chunks.iter().filter(|c| c.num_tokens == 1).count(),
+        8,
+        "every stream still decodes"
+    );
+}
+
+#[test]
+fn batch_work_never_gets_the_burst_budget() {
+    let mut kv = FakeKv::new(1000, BLOCK_TOKENS);
+    let mut sched = Scheduler::new(burst_config());
+    for r in 0..5 {
+        sched.add_request(r, vec![r as u32 + 1; 41], 1, Batch);
+    }
+    let plan = step_by_hand(&mut sched, &mut kv);
+    assert_eq!(tokens_by_class(&sched, &plan), (0, 64));
+
+    // Interactive prompts burst past max_batch_tokens: batch work gets what is left of
+    // max_batch_tokens, here nothing.
+    let mut kv = FakeKv::new(1000, BLOCK_TOKENS);
+    let mut sched = Scheduler::new(burst_config());
+    for r in 0..3 {
+        sched.add_request(r, vec![r as u32 + 1; 30], 1, Batch);
+    }
+    for r in 3..6 {
+        sched.add_request(r, vec![r as u32 + 1; 30], 1, Interactive);
+    }
+    let plan = step_by_hand(&mut sched, &mut kv);
+    assert_eq!(tokens_by_class(&sched, &plan), (90, 0));
+    // A small interactive burst leaves the rest of max_batch_tokens to batch work.
+    let mut kv = FakeKv::new(1000, BLOCK_TOKENS);
+    let mut sched = Scheduler::new(burst_config());
+    sched.add_request(0, vec![1; 100], 1, Batch);
+    sched.add_request(1, vec![2; 20], 1, Interactive);
+    let plan = step_by_hand(&mut sched, &mut kv);
+    assert_eq!(tokens_by_class(&sched, &plan), (20, 44));
+}
+
+// ---------------------------------------------------------------------------------------
 // Priorities
 
 /// Tokens of a plan per class: `(interactive, batch)`.
@@ -503,6 +650,7 @@ fn batch_sequences_get_only_the_budget_interactive_ones_leave() {
     let mut kv = FakeKv::new(1000, BLOCK_TOKENS);
     let mut sched = Scheduler::new(SchedulerConfig {
         max_batch_tokens: 64,
+        burst_batch_tokens: 0,
         max_running: 16,
     });
     // Submitted first, yet served last: age does not outrank priority.
@@ -548,6 +696,7 @@ fn batch_sequences_use_the_whole_budget_without_interactive_demand() {
     let mut kv = FakeKv::new(1000, BLOCK_TOKENS);
     let mut sched = Scheduler::new(SchedulerConfig {
         max_batch_tokens: 64,
+        burst_batch_tokens: 0,
         max_running: 16,
     });
     let interactive = sched.add_request(1, vec![1; 10], 1, Interactive);
@@ -579,6 +728,7 @@ fn memory_pressure_preempts_batch_sequences_first_whatever_their_age() {
     let mut kv = FakeKv::new(10, BLOCK_TOKENS);
     let mut sched = Scheduler::new(SchedulerConfig {
         max_batch_tokens: 64,
+        burst_batch_tokens: 0,
         max_running: 8,
     });
     let older = sched.add_request(1, vec![1; 8], 1, Batch);
@@ -626,6 +776,7 @@ fn an_interactive_arrival_takes_memory_and_slots_from_batch_work() {
     let mut kv = FakeKv::new(8, BLOCK_TOKENS);
     let mut sched = Scheduler::new(SchedulerConfig {
         max_batch_tokens: 64,
+        burst_batch_tokens: 0,
         max_running: 8,
     });
     let first = sched.add_request(1, vec![1; 16], 1, Batch);
@@ -649,6 +800,7 @@ fn an_interactive_arrival_takes_memory_and_slots_from_batch_work() {
     let mut kv = FakeKv::new(100, BLOCK_TOKENS);
     let mut sched = Scheduler::new(SchedulerConfig {
         max_batch_tokens: 64,
+        burst_batch_tokens: 0,
         max_running: 2,
     });
     sched.add_request(1, vec![1; 5], 1, Batch);
@@ -675,6 +827,7 @@ fn mixed_priorities_under_memory_pressure_all_complete() {
     let mut kv = FakeKv::new(16, BLOCK_TOKENS);
     let mut sched = Scheduler::new(SchedulerConfig {
         max_batch_tokens: 32,
+        burst_batch_tokens: 0,
         max_running: 8,
     });
     let ids: Vec<SeqId> = (0..8u64)
@@ -1034,6 +1187,7 @@ fn batches_respect_the_token_budget_and_decode_alongside_prefill() {
         10_000,
         EngineConfig {
             max_batch_tokens: 32,
+            burst_batch_tokens: 0,
             max_running: 8,
             ..EngineConfig::default()
         },

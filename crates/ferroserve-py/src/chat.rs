@@ -94,13 +94,14 @@ impl PyChatEngine {
     /// `opencl:N` (exact numerics only; kernels from the embedded sources or the program
     /// binaries in `kernel_binaries`); a device that cannot be used, or whose load check
     /// disagrees with the CPU, raises `DeviceError`.
-    #[pyo3(signature = (path, kv_budget_bytes = 512 << 20, max_batch_tokens = 512, max_running = 64, chat_template = None, numerics = "exact", device = "cpu", kernel_binaries = None))]
+    #[pyo3(signature = (path, kv_budget_bytes = 512 << 20, max_batch_tokens = 512, burst_batch_tokens = 512, max_running = 64, chat_template = None, numerics = "exact", device = "cpu", kernel_binaries = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         path: PathBuf,
         kv_budget_bytes: usize,
         max_batch_tokens: usize,
+        burst_batch_tokens: usize,
         max_running: usize,
         chat_template: Option<String>,
         numerics: &str,
@@ -112,7 +113,7 @@ impl PyChatEngine {
         })?;
         let device = DeviceChoice::parse(device, kernel_binaries.as_deref()).map_err(crate::errors::to_py)?;
         // The server's engines share one count of interactive work (batch work yields to it).
-        let cfg = EngineConfig { kv_budget_bytes, max_batch_tokens, max_running, numerics, device, interactive: InteractiveLoad::server(), ..EngineConfig::default() };
+        let cfg = EngineConfig { kv_budget_bytes, max_batch_tokens, burst_batch_tokens, max_running, numerics, device, interactive: InteractiveLoad::server(), ..EngineConfig::default() };
         let inner = detach(py, move || ChatEngine::load_with_template(&path, cfg, chat_template.as_deref()))?;
         Ok(Self { inner })
     }

@@ -254,13 +254,13 @@ class LocalChatModel(EngineWatcher, Backend):
     @classmethod
     def load(
         cls, name: str, path: str, *, kv_budget_bytes: int, max_batch_tokens: int, max_running: int,
-        chat_template: str | None, numerics: str = "exact",
+        chat_template: str | None, burst_batch_tokens: int = 512, numerics: str = "exact",
         device: str = "cpu", kernel_binaries: str | None = None, spec: ModelSpec | None = None,
         max_queue: int | None = None,
     ) -> LocalChatModel:
         engine = _core.ChatEngine(
             path, kv_budget_bytes=kv_budget_bytes, max_batch_tokens=max_batch_tokens,
-            max_running=max_running, chat_template=chat_template, numerics=numerics,
+            burst_batch_tokens=burst_batch_tokens, max_running=max_running, chat_template=chat_template, numerics=numerics,
             device=device, kernel_binaries=kernel_binaries,
         )
         return cls(name=name, path=path, engine=engine, spec=spec, max_running=max_running,

@@ -56,6 +56,17 @@ pub type SeqId = u64;
 pub struct SchedulerConfig {
     /// Tokens per forward pass: decodes count one each, prefill chunks their length.
     pub max_batch_tokens: usize,
+    /// Tokens per forward pass for a burst of short interactive prompts: a pass that delays
+    /// no decoding interactive stream, or that has more interactive prompts waiting than
+    /// streams it delays, may grow to this size with whole prompts of at most
+    /// `max_batch_tokens` each, so that prompts arriving together get their first tokens
+    /// after one pass instead of some of them waiting for a second one (each deferred
+    /// prompt waits a whole extra pass, while each delayed stream waits only the extra
+    /// tokens' share of one). Longer prompts are still prefilled in chunks of at most
+    /// `max_batch_tokens`, so they never stall running streams or later arrivals for more
+    /// than a normal pass, and batch work never gets more than `max_batch_tokens`. At or
+    /// below `max_batch_tokens`: no bursts.
+    pub burst_batch_tokens: usize,
     /// Sequences holding KV blocks at once.
     pub max_running: usize,
 }
@@ -64,6 +75,9 @@ impl Default for SchedulerConfig {
     fn default() -> Self {
         Self {
             max_batch_tokens: 512,
+            // Off: on SmolLM2 a burst of 16 short prompts gains only a step's fixed cost
+            // at the p95 and loses at the p50 (bench/NOTES.md, "Step token budget").
+            burst_batch_tokens: 512,
             max_running: 64,
         }
     }
@@ -92,6 +106,44 @@ pub struct StepPlan {
 impl StepPlan {
     pub fn num_tokens(&self) -> usize {
         self.chunks.iter().map(|c| c.num_tokens).sum()
+    }
+}
+
+/// What is left of one step's tokens while it is planned.
+#[derive(Debug)]
+struct Budget {
+    /// Of `max_batch_tokens`: for any work.
+    tokens: usize,
+    /// Beyond it: for the current class's short prompts, whole (see
+    /// [`SchedulerConfig::burst_batch_tokens`]).
+    burst_tokens: usize,
+    /// The longest remaining prompt the burst tokens may take whole.
+    max_whole_prompt: usize,
+}
+
+impl Budget {
+    /// Tokens granted to a sequence with `remaining` tokens to compute: all of them if they
+    /// fit the ordinary tokens, or are a short prompt that fits with the burst tokens; else
+    /// a chunk of the ordinary tokens (possibly none).
+    fn grant(&self, remaining: usize) -> usize {
+        if remaining <= self.tokens
+            || remaining <= self.max_whole_prompt && remaining <= self.tokens + self.burst_tokens
+        {
+            remaining
+        } else {
+            self.tokens
+        }
+    }
+
+    /// Takes `n` granted tokens, the ordinary ones first.
+    fn spend(&mut self, n: usize) {
+        let from_tokens = n.min(self.tokens);
+        self.tokens -= from_tokens;
+        self.burst_tokens = self.burst_tokens.saturating_sub(n - from_tokens);
+    }
+
+    fn is_spent(&self) -> bool {
+        self.tokens == 0 && self.burst_tokens == 0
     }
 }
 
@@ -259,12 +311,48 @@ impl Scheduler {
     /// running sequences and then admits waiting ones, under what budget is left.
     pub fn schedule<K: KvPool>(&mut self, kv: &mut K) -> StepPlan {
         let mut plan = StepPlan::default();
-        let mut budget = self.cfg.max_batch_tokens;
+        let mut budget = Budget {
+            tokens: self.cfg.max_batch_tokens,
+            burst_tokens: 0,
+            max_whole_prompt: self.cfg.max_batch_tokens,
+        };
         for priority in Priority::ALL {
+            // Less urgent classes get only what is left of `max_batch_tokens`.
+            budget.burst_tokens = if priority == Priority::Interactive {
+                self.burst_extra_tokens()
+            } else {
+                0
+            };
             self.schedule_running(priority, &mut plan, &mut budget, kv);
             self.admit_waiting(priority, &mut plan, &mut budget, kv);
         }
         plan
+    }
+
+    /// Tokens the interactive class may use beyond `max_batch_tokens` this step (see
+    /// [`SchedulerConfig::burst_batch_tokens`]).
+    fn burst_extra_tokens(&self) -> usize {
+        let extra = self
+            .cfg
+            .burst_batch_tokens
+            .saturating_sub(self.cfg.max_batch_tokens);
+        let lane = self.lane(Priority::Interactive);
+        if extra == 0 || lane.waiting.is_empty() && lane.running.is_empty() {
+            return 0;
+        }
+        let decoding = lane
+            .running
+            .iter()
+            .filter(|id| {
+                let seq = &self.seqs[*id];
+                seq.num_computed >= seq.prompt_len && seq.tokens.len() - seq.num_computed == 1
+            })
+            .count();
+        if decoding == 0 || lane.waiting.len() > decoding {
+            extra
+        } else {
+            0
+        }
     }
 
     /// Running sequences of one class, oldest first: decodes, and prompts partway through
@@ -274,15 +362,15 @@ impl Scheduler {
         &mut self,
         priority: Priority,
         plan: &mut StepPlan,
-        budget: &mut usize,
+        budget: &mut Budget,
         kv: &mut K,
     ) {
         let mut i = 0;
-        while i < self.lane(priority).running.len() && *budget > 0 {
+        while i < self.lane(priority).running.len() && !budget.is_spent() {
             let id = self.lane(priority).running[i];
             let seq = &self.seqs[&id];
             let start_pos = seq.num_computed;
-            let wanted = (seq.tokens.len() - start_pos).min(*budget);
+            let wanted = budget.grant(seq.tokens.len() - start_pos);
             if wanted == 0 {
                 i += 1;
                 continue;
@@ -307,7 +395,7 @@ impl Scheduler {
                 continue; // `id` was the newest and went back to waiting; the loop ends
             }
             plan.chunks.push(self.chunk(id, start_pos, fit));
-            *budget -= fit;
+            budget.spend(fit);
             i += 1;
         }
     }
@@ -320,7 +408,7 @@ impl Scheduler {
         &mut self,
         priority: Priority,
         plan: &mut StepPlan,
-        budget: &mut usize,
+        budget: &mut Budget,
         kv: &mut K,
     ) {
         let more_urgent_waiting = Priority::ALL
@@ -329,7 +417,7 @@ impl Scheduler {
         if more_urgent_waiting {
             return;
         }
-        while *budget > 0 && !self.memory_was_short(priority, plan) {
+        while !budget.is_spent() && !self.memory_was_short(priority, plan) {
             let Some(&id) = self.lane(priority).waiting.front() else {
                 break;
             };
@@ -343,7 +431,12 @@ impl Scheduler {
             let cached_tokens = self.attach_cached_prefix(id, kv);
             let seq = &self.seqs[&id];
             let start_pos = seq.num_computed;
-            let wanted = (seq.tokens.len() - start_pos).min(*budget);
+            let wanted = budget.grant(seq.tokens.len() - start_pos);
+            if wanted == 0 {
+                // Only burst tokens are left, and this prompt is not short: next step.
+                self.release_blocks(id, kv);
+                break;
+            }
             let fit = loop {
                 let fit = self
                     .grow_blocks(id, start_pos + wanted, kv)
@@ -371,7 +464,7 @@ impl Scheduler {
                 plan.first_admissions.push((id, cached_tokens));
             }
             plan.chunks.push(self.chunk(id, start_pos, fit));
-            *budget -= fit;
+            budget.spend(fit);
         }
     }
 
