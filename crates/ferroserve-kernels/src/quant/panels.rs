@@ -1,5 +1,6 @@
-//! "Fast" numerics for Q4_1, Q8_0, Q4_K and Q6_K weights (AVX-512 VNNI and AVX2 kernels, a
-//! scalar reference): rows repacked at load into panels of sixteen,
+//! "Fast" numerics for the block formats Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, Q4_K and Q6_K
+//! (AVX-512 VNNI and AVX2 kernels, a scalar reference): rows repacked at load into panels of
+//! sixteen,
 //! and one f32 chain per output, `acc = fma(d·d_x, Σq·a, acc)` per block with the block's
 //! whole integer dot product.
 //!
@@ -26,6 +27,19 @@
 //! - Q8_0: 512 code bytes, eight vectors; vector `g` holds row `c`'s codes `4g..4g + 4`
 //!   offset by 128 (`q ^ 0x80`, unsigned for `vpdpbusd`; the kernel subtracts `128·Σa`).
 //!   Then 16 f32: the rows' `d`.
+//! - Q4_0, Q5_0, Q5_1, IQ4_NL (the formats llama.cpp's K-quant mixes fall back to for rows that
+//!   are not a multiple of 256): the codes' low four bits as Q4_1's 256 bytes; for Q5_0 and Q5_1
+//!   then a 64-byte plane of fifth bits, byte `4c + i` holding element `4t + i`'s at bit `t` and
+//!   element `16 + 4t + i`'s at bit `4 + t` (one 16-bit shift and one `vpternlogd` put each
+//!   group's at bit 4). Then the rows' `d` (and Q5_1's `m`) as f32: 20, 24, 28 and 20 bytes per
+//!   32 weights (GGUF 18, 22, 24, 18). Codes stay unsigned (0..32) for `vpdpbusd`; Q4_0 and
+//!   Q5_0 subtract `8·Σa` and `16·Σa` per block, IQ4_NL looks its codes up as `value + 128`
+//!   (`vpshufb`) and subtracts `128·Σa` (on AVX2 it takes Q8_0's sign trick). The order is Q8_0's
+//!   (Q4_1's for Q5_1). Why not Q5_0 as Q8_0 panels (codes `q − 16` fit i8; no new kernel, but
+//!   36 bytes per 32 weights): measured (`panel_bench fallback`, SmolLM2's FFN shape 1536 × 576
+//!   streamed from memory, AVX-512 level, loaded 2-core EPYC) the Q8_0 panels took 1.09× the
+//!   5-bit panels' time at m = 1 and 1.16–1.19× at m = 16 (AVX2 level: 0.99× and 0.91×); and the
+//!   repacked copy is a third smaller. bench/NOTES.md, "Fallback-format panels".
 //!
 //! The K-quants pack per 256-weight super-block instead, keeping their small integer scales
 //! (an f32 per sub-block would cost 4 more bytes per 32 weights, and decode is bound by the
