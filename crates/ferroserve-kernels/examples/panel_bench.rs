@@ -3,7 +3,9 @@
 //! (k = 2048, n = 8192) in Q4_K, Q6_K and Q4_1 — the last being what Q4_K would cost repacked
 //! into Q4_1 panels (the same kernel and bytes: 24 per 32 weights against Q4_K panels' 19).
 //!
-//! `cargo run --release -p ferroserve-kernels --example panel_bench`
+//! `cargo run --release -p ferroserve-kernels --example panel_bench [kquant | fallback] [m...]`
+//! (`fallback`: the formats K-quant mixes use for rows that are not a multiple of 256, on
+//! SmolLM2's FFN shape; see [`fallback_round_robin`])
 //!
 //! Reports ns per (weight row, 32-block, activation row) — the unit the kernels' floors are
 //! stated in (bench/NOTES.md) — median of 15 runs (5 for big ones, 51 at m = 1) after a
@@ -44,45 +46,40 @@ fn quantized(t: QuantType, n: usize, k: usize, rnd: &mut impl FnMut() -> f32) ->
     w
 }
 
-/// `panel_bench kquant [m...]`: the 1B FFN shape (n = 8192, k = 2048) in Q4_K and Q6_K, exact
-/// and panels, plus Q4_1 panels of the same shape (Q4_K's other option), all five round-robin
-/// in one loop, each over copies totalling ≥ 96 MB so the weights stream from memory.
-fn kquant_round_robin(isa: QuantIsa, ms: &[usize]) {
-    let (n, k, rounds) = (8192, 2048, 41);
+/// One weight matrix `[n, k]` of each listed (format, fast?) — the exact kernels or the panels —
+/// run round-robin in one loop, each over copies totalling ≥ 96 MB so the weights stream from
+/// memory as in a decode step. Prints per run the median µs per matmul (p10–p90) and the GGUF
+/// bytes over the median (GB/s); returns per `m` the medians in the order of `runs`.
+fn round_robin(isa: QuantIsa, n: usize, k: usize, formats: &[(QuantType, bool)], ms: &[usize]) -> Vec<Vec<f64>> {
+    let rounds = 41;
     let mut rnd = rng();
     // (name, GGUF bytes of one copy, copies, the run over all copies)
     type Run = (String, usize, usize, Box<dyn Fn(&Q8Activations, &mut [f32])>);
     let mut runs: Vec<Run> = Vec::new();
-    for t in [QuantType::Q4_K, QuantType::Q6_K, QuantType::Q4_1] {
+    for &(t, fast) in formats {
         let w = quantized(t, n, k, &mut rnd);
         let copies = 96_000_000usize.div_ceil(w.len());
         let ws: Vec<Vec<u8>> = (0..copies).map(|_| w.clone()).collect();
-        let ps: Vec<Panels> = ws.iter().map(|w| Panels::pack(t, w, n, k)).collect();
         let file_bytes = w.len();
-        if t != QuantType::Q4_1 {
-            runs.push((
-                format!("{} exact", t.name()),
-                file_bytes,
-                copies,
-                Box::new(move |a: &Q8Activations, y: &mut [f32]| {
-                    for w in &ws {
-                        quant_matmul_prepared(isa, t, w, n, a, y);
-                    }
-                }),
-            ));
-        }
-        runs.push((
-            format!("{} panels", t.name()),
-            file_bytes,
-            copies,
-            Box::new(move |a: &Q8Activations, y: &mut [f32]| {
+        if fast {
+            let ps: Vec<Panels> = ws.iter().map(|w| Panels::pack(t, w, n, k)).collect();
+            let run = move |a: &Q8Activations, y: &mut [f32]| {
                 for p in &ps {
                     panel_matmul(isa, p, a, y);
                 }
-            }),
-        ));
+            };
+            runs.push((format!("{} panels", t.name()), file_bytes, copies, Box::new(run)));
+        } else {
+            let run = move |a: &Q8Activations, y: &mut [f32]| {
+                for w in &ws {
+                    quant_matmul_prepared(isa, t, w, n, a, y);
+                }
+            };
+            runs.push((format!("{} exact", t.name()), file_bytes, copies, Box::new(run)));
+        }
     }
-    println!("# kquant: n={n} k={k}, {rounds} rounds round-robin; median ns per matmul (p10–p90), GGUF bytes / median (GB/s)");
+    println!("# isa {isa:?}, n={n} k={k}, {rounds} rounds round-robin; median µs per matmul (p10–p90), GGUF bytes / median (GB/s)");
+    let mut medians = Vec::new();
     for &m in ms {
         let x: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
         let mut acts = Q8Activations::new();
@@ -101,19 +98,47 @@ fn kquant_round_robin(isa: QuantIsa, ms: &[usize]) {
         for (i, (name, bytes, _, _)) in runs.iter().enumerate() {
             let med = percentile(&times[i], 0.5);
             println!(
-                "m={m:<3} {name:<11} {:9.1} µs ({:.1}–{:.1}) {:5.1} GB/s",
+                "m={m:<3} {name:<13} {:9.1} µs ({:.1}–{:.1}) {:5.1} GB/s",
                 med * 1e6,
                 percentile(&times[i], 0.1) * 1e6,
                 percentile(&times[i], 0.9) * 1e6,
                 *bytes as f64 / med / 1e9
             );
         }
-        let med = |i: usize| percentile(&times[i], 0.5);
+        medians.push(times.iter().map(|t| percentile(t, 0.5)).collect());
+    }
+    medians
+}
+
+/// `panel_bench kquant [m...]`: the 1B FFN shape (n = 8192, k = 2048) in Q4_K and Q6_K, exact
+/// and panels, plus Q4_1 panels of the same shape (Q4_K's other option).
+fn kquant_round_robin(isa: QuantIsa, ms: &[usize]) {
+    use QuantType::*;
+    let formats = [(Q4_K, false), (Q4_K, true), (Q6_K, false), (Q6_K, true), (Q4_1, true)];
+    for (m, med) in ms.iter().zip(round_robin(isa, 8192, 2048, &formats, ms)) {
         println!(
             "m={m:<3} ratios: Q4_K exact/panels {:.2}x, Q6_K exact/panels {:.2}x, Q4_1-panels/Q4_K-panels time {:.2}x",
-            med(0) / med(1),
-            med(2) / med(3),
-            med(4) / med(1)
+            med[0] / med[1],
+            med[2] / med[3],
+            med[4] / med[1]
+        );
+    }
+}
+
+/// `panel_bench fallback [m...]`: SmolLM2's FFN gate/up shape (n = 1536, k = 576), the rows of
+/// 576 that llama.cpp's K-quant mixes store as Q5_0 (Q4_K_M) or Q5_1 (Q5_K_M): those formats
+/// exact and in panels, Q8_0 panels of the same shape (= the cost of Q5_0 repacked into Q8_0
+/// panels, codes `q − 16` as i8: the same kernel and bytes, 36 per 32 weights against the 5-bit
+/// layout's 24), and Q4_0 and IQ4_NL panels.
+fn fallback_round_robin(isa: QuantIsa, ms: &[usize]) {
+    use QuantType::*;
+    let formats = [(Q5_0, false), (Q5_0, true), (Q8_0, true), (Q5_1, false), (Q5_1, true), (Q4_0, true), (IQ4_NL, true)];
+    for (m, med) in ms.iter().zip(round_robin(isa, 1536, 576, &formats, ms)) {
+        println!(
+            "m={m:<3} ratios: Q5_0 exact/panels {:.2}x, Q8_0-panels/Q5_0-panels time {:.2}x, Q5_1 exact/panels {:.2}x",
+            med[0] / med[1],
+            med[2] / med[1],
+            med[3] / med[4]
         );
     }
 }
@@ -121,9 +146,14 @@ fn kquant_round_robin(isa: QuantIsa, ms: &[usize]) {
 fn main() {
     let isa = QuantIsa::selected();
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("kquant") {
+    if let Some(mode @ ("kquant" | "fallback")) = args.first().map(String::as_str) {
         let ms: Vec<usize> = args[1..].iter().map(|a| a.parse().expect("m")).collect();
-        kquant_round_robin(isa, if ms.is_empty() { &[1, 16] } else { &ms });
+        let ms = if ms.is_empty() { vec![1, 16] } else { ms };
+        if mode == "kquant" {
+            kquant_round_robin(isa, &ms);
+        } else {
+            fallback_round_robin(isa, &ms);
+        }
         return;
     }
     let mut rnd = rng();

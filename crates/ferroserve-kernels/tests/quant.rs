@@ -958,11 +958,21 @@ fn run_panels(isa: QuantIsa, t: QuantType, w: &[u8], n: usize, k: usize, x: &[f3
 #[test]
 fn panels_follow_the_fast_order_on_every_isa() {
     let (mut rng, seed) = Rng::new(12);
-    for t in [QuantType::Q4_1, QuantType::Q8_0] {
+    let formats = [QuantType::Q4_1, QuantType::Q8_0, QuantType::Q4_0, QuantType::Q5_0, QuantType::Q5_1, QuantType::IQ4_NL];
+    let shapes = [(1usize, 37usize, 576usize), (4, 16, 32), (7, 33, 96), (19, 5, 64)];
+    // Weights from the round-to-nearest quantiser, then random bytes (every code, and for
+    // Q8_0 the −128 the quantiser never writes).
+    for (t, (m, n, k), random_bytes) in formats.into_iter().flat_map(|t| shapes.map(|s| (t, s)).into_iter()).flat_map(|(t, s)| [(t, s, false), (t, s, true)]) {
         let bb = t.block_bytes();
-        for (m, n, k) in [(1usize, 37usize, 576usize), (4, 16, 32), (7, 33, 96), (19, 5, 64)] {
+        {
             let c = Case { t, m, n, k };
-            let (w, w_deq, x) = random_case(&mut rng, &c);
+            let (mut w, mut w_deq, x) = random_case(&mut rng, &c);
+            if random_bytes {
+                w = (0..n).flat_map(|_| random_blocks(t, &mut rng, k)).collect();
+                for (bytes, row) in w.chunks_exact(t.row_bytes(k)).zip(w_deq.chunks_exact_mut(k)) {
+                    dequantize_row(t, bytes, row);
+                }
+            }
             let portable = run_panels(QuantIsa::Portable, t, &w, n, k, &x, m);
             let row_bytes = t.row_bytes(k);
             let mut acts = Q8Activations::new();
@@ -981,30 +991,36 @@ fn panels_follow_the_fast_order_on_every_isa() {
                         let qa: Vec<i32> = xb.iter().map(|v| (v * inv).round_ties_even() as i32).collect();
                         let dx = f16_to_f32(f32_to_f16(amax / 127.0));
                         let d = f16_to_f32(u16::from_le_bytes([blk[0], blk[1]]));
+                        // ggml's block layouts, read here independently of the crate.
+                        let nibble = |qs: &[u8], i: usize| if i < 16 { qs[i] & 15 } else { qs[i - 16] >> 4 } as i32;
+                        let fifth = |qh: &[u8], i: usize| ((u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]) >> i) & 1) as i32;
                         let code = |i: usize| match t {
-                            QuantType::Q4_1 if i < 16 => (blk[4 + i] & 15) as i32,
-                            QuantType::Q4_1 => (blk[4 + i - 16] >> 4) as i32,
+                            QuantType::Q4_1 => nibble(&blk[4..], i),
+                            QuantType::Q4_0 => nibble(&blk[2..], i) - 8,
+                            QuantType::Q5_0 => nibble(&blk[6..], i) + 16 * fifth(&blk[2..], i) - 16,
+                            QuantType::Q5_1 => nibble(&blk[8..], i) + 16 * fifth(&blk[4..], i),
+                            QuantType::IQ4_NL => [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113][nibble(&blk[2..], i) as usize],
                             _ => blk[2 + i] as i8 as i32,
                         };
                         let dot: i32 = (0..32).map(|i| code(i) * qa[i]).sum();
                         acc = (d * dx).mul_add(dot as f32, acc);
-                        if t == QuantType::Q4_1 {
+                        if matches!(t, QuantType::Q4_1 | QuantType::Q5_1) {
                             let s = f16_to_f32(f32_to_f16(amax / 127.0 * qa.iter().sum::<i32>() as f32));
                             mins = f16_to_f32(u16::from_le_bytes([blk[2], blk[3]])).mul_add(s, mins);
                         }
                     }
-                    let want = acc + mins;
+                    let want = if matches!(t, QuantType::Q4_1 | QuantType::Q5_1) { acc + mins } else { acc };
                     let got = portable[r * n + j];
-                    assert_eq!(got.to_bits(), want.to_bits(), "{} portable m={m} n={n} k={k} [{r}, {j}]: {got} vs {want} (seed {seed})", t.name());
+                    assert_eq!(got.to_bits(), want.to_bits(), "{} portable m={m} n={n} k={k} random bytes {random_bytes} [{r}, {j}]: {got} vs {want} (seed {seed})", t.name());
                     // Against f64 with the activations the kernel saw: f32 accumulation only
                     // (terms d·u·x̂ and m·Σx̂ may cancel, hence the |w|·|x̂| part).
                     let wj = &w_deq[j * k..(j + 1) * k];
                     let (seen, seen_abs) = dot64(wj, &x_hat);
                     let w_max = wj.iter().fold(0f64, |a, &v| a.max(v.abs() as f64));
                     let x_abs: f64 = x_hat.iter().map(|&v| v.abs() as f64).sum();
-                    let q81 = if t == QuantType::Q4_1 { 2f64.powi(-10) * w_max * x_abs } else { 0.0 };
+                    let q81 = if matches!(t, QuantType::Q4_1 | QuantType::Q5_1) { 2f64.powi(-10) * w_max * x_abs } else { 0.0 };
                     let fp = 4e-5 * (seen_abs + 2.0 * w_max * x_abs) + q81 + 1e-30;
-                    assert!((got as f64 - seen).abs() <= fp, "{} m={m} [{r}, {j}]: {got} vs f64 {seen} (seed {seed})", t.name());
+                    assert!((got as f64 - seen).abs() <= fp, "{} m={m} random bytes {random_bytes} [{r}, {j}]: {got} vs f64 {seen} (seed {seed})", t.name());
                 }
             }
             for isa in QuantIsa::available() {
@@ -1023,7 +1039,17 @@ fn panels_follow_the_fast_order_on_every_isa() {
 fn panel_rows_are_bitwise_identical_alone_or_in_any_batch() {
     let (mut rng, seed) = Rng::new(13);
     let isa = QuantIsa::selected();
-    for t in [QuantType::Q4_1, QuantType::Q8_0, QuantType::Q4_K, QuantType::Q6_K] {
+    let formats = [
+        QuantType::Q4_1,
+        QuantType::Q8_0,
+        QuantType::Q4_K,
+        QuantType::Q6_K,
+        QuantType::Q4_0,
+        QuantType::Q5_0,
+        QuantType::Q5_1,
+        QuantType::IQ4_NL,
+    ];
+    for t in formats {
         let (n, k, m) = (1000, if t.block_elems() == 256 { 768 } else { 576 }, 21);
         let c = Case { t, m, n, k };
         let (w, _, x) = random_case(&mut rng, &c);
@@ -1043,10 +1069,14 @@ fn panel_rows_are_bitwise_identical_alone_or_in_any_batch() {
 fn panel_matmuls_give_each_matrix_its_own_bits() {
     let (mut rng, seed) = Rng::new(14);
     // A layer's Q, K, V (K and V small), a mix of formats, and K-quants as in Q4_K_M.
-    let sets: [&[(QuantType, usize)]; 3] = [
+    let sets: [&[(QuantType, usize)]; 5] = [
         &[(QuantType::Q4_1, 576), (QuantType::Q4_1, 192), (QuantType::Q4_1, 197)],
         &[(QuantType::Q8_0, 300), (QuantType::Q4_1, 1536), (QuantType::Q8_0, 17)],
         &[(QuantType::Q4_K, 512), (QuantType::Q6_K, 128), (QuantType::Q4_K, 40)],
+        // SmolLM2 in Q4_K_M (rows of 576 fall back to Q5_0 and Q8_0), and the other mixes'
+        // fallbacks.
+        &[(QuantType::Q5_0, 576), (QuantType::Q5_0, 192), (QuantType::Q8_0, 192)],
+        &[(QuantType::Q5_1, 300), (QuantType::Q4_0, 1536), (QuantType::IQ4_NL, 40)],
     ];
     for set in sets {
         let k = if set[0].0.block_elems() == 256 { 768 } else { 576 };

@@ -5,7 +5,7 @@
 //! accumulation error. A missing fixture fails the test.
 
 use ferroserve_kernels::quant::{
-    dequantize_row, quant_matmul_with_isa, Q8Activations, QuantIsa, QuantType,
+    dequantize_row, panel_matmul, quant_matmul_with_isa, Panels, Q8Activations, QuantIsa, QuantType,
 };
 use std::path::PathBuf;
 
@@ -112,9 +112,21 @@ fn matmul_of_fixture_blocks_is_the_f64_product_of_ggufs_floats() {
         for r in 0..m {
             acts.dequantize_row(r, &mut x_hat[r * k..(r + 1) * k]);
         }
-        for isa in QuantIsa::available() {
-            let mut y = vec![f32::NAN; m * n];
-            quant_matmul_with_isa(isa, t, &w, n, k, &x, m, &mut y);
+        // Every level, in the exact order and (where the format has them) the fast panels.
+        let runs = QuantIsa::available().into_iter().flat_map(|isa| {
+            let mut exact = vec![f32::NAN; m * n];
+            quant_matmul_with_isa(isa, t, &w, n, k, &x, m, &mut exact);
+            let mut runs = vec![(format!("{isa:?} exact"), exact)];
+            if Panels::supports(t) {
+                let mut fast = vec![f32::NAN; m * n];
+                let mut acts = Q8Activations::new();
+                acts.quantize_with_isa(isa, &x, m, k);
+                panel_matmul(isa, &Panels::pack(t, &w, n, k), &acts, &mut fast);
+                runs.push((format!("{isa:?} panels"), fast));
+            }
+            runs
+        });
+        for (isa, y) in runs {
             for r in 0..m {
                 let xr = &x_hat[r * k..(r + 1) * k];
                 let x_abs: f64 = xr.iter().map(|&v| v.abs() as f64).sum();
@@ -138,7 +150,7 @@ fn matmul_of_fixture_blocks_is_the_f64_product_of_ggufs_floats() {
                     let got = y[r * n + j] as f64;
                     assert!(
                         (got - exact).abs() <= bound,
-                        "{} {isa:?} [{r}, {j}]: got {got}, f64 {exact}, bound {bound:e}",
+                        "{} {isa} [{r}, {j}]: got {got}, f64 {exact}, bound {bound:e}",
                         t.name()
                     );
                 }

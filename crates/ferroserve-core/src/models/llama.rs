@@ -59,7 +59,8 @@ pub enum Numerics {
     /// output as llama.cpp.
     #[default]
     Exact,
-    /// Q4_1, Q8_0, Q4_K and Q6_K weights repacked at load into 16-row panels, one chain per
+    /// Block-format weights (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, Q4_K, Q6_K; not Q5_K) repacked
+    /// at load into 16-row panels, one chain per
     /// output over whole-block integer dots (`quant::panels`, AVX-512 VNNI and AVX2): ≈ 2–6×
     /// faster matmuls; attention's softmax in f32 with a vectorised exp (`AttentionArith::Fast`).
     Fast,

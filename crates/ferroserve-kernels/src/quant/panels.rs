@@ -1,5 +1,6 @@
-//! "Fast" numerics for Q4_1, Q8_0, Q4_K and Q6_K weights (AVX-512 VNNI and AVX2 kernels, a
-//! scalar reference): rows repacked at load into panels of sixteen,
+//! "Fast" numerics for the block formats Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, Q4_K and Q6_K
+//! (AVX-512 VNNI and AVX2 kernels, a scalar reference): rows repacked at load into panels of
+//! sixteen,
 //! and one f32 chain per output, `acc = fma(d·d_x, Σq·a, acc)` per block with the block's
 //! whole integer dot product.
 //!
@@ -26,6 +27,19 @@
 //! - Q8_0: 512 code bytes, eight vectors; vector `g` holds row `c`'s codes `4g..4g + 4`
 //!   offset by 128 (`q ^ 0x80`, unsigned for `vpdpbusd`; the kernel subtracts `128·Σa`).
 //!   Then 16 f32: the rows' `d`.
+//! - Q4_0, Q5_0, Q5_1, IQ4_NL (the formats llama.cpp's K-quant mixes fall back to for rows that
+//!   are not a multiple of 256): the codes' low four bits as Q4_1's 256 bytes; for Q5_0 and Q5_1
+//!   then a 64-byte plane of fifth bits, byte `4c + i` holding element `4t + i`'s at bit `t` and
+//!   element `16 + 4t + i`'s at bit `4 + t` (one 16-bit shift and one `vpternlogd` put each
+//!   group's at bit 4). Then the rows' `d` (and Q5_1's `m`) as f32: 20, 24, 28 and 20 bytes per
+//!   32 weights (GGUF 18, 22, 24, 18). Codes stay unsigned (0..32) for `vpdpbusd`; Q4_0 and
+//!   Q5_0 subtract `8·Σa` and `16·Σa` per block, IQ4_NL looks its codes up as `value + 128`
+//!   (`vpshufb`) and subtracts `128·Σa` (on AVX2 it takes Q8_0's sign trick). The order is Q8_0's
+//!   (Q4_1's for Q5_1). Why not Q5_0 as Q8_0 panels (codes `q − 16` fit i8; no new kernel, but
+//!   36 bytes per 32 weights): measured (`panel_bench fallback`, SmolLM2's FFN shape 1536 × 576
+//!   streamed from memory, AVX-512 level, loaded 2-core EPYC) the Q8_0 panels took 1.09× the
+//!   5-bit panels' time at m = 1 and 1.16–1.19× at m = 16 (AVX2 level: 0.99× and 0.91×); and the
+//!   repacked copy is a third smaller. bench/NOTES.md, "Fallback-format panels".
 //!
 //! The K-quants pack per 256-weight super-block instead, keeping their small integer scales
 //! (an f32 per sub-block would cost 4 more bytes per 32 weights, and decode is bound by the
@@ -62,7 +76,7 @@ use rayon::prelude::*;
 
 use super::matmul::QuantIsa;
 use super::q8_0::{ActRow, Q8Activations};
-use super::{q4_k, q6_k, read_f16, QuantType};
+use super::{iq4_nl, q4_k, q5_0, q6_k, read_f16, QuantType};
 
 /// Weight rows per panel (one 512-bit register of f32 or i32 lanes).
 pub const PANEL_ROWS: usize = 16;
@@ -75,6 +89,71 @@ const K_SCALE_BYTES: usize = 16 * PANEL_ROWS;
 /// Code bytes of one 32-weight block of a panel: Q4_1 and Q4_K nibbles, Q6_K nibbles + top bits.
 const NIBBLE_BYTES: usize = 16 * PANEL_ROWS;
 const Q6_BYTES: usize = NIBBLE_BYTES + 8 * PANEL_ROWS;
+/// Q5_0 and Q5_1: the nibbles, then one bit plane of the fifth bits (4 bytes a row).
+const FIVE_BIT_BYTES: usize = NIBBLE_BYTES + 4 * PANEL_ROWS;
+
+/// The tile kernels, one per layout, chosen by a const generic.
+mod kind {
+    pub const Q4_1: u8 = 0;
+    pub const Q8_0: u8 = 1;
+    pub const Q4_K: u8 = 2;
+    pub const Q6_K: u8 = 3;
+    pub const Q4_0: u8 = 4;
+    pub const Q5_0: u8 = 5;
+    pub const Q5_1: u8 = 6;
+    pub const IQ4_NL: u8 = 7;
+
+    pub const fn five_bit(kind: u8) -> bool {
+        matches!(kind, Q5_0 | Q5_1)
+    }
+
+    /// `w = d·q + m`: a second chain `mins = fma(m, f16(d_x·Σa), mins)`, as llama.cpp's q8_1 dots.
+    pub const fn affine(kind: u8) -> bool {
+        matches!(kind, Q4_1 | Q5_1)
+    }
+
+    /// Code bytes and f32 scales per 32-weight block of a panel (the block formats).
+    pub const fn block_code_bytes(kind: u8) -> usize {
+        match kind {
+            Q8_0 => 32 * super::PANEL_ROWS,
+            Q5_0 | Q5_1 => super::FIVE_BIT_BYTES,
+            _ => super::NIBBLE_BYTES,
+        }
+    }
+
+    pub const fn block_scales(kind: u8) -> usize {
+        if affine(kind) {
+            2 * super::PANEL_ROWS
+        } else {
+            super::PANEL_ROWS
+        }
+    }
+}
+
+fn kind_of(wtype: QuantType) -> u8 {
+    match wtype {
+        QuantType::Q4_1 => kind::Q4_1,
+        QuantType::Q8_0 => kind::Q8_0,
+        QuantType::Q4_K => kind::Q4_K,
+        QuantType::Q6_K => kind::Q6_K,
+        QuantType::Q4_0 => kind::Q4_0,
+        QuantType::Q5_0 => kind::Q5_0,
+        QuantType::Q5_1 => kind::Q5_1,
+        QuantType::IQ4_NL => kind::IQ4_NL,
+        _ => panic!("{} weights have no panel layout", wtype.name()),
+    }
+}
+
+/// `VALUES + 128` (1..=241): IQ4_NL's table as unsigned bytes for `vpdpbusd`.
+const IQ4_NL_UNSIGNED: [u8; 16] = {
+    let mut t = [0u8; 16];
+    let mut i = 0;
+    while i < 16 {
+        t[i] = (iq4_nl::VALUES[i] as i16 + 128) as u8;
+        i += 1;
+    }
+    t
+};
 
 /// A weight matrix `[n, k]` repacked for [`panel_matmul`].
 #[derive(Debug, Clone)]
@@ -89,7 +168,17 @@ pub struct Panels {
 impl Panels {
     /// Whether weights of `wtype` can be repacked (the fast numerics cover these).
     pub fn supports(wtype: QuantType) -> bool {
-        matches!(wtype, QuantType::Q4_1 | QuantType::Q8_0 | QuantType::Q4_K | QuantType::Q6_K)
+        matches!(
+            wtype,
+            QuantType::Q4_0
+                | QuantType::Q4_1
+                | QuantType::Q5_0
+                | QuantType::Q5_1
+                | QuantType::Q8_0
+                | QuantType::IQ4_NL
+                | QuantType::Q4_K
+                | QuantType::Q6_K
+        )
     }
 
     /// Weights per packing unit: a block, or a K-quant's super-block.
@@ -102,17 +191,17 @@ impl Panels {
 
     fn code_bytes_per_unit(wtype: QuantType) -> usize {
         match wtype {
-            QuantType::Q4_1 => NIBBLE_BYTES,
             QuantType::Q4_K => K_SCALE_BYTES + SUBS * NIBBLE_BYTES,
             QuantType::Q6_K => K_SCALE_BYTES + SUBS * Q6_BYTES,
-            _ => PANEL_ROWS * 32,
+            _ => kind::block_code_bytes(kind_of(wtype)),
         }
     }
 
     fn scales_per_unit(wtype: QuantType) -> usize {
         match wtype {
-            QuantType::Q4_1 | QuantType::Q4_K => 2 * PANEL_ROWS,
-            _ => PANEL_ROWS,
+            QuantType::Q4_K => 2 * PANEL_ROWS,
+            QuantType::Q6_K => PANEL_ROWS,
+            _ => kind::block_scales(kind_of(wtype)),
         }
     }
 
@@ -138,15 +227,11 @@ impl Panels {
                 let dst = &mut codes[(p * nu + u) * cb..][..cb];
                 let s = &mut scales[(p * nu + u) * sb..][..sb];
                 match wtype {
-                    QuantType::Q4_1 => {
-                        s[c] = read_f16(blk, 0);
-                        s[PANEL_ROWS + c] = read_f16(blk, 2);
-                        for t in 0..4 {
-                            dst[t * 64 + 4 * c..][..4].copy_from_slice(&blk[4 + 4 * t..][..4]);
-                        }
-                    }
                     QuantType::Q4_K => pack_q4_k(blk, c, dst, s),
                     QuantType::Q6_K => pack_q6_k(blk, c, dst, s),
+                    QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q5_0 | QuantType::Q5_1 | QuantType::IQ4_NL => {
+                        pack_nibble_block(wtype, blk, c, dst, s)
+                    }
                     _ => {
                         s[c] = read_f16(blk, 0);
                         for g in 0..8 {
@@ -182,6 +267,35 @@ impl Panels {
         let nu = self.k / Panels::unit_elems(self.wtype);
         let (cb, sb) = (Panels::code_bytes_per_unit(self.wtype), Panels::scales_per_unit(self.wtype));
         (&self.codes[p * nu * cb..(p + 1) * nu * cb], &self.scales[p * nu * sb..(p + 1) * nu * sb])
+    }
+}
+
+/// Row `c` of a panel's block of a nibble format (Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL): the
+/// codes' low four bits in Q4_1's layout, for Q5_0 and Q5_1 then the fifth bits, byte `4c + i`
+/// holding element `4t + i`'s at bit `t` and element `16 + 4t + i`'s at bit `4 + t`; the
+/// scales `d` (and `m`).
+fn pack_nibble_block(wtype: QuantType, blk: &[u8], c: usize, dst: &mut [u8], s: &mut [f32]) {
+    s[c] = read_f16(blk, 0);
+    let code = |i: usize| -> u8 {
+        let nibble = |qs: &[u8]| if i < 16 { qs[i] & 0x0f } else { qs[i - 16] >> 4 };
+        match wtype {
+            QuantType::Q4_1 => nibble(&blk[4..]),
+            QuantType::Q5_0 => q5_0::code(blk, i),
+            QuantType::Q5_1 => q5_0::code(&blk[2..], i),
+            _ => nibble(&blk[2..]),
+        }
+    };
+    if kind::affine(kind_of(wtype)) {
+        s[PANEL_ROWS + c] = read_f16(blk, 2);
+    }
+    for t in 0..4 {
+        for i in 0..4 {
+            let (low, high) = (code(4 * t + i), code(16 + 4 * t + i));
+            dst[64 * t + 4 * c + i] = (low & 0x0f) | ((high & 0x0f) << 4);
+            if kind::five_bit(kind_of(wtype)) {
+                dst[NIBBLE_BYTES + 4 * c + i] |= (low >> 4) << t | (high >> 4) << (4 + t);
+            }
+        }
     }
 }
 
@@ -253,10 +367,16 @@ pub fn panel_matmuls(isa: QuantIsa, outputs: &mut [(&Panels, &mut [f32])], acts:
         return;
     }
     // The offsets of codes stored unsigned for `vpdpbusd`: 128·Σa per (row, block) for Q8_0
-    // (the AVX2 kernel uses signed codes), 32·Σa per (row, 16 bytes) for Q6_K on AVX-512.
+    // (the AVX2 kernel uses signed codes) and IQ4_NL on AVX-512, 32·Σa per (row, 16 bytes)
+    // for Q6_K on AVX-512, and Q4_0's 8·Σa and Q5_0's 16·Σa per block on both SIMD levels
+    // (their codes 0..32 stay unsigned there; the portable code subtracts 8 or 16 per weight).
+    let simd = isa != QuantIsa::Portable;
     let offsets_for = |wtype: QuantType| match wtype {
         QuantType::Q8_0 if isa != QuantIsa::Avx2 => group_sums(acts, BLOCK_ELEMS, 128),
+        QuantType::IQ4_NL if isa == QuantIsa::Avx512 => group_sums(acts, BLOCK_ELEMS, 128),
         QuantType::Q6_K if isa == QuantIsa::Avx512 => group_sums(acts, 16, 32),
+        QuantType::Q4_0 if simd => group_sums(acts, BLOCK_ELEMS, 8),
+        QuantType::Q5_0 if simd => group_sums(acts, BLOCK_ELEMS, 16),
         _ => Vec::new(),
     };
     let mut offsets: Vec<(QuantType, Vec<i32>)> = Vec::new();
@@ -312,7 +432,7 @@ pub fn panel_matmuls(isa: QuantIsa, outputs: &mut [(&Panels, &mut [f32])], acts:
                 QuantIsa::Avx512 => unsafe { avx512::panels(w, acts, offsets, range, out) },
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: the AVX2 level was checked above; this call owns panels `range`.
-                QuantIsa::Avx2 => unsafe { avx2::panels(w, acts, range, out) },
+                QuantIsa::Avx2 => unsafe { avx2::panels(w, acts, offsets, range, out) },
                 _ => portable_panels(w, acts, offsets, range, out),
             }
         }
@@ -359,10 +479,10 @@ fn portable_panels(w: &Panels, acts: &Q8Activations, offsets: &[i32], range: Ran
         for r in 0..acts.rows() {
             let a = acts.row(r);
             let y = match w.wtype {
-                QuantType::Q4_1 => portable_q4_1(codes, scales, a),
                 QuantType::Q4_K => portable_q4_k(codes, scales, a),
                 QuantType::Q6_K => portable_q6_k(codes, scales, a),
-                _ => portable_q8_0(codes, scales, a, &offsets[r * nb..(r + 1) * nb]),
+                QuantType::Q8_0 => portable_q8_0(codes, scales, a, &offsets[r * nb..(r + 1) * nb]),
+                wtype => portable_nibble_blocks(kind_of(wtype), codes, scales, a),
             };
             // SAFETY: this call owns panel p (see `panel_matmul`).
             unsafe { out.set_panel(r, p, &y) };
@@ -382,19 +502,44 @@ fn nibble_dot(cb: &[u8], c: usize, aq: &[i8]) -> i32 {
         .sum()
 }
 
-fn portable_q4_1(codes: &[u8], scales: &[f32], a: ActRow<'_>) -> [f32; PANEL_ROWS] {
+/// The nibble formats (`kind::nibbles`): per block `acc = fma(d·d_x, Σw·a, acc)` with `w` the
+/// signed weight code (`q − 8`, `q − 16`, IQ4_NL's table value, or Q4_1's and Q5_1's `q`), and
+/// for the affine ones `mins = fma(m, s, mins)`; the result `acc + mins`, else `acc`.
+fn portable_nibble_blocks(kind: u8, codes: &[u8], scales: &[f32], a: ActRow<'_>) -> [f32; PANEL_ROWS] {
     let mut acc = [0f32; PANEL_ROWS];
     let mut mins = [0f32; PANEL_ROWS];
-    for (b, (cb, s)) in codes.chunks_exact(NIBBLE_BYTES).zip(scales.chunks_exact(2 * PANEL_ROWS)).enumerate() {
+    let blocks = codes.chunks_exact(kind::block_code_bytes(kind)).zip(scales.chunks_exact(kind::block_scales(kind)));
+    for (b, (cb, s)) in blocks.enumerate() {
         let aq = &a.qs[b * BLOCK_ELEMS..][..BLOCK_ELEMS];
         let dx = a.scales[b][0];
         for c in 0..PANEL_ROWS {
-            let sumi = nibble_dot(cb, c, aq);
+            let weight = |e: usize| {
+                let (t, i) = (e % 16 / 4, e % 4);
+                let byte = cb[64 * t + 4 * c + i];
+                let mut q = if e < 16 { byte & 0x0f } else { byte >> 4 };
+                if kind::five_bit(kind) {
+                    let bit = if e < 16 { t } else { 4 + t };
+                    q |= ((cb[NIBBLE_BYTES + 4 * c + i] >> bit) & 1) << 4;
+                }
+                match kind {
+                    kind::Q4_0 => q as i32 - 8,
+                    kind::Q5_0 => q as i32 - 16,
+                    kind::IQ4_NL => iq4_nl::VALUES[q as usize] as i32,
+                    _ => q as i32,
+                }
+            };
+            let sumi: i32 = (0..BLOCK_ELEMS).map(|e| weight(e) * aq[e] as i32).sum();
             acc[c] = (s[c] * dx).mul_add(sumi as f32, acc[c]);
-            mins[c] = s[PANEL_ROWS + c].mul_add(a.q81_sums[b], mins[c]);
+            if kind::affine(kind) {
+                mins[c] = s[PANEL_ROWS + c].mul_add(a.q81_sums[b], mins[c]);
+            }
         }
     }
-    core::array::from_fn(|c| acc[c] + mins[c])
+    if kind::affine(kind) {
+        core::array::from_fn(|c| acc[c] + mins[c])
+    } else {
+        acc
+    }
 }
 
 /// `offsets`: the row's 128·Σa per block.
@@ -480,21 +625,19 @@ mod avx512 {
     /// Bytes ahead of the current block to prefetch (as the row kernels do).
     const PREFETCH_AHEAD: usize = 2048;
 
-    /// Which tile kernel, as a const generic.
-    const Q4_1: u8 = 0;
-    const Q8_0: u8 = 1;
-    const Q4_K: u8 = 2;
-    const Q6_K: u8 = 3;
-
     /// # Safety
     /// Needs the AVX-512 level (F/BW/VL/VNNI); the caller owns panels `range` of `out`.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
     pub(super) unsafe fn panels(w: &Panels, acts: &Q8Activations, offsets: &[i32], range: Range<usize>, out: &PanelOut) {
-        match w.wtype {
-            QuantType::Q4_1 => panels_of::<Q4_1>(w, acts, offsets, range, out),
-            QuantType::Q4_K => panels_of::<Q4_K>(w, acts, offsets, range, out),
-            QuantType::Q6_K => panels_of::<Q6_K>(w, acts, offsets, range, out),
-            _ => panels_of::<Q8_0>(w, acts, offsets, range, out),
+        match kind_of(w.wtype) {
+            kind::Q4_1 => panels_of::<{ kind::Q4_1 }>(w, acts, offsets, range, out),
+            kind::Q8_0 => panels_of::<{ kind::Q8_0 }>(w, acts, offsets, range, out),
+            kind::Q4_K => panels_of::<{ kind::Q4_K }>(w, acts, offsets, range, out),
+            kind::Q6_K => panels_of::<{ kind::Q6_K }>(w, acts, offsets, range, out),
+            kind::Q4_0 => panels_of::<{ kind::Q4_0 }>(w, acts, offsets, range, out),
+            kind::Q5_0 => panels_of::<{ kind::Q5_0 }>(w, acts, offsets, range, out),
+            kind::Q5_1 => panels_of::<{ kind::Q5_1 }>(w, acts, offsets, range, out),
+            _ => panels_of::<{ kind::IQ4_NL }>(w, acts, offsets, range, out),
         }
     }
 
@@ -528,10 +671,9 @@ mod avx512 {
         out: &PanelOut,
     ) {
         match KIND {
-            Q4_1 => tile::<R, true>(w, acts, offsets, p, r0, out),
-            Q8_0 => tile::<R, false>(w, acts, offsets, p, r0, out),
-            Q4_K => tile_q4_k::<R>(w, acts, p, r0, out),
-            _ => tile_q6_k::<R>(w, acts, offsets, p, r0, out),
+            kind::Q4_K => tile_q4_k::<R>(w, acts, p, r0, out),
+            kind::Q6_K => tile_q6_k::<R>(w, acts, offsets, p, r0, out),
+            _ => tile::<R, KIND>(w, acts, offsets, p, r0, out),
         }
     }
 
@@ -566,63 +708,88 @@ mod avx512 {
         v
     }
 
-    /// Panel `p` against activation rows `r0..r0 + R`.
+    /// The fifth bits of a Q5_0 / Q5_1 block (`hp`, 64 bytes: the panel's bit plane) or'ed
+    /// into bit 4 of the eight nibble vectors.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
     #[inline]
-    unsafe fn tile<const R: usize, const Q4: bool>(w: &Panels, acts: &Q8Activations, offsets: &[i32], p: usize, r0: usize, out: &PanelOut) {
+    unsafe fn add_fifth_bits(v: &mut [__m512i; 8], hp: *const u8) {
+        // a | (b & c)
+        const OR_AND: i32 = 0xF8;
+        let bit4 = _mm512_set1_epi8(0x10);
+        // SAFETY (caller): `hp` points at 64 readable bytes.
+        let h = _mm512_loadu_si512(hp.cast());
+        // Bit t (element 4t + i) and bit 4 + t (element 16 + 4t + i) to bit 4; the 16-bit
+        // shifts carry bits across bytes only into positions the mask drops.
+        let low = [_mm512_slli_epi16::<4>(h), _mm512_slli_epi16::<3>(h), _mm512_slli_epi16::<2>(h), _mm512_slli_epi16::<1>(h)];
+        let high = [h, _mm512_srli_epi16::<1>(h), _mm512_srli_epi16::<2>(h), _mm512_srli_epi16::<3>(h)];
+        for t in 0..4 {
+            v[t] = _mm512_ternarylogic_epi32::<OR_AND>(v[t], low[t], bit4);
+            v[t + 4] = _mm512_ternarylogic_epi32::<OR_AND>(v[t + 4], high[t], bit4);
+        }
+    }
+
+    /// Panel `p` of a block format (Q8_0 or a nibble format) against activation rows
+    /// `r0..r0 + R`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    unsafe fn tile<const R: usize, const KIND: u8>(w: &Panels, acts: &Q8Activations, offsets: &[i32], p: usize, r0: usize, out: &PanelOut) {
         let nb = w.k / BLOCK_ELEMS;
+        let (code_bytes, scale_count) = (kind::block_code_bytes(KIND), kind::block_scales(KIND));
+        let affine = kind::affine(KIND);
+        let offset = matches!(KIND, kind::Q8_0 | kind::Q4_0 | kind::Q5_0 | kind::IQ4_NL);
         let rows: [ActRow<'_>; R] = core::array::from_fn(|i| acts.row(r0 + i));
         let (codes, scales) = w.panel(p);
         let (cp, sp) = (codes.as_ptr(), scales.as_ptr());
+        let table = _mm512_broadcast_i32x4(_mm_loadu_si128(IQ4_NL_UNSIGNED.as_ptr().cast()));
         let mut acc = [_mm512_setzero_ps(); R];
         let mut mins = [_mm512_setzero_ps(); R];
         for b in 0..nb {
+            // SAFETY: block b of the panel is `code_bytes` code bytes and `scale_count` scales
+            // (layout in the module docs); prefetches may point past the end.
+            let cb = cp.add(b * code_bytes);
+            for line in 0..code_bytes / 64 {
+                _mm_prefetch::<_MM_HINT_T0>(cb.wrapping_add(PREFETCH_AHEAD + 64 * line).cast());
+            }
+            // The scales are a second stream (64 or 128 bytes a block): as far ahead.
+            let ahead = sp.wrapping_add((b + PREFETCH_AHEAD / code_bytes) * scale_count);
+            _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+            if affine {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(16).cast());
+            }
             // The eight code vectors of this block: groups 0..8 of four codes per row.
             let mut v = [_mm512_setzero_si512(); 8];
-            let dw;
-            let mut mw = _mm512_setzero_ps();
-            if Q4 {
-                // SAFETY: block b of the panel is 256 code bytes and 32 scales (layout above).
-                let cb = cp.add(b * 256);
-                for line in 0..4 {
-                    _mm_prefetch::<_MM_HINT_T0>(cb.add(PREFETCH_AHEAD + 64 * line).cast());
-                }
-                // The scales are a second stream (128 bytes a block): as far ahead.
-                let ahead = sp.wrapping_add((b + PREFETCH_AHEAD / 256) * 32);
-                _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(16).cast());
-                v = nibbles(cb);
-                dw = _mm512_loadu_ps(sp.add(b * 32));
-                mw = _mm512_loadu_ps(sp.add(b * 32 + 16));
-            } else {
-                // SAFETY: block b of the panel is 512 code bytes and 16 scales.
-                let cb = cp.add(b * 512);
-                for line in 0..8 {
-                    _mm_prefetch::<_MM_HINT_T0>(cb.wrapping_add(PREFETCH_AHEAD + 64 * line).cast());
-                }
-                _mm_prefetch::<_MM_HINT_T0>(sp.wrapping_add((b + PREFETCH_AHEAD / 512) * 16).cast());
+            if KIND == kind::Q8_0 {
                 for (g, vg) in v.iter_mut().enumerate() {
                     *vg = _mm512_loadu_si512(cb.add(64 * g).cast());
                 }
-                dw = _mm512_loadu_ps(sp.add(b * 16));
+            } else {
+                v = nibbles(cb);
+                if kind::five_bit(KIND) {
+                    add_fifth_bits(&mut v, cb.add(NIBBLE_BYTES));
+                }
+                if KIND == kind::IQ4_NL {
+                    v = v.map(|x| _mm512_shuffle_epi8(table, x));
+                }
             }
+            let dw = _mm512_loadu_ps(sp.add(b * scale_count));
+            let mw = if affine { _mm512_loadu_ps(sp.add(b * scale_count + PANEL_ROWS)) } else { _mm512_setzero_ps() };
             for i in 0..R {
                 // SAFETY: the activation row holds nb > b blocks of 32 bytes.
                 let (lo, hi) = dots(&v, rows[i].qs.as_ptr().add(b * BLOCK_ELEMS).cast());
                 let mut sumi = _mm512_add_epi32(lo, hi);
-                if !Q4 {
+                if offset {
                     sumi = _mm512_sub_epi32(sumi, _mm512_set1_epi32(*offsets.get_unchecked((r0 + i) * nb + b)));
                 }
                 let dd = _mm512_mul_ps(dw, _mm512_set1_ps(rows[i].scales.get_unchecked(b)[0]));
                 acc[i] = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(sumi), acc[i]);
-                if Q4 {
+                if affine {
                     mins[i] = _mm512_fmadd_ps(mw, _mm512_set1_ps(*rows[i].q81_sums.get_unchecked(b)), mins[i]);
                 }
             }
         }
         for i in 0..R {
             let mut y = [0f32; PANEL_ROWS];
-            _mm512_storeu_ps(y.as_mut_ptr(), _mm512_add_ps(acc[i], mins[i]));
+            _mm512_storeu_ps(y.as_mut_ptr(), if affine { _mm512_add_ps(acc[i], mins[i]) } else { acc[i] });
             // SAFETY: the caller owns panel p.
             out.set_panel(r0 + i, p, &y);
         }
@@ -751,41 +918,41 @@ mod avx2 {
     /// # Safety
     /// Needs AVX2 + FMA; the caller owns panels `range` of `out`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn panels(w: &Panels, acts: &Q8Activations, range: Range<usize>, out: &PanelOut) {
-        match w.wtype {
-            QuantType::Q4_K => panels_of::<Q4_K>(w, acts, range, out),
-            QuantType::Q6_K => panels_of::<Q6_K>(w, acts, range, out),
-            _ => panels_of::<BLOCKS>(w, acts, range, out),
+    pub(super) unsafe fn panels(w: &Panels, acts: &Q8Activations, offsets: &[i32], range: Range<usize>, out: &PanelOut) {
+        match kind_of(w.wtype) {
+            kind::Q4_1 => panels_of::<{ kind::Q4_1 }>(w, acts, offsets, range, out),
+            kind::Q8_0 => panels_of::<{ kind::Q8_0 }>(w, acts, offsets, range, out),
+            kind::Q4_K => panels_of::<{ kind::Q4_K }>(w, acts, offsets, range, out),
+            kind::Q6_K => panels_of::<{ kind::Q6_K }>(w, acts, offsets, range, out),
+            kind::Q4_0 => panels_of::<{ kind::Q4_0 }>(w, acts, offsets, range, out),
+            kind::Q5_0 => panels_of::<{ kind::Q5_0 }>(w, acts, offsets, range, out),
+            kind::Q5_1 => panels_of::<{ kind::Q5_1 }>(w, acts, offsets, range, out),
+            _ => panels_of::<{ kind::IQ4_NL }>(w, acts, offsets, range, out),
         }
     }
 
-    /// Which tile kernel, as a const generic: Q4_1 and Q8_0 share one.
-    const BLOCKS: u8 = 0;
-    const Q4_K: u8 = 1;
-    const Q6_K: u8 = 2;
-
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn panels_of<const KIND: u8>(w: &Panels, acts: &Q8Activations, range: Range<usize>, out: &PanelOut) {
+    unsafe fn panels_of<const KIND: u8>(w: &Panels, acts: &Q8Activations, offsets: &[i32], range: Range<usize>, out: &PanelOut) {
         let m = acts.rows();
         for p in range {
             let mut r = 0;
             while m - r >= 2 {
-                tile_of::<2, KIND>(w, acts, p, r, out);
+                tile_of::<2, KIND>(w, acts, offsets, p, r, out);
                 r += 2;
             }
             if m - r == 1 {
-                tile_of::<1, KIND>(w, acts, p, r, out);
+                tile_of::<1, KIND>(w, acts, offsets, p, r, out);
             }
         }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn tile_of<const R: usize, const KIND: u8>(w: &Panels, acts: &Q8Activations, p: usize, r0: usize, out: &PanelOut) {
+    unsafe fn tile_of<const R: usize, const KIND: u8>(w: &Panels, acts: &Q8Activations, offsets: &[i32], p: usize, r0: usize, out: &PanelOut) {
         match KIND {
-            BLOCKS => tile::<R>(w, acts, p, r0, out),
-            Q4_K => tile_q4_k::<R>(w, acts, p, r0, out),
-            _ => tile_q6_k::<R>(w, acts, p, r0, out),
+            kind::Q4_K => tile_q4_k::<R>(w, acts, p, r0, out),
+            kind::Q6_K => tile_q6_k::<R>(w, acts, p, r0, out),
+            _ => tile::<R, KIND>(w, acts, offsets, p, r0, out),
         }
     }
 
@@ -796,66 +963,90 @@ mod avx2 {
         _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
     }
 
-    /// Panel `p` against activation rows `r0..r0 + R`, one half of eight weight rows at a time.
+    /// Panel `p` of a block format against activation rows `r0..r0 + R`, one half of eight
+    /// weight rows at a time. Q8_0 and IQ4_NL multiply signed codes (the sign trick above);
+    /// the other nibble formats their unsigned codes 0..32 (Q4_0 and Q5_0 then subtract
+    /// `offsets`).
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn tile<const R: usize>(w: &Panels, acts: &Q8Activations, p: usize, r0: usize, out: &PanelOut) {
+    unsafe fn tile<const R: usize, const KIND: u8>(w: &Panels, acts: &Q8Activations, offsets: &[i32], p: usize, r0: usize, out: &PanelOut) {
         let nb = w.k / BLOCK_ELEMS;
-        let q4 = w.wtype == QuantType::Q4_1;
+        let (code_bytes, scale_count) = (kind::block_code_bytes(KIND), kind::block_scales(KIND));
+        let affine = kind::affine(KIND);
+        let signed = matches!(KIND, kind::Q8_0 | kind::IQ4_NL);
+        let offset = matches!(KIND, kind::Q4_0 | kind::Q5_0);
         let rows: [ActRow<'_>; R] = core::array::from_fn(|i| acts.row(r0 + i));
         let (codes, scales) = w.panel(p);
         let (cp, sp) = (codes.as_ptr(), scales.as_ptr());
-        let mask = _mm256_set1_epi8(0x0f);
+        let (mask, bit4) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x10));
         let flip = _mm256_set1_epi8(-128);
+        let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(iq4_nl::VALUES.as_ptr().cast()));
         let mut y = [[0f32; PANEL_ROWS]; R];
         for half in 0..2 {
             let mut acc = [_mm256_setzero_ps(); R];
             let mut mins = [_mm256_setzero_ps(); R];
             for b in 0..nb {
-                // Groups 0..8 of four codes for the half's eight rows, unsigned, and for Q8_0
-                // the signs to move onto the activations.
+                // Groups 0..8 of four codes for the half's eight rows, unsigned, and for the
+                // signed formats the signs to move onto the activations.
                 let mut v = [_mm256_setzero_si256(); 8];
                 let mut sign = [_mm256_setzero_si256(); 8];
-                let (dw, mw);
-                if q4 {
-                    // SAFETY: block b of the panel is 256 code bytes and 32 scales.
-                    let cb = cp.add(b * 256 + 32 * half);
+                // SAFETY: block b of the panel is `code_bytes` code bytes and `scale_count`
+                // scales; a half's rows are the 32 bytes at 32·half of each 64-byte vector.
+                let cb = cp.add(b * code_bytes + 32 * half);
+                if KIND == kind::Q8_0 {
+                    for g in 0..8 {
+                        let s = _mm256_xor_si256(_mm256_loadu_si256(cb.add(64 * g).cast()), flip);
+                        v[g] = _mm256_abs_epi8(s);
+                        sign[g] = s;
+                    }
+                } else {
                     for t in 0..4 {
                         let x = _mm256_loadu_si256(cb.add(64 * t).cast());
                         v[t] = _mm256_and_si256(x, mask);
                         v[t + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(x), mask);
                     }
-                    dw = _mm256_loadu_ps(sp.add(b * 32 + 8 * half));
-                    mw = _mm256_loadu_ps(sp.add(b * 32 + 16 + 8 * half));
-                } else {
-                    // SAFETY: block b of the panel is 512 code bytes and 16 scales.
-                    let cb = cp.add(b * 512 + 32 * half);
-                    for g in 0..8 {
-                        let signed = _mm256_xor_si256(_mm256_loadu_si256(cb.add(64 * g).cast()), flip);
-                        v[g] = _mm256_abs_epi8(signed);
-                        sign[g] = signed;
+                    if kind::five_bit(KIND) {
+                        // As the AVX-512 `add_fifth_bits`: bits t and 4 + t to bit 4.
+                        let h = _mm256_loadu_si256(cb.add(NIBBLE_BYTES).cast());
+                        let low = [_mm256_slli_epi16::<4>(h), _mm256_slli_epi16::<3>(h), _mm256_slli_epi16::<2>(h), _mm256_slli_epi16::<1>(h)];
+                        let high = [h, _mm256_srli_epi16::<1>(h), _mm256_srli_epi16::<2>(h), _mm256_srli_epi16::<3>(h)];
+                        for t in 0..4 {
+                            v[t] = _mm256_or_si256(v[t], _mm256_and_si256(low[t], bit4));
+                            v[t + 4] = _mm256_or_si256(v[t + 4], _mm256_and_si256(high[t], bit4));
+                        }
                     }
-                    dw = _mm256_loadu_ps(sp.add(b * 16 + 8 * half));
-                    mw = _mm256_setzero_ps();
+                    if KIND == kind::IQ4_NL {
+                        for g in 0..8 {
+                            let s = _mm256_shuffle_epi8(table, v[g]);
+                            v[g] = _mm256_abs_epi8(s);
+                            sign[g] = s;
+                        }
+                    }
                 }
+                let dw = _mm256_loadu_ps(sp.add(b * scale_count + 8 * half));
+                let mw = if affine { _mm256_loadu_ps(sp.add(b * scale_count + PANEL_ROWS + 8 * half)) } else { _mm256_setzero_ps() };
                 for i in 0..R {
                     // SAFETY: the activation row holds nb > b blocks of 32 bytes.
                     let a = rows[i].qs.as_ptr().add(b * BLOCK_ELEMS).cast::<i32>();
                     let mut sumi = _mm256_setzero_si256();
                     for g in 0..8 {
                         let ag = _mm256_set1_epi32(a.add(g).read_unaligned());
-                        let ag = if q4 { ag } else { _mm256_sign_epi8(ag, sign[g]) };
+                        let ag = if signed { _mm256_sign_epi8(ag, sign[g]) } else { ag };
                         sumi = _mm256_add_epi32(sumi, dot4(v[g], ag));
+                    }
+                    if offset {
+                        sumi = _mm256_sub_epi32(sumi, _mm256_set1_epi32(*offsets.get_unchecked((r0 + i) * nb + b)));
                     }
                     let dd = _mm256_mul_ps(dw, _mm256_set1_ps(rows[i].scales.get_unchecked(b)[0]));
                     acc[i] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sumi), acc[i]);
-                    if q4 {
+                    if affine {
                         mins[i] = _mm256_fmadd_ps(mw, _mm256_set1_ps(*rows[i].q81_sums.get_unchecked(b)), mins[i]);
                     }
                 }
             }
             for i in 0..R {
-                _mm256_storeu_ps(y[i].as_mut_ptr().add(8 * half), _mm256_add_ps(acc[i], mins[i]));
+                let yi = if affine { _mm256_add_ps(acc[i], mins[i]) } else { acc[i] };
+                _mm256_storeu_ps(y[i].as_mut_ptr().add(8 * half), yi);
             }
         }
         for (i, yi) in y.iter().enumerate() {
