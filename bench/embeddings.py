@@ -690,7 +690,10 @@ def parse_args(argv=None):
     p.add_argument("--url", help="benchmark a running server instead of starting one")
     p.add_argument("--server-bin", default=str(REPO / ".venv" / "bin" / "ferroserve"),
                    help="ferroserve executable to start (default: <repo>/.venv/bin/ferroserve)")
-    p.add_argument("--server-args", default="", help="extra arguments for `ferroserve serve`")
+    # The response cache (issue 12) answers a repeated body from memory; every round here repeats
+    # the same inputs, so with the cache on round 2 would measure the cache, not the model.
+    p.add_argument("--server-args", default="--embed-cache-mb 0",
+                   help="extra arguments for `ferroserve serve` (default turns the response cache off)")
     p.add_argument("--port", type=int, default=0, help="port for the started server (0 = free)")
     p.add_argument("--ready-timeout", type=float, default=300.0)
     p.add_argument("--model", default="all-minilm", help="`model` field of the requests")
