@@ -150,3 +150,36 @@ def test_stored_responses_chain_update_finish_and_claim_on_postgres(database_url
         assert [r["id"] for r in store.response_chain("resp_3", "w")] == ["resp_3"]  # a deleted link ends it
     finally:
         store.close()
+
+
+# Tables only one backend has, and why: PostgreSQL records its applied migrations and keeps
+# the key-change counter replicas poll in a row (SQLite uses its own `PRAGMA data_version`).
+PG_ONLY_TABLES = {"schema_migrations", "key_version"}
+# Columns SQLite has implicitly: usage's newest-first tie-break orders by `rowid`, which
+# PostgreSQL spells out as an identity column of that name.
+PG_EXPLICIT_ROWID = {"usage"}
+
+
+def test_sqlite_and_postgres_schemas_have_the_same_tables_and_columns(database_url, tmp_path):
+    """The two schemas are written twice (store.py / batch_store.py for SQLite, pg_migrations.py
+    for PostgreSQL): a column added to one and not the other would break only the other backend."""
+    from ferroserve.gateway.store import Store
+
+    sqlite = Store(tmp_path)
+    try:
+        tables = [t for (t,) in sqlite.db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
+        lite = {t: {row[1] for row in sqlite.db.execute(f"PRAGMA table_info({t})")} for t in tables}
+        for t in PG_EXPLICIT_ROWID:
+            lite[t].add("rowid")
+    finally:
+        sqlite.close()
+    PostgresStore(database_url).close()  # applies the migrations
+    with psycopg.connect(database_url) as conn:
+        pg: dict[str, set[str]] = {}
+        for table, column in conn.execute(
+                "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = 'public'"):
+            pg.setdefault(table, set()).add(column)
+    assert set(pg) - PG_ONLY_TABLES == set(lite)
+    for table, columns in lite.items():
+        assert pg[table] == columns, f"{table}: only SQLite {columns - pg[table]}, only PostgreSQL {pg[table] - columns}"
