@@ -567,6 +567,11 @@ fn load_matrix(gguf: &GgufFile, name: &str, rows: usize, cols: usize, fast: bool
         return Err(format!("tensor {name}: rows of {cols} are not a multiple of 32"));
     }
     let panels = (fast && Panels::supports(wtype)).then(|| Panels::pack(wtype, t.bytes, rows, cols));
+    if panels.is_some() {
+        // The kernels read the panels only; the file's form is kept for views (OpenCL upload)
+        // and tied embeddings' row gathers, which read it back when they need it.
+        gguf.release_resident(t.bytes);
+    }
     Ok(Matrix { ptr: t.bytes.as_ptr(), len: t.bytes.len(), wtype, rows, cols, panels })
 }
 

@@ -606,6 +606,27 @@ impl GgufFile {
         })
     }
 
+    /// Drops this process's resident pages of `bytes`, a tensor's slice of this file's map,
+    /// once a loader has repacked it and reads only the copy: without it a repacked model
+    /// holds its weights twice in RSS (the 1B Q4_K_M file: 1.4 GB idle instead of 0.8).
+    /// Only whole pages inside the slice are dropped, so a neighbour's bytes stay resident.
+    /// Reading `bytes` again stays correct, just slower: the map is read-only and private and
+    /// never written, so a dropped page is read back from the page cache with the file's bytes.
+    pub fn release_resident(&self, bytes: &[u8]) {
+        let base = self.mmap.as_ptr() as usize;
+        let start = bytes.as_ptr() as usize;
+        assert!(start >= base && start + bytes.len() <= base + self.mmap.len(), "a slice of this map");
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+        let first = (start - base).next_multiple_of(page);
+        let end = (start - base + bytes.len()) / page * page;
+        if end > first {
+            // SAFETY: see above: MADV_DONTNEED on a read-only private file mapping changes
+            // residency, never contents; the borrowers of these bytes see the same values.
+            let _ = unsafe { self.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, first, end - first) };
+        }
+    }
+
     pub fn llama_hparams(&self) -> Result<LlamaHparams> {
         LlamaHparams::from_gguf(self)
     }
