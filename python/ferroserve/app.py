@@ -23,7 +23,7 @@ from granian.rsgi import ProtocolClosed
 
 from ferroserve import log
 from ferroserve.api import (
-    admin, batch_embeddings, batches, chat, completions, embeddings, estimate, files, history, models, openapi, responses, status,
+    admission, admin, batch_embeddings, batches, chat, completions, embeddings, estimate, files, history, models, openapi, responses, status,
     tokenize, usage,
 )
 from ferroserve.api.generate import SHUTDOWN, shutdown_error
@@ -113,6 +113,10 @@ class App:
             ("GET", batch_embeddings.RESULTS_PREFIX, self._batch_embeddings_download, PUBLIC, "/v1/batch-results/{id}"),
         ]
         self._paths = {path for _, path in self._routes}
+        # Routes whose refusals are decided before the body is read (api/admission.py); not
+        # embeddings while the embedding cache is on (a cached answer needs no engine).
+        self._refused_early = {path: capability for path, capability in admission.ROUTES.items()
+                               if capability != admission.EMBEDDINGS or self.embed_cache is None}
         # Every route has its operations in api/openapi.py: a route added without them fails here.
         openapi.check(self.route_list())
         self._openapi_json: bytes | None = None
@@ -248,6 +252,12 @@ class App:
                 ticket = gateway.open_ticket(scope, request_id, started, admin=access is ADMIN, metered=access is INFERENCE)
             metered = ticket.metered = access is INFERENCE
             ticket.route = label
+            capability = self._refused_early.get(label)
+            if capability is not None:
+                # A refusal answered in this first turn of the loop, without the body's turn.
+                refused = admission.refusal_before_body(self.registry, capability)
+                if refused is not None:
+                    raise refused
             if metered:
                 ticket.interactive = interactive_request()
             status, body, fields = await handler(scope, proto, ticket, arg)
