@@ -244,6 +244,7 @@ class App:
         ticket: Ticket | None = None
         label, access, cost, error_code = "other", PUBLIC, None, None
         metered = False
+        body_unread = False
         try:
             handler, access, label, arg = self._resolve(method, path)
             if gateway is None or access is PUBLIC:
@@ -257,6 +258,7 @@ class App:
                 # A refusal answered in this first turn of the loop, without the body's turn.
                 refused = admission.refusal_before_body(self.registry, capability)
                 if refused is not None:
+                    body_unread = True
                     raise refused
             if metered:
                 ticket.interactive = interactive_request()
@@ -305,6 +307,22 @@ class App:
             if metered and cost is None:
                 cost = gateway.settle(ticket, fields)
             gateway.record(ticket, started, label, status, fields, cost or 0.0, error_code, metered)
+        if body_unread:
+            await self._discard_body(scope, proto)
+
+    async def _discard_body(self, scope, proto) -> None:
+        """After a refusal answered before its body was read: the body is read now and dropped.
+        A request whose body is left unread ends its connection (hyper closes it, at times
+        without a `connection: close`, and a keep-alive client's next request on it fails); read,
+        the connection serves the client's next request. A client that never sends the body is
+        let go after `header_timeout_s`; one whose declared body is over the limit, at once."""
+        declared = scope.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.settings.max_body_bytes:
+            return
+        try:
+            await asyncio.wait_for(proto(), self.settings.header_timeout_s)
+        except (asyncio.TimeoutError, ProtocolClosed):
+            pass
 
     async def _read_body(self, scope, proto, ticket: Ticket | None = None) -> bytes:
         limit = self.settings.max_body_bytes
