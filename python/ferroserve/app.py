@@ -26,7 +26,7 @@ from ferroserve.api import (
     admission, admin, batch_embeddings, batches, chat, completions, embeddings, estimate, files, history, models, openapi, responses, status,
     tokenize, usage,
 )
-from ferroserve.api.generate import SHUTDOWN, shutdown_error
+from ferroserve.api.generate import SHUTDOWN, Disconnect, shutdown_error
 from ferroserve.backends.local import interactive_in_flight, interactive_request
 from ferroserve.config import SETTINGS_ENV, STARTUP_ERROR_ENV, Settings
 from ferroserve.errors import ApiError
@@ -396,9 +396,14 @@ class App:
 
     async def _embeddings(self, scope, proto, ticket, arg):
         body = await self._read_body(scope, proto, ticket)
-        out, extra, headers = await embeddings.create_embedding(self.router, body, self.settings.max_inputs, ticket, self.embed_cache)
-        ticket.extra_headers = headers
-        return 200, out, extra
+        # A client that goes away stops the wait (its place in the model's queue is freed; the
+        # engine's answer, when it comes, is dropped), as for chat.
+        with Disconnect(proto):
+            out, extra, headers = await embeddings.create_embedding(self.router, body, self.settings.max_inputs, ticket,
+                                                                    self.embed_cache)
+            ticket.extra_headers = headers
+            return 200, out, extra
+        return 499, None, {"client_disconnected": True}
 
     async def _tokenize(self, scope, proto, ticket, arg):
         return 200, tokenize.tokenize(self.registry, await self._read_body(scope, proto), ticket), {}
