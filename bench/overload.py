@@ -29,7 +29,11 @@ the capacity phase: the KV cache's pages are zeroed lazily, and freed blocks tha
 cached prefix are reused last, so RSS grows until every block of the KV budget has been used
 once (≈ 250 requests of this shape for the default 512 MiB) and is flat after that.
 Client times are locust's (the client shares the 2 cores with the server); the server's own
-times come from its access lines.
+times come from its access lines. Beside locust, a light prober in its own process (asyncio +
+aiohttp, `--probe-rate` requests/s, default 10; 0 turns it off) sends the same request during
+the overload and times its refusals, so a refusal's time is also known without locust's own
+queueing; its `x-probe-sent` header carries its send time (CLOCK_MONOTONIC) for a server that
+is instrumented to read it (bench/NOTES.md, "Refusals under overload").
 
 Results: a summary on stdout and bench/results/overload-<UTC time>.json (`--out`).
 """
