@@ -29,7 +29,11 @@ the capacity phase: the KV cache's pages are zeroed lazily, and freed blocks tha
 cached prefix are reused last, so RSS grows until every block of the KV budget has been used
 once (≈ 250 requests of this shape for the default 512 MiB) and is flat after that.
 Client times are locust's (the client shares the 2 cores with the server); the server's own
-times come from its access lines.
+times come from its access lines. Beside locust, a light prober in its own process (asyncio +
+aiohttp, `--probe-rate` requests/s, default 10; 0 turns it off) sends the same request during
+the overload and times its refusals, so a refusal's time is also known without locust's own
+queueing; its `x-probe-sent` header carries its send time (CLOCK_MONOTONIC) for a server that
+is instrumented to read it (bench/NOTES.md, "Refusals under overload").
 
 Results: a summary on stdout and bench/results/overload-<UTC time>.json (`--out`).
 """
@@ -222,8 +226,9 @@ def summary(rows: list[Row], seconds: float) -> dict:
     }
 
 
-def server_refusal_ms(log_path: Path, since_unix: float, until_unix: float) -> dict:
-    """The server's own time (access line `ms`) for each 503 of the overload window."""
+def server_refusal_ms(log_path: Path, since_unix: float, until_unix: float, probes: bool | None = None) -> dict:
+    """The server's own time (access line `ms`) for each 503 of the overload window (`probes`:
+    only the prober's (True), only locust's (False), or all)."""
     ms = []
     for line in log_path.read_text().splitlines():
         if not line.startswith("{"):
@@ -233,11 +238,73 @@ def server_refusal_ms(log_path: Path, since_unix: float, until_unix: float) -> d
         except ValueError:
             continue
         if entry.get("msg") == "request" and entry.get("status") == 503 and since_unix <= entry.get("ts", 0) <= until_unix:
-            ms.append(entry["ms"])
+            if probes is None or probes == str(entry.get("request_id", "")).startswith("probe-"):
+                ms.append(entry["ms"])
     return {"count": len(ms), "p50": percentile(ms, 50), "p99": percentile(ms, 99), "max": max(ms, default=None)}
 
 
+# The light prober ------------------------------------------------------------------------------------
+def probe(url: str, rate: float, seconds: float, max_tokens: int, out: str) -> None:
+    """Runs in its own process (no gevent, no locust): one request every 1/rate s, each on its
+    own asyncio task over a small keep-alive pool, timed from just before the request is
+    written to the last byte of the answer. Each carries its send time (CLOCK_MONOTONIC, which
+    the server's perf_counter shares) in `x-probe-sent`, and an `x-request-id` of `probe-N`,
+    so the server's access line tells how long it waited before our handler ran. Rows go to
+    `out` as JSON: [unix start, status, client ms, request id]."""
+    import asyncio
+
+    import aiohttp
+
+    rows: list = []
+
+    async def one(session, n: int) -> None:
+        body = {"model": "smollm2", "messages": [{"role": "user", "content": f"[probe {n}] Tell me a story."}],
+                "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+        request_id = f"probe-{n}"
+        started_unix = time.time()
+        t0 = time.perf_counter()
+        try:
+            async with session.post(url + "/v1/chat/completions", json=body,
+                                    headers={"x-probe-sent": str(time.monotonic_ns()), "x-request-id": request_id}) as r:
+                await r.read()
+                status = r.status
+        except Exception:  # a failure is a row too (status 0)
+            status = 0
+        rows.append((started_unix, status, (time.perf_counter() - t0) * 1000, request_id))
+
+    async def run() -> None:
+        connector = aiohttp.TCPConnector(limit=64)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
+            # Warm the pool: a handful of connections opened before the timed probes.
+            await asyncio.gather(*(session.get(url + "/health") for _ in range(4)))
+            tasks = []
+            t0 = time.monotonic()
+            for n in itertools.count():
+                due = t0 + n / rate
+                if due - t0 >= seconds:
+                    break
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+                tasks.append(asyncio.create_task(one(session, n)))
+            await asyncio.gather(*tasks)
+
+    asyncio.run(run())
+    Path(out).write_text(json.dumps(rows))
+
+
+def probe_summary(rows: list, since_unix: float) -> dict:
+    rows = [r for r in rows if r[0] >= since_unix]
+    refused = [ms for _, status, ms, _ in rows if status == 503]
+    return {"sent": len(rows), "refused": len(refused), "answered": sum(1 for r in rows if r[1] == 200),
+            "other": sum(1 for r in rows if r[1] not in (200, 503)),
+            "refused_ms": {"p50": percentile(refused, 50), "p90": percentile(refused, 90), "p99": percentile(refused, 99),
+                           "max": max(refused, default=None)}}
+
+
 def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--probe-worker":
+        url, rate, seconds, max_tokens, out = sys.argv[2:7]
+        probe(url, float(rate), float(seconds), int(max_tokens), out)
+        return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--duration", type=float, default=300.0, help="seconds of overload (default 300)")
     p.add_argument("--capacity-duration", type=float, default=60.0)
@@ -250,6 +317,8 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=60.0, help="a request slower than this is a hang")
     p.add_argument("--server-python", default=str(REPO / ".venv" / "bin" / "python"),
                    help="the Python that runs `-m ferroserve serve` (default: the repo's .venv)")
+    p.add_argument("--probe-rate", type=float, default=10.0,
+                   help="requests/s of the light prober during the overload (0: none)")
     p.add_argument("--out", type=Path)
     a = p.parse_args()
 
@@ -292,7 +361,14 @@ def main() -> int:
         sample()
         log(f"overload: {rate:.1f} req/s offered ({a.factor:g}x) by {users} users pacing {a.pacing:g} s, {a.duration:.0f} s")
         began = time.time()
+        prober = None
+        probe_out = WORK / "overload-probe.json"
+        if a.probe_rate > 0:
+            prober = subprocess.Popen([sys.executable, __file__, "--probe-worker", server.url, str(a.probe_rate),
+                                       str(a.duration), str(a.max_tokens), str(probe_out)])
         run_phase(user, server.url, records, "overload", users, rate, a.duration, sample)
+        if prober is not None:
+            prober.wait(timeout=180)
         # Arrivals ramp up over the first `pacing` s (users spawn at the arrival rate): the
         # figures are of the steady part after it (the whole phase must still hang nowhere).
         since, until = began + a.pacing, time.time()
@@ -300,6 +376,9 @@ def main() -> int:
         overload = summary([r for r in rows if r[0] >= since], until - since)
         overload["whole_phase"] = summary(rows, until - began)
         overload["server_refusal_ms"] = server_refusal_ms(server.log_path, since, until)
+        if prober is not None:
+            overload["probe"] = probe_summary(json.loads(probe_out.read_text()), since)
+            overload["probe"]["server_ms"] = server_refusal_ms(server.log_path, since, until, probes=True)
         gevent.sleep(5)
         in_flight_after = server.metric("ferroserve_admission_in_flight")
         rss_first, rss_values = rss[0][1], [b for _, b in rss]
@@ -317,6 +396,7 @@ def main() -> int:
             "admitted_p95_within_2x": bool(p95 and unloaded_p95 and p95 <= 2 * unloaded_p95),
             "refusal_p99_ms_client": overload["refused_ms"]["p99"],
             "refusal_p99_ms_server": overload["server_refusal_ms"]["p99"],
+            "refusal_p99_ms_probe": overload.get("probe", {}).get("refused_ms", {}).get("p99"),
             "refusal_p99_within_5ms_client": (overload["refused_ms"]["p99"] or 0) <= 5.0,
             "rss_within_5pct": result["rss"]["max_drift_pct"] <= 5.0,
             "no_hangs": overload["whole_phase"]["other"] == 0 and in_flight_after == 0,

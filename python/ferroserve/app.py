@@ -23,10 +23,10 @@ from granian.rsgi import ProtocolClosed
 
 from ferroserve import log
 from ferroserve.api import (
-    admin, batch_embeddings, batches, chat, completions, embeddings, estimate, files, history, models, openapi, responses, status,
+    admission, admin, batch_embeddings, batches, chat, completions, embeddings, estimate, files, history, models, openapi, responses, status,
     tokenize, usage,
 )
-from ferroserve.api.generate import SHUTDOWN, shutdown_error
+from ferroserve.api.generate import SHUTDOWN, Disconnect, shutdown_error
 from ferroserve.backends.local import interactive_in_flight, interactive_request
 from ferroserve.config import SETTINGS_ENV, STARTUP_ERROR_ENV, Settings
 from ferroserve.errors import ApiError
@@ -113,6 +113,10 @@ class App:
             ("GET", batch_embeddings.RESULTS_PREFIX, self._batch_embeddings_download, PUBLIC, "/v1/batch-results/{id}"),
         ]
         self._paths = {path for _, path in self._routes}
+        # Routes whose refusals are decided before the body is read (api/admission.py); not
+        # embeddings while the embedding cache is on (a cached answer needs no engine).
+        self._refused_early = {path: capability for path, capability in admission.ROUTES.items()
+                               if capability != admission.EMBEDDINGS or self.embed_cache is None}
         # Every route has its operations in api/openapi.py: a route added without them fails here.
         openapi.check(self.route_list())
         self._openapi_json: bytes | None = None
@@ -240,6 +244,7 @@ class App:
         ticket: Ticket | None = None
         label, access, cost, error_code = "other", PUBLIC, None, None
         metered = False
+        body_unread = False
         try:
             handler, access, label, arg = self._resolve(method, path)
             if gateway is None or access is PUBLIC:
@@ -248,6 +253,13 @@ class App:
                 ticket = gateway.open_ticket(scope, request_id, started, admin=access is ADMIN, metered=access is INFERENCE)
             metered = ticket.metered = access is INFERENCE
             ticket.route = label
+            capability = self._refused_early.get(label)
+            if capability is not None:
+                # A refusal answered in this first turn of the loop, without the body's turn.
+                refused = admission.refusal_before_body(self.registry, capability)
+                if refused is not None:
+                    body_unread = True
+                    raise refused
             if metered:
                 ticket.interactive = interactive_request()
             status, body, fields = await handler(scope, proto, ticket, arg)
@@ -295,6 +307,22 @@ class App:
             if metered and cost is None:
                 cost = gateway.settle(ticket, fields)
             gateway.record(ticket, started, label, status, fields, cost or 0.0, error_code, metered)
+        if body_unread:
+            await self._discard_body(scope, proto)
+
+    async def _discard_body(self, scope, proto) -> None:
+        """After a refusal answered before its body was read: the body is read now and dropped.
+        A request whose body is left unread ends its connection (hyper closes it, at times
+        without a `connection: close`, and a keep-alive client's next request on it fails); read,
+        the connection serves the client's next request. A client that never sends the body is
+        let go after `header_timeout_s`; one whose declared body is over the limit, at once."""
+        declared = scope.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.settings.max_body_bytes:
+            return
+        try:
+            await asyncio.wait_for(proto(), self.settings.header_timeout_s)
+        except (asyncio.TimeoutError, ProtocolClosed):
+            pass
 
     async def _read_body(self, scope, proto, ticket: Ticket | None = None) -> bytes:
         limit = self.settings.max_body_bytes
@@ -368,9 +396,14 @@ class App:
 
     async def _embeddings(self, scope, proto, ticket, arg):
         body = await self._read_body(scope, proto, ticket)
-        out, extra, headers = await embeddings.create_embedding(self.router, body, self.settings.max_inputs, ticket, self.embed_cache)
-        ticket.extra_headers = headers
-        return 200, out, extra
+        # A client that goes away stops the wait (its place in the model's queue is freed; the
+        # engine's answer, when it comes, is dropped), as for chat.
+        with Disconnect(proto):
+            out, extra, headers = await embeddings.create_embedding(self.router, body, self.settings.max_inputs, ticket,
+                                                                    self.embed_cache)
+            ticket.extra_headers = headers
+            return 200, out, extra
+        return 499, None, {"client_disconnected": True}
 
     async def _tokenize(self, scope, proto, ticket, arg):
         return 200, tokenize.tokenize(self.registry, await self._read_body(scope, proto), ticket), {}

@@ -163,3 +163,52 @@ def test_a_thousand_disconnects_leave_nothing_behind(srv):
     assert all(e[0].get("completion_tokens", 0) >= 1 for rid, e in by_id.items()
                if rid.startswith(("dc-stream-", "dc-completions-")))
     assert not re.search(r'"status":5\d\d', log)
+
+
+def test_an_embedding_client_that_leaves_is_let_go_at_once(srv):
+    """A /v1/embeddings client that goes away while its vectors are computed is one 499 line
+    at once: the handler stops waiting and frees its place in the model's queue (the engine's
+    answer is dropped when it comes), instead of waiting for the engine and answering no one
+    with a 200."""
+    leavers = 3
+    passage = " ".join(["the quick brown fox jumps over the lazy dog"] * 25)
+
+    def body_of(n: int) -> bytes:  # ≈ 3,600 tokens, distinct per request (no cache hit)
+        return json.dumps({"model": "all-minilm", "input": [f"{n} {i} {passage}" for i in range(16)]}).encode()
+
+    body = body_of(-1)
+    started = time.perf_counter()
+    r = httpx.post(srv.url + "/v1/embeddings", content=body, headers={"content-type": "application/json"}, timeout=120)
+    full_ms = (time.perf_counter() - started) * 1000  # what a client that waits waits, alone
+    assert r.status_code == 200, r.text
+
+    async def leave(i: int) -> None:
+        body = body_of(i)
+        head = (f"POST /v1/embeddings HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+                f"x-request-id: embed-dc-{i}\r\ncontent-length: {len(body)}\r\n\r\n").encode()
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        writer.write(head + body)
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.transport.abort()
+
+    async def leave_all() -> None:
+        await asyncio.gather(*(leave(i) for i in range(leavers)))
+
+    asyncio.run(leave_all())
+    deadline = time.monotonic() + 10 + leavers * full_ms / 1000
+    while True:
+        lines = [json.loads(line) for line in srv.log_path.read_text().splitlines()
+                 if line.startswith("{") and '"request_id":"embed-dc-' in line]
+        if len(lines) >= leavers or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert sorted(e["request_id"] for e in lines) == [f"embed-dc-{i}" for i in range(leavers)], lines
+    for e in lines:
+        # Together they take about `leavers` x full_ms in the engine; a handler that waited for
+        # its vectors would log a 200 after about that long.
+        assert e["status"] == 499 and e.get("client_disconnected") is True, e
+        assert e["ms"] < max(full_ms, 200), (e, full_ms)
+    in_flight = [s.value for f in text_string_to_metric_families(httpx.get(srv.url + "/metrics", timeout=10).text)
+                 if f.name == "ferroserve_admission_in_flight" for s in f.samples]
+    assert in_flight and sum(in_flight) == 0, in_flight

@@ -14,6 +14,7 @@ import concurrent.futures
 import http.client
 import json
 import re
+import socket
 import threading
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ WAVE = 12  # requests fired at once: three times the bound
 WAVES = 6
 MAX_TOKENS = 24
 REJECTION_BUDGET_S = 0.1  # each rejection's wall time as the client sees it (generous for CI)
+LONG_PROMPT_WORDS = 500  # ≈ 1,400 tokens: a prefill step of a second or more on 2 vCPUs
 
 
 def _models() -> tuple[Path, Path]:
@@ -198,3 +200,88 @@ kind = "chat"
     finally:
         srv.stop()
         spare.stop()
+
+
+def _refusal_without_body(port: int) -> tuple[float, str, dict, dict]:
+    """A chat request whose head says 100 body bytes that never come: (seconds to the whole
+    answer, status line, headers, JSON body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        started = time.perf_counter()
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+                  b"content-length: 100\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(65536)
+            assert chunk, f"the server closed the connection: {data!r}"
+            data += chunk
+        head, body = data.split(b"\r\n\r\n", 1)
+        lines = head.decode().split("\r\n")
+        headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+        while len(body) < int(headers["content-length"]):
+            body += s.recv(65536)
+        return time.perf_counter() - started, lines[0], headers, json.loads(body)
+
+
+def test_a_refusal_waits_neither_for_its_body_nor_for_a_long_engine_step():
+    """Refusals are decided before the body is read and never behind the engine's work: with
+    the one running place taken by a request whose prompt is prefilled in one long step
+    (FERROSERVE_MAX_BATCH_TOKENS covers it) and the one queue place taken too, requests sent
+    during that step are refused in a small fraction of it, and so is one whose body never
+    comes (a server that read the body first would wait for it)."""
+    srv = Server(["--max-queue", "1", "--log-level", "warning"],
+                 env={"FERROSERVE_MAX_RUNNING": "1", "FERROSERVE_MAX_BATCH_TOKENS": str(LONG_PROMPT_WORDS * 3)})
+    try:
+        srv.wait_ready()
+        first_byte: dict[int, float] = {}
+        sent: dict[int, float] = {}
+
+        def hold(i: int) -> None:
+            # The first runs (a long prompt), the second waits (a short one).
+            content = f"{i} " + " ".join(f"word{(i * 7 + j) % 997}" for j in range(LONG_PROMPT_WORDS if i == 1 else 5))
+            body = {"model": "smollm2", "messages": [{"role": "user", "content": content}], "max_tokens": 2, "stream": True}
+            sent[i] = time.perf_counter()
+            with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=120) as r:
+                first_byte[i] = time.perf_counter()  # headers: after the step that admitted it
+                assert r.status_code == 200, r.read()
+                r.read()
+
+        holders = [threading.Thread(target=hold, args=(i,)) for i in (1, 2)]
+        for t in holders:
+            t.start()
+            time.sleep(0.05)
+        deadline = time.monotonic() + 30
+        while _metric(httpx.get(srv.url + "/metrics", timeout=10).text, "ferroserve_admission_in_flight",
+                      "SmolLM2-135M-Instruct") < 2:
+            assert time.monotonic() < deadline and not first_byte, "the two long requests were not both in flight"
+            time.sleep(0.01)
+        refusals: list[float] = []
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+        while 1 not in first_byte:
+            started = time.perf_counter()
+            conn.request("POST", "/v1/chat/completions", body=json.dumps(_chat_body(len(refusals), False)).encode(),
+                         headers={"content-type": "application/json"})
+            r = conn.getresponse()
+            text = r.read().decode()
+            seconds = time.perf_counter() - started
+            if 1 in first_byte:
+                break  # the step ended meanwhile
+            assert r.status == 503 and json.loads(text)["error"]["code"] == "capacity_unavailable", text
+            refusals.append(seconds)
+            if len(refusals) == 3:
+                seconds, status_line, headers, body = _refusal_without_body(srv.port)
+                assert status_line.startswith("HTTP/1.1 503"), status_line
+                assert body["error"]["code"] == "capacity_unavailable" and int(headers["retry-after"]) >= 1, body
+                refusals.append(seconds)
+            time.sleep(0.02)
+        conn.close()
+        for t in holders:
+            t.join(120)
+        step_s = first_byte[1] - sent[1]
+        # The prompt's one step must be long for this to show anything (seconds on 2 vCPUs;
+        # a machine ten times faster still takes longer than this).
+        assert step_s > 0.2, f"the long prefill took only {step_s * 1000:.0f} ms"
+        assert len(refusals) >= 4, f"{len(refusals)} refusals during a {step_s:.2f} s step"
+        assert max(refusals) < min(0.25, step_s / 4), (f"slowest refusal {max(refusals) * 1000:.1f} ms during a "
+                                                        f"{step_s * 1000:.0f} ms step: {[round(x * 1000, 1) for x in refusals]}")
+    finally:
+        srv.stop()

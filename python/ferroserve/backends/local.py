@@ -159,6 +159,15 @@ class LocalEmbeddingModel(EngineWatcher, Backend):
             else:
                 fut.set_exception(_failure(event[2], event[3], event[4] if len(event) > 4 else None))
 
+    def at_capacity(self) -> AtCapacity | None:
+        """The refusal a new interactive request gets now (counted), or None if it would be admitted."""
+        if self._in_flight < self.max_queue:
+            return None
+        self._rejections += 1
+        return AtCapacity(f"The model `{self.name}` is at capacity: {self._in_flight} requests are in its engine "
+                          f"(the limit is {self.max_queue}). Please retry after {CAPACITY_RETRY_AFTER_S:g} s.",
+                          CAPACITY_RETRY_AFTER_S)
+
     def count_embed_tokens(self, request: EmbedRequest) -> int:
         """The prompt tokens `embed` would charge, without running anything."""
         try:
@@ -169,11 +178,9 @@ class LocalEmbeddingModel(EngineWatcher, Backend):
     async def embed(self, request: EmbedRequest) -> EmbeddingResult:
         assert self._loop is not None, "model not attached to the event loop"
         interactive = request.priority == "interactive"
-        if interactive and self._in_flight >= self.max_queue:
-            self._rejections += 1
-            raise AtCapacity(f"The model `{self.name}` is at capacity: {self._in_flight} requests are in its engine "
-                             f"(the limit is {self.max_queue}). Please retry after {CAPACITY_RETRY_AFTER_S:g} s.",
-                             CAPACITY_RETRY_AFTER_S)
+        rejected = self.at_capacity() if interactive else None
+        if rejected is not None:
+            raise rejected
         request_id = next(_request_ids)
         fut = self._loop.create_future()
         self._pending[request_id] = fut
@@ -301,7 +308,8 @@ class LocalChatModel(EngineWatcher, Backend):
             return over
         return max(over, self.engine.stats()["waiting_sequences"] - self._batch_in_flight, 0)
 
-    def _at_capacity(self) -> AtCapacity | None:
+    def at_capacity(self) -> AtCapacity | None:
+        """The refusal a new interactive request gets now (counted), or None if it would be admitted."""
         waiting = self.waiting()
         if waiting < self.max_queue:
             return None
@@ -398,7 +406,7 @@ class LocalChatModel(EngineWatcher, Backend):
         interactive = request.priority == "interactive"
         # First, so a refusal costs no grammar or tokenizing; nothing below awaits before the
         # submit counts the request, so concurrent requests cannot slip past the bound together.
-        rejected = self._at_capacity() if interactive else None
+        rejected = self.at_capacity() if interactive else None
         if rejected is not None:
             yield Failed(rejected)
             return
