@@ -461,3 +461,44 @@ def test_embeddings_route_and_auto_answer_with_routing(faults):
     named = httpx.post(front.url + "/v1/embeddings", json={"model": "peer-embed", "input": "route me",
                                                            "route": {"fallbacks": ["minilm"]}})
     assert named.json()["routing"]["selected"] == "peer-embed" and named.json()["model"] == "peer-embed"
+
+
+def _interactive_in_flight(url: str) -> float:
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith("ferroserve_interactive_in_flight "):
+            return float(line.split()[1])
+    raise AssertionError("/metrics has no ferroserve_interactive_in_flight")
+
+
+def test_a_request_served_only_upstream_does_not_hold_back_local_batch_work(setup, tmp_path):
+    """Batch work on this server's engines gives way to interactive requests in flight; one
+    whose every candidate is another server's does not use these engines, so it is counted
+    there (the upstream) and not here."""
+    upstream = setup["upstream"]
+    config = tmp_path / "remote-only.toml"
+    config.write_text(f"""
+[[backends]]
+name = "peer"
+kind = "upstream"
+base_url = "{upstream.url}/v1"
+
+[[models]]
+name = "remote"
+backend = "peer"
+kind = "chat"
+upstream_model = "smollm2"
+""")
+    front = Server(["--config", str(config), "--insecure-no-auth", "--log-level", "warning"])
+    try:
+        front.wait_ready()
+        body = {"model": "remote", "messages": [{"role": "user", "content": "Count to fifty."}], "max_tokens": 48,
+                "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", front.url + "/v1/chat/completions", json=body, timeout=120) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))  # the stream is open
+            assert _interactive_in_flight(upstream.url) > 0  # where it runs
+            assert _interactive_in_flight(front.url) == 0
+            assert [line for line in lines if line == "data: [DONE]"]
+    finally:
+        front.stop()

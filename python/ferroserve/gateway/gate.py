@@ -131,6 +131,9 @@ class Ticket:
             raise ApiError(403, f"This API key may not use any model `{plan.requested}` can route to.", param="model",
                            code="model_not_allowed")
         plan.candidates = allowed
+        if not any(m.spec.backend == "local" for m in allowed):
+            # Served by other servers only: batch work on this server's engines need not wait.
+            self.end_interactive()
 
     def served(self, model: LoadedModel, plan: Plan | None = None) -> None:
         """The candidate that serves: its prices apply, and the usage record names it."""
