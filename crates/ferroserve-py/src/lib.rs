@@ -72,6 +72,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(opencl_devices, m)?)?;
     m.add_function(wrap_pyfunction!(write_kernel_binaries, m)?)?;
     m.add_class::<embeddings::PyEmbeddingEngine>()?;
+    m.add_class::<embeddings::PyVectors>()?;
     m.add_class::<chat::PyChatEngine>()?;
     m.add_class::<interactive::PyInteractiveRequest>()?;
     errors::register(m)?;
