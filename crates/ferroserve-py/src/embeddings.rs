@@ -5,9 +5,7 @@ use std::path::PathBuf;
 use std::ptr;
 use std::time::Duration;
 
-use ferroserve_core::embed::EmbedInput;
-use ferroserve_core::sched::{InteractiveLoad, Priority};
-use ferroserve_core::{DeviceChoice, EmbedOutput, EmbeddingEngine, EmbeddingEngineConfig};
+use ferroserve_core::{DeviceChoice, EmbedInput, EmbedOutput, EmbeddingEngine, EmbeddingEngineConfig, InteractiveLoad, Priority};
 use pyo3::exceptions::PyBufferError;
 use pyo3::ffi;
 use pyo3::prelude::*;
@@ -28,7 +26,7 @@ impl PyEmbeddingEngine {
     /// `DeviceError`; falling back to the CPU is the caller's decision. Batch-priority inputs
     /// run in passes of at most `batch_pass_tokens` (`batch_pass_tokens_busy` while
     /// interactive traffic is recent), and wait while interactive requests are in flight on
-    /// any engine of this process. (The defaults are `ferroserve_core::embed`'s, written out so
+    /// any engine of this process. (The defaults are `ferroserve_core::EmbeddingEngineConfig`'s, written out so
     /// the signature shows them.)
     #[new]
     #[pyo3(signature = (path, max_batch_tokens = 16384, max_wait_us = 1000, device = "cpu", kernel_binaries = None, batch_pass_tokens = 2048, batch_pass_tokens_busy = 16))]
