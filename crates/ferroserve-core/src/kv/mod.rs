@@ -56,12 +56,20 @@ pub struct KvUsage {
     pub total_blocks: usize,
 }
 
+/// Where a [`KvCache`]'s K and V blocks live.
+#[derive(Debug)]
+enum Storage {
+    /// Here, per layer: `num_blocks · layout.block_elems()` f16 values each for K and for V.
+    Host { k: Vec<Vec<u16>>, v: Vec<Vec<u16>> },
+    /// In a device's memory, which the model manages (`models::llama_opencl`); the cache
+    /// keeps only the bookkeeping.
+    Device { layers: usize },
+}
+
 pub struct KvCache {
     cfg: KvCacheConfig,
     layout: PagedKvLayout,
-    /// Per layer, `num_blocks · layout.block_elems()` f16 values each.
-    k: Vec<Vec<u16>>,
-    v: Vec<Vec<u16>>,
+    storage: Storage,
     pool: BlockPool,
     prefix: PrefixCache,
 }
@@ -70,7 +78,8 @@ impl std::fmt::Debug for KvCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KvCache")
             .field("cfg", &self.cfg)
-            .field("layers", &self.k.len())
+            .field("layers", &self.num_layers())
+            .field("on_host", &self.has_storage())
             .field("layout", &self.layout)
             .field("free_blocks", &self.pool.num_free())
             .field("registered_blocks", &self.prefix.len())
@@ -85,33 +94,24 @@ impl KvCache {
         let elems = cfg.num_blocks.checked_mul(layout.block_elems()).expect("KV cache size overflows");
         // Zeroed allocations come from the OS as untouched pages: memory is committed as
         // blocks are first written, not for the whole budget up front.
-        KvCache {
-            cfg,
-            layout,
+        let storage = Storage::Host {
             k: (0..layers).map(|_| vec![0u16; elems]).collect(),
             v: (0..layers).map(|_| vec![0u16; elems]).collect(),
-            pool: BlockPool::new(cfg.num_blocks),
-            prefix: PrefixCache::new(cfg.num_blocks),
-        }
+        };
+        KvCache { cfg, layout, storage, pool: BlockPool::new(cfg.num_blocks), prefix: PrefixCache::new(cfg.num_blocks) }
     }
 
     /// The block pool and prefix cache only, for a device that keeps the K and V storage in
-    /// its own memory (`models::llama_opencl`): [`KvCache::layer`] is then empty.
+    /// its own memory (`models::llama_opencl`): [`KvCache::layer`] then panics.
     pub fn without_storage(cfg: KvCacheConfig, layers: usize, kv_heads: usize, head_dim: usize) -> Self {
         let layout = PagedKvLayout::new(cfg.block_tokens, kv_heads, head_dim);
-        KvCache {
-            cfg,
-            layout,
-            k: (0..layers).map(|_| Vec::new()).collect(),
-            v: (0..layers).map(|_| Vec::new()).collect(),
-            pool: BlockPool::new(cfg.num_blocks),
-            prefix: PrefixCache::new(cfg.num_blocks),
-        }
+        let storage = Storage::Device { layers };
+        KvCache { cfg, layout, storage, pool: BlockPool::new(cfg.num_blocks), prefix: PrefixCache::new(cfg.num_blocks) }
     }
 
     /// Whether [`KvCache::layer`] holds the blocks (false for [`KvCache::without_storage`]).
     pub fn has_storage(&self) -> bool {
-        self.cfg.num_blocks == 0 || self.k.first().is_none_or(|k| !k.is_empty())
+        matches!(self.storage, Storage::Host { .. })
     }
 
     /// As many blocks as fit in `budget_bytes` (K and V of every layer; bookkeeping aside).
@@ -137,7 +137,10 @@ impl KvCache {
     }
 
     pub fn num_layers(&self) -> usize {
-        self.k.len()
+        match &self.storage {
+            Storage::Host { k, .. } => k.len(),
+            Storage::Device { layers } => *layers,
+        }
     }
 
     /// Blocks no sequence holds (some may still serve prefix-cache hits until reused).
@@ -211,12 +214,19 @@ impl KvCache {
     }
 
     /// Layer `layer`'s K and V storage (f16 bits, laid out as [`KvCache::layout`] says).
+    /// Panics for a cache [`without_storage`](KvCache::without_storage).
     pub fn layer(&self, layer: usize) -> (&[u16], &[u16]) {
-        (&self.k[layer], &self.v[layer])
+        match &self.storage {
+            Storage::Host { k, v } => (&k[layer], &v[layer]),
+            Storage::Device { .. } => panic!("the KV blocks are in a device's memory, not here"),
+        }
     }
 
     pub fn layer_mut(&mut self, layer: usize) -> (&mut [u16], &mut [u16]) {
-        (&mut self.k[layer], &mut self.v[layer])
+        match &mut self.storage {
+            Storage::Host { k, v } => (&mut k[layer], &mut v[layer]),
+            Storage::Device { .. } => panic!("the KV blocks are in a device's memory, not here"),
+        }
     }
 }
 
@@ -299,6 +309,27 @@ mod tests {
         assert_eq!(reused, blocks[0]);
         assert!(kv.lookup_prefix(&prompt).is_empty(), "the chain is broken at its first block");
         assert_eq!(kv.num_cached_blocks(), 1);
+    }
+
+    #[test]
+    fn storage_is_a_mode_not_a_size() {
+        let cfg = KvCacheConfig { block_tokens: 16, num_blocks: 2 };
+        let host = KvCache::new(cfg, 3, 2, 64);
+        let device = KvCache::without_storage(cfg, 3, 2, 64);
+        assert!(host.has_storage() && !device.has_storage());
+        assert_eq!((host.num_layers(), device.num_layers()), (3, 3));
+        assert_eq!(host.layer(2).0.len(), 2 * host.layout().block_elems());
+        // With no blocks at all, the mode still tells the two apart.
+        let empty = KvCacheConfig { block_tokens: 16, num_blocks: 0 };
+        assert!(KvCache::new(empty, 3, 2, 64).has_storage());
+        assert!(!KvCache::without_storage(empty, 3, 2, 64).has_storage());
+    }
+
+    #[test]
+    #[should_panic(expected = "in a device's memory")]
+    fn a_device_cache_has_no_host_layers() {
+        let cfg = KvCacheConfig { block_tokens: 16, num_blocks: 2 };
+        let _ = KvCache::without_storage(cfg, 1, 1, 64).layer(0);
     }
 
     #[test]
