@@ -3,7 +3,7 @@
 from os import PathLike
 from typing import Any, final
 
-__all__ = ['__version__', 'cpu_isa', 'cpu_isa_levels', 'opencl_devices', 'write_kernel_binaries', 'EmbeddingEngine', 'ChatEngine', 'InteractiveRequest', 'FerroserveError', 'InvalidRequest', 'ContextLengthExceeded', 'Overloaded', 'EngineDead', 'ModelLoadError', 'DeviceError']
+__all__ = ['__version__', 'cpu_isa', 'cpu_isa_levels', 'opencl_devices', 'write_kernel_binaries', 'EmbeddingEngine', 'Vectors', 'ChatEngine', 'InteractiveRequest', 'FerroserveError', 'InvalidRequest', 'ContextLengthExceeded', 'Overloaded', 'EngineDead', 'ModelLoadError', 'DeviceError']
 __version__: str
 
 def cpu_isa() -> str: ...
@@ -29,6 +29,12 @@ class InteractiveRequest:
     def in_flight() -> int: ...
 
 @final
+class Vectors:
+    """One request's vectors: a read-only (rows, dim) float32 buffer (buffer protocol;
+    `numpy.asarray` views it without a copy). Only the engine makes them (`drain()`)."""
+    def __len__(self) -> int: ...
+
+@final
 class EmbeddingEngine:
     def __new__(
         cls,
@@ -46,15 +52,13 @@ class EmbeddingEngine:
         texts: list[str] | None = None,
         token_lists: list[list[int]] | None = None,
         dimensions: int | None = None,
-        base64: bool = False,
         *,
         priority: str = "interactive",  # or "batch"
-        f32: bool = False,
     ) -> int: ...
     def count_tokens(self, texts: list[str] | None = None, token_lists: list[list[int]] | None = None) -> int: ...
     def stats(self) -> dict[str, int]: ...
     def fd(self) -> int: ...
-    def drain(self) -> list[tuple[Any, ...]]: ...
+    def drain(self) -> list[tuple[Any, ...]]: ...  # (id, True, Vectors, prompt_tokens) | (id, False, kind, message, param)
     @property
     def dim(self) -> int: ...
     @property

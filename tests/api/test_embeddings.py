@@ -47,6 +47,25 @@ def test_raw_base64_is_little_endian_float32(server, minilm_reference):
     assert cosine(vec, item["embedding"]) >= 0.9999
 
 
+def test_float_and_base64_outputs_are_the_same_float32_bit_for_bit(server, minilm_reference):
+    """The engine hands back float32 vectors; the HTTP layer writes them as JSON numbers or
+    base64. Both must decode to the very same float32 values, also with `dimensions`
+    (re-normalised in the engine)."""
+    import httpx
+
+    texts = [it["text"] for it in minilm_reference[:5]]
+    for extra in ({}, {"dimensions": 64}):
+        as_float = httpx.post(server.url + "/v1/embeddings", json={"model": MODEL, "input": texts, **extra})
+        as_b64 = httpx.post(server.url + "/v1/embeddings",
+                            json={"model": MODEL, "input": texts, "encoding_format": "base64", **extra})
+        assert as_float.status_code == 200 and as_b64.status_code == 200
+        for f, b in zip(as_float.json()["data"], as_b64.json()["data"], strict=True):
+            numbers = np.array(f["embedding"], dtype=np.float32)
+            raw = np.frombuffer(base64.b64decode(b["embedding"]), dtype="<f4")
+            assert raw.shape == (extra.get("dimensions", 384),)
+            assert numbers.tobytes() == raw.tobytes()
+
+
 @pytest.mark.isa_matrix
 def test_single_and_batched_give_identical_vectors(client, minilm_reference):
     texts = [it["text"] for it in minilm_reference[:12]]

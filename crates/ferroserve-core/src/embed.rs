@@ -1,7 +1,5 @@
 //! The embedding engine: tokenizer + BERT model + batcher thread + completion queue.
 
-use std::fmt::Write as _;
-use std::io::Write as _;
 use std::path::Path;
 use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
@@ -24,22 +22,12 @@ pub enum EmbedInput {
     Tokens(Vec<u32>),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Encoding {
-    /// A JSON array of numbers.
-    Float,
-    /// A JSON string: base64 of little-endian float32 (OpenAI's format).
-    Base64,
-    /// No JSON: the rows as little-endian float32, back to back (for callers that want the
-    /// vectors themselves, e.g. batch jobs writing them to a file).
-    F32,
-}
-
-/// One finished request: the response's whole `data` array, already JSON-encoded
-/// (built on the batcher thread so the HTTP layer only wraps it); with [`Encoding::F32`],
-/// the rows as little-endian float32 instead.
+/// One finished request: its vectors, one row of `dim` float32 per input, back to back (cut
+/// to the request's `dimensions` and re-normalised). The engine hands back numbers only; the
+/// wire format (OpenAI's JSON, base64) is the HTTP layer's business.
 pub struct EmbedOutput {
-    pub data_json: Vec<u8>,
+    pub vectors: Vec<f32>,
+    pub dim: usize,
     pub prompt_tokens: usize,
 }
 
@@ -237,7 +225,7 @@ impl EmbeddingEngine {
     /// arrives as an [`EmbedEvent`] on the notifier. Returns the prompt token count.
     /// Batch-priority inputs go into passes only after every waiting interactive input, and
     /// not while interactive requests are in flight elsewhere on the server.
-    pub fn submit(&self, request_id: u64, inputs: Vec<EmbedInput>, dimensions: Option<usize>, encoding: Encoding, priority: Priority) -> Result<usize> {
+    pub fn submit(&self, request_id: u64, inputs: Vec<EmbedInput>, dimensions: Option<usize>, priority: Priority) -> Result<usize> {
         if inputs.is_empty() {
             return Err(Error::invalid("input", "input must not be empty"));
         }
@@ -251,26 +239,11 @@ impl EmbeddingEngine {
         let notifier = self.notifier.clone();
         let dim = self.dim;
         let done = Box::new(move |vectors: Result<Vec<f32>>| {
-            let vectors = match vectors {
-                Ok(v) => v,
-                Err(e) => return notifier.push(EmbedEvent { request_id, result: Err(e) }),
-            };
-            if encoding == Encoding::F32 {
-                let data = vectors.chunks_exact(dim).flat_map(|v| truncated(v, dimensions)).flat_map(f32::to_le_bytes).collect();
-                return notifier.push(EmbedEvent { request_id, result: Ok(EmbedOutput { data_json: data, prompt_tokens }) });
-            }
-            let mut data_json = Vec::with_capacity(vectors.len() * 12 + 64);
-            data_json.push(b'[');
-            for (i, v) in vectors.chunks_exact(dim).enumerate() {
-                if i > 0 {
-                    data_json.push(b',');
-                }
-                let _ = write!(data_json, "{{\"object\":\"embedding\",\"index\":{i},\"embedding\":");
-                data_json.extend(encode_row(v, dimensions, encoding));
-                data_json.push(b'}');
-            }
-            data_json.push(b']');
-            notifier.push(EmbedEvent { request_id, result: Ok(EmbedOutput { data_json, prompt_tokens }) });
+            let result = vectors.map(|vectors| match dimensions {
+                Some(d) if d < dim => EmbedOutput { vectors: truncated_rows(&vectors, dim, d), dim: d, prompt_tokens },
+                _ => EmbedOutput { vectors, dim, prompt_tokens },
+            });
+            notifier.push(EmbedEvent { request_id, result });
         });
         let in_flight = (priority == Priority::Interactive).then(|| self.interactive.enter());
         self.jobs.send(BatchJob { seqs, priority, in_flight, done }).map_err(|_| Error::EngineDead)?;
@@ -313,58 +286,15 @@ fn batcher_config(cfg: &EmbeddingEngineConfig, max_len: usize) -> BatcherConfig 
     }
 }
 
-/// The row cut to `dimensions` (re-normalised, as OpenAI does).
-fn truncated(v: &[f32], dimensions: Option<usize>) -> Vec<f32> {
-    let mut v = v.to_vec();
-    if let Some(d) = dimensions {
-        if d < v.len() {
-            v.truncate(d);
-            normalize(&mut v);
-        }
+/// Each row of `dim` cut to its first `dimensions` values and re-normalised (as OpenAI does).
+fn truncated_rows(vectors: &[f32], dim: usize, dimensions: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(vectors.len() / dim * dimensions);
+    for row in vectors.chunks_exact(dim) {
+        let start = out.len();
+        out.extend_from_slice(&row[..dimensions]);
+        normalize(&mut out[start..]);
     }
-    v
-}
-
-/// Truncates to `dimensions` and encodes as JSON.
-fn encode_row(v: &[f32], dimensions: Option<usize>, encoding: Encoding) -> Vec<u8> {
-    let v = truncated(v, dimensions);
-    match encoding {
-        Encoding::Float => {
-            let mut s = String::with_capacity(v.len() * 12 + 2);
-            s.push('[');
-            for (i, x) in v.iter().enumerate() {
-                if i > 0 {
-                    s.push(',');
-                }
-                // Shortest repr that round-trips the f32; JSON has no NaN/inf.
-                let x = if x.is_finite() { *x } else { 0.0 };
-                let _ = write!(s, "{x}");
-            }
-            s.push(']');
-            s.into_bytes()
-        }
-        Encoding::Base64 | Encoding::F32 => {
-            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-            let mut out = Vec::with_capacity(bytes.len() * 4 / 3 + 4);
-            out.push(b'"');
-            base64_into(&bytes, &mut out);
-            out.push(b'"');
-            out
-        }
-    }
-}
-
-/// Standard base64 with padding (RFC 4648), appended to `out`.
-fn base64_into(bytes: &[u8], out: &mut Vec<u8>) {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    for chunk in bytes.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
-        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
-        out.push(ALPHABET[(n >> 18) as usize & 63]);
-        out.push(ALPHABET[(n >> 12) as usize & 63]);
-        out.push(if chunk.len() > 1 { ALPHABET[(n >> 6) as usize & 63] } else { b'=' });
-        out.push(if chunk.len() > 2 { ALPHABET[n as usize & 63] } else { b'=' });
-    }
+    out
 }
 
 #[cfg(test)]
@@ -372,17 +302,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn base64_matches_rfc4648_vectors() {
-        for (input, want) in [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg=="), ("fooba", "Zm9vYmE="), ("foobar", "Zm9vYmFy")] {
-            let mut out = Vec::new();
-            base64_into(input.as_bytes(), &mut out);
-            assert_eq!(String::from_utf8(out).unwrap(), want);
-        }
-    }
-
-    #[test]
     fn rows_truncate_and_renormalise() {
-        let row = encode_row(&[3.0, 4.0, 12.0], Some(2), Encoding::Float);
-        assert_eq!(String::from_utf8(row).unwrap(), "[0.6,0.8]");
+        let rows = truncated_rows(&[3.0, 4.0, 12.0, 0.0, 5.0, 1.0], 3, 2);
+        assert_eq!(rows, [0.6, 0.8, 0.0, 1.0]);
     }
 }

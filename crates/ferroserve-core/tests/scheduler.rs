@@ -20,7 +20,7 @@ use ferroserve_core::engine::{
 use ferroserve_core::kv::BlockHash;
 use ferroserve_core::sample::SamplingParams;
 use ferroserve_core::sched::scheduler::{
-    KvPool, Scheduler, SchedulerConfig, SeqChunk, SeqId, StepPlan,
+    BlockTable, KvPool, ReleaseBlocks, Scheduler, SchedulerConfig, SeqChunk, SeqId, StepPlan,
 };
 use ferroserve_core::sched::InteractiveLoad;
 use ferroserve_core::sched::Priority::{self, Batch, Interactive};
@@ -31,33 +31,65 @@ use ferroserve_core::ErrorKind;
 // Fakes
 
 /// A KV pool with the real cache's rules (refcounts, LRU reuse of freed registered blocks,
-/// eviction on reuse) whose slots hold the token written there.
+/// eviction on reuse) whose slots hold the token written there. The counts are shared with
+/// the block tables, which release into them when dropped.
 struct FakeKv {
     block_tokens: usize,
+    books: Arc<SharedBooks>,
+    slots: Vec<Option<u32>>,
+}
+
+struct FakeBooks {
     refcounts: Vec<u32>,
     /// Free blocks, next to reuse first.
     free: VecDeque<u32>,
-    slots: Vec<Option<u32>>,
     by_hash: HashMap<BlockHash, u32>,
     hash_of: Vec<Option<BlockHash>>,
 }
 
+struct SharedBooks(Mutex<FakeBooks>);
+
+impl ReleaseBlocks for SharedBooks {
+    fn release_blocks(&self, blocks: &[u32]) {
+        let mut books = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for &block in blocks {
+            let count = &mut books.refcounts[block as usize];
+            assert!(*count > 0, "double release of block {block}");
+            *count -= 1;
+            if *count == 0 {
+                if books.hash_of[block as usize].is_some() {
+                    books.free.push_back(block);
+                } else {
+                    books.free.push_front(block);
+                }
+            }
+        }
+    }
+}
+
 impl FakeKv {
     fn new(num_blocks: usize, block_tokens: usize) -> Self {
-        Self {
-            block_tokens,
+        let books = FakeBooks {
             refcounts: vec![0; num_blocks],
             free: (0..num_blocks as u32).collect(),
-            slots: vec![None; num_blocks * block_tokens],
             by_hash: HashMap::new(),
             hash_of: vec![None; num_blocks],
-        }
+        };
+        Self { block_tokens, books: Arc::new(SharedBooks(Mutex::new(books))), slots: vec![None; num_blocks * block_tokens] }
+    }
+
+    fn books(&self) -> std::sync::MutexGuard<'_, FakeBooks> {
+        self.books.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn refcount(&self, block: u32) -> u32 {
+        self.books().refcounts[block as usize]
     }
 
     fn slot(&self, block_table: &[u32], pos: usize) -> usize {
         let block = block_table[pos / self.block_tokens];
         assert!(
-            self.refcounts[block as usize] > 0,
+            self.refcount(block) > 0,
             "position {pos} is in free block {block}"
         );
         block as usize * self.block_tokens + pos % self.block_tokens
@@ -69,49 +101,44 @@ impl KvPool for FakeKv {
         self.block_tokens
     }
     fn num_blocks(&self) -> usize {
-        self.refcounts.len()
+        self.books().refcounts.len()
     }
     fn num_free_blocks(&self) -> usize {
-        self.free.len()
+        self.books().free.len()
     }
     fn allocate(&mut self) -> Option<u32> {
-        let block = self.free.pop_front()?;
-        if let Some(hash) = self.hash_of[block as usize].take() {
-            self.by_hash.remove(&hash);
+        let mut books = self.books();
+        let block = books.free.pop_front()?;
+        if let Some(hash) = books.hash_of[block as usize].take() {
+            books.by_hash.remove(&hash);
         }
+        books.refcounts[block as usize] = 1;
+        drop(books);
         let bt = self.block_tokens;
         self.slots[block as usize * bt..(block as usize + 1) * bt].fill(None);
-        self.refcounts[block as usize] = 1;
         Some(block)
     }
     fn retain(&mut self, block: u32) {
-        assert!(self.refcounts[block as usize] > 0);
-        self.refcounts[block as usize] += 1;
+        let mut books = self.books();
+        assert!(books.refcounts[block as usize] > 0);
+        books.refcounts[block as usize] += 1;
     }
-    fn release(&mut self, block: u32) {
-        let count = &mut self.refcounts[block as usize];
-        assert!(*count > 0, "double release of block {block}");
-        *count -= 1;
-        if *count == 0 {
-            if self.hash_of[block as usize].is_some() {
-                self.free.push_back(block);
-            } else {
-                self.free.push_front(block);
-            }
-        }
+    fn block_table(&self) -> BlockTable {
+        BlockTable::new(self.books.clone())
     }
     fn lookup_prefix(&mut self, tokens: &[u32]) -> Vec<u32> {
         let mut blocks = Vec::new();
         let mut parent = None;
         for chunk in tokens.chunks_exact(self.block_tokens) {
             let hash = self.block_hash(parent, chunk);
-            let Some(&block) = self.by_hash.get(&hash) else {
+            let mut books = self.books();
+            let Some(&block) = books.by_hash.get(&hash) else {
                 break;
             };
-            if self.refcounts[block as usize] == 0 {
-                self.free.retain(|&b| b != block);
+            if books.refcounts[block as usize] == 0 {
+                books.free.retain(|&b| b != block);
             }
-            self.refcounts[block as usize] += 1;
+            books.refcounts[block as usize] += 1;
             blocks.push(block);
             parent = Some(hash);
         }
@@ -125,9 +152,10 @@ impl KvPool for FakeKv {
                 .all(Option::is_some),
             "registered block {block} is not full"
         );
-        if self.hash_of[block as usize].is_none() && !self.by_hash.contains_key(&hash) {
-            self.by_hash.insert(hash, block);
-            self.hash_of[block as usize] = Some(hash);
+        let mut books = self.books();
+        if books.hash_of[block as usize].is_none() && !books.by_hash.contains_key(&hash) {
+            books.by_hash.insert(hash, block);
+            books.hash_of[block as usize] = Some(hash);
         }
     }
 }
@@ -242,7 +270,7 @@ impl StepModel for FakeModel {
                 let slot = kv.slot(chunk.block_table, pos);
                 let block = chunk.block_table[pos / BLOCK_TOKENS];
                 assert_eq!(
-                    kv.refcounts[block as usize], 1,
+                    kv.refcount(block), 1,
                     "write into shared block {block}"
                 );
                 kv.slots[slot] = Some(t);

@@ -1,15 +1,13 @@
-//! `ChatEngine`: submit / abort / fd / drain over `ferroserve_core::engine::ChatEngine`,
+//! `ChatEngine`: submit / abort / fd / drain over `ferroserve_core::ChatEngine`,
 //! plus the tokenizer helpers the HTTP layer needs.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use ferroserve_core::engine::{ChatEngine, ChatEvent, EngineConfig, TokenLogprob};
-use ferroserve_core::models::llama::Numerics;
-use ferroserve_core::DeviceChoice;
-use ferroserve_core::sample::SamplingParams;
-use ferroserve_core::sched::{InteractiveLoad, Priority};
-use ferroserve_core::tokenize::chat_template::{ChatMessage, ContentPart, MessageContent, ToolCall, ToolSpec};
+use ferroserve_core::{
+    ChatEngine, ChatEvent, ChatMessage, ContentPart, DeviceChoice, EngineConfig, InteractiveLoad, MessageContent, Numerics, Priority,
+    SamplingParams, TokenLogprob, ToolCall, ToolSpec,
+};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
@@ -71,7 +69,7 @@ fn to_tools(tools: Vec<(String, Option<String>, String)>) -> PyResult<Vec<ToolSp
         .map(|(name, description, parameters)| {
             let message = format!("tools: the parameters of {name:?} must be a JSON schema object");
             ToolSpec::parse(name, description, &parameters)
-                .ok_or_else(|| crate::errors::to_py(ferroserve_core::error::Error::invalid("tools", message)))
+                .ok_or_else(|| crate::errors::to_py(ferroserve_core::Error::invalid("tools", message)))
         })
         .collect()
 }
@@ -109,7 +107,7 @@ impl PyChatEngine {
         kernel_binaries: Option<PathBuf>,
     ) -> PyResult<Self> {
         let numerics = Numerics::parse(numerics).ok_or_else(|| {
-            crate::errors::to_py(ferroserve_core::error::Error::invalid_request(format!("numerics: {numerics:?} is not one of \"exact\", \"fast\"")))
+            crate::errors::to_py(ferroserve_core::Error::invalid_request(format!("numerics: {numerics:?} is not one of \"exact\", \"fast\"")))
         })?;
         let device = DeviceChoice::parse(device, kernel_binaries.as_deref()).map_err(crate::errors::to_py)?;
         // The server's engines share one count of interactive work (batch work yields to it).

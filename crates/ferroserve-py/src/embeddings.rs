@@ -1,13 +1,15 @@
 //! `EmbeddingEngine`: submit / fd / drain over `ferroserve_core::EmbeddingEngine`.
 
+use std::os::raw::{c_int, c_void};
 use std::path::PathBuf;
+use std::ptr;
 use std::time::Duration;
 
-use ferroserve_core::embed::{EmbedInput, Encoding};
-use ferroserve_core::sched::{InteractiveLoad, Priority};
-use ferroserve_core::{DeviceChoice, EmbeddingEngine, EmbeddingEngineConfig};
+use ferroserve_core::{DeviceChoice, EmbedInput, EmbedOutput, EmbeddingEngine, EmbeddingEngineConfig, InteractiveLoad, Priority};
+use pyo3::exceptions::PyBufferError;
+use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyTuple};
+use pyo3::types::{PyDict, PyTuple};
 
 use crate::errors::{detach, kind_name};
 
@@ -24,7 +26,7 @@ impl PyEmbeddingEngine {
     /// `DeviceError`; falling back to the CPU is the caller's decision. Batch-priority inputs
     /// run in passes of at most `batch_pass_tokens` (`batch_pass_tokens_busy` while
     /// interactive traffic is recent), and wait while interactive requests are in flight on
-    /// any engine of this process. (The defaults are `ferroserve_core::embed`'s, written out so
+    /// any engine of this process. (The defaults are `ferroserve_core::EmbeddingEngineConfig`'s, written out so
     /// the signature shows them.)
     #[new]
     #[pyo3(signature = (path, max_batch_tokens = 16384, max_wait_us = 1000, device = "cpu", kernel_binaries = None, batch_pass_tokens = 2048, batch_pass_tokens_busy = 16))]
@@ -54,12 +56,10 @@ impl PyEmbeddingEngine {
     }
 
     /// Queues a request: exactly one of `texts` / `token_lists`. Returns the prompt token
-    /// count; the result arrives through `drain()` under `request_id`. `priority`:
+    /// count; the vectors arrive through `drain()` under `request_id`. `priority`:
     /// "interactive" or "batch" (embedded after every waiting interactive input); else
-    /// `InvalidRequest`. `f32`: the result is the rows as little-endian float32 bytes, not
-    /// the JSON `data` array.
-    #[pyo3(signature = (request_id, texts = None, token_lists = None, dimensions = None, base64 = false, *, priority = "interactive", f32 = false))]
-    #[allow(clippy::too_many_arguments)]
+    /// `InvalidRequest`.
+    #[pyo3(signature = (request_id, texts = None, token_lists = None, dimensions = None, *, priority = "interactive"))]
     fn submit(
         &self,
         py: Python<'_>,
@@ -67,9 +67,7 @@ impl PyEmbeddingEngine {
         texts: Option<Vec<String>>,
         token_lists: Option<Vec<Vec<u32>>>,
         dimensions: Option<usize>,
-        base64: bool,
         priority: &str,
-        f32: bool,
     ) -> PyResult<usize> {
         let priority = Priority::parse(priority).map_err(crate::errors::to_py)?;
         let inputs: Vec<EmbedInput> = match (texts, token_lists) {
@@ -77,12 +75,7 @@ impl PyEmbeddingEngine {
             (None, Some(l)) => l.into_iter().map(EmbedInput::Tokens).collect(),
             _ => return Err(pyo3::exceptions::PyTypeError::new_err("pass exactly one of texts / token_lists")),
         };
-        let encoding = match (f32, base64) {
-            (true, _) => Encoding::F32,
-            (false, true) => Encoding::Base64,
-            (false, false) => Encoding::Float,
-        };
-        detach(py, || self.inner.submit(request_id, inputs, dimensions, encoding, priority))
+        detach(py, || self.inner.submit(request_id, inputs, dimensions, priority))
     }
 
     /// The prompt tokens `submit` would count for these inputs (same validation errors),
@@ -116,7 +109,7 @@ impl PyEmbeddingEngine {
     }
 
     /// Every finished request since the last call, as
-    /// `(request_id, True, data_json: bytes, prompt_tokens)` or
+    /// `(request_id, True, vectors: Vectors, prompt_tokens)` or
     /// `(request_id, False, error_kind: str, message: str, param: str | None)`.
     fn drain<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyTuple>>> {
         self.inner
@@ -124,7 +117,10 @@ impl PyEmbeddingEngine {
             .drain()
             .into_iter()
             .map(|ev| match ev.result {
-                Ok(out) => (ev.request_id, true, PyBytes::new(py, &out.data_json), out.prompt_tokens).into_pyobject(py),
+                Ok(out) => {
+                    let prompt_tokens = out.prompt_tokens;
+                    (ev.request_id, true, PyVectors::from(out), prompt_tokens).into_pyobject(py)
+                }
                 Err(e) => (ev.request_id, false, kind_name(e.kind()), e.to_string(), e.param()).into_pyobject(py),
             })
             .collect()
@@ -143,5 +139,63 @@ impl PyEmbeddingEngine {
     #[getter]
     fn device(&self) -> String {
         self.inner.device_name().to_owned()
+    }
+}
+
+/// One request's vectors: `rows` x `dim` float32, row-major, owned by the engine's buffer and
+/// read through the buffer protocol, so `numpy.asarray(vectors)` is a read-only (rows, dim)
+/// float32 array over that buffer without copying it.
+#[pyclass(name = "Vectors", module = "ferroserve._core", frozen)]
+pub struct PyVectors {
+    data: Vec<f32>,
+    shape: [ffi::Py_ssize_t; 2],
+    strides: [ffi::Py_ssize_t; 2],
+}
+
+impl From<EmbedOutput> for PyVectors {
+    fn from(out: EmbedOutput) -> Self {
+        let dim = out.dim.max(1);
+        let rows = out.vectors.len() / dim;
+        let item = std::mem::size_of::<f32>() as ffi::Py_ssize_t;
+        Self { data: out.vectors, shape: [rows as ffi::Py_ssize_t, dim as ffi::Py_ssize_t], strides: [dim as ffi::Py_ssize_t * item, item] }
+    }
+}
+
+#[pymethods]
+impl PyVectors {
+    /// Fills `view` for a read-only, C-contiguous 2-D float32 buffer (PEP 3118). The buffer
+    /// lives as long as this object, which the view holds a reference to.
+    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
+        if view.is_null() {
+            return Err(PyBufferError::new_err("view is null"));
+        }
+        if flags & ffi::PyBUF_WRITABLE == ffi::PyBUF_WRITABLE {
+            return Err(PyBufferError::new_err("embedding vectors are read-only"));
+        }
+        let this = slf.get();
+        // SAFETY: `view` is a valid Py_buffer the caller owns (checked non-null above); every
+        // pointer stored in it points into `this`, which `obj` keeps alive until release.
+        unsafe {
+            (*view).buf = this.data.as_ptr() as *mut c_void;
+            (*view).len = (this.data.len() * std::mem::size_of::<f32>()) as ffi::Py_ssize_t;
+            (*view).readonly = 1;
+            (*view).itemsize = std::mem::size_of::<f32>() as ffi::Py_ssize_t;
+            (*view).format = if flags & ffi::PyBUF_FORMAT == ffi::PyBUF_FORMAT { c"f".as_ptr() as *mut _ } else { ptr::null_mut() };
+            // Without PyBUF_ND the consumer asked for plain bytes: one dimension, no shape.
+            let nd = flags & ffi::PyBUF_ND == ffi::PyBUF_ND;
+            (*view).ndim = if nd { 2 } else { 1 };
+            (*view).shape = if nd { this.shape.as_ptr() as *mut _ } else { ptr::null_mut() };
+            (*view).strides = if flags & ffi::PyBUF_STRIDES == ffi::PyBUF_STRIDES { this.strides.as_ptr() as *mut _ } else { ptr::null_mut() };
+            (*view).suboffsets = ptr::null_mut();
+            (*view).internal = ptr::null_mut();
+            (*view).obj = slf.into_any().into_ptr();
+        }
+        Ok(())
+    }
+
+    unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
+
+    fn __len__(&self) -> usize {
+        self.shape[0] as usize
     }
 }

@@ -4,7 +4,7 @@
 
 use std::sync::Mutex;
 
-use ferroserve_core::sched::{InteractiveLoad, InteractiveRequest};
+use ferroserve_core::{InteractiveLoad, InteractiveRequest};
 use pyo3::prelude::*;
 
 #[pyclass(name = "InteractiveRequest", module = "ferroserve._core", frozen)]

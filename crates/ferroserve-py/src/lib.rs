@@ -14,7 +14,7 @@ use pyo3::prelude::*;
 /// or no level at all (servers call this before loading anything).
 #[pyfunction]
 fn cpu_isa() -> PyResult<&'static str> {
-    ferroserve_kernels::Isa::configured()
+    ferroserve_core::Isa::configured()
         .map(|isa| isa.as_str())
         .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))
 }
@@ -22,7 +22,7 @@ fn cpu_isa() -> PyResult<&'static str> {
 /// Every CPU kernel level this CPU can run, lowest first (`FERROSERVE_ISA` may name any).
 #[pyfunction]
 fn cpu_isa_levels() -> Vec<&'static str> {
-    ferroserve_kernels::Isa::available().into_iter().map(|i| i.as_str()).collect()
+    ferroserve_core::Isa::available().into_iter().map(|i| i.as_str()).collect()
 }
 
 /// The OpenCL devices this process can use, as `--device opencl:N` numbers them: a list of
@@ -34,11 +34,10 @@ fn cpu_isa_levels() -> Vec<&'static str> {
 /// without a usable device, `ModelLoadError` for an unreadable model.
 #[pyfunction]
 fn write_kernel_binaries(py: Python<'_>, kind: &str, path: std::path::PathBuf, device: usize, out_dir: std::path::PathBuf) -> PyResult<Vec<String>> {
-    use ferroserve_core::models::{bert_opencl, llama_opencl};
     let kind = kind.to_owned();
     py.allow_threads(move || match kind.as_str() {
-        "chat" => llama_opencl::write_kernel_binaries(&path, device, &out_dir),
-        "embedding" => bert_opencl::write_kernel_binaries(&path, device, &out_dir),
+        "chat" => ferroserve_core::write_chat_kernel_binaries(&path, device, &out_dir),
+        "embedding" => ferroserve_core::write_embedding_kernel_binaries(&path, device, &out_dir),
         other => Err(ferroserve_core::Error::invalid_request(format!("kind must be chat or embedding, got {other:?}"))),
     })
     .map(|files| files.iter().map(|f| f.to_string_lossy().into_owned()).collect())
@@ -47,7 +46,7 @@ fn write_kernel_binaries(py: Python<'_>, kind: &str, path: std::path::PathBuf, d
 
 #[pyfunction]
 fn opencl_devices(py: Python<'_>) -> PyResult<Vec<Bound<'_, pyo3::types::PyDict>>> {
-    let devices = py.allow_threads(ferroserve_kernels::opencl::list_devices).map_err(|e| errors::to_py(ferroserve_core::Error::Device(e.to_string())))?;
+    let devices = py.allow_threads(ferroserve_core::opencl_devices).map_err(|e| errors::to_py(ferroserve_core::Error::Device(e.to_string())))?;
     devices
         .into_iter()
         .map(|d| {
@@ -72,6 +71,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(opencl_devices, m)?)?;
     m.add_function(wrap_pyfunction!(write_kernel_binaries, m)?)?;
     m.add_class::<embeddings::PyEmbeddingEngine>()?;
+    m.add_class::<embeddings::PyVectors>()?;
     m.add_class::<chat::PyChatEngine>()?;
     m.add_class::<interactive::PyInteractiveRequest>()?;
     errors::register(m)?;

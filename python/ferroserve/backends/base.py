@@ -164,9 +164,6 @@ class EmbedRequest(msgspec.Struct, kw_only=True):
     encoding: Literal["float", "base64"] = "float"
     # "interactive" or "batch" (chunks of batch jobs: scheduled after interactive work).
     priority: str = "interactive"
-    # The caller wants the float32 vectors (`EmbeddingResult.as_array`), not the OpenAI `data`
-    # array: a local engine then encodes no JSON at all (batch jobs).
-    vectors_only: bool = False
 
 
 # Events ---------------------------------------------------------------------------------------
@@ -212,8 +209,9 @@ Event = Admitted | Delta | ToolCallDelta | Finished | Failed
 class EmbeddingResult(msgspec.Struct):
     """The vectors of one request and its prompt tokens.
 
-    The local engine hands back the OpenAI `data` array already encoded by Rust (`data_json`);
-    other backends return float32 `vectors` (one row per input) and `data_json()` encodes them."""
+    Backends return float32 `vectors` (one row per input; the local engine's own buffer, not a
+    copy) and `data_json()` encodes OpenAI's `data` array from them; an OpenAI-compatible
+    upstream hands back its `data` array as it came (`encoded`)."""
 
     prompt_tokens: int
     encoded: bytes | None = None
@@ -225,7 +223,7 @@ class EmbeddingResult(msgspec.Struct):
         return encode_vectors(self.vectors, encoding)
 
     def as_array(self) -> np.ndarray:
-        """The vectors as float32 (decoding the engine's JSON when that is what we have)."""
+        """The vectors as float32 (decoding the upstream's JSON when that is what we have)."""
         if self.vectors is not None:
             return self.vectors
         rows = msgspec.json.decode(self.encoded or b"[]")
@@ -236,20 +234,23 @@ class EmbeddingResult(msgspec.Struct):
         return np.stack(out) if out else np.zeros((0, 0), np.float32)
 
 
+_encode_json = msgspec.json.Encoder().encode
+
+
 def encode_vectors(vectors: np.ndarray, encoding: str) -> bytes:
-    """OpenAI's `data` array for float32 vectors (shortest round-trip float32 digits, as the
-    engine writes them)."""
-    vectors = np.asarray(vectors, dtype=np.float32)
-    items = []
-    for i, row in enumerate(vectors):
-        if encoding == "base64":
-            emb: Any = base64.b64encode(row.astype("<f4").tobytes()).decode()
-        else:
-            # numpy prints each float32 in its shortest round-trip form ("0.1", not the
-            # double "0.10000000149011612"); the double parsed from it prints the same.
-            emb = [float(x) for x in row.astype(str)]
-        items.append({"object": "embedding", "index": i, "embedding": emb})
-    return msgspec.json.encode(items)
+    """OpenAI's `data` array for float32 vectors: per row, base64 of its little-endian float32
+    bytes, or its numbers. A number is the float32 widened to a double (the same value; msgspec
+    writes the double's shortest digits), so any JSON reader gets back exactly the float32.
+    Both paths run at C speed: numpy's `tolist`, `base64`, msgspec."""
+    vectors = np.ascontiguousarray(vectors, dtype="<f4")
+    rows: list[Any]
+    if encoding == "base64":
+        rows = [base64.b64encode(row).decode("ascii") for row in vectors]
+    else:
+        if not np.isfinite(vectors).all():  # JSON has no NaN or infinity
+            vectors = np.nan_to_num(vectors, nan=0.0, posinf=0.0, neginf=0.0)
+        rows = vectors.tolist()
+    return _encode_json([{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(rows)])
 
 
 # What a backend tells about itself ------------------------------------------------------------

@@ -155,7 +155,8 @@ class LocalEmbeddingModel(EngineWatcher, Backend):
             if fut is None or fut.done():
                 continue  # the client went away
             if event[1]:
-                fut.set_result(EmbeddingResult(event[3], encoded=event[2]))
+                # A (rows, dim) float32 view of the engine's buffer (no copy).
+                fut.set_result(EmbeddingResult(event[3], vectors=np.asarray(event[2])))
             else:
                 fut.set_exception(_failure(event[2], event[3], event[4] if len(event) > 4 else None))
 
@@ -187,8 +188,7 @@ class LocalEmbeddingModel(EngineWatcher, Backend):
 
         def submit() -> None:
             self.engine.submit(request_id, texts=request.texts, token_lists=request.token_lists,
-                               dimensions=request.dimensions, base64=request.encoding == "base64",
-                               priority=request.priority, f32=request.vectors_only)
+                               dimensions=request.dimensions, priority=request.priority)
 
         try:
             if request.priority == "batch":
@@ -203,14 +203,10 @@ class LocalEmbeddingModel(EngineWatcher, Backend):
         counted = 1 if interactive else 0
         self._in_flight += counted
         try:
-            result = await fut
+            return await fut
         finally:
             self._in_flight -= counted
             self._pending.pop(request_id, None)
-        if request.vectors_only:
-            rows = len(request.texts if request.texts is not None else request.token_lists or [])
-            return EmbeddingResult(result.prompt_tokens, vectors=np.frombuffer(result.encoded or b"", "<f4").reshape(rows, -1))
-        return result
 
 
 class Collector:

@@ -174,8 +174,7 @@ class BatchRunner:
             take, budget_error = self._affordable(ticket, first, texts)
         if take == 0:
             return vectors, ok, 0, [], budget_error
-        request = EmbedRequest(texts=texts[:take], encoding="base64", priority=self.settings.batch_jobs_priority,
-                               vectors_only=True)
+        request = EmbedRequest(texts=texts[:take], encoding="base64", priority=self.settings.batch_jobs_priority)
         result, model, error = None, None, None
         for attempt in range(UNAVAILABLE_RETRIES + 1):
             try:

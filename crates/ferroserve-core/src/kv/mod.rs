@@ -2,10 +2,13 @@
 //! handing blocks out with reference counts, and a prefix cache that lets sequences with a
 //! common prompt prefix share its full blocks.
 //!
-//! A sequence owns a *block table* (its block ids in position order: position `p` lives in
-//! slot `p % block_tokens` of block `table[p / block_tokens]`); the scheduler keeps the tables
-//! and calls [`KvCache::allocate`] / [`KvCache::release`]; the model reads and writes the
-//! blocks through the tables it is given ([`crate::models::llama::SeqChunk`]).
+//! A sequence owns a *block table* ([`BlockTable`]: its block ids in position order; position
+//! `p` lives in slot `p % block_tokens` of block `table[p / block_tokens]`). The scheduler
+//! fills the tables from [`KvCache::allocate`] and [`KvCache::lookup_prefix`]; a table gives
+//! its blocks back to the pool when it is dropped (a sequence finished, cancelled, preempted,
+//! or dropped with the scheduler), so each block is released exactly once without anyone
+//! calling [`KvCache::release`]. The model reads and writes the blocks through the tables it
+//! is given ([`crate::models::llama::SeqChunk`]).
 //!
 //! Prefix caching (as vLLM's): when a block fills up, the scheduler registers it under the
 //! hash of the whole token prefix it ends ([`KvCache::register_full_block`],
@@ -25,6 +28,8 @@ mod block_pool;
 mod prefix_cache;
 
 pub use prefix_cache::BlockHash;
+
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use block_pool::BlockPool;
 use ferroserve_kernels::cpu::llama_ops::PagedKvLayout;
@@ -56,24 +61,117 @@ pub struct KvUsage {
     pub total_blocks: usize,
 }
 
+/// Where a [`KvCache`]'s K and V blocks live.
+#[derive(Debug)]
+enum Storage {
+    /// Here, per layer: `num_blocks · layout.block_elems()` f16 values each for K and for V.
+    Host { k: Vec<Vec<u16>>, v: Vec<Vec<u16>> },
+    /// In a device's memory, which the model manages (`models::llama_opencl`); the cache
+    /// keeps only the bookkeeping.
+    Device { layers: usize },
+}
+
+/// What a [`BlockTable`] gives its blocks back to when it is dropped.
+pub trait ReleaseBlocks: Send + Sync {
+    /// One holder fewer for each of `blocks`.
+    fn release_blocks(&self, blocks: &[u32]);
+}
+
+/// A sequence's KV blocks in position order, each holding one reference it releases when the
+/// table is dropped (or shortened): whoever owns the table owns the blocks.
+pub struct BlockTable {
+    blocks: Vec<u32>,
+    pool: Arc<dyn ReleaseBlocks>,
+}
+
+impl BlockTable {
+    /// An empty table whose blocks will go back to `pool`.
+    pub fn new(pool: Arc<dyn ReleaseBlocks>) -> Self {
+        BlockTable { blocks: Vec::new(), pool }
+    }
+
+    /// Takes over one reference to `block` (from an allocation or a prefix lookup).
+    pub fn push(&mut self, block: u32) {
+        self.blocks.push(block);
+    }
+
+    /// Keeps the first `len` blocks and releases the rest.
+    pub fn truncate(&mut self, len: usize) {
+        if len < self.blocks.len() {
+            self.pool.release_blocks(&self.blocks[len..]);
+            self.blocks.truncate(len);
+        }
+    }
+
+    pub fn ids(&self) -> &[u32] {
+        &self.blocks
+    }
+
+    pub fn len(&self) -> usize {
+        self.blocks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+}
+
+impl Drop for BlockTable {
+    fn drop(&mut self) {
+        self.truncate(0);
+    }
+}
+
+impl std::fmt::Debug for BlockTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(&self.blocks).finish()
+    }
+}
+
+/// The reference counts and the prefix cache, shared with the block tables that release into
+/// them (only the scheduler's thread takes the lock: it is never contended).
+#[derive(Debug)]
+struct Books {
+    pool: BlockPool,
+    prefix: PrefixCache,
+}
+
+impl Books {
+    fn shared(num_blocks: usize) -> Arc<Mutex<Books>> {
+        Arc::new(Mutex::new(Books { pool: BlockPool::new(num_blocks), prefix: PrefixCache::new(num_blocks) }))
+    }
+
+    fn release(&mut self, block: u32) {
+        let keep = self.prefix.is_registered(block);
+        self.pool.release(block, keep);
+    }
+}
+
+impl ReleaseBlocks for Mutex<Books> {
+    fn release_blocks(&self, blocks: &[u32]) {
+        let mut books = self.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for &block in blocks {
+            books.release(block);
+        }
+    }
+}
+
 pub struct KvCache {
     cfg: KvCacheConfig,
     layout: PagedKvLayout,
-    /// Per layer, `num_blocks · layout.block_elems()` f16 values each.
-    k: Vec<Vec<u16>>,
-    v: Vec<Vec<u16>>,
-    pool: BlockPool,
-    prefix: PrefixCache,
+    storage: Storage,
+    books: Arc<Mutex<Books>>,
 }
 
 impl std::fmt::Debug for KvCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KvCache")
             .field("cfg", &self.cfg)
-            .field("layers", &self.k.len())
+            .field("layers", &self.num_layers())
+            .field("on_host", &self.has_storage())
             .field("layout", &self.layout)
-            .field("free_blocks", &self.pool.num_free())
-            .field("registered_blocks", &self.prefix.len())
+            .field("free_blocks", &self.num_free_blocks())
+            .field("registered_blocks", &self.num_cached_blocks())
             .finish()
     }
 }
@@ -85,33 +183,24 @@ impl KvCache {
         let elems = cfg.num_blocks.checked_mul(layout.block_elems()).expect("KV cache size overflows");
         // Zeroed allocations come from the OS as untouched pages: memory is committed as
         // blocks are first written, not for the whole budget up front.
-        KvCache {
-            cfg,
-            layout,
+        let storage = Storage::Host {
             k: (0..layers).map(|_| vec![0u16; elems]).collect(),
             v: (0..layers).map(|_| vec![0u16; elems]).collect(),
-            pool: BlockPool::new(cfg.num_blocks),
-            prefix: PrefixCache::new(cfg.num_blocks),
-        }
+        };
+        KvCache { cfg, layout, storage, books: Books::shared(cfg.num_blocks) }
     }
 
     /// The block pool and prefix cache only, for a device that keeps the K and V storage in
-    /// its own memory (`models::llama_opencl`): [`KvCache::layer`] is then empty.
+    /// its own memory (`models::llama_opencl`): [`KvCache::layer`] then panics.
     pub fn without_storage(cfg: KvCacheConfig, layers: usize, kv_heads: usize, head_dim: usize) -> Self {
         let layout = PagedKvLayout::new(cfg.block_tokens, kv_heads, head_dim);
-        KvCache {
-            cfg,
-            layout,
-            k: (0..layers).map(|_| Vec::new()).collect(),
-            v: (0..layers).map(|_| Vec::new()).collect(),
-            pool: BlockPool::new(cfg.num_blocks),
-            prefix: PrefixCache::new(cfg.num_blocks),
-        }
+        let storage = Storage::Device { layers };
+        KvCache { cfg, layout, storage, books: Books::shared(cfg.num_blocks) }
     }
 
     /// Whether [`KvCache::layer`] holds the blocks (false for [`KvCache::without_storage`]).
     pub fn has_storage(&self) -> bool {
-        self.cfg.num_blocks == 0 || self.k.first().is_none_or(|k| !k.is_empty())
+        matches!(self.storage, Storage::Host { .. })
     }
 
     /// As many blocks as fit in `budget_bytes` (K and V of every layer; bookkeeping aside).
@@ -137,43 +226,60 @@ impl KvCache {
     }
 
     pub fn num_layers(&self) -> usize {
-        self.k.len()
+        match &self.storage {
+            Storage::Host { k, .. } => k.len(),
+            Storage::Device { layers } => *layers,
+        }
+    }
+
+    fn books(&self) -> MutexGuard<'_, Books> {
+        // A panic while the lock was held left the counts consistent (every change is one
+        // step), so a poisoned lock is still usable.
+        self.books.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Blocks no sequence holds (some may still serve prefix-cache hits until reused).
     pub fn num_free_blocks(&self) -> usize {
-        self.pool.num_free()
+        self.books().pool.num_free()
     }
 
     /// Blocks registered in the prefix cache, in use or free.
     pub fn num_cached_blocks(&self) -> usize {
-        self.prefix.len()
+        self.books().prefix.len()
     }
 
     pub fn usage(&self) -> KvUsage {
-        KvUsage { used_blocks: self.pool.num_blocks() - self.pool.num_free(), total_blocks: self.pool.num_blocks() }
+        let books = self.books();
+        KvUsage { used_blocks: books.pool.num_blocks() - books.pool.num_free(), total_blocks: books.pool.num_blocks() }
+    }
+
+    /// An empty block table whose blocks return to this cache when it is dropped.
+    pub fn block_table(&self) -> BlockTable {
+        BlockTable::new(self.books.clone())
     }
 
     /// A free block with a reference count of one, or `None` when all are in use. Reusing a
     /// block that was registered in the prefix cache forgets its registration.
     pub fn allocate(&mut self) -> Option<u32> {
-        let block = self.pool.peek_free()?;
-        self.prefix.evict(block);
-        self.pool.take()
+        let mut books = self.books();
+        let block = books.pool.peek_free()?;
+        books.prefix.evict(block);
+        books.pool.take()
     }
 
     /// One more holder of an allocated block (a sequence sharing it). Panics on a free block:
     /// free blocks are revived only through [`KvCache::lookup_prefix`].
     pub fn retain(&mut self, block: u32) {
-        assert!(self.pool.refcount(block) > 0, "retain of free KV block {block}");
-        self.pool.retain(block);
+        let mut books = self.books();
+        assert!(books.pool.refcount(block) > 0, "retain of free KV block {block}");
+        books.pool.retain(block);
     }
 
     /// One holder fewer; at zero the block is free (and stays findable by its prefix hash,
-    /// if registered, until reused). Panics when the count is already zero.
+    /// if registered, until reused). Panics when the count is already zero. Blocks held in a
+    /// [`BlockTable`] are released by dropping it instead.
     pub fn release(&mut self, block: u32) {
-        let keep = self.prefix.is_registered(block);
-        self.pool.release(block, keep);
+        self.books().release(block);
     }
 
     /// Registers a block whose `block_tokens` slots are all written under `hash` (its
@@ -181,7 +287,7 @@ impl KvCache {
     /// hash already registered keeps its first block.
     pub fn register_full_block(&mut self, hash: BlockHash, block: u32) {
         assert!((block as usize) < self.num_blocks(), "block {block} is outside the cache");
-        self.prefix.register(hash, block);
+        self.books().prefix.register(hash, block);
     }
 
     /// The hashes of the full blocks of `tokens` (a sequence's tokens from position 0).
@@ -193,12 +299,13 @@ impl KvCache {
     /// for the caller (release them like allocated ones). Pass a prompt without its last
     /// token, so that at least one token is left to compute and yield logits.
     pub fn lookup_prefix(&mut self, tokens: &[u32]) -> Vec<u32> {
+        let mut books = self.books();
         let mut blocks = Vec::new();
         let mut parent = None;
         for chunk in tokens.chunks_exact(self.cfg.block_tokens) {
             let hash = BlockHash::of(parent, chunk);
-            let Some(block) = self.prefix.get(&hash) else { break };
-            self.pool.retain(block);
+            let Some(block) = books.prefix.get(&hash) else { break };
+            books.pool.retain(block);
             blocks.push(block);
             parent = Some(hash);
         }
@@ -211,12 +318,19 @@ impl KvCache {
     }
 
     /// Layer `layer`'s K and V storage (f16 bits, laid out as [`KvCache::layout`] says).
+    /// Panics for a cache [`without_storage`](KvCache::without_storage).
     pub fn layer(&self, layer: usize) -> (&[u16], &[u16]) {
-        (&self.k[layer], &self.v[layer])
+        match &self.storage {
+            Storage::Host { k, v } => (&k[layer], &v[layer]),
+            Storage::Device { .. } => panic!("the KV blocks are in a device's memory, not here"),
+        }
     }
 
     pub fn layer_mut(&mut self, layer: usize) -> (&mut [u16], &mut [u16]) {
-        (&mut self.k[layer], &mut self.v[layer])
+        match &mut self.storage {
+            Storage::Host { k, v } => (&mut k[layer], &mut v[layer]),
+            Storage::Device { .. } => panic!("the KV blocks are in a device's memory, not here"),
+        }
     }
 }
 
@@ -299,6 +413,45 @@ mod tests {
         assert_eq!(reused, blocks[0]);
         assert!(kv.lookup_prefix(&prompt).is_empty(), "the chain is broken at its first block");
         assert_eq!(kv.num_cached_blocks(), 1);
+    }
+
+    #[test]
+    fn a_block_table_releases_its_blocks_once_when_dropped_or_shortened() {
+        let mut kv = cache(4);
+        let mut table = kv.block_table();
+        for _ in 0..3 {
+            let b = kv.allocate().unwrap();
+            table.push(b);
+        }
+        kv.retain(table.ids()[0]); // shared with someone else
+        assert_eq!(kv.num_free_blocks(), 1);
+        table.truncate(1);
+        assert_eq!((table.len(), kv.num_free_blocks()), (1, 3));
+        drop(table);
+        assert_eq!(kv.num_free_blocks(), 3, "the shared block is still held once");
+        kv.release(0);
+        assert_eq!(kv.num_free_blocks(), 4);
+    }
+
+    #[test]
+    fn storage_is_a_mode_not_a_size() {
+        let cfg = KvCacheConfig { block_tokens: 16, num_blocks: 2 };
+        let host = KvCache::new(cfg, 3, 2, 64);
+        let device = KvCache::without_storage(cfg, 3, 2, 64);
+        assert!(host.has_storage() && !device.has_storage());
+        assert_eq!((host.num_layers(), device.num_layers()), (3, 3));
+        assert_eq!(host.layer(2).0.len(), 2 * host.layout().block_elems());
+        // With no blocks at all, the mode still tells the two apart.
+        let empty = KvCacheConfig { block_tokens: 16, num_blocks: 0 };
+        assert!(KvCache::new(empty, 3, 2, 64).has_storage());
+        assert!(!KvCache::without_storage(empty, 3, 2, 64).has_storage());
+    }
+
+    #[test]
+    #[should_panic(expected = "in a device's memory")]
+    fn a_device_cache_has_no_host_layers() {
+        let cfg = KvCacheConfig { block_tokens: 16, num_blocks: 2 };
+        let _ = KvCache::without_storage(cfg, 1, 1, 64).layer(0);
     }
 
     #[test]

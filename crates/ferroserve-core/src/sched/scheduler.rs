@@ -21,14 +21,15 @@
 
 use std::collections::{HashMap, VecDeque};
 
-pub use crate::kv::BlockHash;
+pub use crate::kv::{BlockHash, BlockTable, ReleaseBlocks};
 /// One sequence's slice of a forward pass (defined next to the model that consumes it).
 pub use crate::models::llama::SeqChunk;
 pub use crate::sched::Priority;
 
 /// The paged KV cache as the scheduler sees it: reference-counted blocks plus a prefix
 /// cache of full blocks, keyed by a hash chained over the blocks before them. Implemented
-/// by [`crate::kv::KvCache`] and by the fakes of the tests.
+/// by [`crate::kv::KvCache`] and by the fakes of the tests. Blocks are released only by
+/// dropping (or shortening) the [`BlockTable`] holding them.
 pub trait KvPool {
     fn block_tokens(&self) -> usize;
     fn num_blocks(&self) -> usize;
@@ -37,7 +38,8 @@ pub trait KvPool {
     /// A block with one reference, or `None` when all are in use.
     fn allocate(&mut self) -> Option<u32>;
     fn retain(&mut self, block: u32);
-    fn release(&mut self, block: u32);
+    /// An empty table whose blocks go back to this pool when it is dropped.
+    fn block_table(&self) -> BlockTable;
     /// The retained blocks holding the longest cached run of full blocks of `tokens`.
     fn lookup_prefix(&mut self, tokens: &[u32]) -> Vec<u32>;
     /// The prefix-cache key of a full block: `tokens` (one block's worth) after the block
@@ -164,7 +166,8 @@ struct Sequence {
     prompt_len: usize,
     /// Leading tokens whose KV is in `blocks`.
     num_computed: usize,
-    blocks: Vec<u32>,
+    /// `None` while the sequence holds no blocks (waiting); dropping the table releases them.
+    blocks: Option<BlockTable>,
     /// Prefix-cache keys of the full blocks of `tokens` computed so far (kept across
     /// preemption: they depend on tokens only).
     block_hashes: Vec<BlockHash>,
@@ -253,7 +256,7 @@ impl Scheduler {
                 tokens,
                 prompt_len,
                 num_computed: 0,
-                blocks: Vec::new(),
+                blocks: None,
                 block_hashes: Vec::new(),
                 num_registered: 0,
                 forks_pending,
@@ -301,7 +304,7 @@ impl Scheduler {
     }
     /// KV blocks a sequence holds now.
     pub fn num_blocks_held(&self, seq: SeqId) -> usize {
-        self.seqs.get(&seq).map_or(0, |s| s.blocks.len())
+        self.seqs.get(&seq).map_or(0, |s| s.blocks.as_ref().map_or(0, BlockTable::len))
     }
     pub fn priority(&self, seq: SeqId) -> Option<Priority> {
         self.seqs.get(&seq).map(|s| s.priority)
@@ -386,7 +389,7 @@ impl Scheduler {
                 let victim = self
                     .victim(priority, true)
                     .expect("the current sequence is running");
-                self.preempt_for(victim, plan, kv);
+                self.preempt_for(victim, plan);
                 if victim == id {
                     break 0;
                 }
@@ -425,7 +428,7 @@ impl Scheduler {
                 let Some(victim) = self.victim(priority, false) else {
                     break;
                 };
-                self.preempt_for(victim, plan, kv);
+                self.preempt_for(victim, plan);
                 continue;
             }
             let cached_tokens = self.attach_cached_prefix(id, kv);
@@ -434,7 +437,7 @@ impl Scheduler {
             let wanted = budget.grant(seq.tokens.len() - start_pos);
             if wanted == 0 {
                 // Only burst tokens are left, and this prompt is not short: next step.
-                self.release_blocks(id, kv);
+                self.release_blocks(id);
                 break;
             }
             let fit = loop {
@@ -446,13 +449,13 @@ impl Scheduler {
                     break fit;
                 }
                 match self.victim(priority, false) {
-                    Some(victim) => self.preempt_for(victim, plan, kv),
+                    Some(victim) => self.preempt_for(victim, plan),
                     None => break 0,
                 }
             };
             if fit == 0 {
                 // Not even one block: wait for running sequences to free some.
-                self.release_blocks(id, kv);
+                self.release_blocks(id);
                 break;
             }
             let lane = self.lane_mut(priority);
@@ -487,12 +490,12 @@ impl Scheduler {
             .find_map(|&p| self.lane(p).running.last().copied())
     }
 
-    fn preempt_for<K: KvPool>(&mut self, victim: SeqId, plan: &mut StepPlan, kv: &mut K) {
+    fn preempt_for(&mut self, victim: SeqId, plan: &mut StepPlan) {
         debug_assert!(
             plan.chunks.iter().all(|c| c.seq != victim),
             "a scheduled sequence is preempted"
         );
-        self.preempt(victim, kv);
+        self.preempt(victim);
         plan.preempted.push(victim);
     }
 
@@ -514,7 +517,7 @@ impl Scheduler {
                 SeqChunk {
                     tokens: &seq.tokens[c.start_pos..c.start_pos + c.num_tokens],
                     start_pos: c.start_pos,
-                    block_table: &seq.blocks,
+                    block_table: seq.blocks.as_ref().map_or(&[], BlockTable::ids),
                     want_logits: c.want_logits,
                 }
             })
@@ -549,7 +552,8 @@ impl Scheduler {
                     );
                     seq.block_hashes.push(hash);
                 }
-                kv.register_full_block(seq.block_hashes[b], seq.blocks[b]);
+                let block = seq.blocks.as_ref().expect("computed sequences hold blocks").ids()[b];
+                kv.register_full_block(seq.block_hashes[b], block);
                 seq.num_registered += 1;
             }
             if seq.forks_pending > 0 && seq.num_computed >= seq.prompt_len {
@@ -583,19 +587,16 @@ impl Scheduler {
         forked
     }
 
-    /// Removes a finished sequence and releases its blocks.
-    pub fn finish<K: KvPool>(&mut self, seq: SeqId, kv: &mut K) {
-        if let Some(mut s) = self.seqs.remove(&seq) {
-            for b in s.blocks.drain(..) {
-                kv.release(b);
-            }
+    /// Removes a finished sequence; dropping it returns its blocks to `_kv`.
+    pub fn finish<K: KvPool>(&mut self, seq: SeqId, _kv: &mut K) {
+        if let Some(s) = self.seqs.remove(&seq) {
             let lane = self.lane_mut(s.priority);
             lane.running.retain(|&r| r != seq);
             lane.waiting.retain(|&w| w != seq);
         }
     }
 
-    /// Removes every sequence of a request (choices not forked yet included) and releases
+    /// Removes every sequence of a request (choices not forked yet included), which returns
     /// their blocks. Returns the removed sequences.
     pub fn abort<K: KvPool>(&mut self, request_id: u64, kv: &mut K) -> Vec<SeqId> {
         let mut ids: Vec<SeqId> = self
@@ -617,15 +618,15 @@ impl Scheduler {
     fn attach_cached_prefix<K: KvPool>(&mut self, id: SeqId, kv: &mut K) -> usize {
         let block_tokens = kv.block_tokens();
         let seq = self.seqs.get_mut(&id).expect("waiting sequences exist");
-        debug_assert!(seq.blocks.is_empty());
-        let mut blocks = kv.lookup_prefix(&seq.tokens[..seq.tokens.len() - 1]);
-        let max_blocks = (seq.tokens.len() - 1) / block_tokens;
-        while blocks.len() > max_blocks {
-            kv.release(blocks.pop().expect("non-empty"));
+        debug_assert!(seq.blocks.is_none());
+        let mut table = kv.block_table();
+        for block in kv.lookup_prefix(&seq.tokens[..seq.tokens.len() - 1]) {
+            table.push(block);
         }
-        seq.num_computed = blocks.len() * block_tokens;
-        seq.num_registered = blocks.len();
-        seq.blocks = blocks;
+        table.truncate((seq.tokens.len() - 1) / block_tokens);
+        seq.num_computed = table.len() * block_tokens;
+        seq.num_registered = table.len();
+        seq.blocks = Some(table);
         seq.num_computed
     }
 
@@ -634,28 +635,28 @@ impl Scheduler {
     fn grow_blocks<K: KvPool>(&mut self, id: SeqId, upto: usize, kv: &mut K) -> usize {
         let block_tokens = kv.block_tokens();
         let seq = self.seqs.get_mut(&id).expect("scheduled sequences exist");
-        while seq.blocks.len() * block_tokens < upto {
+        let table = seq.blocks.get_or_insert_with(|| kv.block_table());
+        while table.len() * block_tokens < upto {
             match kv.allocate() {
-                Some(b) => seq.blocks.push(b),
+                Some(b) => table.push(b),
                 None => break,
             }
         }
-        seq.blocks.len() * block_tokens
+        table.len() * block_tokens
     }
 
-    fn release_blocks<K: KvPool>(&mut self, id: SeqId, kv: &mut K) {
+    /// Drops a sequence's block table (returning its blocks) and forgets what it computed.
+    fn release_blocks(&mut self, id: SeqId) {
         let seq = self.seqs.get_mut(&id).expect("sequence exists");
-        for b in seq.blocks.drain(..) {
-            kv.release(b);
-        }
+        seq.blocks = None;
         seq.num_computed = 0;
         seq.num_registered = 0;
     }
 
     /// Sends a running sequence back to the front of its class's waiting queue, to be
     /// recomputed.
-    fn preempt<K: KvPool>(&mut self, id: SeqId, kv: &mut K) {
-        self.release_blocks(id, kv);
+    fn preempt(&mut self, id: SeqId) {
+        self.release_blocks(id);
         let lane = self.lane_mut(self.seqs[&id].priority);
         lane.running.retain(|&r| r != id);
         lane.waiting.push_front(id);
@@ -679,8 +680,8 @@ impl KvPool for crate::kv::KvCache {
     fn retain(&mut self, block: u32) {
         crate::kv::KvCache::retain(self, block)
     }
-    fn release(&mut self, block: u32) {
-        crate::kv::KvCache::release(self, block)
+    fn block_table(&self) -> BlockTable {
+        crate::kv::KvCache::block_table(self)
     }
     fn lookup_prefix(&mut self, tokens: &[u32]) -> Vec<u32> {
         crate::kv::KvCache::lookup_prefix(self, tokens)
@@ -706,8 +707,8 @@ impl KvPool for crate::models::llama_opencl::OpenClKv {
     fn retain(&mut self, block: u32) {
         self.blocks_mut().retain(block)
     }
-    fn release(&mut self, block: u32) {
-        self.blocks_mut().release(block)
+    fn block_table(&self) -> BlockTable {
+        self.blocks().block_table()
     }
     fn lookup_prefix(&mut self, tokens: &[u32]) -> Vec<u32> {
         self.blocks_mut().lookup_prefix(tokens)
