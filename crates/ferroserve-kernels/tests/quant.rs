@@ -1229,3 +1229,119 @@ fn k_quant_panels_follow_the_fast_order_on_every_isa() {
         }
     }
 }
+
+/// An f16 scale drawn from every finite class, as bits: ±0, ±subnormals (whose widening needs
+/// the exponent renormalised), and ±normals from 2⁻¹⁴ to 2⁴.
+fn f16_scale_bits(rng: &mut Rng) -> u16 {
+    let r = rng.next_u64();
+    let sign = ((r >> 63) as u16) << 15;
+    let mantissa = (r >> 20) as u16 & 0x3ff;
+    sign | match r % 4 {
+        0 if r & 0x30 == 0 => 0,
+        0 | 1 => mantissa.max(1),
+        _ => ((1 + (r >> 8) % 19) as u16) << 10 | mantissa,
+    }
+}
+
+/// The fast order of a block format's output from the GGUF bytes, the scales widened with the
+/// crate's scalar `f16_to_f32` (what the panels stored as f32 before they kept the f16 bits).
+fn fast_order_from_file(t: QuantType, wr: &[u8], xr: &[f32]) -> f32 {
+    let h = |blk: &[u8], at: usize| f16_to_f32(u16::from_le_bytes([blk[at], blk[at + 1]]));
+    let (mut acc, mut mins) = (0f32, 0f32);
+    if t.block_elems() == 256 {
+        for (s, blk) in wr.chunks_exact(t.block_bytes()).enumerate() {
+            let ks = decode_k_super(t, blk);
+            for sub in 0..8 {
+                let xb = &xr[(8 * s + sub) * 32..][..32];
+                let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+                let qa: Vec<i32> = xb.iter().map(|v| (v * inv).round_ties_even() as i32).collect();
+                let dx = f16_to_f32(f32_to_f16(amax / 127.0));
+                let half = |g: usize| ks.group[2 * sub + g] * (16 * g..16 * g + 16).map(|i| ks.q[32 * sub + i] * qa[i]).sum::<i32>();
+                acc = (ks.scale[sub] * dx).mul_add((half(0) + half(1)) as f32, acc);
+                mins = ks.min[sub].mul_add(dx * qa.iter().sum::<i32>() as f32, mins);
+            }
+        }
+        return acc - mins;
+    }
+    let affine = matches!(t, QuantType::Q4_1 | QuantType::Q5_1);
+    for (b, blk) in wr.chunks_exact(t.block_bytes()).enumerate() {
+        let xb = &xr[b * 32..][..32];
+        let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+        let qa: Vec<i32> = xb.iter().map(|v| (v * inv).round_ties_even() as i32).collect();
+        let dx = f16_to_f32(f32_to_f16(amax / 127.0));
+        let nibble = |qs: &[u8], i: usize| if i < 16 { qs[i] & 15 } else { qs[i - 16] >> 4 } as i32;
+        let fifth = |qh: &[u8], i: usize| ((u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]) >> i) & 1) as i32;
+        let code = |i: usize| match t {
+            QuantType::Q4_1 => nibble(&blk[4..], i),
+            QuantType::Q4_0 => nibble(&blk[2..], i) - 8,
+            QuantType::Q5_0 => nibble(&blk[6..], i) + 16 * fifth(&blk[2..], i) - 16,
+            QuantType::Q5_1 => nibble(&blk[8..], i) + 16 * fifth(&blk[4..], i),
+            QuantType::IQ4_NL => KVALUES_IQ4NL[nibble(&blk[2..], i) as usize] as i32,
+            _ => blk[2 + i] as i8 as i32,
+        };
+        let dot: i32 = (0..32).map(|i| code(i) * qa[i]).sum();
+        acc = (h(blk, 0) * dx).mul_add(dot as f32, acc);
+        if affine {
+            let s = f16_to_f32(f32_to_f16(amax / 127.0 * qa.iter().sum::<i32>() as f32));
+            mins = h(blk, 2).mul_add(s, mins);
+        }
+    }
+    if affine {
+        acc + mins
+    } else {
+        acc
+    }
+}
+
+/// The panels keep the file's f16 scales and widen them in the kernel (`vcvtph2ps` on AVX2 and
+/// AVX-512, `f16_to_f32` in the portable code): with scales from every finite f16 class
+/// (zeros, subnormals, negatives, up to 2⁴) every level gives the bits of the f32-scale
+/// formula, for every panel format, at m = 1 and in a tile.
+#[test]
+fn panel_scales_widen_from_f16_exactly_on_every_isa() {
+    let (mut rng, seed) = Rng::new(15);
+    let formats = [
+        QuantType::Q4_1,
+        QuantType::Q8_0,
+        QuantType::Q4_0,
+        QuantType::Q5_0,
+        QuantType::Q5_1,
+        QuantType::IQ4_NL,
+        QuantType::Q4_K,
+        QuantType::Q6_K,
+    ];
+    for t in formats {
+        let scale_offsets: &[usize] = match t {
+            QuantType::Q4_1 | QuantType::Q5_1 | QuantType::Q4_K => &[0, 2],
+            QuantType::Q6_K => &[208],
+            _ => &[0],
+        };
+        let (n, k) = (37, if t.block_elems() == 256 { 512 } else { 96 });
+        let mut w: Vec<u8> = (0..n).flat_map(|_| random_blocks(t, &mut rng, k)).collect();
+        for blk in w.chunks_exact_mut(t.block_bytes()) {
+            for &at in scale_offsets {
+                blk[at..at + 2].copy_from_slice(&f16_scale_bits(&mut rng).to_le_bytes());
+            }
+        }
+        for m in [1, 5] {
+            let x: Vec<f32> = (0..m * k).map(|_| rng.f32()).collect();
+            let portable = run_panels(QuantIsa::Portable, t, &w, n, k, &x, m);
+            let row_bytes = t.row_bytes(k);
+            for r in 0..m {
+                for j in 0..n {
+                    let want = fast_order_from_file(t, &w[j * row_bytes..][..row_bytes], &x[r * k..][..k]);
+                    let got = portable[r * n + j];
+                    assert_eq!(got.to_bits(), want.to_bits(), "{} portable m={m} [{r}, {j}]: {got} vs {want} (seed {seed})", t.name());
+                }
+            }
+            for isa in QuantIsa::available() {
+                let y = run_panels(isa, t, &w, n, k, &x, m);
+                for (i, (a, b)) in y.iter().zip(&portable).enumerate() {
+                    assert_eq!(a.to_bits(), b.to_bits(), "{} {isa:?} m={m} index {i}: {a} vs portable {b} (seed {seed})", t.name());
+                }
+            }
+        }
+    }
+}

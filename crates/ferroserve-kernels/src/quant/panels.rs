@@ -18,21 +18,27 @@
 //! whatever `m`, the row's position, the tile or the thread split; and every ISA level gives
 //! the portable code's bits (tested).
 //!
-//! Panel layout (per panel of rows `16p..16p + 16`, zero rows padding the last one; per block):
+//! Panel layout (per panel of rows `16p..16p + 16`, zero rows padding the last one; per block).
+//! The codes and the per-block scales are two arrays; the scales stay the file's f16 (`d`, `m`,
+//! `dmin`: every one is an f16 in the GGUF, none is computed at repack) and the kernels widen
+//! them with `vcvtph2ps` (the portable code with [`f16_to_f32`]), which is exact, so the
+//! arithmetic is that of f32 scales while a panel reads as many bytes as the file's blocks
+//! (f32 scales read 24 bytes per 32 Q4_1 weights against the file's 20: SmolLM2's decode step
+//! read 111.5 MB instead of 96.4; bench/NOTES.md, "f16 panel scales and the c=1 kernel").
 //! - Q4_1: 256 code bytes, four 64-byte vectors; vector `t` holds, for row `c`, that row's
 //!   block bytes `qs[4t..4t + 4]` at bytes `4c..4c + 4`. Their low nibbles are the block's
 //!   elements `4t..4t + 4` and their high nibbles elements `16 + 4t..`, so one mask and one
 //!   shift give two groups of four codes for sixteen rows, ready for `vpdpbusd` against four
-//!   broadcast activation bytes. Then 32 f32: the sixteen rows' `d`, then their `m`.
+//!   broadcast activation bytes. Then 32 f16: the sixteen rows' `d`, then their `m`.
 //! - Q8_0: 512 code bytes, eight vectors; vector `g` holds row `c`'s codes `4g..4g + 4`
 //!   offset by 128 (`q ^ 0x80`, unsigned for `vpdpbusd`; the kernel subtracts `128·Σa`).
-//!   Then 16 f32: the rows' `d`.
+//!   Then 16 f16: the rows' `d`.
 //! - Q4_0, Q5_0, Q5_1, IQ4_NL (the formats llama.cpp's K-quant mixes fall back to for rows that
 //!   are not a multiple of 256): the codes' low four bits as Q4_1's 256 bytes; for Q5_0 and Q5_1
 //!   then a 64-byte plane of fifth bits, byte `4c + i` holding element `4t + i`'s at bit `t` and
 //!   element `16 + 4t + i`'s at bit `4 + t` (one 16-bit shift and one `vpternlogd` put each
-//!   group's at bit 4). Then the rows' `d` (and Q5_1's `m`) as f32: 20, 24, 28 and 20 bytes per
-//!   32 weights (GGUF 18, 22, 24, 18). Codes stay unsigned (0..32) for `vpdpbusd`; Q4_0 and
+//!   group's at bit 4). Then the rows' `d` (and Q5_1's `m`) as f16: 18, 22, 24 and 18 bytes per
+//!   32 weights, as in the GGUF. Codes stay unsigned (0..32) for `vpdpbusd`; Q4_0 and
 //!   Q5_0 subtract `8·Σa` and `16·Σa` per block, IQ4_NL looks its codes up as `value + 128`
 //!   (`vpshufb`) and subtracts `128·Σa` (on AVX2 it takes Q8_0's sign trick). The order is Q8_0's
 //!   (Q4_1's for Q5_1). Why not Q5_0 as Q8_0 panels (codes `q − 16` fit i8; no new kernel, but
@@ -46,8 +52,8 @@
 //! weight bytes read):
 //! - Q4_K: 256 bytes of sub-block scales, `sc[j]` for the sixteen rows at bytes `16j..16j + 16`
 //!   and `m[j]` at `128 + 16j..`, then per sub-block `j` 256 code bytes in Q4_1's layout (its
-//!   nibbles re-paired: element `i` and `16 + i` share a byte). Then 32 f32: the rows' `d`,
-//!   then their `dmin`. 19 bytes per 32 weights (the GGUF block: 18). Each sub-block is Q4_1
+//!   nibbles re-paired: element `i` and `16 + i` share a byte). Then 32 f16: the rows' `d`,
+//!   then their `dmin`. 18.5 bytes per 32 weights (the GGUF block: 18). Each sub-block is Q4_1
 //!   shaped, `w = (d·sc)·q − dmin·m`, with both products exact in f32 (an f16 times a 6-bit
 //!   integer), so the order is Q4_1's: `acc = fma((d·sc)·d_x, Σq·a, acc)`,
 //!   `mins = fma(dmin·m, d_x·Σa, mins)` per sub-block, the result `acc − mins` (`d_x·Σa`
@@ -55,8 +61,8 @@
 //! - Q6_K: 256 bytes of i8 scales, group `g`'s (weights `16g..16g + 16`) at bytes
 //!   `16g..16g + 16`, then per sub-block 384 code bytes of `u = q + 32` (0..64): 256 bytes of
 //!   low nibbles in Q4_1's layout, then two 64-byte vectors `h` of the top two bits, vector
-//!   `h` holding at byte `4c + i`, bits `2t..2t + 2`, element `16h + 4t + i`'s. Then 16 f32:
-//!   the rows' `d`. 26.5 bytes per 32 weights (the GGUF block: 26.25). Per sub-block the
+//!   `h` holding at byte `4c + i`, bits `2t..2t + 2`, element `16h + 4t + i`'s. Then 16 f16:
+//!   the rows' `d`. 26.25 bytes per 32 weights, as the GGUF block. Per sub-block the
 //!   integer `s₀·Σ₁₆ q·a + s₁·Σ₁₆ q·a` (exact in i32: |s·q·a| ≤ 128·32·127, 32 terms), then
 //!   `acc = fma(d·d_x, that, acc)`.
 //!
@@ -74,9 +80,10 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
+use super::f16::f16_to_f32;
 use super::matmul::QuantIsa;
 use super::q8_0::{ActRow, Q8Activations};
-use super::{iq4_nl, q4_k, q5_0, q6_k, read_f16, QuantType};
+use super::{iq4_nl, q4_k, q5_0, q6_k, QuantType};
 
 /// Weight rows per panel (one 512-bit register of f32 or i32 lanes).
 pub const PANEL_ROWS: usize = 16;
@@ -112,7 +119,7 @@ mod kind {
         matches!(kind, Q4_1 | Q5_1)
     }
 
-    /// Code bytes and f32 scales per 32-weight block of a panel (the block formats).
+    /// Code bytes and f16 scales per 32-weight block of a panel (the block formats).
     pub const fn block_code_bytes(kind: u8) -> usize {
         match kind {
             Q8_0 => 32 * super::PANEL_ROWS,
@@ -155,6 +162,12 @@ const IQ4_NL_UNSIGNED: [u8; 16] = {
     t
 };
 
+/// The f16 at byte `at` of a GGUF block, as its bits: the panels keep the file's scales and
+/// the kernels widen them (exactly; every f16 is an f32).
+fn f16_bits(blk: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([blk[at], blk[at + 1]])
+}
+
 /// A weight matrix `[n, k]` repacked for [`panel_matmul`].
 #[derive(Debug, Clone)]
 pub struct Panels {
@@ -162,7 +175,8 @@ pub struct Panels {
     n: usize,
     k: usize,
     codes: Vec<u8>,
-    scales: Vec<f32>,
+    /// The per-block f16 scales as the file stores them (bits), widened in the kernels.
+    scales: Vec<u16>,
 }
 
 impl Panels {
@@ -218,7 +232,7 @@ impl Panels {
         // Padding rows: codes 0 (Q8_0's stored as 0x80) with every scale 0.
         let pad = if wtype == QuantType::Q8_0 { 0x80 } else { 0 };
         let mut codes = vec![pad; panels * nu * cb];
-        let mut scales = vec![0f32; panels * nu * sb];
+        let mut scales = vec![0u16; panels * nu * sb];
         let unit_bytes = row_bytes / nu;
         for j in 0..n {
             let (p, c) = (j / PANEL_ROWS, j % PANEL_ROWS);
@@ -233,7 +247,7 @@ impl Panels {
                         pack_nibble_block(wtype, blk, c, dst, s)
                     }
                     _ => {
-                        s[c] = read_f16(blk, 0);
+                        s[c] = f16_bits(blk, 0);
                         for g in 0..8 {
                             for i in 0..4 {
                                 dst[g * 64 + 4 * c + i] = blk[2 + 4 * g + i] ^ 0x80;
@@ -260,10 +274,10 @@ impl Panels {
 
     /// Bytes held (the repacked copy lives beside the memory-mapped original).
     pub fn size_bytes(&self) -> usize {
-        self.codes.len() + 4 * self.scales.len()
+        self.codes.len() + 2 * self.scales.len()
     }
 
-    fn panel(&self, p: usize) -> (&[u8], &[f32]) {
+    fn panel(&self, p: usize) -> (&[u8], &[u16]) {
         let nu = self.k / Panels::unit_elems(self.wtype);
         let (cb, sb) = (Panels::code_bytes_per_unit(self.wtype), Panels::scales_per_unit(self.wtype));
         (&self.codes[p * nu * cb..(p + 1) * nu * cb], &self.scales[p * nu * sb..(p + 1) * nu * sb])
@@ -274,8 +288,8 @@ impl Panels {
 /// codes' low four bits in Q4_1's layout, for Q5_0 and Q5_1 then the fifth bits, byte `4c + i`
 /// holding element `4t + i`'s at bit `t` and element `16 + 4t + i`'s at bit `4 + t`; the
 /// scales `d` (and `m`).
-fn pack_nibble_block(wtype: QuantType, blk: &[u8], c: usize, dst: &mut [u8], s: &mut [f32]) {
-    s[c] = read_f16(blk, 0);
+fn pack_nibble_block(wtype: QuantType, blk: &[u8], c: usize, dst: &mut [u8], s: &mut [u16]) {
+    s[c] = f16_bits(blk, 0);
     let code = |i: usize| -> u8 {
         let nibble = |qs: &[u8]| if i < 16 { qs[i] & 0x0f } else { qs[i - 16] >> 4 };
         match wtype {
@@ -286,7 +300,7 @@ fn pack_nibble_block(wtype: QuantType, blk: &[u8], c: usize, dst: &mut [u8], s: 
         }
     };
     if kind::affine(kind_of(wtype)) {
-        s[PANEL_ROWS + c] = read_f16(blk, 2);
+        s[PANEL_ROWS + c] = f16_bits(blk, 2);
     }
     for t in 0..4 {
         for i in 0..4 {
@@ -300,9 +314,9 @@ fn pack_nibble_block(wtype: QuantType, blk: &[u8], c: usize, dst: &mut [u8], s: 
 }
 
 /// Row `c` of a panel's Q4_K super-block (`dst`, `s`: the unit's codes and scales).
-fn pack_q4_k(blk: &[u8], c: usize, dst: &mut [u8], s: &mut [f32]) {
-    s[c] = read_f16(blk, 0);
-    s[PANEL_ROWS + c] = read_f16(blk, 2);
+fn pack_q4_k(blk: &[u8], c: usize, dst: &mut [u8], s: &mut [u16]) {
+    s[c] = f16_bits(blk, 0);
+    s[PANEL_ROWS + c] = f16_bits(blk, 2);
     for j in 0..SUBS {
         let (sc, m) = q4_k::scale_min(&blk[4..16], j);
         dst[PANEL_ROWS * j + c] = sc;
@@ -318,8 +332,8 @@ fn pack_q4_k(blk: &[u8], c: usize, dst: &mut [u8], s: &mut [f32]) {
 }
 
 /// Row `c` of a panel's Q6_K super-block.
-fn pack_q6_k(blk: &[u8], c: usize, dst: &mut [u8], s: &mut [f32]) {
-    s[c] = read_f16(blk, q6_k::D);
+fn pack_q6_k(blk: &[u8], c: usize, dst: &mut [u8], s: &mut [u16]) {
+    s[c] = f16_bits(blk, q6_k::D);
     for g in 0..16 {
         dst[PANEL_ROWS * g + c] = q6_k::scale(blk, 16 * g) as i8 as u8;
     }
@@ -505,7 +519,7 @@ fn nibble_dot(cb: &[u8], c: usize, aq: &[i8]) -> i32 {
 /// The nibble formats (`kind::nibbles`): per block `acc = fma(d·d_x, Σw·a, acc)` with `w` the
 /// signed weight code (`q − 8`, `q − 16`, IQ4_NL's table value, or Q4_1's and Q5_1's `q`), and
 /// for the affine ones `mins = fma(m, s, mins)`; the result `acc + mins`, else `acc`.
-fn portable_nibble_blocks(kind: u8, codes: &[u8], scales: &[f32], a: ActRow<'_>) -> [f32; PANEL_ROWS] {
+fn portable_nibble_blocks(kind: u8, codes: &[u8], scales: &[u16], a: ActRow<'_>) -> [f32; PANEL_ROWS] {
     let mut acc = [0f32; PANEL_ROWS];
     let mut mins = [0f32; PANEL_ROWS];
     let blocks = codes.chunks_exact(kind::block_code_bytes(kind)).zip(scales.chunks_exact(kind::block_scales(kind)));
@@ -529,9 +543,9 @@ fn portable_nibble_blocks(kind: u8, codes: &[u8], scales: &[f32], a: ActRow<'_>)
                 }
             };
             let sumi: i32 = (0..BLOCK_ELEMS).map(|e| weight(e) * aq[e] as i32).sum();
-            acc[c] = (s[c] * dx).mul_add(sumi as f32, acc[c]);
+            acc[c] = (f16_to_f32(s[c]) * dx).mul_add(sumi as f32, acc[c]);
             if kind::affine(kind) {
-                mins[c] = s[PANEL_ROWS + c].mul_add(a.q81_sums[b], mins[c]);
+                mins[c] = f16_to_f32(s[PANEL_ROWS + c]).mul_add(a.q81_sums[b], mins[c]);
             }
         }
     }
@@ -543,7 +557,7 @@ fn portable_nibble_blocks(kind: u8, codes: &[u8], scales: &[f32], a: ActRow<'_>)
 }
 
 /// `offsets`: the row's 128·Σa per block.
-fn portable_q8_0(codes: &[u8], scales: &[f32], a: ActRow<'_>, offsets: &[i32]) -> [f32; PANEL_ROWS] {
+fn portable_q8_0(codes: &[u8], scales: &[u16], a: ActRow<'_>, offsets: &[i32]) -> [f32; PANEL_ROWS] {
     let mut acc = [0f32; PANEL_ROWS];
     for (b, (cb, s)) in codes.chunks_exact(PANEL_ROWS * 32).zip(scales.chunks_exact(PANEL_ROWS)).enumerate() {
         let aq = &a.qs[b * BLOCK_ELEMS..][..BLOCK_ELEMS];
@@ -551,7 +565,7 @@ fn portable_q8_0(codes: &[u8], scales: &[f32], a: ActRow<'_>, offsets: &[i32]) -
         for c in 0..PANEL_ROWS {
             let sumi =
                 (0..8).map(|g| (0..4).map(|i| cb[g * 64 + 4 * c + i] as i32 * aq[4 * g + i] as i32).sum::<i32>()).sum::<i32>() - offsets[b];
-            acc[c] = (s[c] * dx).mul_add(sumi as f32, acc[c]);
+            acc[c] = (f16_to_f32(s[c]) * dx).mul_add(sumi as f32, acc[c]);
         }
     }
     acc
@@ -559,7 +573,7 @@ fn portable_q8_0(codes: &[u8], scales: &[f32], a: ActRow<'_>, offsets: &[i32]) -
 
 /// Per sub-block `acc = fma((d·sc)·d_x, Σq·a, acc)`, `mins = fma(dmin·m, d_x·Σa, mins)`;
 /// the result `acc − mins`.
-fn portable_q4_k(codes: &[u8], scales: &[f32], a: ActRow<'_>) -> [f32; PANEL_ROWS] {
+fn portable_q4_k(codes: &[u8], scales: &[u16], a: ActRow<'_>) -> [f32; PANEL_ROWS] {
     let mut acc = [0f32; PANEL_ROWS];
     let mut mins = [0f32; PANEL_ROWS];
     let unit_bytes = K_SCALE_BYTES + SUBS * NIBBLE_BYTES;
@@ -571,8 +585,8 @@ fn portable_q4_k(codes: &[u8], scales: &[f32], a: ActRow<'_>) -> [f32; PANEL_ROW
             let cb = &unit[K_SCALE_BYTES + NIBBLE_BYTES * j..][..NIBBLE_BYTES];
             for c in 0..PANEL_ROWS {
                 let sumi = nibble_dot(cb, c, aq);
-                let dw = s[c] * unit[PANEL_ROWS * j + c] as f32;
-                let mw = s[PANEL_ROWS + c] * unit[PANEL_ROWS * (SUBS + j) + c] as f32;
+                let dw = f16_to_f32(s[c]) * unit[PANEL_ROWS * j + c] as f32;
+                let mw = f16_to_f32(s[PANEL_ROWS + c]) * unit[PANEL_ROWS * (SUBS + j) + c] as f32;
                 acc[c] = (dw * dx).mul_add(sumi as f32, acc[c]);
                 mins[c] = mw.mul_add(dx_sum, mins[c]);
             }
@@ -582,7 +596,7 @@ fn portable_q4_k(codes: &[u8], scales: &[f32], a: ActRow<'_>) -> [f32; PANEL_ROW
 }
 
 /// Per sub-block `acc = fma(d·d_x, s₀·Σq·a + s₁·Σq·a, acc)` over its two groups of 16.
-fn portable_q6_k(codes: &[u8], scales: &[f32], a: ActRow<'_>) -> [f32; PANEL_ROWS] {
+fn portable_q6_k(codes: &[u8], scales: &[u16], a: ActRow<'_>) -> [f32; PANEL_ROWS] {
     let mut acc = [0f32; PANEL_ROWS];
     let unit_bytes = K_SCALE_BYTES + SUBS * Q6_BYTES;
     for (u, (unit, s)) in codes.chunks_exact(unit_bytes).zip(scales.chunks_exact(PANEL_ROWS)).enumerate() {
@@ -602,7 +616,7 @@ fn portable_q6_k(codes: &[u8], scales: &[f32], a: ActRow<'_>) -> [f32; PANEL_ROW
                     let dot: i32 = (16 * h..16 * h + 16).map(|e| code(e) * aq[e] as i32).sum();
                     unit[PANEL_ROWS * (2 * j + h) + c] as i8 as i32 * dot
                 };
-                acc[c] = (s[c] * dx).mul_add((group(0) + group(1)) as f32, acc[c]);
+                acc[c] = (f16_to_f32(s[c]) * dx).mul_add((group(0) + group(1)) as f32, acc[c]);
             }
         }
     }
@@ -624,6 +638,14 @@ mod avx512 {
 
     /// Bytes ahead of the current block to prefetch (as the row kernels do).
     const PREFETCH_AHEAD: usize = 2048;
+
+    /// Sixteen f16 scales widened to f32 (`vcvtph2ps`, exact: the bits of [`f16_to_f32`]).
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    unsafe fn widen16(at: *const u16) -> __m512 {
+        // SAFETY (caller): `at` points at 16 readable scales.
+        _mm512_cvtph_ps(_mm256_loadu_si256(at.cast()))
+    }
 
     /// # Safety
     /// Needs the AVX-512 level (F/BW/VL/VNNI); the caller owns panels `range` of `out`.
@@ -750,7 +772,7 @@ mod avx512 {
             for line in 0..code_bytes / 64 {
                 _mm_prefetch::<_MM_HINT_T0>(cb.wrapping_add(PREFETCH_AHEAD + 64 * line).cast());
             }
-            // The scales are a second stream (64 or 128 bytes a block): as far ahead.
+            // The scales are a second stream (32 or 64 bytes a block): as far ahead.
             let ahead = sp.wrapping_add((b + PREFETCH_AHEAD / code_bytes) * scale_count);
             _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
             if affine {
@@ -771,8 +793,8 @@ mod avx512 {
                     v = v.map(|x| _mm512_shuffle_epi8(table, x));
                 }
             }
-            let dw = _mm512_loadu_ps(sp.add(b * scale_count));
-            let mw = if affine { _mm512_loadu_ps(sp.add(b * scale_count + PANEL_ROWS)) } else { _mm512_setzero_ps() };
+            let dw = widen16(sp.add(b * scale_count));
+            let mw = if affine { widen16(sp.add(b * scale_count + PANEL_ROWS)) } else { _mm512_setzero_ps() };
             for i in 0..R {
                 // SAFETY: the activation row holds nb > b blocks of 32 bytes.
                 let (lo, hi) = dots(&v, rows[i].qs.as_ptr().add(b * BLOCK_ELEMS).cast());
@@ -809,8 +831,8 @@ mod avx512 {
             // SAFETY: super-block s of the panel is K_SCALE_BYTES + 8·256 code bytes and 32
             // scales (layout in the module docs); activation rows hold 8·nsb blocks.
             let unit = cp.add(s * (K_SCALE_BYTES + SUBS * NIBBLE_BYTES));
-            let (d, dmin) = (_mm512_loadu_ps(sp.add(32 * s)), _mm512_loadu_ps(sp.add(32 * s + 16)));
-            // The next super-block's scales (a second stream, 128 bytes per 2,304 of codes).
+            let (d, dmin) = (widen16(sp.add(32 * s)), widen16(sp.add(32 * s + 16)));
+            // The next super-block's scales (a second stream, 64 bytes per 2,304 of codes).
             _mm_prefetch::<_MM_HINT_T0>(sp.wrapping_add(32 * (s + 1)).cast());
             _mm_prefetch::<_MM_HINT_T0>(sp.wrapping_add(32 * (s + 1) + 16).cast());
             let byte_lanes = |at: usize| _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(unit.add(at).cast())));
@@ -857,7 +879,7 @@ mod avx512 {
             // SAFETY: super-block s of the panel is K_SCALE_BYTES + 8·384 code bytes and 16
             // scales; activation rows hold 8·nsb blocks and `offsets` 2 halves per block.
             let unit = cp.add(s * (K_SCALE_BYTES + SUBS * Q6_BYTES));
-            let d = _mm512_loadu_ps(sp.add(16 * s));
+            let d = widen16(sp.add(16 * s));
             _mm_prefetch::<_MM_HINT_T0>(sp.wrapping_add(16 * (s + 1)).cast());
             for j in 0..SUBS {
                 let b = SUBS * s + j;
@@ -956,6 +978,14 @@ mod avx2 {
         }
     }
 
+    /// Eight f16 scales widened to f32 (`vcvtph2ps`, exact: the bits of [`f16_to_f32`]).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn widen8(at: *const u16) -> __m256 {
+        // SAFETY (caller): `at` points at 8 readable scales.
+        _mm256_cvtph_ps(_mm_loadu_si128(at.cast()))
+    }
+
     /// Σ u·s over groups of four bytes into eight i32 lanes (`u` unsigned, pairs < 2¹⁵).
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
@@ -1023,8 +1053,8 @@ mod avx2 {
                         }
                     }
                 }
-                let dw = _mm256_loadu_ps(sp.add(b * scale_count + 8 * half));
-                let mw = if affine { _mm256_loadu_ps(sp.add(b * scale_count + PANEL_ROWS + 8 * half)) } else { _mm256_setzero_ps() };
+                let dw = widen8(sp.add(b * scale_count + 8 * half));
+                let mw = if affine { widen8(sp.add(b * scale_count + PANEL_ROWS + 8 * half)) } else { _mm256_setzero_ps() };
                 for i in 0..R {
                     // SAFETY: the activation row holds nb > b blocks of 32 bytes.
                     let a = rows[i].qs.as_ptr().add(b * BLOCK_ELEMS).cast::<i32>();
@@ -1073,8 +1103,8 @@ mod avx2 {
                 // SAFETY: super-block s of the panel is K_SCALE_BYTES + 8·256 code bytes and 32
                 // scales; activation rows hold 8·nsb blocks.
                 let unit = cp.add(s * (K_SCALE_BYTES + SUBS * NIBBLE_BYTES));
-                let d = _mm256_loadu_ps(sp.add(32 * s + 8 * half));
-                let dmin = _mm256_loadu_ps(sp.add(32 * s + 16 + 8 * half));
+                let d = widen8(sp.add(32 * s + 8 * half));
+                let dmin = widen8(sp.add(32 * s + 16 + 8 * half));
                 let byte_lanes = |at: usize| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(unit.add(at + 8 * half).cast())));
                 for j in 0..SUBS {
                     let b = SUBS * s + j;
@@ -1128,7 +1158,7 @@ mod avx2 {
                 // SAFETY: super-block s of the panel is K_SCALE_BYTES + 8·384 code bytes and 16
                 // scales; activation rows hold 8·nsb blocks.
                 let unit = cp.add(s * (K_SCALE_BYTES + SUBS * Q6_BYTES));
-                let d = _mm256_loadu_ps(sp.add(16 * s + 8 * half));
+                let d = widen8(sp.add(16 * s + 8 * half));
                 // A group's i8 scales as i16 pairs `[s, s]`, one per row.
                 let group_scales = |g: usize| {
                     let s32 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(unit.add(PANEL_ROWS * g + 8 * half).cast()));
