@@ -2,8 +2,12 @@
 //!
 //! One task per (sequence, head): K is copied transposed and V contiguous into a small
 //! scratch buffer so both products are unit-stride AXPYs the compiler vectorises, with
-//! no horizontal reductions; each query row's scores and outputs are accumulated in
-//! 16-lane register blocks. Keys are padded only to the next multiple of 16.
+//! no horizontal reductions. Query rows go in groups of `QR`: each register tile holds
+//! `QR` rows × two 16-lane blocks (of keys for the scores, of the head dimension for the
+//! output), 8 independent accumulator chains, so the FMA units are not waiting on one
+//! chain's latency (the one-row form ran a single dependent chain over the head
+//! dimension: 29 % of a 256-token pass for 10 % of its arithmetic, bench/NOTES.md).
+//! Keys are padded to the next multiple of 32; padded keys are excluded from the softmax.
 
 use rayon::prelude::*;
 
@@ -27,7 +31,13 @@ pub fn encoder_attention(isa: Isa, qkv: &[f32], layout: &SeqLayout<'_>, heads: u
         let (s, h) = (t / heads, t % heads);
         let (start, end) = (layout.offsets[s], layout.offsets[s + 1]);
         let out_ptr = out_ptr;
-        dispatch_isa!(isa, || head_attention(qkv, start, end, h, heads, head_dim, out_ptr.0))
+        // Fused multiply-adds where the level has them (`mul_add` without FMA hardware
+        // would be a libm call per element).
+        if isa == Isa::Portable {
+            head_attention::<false>(qkv, start, end, h, heads, head_dim, out_ptr.0)
+        } else {
+            dispatch_isa!(isa, || head_attention::<true>(qkv, start, end, h, heads, head_dim, out_ptr.0))
+        }
     };
     if tasks <= 1 || rows * hidden < 4096 {
         (0..tasks).for_each(run);
@@ -37,19 +47,33 @@ pub fn encoder_attention(isa: Isa, qkv: &[f32], layout: &SeqLayout<'_>, heads: u
 }
 
 thread_local! {
-    /// Per-thread scratch (Kᵀ, V, scores, output row), reused across tasks and calls.
+    /// Per-thread scratch (Kᵀ, V, scores, query and output rows), reused across tasks and calls.
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Score and output lanes per register-resident block (one AVX-512 register of f32).
+/// Lanes per register-resident block (one AVX-512 register of f32).
 const LANES: usize = 16;
+/// Key positions are padded to a multiple of this (two blocks per register tile).
+const KEY_PAD: usize = 2 * LANES;
+/// Query rows per register tile.
+const QR: usize = 4;
 
 #[inline(always)]
-fn head_attention(qkv: &[f32], start: usize, end: usize, h: usize, heads: usize, d: usize, out: *mut f32) {
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+#[inline(always)]
+fn head_attention<const FMA: bool>(qkv: &[f32], start: usize, end: usize, h: usize, heads: usize, d: usize, out: *mut f32) {
     let len = end - start;
-    // Key positions padded to a multiple of LANES so the score loops have no scalar tail;
-    // padded scores are excluded from the softmax below.
-    let padded = len.div_ceil(LANES) * LANES;
+    if len == 0 {
+        return;
+    }
+    let padded = len.div_ceil(KEY_PAD) * KEY_PAD;
     let hidden = heads * d;
     let stride = 3 * hidden;
     let scale = 1.0 / (d as f32).sqrt();
@@ -57,14 +81,15 @@ fn head_attention(qkv: &[f32], start: usize, end: usize, h: usize, heads: usize,
     // closure: that closure would be compiled without this function's ISA features.
     let mut buf = SCRATCH.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
     {
-        let need = d * padded + len * d + padded + d;
+        let need = d * padded + len * d + QR * padded + 2 * QR * d;
         if buf.len() < need {
             buf.resize(need, 0.0);
         }
         let (kt, rest) = buf.split_at_mut(d * padded);
         let (v, rest) = rest.split_at_mut(len * d);
-        let (scores, rest) = rest.split_at_mut(padded);
-        let acc = &mut rest[..d];
+        let (scores, rest) = rest.split_at_mut(QR * padded);
+        let (qs, rest) = rest.split_at_mut(QR * d);
+        let acc = &mut rest[..QR * d];
         kt.fill(0.0);
         for j in 0..len {
             let row = &qkv[(start + j) * stride..];
@@ -73,58 +98,108 @@ fn head_attention(qkv: &[f32], start: usize, end: usize, h: usize, heads: usize,
             }
             v[j * d..(j + 1) * d].copy_from_slice(&row[2 * hidden + h * d..2 * hidden + (h + 1) * d]);
         }
-        for i in 0..len {
-            let q = &qkv[(start + i) * stride + h * d..(start + i) * stride + (h + 1) * d];
-            // Scores for LANES keys at a time, accumulated in a register over the head
-            // dimension rather than re-loaded and re-stored from memory for every c.
-            let mut max = [f32::NEG_INFINITY; LANES];
-            for (b, block) in scores.chunks_exact_mut(LANES).enumerate() {
-                let mut s = [0.0f32; LANES];
+        let mut i0 = 0;
+        while i0 < len {
+            let rows = QR.min(len - i0);
+            // Scaled query rows; a partial group repeats its last row (computed, not stored).
+            for r in 0..QR {
+                let i = start + i0 + r.min(rows - 1);
+                let q = &qkv[i * stride + h * d..i * stride + (h + 1) * d];
+                for (dst, &qc) in qs[r * d..(r + 1) * d].iter_mut().zip(q) {
+                    *dst = qc * scale;
+                }
+            }
+            // Scores: QR rows × 2 key blocks per register tile, accumulated over the head
+            // dimension.
+            for b in (0..padded).step_by(KEY_PAD) {
+                let mut s = [[[0.0f32; LANES]; 2]; QR];
                 for c in 0..d {
-                    let qc = q[c] * scale;
-                    let k: &[f32; LANES] = kt[c * padded + b * LANES..c * padded + (b + 1) * LANES].try_into().unwrap();
-                    for l in 0..LANES {
-                        s[l] += qc * k[l];
+                    let k: &[f32; KEY_PAD] = kt[c * padded + b..c * padded + b + KEY_PAD].try_into().unwrap();
+                    for (r, sr) in s.iter_mut().enumerate() {
+                        let qc = qs[r * d + c];
+                        for l in 0..LANES {
+                            sr[0][l] = madd::<FMA>(qc, k[l], sr[0][l]);
+                            sr[1][l] = madd::<FMA>(qc, k[LANES + l], sr[1][l]);
+                        }
                     }
                 }
-                for l in 0..LANES {
-                    // Padded keys (score 0) must not win the max.
-                    let live = b * LANES + l < len;
-                    max[l] = if live && s[l] > max[l] { s[l] } else { max[l] };
-                }
-                block.copy_from_slice(&s);
-            }
-            let m = max.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
-            let mut sum = [0.0f32; LANES];
-            for (b, block) in scores.chunks_exact_mut(LANES).enumerate() {
-                for l in 0..LANES {
-                    let e = if b * LANES + l < len { fast_exp(block[l] - m) } else { 0.0 };
-                    block[l] = e;
-                    sum[l] += e;
+                for (r, sr) in s.iter().enumerate() {
+                    scores[r * padded + b..r * padded + b + LANES].copy_from_slice(&sr[0]);
+                    scores[r * padded + b + LANES..r * padded + b + KEY_PAD].copy_from_slice(&sr[1]);
                 }
             }
-            let inv = 1.0 / sum.iter().sum::<f32>();
-            // out = Σ_j p_j · V_j, one register block of the head dimension at a time.
+            // Softmax of each row over its live keys; padded keys get probability 0.
+            let mut inv = [0.0f32; QR];
+            for (r, row) in scores.chunks_exact_mut(padded).enumerate() {
+                let mut max = [f32::NEG_INFINITY; LANES];
+                for (bi, block) in row.chunks_exact(LANES).enumerate() {
+                    for l in 0..LANES {
+                        let live = bi * LANES + l < len;
+                        max[l] = if live && block[l] > max[l] { block[l] } else { max[l] };
+                    }
+                }
+                let m = max.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+                let mut sum = [0.0f32; LANES];
+                for (bi, block) in row.chunks_exact_mut(LANES).enumerate() {
+                    for l in 0..LANES {
+                        let e = if bi * LANES + l < len { fast_exp(block[l] - m) } else { 0.0 };
+                        block[l] = e;
+                        sum[l] += e;
+                    }
+                }
+                inv[r] = 1.0 / sum.iter().sum::<f32>();
+            }
+            // out = P · V: QR rows × 2 blocks of the head dimension per register tile, then
+            // one block, then the scalar tail.
             let mut c0 = 0;
-            while c0 + LANES <= d {
-                let mut a = [0.0f32; LANES];
+            while c0 + 2 * LANES <= d {
+                let mut a = [[[0.0f32; LANES]; 2]; QR];
                 for j in 0..len {
-                    let p = scores[j];
-                    let vv: &[f32; LANES] = v[j * d + c0..j * d + c0 + LANES].try_into().unwrap();
-                    for l in 0..LANES {
-                        a[l] += p * vv[l];
+                    let vv: &[f32; 2 * LANES] = v[j * d + c0..j * d + c0 + 2 * LANES].try_into().unwrap();
+                    for (r, ar) in a.iter_mut().enumerate() {
+                        let p = scores[r * padded + j];
+                        for l in 0..LANES {
+                            ar[0][l] = madd::<FMA>(p, vv[l], ar[0][l]);
+                            ar[1][l] = madd::<FMA>(p, vv[LANES + l], ar[1][l]);
+                        }
                     }
                 }
-                for l in 0..LANES {
-                    acc[c0 + l] = a[l] * inv;
+                for (r, ar) in a.iter().enumerate() {
+                    for l in 0..LANES {
+                        acc[r * d + c0 + l] = ar[0][l] * inv[r];
+                        acc[r * d + c0 + LANES + l] = ar[1][l] * inv[r];
+                    }
+                }
+                c0 += 2 * LANES;
+            }
+            while c0 + LANES <= d {
+                let mut a = [[0.0f32; LANES]; QR];
+                for j in 0..len {
+                    let vv: &[f32; LANES] = v[j * d + c0..j * d + c0 + LANES].try_into().unwrap();
+                    for (r, ar) in a.iter_mut().enumerate() {
+                        let p = scores[r * padded + j];
+                        for l in 0..LANES {
+                            ar[l] = madd::<FMA>(p, vv[l], ar[l]);
+                        }
+                    }
+                }
+                for (r, ar) in a.iter().enumerate() {
+                    for l in 0..LANES {
+                        acc[r * d + c0 + l] = ar[l] * inv[r];
+                    }
                 }
                 c0 += LANES;
             }
             for c in c0..d {
-                acc[c] = (0..len).map(|j| scores[j] * v[j * d + c]).sum::<f32>() * inv;
+                for r in 0..QR {
+                    acc[r * d + c] = (0..len).fold(0.0f32, |s, j| madd::<FMA>(scores[r * padded + j], v[j * d + c], s)) * inv[r];
+                }
             }
-            // SAFETY: row start+i, columns h*d..(h+1)*d belong to this task only.
-            unsafe { std::ptr::copy_nonoverlapping(acc.as_ptr(), out.add((start + i) * hidden + h * d), d) };
+            for r in 0..rows {
+                // SAFETY: row start+i0+r, columns h*d..(h+1)*d belong to this task only.
+                unsafe { std::ptr::copy_nonoverlapping(acc[r * d..].as_ptr(), out.add((start + i0 + r) * hidden + h * d), d) };
+            }
+            i0 += QR;
         }
     }
     SCRATCH.with(|cell| *cell.borrow_mut() = buf);
@@ -138,10 +213,12 @@ mod tests {
     #[test]
     fn attention_matches_f64() {
         let mut rng = Rng::new(99 ^ std::process::id() as u64);
-        // d = 8: only the scalar tail of the output loop; d = 40: two register blocks + tail.
-        for (heads, d) in [(3usize, 8usize), (2, 40)] {
+        // d = 8: only the scalar tail of the output loop; d = 40: a two-block tile + tail;
+        // d = 48: a two-block tile + a one-block tile. Sequence lengths cover partial query
+        // groups, one and several 32-key tiles, and padded keys.
+        for (heads, d) in [(3usize, 8usize), (2, 40), (2, 48)] {
             let hidden = heads * d;
-            let offsets = [0usize, 1, 6, 6 + 33, 6 + 33 + 2];
+            let offsets = [0usize, 1, 6, 6 + 33, 6 + 33 + 2, 6 + 33 + 2 + 70];
             let rows = *offsets.last().unwrap();
             let qkv = rng.vec(rows * 3 * hidden);
             for isa in levels("attention_matches_f64") {
