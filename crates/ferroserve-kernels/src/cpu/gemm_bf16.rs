@@ -37,12 +37,19 @@ fn pack_a(x: &[f32], rows: usize, k: usize) -> Vec<u32> {
     let tiles = rows.div_ceil(MR);
     let mut packed = vec![0u32; tiles * k2 * MR];
     let pack_tile = |(t, dst): (usize, &mut [u32])| {
+        // Each row converted into contiguous pairs (vectorises), then interleaved.
+        let mut pairs = vec![0u32; k2];
         dispatch_isa!(Isa::Avx512, || {
             for i in 0..MR.min(rows - t * MR) {
                 let src = &x[(t * MR + i) * k..(t * MR + i + 1) * k];
-                for (q, s) in src.chunks(2).enumerate() {
-                    let hi = if s.len() == 2 { to_bf16(s[1]) as u32 } else { 0 };
-                    dst[q * MR + i] = to_bf16(s[0]) as u32 | hi << 16;
+                for (p, s) in pairs.iter_mut().zip(src.chunks_exact(2)) {
+                    *p = to_bf16(s[0]) as u32 | (to_bf16(s[1]) as u32) << 16;
+                }
+                if k % 2 == 1 {
+                    pairs[k / 2] = to_bf16(src[k - 1]) as u32;
+                }
+                for (q, &p) in pairs.iter().enumerate() {
+                    dst[q * MR + i] = p;
                 }
             }
         })
