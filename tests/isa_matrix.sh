@@ -15,7 +15,7 @@ PY=.venv/bin/python
 read -r -a levels <<<"$($PY -c 'from ferroserve import _core; print(" ".join(_core.cpu_isa_levels()))')"
 best=${levels[-1]}
 summary=()
-for level in portable avx2 avx512 amx; do
+for level in portable avx2 avx512 avx512bf16 amx; do
     if [[ " ${levels[*]} " != *" $level "* ]]; then
         why=$(FERROSERVE_ISA=$level $PY -m ferroserve devices 2>&1 | sed 's/.*needs //; s/, which.*//' || true)
         summary+=("$level: skipped, this CPU lacks it (it needs $why)")

@@ -9,7 +9,7 @@ import pytest
 from ferroserve import _core
 from tests.conftest import Server, run_cli
 
-ALL_LEVELS = ["portable", "avx2", "avx512", "amx"]
+ALL_LEVELS = ["portable", "avx2", "avx512", "avx512bf16", "amx"]
 HOST_LEVELS = _core.cpu_isa_levels()
 MISSING = [level for level in ALL_LEVELS if level not in HOST_LEVELS]
 

@@ -1,5 +1,10 @@
 //! In-process embedding throughput/latency (no HTTP): the engine's own floor.
 //! `cargo run --release --example embed_bench -- <model dir>`
+//!
+//! Env knobs: `SENTENCES=<n>` (2,048), `PASS_SIZES=1,8,32` (sentences per pass),
+//! `SINGLE_ONLY=1` (only the one-sentence latency loop), `GAP_US=<µs>` (idle time between
+//! single passes), `PASSAGES=<n>` (also n passages of 256 tokens in passes of 8, as
+//! bench/embeddings.py's 200-word passages; `PASSAGES_ONLY=1` skips everything else).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,6 +27,27 @@ fn main() {
     let sentences = synthetic_sentences(&tok, count);
     let tokens: usize = sentences.iter().map(Vec::len).sum();
     println!("{} sentences, {:.1} tokens avg, device {}", sentences.len(), tokens as f64 / count as f64, CpuDevice::new().name());
+    let passages: usize = std::env::var("PASSAGES").ok().map_or(0, |n| n.parse().expect("PASSAGES=<count>"));
+    if passages > 0 {
+        // 256 tokens each ([CLS] + the inner tokens of consecutive sentences + [SEP]).
+        let (cls, sep) = (sentences[0][0], *sentences[0].last().unwrap());
+        let mut inner = sentences.iter().flat_map(|s| s[1..s.len() - 1].iter().copied()).cycle();
+        let docs: Vec<Vec<u32>> = (0..passages)
+            .map(|_| std::iter::once(cls).chain(inner.by_ref().take(254)).chain(std::iter::once(sep)).collect())
+            .collect();
+        for round in 0..3 {
+            let t = Instant::now();
+            for chunk in docs.chunks(8) {
+                let refs: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
+                std::hint::black_box(model.embed(&refs));
+            }
+            let s = t.elapsed().as_secs_f64();
+            println!("round {round}: passages of 256 tokens, passes of 8: {:.1} passages/s, {:.1} ms a pass", passages as f64 / s, s * 1e3 / passages.div_ceil(8) as f64);
+        }
+        if std::env::var("PASSAGES_ONLY").is_ok() {
+            return;
+        }
+    }
     let rounds = if std::env::var("SINGLE_ONLY").is_ok() { 0 } else { 3 };
     // PASS_SIZES=1,8,32,256: sentences per forward pass (which pass size embeds fastest: the
     // embedding batcher's cap on batch-priority passes).

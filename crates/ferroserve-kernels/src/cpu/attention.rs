@@ -1,9 +1,17 @@
 //! Bidirectional multi-head attention over packed variable-length sequences (BERT).
 //!
 //! One task per (sequence, head): K is copied transposed and V contiguous into a small
-//! scratch buffer so both products are unit-stride AXPYs the compiler vectorises, with
-//! no horizontal reductions; each query row's scores and outputs are accumulated in
-//! 16-lane register blocks. Keys are padded only to the next multiple of 16.
+//! scratch buffer so both products are unit-stride AXPYs, with no horizontal reductions.
+//!
+//! AVX-512 (head dimension a multiple of 16, as every BERT has): query rows go in groups
+//! of `QR`; each register tile holds `QR` rows × two 16-lane blocks (of keys for the
+//! scores, of the head dimension for the output), 8 independent FMA chains. The one-row
+//! form below ran one dependent chain over the head dimension: 29 % of a 256-token pass
+//! for 10 % of its arithmetic (bench/NOTES.md, "Encoder speed on Zen 5"). Keys are padded
+//! to a multiple of 32 there; padded keys are excluded from the softmax.
+//!
+//! Other levels (and odd head sizes): one query row at a time, scores and outputs in
+//! 16-lane blocks the compiler vectorises, keys padded to a multiple of 16.
 
 use rayon::prelude::*;
 
@@ -23,11 +31,21 @@ pub fn encoder_attention(isa: Isa, qkv: &[f32], layout: &SeqLayout<'_>, heads: u
     assert!(qkv.len() >= rows * 3 * hidden && out.len() >= rows * hidden);
     let out_ptr = SendPtr(out.as_mut_ptr());
     let tasks = layout.num_seqs() * heads;
+    let tiled = isa >= Isa::Avx512 && head_dim % LANES == 0;
     let run = |t: usize| {
         let (s, h) = (t / heads, t % heads);
         let (start, end) = (layout.offsets[s], layout.offsets[s + 1]);
         let out_ptr = out_ptr;
-        dispatch_isa!(isa, || head_attention(qkv, start, end, h, heads, head_dim, out_ptr.0))
+        if tiled {
+            isa.assert_supported();
+            // SAFETY: the CPU has AVX-512 F (asserted); head_dim is a multiple of 16.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                x86::head_attention_tiled(qkv, start, end, h, heads, head_dim, out_ptr.0)
+            }
+        } else {
+            dispatch_isa!(isa, || head_attention(qkv, start, end, h, heads, head_dim, out_ptr.0))
+        }
     };
     if tasks <= 1 || rows * hidden < 4096 {
         (0..tasks).for_each(run);
@@ -37,12 +55,152 @@ pub fn encoder_attention(isa: Isa, qkv: &[f32], layout: &SeqLayout<'_>, heads: u
 }
 
 thread_local! {
-    /// Per-thread scratch (Kᵀ, V, scores, output row), reused across tasks and calls.
+    /// Per-thread scratch (Kᵀ, V, scores, query and output rows), reused across tasks and calls.
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Score and output lanes per register-resident block (one AVX-512 register of f32).
 const LANES: usize = 16;
+
+/// Softmax of one score row over its first `len` (live) keys, in place; padded keys get
+/// probability 0. Returns 1 / Σ (the caller scales the output instead of the probabilities).
+/// Whole live blocks first (branch-free, so they vectorise), then the one partial block.
+#[inline(always)]
+fn softmax_live(row: &mut [f32], len: usize) -> f32 {
+    let full = len / LANES * LANES;
+    let mut max = [f32::NEG_INFINITY; LANES];
+    for block in row[..full].chunks_exact(LANES) {
+        for l in 0..LANES {
+            max[l] = if block[l] > max[l] { block[l] } else { max[l] };
+        }
+    }
+    let m = row[full..len].iter().chain(&max).fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    let mut sum = [0.0f32; LANES];
+    for block in row[..full].chunks_exact_mut(LANES) {
+        for l in 0..LANES {
+            let e = fast_exp(block[l] - m);
+            block[l] = e;
+            sum[l] += e;
+        }
+    }
+    for (l, v) in row[full..].iter_mut().enumerate() {
+        let e = if full + l < len { fast_exp(*v - m) } else { 0.0 };
+        *v = e;
+        sum[l % LANES] += e;
+    }
+    1.0 / sum.iter().sum::<f32>()
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{softmax_live, LANES, SCRATCH};
+
+    /// Query rows per register tile.
+    const QR: usize = 4;
+    /// Keys are padded to a multiple of this (two blocks per register tile).
+    const KEY_PAD: usize = 2 * LANES;
+
+    /// One (sequence, head) with `QR` × 32 register tiles.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F; `d` must be a multiple of 16; `out` must be valid for
+    /// the sequence's rows at stride `heads · d`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    pub unsafe fn head_attention_tiled(qkv: &[f32], start: usize, end: usize, h: usize, heads: usize, d: usize, out: *mut f32) {
+        assert!(d % LANES == 0);
+        let len = end - start;
+        if len == 0 {
+            return;
+        }
+        let padded = len.div_ceil(KEY_PAD) * KEY_PAD;
+        let hidden = heads * d;
+        let stride = 3 * hidden;
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut buf = SCRATCH.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
+        let need = d * padded + len * d + QR * padded + 2 * QR * d;
+        if buf.len() < need {
+            buf.resize(need, 0.0);
+        }
+        let (kt, rest) = buf.split_at_mut(d * padded);
+        let (v, rest) = rest.split_at_mut(len * d);
+        let (scores, rest) = rest.split_at_mut(QR * padded);
+        let (qs, rest) = rest.split_at_mut(QR * d);
+        let acc = &mut rest[..QR * d];
+        kt.fill(0.0);
+        for j in 0..len {
+            let row = &qkv[(start + j) * stride..];
+            for c in 0..d {
+                kt[c * padded + j] = row[hidden + h * d + c];
+            }
+            v[j * d..(j + 1) * d].copy_from_slice(&row[2 * hidden + h * d..2 * hidden + (h + 1) * d]);
+        }
+        let (ktp, vp, sp, qp) = (kt.as_ptr(), v.as_ptr(), scores.as_mut_ptr(), qs.as_ptr());
+        let mut i0 = 0;
+        while i0 < len {
+            let rows = QR.min(len - i0);
+            // Scaled query rows; a partial group repeats its last row (computed, not stored).
+            for r in 0..QR {
+                let i = start + i0 + r.min(rows - 1);
+                let q = &qkv[i * stride + h * d..i * stride + (h + 1) * d];
+                for (dst, &qc) in qs[r * d..(r + 1) * d].iter_mut().zip(q) {
+                    *dst = qc * scale;
+                }
+            }
+            // Scores: QR rows × 32 keys per tile, summed over the head dimension.
+            for b in (0..padded).step_by(KEY_PAD) {
+                let mut s = [[_mm512_setzero_ps(); 2]; QR];
+                for c in 0..d {
+                    let k0 = _mm512_loadu_ps(ktp.add(c * padded + b));
+                    let k1 = _mm512_loadu_ps(ktp.add(c * padded + b + LANES));
+                    for (r, sr) in s.iter_mut().enumerate() {
+                        let qc = _mm512_set1_ps(*qp.add(r * d + c));
+                        sr[0] = _mm512_fmadd_ps(qc, k0, sr[0]);
+                        sr[1] = _mm512_fmadd_ps(qc, k1, sr[1]);
+                    }
+                }
+                for (r, sr) in s.iter().enumerate() {
+                    _mm512_storeu_ps(sp.add(r * padded + b), sr[0]);
+                    _mm512_storeu_ps(sp.add(r * padded + b + LANES), sr[1]);
+                }
+            }
+            let mut inv = [0.0f32; QR];
+            for (r, row) in scores.chunks_exact_mut(padded).enumerate() {
+                inv[r] = softmax_live(row, len);
+            }
+            // out = P · V: QR rows × 32 (then 16) head-dimension columns per tile.
+            let mut c0 = 0;
+            while c0 < d {
+                let pair = c0 + 2 * LANES <= d;
+                let mut a = [[_mm512_setzero_ps(); 2]; QR];
+                for j in 0..len {
+                    let v0 = _mm512_loadu_ps(vp.add(j * d + c0));
+                    let v1 = if pair { _mm512_loadu_ps(vp.add(j * d + c0 + LANES)) } else { _mm512_setzero_ps() };
+                    for (r, ar) in a.iter_mut().enumerate() {
+                        let p = _mm512_set1_ps(*sp.add(r * padded + j));
+                        ar[0] = _mm512_fmadd_ps(p, v0, ar[0]);
+                        ar[1] = _mm512_fmadd_ps(p, v1, ar[1]);
+                    }
+                }
+                for (r, ar) in a.iter().enumerate() {
+                    let s = _mm512_set1_ps(inv[r]);
+                    _mm512_storeu_ps(acc.as_mut_ptr().add(r * d + c0), _mm512_mul_ps(ar[0], s));
+                    if pair {
+                        _mm512_storeu_ps(acc.as_mut_ptr().add(r * d + c0 + LANES), _mm512_mul_ps(ar[1], s));
+                    }
+                }
+                c0 += if pair { 2 * LANES } else { LANES };
+            }
+            for r in 0..rows {
+                // SAFETY: row start+i0+r, columns h*d..(h+1)*d belong to this task only.
+                std::ptr::copy_nonoverlapping(acc.as_ptr().add(r * d), out.add((start + i0 + r) * hidden + h * d), d);
+            }
+            i0 += QR;
+        }
+        SCRATCH.with(|cell| *cell.borrow_mut() = buf);
+    }
+}
 
 #[inline(always)]
 fn head_attention(qkv: &[f32], start: usize, end: usize, h: usize, heads: usize, d: usize, out: *mut f32) {
@@ -130,6 +288,7 @@ fn head_attention(qkv: &[f32], start: usize, end: usize, h: usize, heads: usize,
     SCRATCH.with(|cell| *cell.borrow_mut() = buf);
 }
 
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,10 +297,13 @@ mod tests {
     #[test]
     fn attention_matches_f64() {
         let mut rng = Rng::new(99 ^ std::process::id() as u64);
-        // d = 8: only the scalar tail of the output loop; d = 40: two register blocks + tail.
-        for (heads, d) in [(3usize, 8usize), (2, 40)] {
+        // d = 8 and 40 take the one-row form (d = 8 only the scalar tail of its output loop;
+        // 40 two blocks + tail); d = 32 and 48 the AVX-512 register tiles (a pair of blocks;
+        // a pair + one block). Sequence lengths cover partial query groups, one and several
+        // 32-key tiles, and padded keys.
+        for (heads, d) in [(3usize, 8usize), (2, 40), (2, 32), (2, 48)] {
             let hidden = heads * d;
-            let offsets = [0usize, 1, 6, 6 + 33, 6 + 33 + 2];
+            let offsets = [0usize, 1, 6, 6 + 33, 6 + 33 + 2, 6 + 33 + 2 + 70];
             let rows = *offsets.last().unwrap();
             let qkv = rng.vec(rows * 3 * hidden);
             for isa in levels("attention_matches_f64") {

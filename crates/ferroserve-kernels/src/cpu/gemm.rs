@@ -82,7 +82,11 @@ pub fn linear(isa: Isa, x: &[f32], rows: usize, w: &PackedLinear, act: Activatio
         return;
     }
     if !w.data_bf16.is_empty() {
-        return super::gemm_amx::linear(x, rows, w, act, out);
+        return match isa {
+            Isa::Amx => super::gemm_amx::linear(x, rows, w, act, out),
+            Isa::Avx512Bf16 => super::gemm_bf16::linear(x, rows, w, act, out),
+            _ => panic!("bf16 weights need the avx512bf16 or amx level, not {}", isa.as_str()),
+        };
     }
     assert_eq!(w.data.len(), n.div_ceil(NR) * k * NR, "weights packed for another ISA");
     let a = pack_a(x, rows, k);
@@ -131,7 +135,7 @@ unsafe fn block(isa: Isa, a: &[f32], rows: usize, k: usize, panel: &[f32], bias:
             let c_tile = c.add(t * MR_PACK * ldc);
             match isa {
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 | Isa::Amx => x86::tile_avx512(a_tile, tile_rows, kc, b, bias, first, c_tile, ldc, ncols),
+                Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx => x86::tile_avx512(a_tile, tile_rows, kc, b, bias, first, c_tile, ldc, ncols),
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx2 => x86::tile_avx2(a_tile, tile_rows, kc, b, bias, first, c_tile, ldc, ncols),
                 _ => tile_portable(a_tile, tile_rows, kc, b, bias, first, c_tile, ldc, ncols),
@@ -289,12 +293,13 @@ mod tests {
     #[test]
     fn linear_matches_f64_reference_on_every_isa() {
         let mut rng = Rng::new(0x5eed_0001 ^ std::process::id() as u64);
-        let shapes = [(1, 1, 1), (1, 32, 384), (3, 7, 5), (8, 33, 17), (9, 64, 64), (17, 100, 129), (97, 31, 384), (200, 65, 40)];
+        let shapes = [(1, 1, 1), (1, 32, 384), (3, 7, 5), (8, 33, 17), (9, 64, 64), (17, 100, 129), (19, 70, 1536), (97, 31, 384), (200, 65, 40)];
         for isa in levels("linear_matches_f64_reference_on_every_isa") {
             let dev = CpuDevice::with_isa(isa).expect("a level this CPU has");
             // bf16 inputs carry 8 significant bits: compare against the f64 product of
             // the bf16-rounded operands tightly, and loosely against the exact one.
-            let tol = if dev.isa() == Isa::Amx { 2e-2 } else { 1e-5 };
+            let bf16 = dev.isa() >= Isa::Avx512Bf16;
+            let tol = if bf16 { 2e-2 } else { 1e-5 };
             for &(m, n, k) in &shapes {
                 let x = rng.vec(m * k);
                 let w = rng.vec(n * k);
@@ -305,7 +310,7 @@ mod tests {
                     dev.linear(&x, m, &packed, Activation::None, &mut out);
                     let want = reference(&x, m, &w, n, k, bias);
                     assert_close(&out[..m * n], &want, tol, &format!("{isa:?} m={m} n={n} k={k}"));
-                    if dev.isa() == Isa::Amx {
+                    if bf16 {
                         let xr: Vec<f32> = x.iter().map(|&v| crate::cpu::gemm_amx::round_bf16(v)).collect();
                         let wr: Vec<f32> = w.iter().map(|&v| crate::cpu::gemm_amx::round_bf16(v)).collect();
                         let exact = reference(&xr, m, &wr, n, k, bias);
@@ -338,15 +343,17 @@ mod tests {
     fn rows_do_not_depend_on_batch() {
         let mut rng = Rng::new(42);
         let (n, k) = (70, 96);
-        let dev = CpuDevice::new();
-        let w = dev.pack_linear(&rng.vec(n * k), n, k, None);
-        let x = rng.vec(130 * k);
-        let mut all = vec![0.0; 130 * n];
-        dev.linear(&x, 130, &w, Activation::None, &mut all);
-        for r in [0, 5, 96, 129] {
-            let mut one = vec![0.0; n];
-            dev.linear(&x[r * k..(r + 1) * k], 1, &w, Activation::None, &mut one);
-            assert_eq!(one, all[r * n..(r + 1) * n], "row {r}");
+        let (wf, x) = (rng.vec(n * k), rng.vec(130 * k));
+        for isa in levels("rows_do_not_depend_on_batch") {
+            let dev = CpuDevice::with_isa(isa).expect("a level this CPU has");
+            let w = dev.pack_linear(&wf, n, k, None);
+            let mut all = vec![0.0; 130 * n];
+            dev.linear(&x, 130, &w, Activation::None, &mut all);
+            for r in [0, 5, 96, 129] {
+                let mut one = vec![0.0; n];
+                dev.linear(&x[r * k..(r + 1) * k], 1, &w, Activation::None, &mut one);
+                assert_eq!(one, all[r * n..(r + 1) * n], "{isa:?} row {r}");
+            }
         }
     }
 }

@@ -47,7 +47,7 @@ fn pair(lo: f32, hi: f32) -> u32 {
     to_bf16(lo) as u32 | (to_bf16(hi) as u32) << 16
 }
 
-fn padded_k(k: usize) -> usize {
+pub(super) fn padded_k(k: usize) -> usize {
     k.div_ceil(TILE_K) * TILE_K
 }
 

@@ -1,6 +1,6 @@
 //! Native CPU kernels with run-time ISA dispatch (AVX-512 / AVX2+FMA / portable).
 //!
-//! The ISA is detected once; `FERROSERVE_ISA=amx|avx512|avx2|portable` forces a lower path
+//! The ISA is detected once; `FERROSERVE_ISA=amx|avx512bf16|avx512|avx2|portable` forces a lower path
 //! (`make test` runs the model checks under every level the host has). A level above the
 //! host's, or an unknown name, is an error ([`Isa::configured`]): never a silent fallback,
 //! never an instruction the CPU lacks.
@@ -10,6 +10,7 @@ pub(crate) mod elementwise;
 pub mod gemm;
 pub mod llama_ops;
 mod gemm_amx;
+mod gemm_bf16;
 mod math;
 
 use std::sync::OnceLock;
@@ -22,6 +23,10 @@ pub enum Isa {
     Portable,
     Avx2,
     Avx512,
+    /// AVX-512 plus AVX512_BF16 dot products (`vdpbf16ps`) for linear layers: bf16-rounded
+    /// weights and activations, f32 accumulation (the same operands as `Amx`); everything
+    /// else as `Avx512`. Worth it where `vdpbf16ps` issues at the FMA's rate (AMD Zen 5).
+    Avx512Bf16,
     /// AVX-512 plus AMX-BF16 tile matmuls for linear layers: bf16-rounded weights and
     /// activations, f32 accumulation (embeddings stay at cosine ≥ 0.99998 to the f32
     /// reference, see tests/bert_reference.rs); everything else as `Avx512`.
@@ -34,12 +39,13 @@ impl Isa {
             Isa::Portable => "portable",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
+            Isa::Avx512Bf16 => "avx512bf16",
             Isa::Amx => "amx",
         }
     }
 
     /// Every level, lowest first.
-    pub const ALL: [Isa; 4] = [Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Amx];
+    pub const ALL: [Isa; 5] = [Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16, Isa::Amx];
 
     /// What the CPU must have for this level (for messages).
     pub fn requires(self) -> &'static str {
@@ -47,13 +53,14 @@ impl Isa {
             Isa::Portable => "nothing",
             Isa::Avx2 => "AVX2 and FMA",
             Isa::Avx512 => "AVX-512 F/BW/VL and FMA",
-            Isa::Amx => "AVX-512 F/BW/VL, FMA and AMX-BF16 tiles (with the kernel's permission)",
+            Isa::Avx512Bf16 => "AVX-512 F/BW/VL, FMA and AVX512_BF16",
+            Isa::Amx => "AVX-512 F/BW/VL, FMA, AVX512_BF16 and AMX-BF16 tiles (with the kernel's permission)",
         }
     }
 
     /// Whether this CPU can run the level (detected once; cheap enough to check per call).
     pub fn is_supported(self) -> bool {
-        static SUPPORTED: OnceLock<[bool; 4]> = OnceLock::new();
+        static SUPPORTED: OnceLock<[bool; 5]> = OnceLock::new();
         SUPPORTED.get_or_init(|| Isa::ALL.map(Isa::detect))[self as usize]
     }
 
@@ -75,12 +82,15 @@ impl Isa {
                     && is_x86_feature_detected!("avx512bw")
                     && is_x86_feature_detected!("avx512vl")
             };
+            let avx512_bf16 = || avx512() && is_x86_feature_detected!("avx512bf16");
             match self {
                 Isa::Portable => true,
                 Isa::Avx2 => avx2(),
                 Isa::Avx512 => avx512(),
-                // amx_available reads cpuid leaf 7, which every AVX-512 CPU has.
-                Isa::Amx => avx512() && gemm_amx::amx_available(),
+                Isa::Avx512Bf16 => avx512_bf16(),
+                // amx_available reads cpuid leaf 7, which every AVX-512 CPU has. Every AMX
+                // CPU has AVX512_BF16 too (Sapphire Rapids and later): the ladder stays linear.
+                Isa::Amx => avx512_bf16() && gemm_amx::amx_available(),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -99,7 +109,7 @@ impl Isa {
         *Isa::available().last().expect("portable is always supported")
     }
 
-    /// The level `FERROSERVE_ISA` names (`portable|avx2|avx512|amx`; unset or empty: the
+    /// The level `FERROSERVE_ISA` names (`portable|avx2|avx512|avx512bf16|amx`; unset or empty: the
     /// best this CPU supports). A name this CPU cannot run, or an unknown one, is an error
     /// that says what the CPU supports.
     pub fn configured() -> Result<Isa, IsaError> {
@@ -136,7 +146,7 @@ impl Isa {
 /// A `FERROSERVE_ISA` this process cannot honour.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IsaError {
-    #[error("FERROSERVE_ISA={0:?} is not a kernel level: use portable, avx2, avx512 or amx (or unset it for the best this CPU has)")]
+    #[error("FERROSERVE_ISA={0:?} is not a kernel level: use portable, avx2, avx512, avx512bf16 or amx (or unset it for the best this CPU has)")]
     Unknown(String),
     #[error("FERROSERVE_ISA={} needs {}, which this CPU lacks; it supports {}", .isa.as_str(), .isa.requires(), level_list(.available))]
     Unsupported { isa: Isa, available: Vec<Isa> },
@@ -183,7 +193,8 @@ impl Device for CpuDevice {
         if let Some(b) = bias {
             assert_eq!(b.len(), out_features, "bias shape");
         }
-        let bf16 = self.isa == Isa::Amx;
+        // AMX tiles and `vdpbf16ps` read the same bf16 panels.
+        let bf16 = self.isa >= Isa::Avx512Bf16;
         PackedLinear {
             out_features,
             in_features,
@@ -233,7 +244,7 @@ macro_rules! dispatch_isa {
             isa.assert_supported();
             match isa {
                 // SAFETY: the CPU supports `isa` (asserted above), hence its target features.
-                $crate::cpu::Isa::Avx512 | $crate::cpu::Isa::Amx => unsafe { run_avx512($body) },
+                $crate::cpu::Isa::Avx512 | $crate::cpu::Isa::Avx512Bf16 | $crate::cpu::Isa::Amx => unsafe { run_avx512($body) },
                 $crate::cpu::Isa::Avx2 => unsafe { run_avx2($body) },
                 $crate::cpu::Isa::Portable => ($body)(),
             }
@@ -323,7 +334,7 @@ mod tests {
             }
         }
         let err = Isa::parse_level(Some("avx3")).unwrap_err().to_string();
-        assert!(err.contains("\"avx3\"") && err.contains("portable, avx2, avx512 or amx"), "{err}");
+        assert!(err.contains("\"avx3\"") && err.contains("portable, avx2, avx512, avx512bf16 or amx"), "{err}");
     }
 
     #[test]

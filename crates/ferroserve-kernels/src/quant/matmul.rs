@@ -107,7 +107,7 @@ impl QuantIsa {
         let ceiling = match isa {
             Isa::Portable => QuantIsa::Portable,
             Isa::Avx2 => QuantIsa::Avx2,
-            Isa::Avx512 | Isa::Amx => QuantIsa::Avx512,
+            Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx => QuantIsa::Avx512,
         };
         QuantIsa::detect_best().min(ceiling)
     }
