@@ -8,6 +8,7 @@ bench/chat.py's distinct 41-token prompts, greedy, 128 tokens each (ignore_eos):
 
   burst    16 requests sent at once (three waves, one after the other): TTFT p50/p95, as
            chat.py's TTFT at c=16 measures it.
+  single   8 streaming requests one after another (8 tokens each): TTFT p50/p95 at c=1.
   join     8 streams decoding, then 8 more arrive at once: TTFT of the 8 newcomers, and the
            gaps between tokens of the 8 running streams from the newcomers' arrival until the
            last newcomer's first token (what a running stream feels when prefill joins its
@@ -81,7 +82,7 @@ async def join(client, url: str, first_n: int, running: int, joining: int,
     return [r["stamps"][0] - r["t0"] for r in new], gaps
 
 
-async def session(url: str, n_base: int) -> dict:
+async def session(url: str, n_base: int, with_join: bool = True) -> dict:
     import httpx
 
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
@@ -91,17 +92,23 @@ async def session(url: str, n_base: int) -> dict:
         ttft = []
         for wave in range(3):
             ttft += await burst(client, url, n_base + 100 * wave, 16, 128)
+        single = []
+        for i in range(8):
+            single += await burst(client, url, n_base + 300 + i, 1, 8)
         join_ttft, gaps = [], []
-        for wave in range(2):
+        for wave in range(2 if with_join else 0):
             t, g = await join(client, url, n_base + 500 + 100 * wave, 8, 8, 128)
             join_ttft += t
             gaps += g
     ms = lambda xs, q: round(pct(xs, q) * 1e3, 1)  # noqa: E731
     return {
         "burst16_ttft_ms": {"p50": ms(ttft, 50), "p95": ms(ttft, 95), "max": ms(ttft, 100)},
-        "join8_ttft_ms": {"p50": ms(join_ttft, 50), "p95": ms(join_ttft, 95)},
-        "join8_running_gap_ms": {"p50": ms(gaps, 50), "p95": ms(gaps, 95), "max": ms(gaps, 100),
-                                 "n": len(gaps)},
+        "single_ttft_ms": {"p50": ms(single, 50), "p95": ms(single, 95)},
+        **({
+            "join8_ttft_ms": {"p50": ms(join_ttft, 50), "p95": ms(join_ttft, 95)},
+            "join8_running_gap_ms": {"p50": ms(gaps, 50), "p95": ms(gaps, 95), "max": ms(gaps, 100),
+                                     "n": len(gaps)},
+        } if with_join else {}),
     }
 
 
@@ -111,6 +118,7 @@ def main():
                    help="server environment for one setting (repeat; empty string = defaults)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--python", default=sys.executable)
+    p.add_argument("--no-join", action="store_true", help="only the bursts and the c=1 requests")
     a = p.parse_args()
     settings = a.setting or [""]
     out: dict[str, list] = {s: [] for s in settings}
@@ -124,7 +132,7 @@ def main():
             server.start()
             try:
                 asyncio.run(server.wait_ready(300))
-                res = asyncio.run(session(server.url, 1 + 1000 * rnd))
+                res = asyncio.run(session(server.url, 1 + 1000 * rnd, not a.no_join))
             finally:
                 server.stop()
             print(json.dumps({"round": rnd, "setting": s or "defaults", **res}), flush=True)
