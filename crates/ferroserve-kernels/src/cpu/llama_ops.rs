@@ -166,32 +166,23 @@ pub fn rms_norm(isa: Isa, x: &[f32], dim: usize, weight: &[f32], eps: f32, out: 
     }
 }
 
-/// Rows whose sums of squares run side by side in [`rms_norm_rows`].
-const NORM_ROWS_TOGETHER: usize = 8;
-
 /// llama.cpp's arithmetic (`ggml_compute_forward_rms_norm_f32`), which greedy decoding on
 /// this model is sensitive to: squares rounded to f32 and summed in f64 in order, the mean
 /// rounded to f32, `scale = 1 / sqrt(mean + eps)` in f32, then `x · scale · w`. The f64 chain
-/// is sequential (≈ 1 µs per 576-wide row, bound by the add's latency); up to
-/// [`NORM_ROWS_TOGETHER`] rows' chains are interleaved so they overlap, each still summed in
-/// its own order (the same bits as one row at a time).
+/// is sequential (≈ 1 µs per 576-wide row), small beside the matmuls. (Interleaving eight
+/// rows' chains, each in its own order, was tried: no faster in the profile, bench/NOTES.md
+/// session 10.)
 #[inline(always)]
 fn rms_norm_rows<const L: u8>(x: &[f32], dim: usize, weight: &[f32], eps: f32, out: &mut [f32]) {
-    for (rows, outs) in x.chunks(NORM_ROWS_TOGETHER * dim).zip(out.chunks_mut(NORM_ROWS_TOGETHER * dim)) {
-        let n = rows.len() / dim;
-        let mut sums = [0f64; NORM_ROWS_TOGETHER];
-        for i in 0..dim {
-            for (r, sum) in sums[..n].iter_mut().enumerate() {
-                let v = rows[r * dim + i];
-                *sum += (v * v) as f64;
-            }
+    for (row, out) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+        let mut sum = 0f64;
+        for &v in row {
+            sum += (v * v) as f64;
         }
-        for ((row, out), &sum) in rows.chunks_exact(dim).zip(outs.chunks_exact_mut(dim)).zip(&sums) {
-            let mean = (sum / dim as f64) as f32;
-            let scale = 1.0 / (mean + eps).sqrt();
-            for ((o, &v), &w) in out.iter_mut().zip(row).zip(weight) {
-                *o = v * scale * w;
-            }
+        let mean = (sum / dim as f64) as f32;
+        let scale = 1.0 / (mean + eps).sqrt();
+        for ((o, &v), &w) in out.iter_mut().zip(row).zip(weight) {
+            *o = v * scale * w;
         }
     }
 }
