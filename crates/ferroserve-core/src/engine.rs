@@ -937,7 +937,8 @@ impl<M: StepModel> EngineCore<M> {
         if self.burst_gather.is_zero() {
             return true;
         }
-        let step_tokens = self.sched.config().max_batch_tokens.max(self.sched.config().burst_batch_tokens);
+        let cfg = self.sched.config();
+        let step_tokens = cfg.max_batch_tokens.max(cfg.burst_batch_tokens);
         for _ in 0..BURST_GATHER_MAX_GAPS {
             let waiting = self.sched.waiting_tokens_of(Priority::Interactive);
             if waiting == 0 || waiting >= step_tokens {

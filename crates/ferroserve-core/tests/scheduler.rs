@@ -1189,7 +1189,9 @@ fn steps_of_a_spread_burst(burst_gather: Duration) -> Vec<usize> {
         if id > 1 {
             std::thread::sleep(Duration::from_millis(20));
         }
-        engine.submit(id, vec![id as u32; 5], params.clone()).unwrap();
+        engine
+            .submit(id, vec![id as u32; 5], params.clone())
+            .unwrap();
     }
     collect(&engine, &HashMap::from([(1, 1), (2, 1), (3, 1)]));
     let steps = batches.lock().unwrap().clone();
@@ -1200,7 +1202,10 @@ fn steps_of_a_spread_burst(burst_gather: Duration) -> Vec<usize> {
 fn an_idle_engine_gathers_a_burst_into_its_first_step() {
     watchdog(Duration::from_secs(60));
     // Each arrival restarts the wait: the three prompts share one pass.
-    assert_eq!(steps_of_a_spread_burst(Duration::from_millis(300)), vec![15]);
+    assert_eq!(
+        steps_of_a_spread_burst(Duration::from_millis(300)),
+        vec![15]
+    );
     // Without the wait, each prompt runs as it comes (the fake pass takes no time).
     assert_eq!(steps_of_a_spread_burst(Duration::ZERO), vec![5, 5, 5]);
 }
@@ -1226,7 +1231,11 @@ fn the_gathering_wait_ends_once_the_waiting_prompts_fill_a_step() {
     let t0 = Instant::now();
     engine.submit(1, vec![1; 8], params.clone()).unwrap();
     collect(&engine, &HashMap::from([(1, 1)]));
-    assert!(t0.elapsed() < Duration::from_secs(10), "waited {:?} with a full step ready", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "waited {:?} with a full step ready",
+        t0.elapsed()
+    );
     // Idle again: the next full prompt starts at once too.
     engine.submit(2, vec![2; 8], params).unwrap();
     collect(&engine, &HashMap::from([(2, 1)]));
