@@ -82,6 +82,29 @@ pub struct EngineConfig {
     pub interactive: Arc<InteractiveLoad>,
     /// The longest such steps wait in a row before one runs anyway.
     pub batch_max_yield: Duration,
+    /// How long an idle engine waits, after an interactive request arrives, for the next
+    /// one before starting its first step; every arrival restarts the wait (at most
+    /// [`BURST_GATHER_MAX_GAPS`] times), and it ends early once the waiting prompts fill a
+    /// step. A burst of requests reaches the engine one by one (each parsed and tokenized on
+    /// the event loop in turn); without the wait the first step holds only the first of them
+    /// and the rest queue behind it. Costs a lone request at most this much TTFT. Zero turns
+    /// it off. Default [`DEFAULT_BURST_GATHER`], or `FERROSERVE_BURST_GATHER_US`
+    /// ([`BURST_GATHER_ENV`]) in microseconds.
+    pub burst_gather: Duration,
+}
+
+/// See [`EngineConfig::burst_gather`].
+pub const DEFAULT_BURST_GATHER: Duration = Duration::from_millis(2);
+/// Environment override of [`EngineConfig::burst_gather`], in microseconds (A/B runs).
+pub const BURST_GATHER_ENV: &str = "FERROSERVE_BURST_GATHER_US";
+/// Arrivals one gathering wait may follow (bounds it at this many gaps).
+pub const BURST_GATHER_MAX_GAPS: u32 = 16;
+
+fn burst_gather_from_env() -> Duration {
+    std::env::var(BURST_GATHER_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .map_or(DEFAULT_BURST_GATHER, Duration::from_micros)
 }
 
 impl Default for EngineConfig {
@@ -95,6 +118,7 @@ impl Default for EngineConfig {
             device: DeviceChoice::Cpu,
             interactive: InteractiveLoad::new(),
             batch_max_yield: BATCH_MAX_YIELD,
+            burst_gather: burst_gather_from_env(),
         }
     }
 }
@@ -432,6 +456,7 @@ impl ChatEngine {
             stats: EngineStats::default(),
             test_panic_after_steps: test_panic_after_steps(),
             yielding: BatchYield::new(Arc::clone(&cfg.interactive), cfg.batch_max_yield),
+            burst_gather: cfg.burst_gather,
         };
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -865,6 +890,8 @@ struct EngineCore<M: StepModel> {
     test_panic_after_steps: Option<u64>,
     /// When steps of batch sequences alone give way to interactive work on other engines.
     yielding: BatchYield,
+    /// See [`EngineConfig::burst_gather`].
+    burst_gather: Duration,
 }
 
 impl<M: StepModel> EngineCore<M> {
@@ -874,6 +901,9 @@ impl<M: StepModel> EngineCore<M> {
                 match rx.recv() {
                     Ok(cmd) => self.apply(cmd),
                     Err(_) => return,
+                }
+                if !self.gather_burst(rx) {
+                    return;
                 }
             }
             loop {
@@ -898,6 +928,29 @@ impl<M: StepModel> EngineCore<M> {
             }
             self.publish();
         }
+    }
+
+    /// Right after an idle engine got work: while interactive prompts are waiting and do not
+    /// fill a step, waits up to `burst_gather` for each next command (see
+    /// [`EngineConfig::burst_gather`]). Returns false when the channel closed.
+    fn gather_burst(&mut self, rx: &Receiver<Command>) -> bool {
+        if self.burst_gather.is_zero() {
+            return true;
+        }
+        let cfg = self.sched.config();
+        let step_tokens = cfg.max_batch_tokens.max(cfg.burst_batch_tokens);
+        for _ in 0..BURST_GATHER_MAX_GAPS {
+            let waiting = self.sched.waiting_tokens_of(Priority::Interactive);
+            if waiting == 0 || waiting >= step_tokens {
+                break;
+            }
+            match rx.recv_timeout(self.burst_gather) {
+                Ok(cmd) => self.apply(cmd),
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => return false,
+            }
+        }
+        true
     }
 
     fn apply(&mut self, cmd: Command) {

@@ -1197,6 +1197,107 @@ fn batch_steps_wait_for_interactive_work_on_other_engines() {
     );
 }
 
+/// Three one-token requests 20 ms apart into an idle engine with `burst_gather`; the token
+/// counts of its forward passes.
+fn steps_of_a_spread_burst(burst_gather: Duration) -> Vec<usize> {
+    let (engine, batches) = fake_engine(
+        Logits::ContextHash,
+        1000,
+        EngineConfig {
+            burst_gather,
+            ..EngineConfig::default()
+        },
+    );
+    let params = SamplingParams {
+        max_tokens: Some(1),
+        ignore_eos: true,
+        ..SamplingParams::greedy()
+    };
+    for id in 1..=3u64 {
+        if id > 1 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        engine
+            .submit(id, vec![id as u32; 5], params.clone())
+            .unwrap();
+    }
+    collect(&engine, &HashMap::from([(1, 1), (2, 1), (3, 1)]));
+    let steps = batches.lock().unwrap().clone();
+    steps
+}
+
+#[test]
+fn an_idle_engine_gathers_a_burst_into_its_first_step() {
+    watchdog(Duration::from_secs(60));
+    // Each arrival restarts the wait: the three prompts share one pass.
+    assert_eq!(
+        steps_of_a_spread_burst(Duration::from_millis(300)),
+        vec![15]
+    );
+    // Without the wait, each prompt runs as it comes (the fake pass takes no time).
+    assert_eq!(steps_of_a_spread_burst(Duration::ZERO), vec![5, 5, 5]);
+}
+
+#[test]
+fn the_gathering_wait_ends_once_the_waiting_prompts_fill_a_step() {
+    watchdog(Duration::from_secs(60));
+    let (engine, batches) = fake_engine(
+        Logits::ContextHash,
+        1000,
+        EngineConfig {
+            max_batch_tokens: 8,
+            burst_batch_tokens: 8,
+            burst_gather: Duration::from_secs(30),
+            ..EngineConfig::default()
+        },
+    );
+    let params = SamplingParams {
+        max_tokens: Some(2),
+        ignore_eos: true,
+        ..SamplingParams::greedy()
+    };
+    let t0 = Instant::now();
+    engine.submit(1, vec![1; 8], params.clone()).unwrap();
+    collect(&engine, &HashMap::from([(1, 1)]));
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "waited {:?} with a full step ready",
+        t0.elapsed()
+    );
+    // Idle again: the next full prompt starts at once too.
+    engine.submit(2, vec![2; 8], params).unwrap();
+    collect(&engine, &HashMap::from([(2, 1)]));
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    assert_eq!(batches.lock().unwrap().clone(), vec![8, 1, 8, 1]);
+}
+
+#[test]
+fn a_lone_request_waits_one_gap_at_most_once() {
+    watchdog(Duration::from_secs(60));
+    let gap = Duration::from_millis(150);
+    let (engine, batches) = fake_engine(
+        Logits::ContextHash,
+        1000,
+        EngineConfig {
+            burst_gather: gap,
+            ..EngineConfig::default()
+        },
+    );
+    let params = SamplingParams {
+        max_tokens: Some(20),
+        ignore_eos: true,
+        ..SamplingParams::greedy()
+    };
+    let t0 = Instant::now();
+    engine.submit(1, vec![1; 5], params).unwrap();
+    collect(&engine, &HashMap::from([(1, 1)]));
+    let took = t0.elapsed();
+    // One gap before the first step; the 19 decode steps after it never wait.
+    assert!(took >= gap, "{took:?}");
+    assert!(took < gap * 5, "{took:?}: decode steps waited too");
+    assert_eq!(batches.lock().unwrap().len(), 20);
+}
+
 #[test]
 fn max_running_one_serialises_and_still_matches() {
     watchdog(Duration::from_secs(120));

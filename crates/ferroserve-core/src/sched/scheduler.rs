@@ -291,6 +291,14 @@ impl Scheduler {
     pub fn num_waiting_of(&self, priority: Priority) -> usize {
         self.lane(priority).waiting.len()
     }
+    /// Tokens of the sequences of one class queued for admission (their whole contexts).
+    pub fn waiting_tokens_of(&self, priority: Priority) -> usize {
+        self.lane(priority)
+            .waiting
+            .iter()
+            .map(|id| self.seqs[id].tokens.len())
+            .sum()
+    }
     pub fn num_preemptions(&self) -> u64 {
         self.num_preemptions
     }

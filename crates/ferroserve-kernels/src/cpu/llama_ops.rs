@@ -97,6 +97,33 @@ macro_rules! dispatch_level {
     }};
 }
 
+/// `out[i] = f32_to_f16(x[i])` (round to nearest even), by `vcvtps2ph` on the SIMD levels:
+/// IEEE rounding gives the software conversion's bits, NaN payloads included.
+#[inline(always)]
+fn f32_to_f16_slice<const L: u8>(x: &[f32], out: &mut [u16]) {
+    assert_eq!(x.len(), out.len());
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        if L == AVX512 || L == AVX2 {
+            done = x.len() / 8 * 8;
+            for at in (0..done).step_by(8) {
+                // SAFETY: both levels include F16C (checked by `level`), instantiated only
+                // inside their `#[target_feature]` wrappers; 8 floats read and 8 halves
+                // written inside the slices.
+                unsafe {
+                    let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(x.as_ptr().add(at)));
+                    _mm_storeu_si128(out.as_mut_ptr().add(at).cast(), h);
+                }
+            }
+        }
+    }
+    for (o, &v) in out[done..].iter_mut().zip(&x[done..]) {
+        *o = f32_to_f16(v);
+    }
+}
+
 /// Sixteen IEEE halves widened to f32 (exact): one `vcvtph2ps` on x86.
 #[inline(always)]
 fn widen16<const L: u8>(h: &[u16; LANES]) -> [f32; LANES] {
@@ -142,7 +169,9 @@ pub fn rms_norm(isa: Isa, x: &[f32], dim: usize, weight: &[f32], eps: f32, out: 
 /// llama.cpp's arithmetic (`ggml_compute_forward_rms_norm_f32`), which greedy decoding on
 /// this model is sensitive to: squares rounded to f32 and summed in f64 in order, the mean
 /// rounded to f32, `scale = 1 / sqrt(mean + eps)` in f32, then `x · scale · w`. The f64 chain
-/// is sequential (≈ 1 µs per 576-wide row), small beside the matmuls.
+/// is sequential (≈ 1 µs per 576-wide row), small beside the matmuls. (Interleaving eight
+/// rows' chains, each in its own order, was tried: no faster in the profile, bench/NOTES.md
+/// session 10.)
 #[inline(always)]
 fn rms_norm_rows<const L: u8>(x: &[f32], dim: usize, weight: &[f32], eps: f32, out: &mut [f32]) {
     for (row, out) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
@@ -240,9 +269,53 @@ pub fn silu_mul(isa: Isa, gate: &mut [f32], up: &[f32]) {
 
 #[inline(always)]
 fn silu_mul_slice<const L: u8>(gate: &mut [f32], up: &[f32]) {
-    for (g, &u) in gate.iter_mut().zip(up) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if L == AVX512 {
+        // SAFETY: LEVEL AVX512 is only instantiated inside `run_avx512` (AVX-512F).
+        done = unsafe { silu_mul_avx512(gate, up) };
+    }
+    for (g, &u) in gate[done..].iter_mut().zip(&up[done..]) {
         *g = *g / (1.0 + ggml_expf(0.0 - *g)) * u;
     }
+}
+
+/// [`silu_mul_slice`] sixteen lanes at a time, [`ggml_expf`]'s operations one for one (the
+/// compiler vectorised the scalar form only in part: the saturating `n as i64` of the 2ⁿ
+/// scale stayed scalar per element); `vscalefps` is the one-rounding `j·2ⁿ` the scalar code
+/// gets through f64. The same bits. Returns how many leading elements it did (whole vectors).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn silu_mul_avx512(gate: &mut [f32], up: &[f32]) -> usize {
+    use std::arch::x86_64::*;
+    let n_vec = gate.len().min(up.len()) / LANES * LANES;
+    let c = |bits: u32| _mm512_set1_ps(f32::from_bits(bits));
+    let (shift, log2e, ln2_hi, ln2_lo) = (_mm512_set1_ps(12_582_912.0), c(0x3fb8_aa3b), c(0x3f31_7200), c(0x35bf_be8e));
+    let (c0, c1, c2, c3, c4) = (c(0x3f7f_fff6), c(0x3efffedb), c(0x3e2aaf33), c(0x3d2b9f17), c(0x3c072010));
+    let (one, zero, inf, limit) = (_mm512_set1_ps(1.0), _mm512_setzero_ps(), _mm512_set1_ps(f32::INFINITY), _mm512_set1_ps(192.0));
+    let (abs_mask, sign_mask) = (_mm512_set1_epi32(0x7fff_ffff), _mm512_set1_epi32(i32::MIN));
+    for at in (0..n_vec).step_by(LANES) {
+        let g = _mm512_loadu_ps(gate.as_ptr().add(at));
+        let x = _mm512_sub_ps(zero, g);
+        let z = _mm512_fmadd_ps(x, log2e, shift);
+        let n = _mm512_sub_ps(z, shift);
+        let neg_n = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(n), sign_mask));
+        let b = _mm512_fmadd_ps(neg_n, ln2_lo, _mm512_fmadd_ps(neg_n, ln2_hi, x));
+        let u = _mm512_mul_ps(b, b);
+        let p4 = _mm512_fmadd_ps(c4, b, c3);
+        let p2 = _mm512_fmadd_ps(c2, b, c1);
+        let p0 = _mm512_fmadd_ps(c0, b, one);
+        let j = _mm512_fmadd_ps(_mm512_fmadd_ps(p4, u, p2), u, p0);
+        let mut e = _mm512_scalef_ps(j, n);
+        // |n| > 192 saturates: 0 for n ≤ 0, ∞ above (as the scalar code's early return).
+        let abs_n = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(n), abs_mask));
+        let big = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(abs_n, limit);
+        let nonpos = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(n, zero);
+        e = _mm512_mask_blend_ps(big, e, _mm512_mask_blend_ps(nonpos, inf, zero));
+        let y = _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)), _mm512_loadu_ps(up.as_ptr().add(at)));
+        _mm512_storeu_ps(gate.as_mut_ptr().add(at), y);
+    }
+    n_vec
 }
 
 /// `eˣ` as llama.cpp's vectorised `ggml_v_expf` computes it (Arm's optimized-routines
@@ -317,6 +390,31 @@ impl PagedKvLayout {
         let base = block * self.block_elems();
         let k_block = &mut k_cache[base..base + self.block_elems()];
         let v_block = &mut v_cache[base..base + self.block_elems()];
+        // Rounded first, by `vcvtps2ph` where the CPU has it (the software conversion was
+        // most of this function's time: 2.8 % of a 16-stream step); the same bits.
+        let mut k16 = [0u16; 8 * 256];
+        let mut v16 = [0u16; 8 * 256];
+        let (k16, v16): (&mut [u16], &mut [u16]) = if width <= k16.len() {
+            (&mut k16[..width], &mut v16[..width])
+        } else {
+            return self.write_token_wide(k_block, v_block, slot, k, v);
+        };
+        dispatch_level!(Isa::selected(), f32_to_f16_slice(k, k16));
+        dispatch_level!(Isa::selected(), f32_to_f16_slice(v, v16));
+        for g in 0..self.kv_heads {
+            let kt = &mut k_block[g * d * bt..(g + 1) * d * bt];
+            for (c, &h) in k16[g * d..(g + 1) * d].iter().enumerate() {
+                kt[c * bt + slot] = h;
+            }
+            let at = g * bt * d + slot * d;
+            v_block[at..at + d].copy_from_slice(&v16[g * d..(g + 1) * d]);
+        }
+    }
+
+    /// [`PagedKvLayout::write_token`] for rows wider than its stack buffers, converting
+    /// value by value.
+    fn write_token_wide(&self, k_block: &mut [u16], v_block: &mut [u16], slot: usize, k: &[f32], v: &[f32]) {
+        let (bt, d) = (self.block_tokens, self.head_dim);
         for g in 0..self.kv_heads {
             let kt = &mut k_block[g * d * bt..(g + 1) * d * bt];
             for (c, &val) in k[g * d..(g + 1) * d].iter().enumerate() {
@@ -865,6 +963,47 @@ mod tests {
             a
         } else {
             gcd(b, a % b)
+        }
+    }
+
+    #[test]
+    fn the_simd_paths_give_the_portable_bits() {
+        let mut rng = Rng::new(seed(31));
+        // RMSNorm: any number of rows together gives each row's bits alone.
+        let dim = 576;
+        let x = rng.vec(21 * dim);
+        let w = rng.vec(dim);
+        for isa in isas() {
+            let mut together = vec![0f32; x.len()];
+            rms_norm(isa, &x, dim, &w, 1e-5, &mut together);
+            for r in 0..21 {
+                let mut alone = vec![0f32; dim];
+                rms_norm(Isa::Portable, &x[r * dim..(r + 1) * dim], dim, &w, 1e-5, &mut alone);
+                assert!(alone.iter().zip(&together[r * dim..]).all(|(a, b)| a.to_bits() == b.to_bits()), "rms_norm {isa:?} row {r}");
+            }
+        }
+        // SiLU·up, saturation and subnormal results included.
+        let mut g0: Vec<f32> = rng.vec(4099).iter().map(|v| v * 40.0).collect();
+        g0.extend([150.0, -150.0, 200.0, -200.0, 87.0, -87.0, 103.0, -103.0, 0.0, -0.0, 1e-30, -1e-30, f32::INFINITY, f32::NEG_INFINITY, 1e38, -1e38]);
+        let u: Vec<f32> = g0.iter().enumerate().map(|(i, _)| if i % 7 == 0 { 1e-38 } else { 1.5 }).collect();
+        let mut portable = g0.clone();
+        silu_mul(Isa::Portable, &mut portable, &u);
+        for isa in isas() {
+            let mut g = g0.clone();
+            silu_mul(isa, &mut g, &u);
+            for (i, (a, b)) in g.iter().zip(&portable).enumerate() {
+                assert!(a.to_bits() == b.to_bits() || a.is_nan() && b.is_nan(), "silu_mul {isa:?} at {i} (gate {}): {a} vs {b}", g0[i]);
+            }
+        }
+        // f16 rounding of the KV write.
+        let mut vals = rng.vec(1000);
+        vals.extend([65504.0, 65520.0, 1e9, -1e9, 6e-8, 3e-8, 2.9e-8, 1e-12, 0.0, -0.0, f32::INFINITY, f32::NAN]);
+        for isa in isas() {
+            let mut out = vec![0u16; vals.len()];
+            dispatch_level!(isa, f32_to_f16_slice(&vals, &mut out));
+            for (i, (&h, &v)) in out.iter().zip(&vals).enumerate() {
+                assert_eq!(h, f32_to_f16(v), "f16 {isa:?} at {i} ({v})");
+            }
         }
     }
 
