@@ -35,6 +35,7 @@ use std::time::Instant;
 use ferroserve_core::engine::StepModel;
 use ferroserve_core::models::llama::{LlamaModel, Numerics, SeqChunk};
 use ferroserve_core::models::llama_opencl::OpenClLlama;
+use ferroserve_core::kv::BlockTable;
 use ferroserve_core::sched::scheduler::KvPool;
 use ferroserve_kernels::opencl::KernelSource;
 use ferroserve_core::tokenize::chat_template::ChatMessage;
@@ -73,18 +74,26 @@ fn new_tokens() -> usize {
 }
 
 /// Prefills `prompts` in one step, then decodes `new_tokens()` steps for all of them.
+/// A table of `blocks` fresh KV blocks; they go back to the pool when it is dropped.
+fn table_of(kv: &mut impl KvPool, blocks: usize) -> BlockTable {
+    let mut table = kv.block_table();
+    for _ in 0..blocks {
+        table.push(kv.allocate().expect("KV cache too small"));
+    }
+    table
+}
+
 fn run<M: StepModel>(model: &M, kv: &mut M::Kv, prompts: &[Vec<u32>]) -> RunTimes {
     let new = new_tokens();
     let bt = kv.block_tokens();
     let max_len = prompts.iter().map(Vec::len).max().unwrap() + new;
-    let mut tables: Vec<Vec<u32>> =
-        prompts.iter().map(|_| (0..max_len.div_ceil(bt)).map(|_| kv.allocate().expect("KV cache too small")).collect()).collect();
+    let tables: Vec<BlockTable> = prompts.iter().map(|_| table_of(kv, max_len.div_ceil(bt))).collect();
 
     let t = Instant::now();
     let batch: Vec<SeqChunk<'_>> = prompts
         .iter()
         .zip(&tables)
-        .map(|(p, table)| SeqChunk { tokens: p, start_pos: 0, block_table: table, want_logits: true })
+        .map(|(p, table)| SeqChunk { tokens: p, start_pos: 0, block_table: table.ids(), want_logits: true })
         .collect();
     let logits = model.forward(&batch, kv);
     let prefill_s = t.elapsed().as_secs_f64();
@@ -97,18 +106,14 @@ fn run<M: StepModel>(model: &M, kv: &mut M::Kv, prompts: &[Vec<u32>]) -> RunTime
         let batch: Vec<SeqChunk<'_>> = feeds
             .iter()
             .zip(prompts.iter().zip(&tables))
-            .map(|(tok, (p, table))| SeqChunk { tokens: tok, start_pos: p.len() + step, block_table: table, want_logits: true })
+            .map(|(tok, (p, table))| SeqChunk { tokens: tok, start_pos: p.len() + step, block_table: table.ids(), want_logits: true })
             .collect();
         let t = Instant::now();
         let logits = model.forward(&batch, kv);
         decode_s += t.elapsed().as_secs_f64();
         last = logits.chunks_exact(vocab).map(argmax).collect();
     }
-    for table in &mut tables {
-        for b in table.drain(..) {
-            kv.release(b);
-        }
-    }
+    drop(tables);
     RunTimes { prefill_s, decode_s }
 }
 
@@ -231,17 +236,16 @@ fn bench<M: StepModel + std::fmt::Debug>(model: &M, path: &str, prompts: &[Vec<u
         let bt = kv.block_tokens();
         let mut rates = Vec::new();
         for _ in 0..reps.max(1) {
-            let tables: Vec<Vec<u32>> =
-                prompts.iter().map(|p| (0..p.len().div_ceil(bt)).map(|_| kv.allocate().expect("KV cache")).collect()).collect();
+            let tables: Vec<BlockTable> = prompts.iter().map(|p| table_of(&mut kv, p.len().div_ceil(bt))).collect();
             let batch: Vec<SeqChunk<'_>> = prompts
                 .iter()
                 .zip(&tables)
-                .map(|(p, table)| SeqChunk { tokens: p, start_pos: 0, block_table: table, want_logits: true })
+                .map(|(p, table)| SeqChunk { tokens: p, start_pos: 0, block_table: table.ids(), want_logits: true })
                 .collect();
             let t = Instant::now();
             model.forward(&batch, &mut kv);
             rates.push(prompts.iter().map(Vec::len).sum::<usize>() as f64 / t.elapsed().as_secs_f64());
-            tables.into_iter().flatten().for_each(|b| kv.release(b));
+            drop(tables);
         }
         let s = stats(rates);
         println!("{streams} sequences: prefill (one step) {:9.1} tok/s [{:.1}, {:.1}]", s.median, s.min, s.max);
@@ -292,17 +296,17 @@ fn long_prompt<M: StepModel>(model: &M, kv: &mut M::Kv, prompts: &[Vec<u32>], n:
     let bt = kv.block_tokens();
     let mut rates = Vec::new();
     for rep in 0..=reps {
-        let table: Vec<u32> = (0..n.div_ceil(bt)).map(|_| kv.allocate().expect("KV cache too small")).collect();
+        let table = table_of(kv, n.div_ceil(bt));
         let t = Instant::now();
         for start in (0..n).step_by(chunk) {
             let end = (start + chunk).min(n);
-            let batch = [SeqChunk { tokens: &ids[start..end], start_pos: start, block_table: &table, want_logits: end == n }];
+            let batch = [SeqChunk { tokens: &ids[start..end], start_pos: start, block_table: table.ids(), want_logits: end == n }];
             model.forward(&batch, kv);
         }
         if rep > 0 {
             rates.push(n as f64 / t.elapsed().as_secs_f64());
         }
-        table.into_iter().for_each(|b| kv.release(b));
+        drop(table);
     }
     let s = stats(rates);
     println!("1 prompt of {n} tokens, chunks of {chunk}: prefill {:9.1} tok/s [{:.1}, {:.1}]", s.median, s.min, s.max);
