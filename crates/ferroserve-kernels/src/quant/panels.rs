@@ -478,8 +478,13 @@ impl PanelOut {
     unsafe fn set_panel(&self, r: usize, p: usize, v: &[f32; PANEL_ROWS]) {
         assert!(r < self.m);
         let j0 = p * PANEL_ROWS;
-        let len = PANEL_ROWS.min(self.n - j0);
-        std::ptr::copy_nonoverlapping(v.as_ptr(), self.ptr.add(r * self.n + j0), len);
+        if self.n - j0 >= PANEL_ROWS {
+            // A whole panel: a fixed-size copy the compiler inlines (the variable-length one
+            // below is a memmove call, 1.8 % of a 16-stream step).
+            self.ptr.add(r * self.n + j0).cast::<[f32; PANEL_ROWS]>().write_unaligned(*v);
+        } else {
+            std::ptr::copy_nonoverlapping(v.as_ptr(), self.ptr.add(r * self.n + j0), self.n - j0);
+        }
     }
 }
 
