@@ -25,6 +25,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def f32_encoder_env() -> dict[str, str]:
+    """Environment for a server whose embeddings must equal an f32 computation elsewhere to
+    1e-5 (the Triton tests' numpy BERT): the `avx512bf16` and `amx` levels run the encoder's
+    linear layers as bf16 dot products (cosine ≈ 0.99998 to f32), so on such a host the server
+    is held at `avx512`, the best f32 level there."""
+    from ferroserve import _core
+
+    return {"FERROSERVE_ISA": "avx512"} if _core.cpu_isa() in ("avx512bf16", "amx") else {}
+
+
 class Server:
     def __init__(
         self, args: list[str], env: dict[str, str] | None = None, data_dir: Path | None = None, wrapper: list[str] | None = None,

@@ -24,7 +24,7 @@ from ferroserve.backends.base import (
 from ferroserve.backends.triton import create
 from ferroserve.config import BackendSpec, ConfigError, ModelSpec, package_dir
 from ferroserve.errors import ApiError
-from tests.conftest import REPO, Server, free_port
+from tests.conftest import REPO, Server, f32_encoder_env, free_port
 
 TRITON_PY = REPO / ".venv-triton" / "bin" / "python"
 STAMP = REPO / ".venv" / ".triton"  # the Makefile writes why the install failed into it
@@ -129,7 +129,7 @@ def triton(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(triton):
     """ferroserve serving MiniLM on its own engine: the vectors and token counts to match."""
-    srv = Server(["--insecure-no-auth", "--log-level", "warning", "--model", f"all-minilm={MINILM}"])
+    srv = Server(["--insecure-no-auth", "--log-level", "warning", "--model", f"all-minilm={MINILM}"], env=f32_encoder_env())
     try:
         srv.wait_ready()
         yield srv

@@ -13,7 +13,7 @@ from openai import OpenAI
 
 from ferroserve.config import package_dir
 from tests.backends.test_triton import MINILM, TritonProcess, _last_request_id, _wait_for_event, triton_skip_reason
-from tests.conftest import Server, request_history
+from tests.conftest import Server, f32_encoder_env, request_history
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ kind = "chat"
 upstream_model = "gen"
 fallbacks = ["smollm2"]
 """)
-        front = Server(["--config", str(cfg), "--log-level", "warning", "--embed-cache-mb", "0"])
+        front = Server(["--config", str(cfg), "--log-level", "warning", "--embed-cache-mb", "0"], env=f32_encoder_env())
         front.wait_ready()
         yield triton, front
     finally:
