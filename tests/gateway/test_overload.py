@@ -266,6 +266,9 @@ def test_a_refusal_waits_neither_for_its_body_nor_for_a_long_engine_step():
             if 1 in first_byte:
                 break  # the step ended meanwhile
             assert r.status == 503 and json.loads(text)["error"]["code"] == "capacity_unavailable", text
+            # Answered before its body was read, the connection ends with the answer (a
+            # keep-alive client's next request on it could otherwise be lost).
+            assert r.getheader("connection") == "close", r.getheaders()
             refusals.append(seconds)
             if len(refusals) == 3:
                 seconds, status_line, headers, body = _refusal_without_body(srv.port)
