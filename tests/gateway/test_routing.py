@@ -17,6 +17,7 @@ from openai import OpenAI
 from ferroserve.config import package_dir
 from tests.backends.fault_server import FaultServer
 from tests.conftest import Server, request_history
+from tests.jobs.test_batch_priority import interactive_in_flight
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -463,13 +464,6 @@ def test_embeddings_route_and_auto_answer_with_routing(faults):
     assert named.json()["routing"]["selected"] == "peer-embed" and named.json()["model"] == "peer-embed"
 
 
-def _interactive_in_flight(url: str) -> float:
-    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
-        if line.startswith("ferroserve_interactive_in_flight "):
-            return float(line.split()[1])
-    raise AssertionError("/metrics has no ferroserve_interactive_in_flight")
-
-
 def test_a_request_served_only_upstream_does_not_hold_back_local_batch_work(setup, tmp_path):
     """Batch work on this server's engines gives way to interactive requests in flight; one
     whose every candidate is another server's does not use these engines, so it is counted
@@ -497,8 +491,8 @@ upstream_model = "smollm2"
             assert r.status_code == 200
             lines = r.iter_lines()
             assert next(line for line in lines if line.startswith("data: "))  # the stream is open
-            assert _interactive_in_flight(upstream.url) > 0  # where it runs
-            assert _interactive_in_flight(front.url) == 0
+            assert interactive_in_flight(upstream.url) > 0  # where it runs
+            assert interactive_in_flight(front.url) == 0
             assert [line for line in lines if line == "data: [DONE]"]
     finally:
         front.stop()
