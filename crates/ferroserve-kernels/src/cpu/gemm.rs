@@ -17,6 +17,31 @@ use crate::{Activation, PackedLinear};
 
 /// Output columns per packed panel (two AVX-512 registers, four AVX2 registers).
 pub const NR: usize = 32;
+
+/// Columns `c0..c0 + ncols` of `bias`, zero-padded to a panel's width (no bias: zeros).
+pub(super) fn bias_tile(bias: Option<&[f32]>, c0: usize, ncols: usize) -> [f32; NR] {
+    let mut tile = [0.0f32; NR];
+    if let Some(b) = bias {
+        tile[..ncols].copy_from_slice(&b[c0..c0 + ncols]);
+    }
+    tile
+}
+
+/// Bias and activation over a contiguous tile of `NR`-wide rows in one vectorised pass (the
+/// same code as `Device::gelu`, so fused and separate GELU agree bit for bit): the bf16
+/// kernels' epilogue.
+pub(super) fn bias_and_activation(tile: &mut [f32], bias_tile: &[f32; NR], act: Activation) {
+    dispatch_isa!(Isa::Avx512, || {
+        for row in tile.chunks_exact_mut(NR) {
+            for (v, &bb) in row.iter_mut().zip(bias_tile) {
+                *v += bb;
+            }
+        }
+        if act == Activation::Gelu {
+            gelu_slice(tile);
+        }
+    });
+}
 /// Rows of A per parallel task (its slice of A stays in L2 while panels stream by).
 const MC: usize = 96;
 
@@ -101,10 +126,7 @@ pub fn linear(isa: Isa, x: &[f32], rows: usize, w: &PackedLinear, act: Activatio
         let c0 = p * NR;
         let ncols = NR.min(n - c0);
         let panel = &w.data[p * k * NR..(p + 1) * k * NR];
-        let mut bias_tile = [0.0f32; NR];
-        if let Some(b) = bias {
-            bias_tile[..ncols].copy_from_slice(&b[c0..c0 + ncols]);
-        }
+        let bias_tile = bias_tile(bias, c0, ncols);
         let a_block = &a[r0 * k..r1.div_ceil(MR_PACK) * MR_PACK * k];
         let out_ptr = out_ptr;
         // SAFETY: this task alone writes rows r0..r1 × columns c0..c0+ncols.

@@ -17,8 +17,7 @@
 
 use rayon::prelude::*;
 
-use super::elementwise::gelu_slice;
-use super::gemm::{SendPtr, NR};
+use super::gemm::{bias_and_activation, bias_tile, SendPtr, NR};
 use super::{dispatch_isa, Isa};
 use crate::{Activation, PackedLinear};
 
@@ -157,10 +156,7 @@ pub fn linear(x: &[f32], rows: usize, w: &PackedLinear, act: Activation, out: &m
         let panel = &w.data_bf16[p * k2 * NR..(p + 1) * k2 * NR];
         let out_ptr = out_ptr;
         let mut tile = [0.0f32; BLOCK_ROWS * NR];
-        let mut bias_tile = [0.0f32; NR];
-        if let Some(b) = bias {
-            bias_tile[..ncols].copy_from_slice(&b[c0..c0 + ncols]);
-        }
+        let bias_tile = bias_tile(bias, c0, ncols);
         let mut configured_rows = 0;
         for rb in g * blocks_per_task..((g + 1) * blocks_per_task).min(row_blocks) {
             let r0 = rb * BLOCK_ROWS;
@@ -178,17 +174,7 @@ pub fn linear(x: &[f32], rows: usize, w: &PackedLinear, act: Activation, out: &m
             unsafe { x86::block_32x32(a.as_ptr().add(r0 * k2), k2, panel.as_ptr(), tile.as_mut_ptr(), live_rows > TILE_ROWS) };
             let valid_rows = BLOCK_ROWS.min(rows - r0);
             let live = &mut tile[..valid_rows * NR];
-            // Bias and activation over the whole contiguous tile in one vectorised pass.
-            dispatch_isa!(Isa::Avx512, || {
-                for row in live.chunks_exact_mut(NR) {
-                    for (v, &bb) in row.iter_mut().zip(&bias_tile) {
-                        *v += bb;
-                    }
-                }
-                if act == Activation::Gelu {
-                    gelu_slice(live);
-                }
-            });
+            bias_and_activation(live, &bias_tile, act);
             for i in 0..valid_rows {
                 // SAFETY: this task alone writes rows of block rb × columns c0..c0+ncols.
                 unsafe { std::ptr::copy_nonoverlapping(live.as_ptr().add(i * NR), out_ptr.0.add((r0 + i) * n + c0), ncols) };

@@ -19,8 +19,7 @@
 
 use rayon::prelude::*;
 
-use super::elementwise::gelu_slice;
-use super::gemm::{SendPtr, NR};
+use super::gemm::{bias_and_activation, bias_tile, SendPtr, NR};
 use super::gemm_amx::{padded_k, to_bf16};
 use super::{dispatch_isa, Isa};
 use crate::{Activation, PackedLinear};
@@ -84,10 +83,7 @@ pub fn linear(x: &[f32], rows: usize, w: &PackedLinear, act: Activation, out: &m
         let c0 = p * NR;
         let ncols = NR.min(n - c0);
         let panel = &w.data_bf16[p * k2 * NR..(p + 1) * k2 * NR];
-        let mut bias_tile = [0.0f32; NR];
-        if let Some(b) = bias {
-            bias_tile[..ncols].copy_from_slice(&b[c0..c0 + ncols]);
-        }
+        let bias_tile = bias_tile(bias, c0, ncols);
         let out_ptr = out_ptr;
         let mut tile = [0.0f32; MR * NR];
         for t in r0 / MR..r1.div_ceil(MR) {
@@ -96,18 +92,7 @@ pub fn linear(x: &[f32], rows: usize, w: &PackedLinear, act: Activation, out: &m
             unsafe { x86::tile(a_tile, k2, panel, &mut tile) };
             let live_rows = MR.min(r1 - t * MR);
             let live = &mut tile[..live_rows * NR];
-            // Bias and activation over the contiguous tile in one vectorised pass (the same
-            // code as `Device::gelu`, so fused and separate GELU agree bit for bit).
-            dispatch_isa!(Isa::Avx512, || {
-                for row in live.chunks_exact_mut(NR) {
-                    for (v, &bb) in row.iter_mut().zip(&bias_tile) {
-                        *v += bb;
-                    }
-                }
-                if act == Activation::Gelu {
-                    gelu_slice(live);
-                }
-            });
+            bias_and_activation(live, &bias_tile, act);
             for i in 0..live_rows {
                 // SAFETY: this task alone writes rows r0..r1 × columns c0..c0+ncols.
                 unsafe { std::ptr::copy_nonoverlapping(live.as_ptr().add(i * NR), out_ptr.0.add((t * MR + i) * n + c0), ncols) };
