@@ -228,8 +228,12 @@ def summary(rows: list[Row], seconds: float) -> dict:
 
 def server_refusal_ms(log_path: Path, since_unix: float, until_unix: float, probes: bool | None = None) -> dict:
     """The server's own time (access line `ms`) for each 503 of the overload window (`probes`:
-    only the prober's (True), only locust's (False), or all)."""
+    only the prober's (True), only locust's (False), or all), and the same by where the server
+    decided it (the access line's `refused`: `arrival`, before the body; `body`, right after
+    it; `engine`, after parsing; servers before session 11 do not say)."""
     ms = []
+    by_path: dict[str, list[float]] = {}
+    body_ms: list[float] = []
     for line in log_path.read_text().splitlines():
         if not line.startswith("{"):
             continue
@@ -240,7 +244,15 @@ def server_refusal_ms(log_path: Path, since_unix: float, until_unix: float, prob
         if entry.get("msg") == "request" and entry.get("status") == 503 and since_unix <= entry.get("ts", 0) <= until_unix:
             if probes is None or probes == str(entry.get("request_id", "")).startswith("probe-"):
                 ms.append(entry["ms"])
-    return {"count": len(ms), "p50": percentile(ms, 50), "p99": percentile(ms, 99), "max": max(ms, default=None)}
+                by_path.setdefault(entry.get("refused", "unknown"), []).append(entry["ms"])
+                if "body_ms" in entry:
+                    body_ms.append(entry["body_ms"])
+    out = {"count": len(ms), "p50": percentile(ms, 50), "p99": percentile(ms, 99), "max": max(ms, default=None)}
+    out["by_path"] = {path: {"count": len(v), "p50": percentile(v, 50), "p99": percentile(v, 99), "max": max(v)}
+                      for path, v in sorted(by_path.items())}
+    if body_ms:  # refusals decided after the body: when it had been read (ms from the handler's start)
+        out["body_read_ms"] = {"p50": percentile(body_ms, 50), "p99": percentile(body_ms, 99), "max": max(body_ms)}
+    return out
 
 
 # The light prober ------------------------------------------------------------------------------------
@@ -249,32 +261,50 @@ def probe(url: str, rate: float, seconds: float, max_tokens: int, out: str) -> N
     own asyncio task over a small keep-alive pool, timed from just before the request is
     written to the last byte of the answer. Each carries its send time (CLOCK_MONOTONIC, which
     the server's perf_counter shares) in `x-probe-sent`, and an `x-request-id` of `probe-N`,
-    so the server's access line tells how long it waited before our handler ran. Rows go to
-    `out` as JSON: [unix start, status, client ms, request id]."""
+    so the server's access line tells how long it waited before our handler ran. The client's
+    own part is timed too (aiohttp's trace hooks): waiting for a free connection of the pool
+    and opening a new one (a refusal decided before its body ends its connection, so the
+    next request on it opens another). Rows go to `out` as JSON: [unix start, status, client
+    ms, request id, ms spent getting a connection]."""
     import asyncio
 
     import aiohttp
 
     rows: list = []
 
+    async def connection_wait_start(session, ctx, params) -> None:
+        ctx.trace_request_ctx["t"] = time.perf_counter()
+
+    async def connection_wait_end(session, ctx, params) -> None:
+        info = ctx.trace_request_ctx
+        info["ms"] = info.get("ms", 0.0) + (time.perf_counter() - info.pop("t")) * 1000
+
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_queued_start.append(connection_wait_start)
+    trace.on_connection_queued_end.append(connection_wait_end)
+    trace.on_connection_create_start.append(connection_wait_start)
+    trace.on_connection_create_end.append(connection_wait_end)
+
     async def one(session, n: int) -> None:
         body = {"model": "smollm2", "messages": [{"role": "user", "content": f"[probe {n}] Tell me a story."}],
                 "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
         request_id = f"probe-{n}"
+        connecting: dict = {}
         started_unix = time.time()
         t0 = time.perf_counter()
         try:
-            async with session.post(url + "/v1/chat/completions", json=body,
+            async with session.post(url + "/v1/chat/completions", json=body, trace_request_ctx=connecting,
                                     headers={"x-probe-sent": str(time.monotonic_ns()), "x-request-id": request_id}) as r:
                 await r.read()
                 status = r.status
         except Exception:  # a failure is a row too (status 0)
             status = 0
-        rows.append((started_unix, status, (time.perf_counter() - t0) * 1000, request_id))
+        rows.append((started_unix, status, (time.perf_counter() - t0) * 1000, request_id, connecting.get("ms", 0.0)))
 
     async def run() -> None:
         connector = aiohttp.TCPConnector(limit=64)
-        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120),
+                                         trace_configs=[trace]) as session:
             # Warm the pool: a handful of connections opened before the timed probes.
             await asyncio.gather(*(session.get(url + "/health") for _ in range(4)))
             tasks = []
@@ -292,12 +322,22 @@ def probe(url: str, rate: float, seconds: float, max_tokens: int, out: str) -> N
 
 
 def probe_summary(rows: list, since_unix: float) -> dict:
+    """The prober's refusals: the whole client time, and the same without the client's own
+    wait for a connection (`after_connection_ms`: from a connection in hand to the answer's last
+    byte, what the server and loopback take)."""
     rows = [r for r in rows if r[0] >= since_unix]
-    refused = [ms for _, status, ms, _ in rows if status == 503]
+    refused = [r for r in rows if r[1] == 503]
+    total = [r[2] for r in refused]
+    connecting = [r[4] for r in refused]
+    after = [r[2] - r[4] for r in refused]
+
+    def spread(v: list[float]) -> dict:
+        return {"p50": percentile(v, 50), "p90": percentile(v, 90), "p99": percentile(v, 99), "max": max(v, default=None)}
+
     return {"sent": len(rows), "refused": len(refused), "answered": sum(1 for r in rows if r[1] == 200),
             "other": sum(1 for r in rows if r[1] not in (200, 503)),
-            "refused_ms": {"p50": percentile(refused, 50), "p90": percentile(refused, 90), "p99": percentile(refused, 99),
-                           "max": max(refused, default=None)}}
+            "refused_ms": spread(total), "after_connection_ms": spread(after), "connection_ms": spread(connecting),
+            "refused_on_a_new_connection": sum(1 for c in connecting if c > 0)}
 
 
 def main() -> int:

@@ -255,8 +255,9 @@ class App:
             ticket.route = label
             capability = self._refused_early.get(label)
             if capability is not None:
-                # A refusal answered in this first turn of the loop, without the body's turn.
-                refused = admission.refusal_before_body(self.registry, capability)
+                # A refusal answered in this first turn of the loop, without the body's turn;
+                # else a place held until the body is read (`_read_body` decides again then).
+                refused, ticket.place = admission.on_arrival(self.registry, capability)
                 if refused is not None:
                     body_unread = True
                     # Answered before the body is read: the connection ends after this answer.
@@ -278,6 +279,8 @@ class App:
             ticket.end_interactive()
         except ApiError as err:
             status, error_code = err.status, err.code
+            if error_code == "capacity_unavailable":
+                fields = {**fields, **_refusal_fields(ticket, body_unread, started)}
             if gateway is not None and metered:
                 cost = gateway.settle(ticket, fields)  # before the response: its rate-limit headers are current
             headers = ticket.response_headers() if ticket is not None else [("x-request-id", request_id)]
@@ -305,6 +308,8 @@ class App:
             error_code = "server_shutting_down"
         if ticket is not None:
             ticket.end_interactive()  # after an error too
+            if ticket.place is not None:  # a body never read (413, the client left, ...)
+                ticket.place.release()
         if ticket is not None and ticket.key is not None:
             fields = {**fields, "key": ticket.key.id, "workspace": ticket.workspace}
         log.access(method, path, status, started, request_id, **fields)
@@ -346,6 +351,11 @@ class App:
             body = b"".join(chunks)
         if ticket is not None and ticket.capture and self.gateway is not None:
             self.gateway.capture(ticket, body)
+        if ticket is not None and ticket.place is not None:
+            # The place taken at arrival is given back; decided again before any parsing.
+            refused = ticket.place.after_body()
+            if refused is not None:
+                raise refused
         return body
 
     def _needs_gateway(self) -> Gateway:
@@ -510,6 +520,18 @@ class App:
             engines=engines, routing=routing, cache=self.embed_cache, process=_process_gauges(),
             interactive_in_flight=interactive_in_flight(),
         ), {}
+
+
+def _refusal_fields(ticket: Ticket | None, body_unread: bool, started: float) -> dict:
+    """Access-line fields of a 503 capacity_unavailable: where it was decided (`arrival`: before
+    the body; `body`: right after it; `engine`: by the generation's own check or the router)
+    and, after the body, when the body had been read (ms from the handler's start)."""
+    if body_unread:
+        return {"refused": "arrival"}
+    place = ticket.place if ticket is not None else None
+    if place is None or place.body_read_at is None:
+        return {"refused": "engine"}
+    return {"refused": "body" if place.refused else "engine", "body_ms": round((place.body_read_at - started) * 1000, 3)}
 
 
 def _process_gauges() -> dict[str, int]:

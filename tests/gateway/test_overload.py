@@ -288,3 +288,121 @@ def test_a_refusal_waits_neither_for_its_body_nor_for_a_long_engine_step():
                                                         f"{step_s * 1000:.0f} ms step: {[round(x * 1000, 1) for x in refusals]}")
     finally:
         srv.stop()
+
+
+def _response(s: socket.socket) -> tuple[str, dict, dict]:
+    """One HTTP/1.1 answer with a content-length read from `s`: (status line, headers, JSON body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        assert chunk, f"the server closed the connection: {data!r}"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    while len(body) < int(headers["content-length"]):
+        body += s.recv(65536)
+    return lines[0], headers, json.loads(body)
+
+
+def test_a_request_that_found_room_holds_its_place_and_is_refused_after_its_body_if_it_lost_it():
+    """The late path: a request that finds room at arrival holds a place in the queue while its
+    body comes (a request arriving meanwhile is refused at arrival); a body slower than the
+    place's hold (admission.PLACE_HOLD_S) loses it, and once the model has filled up the
+    request is refused right after its body, quickly, with the same 503 (its connection kept:
+    the body was read). It gives back only the place it took: the counters end at 0 and the
+    model admits exactly its bound again."""
+    from ferroserve.api.admission import PLACE_HOLD_S
+
+    srv = Server(["--max-queue", "1", "--log-level", "info"], env={"FERROSERVE_MAX_RUNNING": "1"})
+    model = "SmolLM2-135M-Instruct"
+
+    def gauge(name: str) -> float:
+        return _metric(httpx.get(srv.url + "/metrics", timeout=10).text, name, model)
+
+    def wait_for(name: str, value: float) -> None:
+        deadline = time.monotonic() + 30
+        while gauge(name) != value:
+            assert time.monotonic() < deadline, f"{name} is {gauge(name)}, not {value}"
+            time.sleep(0.01)
+
+    def long_stream(i: int, running: bool) -> http.client.HTTPConnection:
+        """A streamed answer of many tokens: it holds its place in the engine until its
+        connection is closed. `running`: wait for its first bytes (it has the running place)."""
+        body = {**_chat_body(1000 + i, True), "max_tokens": 4000}
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(body).encode(), headers={"content-type": "application/json"})
+        if running:
+            r = conn.getresponse()
+            assert r.status == 200, r.read()
+            r.read(64)
+        return conn
+
+    def head(body: bytes) -> bytes:
+        return (b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+                b"x-request-id: late-path\r\ncontent-length: %d\r\n\r\n" % len(body))
+
+    try:
+        srv.wait_ready()
+        late_body = json.dumps(_chat_body(1, False)).encode()
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as late:
+            late.sendall(head(late_body))  # found room: one running place and one queue place are free
+            wait_for("ferroserve_admission_reserved", 1)
+            taken_at = time.monotonic()
+            first = long_stream(1, running=True)
+            # The queue's one place is the late request's: an arrival now is refused at once.
+            r = httpx.post(srv.url + "/v1/chat/completions", json=_chat_body(2, False), timeout=30)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "capacity_unavailable", r.text
+            assert r.headers["connection"] == "close"  # decided before its body
+            # Its body is slower than the hold: the place lapses and another request takes it.
+            time.sleep(max(0.0, taken_at + PLACE_HOLD_S - time.monotonic()))
+            wait_for("ferroserve_admission_reserved", 0)
+            second = long_stream(2, running=False)  # waits for the running place
+            wait_for("ferroserve_admission_in_flight", 2)
+            started = time.perf_counter()
+            late.sendall(late_body)
+            status_line, headers, body = _response(late)
+            seconds = time.perf_counter() - started
+            assert status_line.startswith("HTTP/1.1 503"), (status_line, body)
+            assert body["error"]["code"] == "capacity_unavailable" and body["error"]["type"] == "server_error", body
+            assert int(headers["retry-after"]) >= 1
+            assert headers.get("connection") != "close", headers  # its body was read: the connection serves on
+            assert seconds < REJECTION_BUDGET_S, f"the late refusal took {seconds * 1000:.1f} ms"
+            # The same connection takes the next request.
+            late.sendall(b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+            assert _response(late)[0].startswith("HTTP/1.1 200")
+        # Nothing given back that was not taken: the two streams are all that is counted.
+        assert gauge("ferroserve_admission_reserved") == 0
+        assert gauge("ferroserve_admission_in_flight") == 2
+        first.close()
+        second.close()
+        wait_for("ferroserve_admission_in_flight", 0)
+        # The bound is whole again: two requests whose bodies are still coming take the two
+        # places, a third is refused at arrival, and the two are then served.
+        bodies = [json.dumps(_chat_body(10 + i, False)).encode() for i in range(2)]
+        holders = [socket.create_connection(("127.0.0.1", srv.port), timeout=60) for _ in bodies]
+        try:
+            for s, b in zip(holders, bodies):
+                s.sendall(head(b))
+            wait_for("ferroserve_admission_reserved", 2)
+            third = httpx.post(srv.url + "/v1/chat/completions", json=_chat_body(12, False), timeout=30)
+            assert third.status_code == 503, third.text
+            for s, b in zip(holders, bodies):
+                s.sendall(b)
+            for s in holders:
+                status_line, _, body = _response(s)
+                assert status_line.startswith("HTTP/1.1 200"), body
+                assert body["usage"]["completion_tokens"] == MAX_TOKENS
+        finally:
+            for s in holders:
+                s.close()
+        wait_for("ferroserve_admission_in_flight", 0)
+        assert gauge("ferroserve_admission_reserved") == 0
+        # The access line says where each refusal was decided.
+        lines = [json.loads(line) for line in srv.log_path.read_text().splitlines() if line.startswith("{")]
+        refusals = [e for e in lines if e.get("msg") == "request" and e.get("status") == 503]
+        late_line = next(e for e in refusals if e["request_id"] == "late-path")
+        assert late_line["refused"] == "body" and late_line["body_ms"] >= 0, late_line
+        assert [e["refused"] for e in refusals if e["request_id"] != "late-path"] == ["arrival", "arrival"], refusals
+    finally:
+        srv.stop()

@@ -251,6 +251,9 @@ class LocalChatModel(EngineWatcher, Backend):
     _rate: tuple[float, int, float] = (0.0, 0, 0.0)  # (monotonic time, generated tokens, tokens/s)
     _in_flight: int = 0  # sequences (n per request) of interactive requests submitted, not finished
     _batch_in_flight: int = 0  # the same for batch-priority requests
+    # Places held by requests that found room at arrival and whose body is being read
+    # (api/admission.py's Place): counted as waiting, so arrivals meanwhile see them.
+    reserved: int = 0
     _rejections: int = 0
     can_resume = True
 
@@ -294,12 +297,13 @@ class LocalChatModel(EngineWatcher, Backend):
 
     def waiting(self) -> int:
         """Sequences of interactive requests waiting for a place in the running batch, as
-        admission counts them: those admitted beyond the batch's `max_running`, or, when the
+        admission counts them: those admitted (or holding a place while their body is read)
+        beyond the batch's `max_running`, or, when the
         KV budget lets the engine run fewer (its blocks are taken; it preempts), the sequences
         the engine reports waiting. Batch-priority sequences are subtracted from the latter
         (they wait behind interactive work by design); the engine's count is as of its last
         step, which only errs towards waiting more."""
-        over = self._in_flight - self.max_running
+        over = self._in_flight + self.reserved - self.max_running
         if over >= self.max_queue:
             return over
         return max(over, self.engine.stats()["waiting_sequences"] - self._batch_in_flight, 0)
@@ -329,7 +333,7 @@ class LocalChatModel(EngineWatcher, Backend):
     def engine_stats(self) -> dict:
         """The engine's own counters and admission's, for /metrics."""
         stats = self.engine.stats()
-        stats.update(admission_in_flight=self._in_flight, admission_waiting=self.waiting(),
+        stats.update(admission_in_flight=self._in_flight, admission_reserved=self.reserved, admission_waiting=self.waiting(),
                      admission_queue_limit=self.max_queue, capacity_rejections=self._rejections)
         return stats
 

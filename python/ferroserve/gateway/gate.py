@@ -49,7 +49,7 @@ class Ticket:
 
     __slots__ = ("gateway", "request_id", "started", "key", "workspace", "window", "capture", "prompt",
                  "model", "price", "charged_prompt_tokens", "ttft_s", "requests_used", "backend", "fallbacks", "cache_hit",
-                 "extra_headers", "route", "metered", "finished", "interactive", "reservation")
+                 "extra_headers", "route", "metered", "finished", "interactive", "reservation", "place")
 
     def __init__(self, gateway: Gateway | None, request_id: str, started: float, key: ApiKey | None,
                  workspace: str | None, window: Window | None, capture: bool) -> None:
@@ -78,6 +78,9 @@ class Ticket:
         self.interactive: Any = None
         # With shared budgets (Redis): (the counter, USD reserved), until `settle` reconciles it.
         self.reservation: tuple[str, float] | None = None
+        # A place in the model's queue taken at arrival, given back once the body is read
+        # (api/admission.py).
+        self.place: Any = None
 
     async def finish(self, status: int, fields: dict) -> None:
         """Settles a metered request and records its usage, then waits until the record is

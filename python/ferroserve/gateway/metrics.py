@@ -116,6 +116,9 @@ class Metrics:
             ("ferroserve_preemptions", "counter", "Sequences preempted for lack of KV-cache blocks.", "preemptions"),
             ("ferroserve_admission_in_flight", "gauge",
              "Interactive work admitted and not finished: chat sequences, embedding requests.", "admission_in_flight"),
+            ("ferroserve_admission_reserved", "gauge",
+             "Places in a chat model's queue held by requests whose body is being read (counted as waiting).",
+             "admission_reserved"),
             ("ferroserve_admission_waiting", "gauge",
              "What admission control compares with its limit: chat sequences waiting for the running batch, "
              "embedding requests in the engine.", "admission_waiting"),
