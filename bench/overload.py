@@ -273,11 +273,13 @@ def probe(url: str, rate: float, seconds: float, max_tokens: int, out: str) -> N
     rows: list = []
 
     async def connection_wait_start(session, ctx, params) -> None:
-        ctx.trace_request_ctx["t"] = time.perf_counter()
+        if ctx.trace_request_ctx is not None:  # None: the pool's warm-up requests
+            ctx.trace_request_ctx["t"] = time.perf_counter()
 
     async def connection_wait_end(session, ctx, params) -> None:
         info = ctx.trace_request_ctx
-        info["ms"] = info.get("ms", 0.0) + (time.perf_counter() - info.pop("t")) * 1000
+        if info is not None:
+            info["ms"] = info.get("ms", 0.0) + (time.perf_counter() - info.pop("t")) * 1000
 
     trace = aiohttp.TraceConfig()
     trace.on_connection_queued_start.append(connection_wait_start)
