@@ -19,8 +19,9 @@ again at once, before anything costly (decoding, tokenizing, grammar, usage): wi
 check refuses only when the model filled up some other way (the engine's own waiting sequences
 when the KV budget runs short; a place held longer than `PLACE_HOLD_S`, which lapses so that a
 client that sends its headers and never its body cannot keep a place; routes that take no
-place). The generation's own check (backends/local.py) stays: nothing awaits between this
-re-check and the submit, so it refuses only what this one let through.
+place). The generation's own check (backends/local.py) stays, for the routes and fallbacks
+that take no place; nothing awaits between this re-check and the (first) submit, so no other
+request can take the place in between.
 
 What the early refusal does not know, the body would have said: a request naming a model that
 does not exist gets this 503 instead of its 404, and a chat request asking for batch priority
