@@ -11,7 +11,7 @@ use ferroserve_core::tokenize::gguf_vocab::GgufTokenizer;
 use ferroserve_core::weights::gguf::{GgmlType, GgufError, GgufFile};
 
 
-fn model_path() -> Option<PathBuf> {
+fn model_path() -> PathBuf {
     common::smollm2_gguf()
 }
 
@@ -56,7 +56,7 @@ fn open_bytes(tag: &str, bytes: &[u8]) -> Result<GgufFile, GgufError> {
 
 #[test]
 fn real_file_loads_with_expected_tensors_and_hparams() {
-    let Some(path) = model_path() else { return };
+    let path = model_path();
     let gguf = GgufFile::open(&path).unwrap();
     assert_eq!(gguf.version(), 3);
     assert_eq!(gguf.alignment(), 32);
@@ -118,7 +118,7 @@ fn real_file_loads_with_expected_tensors_and_hparams() {
 
 #[test]
 fn corrupted_copies_of_the_real_file_are_errors() {
-    let Some(path) = model_path() else { return };
+    let path = model_path();
     let original = std::fs::read(&path).unwrap();
 
     // Cut inside the metadata, inside the tensor infos, and inside the data section.
@@ -240,7 +240,7 @@ fn synthetic_files_cover_each_failure_mode() {
 
 #[test]
 fn tokenizer_and_chat_template_match_llama_cpp() {
-    let Some(path) = model_path() else { return };
+    let path = model_path();
     let gguf = GgufFile::open(&path).unwrap();
     let tok = GgufTokenizer::from_gguf(&gguf).unwrap();
     let template = ChatTemplate::from_gguf(&gguf, None).unwrap();
@@ -313,7 +313,7 @@ fn tokenizer_and_chat_template_match_llama_cpp() {
 
 #[test]
 fn special_tokens_are_parsed_only_when_asked() {
-    let Some(path) = model_path() else { return };
+    let path = model_path();
     let tok = GgufTokenizer::from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
     assert_eq!(tok.encode("<|im_start|>user", true).unwrap()[0], 1);
     let plain = tok.encode("<|im_start|>user", false).unwrap();

@@ -107,7 +107,7 @@ fn run(prompts: &[Vec<u32>], blocks_per_seq: usize, eos: &[u32], vocab: usize, m
 #[test]
 fn greedy_fixture_output_equals_the_cpu_device() {
     let _serial = common::opencl_serial();
-    let Some(path) = common::smollm2_gguf() else { return };
+    let path = common::smollm2_gguf();
     let Some(info) = common::opencl_device() else { return };
     let (device, is_pocl) = (info.index, common::is_pocl(&info));
     let cpu = LlamaModel::load(&path).unwrap();
@@ -167,7 +167,7 @@ fn greedy_fixture_output_equals_the_cpu_device() {
 #[test]
 fn chat_engine_on_opencl_generates_the_cpu_engines_tokens() {
     let _serial = common::opencl_serial();
-    let Some(path) = common::smollm2_gguf() else { return };
+    let path = common::smollm2_gguf();
     let Some(device) = common::opencl_device().map(|d| d.index) else { return };
     let cfg = |device| EngineConfig { kv_budget_bytes: 16 << 20, device, ..EngineConfig::default() };
     let on_cl = ChatEngine::load(&path, cfg(DeviceChoice::OpenCl { index: device, kernels: KernelSource::Embedded })).unwrap_or_else(|e| panic!("{e}"));
@@ -211,7 +211,7 @@ fn greedy_texts(engine: &ChatEngine, prompts: &[&str], max_tokens: usize) -> Vec
 #[test]
 fn fast_numerics_and_missing_devices_are_refused_clearly() {
     let _serial = common::opencl_serial();
-    let Some(path) = common::smollm2_gguf() else { return };
+    let path = common::smollm2_gguf();
     let fast = EngineConfig {
         numerics: Numerics::Fast,
         device: DeviceChoice::OpenCl { index: 0, kernels: KernelSource::Embedded },

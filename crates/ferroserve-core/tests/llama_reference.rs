@@ -36,7 +36,7 @@ const IDENTICAL_SHARE: f64 = 0.9;
 /// less than this many logits (our logits).
 const NEAR_TIE_LOGITS: f32 = 0.5;
 
-fn model_path() -> Option<PathBuf> {
+fn model_path() -> PathBuf {
     common::smollm2_gguf()
 }
 
@@ -305,7 +305,7 @@ fn compare_with_llama_cpp(model: &LlamaModel) -> Comparison {
 
 #[test]
 fn greedy_continuations_and_first_token_logprobs_match_llama_cpp() {
-    let Some(path) = model_path() else { return };
+    let path = model_path();
     let Comparison { identical, cases, agree, positions, logprob_mean_err: mean_err, logprob_max_err: max_err, failures } =
         compare_with_llama_cpp(&load(&path));
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -332,7 +332,7 @@ fn greedy_continuations_and_first_token_logprobs_match_llama_cpp() {
 /// 0.995× exact's.
 #[test]
 fn fast_numerics_diverge_from_llama_cpp_only_at_near_ties() {
-    let Some(path) = model_path() else { return };
+    let path = model_path();
     if QuantIsa::selected() < QuantIsa::Avx2 {
         println!("skipped: fast numerics need AVX2 or AVX-512");
         return;
@@ -356,13 +356,13 @@ fn assert_same_logits(label: &str, alone: &Gen, other: &Gen) {
 
 #[test]
 fn logits_are_bitwise_batch_invariant() {
-    let Some(path) = model_path() else { return };
+    let path = model_path();
     check_batch_invariance(&load(&path));
 }
 
 #[test]
 fn fast_numerics_logits_are_bitwise_batch_invariant() {
-    let Some(path) = model_path() else { return };
+    let path = model_path();
     if QuantIsa::selected() < QuantIsa::Avx2 {
         println!("skipped: fast numerics need AVX2 or AVX-512");
         return;
@@ -407,7 +407,7 @@ fn check_batch_invariance(model: &LlamaModel) {
 
 #[test]
 fn prefix_cache_hits_give_identical_logits() {
-    let Some(path) = model_path() else { return };
+    let path = model_path();
     let model = load(&path);
     let fx = fixture();
     let mut kv = model.new_kv_cache(16 << 20);

