@@ -2,7 +2,7 @@
 //! `cargo run --release --example embed_bench -- <model dir>`
 //!
 //! Env knobs: `SENTENCES=<n>` (2,048), `PASS_SIZES=1,8,32` (sentences per pass),
-//! `SINGLE_ONLY=1` (only the one-sentence latency loop), `GAP_US=<µs>` (idle time between
+//! `SINGLE_ONLY=1` (only the one-sentence latency loop; `SINGLES=<n>` passes, 3,000), `GAP_US=<µs>` (idle time between
 //! single passes), `GAP_MODE=sleep|spin|spinall` (how the gap is spent: the calling thread
 //! asleep (default), the calling thread spinning, or the calling thread and every rayon worker
 //! spinning: what keeping threads awake between requests would buy), `PASSAGES=<n>` (also n passages of 256 tokens in passes of 8, as
@@ -72,7 +72,8 @@ fn main() {
     let gap = std::time::Duration::from_micros(std::env::var("GAP_US").ok().and_then(|v| v.parse().ok()).unwrap_or(0));
     let gap_mode = std::env::var("GAP_MODE").unwrap_or_else(|_| "sleep".into());
     let mut lat = Vec::new();
-    for s in sentences.iter().cycle().take(if rounds == 0 { 3000 } else { 300 }) {
+    let singles = std::env::var("SINGLES").ok().map_or(if rounds == 0 { 3000 } else { 300 }, |n| n.parse().expect("SINGLES=<count>"));
+    for s in sentences.iter().cycle().take(singles) {
         if !gap.is_zero() {
             let until = Instant::now() + gap;
             match gap_mode.as_str() {

@@ -80,20 +80,6 @@ pub struct EmbeddingEngineConfig {
     pub interactive: Arc<InteractiveLoad>,
     /// The longest batch passes wait in a row before one runs anyway.
     pub batch_max_yield: Duration,
-    /// How long the batcher polls for the next request after its queue runs empty, before
-    /// it sleeps (`FERROSERVE_EMBED_IDLE_SPIN_US`, default [`DEFAULT_IDLE_SPIN_US`]).
-    pub idle_spin: Duration,
-}
-
-/// The default [`EmbeddingEngineConfig::idle_spin`], in µs: longer than the client round trip
-/// between one answer and the next request at concurrency 1 over loopback.
-pub const DEFAULT_IDLE_SPIN_US: u64 = 2000;
-/// The environment variable that sets [`EmbeddingEngineConfig::idle_spin`] (µs; 0 turns it off).
-pub const IDLE_SPIN_ENV: &str = "FERROSERVE_EMBED_IDLE_SPIN_US";
-
-fn idle_spin_from_env() -> Duration {
-    let us = std::env::var(IDLE_SPIN_ENV).ok().and_then(|v| v.trim().parse().ok()).unwrap_or(DEFAULT_IDLE_SPIN_US);
-    Duration::from_micros(us)
 }
 
 /// The default [`EmbeddingEngineConfig::batch_pass_tokens`] (no interactive traffic in the
@@ -115,7 +101,6 @@ impl Default for EmbeddingEngineConfig {
             device: DeviceChoice::Cpu,
             interactive: InteractiveLoad::new(),
             batch_max_yield: BATCH_MAX_YIELD,
-            idle_spin: idle_spin_from_env(),
         }
     }
 }
@@ -298,7 +283,6 @@ fn batcher_config(cfg: &EmbeddingEngineConfig, max_len: usize) -> BatcherConfig 
         max_batch_tokens,
         batch_pass_tokens: cfg.batch_pass_tokens.min(max_batch_tokens),
         batch_pass_tokens_busy: cfg.batch_pass_tokens_busy.min(max_batch_tokens),
-        idle_spin: cfg.idle_spin,
     }
 }
 

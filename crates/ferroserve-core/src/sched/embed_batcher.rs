@@ -46,9 +46,6 @@ pub struct BatcherConfig {
     pub batch_pass_tokens: usize,
     /// ... and while interactive traffic is recent ([`BatchYield::recently_busy`]).
     pub batch_pass_tokens_busy: usize,
-    /// How long the batcher polls for the next request after its queue runs empty before it
-    /// blocks (zero: block at once). See [`next_job`].
-    pub idle_spin: Duration,
 }
 
 impl BatcherConfig {
@@ -180,7 +177,7 @@ pub fn run(
     loop {
         if queue.is_empty() {
             last_merge_jobs = std::mem::take(&mut merge_jobs);
-            let Some(first) = next_job(&rx, cfg.idle_spin) else { return };
+            let Ok(first) = rx.recv() else { return };
             queue.push(first);
             merge_jobs += 1;
         }
@@ -229,26 +226,6 @@ pub fn run(
 }
 
 /// Runs the next pass of the queue, then hands every job it completed (or failed) its result.
-/// The next request: polled for up to `spin`, then waited for asleep; `None` once every
-/// sender is gone. At concurrency 1 over HTTP the next request comes a client round trip (a
-/// fraction of a millisecond) after the last answer; a batcher that polls through that gap is
-/// on its core when it comes instead of being woken from a futex (and the core from an idle
-/// state). The cost is at most `spin` of one core after each idle-making pass.
-fn next_job(rx: &Receiver<BatchJob>, spin: Duration) -> Option<BatchJob> {
-    if !spin.is_zero() {
-        let deadline = Instant::now() + spin;
-        loop {
-            match rx.try_recv() {
-                Ok(job) => return Some(job),
-                Err(TryRecvError::Disconnected) => return None,
-                Err(TryRecvError::Empty) if Instant::now() >= deadline => break,
-                Err(TryRecvError::Empty) => std::hint::spin_loop(),
-            }
-        }
-    }
-    rx.recv().ok()
-}
-
 fn run_pass(
     queue: &mut Queue,
     cfg: &BatcherConfig,
@@ -312,13 +289,7 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     fn config(max_batch_tokens: usize, batch_pass_tokens: usize) -> BatcherConfig {
-        BatcherConfig {
-            max_wait: Duration::from_millis(1),
-            max_batch_tokens,
-            batch_pass_tokens,
-            batch_pass_tokens_busy: 0,
-            idle_spin: Duration::ZERO,
-        }
+        BatcherConfig { max_wait: Duration::from_millis(1), max_batch_tokens, batch_pass_tokens, batch_pass_tokens_busy: 0 }
     }
 
     /// A batcher alone on its server: batch passes never wait.
