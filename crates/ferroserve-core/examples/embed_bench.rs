@@ -2,11 +2,12 @@
 //! `cargo run --release --example embed_bench -- <model dir>`
 //!
 //! Env knobs: `SENTENCES=<n>` (2,048), `PASS_SIZES=1,8,32` (sentences per pass),
-//! `SINGLE_ONLY=1` (only the one-sentence latency loop; `SINGLES=<n>` passes, 3,000), `GAP_US=<µs>` (idle time between
-//! single passes), `GAP_MODE=sleep|spin|spinall` (how the gap is spent: the calling thread
-//! asleep (default), the calling thread spinning, or the calling thread and every rayon worker
-//! spinning: what keeping threads awake between requests would buy), `PASSAGES=<n>` (also n passages of 256 tokens in passes of 8, as
-//! bench/embeddings.py's 200-word passages; `PASSAGES_ONLY=1` skips everything else).
+//! `SINGLE_ONLY=1` (only the one-sentence latency loop), `SINGLES=<n>` (single passes timed:
+//! 3,000 with `SINGLE_ONLY`, else 300), `GAP_US=<µs>` (idle time between single passes),
+//! `GAP_MODE=sleep|spin|spinall` (how the gap is spent: the calling thread asleep, the default;
+//! the calling thread spinning; or every rayon worker spinning: what keeping threads awake
+//! between requests would buy), `PASSAGES=<n>` (also n passages of 256 tokens in passes of 8,
+//! as bench/embeddings.py's 200-word passages; `PASSAGES_ONLY=1` skips everything else).
 
 use std::sync::Arc;
 use std::time::Instant;
