@@ -2,9 +2,12 @@
 //! `cargo run --release --example embed_bench -- <model dir>`
 //!
 //! Env knobs: `SENTENCES=<n>` (2,048), `PASS_SIZES=1,8,32` (sentences per pass),
-//! `SINGLE_ONLY=1` (only the one-sentence latency loop), `GAP_US=<µs>` (idle time between
-//! single passes), `PASSAGES=<n>` (also n passages of 256 tokens in passes of 8, as
-//! bench/embeddings.py's 200-word passages; `PASSAGES_ONLY=1` skips everything else).
+//! `SINGLE_ONLY=1` (only the one-sentence latency loop), `SINGLES=<n>` (single passes timed:
+//! 3,000 with `SINGLE_ONLY`, else 300), `GAP_US=<µs>` (idle time between single passes),
+//! `GAP_MODE=sleep|spin|spinall` (how the gap is spent: the calling thread asleep, the default;
+//! the calling thread spinning; or every rayon worker spinning: what keeping threads awake
+//! between requests would buy), `PASSAGES=<n>` (also n passages of 256 tokens in passes of 8,
+//! as bench/embeddings.py's 200-word passages; `PASSAGES_ONLY=1` skips everything else).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -68,10 +71,20 @@ fn main() {
     // GAP_US: idle time between single requests, as a server at concurrency 1 sees
     // (client and HTTP work between passes); the workers may fall asleep in it.
     let gap = std::time::Duration::from_micros(std::env::var("GAP_US").ok().and_then(|v| v.parse().ok()).unwrap_or(0));
+    let gap_mode = std::env::var("GAP_MODE").unwrap_or_else(|_| "sleep".into());
     let mut lat = Vec::new();
-    for s in sentences.iter().cycle().take(if rounds == 0 { 3000 } else { 300 }) {
+    let singles = std::env::var("SINGLES").ok().map_or(if rounds == 0 { 3000 } else { 300 }, |n| n.parse().expect("SINGLES=<count>"));
+    for s in sentences.iter().cycle().take(singles) {
         if !gap.is_zero() {
-            std::thread::sleep(gap);
+            let until = Instant::now() + gap;
+            match gap_mode.as_str() {
+                "spin" => spin_until(until),
+                "spinall" => {
+                    rayon::broadcast(|_| spin_until(until));
+                    spin_until(until);
+                }
+                _ => std::thread::sleep(gap),
+            }
         }
         let t = Instant::now();
         std::hint::black_box(model.embed(&[s.as_slice()]));
@@ -79,5 +92,11 @@ fn main() {
     }
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let n = lat.len();
-    println!("single sentence (gap {} us): p50 {:.3} ms p95 {:.3} ms", gap.as_micros(), lat[n / 2], lat[n * 95 / 100]);
+    println!("single sentence (gap {} us, {gap_mode}): p50 {:.3} ms p95 {:.3} ms", gap.as_micros(), lat[n / 2], lat[n * 95 / 100]);
+}
+
+fn spin_until(until: Instant) {
+    while Instant::now() < until {
+        std::hint::spin_loop();
+    }
 }
