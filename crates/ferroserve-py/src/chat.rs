@@ -12,6 +12,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
 use crate::errors::{detach, kind_name};
+use crate::events::{ChatAdmitted, ChatDelta, ChatFinished, EngineFailed};
 
 #[pyclass(name = "ChatEngine", module = "ferroserve._core", frozen)]
 pub struct PyChatEngine {
@@ -189,24 +190,39 @@ impl PyChatEngine {
     /// `(token_id, bytes, logprob, [(token_id, bytes, logprob), ...])`,
     /// `("f", id, index, finish_reason, prompt_tokens, completion_tokens, cached_tokens)`,
     /// `("e", id, error_kind, message, param | None)`.
+    /// Every event since the last call, oldest first: `ChatAdmitted`, `ChatDelta`,
+    /// `ChatFinished` or `EngineFailed` (see `events.rs`).
     fn drain<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let out = PyList::empty(py);
         for ev in self.inner.notifier().drain() {
             let item = match ev {
-                ChatEvent::Admitted { request_id, prompt_tokens, cached_tokens } => ("a", request_id, prompt_tokens, cached_tokens).into_pyobject(py)?,
+                ChatEvent::Admitted { request_id, prompt_tokens, cached_tokens } => {
+                    Bound::new(py, ChatAdmitted { request_id, prompt_tokens, cached_tokens })?.into_any()
+                }
                 ChatEvent::Delta { request_id, index, text, token_ids, logprobs } => {
-                    let lps = if logprobs.is_empty() {
-                        py.None()
+                    let logprobs = if logprobs.is_empty() {
+                        None
                     } else {
                         let items: Vec<Bound<'py, PyTuple>> = logprobs.iter().map(|lp| logprob_tuple(py, lp)).collect::<PyResult<_>>()?;
-                        PyList::new(py, items)?.into_any().unbind()
+                        Some(PyList::new(py, items)?.unbind())
                     };
-                    ("d", request_id, index, text, token_ids, lps).into_pyobject(py)?
+                    Bound::new(py, ChatDelta { request_id, index, text, token_ids, logprobs })?.into_any()
                 }
-                ChatEvent::Finished { request_id, index, finish_reason, usage } => {
-                    ("f", request_id, index, finish_reason.as_str(), usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens).into_pyobject(py)?
+                ChatEvent::Finished { request_id, index, finish_reason, usage } => Bound::new(
+                    py,
+                    ChatFinished {
+                        request_id,
+                        index,
+                        finish_reason: finish_reason.as_str(),
+                        prompt_tokens: usage.prompt_tokens,
+                        completion_tokens: usage.completion_tokens,
+                        cached_tokens: usage.cached_tokens,
+                    },
+                )?
+                .into_any(),
+                ChatEvent::Error { request_id, kind, message, param } => {
+                    Bound::new(py, EngineFailed { request_id, kind: kind_name(kind), message, param })?.into_any()
                 }
-                ChatEvent::Error { request_id, kind, message, param } => ("e", request_id, kind_name(kind), message, param).into_pyobject(py)?,
             };
             out.append(item)?;
         }

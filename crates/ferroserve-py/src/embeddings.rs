@@ -9,9 +9,10 @@ use ferroserve_core::{DeviceChoice, EmbedInput, EmbedOutput, EmbeddingEngine, Em
 use pyo3::exceptions::PyBufferError;
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyTuple};
+use pyo3::types::PyDict;
 
 use crate::errors::{detach, kind_name};
+use crate::events::{Embedded, EngineFailed};
 
 #[pyclass(name = "EmbeddingEngine", module = "ferroserve._core", frozen)]
 pub struct PyEmbeddingEngine {
@@ -108,10 +109,9 @@ impl PyEmbeddingEngine {
         self.inner.notifier().fd()
     }
 
-    /// Every finished request since the last call, as
-    /// `(request_id, True, vectors: Vectors, prompt_tokens)` or
-    /// `(request_id, False, error_kind: str, message: str, param: str | None)`.
-    fn drain<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyTuple>>> {
+    /// Every finished request since the last call: `Embedded` or `EngineFailed` (see
+    /// `events.rs`).
+    fn drain<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyAny>>> {
         self.inner
             .notifier()
             .drain()
@@ -119,9 +119,14 @@ impl PyEmbeddingEngine {
             .map(|ev| match ev.result {
                 Ok(out) => {
                     let prompt_tokens = out.prompt_tokens;
-                    (ev.request_id, true, PyVectors::from(out), prompt_tokens).into_pyobject(py)
+                    let vectors = Py::new(py, PyVectors::from(out))?;
+                    Ok(Bound::new(py, Embedded { request_id: ev.request_id, vectors, prompt_tokens })?.into_any())
                 }
-                Err(e) => (ev.request_id, false, kind_name(e.kind()), e.to_string(), e.param()).into_pyobject(py),
+                Err(e) => Ok(Bound::new(
+                    py,
+                    EngineFailed { request_id: ev.request_id, kind: kind_name(e.kind()), message: e.to_string(), param: e.param() },
+                )?
+                .into_any()),
             })
             .collect()
     }

@@ -5,6 +5,7 @@
 mod chat;
 mod embeddings;
 mod errors;
+mod events;
 mod interactive;
 
 use pyo3::prelude::*;
@@ -75,5 +76,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<chat::PyChatEngine>()?;
     m.add_class::<interactive::PyInteractiveRequest>()?;
     errors::register(m)?;
+    events::register(m)?;
     Ok(())
 }

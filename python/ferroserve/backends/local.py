@@ -19,6 +19,7 @@ import msgspec
 import numpy as np
 
 from ferroserve import _core
+from ferroserve._core import ChatAdmitted, ChatDelta, ChatFinished, Embedded, EngineFailed
 from ferroserve.backends.base import (
     DOWN, HEALTHY, Admitted, AtCapacity, Backend, BackendInfo, BackendStats, ChatRequest, Delta, EmbeddingResult,
     EmbedRequest, Event, Failed, Finished, Message, Tool, Unavailable, response_format_schema,
@@ -149,16 +150,16 @@ class LocalEmbeddingModel(EngineWatcher, Backend):
             output_usd_per_million_tokens=spec.output_usd_per_million_tokens if spec else 0.0,
         )
 
-    def _dispatch(self, events: list[tuple]) -> None:
+    def _dispatch(self, events: list[Embedded | EngineFailed]) -> None:
         for event in events:
-            fut = self._pending.pop(event[0], None)
+            fut = self._pending.pop(event.request_id, None)
             if fut is None or fut.done():
                 continue  # the client went away
-            if event[1]:
+            if type(event) is Embedded:
                 # A (rows, dim) float32 view of the engine's buffer (no copy).
-                fut.set_result(EmbeddingResult(event[3], vectors=np.asarray(event[2])))
+                fut.set_result(EmbeddingResult(event.prompt_tokens, vectors=np.asarray(event.vectors)))
             else:
-                fut.set_exception(_failure(event[2], event[3], event[4] if len(event) > 4 else None))
+                fut.set_exception(_failure(event.kind, event.message, event.param))
 
     def at_capacity(self) -> AtCapacity | None:
         """The refusal a new interactive request gets now (counted), or None if it would be admitted."""
@@ -209,25 +210,29 @@ class LocalEmbeddingModel(EngineWatcher, Backend):
             self._pending.pop(request_id, None)
 
 
+# Events that do not end a choice: a non-streaming request is not woken for them.
+_PROGRESS = (ChatAdmitted, ChatDelta)
+
+
 class Collector:
     """Events of one chat request, handed over by the dispatcher once per engine step."""
 
     __slots__ = ("events", "_wake", "wake_on_finish_only")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, wake_on_finish_only: bool) -> None:
-        self.events: list[tuple] = []
+        self.events: list = []
         self._wake = loop.create_future()
         self.wake_on_finish_only = wake_on_finish_only
 
-    def push(self, event: tuple) -> None:
+    def push(self, event) -> None:
         self.events.append(event)
-        if self.wake_on_finish_only and event[0] in ("a", "d"):
+        if self.wake_on_finish_only and type(event) in _PROGRESS:
             return
         if not self._wake.done():
             self._wake.set_result(None)
 
-    async def next_batch(self) -> list[tuple]:
-        if not self.events or (self.wake_on_finish_only and all(e[0] in ("a", "d") for e in self.events)):
+    async def next_batch(self) -> list:
+        if not self.events or (self.wake_on_finish_only and all(type(e) in _PROGRESS for e in self.events)):
             await self._wake
         self._wake = asyncio.get_running_loop().create_future()
         batch, self.events = self.events, []
@@ -370,10 +375,10 @@ class LocalChatModel(EngineWatcher, Backend):
         except _core.FerroserveError as exc:
             raise from_engine_exception(exc, param="tokens") from None
 
-    def _dispatch(self, events: list[tuple]) -> None:
+    def _dispatch(self, events: list) -> None:
         collectors = self._collectors
         for event in events:
-            c = collectors.get(event[1])
+            c = collectors.get(event.request_id)
             if c is not None:
                 c.push(event)
 
@@ -462,38 +467,38 @@ class LocalChatModel(EngineWatcher, Backend):
         try:
             while remaining:
                 for e in await collector.next_batch():
-                    kind = e[0]
-                    if kind == "d":
+                    kind = type(e)
+                    if kind is ChatDelta:
                         if parsers is None:
-                            yield Delta(e[2], e[3], e[4], e[5])
+                            yield Delta(e.index, e.text, e.token_ids, e.logprobs)
                             continue
                         # Token ids and logprobs ride on the choice's next event (text or
                         # tool call); an event-less step still reports them.
-                        pieces = parsers[e[2]].feed(e[3])
+                        pieces = parsers[e.index].feed(e.text)
                         if not pieces:
-                            yield Delta(e[2], "", e[4], e[5])
+                            yield Delta(e.index, "", e.token_ids, e.logprobs)
                         for k, piece in enumerate(pieces):
                             if isinstance(piece, str):
-                                yield Delta(e[2], piece, e[4] if k == 0 else [], e[5] if k == 0 else None)
+                                yield Delta(e.index, piece, e.token_ids if k == 0 else [], e.logprobs if k == 0 else None)
                             else:
                                 if k == 0:
-                                    yield Delta(e[2], "", e[4], e[5])
+                                    yield Delta(e.index, "", e.token_ids, e.logprobs)
                                 yield piece
-                    elif kind == "f":
+                    elif kind is ChatFinished:
                         remaining -= 1
-                        reason = e[3]
+                        reason = e.finish_reason
                         if parsers is not None:
-                            parser = parsers[e[2]]
+                            parser = parsers[e.index]
                             for text in parser.finish():
-                                yield Delta(e[2], text)
+                                yield Delta(e.index, text)
                             if parser.answered_with_calls and reason == "stop":
                                 reason = "tool_calls"
-                        yield Finished(e[2], reason, e[5], e[4] - resumed, e[6])
-                    elif kind == "a":
-                        yield Admitted(e[2] - resumed, e[3])
-                    elif kind == "e":
+                        yield Finished(e.index, reason, e.completion_tokens, e.prompt_tokens - resumed, e.cached_tokens)
+                    elif kind is ChatAdmitted:
+                        yield Admitted(e.prompt_tokens - resumed, e.cached_tokens)
+                    else:  # EngineFailed
                         remaining = 0
-                        yield Failed(_failure(e[2], e[3], e[4] if len(e) > 4 else None))
+                        yield Failed(_failure(e.kind, e.message, e.param))
                         return
         finally:
             # Forget the request; abort it in the engine if it may still be running (the
