@@ -58,12 +58,12 @@ class Replicas:
         self.files_dir = Path(tempfile.mkdtemp(prefix="ferroserve-shared-files-"))
         self.servers: list[Server] = []
 
-    def start(self) -> Server:
+    def start(self, *flags: str) -> Server:
         # $1 per input token: budget arithmetic in whole dollars. A 30 s window: the RPM test
         # runs inside one window.
         srv = Server(["--log-level", "info", "--model", _embedding_model_arg(), "--price", f"{EMBED}=1000000:0",
                       "--database-url", self.database_url, "--redis-url", self.redis_url,
-                      "--files-dir", str(self.files_dir)],
+                      "--files-dir", str(self.files_dir), *flags],
                      env={"FERROSERVE_RATE_WINDOW_S": "30", "FERROSERVE_BATCH_CHUNK_INPUTS": "64"})
         self.servers.append(srv)
         srv.wait_ready()
@@ -81,7 +81,9 @@ def replicas(postgres, redis_server):
     group = Replicas(database_url, redis_server.new_url())
     group.admin = _keys(database_url, "create", "--workspace", "ops", "--admin")
     try:
-        group.a, group.b = group.start(), group.start()
+        # A commits usage records asynchronously, B at the database's durability: every test
+        # below holds for both.
+        group.a, group.b = group.start("--pg-async-commit"), group.start()
         yield group
     finally:
         group.stop()

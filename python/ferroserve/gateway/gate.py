@@ -223,7 +223,7 @@ class Gateway:
     # Lifecycle ------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        store = open_store(self.settings.data_dir, self.settings.database_url)
+        store = open_store(self.settings.data_dir, self.settings.database_url, pg_async_commit=self.settings.pg_async_commit)
         self.replace_keys(store.keys(), store.workspaces())
         now = time.time()
         self._spend_month = month_start(now)
@@ -235,7 +235,8 @@ class Gateway:
     def stop(self) -> None:
         if self.worker is not None:
             self.worker.close()
-            logger.info("usage flushed", extra={"fields": {"written": self.worker.written, "failed": self.worker.failed}})
+            logger.info("usage flushed", extra={"fields": {"written": self.worker.written, "commits": self.worker.commits,
+                                                                 "failed": self.worker.failed}})
             self.worker = None
 
     def call(self, fn: Callable[[GatewayStore], Any]) -> asyncio.Future:
