@@ -23,13 +23,13 @@ One client connection (c=1, keep-alive), requests one after another; the median 
 route and mode, over all rounds. Routes:
 
 - `metered 404`: `POST /v1/embeddings` for a model that does not exist, with a key that has an
-  RPM limit (never reached): auth, the rate window (Redis: one script round trip), the 404
-  and a usage record queued for the writer (not waited for).
+  RPM limit (never reached): auth, the 404, the request counted in its window as it is settled
+  (Redis: one script round trip) and a usage record queued for the writer (not waited for).
 - `embeddings`: `POST /v1/embeddings` of one short input, key with RPM and TPM limits, in a
-  workspace with a budget, on a priced model: window (one Redis round trip), then tokens and
-  budget reservation together (one more), the model, the budget settled (no round trip when
-  the cost is the reservation), and the usage record committed before
-  the answer (the durable path: a PostgreSQL commit, or SQLite's).
+  workspace with a budget, on a priced model: the request's count, its tokens and its budget
+  reservation in one Redis script, the model, the budget settled (no round trip when the cost
+  is the reservation), and the usage record committed before the answer (a PostgreSQL commit,
+  or SQLite's).
 
 Results go to bench/results/replicas-<UTC time>.json.
 """
