@@ -19,8 +19,9 @@ rounds rotating the modes' order. Modes (`--modes`, default the first three):
   synchronous_commit=off; the answer still waits for the commit);
 - `postgres`, `sqlite+redis`: one of the two shared stores alone, to see which costs what.
 
-One client connection (c=1, keep-alive), requests one after another; the median latency per
-route and mode, over all rounds. Routes:
+One client connection per mode and route (c=1, keep-alive), requests one after another, the
+modes taking turns every 100 requests (`--block`); the median latency per route and mode, over
+all rounds. Routes:
 
 - `metered 404`: `POST /v1/embeddings` for a model that does not exist, with a key that has an
   RPM limit (never reached): auth, the 404, the request counted in its window as it is settled
@@ -30,6 +31,9 @@ route and mode, over all rounds. Routes:
   reservation in one Redis script, the model, the budget settled (no round trip when the cost
   is the reservation), and the usage record committed before the answer (a PostgreSQL commit,
   or SQLite's).
+
+Before the servers, the floors in this process: the median of one Redis admission script, one
+usage commit on PostgreSQL (durable and async) and on SQLite.
 
 Results go to bench/results/replicas-<UTC time>.json.
 """
@@ -67,17 +71,53 @@ def make_key(store_args: list[str], *flags: str) -> str:
     return r.stdout.strip()
 
 
-def measure(url: str, key: str, body: dict, n: int, want: int) -> list[float]:
+def measure(client: httpx.Client, body: dict, n: int, want: int) -> list[float]:
     out = []
-    with httpx.Client(base_url=url, headers={"authorization": f"Bearer {key}"}, timeout=30) as client:
-        for _ in range(50):  # warm-up: connection, caches, Redis scripts loaded
-            client.post("/v1/embeddings", json=body)
+    for _ in range(n):
+        t = time.perf_counter()
+        r = client.post("/v1/embeddings", json=body)
+        out.append(time.perf_counter() - t)
+        assert r.status_code == want, r.text
+    return out
+
+
+def round_trips(pg: Postgres, redis_server: Redis, n: int) -> dict[str, float]:
+    """The floors, in this process without a server: the median of `n` calls each of the Redis
+    admission script, a one-row usage commit on PostgreSQL (durable, and with
+    synchronous_commit=off) and on SQLite (WAL, synchronous=NORMAL)."""
+    import tempfile
+
+    from ferroserve.gateway import shared_limits
+    from ferroserve.gateway.pg_store import PostgresStore
+    from ferroserve.gateway.store import Store
+
+    def median_us(fn) -> float:
+        for _ in range(50):
+            fn()
+        times = []
         for _ in range(n):
             t = time.perf_counter()
-            r = client.post("/v1/embeddings", json=body)
-            out.append(time.perf_counter() - t)
-            assert r.status_code == want, r.text
-    return out
+            fn()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times) * 1e6
+
+    row = ("r", time.time(), "k", "w", "embeddings", EMBED, "local", 0, 1, 0, 0, 0.0, 1.0, None, 200, None, None, None)
+    client = shared_limits.connect(redis_server.new_url())
+    admit = client.register_script(shared_limits._ADMIT)
+    args = [1e9, 1e-8, 0.0, 60, 10**9, 1, 1, time.time(), 60000, 10**9]
+    url = pg.new_database()
+    durable, fast = PostgresStore(url), PostgresStore(url, usage_async_commit=True)
+    sqlite = Store(tempfile.mkdtemp(prefix="ferroserve-bench-"))
+    try:
+        return {"redis admission script": median_us(lambda: admit(keys=["b", "w"], args=args)),
+                "postgres usage commit, durable": median_us(lambda: durable.insert_usage([row])),
+                "postgres usage commit, --pg-async-commit": median_us(lambda: fast.insert_usage([row])),
+                "sqlite usage commit (WAL, NORMAL)": median_us(lambda: sqlite.insert_usage([row]))}
+    finally:
+        client.close()
+        durable.close()
+        fast.close()
+        sqlite.close()
 
 
 MODES = ("sqlite", "postgres+redis", "postgres+redis async", "postgres", "sqlite+redis")
@@ -87,6 +127,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--requests", type=int, default=1500, help="per route, mode and round")
+    ap.add_argument("--block", type=int, default=100, help="requests a mode sends before the next mode's turn")
     ap.add_argument("--modes", default=",".join(MODES[:3]), help=f"comma-separated, sqlite first; of {', '.join(MODES)}")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -119,17 +160,33 @@ def main() -> int:
             }
             srv.wait_ready()
             servers[mode] = srv
+        floors = round_trips(pg, redis_server, 1000)
+        for what, us in floors.items():
+            log(f"{what:42s} p50 {us:8.0f} µs")
         time.sleep(1.5)  # the servers have polled the keys made after they opened their stores
         routes = {"metered 404": ({"model": "no-such-model", "input": "hi"}, 404),
                   "embeddings": ({"model": EMBED, "input": "hi"}, 200)}
         samples: dict[str, dict[str, list[float]]] = {r: {m: [] for m in modes} for r in routes}
+        clients = {(mode, route): httpx.Client(base_url=servers[mode].url, timeout=30,
+                                               headers={"authorization": f"Bearer {keys[mode][route]}"})
+                   for mode in modes for route in routes}
+        for (mode, route), client in clients.items():  # warm-up: connection, caches, Redis scripts loaded
+            measure(client, routes[route][0], 50, routes[route][1])
+        # The machine is shared: the modes take turns every `--block` requests, so a burst of
+        # someone else's load falls on all of them alike.
+        blocks = max(1, args.requests // args.block)
         for rnd in range(args.rounds):
             order = list(modes)[rnd % len(modes):] + list(modes)[:rnd % len(modes)]
             for route, (body, want) in routes.items():
+                got: dict[str, list[float]] = {m: [] for m in modes}
+                for _ in range(blocks):
+                    for mode in order:
+                        got[mode] += measure(clients[mode, route], body, args.requests // blocks, want)
                 for mode in order:
-                    got = measure(servers[mode].url, keys[mode][route], body, args.requests, want)
-                    samples[route][mode] += got
-                    log(f"round {rnd} {route:12s} {mode:15s} p50 {statistics.median(got) * 1e6:8.0f} µs")
+                    samples[route][mode] += got[mode]
+                    log(f"round {rnd} {route:12s} {mode:20s} p50 {statistics.median(got[mode]) * 1e6:8.0f} µs")
+        for client in clients.values():
+            client.close()
         summary = {}
         for route, by_mode in samples.items():
             p50 = {m: statistics.median(v) * 1e6 for m, v in by_mode.items()}
@@ -142,7 +199,7 @@ def main() -> int:
         log(f"load average at the end: {' '.join(load)}")
         out = args.out or BENCH_DIR / "results" / f"replicas-{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%SZ}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"args": vars(args) | {"out": str(out)}, "summary": summary, "loadavg": load}, indent=2, default=str))
+        out.write_text(json.dumps({"args": vars(args) | {"out": str(out)}, "summary": summary, "round_trips_p50_us": floors, "loadavg": load}, indent=2, default=str))
         log(f"wrote {out}")
     finally:
         for srv in servers.values():
