@@ -177,7 +177,7 @@ class Ticket:
             # Replicas: the request counted in its window (if pending), the budget's worst case
             # reserved and the prompt tokens counted in Redis, atomically and in one round trip
             # (settle reconciles the budget and tokens).
-            pending = getattr(window, "pending", False)
+            pending = window is not None and window.pending
             if budget is not None or tpm is not None or pending:
                 rpm = key.rpm if key is not None else None
                 try:
@@ -328,10 +328,11 @@ class Gateway:
         prompt = fields.get("prompt_tokens", 0)
         completion = fields.get("completion_tokens", 0)
         key = ticket.key
-        if getattr(ticket.window, "pending", False):
+        window = ticket.window
+        if window is not None and window.pending and key is not None:
             # Ended before its admission (an error): counted now (shared_limits.py).
-            self.limiter.count_request(ticket.window, key.rpm, key.tpm, time.time())
-            ticket.requests_used = ticket.window.requests
+            self.limiter.count_request(window, key.rpm, key.tpm, time.time())
+            ticket.requests_used = window.requests
         if key is not None and key.tpm is not None and ticket.window is not None:
             self.limiter.add_tokens(ticket.window, prompt - ticket.charged_prompt_tokens + completion)
             ticket.charged_prompt_tokens = prompt

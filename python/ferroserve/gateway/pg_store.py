@@ -119,7 +119,7 @@ class PostgresStore(Store):
             # A session setting on a connection that writes nothing else: each usage INSERT stays
             # one statement and one round trip (SET LOCAL would need BEGIN and COMMIT around it).
             # The operator's own `options` in the URL are kept.
-            options = (conninfo_to_dict(url).get("options") or "") + " -c synchronous_commit=off"
+            options = f"{conninfo_to_dict(url).get('options') or ''} -c synchronous_commit=off"
             self._usage_pool = ConnectionPool(url, min_size=1, max_size=1, timeout=10.0, open=True,
                                               kwargs={"autocommit": True, "options": options.strip()},
                                               name="ferroserve-usage")

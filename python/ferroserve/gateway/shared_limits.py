@@ -121,7 +121,7 @@ class SharedWindow(Window):
     """A snapshot of the shared window, as of this replica's last round trip for it; `pending`
     until the request is counted in it (at its admission, or when it is settled)."""
 
-    __slots__ = ("key", "pending")
+    __slots__ = ("key",)
 
     def __init__(self, key: str, started: float, requests: int, tokens: int, pending: bool = False) -> None:
         super().__init__(started)
@@ -156,9 +156,10 @@ class SharedRateLimiter(RateLimiter):
             if len(self._full) > 10_000:  # keys that stopped sending: drop the oldest
                 del self._full[next(iter(self._full))]
 
-    def count_request(self, w: SharedWindow, rpm: int | None, tpm: int | None, now: float) -> None:
+    def count_request(self, w: Window, rpm: int | None, tpm: int | None, now: float) -> None:
         """Counts a request that ended before its admission (its answer is an error already):
         not counted if the window was full, as a refused request is not."""
+        assert isinstance(w, SharedWindow)
         w.pending = False
         try:
             ok, started, requests, tokens, _ = self._admit_request(
@@ -210,7 +211,7 @@ class SharedBudgets:
         except redis.RedisError as exc:
             raise unavailable(exc) from None
         limiter = self.limiter
-        if count:
+        if shared is not None and count:
             shared.pending = False
             shared.started, shared.requests, shared.tokens = float(started), int(requests), int(used)
             limiter.seen(shared, rpm)
