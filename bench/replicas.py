@@ -32,6 +32,9 @@ all rounds. Routes:
   is the reservation), and the usage record committed before the answer (a PostgreSQL commit,
   or SQLite's).
 
+After them, a burst of `--concurrency` clients (16) × 50 embeddings per mode: requests per
+second and, on PostgreSQL, rows per usage transaction (their `xmin`), the group commit's size.
+
 Before the servers, the floors in this process: the median of one Redis admission script, one
 usage commit on PostgreSQL (durable and async) and on SQLite.
 
@@ -120,6 +123,38 @@ def round_trips(pg: Postgres, redis_server: Redis, n: int) -> dict[str, float]:
         sqlite.close()
 
 
+def concurrent_burst(mode: str, url: str, key: str, flags: list[str], concurrency: int, per_client: int = 50) -> dict:
+    """`concurrency` clients sending embeddings at once: requests per second and, on
+    PostgreSQL, how many transactions wrote their usage rows (each row's `xmin`): the group
+    commit's size under load."""
+    import concurrent.futures
+
+    import psycopg
+
+    def client_run(_: int) -> None:
+        with httpx.Client(base_url=url, headers={"authorization": f"Bearer {key}"}, timeout=60) as client:
+            measure(client, {"model": EMBED, "input": "hi"}, per_client, 200)
+
+    database = flags[1] if flags and flags[0] == "--database-url" else None
+    query = "SELECT count(*), count(DISTINCT xmin::text) FROM usage WHERE status = 200"
+    before = (0, 0)
+    if database:
+        with psycopg.connect(database) as conn:
+            before = conn.execute(query).fetchone()
+    began = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(client_run, range(concurrency)))
+    seconds = time.perf_counter() - began
+    out = {"requests_per_s": concurrency * per_client / seconds}
+    if database:
+        time.sleep(0.2)
+        with psycopg.connect(database) as conn:
+            rows, transactions = conn.execute(query).fetchone()
+        out |= {"rows": rows - before[0], "transactions": transactions - before[1]}
+    log(f"c={concurrency} embeddings {mode:20s} " + ", ".join(f"{k} {v:.0f}" for k, v in out.items()))
+    return out
+
+
 MODES = ("sqlite", "postgres+redis", "postgres+redis async", "postgres", "sqlite+redis")
 
 
@@ -127,6 +162,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--requests", type=int, default=1500, help="per route, mode and round")
+    ap.add_argument("--concurrency", type=int, default=16, help="clients of the burst after the c=1 rounds (0: none)")
     ap.add_argument("--block", type=int, default=100, help="requests a mode sends before the next mode's turn")
     ap.add_argument("--modes", default=",".join(MODES[:3]), help=f"comma-separated, sqlite first; of {', '.join(MODES)}")
     ap.add_argument("--out", type=Path, default=None)
@@ -195,11 +231,14 @@ def main() -> int:
             summary[route] = {"p50_us": p50, "p90_us": p90, "added_p50_us": added}
             log(f"{route:12s} p50 sqlite {p50['sqlite']:.0f} µs; "
                 + "; ".join(f"{m} {p50[m]:.0f} µs ({added[m]:+.0f})" for m in added))
+        burst = {mode: concurrent_burst(mode, servers[mode].url, keys[mode]["embeddings"], modes[mode], args.concurrency)
+                 for mode in modes} if args.concurrency else {}
         load = Path("/proc/loadavg").read_text().split()[:3]
         log(f"load average at the end: {' '.join(load)}")
         out = args.out or BENCH_DIR / "results" / f"replicas-{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%SZ}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"args": vars(args) | {"out": str(out)}, "summary": summary, "round_trips_p50_us": floors, "loadavg": load}, indent=2, default=str))
+        out.write_text(json.dumps({"args": vars(args) | {"out": str(out)}, "summary": summary, "round_trips_p50_us": floors, "burst": burst,
+                                   "loadavg": load}, indent=2, default=str))
         log(f"wrote {out}")
     finally:
         for srv in servers.values():
