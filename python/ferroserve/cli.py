@@ -300,9 +300,11 @@ def _keys(args: argparse.Namespace) -> int:
             if args.budget_usd is not None and args.budget_usd < 0:
                 print("ferroserve: error: --budget-usd must not be negative", file=sys.stderr)
                 return 2
-            store.insert_key(key)
+            # The workspace's budget first: a server that loads the key between the two commits
+            # would otherwise serve it unbudgeted until its next reload (≤ 0.5 s).
             store.upsert_workspace(key.workspace, monthly_budget_usd=args.budget_usd,
                                    capture_prompts=True if args.capture_prompts else None)
+            store.insert_key(key)
             print(secret)
             print(f"created {key.id} in workspace {key.workspace} (the key is shown only once)", file=sys.stderr)
         elif args.keys_command == "list":
