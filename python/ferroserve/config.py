@@ -91,6 +91,9 @@ class Settings(msgspec.Struct):
     # PostgreSQL database at database_url when replicas share them (store_api.py).
     data_dir: str = ""
     database_url: str | None = None
+    # Usage records on PostgreSQL committed with synchronous_commit=off (pg_store.py): answers
+    # wait for the commit but not for its WAL flush, SQLite's WAL synchronous=NORMAL class.
+    pg_async_commit: bool = False
     # Rate-limit windows and budget reservations in Redis, counted across replicas (limits.py);
     # None: each process counts its own.
     redis_url: str | None = None
@@ -219,6 +222,7 @@ class ConfigFile(msgspec.Struct, forbid_unknown_fields=True):
     embed_batch_pass_tokens_busy: int | None = None
     public_url: str | None = None
     database_url: str | None = None
+    pg_async_commit: bool | None = None
     redis_url: str | None = None
     files_dir: str | None = None
     backends: list[BackendSpec] = []
@@ -483,6 +487,7 @@ def resolve(
     max_embedding_queue: int | None = None,
     public_url: str | None = None,
     database_url: str | None = None,
+    pg_async_commit: bool = False,
     redis_url: str | None = None,
     files_dir: str | None = None,
 ) -> Settings:
@@ -610,6 +615,11 @@ def resolve(
         spec.input_usd_per_million_tokens, spec.output_usd_per_million_tokens = inp, out
     s.data_dir = resolve_data_dir(data_dir or _env("DATA_DIR") or file.data_dir)
     s.database_url = check_database_url(database_url or _env("DATABASE_URL") or file.database_url)
+    env_async = _env("PG_ASYNC_COMMIT")
+    s.pg_async_commit = pg_async_commit or (
+        env_async.lower() in ("1", "true", "yes") if env_async is not None else bool(file.pg_async_commit))
+    if s.pg_async_commit and not s.database_url:
+        raise ConfigError("--pg-async-commit applies to a PostgreSQL store: give --database-url too")
     s.redis_url = check_redis_url(redis_url or _env("REDIS_URL") or file.redis_url)
     shared_files = files_dir or _env("FILES_DIR") or file.files_dir
     s.files_dir = str(Path(shared_files).expanduser().resolve()) if shared_files else None

@@ -44,7 +44,11 @@ def _as_db_user() -> list[str]:
 
 
 class Postgres:
-    def __init__(self) -> None:
+    """`durable`: PostgreSQL's default durability (fsync, synchronous_commit on), as a
+    benchmark measures it; the tests run without fsync. (Set on the command line, which
+    ALTER SYSTEM cannot override.)"""
+
+    def __init__(self, *, durable: bool = False) -> None:
         bindir = _pg_bindir()
         if bindir is None:
             pytest.skip("PostgreSQL is not installed (Debian's `postgresql`; `make test` installs it with apt)")
@@ -56,8 +60,9 @@ class Postgres:
         self.data = self.dir / "data"
         self.port = free_port()
         self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "ferroserve", "--no-sync", "-E", "UTF8")
-        options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir} -c fsync=off "
-                   "-c synchronous_commit=off -c full_page_writes=off -c max_connections=100")
+        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir} -c max_connections=100"
+        if not durable:
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.dir / "log"), "-w", "-t", "60", "start")
         self.databases = 0
 

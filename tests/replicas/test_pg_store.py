@@ -121,7 +121,8 @@ def test_serve_with_an_unreachable_database_or_redis_exits_2_with_one_clear_line
     port = free_port()  # nothing listens there
     for flags, words in ((["--database-url", f"postgresql://fs:secret@127.0.0.1:{port}/db"], "cannot use the database"),
                          (["--redis-url", f"redis://127.0.0.1:{port}/0"], "cannot reach Redis"),
-                         (["--database-url", "mysql://127.0.0.1/db"], "must be a postgresql:// URL")):
+                         (["--database-url", "mysql://127.0.0.1/db"], "must be a postgresql:// URL"),
+                         (["--pg-async-commit"], "--pg-async-commit applies to a PostgreSQL store")):
         r = run_cli(["serve", "--port", str(free_port()), *flags], timeout=60)
         assert r.returncode == 2, r.stderr
         assert words in r.stderr and "secret" not in r.stderr and "Traceback" not in r.stderr, r.stderr

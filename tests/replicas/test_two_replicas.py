@@ -58,12 +58,12 @@ class Replicas:
         self.files_dir = Path(tempfile.mkdtemp(prefix="ferroserve-shared-files-"))
         self.servers: list[Server] = []
 
-    def start(self) -> Server:
+    def start(self, *flags: str) -> Server:
         # $1 per input token: budget arithmetic in whole dollars. A 30 s window: the RPM test
         # runs inside one window.
         srv = Server(["--log-level", "info", "--model", _embedding_model_arg(), "--price", f"{EMBED}=1000000:0",
                       "--database-url", self.database_url, "--redis-url", self.redis_url,
-                      "--files-dir", str(self.files_dir)],
+                      "--files-dir", str(self.files_dir), *flags],
                      env={"FERROSERVE_RATE_WINDOW_S": "30", "FERROSERVE_BATCH_CHUNK_INPUTS": "64"})
         self.servers.append(srv)
         srv.wait_ready()
@@ -81,7 +81,9 @@ def replicas(postgres, redis_server):
     group = Replicas(database_url, redis_server.new_url())
     group.admin = _keys(database_url, "create", "--workspace", "ops", "--admin")
     try:
-        group.a, group.b = group.start(), group.start()
+        # A commits usage records asynchronously, B at the database's durability: every test
+        # below holds for both.
+        group.a, group.b = group.start("--pg-async-commit"), group.start()
         yield group
     finally:
         group.stop()
@@ -151,6 +153,49 @@ def test_a_budget_is_never_overspent_by_concurrent_requests_split_across_replica
     assert {r.json()["error"]["code"] for r in results if r.status_code == 402} == {"budget_exceeded"}
     usage = httpx.get(replicas.b.url + "/v1/usage", headers=auth(key), timeout=30).json()
     assert usage["total_cost"] <= BUDGET_USD and usage["total_cost"] == granted * price
+
+
+def _script_calls(redis_url: str) -> int:
+    """Lua scripts Redis has run (EVALSHA: each is one round trip from a replica)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+    finally:
+        client.close()
+
+
+def test_a_metered_request_costs_one_redis_round_trip_and_a_full_window_none(replicas):
+    # RPM, TPM and a budget: the request's count, tokens and budget reservation are one script.
+    key = _new_key(replicas, "--workspace", "roundtrips", "--rpm", "1000", "--tpm", "100000", "--budget-usd", "100000")
+
+    def no_model(url: str) -> httpx.Response:
+        return httpx.post(url + "/v1/embeddings", headers=auth(key), json={"model": "nope", "input": "x"}, timeout=30)
+
+    for url in (replicas.a.url, replicas.b.url):  # each replica has loaded its scripts
+        assert _embed(url, key).status_code == 200 and no_model(url).status_code == 404
+    before = _script_calls(replicas.redis_url)
+    for i in range(10):
+        r = _embed((replicas.a.url, replicas.b.url)[i % 2], key)
+        assert r.status_code == 200 and r.headers["x-ratelimit-remaining-requests"] == str(1000 - 5 - i), r.headers
+    assert _script_calls(replicas.redis_url) - before == 10
+    r = no_model(replicas.a.url)
+    assert r.status_code == 404  # ended before its admission: counted as it is settled
+    assert r.headers["x-ratelimit-remaining-requests"] == str(1000 - 15)
+    assert _script_calls(replicas.redis_url) - before == 11
+
+    # A window a replica saw full is refused there without asking Redis, until it ends.
+    key = _new_key(replicas, "--workspace", "flooding", "--rpm", "3")
+    before = _script_calls(replicas.redis_url)
+    statuses = [_embed(replicas.a.url, key).status_code for _ in range(8)]
+    assert statuses == [200] * 3 + [429] * 5
+    assert _script_calls(replicas.redis_url) - before == 3
+    refused = _embed(replicas.b.url, key)  # B has not seen it full: one round trip, refused there
+    assert refused.status_code == 429 and refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded" and int(refused.headers["retry-after"]) >= 1
+    assert _embed(replicas.b.url, key).status_code == 429
+    assert _script_calls(replicas.redis_url) - before == 4
 
 
 def test_usage_from_both_replicas_sums_in_v1_usage(replicas):

@@ -57,8 +57,9 @@ async def create_key(gateway: Gateway, body: bytes) -> bytes:
         raise invalid(str(exc)) from None
 
     def write(store):
-        store.insert_key(key)
+        # The budget first: another replica that loads the key must find it (see cli.py).
         store.upsert_workspace(key.workspace, monthly_budget_usd=req.budget_usd, capture_prompts=req.capture_prompts)
+        store.insert_key(key)
         return store.keys(), store.workspaces()
 
     gateway.replace_keys(*await gateway.call(write))

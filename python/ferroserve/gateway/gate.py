@@ -1,7 +1,8 @@
 """Per-request gateway work, all in memory on the event loop.
 
 `Gateway.open_ticket` authenticates a request (a dict lookup by the key's hash) and counts it
-against the key's request limit; handlers call `Ticket.admit` once they know the model and the
+against the key's request limit (with Redis: at `admit`, in the same round trip as the rest;
+shared_limits.py); handlers call `Ticket.admit` once they know the model and the
 prompt's token count (model allow-list, budget, token limit); `Gateway.settle` reconciles the
 actual usage before the response is sent (so its rate-limit headers are current) and
 `Gateway.record` queues the usage record for the store's writer. Limits and budgets are
@@ -173,12 +174,21 @@ class Ticket:
         self.allow(model)
         budget = gw.budget_of(self.workspace)
         estimate = (prompt_tokens * self.price[0] + max_completion_tokens * self.price[1]) / 1e6
-        tpm = key.tpm if key is not None and self.window is not None else None
+        window = self.window
+        tpm = key.tpm if key is not None and window is not None else None
         if gw.budgets is not None:
-            # Replicas: the budget's worst case reserved and the prompt tokens counted in Redis,
-            # atomically and in one round trip (settle reconciles both).
-            if budget is not None or tpm is not None:
-                self.reservation = gw.budgets.admit(self, budget, estimate, gw.spent(self.workspace), tpm, prompt_tokens)
+            # Replicas: the request counted in its window (if pending), the budget's worst case
+            # reserved and the prompt tokens counted in Redis, atomically and in one round trip
+            # (settle reconciles the budget and tokens).
+            pending = window is not None and window.pending
+            if budget is not None or tpm is not None or pending:
+                rpm = key.rpm if key is not None else None
+                try:
+                    self.reservation = gw.budgets.admit(self, budget, estimate, gw.spent(self.workspace), rpm, tpm,
+                                                        prompt_tokens)
+                finally:
+                    if pending:  # the headers of the answer (or refusal) count this request
+                        self.requests_used = window.requests
         else:
             if budget is not None:
                 spent = gw.spent(self.workspace)
@@ -226,7 +236,7 @@ class Gateway:
     # Lifecycle ------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        store = open_store(self.settings.data_dir, self.settings.database_url)
+        store = open_store(self.settings.data_dir, self.settings.database_url, pg_async_commit=self.settings.pg_async_commit)
         self.replace_keys(store.keys(), store.workspaces())
         now = time.time()
         self._spend_month = month_start(now)
@@ -238,7 +248,8 @@ class Gateway:
     def stop(self) -> None:
         if self.worker is not None:
             self.worker.close()
-            logger.info("usage flushed", extra={"fields": {"written": self.worker.written, "failed": self.worker.failed}})
+            logger.info("usage flushed", extra={"fields": {"written": self.worker.written, "commits": self.worker.commits,
+                                                                 "failed": self.worker.failed}})
             self.worker = None
 
     def call(self, fn: Callable[[GatewayStore], Any]) -> asyncio.Future:
@@ -320,6 +331,11 @@ class Gateway:
         prompt = fields.get("prompt_tokens", 0)
         completion = fields.get("completion_tokens", 0)
         key = ticket.key
+        window = ticket.window
+        if window is not None and window.pending and key is not None:
+            # Ended before its admission (an error): counted now (shared_limits.py).
+            self.limiter.count_request(window, key.rpm, key.tpm, time.time())
+            ticket.requests_used = window.requests
         if key is not None and key.tpm is not None and ticket.window is not None:
             self.limiter.add_tokens(ticket.window, prompt - ticket.charged_prompt_tokens + completion)
             ticket.charged_prompt_tokens = prompt

@@ -27,12 +27,14 @@ _encode = msgspec.json.Encoder().encode
 
 
 class Window:
-    __slots__ = ("started", "requests", "tokens")
+    # pending: the request is not counted yet (Redis windows count it at admission, shared_limits.py).
+    __slots__ = ("started", "requests", "tokens", "pending")
 
     def __init__(self, started: float) -> None:
         self.started = started
         self.requests = 0
         self.tokens = 0
+        self.pending = False
 
 
 class RateLimiter:
@@ -56,6 +58,9 @@ class RateLimiter:
             self._reject("tokens", w, now, headers=self.headers(w, rpm, tpm, now))
         w.requests += 1
         return w
+
+    def count_request(self, w: Window, rpm: int | None, tpm: int | None, now: float) -> None:
+        """Counts a request whose window is pending; in process, `admit_request` counted it."""
 
     def admit_tokens(self, w: Window, tpm: int | None, prompt_tokens: int, now: float) -> None:
         if tpm is not None and w.tokens + prompt_tokens > tpm:

@@ -14,6 +14,19 @@ connection comes from a psycopg pool of one, in autocommit mode: a connection br
 database restart or failover is thrown away when it goes back, so after one failed call (the
 usage writer retries) the next gets a fresh connection. `_transaction` holds one connection
 for what must land together.
+
+Usage records and durability. The writer (worker.py) commits whatever was queued while its
+previous commit ran as one statement, one transaction: under load that is a group commit
+(one WAL flush for many answers), and a lone request waits for no timer. Each answer waits
+for its record's commit, as in SQLite mode. How durable that commit is, is the database's
+setting (`synchronous_commit`, on by default: the WAL is flushed to disk before the commit
+returns) unless the operator passes `--pg-async-commit`: usage records then go through a
+second connection of their own with `synchronous_commit=off`, so the commit returns once the
+rows are in PostgreSQL's WAL buffers, visible to every replica, and survives this server being
+killed; a PostgreSQL or OS crash can lose the last ≤ 3 × `wal_writer_delay` (0.6 s by default)
+of them. That is the class of SQLite's WAL with synchronous=NORMAL (a process crash loses
+nothing, an OS crash the last commits). Keys, budgets, files, batches and stored responses
+stay on the first connection, at the database's durability.
 """
 
 from __future__ import annotations
@@ -91,7 +104,7 @@ class PostgresStore(Store):
     DAY_EXPR = "to_char(to_timestamp(created_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
     CLAIM_LOCK = " FOR UPDATE SKIP LOCKED"
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, usage_async_commit: bool = False) -> None:
         self.location = describe(url)
         # A plain connection first: a wrong URL or a database that is down fails here at once,
         # with the driver's own message.
@@ -100,8 +113,20 @@ class PostgresStore(Store):
         self._pool = ConnectionPool(url, min_size=1, max_size=1, kwargs={"autocommit": True}, timeout=10.0, open=True,
                                     name="ferroserve-store")
         self.db = _Connection(self._pool)  # type: ignore[assignment]
+        self.usage_async_commit = usage_async_commit
+        self._usage_pool = self._pool
+        if usage_async_commit:
+            # A session setting on a connection that writes nothing else: each usage INSERT stays
+            # one statement and one round trip (SET LOCAL would need BEGIN and COMMIT around it).
+            # The operator's own `options` in the URL are kept.
+            options = f"{conninfo_to_dict(url).get('options') or ''} -c synchronous_commit=off"
+            self._usage_pool = ConnectionPool(url, min_size=1, max_size=1, timeout=10.0, open=True,
+                                              kwargs={"autocommit": True, "options": options.strip()},
+                                              name="ferroserve-usage")
 
     def close(self) -> None:
+        if self._usage_pool is not self._pool:
+            self._usage_pool.close()
         self._pool.close()
 
     @contextmanager
@@ -114,14 +139,23 @@ class PostgresStore(Store):
                 self.db.held = None
 
     def insert_usage(self, records: list[tuple]) -> None:
-        """Up to `_ROWS_PER_INSERT` rows are one statement, which in autocommit mode is its own
+        """One transaction for the whole batch (one WAL flush, unless `usage_async_commit`).
+        Up to `_ROWS_PER_INSERT` rows are one statement, which in autocommit mode is its own
         transaction: one round trip instead of BEGIN, INSERT, COMMIT (the writer usually
         flushes a few rows at a time)."""
-        if len(records) > _ROWS_PER_INSERT:
-            super().insert_usage(records)
-            return
-        sql = _INSERT_USAGE_HEAD + ", ".join([_ROW_PLACEHOLDERS] * len(records))
-        self.db.execute(sql, list(itertools.chain.from_iterable(records)))
+        chunks = [records[start:start + _ROWS_PER_INSERT] for start in range(0, len(records), _ROWS_PER_INSERT)]
+        with self._usage_pool.connection() as conn:
+            if len(chunks) == 1:
+                self._insert_usage_chunk(conn, chunks[0])
+                return
+            with conn.transaction():
+                for chunk in chunks:
+                    self._insert_usage_chunk(conn, chunk)
+
+    @staticmethod
+    def _insert_usage_chunk(conn: psycopg.Connection, chunk: list[tuple]) -> None:
+        sql = _INSERT_USAGE_HEAD + ", ".join([_ROW_PLACEHOLDERS] * len(chunk))
+        conn.execute(_to_pyformat(sql), list(itertools.chain.from_iterable(chunk)))
 
     def data_version(self) -> int:
         return self.db.execute("SELECT version FROM key_version").fetchone()[0]

@@ -3,15 +3,24 @@
 The same fixed windows as `limits.RateLimiter` (opened by a key's first request, `window_s`
 long), but the counts live in one Redis hash per key, and each check-and-count is one Lua
 script: Redis runs a script alone, so N replicas together admit exactly `rpm` requests a
-window, and each request costs one round trip. The hash expires with its window.
+window. The hash expires with its window.
 
 Budgets: one counter per workspace and month holds what was spent plus what is reserved by
 requests in flight. `SharedBudgets.admit` adds a request's worst-case cost (prompt tokens and
 max_tokens at the model's prices) only if the total stays within the budget, and counts the
-prompt's tokens in the key's window, in the same script (one round trip; neither or both);
-`settle` then replaces the reservation with the actual cost. Since the actual cost never exceeds the
+prompt's tokens in the key's window, in the same script (neither or both); `settle` then
+replaces the reservation with the actual cost. Since the actual cost never exceeds the
 reservation, concurrent requests on any replicas never spend more than the budget. The
 counter starts from the database's spend for the month (the first replica to need it sets it).
+
+One round trip per request. Every metered route admits its request (`Ticket.admit`) before
+any work, once it knows the model and the prompt, so the request is counted there, in the same
+script as its tokens and budget (`_ADMIT`): `admit_request` at the ticket's opening only hands
+out a pending window. A request that ends before it admits (a 400, an unknown model, a
+capacity refusal) is counted when it is settled (`count_request`, the one round trip it
+makes). Refusing a client over its RPM before its body is read is kept for the common case
+of a flood: a window this replica saw full is refused locally until it ends (requests only go
+up within a window, so that answer cannot be wrong), without a round trip.
 
 These calls are synchronous on the event loop: the api handlers admit synchronously, and a
 loopback round trip (tens of µs) costs no more than a hop to a thread and back. The socket
@@ -57,28 +66,44 @@ _ADD_TOKENS = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 return redis.call('HINCRBY', KEYS[1], 'tokens', ARGV[1])
 """
-# The budget and the prompt's tokens, checked and counted together (a request refused for
-# tokens reserves no budget). KEYS[1] the workspace's month, KEYS[2] the key's window;
-# ARGV: budget (-1: none), estimate, the spend to start the month's counter from, its ttl,
-# tpm (-1: none), prompt tokens. Returns {what refused ('' when admitted), spent and reserved
-# before this request (a string: Lua numbers would come back truncated to integers), tokens
-# used in the window}. A window that ended meanwhile counts no tokens.
+# One request's admission: its count in the key's window, its budget reservation and its
+# prompt's tokens, checked and counted together (a request refused for its budget or tokens is
+# still counted, as a request refused at any later step is). KEYS[1] the workspace's month,
+# KEYS[2] the key's window ('' without limits); ARGV: budget (-1: none), estimate, the spend to
+# start the month's counter from, its ttl, tpm (-1: none), prompt tokens, count the request
+# (1/0), now, window length in ms, rpm (-1: none). Returns {what refused ('' when admitted),
+# spent and reserved before this request (a string: Lua numbers would come back truncated to
+# integers), the window's start (a string), requests, tokens}. A window that ended meanwhile
+# (only possible when the request was counted before) counts no tokens.
 _ADMIT = """
 local budget, estimate, tpm, prompt = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local spent, used = 0, 0
+local count, rpm = tonumber(ARGV[7]), tonumber(ARGV[10])
+local w = KEYS[2]
+local spent, started, requests, used = 0, '', 0, 0
+if count == 1 then
+    if redis.call('EXISTS', w) == 0 then
+        redis.call('HSET', w, 'started', ARGV[8], 'requests', 0, 'tokens', 0)
+        redis.call('PEXPIRE', w, ARGV[9])
+    end
+    local v = redis.call('HMGET', w, 'started', 'requests', 'tokens')
+    started, requests, used = v[1], tonumber(v[2]), tonumber(v[3])
+    if rpm >= 0 and requests >= rpm then return {'requests', '0', started, requests, used} end
+    if tpm >= 0 and used >= tpm then return {'window_tokens', '0', started, requests, used} end
+    requests = redis.call('HINCRBY', w, 'requests', 1)
+end
 if budget >= 0 then
     if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[4]) end
     spent = tonumber(redis.call('GET', KEYS[1]))
-    if spent >= budget or spent + estimate > budget then return {'budget', tostring(spent), 0} end
+    if spent >= budget or spent + estimate > budget then return {'budget', tostring(spent), started, requests, used} end
 end
-local counted = tpm >= 0 and redis.call('EXISTS', KEYS[2]) == 1
+local counted = tpm >= 0 and w ~= '' and redis.call('EXISTS', w) == 1
 if counted then
-    used = tonumber(redis.call('HGET', KEYS[2], 'tokens'))
-    if used + prompt > tpm then return {'tokens', tostring(spent), used} end
+    used = tonumber(redis.call('HGET', w, 'tokens'))
+    if used + prompt > tpm then return {'tokens', tostring(spent), started, requests, used} end
 end
 if budget >= 0 then redis.call('INCRBYFLOAT', KEYS[1], ARGV[2]) end
-if counted then used = redis.call('HINCRBY', KEYS[2], 'tokens', prompt) end
-return {'', tostring(spent), used}
+if counted then used = redis.call('HINCRBY', w, 'tokens', prompt) end
+return {'', tostring(spent), started, requests, used}
 """
 
 
@@ -93,13 +118,14 @@ def unavailable(exc: Exception) -> ApiError:
 
 
 class SharedWindow(Window):
-    """A snapshot of the shared window, as of this replica's last round trip for it."""
+    """A snapshot of the shared window, as of this replica's last round trip for it; `pending`
+    until the request is counted in it (at its admission, or when it is settled)."""
 
     __slots__ = ("key",)
 
-    def __init__(self, key: str, started: float, requests: int, tokens: int) -> None:
+    def __init__(self, key: str, started: float, requests: int, tokens: int, pending: bool = False) -> None:
         super().__init__(started)
-        self.key, self.requests, self.tokens = key, requests, tokens
+        self.key, self.requests, self.tokens, self.pending = key, requests, tokens, pending
 
 
 class SharedRateLimiter(RateLimiter):
@@ -108,18 +134,41 @@ class SharedRateLimiter(RateLimiter):
         self.client = client
         self._admit_request = client.register_script(_ADMIT_REQUEST)
         self._add_tokens = client.register_script(_ADD_TOKENS)
+        # Windows this replica saw with no request left, by Redis key: refused here until they end.
+        self._full: dict[str, SharedWindow] = {}
 
     def admit_request(self, key_id: str, rpm: int | None, tpm: int | None, now: float) -> Window:
+        """A pending window (no round trip): the request is counted at its admission or when
+        settled. Raises 429 at once if this replica saw the window full of requests."""
         key = f"ferroserve:rate:{key_id}"
+        full = self._full.get(key)
+        if full is not None:
+            if now >= full.started + self.window_s:
+                del self._full[key]
+            elif rpm is not None and full.requests >= rpm:
+                self._reject("requests", full, now, headers=self.headers(full, rpm, tpm, now))
+        return SharedWindow(key, now, 0, 0, pending=True)
+
+    def seen(self, w: SharedWindow, rpm: int | None) -> None:
+        """A fresh snapshot of `w` from Redis: remembered if it has no request left."""
+        if rpm is not None and w.requests >= rpm:
+            self._full[w.key] = w
+            if len(self._full) > 10_000:  # keys that stopped sending: drop the oldest
+                del self._full[next(iter(self._full))]
+
+    def count_request(self, w: Window, rpm: int | None, tpm: int | None, now: float) -> None:
+        """Counts a request that ended before its admission (its answer is an error already):
+        not counted if the window was full, as a refused request is not."""
+        assert isinstance(w, SharedWindow)
+        w.pending = False
         try:
-            ok, started, requests, tokens, what = self._admit_request(
-                keys=[key], args=[repr(now), int(self.window_s * 1000), -1 if rpm is None else rpm, -1 if tpm is None else tpm])
+            ok, started, requests, tokens, _ = self._admit_request(
+                keys=[w.key], args=[repr(now), int(self.window_s * 1000), -1 if rpm is None else rpm, -1 if tpm is None else tpm])
         except redis.RedisError as exc:
-            raise unavailable(exc) from None
-        w = SharedWindow(key, float(started), int(requests), int(tokens))
-        if not ok:
-            self._reject(what.decode(), w, now, headers=self.headers(w, rpm, tpm, now))
-        return w
+            logger.error("redis unavailable: request not counted", extra={"fields": {"error": type(exc).__name__}})
+            return
+        w.started, w.requests, w.tokens = float(started), int(requests), int(tokens)
+        self.seen(w, rpm)
 
     def add_tokens(self, w: Window, tokens: int) -> None:
         assert isinstance(w, SharedWindow)
@@ -143,27 +192,37 @@ class SharedBudgets:
         return f"ferroserve:spend:{workspace}:{int(month_start(now))}"
 
     def admit(self, ticket: Ticket, budget: float | None, estimate_usd: float, spent_in_database: float,
-              tpm: int | None, prompt_tokens: int) -> tuple[str, float] | None:
-        """Reserves `estimate_usd` of the workspace's budget and counts the prompt's tokens in
-        the key's window, or neither: raises 402 (budget) or 429 (tokens). Returns the
-        reservation (counter, USD) for `settle`, None without a budget."""
+              rpm: int | None, tpm: int | None, prompt_tokens: int) -> tuple[str, float] | None:
+        """Counts the request in the key's window if it is pending, reserves `estimate_usd` of
+        the workspace's budget and counts the prompt's tokens, in one round trip: raises 429
+        (requests or tokens) or 402 (budget), reserving nothing then. Returns the reservation
+        (counter, USD) for `settle`, None without a budget."""
         now = time.time()
         counter = self.counter(ticket.workspace or "", now)
         window = ticket.window
-        window_key = window.key if isinstance(window, SharedWindow) else ""
+        shared = window if isinstance(window, SharedWindow) else None
+        count = shared is not None and shared.pending
         try:
-            refused, spent, used = self._admit(
-                keys=[counter, window_key],
+            refused, spent, started, requests, used = self._admit(
+                keys=[counter, shared.key if shared is not None else ""],
                 args=[-1 if budget is None else repr(budget), repr(estimate_usd), repr(spent_in_database), _BUDGET_TTL_S,
-                      -1 if tpm is None else tpm, prompt_tokens])
+                      -1 if tpm is None else tpm, prompt_tokens, int(count), repr(now),
+                      int(self.limiter.window_s * 1000), -1 if rpm is None else rpm])
         except redis.RedisError as exc:
             raise unavailable(exc) from None
+        limiter = self.limiter
+        if shared is not None and count:
+            shared.pending = False
+            shared.started, shared.requests, shared.tokens = float(started), int(requests), int(used)
+            limiter.seen(shared, rpm)
+            if refused in (b"requests", b"window_tokens"):  # (the ticket adds the rate-limit headers)
+                limiter._reject("requests" if refused == b"requests" else "tokens", shared, now)
+        elif tpm is not None and window is not None:
+            window.tokens = int(used)
         if refused == b"budget":
             raise budget_exceeded(ticket.workspace, budget, float(spent), estimate_usd)
-        if tpm is not None and window is not None:
-            window.tokens = int(used)
         if refused == b"tokens":
-            self.limiter._reject("tokens", window, now, prompt_tokens=prompt_tokens, tpm=tpm)
+            limiter._reject("tokens", window, now, prompt_tokens=prompt_tokens, tpm=tpm)
         return (counter, estimate_usd) if budget is not None else None
 
     def settle(self, counter: str, reserved_usd: float, cost_usd: float) -> None:

@@ -76,13 +76,14 @@ class GatewayStore(Protocol):
     def webhook_deliveries(self, batch_id: str) -> list[dict]: ...
 
 
-def open_store(data_dir: str, database_url: str | None = None) -> GatewayStore:
+def open_store(data_dir: str, database_url: str | None = None, *, pg_async_commit: bool = False) -> GatewayStore:
     """PostgreSQL when a database URL is given (migrated to the current schema first), else
-    the SQLite file under `data_dir`."""
+    the SQLite file under `data_dir`. `pg_async_commit`: usage records are committed without
+    waiting for PostgreSQL's WAL flush (see `PostgresStore`)."""
     if database_url:
         from ferroserve.gateway.pg_store import PostgresStore
 
-        return PostgresStore(database_url)
+        return PostgresStore(database_url, usage_async_commit=pg_async_commit)
     from ferroserve.gateway.store import Store
 
     return Store(data_dir)

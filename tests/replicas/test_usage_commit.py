@@ -1,0 +1,184 @@
+"""Usage records on PostgreSQL: the group commit, `--pg-async-commit`, and that nothing answered
+is lost, on the real servers (tests/replicas/conftest.py).
+
+Which transaction wrote a row is PostgreSQL's own `xmin`; which durability a commit ran at is
+read inside it by a trigger (`current_setting('synchronous_commit')`), on a database whose own
+setting is `on` (the test cluster's default is off, for speed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import signal
+import threading
+import time
+
+import httpx
+import psycopg
+
+from ferroserve.gateway.keys import make_key
+from ferroserve.gateway.pg_store import PostgresStore
+from ferroserve.gateway.store import USAGE_COLUMNS
+from ferroserve.gateway.worker import StoreWorker
+from tests.conftest import Server, run_cli
+from tests.gateway.conftest import EMBED, auth
+from tests.replicas.test_two_replicas import _embedding_model_arg
+
+
+def _row(i: int, cost: float = 0.0) -> tuple:
+    row = (f"req-{i}", time.time(), None, "w", "embeddings", "m", "local", 0, 3, 0, 0, cost, 1.0, None, 200, None, None,
+           None)
+    assert len(row) == len(USAGE_COLUMNS)
+    return row
+
+
+def _database_with_durable_commits(postgres) -> str:
+    """A new database whose commits wait for the WAL flush (synchronous_commit = on, PostgreSQL's
+    default), with a trigger noting the setting each INSERT into usage or api_keys commits at."""
+    url = postgres.new_database()
+    with psycopg.connect(postgres.url(), autocommit=True) as admin:
+        admin.execute(f"ALTER DATABASE {url.rsplit('/', 1)[1]} SET synchronous_commit = on")
+    PostgresStore(url).close()  # the schema
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE commit_mode (tbl TEXT, synchronous_commit TEXT, statement_timeout TEXT)")
+        conn.execute("""CREATE FUNCTION note_commit_mode() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                INSERT INTO commit_mode VALUES (TG_TABLE_NAME, current_setting('synchronous_commit'),
+                                                current_setting('statement_timeout'));
+                RETURN NULL;
+            END $$""")
+        for table in ("usage", "api_keys"):
+            conn.execute(f"CREATE TRIGGER {table}_commit_mode AFTER INSERT ON {table} "
+                         "FOR EACH STATEMENT EXECUTE FUNCTION note_commit_mode()")
+    return url
+
+
+def _commit_modes(url: str) -> list[tuple]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute("SELECT tbl, synchronous_commit, statement_timeout FROM commit_mode").fetchall()
+        conn.execute("TRUNCATE commit_mode")
+    return sorted(set(rows))
+
+
+def test_pg_async_commit_applies_to_usage_records_only_and_keeps_the_urls_options(postgres):
+    url = _database_with_durable_commits(postgres)
+    # The operator's own options in the URL reach both connections.
+    url_with_options = url + "?options=-c%20statement_timeout%3D12345"
+    for async_commit, usage_mode in ((True, "off"), (False, "on")):
+        store = PostgresStore(url_with_options, usage_async_commit=async_commit)
+        try:
+            store.insert_usage([_row(1)])
+            store.insert_usage([_row(i) for i in range(2500)])  # three statements, one transaction
+            store.insert_key(make_key(workspace="w", prefix="sk-", now=time.time())[1])
+        finally:
+            store.close()
+        assert _commit_modes(url) == [("api_keys", "on", "12345ms"), ("usage", usage_mode, "12345ms")], async_commit
+    with psycopg.connect(url) as conn:
+        # Each insert_usage was one transaction, however many statements it took.
+        assert conn.execute("SELECT count(DISTINCT xmin::text) FROM usage WHERE request_id <> 'req-1'").fetchone()[0] == 2
+
+
+def test_answers_queued_during_a_commit_share_the_next_one_and_wait_for_it(postgres):
+    url = _database_with_durable_commits(postgres)
+    worker = StoreWorker(PostgresStore(url, usage_async_commit=True), on_external_change=lambda store: None)
+    rows_seen_at_first_answer: list[int] = []
+
+    def count_rows(_future) -> None:
+        with psycopg.connect(url) as conn:
+            rows_seen_at_first_answer.append(conn.execute("SELECT count(*) FROM usage").fetchone()[0])
+
+    async def answer_200() -> None:
+        writer_free = threading.Event()
+        # The writer is busy (as during a commit) while 200 answered requests queue their records.
+        busy = worker.call(lambda store: writer_free.wait(10))
+        answers = [worker.record_committed(_row(i)) for i in range(200)]
+        answers[0].add_done_callback(count_rows)
+        await asyncio.sleep(0.1)
+        assert not any(a.done() for a in answers), "an answer was released before its record was committed"
+        writer_free.set()
+        await asyncio.wait_for(asyncio.gather(busy, *answers), 10)
+
+    try:
+        asyncio.run(answer_200())
+    finally:
+        worker.close()
+    assert rows_seen_at_first_answer == [200]  # released only after the commit, which held all of them
+    with psycopg.connect(url) as conn:
+        rows, transactions = conn.execute("SELECT count(*), count(DISTINCT xmin::text) FROM usage").fetchone()
+    assert (rows, transactions) == (200, 1)
+    assert (worker.written, worker.commits, worker.failed) == (200, 1, 0)
+
+
+def _post(client: httpx.Client, model: str) -> tuple[int, str, int]:
+    r = client.post("/v1/embeddings", json={"model": model, "input": "count me"})
+    tokens = r.json()["usage"]["prompt_tokens"] if r.status_code == 200 else 0
+    return r.status_code, r.headers["x-request-id"], tokens
+
+
+def test_concurrent_usage_sums_exactly_and_a_sigterm_loses_no_answered_request(postgres, redis_server):
+    url = _database_with_durable_commits(postgres)
+    r = run_cli(["keys", "create", "--workspace", "metered", "--budget-usd", "100000", "--rpm", "100000",
+                 "--database-url", url])
+    assert r.returncode == 0, r.stderr
+    key = r.stdout.strip()
+    srv = Server(["--log-level", "info", "--model", _embedding_model_arg(), "--price", f"{EMBED}=1000000:0",
+                  "--database-url", url, "--redis-url", redis_server.new_url(), "--pg-async-commit"])
+    try:
+        srv.wait_ready()
+        # Concurrent answers: embeddings (the answer waits for the commit) and metered 404s
+        # (recorded without waiting), 16 at a time.
+        with httpx.Client(base_url=srv.url, headers=auth(key), timeout=60) as client, \
+                concurrent.futures.ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda i: _post(client, EMBED if i % 3 else "no-such-model"), range(96)))
+        assert sorted({status for status, _, _ in answers}) == [200, 404]
+        with psycopg.connect(url) as conn:
+            rows = dict(conn.execute("SELECT request_id, prompt_tokens FROM usage WHERE status = 200").fetchall())
+            spent = conn.execute("SELECT SUM(cost_usd) FROM usage").fetchone()[0]
+        answered_200 = {rid: tokens for status, rid, tokens in answers if status == 200}
+        assert rows == answered_200  # every answered embedding, each once, with its tokens, already committed
+        assert spent == sum(answered_200.values())  # $1 a token
+        usage = httpx.get(srv.url + "/v1/usage", headers=auth(key), timeout=30).json()
+        assert usage["total_requests"] == 96 and usage["total_tokens_in"] == sum(answered_200.values()), usage
+        assert [mode for tbl, mode, _ in _commit_modes(url) if tbl == "usage"] == ["off"]
+
+        # SIGTERM with the writer behind: every request that got an answer has its usage row.
+        # A transaction holding the usage table stalls the writer's INSERT; metered 404s are
+        # answered without waiting for their records, which pile up in its queue. The lock
+        # goes a second after the SIGTERM, once the server has stopped serving and asked its
+        # writer to stop: the stopping writer must still write every record queued.
+        answered: list[tuple[int, str, int]] = []
+        stop = threading.Event()
+
+        def client_loop(i: int) -> None:
+            with httpx.Client(base_url=srv.url, headers=auth(key), timeout=30) as client:
+                while not stop.is_set():
+                    try:
+                        answered.append(_post(client, "no-such-model"))
+                    except httpx.HTTPError:
+                        return  # the server is going away
+
+        lock = psycopg.connect(url)
+        lock.execute("LOCK TABLE usage IN EXCLUSIVE MODE")
+        threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while len(answered) < 60:
+            assert time.monotonic() < deadline, "too few answers before the SIGTERM"
+            time.sleep(0.01)
+        srv.proc.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        lock.rollback()
+        lock.close()
+        assert srv.proc.wait(30) == 0
+        stop.set()
+        for t in threads:
+            t.join(30)
+    finally:
+        srv.stop() if srv.proc.poll() is None else srv.log.close()
+    metered = {rid for status, rid, _ in answered if status == 404}
+    assert len(metered) >= 60, sorted({status for status, _, _ in answered})
+    with psycopg.connect(url) as conn:
+        stored = {rid for (rid,) in conn.execute("SELECT request_id FROM usage")}
+    assert metered <= stored, f"{len(metered - stored)} answered requests have no usage row after SIGTERM"
