@@ -953,7 +953,7 @@ fn run_panels(isa: QuantIsa, t: QuantType, w: &[u8], n: usize, k: usize, x: &[f3
 /// The fast order recomputed from the GGUF bytes and public pieces: per output, per block,
 /// `acc = fma(d·d_x, Σq·a, acc)` (whole-block integer dot), for Q4_1 also
 /// `mins = fma(m, f16(d_x·Σa), mins)`; the result `acc + mins`. Every ISA must give these bits
-/// for decode (m = 1), tiles of four and ragged batches, n off the 16-row panel grid; and the
+/// for decode (m = 1), tiles of eight and four and ragged batches, n off the 16-row panel grid; and the
 /// result must be the f64 product within the bounds `check_case` derives.
 #[test]
 fn panels_follow_the_fast_order_on_every_isa() {
