@@ -101,13 +101,13 @@ pub const BURST_GATHER_ENV: &str = "FERROSERVE_BURST_GATHER_US";
 pub const BURST_GATHER_MAX_GAPS: u32 = 16;
 
 /// Steps of at least this many tokens give their freed memory back to the system at their
-/// end ([`release_free_memory`]). A step's activations scale with its tokens (the 1B shape:
-/// ≈ 120 KB a token, ≈ 60 MB for a 512-token prefill step) and are allocated on the compute
-/// pool's threads; glibc keeps what they free in each thread's arena, so without the release
-/// the largest step's scratch stayed in RSS for good (≈ 44 MB of the 1B model's RSS at c=64,
-/// bench/NOTES.md "1B RSS at c=64"). Decode steps below this size reuse their arena's memory
-/// from step to step instead of faulting it in again.
-const RELEASE_AFTER_STEP_TOKENS: usize = 128;
+/// end ([`release_free_memory`]). A step's activations and logits scale with its tokens (the
+/// 1B shape: ≈ 60 MB for a 512-token prefill step, ≈ 20 MB for 64 decode tokens, 12.6 MB of
+/// it logits) and are allocated on the compute pool's threads; glibc keeps what they free in
+/// each thread's arena, and the step runs on either pool thread, so without the release both
+/// arenas held a step's worth for good (≈ 46 MB of the 1B model's RSS at c=64, bench/NOTES.md
+/// "1B RSS at c=64"). Smaller steps' few MB are left to be reused from step to step.
+const RELEASE_AFTER_STEP_TOKENS: usize = 32;
 
 /// Returns the allocator's free memory to the system: glibc's `malloc_trim` releases the free
 /// pages of every arena, not only the top of the main heap.
