@@ -100,22 +100,27 @@ pub const BURST_GATHER_ENV: &str = "FERROSERVE_BURST_GATHER_US";
 /// Arrivals one gathering wait may follow (bounds it at this many gaps).
 pub const BURST_GATHER_MAX_GAPS: u32 = 16;
 
-/// Steps of at least this many tokens give their freed memory back to the system at their
-/// end ([`release_free_memory`]). A step's activations and logits scale with its tokens (the
-/// 1B shape: ≈ 60 MB for a 512-token prefill step, ≈ 20 MB for 64 decode tokens, 12.6 MB of
-/// it logits) and are allocated on the compute pool's threads; glibc keeps what they free in
-/// each thread's arena, and the step runs on either pool thread, so without the release both
-/// arenas held a step's worth for good (≈ 46 MB of the 1B model's RSS at c=64, bench/NOTES.md
-/// "1B RSS at c=64"). Smaller steps' few MB are left to be reused from step to step.
-const RELEASE_AFTER_STEP_TOKENS: usize = 32;
+/// Allocations of at least this many bytes get a mapping of their own, unmapped when freed
+/// (see [`pin_mmap_threshold`]).
+const MMAP_THRESHOLD_BYTES: i32 = 1 << 20;
 
-/// Returns the allocator's free memory to the system: glibc's `malloc_trim` releases the free
-/// pages of every arena, not only the top of the main heap.
-fn release_free_memory() {
+/// Pins glibc's mmap threshold at [`MMAP_THRESHOLD_BYTES`]. A step's activations and logits
+/// scale with its tokens (the 1B shape: ≈ 20 MB for 64 decode tokens, 12.6 MB of it logits;
+/// ≈ 70 MB for a 512-token prefill step) and are allocated on the compute pool's threads.
+/// glibc's default threshold rises to the largest block freed (up to 32 MB), after which such
+/// buffers come from the allocating thread's arena; and a thread arena gives its free top back
+/// only above the trim threshold, which rises with it (twice the mmap threshold), while
+/// `malloc_trim` releases free chunks but not a thread arena's top. So each pool thread's
+/// arena kept a step's worth for good: 42–46 MB of the 1B model's RSS at c=64 (bench/NOTES.md
+/// "1B RSS at c=64"). Pinned, buffers of 1 MiB and more are mapped for the step and unmapped
+/// when freed: ≈ 4,000 page faults in a 64-token decode step (a few ms of a step near a
+/// second); smaller steps' buffers stay below it. Setting it also pins the trim threshold
+/// at its 128 KiB default. Process-wide, once per engine (repeating it changes nothing).
+fn pin_mmap_threshold() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim has no preconditions; it takes each arena's lock itself.
+    // SAFETY: mallopt has no preconditions; it takes the allocator's lock itself.
     unsafe {
-        libc::malloc_trim(0);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES);
     }
 }
 
@@ -477,6 +482,7 @@ impl ChatEngine {
             yielding: BatchYield::new(Arc::clone(&cfg.interactive), cfg.batch_max_yield),
             burst_gather: cfg.burst_gather,
         };
+        pin_mmap_threshold();
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("ferroserve-chat".into())
@@ -1066,9 +1072,6 @@ impl<M: StepModel> EngineCore<M> {
         self.stats.generated_tokens += sampled.len() as u64;
         for (seq, s) in sampled {
             self.emit_token(seq, s);
-        }
-        if plan.num_tokens() >= RELEASE_AFTER_STEP_TOKENS {
-            release_free_memory();
         }
     }
 
