@@ -88,7 +88,7 @@ struct Matrix {
 }
 
 // SAFETY: the bytes are an immutable memory map owned by the `LlamaModel` holding the
-// `Matrix` (field `_gguf`), which outlives every access (`Matrix::bytes` borrows the model).
+// `Matrix` (field `gguf`), which outlives every access (`Matrix::bytes` borrows the model).
 unsafe impl Send for Matrix {}
 unsafe impl Sync for Matrix {}
 
@@ -130,8 +130,8 @@ pub struct LlamaModel {
     isa: Isa,
     quant_isa: QuantIsa,
     numerics: Numerics,
-    /// Owns the memory map every `Matrix` points into; never used otherwise.
-    _gguf: GgufFile,
+    /// Owns the memory map every `Matrix` points into; also reads the embedding rows.
+    gguf: GgufFile,
 }
 
 impl std::fmt::Debug for LlamaModel {
@@ -232,7 +232,7 @@ impl LlamaModel {
             isa: Isa::selected(),
             quant_isa: QuantIsa::selected(),
             numerics,
-            _gguf: gguf,
+            gguf,
         })
     }
 
@@ -338,12 +338,7 @@ impl LlamaModel {
         }
 
         let mut x = vec![0f32; rows * dim];
-        let embd_row = self.token_embd.row_bytes();
-        let embd = self.token_embd.bytes();
-        for (out, &t) in x.chunks_exact_mut(dim).zip(batch.iter().flat_map(|c| c.tokens)) {
-            let t = t as usize;
-            quant::dequantize_row(self.token_embd.wtype, &embd[t * embd_row..(t + 1) * embd_row], out);
-        }
+        self.embed(batch.iter().flat_map(|c| c.tokens), &mut x);
 
         let mut h = vec![0f32; rows * dim];
         let mut q = vec![0f32; rows * q_width];
@@ -409,6 +404,23 @@ impl LlamaModel {
         let input = self.prepare(&mut acts, &normed, n);
         self.matmul(&self.output, &input, &mut logits);
         logits
+    }
+
+    /// The embedding rows of `tokens`, one after another in `x`. Each row is read from the
+    /// file (`GgufFile::read_copy`), not through the map: gathering through the map would
+    /// bring the table's pages back into RSS a few at a time until all of it was resident,
+    /// while the matmuls read only the panels (fast numerics; with tied embeddings the table
+    /// itself was packed and released at load).
+    fn embed<'t>(&self, tokens: impl Iterator<Item = &'t u32>, x: &mut [f32]) {
+        let dim = self.hparams.embedding_length;
+        let row_bytes = self.token_embd.row_bytes();
+        let embd = self.token_embd.bytes();
+        let mut row = vec![0u8; row_bytes];
+        for (out, &t) in x.chunks_exact_mut(dim).zip(tokens) {
+            let t = t as usize;
+            self.gguf.read_copy(&embd[t * row_bytes..(t + 1) * row_bytes], &mut row);
+            quant::dequantize_row(self.token_embd.wtype, &row, out);
+        }
     }
 
     fn attention_arith(&self) -> AttentionArith {
@@ -569,7 +581,7 @@ fn load_matrix(gguf: &GgufFile, name: &str, rows: usize, cols: usize, fast: bool
     let panels = (fast && Panels::supports(wtype)).then(|| Panels::pack(wtype, t.bytes, rows, cols));
     if panels.is_some() {
         // The kernels read the panels only; the file's form is kept for views (OpenCL upload)
-        // and tied embeddings' row gathers, which read it back when they need it.
+        // and tied embeddings' row gathers (`LlamaModel::embed` reads those from the file).
         gguf.release_resident(t.bytes);
     }
     Ok(Matrix { ptr: t.bytes.as_ptr(), len: t.bytes.len(), wtype, rows, cols, panels })

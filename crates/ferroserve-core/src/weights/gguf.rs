@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
@@ -392,6 +393,8 @@ impl TensorView<'_> {
 /// An open GGUF file: parsed metadata and tensor directory over a read-only memory map.
 pub struct GgufFile {
     path: PathBuf,
+    /// Kept open for [`GgufFile::read_copy`], which reads without mapping pages.
+    file: File,
     mmap: Mmap,
     version: u32,
     alignment: u64,
@@ -428,6 +431,7 @@ impl GgufFile {
         let parsed = parse(&mmap)?;
         Ok(GgufFile {
             path,
+            file,
             mmap,
             version: parsed.version,
             alignment: parsed.alignment,
@@ -610,21 +614,44 @@ impl GgufFile {
     /// once a loader has repacked it and reads only the copy: without it a repacked model
     /// holds its weights twice in RSS (the 1B Q4_K_M file: 1.4 GB idle instead of 0.8).
     /// Only whole pages inside the slice are dropped, so a neighbour's bytes stay resident.
-    /// Reading `bytes` again stays correct, just slower: the map is read-only and private and
-    /// never written, so a dropped page is read back from the page cache with the file's bytes.
+    /// Reading `bytes` again stays correct, just slower: the map is read-only and never
+    /// written, so a dropped page is read back from the page cache with the file's bytes.
     pub fn release_resident(&self, bytes: &[u8]) {
-        let base = self.mmap.as_ptr() as usize;
-        let start = bytes.as_ptr() as usize;
-        assert!(start >= base && start + bytes.len() <= base + self.mmap.len(), "a slice of this map");
+        let start = self.offset_in_map(bytes);
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-        let first = (start - base).next_multiple_of(page);
-        let end = (start - base + bytes.len()) / page * page;
+        let first = start.next_multiple_of(page);
+        let end = (start + bytes.len()) / page * page;
         if end > first {
-            // SAFETY: see above: MADV_DONTNEED on a read-only private file mapping changes
+            // SAFETY: see above: MADV_DONTNEED on a read-only file mapping changes
             // residency, never contents; the borrowers of these bytes see the same values.
             let _ = unsafe { self.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, first, end - first) };
         }
+    }
+
+    /// Copies `bytes`, a slice of this file's map, into `out` by reading the file (`pread`)
+    /// instead of through the map, so no page of it becomes resident in this process. For
+    /// tensors read a row at a time whose bulk is otherwise not needed, such as a token
+    /// embedding table: gathered through the map, each row faults in the page cache's pages
+    /// around it (64 KiB at a time), and over enough distinct tokens the whole table is
+    /// resident again (the 1B-shape model's 79 MB table under a c=64 load).
+    ///
+    /// A failed read (the file shrank under the server, which [`GgufFile::open`] already
+    /// assumes never happens) falls back to copying through the map.
+    pub fn read_copy(&self, bytes: &[u8], out: &mut [u8]) {
+        assert_eq!(bytes.len(), out.len(), "read_copy: destination length");
+        let offset = self.offset_in_map(bytes) as u64;
+        if self.file.read_exact_at(out, offset).is_err() {
+            out.copy_from_slice(bytes);
+        }
+    }
+
+    /// Where `bytes` starts in the file; panics unless it is a slice of this file's map.
+    fn offset_in_map(&self, bytes: &[u8]) -> usize {
+        let base = self.mmap.as_ptr() as usize;
+        let start = bytes.as_ptr() as usize;
+        assert!(start >= base && start + bytes.len() <= base + self.mmap.len(), "a slice of this map");
+        start - base
     }
 
     pub fn llama_hparams(&self) -> Result<LlamaHparams> {
