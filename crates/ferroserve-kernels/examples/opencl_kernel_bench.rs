@@ -33,6 +33,7 @@ use ferroserve_kernels::opencl::ops::{AttentionTables, LlamaKernels, Q8Buffers, 
 use ferroserve_kernels::opencl::{DeviceBuffer, KernelSource, OpenClDevice, OpenClError};
 use ferroserve_kernels::quant::f16::f32_to_f16;
 use ferroserve_kernels::quant::{self, quant_matmul_prepared, Q8Activations, QuantIsa, QuantType};
+use ferroserve_kernels::testing::Rng;
 use ferroserve_kernels::Isa;
 use rayon::prelude::*;
 
@@ -72,34 +73,13 @@ const SLOW_SAMPLES: usize = 3;
 
 type ClResult<T> = Result<T, OpenClError>;
 
-/// xorshift64*: uniform f32 in [-1, 1).
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn f32(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.f32() * scale).collect()
-    }
-}
-
 /// A random `[n, k]` weight matrix in `t`'s packed blocks (valid finite f16 scales: the
 /// crate's own round-to-nearest quantiser writes them).
 fn random_matrix(t: QuantType, n: usize, k: usize, seed: u64) -> Vec<u8> {
     let row_bytes = t.row_bytes(k);
     let mut w = vec![0u8; n * row_bytes];
     w.par_chunks_exact_mut(row_bytes).enumerate().for_each(|(j, bytes)| {
-        let row = Rng::new(seed ^ (j as u64 + 1).wrapping_mul(0xD6E8_FEB8_6659_FD93)).vec(k, 0.1);
+        let row = Rng::new(seed ^ (j as u64 + 1).wrapping_mul(0xD6E8_FEB8_6659_FD93)).vec_scaled(k, 0.1);
         quant::quantize_row(t, &row, bytes);
     });
     w
@@ -275,7 +255,7 @@ impl Bench<'_> {
     /// Quantised activations for `m × k` random values, on both devices (the device ones
     /// from the device's own quantiser).
     fn acts(&mut self, m: usize, k: usize) -> ClResult<(Q8Activations, Q8Buffers)> {
-        let x = self.rng.vec(m * k, 1.0);
+        let x = self.rng.vec_scaled(m * k, 1.0);
         let mut cpu = Q8Activations::new();
         cpu.quantize_with_isa(self.qisa, &x, m, k);
         let dx = self.dev.upload(&x)?;
@@ -315,7 +295,7 @@ impl Bench<'_> {
 
     fn quantize(&mut self, key: &'static str, k: usize) -> ClResult<()> {
         for m in ROW_COUNTS {
-            let x = self.rng.vec(m * k, 1.0);
+            let x = self.rng.vec_scaled(m * k, 1.0);
             let dx = self.dev.upload(&x)?;
             let dacts = Q8Buffers::new(self.dev, m, k)?;
             let mut acts = Q8Activations::new();
@@ -343,10 +323,10 @@ impl Bench<'_> {
     }
 
     fn rms_norm(&mut self) -> ClResult<()> {
-        let weight: Vec<f32> = self.rng.vec(DIM, 0.2).iter().map(|v| 1.0 + v).collect();
+        let weight: Vec<f32> = self.rng.vec_scaled(DIM, 0.2).iter().map(|v| 1.0 + v).collect();
         let dweight = self.dev.upload(&weight)?;
         for m in ROW_COUNTS {
-            let x = self.rng.vec(m * DIM, 1.0);
+            let x = self.rng.vec_scaled(m * DIM, 1.0);
             let dx = self.dev.upload(&x)?;
             let dout = self.dev.alloc::<f32>(m * DIM)?;
             let mut out = vec![0f32; m * DIM];
@@ -372,7 +352,7 @@ impl Bench<'_> {
                 llama_ops::rope_cos_sin(p as usize, rope, cs);
             }
             let dpos = self.dev.upload(&batch.positions)?;
-            let mut x = self.rng.vec(m * width, 1.0);
+            let mut x = self.rng.vec_scaled(m * width, 1.0);
             let dx = self.dev.upload(&x)?;
             let (dev, kn) = (self.dev, self.kn);
             kn.rope(dev, &dx, &dpos, cos_sin, m, heads, HEAD_DIM)?;
@@ -392,8 +372,8 @@ impl Bench<'_> {
     fn silu_mul(&mut self) -> ClResult<()> {
         for m in ROW_COUNTS {
             let count = m * FFN;
-            let mut gate = self.rng.vec(count, 4.0);
-            let up = self.rng.vec(count, 1.0);
+            let mut gate = self.rng.vec_scaled(count, 4.0);
+            let up = self.rng.vec_scaled(count, 1.0);
             let mut dgate = self.dev.upload(&gate)?;
             let mut dup = self.dev.upload(&up)?;
             let (dev, kn, isa) = (self.dev, self.kn, self.isa);
@@ -405,7 +385,7 @@ impl Bench<'_> {
             // In place, so the timed calls iterate g ← silu(g)·u. With random `up` that decays
             // into subnormals within ~130 calls (slow arithmetic on x86), so time it on
             // g < 0, u = 2, which creeps towards 0 like −2/t and stays normal.
-            let mut gate: Vec<f32> = self.rng.vec(count, 1.0).iter().map(|v| -2.5 + 1.5 * v).collect();
+            let mut gate: Vec<f32> = self.rng.vec_scaled(count, 1.0).iter().map(|v| -2.5 + 1.5 * v).collect();
             let up = vec![2f32; count];
             dev.write(&mut dgate, &gate)?;
             dev.write(&mut dup, &up)?;
@@ -419,8 +399,8 @@ impl Bench<'_> {
     fn add(&mut self) -> ClResult<()> {
         for m in ROW_COUNTS {
             let count = m * DIM;
-            let mut x = self.rng.vec(count, 1.0);
-            let y = self.rng.vec(count, 0.01);
+            let mut x = self.rng.vec_scaled(count, 1.0);
+            let y = self.rng.vec_scaled(count, 0.01);
             let dx = self.dev.upload(&x)?;
             let dy = self.dev.upload(&y)?;
             let (dev, kn) = (self.dev, self.kn);
@@ -441,7 +421,7 @@ impl Bench<'_> {
             let batch = Batch::new(m, false, tables);
             let wanted = batch.logit_rows();
             let n = wanted.len();
-            let x = self.rng.vec(m * DIM, 1.0);
+            let x = self.rng.vec_scaled(m * DIM, 1.0);
             let dx = self.dev.upload(&x)?;
             let dwanted = self.dev.upload(&wanted)?;
             let dout = self.dev.alloc::<f32>(n * DIM)?;
@@ -540,8 +520,8 @@ impl Bench<'_> {
     fn kv_write(&mut self, c: &mut Caches) -> ClResult<()> {
         for m in ROW_COUNTS {
             let batch = Batch::new(m, false, &c.tables);
-            let k = self.rng.vec(m * KV_WIDTH, 1.0);
-            let v = self.rng.vec(m * KV_WIDTH, 1.0);
+            let k = self.rng.vec_scaled(m * KV_WIDTH, 1.0);
+            let v = self.rng.vec_scaled(m * KV_WIDTH, 1.0);
             let (dk, dv, dslots) = (self.dev.upload(&k)?, self.dev.upload(&v)?, self.dev.upload(&batch.slots)?);
             let (dev, kn) = (self.dev, self.kn);
             let layout = c.layout;
@@ -581,7 +561,7 @@ impl Bench<'_> {
     fn attention(&mut self, key: &'static str, decode: bool, m: usize, from_zero: bool, c: &Caches, cpu_cache: &mut HashMap<(usize, bool), Timing>) -> ClResult<()> {
         let batch = Batch::new(m, from_zero, &c.tables);
         let seqs = batch.paged(&c.tables);
-        let q = self.rng.vec(m * Q_WIDTH, 1.0);
+        let q = self.rng.vec_scaled(m * Q_WIDTH, 1.0);
         let (dq, drow_seq, drow_pos) = (self.dev.upload(&q)?, self.dev.upload(&batch.row_seq)?, self.dev.upload(&batch.positions)?);
         let dout = self.dev.alloc::<f32>(m * Q_WIDTH)?;
         let t = AttentionTables {

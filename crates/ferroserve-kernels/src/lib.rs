@@ -12,6 +12,8 @@
 pub mod cpu;
 pub mod opencl;
 pub mod quant;
+#[doc(hidden)]
+pub mod testing;
 
 pub use cpu::{CpuDevice, Isa};
 

@@ -5,42 +5,22 @@
 //! `QUANT_TEST_SEED` to replay one.
 
 use ferroserve_kernels::quant::f16::{f16_to_f32, f32_to_f16};
+use ferroserve_kernels::testing::Rng;
 use ferroserve_kernels::quant::{
     dequantize_row, panel_matmul, panel_matmuls, quant_matmul, quant_matmul_prepared, quant_matmul_with_isa,
     quantize_row, Panels, Q8Activations, QuantIsa, QuantType,
 };
 
-struct Rng(u64);
+/// The crate's test generator, seeded from `QUANT_TEST_SEED` or the clock.
+fn rng(salt: u64) -> (Rng, u64) {
+    Rng::from_env_or_clock("QUANT_TEST_SEED", salt)
+}
 
-impl Rng {
-    fn new(salt: u64) -> (Rng, u64) {
-        let seed = std::env::var("QUANT_TEST_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-            });
-        (
-            Rng((seed ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1),
-            seed,
-        )
-    }
-    fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    /// Uniform in [-1, 1).
-    fn f32(&mut self) -> f32 {
-        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next_u64() as u8).collect()
-    }
+trait Weights {
+    fn weights(&mut self, len: usize) -> Vec<f32>;
+}
+
+impl Weights for Rng {
     /// Weights with per-16 magnitude and offset changes, so block scales and minimums vary.
     fn weights(&mut self, len: usize) -> Vec<f32> {
         let mut v = Vec::with_capacity(len);
@@ -288,7 +268,7 @@ fn block_sizes_match_ggml() {
 
 #[test]
 fn dequantize_matches_ggml_reference_loops() {
-    let (mut rng, seed) = Rng::new(1);
+    let (mut rng, seed) = rng(1);
     for t in BLOCK_TYPES {
         let k = 3 * t.block_elems();
         for _ in 0..20 {
@@ -341,7 +321,7 @@ fn hand_made_blocks_decode_as_documented() {
 
 #[test]
 fn quantize_round_trips_within_half_a_step() {
-    let (mut rng, seed) = Rng::new(2);
+    let (mut rng, seed) = rng(2);
     // Error bound per block as a fraction of the block's max |x| (the code step is
     // max/127, range/15, … and K formats add the rounding of their 6/8-bit scales).
     let tolerance = |t: QuantType| match t {
@@ -512,7 +492,7 @@ fn check_case(isa: QuantIsa, c: &Case, rng: &mut Rng, seed: u64) {
 
 #[test]
 fn matmul_matches_f64_reference_on_every_isa() {
-    let (mut rng, seed) = Rng::new(3);
+    let (mut rng, seed) = rng(3);
     for isa in QuantIsa::available() {
         for t in QuantType::ALL {
             let be = t.block_elems().max(32);
@@ -530,7 +510,7 @@ fn matmul_matches_f64_reference_on_every_isa() {
 
 #[test]
 fn float_weights_take_unaligned_k() {
-    let (mut rng, seed) = Rng::new(4);
+    let (mut rng, seed) = rng(4);
     for isa in QuantIsa::available() {
         for t in [QuantType::F32, QuantType::F16, QuantType::BF16] {
             for k in [1, 15, 17, 33, 100] {
@@ -574,7 +554,7 @@ fn run(isa: QuantIsa, t: QuantType, w: &[u8], n: usize, k: usize, x: &[f32], m: 
 
 #[test]
 fn rows_are_bitwise_identical_alone_or_in_any_batch() {
-    let (mut rng, seed) = Rng::new(5);
+    let (mut rng, seed) = rng(5);
     let one_thread = rayon::ThreadPoolBuilder::new()
         .num_threads(1)
         .build()
@@ -636,7 +616,7 @@ fn rows_are_bitwise_identical_alone_or_in_any_batch() {
 
 #[test]
 fn prepared_activations_give_the_same_bits() {
-    let (mut rng, _) = Rng::new(6);
+    let (mut rng, _) = rng(6);
     let isa = QuantIsa::selected();
     for t in BLOCK_TYPES {
         let c = Case {
@@ -667,7 +647,7 @@ fn prepared_activations_give_the_same_bits() {
 
 #[test]
 fn nan_and_inf_propagate() {
-    let (mut rng, _) = Rng::new(7);
+    let (mut rng, _) = rng(7);
     for isa in QuantIsa::available() {
         for t in QuantType::ALL {
             let (m, n, k) = (3, 5, 256);
@@ -726,7 +706,7 @@ fn nan_and_inf_propagate() {
 fn calls_from_inside_rayon_tasks_agree_with_direct_calls() {
     // The per-thread activation scratch must cope with a thread re-entering while it waits.
     use rayon::prelude::*;
-    let (mut rng, _) = Rng::new(8);
+    let (mut rng, _) = rng(8);
     let t = QuantType::Q4_1;
     let c = Case {
         t,
@@ -755,7 +735,7 @@ fn calls_from_inside_rayon_tasks_agree_with_direct_calls() {
 /// lanes summed as `(l₀+l₄ + l₂+l₆) + (l₁+l₅ + l₃+l₇)`, plus `fma(m, f16(d_x·Σa), Σ)` in order.
 #[test]
 fn q4_1_matches_llama_cpp_order_on_every_isa() {
-    let (mut rng, seed) = Rng::new(11);
+    let (mut rng, seed) = rng(11);
     let t = QuantType::Q4_1;
     let (n, k) = (37, 576);
     for m in [1usize, 4, 7, 19] {
@@ -906,7 +886,7 @@ fn reference_order(t: QuantType, wr: &[u8], xr: &[f32]) -> f32 {
 /// odd number of blocks (IQ4_NL's unpaired last block) and an even one.
 #[test]
 fn exact_order_formats_give_their_reference_bits_on_every_isa() {
-    let (mut rng, seed) = Rng::new(14);
+    let (mut rng, seed) = rng(14);
     for t in [QuantType::Q5_0, QuantType::Q5_1, QuantType::IQ4_NL, QuantType::Q5_K] {
         let ks: &[usize] = if t == QuantType::Q5_K { &[256, 768] } else { &[32, 576, 608] };
         for &k in ks {
@@ -957,7 +937,7 @@ fn run_panels(isa: QuantIsa, t: QuantType, w: &[u8], n: usize, k: usize, x: &[f3
 /// result must be the f64 product within the bounds `check_case` derives.
 #[test]
 fn panels_follow_the_fast_order_on_every_isa() {
-    let (mut rng, seed) = Rng::new(12);
+    let (mut rng, seed) = rng(12);
     let formats = [QuantType::Q4_1, QuantType::Q8_0, QuantType::Q4_0, QuantType::Q5_0, QuantType::Q5_1, QuantType::IQ4_NL];
     let shapes = [(1usize, 37usize, 576usize), (4, 16, 32), (7, 33, 96), (19, 5, 64)];
     // Weights from the round-to-nearest quantiser, then random bytes (every code, and for
@@ -1037,7 +1017,7 @@ fn panels_follow_the_fast_order_on_every_isa() {
 /// matrix large enough to be split over the pool.
 #[test]
 fn panel_rows_are_bitwise_identical_alone_or_in_any_batch() {
-    let (mut rng, seed) = Rng::new(13);
+    let (mut rng, seed) = rng(13);
     let isa = QuantIsa::selected();
     let formats = [
         QuantType::Q4_1,
@@ -1067,7 +1047,7 @@ fn panel_rows_are_bitwise_identical_alone_or_in_any_batch() {
 /// from one matrix into the next) give each matrix's `panel_matmul` bits, on every level.
 #[test]
 fn panel_matmuls_give_each_matrix_its_own_bits() {
-    let (mut rng, seed) = Rng::new(14);
+    let (mut rng, seed) = rng(14);
     // A layer's Q, K, V (K and V small), a mix of formats, and K-quants as in Q4_K_M.
     let sets: [&[(QuantType, usize)]; 5] = [
         &[(QuantType::Q4_1, 576), (QuantType::Q4_1, 192), (QuantType::Q4_1, 197)],
@@ -1156,7 +1136,7 @@ fn decode_k_super(t: QuantType, x: &[u8]) -> KSuper {
 /// and random bytes (extreme codes and scales: Q6_K's −32 codes, −128 scales).
 #[test]
 fn k_quant_panels_follow_the_fast_order_on_every_isa() {
-    let (mut rng, seed) = Rng::new(14);
+    let (mut rng, seed) = rng(14);
     for t in [QuantType::Q4_K, QuantType::Q6_K] {
         let bb = t.block_bytes();
         for (m, n, k) in [(1usize, 37usize, 512usize), (4, 16, 256), (7, 33, 768), (19, 5, 256), (2, 70, 1024)] {
@@ -1301,7 +1281,7 @@ fn fast_order_from_file(t: QuantType, wr: &[u8], xr: &[f32]) -> f32 {
 /// formula, for every panel format, at m = 1 and in a tile.
 #[test]
 fn panel_scales_widen_from_f16_exactly_on_every_isa() {
-    let (mut rng, seed) = Rng::new(15);
+    let (mut rng, seed) = rng(15);
     let formats = [
         QuantType::Q4_1,
         QuantType::Q8_0,

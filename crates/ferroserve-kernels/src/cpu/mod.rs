@@ -260,23 +260,8 @@ pub(crate) use dispatch_isa;
 
 #[cfg(test)]
 pub(crate) mod test_util {
-    /// xorshift64*: fresh data each run comes from seeding with the process id.
-    pub struct Rng(u64);
-    impl Rng {
-        pub fn new(seed: u64) -> Self {
-            Rng(seed | 1)
-        }
-        pub fn next_f32(&mut self) -> f32 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            let bits = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40;
-            (bits as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        }
-        pub fn vec(&mut self, n: usize) -> Vec<f32> {
-            (0..n).map(|_| self.next_f32()).collect()
-        }
-    }
+    /// Fresh data each run: the tests seed it with the process id.
+    pub use crate::testing::Rng;
 
     /// The kernel levels this CPU can run, lowest first; prints the ones it skips and why
     /// (a test never runs a level the host lacks: that would be SIGILL).
