@@ -100,30 +100,6 @@ pub const BURST_GATHER_ENV: &str = "FERROSERVE_BURST_GATHER_US";
 /// Arrivals one gathering wait may follow (bounds it at this many gaps).
 pub const BURST_GATHER_MAX_GAPS: u32 = 16;
 
-/// Allocations of at least this many bytes get a mapping of their own, unmapped when freed
-/// (see [`pin_mmap_threshold`]).
-const MMAP_THRESHOLD_BYTES: i32 = 1 << 20;
-
-/// Pins glibc's mmap threshold at [`MMAP_THRESHOLD_BYTES`]. A step's activations and logits
-/// scale with its tokens (the 1B shape: ≈ 20 MB for 64 decode tokens, 12.6 MB of it logits;
-/// ≈ 70 MB for a 512-token prefill step) and are allocated on the compute pool's threads.
-/// glibc's default threshold rises to the largest block freed (up to 32 MB), after which such
-/// buffers come from the allocating thread's arena; and a thread arena gives its free top back
-/// only above the trim threshold, which rises with it (twice the mmap threshold), while
-/// `malloc_trim` releases free chunks but not a thread arena's top. So each pool thread's
-/// arena kept a step's worth for good: 42–46 MB of the 1B model's RSS at c=64 (bench/NOTES.md
-/// "1B RSS at c=64"). Pinned, buffers of 1 MiB and more are mapped for the step and unmapped
-/// when freed: ≈ 4,000 page faults in a 64-token decode step (a few ms of a step near a
-/// second); smaller steps' buffers stay below it. Setting it also pins the trim threshold
-/// at its 128 KiB default. Process-wide, once per engine (repeating it changes nothing).
-fn pin_mmap_threshold() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt has no preconditions; it takes the allocator's lock itself.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES);
-    }
-}
-
 fn burst_gather_from_env() -> Duration {
     std::env::var(BURST_GATHER_ENV)
         .ok()
@@ -482,7 +458,6 @@ impl ChatEngine {
             yielding: BatchYield::new(Arc::clone(&cfg.interactive), cfg.batch_max_yield),
             burst_gather: cfg.burst_gather,
         };
-        pin_mmap_threshold();
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("ferroserve-chat".into())
