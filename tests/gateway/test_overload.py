@@ -209,17 +209,8 @@ def _refusal_without_body(port: int) -> tuple[float, str, dict, dict]:
         started = time.perf_counter()
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
                   b"content-length: 100\r\n\r\n")
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = s.recv(65536)
-            assert chunk, f"the server closed the connection: {data!r}"
-            data += chunk
-        head, body = data.split(b"\r\n\r\n", 1)
-        lines = head.decode().split("\r\n")
-        headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
-        while len(body) < int(headers["content-length"]):
-            body += s.recv(65536)
-        return time.perf_counter() - started, lines[0], headers, json.loads(body)
+        status, headers, body = _response(s)
+        return time.perf_counter() - started, status, headers, body
 
 
 def test_a_refusal_waits_neither_for_its_body_nor_for_a_long_engine_step():
