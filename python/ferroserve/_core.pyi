@@ -3,7 +3,7 @@
 from os import PathLike
 from typing import Any, final
 
-__all__ = ['__version__', 'cpu_isa', 'cpu_isa_levels', 'opencl_devices', 'write_kernel_binaries', 'EmbeddingEngine', 'Vectors', 'ChatEngine', 'InteractiveRequest', 'FerroserveError', 'InvalidRequest', 'ContextLengthExceeded', 'Overloaded', 'EngineDead', 'ModelLoadError', 'DeviceError']
+__all__ = ['__version__', 'cpu_isa', 'cpu_isa_levels', 'opencl_devices', 'write_kernel_binaries', 'EmbeddingEngine', 'Vectors', 'ChatEngine', 'InteractiveRequest', 'ChatAdmitted', 'ChatDelta', 'ChatFinished', 'EngineFailed', 'Embedded', 'FerroserveError', 'InvalidRequest', 'ContextLengthExceeded', 'Overloaded', 'EngineDead', 'ModelLoadError', 'DeviceError']
 __version__: str
 
 def cpu_isa() -> str: ...
