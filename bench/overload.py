@@ -50,6 +50,7 @@ import platform
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -256,90 +257,166 @@ def server_refusal_ms(log_path: Path, since_unix: float, until_unix: float, prob
 
 
 # The light prober ------------------------------------------------------------------------------------
-def probe(url: str, rate: float, seconds: float, max_tokens: int, out: str) -> None:
-    """Runs in its own process (no gevent, no locust): one request every 1/rate s, each on its
-    own asyncio task over a small keep-alive pool, timed from just before the request is
-    written to the last byte of the answer. Each carries its send time (CLOCK_MONOTONIC, which
-    the server's perf_counter shares) in `x-probe-sent`, and an `x-request-id` of `probe-N`,
-    so the server's access line tells how long it waited before our handler ran. The client's
-    own part is timed too (aiohttp's trace hooks): waiting for a free connection of the pool
-    and opening a new one (a refusal decided before its body ends its connection, so the
-    next request on it opens another). Rows go to `out` as JSON: [unix start, status, client
-    ms, request id, ms spent getting a connection]."""
-    import asyncio
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux; SCM_TIMESTAMPNS has the same number
+PROBE_FIELDS = ("start_unix", "status", "request_id", "connect_ns", "sent_ns", "wrote_ns", "arrived_ns", "woke_ns",
+                "done_ns")
 
-    import aiohttp
 
-    rows: list = []
+def _realtime_minus_monotonic_ns() -> int:
+    """CLOCK_REALTIME - CLOCK_MONOTONIC, from the tightest of a few paired readings (the kernel's
+    receive timestamps are on the realtime clock; everything else here is monotonic)."""
+    best = None
+    for _ in range(50):
+        a = time.monotonic_ns()
+        r = time.time_ns()
+        b = time.monotonic_ns()
+        if best is None or b - a < best[0]:
+            best = (b - a, r - (a + b) // 2)
+    return best[1]
 
-    async def connection_wait_start(session, ctx, params) -> None:
-        if ctx.trace_request_ctx is not None:  # None: the pool's warm-up requests
-            ctx.trace_request_ctx["t"] = time.perf_counter()
 
-    async def connection_wait_end(session, ctx, params) -> None:
-        info = ctx.trace_request_ctx
-        if info is not None:
-            info["ms"] = info.get("ms", 0.0) + (time.perf_counter() - info.pop("t")) * 1000
-
-    trace = aiohttp.TraceConfig()
-    trace.on_connection_queued_start.append(connection_wait_start)
-    trace.on_connection_queued_end.append(connection_wait_end)
-    trace.on_connection_create_start.append(connection_wait_start)
-    trace.on_connection_create_end.append(connection_wait_end)
-
-    async def one(session, n: int) -> None:
-        body = {"model": "smollm2", "messages": [{"role": "user", "content": f"[probe {n}] Tell me a story."}],
-                "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
-        request_id = f"probe-{n}"
-        connecting: dict = {}
-        started_unix = time.time()
-        t0 = time.perf_counter()
-        try:
-            async with session.post(url + "/v1/chat/completions", json=body, trace_request_ctx=connecting,
-                                    headers={"x-probe-sent": str(time.monotonic_ns()), "x-request-id": request_id}) as r:
-                await r.read()
-                status = r.status
-        except Exception:  # a failure is a row too (status 0)
-            status = 0
-        rows.append((started_unix, status, (time.perf_counter() - t0) * 1000, request_id, connecting.get("ms", 0.0)))
-
-    async def run() -> None:
-        connector = aiohttp.TCPConnector(limit=64)
-        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120),
-                                         trace_configs=[trace]) as session:
-            # Warm the pool: a handful of connections opened before the timed probes.
-            await asyncio.gather(*(session.get(url + "/health") for _ in range(4)))
-            tasks = []
-            t0 = time.monotonic()
-            for n in itertools.count():
-                due = t0 + n / rate
-                if due - t0 >= seconds:
+def probe_once(host: str, port: int, n: int, max_tokens: int, offset_ns: int, timeout_s: float = 120.0) -> dict:
+    """One probe on a blocking socket of its own (a refusal decided before the body ends its
+    connection, so each probe opens one; the connect is timed apart). Monotonic ns stamps:
+    `connect_ns` before connect(); `sent_ns` just before the request's one send() (also sent in
+    `x-probe-sent`); `wrote_ns` after it; `arrived_ns` when the kernel queued the answer's first
+    bytes on our socket (its SO_TIMESTAMPNS receive stamp); `woke_ns` when recvmsg() handed them
+    to us (arrived -> woke is this process's own wake-up); `done_ns` at the answer's last byte."""
+    body = json.dumps({"model": "smollm2", "messages": [{"role": "user", "content": f"[probe {n}] Tell me a story."}],
+                       "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}).encode()
+    row = {"start_unix": time.time(), "status": 0, "request_id": f"probe-{n}"}
+    row["connect_ns"] = time.monotonic_ns()
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            sent = time.monotonic_ns()
+            s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n"
+                      f"content-length: {len(body)}\r\nx-request-id: probe-{n}\r\nx-probe-sent: {sent}\r\n\r\n".encode() + body)
+            row["wrote_ns"] = time.monotonic_ns()
+            row["sent_ns"] = sent
+            buf = b""
+            need = None
+            while need is None or len(buf) < need:
+                data, ancillary, _, _ = s.recvmsg(65536, 256)
+                now = time.monotonic_ns()
+                if "woke_ns" not in row:
+                    row["woke_ns"] = now
+                    for level, kind, stamp in ancillary:
+                        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                            sec, nsec = struct.unpack("qq", stamp[:16])
+                            row["arrived_ns"] = sec * 1_000_000_000 + nsec - offset_ns
+                if not data:
                     break
-                await asyncio.sleep(max(0.0, due - time.monotonic()))
-                tasks.append(asyncio.create_task(one(session, n)))
-            await asyncio.gather(*tasks)
+                buf += data
+                if need is None and b"\r\n\r\n" in buf:
+                    head, _, _ = buf.partition(b"\r\n\r\n")
+                    row["status"] = int(head.split(b" ", 2)[1])
+                    length = [v for k, _, v in (h.partition(b":") for h in head.split(b"\r\n")[1:])
+                              if k.strip().lower() == b"content-length"]
+                    need = len(head) + 4 + int(length[0]) if length else None
+            row["done_ns"] = time.monotonic_ns()
+    except (OSError, ValueError, IndexError):  # a failure is a row too (status 0)
+        row["status"] = 0
+    return row
 
-    asyncio.run(run())
+
+def probe(url: str, rate: float, seconds: float, max_tokens: int, out: str) -> None:
+    """Runs in its own process (and session, so its own scheduler autogroup; no gevent, no
+    locust): one probe every 1/rate s on a thread pool of blocking sockets (an admitted probe
+    waits seconds for its answer, so they overlap). Rows go to `out` as JSON objects with the
+    `probe_once` stamps."""
+    import concurrent.futures
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    offset = _realtime_minus_monotonic_ns()
+    futures = []
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        t0 = time.monotonic()
+        for n in itertools.count():
+            due = t0 + n / rate
+            if due - t0 >= seconds:
+                break
+            time.sleep(max(0.0, due - time.monotonic()))
+            futures.append(pool.submit(probe_once, parts.hostname, parts.port, n, max_tokens, offset))
+        rows = [f.result() for f in futures]
     Path(out).write_text(json.dumps(rows))
 
 
-def probe_summary(rows: list, since_unix: float) -> dict:
-    """The prober's refusals: the whole client time, and the same without the client's own
-    wait for a connection (`after_connection_ms`: from a connection in hand to the answer's last
-    byte, what the server and loopback take)."""
-    rows = [r for r in rows if r[0] >= since_unix]
-    refused = [r for r in rows if r[1] == 503]
-    total = [r[2] for r in refused]
-    connecting = [r[4] for r in refused]
-    after = [r[2] - r[4] for r in refused]
+def probe_summary(rows: list, since_unix: float, server_lines: dict[str, dict]) -> dict:
+    """The prober's refusals, end to end and by stage (ms; each stage's own p50/p90/p99/max,
+    so the stages' p99s do not add up to the total's):
+    - `total`: connect() to the answer's last byte; `after_connect`: from the send on;
+    - `connect`: connect() (the kernel completes it; a slow one is this process descheduled);
+    - `to_handler`: send() -> our handler's first line (loopback, granian's I/O thread, its
+      hand-over to the event loop through the GIL, the loop's queue), from the server's access
+      line (`probe_wait_ms`, a server built to read `x-probe-sent`: else absent);
+    - `handler`: the handler (access line `ms`);
+    - `handler_to_socket`: the handler's end -> the answer's first bytes queued on our socket
+      (granian writing it; from the access line's `end_mono_ns`, same server build);
+    - `wake`: the answer's bytes queued -> recvmsg() returned them (this prober's own wake-up);
+    - `rest`: the first bytes -> the last."""
+    rows = [r for r in rows if r["start_unix"] >= since_unix]
+    refused = [r for r in rows if r["status"] == 503 and "done_ns" in r]
+    stages: dict[str, list[float]] = {k: [] for k in ("total", "after_connect", "connect", "to_handler", "handler",
+                                                       "handler_to_socket", "wake", "rest")}
+    for r in refused:
+        ms = lambda a, b: (r[b] - r[a]) / 1e6  # noqa: E731
+        stages["total"].append(ms("connect_ns", "done_ns"))
+        stages["after_connect"].append(ms("sent_ns", "done_ns"))
+        stages["connect"].append(ms("connect_ns", "sent_ns"))
+        stages["rest"].append(ms("woke_ns", "done_ns"))
+        if "arrived_ns" in r:
+            stages["wake"].append(ms("arrived_ns", "woke_ns"))
+        line = server_lines.get(r["request_id"])
+        if line is not None:
+            stages["handler"].append(line["ms"])
+            if "probe_wait_ms" in line:
+                stages["to_handler"].append(line["probe_wait_ms"])
+            if "end_mono_ns" in line and "arrived_ns" in r:
+                stages["handler_to_socket"].append((r["arrived_ns"] - line["end_mono_ns"]) / 1e6)
 
     def spread(v: list[float]) -> dict:
-        return {"p50": percentile(v, 50), "p90": percentile(v, 90), "p99": percentile(v, 99), "max": max(v, default=None)}
+        return {"n": len(v), "p50": percentile(v, 50), "p90": percentile(v, 90), "p99": percentile(v, 99),
+                "max": max(v, default=None)}
 
-    return {"sent": len(rows), "refused": len(refused), "answered": sum(1 for r in rows if r[1] == 200),
-            "other": sum(1 for r in rows if r[1] not in (200, 503)),
-            "refused_ms": spread(total), "after_connection_ms": spread(after), "connection_ms": spread(connecting),
-            "refused_on_a_new_connection": sum(1 for c in connecting if c > 0)}
+    out = {"sent": len(rows), "refused": len(refused), "answered": sum(1 for r in rows if r["status"] == 200),
+           "other": sum(1 for r in rows if r["status"] not in (200, 503)),
+           "refused_ms": spread(stages["total"]), "stages_ms": {k: spread(v) for k, v in stages.items()}}
+    # The slowest 2 % of refusals: where their time went (mean of each stage over them).
+    slow = sorted(refused, key=lambda r: r["done_ns"] - r["connect_ns"])[-max(1, len(refused) // 50):] if refused else []
+    if slow:
+        def mean_stage(f) -> float | None:
+            v = [x for x in (f(r) for r in slow) if x is not None]
+            return round(statistics.fmean(v), 3) if v else None
+        lines = server_lines
+        out["slowest_2pct_mean_ms"] = {
+            "n": len(slow),
+            "total": mean_stage(lambda r: (r["done_ns"] - r["connect_ns"]) / 1e6),
+            "connect": mean_stage(lambda r: (r["sent_ns"] - r["connect_ns"]) / 1e6),
+            "to_handler": mean_stage(lambda r: lines.get(r["request_id"], {}).get("probe_wait_ms")),
+            "handler": mean_stage(lambda r: lines.get(r["request_id"], {}).get("ms")),
+            "handler_to_socket": mean_stage(lambda r: (r["arrived_ns"] - lines[r["request_id"]]["end_mono_ns"]) / 1e6
+                                            if "arrived_ns" in r and "end_mono_ns" in lines.get(r["request_id"], {}) else None),
+            "wake": mean_stage(lambda r: (r["woke_ns"] - r["arrived_ns"]) / 1e6 if "arrived_ns" in r else None),
+            "rest": mean_stage(lambda r: (r["done_ns"] - r["woke_ns"]) / 1e6),
+        }
+    return out
+
+
+def probe_access_lines(log_path: Path) -> dict[str, dict]:
+    """The server's access line of each probe, by request id."""
+    lines = {}
+    for line in log_path.read_text().splitlines():
+        if line.startswith("{") and '"probe-' in line:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("msg") == "request":
+                lines[str(entry.get("request_id"))] = entry
+    return lines
 
 
 def main() -> int:
@@ -361,11 +438,17 @@ def main() -> int:
                    help="the Python that runs `-m ferroserve serve` (default: the repo's .venv)")
     p.add_argument("--probe-rate", type=float, default=10.0,
                    help="requests/s of the light prober during the overload (0: none)")
+    p.add_argument("--probe-sched", default="normal",
+                   help="the prober's scheduling: normal (nice 0, its own session), fifo (SCHED_FIFO 10, "
+                        "root), or a nice value (-20..19) (default normal)")
+    p.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="an environment variable for the server (repeatable)")
     p.add_argument("--out", type=Path)
     a = p.parse_args()
 
     extra = ["--max-queue", str(a.max_queue)] if a.max_queue is not None else []
-    server = Server(a.server_python, extra, {"FERROSERVE_MAX_RUNNING": str(a.max_running)})
+    server = Server(a.server_python, extra, {"FERROSERVE_MAX_RUNNING": str(a.max_running),
+                                             **dict(kv.split("=", 1) for kv in a.server_env)})
     records = Records()
     result: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
                     "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
@@ -406,8 +489,12 @@ def main() -> int:
         prober = None
         probe_out = WORK / "overload-probe.json"
         if a.probe_rate > 0:
-            prober = subprocess.Popen([sys.executable, __file__, "--probe-worker", server.url, str(a.probe_rate),
-                                       str(a.duration), str(a.max_tokens), str(probe_out)])
+            # Its own session: its own scheduler autogroup (with autogroups on, as here, a
+            # process competes with the other *sessions* first, then with its session's threads;
+            # locust's 800 users are one busy session), and `--probe-sched` on top.
+            sched = {"fifo": ["chrt", "-f", "10"], "normal": []}.get(a.probe_sched, ["nice", "-n", a.probe_sched])
+            prober = subprocess.Popen([*sched, sys.executable, __file__, "--probe-worker", server.url, str(a.probe_rate),
+                                       str(a.duration), str(a.max_tokens), str(probe_out)], start_new_session=True)
         run_phase(user, server.url, records, "overload", users, rate, a.duration, sample)
         if prober is not None:
             prober.wait(timeout=180)
@@ -419,7 +506,7 @@ def main() -> int:
         overload["whole_phase"] = summary(rows, until - began)
         overload["server_refusal_ms"] = server_refusal_ms(server.log_path, since, until)
         if prober is not None:
-            overload["probe"] = probe_summary(json.loads(probe_out.read_text()), since)
+            overload["probe"] = probe_summary(json.loads(probe_out.read_text()), since, probe_access_lines(server.log_path))
             overload["probe"]["server_ms"] = server_refusal_ms(server.log_path, since, until, probes=True)
         gevent.sleep(5)
         in_flight_after = server.metric("ferroserve_admission_in_flight")
