@@ -29,11 +29,17 @@ the capacity phase: the KV cache's pages are zeroed lazily, and freed blocks tha
 cached prefix are reused last, so RSS grows until every block of the KV budget has been used
 once (≈ 250 requests of this shape for the default 512 MiB) and is flat after that.
 Client times are locust's (the client shares the 2 cores with the server); the server's own
-times come from its access lines. Beside locust, a light prober in its own process (asyncio +
-aiohttp, `--probe-rate` requests/s, default 10; 0 turns it off) sends the same request during
-the overload and times its refusals, so a refusal's time is also known without locust's own
-queueing; its `x-probe-sent` header carries its send time (CLOCK_MONOTONIC) for a server that
-is instrumented to read it (bench/NOTES.md, "Refusals under overload").
+times come from its access lines. Beside locust, a light prober in its own process and session
+(blocking sockets, `--probe-rate` requests/s, default 10; 0 turns it off; `--probe-sched` runs it
+at a nice value or SCHED_FIFO) sends the same request during the overload and times each
+refusal by stage: its connect, its send, the kernel's receive stamp of the answer (SO_TIMESTAMPNS)
+and the moment its recvmsg() returned, so its own wake-up is measured apart (`wake`) instead of
+counted as the server's. Its `x-probe-sent` header carries its send time (CLOCK_MONOTONIC) for
+a server instrumented to log the wait before the handler (bench/NOTES.md, "The prober's tail").
+The worker threads' scheduler waits over the overload phase (/proc/.../schedstat) are in the
+result too: the event loop, the other nice-0 threads (granian's, the store's), the compute
+threads. `--server-env FERROSERVE_HTTP_RT_PRIORITY=1` runs the server's HTTP threads at
+real-time priority (python/ferroserve/http_priority.py).
 
 Results: a summary on stdout and bench/results/overload-<UTC time>.json (`--out`).
 """
@@ -138,6 +144,33 @@ class Server:
             if line.startswith(f'{name}{{model="{MODEL}"}} '):
                 return float(line.split()[-1])
         return None
+
+    def threads(self) -> list[tuple[int, str, int]]:
+        """(tid, name, nice) of each of the worker's threads."""
+        out = []
+        for entry in Path(f"/proc/{self.worker_pid()}/task").iterdir():
+            stat = (entry / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()
+            out.append((int(entry.name), (entry / "comm").read_text().strip(), int(fields[16])))
+        return out
+
+    def schedstat(self) -> dict[int, tuple[str, int, int, int, int]]:
+        """tid -> (name, nice, ns on a CPU, ns runnable but waiting for one, times run) from
+        /proc/PID/task/TID/schedstat (cumulative since the thread started)."""
+        out = {}
+        for tid, name, nice in self.threads():
+            try:
+                run, wait, slices = map(int, Path(f"/proc/{self.worker_pid()}/task/{tid}/schedstat").read_text().split())
+            except (OSError, ValueError):
+                continue
+            out[tid] = (name, nice, run, wait, slices)
+        return out
+
+    def http_threads_fifo(self) -> list[int]:
+        tids = [tid for tid, _, nice in self.threads() if nice == 0]
+        for tid in tids:
+            subprocess.run(["chrt", "-f", "-p", "20", str(tid)], check=True)
+        return tids
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -341,13 +374,45 @@ def probe(url: str, rate: float, seconds: float, max_tokens: int, out: str) -> N
             time.sleep(max(0.0, due - time.monotonic()))
             futures.append(pool.submit(probe_once, parts.hostname, parts.port, n, max_tokens, offset))
         rows = [f.result() for f in futures]
-    Path(out).write_text(json.dumps(rows))
+    Path(out).write_text(json.dumps({"rows": rows, "schedstat": _own_schedstat()}))
+
+
+def _own_schedstat() -> dict:
+    """This process's threads together: ns on a CPU, ns waiting for one, times run."""
+    run = wait = slices = 0
+    for entry in Path("/proc/self/task").iterdir():
+        try:
+            r, w, n = map(int, (entry / "schedstat").read_text().split())
+        except (OSError, ValueError):
+            continue
+        run, wait, slices = run + r, wait + w, slices + n
+    return {"run_ms": round(run / 1e6, 1), "wait_ms": round(wait / 1e6, 1), "slices": slices,
+            "wait_per_slice_us": round(wait / 1e3 / max(slices, 1), 1)}
+
+
+def schedstat_delta(before: dict, after: dict, worker_pid: int) -> dict:
+    """How long each kind of the worker's threads waited for a CPU per wake-up over the phase:
+    the event loop (the worker's main thread), the other threads at nice 0 (granian's I/O and
+    blocking threads, the store), and the engines' compute threads (nice > 0)."""
+    groups: dict[str, list[int]] = {}
+    for tid, (name, nice, run, wait, slices) in after.items():
+        b = before.get(tid, (name, nice, 0, 0, 0))
+        kind = "event_loop" if tid == worker_pid else ("compute" if nice > 0 else "http_other")
+        g = groups.setdefault(kind, [0, 0, 0, 0])
+        g[0] += 1
+        g[1] += run - b[2]
+        g[2] += wait - b[3]
+        g[3] += slices - b[4]
+    return {k: {"threads": n, "run_ms": round(r / 1e6, 1), "wait_ms": round(w / 1e6, 1), "slices": sl,
+                "wait_per_slice_us": round(w / 1e3 / max(sl, 1), 1)} for k, (n, r, w, sl) in sorted(groups.items())}
 
 
 def probe_summary(rows: list, since_unix: float, server_lines: dict[str, dict]) -> dict:
     """The prober's refusals, end to end and by stage (ms; each stage's own p50/p90/p99/max,
     so the stages' p99s do not add up to the total's):
     - `total`: connect() to the answer's last byte; `after_connect`: from the send on;
+      `without_own_wake`: the total less `wake` (what a client that is not itself kept waiting
+      for a CPU would see);
     - `connect`: connect() (the kernel completes it; a slow one is this process descheduled);
     - `to_handler`: send() -> our handler's first line (loopback, granian's I/O thread, its
       hand-over to the event loop through the GIL, the loop's queue), from the server's access
@@ -359,8 +424,8 @@ def probe_summary(rows: list, since_unix: float, server_lines: dict[str, dict]) 
     - `rest`: the first bytes -> the last."""
     rows = [r for r in rows if r["start_unix"] >= since_unix]
     refused = [r for r in rows if r["status"] == 503 and "done_ns" in r]
-    stages: dict[str, list[float]] = {k: [] for k in ("total", "after_connect", "connect", "to_handler", "handler",
-                                                       "handler_to_socket", "wake", "rest")}
+    stages: dict[str, list[float]] = {k: [] for k in ("total", "without_own_wake", "after_connect", "connect",
+                                                       "to_handler", "handler", "handler_to_socket", "wake", "rest")}
     for r in refused:
         ms = lambda a, b: (r[b] - r[a]) / 1e6  # noqa: E731
         stages["total"].append(ms("connect_ns", "done_ns"))
@@ -369,6 +434,7 @@ def probe_summary(rows: list, since_unix: float, server_lines: dict[str, dict]) 
         stages["rest"].append(ms("woke_ns", "done_ns"))
         if "arrived_ns" in r:
             stages["wake"].append(ms("arrived_ns", "woke_ns"))
+            stages["without_own_wake"].append(stages["total"][-1] - stages["wake"][-1])
         line = server_lines.get(r["request_id"])
         if line is not None:
             stages["handler"].append(line["ms"])
@@ -441,6 +507,10 @@ def main() -> int:
     p.add_argument("--probe-sched", default="normal",
                    help="the prober's scheduling: normal (nice 0, its own session), fifo (SCHED_FIFO 10, "
                         "root), or a nice value (-20..19) (default normal)")
+    p.add_argument("--server-http-fifo", action="store_true",
+                   help="diagnosis only (root): after ready, put the worker's threads at nice 0 (the event "
+                        "loop, granian's, the store's; not the engines' compute threads at nice > 0) in "
+                        "SCHED_FIFO 20, to see what scheduling alone is worth")
     p.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
                    help="an environment variable for the server (repeatable)")
     p.add_argument("--out", type=Path)
@@ -455,6 +525,8 @@ def main() -> int:
                     "started_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     try:
         server.wait_ready()
+        if a.server_http_fifo:
+            result["server_http_fifo"] = server.http_threads_fifo()
         rss_phases = {"ready": server.rss_bytes()}
         result["rss_phases_mb"] = rss_phases
         user = make_user(a.max_tokens, a.timeout)
@@ -495,7 +567,9 @@ def main() -> int:
             sched = {"fifo": ["chrt", "-f", "10"], "normal": []}.get(a.probe_sched, ["nice", "-n", a.probe_sched])
             prober = subprocess.Popen([*sched, sys.executable, __file__, "--probe-worker", server.url, str(a.probe_rate),
                                        str(a.duration), str(a.max_tokens), str(probe_out)], start_new_session=True)
+        sched_before = server.schedstat()
         run_phase(user, server.url, records, "overload", users, rate, a.duration, sample)
+        result["server_schedstat"] = schedstat_delta(sched_before, server.schedstat(), server.worker_pid())
         if prober is not None:
             prober.wait(timeout=180)
         # Arrivals ramp up over the first `pacing` s (users spawn at the arrival rate): the
@@ -506,7 +580,9 @@ def main() -> int:
         overload["whole_phase"] = summary(rows, until - began)
         overload["server_refusal_ms"] = server_refusal_ms(server.log_path, since, until)
         if prober is not None:
-            overload["probe"] = probe_summary(json.loads(probe_out.read_text()), since, probe_access_lines(server.log_path))
+            probed = json.loads(probe_out.read_text())
+            overload["probe"] = probe_summary(probed["rows"], since, probe_access_lines(server.log_path))
+            overload["probe"]["prober_schedstat"] = probed["schedstat"]
             overload["probe"]["server_ms"] = server_refusal_ms(server.log_path, since, until, probes=True)
         gevent.sleep(5)
         in_flight_after = server.metric("ferroserve_admission_in_flight")
@@ -526,6 +602,8 @@ def main() -> int:
             "refusal_p99_ms_client": overload["refused_ms"]["p99"],
             "refusal_p99_ms_server": overload["server_refusal_ms"]["p99"],
             "refusal_p99_ms_probe": overload.get("probe", {}).get("refused_ms", {}).get("p99"),
+            "refusal_p99_ms_probe_without_own_wake":
+                overload.get("probe", {}).get("stages_ms", {}).get("without_own_wake", {}).get("p99"),
             "refusal_p99_within_5ms_client": (overload["refused_ms"]["p99"] or 0) <= 5.0,
             "rss_within_5pct": result["rss"]["max_drift_pct"] <= 5.0,
             "no_hangs": overload["whole_phase"]["other"] == 0 and in_flight_after == 0,

@@ -21,7 +21,7 @@ from urllib.parse import unquote
 import msgspec
 from granian.rsgi import ProtocolClosed
 
-from ferroserve import log
+from ferroserve import http_priority, log
 from ferroserve.api import (
     admission, admin, batch_embeddings, batches, chat, completions, embeddings, estimate, files, history, models, openapi, responses, status,
     tokenize, usage,
@@ -155,6 +155,8 @@ class App:
             loop.add_signal_handler(signal.SIGTERM, self._on_sigterm, loop)
         except (NotImplementedError, RuntimeError):  # no signals here (not the main thread)
             pass
+        # After the engines' threads started (a thread inherits its creator's policy).
+        http_priority.start(loop)
         self.ready = True
         logger.info("serving", extra={"fields": {"host": self.settings.host, "port": self.settings.port, "models": list(self.registry.models)}})
 

@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import http.client
 import json
+import os
 import re
 import socket
 import threading
@@ -395,5 +396,72 @@ def test_a_request_that_found_room_holds_its_place_and_is_refused_after_its_body
         late_line = next(e for e in refusals if e["request_id"] == "late-path")
         assert late_line["refused"] == "body" and late_line["body_ms"] >= 0, late_line
         assert [e["refused"] for e in refusals if e["request_id"] != "late-path"] == ["arrival", "arrival"], refusals
+    finally:
+        srv.stop()
+
+
+def _worker_threads(srv: Server) -> dict[int, tuple[str, int, int]]:
+    """tid -> (name, scheduling policy with its flags, nice) of each thread of the server's worker."""
+    worker = int(Path(f"/proc/{srv.proc.pid}/task/{srv.proc.pid}/children").read_text().split()[0])
+    threads = {}
+    for entry in Path(f"/proc/{worker}/task").iterdir():
+        tid = int(entry.name)
+        try:
+            threads[tid] = ((entry / "comm").read_text().strip(), os.sched_getscheduler(tid),
+                            os.getpriority(os.PRIO_PROCESS, tid))
+        except OSError:  # the thread ended
+            continue
+    return threads
+
+
+def _real_time_allowed(priority: int) -> bool:
+    """Whether this machine lets a process take SCHED_RR at `priority` (CAP_SYS_NICE, or an
+    RLIMIT_RTPRIO at least that high): tried on a thread of this process that then ends."""
+    allowed = []
+
+    def attempt() -> None:
+        try:
+            os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(priority))
+            allowed.append(True)
+        except OSError:
+            allowed.append(False)
+
+    t = threading.Thread(target=attempt)
+    t.start()
+    t.join()
+    return allowed[0]
+
+
+def test_no_thread_takes_real_time_priority_unless_asked(server):
+    policies = {policy & ~os.SCHED_RESET_ON_FORK for _, policy, _ in _worker_threads(server).values()}
+    assert policies == {os.SCHED_OTHER}, _worker_threads(server)
+
+
+def test_the_http_threads_run_at_real_time_priority_when_asked_and_the_engines_threads_do_not():
+    """FERROSERVE_HTTP_RT_PRIORITY (bench/NOTES.md, "The prober's tail"): the event loop's thread
+    (reset on fork, so the executor threads it starts stay normal) and granian's threads run in
+    SCHED_RR; the engines' compute threads (nice > 0) keep SCHED_OTHER; the server serves and
+    refuses as before."""
+    if not _real_time_allowed(1):
+        pytest.skip("this machine grants no real-time priority (needs CAP_SYS_NICE or RLIMIT_RTPRIO >= 1)")
+    srv = Server(["--max-queue", "1", "--log-level", "info"], env={"FERROSERVE_HTTP_RT_PRIORITY": "1",
+                                                                    "FERROSERVE_MAX_RUNNING": "1"})
+    try:
+        srv.wait_ready()
+        deadline = time.monotonic() + 20
+        while "http threads at real-time priority" not in srv.log_path.read_text():
+            assert time.monotonic() < deadline, srv.log_path.read_text()[-2000:]
+            time.sleep(0.1)
+        threads = _worker_threads(srv)
+        loop_thread = threads[min(threads)]  # the worker's main thread runs the event loop
+        assert loop_thread[1] == os.SCHED_RR | os.SCHED_RESET_ON_FORK, threads
+        real_time = [tid for tid, (_, policy, _) in threads.items() if policy & ~os.SCHED_RESET_ON_FORK == os.SCHED_RR]
+        assert len(real_time) >= 2, threads  # the loop and at least granian's I/O thread
+        compute = [t for t in threads.values() if t[2] > 0]
+        assert compute and all(policy == os.SCHED_OTHER for _, policy, _ in compute), threads
+        assert os.sched_getparam(min(threads)).sched_priority == 1
+        # It serves, and refuses at capacity, as before (a wave of 12 against 1 running + 1 queued).
+        statuses = [status for status, *_ in _wave(srv.port, 100)]
+        assert statuses.count(200) >= 2 and statuses.count(503) >= 1, statuses
     finally:
         srv.stop()
