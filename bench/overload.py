@@ -392,12 +392,19 @@ def _own_schedstat() -> dict:
 
 def schedstat_delta(before: dict, after: dict, worker_pid: int) -> dict:
     """How long each kind of the worker's threads waited for a CPU per wake-up over the phase:
-    the event loop (the worker's main thread), the other threads at nice 0 (granian's I/O and
-    blocking threads, the store), and the engines' compute threads (nice > 0)."""
+    the event loop (the worker's main thread), granian's threads (at nice 0 and started after the
+    engines' compute threads, as granian starts them after the app's init), the other threads at
+    nice 0 (the store's, ...), and the engines' compute threads (nice > 0)."""
     groups: dict[str, list[int]] = {}
+    last_compute = max((tid for tid, t in after.items() if t[1] > 0), default=0)
     for tid, (name, nice, run, wait, slices) in after.items():
         b = before.get(tid, (name, nice, 0, 0, 0))
-        kind = "event_loop" if tid == worker_pid else ("compute" if nice > 0 else "http_other")
+        if tid == worker_pid:
+            kind = "event_loop"
+        elif nice > 0:
+            kind = "compute"
+        else:
+            kind = "granian" if tid > last_compute else "other"
         g = groups.setdefault(kind, [0, 0, 0, 0])
         g[0] += 1
         g[1] += run - b[2]
