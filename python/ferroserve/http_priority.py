@@ -31,7 +31,10 @@ from ferroserve.log import logger
 
 PRIORITY_ENV = "FERROSERVE_HTTP_RT_PRIORITY"
 # granian starts its threads after the app's __rsgi_init__ returns, so they are looked for a
-# moment after it.
+# moment after it: the new nice-0 threads then. (At the loop's first turn only two of its three
+# exist yet; the third, started by one of them, inherits the policy either way.) A thread the
+# event loop started within that second (an executor thread: batch or file work only) would be
+# taken for one of granian's.
 GRANIAN_THREADS_AFTER_S = 1.0
 
 
