@@ -108,7 +108,12 @@ return {'', tostring(spent), started, requests, used}
 
 
 def connect(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, socket_timeout=_TIMEOUT_S, socket_connect_timeout=_TIMEOUT_S)
+    """One connection held for the server's life (only the event loop calls Redis, one call at a
+    time): no pool checkout and liveness poll per call. redis-py parses replies with hiredis
+    when it is installed (the `replicas` extra), else in Python. A connection that breaks is
+    reopened by the client's retry on the next call."""
+    return redis.Redis.from_url(url, socket_timeout=_TIMEOUT_S, socket_connect_timeout=_TIMEOUT_S,
+                                single_connection_client=True)
 
 
 def unavailable(exc: Exception) -> ApiError:
