@@ -64,12 +64,13 @@ def _check_shared_state(settings) -> str | None:
 
         from ferroserve.gateway.shared_limits import connect
 
+        client = connect(settings.redis_url)
         try:
-            client = connect(settings.redis_url)  # (connects at once: one connection, held)
             client.ping()
-            client.close()
         except redis.RedisError as exc:
             return f"cannot reach Redis at --redis-url: {exc}"
+        finally:
+            client.close()
     return None
 
 
