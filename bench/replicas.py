@@ -213,7 +213,12 @@ def main() -> int:
         floors = round_trips(pg, redis_server, 1000)
         for what, us in floors.items():
             log(f"{what:42s} p50 {us:8.0f} µs")
-        time.sleep(1.5)  # the servers have polled the keys made after they opened their stores
+        for mode, srv in servers.items():  # each server knows the keys made after it opened its store
+            for key in keys[mode].values():
+                deadline = time.monotonic() + 10
+                while httpx.get(srv.url + "/v1/models", headers={"authorization": f"Bearer {key}"}, timeout=10).status_code != 200:
+                    assert time.monotonic() < deadline, f"{mode}: a key made with the CLI is still unknown after 10 s"
+                    time.sleep(0.05)
         routes = {"metered 404": ({"model": "no-such-model", "input": "hi"}, 404),
                   "embeddings": ({"model": EMBED, "input": "hi"}, 200)}
         samples: dict[str, dict[str, list[float]]] = {r: {m: [] for m in modes} for r in routes}
