@@ -17,7 +17,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PIP) install -q "maturin>=1.7,<2" "granian>=2.5" "msgspec>=0.19" "uvloop>=0.19" \
 		"pytest>=8" "openai>=1.50" "httpx>=0.27" "numpy>=1.26" "mypy>=1.18" "python-multipart>=0.0.20" \
 		"prometheus_client>=0.20" "httpx[http2]>=0.27" "tritonclient[grpc,http]>=2.50" "tokenizers>=0.15" "jsonschema>=4.20" "hypothesis>=6.100" \
-		"schemathesis==4.32.5" "psycopg[binary,pool]>=3.2" "redis>=5"
+		"schemathesis==4.32.5" "psycopg[binary,pool]>=3.2" "redis[hiredis]>=5"
 	touch $@
 
 $(VENV)/.models: $(VENV)/.deps

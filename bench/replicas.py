@@ -21,7 +21,9 @@ rounds rotating the modes' order. Modes (`--modes`, default the first three):
 
 One client connection per mode and route (c=1, keep-alive), requests one after another, the
 modes taking turns every 100 requests (`--block`); the median latency per route and mode, over
-all rounds. Routes:
+all rounds, and the server's CPU time per request (its worker process's user + system time
+across each mode's own blocks, less what it spends idle in the same time: what our code costs,
+which a busy machine's waits for a core do not inflate). Routes:
 
 - `metered 404`: `POST /v1/embeddings` for a model that does not exist, with a key that has an
   RPM limit (never reached): auth, the 404, the request counted in its window as it is settled
@@ -46,6 +48,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
 import statistics
 import sys
 import time
@@ -72,6 +75,17 @@ def make_key(store_args: list[str], *flags: str) -> str:
     r = run_cli(["keys", "create", *flags, *store_args])
     assert r.returncode == 0, r.stderr
     return r.stdout.strip()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (its threads included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def worker_pid(srv: Server) -> int:
+    """granian's worker process: the one that serves (and runs the gateway)."""
+    return int(Path(f"/proc/{srv.proc.pid}/task/{srv.proc.pid}/children").read_text().split()[0])
 
 
 def measure(client: httpx.Client, body: dict, n: int, want: int) -> list[float]:
@@ -199,10 +213,25 @@ def main() -> int:
         floors = round_trips(pg, redis_server, 1000)
         for what, us in floors.items():
             log(f"{what:42s} p50 {us:8.0f} µs")
-        time.sleep(1.5)  # the servers have polled the keys made after they opened their stores
+        for mode, srv in servers.items():  # each server knows the keys made after it opened its store
+            for key in keys[mode].values():
+                deadline = time.monotonic() + 10
+                while httpx.get(srv.url + "/v1/models", headers={"authorization": f"Bearer {key}"}, timeout=10).status_code != 200:
+                    assert time.monotonic() < deadline, f"{mode}: a key made with the CLI is still unknown after 10 s"
+                    time.sleep(0.05)
         routes = {"metered 404": ({"model": "no-such-model", "input": "hi"}, 404),
                   "embeddings": ({"model": EMBED, "input": "hi"}, 200)}
         samples: dict[str, dict[str, list[float]]] = {r: {m: [] for m in modes} for r in routes}
+        # The server's own CPU time per request (its worker process, all threads): what our code
+        # costs, whatever the machine's load adds to the wall-clock latency in waits for a core.
+        cpu_s: dict[str, dict[str, float]] = {r: dict.fromkeys(modes, 0.0) for r in routes}
+        workers = {mode: worker_pid(srv) for mode, srv in servers.items()}
+        # What an idle server spends a second (its polls: key versions, batch leases), to take
+        # out of the per-request figure (a slow mode's blocks last longer and so pay more polls).
+        idle_before = {mode: cpu_seconds(pid) for mode, pid in workers.items()}
+        time.sleep(3.0)
+        idle_cpu_per_s = {mode: (cpu_seconds(pid) - idle_before[mode]) / 3.0 for mode, pid in workers.items()}
+        wall_s: dict[str, dict[str, float]] = {r: dict.fromkeys(modes, 0.0) for r in routes}
         clients = {(mode, route): httpx.Client(base_url=servers[mode].url, timeout=30,
                                                headers={"authorization": f"Bearer {keys[mode][route]}"})
                    for mode in modes for route in routes}
@@ -217,7 +246,10 @@ def main() -> int:
                 got: dict[str, list[float]] = {m: [] for m in modes}
                 for _ in range(blocks):
                     for mode in order:
+                        cpu_before, wall_before = cpu_seconds(workers[mode]), time.perf_counter()
                         got[mode] += measure(clients[mode, route], body, args.requests // blocks, want)
+                        cpu_s[route][mode] += cpu_seconds(workers[mode]) - cpu_before
+                        wall_s[route][mode] += time.perf_counter() - wall_before
                 for mode in order:
                     samples[route][mode] += got[mode]
                     log(f"round {rnd} {route:12s} {mode:20s} p50 {statistics.median(got[mode]) * 1e6:8.0f} µs")
@@ -228,16 +260,18 @@ def main() -> int:
             p50 = {m: statistics.median(v) * 1e6 for m, v in by_mode.items()}
             p90 = {m: statistics.quantiles(v, n=10)[-1] * 1e6 for m, v in by_mode.items()}
             added = {m: p50[m] - p50["sqlite"] for m in by_mode if m != "sqlite"}
-            summary[route] = {"p50_us": p50, "p90_us": p90, "added_p50_us": added}
+            cpu_us = {m: (cpu_s[route][m] - idle_cpu_per_s[m] * wall_s[route][m]) / len(v) * 1e6 for m, v in by_mode.items()}
+            summary[route] = {"p50_us": p50, "p90_us": p90, "added_p50_us": added, "server_cpu_us_per_request": cpu_us}
             log(f"{route:12s} p50 sqlite {p50['sqlite']:.0f} µs; "
                 + "; ".join(f"{m} {p50[m]:.0f} µs ({added[m]:+.0f})" for m in added))
+            log(f"{route:12s} server CPU per request (less idle): " + "; ".join(f"{m} {us:.0f} µs" for m, us in cpu_us.items()))
         burst = {mode: concurrent_burst(mode, servers[mode].url, keys[mode]["embeddings"], modes[mode], args.concurrency)
                  for mode in modes} if args.concurrency else {}
         load = Path("/proc/loadavg").read_text().split()[:3]
         log(f"load average at the end: {' '.join(load)}")
         out = args.out or BENCH_DIR / "results" / f"replicas-{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%SZ}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"args": vars(args) | {"out": str(out)}, "summary": summary, "round_trips_p50_us": floors, "burst": burst,
+        out.write_text(json.dumps({"args": vars(args) | {"out": str(out)}, "summary": summary, "idle_cpu_per_s": idle_cpu_per_s, "round_trips_p50_us": floors, "burst": burst,
                                    "loadavg": load}, indent=2, default=str))
         log(f"wrote {out}")
     finally:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 
 import psycopg
+import pytest
+import redis
 
 from ferroserve.gateway.keys import make_key
 from ferroserve.gateway.pg_migrations import MIGRATIONS
@@ -115,6 +117,26 @@ def test_a_connection_the_database_dropped_is_replaced_after_one_failed_call(dat
                 time.sleep(0.1)
     finally:
         store.close()
+
+
+def test_the_redis_client_holds_one_connection_and_starts_without_redis(redis_server):
+    """A held connection when Redis is up (no pool checkout per call); when it is down at start,
+    a client that connects on first use: no exception at start, a RedisError per call."""
+    from ferroserve.gateway.shared_limits import connect
+
+    client = connect(redis_server.new_url())
+    try:
+        assert client.connection is not None
+        held = client.connection
+        for _ in range(3):
+            assert client.ping()
+        assert client.connection is held
+    finally:
+        client.close()
+    down = connect(f"redis://127.0.0.1:{free_port()}/0")
+    assert down.connection is None
+    with pytest.raises(redis.ConnectionError):
+        down.ping()
 
 
 def test_serve_with_an_unreachable_database_or_redis_exits_2_with_one_clear_line():

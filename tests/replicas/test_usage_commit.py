@@ -19,6 +19,7 @@ import psycopg
 
 from ferroserve.gateway.keys import make_key
 from ferroserve.gateway.pg_store import PostgresStore
+from ferroserve.gateway.pg_usage import PgUsageWriter
 from ferroserve.gateway.store import USAGE_COLUMNS
 from ferroserve.gateway.worker import StoreWorker
 from tests.conftest import Server, run_cli
@@ -108,6 +109,75 @@ def test_answers_queued_during_a_commit_share_the_next_one_and_wait_for_it(postg
         rows, transactions = conn.execute("SELECT count(*), count(DISTINCT xmin::text) FROM usage").fetchone()
     assert (rows, transactions) == (200, 1)
     assert (worker.written, worker.commits, worker.failed) == (200, 1, 0)
+
+
+def test_the_loop_writer_groups_what_queued_during_a_commit_and_answers_only_after_it(postgres):
+    """The server's writer on PostgreSQL (pg_usage.py, on the event loop): the first record's
+    INSERT is held up by a lock on the table while 200 answered requests queue theirs; those
+    200 go in the next commit, in one transaction, and none is released before it."""
+    url = _database_with_durable_commits(postgres)
+    store = PostgresStore(url, usage_async_commit=True)
+    writer = store.usage_writer()
+    rows_seen_at_answer: list[int] = []
+
+    def count_rows(_future) -> None:
+        with psycopg.connect(url) as conn:
+            rows_seen_at_answer.append(conn.execute("SELECT count(*) FROM usage").fetchone()[0])
+
+    async def answer_200() -> None:
+        lock = await psycopg.AsyncConnection.connect(url)
+        await lock.execute("LOCK TABLE usage IN EXCLUSIVE MODE")
+        first = writer.record_committed(_row(0))  # its INSERT waits for the lock
+        await asyncio.sleep(0.2)
+        answers = [writer.record_committed(_row(i)) for i in range(1, 201)]
+        answers[0].add_done_callback(count_rows)
+        await asyncio.sleep(0.2)
+        assert writer.queue_depth() == 201
+        assert not first.done() and not any(a.done() for a in answers), "an answer was released before its commit"
+        await lock.rollback()
+        await lock.close()
+        await asyncio.wait_for(asyncio.gather(first, *answers), 10)
+        assert writer.queue_depth() == 0
+        await writer.aclose()
+
+    try:
+        asyncio.run(answer_200())
+    finally:
+        store.close()
+    assert rows_seen_at_answer == [201]
+    with psycopg.connect(url) as conn:
+        groups = conn.execute("SELECT count(*) FROM usage GROUP BY xmin::text ORDER BY count(*)").fetchall()
+    assert groups == [(1,), (200,)]
+    assert (writer.written, writer.commits, writer.failed) == (201, 2, 0)
+    assert _commit_modes(url) == [("usage", "off", "0")]  # --pg-async-commit's durability, as insert_usage's
+
+
+def test_a_usage_query_waits_for_the_records_queued_before_it(postgres, redis_server):
+    """Metered 404s are answered without waiting for their records; a usage query asked after
+    them must still count every one (`Gateway.call` waits for the loop writer), even while the
+    writer is held up by a lock on the usage table (which does not block reading it)."""
+    url = postgres.new_database()
+    key = run_cli(["keys", "create", "--workspace", "w", "--rpm", "100000", "--database-url", url]).stdout.strip()
+    srv = Server(["--log-level", "warning", "--model", _embedding_model_arg(), "--database-url", url,
+                  "--redis-url", redis_server.new_url()])
+    try:
+        srv.wait_ready()
+        with httpx.Client(base_url=srv.url, headers=auth(key), timeout=30) as client:
+            assert client.get("/v1/usage").json()["total_requests"] == 0
+            lock = psycopg.connect(url)
+            lock.execute("LOCK TABLE usage IN EXCLUSIVE MODE")
+            try:
+                assert [_post(client, "no-such-model")[0] for _ in range(10)] == [404] * 10
+                with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                    usage = pool.submit(client.get, "/v1/usage")
+                    time.sleep(0.5)
+                    assert not usage.done(), "the usage query was answered before the records queued before it"
+                    lock.rollback()
+                    assert usage.result(30).json()["total_requests"] == 10
+            finally:
+                lock.close()
+    finally:
+        srv.stop()
 
 
 def _post(client: httpx.Client, model: str) -> tuple[int, str, int]:

@@ -32,6 +32,7 @@ from ferroserve.log import logger
 if TYPE_CHECKING:
     from ferroserve.backends.base import ChatRequest
     from ferroserve.config import Settings
+    from ferroserve.gateway.pg_usage import PgUsageWriter
     from ferroserve.gateway.router import Plan
     from ferroserve.registry import LoadedModel, Registry
 
@@ -232,6 +233,8 @@ class Gateway:
         self._spend_month = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self.worker: StoreWorker | None = None
+        # On PostgreSQL, usage records are written from the loop (pg_usage.py); else by the worker.
+        self.usage_writer: PgUsageWriter | None = None
 
     # Lifecycle ------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -242,20 +245,40 @@ class Gateway:
         self._spend_month = month_start(now)
         self._spend = store.spend_since(self._spend_month)
         self.worker = StoreWorker(store, on_external_change=self._reload_from)
+        usage_writer = getattr(store, "usage_writer", None)
+        if usage_writer is not None:
+            self.usage_writer = usage_writer()
         logger.info("gateway", extra={"fields": {"data": store.location, "keys": len(self._keys_by_id),
                                                   "auth": "on" if self.auth_required else "off (no keys)"}})
 
     def stop(self) -> None:
-        if self.worker is not None:
-            self.worker.close()
-            logger.info("usage flushed", extra={"fields": {"written": self.worker.written, "commits": self.worker.commits,
-                                                                 "failed": self.worker.failed}})
-            self.worker = None
+        """Writes every queued usage record (running the loop for the PostgreSQL writer: granian
+        calls this from `__rsgi_del__`, with the loop stopped), then closes the store."""
+        if self.worker is None:
+            return
+        writer = self.usage_writer
+        if writer is not None:
+            for row in writer.close(self._loop):  # only if the loop is gone: the thread writes them
+                self.worker.record(row)
+        self.worker.close()
+        writers = [self.worker] if writer is None else [self.worker, writer]
+        logger.info("usage flushed", extra={"fields": {"written": sum(w.written for w in writers),
+                                                       "commits": sum(w.commits for w in writers),
+                                                       "failed": sum(w.failed for w in writers)}})
+        self.worker = None
 
     def call(self, fn: Callable[[GatewayStore], Any]) -> asyncio.Future:
         """Runs `fn(store)` on the store's thread, after every usage record queued before it."""
         assert self.worker is not None, "gateway not started"
+        writer = self.usage_writer
+        if writer is not None and writer.queue_depth():
+            return asyncio.ensure_future(self._call_after_usage(writer, fn))
         return self.worker.call(fn)
+
+    async def _call_after_usage(self, writer: PgUsageWriter, fn: Callable[[GatewayStore], Any]) -> Any:
+        await writer.barrier()
+        assert self.worker is not None, "gateway stopped"
+        return await self.worker.call(fn)
 
     def _reload_from(self, store: GatewayStore) -> None:
         """On the worker thread, after another process committed: reload keys and workspaces."""
@@ -377,9 +400,10 @@ class Gateway:
             cost, round(seconds * 1000, 3), round(ticket.ttft_s * 1000, 3) if ticket.ttft_s is not None else None,
             status, error_code, ticket.prompt, "\n".join(ticket.fallbacks) if ticket.fallbacks else None,
         )
+        writer = self.usage_writer or self.worker
         if durable:
-            return self.worker.record_committed(row)
-        self.worker.record(row)
+            return writer.record_committed(row)
+        writer.record(row)
         return None
 
     def capture(self, ticket: Ticket, body: bytes) -> None:

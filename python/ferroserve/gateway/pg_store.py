@@ -15,7 +15,8 @@ database restart or failover is thrown away when it goes back, so after one fail
 usage writer retries) the next gets a fresh connection. `_transaction` holds one connection
 for what must land together.
 
-Usage records and durability. The writer (worker.py) commits whatever was queued while its
+Usage records and durability. The server's writer (pg_usage.py, on the event loop; `insert_usage`
+below is the same INSERT for the CLI and tests) commits whatever was queued while its
 previous commit ran as one statement, one transaction: under load that is a group commit
 (one WAL flush for many answers), and a lone request waits for no timer. Each answer waits
 for its record's commit, as in SQLite mode. How durable that commit is, is the database's
@@ -42,6 +43,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
 from ferroserve.gateway.pg_migrations import MIGRATIONS
+from ferroserve.gateway.pg_usage import PgUsageWriter
 from ferroserve.gateway.store import _INSERT_USAGE_HEAD, _ROW_PLACEHOLDERS, _ROWS_PER_INSERT, Store
 
 # Any constant: the advisory lock only has to be the same number in every replica.
@@ -113,16 +115,23 @@ class PostgresStore(Store):
         self._pool = ConnectionPool(url, min_size=1, max_size=1, kwargs={"autocommit": True}, timeout=10.0, open=True,
                                     name="ferroserve-store")
         self.db = _Connection(self._pool)  # type: ignore[assignment]
+        self.url = url
         self.usage_async_commit = usage_async_commit
+        self.usage_connect_kwargs: dict = {"autocommit": True}
         self._usage_pool = self._pool
         if usage_async_commit:
             # A session setting on a connection that writes nothing else: each usage INSERT stays
             # one statement and one round trip (SET LOCAL would need BEGIN and COMMIT around it).
             # The operator's own `options` in the URL are kept.
             options = f"{conninfo_to_dict(url).get('options') or ''} -c synchronous_commit=off"
+            self.usage_connect_kwargs["options"] = options.strip()
             self._usage_pool = ConnectionPool(url, min_size=1, max_size=1, timeout=10.0, open=True,
-                                              kwargs={"autocommit": True, "options": options.strip()},
-                                              name="ferroserve-usage")
+                                              kwargs=self.usage_connect_kwargs, name="ferroserve-usage")
+
+    def usage_writer(self) -> PgUsageWriter:
+        """The server's writer of usage records, on the event loop (pg_usage.py), with the same
+        durability as `insert_usage`."""
+        return PgUsageWriter(self.url, dict(self.usage_connect_kwargs))
 
     def close(self) -> None:
         if self._usage_pool is not self._pool:

@@ -108,7 +108,20 @@ return {'', tostring(spent), started, requests, used}
 
 
 def connect(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, socket_timeout=_TIMEOUT_S, socket_connect_timeout=_TIMEOUT_S)
+    """One connection held for the server's life (only the event loop calls Redis, one call at a
+    time): no pool checkout and liveness poll per call. redis-py parses replies with hiredis
+    when it is installed (the `replicas` extra), else in Python. A connection that breaks is
+    reopened by the client's retry on the next call.
+
+    redis-py opens a held connection at once: if Redis is down right then (a worker restarted
+    during an outage), the client is a pooled one instead, which connects on first use, so the
+    server still starts and answers 503 until Redis is back."""
+    kwargs = {"socket_timeout": _TIMEOUT_S, "socket_connect_timeout": _TIMEOUT_S}
+    try:
+        return redis.Redis.from_url(url, single_connection_client=True, **kwargs)
+    except redis.ConnectionError as exc:
+        logger.warning("redis unavailable at start: connecting on first use", extra={"fields": {"error": type(exc).__name__}})
+        return redis.Redis.from_url(url, **kwargs)
 
 
 def unavailable(exc: Exception) -> ApiError:

@@ -115,10 +115,22 @@ _ACTIVE_RESPONSE = ("queued", "in_progress")
 _KEY_COLUMNS = "id, workspace, hint, rpm, tpm, models, expires_at, admin, created_at, revoked_at, secret_sha256"
 
 
+# [start, end) of the month `month_start` last computed: every metered request asks (twice with
+# Redis), and `gmtime` + `timegm` cost more than the rest of the budget check.
+_last_month = (0.0, -1.0)
+
+
 def month_start(now: float) -> float:
     """Unix time of the first instant of `now`'s calendar month (UTC): budgets are monthly."""
+    global _last_month
+    start, end = _last_month
+    if start <= now < end:
+        return start
     t = time.gmtime(now)
-    return float(calendar.timegm((t.tm_year, t.tm_mon, 1, 0, 0, 0, 0, 0, 0)))
+    start = float(calendar.timegm((t.tm_year, t.tm_mon, 1, 0, 0, 0, 0, 0, 0)))
+    year, month = (t.tm_year + 1, 1) if t.tm_mon == 12 else (t.tm_year, t.tm_mon + 1)
+    _last_month = (start, float(calendar.timegm((year, month, 1, 0, 0, 0, 0, 0, 0))))
+    return start
 
 
 class Store(BatchStore):

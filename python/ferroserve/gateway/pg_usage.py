@@ -1,0 +1,153 @@
+"""Usage records on PostgreSQL, written from the event loop (psycopg's async connection).
+
+On SQLite the store's thread writes usage records (worker.py). On PostgreSQL a commit is a
+network round trip the loop can wait for without blocking, so the server writes them here
+instead: an answer that waits for its record no longer hops loop → writer thread → loop (two
+wake-ups, on a busy machine two waits for a core). The contract is the thread's:
+
+- one ordered writer: records are written in the order they were queued, each batch being
+  whatever queued while the previous INSERT ran: a group commit whose size follows the load,
+  with no timer, so a lone request waits for no company;
+- `record_committed`'s future is done once its row is committed (the answer waits for it);
+- `barrier()` waits for every record queued before it: `Gateway.call` passes it before its
+  query reaches the store's thread, so a usage query sees every request answered before it;
+- `close()` writes everything queued (the SIGTERM path: `__rsgi_del__` → `Gateway.stop`).
+
+Failures (PostgreSQL restarting, a lock timeout): the batch is retried five times on a new
+connection, 0.2, 0.4, … s apart, then counted as failed and its answers let go, as the
+thread's writer does. The connection's durability is the store's (`PostgresStore.usage_connect_kwargs`:
+`synchronous_commit=off` with `--pg-async-commit`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from functools import lru_cache
+from typing import Any
+
+import psycopg
+
+from ferroserve.gateway.store import _INSERT_USAGE_HEAD, _ROW_PLACEHOLDERS, _ROWS_PER_INSERT
+from ferroserve.log import logger
+
+_ATTEMPTS = 5
+
+
+@lru_cache(maxsize=_ROWS_PER_INSERT)
+def _insert_sql(rows: int) -> str:
+    return (_INSERT_USAGE_HEAD + ", ".join([_ROW_PLACEHOLDERS] * rows)).replace("%", "%%").replace("?", "%s")
+
+
+class PgUsageWriter:
+    def __init__(self, url: str, connect_kwargs: dict[str, Any]) -> None:
+        self._url = url
+        self._connect_kwargs = connect_kwargs
+        self._conn: psycopg.AsyncConnection | None = None
+        self._pending: list[tuple[tuple, asyncio.Future | None]] = []
+        self._task: asyncio.Task | None = None
+        self._queued = 0  # records queued so far; `_done` of them written (or given up)
+        self._done = 0
+        self._barriers: list[tuple[int, asyncio.Future]] = []
+        self.written = 0
+        self.commits = 0
+        self.failed = 0
+
+    # On the event loop ------------------------------------------------------------------
+    def record(self, row: tuple) -> None:
+        self._pending.append((row, None))
+        self._queued += 1
+        self._kick()
+
+    def record_committed(self, row: tuple) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((row, future))
+        self._queued += 1
+        self._kick()
+        return future
+
+    def queue_depth(self) -> int:
+        return self._queued - self._done
+
+    async def barrier(self) -> None:
+        """Returns once every record queued before this call is written."""
+        if self._done >= self._queued:
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._barriers.append((self._queued, future))
+        await future
+
+    def _kick(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                await self._write([row for row, _ in batch])
+                self._done += len(batch)
+                for _, future in batch:
+                    if future is not None and not future.done():
+                        future.set_result(None)
+                if self._barriers:
+                    waiting = []
+                    for target, future in self._barriers:
+                        if target <= self._done:
+                            if not future.done():
+                                future.set_result(None)
+                        else:
+                            waiting.append((target, future))
+                    self._barriers = waiting
+        finally:
+            self._task = None
+
+    async def _write(self, rows: list[tuple]) -> None:
+        chunks = [rows[start:start + _ROWS_PER_INSERT] for start in range(0, len(rows), _ROWS_PER_INSERT)]
+        for attempt in range(_ATTEMPTS):
+            try:
+                if self._conn is None or self._conn.closed:
+                    self._conn = await psycopg.AsyncConnection.connect(self._url, **self._connect_kwargs)
+                conn = self._conn
+                if len(chunks) == 1:  # one statement in autocommit mode: one round trip
+                    await conn.execute(_insert_sql(len(rows)), list(itertools.chain.from_iterable(rows)))
+                else:
+                    async with conn.transaction():
+                        for chunk in chunks:
+                            await conn.execute(_insert_sql(len(chunk)), list(itertools.chain.from_iterable(chunk)))
+                self.written += len(rows)
+                self.commits += 1
+                return
+            except Exception:
+                logger.exception("writing usage records failed", extra={"fields": {"records": len(rows), "attempt": attempt}})
+                await self._drop_connection()
+                if attempt + 1 < _ATTEMPTS:
+                    await asyncio.sleep(0.2 * (attempt + 1))
+        self.failed += len(rows)
+
+    async def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                await conn.close()
+            except Exception:
+                pass
+
+    async def aclose(self) -> None:
+        """Writes everything queued, then closes the connection."""
+        while self._task is not None or self._pending:
+            if self._task is None:
+                self._kick()
+            await asyncio.shield(self._task)
+        await self._drop_connection()
+
+    def close(self, loop: asyncio.AbstractEventLoop | None) -> list[tuple]:
+        """From outside the loop (shutdown): runs the loop until everything queued is written.
+        Returns the rows it could not hand to a loop (the loop is gone), for the caller to
+        write another way."""
+        if loop is not None and not loop.is_closed() and not loop.is_running():
+            loop.run_until_complete(self.aclose())
+            return []
+        rows = [row for row, _ in self._pending]
+        self._pending = []
+        return rows
