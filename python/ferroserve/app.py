@@ -518,7 +518,7 @@ class App:
                                          interactive_in_flight=interactive_in_flight()), {}
         return 200, gateway.metrics.render(
             rate_limit_rejections=gateway.limiter.rejected,
-            usage_queue_depth=gateway.worker.queue_depth() if gateway.worker is not None else 0,
+            usage_queue_depth=gateway.usage_queue_depth(),
             engines=engines, routing=routing, cache=self.embed_cache, process=_process_gauges(),
             interactive_in_flight=interactive_in_flight(),
         ), {}

@@ -267,6 +267,11 @@ class Gateway:
                                                        "failed": sum(w.failed for w in writers)}})
         self.worker = None
 
+    def usage_queue_depth(self) -> int:
+        """Usage records queued and not yet committed, on whichever writer holds them."""
+        depth = self.worker.queue_depth() if self.worker is not None else 0
+        return depth + (self.usage_writer.queue_depth() if self.usage_writer is not None else 0)
+
     def call(self, fn: Callable[[GatewayStore], Any]) -> asyncio.Future:
         """Runs `fn(store)` on the store's thread, after every usage record queued before it."""
         assert self.worker is not None, "gateway not started"

@@ -101,7 +101,7 @@ class Metrics:
         family("ferroserve_rate_limit_rejections", "counter", "Requests rejected with 429, by the limit that was hit.")
         for kind, n in sorted(rate_limit_rejections.items()):
             out.append(f'ferroserve_rate_limit_rejections_total{{limit="{kind}"}} {n}')
-        family("ferroserve_usage_queue_depth", "gauge", "Usage records waiting for the SQLite writer.")
+        family("ferroserve_usage_queue_depth", "gauge", "Usage records waiting for their commit (the SQLite writer, or PostgreSQL's usage writer).")
         out.append(f"ferroserve_usage_queue_depth {usage_queue_depth}")
         gauges = (
             ("ferroserve_queue_depth", "gauge", "Sequences waiting to be scheduled.", "waiting_sequences"),
