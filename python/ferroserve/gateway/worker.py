@@ -124,6 +124,7 @@ class StoreWorker:
         return self._queue.qsize()
 
     def close(self) -> None:
+        self._nowait = None  # from now on records only go to the thread (which drains them)
         self._queue.put(_STOP)
         self._thread.join()
         self.store.close()
