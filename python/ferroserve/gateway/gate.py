@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ferroserve.backends.local import interactive_in_flight
 from ferroserve.errors import ApiError
 from ferroserve.gateway.keys import ApiKey, Workspace, hash_secret
 from ferroserve.gateway.limits import RateLimiter, Window, budget_exceeded
@@ -407,6 +408,11 @@ class Gateway:
         )
         writer = self.usage_writer or self.worker
         if durable:
+            # A lone request (no other interactive request in flight on this server: nothing
+            # could share a group commit with it) commits its SQLite row itself if the store's
+            # thread is idle.
+            if writer is self.worker and interactive_in_flight() <= 1 and self.worker.commit_now(row):
+                return None
             return writer.record_committed(row)
         writer.record(row)
         return None

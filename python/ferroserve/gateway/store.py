@@ -24,6 +24,8 @@ from ferroserve.gateway.batch_store import BatchStore, Leased
 from ferroserve.gateway.keys import ApiKey, Workspace
 
 DB_NAME = "ferroserve.sqlite3"
+# How long a write waits for another connection's write lock (the CLI's, another process's).
+_BUSY_TIMEOUT_MS = 10_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS workspaces (
@@ -142,8 +144,9 @@ class Store(BatchStore):
         path.mkdir(parents=True, exist_ok=True)
         self.path = path / DB_NAME
         self.location = str(self.path)
-        # check_same_thread=False: the worker thread opens it and then owns it alone.
-        self.db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
+        # check_same_thread=False: the worker thread opens it and owns it; the event loop uses
+        # it only while holding the worker's lock (`StoreWorker.commit_now`).
+        self.db = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a commit survives a process crash, only an OS crash can lose the last ones.
         self.db.execute("PRAGMA synchronous=NORMAL")
@@ -221,6 +224,20 @@ class Store(BatchStore):
                 chunk = records[start:start + _ROWS_PER_INSERT]
                 sql = _INSERT_USAGE_HEAD + ", ".join([_ROW_PLACEHOLDERS] * len(chunk))
                 self.db.execute(sql, list(itertools.chain.from_iterable(chunk)))
+
+    def insert_usage_nowait(self, records: list[tuple]) -> bool:
+        """`insert_usage` if no other connection holds the write lock now; False (nothing
+        written) instead of waiting for it (the event loop calls this: `StoreWorker.commit_now`)."""
+        self.db.execute("PRAGMA busy_timeout = 0")
+        try:
+            self.insert_usage(records)
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                raise
+            return False
+        finally:
+            self.db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+        return True
 
     def spend_since(self, since: float) -> dict[str, float]:
         rows = self.db.execute("SELECT workspace, SUM(cost_usd) FROM usage WHERE created_at >= ? GROUP BY workspace", (since,))
