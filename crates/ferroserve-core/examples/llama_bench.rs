@@ -33,7 +33,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use ferroserve_core::engine::StepModel;
-use ferroserve_core::models::llama::{LlamaModel, Numerics, SeqChunk};
+use ferroserve_core::models::llama::{LlamaModel, Numerics};
+use ferroserve_core::sched::SeqChunk;
 use ferroserve_core::models::llama_opencl::OpenClLlama;
 use ferroserve_core::kv::BlockTable;
 use ferroserve_core::sched::scheduler::KvPool;

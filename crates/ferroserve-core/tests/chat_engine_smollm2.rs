@@ -173,18 +173,8 @@ fn smollm2_concurrent_greedy_requests_match_solo_runs_bitwise() {
 fn smollm2_chat_fixtures_through_the_engine() {
     let path = smollm2_path();
     watchdog(Duration::from_secs(600));
-    use ferroserve_core::tokenize::chat_template::ChatMessage;
-    let fixture: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(common::fixtures_dir().join("smollm2_reference.json")).unwrap(),
-    )
-    .unwrap();
-    let ids = |v: &serde_json::Value| {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect::<Vec<u32>>()
-    };
+    let fixture = common::smollm2_fixture();
+    let ids = common::token_ids;
     let engine = ChatEngine::load(
         &path,
         EngineConfig {
@@ -196,12 +186,7 @@ fn smollm2_chat_fixtures_through_the_engine() {
     let chats = fixture["chats"].as_array().unwrap();
     let mut expected = HashMap::new();
     for (i, chat) in chats.iter().enumerate() {
-        let messages: Vec<ChatMessage> = chat["messages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| ChatMessage::text(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
-            .collect();
+        let messages = common::fixture_messages(chat);
         assert_eq!(
             engine.render_chat(&messages, true).unwrap(),
             chat["prompt"].as_str().unwrap()

@@ -3,30 +3,17 @@
 //! (../shared/fixtures/smollm2_reference.json).
 
 mod common;
+use common::{smollm2_fixture as fixture, token_ids as ids};
 
 use std::path::{Path, PathBuf};
 
-use ferroserve_core::tokenize::chat_template::{ChatMessage, ChatTemplate};
+use ferroserve_core::tokenize::chat_template::ChatTemplate;
 use ferroserve_core::tokenize::gguf_vocab::GgufTokenizer;
 use ferroserve_core::weights::gguf::{GgmlType, GgufError, GgufFile};
 
 
 fn model_path() -> PathBuf {
     common::smollm2_gguf()
-}
-
-fn fixture() -> serde_json::Value {
-    let path = common::fixtures_dir().join("smollm2_reference.json");
-    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
-}
-
-fn ids(value: &serde_json::Value) -> Vec<u32> {
-    value
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect()
 }
 
 /// A scratch file removed on drop, so failed assertions leave no 100 MB copies behind.
@@ -285,12 +272,7 @@ fn tokenizer_and_chat_template_match_llama_cpp() {
         }
     }
     for chat in chats {
-        let messages: Vec<ChatMessage> = chat["messages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| ChatMessage::text(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
-            .collect();
+        let messages = common::fixture_messages(chat);
         let rendered = template.render(&messages, true).unwrap();
         checked += 1;
         if rendered != chat["prompt"].as_str().unwrap() {

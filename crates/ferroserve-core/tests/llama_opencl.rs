@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use ferroserve_core::engine::{ChatEngine, ChatEvent, EngineConfig};
 use ferroserve_core::kv::{KvCache, KvCacheConfig};
-use ferroserve_core::models::llama::{LlamaModel, Numerics, SeqChunk, DEFAULT_BLOCK_TOKENS};
+use ferroserve_core::models::llama::{LlamaModel, Numerics, DEFAULT_BLOCK_TOKENS};
+use ferroserve_core::sched::SeqChunk;
 use ferroserve_core::models::llama_opencl::OpenClLlama;
 use ferroserve_core::sample::SamplingParams;
 use ferroserve_core::ErrorKind;
@@ -23,9 +24,8 @@ const NEW_TOKENS: usize = 32;
 const PREFILL_CHUNK: usize = 16;
 
 fn fixture_prompts() -> Vec<(String, Vec<u32>, Vec<u32>)> {
-    let path = common::fixtures_dir().join("smollm2_reference.json");
-    let fx: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let ids = |v: &serde_json::Value| -> Vec<u32> { v.as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect() };
+    let fx = common::smollm2_fixture();
+    let ids = common::token_ids;
     let mut out = Vec::new();
     for kind in ["completions", "chats"] {
         for (i, case) in fx[kind].as_array().unwrap().iter().enumerate() {

@@ -19,11 +19,13 @@
 //! - first-token top-5 log-probabilities: mean |Δ| ≤ 0.005, max ≤ 0.02.
 
 mod common;
+use common::{smollm2_fixture as fixture, token_ids as ids};
 
 use std::path::{Path, PathBuf};
 
 use ferroserve_core::kv::KvCache;
-use ferroserve_core::models::llama::{LlamaModel, Numerics, SeqChunk};
+use ferroserve_core::models::llama::{LlamaModel, Numerics};
+use ferroserve_core::sched::SeqChunk;
 use ferroserve_kernels::quant::QuantIsa;
 
 const NEW_TOKENS: usize = 32;
@@ -42,15 +44,6 @@ fn model_path() -> PathBuf {
 
 fn load(path: &Path) -> LlamaModel {
     LlamaModel::load(path).unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn fixture() -> serde_json::Value {
-    let path = common::fixtures_dir().join("smollm2_reference.json");
-    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
-}
-
-fn ids(value: &serde_json::Value) -> Vec<u32> {
-    value.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
 }
 
 /// Every fixture case (completions, then chats): (label, prompt tokens, case).

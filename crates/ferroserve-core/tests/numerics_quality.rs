@@ -34,7 +34,8 @@ mod llama_f64;
 
 use std::time::Instant;
 
-use ferroserve_core::models::llama::{LlamaModel, Numerics, SeqChunk};
+use ferroserve_core::models::llama::{LlamaModel, Numerics};
+use ferroserve_core::sched::SeqChunk;
 use ferroserve_kernels::quant::QuantIsa;
 use llama_f64::{log_softmax, LlamaF64};
 
@@ -65,9 +66,8 @@ struct Sequence {
 }
 
 fn sequences(model: &LlamaModel) -> Vec<Sequence> {
-    let fx: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(common::fixtures_dir().join("smollm2_reference.json")).unwrap()).unwrap();
-    let ids = |v: &serde_json::Value| v.as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect::<Vec<_>>();
+    let fx = common::smollm2_fixture();
+    let ids = common::token_ids;
     let mut out = Vec::new();
     for kind in ["completions", "chats"] {
         for case in fx[kind].as_array().unwrap() {

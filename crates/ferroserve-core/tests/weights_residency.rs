@@ -6,7 +6,8 @@
 
 mod common;
 
-use ferroserve_core::models::llama::{LlamaModel, Numerics, SeqChunk};
+use ferroserve_core::models::llama::{LlamaModel, Numerics};
+use ferroserve_core::sched::SeqChunk;
 
 /// Resident kB of this process's mappings of `path` (from /proc/self/smaps).
 fn resident_kb_of(path: &std::path::Path) -> u64 {

@@ -28,7 +28,8 @@ use std::ops::Range;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use ferroserve_kernels::cpu::llama_ops::{self, AttentionArith, PagedKvLayout, PagedSeq, RopeParams};
+use ferroserve_kernels::cpu::llama_ops::{self, AttentionArith, PagedSeq, RopeParams};
+use ferroserve_kernels::kv_layout::PagedKvLayout;
 use ferroserve_kernels::opencl::ops::{AttentionTables, LlamaKernels, Q8Buffers, QuantWeights};
 use ferroserve_kernels::opencl::{DeviceBuffer, KernelSource, OpenClDevice, OpenClError};
 use ferroserve_kernels::quant::f16::f32_to_f16;

@@ -10,6 +10,7 @@
 //! kernel launches instead, and model runners keep a whole forward pass on the device.
 
 pub mod cpu;
+pub mod kv_layout;
 pub mod opencl;
 pub mod quant;
 #[doc(hidden)]

@@ -8,7 +8,7 @@
 //! its blocks back to the pool when it is dropped (a sequence finished, cancelled, preempted,
 //! or dropped with the scheduler), so each block is released exactly once without anyone
 //! calling [`KvCache::release`]. The model reads and writes the blocks through the tables it
-//! is given ([`crate::models::llama::SeqChunk`]).
+//! is given ([`crate::sched::SeqChunk`]).
 //!
 //! Prefix caching (as vLLM's): when a block fills up, the scheduler registers it under the
 //! hash of the whole token prefix it ends ([`KvCache::register_full_block`],
@@ -20,7 +20,7 @@
 //!
 //! Storage is IEEE half precision (as llama.cpp's default cache), `[block][kv_head][head_dim]
 //! [block_tokens]` for K and `[block][kv_head][block_tokens][head_dim]` for V (see
-//! [`ferroserve_kernels::cpu::llama_ops::PagedKvLayout`] for why): batched decode streams the
+//! [`PagedKvLayout`] for why): batched decode streams the
 //! cache of every sequence each step, as many bytes as the weights at a few hundred tokens of
 //! context per sequence, so halving them matters; widening is exact and one instruction.
 
@@ -28,11 +28,12 @@ mod block_pool;
 mod prefix_cache;
 
 pub use prefix_cache::BlockHash;
+/// The storage contract of the cache (where a token's K and V go), shared with every device's kernels.
+pub use ferroserve_kernels::kv_layout::PagedKvLayout;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use block_pool::BlockPool;
-use ferroserve_kernels::cpu::llama_ops::PagedKvLayout;
 use prefix_cache::PrefixCache;
 
 /// Bytes per stored K or V value (an f16).

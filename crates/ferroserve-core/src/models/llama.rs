@@ -27,25 +27,13 @@ use ferroserve_kernels::quant::{self, panel_matmul, panel_matmuls, quant_matmul_
 
 use crate::error::{Error, Result};
 use crate::kv::KvCache;
+use crate::sched::SeqChunk;
 use crate::tokenize::chat_template::{ChatTemplate, ChatTemplateError};
 use crate::tokenize::gguf_vocab::GgufTokenizer;
 use crate::weights::gguf::{GgufFile, LlamaHparams};
 
 /// Token slots per KV block for caches made by [`LlamaModel::new_kv_cache`].
 pub const DEFAULT_BLOCK_TOKENS: usize = 16;
-
-/// One sequence's share of a [`LlamaModel::forward`] step.
-#[derive(Debug, Clone, Copy)]
-pub struct SeqChunk<'a> {
-    /// New tokens of this sequence for this step (a prefill chunk, or one when decoding).
-    pub tokens: &'a [u32],
-    /// Position of `tokens[0]`; the KV of positions `0..start_pos` is already in the cache.
-    pub start_pos: usize,
-    /// This sequence's blocks, enough for `start_pos + tokens.len()` positions.
-    pub block_table: &'a [u32],
-    /// Return logits for the last token of this chunk.
-    pub want_logits: bool,
-}
 
 /// The arithmetic of the quantised matmuls, chosen per model at load.
 ///

@@ -27,7 +27,8 @@ use ferroserve_kernels::quant::QuantType;
 
 use crate::error::{Error, Result};
 use crate::kv::{KvCache, KvCacheConfig};
-use crate::models::llama::{LlamaModel, MatrixView, Numerics, SeqChunk, DEFAULT_BLOCK_TOKENS};
+use crate::models::llama::{LlamaModel, MatrixView, Numerics, DEFAULT_BLOCK_TOKENS};
+use crate::sched::SeqChunk;
 
 type ClResult<T> = std::result::Result<T, OpenClError>;
 
@@ -151,7 +152,7 @@ struct DeviceState {
 }
 
 /// The KV cache of an [`OpenClLlama`]: block bookkeeping on the host, K and V per layer in
-/// device memory (f16, the CPU's `PagedKvLayout`).
+/// device memory (f16, `crate::kv::PagedKvLayout`).
 pub struct OpenClKv {
     blocks: KvCache,
     k: Vec<DeviceBuffer<u16>>,

@@ -10,3 +10,4 @@ pub mod scheduler;
 
 pub use interactive::{BatchYield, InteractiveLoad, InteractiveRequest};
 pub use priority::Priority;
+pub use scheduler::SeqChunk;

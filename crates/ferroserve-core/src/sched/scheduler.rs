@@ -22,9 +22,21 @@
 use std::collections::{HashMap, VecDeque};
 
 pub use crate::kv::{BlockHash, BlockTable, ReleaseBlocks};
-/// One sequence's slice of a forward pass (defined next to the model that consumes it).
-pub use crate::models::llama::SeqChunk;
 pub use crate::sched::Priority;
+
+/// One sequence's share of a forward step: what the scheduler hands the model for each
+/// sequence it runs (`crate::engine::StepModel::forward`).
+#[derive(Debug, Clone, Copy)]
+pub struct SeqChunk<'a> {
+    /// New tokens of this sequence for this step (a prefill chunk, or one when decoding).
+    pub tokens: &'a [u32],
+    /// Position of `tokens[0]`; the KV of positions `0..start_pos` is already in the cache.
+    pub start_pos: usize,
+    /// This sequence's blocks, enough for `start_pos + tokens.len()` positions.
+    pub block_table: &'a [u32],
+    /// Return logits for the last token of this chunk.
+    pub want_logits: bool,
+}
 
 /// The paged KV cache as the scheduler sees it: reference-counted blocks plus a prefix
 /// cache of full blocks, keyed by a hash chained over the blocks before them. Implemented

@@ -15,6 +15,26 @@ pub fn fixtures_dir() -> PathBuf {
     repo_root().join("../shared/fixtures")
 }
 
+/// llama.cpp's reference outputs for the bundled chat model (`smollm2_reference.json`).
+#[allow(dead_code)]
+pub fn smollm2_fixture() -> serde_json::Value {
+    let path = fixtures_dir().join("smollm2_reference.json");
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+/// A fixture's JSON array of token ids.
+#[allow(dead_code)]
+pub fn token_ids(value: &serde_json::Value) -> Vec<u32> {
+    value.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+}
+
+/// A fixture chat's `messages` (role and text content each).
+#[allow(dead_code)]
+pub fn fixture_messages(chat: &serde_json::Value) -> Vec<ferroserve_core::ChatMessage> {
+    let messages = chat["messages"].as_array().unwrap();
+    messages.iter().map(|m| ferroserve_core::ChatMessage::text(m["role"].as_str().unwrap(), m["content"].as_str().unwrap())).collect()
+}
+
 /// A model package's folder: `$env_var`, else the repo's `.venv` site-packages (where
 /// `make test` installs the model packages).
 pub fn package_path(env_var: &str, package_rel: &str) -> Option<PathBuf> {

@@ -26,6 +26,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::Isa;
+use crate::kv_layout::{PagedKvLayout, KV_LANES};
 use crate::quant::f16::{f16_to_f32, f32_to_f16};
 
 /// Elements below which a row-wise op runs on the calling thread (waking the pool costs more).
@@ -36,7 +37,7 @@ const NORM_PAR_MIN_ELEMS: usize = 4 * 1024;
 const SILU_PAR_MIN_ELEMS: usize = 4 * 1024;
 
 /// Score lanes: keys are scored sixteen at a time (one 512-bit register, two 256-bit ones).
-const LANES: usize = 16;
+const LANES: usize = KV_LANES;
 
 /// Head widths the attention kernel is compiled for (the accumulators live in registers,
 /// so the width is a compile-time constant).
@@ -347,40 +348,10 @@ pub(crate) fn ggml_expf(x: f32) -> f32 {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Paged KV cache layout and causal attention over it
+// Paged KV cache writes and causal attention over it
 
-/// How a layer's K and V caches are laid out: IEEE half floats (as llama.cpp's default cache:
-/// half the bytes to stream per attention step, widened exactly by one instruction), in
-/// `num_blocks` blocks of `block_tokens` token slots; within a block, per KV head,
-/// - K transposed, `[head_dim][block_tokens]`, so that scoring a query against sixteen keys is
-///   sixteen independent lanes (no horizontal sums);
-/// - V as rows, `[block_tokens][head_dim]`, so that the weighted sum is unit-stride.
-///
-/// A block of one layer's K cache is `kv_heads · head_dim · block_tokens` halves, the KV head
-/// outermost; V alike.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PagedKvLayout {
-    /// A multiple of 16 (the score lanes).
-    pub block_tokens: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-}
-
+/// The CPU's writes and reads of the paged KV cache ([`PagedKvLayout`] says where a token goes).
 impl PagedKvLayout {
-    pub fn new(block_tokens: usize, kv_heads: usize, head_dim: usize) -> Self {
-        assert!(
-            block_tokens > 0 && block_tokens.is_multiple_of(LANES),
-            "block_tokens {block_tokens} must be a positive multiple of {LANES}"
-        );
-        assert!(kv_heads > 0 && head_dim > 0, "kv_heads and head_dim must be positive");
-        PagedKvLayout { block_tokens, kv_heads, head_dim }
-    }
-
-    /// Values (halves) of one block in one layer's K (or V) cache.
-    pub fn block_elems(&self) -> usize {
-        self.block_tokens * self.kv_heads * self.head_dim
-    }
-
     /// Stores one token's `k` and `v` (`kv_heads · head_dim` each, head after head) into slot
     /// `slot` of block `block`, rounded to half precision (to nearest even).
     pub fn write_token(&self, k_cache: &mut [u16], v_cache: &mut [u16], block: usize, slot: usize, k: &[f32], v: &[f32]) {
