@@ -168,6 +168,10 @@ def test_a_usage_query_waits_for_the_records_queued_before_it(postgres, redis_se
             lock.execute("LOCK TABLE usage IN EXCLUSIVE MODE")
             try:
                 assert [_post(client, "no-such-model")[0] for _ in range(10)] == [404] * 10
+                # The gauge counts the records waiting on PostgreSQL's usage writer.
+                metrics = client.get("/metrics").text
+                assert "ferroserve_usage_queue_depth 10\n" in metrics, [
+                    line for line in metrics.splitlines() if "usage_queue" in line]
                 with concurrent.futures.ThreadPoolExecutor(1) as pool:
                     usage = pool.submit(client.get, "/v1/usage")
                     time.sleep(0.5)
