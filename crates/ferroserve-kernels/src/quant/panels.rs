@@ -637,7 +637,8 @@ fn portable_q6_k(codes: &[u8], scales: &[u16], a: ActRow<'_>) -> [f32; PANEL_ROW
 
 /// The order of [`portable_panels`] with sixteen weight rows per register: per block, the
 /// panel's codes are loaded (and unpacked) once for a tile of up to eight activation rows (four
-/// for the affine kinds, which keep a second f32 chain per row), and each activation row takes
+/// for Q4_1 and Q5_1, which keep a second f32 chain per row; Q4_K runs its second chains in a
+/// pass of their own per super-block and so takes eight), and each activation row takes
 /// eight `vpdpbusd` against broadcast groups of four of its bytes (one chain starting from the
 /// code offset's correction when the tile has four or more rows, else two chains of four and an
 /// add: integer sums, so any order is exact), one convert, one multiply (`d·d_x`) and one fma
@@ -681,8 +682,9 @@ mod avx512 {
     unsafe fn panels_of<const KIND: u8>(w: &Panels, acts: &Q8Activations, offsets: &[i32], range: Range<usize>, out: &PanelOut) {
         let m = acts.rows();
         // Eight activation rows per tile where the registers allow it (eight code vectors and
-        // eight accumulators); the affine kinds keep a second chain per row, so four.
-        let wide = !matches!(KIND, kind::Q4_1 | kind::Q5_1 | kind::Q4_K);
+        // eight accumulators); the affine kinds keep a second chain per row, so four (Q4_K
+        // takes eight: its mins chains run in a pass of their own, see `tile_q4_k`).
+        let wide = !matches!(KIND, kind::Q4_1 | kind::Q5_1);
         for p in range {
             let mut r = 0;
             while wide && m - r >= 8 {
@@ -867,6 +869,8 @@ mod avx512 {
         let (cp, sp) = (codes.as_ptr(), scales.as_ptr());
         let mut acc = [_mm512_setzero_ps(); R];
         let mut mins = [_mm512_setzero_ps(); R];
+        // Fewer rows keep the mins fma next to the dot (the same bits either way).
+        let split_mins = R >= 8;
         for s in 0..nsb {
             // SAFETY: super-block s of the panel is K_SCALE_BYTES + 8·256 code bytes and 32
             // scales (layout in the module docs); activation rows hold 8·nsb blocks.
@@ -876,6 +880,14 @@ mod avx512 {
             _mm_prefetch::<_MM_HINT_T0>(sp.wrapping_add(32 * (s + 1)).cast());
             _mm_prefetch::<_MM_HINT_T0>(sp.wrapping_add(32 * (s + 1) + 16).cast());
             let byte_lanes = |at: usize| _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(unit.add(at).cast())));
+            // Sub-block j's `mins = fma(dmin·m, d_x·Σa, mins)` for every row of the tile.
+            let add_mins = |j: usize, mins: &mut [__m512; R]| {
+                let mw = _mm512_mul_ps(dmin, byte_lanes(PANEL_ROWS * (SUBS + j)));
+                for i in 0..R {
+                    let dx_sum = rows[i].scales.get_unchecked(SUBS * s + j)[1];
+                    mins[i] = _mm512_fmadd_ps(mw, _mm512_set1_ps(dx_sum), mins[i]);
+                }
+            };
             for j in 0..SUBS {
                 let b = SUBS * s + j;
                 let cb = unit.add(K_SCALE_BYTES + NIBBLE_BYTES * j);
@@ -884,7 +896,6 @@ mod avx512 {
                 }
                 let v = nibbles(cb);
                 let dw = _mm512_mul_ps(d, byte_lanes(PANEL_ROWS * j));
-                let mw = _mm512_mul_ps(dmin, byte_lanes(PANEL_ROWS * (SUBS + j)));
                 for i in 0..R {
                     let a = rows[i].qs.as_ptr().add(b * BLOCK_ELEMS).cast();
                     let zero = _mm512_setzero_si512();
@@ -894,10 +905,20 @@ mod avx512 {
                         let (lo, hi) = dots(&v, a, zero, zero);
                         _mm512_add_epi32(lo, hi)
                     };
-                    let [dx, dx_sum] = *rows[i].scales.get_unchecked(b);
-                    let dd = _mm512_mul_ps(dw, _mm512_set1_ps(dx));
+                    let dd = _mm512_mul_ps(dw, _mm512_set1_ps(rows[i].scales.get_unchecked(b)[0]));
                     acc[i] = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(sumi), acc[i]);
-                    mins[i] = _mm512_fmadd_ps(mw, _mm512_set1_ps(dx_sum), mins[i]);
+                }
+                if !split_mins {
+                    add_mins(j, &mut mins);
+                }
+            }
+            // With eight rows the mins chains take their own pass over the super-block (the
+            // same fmas in the same order per row, so the same bits): the dot loop above then
+            // holds one chain per row, and eight rows' chains, the eight code vectors and the
+            // scales fit the 32 registers.
+            if split_mins {
+                for j in 0..SUBS {
+                    add_mins(j, &mut mins);
                 }
             }
         }
