@@ -75,8 +75,11 @@ fn event_batches(engine: &ChatEngine, expected: &HashMap<u64, usize>) -> Vec<Vec
     batches
 }
 
-fn fold(batches: &[Vec<ChatEvent>]) -> HashMap<(u64, u32), Choice> {
-    let mut choices: HashMap<(u64, u32), Choice> = HashMap::new();
+/// Each choice's folded output, by (request id, index).
+type Choices = HashMap<(u64, u32), Choice>;
+
+fn fold(batches: &[Vec<ChatEvent>]) -> Choices {
+    let mut choices = Choices::new();
     for event in batches.iter().flatten() {
         match event.clone() {
             ChatEvent::Delta { request_id, index, text, token_ids, logprobs } => {
@@ -114,7 +117,7 @@ fn assert_whole(batches: &[Vec<ChatEvent>]) {
     }
 }
 
-fn run(logits: Logits, delivery: Delivery) -> (HashMap<(u64, u32), Choice>, Vec<Vec<ChatEvent>>) {
+fn run(logits: Logits, delivery: Delivery) -> (Choices, Vec<Vec<ChatEvent>>) {
     let engine = engine(logits, Duration::ZERO);
     let mut expected = HashMap::new();
     for (id, prompt, params) in requests() {
