@@ -92,6 +92,28 @@ def test_chat_stream_equals_non_stream(client):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
 
 
+def test_whole_answers_equal_streamed_ones_sampled_with_logprobs_and_stops(client):
+    """A non-streamed answer leaves the engine whole (one event per choice at its end), a
+    streamed one token by token: the same seeded choices, logprobs, finish reasons and usage."""
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me about the sea."}], max_tokens=40, temperature=0.9,
+              seed=11, n=3, logprobs=True, top_logprobs=2, stop=[". "])
+    full = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    text, logprobs, finish = ["", "", ""], [[], [], []], [None, None, None]
+    for chunk in chunks:
+        for c in chunk.choices:
+            text[c.index] += c.delta.content or ""
+            if c.logprobs is not None:
+                logprobs[c.index] += [(e.token, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs]) for e in c.logprobs.content]
+            finish[c.index] = c.finish_reason or finish[c.index]
+    assert [c.message.content for c in full.choices] == text
+    assert [[(e.token, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs]) for e in c.logprobs.content]
+            for c in full.choices] == logprobs
+    assert [c.finish_reason for c in full.choices] == finish
+    assert "stop" in finish and len(set(text)) > 1, (finish, text)  # the stop string and the seeds did something
+    assert full.usage.completion_tokens == chunks[-1].usage.completion_tokens
+
+
 def test_content_as_text_parts(client):
     a = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hello there"}], max_tokens=8, temperature=0)
     b = client.chat.completions.create(

@@ -215,6 +215,18 @@ impl ChatEvent {
     }
 }
 
+/// When a request's output leaves the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Delivery {
+    /// A `Delta` per choice on every step that produced output (for streams).
+    #[default]
+    PerStep,
+    /// Each choice's whole output in one `Delta` right before its `Finished` (for answers
+    /// sent whole): the consumer is not woken, and builds no event, per token. Between
+    /// `Admitted` and the end the request produces no events.
+    Whole,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SubmitInfo {
     pub prompt_tokens: usize,
@@ -262,6 +274,7 @@ struct Submission {
     seed: u64,
     grammar: Option<Arc<CompiledGrammar>>,
     priority: Priority,
+    delivery: Delivery,
     /// An interactive request's place in the server's count, held until it ends.
     in_flight: Option<InteractiveRequest>,
 }
@@ -508,6 +521,19 @@ impl ChatEngine {
         params: SamplingParams,
         priority: Priority,
     ) -> Result<SubmitInfo> {
+        self.submit_with(request_id, prompt_tokens, params, priority, Delivery::PerStep)
+    }
+
+    /// [`submit_with_priority`](Self::submit_with_priority) with a choice of when the
+    /// output is delivered (the same output either way).
+    pub fn submit_with(
+        &self,
+        request_id: u64,
+        prompt_tokens: Vec<u32>,
+        params: SamplingParams,
+        priority: Priority,
+        delivery: Delivery,
+    ) -> Result<SubmitInfo> {
         if prompt_tokens.is_empty() {
             return Err(Error::invalid(
                 "prompt",
@@ -561,6 +587,7 @@ impl ChatEngine {
             seed,
             grammar,
             priority,
+            delivery,
             in_flight: (priority == Priority::Interactive).then(|| self.interactive.enter()),
         };
 
@@ -834,6 +861,7 @@ struct RequestState {
     max_tokens: usize,
     /// Choices not finished yet, by index.
     open: Vec<bool>,
+    delivery: Delivery,
     /// Counts an interactive request out of the server's load when the request ends.
     _in_flight: Option<InteractiveRequest>,
 }
@@ -846,6 +874,30 @@ struct SeqOutput {
     grammar: Option<GrammarState>,
     detok: Detokenizer,
     generated: usize,
+    /// `Delivery::Whole`: the output so far, sent with the choice's end.
+    held: Option<HeldOutput>,
+}
+
+/// A choice's output kept in the engine until the choice ends (`Delivery::Whole`).
+#[derive(Default)]
+struct HeldOutput {
+    text: String,
+    token_ids: Vec<u32>,
+    logprobs: Vec<TokenLogprob>,
+}
+
+impl HeldOutput {
+    /// The one `Delta` of the whole output, if there is any.
+    fn into_event(self, request_id: u64, index: u32) -> Option<ChatEvent> {
+        let HeldOutput { text, token_ids, logprobs } = self;
+        (!text.is_empty() || !token_ids.is_empty()).then_some(ChatEvent::Delta {
+            request_id,
+            index,
+            text,
+            token_ids,
+            logprobs,
+        })
+    }
 }
 
 impl SeqOutput {
@@ -857,6 +909,7 @@ impl SeqOutput {
             grammar: req.grammar.as_ref().map(|g| g.start()),
             detok: Detokenizer::new(req.params.stop.clone()),
             generated: 0,
+            held: (req.delivery == Delivery::Whole).then(HeldOutput::default),
         }
     }
 
@@ -965,6 +1018,7 @@ impl<M: StepModel> EngineCore<M> {
                     cached_tokens: 0,
                     max_tokens: s.max_tokens,
                     open: vec![true; n],
+                    delivery: s.delivery,
                     _in_flight: s.in_flight,
                 };
                 let seq = self.sched.add_request(s.request_id, s.prompt, n, s.priority);
@@ -974,9 +1028,11 @@ impl<M: StepModel> EngineCore<M> {
             }
             Command::Abort(request_id) => {
                 let mut generated = HashMap::new();
+                let mut held = HashMap::new();
                 for seq in self.sched.abort(request_id, &mut self.kv) {
                     if let Some(out) = self.outputs.remove(&seq) {
                         generated.insert(out.index, out.generated);
+                        held.extend(out.held.map(|h| (out.index, h)));
                     }
                 }
                 let open: Vec<u32> = match self.requests.get(&request_id) {
@@ -987,6 +1043,8 @@ impl<M: StepModel> EngineCore<M> {
                 };
                 for index in open {
                     let completion_tokens = generated.get(&index).copied().unwrap_or(0);
+                    let delta = held.remove(&index).and_then(|h| h.into_event(request_id, index));
+                    self.events.extend(delta);
                     self.finish_choice(request_id, index, FinishReason::Abort, completion_tokens);
                 }
             }
@@ -1136,18 +1194,27 @@ impl<M: StepModel> EngineCore<M> {
                 _ => Vec::new(),
             };
             let token_ids = if emit_token { vec![token] } else { Vec::new() };
-            self.events.push(ChatEvent::Delta {
-                request_id: out.request_id,
-                index: out.index,
-                text,
-                token_ids,
-                logprobs,
-            });
+            if let Some(held) = &mut out.held {
+                held.text.push_str(&text);
+                held.token_ids.extend(token_ids);
+                held.logprobs.extend(logprobs);
+            } else {
+                self.events.push(ChatEvent::Delta {
+                    request_id: out.request_id,
+                    index: out.index,
+                    text,
+                    token_ids,
+                    logprobs,
+                });
+            }
         }
         if let Some(reason) = finish {
             let (request_id, index, generated) = (out.request_id, out.index, out.generated);
             self.sched.finish(seq, &mut self.kv);
-            self.outputs.remove(&seq);
+            let held = self.outputs.remove(&seq).and_then(|o| o.held);
+            if let Some(delta) = held.and_then(|h| h.into_event(request_id, index)) {
+                self.events.push(delta);
+            }
             self.finish_choice(request_id, index, reason, generated);
         }
     }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use ferroserve_core::{
-    ChatEngine, ChatEvent, ChatMessage, ContentPart, DeviceChoice, EngineConfig, InteractiveLoad, MessageContent, Numerics, Priority,
+    ChatEngine, ChatEvent, ChatMessage, ContentPart, Delivery, DeviceChoice, EngineConfig, InteractiveLoad, MessageContent, Numerics, Priority,
     SamplingParams, TokenLogprob, ToolCall, ToolSpec,
 };
 use pyo3::prelude::*;
@@ -124,10 +124,12 @@ impl PyChatEngine {
     /// `lark_grammar` (llguidance Lark, `%json` schemas embedded) constrains tool calls the
     /// same way (`InvalidRequest` on `tools`). `priority`: "interactive" or "batch" (runs
     /// only on what interactive requests leave of each step); else `InvalidRequest`.
+    /// `coalesce`: each choice's output arrives as one `ChatDelta` right before its
+    /// `ChatFinished` (nothing between `ChatAdmitted` and then), for answers sent whole.
     #[pyo3(signature = (request_id, prompt_tokens, *, n = 1, max_tokens = None, temperature = 1.0, top_p = 1.0,
         top_k = 0, min_p = 0.0, seed = None, presence_penalty = 0.0, frequency_penalty = 0.0,
         logit_bias = None, stop = None, ignore_eos = false, logprobs = false, top_logprobs = 0,
-        json_schema = None, lark_grammar = None, priority = "interactive"))]
+        json_schema = None, lark_grammar = None, priority = "interactive", coalesce = false))]
     #[allow(clippy::too_many_arguments)]
     fn submit(
         &self,
@@ -151,8 +153,10 @@ impl PyChatEngine {
         json_schema: Option<String>,
         lark_grammar: Option<String>,
         priority: &str,
+        coalesce: bool,
     ) -> PyResult<(usize, usize)> {
         let priority = Priority::parse(priority).map_err(crate::errors::to_py)?;
+        let delivery = if coalesce { Delivery::Whole } else { Delivery::PerStep };
         let params = SamplingParams {
             n,
             max_tokens,
@@ -171,7 +175,7 @@ impl PyChatEngine {
             json_schema,
             lark_grammar,
         };
-        let info = detach(py, || self.inner.submit_with_priority(request_id, prompt_tokens, params, priority))?;
+        let info = detach(py, || self.inner.submit_with(request_id, prompt_tokens, params, priority, delivery))?;
         Ok((info.prompt_tokens, info.max_tokens))
     }
 

@@ -450,6 +450,9 @@ class LocalChatModel(EngineWatcher, Backend):
                 logit_bias=params.logit_bias, stop=params.stop, ignore_eos=params.ignore_eos,
                 logprobs=params.logprobs, top_logprobs=params.top_logprobs,
                 json_schema=json_schema, lark_grammar=lark, priority=request.priority,
+                # An answer sent whole needs its text only at the end: the engine keeps it
+                # and sends one event per choice, so no Python runs per token.
+                coalesce=not request.stream,
             )
         except _core.FerroserveError as exc:
             self._collectors.pop(request_id, None)
