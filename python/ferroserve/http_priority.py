@@ -19,7 +19,13 @@ What gets it: the event loop thread (with SCHED_RESET_ON_FORK, so the executor t
 for file I/O and batch tokenizing do not) and granian's threads (started after the engines: the
 threads *they* start inherit it). Never the engines' compute threads. The HTTP threads use
 ≈ 1-3 % of a CPU under overload; the kernel's RT throttling (95 % of each second by default) still
-bounds a runaway one."""
+bounds a runaway one.
+
+With it, CPython's GIL switch interval drops from 5 ms to `GIL_SWITCH_INTERVAL_S` (0.5 ms): a
+real-time thread that needs the GIL (granian's thread handing over a request) otherwise waits
+up to a whole interval for a normal thread holding it (the event loop answering, the store
+thread), a priority inversion. Quiet, 3x overload, same prober: refusal p99 10.1 ms at 5 ms,
+2.4 ms at 0.5 ms (bench/NOTES.md, "The prober's tail", session 12's quiet runs)."""
 
 from __future__ import annotations
 
@@ -36,6 +42,7 @@ PRIORITY_ENV = "FERROSERVE_HTTP_RT_PRIORITY"
 # event loop started within that second (an executor thread: batch or file work only) would be
 # taken for one of granian's.
 GRANIAN_THREADS_AFTER_S = 1.0
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 def priority() -> int:
@@ -73,6 +80,7 @@ def start(loop: asyncio.AbstractEventLoop) -> None:
         logger.warning("http threads keep their priority", extra={"fields": {
             "reason": f"SCHED_RR {prio} refused ({exc.strerror}): needs CAP_SYS_NICE or RLIMIT_RTPRIO >= {prio}"}})
         return
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
 
     def granian_threads() -> None:
         done = []
@@ -83,6 +91,7 @@ def start(loop: asyncio.AbstractEventLoop) -> None:
                     done.append(tid)
             except OSError:  # the thread ended meanwhile
                 continue
-        logger.info("http threads at real-time priority", extra={"fields": {"priority": prio, "threads": 1 + len(done)}})
+        logger.info("http threads at real-time priority", extra={"fields": {
+            "priority": prio, "threads": 1 + len(done), "gil_switch_interval_ms": sys.getswitchinterval() * 1000}})
 
     loop.call_later(GRANIAN_THREADS_AFTER_S, granian_threads)
