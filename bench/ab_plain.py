@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ import httpx
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 from chat import PROMPT  # noqa: E402
-from serving import start_server  # noqa: E402
+from serving import start_server, stop_server  # noqa: E402
 from stream_cpu import CLK_TCK, cpu_model, group, thread_times, worker_pid  # noqa: E402
 
 
@@ -127,11 +126,7 @@ def main() -> None:
         print(f"B/A tok/s per round: {', '.join(f'{x:.3f}' for x in ratios)}; median {statistics.median(ratios):.3f}")
     finally:
         for proc, _, _ in servers.values():
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
 
 
 if __name__ == "__main__":

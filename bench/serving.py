@@ -1,4 +1,4 @@
-"""What the bench scripts share: a free port, and a `ferroserve serve` started and waited for."""
+"""What the bench scripts share: a free port, and a `ferroserve serve` started, waited for and stopped."""
 
 from __future__ import annotations
 
@@ -45,3 +45,13 @@ def start_server(args: list[str], *, name: str, timeout_s: float = 180,
             proc.kill()
             raise SystemExit(f"server did not start; see {log_path}")
         time.sleep(0.2)
+
+
+def stop_server(proc: subprocess.Popen, timeout_s: float = 20) -> None:
+    """SIGTERM (the server drains and flushes its usage), SIGKILL if it has not exited in `timeout_s`."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

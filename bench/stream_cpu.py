@@ -25,12 +25,11 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import httpx
-from serving import start_server
+from serving import start_server, stop_server
 
 REPO = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -127,11 +126,7 @@ def main() -> None:
               f"[{min(shares) * 100:.1f}-{max(shares) * 100:.1f}]; python us per streamed token: median "
               f"{statistics.median(per_token):.1f} [{min(per_token):.1f}-{max(per_token):.1f}]")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
 
 
 if __name__ == "__main__":
