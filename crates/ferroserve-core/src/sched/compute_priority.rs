@@ -49,13 +49,33 @@ pub fn lower_this_thread() {
     }
 }
 
-/// Lowers every thread of rayon's global pool, once per process (engines call it when they
-/// load; the pool's threads live as long as the process).
+/// The name rayon's global pool threads get (`/proc/PID/task/TID/comm`, `top -H`): without it
+/// they inherit the embedding process's name (`python`), which per-thread CPU accounting
+/// cannot tell from the event loop.
+pub const POOL_THREAD_NAME: &str = "ferroserve-pool";
+
+/// Lowers every thread of rayon's global pool, and names it [`POOL_THREAD_NAME`], once per
+/// process (engines call it when they load; the pool's threads live as long as the process).
 pub fn lower_compute_pool() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        rayon::broadcast(|_| lower_this_thread());
+        rayon::broadcast(|_| {
+            lower_this_thread();
+            name_this_thread(POOL_THREAD_NAME);
+        });
     });
+}
+
+/// Sets the calling thread's kernel-visible name (at most 15 bytes are kept). Errors are
+/// ignored, as for the priority.
+fn name_this_thread(name: &str) {
+    #[cfg(target_os = "linux")]
+    if let Ok(name) = std::ffi::CString::new(name) {
+        // SAFETY: PR_SET_NAME reads a NUL-terminated string, which `name` is, for the call only.
+        unsafe {
+            libc::prctl(libc::PR_SET_NAME, name.as_ptr());
+        }
+    }
 }
 
 #[cfg(all(test, target_os = "linux"))]
@@ -82,6 +102,20 @@ mod tests {
         let expected = compute_nice().max(before);
         assert_eq!(after, expected, "nice {before} -> {after}, expected {expected}");
         assert_eq!(again, after, "a second call changes nothing");
+    }
+
+    #[test]
+    fn the_pool_threads_are_lowered_and_named() {
+        lower_compute_pool();
+        let seen = rayon::broadcast(|_| {
+            let comm = std::fs::read_to_string("/proc/thread-self/comm").unwrap();
+            (comm.trim().to_string(), own_nice())
+        });
+        assert_eq!(seen.len(), rayon::current_num_threads());
+        for (comm, nice) in seen {
+            assert_eq!(comm, POOL_THREAD_NAME);
+            assert!(nice >= compute_nice(), "pool thread at nice {nice}");
+        }
     }
 
     #[test]
