@@ -43,8 +43,8 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
 from ferroserve.gateway.pg_migrations import MIGRATIONS
-from ferroserve.gateway.pg_usage import PgUsageWriter
-from ferroserve.gateway.store import _INSERT_USAGE_HEAD, _ROW_PLACEHOLDERS, _ROWS_PER_INSERT, Store
+from ferroserve.gateway.pg_usage import PgUsageWriter, usage_insert_sql
+from ferroserve.gateway.store import _ROWS_PER_INSERT, Store
 
 # Any constant: the advisory lock only has to be the same number in every replica.
 _MIGRATION_LOCK = 0x66657272  # "ferr"
@@ -163,8 +163,7 @@ class PostgresStore(Store):
 
     @staticmethod
     def _insert_usage_chunk(conn: psycopg.Connection, chunk: list[tuple]) -> None:
-        sql = _INSERT_USAGE_HEAD + ", ".join([_ROW_PLACEHOLDERS] * len(chunk))
-        conn.execute(_to_pyformat(sql), list(itertools.chain.from_iterable(chunk)))
+        conn.execute(usage_insert_sql(len(chunk)), list(itertools.chain.from_iterable(chunk)))
 
     def data_version(self) -> int:
         return self.db.execute("SELECT version FROM key_version").fetchone()[0]

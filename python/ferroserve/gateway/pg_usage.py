@@ -35,7 +35,9 @@ _ATTEMPTS = 5
 
 
 @lru_cache(maxsize=_ROWS_PER_INSERT)
-def _insert_sql(rows: int) -> str:
+def usage_insert_sql(rows: int) -> str:
+    """The INSERT of `rows` usage records in one statement, with psycopg's placeholders (used
+    by this writer and by `PostgresStore.insert_usage`)."""
     return (_INSERT_USAGE_HEAD + ", ".join([_ROW_PLACEHOLDERS] * rows)).replace("%", "%%").replace("?", "%s")
 
 
@@ -110,11 +112,11 @@ class PgUsageWriter:
                     self._conn = await psycopg.AsyncConnection.connect(self._url, **self._connect_kwargs)
                 conn = self._conn
                 if len(chunks) == 1:  # one statement in autocommit mode: one round trip
-                    await conn.execute(_insert_sql(len(rows)), list(itertools.chain.from_iterable(rows)))
+                    await conn.execute(usage_insert_sql(len(rows)), list(itertools.chain.from_iterable(rows)))
                 else:
                     async with conn.transaction():
                         for chunk in chunks:
-                            await conn.execute(_insert_sql(len(chunk)), list(itertools.chain.from_iterable(chunk)))
+                            await conn.execute(usage_insert_sql(len(chunk)), list(itertools.chain.from_iterable(chunk)))
                 self.written += len(rows)
                 self.commits += 1
                 return
