@@ -1325,3 +1325,50 @@ fn panel_scales_widen_from_f16_exactly_on_every_isa() {
         }
     }
 }
+
+/// The panel kernels' integer sums at their bounds: every code at its largest magnitude
+/// (nibbles 15, fifth bits set, Q8_0's −128, Q6_K's −32 with scales −128, IQ4_NL's −127)
+/// against activation blocks that all quantise to +127 or all to −127, where the AVX2 kernels'
+/// i16 partial sums peak. Every ISA level must give the portable bits.
+#[test]
+fn panel_integer_sums_hold_at_extreme_codes_and_activations() {
+    let (mut rng, seed) = rng(17);
+    let (m, n, k) = (3usize, 40usize, 512usize);
+    let x: Vec<f32> = (0..m * k).map(|i| match i / k {
+        0 => 1.0,
+        1 => -1.0,
+        _ => if (i / 32) % 2 == 0 { 0.5 } else { -2.0 },
+    }).collect();
+    for t in [QuantType::Q4_0, QuantType::Q4_1, QuantType::Q5_0, QuantType::Q5_1, QuantType::Q8_0, QuantType::IQ4_NL, QuantType::Q4_K, QuantType::Q6_K] {
+        let mut w: Vec<u8> = (0..n).flat_map(|_| random_blocks(t, &mut rng, k)).collect();
+        // The code bytes of each block (the scales `random_blocks` wrote stay).
+        let codes: &[std::ops::Range<usize>] = match t {
+            QuantType::Q4_0 | QuantType::IQ4_NL => &[2..18],
+            QuantType::Q4_1 => &[4..20],
+            QuantType::Q5_0 => &[2..22],
+            QuantType::Q5_1 => &[4..24],
+            QuantType::Q8_0 => &[2..34],
+            QuantType::Q4_K => &[16..144],
+            _ => &[0..192, 192..208],
+        };
+        let fill = match t {
+            QuantType::Q8_0 => 0x80,
+            QuantType::IQ4_NL | QuantType::Q6_K => 0x00,
+            _ => 0xff,
+        };
+        for blk in w.chunks_exact_mut(t.block_bytes()) {
+            for (i, range) in codes.iter().enumerate() {
+                // Q6_K: codes 0 (q = −32), then scales −128.
+                blk[range.clone()].fill(if i == 1 { 0x80 } else { fill });
+            }
+        }
+        let portable = run_panels(QuantIsa::Portable, t, &w, n, k, &x, m);
+        assert!(portable.iter().all(|v| v.is_finite() && *v != 0.0), "{}: portable outputs {portable:?}", t.name());
+        for isa in QuantIsa::available() {
+            let y = run_panels(isa, t, &w, n, k, &x, m);
+            for (i, (a, b)) in y.iter().zip(&portable).enumerate() {
+                assert_eq!(a.to_bits(), b.to_bits(), "{} {isa:?} index {i}: {a} vs portable {b} (seed {seed})", t.name());
+            }
+        }
+    }
+}

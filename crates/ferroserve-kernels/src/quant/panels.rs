@@ -997,6 +997,13 @@ mod avx512 {
 
 /// The same order on AVX2: a panel as two halves of eight rows (one 256-bit register of i32 or
 /// f32 lanes each), `vpmaddubsw` + `vpmaddwd` for the integer dot of a group of four codes.
+/// `vpmaddubsw` gives i16 pairs and `vpmaddwd` widens them; the widening is the scarcer
+/// multiply (Zen 1 runs both on one 128-bit pipe), so where the pairs cannot overflow it is
+/// done once per run of groups: |a| ≤ 127, so a pair of codes 0..15 is at most 3,810 and eight
+/// groups' pairs sum to ≤ 30,480 in i16 (Q4_0, Q4_1, Q4_K: one `vpmaddwd` per block instead of
+/// eight); codes 0..31 (Q5_0, Q5_1) sum four groups (≤ 31,496), Q6_K's |q| ≤ 32 four groups of
+/// one scale (≤ 32,512). The integer dot is the same, so are the bits.
+///
 /// `vpmaddubsw` saturates at i16, so Q8_0 does not use the +128 codes (up to 255·127·2) but
 /// their signed value with the sign moved onto the activation, |w|·(±a) ≤ 128·127·2 < 2¹⁵;
 /// both give the exact integer dot, hence the portable bits.
@@ -1127,10 +1134,22 @@ mod avx2 {
                     // SAFETY: the activation row holds nb > b blocks of 32 bytes.
                     let a = rows[i].qs.as_ptr().add(b * BLOCK_ELEMS).cast::<i32>();
                     let mut sumi = _mm256_setzero_si256();
-                    for g in 0..8 {
-                        let ag = _mm256_set1_epi32(a.add(g).read_unaligned());
-                        let ag = if signed { _mm256_sign_epi8(ag, sign[g]) } else { ag };
-                        sumi = _mm256_add_epi32(sumi, dot4(v[g], ag));
+                    if signed {
+                        for g in 0..8 {
+                            let ag = _mm256_sign_epi8(_mm256_set1_epi32(a.add(g).read_unaligned()), sign[g]);
+                            sumi = _mm256_add_epi32(sumi, dot4(v[g], ag));
+                        }
+                    } else {
+                        // Unsigned codes: the groups' `vpmaddubsw` pairs summed in i16 first
+                        // (module docs of `avx2`), one `vpmaddwd` per run of groups.
+                        let run = if kind::five_bit(KIND) { 4 } else { 8 };
+                        for g0 in (0..8).step_by(run) {
+                            let mut s16 = _mm256_setzero_si256();
+                            for g in g0..g0 + run {
+                                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(v[g], _mm256_set1_epi32(a.add(g).read_unaligned())));
+                            }
+                            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(s16, _mm256_set1_epi16(1)));
+                        }
                     }
                     if offset {
                         sumi = _mm256_add_epi32(sumi, _mm256_set1_epi32(*offsets.get_unchecked((r0 + i) * nb + b)));
@@ -1187,10 +1206,12 @@ mod avx2 {
                     let mw = _mm256_mul_ps(dmin, byte_lanes(PANEL_ROWS * (SUBS + j)));
                     for i in 0..R {
                         let a = rows[i].qs.as_ptr().add(b * BLOCK_ELEMS).cast::<i32>();
-                        let mut sumi = _mm256_setzero_si256();
+                        // Codes 0..15: all eight groups' pairs summed in i16, one `vpmaddwd`.
+                        let mut s16 = _mm256_setzero_si256();
                         for (g, vg) in v.iter().enumerate() {
-                            sumi = _mm256_add_epi32(sumi, dot4(*vg, _mm256_set1_epi32(a.add(g).read_unaligned())));
+                            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(*vg, _mm256_set1_epi32(a.add(g).read_unaligned())));
                         }
+                        let sumi = _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
                         let [dx, dx_sum] = *rows[i].scales.get_unchecked(b);
                         let dd = _mm256_mul_ps(dw, _mm256_set1_ps(dx));
                         acc[i] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sumi), acc[i]);
@@ -1255,10 +1276,16 @@ mod avx2 {
                     let sc = [group_scales(2 * j), group_scales(2 * j + 1)];
                     for i in 0..R {
                         let a = rows[i].qs.as_ptr().add(b * BLOCK_ELEMS).cast::<i32>();
+                        // The four groups of one scale: pairs summed in i16, then `vpmaddwd`
+                        // by that scale.
                         let mut sumi = _mm256_setzero_si256();
-                        for g in 0..8 {
-                            let ag = _mm256_sign_epi8(_mm256_set1_epi32(a.add(g).read_unaligned()), q[g]);
-                            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(abs[g], ag), sc[g / 4]));
+                        for half_sb in 0..2 {
+                            let mut s16 = _mm256_setzero_si256();
+                            for g in 4 * half_sb..4 * half_sb + 4 {
+                                let ag = _mm256_sign_epi8(_mm256_set1_epi32(a.add(g).read_unaligned()), q[g]);
+                                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(abs[g], ag));
+                            }
+                            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(s16, sc[half_sb]));
                         }
                         let dd = _mm256_mul_ps(d, _mm256_set1_ps(rows[i].scales.get_unchecked(b)[0]));
                         acc[i] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sumi), acc[i]);
