@@ -256,3 +256,37 @@ def test_concurrent_usage_sums_exactly_and_a_sigterm_loses_no_answered_request(p
     with psycopg.connect(url) as conn:
         stored = {rid for (rid,) in conn.execute("SELECT request_id FROM usage")}
     assert metered <= stored, f"{len(metered - stored)} answered requests have no usage row after SIGTERM"
+
+
+def test_a_lone_record_goes_through_the_prepared_statement_exactly_and_after_a_dropped_connection(postgres):
+    """The one-row path (pg_usage.py: a `PREPARE`d INSERT driven through libpq with text
+    parameters): every column comes back as written (float8 to the last bit, NULLs, ints), a NUL
+    in a captured prompt becomes U+FFFD instead of cutting the text, and after the database
+    dropped the writer's connection the next record is written on a new one (prepared again)."""
+    url = postgres.new_database()
+    store = PostgresStore(url, usage_async_commit=True)
+    writer = store.usage_writer()
+    first = ("req-exact", 1765300000.1234567, "key-1", "w", "chat", "m", "local", 1, 7, 11, 5, 3.0000000000000004e-07,
+             12.345, None, 200, None, "a\x00b é", "x\ny")
+    second = ("req-after", 1765300001.5, None, "w", "embeddings", None, None, 0, 0, 0, 0, 0.0, 0.25, 0.125, 404,
+              "model_not_found", None, None)
+
+    async def write() -> list[str]:
+        await writer.record_committed(first)
+        cursor = await writer._conn.execute("SELECT name FROM pg_prepared_statements")
+        prepared = [name for (name,) in await cursor.fetchall()]
+        with psycopg.connect(postgres.url(), autocommit=True) as admin:
+            assert admin.execute("SELECT pg_terminate_backend(%s)", (writer._conn.info.backend_pid,)).fetchone()[0]
+        await asyncio.wait_for(writer.record_committed(second), 10)
+        await writer.aclose()
+        return prepared
+
+    try:
+        prepared = asyncio.run(write())
+    finally:
+        store.close()
+    assert prepared == ["ferroserve_usage_insert"]
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(f"SELECT {', '.join(USAGE_COLUMNS)} FROM usage ORDER BY rowid").fetchall()
+    assert rows == [first[:16] + ("a\ufffdb é", "x\ny"), second]
+    assert (writer.written, writer.failed) == (2, 0)
