@@ -206,3 +206,33 @@ def test_sqlite_and_postgres_schemas_have_the_same_tables_and_columns(database_u
     assert set(pg) - PG_ONLY_TABLES == set(lite)
     for table, columns in lite.items():
         assert pg[table] == columns, f"{table}: only SQLite {columns - pg[table]}, only PostgreSQL {pg[table] - columns}"
+
+
+def test_scripts_on_the_held_connection_survive_a_script_flush_and_a_killed_connection(redis_server):
+    """The admission scripts are sent by EVALSHA on the held connection, packed by
+    shared_limits.Script: every call counts exactly once, including the one after Redis forgot
+    the script (SCRIPT FLUSH, as after a restart: NOSCRIPT, loaded again) and the one after
+    Redis dropped the connection (CLIENT KILL: reconnected); keys and arguments arrive intact."""
+    from ferroserve.gateway.shared_limits import _ADMIT_REQUEST, Script, connect
+
+    url = redis_server.new_url()
+    client = connect(url)
+    admin = redis.Redis.from_url(url)
+    try:
+        script = Script(client, _ADMIT_REQUEST)
+        key = "ferroserve:rate:clé-ü"  # not ASCII: bytes lengths in the packed command
+        counts = []
+        for i in range(9):
+            if i == 3:
+                admin.script_flush()
+            if i == 6:
+                assert admin.client_kill_filter(_type="normal", skipme=True) >= 1
+            ok, started, requests, tokens, what = script(keys=[key], args=[repr(1000.5), 60000, 100, -1])
+            assert (ok, started, tokens, what) == (1, b"1000.5", 0, b"")
+            counts.append(requests)
+        assert counts == list(range(1, 10))
+        assert admin.hget(key, "requests") == b"9"
+        assert client.connection is not None  # still the held connection, not a pool
+    finally:
+        client.close()
+        admin.close()

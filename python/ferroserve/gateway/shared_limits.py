@@ -124,6 +124,45 @@ def connect(url: str) -> redis.Redis:
         return redis.Redis.from_url(url, **kwargs)
 
 
+def _pack(parts: tuple) -> bytes:
+    """One command in RESP (an array of bulk strings), as redis-py's encoder would write it for
+    these argument types (str as UTF-8, int, bytes)."""
+    out = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        data = part if type(part) is bytes else str(part).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+class Script:
+    """A Lua script called by EVALSHA on the client's held connection, packed here and written
+    with that connection's `send_packed_command` / `read_response`: redis-py's command path
+    (Script → evalsha → execute_command → retry wrapper → its encoder) costs more CPU than the
+    round trip on a slow core (bench/NOTES.md, issue 18 round three: 137 → 63 µs a call on Zen 1).
+    Whatever that path handles is handed to it: a pooled client (Redis was down at start), a
+    script Redis does not know (NOSCRIPT: it restarted or was flushed; redis-py loads it), a
+    broken or timed-out connection (redis-py reconnects and retries, as it would have anyway)."""
+
+    __slots__ = ("client", "script", "_sha")
+
+    def __init__(self, client: redis.Redis, source: str) -> None:
+        self.client = client
+        self.script = client.register_script(source)
+        self._sha = self.script.sha.encode()
+
+    def __call__(self, keys: list, args: list):
+        conn = self.client.connection
+        if conn is not None:
+            try:
+                conn.send_packed_command([_pack((b"EVALSHA", self._sha, len(keys), *keys, *args))], check_health=False)
+                return conn.read_response()
+            except redis.exceptions.NoScriptError:
+                pass
+            except (redis.ConnectionError, redis.TimeoutError):
+                conn.disconnect()  # (redis-py did already, unless the error came from elsewhere)
+        return self.script(keys=keys, args=args)
+
+
 def unavailable(exc: Exception) -> ApiError:
     logger.error("redis unavailable", extra={"fields": {"error": type(exc).__name__}})
     return ApiError(503, "The rate limiter is unavailable; please retry shortly.", type="server_error",
@@ -145,8 +184,8 @@ class SharedRateLimiter(RateLimiter):
     def __init__(self, window_s: float, client: redis.Redis) -> None:
         super().__init__(window_s)
         self.client = client
-        self._admit_request = client.register_script(_ADMIT_REQUEST)
-        self._add_tokens = client.register_script(_ADD_TOKENS)
+        self._admit_request = Script(client, _ADMIT_REQUEST)
+        self._add_tokens = Script(client, _ADD_TOKENS)
         # Windows this replica saw with no request left, by Redis key: refused here until they end.
         self._full: dict[str, SharedWindow] = {}
 
@@ -198,7 +237,7 @@ class SharedBudgets:
     def __init__(self, client: redis.Redis, limiter: SharedRateLimiter) -> None:
         self.client = client
         self.limiter = limiter
-        self._admit = client.register_script(_ADMIT)
+        self._admit = Script(client, _ADMIT)
 
     @staticmethod
     def counter(workspace: str, now: float) -> str:
