@@ -77,7 +77,7 @@ test-rust:
 	cargo test --release --lib --bins --tests
 
 test-python:
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=30
 
 # Every lower CPU kernel level the host has, and emulated older CPUs (tests/isa_matrix.sh).
 test-isa-matrix:
