@@ -53,7 +53,7 @@ for line in sys.stdin:
             # FERROSERVE_ISA unset: the levels are whatever the emulated CPU reports.
             env -u FERROSERVE_ISA qemu-x86_64 -cpu "$cpu" "$bin" -q
         done
-        summary+=("emulated ${cpu%%,*}: kernel crate tests passed, levels $(env -u FERROSERVE_ISA qemu-x86_64 -cpu "$cpu" "$lib_tests" --exact cpu::tests::levels_are_ordered_and_portable_is_always_there --nocapture 2>&1 | sed -n 's/^this CPU runs //p') ($((SECONDS - start)) s)")
+        summary+=("emulated ${cpu%%,*}: kernel crate tests passed, levels $(env -u FERROSERVE_ISA qemu-x86_64 -cpu "$cpu" "$lib_tests" --exact isa::tests::levels_are_ordered_and_portable_is_always_there --nocapture 2>&1 | sed -n 's/^this CPU runs //p') ($((SECONDS - start)) s)")
     done
 fi
 

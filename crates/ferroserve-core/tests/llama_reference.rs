@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use ferroserve_core::kv::KvCache;
 use ferroserve_core::models::llama::{LlamaModel, Numerics};
 use ferroserve_core::sched::SeqChunk;
-use ferroserve_kernels::quant::QuantIsa;
+use ferroserve_kernels::quant::QuantLevel;
 
 const NEW_TOKENS: usize = 32;
 /// Bounds on |our first-token log-probability − llama.cpp's| over the fixture's top-5 tokens.
@@ -326,7 +326,7 @@ fn greedy_continuations_and_first_token_logprobs_match_llama_cpp() {
 #[test]
 fn fast_numerics_diverge_from_llama_cpp_only_at_near_ties() {
     let path = model_path();
-    if QuantIsa::selected() < QuantIsa::Avx2 {
+    if QuantLevel::selected() < QuantLevel::Avx2 {
         println!("skipped: fast numerics need AVX2 or AVX-512");
         return;
     }
@@ -356,7 +356,7 @@ fn logits_are_bitwise_batch_invariant() {
 #[test]
 fn fast_numerics_logits_are_bitwise_batch_invariant() {
     let path = model_path();
-    if QuantIsa::selected() < QuantIsa::Avx2 {
+    if QuantLevel::selected() < QuantLevel::Avx2 {
         println!("skipped: fast numerics need AVX2 or AVX-512");
         return;
     }

@@ -36,7 +36,7 @@ use std::time::Instant;
 
 use ferroserve_core::models::llama::{LlamaModel, Numerics};
 use ferroserve_core::sched::SeqChunk;
-use ferroserve_kernels::quant::QuantIsa;
+use ferroserve_kernels::quant::QuantLevel;
 use llama_f64::{log_softmax, LlamaF64};
 
 /// The prose: this many tokens from the start of the text, in independent windows of
@@ -271,8 +271,8 @@ impl Paired {
 #[test]
 fn fast_numerics_are_at_least_as_close_to_an_f64_reference_as_exact() {
     let path = common::smollm2_gguf();
-    let level = QuantIsa::selected();
-    if level < QuantIsa::Avx2 {
+    let level = QuantLevel::selected();
+    if level < QuantLevel::Avx2 {
         println!("SKIPPED at the {} level: fast numerics' kernels exist only on AVX2 and AVX-512", level.as_str());
         return;
     }

@@ -33,7 +33,7 @@ use ferroserve_kernels::kv_layout::PagedKvLayout;
 use ferroserve_kernels::opencl::ops::{AttentionTables, LlamaKernels, Q8Buffers, QuantWeights};
 use ferroserve_kernels::opencl::{DeviceBuffer, KernelSource, OpenClDevice, OpenClError};
 use ferroserve_kernels::quant::f16::f32_to_f16;
-use ferroserve_kernels::quant::{self, quant_matmul_prepared, Q8Activations, QuantIsa, QuantType};
+use ferroserve_kernels::quant::{self, quant_matmul_prepared, Q8Activations, QuantLevel, QuantType};
 use ferroserve_kernels::testing::Rng;
 use ferroserve_kernels::Isa;
 use rayon::prelude::*;
@@ -238,7 +238,7 @@ impl Batch {
 struct Bench<'a> {
     dev: &'a OpenClDevice,
     kn: &'a LlamaKernels,
-    qisa: QuantIsa,
+    qisa: QuantLevel,
     isa: Isa,
     reps: usize,
     rng: Rng,
@@ -723,7 +723,7 @@ fn run(index: usize, reps: usize) -> ClResult<()> {
     let kn = LlamaKernels::build(&dev, HEAD_DIM, &KernelSource::Embedded)?;
     let build_s = t.elapsed().as_secs_f64();
     let info = &dev.info;
-    let (qisa, isa) = (QuantIsa::selected(), Isa::selected());
+    let (qisa, isa) = (QuantLevel::selected(), Isa::selected());
     println!("# OpenCL kernels vs CPU kernels, SmolLM2-135M shapes\n");
     println!(
         "- OpenCL device {}: {} ({}, {}), {} compute units, IEEE fp32 (bitwise-capable): {}; kernels built in {build_s:.1} s",

@@ -17,7 +17,7 @@
 
 use std::time::Instant;
 
-use ferroserve_kernels::quant::{panel_matmul, quant_matmul_prepared, quantize_row, Panels, Q8Activations, QuantIsa, QuantType};
+use ferroserve_kernels::quant::{panel_matmul, quant_matmul_prepared, quantize_row, Panels, Q8Activations, QuantLevel, QuantType};
 
 fn percentile(v: &[f64], p: f64) -> f64 {
     let mut v = v.to_vec();
@@ -50,7 +50,7 @@ fn quantized(t: QuantType, n: usize, k: usize, rnd: &mut impl FnMut() -> f32) ->
 /// run round-robin in one loop, each over copies totalling ≥ 96 MB so the weights stream from
 /// memory as in a decode step. Prints per run the median µs per matmul (p10–p90) and the GGUF
 /// bytes over the median (GB/s); returns per `m` the medians in the order of `runs`.
-fn round_robin(isa: QuantIsa, n: usize, k: usize, formats: &[(QuantType, bool)], ms: &[usize]) -> Vec<Vec<f64>> {
+fn round_robin(isa: QuantLevel, n: usize, k: usize, formats: &[(QuantType, bool)], ms: &[usize]) -> Vec<Vec<f64>> {
     let rounds = 41;
     let mut rnd = rng();
     // (name, GGUF bytes of one copy, copies, the run over all copies)
@@ -112,7 +112,7 @@ fn round_robin(isa: QuantIsa, n: usize, k: usize, formats: &[(QuantType, bool)],
 
 /// `panel_bench kquant [m...]`: the 1B FFN shape (n = 8192, k = 2048) in Q4_K and Q6_K, exact
 /// and panels, plus Q4_1 panels of the same shape (Q4_K's other option).
-fn kquant_round_robin(isa: QuantIsa, ms: &[usize]) {
+fn kquant_round_robin(isa: QuantLevel, ms: &[usize]) {
     use QuantType::*;
     let formats = [(Q4_K, false), (Q4_K, true), (Q6_K, false), (Q6_K, true), (Q4_1, true)];
     for (m, med) in ms.iter().zip(round_robin(isa, 8192, 2048, &formats, ms)) {
@@ -130,7 +130,7 @@ fn kquant_round_robin(isa: QuantIsa, ms: &[usize]) {
 /// exact and in panels, Q8_0 panels of the same shape (= the cost of Q5_0 repacked into Q8_0
 /// panels, codes `q − 16` as i8: the same kernel and bytes, 36 per 32 weights against the 5-bit
 /// layout's 24), and Q4_0 and IQ4_NL panels.
-fn fallback_round_robin(isa: QuantIsa, ms: &[usize]) {
+fn fallback_round_robin(isa: QuantLevel, ms: &[usize]) {
     use QuantType::*;
     let formats = [(Q5_0, false), (Q5_0, true), (Q8_0, true), (Q5_1, false), (Q5_1, true), (Q4_0, true), (IQ4_NL, true)];
     for (m, med) in ms.iter().zip(round_robin(isa, 1536, 576, &formats, ms)) {
@@ -144,7 +144,7 @@ fn fallback_round_robin(isa: QuantIsa, ms: &[usize]) {
 }
 
 fn main() {
-    let isa = QuantIsa::selected();
+    let isa = QuantLevel::selected();
     let args: Vec<String> = std::env::args().skip(1).collect();
     if let Some(mode @ ("kquant" | "fallback")) = args.first().map(String::as_str) {
         let ms: Vec<usize> = args[1..].iter().map(|a| a.parse().expect("m")).collect();

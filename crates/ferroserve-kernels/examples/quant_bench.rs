@@ -13,7 +13,7 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use ferroserve_kernels::quant::{quant_matmul_with_isa, quantize_row, QuantIsa, QuantType};
+use ferroserve_kernels::quant::{quant_matmul_with_isa, quantize_row, QuantLevel, QuantType};
 use rayon::prelude::*;
 
 fn weights(t: QuantType, n: usize, k: usize, seed: u64) -> Vec<u8> {
@@ -53,10 +53,10 @@ fn stats(mut v: Vec<f64>) -> Stats {
 
 /// Times `f` for each level, alternating levels within each repetition; seconds per call.
 fn time_alternating(
-    isas: &[QuantIsa],
+    isas: &[QuantLevel],
     reps: usize,
     inner: usize,
-    mut f: impl FnMut(QuantIsa),
+    mut f: impl FnMut(QuantLevel),
 ) -> Vec<Stats> {
     for &isa in isas {
         for _ in 0..inner.max(3) {
@@ -104,12 +104,12 @@ fn main() {
         .map(|s| s.split(',').map(str::to_uppercase).collect())
         .unwrap_or_default();
     let want = |name: &str| wanted.is_empty() || wanted.iter().any(|w| w == name);
-    let isas = QuantIsa::available();
+    let isas = QuantLevel::available();
     println!(
         "# quant_matmul micro-benchmark: {} rayon threads, levels {:?}, selected {:?}, {reps} reps (median [min, max])",
         rayon::current_num_threads(),
         isas,
-        QuantIsa::selected()
+        QuantLevel::selected()
     );
     let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| {
         s.lines()

@@ -34,7 +34,7 @@ fn main() {
         micros.push(t.elapsed().as_secs_f64() * 1e6);
     }
     micros.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let bytes: usize = linears.iter().map(|(w, _)| w.data_bf16.len() * 4 + w.data.len() * 4).sum();
+    let bytes: usize = linears.iter().map(|(w, _)| w.weights.bytes()).sum();
     println!(
         "device {}: 24 linears, m = {m}: p10 {:.0} us, p50 {:.0} us ({:.1} MB of weights -> {:.1} GB/s at p50)",
         dev.name(),

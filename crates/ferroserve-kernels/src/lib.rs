@@ -10,13 +10,15 @@
 //! kernel launches instead, and model runners keep a whole forward pass on the device.
 
 pub mod cpu;
+pub mod isa;
 pub mod kv_layout;
 pub mod opencl;
 pub mod quant;
 #[doc(hidden)]
 pub mod testing;
 
-pub use cpu::{CpuDevice, Isa};
+pub use cpu::CpuDevice;
+pub use isa::{Isa, IsaError, QuantLevel};
 
 /// A linear layer's weight, prepared once for a device's matmul kernel.
 ///
@@ -26,12 +28,28 @@ pub use cpu::{CpuDevice, Isa};
 pub struct PackedLinear {
     pub out_features: usize,
     pub in_features: usize,
-    /// Device-specific packed data (for the CPU: f32 column panels, see `cpu::gemm`).
-    pub data: Vec<f32>,
-    /// The same panels as bf16 pairs along k (for CPUs with AVX512-BF16, see
-    /// `cpu::gemm_bf16`); empty when the f32 panels are used.
-    pub data_bf16: Vec<u32>,
+    pub weights: PackedWeights,
     pub bias: Option<Vec<f32>>,
+}
+
+/// A linear layer's weight in the layout of the kernel that will read it.
+#[derive(Debug, Clone)]
+pub enum PackedWeights {
+    /// f32 column panels (`cpu::gemm`).
+    F32(Vec<f32>),
+    /// The same panels as bf16 pairs along k, one pair per u32 (`vdpbf16ps` and AMX tiles,
+    /// for the avx512bf16 and amx levels).
+    Bf16(Vec<u32>),
+}
+
+impl PackedWeights {
+    /// Bytes of packed weight data.
+    pub fn bytes(&self) -> usize {
+        match self {
+            PackedWeights::F32(p) => std::mem::size_of_val(p.as_slice()),
+            PackedWeights::Bf16(p) => std::mem::size_of_val(p.as_slice()),
+        }
+    }
 }
 
 /// An element-wise function fused into a linear layer's output (applied while the

@@ -8,7 +8,7 @@ use ferroserve_kernels::quant::f16::{f16_to_f32, f32_to_f16};
 use ferroserve_kernels::testing::Rng;
 use ferroserve_kernels::quant::{
     dequantize_row, panel_matmul, panel_matmuls, quant_matmul, quant_matmul_prepared, quant_matmul_with_isa,
-    quantize_row, Panels, Q8Activations, QuantIsa, QuantType,
+    quantize_row, Panels, Q8Activations, QuantLevel, QuantType,
 };
 
 /// The crate's test generator, seeded from `QUANT_TEST_SEED` or the clock.
@@ -423,7 +423,7 @@ fn norm(a: &[f32]) -> f64 {
 ///     ‖w‖·‖x − x̂‖ (Cauchy–Schwarz on the activation rounding) plus f32 accumulation;
 /// (b) the f64 product with the activations the kernel actually saw (x̂), within f32
 ///     accumulation error only — this catches layout slips the loose bound would not.
-fn check_case(isa: QuantIsa, c: &Case, rng: &mut Rng, seed: u64) {
+fn check_case(isa: QuantLevel, c: &Case, rng: &mut Rng, seed: u64) {
     let (w, w_deq, x) = random_case(rng, c);
     let mut y = vec![f32::NAN; c.m * c.n];
     quant_matmul_with_isa(isa, c.t, &w, c.n, c.k, &x, c.m, &mut y);
@@ -493,7 +493,7 @@ fn check_case(isa: QuantIsa, c: &Case, rng: &mut Rng, seed: u64) {
 #[test]
 fn matmul_matches_f64_reference_on_every_isa() {
     let (mut rng, seed) = rng(3);
-    for isa in QuantIsa::available() {
+    for isa in QuantLevel::available() {
         for t in QuantType::ALL {
             let be = t.block_elems().max(32);
             // One block, an odd number of blocks (pairing tail), and a longer row.
@@ -511,7 +511,7 @@ fn matmul_matches_f64_reference_on_every_isa() {
 #[test]
 fn float_weights_take_unaligned_k() {
     let (mut rng, seed) = rng(4);
-    for isa in QuantIsa::available() {
+    for isa in QuantLevel::available() {
         for t in [QuantType::F32, QuantType::F16, QuantType::BF16] {
             for k in [1, 15, 17, 33, 100] {
                 check_case(isa, &Case { t, m: 5, n: 9, k }, &mut rng, seed);
@@ -546,7 +546,7 @@ fn empty_shapes() {
 // ---------------------------------------------------------------------------------------
 // Batch invariance: a row's output bits do not depend on the batch or the thread split.
 
-fn run(isa: QuantIsa, t: QuantType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
+fn run(isa: QuantLevel, t: QuantType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
     let mut y = vec![f32::NAN; m * n];
     quant_matmul_with_isa(isa, t, w, n, k, x, m, &mut y);
     y
@@ -563,7 +563,7 @@ fn rows_are_bitwise_identical_alone_or_in_any_batch() {
         .num_threads(3)
         .build()
         .unwrap();
-    for isa in QuantIsa::available() {
+    for isa in QuantLevel::available() {
         for t in QuantType::ALL {
             let (n, k) = (129, if t.block_elems() == 256 { 768 } else { 544 });
             let c = Case { t, m: 16, n, k };
@@ -617,7 +617,7 @@ fn rows_are_bitwise_identical_alone_or_in_any_batch() {
 #[test]
 fn prepared_activations_give_the_same_bits() {
     let (mut rng, _) = rng(6);
-    let isa = QuantIsa::selected();
+    let isa = QuantLevel::selected();
     for t in BLOCK_TYPES {
         let c = Case {
             t,
@@ -648,7 +648,7 @@ fn prepared_activations_give_the_same_bits() {
 #[test]
 fn nan_and_inf_propagate() {
     let (mut rng, _) = rng(7);
-    for isa in QuantIsa::available() {
+    for isa in QuantLevel::available() {
         for t in QuantType::ALL {
             let (m, n, k) = (3, 5, 256);
             let c = Case { t, m, n, k };
@@ -715,10 +715,10 @@ fn calls_from_inside_rayon_tasks_agree_with_direct_calls() {
         k: 576,
     };
     let (w, _, x) = random_case(&mut rng, &c);
-    let direct = run(QuantIsa::selected(), t, &w, c.n, c.k, &x, c.m);
+    let direct = run(QuantLevel::selected(), t, &w, c.n, c.k, &x, c.m);
     let nested: Vec<Vec<f32>> = (0..16)
         .into_par_iter()
-        .map(|_| run(QuantIsa::selected(), t, &w, c.n, c.k, &x, c.m))
+        .map(|_| run(QuantLevel::selected(), t, &w, c.n, c.k, &x, c.m))
         .collect();
     for y in nested {
         assert!(y
@@ -741,7 +741,7 @@ fn q4_1_matches_llama_cpp_order_on_every_isa() {
     for m in [1usize, 4, 7, 19] {
         let c = Case { t, m, n, k };
         let (w, _, x) = random_case(&mut rng, &c);
-        let portable = run(QuantIsa::Portable, t, &w, n, k, &x, m);
+        let portable = run(QuantLevel::Portable, t, &w, n, k, &x, m);
         // The reference order, from the bytes.
         let row_bytes = k / 32 * 20;
         for r in 0..m {
@@ -770,7 +770,7 @@ fn q4_1_matches_llama_cpp_order_on_every_isa() {
                 assert_eq!(portable[r * n + j].to_bits(), want.to_bits(), "portable m={m} row {r} col {j} (seed {seed})");
             }
         }
-        for isa in QuantIsa::available() {
+        for isa in QuantLevel::available() {
             let y = run(isa, t, &w, n, k, &x, m);
             for (i, (a, b)) in y.iter().zip(&portable).enumerate() {
                 assert_eq!(a.to_bits(), b.to_bits(), "{isa:?} m={m} index {i}: {a} vs portable {b} (seed {seed})");
@@ -899,7 +899,7 @@ fn exact_order_formats_give_their_reference_bits_on_every_isa() {
                     // Random codes and scales, not only the round-to-nearest quantiser's.
                     w = (0..n).flat_map(|_| random_blocks(t, &mut rng, k)).collect();
                 }
-                let portable = run(QuantIsa::Portable, t, &w, n, k, &x, m);
+                let portable = run(QuantLevel::Portable, t, &w, n, k, &x, m);
                 for r in 0..m {
                     for j in 0..n {
                         let want = reference_order(t, &w[j * row_bytes..(j + 1) * row_bytes], &x[r * k..(r + 1) * k]);
@@ -907,7 +907,7 @@ fn exact_order_formats_give_their_reference_bits_on_every_isa() {
                         assert_eq!(got.to_bits(), want.to_bits(), "{} portable k={k} m={m} [{r}, {j}]: {got} vs {want} (seed {seed})", t.name());
                     }
                 }
-                for isa in QuantIsa::available() {
+                for isa in QuantLevel::available() {
                     let y = run(isa, t, &w, n, k, &x, m);
                     for (i, (a, b)) in y.iter().zip(&portable).enumerate() {
                         assert_eq!(a.to_bits(), b.to_bits(), "{} {isa:?} k={k} m={m} index {i}: {a} vs portable {b} (seed {seed})", t.name());
@@ -921,7 +921,7 @@ fn exact_order_formats_give_their_reference_bits_on_every_isa() {
 // ---------------------------------------------------------------------------------------
 // Fast numerics: weights repacked into 16-row panels, one f32 chain per output.
 
-fn run_panels(isa: QuantIsa, t: QuantType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
+fn run_panels(isa: QuantLevel, t: QuantType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
     let panels = Panels::pack(t, w, n, k);
     let mut acts = Q8Activations::new();
     acts.quantize_with_isa(isa, x, m, k);
@@ -953,7 +953,7 @@ fn panels_follow_the_fast_order_on_every_isa() {
                     dequantize_row(t, bytes, row);
                 }
             }
-            let portable = run_panels(QuantIsa::Portable, t, &w, n, k, &x, m);
+            let portable = run_panels(QuantLevel::Portable, t, &w, n, k, &x, m);
             let row_bytes = t.row_bytes(k);
             let mut acts = Q8Activations::new();
             acts.quantize(&x, m, k);
@@ -1003,7 +1003,7 @@ fn panels_follow_the_fast_order_on_every_isa() {
                     assert!((got as f64 - seen).abs() <= fp, "{} m={m} random bytes {random_bytes} [{r}, {j}]: {got} vs f64 {seen} (seed {seed})", t.name());
                 }
             }
-            for isa in QuantIsa::available() {
+            for isa in QuantLevel::available() {
                 let y = run_panels(isa, t, &w, n, k, &x, m);
                 for (i, (a, b)) in y.iter().zip(&portable).enumerate() {
                     assert_eq!(a.to_bits(), b.to_bits(), "{} {isa:?} m={m} n={n} index {i}: {a} vs portable {b} (seed {seed})", t.name());
@@ -1018,7 +1018,7 @@ fn panels_follow_the_fast_order_on_every_isa() {
 #[test]
 fn panel_rows_are_bitwise_identical_alone_or_in_any_batch() {
     let (mut rng, seed) = rng(13);
-    let isa = QuantIsa::selected();
+    let isa = QuantLevel::selected();
     let formats = [
         QuantType::Q4_1,
         QuantType::Q8_0,
@@ -1066,7 +1066,7 @@ fn panel_matmuls_give_each_matrix_its_own_bits() {
                 .iter()
                 .map(|&(t, n)| (Panels::pack(t, &random_case(&mut rng, &Case { t, m: 1, n, k }).0, n, k), n))
                 .collect();
-            for isa in QuantIsa::available() {
+            for isa in QuantLevel::available() {
                 let mut acts = Q8Activations::new();
                 acts.quantize_with_isa(isa, &x, m, k);
                 let mut ys: Vec<Vec<f32>> = mats.iter().map(|(_, n)| vec![f32::NAN; m * n]).collect();
@@ -1149,7 +1149,7 @@ fn k_quant_panels_follow_the_fast_order_on_every_isa() {
                         dequantize_row(t, bytes, row);
                     }
                 }
-                let portable = run_panels(QuantIsa::Portable, t, &w, n, k, &x, m);
+                let portable = run_panels(QuantLevel::Portable, t, &w, n, k, &x, m);
                 let row_bytes = t.row_bytes(k);
                 let mut acts = Q8Activations::new();
                 acts.quantize(&x, m, k);
@@ -1194,7 +1194,7 @@ fn k_quant_panels_follow_the_fast_order_on_every_isa() {
                         assert!((got as f64 - seen).abs() <= fp, "{at}: {got} vs f64 {seen}, bound {fp}");
                     }
                 }
-                for isa in QuantIsa::available() {
+                for isa in QuantLevel::available() {
                     let y = run_panels(isa, t, &w, n, k, &x, m);
                     for (i, (a, b)) in y.iter().zip(&portable).enumerate() {
                         assert_eq!(
@@ -1307,7 +1307,7 @@ fn panel_scales_widen_from_f16_exactly_on_every_isa() {
         }
         for m in [1, 5] {
             let x: Vec<f32> = (0..m * k).map(|_| rng.f32()).collect();
-            let portable = run_panels(QuantIsa::Portable, t, &w, n, k, &x, m);
+            let portable = run_panels(QuantLevel::Portable, t, &w, n, k, &x, m);
             let row_bytes = t.row_bytes(k);
             for r in 0..m {
                 for j in 0..n {
@@ -1316,7 +1316,7 @@ fn panel_scales_widen_from_f16_exactly_on_every_isa() {
                     assert_eq!(got.to_bits(), want.to_bits(), "{} portable m={m} [{r}, {j}]: {got} vs {want} (seed {seed})", t.name());
                 }
             }
-            for isa in QuantIsa::available() {
+            for isa in QuantLevel::available() {
                 let y = run_panels(isa, t, &w, n, k, &x, m);
                 for (i, (a, b)) in y.iter().zip(&portable).enumerate() {
                     assert_eq!(a.to_bits(), b.to_bits(), "{} {isa:?} m={m} index {i}: {a} vs portable {b} (seed {seed})", t.name());
@@ -1362,9 +1362,9 @@ fn panel_integer_sums_hold_at_extreme_codes_and_activations() {
                 blk[range.clone()].fill(if i == 1 { 0x80 } else { fill });
             }
         }
-        let portable = run_panels(QuantIsa::Portable, t, &w, n, k, &x, m);
+        let portable = run_panels(QuantLevel::Portable, t, &w, n, k, &x, m);
         assert!(portable.iter().all(|v| v.is_finite() && *v != 0.0), "{}: portable outputs {portable:?}", t.name());
-        for isa in QuantIsa::available() {
+        for isa in QuantLevel::available() {
             let y = run_panels(isa, t, &w, n, k, &x, m);
             for (i, (a, b)) in y.iter().zip(&portable).enumerate() {
                 assert_eq!(a.to_bits(), b.to_bits(), "{} {isa:?} index {i}: {a} vs portable {b} (seed {seed})", t.name());

@@ -5,7 +5,7 @@
 //! accumulation error. A missing fixture fails the test.
 
 use ferroserve_kernels::quant::{
-    dequantize_row, panel_matmul, quant_matmul_with_isa, Panels, Q8Activations, QuantIsa, QuantType,
+    dequantize_row, panel_matmul, quant_matmul_with_isa, Panels, Q8Activations, QuantLevel, QuantType,
 };
 use std::path::PathBuf;
 
@@ -107,13 +107,13 @@ fn matmul_of_fixture_blocks_is_the_f64_product_of_ggufs_floats() {
         x[k + 7] = 50.0;
         // What the kernels multiply by: the 8-bit activations, dequantised.
         let mut acts = Q8Activations::new();
-        acts.quantize_with_isa(QuantIsa::Portable, &x, m, k);
+        acts.quantize_with_isa(QuantLevel::Portable, &x, m, k);
         let mut x_hat = vec![0f32; m * k];
         for r in 0..m {
             acts.dequantize_row(r, &mut x_hat[r * k..(r + 1) * k]);
         }
         // Every level, in the exact order and (where the format has them) the fast panels.
-        let runs = QuantIsa::available().into_iter().flat_map(|isa| {
+        let runs = QuantLevel::available().into_iter().flat_map(|isa| {
             let mut exact = vec![f32::NAN; m * n];
             quant_matmul_with_isa(isa, t, &w, n, k, &x, m, &mut exact);
             let mut runs = vec![(format!("{isa:?} exact"), exact)];

@@ -23,7 +23,7 @@ use std::path::Path;
 
 use ferroserve_kernels::cpu::llama_ops::{self, AttentionArith, PagedSeq, RopeParams, SUPPORTED_HEAD_DIMS};
 use ferroserve_kernels::cpu::Isa;
-use ferroserve_kernels::quant::{self, panel_matmul, panel_matmuls, quant_matmul_prepared, quant_matmul_with_isa, Panels, Q8Activations, QuantIsa, QuantType};
+use ferroserve_kernels::quant::{self, panel_matmul, panel_matmuls, quant_matmul_prepared, quant_matmul_with_isa, Panels, Q8Activations, QuantLevel, QuantType};
 
 use crate::error::{Error, Result};
 use crate::kv::KvCache;
@@ -116,7 +116,7 @@ pub struct LlamaModel {
     output: Matrix,
     rope: RopeParams,
     isa: Isa,
-    quant_isa: QuantIsa,
+    quant_isa: QuantLevel,
     numerics: Numerics,
     /// Owns the memory map every `Matrix` points into; also reads the embedding rows.
     gguf: GgufFile,
@@ -169,10 +169,10 @@ impl LlamaModel {
         let fast = numerics == Numerics::Fast;
         // The panel kernels are written for AVX-512 VNNI and AVX2; elsewhere they would run the
         // scalar reference, slower than the exact order.
-        if fast && QuantIsa::selected() < QuantIsa::Avx2 {
+        if fast && QuantLevel::selected() < QuantLevel::Avx2 {
             return Err(err(format!(
                 "fast numerics need AVX2 or AVX-512 (this CPU runs the {} level); use exact numerics",
-                QuantIsa::selected().as_str()
+                QuantLevel::selected().as_str()
             )));
         }
         let matrix = |name: &str, rows: usize, cols: usize| load_matrix(&gguf, name, rows, cols, fast).map_err(err);
@@ -218,7 +218,7 @@ impl LlamaModel {
             output,
             rope,
             isa: Isa::selected(),
-            quant_isa: QuantIsa::selected(),
+            quant_isa: QuantLevel::selected(),
             numerics,
             gguf,
         })

@@ -31,7 +31,7 @@ pub fn encoder_attention(isa: Isa, qkv: &[f32], layout: &SeqLayout<'_>, heads: u
     assert!(qkv.len() >= rows * 3 * hidden && out.len() >= rows * hidden);
     let out_ptr = SendPtr(out.as_mut_ptr());
     let tasks = layout.num_seqs() * heads;
-    let tiled = isa >= Isa::Avx512 && head_dim % LANES == 0;
+    let tiled = isa.has_avx512() && head_dim % LANES == 0;
     let run = |t: usize| {
         let (s, h) = (t / heads, t % heads);
         let (start, end) = (layout.offsets[s], layout.offsets[s + 1]);

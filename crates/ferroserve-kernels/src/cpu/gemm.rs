@@ -97,8 +97,8 @@ fn pack_a(x: &[f32], rows: usize, k: usize) -> Vec<f32> {
     packed
 }
 
-/// `out[rows, n] = act(x[rows, k] · Wᵀ + bias)`.
-pub fn linear(isa: Isa, x: &[f32], rows: usize, w: &PackedLinear, act: Activation, out: &mut [f32]) {
+/// `out[rows, n] = act(x[rows, k] · Wᵀ + bias)`, `data` being `w`'s f32 panels ([`pack_b`]).
+pub fn linear(isa: Isa, x: &[f32], rows: usize, w: &PackedLinear, data: &[f32], act: Activation, out: &mut [f32]) {
     let (n, k) = (w.out_features, w.in_features);
     assert!(x.len() >= rows * k, "x too short");
     assert!(out.len() >= rows * n, "out too short");
@@ -106,14 +106,7 @@ pub fn linear(isa: Isa, x: &[f32], rows: usize, w: &PackedLinear, act: Activatio
     if rows == 0 || n == 0 {
         return;
     }
-    if !w.data_bf16.is_empty() {
-        return match isa {
-            Isa::Amx => super::gemm_amx::linear(x, rows, w, act, out),
-            Isa::Avx512Bf16 => super::gemm_bf16::linear(x, rows, w, act, out),
-            _ => panic!("bf16 weights need the avx512bf16 or amx level, not {}", isa.as_str()),
-        };
-    }
-    assert_eq!(w.data.len(), n.div_ceil(NR) * k * NR, "weights packed for another ISA");
+    assert_eq!(data.len(), n.div_ceil(NR) * k * NR, "weights packed for another ISA");
     let a = pack_a(x, rows, k);
     let panels = n.div_ceil(NR);
     let row_blocks = rows.div_ceil(MC);
@@ -125,7 +118,7 @@ pub fn linear(isa: Isa, x: &[f32], rows: usize, w: &PackedLinear, act: Activatio
         let r1 = (r0 + MC).min(rows);
         let c0 = p * NR;
         let ncols = NR.min(n - c0);
-        let panel = &w.data[p * k * NR..(p + 1) * k * NR];
+        let panel = &data[p * k * NR..(p + 1) * k * NR];
         let bias_tile = bias_tile(bias, c0, ncols);
         let a_block = &a[r0 * k..r1.div_ceil(MR_PACK) * MR_PACK * k];
         let out_ptr = out_ptr;
@@ -157,9 +150,9 @@ unsafe fn block(isa: Isa, a: &[f32], rows: usize, k: usize, panel: &[f32], bias:
             let c_tile = c.add(t * MR_PACK * ldc);
             match isa {
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx => x86::tile_avx512(a_tile, tile_rows, kc, b, bias, first, c_tile, ldc, ncols),
+                _ if isa.has_avx512() => x86::tile_avx512(a_tile, tile_rows, kc, b, bias, first, c_tile, ldc, ncols),
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => x86::tile_avx2(a_tile, tile_rows, kc, b, bias, first, c_tile, ldc, ncols),
+                _ if isa.has_avx2() => x86::tile_avx2(a_tile, tile_rows, kc, b, bias, first, c_tile, ldc, ncols),
                 _ => tile_portable(a_tile, tile_rows, kc, b, bias, first, c_tile, ldc, ncols),
             }
             if k0 + kc == k && act == Activation::Gelu {
@@ -294,7 +287,6 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use crate::cpu::test_util::{assert_close, levels, Rng};
     use crate::{Activation, CpuDevice, Device};
 
@@ -320,7 +312,7 @@ mod tests {
             let dev = CpuDevice::with_isa(isa).expect("a level this CPU has");
             // bf16 inputs carry 8 significant bits: compare against the f64 product of
             // the bf16-rounded operands tightly, and loosely against the exact one.
-            let bf16 = dev.isa() >= Isa::Avx512Bf16;
+            let bf16 = dev.isa().has_bf16();
             let tol = if bf16 { 2e-2 } else { 1e-5 };
             for &(m, n, k) in &shapes {
                 let x = rng.vec(m * k);

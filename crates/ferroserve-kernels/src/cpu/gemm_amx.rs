@@ -50,43 +50,6 @@ pub(super) fn padded_k(k: usize) -> usize {
     k.div_ceil(TILE_K) * TILE_K
 }
 
-/// Whether this CPU and OS let us use AMX-BF16 (asks the kernel for the tile state once).
-pub fn amx_available() -> bool {
-    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-    {
-        use std::sync::OnceLock;
-        static OK: OnceLock<bool> = OnceLock::new();
-        *OK.get_or_init(|| {
-            // SAFETY: cpuid leaf 7 exists on every x86-64 CPU that has AVX-512 (checked by
-            // the caller); arch_prctl only changes this process's xstate permissions.
-            unsafe {
-                let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
-                let amx_bf16 = leaf7.edx & (1 << 22) != 0;
-                let amx_tile = leaf7.edx & (1 << 24) != 0;
-                if !(amx_bf16 && amx_tile) {
-                    return false;
-                }
-                // arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA): Linux ≥ 5.16 needs
-                // this before a process may touch tile data.
-                let ret: i64;
-                std::arch::asm!(
-                    "syscall",
-                    inlateout("rax") 158i64 => ret,
-                    in("rdi") 0x1023i64,
-                    in("rsi") 18i64,
-                    lateout("rcx") _, lateout("r11") _,
-                    options(nostack)
-                );
-                ret == 0
-            }
-        })
-    }
-    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-    {
-        false
-    }
-}
-
 /// Packs a row-major `[n, k]` weight into 32-column panels of bf16 pairs.
 pub fn pack_b(weight: &[f32], n: usize, k: usize) -> Vec<u32> {
     let k2 = padded_k(k) / 2;
@@ -131,12 +94,12 @@ fn pack_a(x: &[f32], rows: usize, k: usize) -> Vec<u32> {
     packed
 }
 
-/// `out[rows, n] = act(x[rows, k] · Wᵀ + bias)` with AMX tiles.
-pub fn linear(x: &[f32], rows: usize, w: &PackedLinear, act: Activation, out: &mut [f32]) {
+/// `out[rows, n] = act(x[rows, k] · Wᵀ + bias)` with AMX tiles, `data` being `w`'s bf16 panels.
+pub fn linear(x: &[f32], rows: usize, w: &PackedLinear, data: &[u32], act: Activation, out: &mut [f32]) {
     let (n, k) = (w.out_features, w.in_features);
     let k2 = padded_k(k) / 2;
     assert!(x.len() >= rows * k && out.len() >= rows * n);
-    assert_eq!(w.data_bf16.len(), n.div_ceil(NR) * k2 * NR, "weights packed for another ISA");
+    assert_eq!(data.len(), n.div_ceil(NR) * k2 * NR, "weights packed for another ISA");
     if rows == 0 || n == 0 {
         return;
     }
@@ -153,7 +116,7 @@ pub fn linear(x: &[f32], rows: usize, w: &PackedLinear, act: Activation, out: &m
         let (g, p) = (t / panels, t % panels);
         let c0 = p * NR;
         let ncols = NR.min(n - c0);
-        let panel = &w.data_bf16[p * k2 * NR..(p + 1) * k2 * NR];
+        let panel = &data[p * k2 * NR..(p + 1) * k2 * NR];
         let out_ptr = out_ptr;
         let mut tile = [0.0f32; BLOCK_ROWS * NR];
         let bias_tile = bias_tile(bias, c0, ncols);
@@ -166,7 +129,7 @@ pub fn linear(x: &[f32], rows: usize, w: &PackedLinear, act: Activation, out: &m
             // proportion to their rows, so a 19-token sentence does not pay for 32.
             let live_rows = BLOCK_ROWS.min(rows - r0);
             if live_rows != configured_rows {
-                // SAFETY: amx_available() was true when these weights were packed for AMX.
+                // SAFETY: the caller's level has AMX (`Isa::has_amx`), which this CPU supports.
                 unsafe { x86::configure(live_rows) };
                 configured_rows = live_rows;
             }
@@ -214,7 +177,7 @@ mod x86 {
     /// Each row of C depends only on its own row of A, so results do not change with this.
     ///
     /// # Safety
-    /// AMX must be available and permitted (see `amx_available`).
+    /// AMX must be available and permitted (`Isa::Amx.is_supported()`).
     pub unsafe fn configure(live_rows: usize) {
         debug_assert!((1..=2 * TILE_ROWS).contains(&live_rows));
         let first = live_rows.min(TILE_ROWS) as u8;

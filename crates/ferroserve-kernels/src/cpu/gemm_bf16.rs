@@ -61,13 +61,13 @@ fn pack_a(x: &[f32], rows: usize, k: usize) -> Vec<u32> {
     packed
 }
 
-/// `out[rows, n] = act(x[rows, k] · Wᵀ + bias)` with `vdpbf16ps`.
-pub fn linear(x: &[f32], rows: usize, w: &PackedLinear, act: Activation, out: &mut [f32]) {
+/// `out[rows, n] = act(x[rows, k] · Wᵀ + bias)` with `vdpbf16ps`, `data` being `w`'s bf16 panels.
+pub fn linear(x: &[f32], rows: usize, w: &PackedLinear, data: &[u32], act: Activation, out: &mut [f32]) {
     Isa::Avx512Bf16.assert_supported();
     let (n, k) = (w.out_features, w.in_features);
     let k2 = padded_k(k) / 2;
     assert!(x.len() >= rows * k && out.len() >= rows * n);
-    assert_eq!(w.data_bf16.len(), n.div_ceil(NR) * k2 * NR, "weights packed for another ISA");
+    assert_eq!(data.len(), n.div_ceil(NR) * k2 * NR, "weights packed for another ISA");
     if rows == 0 || n == 0 {
         return;
     }
@@ -82,7 +82,7 @@ pub fn linear(x: &[f32], rows: usize, w: &PackedLinear, act: Activation, out: &m
         let r1 = (r0 + MC).min(rows);
         let c0 = p * NR;
         let ncols = NR.min(n - c0);
-        let panel = &w.data_bf16[p * k2 * NR..(p + 1) * k2 * NR];
+        let panel = &data[p * k2 * NR..(p + 1) * k2 * NR];
         let bias_tile = bias_tile(bias, c0, ncols);
         let out_ptr = out_ptr;
         let mut tile = [0.0f32; MR * NR];

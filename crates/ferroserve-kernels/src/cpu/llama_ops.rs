@@ -54,19 +54,14 @@ const AVX512: u8 = 2;
 /// The instantiation level for `isa`.
 fn level(isa: Isa) -> u8 {
     isa.assert_supported();
-    #[cfg(target_arch = "x86_64")]
-    {
-        // Every level above AVX2 includes AVX-512 F/BW/VL. F16C comes with every AVX2 CPU
-        // made, but `Isa::Avx2` does not promise it, so check.
-        if isa >= Isa::Avx512 {
-            return AVX512;
-        }
-        if isa == Isa::Avx2 && is_x86_feature_detected!("f16c") {
-            return AVX2;
-        }
+    // Every AVX-512 CPU has F16C; an AVX2 one is asked (`Isa::has_f16c`).
+    if isa.has_avx512() {
+        AVX512
+    } else if isa.has_f16c() {
+        AVX2
+    } else {
+        PORTABLE
     }
-    let _ = isa;
-    PORTABLE
 }
 
 /// Runs `$body::<…, LEVEL>` compiled for `$isa`'s level (the usual multiversioning: the

@@ -1,9 +1,5 @@
-//! Native CPU kernels with run-time ISA dispatch (AVX-512 / AVX2+FMA / portable).
-//!
-//! The ISA is detected once; `FERROSERVE_ISA=amx|avx512bf16|avx512|avx2|portable` forces a lower path
-//! (`make test` runs the model checks under every level the host has). A level above the
-//! host's, or an unknown name, is an error ([`Isa::configured`]): never a silent fallback,
-//! never an instruction the CPU lacks.
+//! Native CPU kernels with run-time ISA dispatch (AVX-512 / AVX2+FMA / portable) on the
+//! process's [`Isa`] (`FERROSERVE_ISA`, see [`crate::isa`]).
 
 mod attention;
 pub(crate) mod elementwise;
@@ -13,148 +9,8 @@ mod gemm_amx;
 mod gemm_bf16;
 mod math;
 
-use std::sync::OnceLock;
-
-use crate::{Activation, Device, PackedLinear, SeqLayout};
-
-/// The instruction-set level a kernel runs with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Isa {
-    Portable,
-    Avx2,
-    Avx512,
-    /// AVX-512 plus AVX512_BF16 dot products (`vdpbf16ps`) for linear layers: bf16-rounded
-    /// weights and activations, f32 accumulation (the same operands as `Amx`); everything
-    /// else as `Avx512`. Worth it where `vdpbf16ps` issues at the FMA's rate (AMD Zen 5).
-    Avx512Bf16,
-    /// AVX-512 plus AMX-BF16 tile matmuls for linear layers: bf16-rounded weights and
-    /// activations, f32 accumulation (embeddings stay at cosine ≥ 0.99998 to the f32
-    /// reference, see tests/bert_reference.rs); everything else as `Avx512`.
-    Amx,
-}
-
-impl Isa {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Isa::Portable => "portable",
-            Isa::Avx2 => "avx2",
-            Isa::Avx512 => "avx512",
-            Isa::Avx512Bf16 => "avx512bf16",
-            Isa::Amx => "amx",
-        }
-    }
-
-    /// Every level, lowest first.
-    pub const ALL: [Isa; 5] = [Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16, Isa::Amx];
-
-    /// What the CPU must have for this level (for messages).
-    pub fn requires(self) -> &'static str {
-        match self {
-            Isa::Portable => "nothing",
-            Isa::Avx2 => "AVX2 and FMA",
-            Isa::Avx512 => "AVX-512 F/BW/VL and FMA",
-            Isa::Avx512Bf16 => "AVX-512 F/BW/VL, FMA and AVX512_BF16",
-            Isa::Amx => "AVX-512 F/BW/VL, FMA, AVX512_BF16 and AMX-BF16 tiles (with the kernel's permission)",
-        }
-    }
-
-    /// Whether this CPU can run the level (detected once; cheap enough to check per call).
-    pub fn is_supported(self) -> bool {
-        static SUPPORTED: OnceLock<[bool; 5]> = OnceLock::new();
-        SUPPORTED.get_or_init(|| Isa::ALL.map(Isa::detect))[self as usize]
-    }
-
-    /// Panics with a clear message unless this CPU can run the level. Every kernel entry
-    /// that may use wider instructions calls it before its `unsafe` dispatch: any `Isa`
-    /// value can be constructed (tests loop over them), and a panic beats SIGILL.
-    #[inline]
-    pub fn assert_supported(self) {
-        assert!(self.is_supported(), "kernel level {} needs {}, which this CPU lacks", self.as_str(), self.requires());
-    }
-
-    fn detect(self) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let avx2 = || is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
-            let avx512 = || {
-                avx2()
-                    && is_x86_feature_detected!("avx512f")
-                    && is_x86_feature_detected!("avx512bw")
-                    && is_x86_feature_detected!("avx512vl")
-            };
-            let avx512_bf16 = || avx512() && is_x86_feature_detected!("avx512bf16");
-            match self {
-                Isa::Portable => true,
-                Isa::Avx2 => avx2(),
-                Isa::Avx512 => avx512(),
-                Isa::Avx512Bf16 => avx512_bf16(),
-                // amx_available reads cpuid leaf 7, which every AVX-512 CPU has. Every AMX
-                // CPU has AVX512_BF16 too (Sapphire Rapids and later): the ladder stays linear.
-                Isa::Amx => avx512_bf16() && gemm_amx::amx_available(),
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            self == Isa::Portable
-        }
-    }
-
-    /// Every level this CPU supports, lowest first (the levels tests may run).
-    pub fn available() -> Vec<Isa> {
-        Isa::ALL.into_iter().filter(|i| i.is_supported()).collect()
-    }
-
-    /// The best level this CPU supports.
-    pub fn detect_best() -> Isa {
-        *Isa::available().last().expect("portable is always supported")
-    }
-
-    /// The level `FERROSERVE_ISA` names (`portable|avx2|avx512|avx512bf16|amx`; unset or empty: the
-    /// best this CPU supports). A name this CPU cannot run, or an unknown one, is an error
-    /// that says what the CPU supports.
-    pub fn configured() -> Result<Isa, IsaError> {
-        Isa::parse_level(std::env::var("FERROSERVE_ISA").ok().as_deref())
-    }
-
-    /// [`Isa::configured`] for a given value of `FERROSERVE_ISA`.
-    pub fn parse_level(value: Option<&str>) -> Result<Isa, IsaError> {
-        let value = value.map(str::trim).unwrap_or("");
-        if value.is_empty() {
-            return Ok(Isa::detect_best());
-        }
-        let Some(isa) = Isa::ALL.into_iter().find(|i| i.as_str().eq_ignore_ascii_case(value)) else {
-            return Err(IsaError::Unknown(value.to_string()));
-        };
-        if !isa.is_supported() {
-            return Err(IsaError::Unsupported { isa, available: Isa::available() });
-        }
-        Ok(isa)
-    }
-
-    /// The process-wide level ([`Isa::configured`], read once). Servers check
-    /// [`Isa::configured`] at start and refuse a bad `FERROSERVE_ISA` with its message;
-    /// reaching this with one anyway panics with the same message rather than guess.
-    pub fn selected() -> Isa {
-        static SELECTED: OnceLock<Result<Isa, IsaError>> = OnceLock::new();
-        match SELECTED.get_or_init(Isa::configured) {
-            Ok(isa) => *isa,
-            Err(e) => panic!("{e}"),
-        }
-    }
-}
-
-/// A `FERROSERVE_ISA` this process cannot honour.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum IsaError {
-    #[error("FERROSERVE_ISA={0:?} is not a kernel level: use portable, avx2, avx512, avx512bf16 or amx (or unset it for the best this CPU has)")]
-    Unknown(String),
-    #[error("FERROSERVE_ISA={} needs {}, which this CPU lacks; it supports {}", .isa.as_str(), .isa.requires(), level_list(.available))]
-    Unsupported { isa: Isa, available: Vec<Isa> },
-}
-
-fn level_list(levels: &[Isa]) -> String {
-    levels.iter().map(|i| i.as_str()).collect::<Vec<_>>().join(", ")
-}
+pub use crate::isa::{Isa, IsaError};
+use crate::{Activation, Device, PackedLinear, PackedWeights, SeqLayout};
 
 /// The native CPU device. Threads come from the global rayon pool (sized to the cores).
 #[derive(Debug, Clone)]
@@ -194,18 +50,28 @@ impl Device for CpuDevice {
             assert_eq!(b.len(), out_features, "bias shape");
         }
         // AMX tiles and `vdpbf16ps` read the same bf16 panels.
-        let bf16 = self.isa >= Isa::Avx512Bf16;
-        PackedLinear {
-            out_features,
-            in_features,
-            data: if bf16 { Vec::new() } else { gemm::pack_b(weight, out_features, in_features) },
-            data_bf16: if bf16 { gemm_amx::pack_b(weight, out_features, in_features) } else { Vec::new() },
-            bias: bias.map(|b| b.to_vec()),
-        }
+        let weights = if self.isa.has_bf16() {
+            PackedWeights::Bf16(gemm_amx::pack_b(weight, out_features, in_features))
+        } else {
+            PackedWeights::F32(gemm::pack_b(weight, out_features, in_features))
+        };
+        PackedLinear { out_features, in_features, weights, bias: bias.map(|b| b.to_vec()) }
     }
 
     fn linear(&self, x: &[f32], rows: usize, w: &PackedLinear, act: Activation, out: &mut [f32]) {
-        gemm::linear(self.isa, x, rows, w, act, out);
+        let (n, k) = (w.out_features, w.in_features);
+        assert!(x.len() >= rows * k, "x too short");
+        assert!(out.len() >= rows * n, "out too short");
+        self.isa.assert_supported(); // the kernels run `isa`'s instructions
+        if rows == 0 || n == 0 {
+            return;
+        }
+        match &w.weights {
+            PackedWeights::F32(panels) => gemm::linear(self.isa, x, rows, w, panels, act, out),
+            PackedWeights::Bf16(panels) if self.isa.has_amx() => gemm_amx::linear(x, rows, w, panels, act, out),
+            PackedWeights::Bf16(panels) if self.isa.has_bf16() => gemm_bf16::linear(x, rows, w, panels, act, out),
+            PackedWeights::Bf16(_) => panic!("bf16 weights need the avx512bf16 or amx level, not {}", self.isa.as_str()),
+        }
     }
 
     fn add_layer_norm(&self, x: &mut [f32], residual: Option<&[f32]>, dim: usize, gamma: &[f32], beta: &[f32], eps: f32) {
@@ -242,11 +108,13 @@ macro_rules! dispatch_isa {
             }
             let isa: $crate::cpu::Isa = $isa;
             isa.assert_supported();
-            match isa {
-                // SAFETY: the CPU supports `isa` (asserted above), hence its target features.
-                $crate::cpu::Isa::Avx512 | $crate::cpu::Isa::Avx512Bf16 | $crate::cpu::Isa::Amx => unsafe { run_avx512($body) },
-                $crate::cpu::Isa::Avx2 => unsafe { run_avx2($body) },
-                $crate::cpu::Isa::Portable => ($body)(),
+            // SAFETY: the CPU supports `isa` (asserted above), hence the target features it has.
+            if isa.has_avx512() {
+                unsafe { run_avx512($body) }
+            } else if isa.has_avx2() {
+                unsafe { run_avx2($body) }
+            } else {
+                ($body)()
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -286,41 +154,6 @@ pub(crate) mod test_util {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn levels_are_ordered_and_portable_is_always_there() {
-        let available = Isa::available();
-        assert_eq!(available.first(), Some(&Isa::Portable));
-        assert!(available.windows(2).all(|w| w[0] < w[1]));
-        assert_eq!(Isa::detect_best(), *available.last().unwrap());
-        // A level implies the ones below it (the dispatch relies on it).
-        for (i, isa) in Isa::ALL.into_iter().enumerate() {
-            if isa.is_supported() {
-                assert!(Isa::ALL[..i].iter().all(|lower| lower.is_supported()), "{isa:?} without the levels below it");
-            }
-        }
-        eprintln!("this CPU runs {}", level_list(&available));
-    }
-
-    #[test]
-    fn ferroserve_isa_is_honoured_or_refused_clearly() {
-        assert_eq!(Isa::parse_level(None), Ok(Isa::detect_best()));
-        assert_eq!(Isa::parse_level(Some("")), Ok(Isa::detect_best()));
-        for isa in Isa::ALL {
-            let got = Isa::parse_level(Some(isa.as_str()));
-            if isa.is_supported() {
-                assert_eq!(got, Ok(isa));
-                assert_eq!(Isa::parse_level(Some(&isa.as_str().to_uppercase())), Ok(isa));
-            } else {
-                let err = got.expect_err("a level above the host's must be refused");
-                let msg = err.to_string();
-                assert!(msg.contains(isa.as_str()) && msg.contains(isa.requires()), "{msg}");
-                assert!(msg.contains(&level_list(&Isa::available())), "{msg}");
-            }
-        }
-        let err = Isa::parse_level(Some("avx3")).unwrap_err().to_string();
-        assert!(err.contains("\"avx3\"") && err.contains("portable, avx2, avx512, avx512bf16 or amx"), "{err}");
-    }
 
     #[test]
     fn a_level_the_cpu_lacks_panics_instead_of_running() {

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use super::{Arg, BuiltKernel, DeviceBuffer, KernelSource, OpenClDevice, Result};
-use crate::quant::QuantIsa;
+use crate::quant::QuantLevel;
 
 /// The encoder's kernels, built once per model (attention is compiled for its head width).
 pub struct BertKernels {
@@ -204,11 +204,11 @@ const Q8_0_ROWS: usize = 4;
 /// `isa` (0 portable, 1 AVX2, 2 AVX-512; see the kernel's header). The CPU's Q8_0 bits
 /// depend on its ISA level, unlike Q4_1's, so the logits (the tied Q8_0 output matrix) are
 /// the CPU device's only if the kernel follows the level the CPU runs.
-pub fn q8_0_order(isa: QuantIsa) -> u32 {
+pub fn q8_0_order(isa: QuantLevel) -> u32 {
     match isa {
-        QuantIsa::Portable => 0,
-        QuantIsa::Avx2 => 1,
-        QuantIsa::Avx512 => 2,
+        QuantLevel::Portable => 0,
+        QuantLevel::Avx2 => 1,
+        QuantLevel::Avx512 => 2,
     }
 }
 
@@ -244,7 +244,7 @@ impl LlamaKernels {
     ];
 
     /// Builds the decoder's kernels. `matmul_q8_0_q8_0` is compiled for the operation order
-    /// of the CPU's Q8_0 kernel at [`QuantIsa::selected`] (the level the CPU device, and so
+    /// of the CPU's Q8_0 kernel at [`QuantLevel::selected`] (the level the CPU device, and so
     /// `OpenClLlama`'s load check, runs; [`q8_0_order`]), so that the logits are the CPU's on
     /// every host and every `FERROSERVE_ISA`. Program binaries ([`KernelSource::Binaries`])
     /// keep the order of the process that built them (their `-D` options are fixed): binaries
@@ -254,7 +254,7 @@ impl LlamaKernels {
     pub fn build(dev: &OpenClDevice, head_dim: usize, from: &KernelSource) -> Result<Self> {
         let none: &[(&str, String)] = &[];
         let head = [("HEAD_DIM", head_dim.to_string()), ("LIBM_EXPF_FMA", libm_expf_fma().to_string())];
-        let q8_0 = [("ROWS", Q8_0_ROWS.to_string()), ("Q8_0_ORDER", q8_0_order(QuantIsa::selected()).to_string())];
+        let q8_0 = [("ROWS", Q8_0_ROWS.to_string()), ("Q8_0_ORDER", q8_0_order(QuantLevel::selected()).to_string())];
         let rms_norm = dev.kernel("rms_norm_f32", none, from)?;
         // One work-item computes the row's scale serially; the group then scales the row.
         let norm_group = rms_norm.max_work_group_size.clamp(1, 64);

@@ -29,94 +29,18 @@
 
 use std::cell::RefCell;
 use std::ops::Range;
-use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
 use super::f16::{F32Rows, FloatFormat};
 use super::q8_0::Q8Activations;
 use super::{iq4_nl, q4_0, q4_1, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0, QuantType};
-
-/// The instruction-set level the quantised kernels run with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum QuantIsa {
-    Portable,
-    /// AVX2 + FMA + F16C.
-    Avx2,
-    /// AVX-512 F/BW/VL + VNNI, on top of AVX2.
-    Avx512,
-}
-
-impl QuantIsa {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            QuantIsa::Portable => "portable",
-            QuantIsa::Avx2 => "avx2",
-            QuantIsa::Avx512 => "avx512",
-        }
-    }
-
-    /// Whether this CPU can run the level.
-    pub fn is_supported(self) -> bool {
-        match self {
-            QuantIsa::Portable => true,
-            #[cfg(target_arch = "x86_64")]
-            QuantIsa::Avx2 => {
-                is_x86_feature_detected!("avx2")
-                    && is_x86_feature_detected!("fma")
-                    && is_x86_feature_detected!("f16c")
-            }
-            #[cfg(target_arch = "x86_64")]
-            QuantIsa::Avx512 => {
-                QuantIsa::Avx2.is_supported()
-                    && is_x86_feature_detected!("avx512f")
-                    && is_x86_feature_detected!("avx512bw")
-                    && is_x86_feature_detected!("avx512vl")
-                    && is_x86_feature_detected!("avx512vnni")
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => false,
-        }
-    }
-
-    /// Every level this CPU supports, lowest first (tests run each one).
-    pub fn available() -> Vec<QuantIsa> {
-        [QuantIsa::Portable, QuantIsa::Avx2, QuantIsa::Avx512]
-            .into_iter()
-            .filter(|i| i.is_supported())
-            .collect()
-    }
-
-    pub fn detect_best() -> QuantIsa {
-        *QuantIsa::available()
-            .last()
-            .expect("portable is always available")
-    }
-
-    /// The process-wide level: the best this CPU supports at or below the CPU kernels'
-    /// level ([`crate::cpu::Isa::selected`], i.e. `FERROSERVE_ISA`), read once.
-    pub fn selected() -> QuantIsa {
-        static SELECTED: OnceLock<QuantIsa> = OnceLock::new();
-        *SELECTED.get_or_init(|| QuantIsa::for_level(crate::cpu::Isa::selected()))
-    }
-
-    /// The quantised kernels' level under CPU kernel level `isa`: the best one this CPU
-    /// supports that does not exceed it (AVX-512 here also needs VNNI, AVX2 also F16C).
-    pub fn for_level(isa: crate::cpu::Isa) -> QuantIsa {
-        use crate::cpu::Isa;
-        let ceiling = match isa {
-            Isa::Portable => QuantIsa::Portable,
-            Isa::Avx2 => QuantIsa::Avx2,
-            Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx => QuantIsa::Avx512,
-        };
-        QuantIsa::detect_best().min(ceiling)
-    }
-}
+use crate::isa::QuantLevel;
 
 /// `y[m, n] = x[m, k] · wᵀ`. `w` holds `n` rows of `k` weights of type `wtype` exactly as
 /// GGUF stores them (`n · wtype.row_bytes(k)` bytes); `x` and `y` are row-major f32. Block
 /// formats quantise `x` to 8 bits per 32 values ([`Q8Activations`]); float formats use it as
-/// is. Runs on the process-wide ISA ([`QuantIsa::selected`]) and the rayon pool.
+/// is. Runs on the process-wide ISA ([`QuantLevel::selected`]) and the rayon pool.
 ///
 /// Row `i` of `y` depends only on row `i` of `x` and on `w`, bit for bit, whatever `m`, the
 /// row's position and the thread count. Panics if a length does not fit the shape or `k` is
@@ -130,14 +54,14 @@ pub fn quant_matmul(
     m: usize,
     y: &mut [f32],
 ) {
-    quant_matmul_with_isa(QuantIsa::selected(), wtype, w, n, k, x, m, y);
+    quant_matmul_with_isa(QuantLevel::selected(), wtype, w, n, k, x, m, y);
 }
 
 /// [`quant_matmul`] on an explicit ISA level (tests and benchmarks compare levels side by
 /// side). Panics if the CPU does not support `isa`.
 #[allow(clippy::too_many_arguments)] // the GEMM shape, spelled out as in BLAS
 pub fn quant_matmul_with_isa(
-    isa: QuantIsa,
+    isa: QuantLevel,
     wtype: QuantType,
     w: &[u8],
     n: usize,
@@ -178,7 +102,7 @@ pub fn quant_matmul_with_isa(
 /// Like [`quant_matmul_with_isa`] with activations already quantised, so that several
 /// weights applied to one input (Q, K, V; gate and up) quantise it once. Block formats only.
 pub fn quant_matmul_prepared(
-    isa: QuantIsa,
+    isa: QuantLevel,
     wtype: QuantType,
     w: &[u8],
     n: usize,
@@ -215,14 +139,14 @@ pub fn quant_matmul_prepared(
 
 type QuantisedKernel = unsafe fn(&[u8], usize, &Q8Activations, Range<usize>, &OutMatrix);
 
-fn quantised_kernel(isa: QuantIsa, wtype: QuantType) -> QuantisedKernel {
+fn quantised_kernel(isa: QuantLevel, wtype: QuantType) -> QuantisedKernel {
     macro_rules! pick {
         ($family:ident) => {
             match isa {
                 #[cfg(target_arch = "x86_64")]
-                QuantIsa::Avx512 => $family::avx512::matmul_cols as QuantisedKernel,
+                QuantLevel::Avx512 => $family::avx512::matmul_cols as QuantisedKernel,
                 #[cfg(target_arch = "x86_64")]
-                QuantIsa::Avx2 => $family::avx2::matmul_cols as QuantisedKernel,
+                QuantLevel::Avx2 => $family::avx2::matmul_cols as QuantisedKernel,
                 _ => $family::matmul_cols_portable as QuantisedKernel,
             }
         };
@@ -231,7 +155,7 @@ fn quantised_kernel(isa: QuantIsa, wtype: QuantType) -> QuantisedKernel {
         ($family:ident) => {
             match isa {
                 #[cfg(target_arch = "x86_64")]
-                QuantIsa::Avx2 | QuantIsa::Avx512 => $family::avx2::matmul_cols as QuantisedKernel,
+                QuantLevel::Avx2 | QuantLevel::Avx512 => $family::avx2::matmul_cols as QuantisedKernel,
                 _ => $family::matmul_cols_portable as QuantisedKernel,
             }
         };
@@ -258,7 +182,7 @@ fn quantised_kernel(isa: QuantIsa, wtype: QuantType) -> QuantisedKernel {
 
 #[allow(clippy::too_many_arguments)] // the GEMM shape, spelled out as in BLAS
 fn float_matmul(
-    isa: QuantIsa,
+    isa: QuantLevel,
     wtype: QuantType,
     w: &[u8],
     n: usize,
@@ -290,7 +214,7 @@ fn float_matmul(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX2+FMA+F16C are part of both x86 levels, whose support was asserted;
         // this call owns columns `cols` of `out`.
-        QuantIsa::Avx2 | QuantIsa::Avx512 => unsafe {
+        QuantLevel::Avx2 | QuantLevel::Avx512 => unsafe {
             super::f16::x86::matmul_cols(fmt, w, row_bytes, &rows, cols, &out)
         },
         _ => super::f16::matmul_cols_portable(fmt, w, row_bytes, &rows, cols, &out),

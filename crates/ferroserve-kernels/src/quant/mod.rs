@@ -24,7 +24,8 @@ pub mod q5_k;
 pub mod q6_k;
 pub mod q8_0;
 
-pub use matmul::{quant_matmul, quant_matmul_prepared, quant_matmul_with_isa, QuantIsa};
+pub use crate::isa::QuantLevel;
+pub use matmul::{quant_matmul, quant_matmul_prepared, quant_matmul_with_isa};
 pub use panels::{panel_matmul, panel_matmuls, Panels};
 pub use q8_0::Q8Activations;
 

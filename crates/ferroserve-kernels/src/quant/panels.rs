@@ -81,9 +81,9 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::f16::f16_to_f32;
-use super::matmul::QuantIsa;
 use super::q8_0::{ActRow, Q8Activations};
 use super::{iq4_nl, q4_k, q5_0, q6_k, QuantType};
+use crate::isa::QuantLevel;
 
 /// Weight rows per panel (one 512-bit register of f32 or i32 lanes).
 pub const PANEL_ROWS: usize = 16;
@@ -368,7 +368,7 @@ fn group_sums(acts: &Q8Activations, group: usize, times: i32) -> Vec<i32> {
 
 /// `y[m, n] = acts · Wᵀ` in the fast order (module docs), `acts` quantised from the
 /// `[m, k]` input. Row `i` of `y` depends only on row `i` of the input, bit for bit.
-pub fn panel_matmul(isa: QuantIsa, w: &Panels, acts: &Q8Activations, y: &mut [f32]) {
+pub fn panel_matmul(isa: QuantLevel, w: &Panels, acts: &Q8Activations, y: &mut [f32]) {
     panel_matmuls(isa, &mut [(w, y)], acts);
 }
 
@@ -377,7 +377,7 @@ pub fn panel_matmul(isa: QuantIsa, w: &Panels, acts: &Q8Activations, y: &mut [f3
 /// together, by weight bytes, instead of one region (and one wait for the slower thread) per
 /// matrix — a 16-stream decode step had 361 such regions. Every output is computed exactly as
 /// [`panel_matmul`] computes it.
-pub fn panel_matmuls(isa: QuantIsa, outputs: &mut [(&Panels, &mut [f32])], acts: &Q8Activations) {
+pub fn panel_matmuls(isa: QuantLevel, outputs: &mut [(&Panels, &mut [f32])], acts: &Q8Activations) {
     assert!(isa.is_supported(), "ISA level {} is not supported by this CPU", isa.as_str());
     let m = acts.rows();
     for (w, y) in outputs.iter() {
@@ -391,11 +391,11 @@ pub fn panel_matmuls(isa: QuantIsa, outputs: &mut [(&Panels, &mut [f32])], acts:
     // (the AVX2 kernel uses signed codes) and IQ4_NL on AVX-512, 32·Σa per (row, 16 bytes)
     // for Q6_K on AVX-512, and Q4_0's 8·Σa and Q5_0's 16·Σa per block on both SIMD levels
     // (their codes 0..32 stay unsigned there; the portable code subtracts 8 or 16 per weight).
-    let simd = isa != QuantIsa::Portable;
+    let simd = isa != QuantLevel::Portable;
     let offsets_for = |wtype: QuantType| match wtype {
-        QuantType::Q8_0 if isa != QuantIsa::Avx2 => group_sums(acts, BLOCK_ELEMS, 128),
-        QuantType::IQ4_NL if isa == QuantIsa::Avx512 => group_sums(acts, BLOCK_ELEMS, 128),
-        QuantType::Q6_K if isa == QuantIsa::Avx512 => group_sums(acts, 16, 32),
+        QuantType::Q8_0 if isa != QuantLevel::Avx2 => group_sums(acts, BLOCK_ELEMS, 128),
+        QuantType::IQ4_NL if isa == QuantLevel::Avx512 => group_sums(acts, BLOCK_ELEMS, 128),
+        QuantType::Q6_K if isa == QuantLevel::Avx512 => group_sums(acts, 16, 32),
         QuantType::Q4_0 if simd => group_sums(acts, BLOCK_ELEMS, 8),
         QuantType::Q5_0 if simd => group_sums(acts, BLOCK_ELEMS, 16),
         _ => Vec::new(),
@@ -450,10 +450,10 @@ pub fn panel_matmuls(isa: QuantIsa, outputs: &mut [(&Panels, &mut [f32])], acts:
             match isa {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: the AVX-512 level was checked above; this call owns panels `range`.
-                QuantIsa::Avx512 => unsafe { avx512::panels(w, acts, offsets, range, out) },
+                QuantLevel::Avx512 => unsafe { avx512::panels(w, acts, offsets, range, out) },
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: the AVX2 level was checked above; this call owns panels `range`.
-                QuantIsa::Avx2 => unsafe { avx2::panels(w, acts, offsets, range, out) },
+                QuantLevel::Avx2 => unsafe { avx2::panels(w, acts, offsets, range, out) },
                 _ => portable_panels(w, acts, offsets, range, out),
             }
         }

@@ -7,8 +7,9 @@
 //! The kernels below are hand-written: no library multiplies these blocks in place with a
 //! reduction order fixed per output element (see `matmul.rs` for the strategy and why).
 
-use super::matmul::{OutMatrix, QuantIsa};
+use super::matmul::OutMatrix;
 use super::{read_f16, round_half_even, write_f16};
+use crate::isa::QuantLevel;
 use std::ops::Range;
 
 pub const BLOCK_ELEMS: usize = 32;
@@ -78,12 +79,12 @@ impl Q8Activations {
 
     /// Quantises `x` (`rows × k`, row-major; `k` a multiple of 32), reusing the buffers.
     pub fn quantize(&mut self, x: &[f32], rows: usize, k: usize) {
-        self.quantize_with_isa(QuantIsa::selected(), x, rows, k);
+        self.quantize_with_isa(QuantLevel::selected(), x, rows, k);
     }
 
     /// [`Q8Activations::quantize`] on an explicit ISA level. Every level gives the same
     /// bits (same roundings, exact max and sums), so the level never changes a result.
-    pub fn quantize_with_isa(&mut self, isa: QuantIsa, x: &[f32], rows: usize, k: usize) {
+    pub fn quantize_with_isa(&mut self, isa: QuantLevel, x: &[f32], rows: usize, k: usize) {
         assert!(
             isa.is_supported(),
             "ISA level {} is not supported by this CPU",
@@ -147,14 +148,14 @@ impl Q8Activations {
     }
 }
 
-fn quantize_blocks(isa: QuantIsa, x: &[f32], q: &mut [i8], s: &mut [[f32; 2]], s1: &mut [f32]) {
+fn quantize_blocks(isa: QuantLevel, x: &[f32], q: &mut [i8], s: &mut [[f32; 2]], s1: &mut [f32]) {
     assert!(x.len() == q.len() && x.len() == s.len() * BLOCK_ELEMS && s1.len() == s.len());
     match isa {
         // SAFETY: the caller checked that the CPU supports `isa`.
         #[cfg(target_arch = "x86_64")]
-        QuantIsa::Avx512 => unsafe { avx512::quantize_blocks(x, q, s, s1) },
+        QuantLevel::Avx512 => unsafe { avx512::quantize_blocks(x, q, s, s1) },
         #[cfg(target_arch = "x86_64")]
-        QuantIsa::Avx2 => unsafe { avx2::quantize_blocks(x, q, s, s1) },
+        QuantLevel::Avx2 => unsafe { avx2::quantize_blocks(x, q, s, s1) },
         _ => {
             for (((xb, qb), sb), s1b) in x
                 .chunks_exact(BLOCK_ELEMS)
@@ -527,10 +528,10 @@ mod tests {
         x[3 * k + 1] = -0.5;
         let reference = {
             let mut a = Q8Activations::new();
-            a.quantize_with_isa(QuantIsa::Portable, &x, rows, k);
+            a.quantize_with_isa(QuantLevel::Portable, &x, rows, k);
             a
         };
-        for isa in QuantIsa::available() {
+        for isa in QuantLevel::available() {
             let mut a = Q8Activations::new();
             a.quantize_with_isa(isa, &x, rows, k);
             assert_eq!(a.qs, reference.qs, "{isa:?}");
