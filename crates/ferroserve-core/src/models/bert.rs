@@ -350,7 +350,7 @@ impl BertModel {
         // Each quantised layer's rows must be whole blocks of its format (MiniLM's 384 and
         // 1536 are whole 32-blocks).
         for (wtype, inp) in [(f_qkv, h), (f_attn_out, h), (f_ffn_in, h), (f_ffn_out, i)] {
-            if inp % wtype.block_elems() != 0 {
+            if !inp.is_multiple_of(wtype.block_elems()) {
                 return Err(Error::model_load(
                     dir,
                     format!("{} numerics need rows of whole {}-blocks; this model has rows of {inp}", wtype.name(), wtype.block_elems()),
