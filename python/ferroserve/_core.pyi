@@ -108,6 +108,7 @@ class EmbeddingEngine:
         kernel_binaries: str | PathLike[str] | None = None,
         batch_pass_tokens: int = 2048,
         batch_pass_tokens_busy: int = 16,
+        numerics: str = "f32",  # or "int8" (CPU only)
     ) -> EmbeddingEngine: ...
     def submit(
         self,

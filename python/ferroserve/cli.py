@@ -101,6 +101,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_inputs=args.max_inputs,
             chat_template_file=args.chat_template,
             numerics=args.numerics,
+            embed_numerics=args.embed_numerics,
             device_args=args.device,
             kernel_binaries=args.kernel_binaries,
             config_file=args.config,
@@ -432,6 +433,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="chat matmul arithmetic: fast = repacked panels, several times faster batches, as close to "
         "the model as exact (the default on AVX2/AVX-512 CPUs); exact = llama.cpp's, same greedy output "
         "(the default on the portable level and on OpenCL); env FERROSERVE_NUMERICS",
+    )
+    serve.add_argument(
+        "--embed-numerics", choices=["f32", "int8"],
+        help="embedding models' linear layers: f32 (default; cosine >= 0.9999 to sentence-transformers) "
+        "or int8 (opt-in, CPU only: 8-bit weights and activations, ONNX Runtime int8's accuracy, "
+        "cosine >= 0.9992, faster on AVX2 CPUs); env FERROSERVE_EMBED_NUMERICS",
     )
     serve.add_argument(
         "--device", action="append", metavar="[NAME=]DEVICE",

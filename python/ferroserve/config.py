@@ -129,6 +129,9 @@ class Settings(msgspec.Struct):
     # Chat matmul arithmetic: "exact" (llama.cpp's, bit for bit) or "fast" (repacked panels).
     # None: each chat model gets `default_numerics` for the device it loads on.
     numerics: str | None = None
+    # Embedding models' linear layers: "f32" (cosine >= 0.9999 to sentence-transformers) or
+    # "int8" (opt-in, CPU only: Q8_0 weights and activations, ONNX Runtime int8's accuracy).
+    embed_numerics: str = "f32"
     # Precompiled OpenCL program binaries (<kernel>.bin / .aocx, e.g. FPGA bitstreams)
     # instead of building the embedded kernel sources.
     kernel_binaries: str | None = None
@@ -213,6 +216,7 @@ class ConfigFile(msgspec.Struct, forbid_unknown_fields=True):
     max_embedding_queue: int | None = None
     chat_template: str | None = None  # a file, as --chat-template
     numerics: str | None = None
+    embed_numerics: str | None = None
     kernel_binaries: str | None = None
     embed_cache_mb: int | None = None
     embed_cache_ttl_s: float | None = None
@@ -456,6 +460,24 @@ def check_numerics_devices(models: list[ModelSpec], numerics: str | None) -> Non
             )
 
 
+EMBED_NUMERICS = ("f32", "int8")
+
+
+def check_embed_numerics_devices(models: list[ModelSpec], embed_numerics: str) -> None:
+    """Int8 embeddings run on the CPU only (the OpenCL encoder kernels compute f32): an
+    explicit OpenCL device for an embedding model with --embed-numerics int8 is refused; `auto`
+    keeps it on the CPU (the registry logs it)."""
+    if embed_numerics == "f32":
+        return
+    for m in models:
+        if m.kind == "embedding" and m.backend == "local" and m.device.startswith("opencl"):
+            raise ConfigError(
+                f"the embedding model {m.name} cannot run on {m.device} with --embed-numerics {embed_numerics}: "
+                "the OpenCL kernels compute f32 only; use --embed-numerics f32, or --device "
+                f"{m.name}=cpu to keep it on the CPU"
+            )
+
+
 def _env(name: str) -> str | None:
     value = os.environ.get(f"FERROSERVE_{name}")
     return value if value not in (None, "") else None
@@ -474,6 +496,7 @@ def resolve(
     max_inputs: int | None = None,
     chat_template_file: str | None = None,
     numerics: str | None = None,
+    embed_numerics: str | None = None,
     device_args: list[str] | None = None,
     kernel_binaries: str | None = None,
     config_file: str | None = None,
@@ -498,6 +521,7 @@ def resolve(
     # The file's values take the defaults' place; flags and environment then apply on top.
     for key in ("host", "port", "log_level", "max_body_bytes", "max_inputs", "embed_max_batch_tokens",
                 "embed_max_wait_us", "kv_budget_bytes", "max_batch_tokens", "burst_batch_tokens", "max_running", "numerics",
+                "embed_numerics",
                 "embed_cache_mb", "embed_cache_ttl_s", "breaker_failures", "breaker_cooldown_s", "default_max_tokens",
                 "max_tokens_limit", "max_header_bytes", "max_queue", "max_embedding_queue", "embed_batch_pass_tokens",
                 "embed_batch_pass_tokens_busy", "public_url"):
@@ -603,6 +627,10 @@ def resolve(
     if s.numerics not in (None, "exact", "fast"):
         raise ConfigError(f"--numerics must be exact or fast, got {s.numerics!r}")
     check_numerics_devices(s.models, s.numerics)
+    s.embed_numerics = (embed_numerics or _env("EMBED_NUMERICS") or s.embed_numerics).lower()
+    if s.embed_numerics not in EMBED_NUMERICS:
+        raise ConfigError(f"--embed-numerics must be f32 or int8, got {s.embed_numerics!r}")
+    check_embed_numerics_devices(s.models, s.embed_numerics)
     check_fallbacks(s.models)
     if s.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"--log-level must be debug, info, warning or error, got {s.log_level!r}")

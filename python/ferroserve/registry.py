@@ -30,7 +30,8 @@ class LoadedModel:
     created: int
     info: BackendInfo
     health: Health
-    # A local chat model's arithmetic ("exact" or "fast"); None for every other model.
+    # A local model's arithmetic (chat: "exact" or "fast"; embedding: "f32" or "int8"); None for
+    # remote models.
     numerics: str | None = None
 
     @property
@@ -87,6 +88,7 @@ class Registry:
                     backend, numerics = self._load_chat(spec, settings)
                 else:
                     backend = self._load_embedding(spec, settings)
+                    numerics = settings.embed_numerics
             except _core.FerroserveError as exc:
                 raise StartupRefused(f"model {spec.name}: {exc}") from None
         info = backend.info()
@@ -169,8 +171,15 @@ class Registry:
                 kernel_binaries=settings.kernel_binaries if device != "cpu" else None,
                 spec=spec,
                 max_queue=settings.max_embedding_queue,
+                numerics=settings.embed_numerics,
             )
 
+        if spec.device == "auto" and settings.embed_numerics != "f32":
+            logger.warning(
+                "embedding model stays on the CPU",
+                extra={"fields": {"model": spec.name, "reason": "--embed-numerics int8 is CPU-only; the OpenCL kernels compute f32"}},
+            )
+            return load("cpu")
         return _on_device(spec, load)
 
 

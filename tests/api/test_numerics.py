@@ -81,7 +81,7 @@ def test_the_default_server_runs_this_levels_default(default_server):
     loaded = _loaded(default_server)
     assert loaded["SmolLM2-135M-Instruct"]["numerics"] == ("exact" if LEVEL == "portable" else "fast"), loaded
     assert loaded["SmolLM2-135M-Instruct"]["device"] == f"cpu({LEVEL})", loaded
-    assert "numerics" not in loaded["sentence-transformers/all-MiniLM-L6-v2"], loaded  # chat models only
+    assert loaded["sentence-transformers/all-MiniLM-L6-v2"]["numerics"] == "f32", loaded  # embeddings: --embed-numerics
 
 
 @pytest.mark.isa_matrix

@@ -9,7 +9,7 @@ use ferroserve_kernels::opencl::KernelSource;
 use ferroserve_kernels::{CpuDevice, Device};
 
 use crate::error::{Error, Result};
-use crate::models::bert::{normalize, BertModel};
+use crate::models::bert::{normalize, BertModel, EmbedNumerics};
 use crate::models::bert_opencl::OpenClBert;
 use crate::notify::Notifier;
 use crate::sched::embed_batcher::{self, BatchJob, BatcherConfig, BatcherStats};
@@ -80,6 +80,9 @@ pub struct EmbeddingEngineConfig {
     pub interactive: Arc<InteractiveLoad>,
     /// The longest batch passes wait in a row before one runs anyway.
     pub batch_max_yield: Duration,
+    /// The linear layers' arithmetic. Int8 is CPU-only: asking for it with an OpenCL
+    /// device is a load error (not a silent fallback to the CPU or to f32).
+    pub numerics: EmbedNumerics,
 }
 
 /// The default [`EmbeddingEngineConfig::batch_pass_tokens`] (no interactive traffic in the
@@ -101,6 +104,7 @@ impl Default for EmbeddingEngineConfig {
             device: DeviceChoice::Cpu,
             interactive: InteractiveLoad::new(),
             batch_max_yield: BATCH_MAX_YIELD,
+            numerics: EmbedNumerics::F32,
         }
     }
 }
@@ -181,13 +185,19 @@ impl EmbeddingEngine {
             DeviceChoice::Cpu => {
                 let device: Arc<dyn Device> = Arc::new(CpuDevice::new());
                 device_name = device.name();
-                let model = BertModel::load(dir, device)?;
+                let model = BertModel::load_with_numerics(dir, device, cfg.numerics)?;
                 max_len = model.sentence.max_seq_length;
                 tokenizer = EncoderTokenizer::from_file(&dir.join("tokenizer.json"), max_len)?;
                 (dim, vocab_size) = (model.hidden_size(), model.config.vocab_size);
                 let bcfg = batcher_config(&cfg, max_len);
                 let yielding = BatchYield::new(Arc::clone(&cfg.interactive), cfg.batch_max_yield);
                 spawn(Box::new(move || embed_batcher::run(rx, bcfg, dim, yielding, &batcher_stats, |seqs| Ok(model.embed(seqs)))))?;
+            }
+            DeviceChoice::OpenCl { .. } if cfg.numerics != EmbedNumerics::F32 => {
+                return Err(Error::Device(format!(
+                    "embedding numerics {} run on the CPU only; the OpenCL kernels compute f32 (use embedding numerics f32 with an OpenCL device, or the cpu device)",
+                    cfg.numerics.as_str()
+                )));
             }
             DeviceChoice::OpenCl { index, kernels } => {
                 let mut runner = OpenClBert::load(dir, *index, kernels)?;

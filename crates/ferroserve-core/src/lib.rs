@@ -16,6 +16,7 @@ pub mod tokenize;
 pub mod weights;
 
 pub use embed::{DeviceChoice, EmbedInput, EmbedOutput, EmbeddingEngine, EmbeddingEngineConfig};
+pub use models::bert::EmbedNumerics;
 pub use engine::{ChatEngine, ChatEvent, Delivery, EngineConfig, EngineStats, FinishReason, SubmitInfo, TokenLogprob, TopLogprob, Usage};
 pub use error::{Error, ErrorKind, Result};
 pub use models::bert_opencl::write_kernel_binaries as write_embedding_kernel_binaries;

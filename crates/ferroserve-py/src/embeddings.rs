@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::ptr;
 use std::time::Duration;
 
-use ferroserve_core::{DeviceChoice, EmbedInput, EmbedOutput, EmbeddingEngine, EmbeddingEngineConfig, InteractiveLoad, Priority};
+use ferroserve_core::{DeviceChoice, EmbedInput, EmbedNumerics, EmbedOutput, EmbeddingEngine, EmbeddingEngineConfig, InteractiveLoad, Priority};
 use pyo3::exceptions::PyBufferError;
 use pyo3::ffi;
 use pyo3::prelude::*;
@@ -27,10 +27,12 @@ impl PyEmbeddingEngine {
     /// `DeviceError`; falling back to the CPU is the caller's decision. Batch-priority inputs
     /// run in passes of at most `batch_pass_tokens` (`batch_pass_tokens_busy` while
     /// interactive traffic is recent), and wait while interactive requests are in flight on
-    /// any engine of this process. (The defaults are `ferroserve_core::EmbeddingEngineConfig`'s, written out so
+    /// any engine of this process. `numerics`: `f32` (the default) or `int8` (the linear
+    /// layers in 8-bit integers, CPU only: with an OpenCL device it raises `DeviceError`); any
+    /// other name raises `InvalidRequest`. (The defaults are `ferroserve_core::EmbeddingEngineConfig`'s, written out so
     /// the signature shows them.)
     #[new]
-    #[pyo3(signature = (path, max_batch_tokens = 16384, max_wait_us = 1000, device = "cpu", kernel_binaries = None, batch_pass_tokens = 2048, batch_pass_tokens_busy = 16))]
+    #[pyo3(signature = (path, max_batch_tokens = 16384, max_wait_us = 1000, device = "cpu", kernel_binaries = None, batch_pass_tokens = 2048, batch_pass_tokens_busy = 16, numerics = "f32"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -41,8 +43,12 @@ impl PyEmbeddingEngine {
         kernel_binaries: Option<PathBuf>,
         batch_pass_tokens: usize,
         batch_pass_tokens_busy: usize,
+        numerics: &str,
     ) -> PyResult<Self> {
         let device = DeviceChoice::parse(device, kernel_binaries.as_deref()).map_err(crate::errors::to_py)?;
+        let numerics = EmbedNumerics::parse(numerics)
+            .ok_or_else(|| ferroserve_core::Error::invalid_request(format!("embedding numerics must be f32 or int8, got {numerics:?}")))
+            .map_err(crate::errors::to_py)?;
         let cfg = EmbeddingEngineConfig {
             max_batch_tokens,
             batch_pass_tokens,
@@ -50,6 +56,7 @@ impl PyEmbeddingEngine {
             max_wait: Duration::from_micros(max_wait_us),
             device,
             interactive: InteractiveLoad::server(),
+            numerics,
             ..EmbeddingEngineConfig::default()
         };
         let inner = detach(py, move || EmbeddingEngine::load(&path, cfg))?;

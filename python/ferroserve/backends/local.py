@@ -127,10 +127,11 @@ class LocalEmbeddingModel(EngineWatcher, Backend):
         cls, name: str, path: str, *, max_batch_tokens: int, max_wait_us: int, batch_pass_tokens: int = 2048,
         batch_pass_tokens_busy: int = 16,
         device: str = "cpu", kernel_binaries: str | None = None, spec: ModelSpec | None = None, max_queue: int = 1024,
+        numerics: str = "f32",
     ) -> LocalEmbeddingModel:
         engine = _core.EmbeddingEngine(
             path, max_batch_tokens=max_batch_tokens, max_wait_us=max_wait_us, device=device, kernel_binaries=kernel_binaries,
-            batch_pass_tokens=batch_pass_tokens, batch_pass_tokens_busy=batch_pass_tokens_busy,
+            batch_pass_tokens=batch_pass_tokens, batch_pass_tokens_busy=batch_pass_tokens_busy, numerics=numerics,
         )
         return cls(name=name, path=path, engine=engine, spec=spec, max_queue=max_queue)
 

@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use ferroserve_kernels::quant::{self, panel_matmul, Panels, Q8Activations, QuantLevel, QuantType};
 use ferroserve_kernels::{Activation, Device, PackedLinear, SeqLayout};
 use serde::Deserialize;
 
@@ -122,12 +123,104 @@ impl SentenceConfig {
     }
 }
 
+/// The arithmetic of the encoder's linear layers (`ferroserve serve --embed-numerics`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum EmbedNumerics {
+    /// f32 weights and activations, the device's f32 (or bf16 on AMX/AVX512-BF16 hosts)
+    /// kernels: cosine ≥ 0.9999 to sentence-transformers (tests/bert_reference.rs).
+    #[default]
+    F32,
+    /// Opt-in: the linear weights quantised at load to Q8_0 (8 bits and an f16 scale per 32
+    /// weights, round to nearest) and repacked into the quantised panels
+    /// (`quant::panels`), the activations quantised per 32-block on the fly, integer dot
+    /// products per block. About ONNX Runtime int8's accuracy (cosine ≥ 0.9992 to the
+    /// reference, tests/bert_int8.rs) for a matmul a quarter of the bytes and, on AVX2,
+    /// more multiply-adds per µop than f32 FMA (bench/NOTES.md, "Embeddings int8 on AVX2").
+    /// CPU only; still batch invariant and the same bits on every ISA level.
+    Int8,
+}
+
+impl EmbedNumerics {
+    pub fn parse(name: &str) -> Option<EmbedNumerics> {
+        match name {
+            "f32" => Some(EmbedNumerics::F32),
+            "int8" => Some(EmbedNumerics::Int8),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EmbedNumerics::F32 => "f32",
+            EmbedNumerics::Int8 => "int8",
+        }
+    }
+}
+
+/// The weight format of each of a layer's four linear layers (QKV, attention output, FFN in,
+/// FFN out) under [`EmbedNumerics::Int8`]: a block format the quantised panels take
+/// ([`Panels::supports`]), or `F32` to keep that layer on the f32 kernels. The activations
+/// are always quantised to 8 bits per 32-block. Public for the format experiments
+/// (`embed_bench`'s `NUMERICS=int8:…`, tests/bert_int8.rs); `--embed-numerics int8` is
+/// [`Int8Formats::DEFAULT`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Int8Formats(pub [QuantType; 4]);
+
+impl Int8Formats {
+    /// Q8_0 everywhere (bench/NOTES.md, "Embeddings int8 on AVX2": the format choice).
+    pub const DEFAULT: Int8Formats = Int8Formats([QuantType::Q8_0; 4]);
+
+    /// `q8_0` (all four) or four names separated by `/` (`q8_0/q8_0/q5_0/q5_0`; `f32` keeps
+    /// a layer in f32).
+    pub fn parse(spec: &str) -> Option<Int8Formats> {
+        let one = |name: &str| {
+            QuantType::ALL
+                .into_iter()
+                .find(|t| t.name().eq_ignore_ascii_case(name.trim()))
+                .filter(|&t| t == QuantType::F32 || Panels::supports(t))
+        };
+        let parts: Vec<&str> = spec.split('/').collect();
+        match parts.as_slice() {
+            [all] => one(all).map(|t| Int8Formats([t; 4])),
+            [a, b, c, d] => Some(Int8Formats([one(a)?, one(b)?, one(c)?, one(d)?])),
+            _ => None,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        self.0.iter().map(|t| t.name().to_ascii_lowercase()).collect::<Vec<_>>().join("/")
+    }
+}
+
+/// One linear layer `y = act(x · Wᵀ + b)` in the model's numerics.
+enum Linear {
+    F32(PackedLinear),
+    /// Q8_0 panels and the f32 bias (added after the integer matmul).
+    Int8 { panels: Panels, bias: Vec<f32> },
+}
+
+impl Linear {
+    /// Packs `[out, inp]` weights: `F32` for the device's f32 kernels, else quantised to
+    /// `wtype` (round to nearest per 32-block) and repacked into panels.
+    fn pack(device: &dyn Device, wtype: QuantType, (w, b): &(Vec<f32>, Vec<f32>), out: usize, inp: usize) -> Linear {
+        if wtype == QuantType::F32 {
+            return Linear::F32(device.pack_linear(w, out, inp, Some(b)));
+        }
+        let row_bytes = wtype.row_bytes(inp);
+        let mut bytes = vec![0u8; out * row_bytes];
+        for (src, dst) in w.chunks_exact(inp).zip(bytes.chunks_exact_mut(row_bytes)) {
+            quant::quantize_row(wtype, src, dst);
+        }
+        Linear::Int8 { panels: Panels::pack(wtype, &bytes, out, inp), bias: b.clone() }
+    }
+}
+
 struct Layer {
-    qkv: PackedLinear,
-    attn_out: PackedLinear,
+    qkv: Linear,
+    attn_out: Linear,
     attn_ln: (Vec<f32>, Vec<f32>),
-    ffn_in: PackedLinear,
-    ffn_out: PackedLinear,
+    ffn_in: Linear,
+    ffn_out: Linear,
     out_ln: (Vec<f32>, Vec<f32>),
 }
 
@@ -140,6 +233,9 @@ pub struct BertModel {
     type0_emb: Vec<f32>,
     emb_ln: (Vec<f32>, Vec<f32>),
     layers: Vec<Layer>,
+    numerics: EmbedNumerics,
+    /// The quantised kernels' level (int8 numerics); every level gives the same bits.
+    quant_isa: QuantLevel,
 }
 
 /// One encoder layer's tensors as the checkpoint stores them: linear weights `[out, in]`
@@ -233,18 +329,44 @@ impl BertCheckpoint {
 
 impl BertModel {
     pub fn load(dir: &Path, device: Arc<dyn Device>) -> Result<Self> {
+        Self::load_with_numerics(dir, device, EmbedNumerics::F32)
+    }
+
+    /// [`BertModel::load`] with the linear layers in `numerics`. Int8 needs the hidden and
+    /// intermediate sizes to be whole 32-blocks (MiniLM's 384 and 1536 are).
+    pub fn load_with_numerics(dir: &Path, device: Arc<dyn Device>, numerics: EmbedNumerics) -> Result<Self> {
+        match numerics {
+            EmbedNumerics::F32 => Self::load_with_formats(dir, device, None),
+            EmbedNumerics::Int8 => Self::load_with_formats(dir, device, Some(Int8Formats::DEFAULT)),
+        }
+    }
+
+    /// [`BertModel::load`] with int8 numerics in the given weight formats (`None`: f32).
+    pub fn load_with_formats(dir: &Path, device: Arc<dyn Device>, formats: Option<Int8Formats>) -> Result<Self> {
+        let numerics = if formats.is_some() { EmbedNumerics::Int8 } else { EmbedNumerics::F32 };
+        let [f_qkv, f_attn_out, f_ffn_in, f_ffn_out] = formats.map_or([QuantType::F32; 4], |f| f.0);
         let ck = BertCheckpoint::load(dir)?;
         let (h, i) = (ck.config.hidden_size, ck.config.intermediate_size);
-        let pack = |(w, b): &(Vec<f32>, Vec<f32>), out: usize, inp: usize| device.pack_linear(w, out, inp, Some(b));
+        // Each quantised layer's rows must be whole blocks of its format (MiniLM's 384 and
+        // 1536 are whole 32-blocks).
+        for (wtype, inp) in [(f_qkv, h), (f_attn_out, h), (f_ffn_in, h), (f_ffn_out, i)] {
+            if !inp.is_multiple_of(wtype.block_elems()) {
+                return Err(Error::model_load(
+                    dir,
+                    format!("{} numerics need rows of whole {}-blocks; this model has rows of {inp}", wtype.name(), wtype.block_elems()),
+                ));
+            }
+        }
+        let pack = |wb: &(Vec<f32>, Vec<f32>), wtype: QuantType, out: usize, inp: usize| Linear::pack(&*device, wtype, wb, out, inp);
         let layers = ck
             .layers
             .into_iter()
             .map(|l| Layer {
-                qkv: pack(&l.qkv, 3 * h, h),
-                attn_out: pack(&l.attn_out, h, h),
+                qkv: pack(&l.qkv, f_qkv, 3 * h, h),
+                attn_out: pack(&l.attn_out, f_attn_out, h, h),
                 attn_ln: l.attn_ln,
-                ffn_in: pack(&l.ffn_in, i, h),
-                ffn_out: pack(&l.ffn_out, h, i),
+                ffn_in: pack(&l.ffn_in, f_ffn_in, i, h),
+                ffn_out: pack(&l.ffn_out, f_ffn_out, h, i),
                 out_ln: l.out_ln,
             })
             .collect();
@@ -257,7 +379,20 @@ impl BertModel {
             type0_emb: ck.type0_emb,
             emb_ln: ck.emb_ln,
             layers,
+            numerics,
+            quant_isa: QuantLevel::selected(),
         })
+    }
+
+    /// Runs the int8 matmuls on `isa` instead of the process-wide level (tests compare the
+    /// levels; `isa` must be supported by this CPU).
+    pub fn with_quant_isa(mut self, isa: QuantLevel) -> Self {
+        self.quant_isa = isa;
+        self
+    }
+
+    pub fn numerics(&self) -> EmbedNumerics {
+        self.numerics
     }
 
     pub fn hidden_size(&self) -> usize {
@@ -324,18 +459,42 @@ impl BertModel {
         let mut ctx = vec![0.0f32; rows * h];
         let mut tmp = vec![0.0f32; rows * h];
         let mut inter = vec![0.0f32; rows * c.intermediate_size];
+        let mut acts = Q8Activations::new();
         for layer in &self.layers {
-            dev.linear(&x, rows, &layer.qkv, Activation::None, &mut qkv);
+            self.linear(&mut acts, &x, rows, &layer.qkv, Activation::None, &mut qkv);
             dev.encoder_attention(&qkv, layout, heads, h / heads, &mut ctx);
-            dev.linear(&ctx, rows, &layer.attn_out, Activation::None, &mut tmp);
+            self.linear(&mut acts, &ctx, rows, &layer.attn_out, Activation::None, &mut tmp);
             dev.add_layer_norm(&mut tmp, Some(&x), h, &layer.attn_ln.0, &layer.attn_ln.1, c.layer_norm_eps);
             std::mem::swap(&mut x, &mut tmp);
-            dev.linear(&x, rows, &layer.ffn_in, Activation::Gelu, &mut inter);
-            dev.linear(&inter, rows, &layer.ffn_out, Activation::None, &mut tmp);
+            self.linear(&mut acts, &x, rows, &layer.ffn_in, Activation::Gelu, &mut inter);
+            self.linear(&mut acts, &inter, rows, &layer.ffn_out, Activation::None, &mut tmp);
             dev.add_layer_norm(&mut tmp, Some(&x), h, &layer.out_ln.0, &layer.out_ln.1, c.layer_norm_eps);
             std::mem::swap(&mut x, &mut tmp);
         }
         x
+    }
+
+    /// `y = act(x · Wᵀ + b)` for `rows` rows of `x`.
+    fn linear(&self, acts: &mut Q8Activations, x: &[f32], rows: usize, w: &Linear, act: Activation, y: &mut [f32]) {
+        match w {
+            Linear::F32(w) => self.device.linear(x, rows, w, act, y),
+            Linear::Int8 { panels, bias } => {
+                if rows == 0 {
+                    return;
+                }
+                // Element-wise after the matmul: each output row still depends on its own
+                // input row only (batch invariance).
+                acts.quantize_with_isa(self.quant_isa, x, rows, panels.cols());
+                panel_matmul(self.quant_isa, panels, acts, y);
+                for row in y.chunks_exact_mut(bias.len()) {
+                    row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+                }
+                match act {
+                    Activation::None => {}
+                    Activation::Gelu => self.device.gelu(y),
+                }
+            }
+        }
     }
 }
 
