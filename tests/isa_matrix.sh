@@ -28,7 +28,7 @@ for level in "${levels[@]}"; do
     [[ $level == "$best" ]] && continue
     echo "=== ISA matrix: FERROSERVE_ISA=$level (model-level checks)"
     start=$SECONDS
-    FERROSERVE_ISA=$level cargo test --release -q -p ferroserve-core --test llama_reference --test llama_opencl
+    FERROSERVE_ISA=$level cargo test --profile ci -q -p ferroserve-core --test llama_reference --test llama_opencl
     FERROSERVE_ISA=$level .venv/bin/pytest -q -p no:cacheprovider -m isa_matrix
     summary+=("$level: model-level checks passed ($((SECONDS - start)) s)")
 done
@@ -36,7 +36,7 @@ done
 if ! command -v qemu-x86_64 >/dev/null; then
     summary+=("emulated CPUs: skipped, qemu-x86_64 is not installed (apt-get install qemu-user; \`make test\` does where apt works)")
 else
-    mapfile -t bins < <(cargo test --release -q -p ferroserve-kernels --no-run --message-format=json 2>/dev/null \
+    mapfile -t bins < <(cargo test --profile ci -q -p ferroserve-kernels --no-run --message-format=json 2>/dev/null \
         | $PY -c 'import json, sys
 for line in sys.stdin:
     m = json.loads(line)
