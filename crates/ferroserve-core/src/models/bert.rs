@@ -134,8 +134,10 @@ pub enum EmbedNumerics {
     /// weights, round to nearest) and repacked into the quantised panels
     /// (`quant::panels`), the activations quantised per 32-block on the fly, integer dot
     /// products per block. About ONNX Runtime int8's accuracy (cosine ≥ 0.9992 to the
-    /// reference, tests/bert_int8.rs) for a matmul a quarter of the bytes and, on AVX2,
-    /// more multiply-adds per µop than f32 FMA (bench/NOTES.md, "Embeddings int8 on AVX2").
+    /// reference, tests/bert_int8.rs) for a matmul a quarter of the bytes. Not faster on a
+    /// Zen 1 (AVX2): `vpmaddubsw` + `vpmaddwd` on one pipe give the same 8 multiply-adds per
+    /// cycle as f32 FMA on two (bench/NOTES.md, "Embeddings int8 on AVX2"); VNNI hosts are
+    /// where it should pay, unmeasured.
     /// CPU only; still batch invariant and the same bits on every ISA level.
     Int8,
 }
