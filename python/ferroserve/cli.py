@@ -438,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--embed-numerics", choices=["f32", "int8"],
         help="embedding models' linear layers: f32 (default; cosine >= 0.9999 to sentence-transformers) "
         "or int8 (opt-in, CPU only: 8-bit weights and activations, ONNX Runtime int8's accuracy, "
-        "cosine >= 0.9992, faster on AVX2 CPUs); env FERROSERVE_EMBED_NUMERICS",
+        "cosine >= 0.9992, a quarter of the weight memory; not faster on a Zen 1, see the README); env FERROSERVE_EMBED_NUMERICS",
     )
     serve.add_argument(
         "--device", action="append", metavar="[NAME=]DEVICE",
