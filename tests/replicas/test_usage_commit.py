@@ -16,6 +16,7 @@ import time
 
 import httpx
 import psycopg
+import pytest
 
 from ferroserve.gateway.keys import make_key
 from ferroserve.gateway.pg_store import PostgresStore
@@ -290,3 +291,136 @@ def test_a_lone_record_goes_through_the_prepared_statement_exactly_and_after_a_d
         rows = conn.execute(f"SELECT {', '.join(USAGE_COLUMNS)} FROM usage ORDER BY rowid").fetchall()
     assert rows == [first[:16] + ("a\ufffdb é", "x\ny"), second]
     assert (writer.written, writer.failed) == (2, 0)
+
+
+def test_a_lone_record_commits_before_commit_now_returns_and_a_slow_or_failed_one_goes_to_the_writer(postgres):
+    """`PgUsageWriter.commit_now` (a lone answer at --pg-async-commit, pg_usage.py): the record
+    is committed on the calling coroutine before it returns None; a commit held up by a lock on
+    the table is handed to the writer's task after a bounded wait (a future, done only after the
+    commit; records queued meanwhile go after it); after the database dropped the writer's
+    connection the record is written once on a new one; at the database's durability nothing
+    is committed with the loop blocked."""
+    url = _database_with_durable_commits(postgres)
+    store = PostgresStore(url, usage_async_commit=True)
+    writer = store.usage_writer()
+
+    def stored() -> list[str]:
+        with psycopg.connect(url) as conn:
+            return [rid for (rid,) in conn.execute("SELECT request_id FROM usage ORDER BY rowid")]
+
+    async def lone_records() -> None:
+        first = writer.commit_now(_row(0))  # no connection yet: queued for the writer's task
+        assert first is not None
+        await asyncio.wait_for(first, 10)
+        # Inline (None) unless the commit took longer than the bound, which a loaded machine's
+        # scheduling can cause now and then: then it was handed over, and is awaited.
+        inline = 0
+        for i in range(1, 21):
+            committed = writer.commit_now(_row(i))
+            if committed is None:
+                inline += 1
+                assert stored()[-1] == f"req-{i}"  # committed before commit_now returned
+            else:
+                await asyncio.wait_for(committed, 10)
+        assert inline > 0, "no lone record was committed inline"
+        assert stored() == [f"req-{i}" for i in range(21)]
+
+        lock = psycopg.connect(url)
+        lock.execute("LOCK TABLE usage IN EXCLUSIVE MODE")
+        began = time.perf_counter()
+        slow = writer.commit_now(_row(21))  # its INSERT waits for the lock: handed over
+        held = time.perf_counter() - began
+        assert slow is not None, "commit_now returned before its record was committed"
+        assert held < 0.1, f"the loop was held {held * 1000:.0f} ms"
+        after = writer.record_committed(_row(22))
+        busy = writer.commit_now(_row(23))  # the writer is busy: queued behind, not inline
+        assert busy is not None
+        await asyncio.sleep(0.3)
+        assert not slow.done() and not after.done() and not busy.done(), "an answer was released before its commit"
+        assert writer.queue_depth() == 3
+        lock.rollback()
+        lock.close()
+        await asyncio.wait_for(asyncio.gather(slow, after, busy), 10)
+        assert stored() == [f"req-{i}" for i in range(24)]
+
+        with psycopg.connect(postgres.url(), autocommit=True) as admin:
+            assert admin.execute("SELECT pg_terminate_backend(%s)", (writer._conn.info.backend_pid,)).fetchone()[0]
+        time.sleep(0.3)
+        retried = writer.commit_now(_row(24))  # fails on the dropped connection: queued again
+        assert retried is not None, "a record that failed on the loop was let go as committed"
+        await asyncio.wait_for(retried, 10)
+        again = writer.commit_now(_row(25))  # on the new connection
+        if again is not None:
+            await asyncio.wait_for(again, 10)
+        await writer.aclose()
+
+    try:
+        asyncio.run(lone_records())
+    finally:
+        store.close()
+    assert stored() == [f"req-{i}" for i in range(26)]  # each once, in order
+    assert (writer.written, writer.failed) == (26, 0)
+    assert _commit_modes(url) == [("usage", "off", "0")]
+
+    durable = PostgresStore(url)
+    durable_writer = durable.usage_writer()
+
+    async def at_database_durability() -> None:
+        await durable_writer.record_committed(_row(26))
+        for i in range(27, 37):  # a WAL flush (none on this test cluster): never with the loop blocked
+            committed = durable_writer.commit_now(_row(i))
+            assert committed is not None, "committed inline at the database's durability"
+            await asyncio.wait_for(committed, 10)
+        await durable_writer.aclose()
+
+    try:
+        asyncio.run(at_database_durability())
+    finally:
+        durable.close()
+    assert stored()[-11:] == [f"req-{i}" for i in range(26, 37)]
+
+
+def _loop_runners() -> list:
+    runners = [pytest.param(asyncio.run, id="asyncio")]
+    try:
+        import uvloop  # the server's loop when installed (cli.py)
+
+        runners.append(pytest.param(uvloop.run, id="uvloop"))
+    except ImportError:
+        pass
+    return runners
+
+
+@pytest.mark.parametrize("run", _loop_runners())
+def test_the_writers_socket_stays_watched_and_is_let_go_when_the_database_drops_it(postgres, run):
+    """Between INSERTs the writer's socket stays registered with the loop (pg_usage.py), also
+    after psycopg's own calls on the connection (which add and remove their reader on it). When
+    the database drops the connection (libpq closes the socket), the loop does not spin on it,
+    and the next record goes on a new connection, once, which is watched afresh (it may get the
+    dropped socket's file descriptor number)."""
+    url = postgres.new_database()
+    store = PostgresStore(url)  # the database's durability: every record through the writer's task
+    writer = store.usage_writer()
+
+    async def records() -> float:
+        await writer.record_committed(_row(0))  # connects and prepares (psycopg's reader)
+        await writer.record_committed(_row(1))  # the one-row path: the socket registered
+        await asyncio.wait_for(asyncio.gather(*[writer.record_committed(_row(i)) for i in (2, 3)]), 10)  # psycopg's execute
+        await asyncio.wait_for(writer.record_committed(_row(4)), 10)  # registered again
+        with psycopg.connect(postgres.url(), autocommit=True) as admin:
+            assert admin.execute("SELECT pg_terminate_backend(%s)", (writer._conn.info.backend_pid,)).fetchone()[0]
+        cpu = time.process_time()
+        await asyncio.sleep(0.5)
+        spent = time.process_time() - cpu
+        await asyncio.wait_for(writer.record_committed(_row(5)), 10)
+        await writer.aclose()
+        return spent
+
+    try:
+        spent = run(records())
+    finally:
+        store.close()
+    assert spent < 0.2, f"the loop spent {spent:.2f} s of CPU in 0.5 s on a dropped connection's socket"
+    with psycopg.connect(url) as conn:
+        assert [rid for (rid,) in conn.execute("SELECT request_id FROM usage ORDER BY rowid")] == [f"req-{i}" for i in range(6)]
+    assert (writer.written, writer.failed) == (6, 0)

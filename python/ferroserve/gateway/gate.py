@@ -409,10 +409,15 @@ class Gateway:
         writer = self.usage_writer or self.worker
         if durable:
             # A lone request (no other interactive request in flight on this server: nothing
-            # could share a group commit with it) commits its SQLite row itself if the store's
-            # thread is idle.
-            if writer is self.worker and interactive_in_flight() <= 1 and self.worker.commit_now(row):
-                return None
+            # could share a group commit with it) commits its row itself if the writer is idle:
+            # SQLite's on the store's connection, PostgreSQL's (at --pg-async-commit) on the
+            # loop writer's, waiting for it with the loop blocked (pg_usage.py).
+            if interactive_in_flight() <= 1:
+                if writer is self.worker:
+                    if self.worker.commit_now(row):
+                        return None
+                else:
+                    return writer.commit_now(row)
             return writer.record_committed(row)
         writer.record(row)
         return None

@@ -130,8 +130,9 @@ class PostgresStore(Store):
 
     def usage_writer(self) -> PgUsageWriter:
         """The server's writer of usage records, on the event loop (pg_usage.py), with the same
-        durability as `insert_usage`."""
-        return PgUsageWriter(self.url, dict(self.usage_connect_kwargs))
+        durability as `insert_usage`. A lone record may be committed with the loop blocked only
+        where a commit needs no WAL flush (`--pg-async-commit`)."""
+        return PgUsageWriter(self.url, dict(self.usage_connect_kwargs), commit_inline=self.usage_async_commit)
 
     def close(self) -> None:
         if self._usage_pool is not self._pool:
