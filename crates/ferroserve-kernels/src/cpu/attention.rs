@@ -10,6 +10,9 @@
 //! for 10 % of its arithmetic (bench/NOTES.md, "Encoder speed on Zen 5"). Keys are padded
 //! to a multiple of 32 there; padded keys are excluded from the softmax.
 //!
+//! AVX2 (head dimension a multiple of 16): `QR2` rows × two 8-lane blocks per register
+//! tile, with separate multiplies and adds in the one-row form's order, so the same bits.
+//!
 //! Other levels (and odd head sizes): one query row at a time, scores and outputs in
 //! 16-lane blocks the compiler vectorises, keys padded to a multiple of 16.
 
@@ -32,6 +35,7 @@ pub fn encoder_attention(isa: Isa, qkv: &[f32], layout: &SeqLayout<'_>, heads: u
     let out_ptr = SendPtr(out.as_mut_ptr());
     let tasks = layout.num_seqs() * heads;
     let tiled = isa.has_avx512() && head_dim % LANES == 0;
+    let tiled_avx2 = !tiled && isa.has_avx2() && head_dim % LANES == 0;
     let run = |t: usize| {
         let (s, h) = (t / heads, t % heads);
         let (start, end) = (layout.offsets[s], layout.offsets[s + 1]);
@@ -42,6 +46,13 @@ pub fn encoder_attention(isa: Isa, qkv: &[f32], layout: &SeqLayout<'_>, heads: u
             #[cfg(target_arch = "x86_64")]
             unsafe {
                 x86::head_attention_tiled(qkv, start, end, h, heads, head_dim, out_ptr.0)
+            }
+        } else if tiled_avx2 {
+            isa.assert_supported();
+            // SAFETY: the CPU has AVX2 and FMA (asserted); head_dim is a multiple of 16.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                x86::head_attention_avx2(qkv, start, end, h, heads, head_dim, out_ptr.0)
             }
         } else {
             dispatch_isa!(isa, || head_attention(qkv, start, end, h, heads, head_dim, out_ptr.0))
@@ -200,6 +211,111 @@ mod x86 {
         }
         SCRATCH.with(|cell| *cell.borrow_mut() = buf);
     }
+
+    /// Query rows per AVX2 register tile: 4 rows × two 8-lane blocks = 8 accumulators, 8
+    /// independent add chains (Zen 1's add latency is 3 cycles; 16 ymm registers in all).
+    const QR2: usize = 4;
+
+    /// One (sequence, head) on AVX2 with `QR2` × 16 register tiles, computing **the same bits
+    /// as the one-row form** (`head_attention`): every score and output element is the same
+    /// sequence of separate multiplies and adds in the same order (no FMA contraction; on
+    /// Zen 1 `vmulps` and `vaddps` issue to different pipes, so this costs no throughput), the
+    /// same softmax lanes, keys padded to 16 as there. So `avx2` and `portable` keep giving
+    /// identical vectors (tests/bert_int8.rs). The one-row form ran one or two dependent
+    /// add chains over the head dimension per query row.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; `d` must be a multiple of 16; `out` must be valid for
+    /// the sequence's rows at stride `heads · d`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn head_attention_avx2(qkv: &[f32], start: usize, end: usize, h: usize, heads: usize, d: usize, out: *mut f32) {
+        assert!(d % LANES == 0);
+        let len = end - start;
+        if len == 0 {
+            return;
+        }
+        let padded = len.div_ceil(LANES) * LANES;
+        let hidden = heads * d;
+        let stride = 3 * hidden;
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut buf = SCRATCH.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
+        let need = d * padded + len * d + QR2 * padded + 2 * QR2 * d;
+        if buf.len() < need {
+            buf.resize(need, 0.0);
+        }
+        let (kt, rest) = buf.split_at_mut(d * padded);
+        let (v, rest) = rest.split_at_mut(len * d);
+        let (scores, rest) = rest.split_at_mut(QR2 * padded);
+        let (qs, rest) = rest.split_at_mut(QR2 * d);
+        let acc = &mut rest[..QR2 * d];
+        kt.fill(0.0);
+        for j in 0..len {
+            let row = &qkv[(start + j) * stride..];
+            for c in 0..d {
+                kt[c * padded + j] = row[hidden + h * d + c];
+            }
+            v[j * d..(j + 1) * d].copy_from_slice(&row[2 * hidden + h * d..2 * hidden + (h + 1) * d]);
+        }
+        let (ktp, vp, sp, qp) = (kt.as_ptr(), v.as_ptr(), scores.as_mut_ptr(), qs.as_ptr());
+        let mut i0 = 0;
+        while i0 < len {
+            let rows = QR2.min(len - i0);
+            // Scaled query rows (as the one-row form's `q[c] * scale`); a partial group
+            // repeats its last row (computed, not stored).
+            for r in 0..QR2 {
+                let i = start + i0 + r.min(rows - 1);
+                let q = &qkv[i * stride + h * d..i * stride + (h + 1) * d];
+                for (dst, &qc) in qs[r * d..(r + 1) * d].iter_mut().zip(q) {
+                    *dst = qc * scale;
+                }
+            }
+            // Scores: QR2 rows × 16 keys per tile, s = s + q·k over the head dimension.
+            for b in (0..padded).step_by(LANES) {
+                let mut s = [[_mm256_setzero_ps(); 2]; QR2];
+                for c in 0..d {
+                    let k0 = _mm256_loadu_ps(ktp.add(c * padded + b));
+                    let k1 = _mm256_loadu_ps(ktp.add(c * padded + b + 8));
+                    for (r, sr) in s.iter_mut().enumerate() {
+                        let qc = _mm256_broadcast_ss(&*qp.add(r * d + c));
+                        sr[0] = _mm256_add_ps(sr[0], _mm256_mul_ps(qc, k0));
+                        sr[1] = _mm256_add_ps(sr[1], _mm256_mul_ps(qc, k1));
+                    }
+                }
+                for (r, sr) in s.iter().enumerate() {
+                    _mm256_storeu_ps(sp.add(r * padded + b), sr[0]);
+                    _mm256_storeu_ps(sp.add(r * padded + b + 8), sr[1]);
+                }
+            }
+            let mut inv = [0.0f32; QR2];
+            for (r, row) in scores.chunks_exact_mut(padded).enumerate() {
+                inv[r] = softmax_live(row, len);
+            }
+            // out = (Σ_j p_j · V_j) · inv: QR2 rows × 16 head-dimension columns per tile.
+            for c0 in (0..d).step_by(LANES) {
+                let mut a = [[_mm256_setzero_ps(); 2]; QR2];
+                for j in 0..len {
+                    let v0 = _mm256_loadu_ps(vp.add(j * d + c0));
+                    let v1 = _mm256_loadu_ps(vp.add(j * d + c0 + 8));
+                    for (r, ar) in a.iter_mut().enumerate() {
+                        let p = _mm256_broadcast_ss(&*sp.add(r * padded + j));
+                        ar[0] = _mm256_add_ps(ar[0], _mm256_mul_ps(p, v0));
+                        ar[1] = _mm256_add_ps(ar[1], _mm256_mul_ps(p, v1));
+                    }
+                }
+                for (r, ar) in a.iter().enumerate() {
+                    let s = _mm256_set1_ps(inv[r]);
+                    _mm256_storeu_ps(acc.as_mut_ptr().add(r * d + c0), _mm256_mul_ps(ar[0], s));
+                    _mm256_storeu_ps(acc.as_mut_ptr().add(r * d + c0 + 8), _mm256_mul_ps(ar[1], s));
+                }
+            }
+            for r in 0..rows {
+                // SAFETY: row start+i0+r, columns h*d..(h+1)*d belong to this task only.
+                std::ptr::copy_nonoverlapping(acc.as_ptr().add(r * d), out.add((start + i0 + r) * hidden + h * d), d);
+            }
+            i0 += QR2;
+        }
+        SCRATCH.with(|cell| *cell.borrow_mut() = buf);
+    }
 }
 
 #[inline(always)]
@@ -325,6 +441,31 @@ mod tests {
                     }
                 }
                 assert_close(&out, &want, 1e-5, &format!("attention {isa:?} d={d}"));
+            }
+        }
+    }
+
+    /// The AVX2 register tiles compute the one-row form's bits (the int8 embeddings are
+    /// compared bit for bit across levels, tests/bert_int8.rs), incl. padded keys and
+    /// partial query groups.
+    #[test]
+    fn avx2_tiles_give_the_portable_bits() {
+        if !Isa::Avx2.is_supported() {
+            eprintln!("skipping: this CPU lacks {}", Isa::Avx2.requires());
+            return;
+        }
+        let mut rng = Rng::new(7 ^ std::process::id() as u64);
+        for (heads, d) in [(2usize, 16usize), (3, 32), (2, 64)] {
+            let hidden = heads * d;
+            let offsets = [0usize, 1, 4, 4 + 17, 4 + 17 + 16, 4 + 17 + 16 + 259];
+            let rows = *offsets.last().unwrap();
+            let qkv: Vec<f32> = rng.vec(rows * 3 * hidden).iter().map(|v| v * 4.0).collect();
+            let mut want = vec![f32::NAN; rows * hidden];
+            encoder_attention(Isa::Portable, &qkv, &SeqLayout { offsets: &offsets }, heads, d, &mut want);
+            let mut got = vec![f32::NAN; rows * hidden];
+            encoder_attention(Isa::Avx2, &qkv, &SeqLayout { offsets: &offsets }, heads, d, &mut got);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g.to_bits(), w.to_bits(), "d={d} index {i}: {g} vs {w}");
             }
         }
     }

@@ -231,56 +231,76 @@ mod x86 {
         }
     }
 
-    /// AVX2: the 8-row tile as sub-tiles of ≤ 3 rows × 32 columns (12 ymm accumulators).
+    /// AVX2: the 8-row tile as sub-tiles of ≤ 4 rows × 16 columns (half a panel): 8 ymm
+    /// accumulators + 2 weight vectors + 1 broadcast, so nothing spills on 16 registers. The
+    /// previous 3 × 32 sub-tile needed 12 + 4 + 1 = 17 and kept two accumulators on the stack
+    /// (a load, FMA and store per k step in the hot loop, bench/NOTES.md "Embeddings on Zen 1").
+    /// Each output element is still one FMA chain from the bias over k in order: the same bits.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn tile_avx2(a: &[f32], rows: usize, kc: usize, b: &[f32], bias: &[f32; NR], first: bool, c: *mut f32, ldc: usize, ncols: usize) {
-        let mut r = 0;
-        while r < rows {
-            let mr = 3.min(rows - r);
-            match mr {
-                1 => sub_avx2::<1>(a, r, kc, b, bias, first, c.add(r * ldc), ldc, ncols),
-                2 => sub_avx2::<2>(a, r, kc, b, bias, first, c.add(r * ldc), ldc, ncols),
-                _ => sub_avx2::<3>(a, r, kc, b, bias, first, c.add(r * ldc), ldc, ncols),
+        for half in 0..2 {
+            let c0 = 16 * half;
+            if c0 >= ncols {
+                break;
             }
-            r += mr;
+            let w = 16.min(ncols - c0);
+            let mut r = 0;
+            while r < rows {
+                let mr = 4.min(rows - r);
+                let (cp, bp, bias) = (c.add(r * ldc + c0), b.as_ptr().add(c0), bias.as_ptr().add(c0));
+                match mr {
+                    1 => sub_avx2::<1>(a, r, kc, bp, bias, first, cp, ldc, w),
+                    2 => sub_avx2::<2>(a, r, kc, bp, bias, first, cp, ldc, w),
+                    3 => sub_avx2::<3>(a, r, kc, bp, bias, first, cp, ldc, w),
+                    _ => sub_avx2::<4>(a, r, kc, bp, bias, first, cp, ldc, w),
+                }
+                r += mr;
+            }
         }
     }
 
+    /// `MR` rows × 16 columns; `b` points at the half panel (row stride `NR`), `bias` at its
+    /// 16 bias values, `w` ≤ 16 columns are live.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn sub_avx2<const MR: usize>(a: &[f32], r0: usize, kc: usize, b: &[f32], bias: &[f32; NR], first: bool, c: *mut f32, ldc: usize, ncols: usize) {
-        let mut acc = [[_mm256_setzero_ps(); 4]; MR];
-        let mut tmp = [0.0f32; NR];
+    unsafe fn sub_avx2<const MR: usize>(a: &[f32], r0: usize, kc: usize, b: *const f32, bias: *const f32, first: bool, c: *mut f32, ldc: usize, w: usize) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+        let mut tmp = [0.0f32; 16];
         for (i, row) in acc.iter_mut().enumerate() {
             let src = if first {
-                bias.as_ptr()
+                bias
+            } else if w == 16 {
+                c.add(i * ldc) as *const f32
             } else {
-                std::ptr::copy_nonoverlapping(c.add(i * ldc), tmp.as_mut_ptr(), ncols);
+                std::ptr::copy_nonoverlapping(c.add(i * ldc), tmp.as_mut_ptr(), w);
                 tmp.as_ptr()
             };
-            for (j, v) in row.iter_mut().enumerate() {
-                *v = _mm256_loadu_ps(src.add(8 * j));
-            }
+            row[0] = _mm256_loadu_ps(src);
+            row[1] = _mm256_loadu_ps(src.add(8));
         }
-        let (mut ap, mut bp) = (a.as_ptr().add(r0), b.as_ptr());
+        let (mut ap, mut bp) = (a.as_ptr().add(r0), b);
         for _ in 0..kc {
-            let bv = [_mm256_loadu_ps(bp), _mm256_loadu_ps(bp.add(8)), _mm256_loadu_ps(bp.add(16)), _mm256_loadu_ps(bp.add(24))];
+            let b0 = _mm256_loadu_ps(bp);
+            let b1 = _mm256_loadu_ps(bp.add(8));
             for (i, row) in acc.iter_mut().enumerate() {
                 let av = _mm256_broadcast_ss(&*ap.add(i));
-                for j in 0..4 {
-                    row[j] = _mm256_fmadd_ps(av, bv[j], row[j]);
-                }
+                row[0] = _mm256_fmadd_ps(av, b0, row[0]);
+                row[1] = _mm256_fmadd_ps(av, b1, row[1]);
             }
             ap = ap.add(MR_PACK);
             bp = bp.add(NR);
         }
         for (i, row) in acc.iter().enumerate() {
-            for j in 0..4 {
-                _mm256_storeu_ps(tmp.as_mut_ptr().add(8 * j), row[j]);
+            if w == 16 {
+                _mm256_storeu_ps(c.add(i * ldc), row[0]);
+                _mm256_storeu_ps(c.add(i * ldc + 8), row[1]);
+            } else {
+                _mm256_storeu_ps(tmp.as_mut_ptr(), row[0]);
+                _mm256_storeu_ps(tmp.as_mut_ptr().add(8), row[1]);
+                std::ptr::copy_nonoverlapping(tmp.as_ptr(), c.add(i * ldc), w);
             }
-            std::ptr::copy_nonoverlapping(tmp.as_ptr(), c.add(i * ldc), ncols);
         }
     }
 }
