@@ -108,6 +108,61 @@ mod x86 {
 
     use super::{softmax_live, LANES, SCRATCH};
 
+    /// The scratch of one (sequence, head) for the register-tiled forms.
+    struct Staged<'a> {
+        /// K transposed: `d` rows of `padded` keys, zeros past the sequence.
+        kt: &'a mut [f32],
+        /// V rows as in the sequence, `len × d`.
+        v: &'a mut [f32],
+        /// `qr` rows of `padded` scores.
+        scores: &'a mut [f32],
+        /// `qr` scaled query rows.
+        qs: &'a mut [f32],
+        /// `qr` output rows before they are written out.
+        acc: &'a mut [f32],
+    }
+
+    /// Sizes `buf` and fills the K and V parts for head `h` of rows `start..start + len`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn stage<'a>(buf: &'a mut Vec<f32>, qkv: &[f32], start: usize, len: usize, h: usize, heads: usize, d: usize, padded: usize, qr: usize) -> Staged<'a> {
+        let hidden = heads * d;
+        let stride = 3 * hidden;
+        let need = d * padded + len * d + qr * padded + 2 * qr * d;
+        if buf.len() < need {
+            buf.resize(need, 0.0);
+        }
+        let (kt, rest) = buf.split_at_mut(d * padded);
+        let (v, rest) = rest.split_at_mut(len * d);
+        let (scores, rest) = rest.split_at_mut(qr * padded);
+        let (qs, rest) = rest.split_at_mut(qr * d);
+        let acc = &mut rest[..qr * d];
+        kt.fill(0.0);
+        for j in 0..len {
+            let row = &qkv[(start + j) * stride..];
+            for c in 0..d {
+                kt[c * padded + j] = row[hidden + h * d + c];
+            }
+            v[j * d..(j + 1) * d].copy_from_slice(&row[2 * hidden + h * d..2 * hidden + (h + 1) * d]);
+        }
+        Staged { kt, v, scores, qs, acc }
+    }
+
+    /// `qr` query rows from row `first` (columns `col..col + d`) times `scale`, as the one-row
+    /// form's `q[c] * scale`; a partial group (`rows < qr`) repeats its last row (computed,
+    /// not stored).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn scale_queries(qs: &mut [f32], qkv: &[f32], first: usize, rows: usize, qr: usize, stride: usize, col: usize, d: usize, scale: f32) {
+        for r in 0..qr {
+            let i = first + r.min(rows - 1);
+            let q = &qkv[i * stride + col..i * stride + col + d];
+            for (dst, &qc) in qs[r * d..(r + 1) * d].iter_mut().zip(q) {
+                *dst = qc * scale;
+            }
+        }
+    }
+
     /// Query rows per register tile.
     const QR: usize = 4;
     /// Keys are padded to a multiple of this (two blocks per register tile).
@@ -130,35 +185,12 @@ mod x86 {
         let stride = 3 * hidden;
         let scale = 1.0 / (d as f32).sqrt();
         let mut buf = SCRATCH.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
-        let need = d * padded + len * d + QR * padded + 2 * QR * d;
-        if buf.len() < need {
-            buf.resize(need, 0.0);
-        }
-        let (kt, rest) = buf.split_at_mut(d * padded);
-        let (v, rest) = rest.split_at_mut(len * d);
-        let (scores, rest) = rest.split_at_mut(QR * padded);
-        let (qs, rest) = rest.split_at_mut(QR * d);
-        let acc = &mut rest[..QR * d];
-        kt.fill(0.0);
-        for j in 0..len {
-            let row = &qkv[(start + j) * stride..];
-            for c in 0..d {
-                kt[c * padded + j] = row[hidden + h * d + c];
-            }
-            v[j * d..(j + 1) * d].copy_from_slice(&row[2 * hidden + h * d..2 * hidden + (h + 1) * d]);
-        }
+        let Staged { kt, v, scores, qs, acc } = stage(&mut buf, qkv, start, len, h, heads, d, padded, QR);
         let (ktp, vp, sp, qp) = (kt.as_ptr(), v.as_ptr(), scores.as_mut_ptr(), qs.as_ptr());
         let mut i0 = 0;
         while i0 < len {
             let rows = QR.min(len - i0);
-            // Scaled query rows; a partial group repeats its last row (computed, not stored).
-            for r in 0..QR {
-                let i = start + i0 + r.min(rows - 1);
-                let q = &qkv[i * stride + h * d..i * stride + (h + 1) * d];
-                for (dst, &qc) in qs[r * d..(r + 1) * d].iter_mut().zip(q) {
-                    *dst = qc * scale;
-                }
-            }
+            scale_queries(qs, qkv, start + i0, rows, QR, stride, h * d, d, scale);
             // Scores: QR rows × 32 keys per tile, summed over the head dimension.
             for b in (0..padded).step_by(KEY_PAD) {
                 let mut s = [[_mm512_setzero_ps(); 2]; QR];
@@ -239,36 +271,12 @@ mod x86 {
         let stride = 3 * hidden;
         let scale = 1.0 / (d as f32).sqrt();
         let mut buf = SCRATCH.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
-        let need = d * padded + len * d + QR2 * padded + 2 * QR2 * d;
-        if buf.len() < need {
-            buf.resize(need, 0.0);
-        }
-        let (kt, rest) = buf.split_at_mut(d * padded);
-        let (v, rest) = rest.split_at_mut(len * d);
-        let (scores, rest) = rest.split_at_mut(QR2 * padded);
-        let (qs, rest) = rest.split_at_mut(QR2 * d);
-        let acc = &mut rest[..QR2 * d];
-        kt.fill(0.0);
-        for j in 0..len {
-            let row = &qkv[(start + j) * stride..];
-            for c in 0..d {
-                kt[c * padded + j] = row[hidden + h * d + c];
-            }
-            v[j * d..(j + 1) * d].copy_from_slice(&row[2 * hidden + h * d..2 * hidden + (h + 1) * d]);
-        }
+        let Staged { kt, v, scores, qs, acc } = stage(&mut buf, qkv, start, len, h, heads, d, padded, QR2);
         let (ktp, vp, sp, qp) = (kt.as_ptr(), v.as_ptr(), scores.as_mut_ptr(), qs.as_ptr());
         let mut i0 = 0;
         while i0 < len {
             let rows = QR2.min(len - i0);
-            // Scaled query rows (as the one-row form's `q[c] * scale`); a partial group
-            // repeats its last row (computed, not stored).
-            for r in 0..QR2 {
-                let i = start + i0 + r.min(rows - 1);
-                let q = &qkv[i * stride + h * d..i * stride + (h + 1) * d];
-                for (dst, &qc) in qs[r * d..(r + 1) * d].iter_mut().zip(q) {
-                    *dst = qc * scale;
-                }
-            }
+            scale_queries(qs, qkv, start + i0, rows, QR2, stride, h * d, d, scale);
             // Scores: QR2 rows × 16 keys per tile, s = s + q·k over the head dimension.
             for b in (0..padded).step_by(LANES) {
                 let mut s = [[_mm256_setzero_ps(); 2]; QR2];
