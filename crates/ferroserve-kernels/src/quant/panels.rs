@@ -1047,9 +1047,13 @@ mod avx2 {
     #[inline]
     unsafe fn tile_of<const R: usize, const KIND: u8>(w: &Panels, acts: &Q8Activations, offsets: &[i32], p: usize, r0: usize, out: &PanelOut) {
         match KIND {
-            kind::Q4_K => tile_q4_k_wide::<R>(w, acts, p, r0, out),
+            // The both-halves tiles only for one activation row: at R = 2 LLVM spilled their
+            // `[[__m256i; 2]; 2]` sums and accumulators (42 YMM stack moves per block, against
+            // 3 in the half-at-a-time tile; bench/NOTES.md, "The AVX2 chat step on Zen 1").
+            kind::Q4_K if R == 1 => tile_q4_k_wide::<R>(w, acts, p, r0, out),
+            kind::Q4_K => tile_q4_k::<R>(w, acts, p, r0, out),
             kind::Q6_K => tile_q6_k::<R>(w, acts, p, r0, out),
-            kind::Q4_1 | kind::Q4_0 => tile_wide::<R, KIND>(w, acts, offsets, p, r0, out),
+            kind::Q4_1 | kind::Q4_0 if R == 1 => tile_wide::<R, KIND>(w, acts, offsets, p, r0, out),
             _ => tile::<R, KIND>(w, acts, offsets, p, r0, out),
         }
     }
@@ -1061,9 +1065,9 @@ mod avx2 {
     /// Why both halves at once (bench/NOTES.md, "The AVX2 chat step on Zen 1"): each group's
     /// activation broadcast then serves sixteen weight rows instead of eight (the old
     /// half-at-a-time tile broadcast every activation group twice per block, ≈ a fifth of its
-    /// instructions), each unpacked nibble vector is used at once instead of eight being held
-    /// (which spilled an accumulator to the stack on Zen 1's sixteen YMM registers), and at
-    /// m = 1 each block's bytes are read once, in order.
+    /// instructions), each unpacked nibble vector is used at once instead of eight being held,
+    /// and each block's bytes are read once, in order. Used for one activation row (m = 1 and
+    /// a batch's odd row): with two, LLVM spills (see `tile_of`).
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn nibble_sums<const R: usize>(cb: *const u8, a: [*const i32; R]) -> [[__m256i; 2]; R] {
@@ -1141,8 +1145,7 @@ mod avx2 {
 
     /// Q4_K panel `p` against activation rows `r0..r0 + R`, both halves per sub-block as
     /// [`tile_wide`], the `dmin·m` chain as its second pass; per output the operations of
-    /// the former half-at-a-time Q4_K tile (Q4_1's [`tile`] with `d·sc` and `dmin·m`
-    /// widened from the integer scales).
+    /// [`tile_q4_k`].
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn tile_q4_k_wide<const R: usize>(w: &Panels, acts: &Q8Activations, p: usize, r0: usize, out: &PanelOut) {
@@ -1307,6 +1310,63 @@ mod avx2 {
             for i in 0..R {
                 let yi = if affine { _mm256_add_ps(acc[i], mins[i]) } else { acc[i] };
                 _mm256_storeu_ps(y[i].as_mut_ptr().add(8 * half), yi);
+            }
+        }
+        for (i, yi) in y.iter().enumerate() {
+            // SAFETY: the caller owns panel p.
+            out.set_panel(r0 + i, p, yi);
+        }
+    }
+
+    /// Q4_K panel `p` against activation rows `r0..r0 + R`, as [`tile`] for Q4_1 with the
+    /// sub-block's `d·sc` and `dmin·m` widened from the integer scales once per half.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn tile_q4_k<const R: usize>(w: &Panels, acts: &Q8Activations, p: usize, r0: usize, out: &PanelOut) {
+        let nsb = w.k / SUPER_ELEMS;
+        let rows: [ActRow<'_>; R] = core::array::from_fn(|i| acts.row(r0 + i));
+        let (codes, scales) = w.panel(p);
+        let (cp, sp) = (codes.as_ptr(), scales.as_ptr());
+        let mask = _mm256_set1_epi8(0x0f);
+        let mut y = [[0f32; PANEL_ROWS]; R];
+        for half in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); R];
+            let mut mins = [_mm256_setzero_ps(); R];
+            for s in 0..nsb {
+                // SAFETY: super-block s of the panel is K_SCALE_BYTES + 8·256 code bytes and 32
+                // scales; activation rows hold 8·nsb blocks.
+                let unit = cp.add(s * (K_SCALE_BYTES + SUBS * NIBBLE_BYTES));
+                let d = widen8(sp.add(32 * s + 8 * half));
+                let dmin = widen8(sp.add(32 * s + 16 + 8 * half));
+                let byte_lanes = |at: usize| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(unit.add(at + 8 * half).cast())));
+                for j in 0..SUBS {
+                    let b = SUBS * s + j;
+                    let cb = unit.add(K_SCALE_BYTES + NIBBLE_BYTES * j + 32 * half);
+                    let mut v = [_mm256_setzero_si256(); 8];
+                    for t in 0..4 {
+                        let x = _mm256_loadu_si256(cb.add(64 * t).cast());
+                        v[t] = _mm256_and_si256(x, mask);
+                        v[t + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(x), mask);
+                    }
+                    let dw = _mm256_mul_ps(d, byte_lanes(PANEL_ROWS * j));
+                    let mw = _mm256_mul_ps(dmin, byte_lanes(PANEL_ROWS * (SUBS + j)));
+                    for i in 0..R {
+                        let a = rows[i].qs.as_ptr().add(b * BLOCK_ELEMS).cast::<i32>();
+                        // Codes 0..15: all eight groups' pairs summed in i16, one `vpmaddwd`.
+                        let mut s16 = _mm256_setzero_si256();
+                        for (g, vg) in v.iter().enumerate() {
+                            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(*vg, _mm256_set1_epi32(a.add(g).read_unaligned())));
+                        }
+                        let sumi = _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
+                        let [dx, dx_sum] = *rows[i].scales.get_unchecked(b);
+                        let dd = _mm256_mul_ps(dw, _mm256_set1_ps(dx));
+                        acc[i] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sumi), acc[i]);
+                        mins[i] = _mm256_fmadd_ps(mw, _mm256_set1_ps(dx_sum), mins[i]);
+                    }
+                }
+            }
+            for i in 0..R {
+                _mm256_storeu_ps(y[i].as_mut_ptr().add(8 * half), _mm256_sub_ps(acc[i], mins[i]));
             }
         }
         for (i, yi) in y.iter().enumerate() {
