@@ -1047,9 +1047,155 @@ mod avx2 {
     #[inline]
     unsafe fn tile_of<const R: usize, const KIND: u8>(w: &Panels, acts: &Q8Activations, offsets: &[i32], p: usize, r0: usize, out: &PanelOut) {
         match KIND {
+            // The both-halves tiles only for one activation row: at R = 2 LLVM spilled their
+            // `[[__m256i; 2]; 2]` sums and accumulators (42 YMM stack moves per block, against
+            // 3 in the half-at-a-time tile; bench/NOTES.md, "The AVX2 chat step on Zen 1").
+            kind::Q4_K if R == 1 => tile_q4_k_wide::<R>(w, acts, p, r0, out),
             kind::Q4_K => tile_q4_k::<R>(w, acts, p, r0, out),
             kind::Q6_K => tile_q6_k::<R>(w, acts, p, r0, out),
+            kind::Q4_1 | kind::Q4_0 if R == 1 => tile_wide::<R, KIND>(w, acts, offsets, p, r0, out),
             _ => tile::<R, KIND>(w, acts, offsets, p, r0, out),
+        }
+    }
+
+    /// Σ code·a in i16 for both halves of one 32-weight block of nibbles (Q4_1's layout, `cb`)
+    /// against activation rows `a`: the sixteen rows' pairs, `[row][half]`, each half's eight
+    /// groups summed in i16 (|sum| ≤ 8·2·15·127 = 30,480, exact in any order).
+    ///
+    /// Why both halves at once (bench/NOTES.md, "The AVX2 chat step on Zen 1"): each group's
+    /// activation broadcast then serves sixteen weight rows instead of eight (the old
+    /// half-at-a-time tile broadcast every activation group twice per block, ≈ a fifth of its
+    /// instructions), each unpacked nibble vector is used at once instead of eight being held,
+    /// and each block's bytes are read once, in order. Used for one activation row (m = 1 and
+    /// a batch's odd row): with two, LLVM spills (see `tile_of`).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn nibble_sums<const R: usize>(cb: *const u8, a: [*const i32; R]) -> [[__m256i; 2]; R] {
+        let mask = _mm256_set1_epi8(0x0f);
+        let mut s16 = [[_mm256_setzero_si256(); 2]; R];
+        for t in 0..4 {
+            // SAFETY (caller): `cb` is a block's 256 code bytes, each `a[i]` a block's 32 bytes.
+            let x = [_mm256_loadu_si256(cb.add(64 * t).cast()), _mm256_loadu_si256(cb.add(64 * t + 32).cast())];
+            for i in 0..R {
+                let (lo, hi) = (_mm256_set1_epi32(a[i].add(t).read_unaligned()), _mm256_set1_epi32(a[i].add(t + 4).read_unaligned()));
+                for h in 0..2 {
+                    let pairs = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(_mm256_and_si256(x[h], mask), lo),
+                        _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16::<4>(x[h]), mask), hi),
+                    );
+                    s16[i][h] = _mm256_add_epi16(s16[i][h], pairs);
+                }
+            }
+        }
+        s16
+    }
+
+    /// Q4_1 and Q4_0 panel `p` against activation rows `r0..r0 + R`, both halves of the panel
+    /// per block ([`nibble_sums`]); per output the same f32 operations as [`tile`] (the
+    /// `mins` chain of Q4_1 runs as a second pass over the blocks: it does not depend on the
+    /// codes, and a chain's own operations and order are what fix its bits).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn tile_wide<const R: usize, const KIND: u8>(w: &Panels, acts: &Q8Activations, offsets: &[i32], p: usize, r0: usize, out: &PanelOut) {
+        let nb = w.k / BLOCK_ELEMS;
+        let (code_bytes, scale_count) = (kind::block_code_bytes(KIND), kind::block_scales(KIND));
+        let rows: [ActRow<'_>; R] = core::array::from_fn(|i| acts.row(r0 + i));
+        let (codes, scales) = w.panel(p);
+        let (cp, sp) = (codes.as_ptr(), scales.as_ptr());
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for b in 0..nb {
+            // SAFETY: block b of the panel is `code_bytes` code bytes and `scale_count` scales;
+            // the activation rows hold nb > b blocks of 32 bytes.
+            let a: [*const i32; R] = core::array::from_fn(|i| rows[i].qs.as_ptr().add(b * BLOCK_ELEMS).cast::<i32>());
+            let s16 = nibble_sums::<R>(cp.add(b * code_bytes), a);
+            for h in 0..2 {
+                let dw = widen8(sp.add(b * scale_count + 8 * h));
+                for i in 0..R {
+                    let mut sumi = _mm256_madd_epi16(s16[i][h], ones);
+                    if KIND == kind::Q4_0 {
+                        sumi = _mm256_add_epi32(sumi, _mm256_set1_epi32(*offsets.get_unchecked((r0 + i) * nb + b)));
+                    }
+                    let dd = _mm256_mul_ps(dw, _mm256_set1_ps(rows[i].scales.get_unchecked(b)[0]));
+                    acc[i][h] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sumi), acc[i][h]);
+                }
+            }
+        }
+        let mut y = [[0f32; PANEL_ROWS]; R];
+        for h in 0..2 {
+            let mut mins = [_mm256_setzero_ps(); R];
+            if kind::affine(KIND) {
+                for b in 0..nb {
+                    let mw = widen8(sp.add(b * scale_count + PANEL_ROWS + 8 * h));
+                    for i in 0..R {
+                        mins[i] = _mm256_fmadd_ps(mw, _mm256_set1_ps(*rows[i].q81_sums.get_unchecked(b)), mins[i]);
+                    }
+                }
+            }
+            for i in 0..R {
+                let yi = if kind::affine(KIND) { _mm256_add_ps(acc[i][h], mins[i]) } else { acc[i][h] };
+                _mm256_storeu_ps(y[i].as_mut_ptr().add(8 * h), yi);
+            }
+        }
+        for (i, yi) in y.iter().enumerate() {
+            // SAFETY: the caller owns panel p.
+            out.set_panel(r0 + i, p, yi);
+        }
+    }
+
+    /// Q4_K panel `p` against activation rows `r0..r0 + R`, both halves per sub-block as
+    /// [`tile_wide`], the `dmin·m` chain as its second pass; per output the operations of
+    /// [`tile_q4_k`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn tile_q4_k_wide<const R: usize>(w: &Panels, acts: &Q8Activations, p: usize, r0: usize, out: &PanelOut) {
+        let nsb = w.k / SUPER_ELEMS;
+        let rows: [ActRow<'_>; R] = core::array::from_fn(|i| acts.row(r0 + i));
+        let (codes, scales) = w.panel(p);
+        let (cp, sp) = (codes.as_ptr(), scales.as_ptr());
+        let ones = _mm256_set1_epi16(1);
+        // SAFETY (callers): `at + 8` bytes of the unit's integer scales are readable.
+        let byte_lanes = |unit: *const u8, at: usize| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(unit.add(at).cast())));
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for s in 0..nsb {
+            // SAFETY: super-block s of the panel is K_SCALE_BYTES + 8·256 code bytes and 32
+            // scales; activation rows hold 8·nsb blocks.
+            let unit = cp.add(s * (K_SCALE_BYTES + SUBS * NIBBLE_BYTES));
+            for j in 0..SUBS {
+                let b = SUBS * s + j;
+                let a: [*const i32; R] = core::array::from_fn(|i| rows[i].qs.as_ptr().add(b * BLOCK_ELEMS).cast::<i32>());
+                let s16 = nibble_sums::<R>(unit.add(K_SCALE_BYTES + NIBBLE_BYTES * j), a);
+                for h in 0..2 {
+                    let dw = _mm256_mul_ps(widen8(sp.add(32 * s + 8 * h)), byte_lanes(unit, PANEL_ROWS * j + 8 * h));
+                    for i in 0..R {
+                        let sumi = _mm256_madd_epi16(s16[i][h], ones);
+                        let dd = _mm256_mul_ps(dw, _mm256_set1_ps(rows[i].scales.get_unchecked(b)[0]));
+                        acc[i][h] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sumi), acc[i][h]);
+                    }
+                }
+            }
+        }
+        let mut y = [[0f32; PANEL_ROWS]; R];
+        for h in 0..2 {
+            let mut mins = [_mm256_setzero_ps(); R];
+            for s in 0..nsb {
+                let unit = cp.add(s * (K_SCALE_BYTES + SUBS * NIBBLE_BYTES));
+                let dmin = widen8(sp.add(32 * s + 16 + 8 * h));
+                for j in 0..SUBS {
+                    let b = SUBS * s + j;
+                    let mw = _mm256_mul_ps(dmin, byte_lanes(unit, PANEL_ROWS * (SUBS + j) + 8 * h));
+                    for i in 0..R {
+                        mins[i] = _mm256_fmadd_ps(mw, _mm256_set1_ps(rows[i].scales.get_unchecked(b)[1]), mins[i]);
+                    }
+                }
+            }
+            for i in 0..R {
+                _mm256_storeu_ps(y[i].as_mut_ptr().add(8 * h), _mm256_sub_ps(acc[i][h], mins[i]));
+            }
+        }
+        for (i, yi) in y.iter().enumerate() {
+            // SAFETY: the caller owns panel p.
+            out.set_panel(r0 + i, p, yi);
         }
     }
 
