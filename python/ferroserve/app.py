@@ -283,7 +283,7 @@ class App:
             status, error_code = err.status, err.code
             if error_code == "capacity_unavailable":
                 fields = {**fields, **_refusal_fields(ticket, body_unread, started)}
-            if gateway is not None and metered:
+            if gateway is not None and metered and not _counted_after(ticket):
                 cost = gateway.settle(ticket, fields)  # before the response: its rate-limit headers are current
             headers = ticket.response_headers() if ticket is not None else [("x-request-id", request_id)]
             proto.response_bytes(status, [JSON, *headers, *err.headers], err.body())
@@ -521,7 +521,17 @@ class App:
             usage_queue_depth=gateway.usage_queue_depth(),
             engines=engines, routing=routing, cache=self.embed_cache, process=_process_gauges(),
             interactive_in_flight=interactive_in_flight(),
+            admissions_ahead=gateway.budgets.ahead_verdicts if gateway.budgets is not None else None,
         ), {}
+
+
+def _counted_after(ticket: Ticket | None) -> bool:
+    """An error answered before its request was admitted, with Redis counting the key's window:
+    it is counted right after the answer (settled below it), so an error waits for no round
+    trip; its rate-limit headers read the window as this replica last saw it plus this request
+    (shared_limits.SharedRateLimiter.admit_request)."""
+    window = ticket.window if ticket is not None else None
+    return window is not None and window.pending and ticket.admission is None
 
 
 def _refusal_fields(ticket: Ticket | None, body_unread: bool, started: float) -> dict:

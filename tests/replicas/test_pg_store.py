@@ -213,13 +213,13 @@ def test_scripts_on_the_held_connection_survive_a_script_flush_and_a_killed_conn
     shared_limits.Script: every call counts exactly once, including the one after Redis forgot
     the script (SCRIPT FLUSH, as after a restart: NOSCRIPT, loaded again) and the one after
     Redis dropped the connection (CLIENT KILL: reconnected); keys and arguments arrive intact."""
-    from ferroserve.gateway.shared_limits import _ADMIT_REQUEST, Script, connect
+    from ferroserve.gateway.shared_limits import _ADMIT_REQUEST, Pipe, Script, connect
 
     url = redis_server.new_url()
     client = connect(url)
     admin = redis.Redis.from_url(url)
     try:
-        script = Script(client, _ADMIT_REQUEST)
+        script = Script(Pipe(client), _ADMIT_REQUEST)
         key = "ferroserve:rate:clé-ü"  # not ASCII: bytes lengths in the packed command
         counts = []
         for i in range(9):
@@ -233,6 +233,56 @@ def test_scripts_on_the_held_connection_survive_a_script_flush_and_a_killed_conn
         assert counts == list(range(1, 10))
         assert admin.hget(key, "requests") == b"9"
         assert client.connection is not None  # still the held connection, not a pool
+    finally:
+        client.close()
+        admin.close()
+
+
+def test_calls_in_flight_on_the_held_connection_get_their_own_answers_in_any_order(redis_server):
+    """shared_limits.Pipe: calls written before earlier ones are read (an admission travelling
+    while its request's work runs, and others meanwhile) each get their own answer whatever
+    order they are read in, redis-py's own calls on the connection read after them, a NOSCRIPT
+    among them is handed to redis-py for that call alone, and a connection killed under calls
+    in flight fails each of them over to redis-py's reconnecting path: counted exactly once."""
+    from ferroserve.gateway.shared_limits import _ADMIT_REQUEST, Pipe, Script, _pack, connect
+
+    url = redis_server.new_url()
+    client = connect(url)
+    admin = redis.Redis.from_url(url)
+    try:
+        pipe = Pipe(client)
+        script = Script(pipe, _ADMIT_REQUEST)
+        keys = [f"ferroserve:rate:k{i}" for i in range(4)]
+        for i, key in enumerate(keys):  # key i starts with i requests
+            admin.hset(key, mapping={"started": "5.0", "requests": i, "tokens": 0})
+
+        def call(i: int):
+            return script.send(keys=[keys[i]], args=[repr(7.0), 60000, 100, -1])
+
+        calls = [call(i) for i in range(4)]
+        incr = pipe.send(_pack((b"INCRBYFLOAT", "ferroserve:spend:x", "0.25")), what="test")
+        for i in (2, 0, 3, 1):  # read out of order: each its own key's count
+            assert script.result(calls[i]) == [1, b"5.0", i + 1, 0, b""]
+        assert not incr.done  # nobody asked for it yet
+        pipe.drain()  # (what every fall-back to redis-py's path does first)
+        assert incr.done and incr.value == b"0.25"
+        assert client.get("ferroserve:spend:x") == b"0.25"
+
+        calls = [call(0), call(1)]
+        admin.script_flush()  # Redis forgets the script: both answers are NOSCRIPT
+        calls.append(call(2))
+        assert [script.result(c)[2] for c in calls] == [2, 3, 4]
+
+        calls = [call(i) for i in range(4)]
+        pipe.result(calls[3][0])  # all four ran and are read: now one in flight
+        calls = [call(0)]
+        assert admin.client_kill_filter(_type="normal", skipme=True) >= 1
+        # Written before the kill: its answer is lost with the connection; redis-py's retry runs it again.
+        counted = script.result(calls[0])[2]
+        assert counted in (4, 5)
+        assert int(admin.hget(keys[0], "requests")) == counted
+        assert script(keys=[keys[1]], args=[repr(7.0), 60000, 100, -1])[2] == 5
+        assert client.connection is not None
     finally:
         client.close()
         admin.close()

@@ -155,6 +155,48 @@ def test_a_budget_is_never_overspent_by_concurrent_requests_split_across_replica
     assert usage["total_cost"] <= BUDGET_USD and usage["total_cost"] == granted * price
 
 
+def _ahead(url: str) -> dict[str, int]:
+    """ferroserve_admissions_ahead_total by verdict, from a replica's /metrics."""
+    text = httpx.get(url + "/metrics", headers=auth(_ahead.admin), timeout=30).text
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("ferroserve_admissions_ahead_total{"):
+            out[line.split('"')[1]] = int(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_work_run_ahead_of_a_verdict_redis_refuses_is_dropped_unsent_and_uncharged(replicas):
+    """An embedding's admission travels while its vectors are computed only where the replica's
+    last view of the window and budget has room; when the other replica used that room
+    meanwhile, Redis's refusal still decides: the 429 (or 402) goes out, the vectors do not,
+    nothing is charged, and the next request on that replica is refused without running ahead."""
+    _ahead.admin = replicas.admin
+    key = _new_key(replicas, "--workspace", "ahead", "--rpm", "4", "--budget-usd", "1000")
+    a, b = replicas.a.url, replicas.b.url
+    texts = (f"run ahead {i}" for i in itertools.count())  # never the embedding cache's
+
+    def embed(url: str) -> httpx.Response:
+        return _embed(url, key, next(texts))
+
+    before = _ahead(a)
+    first = embed(a)  # A's first sight of the window: read before the work
+    assert first.status_code == 200 and first.headers["x-ratelimit-remaining-requests"] == "3"
+    second = embed(a)  # A saw 1 of 4: runs ahead, admitted
+    assert second.status_code == 200 and second.headers["x-ratelimit-remaining-requests"] == "2"
+    after = _ahead(a)
+    assert after.get("admitted", 0) - before.get("admitted", 0) == 1 and after.get("refused", 0) == before.get("refused", 0)
+    granted = [first, second] + [embed(b) for _ in range(2)]  # B takes the rest of the window
+    assert [r.status_code for r in granted] == [200] * 4
+    refused = embed(a)  # A last saw 2 of 4: runs ahead, and Redis refuses
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limit_exceeded", refused.text
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0" and "data" not in refused.json()
+    assert _ahead(a).get("refused", 0) - before.get("refused", 0) == 1
+    assert embed(a).status_code == 429  # now A knows the window is full: refused at once
+    assert _ahead(a).get("refused", 0) - before.get("refused", 0) == 1
+    usage = httpx.get(b + "/v1/usage", headers=auth(key), timeout=30).json()
+    assert usage["total_cost"] == sum(r.json()["usage"]["prompt_tokens"] for r in granted)  # $1 a token
+
+
 def _script_calls(redis_url: str) -> int:
     """Lua scripts Redis has run (EVALSHA: each is one round trip from a replica)."""
     import redis
@@ -181,9 +223,17 @@ def test_a_metered_request_costs_one_redis_round_trip_and_a_full_window_none(rep
         assert r.status_code == 200 and r.headers["x-ratelimit-remaining-requests"] == str(1000 - 5 - i), r.headers
     assert _script_calls(replicas.redis_url) - before == 10
     r = no_model(replicas.a.url)
-    assert r.status_code == 404  # ended before its admission: counted as it is settled
-    assert r.headers["x-ratelimit-remaining-requests"] == str(1000 - 15)
-    assert _script_calls(replicas.redis_url) - before == 11
+    # Ended before its admission: answered at once, counted right after the answer. Its headers
+    # read the window as A last saw it (its request i = 8, the 13th) plus this one.
+    assert r.status_code == 404
+    assert r.headers["x-ratelimit-remaining-requests"] == str(1000 - 14)
+    deadline = time.monotonic() + 2.0
+    while _script_calls(replicas.redis_url) - before < 11:
+        assert time.monotonic() < deadline, "the 404 was not counted after its answer"
+        time.sleep(0.01)
+    r = _embed(replicas.b.url, key)  # the count is in Redis: B's next request is the 16th
+    assert r.status_code == 200 and r.headers["x-ratelimit-remaining-requests"] == str(1000 - 16), r.headers
+    assert _script_calls(replicas.redis_url) - before == 12
 
     # A window a replica saw full is refused there without asking Redis, until it ends.
     key = _new_key(replicas, "--workspace", "flooding", "--rpm", "3")

@@ -86,9 +86,13 @@ async def create_embedding(router: Router, body: bytes, max_inputs: int, ticket:
             name = plan.named.spec.name
             return _body(data_json, name, n), {"model": name, "prompt_tokens": n, "cache": "hit"}, [("x-ferroserve-cache", "hit")]
     # Limits and budgets are checked with the exact prompt tokens before the call; counting
-    # costs a second tokenization, so only when a limit or budget applies.
-    ticket.admit(first, prompt_tokens=first.backend.count_embed_tokens(request) if ticket.needs_prompt_tokens(first) else 0)
+    # costs a second tokenization, so only when a limit or budget applies. With Redis the
+    # verdict may travel while the vectors are computed (`ahead`): an embedding is answered
+    # only after `confirm`, and one Redis refuses is dropped unsent and uncharged.
+    ticket.admit(first, prompt_tokens=first.backend.count_embed_tokens(request) if ticket.needs_prompt_tokens(first) else 0,
+                 ahead=True)
     model, result = await router.embed(plan, request)
+    ticket.confirm()
     ticket.served(model, plan)
     data_json = result.data_json(req.encoding_format)
     n = result.prompt_tokens

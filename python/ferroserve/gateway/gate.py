@@ -52,7 +52,7 @@ class Ticket:
 
     __slots__ = ("gateway", "request_id", "started", "key", "workspace", "window", "capture", "prompt",
                  "model", "price", "charged_prompt_tokens", "ttft_s", "requests_used", "backend", "fallbacks", "cache_hit",
-                 "extra_headers", "route", "metered", "finished", "interactive", "reservation", "place")
+                 "extra_headers", "route", "metered", "finished", "interactive", "reservation", "place", "admission")
 
     def __init__(self, gateway: Gateway | None, request_id: str, started: float, key: ApiKey | None,
                  workspace: str | None, window: Window | None, capture: bool) -> None:
@@ -84,6 +84,9 @@ class Ticket:
         # A place in the model's queue taken at arrival, given back once the body is read
         # (api/admission.py).
         self.place: Any = None
+        # With Redis: the admission script in flight while the request's work runs
+        # (`admit(..., ahead=True)`), until `confirm` reads its verdict.
+        self.admission: Any = None
 
     async def finish(self, status: int, fields: dict) -> None:
         """Settles a metered request and records its usage, then waits until the record is
@@ -162,10 +165,16 @@ class Ticket:
         priced = spec.input_usd_per_million_tokens or spec.output_usd_per_million_tokens
         return bool(priced) and gw.budget_of(self.workspace) is not None
 
-    def admit(self, model: LoadedModel, prompt_tokens: int = 0, max_completion_tokens: int = 0) -> None:
+    def admit(self, model: LoadedModel, prompt_tokens: int = 0, max_completion_tokens: int = 0, ahead: bool = False) -> None:
         """Before the backend runs: is the model allowed, does the budget hold, are there tokens
         left this minute? `prompt_tokens` are charged now (embeddings count them first only
-        when `needs_prompt_tokens`); `settle` reconciles with the actual usage."""
+        when `needs_prompt_tokens`); `settle` reconciles with the actual usage.
+
+        `ahead` (with Redis): the caller runs the work before its verdict is known and calls
+        `confirm` before answering, so the round trip overlaps the work instead of preceding
+        it; granted only while this replica's last view of the key's window and budget leaves
+        room (shared_limits.SharedBudgets.send_admit), else the verdict is read here as usual.
+        Only for work that is not answered before `confirm` and costs nothing if dropped."""
         spec = model.spec
         self.model = spec.name
         self.price = (spec.input_usd_per_million_tokens, spec.output_usd_per_million_tokens)
@@ -185,12 +194,12 @@ class Ticket:
             pending = window is not None and window.pending
             if budget is not None or tpm is not None or pending:
                 rpm = key.rpm if key is not None else None
-                try:
-                    self.reservation = gw.budgets.admit(self, budget, estimate, gw.spent(self.workspace), rpm, tpm,
-                                                        prompt_tokens)
-                finally:
-                    if pending:  # the headers of the answer (or refusal) count this request
-                        self.requests_used = window.requests
+                admission = gw.budgets.send_admit(self, budget, estimate, gw.spent(self.workspace), rpm, tpm, prompt_tokens,
+                                                  ahead)
+                self.admission = admission
+                if admission.ahead is None:
+                    self.confirm()
+                return
         else:
             if budget is not None:
                 spent = gw.spent(self.workspace)
@@ -199,6 +208,20 @@ class Ticket:
             if tpm is not None:
                 gw.limiter.admit_tokens(self.window, tpm, prompt_tokens, time.time())
         self.charged_prompt_tokens = prompt_tokens
+
+    def confirm(self) -> None:
+        """Reads the verdict of an admission sent by `admit` (Redis): raises its 429 or 402, or
+        holds the reservation. Nothing to do when there is none in flight."""
+        admission = self.admission
+        if admission is None:
+            return
+        self.admission = None
+        try:
+            self.reservation = self.gateway.budgets.finish_admit(admission)
+        finally:
+            if admission.count:  # the headers of the answer (or refusal) count this request
+                self.requests_used = self.window.requests
+        self.charged_prompt_tokens = admission.prompt_tokens
 
     def first_token(self) -> None:
         if self.ttft_s is None:
@@ -357,6 +380,11 @@ class Gateway:
     def settle(self, ticket: Ticket, fields: dict) -> float:
         """The request's actual usage: tokens against the rate window, cost against the budget.
         Returns the cost in USD."""
+        if ticket.admission is not None:  # ended (an error) while its admission was in flight
+            try:
+                ticket.confirm()
+            except ApiError:
+                pass  # refused as well: nothing was counted or reserved for it
         prompt = fields.get("prompt_tokens", 0)
         completion = fields.get("completion_tokens", 0)
         key = ticket.key

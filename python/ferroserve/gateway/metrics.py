@@ -71,7 +71,7 @@ class Metrics:
 
     def render(self, *, rate_limit_rejections: dict[str, int], usage_queue_depth: int, engines: list[tuple[str, dict]],
                routing: list[tuple] = (), cache=None, process: dict[str, int] | None = None,
-               interactive_in_flight: int = 0) -> bytes:
+               interactive_in_flight: int = 0, admissions_ahead: dict[str, int] | None = None) -> bytes:
         out: list[str] = []
 
         def family(name: str, kind: str, help_: str) -> None:
@@ -101,6 +101,11 @@ class Metrics:
         family("ferroserve_rate_limit_rejections", "counter", "Requests rejected with 429, by the limit that was hit.")
         for kind, n in sorted(rate_limit_rejections.items()):
             out.append(f'ferroserve_rate_limit_rejections_total{{limit="{kind}"}} {n}')
+        if admissions_ahead is not None:
+            family("ferroserve_admissions_ahead", "counter",
+                   "With Redis: requests whose admission was read after their work ran, by Redis's verdict.")
+            for verdict, n in sorted(admissions_ahead.items()):
+                out.append(f'ferroserve_admissions_ahead_total{{verdict="{verdict}"}} {n}')
         family("ferroserve_usage_queue_depth", "gauge", "Usage records waiting for their commit (the SQLite writer, or PostgreSQL's usage writer).")
         out.append(f"ferroserve_usage_queue_depth {usage_queue_depth}")
         gauges = (

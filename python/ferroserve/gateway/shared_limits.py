@@ -31,6 +31,7 @@ unchecked pass.
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import TYPE_CHECKING
 
 import redis
@@ -134,33 +135,115 @@ def _pack(parts: tuple) -> bytes:
     return b"".join(out)
 
 
+class Pipe:
+    """The commands in flight on the client's held connection, answered in the order they were
+    sent (Redis answers one connection's commands in order). A command can be written now and
+    its answer read later (`send`, then `result`), so a request's admission travels while its
+    work runs (`SharedBudgets.send_admit`); every other call goes through here too, reading the
+    answers still due before its own. Only the event loop calls it, so no lock."""
+
+    __slots__ = ("client", "_due")
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self._due: deque[_Sent] = deque()
+
+    def send(self, packed: bytes, what: str | None = None) -> _Sent | None:
+        """Writes one command; None when it cannot be pipelined here (a pooled client: Redis was
+        down at start; or the write failed), and the caller goes through redis-py instead.
+        `what`: nobody waits for this answer; a failure is logged as "redis unavailable: <what>"."""
+        conn = self.client.connection
+        if conn is None:
+            return None
+        try:
+            conn.send_packed_command([packed], check_health=False)
+        except (redis.ConnectionError, redis.TimeoutError):
+            self._broken(conn, None)
+            return None
+        sent = _Sent()
+        sent.what = what
+        self._due.append(sent)
+        return sent
+
+    def result(self, sent: _Sent):
+        """`sent`'s answer, reading the earlier ones first; raises its error (a Redis error reply
+        such as NOSCRIPT, or the connection's failure)."""
+        conn = self.client.connection
+        while not sent.done:
+            head = self._due.popleft()
+            try:
+                head.value = conn.read_response()
+            except redis.ResponseError as exc:  # that command's own error reply: the connection is fine
+                head.error = exc
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                head.error = exc
+                self._broken(conn, exc)  # the answers still due are lost with it
+            head.done = True
+            if head.error is not None and head.what is not None:
+                logger.error(f"redis unavailable: {head.what}", extra={"fields": {"error": type(head.error).__name__}})
+        if sent.error is not None:
+            raise sent.error
+        return sent.value
+
+    def drain(self) -> None:
+        """Reads every answer still due, before redis-py itself uses the connection."""
+        if self._due:
+            last = self._due[-1]
+            try:
+                self.result(last)
+            except redis.RedisError:
+                pass  # its owner sees it when it asks
+
+    def _broken(self, conn, exc: Exception | None) -> None:
+        failure = exc or redis.ConnectionError("connection lost")
+        while self._due:
+            s = self._due.popleft()
+            s.error, s.done = failure, True
+            if s.what is not None:
+                logger.error(f"redis unavailable: {s.what}", extra={"fields": {"error": type(failure).__name__}})
+        conn.disconnect()  # (redis-py did already, unless the error came from elsewhere)
+
+
+class _Sent:
+    __slots__ = ("value", "error", "done", "what")
+
+    def __init__(self) -> None:
+        self.value = self.error = self.what = None
+        self.done = False
+
+
 class Script:
     """A Lua script called by EVALSHA on the client's held connection, packed here and written
-    with that connection's `send_packed_command` / `read_response`: redis-py's command path
-    (Script → evalsha → execute_command → retry wrapper → its encoder) costs more CPU than the
-    round trip on a slow core (bench/NOTES.md, issue 18 round three: 137 → 63 µs a call on Zen 1).
-    Whatever that path handles is handed to it: a pooled client (Redis was down at start), a
-    script Redis does not know (NOSCRIPT: it restarted or was flushed; redis-py loads it), a
-    broken or timed-out connection (redis-py reconnects and retries, as it would have anyway)."""
+    through the connection's `Pipe`: redis-py's command path (Script → evalsha → execute_command
+    → retry wrapper → its encoder) costs more CPU than the round trip on a slow core
+    (bench/NOTES.md, issue 18 round three: 137 → 63 µs a call on Zen 1). Whatever that path
+    handles is handed to it: a pooled client (Redis was down at start), a script Redis does not
+    know (NOSCRIPT: it restarted or was flushed; redis-py loads it), a broken or timed-out
+    connection (redis-py reconnects and retries, as it would have anyway)."""
 
-    __slots__ = ("client", "script", "_sha")
+    __slots__ = ("pipe", "script", "_sha")
 
-    def __init__(self, client: redis.Redis, source: str) -> None:
-        self.client = client
-        self.script = client.register_script(source)
+    def __init__(self, pipe: Pipe, source: str) -> None:
+        self.pipe = pipe
+        self.script = pipe.client.register_script(source)
         self._sha = self.script.sha.encode()
 
-    def __call__(self, keys: list, args: list):
-        conn = self.client.connection
-        if conn is not None:
+    def send(self, keys: list, args: list) -> tuple[_Sent | None, list, list]:
+        """Writes the call; `result` reads its answer."""
+        return self.pipe.send(_pack((b"EVALSHA", self._sha, len(keys), *keys, *args))), keys, args
+
+    def result(self, call: tuple[_Sent | None, list, list]):
+        sent, keys, args = call
+        if sent is not None:
             try:
-                conn.send_packed_command([_pack((b"EVALSHA", self._sha, len(keys), *keys, *args))], check_health=False)
-                return conn.read_response()
-            except redis.exceptions.NoScriptError:
+                return self.pipe.result(sent)
+            except (redis.exceptions.NoScriptError, redis.ConnectionError, redis.TimeoutError):
                 pass
-            except (redis.ConnectionError, redis.TimeoutError):
-                conn.disconnect()  # (redis-py did already, unless the error came from elsewhere)
+        self.pipe.drain()
         return self.script(keys=keys, args=args)
+
+    def __call__(self, keys: list, args: list):
+        return self.result(self.send(keys, args))
 
 
 def unavailable(exc: Exception) -> ApiError:
@@ -184,14 +267,20 @@ class SharedRateLimiter(RateLimiter):
     def __init__(self, window_s: float, client: redis.Redis) -> None:
         super().__init__(window_s)
         self.client = client
-        self._admit_request = Script(client, _ADMIT_REQUEST)
-        self._add_tokens = Script(client, _ADD_TOKENS)
+        self.pipe = Pipe(client)
+        self._admit_request = Script(self.pipe, _ADMIT_REQUEST)
+        self._add_tokens = Script(self.pipe, _ADD_TOKENS)
         # Windows this replica saw with no request left, by Redis key: refused here until they end.
         self._full: dict[str, SharedWindow] = {}
+        # The last snapshot of each key's window this replica saw (the headers of a request
+        # answered before it is counted; whether an admission may travel behind the work).
+        self._last: dict[str, SharedWindow] = {}
 
     def admit_request(self, key_id: str, rpm: int | None, tpm: int | None, now: float) -> Window:
         """A pending window (no round trip): the request is counted at its admission or when
-        settled. Raises 429 at once if this replica saw the window full of requests."""
+        settled. Raises 429 at once if this replica saw the window full of requests. Until it
+        is counted, the window reads as this replica last saw it plus this request (what the
+        headers of an answer given before the count say)."""
         key = f"ferroserve:rate:{key_id}"
         full = self._full.get(key)
         if full is not None:
@@ -199,18 +288,35 @@ class SharedRateLimiter(RateLimiter):
                 del self._full[key]
             elif rpm is not None and full.requests >= rpm:
                 self._reject("requests", full, now, headers=self.headers(full, rpm, tpm, now))
-        return SharedWindow(key, now, 0, 0, pending=True)
+        last = self.current(key, now)
+        if last is None:
+            return SharedWindow(key, now, 1, 0, pending=True)
+        return SharedWindow(key, last.started, last.requests + 1, last.tokens, pending=True)
+
+    def current(self, key: str, now: float) -> SharedWindow | None:
+        """The last snapshot of the window at `key`, if that window has not ended."""
+        last = self._last.get(key)
+        if last is not None and now >= last.started + self.window_s:
+            del self._last[key]
+            return None
+        return last
 
     def seen(self, w: SharedWindow, rpm: int | None) -> None:
-        """A fresh snapshot of `w` from Redis: remembered if it has no request left."""
-        if rpm is not None and w.requests >= rpm:
-            self._full[w.key] = w
-            if len(self._full) > 10_000:  # keys that stopped sending: drop the oldest
-                del self._full[next(iter(self._full))]
+        """A fresh snapshot of `w` from Redis: remembered, and as full if it has no request left."""
+        last = self._last.get(w.key)
+        if last is None or (w.started, w.requests) >= (last.started, last.requests):  # answers may land out of order
+            snap = self._last[w.key] = SharedWindow(w.key, w.started, w.requests, w.tokens)
+            if len(self._last) > 10_000:  # keys that stopped sending: drop the oldest
+                del self._last[next(iter(self._last))]
+            if rpm is not None and snap.requests >= rpm:
+                self._full[w.key] = snap
+                if len(self._full) > 10_000:
+                    del self._full[next(iter(self._full))]
 
     def count_request(self, w: Window, rpm: int | None, tpm: int | None, now: float) -> None:
-        """Counts a request that ended before its admission (its answer is an error already):
-        not counted if the window was full, as a refused request is not."""
+        """Counts a request that ended before its admission (its answer is an error, already
+        sent: app.py counts it after the answer, so an error waits for no round trip): not
+        counted if the window was full, as a refused request is not."""
         assert isinstance(w, SharedWindow)
         w.pending = False
         try:
@@ -233,11 +339,29 @@ class SharedRateLimiter(RateLimiter):
             logger.error("redis unavailable: tokens not counted", extra={"fields": {"error": type(exc).__name__}})
 
 
+class Admission:
+    """An admission script in flight (`SharedBudgets.send_admit`), read by `finish_admit`."""
+
+    __slots__ = ("call", "ticket", "counter", "budget", "estimate_usd", "rpm", "tpm", "prompt_tokens", "count", "now",
+                 "ahead")
+
+    def __init__(self, call, ticket: Ticket, counter: str, budget: float | None, estimate_usd: float, rpm: int | None,
+                 tpm: int | None, prompt_tokens: int, count: bool, now: float, ahead: str | None) -> None:
+        self.call, self.ticket, self.counter, self.budget, self.estimate_usd = call, ticket, counter, budget, estimate_usd
+        self.rpm, self.tpm, self.prompt_tokens, self.count, self.now, self.ahead = rpm, tpm, prompt_tokens, count, now, ahead
+
+
 class SharedBudgets:
     def __init__(self, client: redis.Redis, limiter: SharedRateLimiter) -> None:
         self.client = client
         self.limiter = limiter
-        self._admit = Script(client, _ADMIT)
+        self.pipe = limiter.pipe
+        self._admit = Script(self.pipe, _ADMIT)
+        # The spend (with reservations) of each month's counter as last seen, by counter.
+        self._spent: dict[str, float] = {}
+        # Admissions in flight behind their work, by window key and by budget counter.
+        self._ahead: dict[str, int] = {}
+        self.ahead_verdicts = {"admitted": 0, "refused": 0}
 
     @staticmethod
     def counter(workspace: str, now: float) -> str:
@@ -249,40 +373,101 @@ class SharedBudgets:
         the workspace's budget and counts the prompt's tokens, in one round trip: raises 429
         (requests or tokens) or 402 (budget), reserving nothing then. Returns the reservation
         (counter, USD) for `settle`, None without a budget."""
+        return self.finish_admit(self.send_admit(ticket, budget, estimate_usd, spent_in_database, rpm, tpm, prompt_tokens))
+
+    def send_admit(self, ticket: Ticket, budget: float | None, estimate_usd: float, spent_in_database: float,
+                   rpm: int | None, tpm: int | None, prompt_tokens: int, ahead: bool = False) -> Admission:
+        """`admit`'s script, written and not waited for: `finish_admit` reads the verdict.
+        `ahead`: the caller means to run the request's work before reading it; that is allowed
+        (`Admission.ahead` set) only while what this replica last saw of the key's window and
+        the workspace's budget leaves room for this request and the others already running
+        ahead, so work done for a request Redis then refuses is bounded by what the key could
+        have spent anyway; otherwise the caller must read the verdict first."""
         now = time.time()
         counter = self.counter(ticket.workspace or "", now)
         window = ticket.window
         shared = window if isinstance(window, SharedWindow) else None
         count = shared is not None and shared.pending
+        slot = None
+        if ahead:
+            slot = self._room(shared, counter, budget, estimate_usd, rpm, tpm, prompt_tokens, now)
+            if slot is not None:
+                for k in slot:
+                    self._ahead[k] = self._ahead.get(k, 0) + 1
+        call = self._admit.send(
+            keys=[counter, shared.key if shared is not None else ""],
+            args=[-1 if budget is None else repr(budget), repr(estimate_usd), repr(spent_in_database), _BUDGET_TTL_S,
+                  -1 if tpm is None else tpm, prompt_tokens, int(count), repr(now),
+                  int(self.limiter.window_s * 1000), -1 if rpm is None else rpm])
+        return Admission(call, ticket, counter, budget, estimate_usd, rpm, tpm, prompt_tokens, count, now, slot)
+
+    def _room(self, shared: SharedWindow | None, counter: str, budget: float | None, estimate_usd: float,
+              rpm: int | None, tpm: int | None, prompt_tokens: int, now: float) -> tuple[str, ...] | None:
+        """The keys of `_ahead` this request would hold if it may run ahead of its verdict, else None."""
+        held: tuple[str, ...] = ()
+        if shared is not None and (rpm is not None or tpm is not None):
+            last = self.limiter.current(shared.key, now)
+            if last is None:
+                return None
+            n = self._ahead.get(shared.key, 0) + 1
+            if rpm is not None and last.requests + n > rpm:
+                return None
+            if tpm is not None and last.tokens + n * prompt_tokens > tpm:
+                return None
+            held = (shared.key,)
+        if budget is not None:
+            spent = self._spent.get(counter)
+            n = self._ahead.get(counter, 0) + 1
+            if spent is None or spent + n * estimate_usd > budget:
+                return None
+            held += (counter,)
+        return held
+
+    def finish_admit(self, a: Admission) -> tuple[str, float] | None:
+        """Reads the verdict of `send_admit` and acts on it as `admit` says."""
+        for k in a.ahead or ():
+            left = self._ahead[k] - 1
+            if left:
+                self._ahead[k] = left
+            else:
+                del self._ahead[k]
+        ticket, budget, rpm, tpm, now = a.ticket, a.budget, a.rpm, a.tpm, a.now
         try:
-            refused, spent, started, requests, used = self._admit(
-                keys=[counter, shared.key if shared is not None else ""],
-                args=[-1 if budget is None else repr(budget), repr(estimate_usd), repr(spent_in_database), _BUDGET_TTL_S,
-                      -1 if tpm is None else tpm, prompt_tokens, int(count), repr(now),
-                      int(self.limiter.window_s * 1000), -1 if rpm is None else rpm])
+            refused, spent, started, requests, used = self._admit.result(a.call)
         except redis.RedisError as exc:
             raise unavailable(exc) from None
+        if a.ahead is not None:
+            self.ahead_verdicts["refused" if refused else "admitted"] += 1
         limiter = self.limiter
-        if shared is not None and count:
-            shared.pending = False
-            shared.started, shared.requests, shared.tokens = float(started), int(requests), int(used)
-            limiter.seen(shared, rpm)
+        window = ticket.window
+        if budget is not None:
+            self._spent[a.counter] = float(spent) + (a.estimate_usd if not refused else 0.0)
+            if len(self._spent) > 10_000:
+                del self._spent[next(iter(self._spent))]
+        if isinstance(window, SharedWindow) and a.count:
+            window.pending = False
+            window.started, window.requests, window.tokens = float(started), int(requests), int(used)
+            limiter.seen(window, rpm)
             if refused in (b"requests", b"window_tokens"):  # (the ticket adds the rate-limit headers)
-                limiter._reject("requests" if refused == b"requests" else "tokens", shared, now)
+                limiter._reject("requests" if refused == b"requests" else "tokens", window, now)
         elif tpm is not None and window is not None:
             window.tokens = int(used)
         if refused == b"budget":
-            raise budget_exceeded(ticket.workspace, budget, float(spent), estimate_usd)
+            raise budget_exceeded(ticket.workspace, budget, float(spent), a.estimate_usd)
         if refused == b"tokens":
-            limiter._reject("tokens", window, now, prompt_tokens=prompt_tokens, tpm=tpm)
-        return (counter, estimate_usd) if budget is not None else None
+            limiter._reject("tokens", window, now, prompt_tokens=a.prompt_tokens, tpm=tpm)
+        return (a.counter, a.estimate_usd) if budget is not None else None
 
     def settle(self, counter: str, reserved_usd: float, cost_usd: float) -> None:
-        """Replaces the reservation with the actual cost."""
+        """Replaces the reservation with the actual cost. Written and not waited for: its
+        answer is read (and a failure logged) with the next call's."""
         delta = cost_usd - reserved_usd
         if not delta:
             return
+        if self.pipe.send(_pack((b"INCRBYFLOAT", counter, repr(delta))), what="budget not settled") is not None:
+            return
         try:
+            self.pipe.drain()
             self.client.incrbyfloat(counter, delta)
         except redis.RedisError as exc:
             logger.error("redis unavailable: budget not settled", extra={"fields": {"error": type(exc).__name__}})
