@@ -32,7 +32,11 @@ which a busy machine's waits for a core do not inflate). Routes:
   workspace with a budget, on a priced model: the request's count, its tokens and its budget
   reservation in one Redis script, the model, the budget settled (no round trip when the cost
   is the reservation), and the usage record committed before the answer (a PostgreSQL commit,
-  or SQLite's).
+  or SQLite's). The same input every time, so after the warm-up the embedding cache answers
+  it: the gateway's own cost, no model time to hide a round trip behind.
+- `computed` (`--computed` requests per mode and round): the same with the cache bypassed, so the
+  model computes each one; with Redis the admission travels while it does (gate.Ticket.admit's
+  `ahead`).
 
 After them, a burst of `--concurrency` clients (16) × 50 embeddings per mode: requests per
 second and, on PostgreSQL, rows per usage transaction (their `xmin`), the group commit's size.
@@ -180,6 +184,8 @@ def main() -> int:
     ap.add_argument("--block", type=int, default=100, help="requests a mode sends before the next mode's turn")
     ap.add_argument("--modes", default=",".join(MODES[:3]), help=f"comma-separated, sqlite first; of {', '.join(MODES)}")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--computed", type=int, default=300,
+                    help="per mode and round: embeddings computed by the model (the cache bypassed; 0: none)")
     args = ap.parse_args()
     chosen = args.modes.split(",")
     if chosen[0] != "sqlite" or not set(chosen) <= set(MODES):
@@ -203,10 +209,11 @@ def main() -> int:
         for mode, flags in modes.items():
             srv = Server(["--log-level", "warning", "--model", f"{EMBED}={spec.path}", "--price", f"{EMBED}=0.02:0", *flags])
             store_args = flags[:2] if mode.startswith("postgres") else ["--data-dir", str(srv.data_dir)]
+            limited = ("--workspace", "budgeted", "--rpm", "100000000", "--tpm", "1000000000", "--budget-usd", "1000000")
             keys[mode] = {
                 "metered 404": make_key(store_args, "--workspace", "bench", "--rpm", "100000000"),
-                "embeddings": make_key(store_args, "--workspace", "budgeted", "--rpm", "100000000", "--tpm", "1000000000",
-                                       "--budget-usd", "1000000"),
+                "embeddings": make_key(store_args, *limited),
+                "computed": make_key(store_args, *limited),
             }
             srv.wait_ready()
             servers[mode] = srv
@@ -220,7 +227,8 @@ def main() -> int:
                     assert time.monotonic() < deadline, f"{mode}: a key made with the CLI is still unknown after 10 s"
                     time.sleep(0.05)
         routes = {"metered 404": ({"model": "no-such-model", "input": "hi"}, 404),
-                  "embeddings": ({"model": EMBED, "input": "hi"}, 200)}
+                  "embeddings": ({"model": EMBED, "input": "hi"}, 200),
+                  "computed": ({"model": EMBED, "input": "hi", "metadata": {"cache_mode": "bypass"}}, 200)}
         samples: dict[str, dict[str, list[float]]] = {r: {m: [] for m in modes} for r in routes}
         # The server's own CPU time per request (its worker process, all threads): what our code
         # costs, whatever the machine's load adds to the wall-clock latency in waits for a core.
@@ -239,15 +247,18 @@ def main() -> int:
             measure(client, routes[route][0], 50, routes[route][1])
         # The machine is shared: the modes take turns every `--block` requests, so a burst of
         # someone else's load falls on all of them alike.
-        blocks = max(1, args.requests // args.block)
         for rnd in range(args.rounds):
             order = list(modes)[rnd % len(modes):] + list(modes)[:rnd % len(modes)]
             for route, (body, want) in routes.items():
+                n = args.computed if route == "computed" else args.requests
+                if not n:
+                    continue
+                blocks = max(1, n // args.block)
                 got: dict[str, list[float]] = {m: [] for m in modes}
                 for _ in range(blocks):
                     for mode in order:
                         cpu_before, wall_before = cpu_seconds(workers[mode]), time.perf_counter()
-                        got[mode] += measure(clients[mode, route], body, args.requests // blocks, want)
+                        got[mode] += measure(clients[mode, route], body, n // blocks, want)
                         cpu_s[route][mode] += cpu_seconds(workers[mode]) - cpu_before
                         wall_s[route][mode] += time.perf_counter() - wall_before
                 for mode in order:
@@ -257,6 +268,8 @@ def main() -> int:
             client.close()
         summary = {}
         for route, by_mode in samples.items():
+            if not by_mode["sqlite"]:
+                continue
             p50 = {m: statistics.median(v) * 1e6 for m, v in by_mode.items()}
             p90 = {m: statistics.quantiles(v, n=10)[-1] * 1e6 for m, v in by_mode.items()}
             added = {m: p50[m] - p50["sqlite"] for m in by_mode if m != "sqlite"}

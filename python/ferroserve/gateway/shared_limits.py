@@ -14,18 +14,21 @@ reservation, concurrent requests on any replicas never spend more than the budge
 counter starts from the database's spend for the month (the first replica to need it sets it).
 
 One round trip per request. Every metered route admits its request (`Ticket.admit`) before
-any work, once it knows the model and the prompt, so the request is counted there, in the same
-script as its tokens and budget (`_ADMIT`): `admit_request` at the ticket's opening only hands
-out a pending window. A request that ends before it admits (a 400, an unknown model, a
-capacity refusal) is counted when it is settled (`count_request`, the one round trip it
-makes). Refusing a client over its RPM before its body is read is kept for the common case
-of a flood: a window this replica saw full is refused locally until it ends (requests only go
-up within a window, so that answer cannot be wrong), without a round trip.
+its answer, once it knows the model and the prompt, so the request is counted there, in the
+same script as its tokens and budget (`_ADMIT`): `admit_request` at the ticket's opening only
+hands out a pending window. A request that ends before it admits (a 400, an unknown model, a
+capacity refusal) is counted when it is settled (`count_request`, the one round trip it makes),
+right after its answer (app.py). Refusing a client over its RPM before its body is read is kept
+for the common case of a flood: a window this replica saw full is refused locally until it ends
+(requests only go up within a window, so that answer cannot be wrong), without a round trip.
 
-These calls are synchronous on the event loop: the api handlers admit synchronously, and a
-loopback round trip (tens of µs) costs no more than a hop to a thread and back. The socket
-timeout bounds what a stalled Redis can cost; then the request gets a 503 instead of an
-unchecked pass.
+The calls are written and read on the event loop through one `Pipe` on the held connection, so
+a command's answer can be read later than it was sent: an embedding's admission is written
+before the model runs and read after (`send_admit`, `finish_admit`), so the round trip hides
+behind the work; a budget settlement is written and its answer read with the next call's. The
+writes and reads are synchronous (a loopback answer that is not there yet is tens to hundreds
+of µs, less than a hop to a thread and back); the socket timeout bounds what a stalled Redis
+can cost, and then the request gets a 503 instead of an unchecked pass.
 """
 
 from __future__ import annotations
