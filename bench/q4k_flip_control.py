@@ -50,7 +50,7 @@ def main():
             loaded.append(LlamaF64(T.model_path("q4_k_m")))
         return loaded[0]
 
-    with T.llama_server(T.model_path("q4_k_m")) as url:
+    with T.llama_server(T.model_path("q4_k_m")) as (url, _log):
         srv = Server(["--model", f"q4_k_m={wrong}", "--numerics", "exact", "--log-level", "warning"])
         srv.wait_ready()
         try:

@@ -23,9 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,12 +33,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from tests.llama_f64 import LlamaF64  # noqa: E402
+from tests.llama_server import llama_server  # noqa: E402
 
 from ferroserve import _core  # noqa: E402
 
 FIXTURE = REPO.parent / "shared" / "fixtures" / "smollm2_reference.json"
 MODELS = REPO / "bench" / ".work" / "models"
-LLAMA_SERVER = REPO / "bench" / ".work" / "llama.cpp" / "build" / "bin" / "llama-server"
 MAX_TOKENS, TOP, EOS = 16, 20, 2
 
 
@@ -77,28 +74,14 @@ class Ours:
 
 
 class Llama:
-    def __init__(self, path: Path, log: Path):
-        self.port = 18000 + os.getpid() % 1000
-        self.log = log
-        with log.open("w") as f:
-            self.proc = subprocess.Popen(
-                [str(LLAMA_SERVER), "-m", str(path), "-t", "2", "-c", "2048", "-np", "1", "--no-repack",
-                 "--host", "127.0.0.1", "--port", str(self.port)],
-                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-        self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 120
-        while True:
-            assert self.proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+    """llama-server on the file (tests/llama_server.py, as the test runs it)."""
+
+    def __init__(self, path: Path):
+        self._server = llama_server(path)
+        self.url, self.log = self._server.__enter__()
 
     def stop(self):
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        self.proc.wait(timeout=15)
+        self._server.__exit__(None, None, None)
 
     def _post(self, tokens, n):
         r = httpx.post(self.url + "/completion", json={
@@ -147,11 +130,10 @@ def main():
     ref = LlamaF64(args.ref_file or path)
     print(f"f64 referee loaded in {time.time() - t0:.0f} s", flush=True)
     sides = {"exact": Ours(path, "exact"), "fast": Ours(path, "fast")}
-    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"q4k-referee-llama-{os.getpid()}.log"
-    llama = Llama(path, log)
+    llama = Llama(path)
     sides["llama"] = llama
     try:
-        for line in log.read_text().splitlines():
+        for line in llama.log.read_text().splitlines():
             if any(k in line for k in ("system_info", "CPU_REPACK", "repack", "llamafile", "AVX", "CPU model buffer")):
                 print("llama-server log:", line.strip())
         rows = []

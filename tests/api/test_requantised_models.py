@@ -28,12 +28,7 @@ Files that do not exist skip, naming the command that makes them.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -41,11 +36,11 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import FIXTURES, REPO, Server, free_port
+from tests.conftest import FIXTURES, REPO, Server
 from tests.llama_f64 import LlamaF64
+from tests.llama_server import LLAMA_SERVER, LlamaServerFailed, llama_server
 
 MODELS_DIR = REPO / "bench" / ".work" / "models"
-LLAMA_SERVER = REPO / "bench" / ".work" / "llama.cpp" / "build" / "bin" / "llama-server"
 QUANTS = ["q4_k_m", "q5_k_m", "q8_0", "q4_0"]
 MAX_TOKENS = 16
 EOS = 2  # <|im_end|>, SmolLM2's end of turn
@@ -114,39 +109,11 @@ def llama(quant):
     arithmetic away from ours."""
     if not LLAMA_SERVER.exists():
         pytest.skip(f"{LLAMA_SERVER.relative_to(REPO)} is not built: bench/setup_llama_server.sh")
-    with llama_server(model_path(quant)) as url:
-        yield url
-
-
-@contextlib.contextmanager
-def llama_server(path: Path):
-    port = free_port()
-    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"llama-server-test-{port}.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [str(LLAMA_SERVER), "-m", str(path), "-t", "2", "-c", "2048", "-np", "1",
-             "--no-repack", "--host", "127.0.0.1", "--port", str(port)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"llama-server did not start on {path.name}: {log_path.read_text()[-1500:]}")
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        with llama_server(model_path(quant)) as (url, _log):
+            yield url
+    except LlamaServerFailed as exc:
+        pytest.fail(str(exc))
 
 
 def _ours_greedy(srv: Server, quant: str, prompt_tokens: list[int]) -> str:
