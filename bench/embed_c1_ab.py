@@ -22,7 +22,6 @@ import argparse
 import http.client
 import json
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -33,7 +32,10 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
+sys.path.insert(0, str(REPO))
 import workload  # noqa: E402
+
+from tests.conftest import stop_process_group  # noqa: E402
 
 
 def free_port() -> int:
@@ -50,12 +52,7 @@ def start(pythonpath: str, env_extra: dict, port: int, log_path: Path, args: lis
 
 def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process_group(proc, 20)
 
 
 def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 300) -> None:

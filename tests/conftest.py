@@ -84,6 +84,18 @@ class Server:
         self.log.close()
 
 
+def stop_process_group(proc: subprocess.Popen, timeout_s: float = 15) -> None:
+    """SIGTERM to a process started with `start_new_session=True` and its children, SIGKILL to
+    them if it has not exited in `timeout_s`."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def request_history(url: str, request_id: str) -> dict:
     """A request's record on a server (`GET /v1/request-history/{id}`), waiting up to 10 s for
     the usage writer to store it."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import free_port
+from tests.conftest import free_port, stop_process_group
 
 LLAMA_SERVER = Path(__file__).resolve().parents[1] / "bench" / ".work" / "llama.cpp" / "build" / "bin" / "llama-server"
 
@@ -49,9 +48,4 @@ def llama_server(path: Path, ready_s: float = 120.0) -> Iterator[tuple[str, Path
             time.sleep(0.1)
         yield url, log_path
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process_group(proc)
