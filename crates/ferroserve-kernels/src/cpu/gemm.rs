@@ -209,7 +209,7 @@ unsafe fn block(isa: Isa, mr: usize, a: &[f32], rows: usize, k: usize, panel: &[
                 _ if isa.has_avx2() => {
                     // GELU is applied to the accumulators before the last k-block's store.
                     let gelu = last && act == Activation::Gelu;
-                    x86::tile_avx2(a_tile, tile_rows, kc, b, bias, first, gelu, c_tile, ldc, ncols);
+                    x86::tile_avx2(a_tile, tile_rows, kc, b, bias, first, gelu, s == 0, c_tile, ldc, ncols);
                     return;
                 }
                 _ => tile_portable(a_tile, tile_rows, kc, b, bias, first, c_tile, ldc, ncols),
@@ -296,10 +296,14 @@ mod x86 {
     /// tile before needed one per 4). Each output element is still one FMA chain from the bias
     /// over k in order: the same bits as every earlier tiling. `gelu`: apply GELU to the
     /// accumulators before storing (the last k-block of a GELU linear), the same operations as
-    /// `gelu_slice` so fused and separate GELU agree bit for bit.
+    /// `gelu_slice` so fused and separate GELU agree bit for bit. `prefetch`: this is the first
+    /// tile of the row block, the first to touch this k-block of the panel; a full tile then
+    /// prefetches the weights `PF_K` k-rows ahead (an encoder pass streams 42.5 MB of weights
+    /// that no cache holds: at m = 19, cold weights cost ≈ 14 % of the tile's rate, and this
+    /// prefetch won back ≈ 8 %, bench/NOTES.md session 15). Later tiles find the lines in L1/L2.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn tile_avx2(a: &[f32], rows: usize, kc: usize, b: &[f32], bias: &[f32; NR], first: bool, gelu: bool, c: *mut f32, ldc: usize, ncols: usize) {
+    pub unsafe fn tile_avx2(a: &[f32], rows: usize, kc: usize, b: &[f32], bias: &[f32; NR], first: bool, gelu: bool, prefetch: bool, c: *mut f32, ldc: usize, ncols: usize) {
         debug_assert!((1..=MR_AVX2).contains(&rows) && a.len() == kc * rows && b.len() >= kc * NR);
         for half in 0..2 {
             let c0 = 16 * half;
@@ -309,22 +313,27 @@ mod x86 {
             let w = 16.min(ncols - c0);
             let (ap, cp, bp, bias) = (a.as_ptr(), c.add(c0), b.as_ptr().add(c0), bias.as_ptr().add(c0));
             match rows {
-                1 => sub_avx2::<1>(ap, kc, bp, bias, first, gelu, cp, ldc, w),
-                2 => sub_avx2::<2>(ap, kc, bp, bias, first, gelu, cp, ldc, w),
-                3 => sub_avx2::<3>(ap, kc, bp, bias, first, gelu, cp, ldc, w),
-                4 => sub_avx2::<4>(ap, kc, bp, bias, first, gelu, cp, ldc, w),
-                5 => sub_avx2::<5>(ap, kc, bp, bias, first, gelu, cp, ldc, w),
-                _ => sub_avx2::<6>(ap, kc, bp, bias, first, gelu, cp, ldc, w),
+                1 => sub_avx2::<1, false>(ap, kc, bp, bias, first, gelu, cp, ldc, w),
+                2 => sub_avx2::<2, false>(ap, kc, bp, bias, first, gelu, cp, ldc, w),
+                3 => sub_avx2::<3, false>(ap, kc, bp, bias, first, gelu, cp, ldc, w),
+                4 => sub_avx2::<4, false>(ap, kc, bp, bias, first, gelu, cp, ldc, w),
+                5 => sub_avx2::<5, false>(ap, kc, bp, bias, first, gelu, cp, ldc, w),
+                _ if prefetch && half == 0 => sub_avx2::<6, true>(ap, kc, bp, bias, first, gelu, cp, ldc, w),
+                _ => sub_avx2::<6, false>(ap, kc, bp, bias, first, gelu, cp, ldc, w),
             }
         }
     }
+
+    /// k-rows of weights (128 B each) the first tile prefetches ahead: ≈ 3 KiB, a few hundred
+    /// cycles of that tile's FMAs, about a DRAM latency.
+    const PF_K: usize = 24;
 
     /// `MR` rows × 16 columns; `a` points at the packed A tile (`[k][MR]`), `b` at
     /// the half panel (row stride `NR`), `bias` at its 16 bias values; `w` ≤ 16 columns are live.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn sub_avx2<const MR: usize>(a: *const f32, kc: usize, b: *const f32, bias: *const f32, first: bool, gelu: bool, c: *mut f32, ldc: usize, w: usize) {
+    unsafe fn sub_avx2<const MR: usize, const PF: bool>(a: *const f32, kc: usize, b: *const f32, bias: *const f32, first: bool, gelu: bool, c: *mut f32, ldc: usize, w: usize) {
         let mut acc = [[_mm256_setzero_ps(); 2]; MR];
         let mut tmp = [0.0f32; 16];
         for (i, row) in acc.iter_mut().enumerate() {
@@ -341,6 +350,13 @@ mod x86 {
         }
         let (mut ap, mut bp) = (a, b);
         for _ in 0..kc {
+            if PF {
+                // Both 64-byte lines of the k-row (the second half's too: the half-1 pass
+                // follows this one and reads them from L1). `wrapping_add`: past the panel's end
+                // the address is only a hint, never dereferenced.
+                _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(PF_K * NR) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(PF_K * NR + 16) as *const i8);
+            }
             let b0 = _mm256_loadu_ps(bp);
             let b1 = _mm256_loadu_ps(bp.add(8));
             for (i, row) in acc.iter_mut().enumerate() {
