@@ -67,32 +67,86 @@ pub(super) struct SendPtr(pub(super) *mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-/// Rows per A tile (the micro-kernel's MR): A is packed in tiles of `MR_PACK` rows,
-/// interleaved by k (`[k][MR_PACK]`), so the kernel's broadcasts read one sequential
-/// stream. Every ISA path uses this packing; narrower kernels take sub-tiles.
+/// Rows per A tile (the micro-kernel's MR) on the AVX-512 and portable paths: A is packed
+/// in tiles of `MR_PACK` rows, interleaved by k (`[k][MR_PACK]`), so the kernel's
+/// broadcasts read one sequential stream.
 const MR_PACK: usize = 8;
+/// Rows per A tile on the AVX2 path: its kernel is 6 rows × 16 columns (12 ymm
+/// accumulators + 2 weight vectors + 1 broadcast = 15 of 16 registers), so one weight load
+/// feeds 6 FMAs instead of the 4 of an 8-row tile cut into 4-row sub-tiles. Its tiles are
+/// packed unpadded (`[k][h]` for a tile of h rows), so a short last tile can be re-cut.
+const MR_AVX2: usize = 6;
 /// k-block: a 256×32 slice of a panel (32 KiB) stays in L1 while all A tiles of the
 /// row block pass by. Fixed, so the reduction order never depends on the shapes of a call.
 const KC: usize = 256;
-// Row blocks must hold whole A tiles (the packed-A slicing relies on it).
-const _: () = assert!(MC % MR_PACK == 0);
+// Row blocks must hold whole A tiles of either height (the packed-A slicing relies on it).
+const _: () = assert!(MC % MR_PACK == 0 && MC % MR_AVX2 == 0);
 
-/// Packs `rows` rows of `x` into MR_PACK-row tiles (zero-padded), `[tile][k][MR_PACK]`.
-fn pack_a(x: &[f32], rows: usize, k: usize) -> Vec<f32> {
-    let tiles = rows.div_ceil(MR_PACK);
-    let mut packed = vec![0.0f32; tiles * k * MR_PACK];
-    let pack_tile = |(t, dst): (usize, &mut [f32])| {
-        for i in 0..MR_PACK.min(rows - t * MR_PACK) {
-            let src = &x[(t * MR_PACK + i) * k..(t * MR_PACK + i + 1) * k];
+/// The A tile height `isa`'s kernel reads.
+fn tile_rows(isa: Isa) -> usize {
+    if isa.has_avx2() && !isa.has_avx512() {
+        MR_AVX2
+    } else {
+        MR_PACK
+    }
+}
+
+/// The A tiles of a row block of `rows` rows (≤ `MC`) for kernels of height `mr`, in order, as
+/// `(first row, rows, packed row stride)`; a tile starting at row s of the block starts at
+/// `s·k` in the packed block. `MR_PACK` tiles are zero-padded to 8 rows. AVX2 tiles are
+/// exact, and a 1- or 2-row remainder is merged with the tile before it and re-cut 4 + 3 or
+/// 4 + 4: a 1-row tile has only 2 FMA chains against Zen 1's 5-cycle FMA latency (2 FMAs
+/// per 5 cycles), a 3-row one 6 (one FMA a cycle). Rows' results do not depend on the cut.
+fn for_each_tile(mr: usize, rows: usize, mut f: impl FnMut(usize, usize, usize)) {
+    if mr != MR_AVX2 {
+        for s in (0..rows).step_by(mr) {
+            f(s, mr.min(rows - s), mr);
+        }
+        return;
+    }
+    let (full, rest) = (rows / MR_AVX2, rows % MR_AVX2);
+    let recut = full > 0 && rest <= 2 && rest > 0;
+    let whole = if recut { full - 1 } else { full };
+    for t in 0..whole {
+        f(t * MR_AVX2, MR_AVX2, MR_AVX2);
+    }
+    let s = whole * MR_AVX2;
+    if recut {
+        f(s, 4, 4);
+        f(s + 4, 2 + rest, 2 + rest);
+    } else if rest > 0 {
+        f(s, rest, rest);
+    }
+}
+
+/// Packs `rows` rows of `x` into the tiles of [`for_each_tile`], row block by row block
+/// (`[tile][k][stride]`); the packed rows of block b start at `b·MC·k`.
+fn pack_a(x: &[f32], rows: usize, k: usize, mr: usize) -> Vec<f32> {
+    let mut tiles = Vec::with_capacity(rows.div_ceil(4));
+    for r0 in (0..rows).step_by(MC) {
+        for_each_tile(mr, MC.min(rows - r0), |s, h, stride| tiles.push((r0 + s, h, stride)));
+    }
+    let len = tiles.last().map_or(0, |&(s, _, stride)| (s + stride) * k);
+    let mut packed = vec![0.0f32; len];
+    let mut dsts = Vec::with_capacity(tiles.len());
+    let mut rest = &mut packed[..];
+    for &(_, _, stride) in &tiles {
+        let (dst, tail) = rest.split_at_mut(stride * k);
+        dsts.push(dst);
+        rest = tail;
+    }
+    let pack_tile = |(&(s, h, stride), dst): (&(usize, usize, usize), &mut &mut [f32])| {
+        for i in 0..h {
+            let src = &x[(s + i) * k..(s + i + 1) * k];
             for (kk, &v) in src.iter().enumerate() {
-                dst[kk * MR_PACK + i] = v;
+                dst[kk * stride + i] = v;
             }
         }
     };
     if rows * k >= 64 * 1024 {
-        packed.par_chunks_mut(k * MR_PACK).enumerate().for_each(pack_tile);
+        tiles.par_iter().zip(dsts.par_iter_mut()).for_each(pack_tile);
     } else {
-        packed.chunks_mut(k * MR_PACK).enumerate().for_each(pack_tile);
+        tiles.iter().zip(dsts.iter_mut()).for_each(pack_tile);
     }
     packed
 }
@@ -107,7 +161,8 @@ pub fn linear(isa: Isa, x: &[f32], rows: usize, w: &PackedLinear, data: &[f32], 
         return;
     }
     assert_eq!(data.len(), n.div_ceil(NR) * k * NR, "weights packed for another ISA");
-    let a = pack_a(x, rows, k);
+    let mr = tile_rows(isa);
+    let a = pack_a(x, rows, k, mr);
     let panels = n.div_ceil(NR);
     let row_blocks = rows.div_ceil(MC);
     let out_ptr = SendPtr(out.as_mut_ptr());
@@ -120,10 +175,10 @@ pub fn linear(isa: Isa, x: &[f32], rows: usize, w: &PackedLinear, data: &[f32], 
         let ncols = NR.min(n - c0);
         let panel = &data[p * k * NR..(p + 1) * k * NR];
         let bias_tile = bias_tile(bias, c0, ncols);
-        let a_block = &a[r0 * k..r1.div_ceil(MR_PACK) * MR_PACK * k];
+        let a_block = &a[r0 * k..];
         let out_ptr = out_ptr;
         // SAFETY: this task alone writes rows r0..r1 × columns c0..c0+ncols.
-        unsafe { block(isa, a_block, r1 - r0, k, panel, &bias_tile, act, out_ptr.0.add(r0 * n + c0), n, ncols) };
+        unsafe { block(isa, mr, a_block, r1 - r0, k, panel, &bias_tile, act, out_ptr.0.add(r0 * n + c0), n, ncols) };
     };
     let tasks = row_blocks * panels;
     if tasks == 1 || rows * n * k < 64 * 1024 {
@@ -133,35 +188,39 @@ pub fn linear(isa: Isa, x: &[f32], rows: usize, w: &PackedLinear, data: &[f32], 
     }
 }
 
-/// One row block (packed A tiles) against one panel, k-block by k-block.
+/// One row block (packed A tiles of `mr` rows) against one panel, k-block by k-block.
 ///
 /// # Safety
 /// `c` must be valid for writes of `rows` rows of stride `ldc` and `ncols` columns.
 #[allow(clippy::too_many_arguments)]
-unsafe fn block(isa: Isa, a: &[f32], rows: usize, k: usize, panel: &[f32], bias: &[f32; NR], act: Activation, c: *mut f32, ldc: usize, ncols: usize) {
+unsafe fn block(isa: Isa, mr: usize, a: &[f32], rows: usize, k: usize, panel: &[f32], bias: &[f32; NR], act: Activation, c: *mut f32, ldc: usize, ncols: usize) {
     let mut k0 = 0;
     while k0 < k {
         let kc = KC.min(k - k0);
-        let first = k0 == 0;
-        for t in 0..rows.div_ceil(MR_PACK) {
-            let tile_rows = MR_PACK.min(rows - t * MR_PACK);
-            let a_tile = &a[t * k * MR_PACK + k0 * MR_PACK..t * k * MR_PACK + (k0 + kc) * MR_PACK];
-            let b = &panel[k0 * NR..(k0 + kc) * NR];
-            let c_tile = c.add(t * MR_PACK * ldc);
+        let (first, last) = (k0 == 0, k0 + kc == k);
+        let b = &panel[k0 * NR..(k0 + kc) * NR];
+        for_each_tile(mr, rows, |s, tile_rows, stride| {
+            let a_tile = &a[s * k + k0 * stride..s * k + (k0 + kc) * stride];
+            let c_tile = c.add(s * ldc);
             match isa {
                 #[cfg(target_arch = "x86_64")]
                 _ if isa.has_avx512() => x86::tile_avx512(a_tile, tile_rows, kc, b, bias, first, c_tile, ldc, ncols),
                 #[cfg(target_arch = "x86_64")]
-                _ if isa.has_avx2() => x86::tile_avx2(a_tile, tile_rows, kc, b, bias, first, c_tile, ldc, ncols),
+                _ if isa.has_avx2() => {
+                    // GELU is applied to the accumulators before the last k-block's store.
+                    let gelu = last && act == Activation::Gelu;
+                    x86::tile_avx2(a_tile, tile_rows, kc, b, bias, first, gelu, s == 0, c_tile, ldc, ncols);
+                    return;
+                }
                 _ => tile_portable(a_tile, tile_rows, kc, b, bias, first, c_tile, ldc, ncols),
             }
-            if k0 + kc == k && act == Activation::Gelu {
+            if last && act == Activation::Gelu {
                 for i in 0..tile_rows {
                     let row = std::slice::from_raw_parts_mut(c_tile.add(i * ldc), ncols);
                     dispatch_isa!(isa, || gelu_slice(row));
                 }
             }
-        }
+        });
         k0 += kc;
     }
 }
@@ -195,7 +254,7 @@ unsafe fn tile_portable(a: &[f32], rows: usize, kc: usize, b: &[f32], bias: &[f3
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{MR_PACK, NR};
+    use super::{MR_AVX2, MR_PACK, NR};
 
     /// MR_PACK×32 tile: 16 zmm accumulators, A broadcast from the packed stream.
     #[target_feature(enable = "avx512f")]
@@ -231,41 +290,50 @@ mod x86 {
         }
     }
 
-    /// AVX2: the 8-row tile as sub-tiles of ≤ 4 rows × 16 columns (half a panel): 8 ymm
-    /// accumulators + 2 weight vectors + 1 broadcast, so nothing spills on 16 registers. The
-    /// previous 3 × 32 sub-tile needed 12 + 4 + 1 = 17 and kept two accumulators on the stack
-    /// (a load, FMA and store per k step in the hot loop, bench/NOTES.md "Embeddings on Zen 1").
-    /// Each output element is still one FMA chain from the bias over k in order: the same bits.
+    /// AVX2: a ≤ 6-row tile (A packed unpadded, `[k][rows]`) as two halves of 16 columns, each one
+    /// `sub_avx2` of 6 rows: 12 ymm accumulators + 2 weight vectors + 1 broadcast = 15 of 16
+    /// registers, no spill, and one weight load per 6 FMAs (the 4 × 16 sub-tiles of an 8-row
+    /// tile before needed one per 4). Each output element is still one FMA chain from the bias
+    /// over k in order: the same bits as every earlier tiling. `gelu`: apply GELU to the
+    /// accumulators before storing (the last k-block of a GELU linear), the same operations as
+    /// `gelu_slice` so fused and separate GELU agree bit for bit. `prefetch`: this is the first
+    /// tile of the row block, the first to touch this k-block of the panel; a full tile then
+    /// prefetches the weights `PF_K` k-rows ahead (an encoder pass streams 42.5 MB of weights
+    /// that no cache holds: at m = 19, cold weights cost ≈ 14 % of the tile's rate, and this
+    /// prefetch won back ≈ 8 %, bench/NOTES.md session 15). Later tiles find the lines in L1/L2.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn tile_avx2(a: &[f32], rows: usize, kc: usize, b: &[f32], bias: &[f32; NR], first: bool, c: *mut f32, ldc: usize, ncols: usize) {
+    pub unsafe fn tile_avx2(a: &[f32], rows: usize, kc: usize, b: &[f32], bias: &[f32; NR], first: bool, gelu: bool, prefetch: bool, c: *mut f32, ldc: usize, ncols: usize) {
+        debug_assert!((1..=MR_AVX2).contains(&rows) && a.len() == kc * rows && b.len() >= kc * NR);
         for half in 0..2 {
             let c0 = 16 * half;
             if c0 >= ncols {
                 break;
             }
             let w = 16.min(ncols - c0);
-            let mut r = 0;
-            while r < rows {
-                let mr = 4.min(rows - r);
-                let (cp, bp, bias) = (c.add(r * ldc + c0), b.as_ptr().add(c0), bias.as_ptr().add(c0));
-                match mr {
-                    1 => sub_avx2::<1>(a, r, kc, bp, bias, first, cp, ldc, w),
-                    2 => sub_avx2::<2>(a, r, kc, bp, bias, first, cp, ldc, w),
-                    3 => sub_avx2::<3>(a, r, kc, bp, bias, first, cp, ldc, w),
-                    _ => sub_avx2::<4>(a, r, kc, bp, bias, first, cp, ldc, w),
-                }
-                r += mr;
+            let (ap, cp, bp, bias) = (a.as_ptr(), c.add(c0), b.as_ptr().add(c0), bias.as_ptr().add(c0));
+            match rows {
+                1 => sub_avx2::<1, false>(ap, kc, bp, bias, first, gelu, cp, ldc, w),
+                2 => sub_avx2::<2, false>(ap, kc, bp, bias, first, gelu, cp, ldc, w),
+                3 => sub_avx2::<3, false>(ap, kc, bp, bias, first, gelu, cp, ldc, w),
+                4 => sub_avx2::<4, false>(ap, kc, bp, bias, first, gelu, cp, ldc, w),
+                5 => sub_avx2::<5, false>(ap, kc, bp, bias, first, gelu, cp, ldc, w),
+                _ if prefetch && half == 0 => sub_avx2::<6, true>(ap, kc, bp, bias, first, gelu, cp, ldc, w),
+                _ => sub_avx2::<6, false>(ap, kc, bp, bias, first, gelu, cp, ldc, w),
             }
         }
     }
 
-    /// `MR` rows × 16 columns; `b` points at the half panel (row stride `NR`), `bias` at its
-    /// 16 bias values, `w` ≤ 16 columns are live.
+    /// k-rows of weights (128 B each) the first tile prefetches ahead: ≈ 3 KiB, a few hundred
+    /// cycles of that tile's FMAs, about a DRAM latency.
+    const PF_K: usize = 24;
+
+    /// `MR` rows × 16 columns; `a` points at the packed A tile (`[k][MR]`), `b` at
+    /// the half panel (row stride `NR`), `bias` at its 16 bias values; `w` ≤ 16 columns are live.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn sub_avx2<const MR: usize>(a: &[f32], r0: usize, kc: usize, b: *const f32, bias: *const f32, first: bool, c: *mut f32, ldc: usize, w: usize) {
+    unsafe fn sub_avx2<const MR: usize, const PF: bool>(a: *const f32, kc: usize, b: *const f32, bias: *const f32, first: bool, gelu: bool, c: *mut f32, ldc: usize, w: usize) {
         let mut acc = [[_mm256_setzero_ps(); 2]; MR];
         let mut tmp = [0.0f32; 16];
         for (i, row) in acc.iter_mut().enumerate() {
@@ -280,8 +348,15 @@ mod x86 {
             row[0] = _mm256_loadu_ps(src);
             row[1] = _mm256_loadu_ps(src.add(8));
         }
-        let (mut ap, mut bp) = (a.as_ptr().add(r0), b);
+        let (mut ap, mut bp) = (a, b);
         for _ in 0..kc {
+            if PF {
+                // Both 64-byte lines of the k-row (the second half's too: the half-1 pass
+                // follows this one and reads them from L1). `wrapping_add`: past the panel's end
+                // the address is only a hint, never dereferenced.
+                _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(PF_K * NR) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(PF_K * NR + 16) as *const i8);
+            }
             let b0 = _mm256_loadu_ps(bp);
             let b1 = _mm256_loadu_ps(bp.add(8));
             for (i, row) in acc.iter_mut().enumerate() {
@@ -289,8 +364,14 @@ mod x86 {
                 row[0] = _mm256_fmadd_ps(av, b0, row[0]);
                 row[1] = _mm256_fmadd_ps(av, b1, row[1]);
             }
-            ap = ap.add(MR_PACK);
+            ap = ap.add(MR);
             bp = bp.add(NR);
+        }
+        if gelu {
+            for row in acc.iter_mut() {
+                row[0] = gelu8(row[0]);
+                row[1] = gelu8(row[1]);
+            }
         }
         for (i, row) in acc.iter().enumerate() {
             if w == 16 {
@@ -303,12 +384,67 @@ mod x86 {
             }
         }
     }
+
+    /// `gelu_slice` on 8 lanes: `0.5·v·(1 + erf(v/√2))` with `math::erf` and `math::fast_exp`
+    /// written out operation by operation in their order (Rust never contracts `a·b + c`
+    /// into an FMA, so neither does this), hence the same bits as the auto-vectorised loop.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub(super) unsafe fn gelu8(v: __m256) -> __m256 {
+        let one = _mm256_set1_ps(1.0);
+        let e = erf8(_mm256_mul_ps(v, _mm256_set1_ps(std::f32::consts::FRAC_1_SQRT_2)));
+        _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5), v), _mm256_add_ps(one, e))
+    }
+
+    /// `math::erf` on 8 lanes (Abramowitz & Stegun 7.1.26).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn erf8(x: __m256) -> __m256 {
+        let sign = _mm256_set1_ps(-0.0);
+        let (one, two) = (_mm256_set1_ps(1.0), _mm256_set1_ps(2.0));
+        let a = _mm256_andnot_ps(sign, x);
+        // recip(d): bit-trick seed, three Newton steps.
+        let d = _mm256_add_ps(one, _mm256_mul_ps(_mm256_set1_ps(0.327_591_1), a));
+        let mut t = _mm256_castsi256_ps(_mm256_sub_epi32(_mm256_set1_epi32(0x7EF3_11C3), _mm256_castps_si256(d)));
+        for _ in 0..3 {
+            t = _mm256_mul_ps(t, _mm256_sub_ps(two, _mm256_mul_ps(d, t)));
+        }
+        let mut p = _mm256_sub_ps(_mm256_mul_ps(_mm256_set1_ps(1.061_405_4), t), _mm256_set1_ps(1.453_152_1));
+        p = _mm256_add_ps(_mm256_mul_ps(p, t), _mm256_set1_ps(1.421_413_8));
+        p = _mm256_sub_ps(_mm256_mul_ps(p, t), _mm256_set1_ps(0.284_496_74));
+        p = _mm256_add_ps(_mm256_mul_ps(p, t), _mm256_set1_ps(0.254_829_6));
+        let ex = exp8(_mm256_mul_ps(_mm256_xor_ps(a, sign), a));
+        let y = _mm256_sub_ps(one, _mm256_mul_ps(_mm256_mul_ps(p, t), ex));
+        // copysign(y, x)
+        _mm256_or_ps(_mm256_andnot_ps(sign, y), _mm256_and_ps(sign, x))
+    }
+
+    /// `math::fast_exp` on 8 lanes.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn exp8(x: __m256) -> __m256 {
+        // `clamp`: a NaN passes through (vmaxps/vminps return their second operand then).
+        let x = _mm256_min_ps(_mm256_set1_ps(88.0), _mm256_max_ps(_mm256_set1_ps(-87.3), x));
+        let shift = _mm256_set1_ps(12_582_912.0);
+        let shifted = _mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)), shift);
+        let n = _mm256_sub_ps(shifted, shift);
+        let r = _mm256_sub_ps(_mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693_145_75))), _mm256_mul_ps(n, _mm256_set1_ps(1.428_606_8e-6)));
+        let one = _mm256_set1_ps(1.0);
+        let mut p = _mm256_add_ps(_mm256_set1_ps(0.008_333_334), _mm256_mul_ps(r, _mm256_set1_ps(0.001_388_889)));
+        p = _mm256_add_ps(_mm256_set1_ps(0.041_666_668), _mm256_mul_ps(r, p));
+        p = _mm256_add_ps(_mm256_set1_ps(0.166_666_67), _mm256_mul_ps(r, p));
+        p = _mm256_add_ps(_mm256_set1_ps(0.5), _mm256_mul_ps(r, p));
+        p = _mm256_add_ps(one, _mm256_mul_ps(r, p));
+        p = _mm256_add_ps(one, _mm256_mul_ps(r, p));
+        let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_sub_epi32(_mm256_castps_si256(shifted), _mm256_set1_epi32(0x4B40_0000)), _mm256_set1_epi32(127)));
+        _mm256_mul_ps(p, _mm256_castsi256_ps(bits))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use crate::cpu::test_util::{assert_close, levels, Rng};
-    use crate::{Activation, CpuDevice, Device};
+    use crate::{Activation, CpuDevice, Device, Isa};
 
     fn reference(x: &[f32], m: usize, w: &[f32], n: usize, k: usize, bias: Option<&[f32]>) -> Vec<f64> {
         let mut out = vec![0.0f64; m * n];
@@ -370,6 +506,59 @@ mod tests {
             dev.linear(&x, m, &w, Activation::None, &mut plain);
             dev.gelu(&mut plain);
             assert_eq!(fused, plain, "{isa:?}");
+        }
+    }
+
+    /// The AVX2 6-row tiles (edge tiles of 1–5 rows, partial panels, two k-blocks) and their
+    /// fused GELU give the portable kernel's bits: each output is the same FMA chain over k.
+    #[test]
+    fn avx2_tiles_give_the_portable_bits() {
+        let Some(avx2) = CpuDevice::with_isa(Isa::Avx2) else {
+            eprintln!("avx2_tiles_give_the_portable_bits: skipping: this CPU lacks avx2");
+            return;
+        };
+        let portable = CpuDevice::with_isa(Isa::Portable).expect("portable runs anywhere");
+        let mut rng = Rng::new(0x6a16 ^ std::process::id() as u64);
+        for &(m, n, k) in &[(1, 16, 8), (5, 40, 300), (6, 32, 256), (7, 48, 257), (8, 20, 31), (14, 33, 256), (19, 70, 384), (23, 33, 600), (101, 64, 40)] {
+            let (w, b, x) = (rng.vec(n * k), rng.vec(n), rng.vec(m * k));
+            for act in [Activation::None, Activation::Gelu] {
+                let mut want = vec![0.0f32; m * n];
+                portable.linear(&x, m, &portable.pack_linear(&w, n, k, Some(&b)), act, &mut want);
+                let mut got = vec![0.0f32; m * n];
+                avx2.linear(&x, m, &avx2.pack_linear(&w, n, k, Some(&b)), act, &mut got);
+                assert_eq!(got, want, "m={m} n={n} k={k} {act:?}");
+            }
+        }
+    }
+
+    /// The fused epilogue's 8-lane GELU equals `Device::gelu` (the auto-vectorised
+    /// `gelu_slice`) bit for bit over a dense range, the extremes and random bit patterns.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_gelu8_gives_gelu_slice_bits() {
+        use std::arch::x86_64::{_mm256_loadu_ps, _mm256_storeu_ps};
+        if !Isa::Avx2.is_supported() {
+            eprintln!("avx2_gelu8_gives_gelu_slice_bits: skipping: this CPU lacks avx2");
+            return;
+        }
+        let mut xs = vec![0.0f32, -0.0, 1e-40, -1e-40, f32::MIN_POSITIVE, 1e-8, -1e-8, 9.0, -9.0, 100.0, -100.0, 1e30, -1e30, f32::MAX, f32::MIN, f32::INFINITY, f32::NEG_INFINITY];
+        let mut v = -12.0f32;
+        while v < 12.0 {
+            xs.push(v);
+            v += 3.7e-4;
+        }
+        let mut rng = Rng::new(0x9e1 ^ std::process::id() as u64);
+        xs.extend((0..50_000).map(|_| f32::from_bits(rng.next_u64() as u32)).filter(|v| !v.is_nan()));
+        xs.resize(xs.len().next_multiple_of(8), 0.5);
+        let mut want = xs.clone();
+        crate::cpu::elementwise::gelu(Isa::Avx2, &mut want);
+        let mut got = xs.clone();
+        for c in got.chunks_exact_mut(8) {
+            // SAFETY: the CPU has AVX2 (checked above); `c` holds 8 floats.
+            unsafe { _mm256_storeu_ps(c.as_mut_ptr(), super::x86::gelu8(_mm256_loadu_ps(c.as_ptr()))) };
+        }
+        for ((&x, &g), &w) in xs.iter().zip(&got).zip(&want) {
+            assert!(g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()), "gelu({x:e}): fused {g:e}, separate {w:e}");
         }
     }
 
