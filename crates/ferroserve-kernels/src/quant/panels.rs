@@ -74,7 +74,10 @@
 //! copy 21 % smaller. Against the exact kernels of the same format, same runs: Q4_K 3.1–3.6×
 //! (m = 1) and 5.6–6.0× (m = 16), Q6_K 1.3–1.5× and 5.5–6.2×. On the AVX2 level Q6_K panels
 //! are slower than the exact AVX2 kernel at m = 1 (0.63×; 1.27× at m = 16): the unpacking and
-//! sign handling is paid per eight rows there. Details: bench/NOTES.md, "K-quant panels".
+//! sign handling is paid per eight rows there. Details: bench/NOTES.md, "K-quant panels". At
+//! m = 1 the AVX2 level now has a Q6_K tile without the sign trick (unsigned codes, the
+//! `32·a` pair sums taken off per group), ≈ 2× the exact kernel's speed on the loaded Zen 1
+//! (bench/NOTES.md, "The 1B one-sequence decode on Zen 1").
 
 use std::ops::Range;
 
@@ -1035,6 +1038,12 @@ mod avx2 {
     use super::*;
     use std::arch::x86_64::*;
 
+    /// Bytes ahead of the current sub-block the one-row K-quant tiles prefetch (as the AVX-512
+    /// tiles do): at m = 1 they stream the weights once, and the hardware prefetcher alone
+    /// left them short of the copy bandwidth (bench/NOTES.md, "The 1B one-sequence decode on
+    /// Zen 1"). A prefetch past the end is dropped, never faults.
+    const PREFETCH_AHEAD: usize = 2048;
+
     /// # Safety
     /// Needs AVX2 + FMA; the caller owns panels `range` of `out`.
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -1185,10 +1194,17 @@ mod avx2 {
             // SAFETY: super-block s of the panel is K_SCALE_BYTES + 8·256 code bytes and 32
             // scales; activation rows hold 8·nsb blocks.
             let unit = cp.add(s * (K_SCALE_BYTES + SUBS * NIBBLE_BYTES));
+            // The next super-block's f16 scales (the codes' prefetches, one stream over the
+            // units, also cover the integer scales).
+            _mm_prefetch::<_MM_HINT_T0>(sp.wrapping_add(32 * (s + 1)).cast());
             for j in 0..SUBS {
                 let b = SUBS * s + j;
                 let a: [*const i32; R] = core::array::from_fn(|i| rows[i].qs.as_ptr().add(b * BLOCK_ELEMS).cast::<i32>());
-                let s16 = nibble_sums::<R>(unit.add(K_SCALE_BYTES + NIBBLE_BYTES * j), a);
+                let cb = unit.add(K_SCALE_BYTES + NIBBLE_BYTES * j);
+                for line in 0..NIBBLE_BYTES / 64 {
+                    _mm_prefetch::<_MM_HINT_T0>(cb.wrapping_add(PREFETCH_AHEAD + 64 * line).cast());
+                }
+                let s16 = nibble_sums::<R>(cb, a);
                 for h in 0..2 {
                     let dw = _mm256_mul_ps(widen8(sp.add(32 * s + 8 * h)), byte_lanes(unit, PANEL_ROWS * j + 8 * h));
                     for i in 0..R {
@@ -1497,6 +1513,9 @@ mod avx2 {
             // SAFETY: super-block s of the panel is K_SCALE_BYTES + 8·384 code bytes and 16
             // scales; the activation row holds 8·nsb blocks and 16·nsb pair sums.
             let unit = cp.add(s * (K_SCALE_BYTES + SUBS * Q6_BYTES));
+            // The next super-block's f16 scales (the codes' prefetches, one stream over the
+            // units, also cover the integer scales).
+            _mm_prefetch::<_MM_HINT_T0>(sp.wrapping_add(16 * (s + 1)).cast());
             // A group's i8 scales for one half's rows as i16 pairs `[s, s]`.
             let group_scales = |g: usize, half: usize| {
                 let s32 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(unit.add(PANEL_ROWS * g + 8 * half).cast()));
@@ -1506,6 +1525,9 @@ mod avx2 {
                 let b = SUBS * s + j;
                 let a = row.qs.as_ptr().add(b * BLOCK_ELEMS).cast::<i32>();
                 let cb = unit.add(K_SCALE_BYTES + Q6_BYTES * j);
+                for line in 0..Q6_BYTES / 64 {
+                    _mm_prefetch::<_MM_HINT_T0>(cb.wrapping_add(PREFETCH_AHEAD + 64 * line).cast());
+                }
                 let dx = _mm256_set1_ps(row.scales.get_unchecked(b)[0]);
                 // One scale group (element half `e`: the low nibbles, then the high ones) at a
                 // time, so that only its two top-bit vectors and two i16 sums are live: with
