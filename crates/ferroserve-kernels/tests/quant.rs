@@ -1210,6 +1210,42 @@ fn k_quant_panels_follow_the_fast_order_on_every_isa() {
     }
 }
 
+/// Q6_K panels at the integer extremes: every code 63 (q = 31) or 0 (q = −32), every
+/// activation ±127, scales 127 or −128. The AVX2 one-row tile adds the unsigned codes' products
+/// in i16 (up to 4·2·63·127 = 64,008: they wrap) before taking off 32·Σa, exact only because the
+/// final per-lane sum fits; each level must give the portable bits, and those the closed form
+/// `fma(d·d_x, s·32·q·a, acc)` per sub-block.
+#[test]
+fn q6_k_panels_are_exact_at_the_extreme_codes() {
+    let (n, k) = (17usize, 512usize);
+    for (byte, q) in [(0xffu8, 31i32), (0x00, -32)] {
+        for scale in [127i8, -128] {
+            for sign in [1.0f32, -1.0] {
+                let mut blk = vec![byte; 192];
+                blk.extend(std::iter::repeat_n(scale as u8, 16));
+                blk.extend_from_slice(&f32_to_f16(0.5).to_le_bytes());
+                let w: Vec<u8> = (0..n * k / 256).flat_map(|_| blk.clone()).collect();
+                for m in [1usize, 3] {
+                    let x = vec![sign; m * k];
+                    let portable = run_panels(QuantLevel::Portable, QuantType::Q6_K, &w, n, k, &x, m);
+                    let (dx, a) = (f16_to_f32(f32_to_f16(1.0 / 127.0)), 127 * sign as i32);
+                    let sumi = scale as i32 * 32 * q * a;
+                    let want = (0..k / 32).fold(0f32, |acc, _| (0.5 * dx).mul_add(sumi as f32, acc));
+                    for (i, v) in portable.iter().enumerate() {
+                        assert_eq!(v.to_bits(), want.to_bits(), "portable q={q} s={scale} a={a} m={m} index {i}: {v} vs {want}");
+                    }
+                    for isa in QuantLevel::available() {
+                        let y = run_panels(isa, QuantType::Q6_K, &w, n, k, &x, m);
+                        for (i, (v, p)) in y.iter().zip(&portable).enumerate() {
+                            assert_eq!(v.to_bits(), p.to_bits(), "{isa:?} q={q} s={scale} a={a} m={m} index {i}: {v} vs portable {p}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// An f16 scale drawn from every finite class, as bits: ±0, ±subnormals (whose widening needs
 /// the exponent renormalised), and ±normals from 2⁻¹⁴ to 2⁴.
 fn f16_scale_bits(rng: &mut Rng) -> u16 {

@@ -74,7 +74,10 @@
 //! copy 21 % smaller. Against the exact kernels of the same format, same runs: Q4_K 3.1–3.6×
 //! (m = 1) and 5.6–6.0× (m = 16), Q6_K 1.3–1.5× and 5.5–6.2×. On the AVX2 level Q6_K panels
 //! are slower than the exact AVX2 kernel at m = 1 (0.63×; 1.27× at m = 16): the unpacking and
-//! sign handling is paid per eight rows there. Details: bench/NOTES.md, "K-quant panels".
+//! sign handling is paid per eight rows there. Details: bench/NOTES.md, "K-quant panels". At
+//! m = 1 the AVX2 level now has a Q6_K tile without the sign trick (unsigned codes, the
+//! `32·a` pair sums taken off per group), ≈ 2× the exact kernel's speed on the loaded Zen 1
+//! (bench/NOTES.md, "The 1B one-sequence decode on Zen 1").
 
 use std::ops::Range;
 
@@ -366,6 +369,28 @@ fn group_sums(acts: &Q8Activations, group: usize, times: i32) -> Vec<i32> {
     sums
 }
 
+/// Per activation row and group of sixteen bytes, Q6_K's code offset for the AVX2 one-row tile
+/// as two i16 in one i32: `32·Σ(a[4q] + a[4q + 1])` over the group's four runs of four bytes in
+/// the low half, `32·Σ(a[4q + 2] + a[4q + 3])` in the high half — the lanes of the group's
+/// `vpmaddubsw` pair sums of `32·a` (each ≤ 32·8·127 = 32,512, so exact in i16). The tile
+/// multiplies the unsigned codes `u = q + 32` and subtracts this once per group, instead of
+/// moving each code's sign onto the activations (`vpsignb` + `vpabsb` + the bias per code
+/// vector).
+fn q6_k_pair_sums(acts: &Q8Activations) -> Vec<i32> {
+    let mut sums = Vec::with_capacity(acts.rows() * acts.k() / 16);
+    for r in 0..acts.rows() {
+        for q in acts.row(r).qs.chunks_exact(16) {
+            let (mut even, mut odd) = (0i32, 0i32);
+            for run in q.chunks_exact(4) {
+                even += run[0] as i32 + run[1] as i32;
+                odd += run[2] as i32 + run[3] as i32;
+            }
+            sums.push(((32 * even) as u16 as u32 | ((32 * odd) as u16 as u32) << 16) as i32);
+        }
+    }
+    sums
+}
+
 /// `y[m, n] = acts · Wᵀ` in the fast order (module docs), `acts` quantised from the
 /// `[m, k]` input. Row `i` of `y` depends only on row `i` of the input, bit for bit.
 pub fn panel_matmul(isa: QuantLevel, w: &Panels, acts: &Q8Activations, y: &mut [f32]) {
@@ -396,6 +421,7 @@ pub fn panel_matmuls(isa: QuantLevel, outputs: &mut [(&Panels, &mut [f32])], act
         QuantType::Q8_0 if isa != QuantLevel::Avx2 => group_sums(acts, BLOCK_ELEMS, 128),
         QuantType::IQ4_NL if isa == QuantLevel::Avx512 => group_sums(acts, BLOCK_ELEMS, 128),
         QuantType::Q6_K if isa == QuantLevel::Avx512 => group_sums(acts, 16, 32),
+        QuantType::Q6_K if isa == QuantLevel::Avx2 => q6_k_pair_sums(acts),
         QuantType::Q4_0 if simd => group_sums(acts, BLOCK_ELEMS, 8),
         QuantType::Q5_0 if simd => group_sums(acts, BLOCK_ELEMS, 16),
         _ => Vec::new(),
@@ -1012,6 +1038,12 @@ mod avx2 {
     use super::*;
     use std::arch::x86_64::*;
 
+    /// Bytes ahead of the current sub-block the one-row K-quant tiles prefetch (as the AVX-512
+    /// tiles do): at m = 1 they stream the weights once, and with the prefetch they ran ≈ 1.2×
+    /// faster on a loaded Zen 1 than with the hardware prefetcher alone (bench/NOTES.md, "The
+    /// 1B one-sequence decode on Zen 1"). A prefetch past the end is dropped, never faults.
+    const PREFETCH_AHEAD: usize = 2048;
+
     /// # Safety
     /// Needs AVX2 + FMA; the caller owns panels `range` of `out`.
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -1052,6 +1084,7 @@ mod avx2 {
             // 3 in the half-at-a-time tile; bench/NOTES.md, "The AVX2 chat step on Zen 1").
             kind::Q4_K if R == 1 => tile_q4_k_wide::<R>(w, acts, p, r0, out),
             kind::Q4_K => tile_q4_k::<R>(w, acts, p, r0, out),
+            kind::Q6_K if R == 1 => tile_q6_k_wide(w, acts, offsets, p, r0, out),
             kind::Q6_K => tile_q6_k::<R>(w, acts, p, r0, out),
             kind::Q4_1 | kind::Q4_0 if R == 1 => tile_wide::<R, KIND>(w, acts, offsets, p, r0, out),
             _ => tile::<R, KIND>(w, acts, offsets, p, r0, out),
@@ -1161,10 +1194,17 @@ mod avx2 {
             // SAFETY: super-block s of the panel is K_SCALE_BYTES + 8·256 code bytes and 32
             // scales; activation rows hold 8·nsb blocks.
             let unit = cp.add(s * (K_SCALE_BYTES + SUBS * NIBBLE_BYTES));
+            // The next super-block's f16 scales (the codes' prefetches, one stream over the
+            // units, also cover the integer scales).
+            _mm_prefetch::<_MM_HINT_T0>(sp.wrapping_add(32 * (s + 1)).cast());
             for j in 0..SUBS {
                 let b = SUBS * s + j;
                 let a: [*const i32; R] = core::array::from_fn(|i| rows[i].qs.as_ptr().add(b * BLOCK_ELEMS).cast::<i32>());
-                let s16 = nibble_sums::<R>(unit.add(K_SCALE_BYTES + NIBBLE_BYTES * j), a);
+                let cb = unit.add(K_SCALE_BYTES + NIBBLE_BYTES * j);
+                for line in 0..NIBBLE_BYTES / 64 {
+                    _mm_prefetch::<_MM_HINT_T0>(cb.wrapping_add(PREFETCH_AHEAD + 64 * line).cast());
+                }
+                let s16 = nibble_sums::<R>(cb, a);
                 for h in 0..2 {
                     let dw = _mm256_mul_ps(widen8(sp.add(32 * s + 8 * h)), byte_lanes(unit, PANEL_ROWS * j + 8 * h));
                     for i in 0..R {
@@ -1446,5 +1486,99 @@ mod avx2 {
             // SAFETY: the caller owns panel p.
             out.set_panel(r0 + i, p, yi);
         }
+    }
+
+    /// Q6_K panel `p` against activation row `r`, both halves of the panel per sub-block (as
+    /// [`tile_q4_k_wide`]); per output the integer sums and f32 operations of [`tile_q6_k`].
+    ///
+    /// The codes stay unsigned (`u = q + 32`, 0..64) for `vpmaddubsw`; a scale group's four
+    /// pair sums are added in i16 and the group's `32·a` pair sums (`offsets`,
+    /// [`q6_k_pair_sums`]) subtracted. The true result `Σ(u − 32)·a` per lane is at most
+    /// 8·32·127 = 32,512, so the wrapping i16 adds give it exactly although the partial sums
+    /// of `u·a` (up to 64,008) wrap. Against the signed tile this drops a `vpsignb`, a
+    /// `vpabsb` and the bias subtraction per code vector and broadcasts each activation group
+    /// once per sixteen rows instead of eight (bench/NOTES.md, "The 1B one-sequence decode on
+    /// Zen 1").
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn tile_q6_k_wide(w: &Panels, acts: &Q8Activations, offsets: &[i32], p: usize, r: usize, out: &PanelOut) {
+        let nsb = w.k / SUPER_ELEMS;
+        let row = acts.row(r);
+        let (codes, scales) = w.panel(p);
+        let (cp, sp) = (codes.as_ptr(), scales.as_ptr());
+        let (low4, high2) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x30));
+        let pair_sums = offsets[r * (w.k / 16)..(r + 1) * (w.k / 16)].as_ptr();
+        let mut acc = [_mm256_setzero_ps(); 2];
+        for s in 0..nsb {
+            // SAFETY: super-block s of the panel is K_SCALE_BYTES + 8·384 code bytes and 16
+            // scales; the activation row holds 8·nsb blocks and 16·nsb pair sums.
+            let unit = cp.add(s * (K_SCALE_BYTES + SUBS * Q6_BYTES));
+            // The next super-block's f16 scales (the codes' prefetches, one stream over the
+            // units, also cover the integer scales).
+            _mm_prefetch::<_MM_HINT_T0>(sp.wrapping_add(16 * (s + 1)).cast());
+            // A group's i8 scales for one half's rows as i16 pairs `[s, s]`.
+            let group_scales = |g: usize, half: usize| {
+                let s32 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(unit.add(PANEL_ROWS * g + 8 * half).cast()));
+                _mm256_or_si256(_mm256_and_si256(s32, _mm256_set1_epi32(0xffff)), _mm256_slli_epi32::<16>(s32))
+            };
+            for j in 0..SUBS {
+                let b = SUBS * s + j;
+                let a = row.qs.as_ptr().add(b * BLOCK_ELEMS).cast::<i32>();
+                let cb = unit.add(K_SCALE_BYTES + Q6_BYTES * j);
+                for line in 0..Q6_BYTES / 64 {
+                    _mm_prefetch::<_MM_HINT_T0>(cb.wrapping_add(PREFETCH_AHEAD + 64 * line).cast());
+                }
+                let dx = _mm256_set1_ps(row.scales.get_unchecked(b)[0]);
+                // One scale group (element half `e`: the low nibbles, then the high ones) at a
+                // time, so that only its two top-bit vectors and two i16 sums are live: with
+                // both groups at once LLVM spilled an accumulator and the sums.
+                let mut sumi = [_mm256_setzero_si256(); 2];
+                for e in 0..2 {
+                    // The same code bytes for both groups, their address hidden from LLVM for
+                    // the second: else it keeps the first group's eight loads live for it and
+                    // spills (`std::hint::black_box` did the same through the stack and
+                    // stopped the unrolling).
+                    let mut cb = cb;
+                    if e == 1 {
+                        // SAFETY: an empty asm that leaves the register as it was.
+                        std::arch::asm!("/* {0} */", inout(reg) cb, options(nomem, nostack, preserves_flags));
+                    }
+                    // i16 pair sums of u·a per half of the panel, wrapping.
+                    let mut s16 = [_mm256_setzero_si256(); 2];
+                    for t in 0..4 {
+                        let at = a.add(4 * e + t).read_unaligned();
+                        let ag = _mm256_set1_epi32(at);
+                        for half in 0..2 {
+                            // Bits 2t..2t + 2 of the top-bit bytes to bits 4..6.
+                            let h = _mm256_loadu_si256(cb.add(NIBBLE_BYTES + 64 * e + 32 * half).cast());
+                            let top = match t {
+                                0 => _mm256_slli_epi16::<4>(h),
+                                1 => _mm256_slli_epi16::<2>(h),
+                                2 => h,
+                                _ => _mm256_srli_epi16::<2>(h),
+                            };
+                            let x = _mm256_loadu_si256(cb.add(64 * t + 32 * half).cast());
+                            let nibble = if e == 0 { x } else { _mm256_srli_epi16::<4>(x) };
+                            let u = _mm256_or_si256(_mm256_and_si256(nibble, low4), _mm256_and_si256(top, high2));
+                            s16[half] = _mm256_add_epi16(s16[half], _mm256_maddubs_epi16(u, ag));
+                        }
+                    }
+                    let bias = _mm256_set1_epi32(pair_sums.add(2 * b + e).read());
+                    for half in 0..2 {
+                        let group = _mm256_madd_epi16(_mm256_sub_epi16(s16[half], bias), group_scales(2 * j + e, half));
+                        sumi[half] = if e == 0 { group } else { _mm256_add_epi32(sumi[half], group) };
+                    }
+                }
+                for half in 0..2 {
+                    let dd = _mm256_mul_ps(widen8(sp.add(16 * s + 8 * half)), dx);
+                    acc[half] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sumi[half]), acc[half]);
+                }
+            }
+        }
+        let mut y = [0f32; PANEL_ROWS];
+        _mm256_storeu_ps(y.as_mut_ptr(), acc[0]);
+        _mm256_storeu_ps(y.as_mut_ptr().add(8), acc[1]);
+        // SAFETY: the caller owns panel p.
+        out.set_panel(r, p, &y);
     }
 }
