@@ -1,13 +1,14 @@
-//! [`Backend`] over an OpenCL device: buffers live on the device and every op is one kernel
-//! launch on its one in-order queue ([`BertKernels`]), so a pass waits for the device only
-//! when it reads its result back.
+//! [`Backend`] over an OpenCL device: buffers live on the device and every op is one launch
+//! of a kernel of [`BertKernels`] on the device's one in-order queue (see kernels/README.md
+//! for each kernel's contract), so a pass waits for the device only when it reads its result
+//! back.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use super::{Backend, BackendError, BackendResult, Element, Packing, Pooling};
-use crate::opencl::ops::BertKernels;
-use crate::opencl::{DeviceBuffer, KernelSource, OpenClDevice};
+use crate::opencl::ops::{BertKernels, LINEAR_GROUP, LINEAR_TILE_M, LINEAR_TILE_N};
+use crate::opencl::{Arg, DeviceBuffer, KernelSource, OpenClDevice};
 use crate::quant::QuantType;
 use crate::Activation;
 
@@ -103,7 +104,8 @@ impl Backend for OpenClBackend {
         x: &mut DeviceBuffer<f32>,
         dim: usize,
     ) -> BackendResult<()> {
-        Ok(self.kernels()?.embedding_lookup(&self.dev, word, pos, type0, seqs.tokens, seqs.positions, x, seqs.rows, dim)?)
+        let args = [Arg::buf(word), Arg::buf(pos), Arg::buf(type0), Arg::buf(seqs.tokens), Arg::buf(seqs.positions), Arg::buf(x), Arg::U32(dim as u32)];
+        Ok(self.dev.launch(&self.kernels()?.embedding, &args, &[dim, seqs.rows], None)?)
     }
 
     fn layer_norm(
@@ -116,23 +118,35 @@ impl Backend for OpenClBackend {
         dim: usize,
         eps: f32,
     ) -> BackendResult<()> {
-        Ok(self.kernels()?.layer_norm(&self.dev, x, residual, gamma, beta, rows, dim, eps)?)
+        let k = self.kernels()?;
+        let l = k.norm_group;
+        let args = [Arg::buf(x), Arg::opt_buf(residual), Arg::buf(gamma), Arg::buf(beta), Arg::U32(dim as u32), Arg::F32(eps), Arg::Local(l * 4)];
+        Ok(self.dev.launch(&k.layer_norm, &args, &[l * rows], Some(&[l]))?)
     }
 
     fn linear(&self, x: &DeviceBuffer<f32>, w: &ClLinear, act: Activation, y: &mut DeviceBuffer<f32>, rows: usize) -> BackendResult<()> {
+        let (m, n, k) = (rows, w.out_features, w.in_features);
         let gelu = act == Activation::Gelu;
-        Ok(self.kernels()?.linear(&self.dev, x, &w.weight, Some(&w.bias), y, rows, w.out_features, w.in_features, gelu)?)
+        let args = [Arg::buf(x), Arg::buf(&w.weight), Arg::buf(&w.bias), Arg::buf(y), Arg::U32(n as u32), Arg::U32(k as u32), Arg::U32(gelu as u32), Arg::U32(m as u32)];
+        // One work-group per LINEAR_TILE_M × LINEAR_TILE_N block of y (partial blocks at the
+        // edges are masked in the kernel).
+        let global = [n.div_ceil(LINEAR_TILE_N) * LINEAR_GROUP[0], m.div_ceil(LINEAR_TILE_M) * LINEAR_GROUP[1]];
+        Ok(self.dev.launch(&self.kernels()?.matmul_tiled, &args, &global, Some(&LINEAR_GROUP))?)
     }
 
     fn encoder_attention(&self, qkv: &DeviceBuffer<f32>, seqs: &Packing<'_, Self>, heads: usize, _head_dim: usize, out: &mut DeviceBuffer<f32>) -> BackendResult<()> {
         // The head width was compiled into the kernel (prepare_encoder).
-        Ok(self.kernels()?.encoder_attention(&self.dev, qkv, seqs.seq_offsets, seqs.row_seq, out, seqs.rows, heads)?)
+        let args = [Arg::buf(qkv), Arg::buf(seqs.seq_offsets), Arg::buf(seqs.row_seq), Arg::buf(out), Arg::U32(heads as u32)];
+        Ok(self.dev.launch(&self.kernels()?.attention, &args, &[heads, seqs.rows], None)?)
     }
 
     fn pool(&self, hidden: &DeviceBuffer<f32>, seqs: &Packing<'_, Self>, mode: Pooling, normalize: bool, out: &mut DeviceBuffer<f32>, dim: usize) -> BackendResult<()> {
         if mode != Pooling::Mean {
             return Err(BackendError(format!("{mode:?} pooling is not implemented on OpenCL (only mean pooling)")));
         }
-        Ok(self.kernels()?.mean_pool(&self.dev, hidden, seqs.seq_offsets, out, seqs.seqs, dim, normalize)?)
+        let k = self.kernels()?;
+        let l = k.pool_group;
+        let args = [Arg::buf(hidden), Arg::buf(seqs.seq_offsets), Arg::buf(out), Arg::U32(dim as u32), Arg::U32(normalize as u32), Arg::Local(l * 4)];
+        Ok(self.dev.launch(&k.mean_pool, &args, &[l * seqs.seqs], Some(&[l]))?)
     }
 }
