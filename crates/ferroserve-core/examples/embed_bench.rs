@@ -13,12 +13,11 @@
 //! in one run; `int8:q5_0` or `int8:q8_0/q8_0/q5_0/q5_0` picks the weight formats, see
 //! `Int8Formats`).
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use ferroserve_core::models::bert::{BertModel, Int8Formats};
 use ferroserve_core::tokenize::bert::EncoderTokenizer;
-use ferroserve_kernels::{CpuDevice, Device};
+use ferroserve_kernels::{Backend, CpuBackend};
 
 #[path = "common/sentences.rs"]
 mod sentences;
@@ -26,8 +25,7 @@ use sentences::synthetic_sentences;
 
 fn main() {
     let dir = std::path::PathBuf::from(std::env::args().nth(1).expect("model dir"));
-    let device: Arc<dyn Device> = Arc::new(CpuDevice::new());
-    let models: Vec<(String, BertModel)> = std::env::var("NUMERICS")
+    let models: Vec<(String, BertModel<CpuBackend>)> = std::env::var("NUMERICS")
         .unwrap_or_else(|_| "f32".into())
         .split(',')
         .map(|n| {
@@ -37,7 +35,7 @@ fn main() {
                 other => Some(other.strip_prefix("int8:").and_then(Int8Formats::parse).expect("NUMERICS=f32|int8|int8:<formats>[,...]")),
             };
             let label = formats.map_or("f32".to_string(), |f| format!("int8:{}", f.describe()));
-            (label, BertModel::load_with_formats(&dir, Arc::clone(&device), formats).unwrap())
+            (label, BertModel::load_with_formats(&dir, CpuBackend::default(), formats).unwrap())
         })
         .collect();
     let tok = EncoderTokenizer::from_file(&dir.join("tokenizer.json"), 256).unwrap();
@@ -45,7 +43,7 @@ fn main() {
     let count: usize = std::env::var("SENTENCES").ok().map_or(2048, |n| n.parse().expect("SENTENCES=<count>"));
     let sentences = synthetic_sentences(&tok, count);
     let tokens: usize = sentences.iter().map(Vec::len).sum();
-    println!("{} sentences, {:.1} tokens avg, device {}", sentences.len(), tokens as f64 / count as f64, CpuDevice::new().name());
+    println!("{} sentences, {:.1} tokens avg, device {}", sentences.len(), tokens as f64 / count as f64, CpuBackend::default().name());
     let passages: usize = std::env::var("PASSAGES").ok().map_or(0, |n| n.parse().expect("PASSAGES=<count>"));
     if passages > 0 {
         // 256 tokens each ([CLS] + the inner tokens of consecutive sentences + [SEP]).
@@ -59,7 +57,7 @@ fn main() {
                 let t = Instant::now();
                 for chunk in docs.chunks(8) {
                     let refs: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
-                    std::hint::black_box(model.embed(&refs));
+                    std::hint::black_box(model.embed(&refs).unwrap());
                 }
                 let s = t.elapsed().as_secs_f64();
                 println!("round {round} {label}: passages of 256 tokens, passes of 8: {:.1} passages/s, {:.1} ms a pass", passages as f64 / s, s * 1e3 / passages.div_ceil(8) as f64);
@@ -80,7 +78,7 @@ fn main() {
                 let t = Instant::now();
                 for chunk in sentences.chunks(size) {
                     let refs: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
-                    std::hint::black_box(model.embed(&refs));
+                    std::hint::black_box(model.embed(&refs).unwrap());
                 }
                 let s = t.elapsed().as_secs_f64();
                 let passes = count.div_ceil(size);
@@ -108,7 +106,7 @@ fn main() {
             }
         }
         let t = Instant::now();
-        std::hint::black_box(models[m].1.embed(&[s.as_slice()]));
+        std::hint::black_box(models[m].1.embed(&[s.as_slice()]).unwrap());
         lat[m].push(t.elapsed().as_secs_f64() * 1e3);
     }
     for ((label, _), lat) in models.iter().zip(&mut lat) {

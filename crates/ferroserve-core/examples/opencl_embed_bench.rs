@@ -3,14 +3,12 @@
 //! `cargo run --release --example opencl_embed_bench -p ferroserve-core -- <model dir> [device index] [sentences]`
 //! The sentences are embed_bench's (10–20 words, same generator), in batches of 32.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use ferroserve_core::models::bert::BertModel;
-use ferroserve_core::models::bert_opencl::OpenClBert;
 use ferroserve_core::tokenize::bert::EncoderTokenizer;
 use ferroserve_kernels::opencl::KernelSource;
-use ferroserve_kernels::{CpuDevice, Device};
+use ferroserve_kernels::{CpuBackend, OpenClBackend};
 
 #[path = "common/sentences.rs"]
 mod sentences;
@@ -26,11 +24,10 @@ fn main() {
     let dir = std::path::PathBuf::from(args.next().expect("model dir"));
     let index: usize = args.next().map_or(0, |s| s.parse().expect("device index"));
     let count: usize = args.next().map_or(256, |s| s.parse().expect("sentence count"));
-    let device: Arc<dyn Device> = Arc::new(CpuDevice::new());
-    let cpu_name = device.name();
-    let cpu = BertModel::load(&dir, device).unwrap();
+    let cpu = BertModel::load(&dir, CpuBackend::default()).unwrap();
+    let cpu_name = cpu.device_name();
     let t = Instant::now();
-    let mut cl = OpenClBert::load(&dir, index, &KernelSource::Embedded).unwrap();
+    let cl = BertModel::load(&dir, OpenClBackend::open(index, &KernelSource::Embedded).unwrap()).unwrap();
     println!("OpenCL load (weights + kernel builds): {:.2} s on {}", t.elapsed().as_secs_f64(), cl.device_name());
     let tok = EncoderTokenizer::from_file(&dir.join("tokenizer.json"), 256).unwrap();
     let sentences = synthetic_sentences(&tok, count);
@@ -40,7 +37,7 @@ fn main() {
     let warm: Vec<&[u32]> = sentences.iter().take(32).map(Vec::as_slice).collect();
     cl.embed(&warm).unwrap();
     cl.embed(&warm[..1]).unwrap();
-    cpu.embed(&warm);
+    cpu.embed(&warm).unwrap();
 
     let (mut cpu_rates, mut cl_rates) = (Vec::new(), Vec::new());
     for round in 0..3 {
@@ -51,7 +48,7 @@ fn main() {
                 if on_cl {
                     std::hint::black_box(cl.embed(&refs).unwrap());
                 } else {
-                    std::hint::black_box(cpu.embed(&refs));
+                    std::hint::black_box(cpu.embed(&refs).unwrap());
                 }
             }
             let rate = count as f64 / t.elapsed().as_secs_f64();
@@ -69,7 +66,7 @@ fn main() {
     let (mut cpu_ms, mut cl_ms) = (Vec::new(), Vec::new());
     for s in sentences.iter().take(40) {
         let t = Instant::now();
-        std::hint::black_box(cpu.embed(&[s.as_slice()]));
+        std::hint::black_box(cpu.embed(&[s.as_slice()]).unwrap());
         cpu_ms.push(t.elapsed().as_secs_f64() * 1e3);
         let t = Instant::now();
         std::hint::black_box(cl.embed(&[s.as_slice()]).unwrap());

@@ -6,11 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferroserve_kernels::opencl::KernelSource;
-use ferroserve_kernels::{CpuDevice, Device};
+use ferroserve_kernels::{Backend, CpuBackend, OpenClBackend};
 
 use crate::error::{Error, Result};
-use crate::models::bert::{normalize, BertModel, EmbedNumerics};
-use crate::models::bert_opencl::OpenClBert;
+use crate::models::bert::{compare_backends, normalize, BertModel, EmbedNumerics};
 use crate::notify::Notifier;
 use crate::sched::embed_batcher::{self, BatchJob, BatcherConfig, BatcherStats};
 use crate::sched::interactive::{BatchYield, InteractiveLoad, BATCH_MAX_YIELD};
@@ -109,10 +108,10 @@ impl Default for EmbeddingEngineConfig {
     }
 }
 
-/// Sentences embedded on both devices when an OpenCL model loads: a device whose kernels
-/// build but compute something else (a broken driver, flushed denormals gone wrong) is
-/// refused at startup instead of serving wrong vectors. Two sequences of different lengths
-/// in one pass, so the packing is checked too.
+/// Sentences embedded on a model's backend and on the CPU when a model loads on another
+/// backend: a device whose kernels build but compute something else (a broken driver,
+/// flushed denormals gone wrong) is refused at startup instead of serving wrong vectors. Two
+/// sequences of different lengths in one pass, so the packing is checked too.
 const PROBE_TEXTS: [&str; 2] = [
     "A device check: the quick brown fox jumps over the lazy dog.",
     "Embeddings computed on an OpenCL device must match the CPU's, sentence by sentence, to within rounding.",
@@ -120,32 +119,22 @@ const PROBE_TEXTS: [&str; 2] = [
 /// What the end-to-end tests require of the OpenCL device against the reference.
 const PROBE_MIN_COSINE: f64 = 0.9999;
 
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
-    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    dot / (na * nb)
-}
-
-/// Runs [`PROBE_TEXTS`] through the OpenCL runner and the CPU model; an error says which
-/// sentence disagreed and by how much.
-fn probe_opencl(runner: &mut OpenClBert, dir: &Path, tokenizer: &EncoderTokenizer) -> Result<()> {
+/// Runs [`PROBE_TEXTS`] through `model` and through `reference` (the same checkpoint on
+/// another backend); an error says which sentence disagreed and by how much.
+fn probe_backend<A: Backend, R: Backend>(model: &BertModel<A>, reference: &BertModel<R>, tokenizer: &EncoderTokenizer) -> Result<()> {
     let seqs: Vec<Vec<u32>> = PROBE_TEXTS.iter().map(|t| tokenizer.encode(t)).collect::<Result<_>>()?;
     let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-    let got = runner.embed(&refs)?;
-    let cpu = BertModel::load(dir, Arc::new(CpuDevice::new()))?;
-    let want = cpu.embed(&refs);
-    let h = runner.hidden_size();
-    for (i, text) in PROBE_TEXTS.iter().enumerate() {
-        let c = cosine(&got[i * h..(i + 1) * h], &want[i * h..(i + 1) * h]);
-        // Negated on purpose: a NaN cosine (non-finite output) must fail too.
-        #[allow(clippy::neg_cmp_op_on_partial_ord)]
-        if !(c >= PROBE_MIN_COSINE) {
-            return Err(Error::Device(format!(
-                "{} computes embeddings that differ from the CPU's (cosine {c:.6} < {PROBE_MIN_COSINE} on {text:?})",
-                runner.device_name()
-            )));
-        }
+    let agreement = compare_backends(model, reference, &refs)?;
+    let c = agreement.worst_cosine;
+    // Negated on purpose: a NaN cosine (non-finite output) must fail too.
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
+    if !(c >= PROBE_MIN_COSINE) {
+        return Err(Error::Device(format!(
+            "{} computes embeddings that differ from {}'s (cosine {c:.6} < {PROBE_MIN_COSINE} on {:?})",
+            model.device_name(),
+            reference.device_name(),
+            PROBE_TEXTS[agreement.worst_index]
+        )));
     }
     Ok(())
 }
@@ -160,6 +149,32 @@ pub struct EmbeddingEngine {
     notifier: Arc<Notifier<EmbedEvent>>,
     interactive: Arc<InteractiveLoad>,
     stats: Arc<BatcherStats>,
+}
+
+/// What the engine keeps of a model once its batcher thread owns it.
+struct Started {
+    tokenizer: EncoderTokenizer,
+    dim: usize,
+    vocab_size: usize,
+    max_len: usize,
+    device_name: String,
+}
+
+/// Moves `model` onto its batcher thread (one for every backend).
+fn start<B: Backend>(
+    model: BertModel<B>,
+    tokenizer: EncoderTokenizer,
+    cfg: &EmbeddingEngineConfig,
+    rx: mpsc::Receiver<BatchJob>,
+    stats: Arc<BatcherStats>,
+    spawn: impl FnOnce(Box<dyn FnOnce() + Send>) -> Result<()>,
+) -> Result<Started> {
+    let max_len = model.sentence.max_seq_length;
+    let started = Started { tokenizer, dim: model.hidden_size(), vocab_size: model.config.vocab_size, max_len, device_name: model.device_name() };
+    let (bcfg, dim) = (batcher_config(cfg, max_len), started.dim);
+    let yielding = BatchYield::new(Arc::clone(&cfg.interactive), cfg.batch_max_yield);
+    spawn(Box::new(move || embed_batcher::run(rx, bcfg, dim, yielding, &stats, |seqs| model.embed(seqs))))?;
+    Ok(started)
 }
 
 impl EmbeddingEngine {
@@ -180,18 +195,11 @@ impl EmbeddingEngine {
             };
             std::thread::Builder::new().name("ferroserve-embed".into()).spawn(f).map(drop).map_err(|e| Error::Internal(e.to_string()))
         };
-        let (tokenizer, dim, vocab_size, max_len, device_name);
-        match &cfg.device {
+        let started = match &cfg.device {
             DeviceChoice::Cpu => {
-                let device: Arc<dyn Device> = Arc::new(CpuDevice::new());
-                device_name = device.name();
-                let model = BertModel::load_with_numerics(dir, device, cfg.numerics)?;
-                max_len = model.sentence.max_seq_length;
-                tokenizer = EncoderTokenizer::from_file(&dir.join("tokenizer.json"), max_len)?;
-                (dim, vocab_size) = (model.hidden_size(), model.config.vocab_size);
-                let bcfg = batcher_config(&cfg, max_len);
-                let yielding = BatchYield::new(Arc::clone(&cfg.interactive), cfg.batch_max_yield);
-                spawn(Box::new(move || embed_batcher::run(rx, bcfg, dim, yielding, &batcher_stats, |seqs| Ok(model.embed(seqs)))))?;
+                let model = BertModel::load_with_numerics(dir, CpuBackend::default(), cfg.numerics)?;
+                let tokenizer = EncoderTokenizer::from_file(&dir.join("tokenizer.json"), model.sentence.max_seq_length)?;
+                start(model, tokenizer, &cfg, rx, batcher_stats, spawn)?
             }
             DeviceChoice::OpenCl { .. } if cfg.numerics != EmbedNumerics::F32 => {
                 return Err(Error::Device(format!(
@@ -200,17 +208,15 @@ impl EmbeddingEngine {
                 )));
             }
             DeviceChoice::OpenCl { index, kernels } => {
-                let mut runner = OpenClBert::load(dir, *index, kernels)?;
-                device_name = runner.device_name();
-                max_len = runner.sentence.max_seq_length;
-                tokenizer = EncoderTokenizer::from_file(&dir.join("tokenizer.json"), max_len)?;
-                probe_opencl(&mut runner, dir, &tokenizer)?;
-                (dim, vocab_size) = (runner.hidden_size(), runner.config.vocab_size);
-                let bcfg = batcher_config(&cfg, max_len);
-                let yielding = BatchYield::new(Arc::clone(&cfg.interactive), cfg.batch_max_yield);
-                spawn(Box::new(move || embed_batcher::run(rx, bcfg, dim, yielding, &batcher_stats, |seqs| runner.embed(seqs))))?;
+                // The device first: without one, reading 90 MB of weights would be wasted.
+                let backend = OpenClBackend::open(*index, kernels).map_err(|e| Error::Device(e.0))?;
+                let model = BertModel::load(dir, backend)?;
+                let tokenizer = EncoderTokenizer::from_file(&dir.join("tokenizer.json"), model.sentence.max_seq_length)?;
+                probe_backend(&model, &BertModel::load(dir, CpuBackend::default())?, &tokenizer)?;
+                start(model, tokenizer, &cfg, rx, batcher_stats, spawn)?
             }
-        }
+        };
+        let Started { tokenizer, dim, vocab_size, max_len, device_name } = started;
         Ok(Self { tokenizer, dim, vocab_size, max_len, device_name, jobs, notifier, interactive: cfg.interactive, stats })
     }
 

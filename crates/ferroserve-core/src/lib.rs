@@ -19,7 +19,7 @@ pub use embed::{DeviceChoice, EmbedInput, EmbedOutput, EmbeddingEngine, Embeddin
 pub use models::bert::EmbedNumerics;
 pub use engine::{ChatEngine, ChatEvent, Delivery, EngineConfig, EngineStats, FinishReason, SubmitInfo, TokenLogprob, TopLogprob, Usage};
 pub use error::{Error, ErrorKind, Result};
-pub use models::bert_opencl::write_kernel_binaries as write_embedding_kernel_binaries;
+pub use models::bert::write_kernel_binaries as write_embedding_kernel_binaries;
 pub use models::llama::Numerics;
 pub use models::llama_opencl::write_kernel_binaries as write_chat_kernel_binaries;
 pub use sample::SamplingParams;

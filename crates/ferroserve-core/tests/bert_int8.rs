@@ -6,11 +6,9 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use ferroserve_core::models::bert::{BertModel, EmbedNumerics, Int8Formats};
 use ferroserve_core::tokenize::bert::EncoderTokenizer;
-use ferroserve_kernels::{CpuDevice, Device, Isa};
+use ferroserve_kernels::{CpuBackend, CpuDevice, Isa};
 
 /// ONNX Runtime int8's own accuracy on these sentences (issue 14): what the opt-in must keep.
 const MIN_COSINE: f64 = 0.9992;
@@ -28,18 +26,17 @@ fn minilm_int8_matches_sentence_transformers_on_every_level() {
             eprintln!("skipping {}: this CPU lacks {}", isa.as_str(), isa.requires());
             continue;
         };
-        let device: Arc<dyn Device> = Arc::new(cpu);
         let model =
-            BertModel::load_with_numerics(&dir, Arc::clone(&device), EmbedNumerics::Int8).unwrap().with_quant_isa(isa.quant_level());
+            BertModel::load_with_numerics(&dir, CpuBackend::new(cpu.clone()), EmbedNumerics::Int8).unwrap().with_quant_isa(isa.quant_level());
         assert_eq!(model.numerics(), EmbedNumerics::Int8);
         let tok = EncoderTokenizer::from_file(&dir.join("tokenizer.json"), model.sentence.max_seq_length).unwrap();
         let ids: Vec<Vec<u32>> = items.iter().map(|it| tok.encode(it["text"].as_str().unwrap()).unwrap()).collect();
         let refs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
-        let batched = model.embed(&refs);
+        let batched = model.embed(&refs).unwrap();
         let h = model.hidden_size();
         let mut worst = 1.0f64;
         for (i, it) in items.iter().enumerate() {
-            let single = model.embed(&[refs[i]]);
+            let single = model.embed(&[refs[i]]).unwrap();
             let row = &batched[i * h..(i + 1) * h];
             // Batch invariance: a sentence's vector never depends on its neighbours.
             assert!(
@@ -62,7 +59,7 @@ fn minilm_int8_matches_sentence_transformers_on_every_level() {
             None => first = Some((isa, batched.clone())),
         }
         if f32_vectors.is_none() {
-            f32_vectors = Some(BertModel::load(&dir, device).unwrap().embed(&refs));
+            f32_vectors = Some(BertModel::load(&dir, CpuBackend::new(cpu)).unwrap().embed(&refs).unwrap());
         }
     }
     // The int8 path really ran: its vectors are not the f32 path's.
@@ -92,7 +89,6 @@ fn int8_format_choices() {
     let choices = std::env::var("INT8_FORMATS").unwrap_or_else(|_| {
         "f32,q8_0,q5_1,q5_0,q4_1,q4_0,q8_0/q8_0/q5_1/q5_1,q5_1/q5_1/q8_0/q8_0,q8_0/q8_0/q8_0/q5_1,q8_0/q8_0/q5_1/q8_0,f32/f32/q8_0/q8_0,q8_0/q8_0/f32/f32".into()
     });
-    let device: Arc<dyn Device> = Arc::new(CpuDevice::new());
     for choice in choices.split(',') {
         let formats = match choice {
             "f32" => None,
@@ -104,11 +100,11 @@ fn int8_format_choices() {
                 }
             },
         };
-        let model = BertModel::load_with_formats(&dir, Arc::clone(&device), formats).unwrap();
+        let model = BertModel::load_with_formats(&dir, CpuBackend::default(), formats).unwrap();
         let tok = EncoderTokenizer::from_file(&dir.join("tokenizer.json"), model.sentence.max_seq_length).unwrap();
         let ids: Vec<Vec<u32>> = items.iter().map(|it| tok.encode(it["text"].as_str().unwrap()).unwrap()).collect();
         let refs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
-        let got = model.embed(&refs);
+        let got = model.embed(&refs).unwrap();
         let h = model.hidden_size();
         let cos: Vec<f64> = items
             .iter()

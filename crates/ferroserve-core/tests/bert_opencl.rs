@@ -5,15 +5,13 @@
 mod common;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use ferroserve_core::embed::DeviceChoice;
 use ferroserve_core::models::bert::BertModel;
-use ferroserve_core::models::bert_opencl::OpenClBert;
 use ferroserve_core::tokenize::bert::EncoderTokenizer;
 use ferroserve_core::{EmbeddingEngine, EmbeddingEngineConfig, ErrorKind};
 use ferroserve_kernels::opencl::{list_devices, KernelSource};
-use ferroserve_kernels::{CpuDevice, Device};
+use ferroserve_kernels::{CpuBackend, OpenClBackend};
 
 struct Fixture {
     texts: Vec<String>,
@@ -35,14 +33,14 @@ fn opencl_embeddings_match_cpu_and_reference_and_are_batch_invariant() {
     let _serial = common::opencl_serial();
     let Some(index) = common::opencl_device().map(|d| d.index) else { return };
     let dir = common::minilm_dir();
-    let mut cl = OpenClBert::load(&dir, index, &KernelSource::Embedded).unwrap();
-    let cpu = BertModel::load(&dir, Arc::new(CpuDevice::new()) as Arc<dyn Device>).unwrap();
+    let cl = BertModel::load(&dir, OpenClBackend::open(index, &KernelSource::Embedded).unwrap()).unwrap();
+    let cpu = BertModel::load(&dir, CpuBackend::default()).unwrap();
     let fx = fixture(&dir, cl.sentence.max_seq_length);
     let refs: Vec<&[u32]> = fx.ids.iter().map(Vec::as_slice).collect();
     let h = cl.hidden_size();
 
     let batched = cl.embed(&refs).unwrap();
-    let cpu_batched = cpu.embed(&refs);
+    let cpu_batched = cpu.embed(&refs).unwrap();
     assert_eq!(batched.len(), refs.len() * h);
     let (mut worst_cpu, mut worst_ref) = (1.0f64, 1.0f64);
     for (i, text) in fx.texts.iter().enumerate() {
@@ -73,24 +71,24 @@ fn precompiled_binaries_give_the_same_bits_and_missing_ones_are_a_clear_error() 
     let _serial = common::opencl_serial();
     let Some(index) = common::opencl_device().map(|d| d.index) else { return };
     let dir = common::minilm_dir();
-    let mut from_source = OpenClBert::load(&dir, index, &KernelSource::Embedded).unwrap();
+    let from_source = BertModel::load(&dir, OpenClBackend::open(index, &KernelSource::Embedded).unwrap()).unwrap();
     let bin_dir = std::env::temp_dir().join(format!("ferroserve-kernel-binaries-{}", std::process::id()));
     std::fs::create_dir_all(&bin_dir).unwrap();
     let written = from_source.save_kernel_binaries(&bin_dir).unwrap();
     assert_eq!(written.len(), 5, "{written:?}");
-    let mut from_binaries = OpenClBert::load(&dir, index, &KernelSource::Binaries(bin_dir.clone())).unwrap();
+    let from_binaries = BertModel::load(&dir, OpenClBackend::open(index, &KernelSource::Binaries(bin_dir.clone())).unwrap()).unwrap();
     let fx = fixture(&dir, from_source.sentence.max_seq_length);
     let refs: Vec<&[u32]> = fx.ids.iter().map(Vec::as_slice).collect();
     assert_eq!(from_source.embed(&refs).unwrap(), from_binaries.embed(&refs).unwrap());
 
     // One binary missing: refused with the file it looked for, not a panic.
     std::fs::remove_file(bin_dir.join("mean_pool_f32.bin")).unwrap();
-    let err = OpenClBert::load(&dir, index, &KernelSource::Binaries(bin_dir.clone())).err().expect("a missing binary must fail");
+    let err = BertModel::load(&dir, OpenClBackend::open(index, &KernelSource::Binaries(bin_dir.clone())).unwrap()).err().expect("a missing binary must fail");
     assert_eq!(err.kind(), ErrorKind::Device);
     assert!(err.to_string().contains("mean_pool_f32.bin"), "{err}");
     // A file that is not a program binary: the driver's refusal, as an error.
     std::fs::write(bin_dir.join("mean_pool_f32.bin"), b"not a program binary").unwrap();
-    let err = OpenClBert::load(&dir, index, &KernelSource::Binaries(bin_dir.clone())).err().expect("a corrupt binary must fail");
+    let err = BertModel::load(&dir, OpenClBackend::open(index, &KernelSource::Binaries(bin_dir.clone())).unwrap()).err().expect("a corrupt binary must fail");
     assert_eq!(err.kind(), ErrorKind::Device, "{err}");
     std::fs::remove_dir_all(&bin_dir).unwrap();
 }

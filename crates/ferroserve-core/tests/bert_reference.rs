@@ -3,11 +3,9 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use ferroserve_core::models::bert::BertModel;
 use ferroserve_core::tokenize::bert::EncoderTokenizer;
-use ferroserve_kernels::{CpuDevice, Device, Isa};
+use ferroserve_kernels::{CpuBackend, CpuDevice, Isa};
 
 #[test]
 fn minilm_matches_sentence_transformers() {
@@ -18,8 +16,7 @@ fn minilm_matches_sentence_transformers() {
             eprintln!("skipping {}: this CPU lacks {}", isa.as_str(), isa.requires());
             continue;
         };
-        let device: Arc<dyn Device> = Arc::new(cpu);
-        let model = BertModel::load(&dir, device).unwrap();
+        let model = BertModel::load(&dir, CpuBackend::new(cpu)).unwrap();
         let tok = EncoderTokenizer::from_file(&dir.join("tokenizer.json"), model.sentence.max_seq_length).unwrap();
         assert_eq!(tok.max_len(), 256);
         let ids: Vec<Vec<u32>> = items.iter().map(|it| tok.encode(it["text"].as_str().unwrap()).unwrap()).collect();
@@ -28,12 +25,12 @@ fn minilm_matches_sentence_transformers() {
         }
         // All at once (one packed batch) and one by one must both match, and each other.
         let refs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
-        let batched = model.embed(&refs);
+        let batched = model.embed(&refs).unwrap();
         let h = model.hidden_size();
         let mut worst = 1.0f64;
         for (i, it) in items.iter().enumerate() {
             let want: Vec<f64> = it["embedding"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
-            let single = model.embed(&[refs[i]]);
+            let single = model.embed(&[refs[i]]).unwrap();
             let c = common::cosine(&batched[i * h..(i + 1) * h], &want);
             worst = worst.min(c).min(common::cosine(&single, &want));
             assert!(c >= 0.9999, "{isa:?}: cosine {c} for {:?}", it["text"]);

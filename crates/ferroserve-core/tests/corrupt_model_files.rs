@@ -4,11 +4,10 @@
 mod common;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use ferroserve_core::models::bert::BertModel;
 use ferroserve_core::models::llama::LlamaModel;
-use ferroserve_kernels::cpu::CpuDevice;
+use ferroserve_kernels::CpuBackend;
 
 /// A scratch folder removed on drop.
 struct TempDir(PathBuf);
@@ -32,7 +31,7 @@ const BERT_CONFIG: &str = r#"{"hidden_size": 32, "num_hidden_layers": 1, "num_at
 fn bert_error(tag: &str, config: &str) -> String {
     let dir = TempDir::new(tag);
     std::fs::write(dir.0.join("config.json"), config).unwrap();
-    match BertModel::load(&dir.0, Arc::new(CpuDevice::new())) {
+    match BertModel::load(&dir.0, CpuBackend::default()) {
         Ok(_) => panic!("{tag}: a folder without weights loaded"),
         Err(e) => e.to_string(),
     }
@@ -82,7 +81,7 @@ fn an_absurd_layer_count_is_a_missing_tensor_not_an_abort() {
     let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(source.join("config.json")).unwrap()).unwrap();
     config["num_hidden_layers"] = serde_json::json!(1u64 << 50);
     std::fs::write(dir.0.join("config.json"), config.to_string()).unwrap();
-    let err = match BertModel::load(&dir.0, Arc::new(CpuDevice::new())) {
+    let err = match BertModel::load(&dir.0, CpuBackend::default()) {
         Ok(_) => panic!("2^50 layers loaded"),
         Err(e) => e.to_string(),
     };

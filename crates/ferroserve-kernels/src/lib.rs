@@ -1,14 +1,19 @@
-//! The `Device` trait — every op the models need — and its implementations.
+//! Compute backends and the kernels behind them.
 //!
-//! Model code (in `ferroserve-core`) is written against [`Device`] only, so the same
-//! model runs on the native CPU kernels ([`cpu::CpuDevice`]). Tensors are plain row-major
-//! `f32` slices; weights that a device wants in its own layout are prepared once at load
-//! time ([`Device::pack_linear`]).
+//! Models (in `ferroserve-core`) are written once against the [`Backend`] trait
+//! ([`backend`]): device-resident buffers and ops that only enqueue into buffers the caller
+//! owns. [`CpuBackend`] runs the native CPU kernels ([`cpu`], [`quant`]) over `Vec`s;
+//! [`OpenClBackend`] runs the OpenCL kernels ([`opencl`]) over device buffers, so a pass
+//! crosses to the host only for its inputs and its result. So far the BERT encoder is
+//! written this way (`BertModel<B>`); the llama decoder still has a CPU model and an OpenCL
+//! runner of its own (`opencl::ops::LlamaKernels`), next to join the trait.
 //!
-//! The OpenCL device ([`opencl`]) is deliberately not a `Device`: host-slice ops would copy
-//! every activation to the device and back between ops. It offers device buffers and
-//! kernel launches instead, and model runners keep a whole forward pass on the device.
+//! [`Device`] is the CPU kernels' host-slice interface (plain row-major `f32` slices,
+//! weights packed once at load by [`Device::pack_linear`]): what [`CpuBackend`] calls, and
+//! what the kernel tests and benches drive directly. It is not a model-facing abstraction:
+//! a host-slice op on another device would copy activations to it and back between ops.
 
+pub mod backend;
 pub mod cpu;
 pub mod isa;
 pub mod kv_layout;
@@ -17,6 +22,7 @@ pub mod quant;
 #[doc(hidden)]
 pub mod testing;
 
+pub use backend::{Backend, BackendError, BackendResult, CpuBackend, OpenClBackend};
 pub use cpu::CpuDevice;
 pub use isa::{Isa, IsaError, QuantLevel};
 
@@ -77,7 +83,7 @@ impl SeqLayout<'_> {
     }
 }
 
-/// Every op the models need. Implementations must be deterministic: the result for one
+/// The CPU kernels over host slices (see the crate docs). Implementations must be deterministic: the result for one
 /// row never depends on which other rows share the call.
 pub trait Device: Send + Sync {
     /// Human-readable name, e.g. `cpu(avx512)`.

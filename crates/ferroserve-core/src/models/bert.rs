@@ -1,11 +1,16 @@
-//! BERT-family sentence encoders (sentence-transformers folders): config, weights,
-//! forward pass over packed variable-length sequences, pooling and normalisation.
+//! BERT-family sentence encoders (sentence-transformers folders): config, weights, and one
+//! forward pass over packed variable-length sequences, pooling and normalisation, written
+//! against the `Backend` trait: `BertModel<CpuBackend>` and `BertModel<OpenClBackend>` run
+//! the same code (kernels/README.md, "A forward pass on one command queue").
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::Mutex;
 
-use ferroserve_kernels::quant::{self, panel_matmul, Panels, Q8Activations, QuantLevel, QuantType};
-use ferroserve_kernels::{Activation, Device, PackedLinear, SeqLayout};
+use ferroserve_kernels::backend::Packing;
+use ferroserve_kernels::opencl::ops::BertKernels;
+use ferroserve_kernels::opencl::{KernelSource, OpenClDevice};
+use ferroserve_kernels::quant::{Panels, QuantLevel, QuantType};
+use ferroserve_kernels::{Activation, Backend, BackendError, CpuBackend, OpenClBackend};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
@@ -42,14 +47,11 @@ fn default_pos() -> String {
     "absolute".into()
 }
 
+
 /// How token vectors become one sentence vector (sentence-transformers' Pooling module).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pooling {
-    Mean,
-    Cls,
-    Max,
-    MeanSqrtLen,
-}
+pub use ferroserve_kernels::backend::Pooling;
+/// L2-normalises in place (a zero vector stays zero).
+pub use ferroserve_kernels::backend::normalize;
 
 /// What the sentence-transformers files say about the pipeline around the encoder.
 #[derive(Debug, Clone)]
@@ -194,50 +196,65 @@ impl Int8Formats {
     }
 }
 
-/// One linear layer `y = act(x · Wᵀ + b)` in the model's numerics.
-enum Linear {
-    F32(PackedLinear),
-    /// Q8_0 panels and the f32 bias (added after the integer matmul).
-    Int8 { panels: Panels, bias: Vec<f32> },
+struct Layer<B: Backend> {
+    qkv: B::Linear,
+    attn_out: B::Linear,
+    attn_ln: (B::Buffer<f32>, B::Buffer<f32>),
+    ffn_in: B::Linear,
+    ffn_out: B::Linear,
+    out_ln: (B::Buffer<f32>, B::Buffer<f32>),
 }
 
-impl Linear {
-    /// Packs `[out, inp]` weights: `F32` for the device's f32 kernels, else quantised to
-    /// `wtype` (round to nearest per 32-block) and repacked into panels.
-    fn pack(device: &dyn Device, wtype: QuantType, (w, b): &(Vec<f32>, Vec<f32>), out: usize, inp: usize) -> Linear {
-        if wtype == QuantType::F32 {
-            return Linear::F32(device.pack_linear(w, out, inp, Some(b)));
-        }
-        let row_bytes = wtype.row_bytes(inp);
-        let mut bytes = vec![0u8; out * row_bytes];
-        for (src, dst) in w.chunks_exact(inp).zip(bytes.chunks_exact_mut(row_bytes)) {
-            quant::quantize_row(wtype, src, dst);
-        }
-        Linear::Int8 { panels: Panels::pack(wtype, &bytes, out, inp), bias: b.clone() }
+/// Per-pass buffers, sized for the largest pass seen so far (grown, never shrunk, so a
+/// steady load allocates nothing per pass). Ops touch only a pass's leading rows.
+struct Scratch<B: Backend> {
+    rows: usize,
+    seqs: usize,
+    tokens: B::Buffer<u32>,
+    positions: B::Buffer<u32>,
+    row_seq: B::Buffer<u32>,
+    seq_offsets: B::Buffer<u32>,
+    x: B::Buffer<f32>,
+    tmp: B::Buffer<f32>,
+    qkv: B::Buffer<f32>,
+    ctx: B::Buffer<f32>,
+    inter: B::Buffer<f32>,
+    pooled: B::Buffer<f32>,
+}
+
+impl<B: Backend> Scratch<B> {
+    fn new(b: &B, c: &BertConfig, rows: usize, seqs: usize) -> std::result::Result<Self, BackendError> {
+        let h = c.hidden_size;
+        Ok(Self {
+            rows,
+            seqs,
+            tokens: b.alloc(rows)?,
+            positions: b.alloc(rows)?,
+            row_seq: b.alloc(rows)?,
+            seq_offsets: b.alloc(seqs + 1)?,
+            x: b.alloc(rows * h)?,
+            tmp: b.alloc(rows * h)?,
+            qkv: b.alloc(rows * 3 * h)?,
+            ctx: b.alloc(rows * h)?,
+            inter: b.alloc(rows * c.intermediate_size)?,
+            pooled: b.alloc(seqs * h)?,
+        })
     }
 }
 
-struct Layer {
-    qkv: Linear,
-    attn_out: Linear,
-    attn_ln: (Vec<f32>, Vec<f32>),
-    ffn_in: Linear,
-    ffn_out: Linear,
-    out_ln: (Vec<f32>, Vec<f32>),
-}
-
-pub struct BertModel {
+/// The encoder on backend `B`: weights resident on the backend since load, one forward pass.
+pub struct BertModel<B: Backend> {
     pub config: BertConfig,
     pub sentence: SentenceConfig,
-    device: Arc<dyn Device>,
-    word_emb: Vec<f32>,
-    pos_emb: Vec<f32>,
-    type0_emb: Vec<f32>,
-    emb_ln: (Vec<f32>, Vec<f32>),
-    layers: Vec<Layer>,
+    backend: B,
+    word_emb: B::Buffer<f32>,
+    pos_emb: B::Buffer<f32>,
+    type0_emb: B::Buffer<f32>,
+    emb_ln: (B::Buffer<f32>, B::Buffer<f32>),
+    layers: Vec<Layer<B>>,
     numerics: EmbedNumerics,
-    /// The quantised kernels' level (int8 numerics); every level gives the same bits.
-    quant_isa: QuantLevel,
+    /// Locked for a whole pass; a model serves one pass at a time (the batcher's thread).
+    scratch: Mutex<Option<Scratch<B>>>,
 }
 
 /// One encoder layer's tensors as the checkpoint stores them: linear weights `[out, in]`
@@ -253,7 +270,7 @@ pub(crate) struct LayerWeights {
 }
 
 /// A sentence-transformers BERT folder, read and checked, device-independent: what
-/// [`BertModel`] (CPU, packed panels) and the OpenCL runner (device buffers) load from.
+/// [`BertModel`] loads onto its backend.
 pub(crate) struct BertCheckpoint {
     pub config: BertConfig,
     pub sentence: SentenceConfig,
@@ -329,25 +346,35 @@ impl BertCheckpoint {
     }
 }
 
-impl BertModel {
-    pub fn load(dir: &Path, device: Arc<dyn Device>) -> Result<Self> {
-        Self::load_with_numerics(dir, device, EmbedNumerics::F32)
+
+fn backend_err(e: BackendError) -> Error {
+    Error::Device(e.0)
+}
+
+impl<B: Backend> BertModel<B> {
+    pub fn load(dir: &Path, backend: B) -> Result<Self> {
+        Self::load_with_numerics(dir, backend, EmbedNumerics::F32)
     }
 
     /// [`BertModel::load`] with the linear layers in `numerics`. Int8 needs the hidden and
     /// intermediate sizes to be whole 32-blocks (MiniLM's 384 and 1536 are).
-    pub fn load_with_numerics(dir: &Path, device: Arc<dyn Device>, numerics: EmbedNumerics) -> Result<Self> {
+    pub fn load_with_numerics(dir: &Path, backend: B, numerics: EmbedNumerics) -> Result<Self> {
         match numerics {
-            EmbedNumerics::F32 => Self::load_with_formats(dir, device, None),
-            EmbedNumerics::Int8 => Self::load_with_formats(dir, device, Some(Int8Formats::DEFAULT)),
+            EmbedNumerics::F32 => Self::load_with_formats(dir, backend, None),
+            EmbedNumerics::Int8 => Self::load_with_formats(dir, backend, Some(Int8Formats::DEFAULT)),
         }
     }
 
     /// [`BertModel::load`] with int8 numerics in the given weight formats (`None`: f32).
-    pub fn load_with_formats(dir: &Path, device: Arc<dyn Device>, formats: Option<Int8Formats>) -> Result<Self> {
+    /// The backend is opened before (an OpenCL device that does not exist fails before 90 MB
+    /// of weights are read).
+    pub fn load_with_formats(dir: &Path, mut backend: B, formats: Option<Int8Formats>) -> Result<Self> {
         let numerics = if formats.is_some() { EmbedNumerics::Int8 } else { EmbedNumerics::F32 };
         let [f_qkv, f_attn_out, f_ffn_in, f_ffn_out] = formats.map_or([QuantType::F32; 4], |f| f.0);
         let ck = BertCheckpoint::load(dir)?;
+        if !backend.supports_pooling(ck.sentence.pooling) {
+            return Err(Error::Device(format!("{:?} pooling is not implemented on {}", ck.sentence.pooling, backend.name())));
+        }
         let (h, i) = (ck.config.hidden_size, ck.config.intermediate_size);
         // Each quantised layer's rows must be whole blocks of its format (MiniLM's 384 and
         // 1536 are whole 32-blocks).
@@ -359,38 +386,35 @@ impl BertModel {
                 ));
             }
         }
-        let pack = |wb: &(Vec<f32>, Vec<f32>), wtype: QuantType, out: usize, inp: usize| Linear::pack(&*device, wtype, wb, out, inp);
-        let layers = ck
-            .layers
-            .into_iter()
-            .map(|l| Layer {
-                qkv: pack(&l.qkv, f_qkv, 3 * h, h),
-                attn_out: pack(&l.attn_out, f_attn_out, h, h),
-                attn_ln: l.attn_ln,
-                ffn_in: pack(&l.ffn_in, f_ffn_in, i, h),
-                ffn_out: pack(&l.ffn_out, f_ffn_out, h, i),
-                out_ln: l.out_ln,
-            })
-            .collect();
+        backend.prepare_encoder(h / ck.config.num_attention_heads).map_err(backend_err)?;
+        let b = &backend;
+        let pack = |(w, bias): &(Vec<f32>, Vec<f32>), wtype: QuantType, out: usize, inp: usize| b.pack_linear(w, bias, out, inp, wtype).map_err(backend_err);
+        let up = |v: Vec<f32>| b.upload(v).map_err(backend_err);
+        let pair = |(a, c): (Vec<f32>, Vec<f32>)| -> Result<(B::Buffer<f32>, B::Buffer<f32>)> { Ok((up(a)?, up(c)?)) };
+        let mut layers = Vec::with_capacity(ck.layers.len());
+        for l in ck.layers {
+            layers.push(Layer {
+                qkv: pack(&l.qkv, f_qkv, 3 * h, h)?,
+                attn_out: pack(&l.attn_out, f_attn_out, h, h)?,
+                attn_ln: pair(l.attn_ln)?,
+                ffn_in: pack(&l.ffn_in, f_ffn_in, i, h)?,
+                ffn_out: pack(&l.ffn_out, f_ffn_out, h, i)?,
+                out_ln: pair(l.out_ln)?,
+            });
+        }
+        let (word_emb, pos_emb, type0_emb, emb_ln) = (up(ck.word_emb)?, up(ck.pos_emb)?, up(ck.type0_emb)?, pair(ck.emb_ln)?);
         Ok(Self {
             config: ck.config,
             sentence: ck.sentence,
-            device,
-            word_emb: ck.word_emb,
-            pos_emb: ck.pos_emb,
-            type0_emb: ck.type0_emb,
-            emb_ln: ck.emb_ln,
+            backend,
+            word_emb,
+            pos_emb,
+            type0_emb,
+            emb_ln,
             layers,
             numerics,
-            quant_isa: QuantLevel::selected(),
+            scratch: Mutex::new(None),
         })
-    }
-
-    /// Runs the int8 matmuls on `isa` instead of the process-wide level (tests compare the
-    /// levels; `isa` must be supported by this CPU).
-    pub fn with_quant_isa(mut self, isa: QuantLevel) -> Self {
-        self.quant_isa = isa;
-        self
     }
 
     pub fn numerics(&self) -> EmbedNumerics {
@@ -401,134 +425,156 @@ impl BertModel {
         self.config.hidden_size
     }
 
+    /// The backend's name, e.g. `cpu(avx2)` or `opencl:0(...)`.
+    pub fn device_name(&self) -> String {
+        self.backend.name()
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
     /// Sentence vectors `[seqs.len(), hidden]` for already-tokenized sequences (with
     /// special tokens, each at most `max_seq_length` long, ids < vocab size).
     ///
-    /// The whole pass runs as one job on a rayon worker: called from a thread outside the
-    /// pool (the batcher), each of the ≈ 30 parallel sections of a pass would otherwise be
-    /// injected from outside and waited for on a latch, a cross-thread wake-up and a sleep
-    /// of the caller every time (≈ 500 context switches per short sentence; see
-    /// bench/NOTES.md). Inside the pool, sections fork on the worker's own deque.
-    pub fn embed(&self, seqs: &[&[u32]]) -> Vec<f32> {
-        // `rayon::scope` runs its body on a worker of the global pool (in place if the
-        // caller already is one); no tasks are spawned into the scope itself.
-        rayon::scope(|_| self.embed_on_worker(seqs))
+    /// The whole pass runs in [`Backend::run_pass`]: on the CPU one job on a rayon worker
+    /// (called from a thread outside the pool, the batcher, each of the ≈ 30 parallel
+    /// sections of a pass would otherwise be injected from outside and waited for on a
+    /// latch, ≈ 500 context switches per short sentence; see bench/NOTES.md).
+    pub fn embed(&self, seqs: &[&[u32]]) -> Result<Vec<f32>> {
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.backend.run_pass(|| self.embed_pass(seqs)).map_err(backend_err)
     }
 
-    fn embed_on_worker(&self, seqs: &[&[u32]]) -> Vec<f32> {
-        let h = self.config.hidden_size;
+    fn embed_pass(&self, seqs: &[&[u32]]) -> std::result::Result<Vec<f32>, BackendError> {
+        let (b, c) = (&self.backend, &self.config);
+        let h = c.hidden_size;
+        let rows: usize = seqs.iter().map(|s| s.len()).sum();
+        // The packing indices, built on the host: a pass's only uploads.
+        let mut tokens = Vec::with_capacity(rows);
+        let mut positions = Vec::with_capacity(rows);
+        let mut row_seq = Vec::with_capacity(rows);
         let mut offsets = Vec::with_capacity(seqs.len() + 1);
-        offsets.push(0usize);
-        for s in seqs {
-            offsets.push(offsets.last().unwrap() + s.len());
+        offsets.push(0u32);
+        for (s, seq) in seqs.iter().enumerate() {
+            tokens.extend_from_slice(seq);
+            positions.extend(0..seq.len() as u32);
+            row_seq.extend(std::iter::repeat_n(s as u32, seq.len()));
+            offsets.push(tokens.len() as u32);
         }
-        let layout = SeqLayout { offsets: &offsets };
-        let hidden = self.encode(seqs, &layout);
+        let mut guard = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.as_ref().is_none_or(|sc| sc.rows < rows || sc.seqs < seqs.len()) {
+            let (old_rows, old_seqs) = guard.as_ref().map_or((0, 0), |sc| (sc.rows, sc.seqs));
+            *guard = None; // free the old buffers before allocating larger ones
+            *guard = Some(Scratch::new(b, c, rows.max(old_rows).next_power_of_two(), seqs.len().max(old_seqs).next_power_of_two())?);
+        }
+        let sc = guard.as_mut().expect("scratch allocated above");
+        b.write(&mut sc.tokens, &tokens)?;
+        b.write(&mut sc.positions, &positions)?;
+        b.write(&mut sc.row_seq, &row_seq)?;
+        b.write(&mut sc.seq_offsets, &offsets)?;
+        let Scratch { tokens, positions, row_seq, seq_offsets, x, tmp, qkv, ctx, inter, pooled, .. } = sc;
+        let packing = Packing::<B> { tokens, positions, row_seq, seq_offsets, rows, seqs: seqs.len() };
+        self.encode(&packing, x, tmp, qkv, ctx, inter)?;
+        b.pool(x, &packing, self.sentence.pooling, self.sentence.normalize, pooled, h)?;
         let mut out = vec![0.0f32; seqs.len() * h];
-        for (s, dst) in out.chunks_exact_mut(h).enumerate() {
-            let rows = &hidden[offsets[s] * h..offsets[s + 1] * h];
-            pool(self.sentence.pooling, rows, h, dst);
-            if self.sentence.normalize {
-                normalize(dst);
-            }
-        }
-        out
+        b.read(pooled, &mut out)?;
+        Ok(out)
     }
 
-    /// Token vectors `[total_tokens, hidden]` from the last layer.
-    fn encode(&self, seqs: &[&[u32]], layout: &SeqLayout<'_>) -> Vec<f32> {
-        let c = &self.config;
-        let (h, heads) = (c.hidden_size, c.num_attention_heads);
-        let rows = layout.total_rows();
-        let dev = &*self.device;
-
-        let mut x = vec![0.0f32; rows * h];
-        let mut r = 0;
-        for s in seqs {
-            for (pos, &id) in s.iter().enumerate() {
-                let dst = &mut x[r * h..(r + 1) * h];
-                let word = &self.word_emb[id as usize * h..(id as usize + 1) * h];
-                let posv = &self.pos_emb[pos * h..(pos + 1) * h];
-                for j in 0..h {
-                    dst[j] = word[j] + posv[j] + self.type0_emb[j];
-                }
-                r += 1;
-            }
+    /// Token vectors `[rows, hidden]` from the last layer, into `x`.
+    #[allow(clippy::too_many_arguments)]
+    fn encode(
+        &self,
+        seqs: &Packing<'_, B>,
+        x: &mut B::Buffer<f32>,
+        tmp: &mut B::Buffer<f32>,
+        qkv: &mut B::Buffer<f32>,
+        ctx: &mut B::Buffer<f32>,
+        inter: &mut B::Buffer<f32>,
+    ) -> std::result::Result<(), BackendError> {
+        let (b, c) = (&self.backend, &self.config);
+        let (h, heads, eps, rows) = (c.hidden_size, c.num_attention_heads, c.layer_norm_eps, seqs.rows);
+        b.embedding_lookup(&self.word_emb, &self.pos_emb, &self.type0_emb, seqs, x, h)?;
+        b.layer_norm(x, None, &self.emb_ln.0, &self.emb_ln.1, rows, h, eps)?;
+        for l in &self.layers {
+            b.linear(x, &l.qkv, Activation::None, qkv, rows)?;
+            b.encoder_attention(qkv, seqs, heads, h / heads, ctx)?;
+            b.linear(ctx, &l.attn_out, Activation::None, tmp, rows)?;
+            b.layer_norm(tmp, Some(&*x), &l.attn_ln.0, &l.attn_ln.1, rows, h, eps)?;
+            std::mem::swap(x, tmp);
+            b.linear(x, &l.ffn_in, Activation::Gelu, inter, rows)?;
+            b.linear(inter, &l.ffn_out, Activation::None, tmp, rows)?;
+            b.layer_norm(tmp, Some(&*x), &l.out_ln.0, &l.out_ln.1, rows, h, eps)?;
+            std::mem::swap(x, tmp);
         }
-        dev.add_layer_norm(&mut x, None, h, &self.emb_ln.0, &self.emb_ln.1, c.layer_norm_eps);
-
-        let mut qkv = vec![0.0f32; rows * 3 * h];
-        let mut ctx = vec![0.0f32; rows * h];
-        let mut tmp = vec![0.0f32; rows * h];
-        let mut inter = vec![0.0f32; rows * c.intermediate_size];
-        let mut acts = Q8Activations::new();
-        for layer in &self.layers {
-            self.linear(&mut acts, &x, rows, &layer.qkv, Activation::None, &mut qkv);
-            dev.encoder_attention(&qkv, layout, heads, h / heads, &mut ctx);
-            self.linear(&mut acts, &ctx, rows, &layer.attn_out, Activation::None, &mut tmp);
-            dev.add_layer_norm(&mut tmp, Some(&x), h, &layer.attn_ln.0, &layer.attn_ln.1, c.layer_norm_eps);
-            std::mem::swap(&mut x, &mut tmp);
-            self.linear(&mut acts, &x, rows, &layer.ffn_in, Activation::Gelu, &mut inter);
-            self.linear(&mut acts, &inter, rows, &layer.ffn_out, Activation::None, &mut tmp);
-            dev.add_layer_norm(&mut tmp, Some(&x), h, &layer.out_ln.0, &layer.out_ln.1, c.layer_norm_eps);
-            std::mem::swap(&mut x, &mut tmp);
-        }
-        x
-    }
-
-    /// `y = act(x · Wᵀ + b)` for `rows` rows of `x`.
-    fn linear(&self, acts: &mut Q8Activations, x: &[f32], rows: usize, w: &Linear, act: Activation, y: &mut [f32]) {
-        match w {
-            Linear::F32(w) => self.device.linear(x, rows, w, act, y),
-            Linear::Int8 { panels, bias } => {
-                if rows == 0 {
-                    return;
-                }
-                // Element-wise after the matmul: each output row still depends on its own
-                // input row only (batch invariance).
-                acts.quantize_with_isa(self.quant_isa, x, rows, panels.cols());
-                panel_matmul(self.quant_isa, panels, acts, y);
-                for row in y.chunks_exact_mut(bias.len()) {
-                    row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
-                }
-                match act {
-                    Activation::None => {}
-                    Activation::Gelu => self.device.gelu(y),
-                }
-            }
-        }
+        Ok(())
     }
 }
 
-fn pool(mode: Pooling, rows: &[f32], h: usize, dst: &mut [f32]) {
-    let n = rows.len() / h;
-    match mode {
-        Pooling::Cls => dst.copy_from_slice(&rows[..h]),
-        Pooling::Max => {
-            dst.fill(f32::NEG_INFINITY);
-            for row in rows.chunks_exact(h) {
-                for (d, &v) in dst.iter_mut().zip(row) {
-                    *d = d.max(v);
-                }
-            }
-        }
-        Pooling::Mean | Pooling::MeanSqrtLen => {
-            dst.fill(0.0);
-            for row in rows.chunks_exact(h) {
-                for (d, &v) in dst.iter_mut().zip(row) {
-                    *d += v;
-                }
-            }
-            let div = if mode == Pooling::Mean { n as f32 } else { (n as f32).sqrt() };
-            dst.iter_mut().for_each(|d| *d /= div);
-        }
+impl BertModel<CpuBackend> {
+    /// Runs the int8 matmuls on `isa` instead of the process-wide level (tests compare the
+    /// levels; `isa` must be supported by this CPU).
+    pub fn with_quant_isa(mut self, isa: QuantLevel) -> Self {
+        self.backend.set_quant_level(isa);
+        self
     }
 }
 
-/// L2-normalises in place (a zero vector stays zero).
-pub fn normalize(v: &mut [f32]) {
-    let norm = v.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt() as f32;
-    if norm > 0.0 {
-        v.iter_mut().for_each(|x| *x /= norm);
+impl BertModel<OpenClBackend> {
+    /// Writes the encoder kernels' program binaries for this device to `dir` (for
+    /// `KernelSource::Binaries`).
+    pub fn save_kernel_binaries(&self, dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+        self.backend.save_encoder_binaries(dir).map_err(backend_err)
     }
+}
+
+/// Builds the encoder's kernels for the model in `model_dir` (its head width, from
+/// config.json; no weights are read) on OpenCL device `device_index`, and writes their
+/// program binaries to `out` for `KernelSource::Binaries`.
+pub fn write_kernel_binaries(model_dir: &Path, device_index: usize, out: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let config: BertConfig = read_json(&model_dir.join("config.json"))?;
+    if config.num_attention_heads == 0 || !config.hidden_size.is_multiple_of(config.num_attention_heads) {
+        return Err(Error::model_load(model_dir, "hidden_size is not a multiple of num_attention_heads"));
+    }
+    let cl_err = |e: ferroserve_kernels::opencl::OpenClError| Error::Device(e.to_string());
+    let dev = OpenClDevice::open(device_index).map_err(cl_err)?;
+    let kernels = BertKernels::build(&dev, config.hidden_size / config.num_attention_heads, &KernelSource::Embedded).map_err(cl_err)?;
+    kernels.save_binaries(&dev, out).map_err(cl_err)
+}
+
+/// How far two backends' vectors for the same sequences may differ: the worst cosine, and
+/// the sequence where it was.
+pub struct Agreement {
+    pub worst_cosine: f64,
+    pub worst_index: usize,
+}
+
+/// Embeds `seqs` on two models of the same checkpoint (two backends) and compares them
+/// sequence by sequence (a NaN counts as the worst).
+pub fn compare_backends<A: Backend, C: Backend>(a: &BertModel<A>, b: &BertModel<C>, seqs: &[&[u32]]) -> Result<Agreement> {
+    let (va, vb) = (a.embed(seqs)?, b.embed(seqs)?);
+    let h = a.hidden_size();
+    let mut agreement = Agreement { worst_cosine: 1.0, worst_index: 0 };
+    for i in 0..seqs.len() {
+        let c = cosine(&va[i * h..(i + 1) * h], &vb[i * h..(i + 1) * h]);
+        // Negated on purpose: a NaN cosine (non-finite output) must count as the worst.
+        #[allow(clippy::neg_cmp_op_on_partial_ord)]
+        if !(c >= agreement.worst_cosine) {
+            agreement = Agreement { worst_cosine: c, worst_index: i };
+            if c.is_nan() {
+                break;
+            }
+        }
+    }
+    Ok(agreement)
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
 }

@@ -1,8 +1,7 @@
-//! Models, written against the `Device` trait only; `bert_opencl` and `llama_opencl`
-//! are the device-resident runners for OpenCL (see their headers for why they are not a
-//! `Device`).
+//! Models. `bert` is written once against the `Backend` trait (`BertModel<CpuBackend>`,
+//! `BertModel<OpenClBackend>`); `llama` is still a CPU model with `llama_opencl` as its
+//! device-resident OpenCL runner beside it, until it moves onto the same trait.
 
 pub mod bert;
-pub mod bert_opencl;
 pub mod llama;
 pub mod llama_opencl;

@@ -7,11 +7,13 @@
 //!
 //! Shape: one context, one in-order command queue per device. Kernels come from the
 //! sources embedded at build time ([`sources`]) or from precompiled program binaries (one
-//! per kernel file, for FPGA bitstreams). Buffers live on the device; a model runner
-//! (e.g. `ferroserve-core`'s `OpenClBert`) uploads its weights once and per step enqueues
-//! kernels back to back, reading back only the final result. The host-slice [`crate::Device`]
-//! trait is not implemented here on purpose: every call would copy activations to and from
-//! the device between ops, which is exactly the round trip the OpenCL path exists to avoid.
+//! per kernel file, for FPGA bitstreams). Buffers live on the device; a model uploads its
+//! weights once and per step enqueues kernels back to back, reading back only the final
+//! result: the encoder through [`crate::OpenClBackend`] (`BertModel<OpenClBackend>`), the
+//! llama decoder through `ferroserve-core`'s `OpenClLlama` for now. The host-slice
+//! [`crate::Device`] trait is not implemented here on purpose: every call would copy
+//! activations to and from the device between ops, which is exactly the round trip the
+//! OpenCL path exists to avoid.
 
 pub mod ops;
 pub mod sources;
