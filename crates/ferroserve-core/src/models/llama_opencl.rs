@@ -1,7 +1,8 @@
 //! The llama decoder on an OpenCL device: weights, KV cache and activations resident on the
 //! device, one in-order queue, no host round trip inside a step.
 //!
-//! Why a runner of its own (as `bert_opencl`): the `Device` trait takes host slices, so the
+//! Why a runner of its own (the encoder's moved onto `ferroserve_kernels::Backend`, the
+//! decoder's ops are next): the `Device` trait takes host slices, so the
 //! ≈ 16 ops of each of the 30 layers would each copy the activations over and back. Here the
 //! weights are uploaded once, in their packed GGUF blocks; a step uploads only its index
 //! buffers (tokens, positions, KV slots, block tables, the rows that want logits), enqueues

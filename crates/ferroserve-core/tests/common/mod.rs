@@ -112,7 +112,7 @@ pub fn is_pocl(device: &ferroserve_kernels::opencl::DeviceInfo) -> bool {
 /// time. PoCL 3.1 (Debian 12's) aborts the whole process (`pocl_release_dlhandle_cache:
 /// Assertion ref_count > 0`) when two threads run the same kernels on separate contexts, one
 /// built from source and one loaded from the other's program binaries: 3 of 12 parallel runs
-/// of bert_opencl, none of 8 serial ones, none without the binaries test. Locks around our own
+/// of the bert_opencl tests, none of 8 serial ones, none without the binaries test. Locks around our own
 /// launches did not help (the driver finishes commands on its own threads).
 #[allow(dead_code)]
 pub fn opencl_serial() -> std::sync::MutexGuard<'static, ()> {
