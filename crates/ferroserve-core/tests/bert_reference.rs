@@ -39,3 +39,29 @@ fn minilm_matches_sentence_transformers() {
         assert!(worst >= 0.9999);
     }
 }
+
+#[test]
+fn a_pass_larger_than_the_kept_scratch_gives_each_sequences_bits_and_the_next_pass_too() {
+    // 9 × 256 rows: beyond the 2048 rows of scratch the model keeps between passes, so the
+    // pass grows it and drops it after; the passes around it reuse or regrow it.
+    let dir = common::minilm_dir();
+    let model = BertModel::load(&dir, CpuBackend::new(CpuDevice::new())).unwrap();
+    let h = model.hidden_size();
+    let seqs: Vec<Vec<u32>> = (0..9u32)
+        .map(|s| {
+            let mut ids = vec![101u32];
+            ids.extend((0..254u32).map(|i| 1000 + (i * 7 + s * 13) % 20000));
+            ids.push(102);
+            ids
+        })
+        .collect();
+    let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+    let before = model.embed(&refs[..2]).unwrap();
+    let big = model.embed(&refs).unwrap();
+    let after = model.embed(&refs[..2]).unwrap();
+    assert_eq!(before, after);
+    for (i, seq) in refs.iter().enumerate() {
+        let alone = model.embed(&[seq]).unwrap();
+        assert_eq!(&big[i * h..(i + 1) * h], &alone[..], "sequence {i}");
+    }
+}

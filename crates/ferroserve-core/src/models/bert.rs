@@ -205,8 +205,13 @@ struct Layer<B: Backend> {
     out_ln: (B::Buffer<f32>, B::Buffer<f32>),
 }
 
-/// Per-pass buffers, sized for the largest pass seen so far (grown, never shrunk, so a
-/// steady load allocates nothing per pass). Ops touch only a pass's leading rows.
+/// Per-pass buffers, sized for the largest pass seen so far (grown, so a steady load
+/// allocates nothing per pass; dropped after a pass of more than `KEEP_SCRATCH_ROWS` rows).
+/// Ops touch only a pass's leading rows.
+/// Rows of scratch kept between passes: MiniLM's ≈ 15 KB a row make this ≈ 31 MB, where
+/// keeping a 16k-token batch pass's would hold ≈ 250 MB for the server's life.
+const KEEP_SCRATCH_ROWS: usize = 2048;
+
 struct Scratch<B: Backend> {
     rows: usize,
     seqs: usize,
@@ -481,6 +486,9 @@ impl<B: Backend> BertModel<B> {
         b.pool(x, &packing, self.sentence.pooling, self.sentence.normalize, pooled, h)?;
         let mut out = vec![0.0f32; seqs.len() * h];
         b.read(pooled, &mut out)?;
+        if guard.as_ref().is_some_and(|sc| sc.rows > KEEP_SCRATCH_ROWS) {
+            *guard = None; // a batch job's big pass: its ≈ 15 KB a row are not held after it
+        }
         Ok(out)
     }
 
