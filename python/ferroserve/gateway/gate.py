@@ -4,7 +4,8 @@
 against the key's request limit (with Redis: at `admit`, in the same round trip as the rest;
 shared_limits.py); handlers call `Ticket.admit` once they know the model and the
 prompt's token count (model allow-list, budget, token limit); `Gateway.settle` reconciles the
-actual usage before the response is sent (so its rate-limit headers are current) and
+actual usage before the response is sent (so its rate-limit headers are current; with Redis, an
+error answered before its admission is settled right after its answer, app.py) and
 `Gateway.record` queues the usage record for the store's writer. Limits and budgets are
 counted here in memory, or in Redis when replicas share them (shared_limits.py). An inference request that is
 answered (a body, or a stream to its end) goes through `Ticket.finish`, which waits until its
@@ -384,7 +385,7 @@ class Gateway:
             try:
                 ticket.confirm()
             except ApiError:
-                pass  # refused as well: nothing was counted or reserved for it
+                pass  # refused as well: no tokens or budget were reserved for it
         prompt = fields.get("prompt_tokens", 0)
         completion = fields.get("completion_tokens", 0)
         key = ticket.key
