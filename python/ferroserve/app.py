@@ -522,6 +522,7 @@ class App:
             engines=engines, routing=routing, cache=self.embed_cache, process=_process_gauges(),
             interactive_in_flight=interactive_in_flight(),
             admissions_ahead=gateway.budgets.ahead_verdicts if gateway.budgets is not None else None,
+            admissions_leased=gateway.limiter.leased if gateway.budgets is not None else None,
         ), {}
 
 

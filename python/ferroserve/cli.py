@@ -117,6 +117,7 @@ def _serve(args: argparse.Namespace) -> int:
             database_url=args.database_url,
             pg_async_commit=args.pg_async_commit,
             redis_url=args.redis_url,
+            limit_leases=None if args.limit_leases is None else args.limit_leases == "on",
             files_dir=args.files_dir,
         )
     except ConfigError as exc:
@@ -515,6 +516,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--redis-url", metavar="URL",
         help="count rate-limit windows and budget reservations in this Redis (redis://host:port/0), so "
         "replicas together grant exactly each limit (default: each process counts its own; env FERROSERVE_REDIS_URL)",
+    )
+    serve.add_argument(
+        "--limit-leases", choices=["on", "off"], default=None, type=str.lower,
+        help="with --redis-url: on (default), a replica takes 1/100 of a large limit (>= 200 requests, tokens or "
+        "budget worth two requests per lease) in one round trip and admits from it without one, while a tenth "
+        "of the limit is left; a lease unused at its window's end is not granted to anyone (at most 1%% per "
+        "replica), an idle budget lease goes back within 2 s; off: one Redis script per request, exact to the "
+        "request (env FERROSERVE_LIMIT_LEASES=0)",
     )
     serve.add_argument(
         "--files-dir", metavar="DIR",

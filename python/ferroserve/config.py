@@ -97,6 +97,9 @@ class Settings(msgspec.Struct):
     # Rate-limit windows and budget reservations in Redis, counted across replicas (limits.py);
     # None: each process counts its own.
     redis_url: str | None = None
+    # With Redis: replicas admit from leases of 1/100 of a large limit without a round trip
+    # (shared_limits.py); off: every admission is one Redis script, exact to the request.
+    limit_leases: bool = True
     # Uploaded files, batch inputs and results (None: under data_dir); replicas share one path.
     files_dir: str | None = None
     insecure_no_auth: bool = False
@@ -228,6 +231,7 @@ class ConfigFile(msgspec.Struct, forbid_unknown_fields=True):
     database_url: str | None = None
     pg_async_commit: bool | None = None
     redis_url: str | None = None
+    limit_leases: bool | None = None
     files_dir: str | None = None
     backends: list[BackendSpec] = []
     models: list[FileModel] = []
@@ -512,6 +516,7 @@ def resolve(
     database_url: str | None = None,
     pg_async_commit: bool = False,
     redis_url: str | None = None,
+    limit_leases: bool | None = None,
     files_dir: str | None = None,
 ) -> Settings:
     """Flags (non-None arguments) over environment over the config file over defaults."""
@@ -649,6 +654,10 @@ def resolve(
     if s.pg_async_commit and not s.database_url:
         raise ConfigError("--pg-async-commit applies to a PostgreSQL store: give --database-url too")
     s.redis_url = check_redis_url(redis_url or _env("REDIS_URL") or file.redis_url)
+    env_leases = _env("LIMIT_LEASES")
+    s.limit_leases = limit_leases if limit_leases is not None else (
+        env_leases.lower() not in ("0", "false", "no", "off") if env_leases is not None
+        else file.limit_leases is not False)
     shared_files = files_dir or _env("FILES_DIR") or file.files_dir
     s.files_dir = str(Path(shared_files).expanduser().resolve()) if shared_files else None
     env_no_auth = _env("INSECURE_NO_AUTH")

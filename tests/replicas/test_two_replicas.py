@@ -59,12 +59,12 @@ class Replicas:
         self.servers: list[Server] = []
 
     def start(self, *flags: str) -> Server:
-        # $1 per input token: budget arithmetic in whole dollars. A 30 s window: the RPM test
-        # runs inside one window.
+        # $1 per input token: budget arithmetic in whole dollars. A 120 s window: each limit
+        # test runs inside one window, even on a slow, busy machine.
         srv = Server(["--log-level", "info", "--model", _embedding_model_arg(), "--price", f"{EMBED}=1000000:0",
                       "--database-url", self.database_url, "--redis-url", self.redis_url,
                       "--files-dir", str(self.files_dir), *flags],
-                     env={"FERROSERVE_RATE_WINDOW_S": "30", "FERROSERVE_BATCH_CHUNK_INPUTS": "64"})
+                     env={"FERROSERVE_RATE_WINDOW_S": "120", "FERROSERVE_BATCH_CHUNK_INPUTS": "64"})
         self.servers.append(srv)
         srv.wait_ready()
         return srv
@@ -210,7 +210,8 @@ def _script_calls(redis_url: str) -> int:
 
 def test_a_metered_request_costs_one_redis_round_trip_and_a_full_window_none(replicas):
     # RPM, TPM and a budget: the request's count, tokens and budget reservation are one script.
-    key = _new_key(replicas, "--workspace", "roundtrips", "--rpm", "1000", "--tpm", "100000", "--budget-usd", "100000")
+    # (An RPM under 200 is too small for leases: counted request by request, exactly.)
+    key = _new_key(replicas, "--workspace", "roundtrips", "--rpm", "150", "--tpm", "100000", "--budget-usd", "100000")
 
     def no_model(url: str) -> httpx.Response:
         return httpx.post(url + "/v1/embeddings", headers=auth(key), json={"model": "nope", "input": "x"}, timeout=30)
@@ -220,19 +221,19 @@ def test_a_metered_request_costs_one_redis_round_trip_and_a_full_window_none(rep
     before = _script_calls(replicas.redis_url)
     for i in range(10):
         r = _embed((replicas.a.url, replicas.b.url)[i % 2], key)
-        assert r.status_code == 200 and r.headers["x-ratelimit-remaining-requests"] == str(1000 - 5 - i), r.headers
+        assert r.status_code == 200 and r.headers["x-ratelimit-remaining-requests"] == str(150 - 5 - i), r.headers
     assert _script_calls(replicas.redis_url) - before == 10
     r = no_model(replicas.a.url)
     # Ended before its admission: answered at once, counted right after the answer. Its headers
     # read the window as A last saw it (its request i = 8, the 13th) plus this one.
     assert r.status_code == 404
-    assert r.headers["x-ratelimit-remaining-requests"] == str(1000 - 14)
+    assert r.headers["x-ratelimit-remaining-requests"] == str(150 - 14)
     deadline = time.monotonic() + 2.0
     while _script_calls(replicas.redis_url) - before < 11:
         assert time.monotonic() < deadline, "the 404 was not counted after its answer"
         time.sleep(0.01)
     r = _embed(replicas.b.url, key)  # the count is in Redis: B's next request is the 16th
-    assert r.status_code == 200 and r.headers["x-ratelimit-remaining-requests"] == str(1000 - 16), r.headers
+    assert r.status_code == 200 and r.headers["x-ratelimit-remaining-requests"] == str(150 - 16), r.headers
     assert _script_calls(replicas.redis_url) - before == 12
 
     # A window a replica saw full is refused there without asking Redis, until it ends.
@@ -246,6 +247,57 @@ def test_a_metered_request_costs_one_redis_round_trip_and_a_full_window_none(rep
     assert refused.json()["error"]["code"] == "rate_limit_exceeded" and int(refused.headers["retry-after"]) >= 1
     assert _embed(replicas.b.url, key).status_code == 429
     assert _script_calls(replicas.redis_url) - before == 4
+
+
+def _leased(url: str) -> int:
+    text = httpx.get(url + "/metrics", headers=auth(_ahead.admin), timeout=30).text
+    return int(next(line for line in text.splitlines() if line.startswith("ferroserve_admissions_leased_total ")).split()[1])
+
+
+def test_large_limits_are_admitted_from_leases_never_beyond_the_limit_and_idle_budget_goes_back(replicas):
+    """RPM 300 and a $10,000 budget: each replica takes a lease of 3 requests and $100 in the
+    admission script and admits from it without a round trip while a tenth of the limit is left,
+    then request by request. Both together never grant more than 500, and at most a lease each
+    fewer; an idle replica hands its budget lease back, so Redis's counter is the spend again."""
+    import redis
+
+    _ahead.admin = replicas.admin
+    key = _new_key(replicas, "--workspace", "leasing", "--rpm", "300", "--budget-usd", "10000")
+    a, b = replicas.a.url, replicas.b.url
+    warm = _new_key(replicas, "--workspace", "warming", "--rpm", "10")
+    assert _embed(a, warm).status_code == _embed(b, warm).status_code == 200  # each replica has loaded its scripts
+    leased_before = _leased(a) + _leased(b)
+    scripts_before = _script_calls(replicas.redis_url)
+    first = [_embed((a, b)[i % 2], key) for i in range(48)]
+    assert [r.status_code for r in first] == [200] * 48
+    remaining = [int(r.headers["x-ratelimit-remaining-requests"]) for r in first]
+    # Each replica counts its own unused lease as left, and the other's as used.
+    assert all(300 - 48 - 3 <= n < 300 for n in remaining), remaining
+    scripts = _script_calls(replicas.redis_url) - scripts_before
+    leased = _leased(a) + _leased(b) - leased_before
+    # A script counts its request and takes 3 more: one in four requests goes to Redis.
+    assert scripts == 12 and leased == 36, (scripts, leased)
+
+    targets = itertools.islice(itertools.cycle([a, b]), 300)
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        statuses = [r.status_code for r in pool.map(lambda url: _embed(url, key), targets)]
+    granted = 48 + statuses.count(200)
+    assert 300 - 2 * 3 <= granted <= 300, granted
+    assert statuses.count(429) == 300 - statuses.count(200), set(statuses)
+
+    usage = httpx.get(b + "/v1/usage", headers=auth(key), timeout=30).json()
+    price = first[0].json()["usage"]["prompt_tokens"]  # $1 a token
+    assert usage["total_cost"] == granted * price
+    client = redis.Redis.from_url(replicas.redis_url)
+    try:
+        counter = next(k for k in client.scan_iter("ferroserve:spend:leasing:*"))
+        deadline = time.monotonic() + 8.0
+        while abs(float(client.get(counter)) - granted * price) > 1e-6:
+            assert time.monotonic() < deadline, (
+                f"Redis's counter {client.get(counter)} is not the spend {granted * price} after both replicas idled")
+            time.sleep(0.1)
+    finally:
+        client.close()
 
 
 def test_usage_from_both_replicas_sums_in_v1_usage(replicas):

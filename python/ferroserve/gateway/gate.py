@@ -195,6 +195,13 @@ class Ticket:
             pending = window is not None and window.pending
             if budget is not None or tpm is not None or pending:
                 rpm = key.rpm if key is not None else None
+                leased = gw.budgets.admit_leased(self, budget, estimate, rpm, tpm, prompt_tokens)
+                if leased is not False:  # this replica's leases held all of it: no round trip
+                    self.reservation = leased
+                    if pending:
+                        self.requests_used = window.requests
+                    self.charged_prompt_tokens = prompt_tokens
+                    return
                 admission = gw.budgets.send_admit(self, budget, estimate, gw.spent(self.workspace), rpm, tpm, prompt_tokens,
                                                   ahead)
                 self.admission = admission
@@ -248,7 +255,7 @@ class Gateway:
             from ferroserve.gateway import shared_limits
 
             client = shared_limits.connect(settings.redis_url)
-            self.limiter = shared_limits.SharedRateLimiter(settings.rate_window_s, client)
+            self.limiter = shared_limits.SharedRateLimiter(settings.rate_window_s, client, leases=settings.limit_leases)
             self.budgets = shared_limits.SharedBudgets(client, self.limiter)
         self.metrics = Metrics()
         self._keys: dict[str, ApiKey] = {}  # by the secret's sha256
@@ -281,6 +288,8 @@ class Gateway:
         calls this from `__rsgi_del__`, with the loop stopped), then closes the store."""
         if self.worker is None:
             return
+        if self.budgets is not None:
+            self.budgets.release()  # budget leases back to the other replicas
         writer = self.usage_writer
         if writer is not None:
             for row in writer.close(self._loop):  # only if the loop is gone: the thread writes them

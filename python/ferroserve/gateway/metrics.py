@@ -71,7 +71,8 @@ class Metrics:
 
     def render(self, *, rate_limit_rejections: dict[str, int], usage_queue_depth: int, engines: list[tuple[str, dict]],
                routing: list[tuple] = (), cache=None, process: dict[str, int] | None = None,
-               interactive_in_flight: int = 0, admissions_ahead: dict[str, int] | None = None) -> bytes:
+               interactive_in_flight: int = 0, admissions_ahead: dict[str, int] | None = None,
+               admissions_leased: int | None = None) -> bytes:
         out: list[str] = []
 
         def family(name: str, kind: str, help_: str) -> None:
@@ -106,6 +107,10 @@ class Metrics:
                    "With Redis: requests whose admission was read after their work ran, by Redis's verdict.")
             for verdict, n in sorted(admissions_ahead.items()):
                 out.append(f'ferroserve_admissions_ahead_total{{verdict="{verdict}"}} {n}')
+        if admissions_leased is not None:
+            family("ferroserve_admissions_leased", "counter",
+                   "With Redis: requests admitted from this replica's leases of their limits, without a round trip.")
+            out.append(f"ferroserve_admissions_leased_total {admissions_leased}")
         family("ferroserve_usage_queue_depth", "gauge", "Usage records waiting for their commit (the SQLite writer, or PostgreSQL's usage writer).")
         out.append(f"ferroserve_usage_queue_depth {usage_queue_depth}")
         gauges = (

@@ -22,6 +22,18 @@ right after its answer (app.py). Refusing a client over its RPM before its body 
 for the common case of a flood: a window this replica saw full is refused locally until it ends
 (requests only go up within a window, so that answer cannot be wrong), without a round trip.
 
+Leases (`--limit-leases`, on by default): a replica whose traffic would otherwise pay a round
+trip per request takes, in the same admission script, a lease of 1/LEASE_PARTS of each large
+limit (the key's window requests and tokens, the workspace's budget) while LEASE_ROOM leases'
+worth is left after it, and admits the next requests from what it holds, with no round trip
+(`SharedBudgets.admit_leased`). Leased room is counted in Redis as used, so the replicas
+together never grant more than the limit; near it (less than a tenth left) no lease is given and
+every request is counted alone again. What it costs: room a replica leased and did not use by its
+window's end is granted to nobody (≤ 1 % of the limit per replica and window), and a budget lease
+is handed back after LEASE_IDLE_S idle and at shutdown (a replica killed -9 strands one lease for
+the month). Limits too small for a lease to cover two requests are never leased, so they stay
+exact. A settled request's unreserved cost goes back into the lease (the counter holds both).
+
 The calls are written and read on the event loop through one `Pipe` on the held connection, so
 a command's answer can be read later than it was sent: an embedding's admission is written
 before the model runs and read after (`send_admit`, `finish_admit`), so the round trip hides
@@ -33,6 +45,7 @@ can cost, and then the request gets a 503 instead of an unchecked pass.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import deque
 from typing import TYPE_CHECKING
@@ -48,6 +61,11 @@ if TYPE_CHECKING:
     from ferroserve.gateway.gate import Ticket
 
 _TIMEOUT_S = 1.0
+# Leases (see the module's doc): a lease is 1/LEASE_PARTS of a limit, taken only while
+# LEASE_ROOM leases' worth is left after it; a budget lease unused for LEASE_IDLE_S goes back.
+LEASE_PARTS = 100
+LEASE_ROOM = 10
+LEASE_IDLE_S = 2.0
 # A month's budget counter outlives its month by a few days (late settlements land in it).
 _BUDGET_TTL_S = 40 * 86400
 
@@ -78,7 +96,9 @@ return redis.call('HINCRBY', KEYS[1], 'tokens', ARGV[1])
 # (1/0), now, window length in ms, rpm (-1: none). Returns {what refused ('' when admitted),
 # spent and reserved before this request (a string: Lua numbers would come back truncated to
 # integers), the window's start (a string), requests, tokens}. A window that ended meanwhile
-# (only possible when the request was counted before) counts no tokens.
+# (only possible when the request was counted before) counts no tokens. ARGV[11..14]: a lease
+# of requests, tokens and USD to take as well (0: none) and the room, in leases, that must be left
+# after it; the granted sizes are returned after the counts (`Leases`).
 _ADMIT = """
 local budget, estimate, tpm, prompt = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local count, rpm = tonumber(ARGV[7]), tonumber(ARGV[10])
@@ -107,7 +127,17 @@ if counted then
 end
 if budget >= 0 then redis.call('INCRBYFLOAT', KEYS[1], ARGV[2]) end
 if counted then used = redis.call('HINCRBY', w, 'tokens', prompt) end
-return {'', tostring(spent), started, requests, used}
+local lr, lt, lu, room = tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
+local gr, gt, gu = 0, 0, 0
+if lr > 0 and count == 1 and (rpm < 0 or rpm - requests >= room * lr) then
+    requests, gr = redis.call('HINCRBY', w, 'requests', lr), lr
+end
+if lt > 0 and counted and tpm - used >= room * lt then used, gt = redis.call('HINCRBY', w, 'tokens', lt), lt end
+if lu > 0 and budget >= 0 and budget - spent - estimate >= room * lu then
+    redis.call('INCRBYFLOAT', KEYS[1], ARGV[13])
+    gu = lu
+end
+return {'', tostring(spent), started, requests, used, gr, gt, tostring(gu)}
 """
 
 
@@ -266,10 +296,29 @@ class SharedWindow(Window):
         self.key, self.requests, self.tokens, self.pending = key, requests, tokens, pending
 
 
+class WindowLease:
+    """Requests and tokens of one window of a key, taken from Redis by this replica and not yet
+    used; `requests`/`tokens` are the window's counts in Redis as of the lease's last refill
+    (they include every replica's leases)."""
+
+    __slots__ = ("started", "left_requests", "left_tokens", "requests", "tokens")
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.left_requests = self.left_tokens = self.requests = self.tokens = 0
+
+    def view(self, w: SharedWindow) -> None:
+        """`w` as this replica can tell: Redis's counts less what this replica holds unused."""
+        w.started, w.requests, w.tokens = self.started, self.requests - self.left_requests, self.tokens - self.left_tokens
+
+
 class SharedRateLimiter(RateLimiter):
-    def __init__(self, window_s: float, client: redis.Redis) -> None:
+    def __init__(self, window_s: float, client: redis.Redis, leases: bool = True) -> None:
         super().__init__(window_s)
         self.client = client
+        # Window leases held, by Redis key (`SharedBudgets.admit_leased`); None: leases off.
+        self.leases: dict[str, WindowLease] | None = {} if leases else None
+        self.leased = 0  # requests admitted from a lease, without a round trip
         self.pipe = Pipe(client)
         self._admit_request = Script(self.pipe, _ADMIT_REQUEST)
         self._add_tokens = Script(self.pipe, _ADD_TOKENS)
@@ -286,7 +335,7 @@ class SharedRateLimiter(RateLimiter):
         headers of an answer given before the count say)."""
         key = f"ferroserve:rate:{key_id}"
         full = self._full.get(key)
-        if full is not None:
+        if full is not None and self.lease(key, now, requests=1) is None:
             if now >= full.started + self.window_s:
                 del self._full[key]
             elif rpm is not None and full.requests >= rpm:
@@ -295,6 +344,40 @@ class SharedRateLimiter(RateLimiter):
         if last is None:
             return SharedWindow(key, now, 1, 0, pending=True)
         return SharedWindow(key, last.started, last.requests + 1, last.tokens, pending=True)
+
+    def lease(self, key: str, now: float, requests: int = 0, tokens: int = 0) -> WindowLease | None:
+        """This replica's lease of the window at `key`, if it holds that many requests and tokens
+        unused and its window has not ended."""
+        leases = self.leases
+        if not leases:
+            return None
+        lease = leases.get(key)
+        if lease is None:
+            return None
+        if now >= lease.started + self.window_s:  # the window ended: its lease went with it
+            del leases[key]
+            return None
+        return lease if lease.left_requests >= requests and lease.left_tokens >= tokens else None
+
+    def refill(self, key: str, started: float, requests: int, tokens: int, granted_requests: int,
+               granted_tokens: int) -> WindowLease | None:
+        """Adds what an admission script granted to the lease of the window at `key` (a new
+        window's lease replaces an ended one's); the lease, or None if there is none."""
+        leases = self.leases
+        if leases is None:
+            return None
+        lease = leases.get(key)
+        if granted_requests or granted_tokens:
+            if lease is None or lease.started != started:
+                lease = leases[key] = WindowLease(started)
+                if len(leases) > 10_000:  # keys that stopped sending: drop the oldest (unused room expires with its window)
+                    del leases[next(iter(leases))]
+            lease.left_requests += granted_requests
+            lease.left_tokens += granted_tokens
+        if lease is None or lease.started != started:
+            return None
+        lease.requests, lease.tokens = requests, tokens
+        return lease
 
     def current(self, key: str, now: float) -> SharedWindow | None:
         """The last snapshot of the window at `key`, if that window has not ended."""
@@ -322,6 +405,12 @@ class SharedRateLimiter(RateLimiter):
         counted if the window was full, as a refused request is not."""
         assert isinstance(w, SharedWindow)
         w.pending = False
+        lease = self.lease(w.key, now, requests=1)
+        if lease is not None:
+            lease.left_requests -= 1
+            lease.view(w)
+            self.leased += 1
+            return
         try:
             ok, started, requests, tokens, _ = self._admit_request(
                 keys=[w.key], args=[repr(now), int(self.window_s * 1000), -1 if rpm is None else rpm, -1 if tpm is None else tpm])
@@ -334,6 +423,11 @@ class SharedRateLimiter(RateLimiter):
     def add_tokens(self, w: Window, tokens: int) -> None:
         assert isinstance(w, SharedWindow)
         if not tokens:
+            return
+        lease = self.lease(w.key, time.time(), tokens=max(tokens, 0))
+        if lease is not None:  # from the lease (or back into it, when the prompt was over-counted)
+            lease.left_tokens -= tokens
+            w.tokens = lease.tokens - lease.left_tokens
             return
         try:
             w.tokens = int(self._add_tokens(keys=[w.key], args=[tokens]))
@@ -354,6 +448,16 @@ class Admission:
         self.rpm, self.tpm, self.prompt_tokens, self.count, self.now, self.ahead = rpm, tpm, prompt_tokens, count, now, ahead
 
 
+class BudgetLease:
+    """USD of a workspace's month, reserved in Redis by this replica and not yet spent."""
+
+    __slots__ = ("usd", "used_at")
+
+    def __init__(self, now: float) -> None:
+        self.usd = 0.0
+        self.used_at = now
+
+
 class SharedBudgets:
     def __init__(self, client: redis.Redis, limiter: SharedRateLimiter) -> None:
         self.client = client
@@ -365,6 +469,9 @@ class SharedBudgets:
         # Admissions in flight behind their work, by window key and by budget counter.
         self._ahead: dict[str, int] = {}
         self.ahead_verdicts = {"admitted": 0, "refused": 0}
+        # Budget leases held, by counter (None: leases off), and whether a sweep is scheduled.
+        self.leases: dict[str, BudgetLease] | None = {} if limiter.leases is not None else None
+        self._sweeping = False
 
     @staticmethod
     def counter(workspace: str, now: float) -> str:
@@ -377,6 +484,56 @@ class SharedBudgets:
         (requests or tokens) or 402 (budget), reserving nothing then. Returns the reservation
         (counter, USD) for `settle`, None without a budget."""
         return self.finish_admit(self.send_admit(ticket, budget, estimate_usd, spent_in_database, rpm, tpm, prompt_tokens))
+
+    def admit_leased(self, ticket: Ticket, budget: float | None, estimate_usd: float, rpm: int | None,
+                     tpm: int | None, prompt_tokens: int) -> tuple[str, float] | None | bool:
+        """`admit` from this replica's leases, without a round trip: False unless they hold
+        everything the request needs (its count, its prompt's tokens, its worst-case cost);
+        else the reservation, as `admit` returns it."""
+        if self.leases is None:
+            return False
+        now = time.time()
+        limiter = self.limiter
+        window = ticket.window
+        shared = window if isinstance(window, SharedWindow) else None
+        count = shared is not None and shared.pending
+        tokens = prompt_tokens if tpm is not None and shared is not None else 0
+        lease = None
+        if count or tokens:
+            lease = limiter.lease(shared.key, now, requests=int(count), tokens=tokens)
+            if lease is None:
+                return False
+        held = None
+        counter = ""
+        if budget is not None:
+            counter = self.counter(ticket.workspace or "", now)
+            held = self.leases.get(counter)
+            if held is None or held.usd < estimate_usd:
+                return False
+            held.usd -= estimate_usd
+            held.used_at = now
+        if lease is not None:
+            lease.left_requests -= int(count)
+            lease.left_tokens -= tokens
+            shared.pending = False
+            lease.view(shared)
+        limiter.leased += 1
+        return (counter, estimate_usd) if budget is not None else None
+
+    def _lease_sizes(self, count: bool, budget: float | None, estimate_usd: float, rpm: int | None, tpm: int | None,
+                     prompt_tokens: int) -> tuple[int, int, float]:
+        """The leases an admission script should take along (requests, tokens, USD): each 1/LEASE_PARTS
+        of its limit, all or none, and none unless each would last for at least two requests like
+        this one (small limits are counted one request at a time, exactly)."""
+        if self.leases is None:
+            return 0, 0, 0.0
+        requests = (rpm // LEASE_PARTS if rpm is not None else LEASE_PARTS) if count else 0
+        tokens = tpm // LEASE_PARTS if tpm is not None else 0
+        usd = budget / LEASE_PARTS if budget is not None else 0.0
+        if (count and requests < 2) or (tpm is not None and tokens < 2 * max(prompt_tokens, 1)) or (
+                budget is not None and usd < 2 * estimate_usd):
+            return 0, 0, 0.0
+        return requests, tokens, usd
 
     def send_admit(self, ticket: Ticket, budget: float | None, estimate_usd: float, spent_in_database: float,
                    rpm: int | None, tpm: int | None, prompt_tokens: int, ahead: bool = False) -> Admission:
@@ -397,11 +554,14 @@ class SharedBudgets:
             if slot is not None:
                 for k in slot:
                     self._ahead[k] = self._ahead.get(k, 0) + 1
+        lease_requests, lease_tokens, lease_usd = self._lease_sizes(count, budget, estimate_usd, rpm,
+                                                                    tpm if shared is not None else None, prompt_tokens)
         call = self._admit.send(
             keys=[counter, shared.key if shared is not None else ""],
             args=[-1 if budget is None else repr(budget), repr(estimate_usd), repr(spent_in_database), _BUDGET_TTL_S,
                   -1 if tpm is None else tpm, prompt_tokens, int(count), repr(now),
-                  int(self.limiter.window_s * 1000), -1 if rpm is None else rpm])
+                  int(self.limiter.window_s * 1000), -1 if rpm is None else rpm,
+                  lease_requests, lease_tokens, repr(lease_usd), LEASE_ROOM])
         return Admission(call, ticket, counter, budget, estimate_usd, rpm, tpm, prompt_tokens, count, now, slot)
 
     def _room(self, shared: SharedWindow | None, counter: str, budget: float | None, estimate_usd: float,
@@ -436,25 +596,34 @@ class SharedBudgets:
                 del self._ahead[k]
         ticket, budget, rpm, tpm, now = a.ticket, a.budget, a.rpm, a.tpm, a.now
         try:
-            refused, spent, started, requests, used = self._admit.result(a.call)
+            refused, spent, started, requests, used, *granted = self._admit.result(a.call)
         except redis.RedisError as exc:
             raise unavailable(exc) from None
+        granted_requests, granted_tokens, granted_usd = (int(granted[0]), int(granted[1]), float(granted[2])) if granted \
+            else (0, 0, 0.0)
         if a.ahead is not None:
             self.ahead_verdicts["refused" if refused else "admitted"] += 1
         limiter = self.limiter
         window = ticket.window
         if budget is not None:
-            self._spent[a.counter] = float(spent) + (a.estimate_usd if not refused else 0.0)
+            self._spent[a.counter] = float(spent) + (a.estimate_usd + granted_usd if not refused else 0.0)
             if len(self._spent) > 10_000:
                 del self._spent[next(iter(self._spent))]
+            if granted_usd:
+                self._hold(a.counter, granted_usd, now)
+        lease = None
+        if isinstance(window, SharedWindow) and (a.count or tpm is not None):
+            lease = limiter.refill(window.key, float(started), int(requests), int(used), granted_requests, granted_tokens)
         if isinstance(window, SharedWindow) and a.count:
             window.pending = False
             window.started, window.requests, window.tokens = float(started), int(requests), int(used)
             limiter.seen(window, rpm)
             if refused in (b"requests", b"window_tokens"):  # (the ticket adds the rate-limit headers)
                 limiter._reject("requests" if refused == b"requests" else "tokens", window, now)
+            if lease is not None:  # the headers: what this replica holds unused is not used
+                lease.view(window)
         elif tpm is not None and window is not None:
-            window.tokens = int(used)
+            window.tokens = int(used) - (lease.left_tokens if lease is not None else 0)
         if refused == b"budget":
             raise budget_exceeded(ticket.workspace, budget, float(spent), a.estimate_usd)
         if refused == b"tokens":
@@ -463,9 +632,15 @@ class SharedBudgets:
 
     def settle(self, counter: str, reserved_usd: float, cost_usd: float) -> None:
         """Replaces the reservation with the actual cost. Written and not waited for: its
-        answer is read (and a failure logged) with the next call's."""
+        answer is read (and a failure logged) with the next call's. While this replica holds a
+        lease of the counter, the difference goes to (or comes from) the lease instead: Redis's
+        counter holds both, so the sum it guards is the same, and no command is sent."""
         delta = cost_usd - reserved_usd
         if not delta:
+            return
+        held = self.leases.get(counter) if self.leases else None
+        if held is not None and held.usd >= delta:
+            held.usd -= delta
             return
         if self.pipe.send(_pack((b"INCRBYFLOAT", counter, repr(delta))), what="budget not settled") is not None:
             return
@@ -474,3 +649,53 @@ class SharedBudgets:
             self.client.incrbyfloat(counter, delta)
         except redis.RedisError as exc:
             logger.error("redis unavailable: budget not settled", extra={"fields": {"error": type(exc).__name__}})
+
+    def _hold(self, counter: str, usd: float, now: float) -> None:
+        """Adds a granted budget lease, and makes sure an idle one will be handed back."""
+        held = self.leases.get(counter)
+        if held is None:
+            held = self.leases[counter] = BudgetLease(now)
+        held.usd += usd
+        held.used_at = now
+        if not self._sweeping:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # called off the loop (a tool): handed back at `release`
+                return
+            self._sweeping = True
+            loop.call_later(LEASE_IDLE_S, self._sweep)
+
+    def _sweep(self) -> None:
+        """Hands back the budget leases unused for LEASE_IDLE_S (they would keep other replicas
+        from that part of the budget for the rest of the month); runs again while any is held."""
+        self._sweeping = False
+        now = time.time()
+        for counter in [c for c, held in self.leases.items() if now - held.used_at >= LEASE_IDLE_S]:
+            self._return(counter, self.leases.pop(counter).usd)
+        if self.leases:
+            self._sweeping = True
+            asyncio.get_running_loop().call_later(LEASE_IDLE_S, self._sweep)
+
+    def _return(self, counter: str, usd: float) -> None:
+        if usd <= 0:
+            return
+        if self.pipe.send(_pack((b"INCRBYFLOAT", counter, repr(-usd))), what="budget lease not returned") is not None:
+            return
+        try:
+            self.pipe.drain()
+            self.client.incrbyfloat(counter, -usd)
+        except redis.RedisError as exc:
+            logger.error("redis unavailable: budget lease not returned", extra={"fields": {"error": type(exc).__name__}})
+
+    def release(self) -> None:
+        """Hands back every budget lease and waits for Redis's answers (the server is stopping).
+        A window's lease is not handed back: it ends with its window, within a minute."""
+        if not self.leases:
+            return
+        for counter, held in list(self.leases.items()):
+            self._return(counter, held.usd)
+        self.leases.clear()
+        try:
+            self.pipe.drain()
+        except redis.RedisError:
+            pass
