@@ -17,6 +17,8 @@ rounds rotating the modes' order. Modes (`--modes`, default the first three):
 - `postgres+redis`: `--database-url` and `--redis-url`, usage at the database's durability;
 - `postgres+redis async`: the same with `--pg-async-commit` (usage records committed with
   synchronous_commit=off; the answer still waits for the commit);
+- `postgres+redis async exact`: the same with `--limit-leases off` (one Redis script per request;
+  the other Redis modes admit from leases of the keys' large limits, shared_limits.py);
 - `postgres`, `sqlite+redis`: one of the two shared stores alone, to see which costs what.
 
 One client connection per mode and route (c=1, keep-alive), requests one after another, the
@@ -30,9 +32,10 @@ which a busy machine's waits for a core do not inflate). Routes:
   (Redis: one script round trip) and a usage record queued for the writer (not waited for).
 - `embeddings`: `POST /v1/embeddings` of one short input, key with RPM and TPM limits, in a
   workspace with a budget, on a priced model: the request's count, its tokens and its budget
-  reservation in one Redis script, the model, the budget settled (no round trip when the cost
-  is the reservation), and the usage record committed before the answer (a PostgreSQL commit,
-  or SQLite's). The same input every time, so after the warm-up the embedding cache answers
+  reservation in one Redis script (with leases, one script takes a lease of 1/100 of each of
+  these large limits and the next requests make none), the model, the budget settled (no round
+  trip when the cost is the reservation), and the usage record committed before the answer (a
+  PostgreSQL commit, or SQLite's). The same input every time, so after the warm-up the embedding cache answers
   it: the gateway's own cost, no model time to hide a round trip behind.
 - `computed` (`--computed` requests per mode and round): the same with the cache bypassed, so the
   model computes each one; with Redis the admission travels while it does (gate.Ticket.admit's
@@ -125,7 +128,7 @@ def round_trips(pg: Postgres, redis_server: Redis, n: int) -> dict[str, float]:
     row = ("r", time.time(), "k", "w", "embeddings", EMBED, "local", 0, 1, 0, 0, 0.0, 1.0, None, 200, None, None, None)
     client = shared_limits.connect(redis_server.new_url())
     admit = client.register_script(shared_limits._ADMIT)
-    args = [1e9, 1e-8, 0.0, 60, 10**9, 1, 1, time.time(), 60000, 10**9]
+    args = [1e9, 1e-8, 0.0, 60, 10**9, 1, 1, time.time(), 60000, 10**9, 0, 0, 0.0, 10]  # (no lease)
     url = pg.new_database()
     durable, fast = PostgresStore(url), PostgresStore(url, usage_async_commit=True)
     sqlite = Store(tempfile.mkdtemp(prefix="ferroserve-bench-"))
@@ -173,7 +176,7 @@ def concurrent_burst(mode: str, url: str, key: str, flags: list[str], concurrenc
     return out
 
 
-MODES = ("sqlite", "postgres+redis", "postgres+redis async", "postgres", "sqlite+redis")
+MODES = ("sqlite", "postgres+redis", "postgres+redis async", "postgres+redis async exact", "postgres", "sqlite+redis")
 
 
 def main() -> int:
@@ -202,8 +205,10 @@ def main() -> int:
                 flags += ["--database-url", pg.new_database()]
             if "redis" in mode:
                 flags += ["--redis-url", redis_server.new_url()]
-            if mode.endswith("async"):
+            if "async" in mode:
                 flags += ["--pg-async-commit"]
+            if mode.endswith("exact"):
+                flags += ["--limit-leases", "off"]
             modes[mode] = flags
         keys: dict[str, dict[str, str]] = {}
         for mode, flags in modes.items():
