@@ -109,7 +109,7 @@ class Metrics:
                 out.append(f'ferroserve_admissions_ahead_total{{verdict="{verdict}"}} {n}')
         if admissions_leased is not None:
             family("ferroserve_admissions_leased", "counter",
-                   "With Redis: requests admitted from this replica's leases of their limits, without a round trip.")
+                   "With Redis: requests counted against this replica's leases of their limits, without a round trip.")
             out.append(f"ferroserve_admissions_leased_total {admissions_leased}")
         family("ferroserve_usage_queue_depth", "gauge", "Usage records waiting for their commit (the SQLite writer, or PostgreSQL's usage writer).")
         out.append(f"ferroserve_usage_queue_depth {usage_queue_depth}")
