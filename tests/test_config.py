@@ -165,3 +165,16 @@ def test_step_token_budgets_come_from_the_file_and_environment(tmp_path, monkeyp
     assert (s.max_batch_tokens, s.burst_batch_tokens) == (256, 1024)
     monkeypatch.setenv("FERROSERVE_BURST_BATCH_TOKENS", "2048")
     assert resolve(config_file=str(cfg)).burst_batch_tokens == 2048
+
+
+def test_limit_leases_come_from_the_file_environment_and_flags(tmp_path, monkeypatch):
+    monkeypatch.delenv("FERROSERVE_LIMIT_LEASES", raising=False)
+    _models()
+    assert resolve().limit_leases is True  # on by default (they act only with --redis-url)
+    cfg = _write(tmp_path, "limit_leases = false\n")
+    assert resolve(config_file=str(cfg)).limit_leases is False
+    monkeypatch.setenv("FERROSERVE_LIMIT_LEASES", "on")
+    assert resolve(config_file=str(cfg)).limit_leases is True
+    monkeypatch.setenv("FERROSERVE_LIMIT_LEASES", "0")
+    assert resolve().limit_leases is False
+    assert resolve(limit_leases=True).limit_leases is True
