@@ -939,7 +939,9 @@ fn run_panels(isa: QuantLevel, t: QuantType, w: &[u8], n: usize, k: usize, x: &[
 fn panels_follow_the_fast_order_on_every_isa() {
     let (mut rng, seed) = rng(12);
     let formats = [QuantType::Q4_1, QuantType::Q8_0, QuantType::Q4_0, QuantType::Q5_0, QuantType::Q5_1, QuantType::IQ4_NL];
-    let shapes = [(1usize, 37usize, 576usize), (4, 16, 32), (7, 33, 96), (19, 5, 64)];
+    // m = 5, 6, 7 and 19: the AVX2 four-row tiles of the Q4 formats with each remainder
+    // (1, 2, 3) after them; 16: four of them.
+    let shapes = [(1usize, 37usize, 576usize), (4, 16, 32), (7, 33, 96), (19, 5, 64), (5, 16, 32), (6, 20, 64), (16, 17, 96)];
     // Weights from the round-to-nearest quantiser, then random bytes (every code, and for
     // Q8_0 the −128 the quantiser never writes).
     for (t, (m, n, k), random_bytes) in formats.into_iter().flat_map(|t| shapes.map(|s| (t, s)).into_iter()).flat_map(|(t, s)| [(t, s, false), (t, s, true)]) {
@@ -1139,7 +1141,8 @@ fn k_quant_panels_follow_the_fast_order_on_every_isa() {
     let (mut rng, seed) = rng(14);
     for t in [QuantType::Q4_K, QuantType::Q6_K] {
         let bb = t.block_bytes();
-        for (m, n, k) in [(1usize, 37usize, 512usize), (4, 16, 256), (7, 33, 768), (19, 5, 256), (2, 70, 1024)] {
+        // m = 2, 3, 5, 7, 19: the AVX2 four-row tiles with each remainder; 16: four of them.
+        for (m, n, k) in [(1usize, 37usize, 512usize), (4, 16, 256), (7, 33, 768), (19, 5, 256), (2, 70, 1024), (3, 16, 256), (5, 18, 512), (16, 17, 256)] {
             for random_bytes in [false, true] {
                 let c = Case { t, m, n, k };
                 let (mut w, mut w_deq, x) = random_case(&mut rng, &c);
@@ -1225,7 +1228,8 @@ fn q6_k_panels_are_exact_at_the_extreme_codes() {
                 blk.extend(std::iter::repeat_n(scale as u8, 16));
                 blk.extend_from_slice(&f32_to_f16(0.5).to_le_bytes());
                 let w: Vec<u8> = (0..n * k / 256).flat_map(|_| blk.clone()).collect();
-                for m in [1usize, 3] {
+                // One row, and the AVX2 four-row tile alone, with each remainder.
+                for m in [1usize, 3, 4, 5, 6, 7] {
                     let x = vec![sign; m * k];
                     let portable = run_panels(QuantLevel::Portable, QuantType::Q6_K, &w, n, k, &x, m);
                     let (dx, a) = (f16_to_f32(f32_to_f16(1.0 / 127.0)), 127 * sign as i32);
@@ -1369,8 +1373,9 @@ fn panel_scales_widen_from_f16_exactly_on_every_isa() {
 #[test]
 fn panel_integer_sums_hold_at_extreme_codes_and_activations() {
     let (mut rng, seed) = rng(17);
-    let (m, n, k) = (3usize, 40usize, 512usize);
-    let x: Vec<f32> = (0..m * k).map(|i| match i / k {
+    // Nine rows: the AVX2 four-row tiles (two) and a one-row tile each see every pattern.
+    let (m, n, k) = (9usize, 40usize, 512usize);
+    let x: Vec<f32> = (0..m * k).map(|i| match i / k % 3 {
         0 => 1.0,
         1 => -1.0,
         _ => if (i / 32) % 2 == 0 { 0.5 } else { -2.0 },

@@ -1063,14 +1063,24 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn panels_of<const KIND: u8>(w: &Panels, acts: &Q8Activations, offsets: &[i32], range: Range<usize>, out: &PanelOut) {
         let m = acts.rows();
+        // Four activation rows per tile where the tile unpacks each code vector once for all
+        // of them (`tile_rows`, `tile_q4_k_rows`, `tile_q6_k_rows`), else two.
+        let most = if matches!(KIND, kind::Q4_1 | kind::Q4_0 | kind::Q5_1 | kind::Q5_0 | kind::Q4_K | kind::Q6_K) { 4 } else { 2 };
         for p in range {
             let mut r = 0;
-            while m - r >= 2 {
-                tile_of::<2, KIND>(w, acts, offsets, p, r, out);
-                r += 2;
+            while m - r >= most {
+                if most == 4 {
+                    tile_of::<4, KIND>(w, acts, offsets, p, r, out);
+                } else {
+                    tile_of::<2, KIND>(w, acts, offsets, p, r, out);
+                }
+                r += most;
             }
-            if m - r == 1 {
-                tile_of::<1, KIND>(w, acts, offsets, p, r, out);
+            match m - r {
+                3 => tile_of::<3, KIND>(w, acts, offsets, p, r, out),
+                2 => tile_of::<2, KIND>(w, acts, offsets, p, r, out),
+                1 => tile_of::<1, KIND>(w, acts, offsets, p, r, out),
+                _ => {}
             }
         }
     }
@@ -1080,13 +1090,16 @@ mod avx2 {
     unsafe fn tile_of<const R: usize, const KIND: u8>(w: &Panels, acts: &Q8Activations, offsets: &[i32], p: usize, r0: usize, out: &PanelOut) {
         match KIND {
             // The both-halves tiles only for one activation row: at R = 2 LLVM spilled their
-            // `[[__m256i; 2]; 2]` sums and accumulators (42 YMM stack moves per block, against
-            // 3 in the half-at-a-time tile; bench/NOTES.md, "The AVX2 chat step on Zen 1").
+            // `[[__m256i; 2]; 2]` sums and accumulators (42 YMM stack moves per block;
+            // bench/NOTES.md, "The AVX2 chat step on Zen 1"). Two to four rows take the
+            // half-at-a-time tiles that unpack each code vector once for all rows ("The AVX2
+            // tiles at m ≥ 2 on Zen 1").
             kind::Q4_K if R == 1 => tile_q4_k_wide::<R>(w, acts, p, r0, out),
-            kind::Q4_K => tile_q4_k::<R>(w, acts, p, r0, out),
+            kind::Q4_K => tile_q4_k_rows::<R>(w, acts, p, r0, out),
             kind::Q6_K if R == 1 => tile_q6_k_wide(w, acts, offsets, p, r0, out),
-            kind::Q6_K => tile_q6_k::<R>(w, acts, p, r0, out),
+            kind::Q6_K => tile_q6_k_rows::<R>(w, acts, offsets, p, r0, out),
             kind::Q4_1 | kind::Q4_0 if R == 1 => tile_wide::<R, KIND>(w, acts, offsets, p, r0, out),
+            kind::Q4_1 | kind::Q4_0 | kind::Q5_1 | kind::Q5_0 => tile_rows::<R, KIND>(w, acts, offsets, p, r0, out),
             _ => tile::<R, KIND>(w, acts, offsets, p, r0, out),
         }
     }
@@ -1178,7 +1191,7 @@ mod avx2 {
 
     /// Q4_K panel `p` against activation rows `r0..r0 + R`, both halves per sub-block as
     /// [`tile_wide`], the `dmin·m` chain as its second pass; per output the operations of
-    /// [`tile_q4_k`].
+    /// `portable_q4_k`.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn tile_q4_k_wide<const R: usize>(w: &Panels, acts: &Q8Activations, p: usize, r0: usize, out: &PanelOut) {
@@ -1231,6 +1244,263 @@ mod avx2 {
             }
             for i in 0..R {
                 _mm256_storeu_ps(y[i].as_mut_ptr().add(8 * h), _mm256_sub_ps(acc[i][h], mins[i]));
+            }
+        }
+        for (i, yi) in y.iter().enumerate() {
+            // SAFETY: the caller owns panel p.
+            out.set_panel(r0 + i, p, yi);
+        }
+    }
+
+    /// Σ code·a in i16 for one half (eight weight rows) of a 32-weight block of nibbles
+    /// (Q4_1's layout, `cb` at the half's first byte) against activation rows `a`, each row's
+    /// eight groups summed in i16 (|sum| ≤ 8·2·15·127 = 30,480, exact in any order).
+    ///
+    /// Each code vector is unpacked once and consumed at once by every row: live are the `R`
+    /// sums, the mask and one code vector with its two nibble halves, so four rows and the
+    /// caller's four accumulators fit the sixteen YMM registers (the both-halves sums of
+    /// [`nibble_sums`] at two rows did not: bench/NOTES.md, "The AVX2 tiles at m ≥ 2 on Zen 1").
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn half_nibble_sums<const R: usize>(cb: *const u8, a: [*const i32; R]) -> [__m256i; R] {
+        let mask = _mm256_set1_epi8(0x0f);
+        let mut s16 = [_mm256_setzero_si256(); R];
+        for t in 0..4 {
+            // SAFETY (caller): `cb` is a half's first code byte, each `a[i]` a block's 32 bytes.
+            let x = _mm256_loadu_si256(cb.add(64 * t).cast());
+            let (lo, hi) = (_mm256_and_si256(x, mask), _mm256_and_si256(_mm256_srli_epi16::<4>(x), mask));
+            for i in 0..R {
+                let pairs = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(lo, _mm256_set1_epi32(a[i].add(t).read_unaligned())),
+                    _mm256_maddubs_epi16(hi, _mm256_set1_epi32(a[i].add(t + 4).read_unaligned())),
+                );
+                s16[i] = _mm256_add_epi16(s16[i], pairs);
+            }
+        }
+        s16
+    }
+
+    /// Σ code·a in i32 for one half of a 32-weight block of 5-bit codes (Q5_0, Q5_1: the
+    /// nibbles as [`half_nibble_sums`], the fifth bits from the plane after them, as [`tile`]
+    /// adds them) against activation rows `a`. Codes 0..31 give pairs up to 2·31·127 = 7,874,
+    /// so four groups are summed in i16 (≤ 31,496) before each `vpmaddwd`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn half_five_bit_sums<const R: usize>(cb: *const u8, a: [*const i32; R]) -> [__m256i; R] {
+        let (mask, bit4, ones) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x10), _mm256_set1_epi16(1));
+        // SAFETY (caller): `cb` is a half's first code byte, its fifth bits NIBBLE_BYTES on.
+        let h = _mm256_loadu_si256(cb.add(NIBBLE_BYTES).cast());
+        let mut sumi = [_mm256_setzero_si256(); R];
+        for run in 0..2 {
+            let mut s16 = [_mm256_setzero_si256(); R];
+            for t in 2 * run..2 * run + 2 {
+                // Bits t and 4 + t of the plane to bit 4.
+                let (low, high) = match t {
+                    0 => (_mm256_slli_epi16::<4>(h), h),
+                    1 => (_mm256_slli_epi16::<3>(h), _mm256_srli_epi16::<1>(h)),
+                    2 => (_mm256_slli_epi16::<2>(h), _mm256_srli_epi16::<2>(h)),
+                    _ => (_mm256_slli_epi16::<1>(h), _mm256_srli_epi16::<3>(h)),
+                };
+                let x = _mm256_loadu_si256(cb.add(64 * t).cast());
+                let lo = _mm256_or_si256(_mm256_and_si256(x, mask), _mm256_and_si256(low, bit4));
+                let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(x), mask), _mm256_and_si256(high, bit4));
+                for i in 0..R {
+                    let pairs = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(lo, _mm256_set1_epi32(a[i].add(t).read_unaligned())),
+                        _mm256_maddubs_epi16(hi, _mm256_set1_epi32(a[i].add(t + 4).read_unaligned())),
+                    );
+                    s16[i] = _mm256_add_epi16(s16[i], pairs);
+                }
+            }
+            for i in 0..R {
+                let wide = _mm256_madd_epi16(s16[i], ones);
+                sumi[i] = if run == 0 { wide } else { _mm256_add_epi32(sumi[i], wide) };
+            }
+        }
+        sumi
+    }
+
+    /// Q4_1, Q4_0, Q5_1 and Q5_0 panel `p` against activation rows `r0..r0 + R` (R ≤ 4), one
+    /// half of the panel at a time ([`half_nibble_sums`], [`half_five_bit_sums`]), the `mins`
+    /// chain as a second pass per half; per output the f32 operations of [`tile_wide`] and
+    /// [`tile`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn tile_rows<const R: usize, const KIND: u8>(w: &Panels, acts: &Q8Activations, offsets: &[i32], p: usize, r0: usize, out: &PanelOut) {
+        let nb = w.k / BLOCK_ELEMS;
+        let (code_bytes, scale_count) = (kind::block_code_bytes(KIND), kind::block_scales(KIND));
+        let rows: [ActRow<'_>; R] = core::array::from_fn(|i| acts.row(r0 + i));
+        let (codes, scales) = w.panel(p);
+        let (cp, sp) = (codes.as_ptr(), scales.as_ptr());
+        let ones = _mm256_set1_epi16(1);
+        let mut y = [[0f32; PANEL_ROWS]; R];
+        for half in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); R];
+            for b in 0..nb {
+                // SAFETY: block b of the panel is `code_bytes` code bytes and `scale_count`
+                // scales, a half's rows the 32 bytes at 32·half of each 64-byte vector; the
+                // activation rows hold nb > b blocks of 32 bytes.
+                let a: [*const i32; R] = core::array::from_fn(|i| rows[i].qs.as_ptr().add(b * BLOCK_ELEMS).cast::<i32>());
+                let cb = cp.add(b * code_bytes + 32 * half);
+                let sums = if kind::five_bit(KIND) { half_five_bit_sums::<R>(cb, a) } else { half_nibble_sums::<R>(cb, a) };
+                let dw = widen8(sp.add(b * scale_count + 8 * half));
+                for i in 0..R {
+                    let mut sumi = if kind::five_bit(KIND) { sums[i] } else { _mm256_madd_epi16(sums[i], ones) };
+                    if matches!(KIND, kind::Q4_0 | kind::Q5_0) {
+                        sumi = _mm256_add_epi32(sumi, _mm256_set1_epi32(*offsets.get_unchecked((r0 + i) * nb + b)));
+                    }
+                    let dd = _mm256_mul_ps(dw, _mm256_set1_ps(rows[i].scales.get_unchecked(b)[0]));
+                    acc[i] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sumi), acc[i]);
+                }
+            }
+            let mut mins = [_mm256_setzero_ps(); R];
+            if kind::affine(KIND) {
+                for b in 0..nb {
+                    let mw = widen8(sp.add(b * scale_count + PANEL_ROWS + 8 * half));
+                    for i in 0..R {
+                        mins[i] = _mm256_fmadd_ps(mw, _mm256_set1_ps(*rows[i].q81_sums.get_unchecked(b)), mins[i]);
+                    }
+                }
+            }
+            for i in 0..R {
+                let yi = if kind::affine(KIND) { _mm256_add_ps(acc[i], mins[i]) } else { acc[i] };
+                _mm256_storeu_ps(y[i].as_mut_ptr().add(8 * half), yi);
+            }
+        }
+        for (i, yi) in y.iter().enumerate() {
+            // SAFETY: the caller owns panel p.
+            out.set_panel(r0 + i, p, yi);
+        }
+    }
+
+    /// Q4_K panel `p` against activation rows `r0..r0 + R` (R ≤ 4), one half of the panel at
+    /// a time as [`tile_rows`], the `dmin·m` chain as a second pass per half; per output the
+    /// operations of [`tile_q4_k_wide`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn tile_q4_k_rows<const R: usize>(w: &Panels, acts: &Q8Activations, p: usize, r0: usize, out: &PanelOut) {
+        let nsb = w.k / SUPER_ELEMS;
+        let rows: [ActRow<'_>; R] = core::array::from_fn(|i| acts.row(r0 + i));
+        let (codes, scales) = w.panel(p);
+        let (cp, sp) = (codes.as_ptr(), scales.as_ptr());
+        let ones = _mm256_set1_epi16(1);
+        // SAFETY (callers): `at + 8` bytes of the unit's integer scales are readable.
+        let byte_lanes = |unit: *const u8, at: usize| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(unit.add(at).cast())));
+        let mut y = [[0f32; PANEL_ROWS]; R];
+        for half in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); R];
+            for s in 0..nsb {
+                // SAFETY: super-block s of the panel is K_SCALE_BYTES + 8·256 code bytes and 32
+                // scales; activation rows hold 8·nsb blocks.
+                let unit = cp.add(s * (K_SCALE_BYTES + SUBS * NIBBLE_BYTES));
+                for j in 0..SUBS {
+                    let b = SUBS * s + j;
+                    let a: [*const i32; R] = core::array::from_fn(|i| rows[i].qs.as_ptr().add(b * BLOCK_ELEMS).cast::<i32>());
+                    let s16 = half_nibble_sums::<R>(unit.add(K_SCALE_BYTES + NIBBLE_BYTES * j + 32 * half), a);
+                    let dw = _mm256_mul_ps(widen8(sp.add(32 * s + 8 * half)), byte_lanes(unit, PANEL_ROWS * j + 8 * half));
+                    for i in 0..R {
+                        let sumi = _mm256_madd_epi16(s16[i], ones);
+                        let dd = _mm256_mul_ps(dw, _mm256_set1_ps(rows[i].scales.get_unchecked(b)[0]));
+                        acc[i] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sumi), acc[i]);
+                    }
+                }
+            }
+            let mut mins = [_mm256_setzero_ps(); R];
+            for s in 0..nsb {
+                let unit = cp.add(s * (K_SCALE_BYTES + SUBS * NIBBLE_BYTES));
+                let dmin = widen8(sp.add(32 * s + 16 + 8 * half));
+                for j in 0..SUBS {
+                    let b = SUBS * s + j;
+                    let mw = _mm256_mul_ps(dmin, byte_lanes(unit, PANEL_ROWS * (SUBS + j) + 8 * half));
+                    for i in 0..R {
+                        mins[i] = _mm256_fmadd_ps(mw, _mm256_set1_ps(rows[i].scales.get_unchecked(b)[1]), mins[i]);
+                    }
+                }
+            }
+            for i in 0..R {
+                _mm256_storeu_ps(y[i].as_mut_ptr().add(8 * half), _mm256_sub_ps(acc[i], mins[i]));
+            }
+        }
+        for (i, yi) in y.iter().enumerate() {
+            // SAFETY: the caller owns panel p.
+            out.set_panel(r0 + i, p, yi);
+        }
+    }
+
+    /// Q6_K panel `p` against activation rows `r0..r0 + R` (R ≤ Q6_K_ROWS), one half of the
+    /// panel and one scale group at a time, with the unsigned codes of [`tile_q6_k_wide`]: a
+    /// group's four `vpmaddubsw` pair sums of `u·a` added in i16 (wrapping), its `32·a` pair
+    /// sums (`offsets`) subtracted, one `vpmaddwd` by the group's scales. Each code vector is
+    /// unpacked once and consumed by every row at once; per output the integer sums and f32
+    /// operations of [`tile_q6_k_wide`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn tile_q6_k_rows<const R: usize>(w: &Panels, acts: &Q8Activations, offsets: &[i32], p: usize, r0: usize, out: &PanelOut) {
+        let nsb = w.k / SUPER_ELEMS;
+        let rows: [ActRow<'_>; R] = core::array::from_fn(|i| acts.row(r0 + i));
+        let (codes, scales) = w.panel(p);
+        let (cp, sp) = (codes.as_ptr(), scales.as_ptr());
+        let (low4, high2) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x30));
+        let pair_sums: [*const i32; R] = core::array::from_fn(|i| offsets[(r0 + i) * (w.k / 16)..(r0 + i + 1) * (w.k / 16)].as_ptr());
+        let mut y = [[0f32; PANEL_ROWS]; R];
+        for half in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); R];
+            for s in 0..nsb {
+                // SAFETY: super-block s of the panel is K_SCALE_BYTES + 8·384 code bytes and 16
+                // scales; the activation rows hold 8·nsb blocks and 16·nsb pair sums.
+                let unit = cp.add(s * (K_SCALE_BYTES + SUBS * Q6_BYTES));
+                // A group's i8 scales for this half's rows as i16 pairs `[s, s]`.
+                let group_scales = |g: usize| {
+                    let s32 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(unit.add(PANEL_ROWS * g + 8 * half).cast()));
+                    _mm256_or_si256(_mm256_and_si256(s32, _mm256_set1_epi32(0xffff)), _mm256_slli_epi32::<16>(s32))
+                };
+                for j in 0..SUBS {
+                    let b = SUBS * s + j;
+                    let a: [*const i32; R] = core::array::from_fn(|i| rows[i].qs.as_ptr().add(b * BLOCK_ELEMS).cast::<i32>());
+                    let cb = unit.add(K_SCALE_BYTES + Q6_BYTES * j + 32 * half);
+                    let mut sumi = [_mm256_setzero_si256(); R];
+                    for e in 0..2 {
+                        // The same code bytes for both groups, their address hidden from LLVM
+                        // for the second (as in `tile_q6_k_wide`): else it keeps the first
+                        // group's four loads live for it.
+                        let mut cb = cb;
+                        if e == 1 {
+                            // SAFETY: an empty asm that leaves the register as it was.
+                            std::arch::asm!("/* {0} */", inout(reg) cb, options(nomem, nostack, preserves_flags));
+                        }
+                        let h = _mm256_loadu_si256(cb.add(NIBBLE_BYTES + 64 * e).cast());
+                        let mut s16 = [_mm256_setzero_si256(); R];
+                        for t in 0..4 {
+                            // Bits 2t..2t + 2 of the top-bit bytes to bits 4..6.
+                            let top = match t {
+                                0 => _mm256_slli_epi16::<4>(h),
+                                1 => _mm256_slli_epi16::<2>(h),
+                                2 => h,
+                                _ => _mm256_srli_epi16::<2>(h),
+                            };
+                            let x = _mm256_loadu_si256(cb.add(64 * t).cast());
+                            let nibble = if e == 0 { x } else { _mm256_srli_epi16::<4>(x) };
+                            let u = _mm256_or_si256(_mm256_and_si256(nibble, low4), _mm256_and_si256(top, high2));
+                            for i in 0..R {
+                                s16[i] = _mm256_add_epi16(s16[i], _mm256_maddubs_epi16(u, _mm256_set1_epi32(a[i].add(4 * e + t).read_unaligned())));
+                            }
+                        }
+                        let scale = group_scales(2 * j + e);
+                        for i in 0..R {
+                            let bias = _mm256_set1_epi32(pair_sums[i].add(2 * b + e).read());
+                            let group = _mm256_madd_epi16(_mm256_sub_epi16(s16[i], bias), scale);
+                            sumi[i] = if e == 0 { group } else { _mm256_add_epi32(sumi[i], group) };
+                        }
+                    }
+                    let d = widen8(sp.add(16 * s + 8 * half));
+                    for i in 0..R {
+                        let dd = _mm256_mul_ps(d, _mm256_set1_ps(rows[i].scales.get_unchecked(b)[0]));
+                        acc[i] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sumi[i]), acc[i]);
+                    }
+                }
+            }
+            for i in 0..R {
+                _mm256_storeu_ps(y[i].as_mut_ptr().add(8 * half), acc[i]);
             }
         }
         for (i, yi) in y.iter().enumerate() {
@@ -1358,144 +1628,14 @@ mod avx2 {
         }
     }
 
-    /// Q4_K panel `p` against activation rows `r0..r0 + R`, as [`tile`] for Q4_1 with the
-    /// sub-block's `d·sc` and `dmin·m` widened from the integer scales once per half.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn tile_q4_k<const R: usize>(w: &Panels, acts: &Q8Activations, p: usize, r0: usize, out: &PanelOut) {
-        let nsb = w.k / SUPER_ELEMS;
-        let rows: [ActRow<'_>; R] = core::array::from_fn(|i| acts.row(r0 + i));
-        let (codes, scales) = w.panel(p);
-        let (cp, sp) = (codes.as_ptr(), scales.as_ptr());
-        let mask = _mm256_set1_epi8(0x0f);
-        let mut y = [[0f32; PANEL_ROWS]; R];
-        for half in 0..2 {
-            let mut acc = [_mm256_setzero_ps(); R];
-            let mut mins = [_mm256_setzero_ps(); R];
-            for s in 0..nsb {
-                // SAFETY: super-block s of the panel is K_SCALE_BYTES + 8·256 code bytes and 32
-                // scales; activation rows hold 8·nsb blocks.
-                let unit = cp.add(s * (K_SCALE_BYTES + SUBS * NIBBLE_BYTES));
-                let d = widen8(sp.add(32 * s + 8 * half));
-                let dmin = widen8(sp.add(32 * s + 16 + 8 * half));
-                let byte_lanes = |at: usize| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(unit.add(at + 8 * half).cast())));
-                for j in 0..SUBS {
-                    let b = SUBS * s + j;
-                    let cb = unit.add(K_SCALE_BYTES + NIBBLE_BYTES * j + 32 * half);
-                    let mut v = [_mm256_setzero_si256(); 8];
-                    for t in 0..4 {
-                        let x = _mm256_loadu_si256(cb.add(64 * t).cast());
-                        v[t] = _mm256_and_si256(x, mask);
-                        v[t + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(x), mask);
-                    }
-                    let dw = _mm256_mul_ps(d, byte_lanes(PANEL_ROWS * j));
-                    let mw = _mm256_mul_ps(dmin, byte_lanes(PANEL_ROWS * (SUBS + j)));
-                    for i in 0..R {
-                        let a = rows[i].qs.as_ptr().add(b * BLOCK_ELEMS).cast::<i32>();
-                        // Codes 0..15: all eight groups' pairs summed in i16, one `vpmaddwd`.
-                        let mut s16 = _mm256_setzero_si256();
-                        for (g, vg) in v.iter().enumerate() {
-                            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(*vg, _mm256_set1_epi32(a.add(g).read_unaligned())));
-                        }
-                        let sumi = _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
-                        let [dx, dx_sum] = *rows[i].scales.get_unchecked(b);
-                        let dd = _mm256_mul_ps(dw, _mm256_set1_ps(dx));
-                        acc[i] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sumi), acc[i]);
-                        mins[i] = _mm256_fmadd_ps(mw, _mm256_set1_ps(dx_sum), mins[i]);
-                    }
-                }
-            }
-            for i in 0..R {
-                _mm256_storeu_ps(y[i].as_mut_ptr().add(8 * half), _mm256_sub_ps(acc[i], mins[i]));
-            }
-        }
-        for (i, yi) in y.iter().enumerate() {
-            // SAFETY: the caller owns panel p.
-            out.set_panel(r0 + i, p, yi);
-        }
-    }
-
-    /// Q6_K panel `p` against activation rows `r0..r0 + R`: signed codes, their signs moved
-    /// onto the activations as for Q8_0 (|q| ≤ 32, pairs ≤ 2·32·127), then `vpmaddwd` by the
-    /// group's i16 scale gives `s·Σq·a` per lane, exactly.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn tile_q6_k<const R: usize>(w: &Panels, acts: &Q8Activations, p: usize, r0: usize, out: &PanelOut) {
-        let nsb = w.k / SUPER_ELEMS;
-        let rows: [ActRow<'_>; R] = core::array::from_fn(|i| acts.row(r0 + i));
-        let (codes, scales) = w.panel(p);
-        let (cp, sp) = (codes.as_ptr(), scales.as_ptr());
-        let (low4, high2, bias) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x30), _mm256_set1_epi8(32));
-        let mut y = [[0f32; PANEL_ROWS]; R];
-        for half in 0..2 {
-            let mut acc = [_mm256_setzero_ps(); R];
-            for s in 0..nsb {
-                // SAFETY: super-block s of the panel is K_SCALE_BYTES + 8·384 code bytes and 16
-                // scales; activation rows hold 8·nsb blocks.
-                let unit = cp.add(s * (K_SCALE_BYTES + SUBS * Q6_BYTES));
-                let d = widen8(sp.add(16 * s + 8 * half));
-                // A group's i8 scales as i16 pairs `[s, s]`, one per row.
-                let group_scales = |g: usize| {
-                    let s32 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(unit.add(PANEL_ROWS * g + 8 * half).cast()));
-                    _mm256_or_si256(_mm256_and_si256(s32, _mm256_set1_epi32(0xffff)), _mm256_slli_epi32::<16>(s32))
-                };
-                for j in 0..SUBS {
-                    let b = SUBS * s + j;
-                    let cb = unit.add(K_SCALE_BYTES + Q6_BYTES * j + 32 * half);
-                    let h = [_mm256_loadu_si256(cb.add(NIBBLE_BYTES).cast()), _mm256_loadu_si256(cb.add(NIBBLE_BYTES + 64).cast())];
-                    let mut q = [_mm256_setzero_si256(); 8];
-                    for t in 0..4 {
-                        let top = |x: __m256i| {
-                            let moved = match t {
-                                0 => _mm256_slli_epi16::<4>(x),
-                                1 => _mm256_slli_epi16::<2>(x),
-                                2 => x,
-                                _ => _mm256_srli_epi16::<2>(x),
-                            };
-                            _mm256_and_si256(moved, high2)
-                        };
-                        let x = _mm256_loadu_si256(cb.add(64 * t).cast());
-                        q[t] = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(x, low4), top(h[0])), bias);
-                        q[t + 4] = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(x), low4), top(h[1])), bias);
-                    }
-                    let abs = q.map(|qg| _mm256_abs_epi8(qg));
-                    let sc = [group_scales(2 * j), group_scales(2 * j + 1)];
-                    for i in 0..R {
-                        let a = rows[i].qs.as_ptr().add(b * BLOCK_ELEMS).cast::<i32>();
-                        // The four groups of one scale: pairs summed in i16, then `vpmaddwd`
-                        // by that scale.
-                        let mut sumi = _mm256_setzero_si256();
-                        for half_sb in 0..2 {
-                            let mut s16 = _mm256_setzero_si256();
-                            for g in 4 * half_sb..4 * half_sb + 4 {
-                                let ag = _mm256_sign_epi8(_mm256_set1_epi32(a.add(g).read_unaligned()), q[g]);
-                                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(abs[g], ag));
-                            }
-                            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(s16, sc[half_sb]));
-                        }
-                        let dd = _mm256_mul_ps(d, _mm256_set1_ps(rows[i].scales.get_unchecked(b)[0]));
-                        acc[i] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sumi), acc[i]);
-                    }
-                }
-            }
-            for i in 0..R {
-                _mm256_storeu_ps(y[i].as_mut_ptr().add(8 * half), acc[i]);
-            }
-        }
-        for (i, yi) in y.iter().enumerate() {
-            // SAFETY: the caller owns panel p.
-            out.set_panel(r0 + i, p, yi);
-        }
-    }
-
     /// Q6_K panel `p` against activation row `r`, both halves of the panel per sub-block (as
-    /// [`tile_q4_k_wide`]); per output the integer sums and f32 operations of [`tile_q6_k`].
+    /// [`tile_q4_k_wide`]); per output the integer sums and f32 operations of `portable_q6_k`.
     ///
     /// The codes stay unsigned (`u = q + 32`, 0..64) for `vpmaddubsw`; a scale group's four
     /// pair sums are added in i16 and the group's `32·a` pair sums (`offsets`,
     /// [`q6_k_pair_sums`]) subtracted. The true result `Σ(u − 32)·a` per lane is at most
     /// 8·32·127 = 32,512, so the wrapping i16 adds give it exactly although the partial sums
-    /// of `u·a` (up to 64,008) wrap. Against the signed tile this drops a `vpsignb`, a
+    /// of `u·a` (up to 64,008) wrap. Against the signed tile it replaced this drops a `vpsignb`, a
     /// `vpabsb` and the bias subtraction per code vector and broadcasts each activation group
     /// once per sixteen rows instead of eight (bench/NOTES.md, "The 1B one-sequence decode on
     /// Zen 1").
