@@ -1,7 +1,7 @@
 //! The `Backend` trait: device-resident buffers and ops that only enqueue (or, on the CPU,
 //! compute) into buffers the caller owns, in the spirit of candle's `BackendStorage` and
-//! ggml-backend. A model is written once against it (`ferroserve-core`'s `BertModel<B>`)
-//! and runs on every backend: [`CpuBackend`] (the native kernels, buffers are `Vec`s) and
+//! ggml-backend. A model is written once against it (`ferroserve-core`'s `BertModel<B>` and
+//! `LlamaModel<B>`) and runs on every backend: [`CpuBackend`] (the native kernels, buffers are `Vec`s) and
 //! [`OpenClBackend`] (buffers live on the device; a pass uploads its inputs, enqueues every
 //! op back to back on the one in-order queue and reads back only the result).
 //!
@@ -10,9 +10,9 @@
 //! encoder pass. Here nothing crosses to the host between [`Backend::write`] and
 //! [`Backend::read`].
 //!
-//! The ops are the BERT encoder's (`BertModel<B>`) and the llama decoder's (`LlamaModel<B>`):
-//! one trait, so that a backend is one type with one set of buffers whichever model runs on
-//! it. The decoder's weights are a model file's packed blocks ([`StoredMatrix`], prepared
+//! The ops are the BERT encoder's and the llama decoder's in one trait (not a second trait
+//! over the same buffers): a backend is one type, opened once, with one set of buffer types,
+//! whichever model runs on it, and a third backend implements one trait. The decoder's weights are a model file's packed blocks ([`StoredMatrix`], prepared
 //! into [`Backend::Matrix`]), its activations are quantised once per group of matmuls
 //! ([`Backend::Acts`]), and its paged KV cache's K and V blocks are [`Backend::KvStorage`]
 //! (the block bookkeeping stays with the engine, `ferroserve-core`'s `kv`).
