@@ -110,7 +110,7 @@ pub fn gguf(data: &[u8]) {
     let hp = &model.hparams;
     // A few blocks' worth of cache; a fuzzed file's dimensions are small (they match its tensors).
     let block_bytes = KvCache::block_bytes(16, hp.block_count, hp.head_count_kv, hp.head_dim);
-    let mut kv = model.new_kv_cache(block_bytes * 2);
+    let Ok(mut kv) = model.new_kv_cache(block_bytes * 2) else { return };
     let Some(block) = kv.allocate() else { return };
     let token = (data.len() % model.vocab_size()) as u32;
     let logits = model.forward(

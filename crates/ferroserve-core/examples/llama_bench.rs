@@ -6,7 +6,7 @@
 //!
 //! `SINGLE_ONLY=1` runs only the one-sequence case, `reps` times, and prints nothing;
 //! `NUMERICS=fast` loads the model with the fast matmul order (default `exact`).
-//! `DEVICE=opencl[:N]` runs it on OpenCL device N (`OpenClLlama`, exact numerics) instead of
+//! `DEVICE=opencl[:N]` runs it on OpenCL device N (`LlamaModel<OpenClBackend>`, exact numerics) instead of
 //! the CPU; `NEW_TOKENS=n` shortens the decode (default 128) for slow devices.
 //! `PREFILL_ONLY=1` only the sixteen-prompt prefill step, `reps` times; `BATCH_ONLY=1` only the
 //! sixteen-sequence case, printing nothing (all for profiling). `STREAMS=n` batches `n`
@@ -35,7 +35,6 @@ use std::time::Instant;
 use ferroserve_core::engine::StepModel;
 use ferroserve_core::models::llama::{LlamaModel, Numerics};
 use ferroserve_core::sched::SeqChunk;
-use ferroserve_core::models::llama_opencl::OpenClLlama;
 use ferroserve_core::kv::BlockTable;
 use ferroserve_core::sched::scheduler::KvPool;
 use ferroserve_kernels::opencl::KernelSource;
@@ -155,7 +154,8 @@ fn main() {
         None | Some("cpu") => bench(&model, &path, &prompts, reps, Some(bytes)),
         Some(dev) => {
             let index = dev.strip_prefix("opencl").map(|n| n.trim_start_matches(':')).map(|n| if n.is_empty() { 0 } else { n.parse().expect("DEVICE=opencl:N") }).expect("DEVICE=cpu|opencl[:N]");
-            let model = OpenClLlama::load(model, index, &KernelSource::Embedded).unwrap_or_else(|e| panic!("{e}"));
+            drop(model);
+            let model = LlamaModel::load_opencl(&PathBuf::from(&path), index, &KernelSource::Embedded).unwrap_or_else(|e| panic!("{e}"));
             println!("# {}: load check: {}", model.device_name(), model.check_summary());
             bench(&model, &path, &prompts, reps, None)
         }

@@ -17,10 +17,8 @@ use std::time::{Duration, Instant};
 use rayon::prelude::*;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::kv::KvCache;
 use crate::embed::DeviceChoice;
-use crate::models::llama::{LlamaModel, Numerics};
-use crate::models::llama_opencl::{OpenClKv, OpenClLlama};
+use crate::models::llama::{LlamaKv, LlamaModel, Numerics};
 use crate::notify::Notifier;
 use crate::sample::grammar::{CompiledGrammar, GrammarCompiler, GrammarState};
 use crate::sample::{Sampled, SamplingParams, SequenceSampler};
@@ -330,18 +328,20 @@ pub struct ChatEngine {
     interactive: Arc<InteractiveLoad>,
 }
 
-impl StepModel for LlamaModel {
-    type Kv = KvCache;
+impl<B: ferroserve_kernels::Backend> StepModel for LlamaModel<B> {
+    type Kv = LlamaKv<B>;
     fn vocab_size(&self) -> usize {
         LlamaModel::vocab_size(self)
     }
     fn context_length(&self) -> usize {
         LlamaModel::context_length(self)
     }
-    fn new_kv_cache(&self, budget_bytes: usize) -> Result<KvCache> {
-        Ok(LlamaModel::new_kv_cache(self, budget_bytes))
+    fn new_kv_cache(&self, budget_bytes: usize) -> Result<LlamaKv<B>> {
+        LlamaModel::new_kv_cache(self, budget_bytes)
     }
-    fn forward(&self, batch: &[SeqChunk<'_>], kv: &mut KvCache) -> Vec<f32> {
+    fn forward(&self, batch: &[SeqChunk<'_>], kv: &mut LlamaKv<B>) -> Vec<f32> {
+        // A device that fails mid-step (lost, out of memory) ends the engine: the panic is
+        // caught on the engine thread, which fails every request with this message.
         LlamaModel::forward(self, batch, kv)
     }
     fn vocab(&self) -> &dyn Vocab {
@@ -354,40 +354,10 @@ impl StepModel for LlamaModel {
         self.chat_template.as_ref()
     }
     fn device_name(&self) -> String {
-        format!("cpu({})", ferroserve_kernels::cpu::Isa::selected().as_str())
-    }
-}
-
-impl StepModel for OpenClLlama {
-    type Kv = OpenClKv;
-    fn vocab_size(&self) -> usize {
-        self.host().vocab_size()
-    }
-    fn context_length(&self) -> usize {
-        self.host().context_length()
-    }
-    fn new_kv_cache(&self, budget_bytes: usize) -> Result<OpenClKv> {
-        OpenClLlama::new_kv_cache(self, budget_bytes)
-    }
-    fn forward(&self, batch: &[SeqChunk<'_>], kv: &mut OpenClKv) -> Vec<f32> {
-        // A device that fails mid-step (lost, out of memory) ends the engine: the panic is
-        // caught on the engine thread, which fails every request with this message.
-        self.try_forward(batch, kv).unwrap_or_else(|e| panic!("{e}"))
-    }
-    fn vocab(&self) -> &dyn Vocab {
-        &self.host().tokenizer
-    }
-    fn tokenizer(&self) -> Option<&GgufTokenizer> {
-        Some(&self.host().tokenizer)
-    }
-    fn chat_template(&self) -> Option<&ChatTemplate> {
-        self.host().chat_template.as_ref()
-    }
-    fn device_name(&self) -> String {
-        OpenClLlama::device_name(self).to_owned()
+        LlamaModel::device_name(self)
     }
     fn device_check(&self) -> Option<String> {
-        Some(self.check_summary())
+        self.load_check().map(|c| c.summary())
     }
 }
 
@@ -405,16 +375,24 @@ impl ChatEngine {
             return Err(Error::invalid_request(crate::models::llama_opencl::EXACT_ONLY));
         }
         crate::sched::compute_priority::lower_compute_pool();
-        let mut model = LlamaModel::load_with(path, cfg.numerics)?;
-        if let Some(source) = chat_template {
-            let gguf = crate::weights::gguf::GgufFile::open(path).map_err(|e| Error::model_load(path, e))?;
-            let template = ChatTemplate::from_gguf(&gguf, Some(source)).map_err(|e| Error::model_load(path, format!("chat template: {e}")))?;
-            model.chat_template = Some(template);
-        }
+        // The override is compiled after the model loaded, so a broken one fails at start-up.
+        let template = |model_template: &mut Option<ChatTemplate>| -> Result<()> {
+            if let Some(source) = chat_template {
+                let gguf = crate::weights::gguf::GgufFile::open(path).map_err(|e| Error::model_load(path, e))?;
+                let template = ChatTemplate::from_gguf(&gguf, Some(source)).map_err(|e| Error::model_load(path, format!("chat template: {e}")))?;
+                *model_template = Some(template);
+            }
+            Ok(())
+        };
         match &cfg.device {
-            DeviceChoice::Cpu => Self::start(model, cfg),
+            DeviceChoice::Cpu => {
+                let mut model = LlamaModel::load_with(path, cfg.numerics)?;
+                template(&mut model.chat_template)?;
+                Self::start(model, cfg)
+            }
             DeviceChoice::OpenCl { index, kernels } => {
-                let model = OpenClLlama::load(model, *index, kernels)?;
+                let mut model = LlamaModel::load_opencl(path, *index, kernels)?;
+                template(&mut model.chat_template)?;
                 Self::start(model, cfg)
             }
         }

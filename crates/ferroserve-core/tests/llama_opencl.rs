@@ -11,10 +11,9 @@ use ferroserve_core::embed::DeviceChoice;
 use std::time::{Duration, Instant};
 
 use ferroserve_core::engine::{ChatEngine, ChatEvent, EngineConfig};
-use ferroserve_core::kv::{KvCache, KvCacheConfig};
+use ferroserve_core::kv::KvCacheConfig;
 use ferroserve_core::models::llama::{LlamaModel, Numerics, DEFAULT_BLOCK_TOKENS};
 use ferroserve_core::sched::SeqChunk;
-use ferroserve_core::models::llama_opencl::OpenClLlama;
 use ferroserve_core::sample::SamplingParams;
 use ferroserve_core::ErrorKind;
 use ferroserve_kernels::opencl::{list_devices, KernelSource};
@@ -111,7 +110,7 @@ fn greedy_fixture_output_equals_the_cpu_device() {
     let Some(info) = common::opencl_device() else { return };
     let (device, is_pocl) = (info.index, common::is_pocl(&info));
     let cpu = LlamaModel::load(&path).unwrap();
-    let dev = OpenClLlama::load(LlamaModel::load(&path).unwrap(), device, &KernelSource::Embedded).unwrap_or_else(|e| panic!("{e}"));
+    let dev = LlamaModel::load_opencl(&path, device, &KernelSource::Embedded).unwrap_or_else(|e| panic!("{e}"));
     eprintln!("{}: load check: {}", dev.device_name(), dev.check_summary());
     // PoCL has IEEE rounding, correctly rounded division and sqrt, and denormals on every
     // x86-64 host, and the kernels follow the CPU level's order: bitwise, whatever the host
@@ -132,12 +131,11 @@ fn greedy_fixture_output_equals_the_cpu_device() {
     let prompts: Vec<Vec<u32>> = cases.iter().map(|c| c.1.clone()).collect();
     let longest = prompts.iter().map(Vec::len).max().unwrap() + NEW_TOKENS;
     let blocks_per_seq = longest.div_ceil(DEFAULT_BLOCK_TOKENS);
-    let hp = &cpu.hparams;
     let cfg = KvCacheConfig { block_tokens: DEFAULT_BLOCK_TOKENS, num_blocks: blocks_per_seq * prompts.len() };
     let eos = cpu.tokenizer.eos_token_ids().to_vec();
     let vocab = cpu.vocab_size();
 
-    let mut cpu_kv = KvCache::new(cfg, hp.block_count, hp.head_count_kv, hp.head_dim);
+    let mut cpu_kv = cpu.new_kv_cache_with(cfg).unwrap();
     let want = run(&prompts, blocks_per_seq, &eos, vocab, |b| cpu.forward(b, &mut cpu_kv));
     let mut dev_kv = dev.new_kv_cache_with(cfg).unwrap();
     let started = std::time::Instant::now();

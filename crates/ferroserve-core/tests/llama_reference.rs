@@ -23,8 +23,7 @@ use common::{smollm2_fixture as fixture, token_ids as ids};
 
 use std::path::{Path, PathBuf};
 
-use ferroserve_core::kv::KvCache;
-use ferroserve_core::models::llama::{LlamaModel, Numerics};
+use ferroserve_core::models::llama::{compare_backends, LlamaKv, LlamaModel, Numerics};
 use ferroserve_core::sched::SeqChunk;
 use ferroserve_kernels::quant::QuantLevel;
 
@@ -112,7 +111,7 @@ impl Gen {
     }
 
     /// The tokens to feed this step, allocating blocks for them.
-    fn next_chunk(&mut self, kv: &mut KvCache, prefill_chunk: usize) -> (Vec<u32>, bool) {
+    fn next_chunk(&mut self, kv: &mut LlamaKv, prefill_chunk: usize) -> (Vec<u32>, bool) {
         let tokens: Vec<u32> = if self.computed < self.prompt.len() {
             let end = (self.computed + prefill_chunk).min(self.prompt.len());
             self.prompt[self.computed..end].to_vec()
@@ -127,7 +126,7 @@ impl Gen {
         (tokens, want_logits)
     }
 
-    fn release(&mut self, kv: &mut KvCache) {
+    fn release(&mut self, kv: &mut LlamaKv) {
         for b in self.table.drain(..) {
             kv.release(b);
         }
@@ -138,7 +137,7 @@ impl Gen {
 /// joined, unfinished sequence; `order(step, n)` permutes their positions in the batch.
 fn generate(
     model: &LlamaModel,
-    kv: &mut KvCache,
+    kv: &mut LlamaKv,
     seqs: &mut [Gen],
     max_new: usize,
     prefill_chunk: usize,
@@ -213,7 +212,7 @@ struct Comparison {
 
 fn compare_with_llama_cpp(model: &LlamaModel) -> Comparison {
     let fx = fixture();
-    let mut kv = model.new_kv_cache(64 << 20);
+    let mut kv = model.new_kv_cache(64 << 20).unwrap();
     let eos = model.tokenizer.eos_token_ids().to_vec();
     let cases = cases(&fx);
     let wants: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c.2["completion_tokens"])).collect();
@@ -365,7 +364,7 @@ fn fast_numerics_logits_are_bitwise_batch_invariant() {
 
 fn check_batch_invariance(model: &LlamaModel) {
     let fx = fixture();
-    let mut kv = model.new_kv_cache(64 << 20);
+    let mut kv = model.new_kv_cache(64 << 20).unwrap();
     let total = kv.num_blocks();
     const STEPS: usize = 6;
     // 16 sequences from the 14 fixture prompts (two repeated), 4 to 57 tokens long.
@@ -403,7 +402,7 @@ fn prefix_cache_hits_give_identical_logits() {
     let path = model_path();
     let model = load(&path);
     let fx = fixture();
-    let mut kv = model.new_kv_cache(16 << 20);
+    let mut kv = model.new_kv_cache(16 << 20).unwrap();
     let bt = kv.block_tokens();
     // The longest chat prompt (57 tokens: three full blocks).
     let prompt = cases(&fx).into_iter().map(|c| c.1).max_by_key(|p| p.len()).unwrap();
@@ -449,4 +448,23 @@ fn prefix_cache_hits_give_identical_logits() {
     }
     assert_eq!(kv.num_free_blocks(), kv.num_blocks());
     println!("prefix cache: {start} of {} prompt tokens reused, logits bitwise identical", prompt.len());
+}
+
+/// The load check is one comparison over any two backends (`compare_backends`, what an
+/// OpenCL model must pass against the CPU): two CPU models of the file agree bit for bit, and
+/// a model whose logits are not the reference's (fast numerics) is measured as such.
+#[test]
+fn the_load_check_compares_any_two_backends() {
+    let path = model_path();
+    let reference = load(&path);
+    let same = compare_backends(&reference, &load(&path)).unwrap_or_else(|e| panic!("{e}"));
+    assert!(same.bitwise && same.max_abs_diff == 0.0, "{same:?}");
+    if QuantLevel::selected() >= QuantLevel::Avx2 {
+        let fast = LlamaModel::load_with(&path, Numerics::Fast).unwrap_or_else(|e| panic!("{e}"));
+        // Within the check's tolerance or refused by it; either way not called bitwise.
+        match compare_backends(&reference, &fast) {
+            Ok(r) => assert!(!r.bitwise && r.max_abs_diff > 0.0, "{r:?}"),
+            Err(e) => assert!(e.to_string().contains("load check"), "{e}"),
+        }
+    }
 }

@@ -94,7 +94,7 @@ fn sequences(model: &LlamaModel) -> Vec<Sequence> {
 /// logits are bitwise those of any other chunking (tests/llama_reference.rs).
 fn teacher_forced_logits(model: &LlamaModel, seqs: &[Sequence]) -> Vec<Vec<Vec<f32>>> {
     let total: usize = seqs.iter().map(|s| s.tokens.len()).sum();
-    let mut kv = model.new_kv_cache((total + 16 * seqs.len()) * model.kv_bytes_per_token());
+    let mut kv = model.new_kv_cache((total + 16 * seqs.len()) * model.kv_bytes_per_token()).unwrap();
     let bt = kv.block_tokens();
     let tables: Vec<Vec<u32>> =
         seqs.iter().map(|s| (0..s.tokens.len().div_ceil(bt)).map(|_| kv.allocate().expect("KV cache sized for all")).collect()).collect();

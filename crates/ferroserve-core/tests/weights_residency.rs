@@ -47,8 +47,8 @@ fn a_repacked_model_does_not_keep_its_file_resident() {
     // embedding rows brought the (tied, already packed) table back, 64 KiB around each row.
     let vocab = model.vocab_size() as u32;
     let tokens: Vec<u32> = (0..512).map(|i| i * (vocab / 512)).collect();
-    let table_kb = model.token_embd_view().bytes.len() as u64 / 1024;
-    let mut kv = model.new_kv_cache(16 << 20);
+    let table_kb = model.gguf().tensor("token_embd.weight").unwrap().bytes.len() as u64 / 1024;
+    let mut kv = model.new_kv_cache(16 << 20).unwrap();
     let blocks: Vec<u32> = (0..tokens.len().div_ceil(kv.block_tokens())).map(|_| kv.allocate().unwrap()).collect();
     let logits = model.forward(&[SeqChunk { tokens: &tokens, start_pos: 0, block_table: &blocks, want_logits: true }], &mut kv);
     assert_eq!(logits.len(), model.vocab_size());

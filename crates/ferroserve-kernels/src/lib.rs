@@ -4,9 +4,9 @@
 //! ([`backend`]): device-resident buffers and ops that only enqueue into buffers the caller
 //! owns. [`CpuBackend`] runs the native CPU kernels ([`cpu`], [`quant`]) over `Vec`s;
 //! [`OpenClBackend`] runs the OpenCL kernels ([`opencl`]) over device buffers, so a pass
-//! crosses to the host only for its inputs and its result. So far the BERT encoder is
-//! written this way (`BertModel<B>`); the llama decoder still has a CPU model and an OpenCL
-//! runner of its own (`opencl::ops::LlamaKernels`), next to join the trait.
+//! crosses to the host only for its inputs and its result. Both models are written this way
+//! (`BertModel<B>`, `LlamaModel<B>`): a third backend is one more implementation of the
+//! trait, not a third copy of a model.
 //!
 //! [`Device`] is the CPU kernels' host-slice interface (plain row-major `f32` slices,
 //! weights packed once at load by [`Device::pack_linear`]): what [`CpuBackend`] calls, and
@@ -22,7 +22,7 @@ pub mod quant;
 #[doc(hidden)]
 pub mod testing;
 
-pub use backend::{Backend, BackendError, BackendResult, CpuBackend, OpenClBackend};
+pub use backend::{Backend, BackendError, BackendResult, CpuBackend, OpenClBackend, WeightFile};
 pub use cpu::CpuDevice;
 pub use isa::{Isa, IsaError, QuantLevel};
 

@@ -67,7 +67,7 @@ pub struct KvUsage {
 enum Storage {
     /// Here, per layer: `num_blocks · layout.block_elems()` f16 values each for K and for V.
     Host { k: Vec<Vec<u16>>, v: Vec<Vec<u16>> },
-    /// In a device's memory, which the model manages (`models::llama_opencl`); the cache
+    /// In a backend's memory, which the model manages (`models::llama::LlamaKv`); the cache
     /// keeps only the bookkeeping.
     Device { layers: usize },
 }
@@ -191,8 +191,8 @@ impl KvCache {
         KvCache { cfg, layout, storage, books: Books::shared(cfg.num_blocks) }
     }
 
-    /// The block pool and prefix cache only, for a device that keeps the K and V storage in
-    /// its own memory (`models::llama_opencl`): [`KvCache::layer`] then panics.
+    /// The block pool and prefix cache only, for a model that keeps the K and V storage in
+    /// its backend's memory (`models::llama::LlamaKv`): [`KvCache::layer`] then panics.
     pub fn without_storage(cfg: KvCacheConfig, layers: usize, kv_heads: usize, head_dim: usize) -> Self {
         let layout = PagedKvLayout::new(cfg.block_tokens, kv_heads, head_dim);
         let storage = Storage::Device { layers };
@@ -332,6 +332,20 @@ impl KvCache {
             Storage::Host { k, v } => (&mut k[layer], &mut v[layer]),
             Storage::Device { .. } => panic!("the KV blocks are in a device's memory, not here"),
         }
+    }
+}
+
+/// The scheduler's `KvPool` is implemented over `AsRef`/`AsMut<KvCache>`: the cache itself,
+/// and a model's cache wrapping it with the K and V storage.
+impl AsRef<KvCache> for KvCache {
+    fn as_ref(&self) -> &KvCache {
+        self
+    }
+}
+
+impl AsMut<KvCache> for KvCache {
+    fn as_mut(&mut self) -> &mut KvCache {
+        self
     }
 }
 

@@ -1,6 +1,7 @@
-//! Models. `bert` is written once against the `Backend` trait (`BertModel<CpuBackend>`,
-//! `BertModel<OpenClBackend>`); `llama` is still a CPU model with `llama_opencl` as its
-//! device-resident OpenCL runner beside it, until it moves onto the same trait.
+//! Models, each written once against the `Backend` trait: `bert` (`BertModel<CpuBackend>`,
+//! `BertModel<OpenClBackend>`) and `llama` (`LlamaModel<CpuBackend>`,
+//! `LlamaModel<OpenClBackend>`); `llama_opencl` holds what is OpenCL's own about the
+//! decoder (the load check against the CPU, the kernels' program binaries).
 
 pub mod bert;
 pub mod llama;

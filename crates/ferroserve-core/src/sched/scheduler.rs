@@ -684,56 +684,32 @@ impl Scheduler {
     }
 }
 
-impl KvPool for crate::kv::KvCache {
+/// The engine's KV caches: [`crate::kv::KvCache`] itself (bookkeeping only, as the
+/// scheduler's tests use it) and a model's cache that keeps its K and V blocks in a backend's
+/// storage (`models::llama::LlamaKv`) are scheduled through the same block bookkeeping.
+impl<T: AsRef<crate::kv::KvCache> + AsMut<crate::kv::KvCache>> KvPool for T {
     fn block_tokens(&self) -> usize {
-        crate::kv::KvCache::block_tokens(self)
+        self.as_ref().block_tokens()
     }
     fn num_blocks(&self) -> usize {
-        crate::kv::KvCache::num_blocks(self)
+        self.as_ref().num_blocks()
     }
     fn num_free_blocks(&self) -> usize {
-        crate::kv::KvCache::num_free_blocks(self)
+        self.as_ref().num_free_blocks()
     }
     fn allocate(&mut self) -> Option<u32> {
-        crate::kv::KvCache::allocate(self)
+        self.as_mut().allocate()
     }
     fn retain(&mut self, block: u32) {
-        crate::kv::KvCache::retain(self, block)
+        self.as_mut().retain(block)
     }
     fn block_table(&self) -> BlockTable {
-        crate::kv::KvCache::block_table(self)
+        self.as_ref().block_table()
     }
     fn lookup_prefix(&mut self, tokens: &[u32]) -> Vec<u32> {
-        crate::kv::KvCache::lookup_prefix(self, tokens)
+        self.as_mut().lookup_prefix(tokens)
     }
     fn register_full_block(&mut self, hash: BlockHash, block: u32) {
-        crate::kv::KvCache::register_full_block(self, hash, block)
-    }
-}
-
-impl KvPool for crate::models::llama_opencl::OpenClKv {
-    fn block_tokens(&self) -> usize {
-        self.blocks().block_tokens()
-    }
-    fn num_blocks(&self) -> usize {
-        self.blocks().num_blocks()
-    }
-    fn num_free_blocks(&self) -> usize {
-        self.blocks().num_free_blocks()
-    }
-    fn allocate(&mut self) -> Option<u32> {
-        self.blocks_mut().allocate()
-    }
-    fn retain(&mut self, block: u32) {
-        self.blocks_mut().retain(block)
-    }
-    fn block_table(&self) -> BlockTable {
-        self.blocks().block_table()
-    }
-    fn lookup_prefix(&mut self, tokens: &[u32]) -> Vec<u32> {
-        self.blocks_mut().lookup_prefix(tokens)
-    }
-    fn register_full_block(&mut self, hash: BlockHash, block: u32) {
-        self.blocks_mut().register_full_block(hash, block)
+        self.as_mut().register_full_block(hash, block)
     }
 }

@@ -12,7 +12,8 @@
 
 #![allow(dead_code)]
 
-use ferroserve_core::models::llama::{LlamaModel, MatrixView};
+use ferroserve_core::models::llama::LlamaModel;
+use ferroserve_core::weights::gguf::GgufFile;
 use ferroserve_kernels::quant::f16::f16_to_f32;
 use ferroserve_kernels::quant::{self, QuantType};
 use rayon::prelude::*;
@@ -97,6 +98,31 @@ fn dequantize_row_f64(t: QuantType, bytes: &[u8], out: &mut [f64]) {
             }
         }
     }
+}
+
+/// A weight matrix as the GGUF stores it (packed blocks, `[rows, cols]`).
+struct MatrixView<'a> {
+    bytes: &'a [u8],
+    wtype: QuantType,
+    rows: usize,
+    cols: usize,
+}
+
+impl<'a> MatrixView<'a> {
+    fn of(gguf: &'a GgufFile, name: &str) -> Self {
+        let t = gguf.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let wtype = QuantType::from_ggml_type(t.dtype.id()).unwrap_or_else(|| panic!("{name}: type {}", t.dtype));
+        MatrixView { bytes: t.bytes, wtype, rows: t.shape[0], cols: t.shape[1] }
+    }
+}
+
+/// A norm vector, as the model converts it (to f32).
+fn norm(gguf: &GgufFile, name: &str) -> Vec<f32> {
+    let t = gguf.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let wtype = QuantType::from_ggml_type(t.dtype.id()).unwrap_or_else(|| panic!("{name}: type {}", t.dtype));
+    let mut out = vec![0f32; t.n_elements()];
+    quant::dequantize_row(wtype, t.bytes, &mut out);
+    out
 }
 
 fn matrix(view: &MatrixView<'_>) -> MatrixF64 {
@@ -195,23 +221,25 @@ impl LlamaF64 {
     pub fn from_model(model: &LlamaModel) -> Self {
         let hp = &model.hparams;
         let rope = model.rope();
-        let layers = model
-            .layer_views()
-            .iter()
-            .map(|l| LayerF64 {
-                attn_norm: vector(l.attn_norm),
-                wq: matrix(&l.wq),
-                wk: matrix(&l.wk),
-                wv: matrix(&l.wv),
-                wo: matrix(&l.wo),
-                ffn_norm: vector(l.ffn_norm),
-                w_gate: matrix(&l.w_gate),
-                w_up: matrix(&l.w_up),
-                w_down: matrix(&l.w_down),
+        let gguf = model.gguf();
+        let layers = (0..hp.block_count)
+            .map(|i| {
+                let m = |t: &str| matrix(&MatrixView::of(gguf, &format!("blk.{i}.{t}.weight")));
+                LayerF64 {
+                    attn_norm: vector(&norm(gguf, &format!("blk.{i}.attn_norm.weight"))),
+                    wq: m("attn_q"),
+                    wk: m("attn_k"),
+                    wv: m("attn_v"),
+                    wo: m("attn_output"),
+                    ffn_norm: vector(&norm(gguf, &format!("blk.{i}.ffn_norm.weight"))),
+                    w_gate: m("ffn_gate"),
+                    w_up: m("ffn_up"),
+                    w_down: m("ffn_down"),
+                }
             })
             .collect();
-        let (embd, out) = (model.token_embd_view(), model.output_view());
-        let tied = embd.bytes.as_ptr() == out.bytes.as_ptr();
+        let embd = MatrixView::of(gguf, "token_embd.weight");
+        let out = gguf.tensor_info("output.weight").map(|_| MatrixView::of(gguf, "output.weight"));
         LlamaF64 {
             dim: hp.embedding_length,
             heads: hp.head_count,
@@ -225,8 +253,8 @@ impl LlamaF64 {
             vocab: hp.vocab_size,
             layers,
             token_embd: matrix(&embd),
-            output_norm: vector(model.output_norm()),
-            output: (!tied).then(|| matrix(&out)),
+            output_norm: vector(&norm(gguf, "output_norm.weight")),
+            output: out.as_ref().map(matrix),
         }
     }
 

@@ -1,11 +1,16 @@
 //! [`Backend`] over the native CPU kernels: buffers are `Vec`s, the f32 ops are
-//! [`CpuDevice`]'s and the quantised linear layers the panel kernels (`quant::panels`).
+//! [`CpuDevice`]'s and the quantised linear layers the panel kernels (`quant::panels`); the
+//! decoder's ops are `cpu::llama_ops` and the quantised matmuls (`quant`), called as the CPU
+//! llama model called them (the same arguments, so the same bits and the same parallel
+//! splits).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::{normalize, Backend, BackendError, BackendResult, Element, Packing, Pooling};
-use crate::quant::{self, panel_matmul, Panels, Q8Activations, QuantLevel, QuantType};
+use super::{normalize, AttentionArith, Backend, BackendError, BackendResult, DecodeStep, Element, MatrixUse, Packing, Pooling, RopeParams, StoredMatrix, WeightFile};
+use crate::cpu::llama_ops;
+use crate::kv_layout::PagedKvLayout;
+use crate::quant::{self, panel_matmul, panel_matmuls, quant_matmul_prepared, quant_matmul_with_isa, Panels, Q8Activations, QuantLevel, QuantType};
 use crate::{Activation, CpuDevice, Device, PackedLinear, SeqLayout};
 
 /// The CPU backend: [`CpuDevice`]'s ISA level for the f32 kernels, a [`QuantLevel`] for the
@@ -48,9 +53,60 @@ pub enum CpuLinear {
     Quantized { panels: Panels, bias: Vec<f32> },
 }
 
+/// A decoder weight matrix `[rows, cols]` in its file's packed blocks, read in place from the
+/// file's memory map; for fast numerics also repacked into panels.
+pub struct CpuMatrix {
+    ptr: *const u8,
+    len: usize,
+    /// Keeps the map `ptr` points into alive, and reads embedding rows without mapping them.
+    file: Arc<dyn WeightFile>,
+    wtype: QuantType,
+    rows: usize,
+    cols: usize,
+    panels: Option<Panels>,
+}
+
+// SAFETY: `ptr..ptr + len` is a slice of `file`'s tensors, which stay valid and unchanged while
+// `file` lives (the `WeightFile` contract), and `file` is held here; the bytes are only read.
+unsafe impl Send for CpuMatrix {}
+unsafe impl Sync for CpuMatrix {}
+
+impl CpuMatrix {
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: see the Send/Sync note.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    /// Bytes a matmul reads (the panels if repacked, else the file's blocks), and the file's
+    /// own bytes of the matrix: what the decode floors of bench/NOTES.md divide.
+    pub fn weight_bytes(&self) -> (usize, usize) {
+        (self.panels.as_ref().map_or(self.len, Panels::size_bytes), self.len)
+    }
+}
+
+/// A paged KV cache's K and V blocks, per layer, in host memory.
+pub struct CpuKv {
+    layout: PagedKvLayout,
+    k: Vec<Vec<u16>>,
+    v: Vec<Vec<u16>>,
+}
+
+impl CpuKv {
+    /// Layer `layer`'s K and V (f16 bits, laid out as [`PagedKvLayout`] says).
+    pub fn layer(&self, layer: usize) -> (&[u16], &[u16]) {
+        (&self.k[layer], &self.v[layer])
+    }
+}
+
 impl Backend for CpuBackend {
     type Buffer<T: Element> = Vec<T>;
     type Linear = CpuLinear;
+    type Matrix = CpuMatrix;
+    type Acts = Q8Activations;
+    /// Each step's rows get their factors from the parameters (`rope_rows`): a whole-context
+    /// table would be megabytes for nothing the step does not compute anyway.
+    type Rope = RopeParams;
+    type KvStorage = CpuKv;
 
     fn name(&self) -> String {
         self.device.name()
@@ -171,6 +227,142 @@ impl Backend for CpuBackend {
             if normalize_rows {
                 normalize(dst);
             }
+        }
+        Ok(())
+    }
+
+    fn prepare_decoder(&mut self, _head_dim: usize) -> BackendResult<()> {
+        Ok(())
+    }
+
+    fn pack_matrix(&self, m: StoredMatrix<'_>, usage: MatrixUse) -> BackendResult<CpuMatrix> {
+        let bytes = m.bytes();
+        let panels = (usage == MatrixUse::FastMatmul && Panels::supports(m.wtype)).then(|| Panels::pack(m.wtype, bytes, m.rows, m.cols));
+        if panels.is_some() {
+            // The kernels read the panels only; the file's form is kept for tied embeddings'
+            // row gathers, which read it from the file (`embed_rows`).
+            m.file().release_resident(bytes);
+        }
+        Ok(CpuMatrix { ptr: bytes.as_ptr(), len: bytes.len(), file: Arc::clone(m.file()), wtype: m.wtype, rows: m.rows, cols: m.cols, panels })
+    }
+
+    fn prepare_rope(&self, params: &RopeParams, _context: usize) -> BackendResult<RopeParams> {
+        Ok(params.clone())
+    }
+
+    fn alloc_acts(&self, _rows: usize, _k: usize) -> BackendResult<Q8Activations> {
+        Ok(Q8Activations::new())
+    }
+
+    fn alloc_kv(&self, layout: PagedKvLayout, layers: usize, num_blocks: usize) -> BackendResult<CpuKv> {
+        let elems = num_blocks.checked_mul(layout.block_elems()).ok_or_else(|| BackendError("KV cache size overflows".into()))?;
+        // Zeroed allocations come from the OS as untouched pages: memory is committed as
+        // blocks are first written, not for the whole budget up front.
+        Ok(CpuKv { layout, k: (0..layers).map(|_| vec![0u16; elems]).collect(), v: (0..layers).map(|_| vec![0u16; elems]).collect() })
+    }
+
+    /// Each row is read from the file (`WeightFile::read_copy`), not through the map:
+    /// gathering through the map would bring the table's pages back into RSS a few at a time
+    /// until all of it was resident, while the matmuls read only the panels.
+    fn embed_rows(&self, table: &CpuMatrix, step: &DecodeStep<'_, Self>, x: &mut Vec<f32>, dim: usize) -> BackendResult<()> {
+        let row_bytes = table.wtype.row_bytes(table.cols);
+        let embd = table.bytes();
+        let mut row = vec![0u8; row_bytes];
+        for (out, &t) in x[..step.rows * dim].chunks_exact_mut(dim).zip(&step.tokens[..step.rows]) {
+            let t = t as usize;
+            table.file.read_copy(&embd[t * row_bytes..(t + 1) * row_bytes], &mut row);
+            quant::dequantize_row(table.wtype, &row, out);
+        }
+        Ok(())
+    }
+
+    fn rms_norm(&self, x: &Vec<f32>, weight: &Vec<f32>, out: &mut Vec<f32>, rows: usize, dim: usize, eps: f32) -> BackendResult<()> {
+        llama_ops::rms_norm(self.device.isa(), &x[..rows * dim], dim, weight, eps, &mut out[..rows * dim]);
+        Ok(())
+    }
+
+    fn quantize_activations(&self, x: &Vec<f32>, rows: usize, k: usize, acts: &mut Q8Activations) -> BackendResult<()> {
+        // Only block-format weights read the quantised copy, and those have rows of whole
+        // 32-blocks (checked at load).
+        if k.is_multiple_of(32) {
+            acts.quantize_with_isa(self.quant_isa, &x[..rows * k], rows, k);
+        }
+        Ok(())
+    }
+
+    fn matmuls(&self, outputs: &mut [(&CpuMatrix, &mut Vec<f32>)], x: &Vec<f32>, acts: &Q8Activations, rows: usize) -> BackendResult<()> {
+        if outputs.iter().all(|(w, _)| w.panels.is_some()) {
+            // One parallel region for all of them: the panels are split over the threads
+            // together (`panel_matmuls`), the same bits.
+            let mut panels: Vec<(&Panels, &mut [f32])> =
+                outputs.iter_mut().map(|(w, y)| (w.panels.as_ref().unwrap(), &mut y[..rows * w.rows])).collect();
+            panel_matmuls(self.quant_isa, &mut panels, acts);
+            return Ok(());
+        }
+        for (w, y) in outputs.iter_mut() {
+            let y = &mut y[..rows * w.rows];
+            if let Some(panels) = &w.panels {
+                panel_matmul(self.quant_isa, panels, acts, y);
+            } else if w.wtype.is_block_quantised() {
+                quant_matmul_prepared(self.quant_isa, w.wtype, w.bytes(), w.rows, acts, y);
+            } else {
+                quant_matmul_with_isa(self.quant_isa, w.wtype, w.bytes(), w.rows, w.cols, &x[..rows * w.cols], rows, y);
+            }
+        }
+        Ok(())
+    }
+
+    fn rope_rows(&self, rope: &RopeParams, step: &DecodeStep<'_, Self>, cos_sin: &mut Vec<f32>) -> BackendResult<()> {
+        let dims = rope.dims;
+        if dims > 0 {
+            for (cs, &p) in cos_sin[..step.rows * dims].chunks_exact_mut(dims).zip(&step.positions[..step.rows]) {
+                llama_ops::rope_cos_sin(p as usize, rope, cs);
+            }
+        }
+        Ok(())
+    }
+
+    fn rope(&self, x: &mut Vec<f32>, rope: &RopeParams, cos_sin: &Vec<f32>, step: &DecodeStep<'_, Self>, heads: usize, head_dim: usize) -> BackendResult<()> {
+        let rows = step.rows;
+        llama_ops::rope_pairs(&mut x[..rows * heads * head_dim], heads, head_dim, rope.dims, &cos_sin[..rows * rope.dims]);
+        Ok(())
+    }
+
+    fn kv_write(&self, kv: &mut CpuKv, layer: usize, k: &Vec<f32>, v: &Vec<f32>, step: &DecodeStep<'_, Self>) -> BackendResult<()> {
+        let layout = kv.layout;
+        let (bt, width) = (layout.block_tokens, layout.kv_heads * layout.head_dim);
+        let (k_cache, v_cache) = (&mut kv.k[layer], &mut kv.v[layer]);
+        for s in step.seqs {
+            for (i, row) in s.rows.clone().enumerate() {
+                let p = s.start_pos + i;
+                let (k, v) = (&k[row * width..(row + 1) * width], &v[row * width..(row + 1) * width]);
+                layout.write_token(k_cache, v_cache, s.block_table[p / bt] as usize, p % bt, k, v);
+            }
+        }
+        Ok(())
+    }
+
+    fn paged_attention(&self, q: &Vec<f32>, kv: &CpuKv, layer: usize, step: &DecodeStep<'_, Self>, heads: usize, arith: AttentionArith, out: &mut Vec<f32>) -> BackendResult<()> {
+        let n = step.rows * heads * kv.layout.head_dim;
+        llama_ops::paged_attention(self.device.isa(), arith, &q[..n], step.seqs, heads, &kv.layout, &kv.k[layer], &kv.v[layer], &mut out[..n]);
+        Ok(())
+    }
+
+    fn add(&self, x: &mut Vec<f32>, y: &Vec<f32>, count: usize) -> BackendResult<()> {
+        for (a, &b) in x[..count].iter_mut().zip(&y[..count]) {
+            *a += b;
+        }
+        Ok(())
+    }
+
+    fn silu_mul(&self, gate: &mut Vec<f32>, up: &Vec<f32>, count: usize) -> BackendResult<()> {
+        llama_ops::silu_mul(self.device.isa(), &mut gate[..count], &up[..count]);
+        Ok(())
+    }
+
+    fn gather_rows(&self, x: &Vec<f32>, rows: &Vec<u32>, count: usize, dim: usize, out: &mut Vec<f32>) -> BackendResult<()> {
+        for (dst, &r) in out[..count * dim].chunks_exact_mut(dim).zip(&rows[..count]) {
+            dst.copy_from_slice(&x[r as usize * dim..(r as usize + 1) * dim]);
         }
         Ok(())
     }

@@ -9,8 +9,8 @@
 //! sources embedded at build time ([`sources`]) or from precompiled program binaries (one
 //! per kernel file, for FPGA bitstreams). Buffers live on the device; a model uploads its
 //! weights once and per step enqueues kernels back to back, reading back only the final
-//! result: the encoder through [`crate::OpenClBackend`] (`BertModel<OpenClBackend>`), the
-//! llama decoder through `ferroserve-core`'s `OpenClLlama` for now. The host-slice
+//! result, through [`crate::OpenClBackend`] (`BertModel<OpenClBackend>`,
+//! `LlamaModel<OpenClBackend>`). The host-slice
 //! [`crate::Device`] trait is not implemented here on purpose: every call would copy
 //! activations to and from the device between ops, which is exactly the round trip the
 //! OpenCL path exists to avoid.

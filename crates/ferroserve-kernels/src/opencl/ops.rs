@@ -1,6 +1,6 @@
 //! The models' kernels, built once per model, and typed launches of the llama decoder's (see
 //! kernels/README.md for each kernel's contract). Each launch only enqueues: a caller chains
-//! them on the device's one in-order queue and reads back once at the end. The encoder's
+//! them on the device's one in-order queue and reads back once at the end. Both models'
 //! launches are [`crate::OpenClBackend`]'s ops (the `Backend` trait).
 
 use std::path::{Path, PathBuf};
@@ -156,8 +156,8 @@ impl LlamaKernels {
     ];
 
     /// Builds the decoder's kernels. `matmul_q8_0_q8_0` is compiled for the operation order
-    /// of the CPU's Q8_0 kernel at [`QuantLevel::selected`] (the level the CPU device, and so
-    /// `OpenClLlama`'s load check, runs; [`q8_0_order`]), so that the logits are the CPU's on
+    /// of the CPU's Q8_0 kernel at [`QuantLevel::selected`] (the level the CPU backend, and so
+    /// the OpenCL model's load check, runs; [`q8_0_order`]), so that the logits are the CPU's on
     /// every host and every `FERROSERVE_ISA`. Program binaries ([`KernelSource::Binaries`])
     /// keep the order of the process that built them (their `-D` options are fixed): binaries
     /// from a host at another level give logits off in the last bits, which the load check
