@@ -1099,6 +1099,10 @@ mod avx2 {
             kind::Q6_K if R == 1 => tile_q6_k_wide(w, acts, offsets, p, r0, out),
             kind::Q6_K => tile_q6_k_rows::<R>(w, acts, offsets, p, r0, out),
             kind::Q4_1 | kind::Q4_0 if R == 1 => tile_wide::<R, KIND>(w, acts, offsets, p, r0, out),
+            // One row of Q5 codes keeps the tile it had before the four-row tiles (whose m = 1
+            // speed was not measured; a quiet c=1 run read SmolLM2 Q4_K_M, mostly Q5_0, 0–6 %
+            // slower through them). Same bits either way.
+            kind::Q5_1 | kind::Q5_0 if R == 1 => tile::<R, KIND>(w, acts, offsets, p, r0, out),
             kind::Q4_1 | kind::Q4_0 | kind::Q5_1 | kind::Q5_0 => tile_rows::<R, KIND>(w, acts, offsets, p, r0, out),
             _ => tile::<R, KIND>(w, acts, offsets, p, r0, out),
         }
