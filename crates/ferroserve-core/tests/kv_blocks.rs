@@ -11,7 +11,7 @@ const BLOCK_TOKENS: usize = 16;
 
 /// Bookkeeping only: the scheduler never touches K and V.
 fn cache(num_blocks: usize) -> KvCache {
-    KvCache::without_storage(KvCacheConfig { block_tokens: BLOCK_TOKENS, num_blocks }, 2, 2, 64)
+    KvCache::new(KvCacheConfig { block_tokens: BLOCK_TOKENS, num_blocks }, 2, 2, 64)
 }
 
 /// One step without a model: every chunk is computed and sequences wanting logits get token 1.

@@ -1,6 +1,7 @@
-//! The paged KV cache: per layer, K and V storage in fixed-size blocks of token slots, a pool
-//! handing blocks out with reference counts, and a prefix cache that lets sequences with a
-//! common prompt prefix share its full blocks.
+//! The paged KV cache's books: fixed-size blocks of token slots handed out by a pool with
+//! reference counts, and a prefix cache that lets sequences with a common prompt prefix share
+//! its full blocks. The K and V storage itself lives in the backend's memory, which the model
+//! owns (`models::llama::LlamaKv`); this module decides only which block holds what.
 //!
 //! A sequence owns a *block table* ([`BlockTable`]: its block ids in position order; position
 //! `p` lives in slot `p % block_tokens` of block `table[p / block_tokens]`). The scheduler
@@ -18,10 +19,10 @@
 //! nothing registered are reused first, then registered ones, least recently freed first, and
 //! a registered block is forgotten only when it is reused.
 //!
-//! Storage is IEEE half precision (as llama.cpp's default cache), `[block][kv_head][head_dim]
-//! [block_tokens]` for K and `[block][kv_head][block_tokens][head_dim]` for V (see
-//! [`PagedKvLayout`] for why): batched decode streams the
-//! cache of every sequence each step, as many bytes as the weights at a few hundred tokens of
+//! The backends store IEEE half precision (as llama.cpp's default cache),
+//! `[block][kv_head][head_dim][block_tokens]` for K and `[block][kv_head][block_tokens]
+//! [head_dim]` for V (see [`PagedKvLayout`] for why): batched decode streams the cache of
+//! every sequence each step, as many bytes as the weights at a few hundred tokens of
 //! context per sequence, so halving them matters; widening is exact and one instruction.
 
 mod block_pool;
@@ -60,16 +61,6 @@ pub struct KvUsage {
     /// Blocks held by at least one sequence.
     pub used_blocks: usize,
     pub total_blocks: usize,
-}
-
-/// Where a [`KvCache`]'s K and V blocks live.
-#[derive(Debug)]
-enum Storage {
-    /// Here, per layer: `num_blocks · layout.block_elems()` f16 values each for K and for V.
-    Host { k: Vec<Vec<u16>>, v: Vec<Vec<u16>> },
-    /// In a backend's memory, which the model manages (`models::llama::LlamaKv`); the cache
-    /// keeps only the bookkeeping.
-    Device { layers: usize },
 }
 
 /// What a [`BlockTable`] gives its blocks back to when it is dropped.
@@ -160,7 +151,7 @@ impl ReleaseBlocks for Mutex<Books> {
 pub struct KvCache {
     cfg: KvCacheConfig,
     layout: PagedKvLayout,
-    storage: Storage,
+    layers: usize,
     books: Arc<Mutex<Books>>,
 }
 
@@ -168,8 +159,7 @@ impl std::fmt::Debug for KvCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KvCache")
             .field("cfg", &self.cfg)
-            .field("layers", &self.num_layers())
-            .field("on_host", &self.has_storage())
+            .field("layers", &self.layers)
             .field("layout", &self.layout)
             .field("free_blocks", &self.num_free_blocks())
             .field("registered_blocks", &self.num_cached_blocks())
@@ -178,30 +168,12 @@ impl std::fmt::Debug for KvCache {
 }
 
 impl KvCache {
-    /// Panics if `block_tokens` is not a positive multiple of 16 or a dimension is zero.
+    /// The books for `cfg.num_blocks` blocks of `layers` layers; the storage they describe is
+    /// the model's (its backend allocates it from [`KvCache::layout`]). Panics if
+    /// `block_tokens` is not a positive multiple of 16 or a dimension is zero.
     pub fn new(cfg: KvCacheConfig, layers: usize, kv_heads: usize, head_dim: usize) -> Self {
         let layout = PagedKvLayout::new(cfg.block_tokens, kv_heads, head_dim);
-        let elems = cfg.num_blocks.checked_mul(layout.block_elems()).expect("KV cache size overflows");
-        // Zeroed allocations come from the OS as untouched pages: memory is committed as
-        // blocks are first written, not for the whole budget up front.
-        let storage = Storage::Host {
-            k: (0..layers).map(|_| vec![0u16; elems]).collect(),
-            v: (0..layers).map(|_| vec![0u16; elems]).collect(),
-        };
-        KvCache { cfg, layout, storage, books: Books::shared(cfg.num_blocks) }
-    }
-
-    /// The block pool and prefix cache only, for a model that keeps the K and V storage in
-    /// its backend's memory (`models::llama::LlamaKv`): [`KvCache::layer`] then panics.
-    pub fn without_storage(cfg: KvCacheConfig, layers: usize, kv_heads: usize, head_dim: usize) -> Self {
-        let layout = PagedKvLayout::new(cfg.block_tokens, kv_heads, head_dim);
-        let storage = Storage::Device { layers };
-        KvCache { cfg, layout, storage, books: Books::shared(cfg.num_blocks) }
-    }
-
-    /// Whether [`KvCache::layer`] holds the blocks (false for [`KvCache::without_storage`]).
-    pub fn has_storage(&self) -> bool {
-        matches!(self.storage, Storage::Host { .. })
+        KvCache { cfg, layout, layers, books: Books::shared(cfg.num_blocks) }
     }
 
     /// As many blocks as fit in `budget_bytes` (K and V of every layer; bookkeeping aside).
@@ -227,10 +199,7 @@ impl KvCache {
     }
 
     pub fn num_layers(&self) -> usize {
-        match &self.storage {
-            Storage::Host { k, .. } => k.len(),
-            Storage::Device { layers } => *layers,
-        }
+        self.layers
     }
 
     fn books(&self) -> MutexGuard<'_, Books> {
@@ -316,22 +285,6 @@ impl KvCache {
     /// How the model's kernels address the blocks.
     pub fn layout(&self) -> PagedKvLayout {
         self.layout
-    }
-
-    /// Layer `layer`'s K and V storage (f16 bits, laid out as [`KvCache::layout`] says).
-    /// Panics for a cache [`without_storage`](KvCache::without_storage).
-    pub fn layer(&self, layer: usize) -> (&[u16], &[u16]) {
-        match &self.storage {
-            Storage::Host { k, v } => (&k[layer], &v[layer]),
-            Storage::Device { .. } => panic!("the KV blocks are in a device's memory, not here"),
-        }
-    }
-
-    pub fn layer_mut(&mut self, layer: usize) -> (&mut [u16], &mut [u16]) {
-        match &mut self.storage {
-            Storage::Host { k, v } => (&mut k[layer], &mut v[layer]),
-            Storage::Device { .. } => panic!("the KV blocks are in a device's memory, not here"),
-        }
     }
 }
 
@@ -446,27 +399,6 @@ mod tests {
         assert_eq!(kv.num_free_blocks(), 3, "the shared block is still held once");
         kv.release(0);
         assert_eq!(kv.num_free_blocks(), 4);
-    }
-
-    #[test]
-    fn storage_is_a_mode_not_a_size() {
-        let cfg = KvCacheConfig { block_tokens: 16, num_blocks: 2 };
-        let host = KvCache::new(cfg, 3, 2, 64);
-        let device = KvCache::without_storage(cfg, 3, 2, 64);
-        assert!(host.has_storage() && !device.has_storage());
-        assert_eq!((host.num_layers(), device.num_layers()), (3, 3));
-        assert_eq!(host.layer(2).0.len(), 2 * host.layout().block_elems());
-        // With no blocks at all, the mode still tells the two apart.
-        let empty = KvCacheConfig { block_tokens: 16, num_blocks: 0 };
-        assert!(KvCache::new(empty, 3, 2, 64).has_storage());
-        assert!(!KvCache::without_storage(empty, 3, 2, 64).has_storage());
-    }
-
-    #[test]
-    #[should_panic(expected = "in a device's memory")]
-    fn a_device_cache_has_no_host_layers() {
-        let cfg = KvCacheConfig { block_tokens: 16, num_blocks: 2 };
-        let _ = KvCache::without_storage(cfg, 1, 1, 64).layer(0);
     }
 
     #[test]

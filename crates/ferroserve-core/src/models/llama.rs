@@ -432,7 +432,7 @@ impl<B: Backend> LlamaModel<B> {
     /// A KV cache of exactly `cfg`'s blocks.
     pub fn new_kv_cache_with(&self, cfg: KvCacheConfig) -> Result<LlamaKv<B>> {
         let hp = &self.hparams;
-        let blocks = KvCache::without_storage(cfg, hp.block_count, hp.head_count_kv, hp.head_dim);
+        let blocks = KvCache::new(cfg, hp.block_count, hp.head_count_kv, hp.head_dim);
         let storage = self.backend.alloc_kv(blocks.layout(), hp.block_count, cfg.num_blocks).map_err(backend_err)?;
         Ok(LlamaKv { blocks, storage })
     }
