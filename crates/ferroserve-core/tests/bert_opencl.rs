@@ -82,12 +82,12 @@ fn precompiled_binaries_give_the_same_bits_and_missing_ones_are_a_clear_error() 
     assert_eq!(from_source.embed(&refs).unwrap(), from_binaries.embed(&refs).unwrap());
 
     // One binary missing: refused with the file it looked for, not a panic.
-    std::fs::remove_file(bin_dir.join("mean_pool_f32.bin")).unwrap();
+    std::fs::remove_file(bin_dir.join("pool_f32.bin")).unwrap();
     let err = BertModel::load(&dir, OpenClBackend::open(index, &KernelSource::Binaries(bin_dir.clone())).unwrap()).err().expect("a missing binary must fail");
     assert_eq!(err.kind(), ErrorKind::Device);
-    assert!(err.to_string().contains("mean_pool_f32.bin"), "{err}");
+    assert!(err.to_string().contains("pool_f32.bin"), "{err}");
     // A file that is not a program binary: the driver's refusal, as an error.
-    std::fs::write(bin_dir.join("mean_pool_f32.bin"), b"not a program binary").unwrap();
+    std::fs::write(bin_dir.join("pool_f32.bin"), b"not a program binary").unwrap();
     let err = BertModel::load(&dir, OpenClBackend::open(index, &KernelSource::Binaries(bin_dir.clone())).unwrap()).err().expect("a corrupt binary must fail");
     assert_eq!(err.kind(), ErrorKind::Device, "{err}");
     std::fs::remove_dir_all(&bin_dir).unwrap();
@@ -122,4 +122,57 @@ fn device_choice_parses_and_rejects() {
     for bad in ["gpu", "opencl:", "opencl:x", "opencl:-1", ""] {
         assert_eq!(DeviceChoice::parse(bad, None).unwrap_err().kind(), ErrorKind::InvalidRequest, "{bad:?}");
     }
+}
+
+/// Every pooling mode sentence-transformers offers, on the device against the CPU backend's
+/// op over random hidden states: the same bits before normalising (each mode sums, compares
+/// or copies in the same order), within f32 rounding after.
+#[test]
+fn every_pooling_mode_matches_the_cpu() {
+    use ferroserve_kernels::backend::{Packing, Pooling};
+    use ferroserve_kernels::testing::Rng;
+    use ferroserve_kernels::Backend;
+
+    fn pooled<B: Backend>(b: &B, hidden: &[f32], offsets: &[u32], dim: usize, mode: Pooling, normalize: bool) -> Vec<f32> {
+        let (rows, seqs) = (*offsets.last().unwrap() as usize, offsets.len() - 1);
+        let row_seq: Vec<u32> = (0..seqs).flat_map(|s| (offsets[s]..offsets[s + 1]).map(move |_| s as u32)).collect();
+        let positions: Vec<u32> = (0..seqs).flat_map(|s| 0..offsets[s + 1] - offsets[s]).collect();
+        let (tokens, positions) = (b.upload(vec![0u32; rows]).unwrap(), b.upload(positions).unwrap());
+        let (row_seq, seq_offsets) = (b.upload(row_seq).unwrap(), b.upload(offsets.to_vec()).unwrap());
+        let pack = Packing { tokens: &tokens, positions: &positions, row_seq: &row_seq, seq_offsets: &seq_offsets, rows, seqs };
+        let hidden = b.upload(hidden.to_vec()).unwrap();
+        let mut out = b.alloc::<f32>(seqs * dim).unwrap();
+        b.pool(&hidden, &pack, mode, normalize, &mut out, dim).unwrap();
+        let mut host = vec![0f32; seqs * dim];
+        b.read(&out, &mut host).unwrap();
+        host
+    }
+
+    let _serial = common::opencl_serial();
+    let Some(index) = common::opencl_device().map(|d| d.index) else { return };
+    let mut cl = OpenClBackend::open(index, &KernelSource::Embedded).unwrap();
+    cl.prepare_encoder(32).unwrap();
+    let mut cpu = CpuBackend::default();
+    cpu.prepare_encoder(32).unwrap();
+    let (mut rng, seed) = Rng::from_env_or_clock("FERROSERVE_TEST_SEED", 7);
+    // Sequences of 1, 2, 7 and 40 rows; a width that is not a multiple of the work-group.
+    let (offsets, dim) = (vec![0u32, 1, 3, 10, 50], 389);
+    let hidden = rng.vec_scaled(50 * dim, 4.0);
+    for mode in [Pooling::Mean, Pooling::Cls, Pooling::Max, Pooling::MeanSqrtLen] {
+        let (want, got) = (pooled(&cpu, &hidden, &offsets, dim, mode, false), pooled(&cl, &hidden, &offsets, dim, mode, false));
+        assert!(want == got, "{mode:?} pooling differs from the CPU's bits (FERROSERVE_TEST_SEED={seed})");
+        let (want, got) = (pooled(&cpu, &hidden, &offsets, dim, mode, true), pooled(&cl, &hidden, &offsets, dim, mode, true));
+        let worst = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst <= 1e-6, "{mode:?} normalised: max |Δ| {worst} (FERROSERVE_TEST_SEED={seed})");
+        for (s, w) in offsets.windows(2).enumerate() {
+            let v = &got[s * dim..(s + 1) * dim];
+            let norm = v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+            assert!((norm - 1.0).abs() < 1e-5, "{mode:?} sequence {s} ({} rows): norm {norm}", w[1] - w[0]);
+        }
+    }
+    // CLS is the first row, max is no smaller than any row: the modes are what they say.
+    let cls = pooled(&cl, &hidden, &offsets, dim, Pooling::Cls, false);
+    assert_eq!(&cls[3 * dim..4 * dim], &hidden[10 * dim..11 * dim]);
+    let max = pooled(&cl, &hidden, &offsets, dim, Pooling::Max, false);
+    assert!((10..50).all(|r| (0..dim).all(|c| max[3 * dim + c] >= hidden[r * dim + c])));
 }

@@ -377,9 +377,6 @@ impl<B: Backend> BertModel<B> {
         let numerics = if formats.is_some() { EmbedNumerics::Int8 } else { EmbedNumerics::F32 };
         let [f_qkv, f_attn_out, f_ffn_in, f_ffn_out] = formats.map_or([QuantType::F32; 4], |f| f.0);
         let ck = BertCheckpoint::load(dir)?;
-        if !backend.supports_pooling(ck.sentence.pooling) {
-            return Err(Error::Device(format!("{:?} pooling is not implemented on {}", ck.sentence.pooling, backend.name())));
-        }
         let (h, i) = (ck.config.hidden_size, ck.config.intermediate_size);
         // Each quantised layer's rows must be whole blocks of its format (MiniLM's 384 and
         // 1536 are whole 32-blocks).

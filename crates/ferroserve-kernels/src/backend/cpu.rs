@@ -147,10 +147,6 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn supports_pooling(&self, _mode: Pooling) -> bool {
-        true
-    }
-
     fn pack_linear(&self, weight: &[f32], bias: &[f32], out_features: usize, in_features: usize, format: QuantType) -> BackendResult<CpuLinear> {
         if format == QuantType::F32 {
             return Ok(CpuLinear::F32(self.device.pack_linear(weight, out_features, in_features, Some(bias))));

@@ -185,8 +185,6 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// Builds what the encoder ops need for heads of `head_dim` (OpenCL compiles its
     /// attention kernel for the head width). Called once, before any op.
     fn prepare_encoder(&mut self, head_dim: usize) -> BackendResult<()>;
-    /// Whether [`Backend::pool`] implements `mode`.
-    fn supports_pooling(&self, mode: Pooling) -> bool;
 
     /// Prepares `weight` (`[out_features, in_features]` row-major, PyTorch's layout) and
     /// `bias` (`[out_features]`) in `format`: `QuantType::F32` for the f32 kernels, or a

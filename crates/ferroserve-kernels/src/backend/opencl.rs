@@ -128,12 +128,6 @@ impl Backend for OpenClBackend {
         Ok(())
     }
 
-    fn supports_pooling(&self, mode: Pooling) -> bool {
-        // mean_pool_f32 is the only pooling kernel so far (all-MiniLM and most
-        // sentence-transformers models pool by mean).
-        mode == Pooling::Mean
-    }
-
     fn pack_linear(&self, weight: &[f32], bias: &[f32], out_features: usize, in_features: usize, format: QuantType) -> BackendResult<ClLinear> {
         if format != QuantType::F32 {
             return Err(BackendError(format!("{} linear layers are not implemented on OpenCL (the encoder kernels compute f32)", format.name())));
@@ -187,13 +181,25 @@ impl Backend for OpenClBackend {
     }
 
     fn pool(&self, hidden: &DeviceBuffer<f32>, seqs: &Packing<'_, Self>, mode: Pooling, normalize: bool, out: &mut DeviceBuffer<f32>, dim: usize) -> BackendResult<()> {
-        if mode != Pooling::Mean {
-            return Err(BackendError(format!("{mode:?} pooling is not implemented on OpenCL (only mean pooling)")));
-        }
+        // The mode numbers pool_f32.cl reads.
+        let mode = match mode {
+            Pooling::Mean => 0u32,
+            Pooling::Cls => 1,
+            Pooling::Max => 2,
+            Pooling::MeanSqrtLen => 3,
+        };
         let k = self.kernels()?;
         let l = k.pool_group;
-        let args = [Arg::buf(hidden), Arg::buf(seqs.seq_offsets), Arg::buf(out), Arg::U32(dim as u32), Arg::U32(normalize as u32), Arg::Local(l * 4)];
-        Ok(self.dev.launch(&k.mean_pool, &args, &[l * seqs.seqs], Some(&[l]))?)
+        let args = [
+            Arg::buf(hidden),
+            Arg::buf(seqs.seq_offsets),
+            Arg::buf(out),
+            Arg::U32(dim as u32),
+            Arg::U32(mode),
+            Arg::U32(normalize as u32),
+            Arg::Local(l * 4),
+        ];
+        Ok(self.dev.launch(&k.pool, &args, &[l * seqs.seqs], Some(&[l]))?)
     }
 
     fn prepare_decoder(&mut self, head_dim: usize) -> BackendResult<()> {

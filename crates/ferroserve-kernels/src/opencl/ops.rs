@@ -14,7 +14,7 @@ pub struct BertKernels {
     pub(crate) layer_norm: BuiltKernel,
     pub(crate) matmul_tiled: BuiltKernel,
     pub(crate) attention: BuiltKernel,
-    pub(crate) mean_pool: BuiltKernel,
+    pub(crate) pool: BuiltKernel,
     /// Work-group sizes of the per-row reduction kernels (layer norm, pooling).
     pub(crate) norm_group: usize,
     pub(crate) pool_group: usize,
@@ -42,7 +42,7 @@ const LINEAR_WORK_N: usize = 16;
 pub(crate) const LINEAR_GROUP: [usize; 2] = [LINEAR_TILE_N / LINEAR_WORK_N, LINEAR_TILE_M / LINEAR_WORK_M];
 
 impl BertKernels {
-    pub const NAMES: [&'static str; 5] = ["embedding_lookup_f32", "layer_norm_f32", "matmul_f32_f32_tiled", "attention_encoder_f32", "mean_pool_f32"];
+    pub const NAMES: [&'static str; 5] = ["embedding_lookup_f32", "layer_norm_f32", "matmul_f32_f32_tiled", "attention_encoder_f32", "pool_f32"];
 
     pub fn build(dev: &OpenClDevice, head_dim: usize, from: &KernelSource) -> Result<Self> {
         let none: &[(&str, String)] = &[];
@@ -67,15 +67,15 @@ impl BertKernels {
             )));
         }
         let attention = dev.kernel("attention_encoder_f32", &[("HEAD_DIM", head_dim.to_string())], from)?;
-        let mean_pool = dev.kernel("mean_pool_f32", none, from)?;
-        let (norm_group, pool_group) = (reduction_group(&layer_norm), reduction_group(&mean_pool));
-        Ok(Self { embedding, layer_norm, matmul_tiled, attention, mean_pool, norm_group, pool_group })
+        let pool = dev.kernel("pool_f32", none, from)?;
+        let (norm_group, pool_group) = (reduction_group(&layer_norm), reduction_group(&pool));
+        Ok(Self { embedding, layer_norm, matmul_tiled, attention, pool, norm_group, pool_group })
     }
 
     /// Writes every kernel's program binary to `dir` (loadable with
     /// `KernelSource::Binaries(dir)` on the same kind of device).
     pub fn save_binaries(&self, dev: &OpenClDevice, dir: &Path) -> Result<Vec<PathBuf>> {
-        [&self.embedding, &self.layer_norm, &self.matmul_tiled, &self.attention, &self.mean_pool].iter().map(|k| dev.save_binary(k, dir)).collect()
+        [&self.embedding, &self.layer_norm, &self.matmul_tiled, &self.attention, &self.pool].iter().map(|k| dev.save_binary(k, dir)).collect()
     }
 }
 

@@ -22,7 +22,7 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("matmul_f32_f32_tiled", include_str!("../../../../kernels/matmul_f32_f32_tiled.cl")),
     ("matmul_q4_1_q8_1", include_str!("../../../../kernels/matmul_q4_1_q8_1.cl")),
     ("matmul_q8_0_q8_0", include_str!("../../../../kernels/matmul_q8_0_q8_0.cl")),
-    ("mean_pool_f32", include_str!("../../../../kernels/mean_pool_f32.cl")),
+    ("pool_f32", include_str!("../../../../kernels/pool_f32.cl")),
     ("quantize_q8_f32", include_str!("../../../../kernels/quantize_q8_f32.cl")),
     ("rms_norm_f32", include_str!("../../../../kernels/rms_norm_f32.cl")),
     ("rope_f32", include_str!("../../../../kernels/rope_f32.cl")),
