@@ -6,6 +6,7 @@
 //! crate multiplies f16/bf16 rows in place with a reduction order fixed per output element.
 
 use super::matmul::OutMatrix;
+use super::{FormatInfo, Kernels};
 use std::ops::Range;
 
 /// Exact IEEE half → single conversion (subnormals, infinities and NaN included).
@@ -115,6 +116,34 @@ pub fn quantize_row_f16(x: &[f32], out: &mut [u8]) {
 pub fn quantize_row_bf16(x: &[f32], out: &mut [u8]) {
     for (v, b) in x.iter().zip(out.chunks_exact_mut(2)) {
         b.copy_from_slice(&f32_to_bf16(*v).to_le_bytes());
+    }
+}
+
+/// The float formats' rows of the format table ([`super::QuantType::info`]): one weight per
+/// "block", read by one kernel shape whose loads `FloatFormat` picks.
+pub static F32_FORMAT: FormatInfo =
+    float_format("F32", 0, 4, FloatFormat::F32, dequantize_row_f32, quantize_row_f32);
+pub static F16_FORMAT: FormatInfo =
+    float_format("F16", 1, 2, FloatFormat::F16, dequantize_row_f16, quantize_row_f16);
+pub static BF16_FORMAT: FormatInfo =
+    float_format("BF16", 30, 2, FloatFormat::BF16, dequantize_row_bf16, quantize_row_bf16);
+
+const fn float_format(
+    name: &'static str,
+    ggml_type: u32,
+    bytes: usize,
+    format: FloatFormat,
+    dequantize_row: fn(&[u8], &mut [f32]),
+    quantize_row: fn(&[f32], &mut [u8]),
+) -> FormatInfo {
+    FormatInfo {
+        name,
+        ggml_type,
+        block_elems: 1,
+        block_bytes: bytes,
+        dequantize_row,
+        quantize_row,
+        kernels: Kernels::Float(format),
     }
 }
 

@@ -32,9 +32,9 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::f16::{F32Rows, FloatFormat};
+use super::f16::F32Rows;
 use super::q8_0::Q8Activations;
-use super::{iq4_nl, q4_0, q4_1, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0, QuantType};
+use super::{Kernels, QuantType};
 use crate::isa::QuantLevel;
 
 /// `y[m, n] = x[m, k] · wᵀ`. `w` holds `n` rows of `k` weights of type `wtype` exactly as
@@ -137,46 +137,21 @@ pub fn quant_matmul_prepared(
     });
 }
 
-type QuantisedKernel = unsafe fn(&[u8], usize, &Q8Activations, Range<usize>, &OutMatrix);
+/// A block format's column kernel: columns `cols` of `out` from the packed weights (rows of
+/// `row_bytes`) and the quantised activations.
+pub(crate) type QuantisedKernel = unsafe fn(&[u8], usize, &Q8Activations, Range<usize>, &OutMatrix);
 
+/// `wtype`'s kernel for `isa`, from the format table.
 fn quantised_kernel(isa: QuantLevel, wtype: QuantType) -> QuantisedKernel {
-    macro_rules! pick {
-        ($family:ident) => {
-            match isa {
-                #[cfg(target_arch = "x86_64")]
-                QuantLevel::Avx512 => $family::avx512::matmul_cols as QuantisedKernel,
-                #[cfg(target_arch = "x86_64")]
-                QuantLevel::Avx2 => $family::avx2::matmul_cols as QuantisedKernel,
-                _ => $family::matmul_cols_portable as QuantisedKernel,
-            }
-        };
-    }
-    macro_rules! pick_avx2 {
-        ($family:ident) => {
-            match isa {
-                #[cfg(target_arch = "x86_64")]
-                QuantLevel::Avx2 | QuantLevel::Avx512 => $family::avx2::matmul_cols as QuantisedKernel,
-                _ => $family::matmul_cols_portable as QuantisedKernel,
-            }
-        };
-    }
-    match wtype {
-        QuantType::Q8_0 => pick!(q8_0),
-        QuantType::Q4_0 => pick!(q4_0),
-        QuantType::Q4_1 => pick!(q4_1),
-        QuantType::Q4_K => pick!(q4_k),
-        // Q6_K's per-16 scales fit `vpmaddwd` better than a VNNI dot (see q6_k.rs), so its
-        // AVX2 kernel serves both x86 levels.
-        QuantType::Q6_K => pick_avx2!(q6_k),
-        // These follow one reduction order on every level (llama.cpp's for Q5_0, Q5_1 and
-        // IQ4_NL), which their AVX2 kernels already give: it serves both x86 levels.
-        QuantType::Q5_0 => pick_avx2!(q5_0),
-        QuantType::Q5_1 => pick_avx2!(q5_1),
-        QuantType::Q5_K => pick_avx2!(q5_k),
-        QuantType::IQ4_NL => pick_avx2!(iq4_nl),
-        QuantType::F32 | QuantType::F16 | QuantType::BF16 => {
-            unreachable!("float formats take the f32 path")
-        }
+    let Kernels::Blocks(kernels) = &wtype.info().kernels else {
+        unreachable!("float formats take the f32 path")
+    };
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        QuantLevel::Avx512 => kernels.avx512,
+        #[cfg(target_arch = "x86_64")]
+        QuantLevel::Avx2 => kernels.avx2,
+        _ => kernels.portable,
     }
 }
 
@@ -201,11 +176,8 @@ fn float_matmul(
         y.fill(0.0);
         return;
     }
-    let fmt = match wtype {
-        QuantType::F32 => FloatFormat::F32,
-        QuantType::F16 => FloatFormat::F16,
-        QuantType::BF16 => FloatFormat::BF16,
-        _ => unreachable!("block formats take the quantised path"),
+    let Kernels::Float(fmt) = wtype.info().kernels else {
+        unreachable!("block formats take the quantised path")
     };
     let row_bytes = wtype.row_bytes(k);
     let rows = F32Rows { data: x, k };

@@ -29,6 +29,9 @@ pub use matmul::{quant_matmul, quant_matmul_prepared, quant_matmul_with_isa};
 pub use panels::{panel_matmul, panel_matmuls, Panels};
 pub use q8_0::Q8Activations;
 
+use f16::FloatFormat;
+use matmul::QuantisedKernel;
+
 /// A GGUF tensor type this crate can read (the subset our target models use).
 #[allow(non_camel_case_types)] // GGML's own names, so they grep across projects
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -47,6 +50,42 @@ pub enum QuantType {
     IQ4_NL,
 }
 
+/// What the crate knows of one weight format: the row of the table [`QuantType::info`] reads.
+/// Each format's file exports its row as `FORMAT` (the float ones three, in `f16.rs`), so a
+/// new format is one file, one enum variant and one arm of [`QuantType::info`].
+pub struct FormatInfo {
+    /// GGML's name, as tools and model cards spell it.
+    pub name: &'static str,
+    /// The `ggml_type` number GGUF files store in their tensor infos.
+    pub ggml_type: u32,
+    /// Weights per block; a row length must be a multiple of it.
+    pub block_elems: usize,
+    pub block_bytes: usize,
+    /// Reference dequantisation of whole blocks (`bytes` and `out` already checked).
+    pub dequantize_row: fn(&[u8], &mut [f32]),
+    /// Round-to-nearest quantisation of whole blocks (lengths already checked).
+    pub quantize_row: fn(&[f32], &mut [u8]),
+    pub(crate) kernels: Kernels,
+}
+
+/// How [`matmul`] multiplies a format.
+pub(crate) enum Kernels {
+    /// Float weights against the f32 activations as they are.
+    Float(FloatFormat),
+    /// Block weights against activations quantised to 8 bits ([`Q8Activations`]).
+    Blocks(BlockKernels),
+}
+
+/// One block format's column kernel per ISA level. A level whose kernel would only repeat
+/// the one below (the reduction order is fixed by the format) names that one again.
+pub(crate) struct BlockKernels {
+    pub portable: QuantisedKernel,
+    #[cfg(target_arch = "x86_64")]
+    pub avx2: QuantisedKernel,
+    #[cfg(target_arch = "x86_64")]
+    pub avx512: QuantisedKernel,
+}
+
 impl QuantType {
     pub const ALL: [QuantType; 12] = [
         QuantType::F32,
@@ -63,75 +102,44 @@ impl QuantType {
         QuantType::IQ4_NL,
     ];
 
-    /// The `ggml_type` number GGUF files store in their tensor infos.
+    /// The format's row of the table: everything below reads it.
+    pub fn info(self) -> &'static FormatInfo {
+        match self {
+            QuantType::F32 => &f16::F32_FORMAT,
+            QuantType::F16 => &f16::F16_FORMAT,
+            QuantType::BF16 => &f16::BF16_FORMAT,
+            QuantType::Q8_0 => &q8_0::FORMAT,
+            QuantType::Q4_0 => &q4_0::FORMAT,
+            QuantType::Q4_1 => &q4_1::FORMAT,
+            QuantType::Q4_K => &q4_k::FORMAT,
+            QuantType::Q6_K => &q6_k::FORMAT,
+            QuantType::Q5_0 => &q5_0::FORMAT,
+            QuantType::Q5_1 => &q5_1::FORMAT,
+            QuantType::Q5_K => &q5_k::FORMAT,
+            QuantType::IQ4_NL => &iq4_nl::FORMAT,
+        }
+    }
+
+    /// The format GGUF's `ggml_type` number `id` names, if this crate reads it.
     pub fn from_ggml_type(id: u32) -> Option<QuantType> {
         QuantType::ALL.into_iter().find(|t| t.ggml_type() == id)
     }
 
     pub fn ggml_type(self) -> u32 {
-        match self {
-            QuantType::F32 => 0,
-            QuantType::F16 => 1,
-            QuantType::Q4_0 => 2,
-            QuantType::Q4_1 => 3,
-            QuantType::Q5_0 => 6,
-            QuantType::Q5_1 => 7,
-            QuantType::Q8_0 => 8,
-            QuantType::Q4_K => 12,
-            QuantType::Q5_K => 13,
-            QuantType::Q6_K => 14,
-            QuantType::IQ4_NL => 20,
-            QuantType::BF16 => 30,
-        }
+        self.info().ggml_type
     }
 
     pub fn name(self) -> &'static str {
-        match self {
-            QuantType::F32 => "F32",
-            QuantType::F16 => "F16",
-            QuantType::BF16 => "BF16",
-            QuantType::Q8_0 => "Q8_0",
-            QuantType::Q4_0 => "Q4_0",
-            QuantType::Q4_1 => "Q4_1",
-            QuantType::Q4_K => "Q4_K",
-            QuantType::Q6_K => "Q6_K",
-            QuantType::Q5_0 => "Q5_0",
-            QuantType::Q5_1 => "Q5_1",
-            QuantType::Q5_K => "Q5_K",
-            QuantType::IQ4_NL => "IQ4_NL",
-        }
+        self.info().name
     }
 
     /// Weights per block; a row length must be a multiple of it.
     pub fn block_elems(self) -> usize {
-        match self {
-            QuantType::F32 | QuantType::F16 | QuantType::BF16 => 1,
-            QuantType::Q8_0 => q8_0::BLOCK_ELEMS,
-            QuantType::Q4_0 => q4_0::BLOCK_ELEMS,
-            QuantType::Q4_1 => q4_1::BLOCK_ELEMS,
-            QuantType::Q4_K => q4_k::BLOCK_ELEMS,
-            QuantType::Q6_K => q6_k::BLOCK_ELEMS,
-            QuantType::Q5_0 => q5_0::BLOCK_ELEMS,
-            QuantType::Q5_1 => q5_1::BLOCK_ELEMS,
-            QuantType::Q5_K => q5_k::BLOCK_ELEMS,
-            QuantType::IQ4_NL => iq4_nl::BLOCK_ELEMS,
-        }
+        self.info().block_elems
     }
 
     pub fn block_bytes(self) -> usize {
-        match self {
-            QuantType::F32 => 4,
-            QuantType::F16 | QuantType::BF16 => 2,
-            QuantType::Q8_0 => q8_0::BLOCK_BYTES,
-            QuantType::Q4_0 => q4_0::BLOCK_BYTES,
-            QuantType::Q4_1 => q4_1::BLOCK_BYTES,
-            QuantType::Q4_K => q4_k::BLOCK_BYTES,
-            QuantType::Q6_K => q6_k::BLOCK_BYTES,
-            QuantType::Q5_0 => q5_0::BLOCK_BYTES,
-            QuantType::Q5_1 => q5_1::BLOCK_BYTES,
-            QuantType::Q5_K => q5_k::BLOCK_BYTES,
-            QuantType::IQ4_NL => iq4_nl::BLOCK_BYTES,
-        }
+        self.info().block_bytes
     }
 
     /// Bytes of a row of `n_elems` weights. Panics unless `n_elems` is a whole number of blocks.
@@ -147,7 +155,13 @@ impl QuantType {
 
     /// True for the block formats whose matmul quantises the activations to 8 bits.
     pub fn is_block_quantised(self) -> bool {
-        !matches!(self, QuantType::F32 | QuantType::F16 | QuantType::BF16)
+        matches!(self.info().kernels, Kernels::Blocks(_))
+    }
+}
+
+impl std::fmt::Display for QuantType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -160,20 +174,7 @@ pub fn dequantize_row(t: QuantType, bytes: &[u8], out: &mut [f32]) {
         t.name(),
         out.len()
     );
-    match t {
-        QuantType::F32 => f16::dequantize_row_f32(bytes, out),
-        QuantType::F16 => f16::dequantize_row_f16(bytes, out),
-        QuantType::BF16 => f16::dequantize_row_bf16(bytes, out),
-        QuantType::Q8_0 => q8_0::dequantize_row(bytes, out),
-        QuantType::Q4_0 => q4_0::dequantize_row(bytes, out),
-        QuantType::Q4_1 => q4_1::dequantize_row(bytes, out),
-        QuantType::Q4_K => q4_k::dequantize_row(bytes, out),
-        QuantType::Q6_K => q6_k::dequantize_row(bytes, out),
-        QuantType::Q5_0 => q5_0::dequantize_row(bytes, out),
-        QuantType::Q5_1 => q5_1::dequantize_row(bytes, out),
-        QuantType::Q5_K => q5_k::dequantize_row(bytes, out),
-        QuantType::IQ4_NL => iq4_nl::dequantize_row(bytes, out),
-    }
+    (t.info().dequantize_row)(bytes, out);
 }
 
 /// Round-to-nearest quantisation of one row into `out` (`t.row_bytes(x.len())` bytes).
@@ -187,20 +188,7 @@ pub fn quantize_row(t: QuantType, x: &[f32], out: &mut [u8]) {
         t.name(),
         x.len()
     );
-    match t {
-        QuantType::F32 => f16::quantize_row_f32(x, out),
-        QuantType::F16 => f16::quantize_row_f16(x, out),
-        QuantType::BF16 => f16::quantize_row_bf16(x, out),
-        QuantType::Q8_0 => q8_0::quantize_row(x, out),
-        QuantType::Q4_0 => q4_0::quantize_row(x, out),
-        QuantType::Q4_1 => q4_1::quantize_row(x, out),
-        QuantType::Q4_K => q4_k::quantize_row(x, out),
-        QuantType::Q6_K => q6_k::quantize_row(x, out),
-        QuantType::Q5_0 => q5_0::quantize_row(x, out),
-        QuantType::Q5_1 => q5_1::quantize_row(x, out),
-        QuantType::Q5_K => q5_k::quantize_row(x, out),
-        QuantType::IQ4_NL => iq4_nl::quantize_row(x, out),
-    }
+    (t.info().quantize_row)(x, out);
 }
 
 /// Reads the little-endian f16 at `bytes[at..at + 2]` as f32.

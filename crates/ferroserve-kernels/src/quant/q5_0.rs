@@ -12,10 +12,29 @@ use super::matmul::OutMatrix;
 use super::q4_1::hsum8;
 use super::q8_0::{assert_rows_match, ActRow, Q8Activations};
 use super::{read_f16, round_half_even, write_f16};
+use super::{BlockKernels, FormatInfo, Kernels};
 use std::ops::Range;
 
 pub const BLOCK_ELEMS: usize = 32;
 pub const BLOCK_BYTES: usize = 2 + 4 + BLOCK_ELEMS / 2;
+
+/// Q5_0's row of the format table ([`super::QuantType::info`]).
+pub static FORMAT: FormatInfo = FormatInfo {
+    name: "Q5_0",
+    ggml_type: 6,
+    block_elems: BLOCK_ELEMS,
+    block_bytes: BLOCK_BYTES,
+    dequantize_row,
+    quantize_row,
+    kernels: Kernels::Blocks(BlockKernels {
+        portable: matmul_cols_portable,
+        #[cfg(target_arch = "x86_64")]
+        avx2: avx2::matmul_cols,
+    // The AVX2 kernel already gives the format's one reduction order: it serves both levels.
+        #[cfg(target_arch = "x86_64")]
+        avx512: avx2::matmul_cols,
+    }),
+};
 
 /// The 5-bit code (0..32) of weight `i` of a block.
 #[inline]

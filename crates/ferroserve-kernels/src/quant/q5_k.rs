@@ -19,10 +19,29 @@ use super::q4_1::hsum8;
 use super::q4_k::{pack_scale_min, scale_min};
 use super::q8_0::{assert_rows_match, ActRow, Q8Activations};
 use super::{read_f16, round_half_even, write_f16};
+use super::{BlockKernels, FormatInfo, Kernels};
 use std::ops::Range;
 
 pub const BLOCK_ELEMS: usize = 256;
 pub const BLOCK_BYTES: usize = 4 + 12 + BLOCK_ELEMS / 8 + BLOCK_ELEMS / 2;
+
+/// Q5_K's row of the format table ([`super::QuantType::info`]).
+pub static FORMAT: FormatInfo = FormatInfo {
+    name: "Q5_K",
+    ggml_type: 13,
+    block_elems: BLOCK_ELEMS,
+    block_bytes: BLOCK_BYTES,
+    dequantize_row,
+    quantize_row,
+    kernels: Kernels::Blocks(BlockKernels {
+        portable: matmul_cols_portable,
+        #[cfg(target_arch = "x86_64")]
+        avx2: avx2::matmul_cols,
+    // The AVX2 kernel already gives the format's one reduction order: it serves both levels.
+        #[cfg(target_arch = "x86_64")]
+        avx512: avx2::matmul_cols,
+    }),
+};
 const SUB: usize = 32;
 const QH: usize = 16;
 const QS: usize = QH + 32;

@@ -16,10 +16,29 @@
 use super::matmul::OutMatrix;
 use super::q8_0::{assert_rows_match, ActRow, Q8Activations};
 use super::{read_f16, round_half_even, write_f16};
+use super::{BlockKernels, FormatInfo, Kernels};
 use std::ops::Range;
 
 pub const BLOCK_ELEMS: usize = 256;
 pub const BLOCK_BYTES: usize = 128 + 64 + 16 + 2;
+
+/// Q6_K's row of the format table ([`super::QuantType::info`]).
+pub static FORMAT: FormatInfo = FormatInfo {
+    name: "Q6_K",
+    ggml_type: 14,
+    block_elems: BLOCK_ELEMS,
+    block_bytes: BLOCK_BYTES,
+    dequantize_row,
+    quantize_row,
+    kernels: Kernels::Blocks(BlockKernels {
+        portable: matmul_cols_portable,
+        #[cfg(target_arch = "x86_64")]
+        avx2: avx2::matmul_cols,
+    // The AVX2 kernel already gives the format's one reduction order: it serves both levels.
+        #[cfg(target_arch = "x86_64")]
+        avx512: avx2::matmul_cols,
+    }),
+};
 const QH: usize = 128;
 const SCALES: usize = 192;
 pub(crate) const D: usize = 208;

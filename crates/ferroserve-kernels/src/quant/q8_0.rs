@@ -10,10 +10,28 @@
 use super::matmul::OutMatrix;
 use super::{read_f16, round_half_even, write_f16};
 use crate::isa::QuantLevel;
+use super::{BlockKernels, FormatInfo, Kernels};
 use std::ops::Range;
 
 pub const BLOCK_ELEMS: usize = 32;
 pub const BLOCK_BYTES: usize = 2 + BLOCK_ELEMS;
+
+/// Q8_0's row of the format table ([`super::QuantType::info`]).
+pub static FORMAT: FormatInfo = FormatInfo {
+    name: "Q8_0",
+    ggml_type: 8,
+    block_elems: BLOCK_ELEMS,
+    block_bytes: BLOCK_BYTES,
+    dequantize_row,
+    quantize_row,
+    kernels: Kernels::Blocks(BlockKernels {
+        portable: matmul_cols_portable,
+        #[cfg(target_arch = "x86_64")]
+        avx2: avx2::matmul_cols,
+        #[cfg(target_arch = "x86_64")]
+        avx512: avx512::matmul_cols,
+    }),
+};
 
 pub fn dequantize_row(bytes: &[u8], out: &mut [f32]) {
     for (blk, y) in bytes
