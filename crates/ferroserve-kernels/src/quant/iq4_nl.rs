@@ -8,33 +8,14 @@
 //! The kernels below are hand-written: no library multiplies these blocks in place with a
 //! reduction order fixed per output element (see `matmul.rs` for the strategy and why).
 
-use super::matmul::OutMatrix;
-use super::q4_1::hsum8;
-use super::q8_0::{assert_rows_match, ActRow, Q8Activations};
-use super::{read_f16, write_f16};
-use super::{BlockKernels, FormatInfo, Kernels};
-use std::ops::Range;
+use super::activations::{assert_rows_match, ActRow};
+use super::half::{read_f16, write_f16};
+use super::toolkit::{block_format, hsum8};
 
 pub const BLOCK_ELEMS: usize = 32;
 pub const BLOCK_BYTES: usize = 2 + BLOCK_ELEMS / 2;
 
-/// IQ4_NL's row of the format table ([`super::QuantType::info`]).
-pub static FORMAT: FormatInfo = FormatInfo {
-    name: "IQ4_NL",
-    ggml_type: 20,
-    block_elems: BLOCK_ELEMS,
-    block_bytes: BLOCK_BYTES,
-    dequantize_row,
-    quantize_row,
-    kernels: Kernels::Blocks(BlockKernels {
-        portable: matmul_cols_portable,
-        #[cfg(target_arch = "x86_64")]
-        avx2: avx2::matmul_cols,
-    // The AVX2 kernel already gives the format's one reduction order: it serves both levels.
-        #[cfg(target_arch = "x86_64")]
-        avx512: avx2::matmul_cols,
-    }),
-};
+block_format!("IQ4_NL", ggml_type: 20, avx512: avx2::matmul_cols);
 
 /// ggml's `kvalues_iq4nl`.
 pub const VALUES: [i8; 16] = [
@@ -132,26 +113,14 @@ fn dot_portable<const R: usize>(w_row: &[u8], acts: &[ActRow<'_>; R]) -> [f32; R
     })
 }
 
-pub(crate) fn matmul_cols_portable(
-    w: &[u8],
-    row_bytes: usize,
-    acts: &Q8Activations,
-    cols: Range<usize>,
-    out: &OutMatrix,
-) {
-    super::matmul::drive_columns!(4, dot_portable, [], w, row_bytes, acts, cols, out);
-}
-
 /// Also the AVX-512 level's kernel: it already gives the reference bits, which is what the
 /// level must give.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)] // index loops over per-row register arrays
 pub(crate) mod avx2 {
-    use super::{assert_rows_match, ActRow, Q8Activations, BLOCK_BYTES, BLOCK_ELEMS, VALUES};
-    use crate::quant::matmul::x86::*;
-    use crate::quant::matmul::OutMatrix;
+    use super::{assert_rows_match, ActRow, BLOCK_BYTES, BLOCK_ELEMS, VALUES};
+    use crate::quant::toolkit::x86::*;
     use std::arch::x86_64::*;
-    use std::ops::Range;
 
     /// The block at `blk`: its weights' table values as 32 signed bytes, and `d`.
     ///
@@ -220,16 +189,5 @@ pub(crate) mod avx2 {
         out
     }
 
-    /// # Safety
-    /// The CPU must support this module's features; the caller owns columns `cols`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) unsafe fn matmul_cols(
-        w: &[u8],
-        row_bytes: usize,
-        acts: &Q8Activations,
-        cols: Range<usize>,
-        out: &OutMatrix,
-    ) {
-        crate::quant::matmul::drive_columns!(TILE, dot, [], w, row_bytes, acts, cols, out);
-    }
+    crate::quant::toolkit::avx2_matmul_cols!();
 }

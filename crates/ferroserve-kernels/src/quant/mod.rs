@@ -11,7 +11,9 @@
 //! batch-invariance guarantee (ggml does it in C, candle and mistral.rs wrap ggml-style
 //! kernels whose reduction order depends on the thread split). See [`matmul`].
 
+pub mod activations;
 pub mod f16;
+pub(crate) mod half;
 pub mod iq4_nl;
 pub mod matmul;
 pub mod panels;
@@ -23,14 +25,15 @@ pub mod q5_1;
 pub mod q5_k;
 pub mod q6_k;
 pub mod q8_0;
+pub(crate) mod toolkit;
 
 pub use crate::isa::QuantLevel;
 pub use matmul::{quant_matmul, quant_matmul_prepared, quant_matmul_with_isa};
 pub use panels::{panel_matmul, panel_matmuls, Panels};
-pub use q8_0::Q8Activations;
+pub use activations::Q8Activations;
+pub use toolkit::FormatInfo;
 
-use f16::FloatFormat;
-use matmul::QuantisedKernel;
+use toolkit::Kernels;
 
 /// A GGUF tensor type this crate can read (the subset our target models use).
 #[allow(non_camel_case_types)] // GGML's own names, so they grep across projects
@@ -48,42 +51,6 @@ pub enum QuantType {
     Q5_1,
     Q5_K,
     IQ4_NL,
-}
-
-/// What the crate knows of one weight format: the row of the table [`QuantType::info`] reads.
-/// Each format's file exports its row as `FORMAT` (the float ones three, in `f16.rs`), so a
-/// new format is one file, one enum variant and one arm of [`QuantType::info`].
-pub struct FormatInfo {
-    /// GGML's name, as tools and model cards spell it.
-    pub name: &'static str,
-    /// The `ggml_type` number GGUF files store in their tensor infos.
-    pub ggml_type: u32,
-    /// Weights per block; a row length must be a multiple of it.
-    pub block_elems: usize,
-    pub block_bytes: usize,
-    /// Reference dequantisation of whole blocks (`bytes` and `out` already checked).
-    pub dequantize_row: fn(&[u8], &mut [f32]),
-    /// Round-to-nearest quantisation of whole blocks (lengths already checked).
-    pub quantize_row: fn(&[f32], &mut [u8]),
-    pub(crate) kernels: Kernels,
-}
-
-/// How [`matmul`] multiplies a format.
-pub(crate) enum Kernels {
-    /// Float weights against the f32 activations as they are.
-    Float(FloatFormat),
-    /// Block weights against activations quantised to 8 bits ([`Q8Activations`]).
-    Blocks(BlockKernels),
-}
-
-/// One block format's column kernel per ISA level. A level whose kernel would only repeat
-/// the one below (the reduction order is fixed by the format) names that one again.
-pub(crate) struct BlockKernels {
-    pub portable: QuantisedKernel,
-    #[cfg(target_arch = "x86_64")]
-    pub avx2: QuantisedKernel,
-    #[cfg(target_arch = "x86_64")]
-    pub avx512: QuantisedKernel,
 }
 
 impl QuantType {
@@ -191,22 +158,3 @@ pub fn quantize_row(t: QuantType, x: &[f32], out: &mut [u8]) {
     (t.info().quantize_row)(x, out);
 }
 
-/// Reads the little-endian f16 at `bytes[at..at + 2]` as f32.
-#[inline]
-pub(crate) fn read_f16(bytes: &[u8], at: usize) -> f32 {
-    f16::f16_to_f32(u16::from_le_bytes([bytes[at], bytes[at + 1]]))
-}
-
-#[inline]
-pub(crate) fn write_f16(bytes: &mut [u8], at: usize, v: f32) {
-    bytes[at..at + 2].copy_from_slice(&f16::f32_to_f16(v).to_le_bytes());
-}
-
-/// Round half to even, exactly, for |v| < 2²²: adding 1.5·2²³ pushes the fraction out of
-/// the mantissa under the default rounding mode. Unlike `f32::round` it vectorises without
-/// SSE4.1, and the quantisers run on the baseline target.
-#[inline]
-pub(crate) fn round_half_even(v: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0;
-    (v + MAGIC) - MAGIC
-}

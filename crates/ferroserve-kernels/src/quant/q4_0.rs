@@ -4,31 +4,14 @@
 //! The kernels below are hand-written: no library multiplies these blocks in place with a
 //! reduction order fixed per output element (see `matmul.rs` for the strategy and why).
 
-use super::matmul::OutMatrix;
-use super::q8_0::{assert_rows_match, ActRow, Q8Activations};
-use super::{read_f16, round_half_even, write_f16};
-use super::{BlockKernels, FormatInfo, Kernels};
-use std::ops::Range;
+use super::activations::{assert_rows_match, ActRow, Q8Activations};
+use super::half::{read_f16, round_half_even, write_f16};
+use super::toolkit::block_format;
 
 pub const BLOCK_ELEMS: usize = 32;
 pub const BLOCK_BYTES: usize = 2 + BLOCK_ELEMS / 2;
 
-/// Q4_0's row of the format table ([`super::QuantType::info`]).
-pub static FORMAT: FormatInfo = FormatInfo {
-    name: "Q4_0",
-    ggml_type: 2,
-    block_elems: BLOCK_ELEMS,
-    block_bytes: BLOCK_BYTES,
-    dequantize_row,
-    quantize_row,
-    kernels: Kernels::Blocks(BlockKernels {
-        portable: matmul_cols_portable,
-        #[cfg(target_arch = "x86_64")]
-        avx2: avx2::matmul_cols,
-        #[cfg(target_arch = "x86_64")]
-        avx512: avx512::matmul_cols,
-    }),
-};
+block_format!("Q4_0", ggml_type: 2, avx512: avx512::matmul_cols);
 
 /// The 4-bit code of weight `i` (0..32) in a block's 16 nibble bytes.
 #[inline]
@@ -91,23 +74,11 @@ fn dot_portable<const R: usize>(w_row: &[u8], acts: &[ActRow<'_>; R]) -> [f32; R
     acc
 }
 
-pub(crate) fn matmul_cols_portable(
-    w: &[u8],
-    row_bytes: usize,
-    acts: &Q8Activations,
-    cols: Range<usize>,
-    out: &OutMatrix,
-) {
-    super::matmul::drive_columns!(4, dot_portable, [], w, row_bytes, acts, cols, out);
-}
-
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2 {
-    use super::{assert_rows_match, ActRow, Q8Activations, BLOCK_BYTES, BLOCK_ELEMS};
-    use crate::quant::matmul::x86::*;
-    use crate::quant::matmul::OutMatrix;
+    use super::{assert_rows_match, ActRow, BLOCK_BYTES, BLOCK_ELEMS};
+    use crate::quant::toolkit::x86::*;
     use std::arch::x86_64::*;
-    use std::ops::Range;
 
     /// One block into `acc` for each row: codes minus 8 give signed weights in
     /// −8..=7; their signs move onto the activations as for Q8_0.
@@ -160,29 +131,18 @@ pub(crate) mod avx2 {
         core::array::from_fn(|r| hsum(_mm256_add_ps(even[r], odd[r])))
     }
 
-    /// # Safety
-    /// The CPU must support this module's features; the caller owns columns `cols`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) unsafe fn matmul_cols(
-        w: &[u8],
-        row_bytes: usize,
-        acts: &Q8Activations,
-        cols: Range<usize>,
-        out: &OutMatrix,
-    ) {
-        crate::quant::matmul::drive_columns!(TILE, dot, [], w, row_bytes, acts, cols, out);
-    }
+    crate::quant::toolkit::avx2_matmul_cols!();
 }
 
 /// Groups of four blocks (see `matmul::x86::avx512`), as `d·q + m` with m = −8d.
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512 {
     use super::{assert_rows_match, ActRow, Q8Activations, BLOCK_BYTES};
-    use crate::quant::matmul::x86::avx512::{
+    use crate::quant::toolkit::x86::avx512::{
         byte_mask, group_kernel, nibble_words, unpack_nibble_pair, Group, Spread,
         NIBBLE_PAIR_SPREAD,
     };
-    use crate::quant::matmul::OutMatrix;
+    use crate::quant::toolkit::OutMatrix;
     use std::arch::x86_64::*;
     use std::ops::Range;
 

@@ -11,31 +11,14 @@
 //! The kernels below are hand-written: no library multiplies these blocks in place with a
 //! reduction order fixed per output element (see `matmul.rs` for the strategy and why).
 
-use super::matmul::OutMatrix;
-use super::q8_0::{assert_rows_match, ActRow, Q8Activations};
-use super::{read_f16, round_half_even, write_f16};
-use super::{BlockKernels, FormatInfo, Kernels};
-use std::ops::Range;
+use super::activations::{assert_rows_match, ActRow, Q8Activations};
+use super::half::{read_f16, round_half_even, write_f16};
+use super::toolkit::block_format;
 
 pub const BLOCK_ELEMS: usize = 256;
 pub const BLOCK_BYTES: usize = 4 + 12 + BLOCK_ELEMS / 2;
 
-/// Q4_K's row of the format table ([`super::QuantType::info`]).
-pub static FORMAT: FormatInfo = FormatInfo {
-    name: "Q4_K",
-    ggml_type: 12,
-    block_elems: BLOCK_ELEMS,
-    block_bytes: BLOCK_BYTES,
-    dequantize_row,
-    quantize_row,
-    kernels: Kernels::Blocks(BlockKernels {
-        portable: matmul_cols_portable,
-        #[cfg(target_arch = "x86_64")]
-        avx2: avx2::matmul_cols,
-        #[cfg(target_arch = "x86_64")]
-        avx512: avx512::matmul_cols,
-    }),
-};
+block_format!("Q4_K", ggml_type: 12, avx512: avx512::matmul_cols);
 const SUB: usize = 32;
 
 /// Scale and minimum of sub-block `j` (0..8) from the 12 packed bytes: sub-blocks 0..4
@@ -176,24 +159,12 @@ fn dot_portable<const R: usize>(w_row: &[u8], acts: &[ActRow<'_>; R]) -> [f32; R
     acc
 }
 
-pub(crate) fn matmul_cols_portable(
-    w: &[u8],
-    row_bytes: usize,
-    acts: &Q8Activations,
-    cols: Range<usize>,
-    out: &OutMatrix,
-) {
-    super::matmul::drive_columns!(4, dot_portable, [], w, row_bytes, acts, cols, out);
-}
-
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)] // index loops over per-row register arrays
 pub(crate) mod avx2 {
-    use super::{assert_rows_match, sub_scales, ActRow, Q8Activations, BLOCK_BYTES, SUB};
-    use crate::quant::matmul::x86::*;
-    use crate::quant::matmul::OutMatrix;
+    use super::{assert_rows_match, sub_scales, ActRow, BLOCK_BYTES, SUB};
+    use crate::quant::toolkit::x86::*;
     use std::arch::x86_64::*;
-    use std::ops::Range;
 
     /// As Q4_1: lanes of Σq·a scaled by d·sc·d_x, and the minimum terms in lane 1.
     struct Acc<const R: usize> {
@@ -262,18 +233,7 @@ pub(crate) mod avx2 {
         })
     }
 
-    /// # Safety
-    /// The CPU must support this module's features; the caller owns columns `cols`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) unsafe fn matmul_cols(
-        w: &[u8],
-        row_bytes: usize,
-        acts: &Q8Activations,
-        cols: Range<usize>,
-        out: &OutMatrix,
-    ) {
-        crate::quant::matmul::drive_columns!(TILE, dot, [], w, row_bytes, acts, cols, out);
-    }
+    crate::quant::toolkit::avx2_matmul_cols!();
 }
 
 #[cfg(test)]
@@ -304,8 +264,8 @@ mod tests {
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512 {
     use super::{assert_rows_match, sub_scales, ActRow, Q8Activations, BLOCK_BYTES};
-    use crate::quant::matmul::x86::avx512::{finish, group_step, Acc, Group, Spread};
-    use crate::quant::matmul::OutMatrix;
+    use crate::quant::toolkit::x86::avx512::{finish, group_step, Acc, Group, Spread};
+    use crate::quant::toolkit::OutMatrix;
     use std::arch::x86_64::*;
     use std::ops::Range;
 
@@ -374,6 +334,6 @@ pub(crate) mod avx512 {
         cols: Range<usize>,
         out: &OutMatrix,
     ) {
-        crate::quant::matmul::drive_tiles!(dot, w, row_bytes, acts, cols, out);
+        crate::quant::toolkit::drive_tiles!(dot, w, row_bytes, acts, cols, out);
     }
 }

@@ -10,33 +10,14 @@
 //! The kernels below are hand-written: no library multiplies these blocks in place with a
 //! reduction order fixed per output element (see `matmul.rs` for the strategy and why).
 
-use super::matmul::OutMatrix;
-use super::q4_1::hsum8;
-use super::q8_0::{assert_rows_match, ActRow, Q8Activations};
-use super::{read_f16, round_half_even, write_f16};
-use super::{BlockKernels, FormatInfo, Kernels};
-use std::ops::Range;
+use super::activations::{assert_rows_match, ActRow};
+use super::half::{read_f16, round_half_even, write_f16};
+use super::toolkit::{block_format, hsum8};
 
 pub const BLOCK_ELEMS: usize = 32;
 pub const BLOCK_BYTES: usize = 4 + 4 + BLOCK_ELEMS / 2;
 
-/// Q5_1's row of the format table ([`super::QuantType::info`]).
-pub static FORMAT: FormatInfo = FormatInfo {
-    name: "Q5_1",
-    ggml_type: 7,
-    block_elems: BLOCK_ELEMS,
-    block_bytes: BLOCK_BYTES,
-    dequantize_row,
-    quantize_row,
-    kernels: Kernels::Blocks(BlockKernels {
-        portable: matmul_cols_portable,
-        #[cfg(target_arch = "x86_64")]
-        avx2: avx2::matmul_cols,
-    // The AVX2 kernel already gives the format's one reduction order: it serves both levels.
-        #[cfg(target_arch = "x86_64")]
-        avx512: avx2::matmul_cols,
-    }),
-};
+block_format!("Q5_1", ggml_type: 7, avx512: avx2::matmul_cols);
 
 /// The 5-bit code (0..32) of weight `i` of a block.
 #[inline]
@@ -100,26 +81,14 @@ fn dot_portable<const R: usize>(w_row: &[u8], acts: &[ActRow<'_>; R]) -> [f32; R
     core::array::from_fn(|r| hsum8(&lanes[r]) + mins[r])
 }
 
-pub(crate) fn matmul_cols_portable(
-    w: &[u8],
-    row_bytes: usize,
-    acts: &Q8Activations,
-    cols: Range<usize>,
-    out: &OutMatrix,
-) {
-    super::matmul::drive_columns!(4, dot_portable, [], w, row_bytes, acts, cols, out);
-}
-
 /// Also the AVX-512 level's kernel: it already gives the reference bits, which is what the
 /// level must give.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)] // index loops over per-row register arrays
 pub(crate) mod avx2 {
-    use super::{assert_rows_match, ActRow, Q8Activations, BLOCK_BYTES, BLOCK_ELEMS};
-    use crate::quant::matmul::x86::*;
-    use crate::quant::matmul::OutMatrix;
+    use super::{assert_rows_match, ActRow, BLOCK_BYTES, BLOCK_ELEMS};
+    use crate::quant::toolkit::x86::*;
     use std::arch::x86_64::*;
-    use std::ops::Range;
 
     /// `dot_portable`'s order with eight lanes in one register per row (`vpmaddubsw` +
     /// `vpmaddwd` sum groups of four codes exactly; `hsum` is `hsum8`).
@@ -152,16 +121,5 @@ pub(crate) mod avx2 {
         core::array::from_fn(|r| hsum(lanes[r]) + mins[r])
     }
 
-    /// # Safety
-    /// The CPU must support this module's features; the caller owns columns `cols`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) unsafe fn matmul_cols(
-        w: &[u8],
-        row_bytes: usize,
-        acts: &Q8Activations,
-        cols: Range<usize>,
-        out: &OutMatrix,
-    ) {
-        crate::quant::matmul::drive_columns!(TILE, dot, [], w, row_bytes, acts, cols, out);
-    }
+    crate::quant::toolkit::avx2_matmul_cols!();
 }

@@ -13,32 +13,14 @@
 //! The kernels below are hand-written: no library multiplies these blocks in place with a
 //! reduction order fixed per output element (see `matmul.rs` for the strategy and why).
 
-use super::matmul::OutMatrix;
-use super::q8_0::{assert_rows_match, ActRow, Q8Activations};
-use super::{read_f16, round_half_even, write_f16};
-use super::{BlockKernels, FormatInfo, Kernels};
-use std::ops::Range;
+use super::activations::{assert_rows_match, ActRow};
+use super::half::{read_f16, round_half_even, write_f16};
+use super::toolkit::block_format;
 
 pub const BLOCK_ELEMS: usize = 256;
 pub const BLOCK_BYTES: usize = 128 + 64 + 16 + 2;
 
-/// Q6_K's row of the format table ([`super::QuantType::info`]).
-pub static FORMAT: FormatInfo = FormatInfo {
-    name: "Q6_K",
-    ggml_type: 14,
-    block_elems: BLOCK_ELEMS,
-    block_bytes: BLOCK_BYTES,
-    dequantize_row,
-    quantize_row,
-    kernels: Kernels::Blocks(BlockKernels {
-        portable: matmul_cols_portable,
-        #[cfg(target_arch = "x86_64")]
-        avx2: avx2::matmul_cols,
-    // The AVX2 kernel already gives the format's one reduction order: it serves both levels.
-        #[cfg(target_arch = "x86_64")]
-        avx512: avx2::matmul_cols,
-    }),
-};
+block_format!("Q6_K", ggml_type: 14, avx512: avx2::matmul_cols);
 const QH: usize = 128;
 const SCALES: usize = 192;
 pub(crate) const D: usize = 208;
@@ -140,25 +122,13 @@ fn dot_portable<const R: usize>(w_row: &[u8], acts: &[ActRow<'_>; R]) -> [f32; R
     acc
 }
 
-pub(crate) fn matmul_cols_portable(
-    w: &[u8],
-    row_bytes: usize,
-    acts: &Q8Activations,
-    cols: Range<usize>,
-    out: &OutMatrix,
-) {
-    super::matmul::drive_columns!(4, dot_portable, [], w, row_bytes, acts, cols, out);
-}
-
 #[cfg(target_arch = "x86_64")]
 /// Also the AVX-512 level's kernel: `vpmaddubsw` then `vpmaddwd` by the i16 scales applies
 /// the per-16 scales for free, where a VNNI dot would need an extra multiply.
 pub(crate) mod avx2 {
-    use super::{assert_rows_match, ActRow, Q8Activations, BLOCK_BYTES, D, QH, SCALES};
-    use crate::quant::matmul::x86::*;
-    use crate::quant::matmul::OutMatrix;
+    use super::{assert_rows_match, ActRow, BLOCK_BYTES, D, QH, SCALES};
+    use crate::quant::toolkit::x86::*;
     use std::arch::x86_64::*;
-    use std::ops::Range;
 
     /// 32 weights (activation block `b`) with signed codes `w` and the i16 scales
     /// `sc16` (first 16 weights' scale in the low half, the next 16's in the high).
@@ -278,16 +248,5 @@ pub(crate) mod avx2 {
         core::array::from_fn(|r| hsum(_mm256_add_ps(even[r], odd[r])))
     }
 
-    /// # Safety
-    /// The CPU must support this module's features; the caller owns columns `cols`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) unsafe fn matmul_cols(
-        w: &[u8],
-        row_bytes: usize,
-        acts: &Q8Activations,
-        cols: Range<usize>,
-        out: &OutMatrix,
-    ) {
-        crate::quant::matmul::drive_columns!(TILE, dot, [], w, row_bytes, acts, cols, out);
-    }
+    crate::quant::toolkit::avx2_matmul_cols!();
 }
