@@ -13,7 +13,7 @@
 
 use super::activations::{assert_rows_match, ActRow, Q8Activations};
 use super::half::{read_f16, round_half_even, write_f16};
-use super::toolkit::block_format;
+use super::toolkit::{block_format, zip_blocks};
 
 pub const BLOCK_ELEMS: usize = 256;
 pub const BLOCK_BYTES: usize = 4 + 12 + BLOCK_ELEMS / 2;
@@ -60,10 +60,7 @@ pub(crate) fn nibble(qs: &[u8], i: usize) -> u8 {
 }
 
 pub fn dequantize_row(bytes: &[u8], out: &mut [f32]) {
-    for (blk, y) in bytes
-        .chunks_exact(BLOCK_BYTES)
-        .zip(out.chunks_exact_mut(BLOCK_ELEMS))
-    {
+    for (blk, y) in zip_blocks(bytes, BLOCK_BYTES, out, BLOCK_ELEMS) {
         let (d, dmin) = (read_f16(blk, 0), read_f16(blk, 2));
         for (j, ys) in y.chunks_exact_mut(SUB).enumerate() {
             let (sc, m) = scale_min(&blk[4..16], j);
@@ -78,10 +75,7 @@ pub fn dequantize_row(bytes: &[u8], out: &mut [f32]) {
 /// Round to nearest: each sub-block spans [min(0, lo), hi] in 15 steps; the sub-block
 /// scales and (negated) minimums are then quantised to 6 bits against `d`, `dmin`.
 pub fn quantize_row(x: &[f32], out: &mut [u8]) {
-    for (xb, blk) in x
-        .chunks_exact(BLOCK_ELEMS)
-        .zip(out.chunks_exact_mut(BLOCK_BYTES))
-    {
+    for (xb, blk) in zip_blocks(x, BLOCK_ELEMS, out, BLOCK_BYTES) {
         let mut scales = [0f32; 8];
         let mut mins = [0f32; 8];
         for (j, xs) in xb.chunks_exact(SUB).enumerate() {

@@ -17,7 +17,7 @@
 use super::activations::{assert_rows_match, ActRow};
 use super::half::{read_f16, round_half_even, write_f16};
 use super::q4_k::{pack_scale_min, scale_min};
-use super::toolkit::{block_format, hsum8};
+use super::toolkit::{block_format, fma_lanes, hsum8, zip_blocks};
 
 pub const BLOCK_ELEMS: usize = 256;
 pub const BLOCK_BYTES: usize = 4 + 12 + BLOCK_ELEMS / 8 + BLOCK_ELEMS / 2;
@@ -40,10 +40,7 @@ fn code(blk: &[u8], i: usize) -> u8 {
 }
 
 pub fn dequantize_row(bytes: &[u8], out: &mut [f32]) {
-    for (blk, y) in bytes
-        .chunks_exact(BLOCK_BYTES)
-        .zip(out.chunks_exact_mut(BLOCK_ELEMS))
-    {
+    for (blk, y) in zip_blocks(bytes, BLOCK_BYTES, out, BLOCK_ELEMS) {
         let subs = sub_scales(blk);
         for (j, ys) in y.chunks_exact_mut(SUB).enumerate() {
             let [scale, min] = subs[j];
@@ -57,10 +54,7 @@ pub fn dequantize_row(bytes: &[u8], out: &mut [f32]) {
 /// Round to nearest: each sub-block spans [min(0, lo), hi] in 31 steps; the sub-block
 /// scales and (negated) minimums are then quantised to 6 bits against `d`, `dmin`.
 pub fn quantize_row(x: &[f32], out: &mut [u8]) {
-    for (xb, blk) in x
-        .chunks_exact(BLOCK_ELEMS)
-        .zip(out.chunks_exact_mut(BLOCK_BYTES))
-    {
+    for (xb, blk) in zip_blocks(x, BLOCK_ELEMS, out, BLOCK_BYTES) {
         let mut scales = [0f32; 8];
         let mut mins = [0f32; 8];
         for (j, xs) in xb.chunks_exact(SUB).enumerate() {
@@ -133,11 +127,7 @@ fn dot_portable<const R: usize>(w_row: &[u8], acts: &[ActRow<'_>; R]) -> [f32; R
                 let b = 8 * s + j;
                 let aq = &a.qs[b * SUB..(b + 1) * SUB];
                 let [dx, dx_sum] = a.scales[b];
-                let scale = subs[j][0] * dx;
-                for (g, lane) in lanes[r].iter_mut().enumerate() {
-                    let isum: i32 = (4 * g..4 * g + 4).map(|i| qj[i] * aq[i] as i32).sum();
-                    *lane = scale.mul_add(isum as f32, *lane);
-                }
+                fma_lanes(&mut lanes[r], subs[j][0] * dx, qj, aq);
                 mins[r] = subs[j][1].mul_add(dx_sum, mins[r]);
             }
         }

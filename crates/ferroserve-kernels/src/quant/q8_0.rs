@@ -6,7 +6,7 @@
 
 use super::activations::{assert_rows_match, ActRow, Q8Activations};
 use super::half::{read_f16, round_half_even, write_f16};
-use super::toolkit::block_format;
+use super::toolkit::{block_format, signed_dot_portable, zip_blocks};
 
 pub const BLOCK_ELEMS: usize = 32;
 pub const BLOCK_BYTES: usize = 2 + BLOCK_ELEMS;
@@ -14,10 +14,7 @@ pub const BLOCK_BYTES: usize = 2 + BLOCK_ELEMS;
 block_format!("Q8_0", ggml_type: 8, avx512: avx512::matmul_cols);
 
 pub fn dequantize_row(bytes: &[u8], out: &mut [f32]) {
-    for (blk, y) in bytes
-        .chunks_exact(BLOCK_BYTES)
-        .zip(out.chunks_exact_mut(BLOCK_ELEMS))
-    {
+    for (blk, y) in zip_blocks(bytes, BLOCK_BYTES, out, BLOCK_ELEMS) {
         let d = read_f16(blk, 0);
         for (v, &q) in y.iter_mut().zip(&blk[2..]) {
             *v = q as i8 as f32 * d;
@@ -27,10 +24,7 @@ pub fn dequantize_row(bytes: &[u8], out: &mut [f32]) {
 
 /// Round to nearest with `d = max|x| / 127`.
 pub fn quantize_row(x: &[f32], out: &mut [u8]) {
-    for (xb, blk) in x
-        .chunks_exact(BLOCK_ELEMS)
-        .zip(out.chunks_exact_mut(BLOCK_BYTES))
-    {
+    for (xb, blk) in zip_blocks(x, BLOCK_ELEMS, out, BLOCK_BYTES) {
         let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
         write_f16(blk, 0, amax / 127.0);
         let d = read_f16(blk, 0); // quantise against the stored (rounded) scale
@@ -42,84 +36,30 @@ pub fn quantize_row(x: &[f32], out: &mut [u8]) {
 }
 
 fn dot_portable<const R: usize>(w_row: &[u8], acts: &[ActRow<'_>; R]) -> [f32; R] {
-    let nb = w_row.len() / BLOCK_BYTES;
-    assert_rows_match(acts, nb);
-    let mut acc = [0f32; R];
-    for (b, blk) in w_row.chunks_exact(BLOCK_BYTES).enumerate() {
-        let d = read_f16(blk, 0);
-        let q = &blk[2..];
-        for (r, a) in acts.iter().enumerate() {
-            let aq = &a.qs[b * BLOCK_ELEMS..(b + 1) * BLOCK_ELEMS];
-            let isum: i32 = q
-                .iter()
-                .zip(aq)
-                .map(|(&w, &x)| w as i8 as i32 * x as i32)
-                .sum();
-            acc[r] += d * a.scales[b][0] * isum as f32;
+    signed_dot_portable(w_row, acts, BLOCK_BYTES, |blk, w: &mut [i32; BLOCK_ELEMS]| {
+        for (wi, &q) in w.iter_mut().zip(&blk[2..]) {
+            *wi = q as i8 as i32;
         }
-    }
-    acc
+        read_f16(blk, 0)
+    })
 }
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2 {
-    use super::{assert_rows_match, ActRow, BLOCK_BYTES, BLOCK_ELEMS};
     use crate::quant::toolkit::x86::*;
     use std::arch::x86_64::*;
 
-    /// One block into `acc` for each row: the weights' signs move onto the
-    /// activations so the unsigned×signed product sees |w| (≤ 128, no saturation).
+    /// The block's 32 signed bytes, as stored.
     ///
     /// # Safety
-    /// Reads the block at `blk` and activation block `b` of every row; needs AVX2/FMA/F16C.
+    /// Reads the 34-byte block at `blk`; needs AVX2.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn block<const R: usize>(
-        blk: *const u8,
-        b: usize,
-        acts: &[ActRow<'_>; R],
-        acc: &mut [__m256; R],
-    ) {
-        let d = load_f16(blk);
-        let w = _mm256_loadu_si256(blk.add(2).cast());
-        let w_abs = _mm256_sign_epi8(w, w);
-        for r in 0..R {
-            let a = _mm256_loadu_si256(acts[r].qs.as_ptr().add(b * BLOCK_ELEMS).cast());
-            let dot = dot_u8i8_avx2(w_abs, _mm256_sign_epi8(a, w));
-            let scale = _mm_mul_ps(d, load_act_scales(acts[r].scales.as_ptr().add(b)));
-            acc[r] = _mm256_fmadd_ps(
-                _mm256_cvtepi32_ps(dot),
-                _mm256_broadcastss_ps(scale),
-                acc[r],
-            );
-        }
+    unsafe fn weights(blk: *const u8) -> __m256i {
+        _mm256_loadu_si256(blk.add(2).cast())
     }
 
-    /// Even and odd blocks go to separate accumulators to halve the FMA latency chain.
-    /// # Safety
-    /// Needs AVX2, FMA and F16C; the shapes are checked here.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn dot<const R: usize>(w_row: &[u8], acts: &[ActRow<'_>; R]) -> [f32; R] {
-        let nb = w_row.len() / BLOCK_BYTES;
-        assert_rows_match(acts, nb);
-        let w = w_row.as_ptr();
-        let mut even = [_mm256_setzero_ps(); R];
-        let mut odd = [_mm256_setzero_ps(); R];
-        let mut b = 0;
-        // SAFETY (pointer reads in `block`): b < nb, and the rows were checked above.
-        while b + 2 <= nb {
-            block(w.add(b * BLOCK_BYTES), b, acts, &mut even);
-            block(w.add((b + 1) * BLOCK_BYTES), b + 1, acts, &mut odd);
-            b += 2;
-        }
-        if b < nb {
-            block(w.add(b * BLOCK_BYTES), b, acts, &mut even);
-        }
-        core::array::from_fn(|r| hsum(_mm256_add_ps(even[r], odd[r])))
-    }
-
-    crate::quant::toolkit::avx2_matmul_cols!();
+    crate::quant::toolkit::signed_blocks_avx2!();
 }
 
 /// Groups of four blocks (see `matmul::x86::avx512`), as `d·u + m` with u = q + 128

@@ -5,7 +5,8 @@
 
 use std::ops::Range;
 
-use super::activations::Q8Activations;
+use super::activations::{assert_rows_match, ActRow, Q8Activations};
+use super::half::{read_f16, write_f16};
 
 /// What the crate knows of one weight format: the row of the table
 /// [`QuantType::info`](super::QuantType::info) reads. Each format's file exports its row as `FORMAT` (the float ones three, in `f16.rs`), so a
@@ -57,6 +58,120 @@ pub(crate) enum FloatFormat {
 pub(crate) fn hsum8(l: &[f32; 8]) -> f32 {
     let h = [l[4] + l[0], l[5] + l[1], l[6] + l[2], l[7] + l[3]];
     (h[0] + h[2]) + (h[1] + h[3])
+}
+
+/// `lanes[g] = fma(dd, Σ₄ w·a, lanes[g])` over the eight groups of four weights of one
+/// 32-weight block: llama.cpp's AVX2 per-lane order, written out for the portable kernels
+/// that reproduce it (the group sums are exact in i32).
+#[inline]
+pub(crate) fn fma_lanes(lanes: &mut [f32; 8], dd: f32, w: &[i32], aq: &[i8]) {
+    for (g, lane) in lanes.iter_mut().enumerate() {
+        let isum: i32 = (4 * g..4 * g + 4).map(|i| w[i] * aq[i] as i32).sum();
+        *lane = dd.mul_add(isum as f32, *lane);
+    }
+}
+
+/// The portable tile dot of the formats whose block decodes to `E` signed integer weights
+/// and one f32 scale `d` (Q8_0, Q4_0; Q6_K with its integer sub-scales folded in): per
+/// 32-weight sub-block an exact i32 dot, then `acc += d·d_x·Σ` in block order.
+/// `decode(block, &mut weights) -> d`.
+#[inline]
+pub(crate) fn signed_dot_portable<const R: usize, const E: usize>(
+    w_row: &[u8],
+    acts: &[ActRow<'_>; R],
+    block_bytes: usize,
+    decode: impl Fn(&[u8], &mut [i32; E]) -> f32,
+) -> [f32; R] {
+    let nb = w_row.len() / block_bytes;
+    assert_rows_match(acts, nb * E / 32);
+    let mut acc = [0f32; R];
+    let mut w = [0i32; E];
+    for (s, blk) in w_row.chunks_exact(block_bytes).enumerate() {
+        let d = decode(blk, &mut w);
+        for (r, a) in acts.iter().enumerate() {
+            for (j, wj) in w.chunks_exact(32).enumerate() {
+                let b = E / 32 * s + j;
+                let aq = &a.qs[b * 32..(b + 1) * 32];
+                let isum: i32 = wj.iter().zip(aq).map(|(&wi, &x)| wi * x as i32).sum();
+                acc[r] += d * a.scales[b][0] * isum as f32;
+            }
+        }
+    }
+    acc
+}
+
+/// The portable tile dot of the `d·q + m` formats of 32 (Q4_1, Q5_1), the reference order
+/// every level reproduces bit for bit: llama.cpp's `ggml_vec_dot_q4_1_q8_1` on x86. Per
+/// block, eight lanes `fma(d·d_x, Σ₄ q·a, lane)` ([`fma_lanes`]) in block order, summed as
+/// [`hsum8`]; plus the `m` terms `fma(m, s, Σ)` in block order, with `s` the f16-rounded
+/// activation sum (`q81_sum`). `codes(block) -> q`; `[d, m]` are the block's first 4 bytes.
+pub(crate) fn affine_dot_portable<const R: usize>(
+    w_row: &[u8],
+    acts: &[ActRow<'_>; R],
+    block_bytes: usize,
+    codes: impl Fn(&[u8]) -> [i32; 32],
+) -> [f32; R] {
+    let nb = w_row.len() / block_bytes;
+    assert_rows_match(acts, nb);
+    let mut lanes = [[0f32; 8]; R];
+    let mut mins = [0f32; R];
+    for (b, blk) in w_row.chunks_exact(block_bytes).enumerate() {
+        let (d, m) = (read_f16(blk, 0), read_f16(blk, 2));
+        let q = codes(blk);
+        for (r, a) in acts.iter().enumerate() {
+            let aq = &a.qs[b * 32..(b + 1) * 32];
+            fma_lanes(&mut lanes[r], d * a.scales[b][0], &q, aq);
+            mins[r] = m.mul_add(a.q81_sums[b], mins[r]);
+        }
+    }
+    core::array::from_fn(|r| hsum8(&lanes[r]) + mins[r])
+}
+
+/// `src` and `dst` in chunks of `src_len` and `dst_len` side by side: a row's blocks and
+/// their values, as every `dequantize_row` and `quantize_row` walks them.
+pub(crate) fn zip_blocks<'a, T, U>(
+    src: &'a [T],
+    src_len: usize,
+    dst: &'a mut [U],
+    dst_len: usize,
+) -> impl Iterator<Item = (&'a [T], &'a mut [U])> {
+    src.chunks_exact(src_len).zip(dst.chunks_exact_mut(dst_len))
+}
+
+/// The 4-bit code of weight `i` (0..32) in a 32-weight block's 16 nibble bytes: low nibbles
+/// are weights 0..16, high nibbles 16..32 (GGML's order).
+#[inline]
+pub(crate) fn nibble(qs: &[u8], i: usize) -> u8 {
+    if i < 16 {
+        qs[i] & 0x0f
+    } else {
+        qs[i - 16] >> 4
+    }
+}
+
+/// The symmetric quantisers' scale, ggml's choice: the weight of largest magnitude (the
+/// first if several, sign kept) maps to `most_negative`, the one code with no positive twin.
+/// Writes `d` as the block's leading f16 and returns `1/d` of the stored (rounded) `d`.
+pub(crate) fn write_signed_scale(x: &[f32], blk: &mut [u8], most_negative: f32) -> f32 {
+    let max = x.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+    write_f16(blk, 0, max / most_negative);
+    let d = read_f16(blk, 0);
+    if d != 0.0 {
+        1.0 / d
+    } else {
+        0.0
+    }
+}
+
+/// The `d·q + m` quantisers' block header: the block's [min, max] range in `steps` steps,
+/// `d` and `m` written as its two leading f16. Returns the stored `m` and `1/d`.
+pub(crate) fn write_affine_scale(x: &[f32], blk: &mut [u8], steps: f32) -> (f32, f32) {
+    let min = x.iter().fold(f32::INFINITY, |a, &v| a.min(v));
+    let max = x.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+    write_f16(blk, 0, (max - min) / steps);
+    write_f16(blk, 2, min);
+    let (d, m) = (read_f16(blk, 0), read_f16(blk, 2));
+    (m, if d != 0.0 { 1.0 / d } else { 0.0 })
 }
 
 /// A block format's column kernel: columns `cols` of `out` from the packed weights (rows of
@@ -182,6 +297,116 @@ macro_rules! avx2_matmul_cols {
 }
 #[cfg(target_arch = "x86_64")]
 pub(crate) use avx2_matmul_cols;
+
+/// Inside a format's `avx2` module, for the formats of 32 signed weights behind an f16 `d`
+/// at the block's start (Q8_0, Q4_0): the tile dot and column kernel, given in scope
+/// `weights(blk) -> __m256i`, the block's 32 weights as signed bytes. Even and odd blocks
+/// go to separate accumulators to halve the FMA latency chain; the weights' signs move onto
+/// the activations so the unsigned×signed product sees |w| (≤ 128, no saturation).
+#[cfg(target_arch = "x86_64")]
+macro_rules! signed_blocks_avx2 {
+    () => {
+        /// One block into `acc` for each row.
+        ///
+        /// # Safety
+        /// Reads the block at `blk` and activation block `b` of every row; needs AVX2/FMA/F16C.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        #[inline]
+        unsafe fn block<const R: usize>(
+            blk: *const u8,
+            b: usize,
+            acts: &[$crate::quant::activations::ActRow<'_>; R],
+            acc: &mut [__m256; R],
+        ) {
+            let d = load_f16(blk);
+            let w = weights(blk);
+            let w_abs = _mm256_sign_epi8(w, w);
+            for r in 0..R {
+                let a = _mm256_loadu_si256(acts[r].qs.as_ptr().add(b * super::BLOCK_ELEMS).cast());
+                let dot = dot_u8i8_avx2(w_abs, _mm256_sign_epi8(a, w));
+                let scale = _mm_mul_ps(d, load_act_scales(acts[r].scales.as_ptr().add(b)));
+                acc[r] = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(dot),
+                    _mm256_broadcastss_ps(scale),
+                    acc[r],
+                );
+            }
+        }
+
+        /// # Safety
+        /// Needs AVX2, FMA and F16C; the shapes are checked here.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        #[inline]
+        unsafe fn dot<const R: usize>(
+            w_row: &[u8],
+            acts: &[$crate::quant::activations::ActRow<'_>; R],
+        ) -> [f32; R] {
+            let nb = w_row.len() / super::BLOCK_BYTES;
+            $crate::quant::activations::assert_rows_match(acts, nb);
+            let w = w_row.as_ptr();
+            let mut even = [_mm256_setzero_ps(); R];
+            let mut odd = [_mm256_setzero_ps(); R];
+            let mut b = 0;
+            // SAFETY (pointer reads in `block`): b < nb, and the rows were checked above.
+            while b + 2 <= nb {
+                block(w.add(b * super::BLOCK_BYTES), b, acts, &mut even);
+                block(w.add((b + 1) * super::BLOCK_BYTES), b + 1, acts, &mut odd);
+                b += 2;
+            }
+            if b < nb {
+                block(w.add(b * super::BLOCK_BYTES), b, acts, &mut even);
+            }
+            core::array::from_fn(|r| hsum(_mm256_add_ps(even[r], odd[r])))
+        }
+
+        $crate::quant::toolkit::avx2_matmul_cols!();
+    };
+}
+#[cfg(target_arch = "x86_64")]
+pub(crate) use signed_blocks_avx2;
+
+/// Inside a format's `avx2` module, for the `d·q + m` formats of 32 (Q4_1, Q5_1): the tile
+/// dot and column kernel in llama.cpp's order ([`affine_dot_portable`]'s), given in scope
+/// `codes(blk) -> __m256i`, the block's 32 unsigned codes, with `[d, m]` the block's first
+/// four bytes. Eight lanes in one register per row: `vpmaddubsw` + `vpmaddwd` sum groups of
+/// four codes exactly (codes ≤ 31, |a| ≤ 127: pairs stay below 2¹⁵); `hsum` is `hsum8`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! affine_blocks_avx2 {
+    () => {
+        /// # Safety
+        /// Needs AVX2, FMA and F16C; the shapes are checked here.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        #[inline]
+        pub(super) unsafe fn dot<const R: usize>(
+            w_row: &[u8],
+            acts: &[$crate::quant::activations::ActRow<'_>; R],
+        ) -> [f32; R] {
+            let nb = w_row.len() / super::BLOCK_BYTES;
+            $crate::quant::activations::assert_rows_match(acts, nb);
+            let w = w_row.as_ptr();
+            let mut lanes = [_mm256_setzero_ps(); R];
+            let mut mins = [0f32; R];
+            for b in 0..nb {
+                // SAFETY: b < nb blocks of the row; the activation rows hold nb blocks (checked).
+                let blk = w.add(b * super::BLOCK_BYTES);
+                let dm = load_f16x2(blk);
+                let (d, m) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)));
+                let q = codes(blk);
+                for r in 0..R {
+                    let a = _mm256_loadu_si256(acts[r].qs.as_ptr().add(b * super::BLOCK_ELEMS).cast());
+                    let dd = _mm256_set1_ps(d * acts[r].scales.get_unchecked(b)[0]);
+                    lanes[r] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(dot_u8i8_avx2(q, a)), lanes[r]);
+                    mins[r] = m.mul_add(*acts[r].q81_sums.get_unchecked(b), mins[r]);
+                }
+            }
+            core::array::from_fn(|r| hsum(lanes[r]) + mins[r])
+        }
+
+        $crate::quant::toolkit::avx2_matmul_cols!();
+    };
+}
+#[cfg(target_arch = "x86_64")]
+pub(crate) use affine_blocks_avx2;
 
 /// Small SIMD helpers shared by the families' kernels.
 #[cfg(target_arch = "x86_64")]
