@@ -266,7 +266,6 @@ mod avx2 {
             (*sb, *s1b) = super::scales_f16c(amax, sum);
         }
     }
-
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -300,7 +299,6 @@ mod avx512 {
             (*sb, *s1b) = super::scales_f16c(amax, sum);
         }
     }
-
 }
 
 #[cfg(test)]

@@ -211,4 +211,3 @@ pub(crate) mod x86 {
         crate::quant::toolkit::drive_columns!(4, dot, [fmt], w, row_bytes, x, cols, out);
     }
 }
-

@@ -220,4 +220,3 @@ fn for_column_chunks(n: usize, row_bytes: usize, m: usize, f: impl Fn(Range<usiz
             f(start..(start + cols_per_chunk).min(n));
         });
 }
-

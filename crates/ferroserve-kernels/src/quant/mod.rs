@@ -157,4 +157,3 @@ pub fn quantize_row(t: QuantType, x: &[f32], out: &mut [u8]) {
     );
     (t.info().quantize_row)(x, out);
 }
-

@@ -35,12 +35,17 @@ pub fn quantize_row(x: &[f32], out: &mut [u8]) {
 }
 
 fn dot_portable<const R: usize>(w_row: &[u8], acts: &[ActRow<'_>; R]) -> [f32; R] {
-    signed_dot_portable(w_row, acts, BLOCK_BYTES, |blk, w: &mut [i32; BLOCK_ELEMS]| {
-        for (i, wi) in w.iter_mut().enumerate() {
-            *wi = nibble(&blk[2..], i) as i32 - 8;
-        }
-        read_f16(blk, 0)
-    })
+    signed_dot_portable(
+        w_row,
+        acts,
+        BLOCK_BYTES,
+        |blk, w: &mut [i32; BLOCK_ELEMS]| {
+            for (i, wi) in w.iter_mut().enumerate() {
+                *wi = nibble(&blk[2..], i) as i32 - 8;
+            }
+            read_f16(blk, 0)
+        },
+    )
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -94,13 +94,18 @@ pub fn quantize_row(x: &[f32], out: &mut [u8]) {
 }
 
 fn dot_portable<const R: usize>(w_row: &[u8], acts: &[ActRow<'_>; R]) -> [f32; R] {
-    signed_dot_portable(w_row, acts, BLOCK_BYTES, |blk, w: &mut [i32; BLOCK_ELEMS]| {
-        // Codes pre-multiplied by their integer scale: the sum stays exact in i32.
-        for (i, wi) in w.iter_mut().enumerate() {
-            *wi = code(blk, i) * scale(blk, i);
-        }
-        read_f16(blk, D)
-    })
+    signed_dot_portable(
+        w_row,
+        acts,
+        BLOCK_BYTES,
+        |blk, w: &mut [i32; BLOCK_ELEMS]| {
+            // Codes pre-multiplied by their integer scale: the sum stays exact in i32.
+            for (i, wi) in w.iter_mut().enumerate() {
+                *wi = code(blk, i) * scale(blk, i);
+            }
+            read_f16(blk, D)
+        },
+    )
 }
 
 #[cfg(target_arch = "x86_64")]

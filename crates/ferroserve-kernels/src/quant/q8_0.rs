@@ -36,12 +36,17 @@ pub fn quantize_row(x: &[f32], out: &mut [u8]) {
 }
 
 fn dot_portable<const R: usize>(w_row: &[u8], acts: &[ActRow<'_>; R]) -> [f32; R] {
-    signed_dot_portable(w_row, acts, BLOCK_BYTES, |blk, w: &mut [i32; BLOCK_ELEMS]| {
-        for (wi, &q) in w.iter_mut().zip(&blk[2..]) {
-            *wi = q as i8 as i32;
-        }
-        read_f16(blk, 0)
-    })
+    signed_dot_portable(
+        w_row,
+        acts,
+        BLOCK_BYTES,
+        |blk, w: &mut [i32; BLOCK_ELEMS]| {
+            for (wi, &q) in w.iter_mut().zip(&blk[2..]) {
+                *wi = q as i8 as i32;
+            }
+            read_f16(blk, 0)
+        },
+    )
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -115,4 +120,3 @@ pub(crate) mod avx512 {
 
     group_kernel!(BLOCK_BYTES);
 }
-

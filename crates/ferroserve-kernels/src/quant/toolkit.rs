@@ -153,7 +153,9 @@ pub(crate) fn nibble(qs: &[u8], i: usize) -> u8 {
 /// first if several, sign kept) maps to `most_negative`, the one code with no positive twin.
 /// Writes `d` as the block's leading f16 and returns `1/d` of the stored (rounded) `d`.
 pub(crate) fn write_signed_scale(x: &[f32], blk: &mut [u8], most_negative: f32) -> f32 {
-    let max = x.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+    let max = x
+        .iter()
+        .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
     write_f16(blk, 0, max / most_negative);
     let d = read_f16(blk, 0);
     if d != 0.0 {
