@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 
 use ferroserve_core::tokenize::chat_template::ChatTemplate;
 use ferroserve_core::tokenize::gguf_vocab::GgufTokenizer;
-use ferroserve_core::weights::gguf::{GgmlType, GgufError, GgufFile};
+use ferroserve_core::weights::gguf::{GgufError, GgufFile};
+use ferroserve_kernels::quant::QuantType;
 
 
 fn model_path() -> PathBuf {
@@ -54,16 +55,16 @@ fn real_file_loads_with_expected_tensors_and_hparams() {
 
     let embd = gguf.tensor("token_embd.weight").unwrap();
     assert_eq!(embd.shape, &[49_152, 576]);
-    assert_eq!(embd.dtype, GgmlType::Q8_0);
+    assert_eq!(embd.dtype, QuantType::Q8_0);
     assert_eq!(embd.bytes.len(), 49_152 * 576 / 32 * 34);
 
     let k = gguf.tensor("blk.0.attn_k.weight").unwrap();
-    assert_eq!((k.shape, k.dtype), (&[192, 576][..], GgmlType::Q4_1));
+    assert_eq!((k.shape, k.dtype), (&[192, 576][..], QuantType::Q4_1));
     assert_eq!(k.bytes.len(), 192 * 576 / 32 * 20);
     let down = gguf.tensor("blk.29.ffn_down.weight").unwrap();
-    assert_eq!((down.shape, down.dtype), (&[576, 1536][..], GgmlType::Q4_1));
+    assert_eq!((down.shape, down.dtype), (&[576, 1536][..], QuantType::Q4_1));
     let norm = gguf.tensor("output_norm.weight").unwrap();
-    assert_eq!((norm.shape, norm.dtype), (&[576][..], GgmlType::F32));
+    assert_eq!((norm.shape, norm.dtype), (&[576][..], QuantType::F32));
     let gamma: Vec<f32> = norm
         .bytes
         .chunks_exact(4)

@@ -701,8 +701,7 @@ fn stored_matrix<'a>(gguf: &'a GgufFile, name: &str, rows: usize, cols: usize) -
     if t.shape != [rows, cols] {
         return Err(format!("tensor {name} has shape {:?}, expected [{rows}, {cols}]", t.shape));
     }
-    let wtype = QuantType::from_ggml_type(t.dtype.id())
-        .ok_or_else(|| format!("tensor {name} is {}, which no matmul kernel here reads", t.dtype))?;
+    let wtype = t.dtype;
     // Block formats multiply 8-bit activation blocks of 32.
     if wtype.is_block_quantised() && !cols.is_multiple_of(32) {
         return Err(format!("tensor {name}: rows of {cols} are not a multiple of 32"));
@@ -715,7 +714,7 @@ fn load_vector(gguf: &GgufFile, name: &str, len: usize) -> std::result::Result<V
     if t.n_elements() != len || t.shape.len() != 1 {
         return Err(format!("tensor {name} has shape {:?}, expected [{len}]", t.shape));
     }
-    let wtype = QuantType::from_ggml_type(t.dtype.id()).ok_or_else(|| format!("tensor {name} has unsupported type {}", t.dtype))?;
+    let wtype = t.dtype;
     let mut out = vec![0f32; len];
     quant::dequantize_row(wtype, t.bytes, &mut out);
     Ok(out)

@@ -14,6 +14,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use ferroserve_kernels::quant::QuantType;
 use memmap2::Mmap;
 
 const MAGIC: [u8; 4] = *b"GGUF";
@@ -46,7 +47,7 @@ pub enum GgufError {
     },
     #[error("corrupt GGUF file: {0}")]
     Corrupt(String),
-    #[error("tensor '{tensor}' has unknown or unsupported ggml type id {type_id}")]
+    #[error("tensor '{tensor}' has unknown or unsupported ggml type id {type_id}{}", type_id_label(*type_id))]
     UnknownTensorType { tensor: String, type_id: u32 },
     #[error("GGUF metadata key '{0}' is missing")]
     MissingKey(String),
@@ -66,171 +67,44 @@ pub enum GgufError {
 
 pub type Result<T, E = GgufError> = std::result::Result<T, E>;
 
-/// Tensor element types, numbered as ggml's `enum ggml_type` (ggml/include/ggml.h); the ids are
-/// what GGUF stores. The IQ* and ternary types but IQ4_NL are left out on purpose: no kernel
-/// here reads them, so a file using them should fail at load time rather than later.
-#[allow(non_camel_case_types)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum GgmlType {
-    F32,
-    F16,
-    Q4_0,
-    Q4_1,
-    Q5_0,
-    Q5_1,
-    Q8_0,
-    Q8_1,
-    Q2_K,
-    Q3_K,
-    Q4_K,
-    Q5_K,
-    Q6_K,
-    Q8_K,
-    IQ4_NL,
-    I8,
-    I16,
-    I32,
-    I64,
-    F64,
-    BF16,
+/// A tensor's stored type is a [`QuantType`]: the kernels' format table
+/// ([`QuantType::info`]) gives its ggml id, block size and bytes, so a file opens only when
+/// every tensor is in a format something here reads (a file with others could not be served,
+/// and cannot be bounds-checked without their sizes). The ggml types we do not read keep only
+/// their names, for the error message.
+fn unread_ggml_type_name(id: u32) -> Option<&'static str> {
+    // ggml/include/ggml.h's `enum ggml_type`, less the ids `QuantType` reads and the removed
+    // ones (4, 5: Q4_2, Q4_3; 31–33: Q4_0_4_4 and friends).
+    Some(match id {
+        9 => "Q8_1",
+        10 => "Q2_K",
+        11 => "Q3_K",
+        15 => "Q8_K",
+        16 => "IQ2_XXS",
+        17 => "IQ2_XS",
+        18 => "IQ3_XXS",
+        19 => "IQ1_S",
+        21 => "IQ3_S",
+        22 => "IQ2_S",
+        23 => "IQ4_XS",
+        24 => "I8",
+        25 => "I16",
+        26 => "I32",
+        27 => "I64",
+        28 => "F64",
+        29 => "IQ1_M",
+        34 => "TQ1_0",
+        35 => "TQ2_0",
+        39 => "MXFP4",
+        _ => return None,
+    })
 }
 
-impl GgmlType {
-    pub fn from_id(id: u32) -> Option<Self> {
-        use GgmlType::*;
-        Some(match id {
-            0 => F32,
-            1 => F16,
-            2 => Q4_0,
-            3 => Q4_1,
-            6 => Q5_0,
-            7 => Q5_1,
-            8 => Q8_0,
-            9 => Q8_1,
-            10 => Q2_K,
-            11 => Q3_K,
-            12 => Q4_K,
-            13 => Q5_K,
-            14 => Q6_K,
-            15 => Q8_K,
-            20 => IQ4_NL,
-            24 => I8,
-            25 => I16,
-            26 => I32,
-            27 => I64,
-            28 => F64,
-            30 => BF16,
-            _ => return None,
-        })
-    }
-
-    pub fn id(self) -> u32 {
-        use GgmlType::*;
-        match self {
-            F32 => 0,
-            F16 => 1,
-            Q4_0 => 2,
-            Q4_1 => 3,
-            Q5_0 => 6,
-            Q5_1 => 7,
-            Q8_0 => 8,
-            Q8_1 => 9,
-            Q2_K => 10,
-            Q3_K => 11,
-            Q4_K => 12,
-            Q5_K => 13,
-            Q6_K => 14,
-            Q8_K => 15,
-            IQ4_NL => 20,
-            I8 => 24,
-            I16 => 25,
-            I32 => 26,
-            I64 => 27,
-            F64 => 28,
-            BF16 => 30,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        use GgmlType::*;
-        match self {
-            F32 => "F32",
-            F16 => "F16",
-            Q4_0 => "Q4_0",
-            Q4_1 => "Q4_1",
-            Q5_0 => "Q5_0",
-            Q5_1 => "Q5_1",
-            Q8_0 => "Q8_0",
-            Q8_1 => "Q8_1",
-            Q2_K => "Q2_K",
-            Q3_K => "Q3_K",
-            Q4_K => "Q4_K",
-            Q5_K => "Q5_K",
-            Q6_K => "Q6_K",
-            Q8_K => "Q8_K",
-            IQ4_NL => "IQ4_NL",
-            I8 => "I8",
-            I16 => "I16",
-            I32 => "I32",
-            I64 => "I64",
-            F64 => "F64",
-            BF16 => "BF16",
-        }
-    }
-
-    /// Elements per block (ggml's `blck_size`): 1 for plain types, 32 for the legacy quants,
-    /// 256 for the K-quants. A row's length must be a multiple of it.
-    pub fn block_size(self) -> usize {
-        use GgmlType::*;
-        match self {
-            F32 | F16 | BF16 | F64 | I8 | I16 | I32 | I64 => 1,
-            Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q8_1 | IQ4_NL => 32,
-            Q2_K | Q3_K | Q4_K | Q5_K | Q6_K | Q8_K => 256,
-        }
-    }
-
-    /// Bytes per block (ggml's `type_size`), from the `block_*` structs in ggml-common.h.
-    pub fn block_bytes(self) -> usize {
-        use GgmlType::*;
-        match self {
-            F32 | I32 => 4,
-            F16 | BF16 | I16 => 2,
-            F64 | I64 => 8,
-            I8 => 1,
-            Q4_0 => 18,  // f16 scale + 16 bytes of nibbles
-            Q4_1 => 20,  // f16 scale + f16 min + 16 bytes of nibbles
-            Q5_0 => 22,  // f16 scale + 4 bytes of high bits + 16 bytes of nibbles
-            Q5_1 => 24,  // f16 scale + f16 min + 4 + 16
-            Q8_0 => 34,  // f16 scale + 32 int8
-            Q8_1 => 36,  // f16 scale + f16 sum + 32 int8
-            Q2_K => 84,  // 16 scale bytes + 64 quant bytes + 2 f16
-            Q3_K => 110, // 32 hmask + 64 quants + 12 scales + f16
-            Q4_K => 144, // 2 f16 + 12 scales + 128 quants
-            Q5_K => 176, // 2 f16 + 12 scales + 32 high bits + 128 quants
-            Q6_K => 210, // 128 low bits + 64 high bits + 16 scales + f16
-            Q8_K => 292, // f32 scale + 256 int8 + 16 int16 block sums
-            IQ4_NL => 18, // f16 scale + 16 bytes of nibbles (table indices)
-        }
-    }
-
-    pub fn is_quantized(self) -> bool {
-        self.block_size() > 1
-    }
-
-    /// Bytes taken by `n_elements` values of this type, or `None` when `n_elements` is not a
-    /// whole number of blocks or the size overflows.
-    pub fn bytes_for(self, n_elements: u64) -> Option<u64> {
-        let block = self.block_size() as u64;
-        if !n_elements.is_multiple_of(block) {
-            return None;
-        }
-        (n_elements / block).checked_mul(self.block_bytes() as u64)
-    }
-}
-
-impl std::fmt::Display for GgmlType {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
+/// The words the error message adds after a type id: the ggml name where ggml has one.
+fn type_id_label(id: u32) -> String {
+    match unread_ggml_type_name(id) {
+        Some(name) => format!(" ({name}, which no kernel here reads)"),
+        None => String::new(),
     }
 }
 
@@ -360,7 +234,7 @@ impl GgufValue {
 pub struct TensorInfo {
     pub name: String,
     pub shape: Vec<usize>,
-    pub dtype: GgmlType,
+    pub dtype: QuantType,
     /// Byte offset from the start of the data section.
     pub offset: usize,
     pub n_bytes: usize,
@@ -380,7 +254,7 @@ pub struct TensorView<'a> {
     pub name: &'a str,
     /// Row-major, outermost first (see [`TensorInfo`]).
     pub shape: &'a [usize],
-    pub dtype: GgmlType,
+    pub dtype: QuantType,
     pub bytes: &'a [u8],
 }
 
@@ -893,7 +767,7 @@ fn check_tensor(
     data_len: u64,
 ) -> Result<TensorInfo> {
     let name = raw.name;
-    let dtype = GgmlType::from_id(raw.type_id).ok_or_else(|| GgufError::UnknownTensorType {
+    let dtype = QuantType::from_ggml_type(raw.type_id).ok_or_else(|| GgufError::UnknownTensorType {
         tensor: name.clone(),
         type_id: raw.type_id,
     })?;
@@ -906,14 +780,15 @@ fn check_tensor(
         .ok_or_else(|| corrupt(format!("element count of shape {:?} overflows", raw.ne)))?;
     // Blocks never straddle rows, so the row length itself must be whole blocks.
     let row_len = raw.ne.first().copied().unwrap_or(1);
-    if !row_len.is_multiple_of(dtype.block_size() as u64) {
+    let block_elems = dtype.block_elems() as u64;
+    if !row_len.is_multiple_of(block_elems) {
         return Err(corrupt(format!(
-            "row length {row_len} is not a multiple of the {dtype} block size {}",
-            dtype.block_size()
+            "row length {row_len} is not a multiple of the {dtype} block size {block_elems}"
         )));
     }
-    let n_bytes = dtype
-        .bytes_for(n_elements)
+    // Whole rows, so whole blocks: the division is exact.
+    let n_bytes = (n_elements / block_elems)
+        .checked_mul(dtype.block_bytes() as u64)
         .ok_or_else(|| corrupt(format!("byte size of shape {:?} overflows", raw.ne)))?;
     if !raw.offset.is_multiple_of(alignment) {
         return Err(corrupt(format!(
@@ -1091,17 +966,22 @@ mod tests {
     #[test]
     fn type_ids_round_trip() {
         for id in 0..64 {
-            if let Some(t) = GgmlType::from_id(id) {
-                assert_eq!(t.id(), id);
+            if let Some(t) = QuantType::from_ggml_type(id) {
+                assert_eq!(t.ggml_type(), id);
+                assert_eq!(unread_ggml_type_name(id), None, "{t} is read, not only named");
             }
         }
-        assert_eq!(GgmlType::from_id(12), Some(GgmlType::Q4_K));
-        assert_eq!(GgmlType::from_id(30), Some(GgmlType::BF16));
-        assert_eq!(GgmlType::from_id(4), None); // removed Q4_2
-        assert_eq!(GgmlType::from_id(20), Some(GgmlType::IQ4_NL));
-        assert_eq!(GgmlType::IQ4_NL.bytes_for(64), Some(36));
-        assert_eq!(GgmlType::Q4_1.bytes_for(64), Some(40));
-        assert_eq!(GgmlType::Q6_K.bytes_for(100), None);
+        assert_eq!(QuantType::from_ggml_type(12), Some(QuantType::Q4_K));
+        assert_eq!(QuantType::from_ggml_type(30), Some(QuantType::BF16));
+        assert_eq!(QuantType::from_ggml_type(4), None); // removed Q4_2
+        assert_eq!(QuantType::from_ggml_type(20), Some(QuantType::IQ4_NL));
+        assert_eq!(QuantType::IQ4_NL.row_bytes(64), 36);
+        assert_eq!(QuantType::Q4_1.row_bytes(64), 40);
+        let err = GgufError::UnknownTensorType { tensor: "w".into(), type_id: 10 };
+        assert_eq!(
+            err.to_string(),
+            "tensor 'w' has unknown or unsupported ggml type id 10 (Q2_K, which no kernel here reads)"
+        );
     }
 
     #[test]

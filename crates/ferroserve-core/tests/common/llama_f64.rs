@@ -111,7 +111,7 @@ struct MatrixView<'a> {
 impl<'a> MatrixView<'a> {
     fn of(gguf: &'a GgufFile, name: &str) -> Self {
         let t = gguf.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let wtype = QuantType::from_ggml_type(t.dtype.id()).unwrap_or_else(|| panic!("{name}: type {}", t.dtype));
+        let wtype = t.dtype;
         MatrixView { bytes: t.bytes, wtype, rows: t.shape[0], cols: t.shape[1] }
     }
 }
@@ -119,7 +119,7 @@ impl<'a> MatrixView<'a> {
 /// A norm vector, as the model converts it (to f32).
 fn norm(gguf: &GgufFile, name: &str) -> Vec<f32> {
     let t = gguf.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
-    let wtype = QuantType::from_ggml_type(t.dtype.id()).unwrap_or_else(|| panic!("{name}: type {}", t.dtype));
+    let wtype = t.dtype;
     let mut out = vec![0f32; t.n_elements()];
     quant::dequantize_row(wtype, t.bytes, &mut out);
     out

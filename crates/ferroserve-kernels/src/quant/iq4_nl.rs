@@ -8,14 +8,14 @@
 //! The kernels below are hand-written: no library multiplies these blocks in place with a
 //! reduction order fixed per output element (see `matmul.rs` for the strategy and why).
 
-use super::matmul::OutMatrix;
-use super::q4_1::hsum8;
-use super::q8_0::{assert_rows_match, ActRow, Q8Activations};
-use super::{read_f16, write_f16};
-use std::ops::Range;
+use super::activations::{assert_rows_match, ActRow};
+use super::half::read_f16;
+use super::toolkit::{block_format, hsum8, nibble, write_signed_scale, zip_blocks};
 
 pub const BLOCK_ELEMS: usize = 32;
 pub const BLOCK_BYTES: usize = 2 + BLOCK_ELEMS / 2;
+
+block_format!("IQ4_NL", ggml_type: 20, avx512: avx2::matmul_cols);
 
 /// ggml's `kvalues_iq4nl`.
 pub const VALUES: [i8; 16] = [
@@ -25,19 +25,11 @@ pub const VALUES: [i8; 16] = [
 /// The table value (−127..=113) of weight `i` (0..32) of a block.
 #[inline]
 fn value(blk: &[u8], i: usize) -> i32 {
-    let q = if i < 16 {
-        blk[2 + i] & 0x0f
-    } else {
-        blk[2 + i - 16] >> 4
-    };
-    VALUES[q as usize] as i32
+    VALUES[nibble(&blk[2..], i) as usize] as i32
 }
 
 pub fn dequantize_row(bytes: &[u8], out: &mut [f32]) {
-    for (blk, y) in bytes
-        .chunks_exact(BLOCK_BYTES)
-        .zip(out.chunks_exact_mut(BLOCK_ELEMS))
-    {
+    for (blk, y) in zip_blocks(bytes, BLOCK_BYTES, out, BLOCK_ELEMS) {
         let d = read_f16(blk, 0);
         for (i, v) in y.iter_mut().enumerate() {
             *v = d * value(blk, i) as f32;
@@ -48,16 +40,8 @@ pub fn dequantize_row(bytes: &[u8], out: &mut [f32]) {
 /// Nearest table entry with the largest-magnitude weight mapped to −127 (the table's
 /// widest end); it does not search scales as llama.cpp's quantiser does.
 pub fn quantize_row(x: &[f32], out: &mut [u8]) {
-    for (xb, blk) in x
-        .chunks_exact(BLOCK_ELEMS)
-        .zip(out.chunks_exact_mut(BLOCK_BYTES))
-    {
-        let max = xb
-            .iter()
-            .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
-        write_f16(blk, 0, max / -127.0);
-        let d = read_f16(blk, 0);
-        let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
+    for (xb, blk) in zip_blocks(x, BLOCK_ELEMS, out, BLOCK_BYTES) {
+        let inv = write_signed_scale(xb, blk, -127.0);
         let code = |v: f32| {
             let t = v * inv;
             (0..16u8)
@@ -113,26 +97,14 @@ fn dot_portable<const R: usize>(w_row: &[u8], acts: &[ActRow<'_>; R]) -> [f32; R
     })
 }
 
-pub(crate) fn matmul_cols_portable(
-    w: &[u8],
-    row_bytes: usize,
-    acts: &Q8Activations,
-    cols: Range<usize>,
-    out: &OutMatrix,
-) {
-    super::matmul::drive_columns!(4, dot_portable, [], w, row_bytes, acts, cols, out);
-}
-
 /// Also the AVX-512 level's kernel: it already gives the reference bits, which is what the
 /// level must give.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)] // index loops over per-row register arrays
 pub(crate) mod avx2 {
-    use super::{assert_rows_match, ActRow, Q8Activations, BLOCK_BYTES, BLOCK_ELEMS, VALUES};
-    use crate::quant::matmul::x86::*;
-    use crate::quant::matmul::OutMatrix;
+    use super::{assert_rows_match, ActRow, BLOCK_BYTES, BLOCK_ELEMS, VALUES};
+    use crate::quant::toolkit::x86::*;
     use std::arch::x86_64::*;
-    use std::ops::Range;
 
     /// The block at `blk`: its weights' table values as 32 signed bytes, and `d`.
     ///
@@ -201,16 +173,5 @@ pub(crate) mod avx2 {
         out
     }
 
-    /// # Safety
-    /// The CPU must support this module's features; the caller owns columns `cols`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) unsafe fn matmul_cols(
-        w: &[u8],
-        row_bytes: usize,
-        acts: &Q8Activations,
-        cols: Range<usize>,
-        out: &OutMatrix,
-    ) {
-        crate::quant::matmul::drive_columns!(TILE, dot, [], w, row_bytes, acts, cols, out);
-    }
+    crate::quant::toolkit::avx2_matmul_cols!();
 }

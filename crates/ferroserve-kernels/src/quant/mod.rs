@@ -11,7 +11,9 @@
 //! batch-invariance guarantee (ggml does it in C, candle and mistral.rs wrap ggml-style
 //! kernels whose reduction order depends on the thread split). See [`matmul`].
 
+pub mod activations;
 pub mod f16;
+pub(crate) mod half;
 pub mod iq4_nl;
 pub mod matmul;
 pub mod panels;
@@ -23,11 +25,15 @@ pub mod q5_1;
 pub mod q5_k;
 pub mod q6_k;
 pub mod q8_0;
+pub(crate) mod toolkit;
 
 pub use crate::isa::QuantLevel;
 pub use matmul::{quant_matmul, quant_matmul_prepared, quant_matmul_with_isa};
 pub use panels::{panel_matmul, panel_matmuls, Panels};
-pub use q8_0::Q8Activations;
+pub use activations::Q8Activations;
+pub use toolkit::FormatInfo;
+
+use toolkit::Kernels;
 
 /// A GGUF tensor type this crate can read (the subset our target models use).
 #[allow(non_camel_case_types)] // GGML's own names, so they grep across projects
@@ -63,75 +69,44 @@ impl QuantType {
         QuantType::IQ4_NL,
     ];
 
-    /// The `ggml_type` number GGUF files store in their tensor infos.
+    /// The format's row of the table: everything below reads it.
+    pub fn info(self) -> &'static FormatInfo {
+        match self {
+            QuantType::F32 => &f16::F32_FORMAT,
+            QuantType::F16 => &f16::F16_FORMAT,
+            QuantType::BF16 => &f16::BF16_FORMAT,
+            QuantType::Q8_0 => &q8_0::FORMAT,
+            QuantType::Q4_0 => &q4_0::FORMAT,
+            QuantType::Q4_1 => &q4_1::FORMAT,
+            QuantType::Q4_K => &q4_k::FORMAT,
+            QuantType::Q6_K => &q6_k::FORMAT,
+            QuantType::Q5_0 => &q5_0::FORMAT,
+            QuantType::Q5_1 => &q5_1::FORMAT,
+            QuantType::Q5_K => &q5_k::FORMAT,
+            QuantType::IQ4_NL => &iq4_nl::FORMAT,
+        }
+    }
+
+    /// The format GGUF's `ggml_type` number `id` names, if this crate reads it.
     pub fn from_ggml_type(id: u32) -> Option<QuantType> {
         QuantType::ALL.into_iter().find(|t| t.ggml_type() == id)
     }
 
     pub fn ggml_type(self) -> u32 {
-        match self {
-            QuantType::F32 => 0,
-            QuantType::F16 => 1,
-            QuantType::Q4_0 => 2,
-            QuantType::Q4_1 => 3,
-            QuantType::Q5_0 => 6,
-            QuantType::Q5_1 => 7,
-            QuantType::Q8_0 => 8,
-            QuantType::Q4_K => 12,
-            QuantType::Q5_K => 13,
-            QuantType::Q6_K => 14,
-            QuantType::IQ4_NL => 20,
-            QuantType::BF16 => 30,
-        }
+        self.info().ggml_type
     }
 
     pub fn name(self) -> &'static str {
-        match self {
-            QuantType::F32 => "F32",
-            QuantType::F16 => "F16",
-            QuantType::BF16 => "BF16",
-            QuantType::Q8_0 => "Q8_0",
-            QuantType::Q4_0 => "Q4_0",
-            QuantType::Q4_1 => "Q4_1",
-            QuantType::Q4_K => "Q4_K",
-            QuantType::Q6_K => "Q6_K",
-            QuantType::Q5_0 => "Q5_0",
-            QuantType::Q5_1 => "Q5_1",
-            QuantType::Q5_K => "Q5_K",
-            QuantType::IQ4_NL => "IQ4_NL",
-        }
+        self.info().name
     }
 
     /// Weights per block; a row length must be a multiple of it.
     pub fn block_elems(self) -> usize {
-        match self {
-            QuantType::F32 | QuantType::F16 | QuantType::BF16 => 1,
-            QuantType::Q8_0 => q8_0::BLOCK_ELEMS,
-            QuantType::Q4_0 => q4_0::BLOCK_ELEMS,
-            QuantType::Q4_1 => q4_1::BLOCK_ELEMS,
-            QuantType::Q4_K => q4_k::BLOCK_ELEMS,
-            QuantType::Q6_K => q6_k::BLOCK_ELEMS,
-            QuantType::Q5_0 => q5_0::BLOCK_ELEMS,
-            QuantType::Q5_1 => q5_1::BLOCK_ELEMS,
-            QuantType::Q5_K => q5_k::BLOCK_ELEMS,
-            QuantType::IQ4_NL => iq4_nl::BLOCK_ELEMS,
-        }
+        self.info().block_elems
     }
 
     pub fn block_bytes(self) -> usize {
-        match self {
-            QuantType::F32 => 4,
-            QuantType::F16 | QuantType::BF16 => 2,
-            QuantType::Q8_0 => q8_0::BLOCK_BYTES,
-            QuantType::Q4_0 => q4_0::BLOCK_BYTES,
-            QuantType::Q4_1 => q4_1::BLOCK_BYTES,
-            QuantType::Q4_K => q4_k::BLOCK_BYTES,
-            QuantType::Q6_K => q6_k::BLOCK_BYTES,
-            QuantType::Q5_0 => q5_0::BLOCK_BYTES,
-            QuantType::Q5_1 => q5_1::BLOCK_BYTES,
-            QuantType::Q5_K => q5_k::BLOCK_BYTES,
-            QuantType::IQ4_NL => iq4_nl::BLOCK_BYTES,
-        }
+        self.info().block_bytes
     }
 
     /// Bytes of a row of `n_elems` weights. Panics unless `n_elems` is a whole number of blocks.
@@ -147,7 +122,13 @@ impl QuantType {
 
     /// True for the block formats whose matmul quantises the activations to 8 bits.
     pub fn is_block_quantised(self) -> bool {
-        !matches!(self, QuantType::F32 | QuantType::F16 | QuantType::BF16)
+        matches!(self.info().kernels, Kernels::Blocks(_))
+    }
+}
+
+impl std::fmt::Display for QuantType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -160,20 +141,7 @@ pub fn dequantize_row(t: QuantType, bytes: &[u8], out: &mut [f32]) {
         t.name(),
         out.len()
     );
-    match t {
-        QuantType::F32 => f16::dequantize_row_f32(bytes, out),
-        QuantType::F16 => f16::dequantize_row_f16(bytes, out),
-        QuantType::BF16 => f16::dequantize_row_bf16(bytes, out),
-        QuantType::Q8_0 => q8_0::dequantize_row(bytes, out),
-        QuantType::Q4_0 => q4_0::dequantize_row(bytes, out),
-        QuantType::Q4_1 => q4_1::dequantize_row(bytes, out),
-        QuantType::Q4_K => q4_k::dequantize_row(bytes, out),
-        QuantType::Q6_K => q6_k::dequantize_row(bytes, out),
-        QuantType::Q5_0 => q5_0::dequantize_row(bytes, out),
-        QuantType::Q5_1 => q5_1::dequantize_row(bytes, out),
-        QuantType::Q5_K => q5_k::dequantize_row(bytes, out),
-        QuantType::IQ4_NL => iq4_nl::dequantize_row(bytes, out),
-    }
+    (t.info().dequantize_row)(bytes, out);
 }
 
 /// Round-to-nearest quantisation of one row into `out` (`t.row_bytes(x.len())` bytes).
@@ -187,38 +155,5 @@ pub fn quantize_row(t: QuantType, x: &[f32], out: &mut [u8]) {
         t.name(),
         x.len()
     );
-    match t {
-        QuantType::F32 => f16::quantize_row_f32(x, out),
-        QuantType::F16 => f16::quantize_row_f16(x, out),
-        QuantType::BF16 => f16::quantize_row_bf16(x, out),
-        QuantType::Q8_0 => q8_0::quantize_row(x, out),
-        QuantType::Q4_0 => q4_0::quantize_row(x, out),
-        QuantType::Q4_1 => q4_1::quantize_row(x, out),
-        QuantType::Q4_K => q4_k::quantize_row(x, out),
-        QuantType::Q6_K => q6_k::quantize_row(x, out),
-        QuantType::Q5_0 => q5_0::quantize_row(x, out),
-        QuantType::Q5_1 => q5_1::quantize_row(x, out),
-        QuantType::Q5_K => q5_k::quantize_row(x, out),
-        QuantType::IQ4_NL => iq4_nl::quantize_row(x, out),
-    }
-}
-
-/// Reads the little-endian f16 at `bytes[at..at + 2]` as f32.
-#[inline]
-pub(crate) fn read_f16(bytes: &[u8], at: usize) -> f32 {
-    f16::f16_to_f32(u16::from_le_bytes([bytes[at], bytes[at + 1]]))
-}
-
-#[inline]
-pub(crate) fn write_f16(bytes: &mut [u8], at: usize, v: f32) {
-    bytes[at..at + 2].copy_from_slice(&f16::f32_to_f16(v).to_le_bytes());
-}
-
-/// Round half to even, exactly, for |v| < 2²²: adding 1.5·2²³ pushes the fraction out of
-/// the mantissa under the default rounding mode. Unlike `f32::round` it vectorises without
-/// SSE4.1, and the quantisers run on the baseline target.
-#[inline]
-pub(crate) fn round_half_even(v: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0;
-    (v + MAGIC) - MAGIC
+    (t.info().quantize_row)(x, out);
 }

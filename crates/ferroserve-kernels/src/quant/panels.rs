@@ -84,7 +84,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::f16::f16_to_f32;
-use super::q8_0::{ActRow, Q8Activations};
+use super::activations::{ActRow, Q8Activations};
 use super::{iq4_nl, q4_k, q5_0, q6_k, QuantType};
 use crate::isa::QuantLevel;
 

@@ -4,29 +4,17 @@
 //! The kernels below are hand-written: no library multiplies these blocks in place with a
 //! reduction order fixed per output element (see `matmul.rs` for the strategy and why).
 
-use super::matmul::OutMatrix;
-use super::q8_0::{assert_rows_match, ActRow, Q8Activations};
-use super::{read_f16, round_half_even, write_f16};
-use std::ops::Range;
+use super::activations::{assert_rows_match, ActRow, Q8Activations};
+use super::half::{read_f16, round_half_even};
+use super::toolkit::{block_format, nibble, signed_dot_portable, write_signed_scale, zip_blocks};
 
 pub const BLOCK_ELEMS: usize = 32;
 pub const BLOCK_BYTES: usize = 2 + BLOCK_ELEMS / 2;
 
-/// The 4-bit code of weight `i` (0..32) in a block's 16 nibble bytes.
-#[inline]
-fn nibble(qs: &[u8], i: usize) -> u8 {
-    if i < 16 {
-        qs[i] & 0x0f
-    } else {
-        qs[i - 16] >> 4
-    }
-}
+block_format!("Q4_0", ggml_type: 2, avx512: avx512::matmul_cols);
 
 pub fn dequantize_row(bytes: &[u8], out: &mut [f32]) {
-    for (blk, y) in bytes
-        .chunks_exact(BLOCK_BYTES)
-        .zip(out.chunks_exact_mut(BLOCK_ELEMS))
-    {
+    for (blk, y) in zip_blocks(bytes, BLOCK_BYTES, out, BLOCK_ELEMS) {
         let d = read_f16(blk, 0);
         for (i, v) in y.iter_mut().enumerate() {
             *v = (nibble(&blk[2..], i) as i32 - 8) as f32 * d;
@@ -37,16 +25,8 @@ pub fn dequantize_row(bytes: &[u8], out: &mut [f32]) {
 /// Round to nearest with ggml's choice of scale: the largest-magnitude weight maps to −8,
 /// the one code with no positive twin.
 pub fn quantize_row(x: &[f32], out: &mut [u8]) {
-    for (xb, blk) in x
-        .chunks_exact(BLOCK_ELEMS)
-        .zip(out.chunks_exact_mut(BLOCK_BYTES))
-    {
-        let max = xb
-            .iter()
-            .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
-        write_f16(blk, 0, max / -8.0);
-        let d = read_f16(blk, 0);
-        let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
+    for (xb, blk) in zip_blocks(x, BLOCK_ELEMS, out, BLOCK_BYTES) {
+        let inv = write_signed_scale(xb, blk, -8.0);
         let code = |v: f32| (round_half_even(v * inv) + 8.0).clamp(0.0, 15.0) as u8;
         for i in 0..16 {
             blk[2 + i] = code(xb[i]) | (code(xb[i + 16]) << 4);
@@ -55,116 +35,46 @@ pub fn quantize_row(x: &[f32], out: &mut [u8]) {
 }
 
 fn dot_portable<const R: usize>(w_row: &[u8], acts: &[ActRow<'_>; R]) -> [f32; R] {
-    let nb = w_row.len() / BLOCK_BYTES;
-    assert_rows_match(acts, nb);
-    let mut acc = [0f32; R];
-    for (b, blk) in w_row.chunks_exact(BLOCK_BYTES).enumerate() {
-        let d = read_f16(blk, 0);
-        let mut w = [0i32; BLOCK_ELEMS];
-        for (i, wi) in w.iter_mut().enumerate() {
-            *wi = nibble(&blk[2..], i) as i32 - 8;
-        }
-        for (r, a) in acts.iter().enumerate() {
-            let aq = &a.qs[b * BLOCK_ELEMS..(b + 1) * BLOCK_ELEMS];
-            let isum: i32 = w.iter().zip(aq).map(|(&wi, &x)| wi * x as i32).sum();
-            acc[r] += d * a.scales[b][0] * isum as f32;
-        }
-    }
-    acc
-}
-
-pub(crate) fn matmul_cols_portable(
-    w: &[u8],
-    row_bytes: usize,
-    acts: &Q8Activations,
-    cols: Range<usize>,
-    out: &OutMatrix,
-) {
-    super::matmul::drive_columns!(4, dot_portable, [], w, row_bytes, acts, cols, out);
+    signed_dot_portable(
+        w_row,
+        acts,
+        BLOCK_BYTES,
+        |blk, w: &mut [i32; BLOCK_ELEMS]| {
+            for (i, wi) in w.iter_mut().enumerate() {
+                *wi = nibble(&blk[2..], i) as i32 - 8;
+            }
+            read_f16(blk, 0)
+        },
+    )
 }
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2 {
-    use super::{assert_rows_match, ActRow, Q8Activations, BLOCK_BYTES, BLOCK_ELEMS};
-    use crate::quant::matmul::x86::*;
-    use crate::quant::matmul::OutMatrix;
+    use crate::quant::toolkit::x86::*;
     use std::arch::x86_64::*;
-    use std::ops::Range;
 
-    /// One block into `acc` for each row: codes minus 8 give signed weights in
-    /// −8..=7; their signs move onto the activations as for Q8_0.
+    /// Codes minus 8: signed weights in −8..=7.
     ///
     /// # Safety
-    /// Reads the block at `blk` and activation block `b` of every row; needs AVX2/FMA/F16C.
+    /// Reads the 18-byte block at `blk`; needs AVX2.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn block<const R: usize>(
-        blk: *const u8,
-        b: usize,
-        acts: &[ActRow<'_>; R],
-        acc: &mut [__m256; R],
-    ) {
-        let d = load_f16(blk);
-        let w = _mm256_sub_epi8(unpack_nibbles(blk.add(2)), _mm256_set1_epi8(8));
-        let w_abs = _mm256_sign_epi8(w, w);
-        for r in 0..R {
-            let a = _mm256_loadu_si256(acts[r].qs.as_ptr().add(b * BLOCK_ELEMS).cast());
-            let dot = dot_u8i8_avx2(w_abs, _mm256_sign_epi8(a, w));
-            let scale = _mm_mul_ps(d, load_act_scales(acts[r].scales.as_ptr().add(b)));
-            acc[r] = _mm256_fmadd_ps(
-                _mm256_cvtepi32_ps(dot),
-                _mm256_broadcastss_ps(scale),
-                acc[r],
-            );
-        }
+    unsafe fn weights(blk: *const u8) -> __m256i {
+        _mm256_sub_epi8(unpack_nibbles(blk.add(2)), _mm256_set1_epi8(8))
     }
 
-    /// # Safety
-    /// Needs AVX2, FMA and F16C; the shapes are checked here.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn dot<const R: usize>(w_row: &[u8], acts: &[ActRow<'_>; R]) -> [f32; R] {
-        let nb = w_row.len() / BLOCK_BYTES;
-        assert_rows_match(acts, nb);
-        let w = w_row.as_ptr();
-        let mut even = [_mm256_setzero_ps(); R];
-        let mut odd = [_mm256_setzero_ps(); R];
-        let mut b = 0;
-        // SAFETY (pointer reads in `block`): b < nb, and the rows were checked above.
-        while b + 2 <= nb {
-            block(w.add(b * BLOCK_BYTES), b, acts, &mut even);
-            block(w.add((b + 1) * BLOCK_BYTES), b + 1, acts, &mut odd);
-            b += 2;
-        }
-        if b < nb {
-            block(w.add(b * BLOCK_BYTES), b, acts, &mut even);
-        }
-        core::array::from_fn(|r| hsum(_mm256_add_ps(even[r], odd[r])))
-    }
-
-    /// # Safety
-    /// The CPU must support this module's features; the caller owns columns `cols`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) unsafe fn matmul_cols(
-        w: &[u8],
-        row_bytes: usize,
-        acts: &Q8Activations,
-        cols: Range<usize>,
-        out: &OutMatrix,
-    ) {
-        crate::quant::matmul::drive_columns!(TILE, dot, [], w, row_bytes, acts, cols, out);
-    }
+    crate::quant::toolkit::signed_blocks_avx2!();
 }
 
 /// Groups of four blocks (see `matmul::x86::avx512`), as `d·q + m` with m = −8d.
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512 {
     use super::{assert_rows_match, ActRow, Q8Activations, BLOCK_BYTES};
-    use crate::quant::matmul::x86::avx512::{
+    use crate::quant::toolkit::x86::avx512::{
         byte_mask, group_kernel, nibble_words, unpack_nibble_pair, Group, Spread,
         NIBBLE_PAIR_SPREAD,
     };
-    use crate::quant::matmul::OutMatrix;
+    use crate::quant::toolkit::OutMatrix;
     use std::arch::x86_64::*;
     use std::ops::Range;
 

@@ -11,13 +11,14 @@
 //! The kernels below are hand-written: no library multiplies these blocks in place with a
 //! reduction order fixed per output element (see `matmul.rs` for the strategy and why).
 
-use super::matmul::OutMatrix;
-use super::q8_0::{assert_rows_match, ActRow, Q8Activations};
-use super::{read_f16, round_half_even, write_f16};
-use std::ops::Range;
+use super::activations::{assert_rows_match, ActRow, Q8Activations};
+use super::half::{read_f16, round_half_even, write_f16};
+use super::toolkit::{block_format, zip_blocks};
 
 pub const BLOCK_ELEMS: usize = 256;
 pub const BLOCK_BYTES: usize = 4 + 12 + BLOCK_ELEMS / 2;
+
+block_format!("Q4_K", ggml_type: 12, avx512: avx512::matmul_cols);
 const SUB: usize = 32;
 
 /// Scale and minimum of sub-block `j` (0..8) from the 12 packed bytes: sub-blocks 0..4
@@ -59,10 +60,7 @@ pub(crate) fn nibble(qs: &[u8], i: usize) -> u8 {
 }
 
 pub fn dequantize_row(bytes: &[u8], out: &mut [f32]) {
-    for (blk, y) in bytes
-        .chunks_exact(BLOCK_BYTES)
-        .zip(out.chunks_exact_mut(BLOCK_ELEMS))
-    {
+    for (blk, y) in zip_blocks(bytes, BLOCK_BYTES, out, BLOCK_ELEMS) {
         let (d, dmin) = (read_f16(blk, 0), read_f16(blk, 2));
         for (j, ys) in y.chunks_exact_mut(SUB).enumerate() {
             let (sc, m) = scale_min(&blk[4..16], j);
@@ -77,10 +75,7 @@ pub fn dequantize_row(bytes: &[u8], out: &mut [f32]) {
 /// Round to nearest: each sub-block spans [min(0, lo), hi] in 15 steps; the sub-block
 /// scales and (negated) minimums are then quantised to 6 bits against `d`, `dmin`.
 pub fn quantize_row(x: &[f32], out: &mut [u8]) {
-    for (xb, blk) in x
-        .chunks_exact(BLOCK_ELEMS)
-        .zip(out.chunks_exact_mut(BLOCK_BYTES))
-    {
+    for (xb, blk) in zip_blocks(x, BLOCK_ELEMS, out, BLOCK_BYTES) {
         let mut scales = [0f32; 8];
         let mut mins = [0f32; 8];
         for (j, xs) in xb.chunks_exact(SUB).enumerate() {
@@ -158,24 +153,12 @@ fn dot_portable<const R: usize>(w_row: &[u8], acts: &[ActRow<'_>; R]) -> [f32; R
     acc
 }
 
-pub(crate) fn matmul_cols_portable(
-    w: &[u8],
-    row_bytes: usize,
-    acts: &Q8Activations,
-    cols: Range<usize>,
-    out: &OutMatrix,
-) {
-    super::matmul::drive_columns!(4, dot_portable, [], w, row_bytes, acts, cols, out);
-}
-
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)] // index loops over per-row register arrays
 pub(crate) mod avx2 {
-    use super::{assert_rows_match, sub_scales, ActRow, Q8Activations, BLOCK_BYTES, SUB};
-    use crate::quant::matmul::x86::*;
-    use crate::quant::matmul::OutMatrix;
+    use super::{assert_rows_match, sub_scales, ActRow, BLOCK_BYTES, SUB};
+    use crate::quant::toolkit::x86::*;
     use std::arch::x86_64::*;
-    use std::ops::Range;
 
     /// As Q4_1: lanes of Σq·a scaled by d·sc·d_x, and the minimum terms in lane 1.
     struct Acc<const R: usize> {
@@ -244,18 +227,7 @@ pub(crate) mod avx2 {
         })
     }
 
-    /// # Safety
-    /// The CPU must support this module's features; the caller owns columns `cols`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) unsafe fn matmul_cols(
-        w: &[u8],
-        row_bytes: usize,
-        acts: &Q8Activations,
-        cols: Range<usize>,
-        out: &OutMatrix,
-    ) {
-        crate::quant::matmul::drive_columns!(TILE, dot, [], w, row_bytes, acts, cols, out);
-    }
+    crate::quant::toolkit::avx2_matmul_cols!();
 }
 
 #[cfg(test)]
@@ -286,8 +258,8 @@ mod tests {
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512 {
     use super::{assert_rows_match, sub_scales, ActRow, Q8Activations, BLOCK_BYTES};
-    use crate::quant::matmul::x86::avx512::{finish, group_step, Acc, Group, Spread};
-    use crate::quant::matmul::OutMatrix;
+    use crate::quant::toolkit::x86::avx512::{finish, group_step, Acc, Group, Spread};
+    use crate::quant::toolkit::OutMatrix;
     use std::arch::x86_64::*;
     use std::ops::Range;
 
@@ -356,6 +328,6 @@ pub(crate) mod avx512 {
         cols: Range<usize>,
         out: &OutMatrix,
     ) {
-        crate::quant::matmul::drive_tiles!(dot, w, row_bytes, acts, cols, out);
+        crate::quant::toolkit::drive_tiles!(dot, w, row_bytes, acts, cols, out);
     }
 }

@@ -8,14 +8,14 @@
 //! The kernels below are hand-written: no library multiplies these blocks in place with a
 //! reduction order fixed per output element (see `matmul.rs` for the strategy and why).
 
-use super::matmul::OutMatrix;
-use super::q4_1::hsum8;
-use super::q8_0::{assert_rows_match, ActRow, Q8Activations};
-use super::{read_f16, round_half_even, write_f16};
-use std::ops::Range;
+use super::activations::{assert_rows_match, ActRow};
+use super::half::{read_f16, round_half_even};
+use super::toolkit::{block_format, fma_lanes, hsum8, write_signed_scale, zip_blocks};
 
 pub const BLOCK_ELEMS: usize = 32;
 pub const BLOCK_BYTES: usize = 2 + 4 + BLOCK_ELEMS / 2;
+
+block_format!("Q5_0", ggml_type: 6, avx512: avx2::matmul_cols);
 
 /// The 5-bit code (0..32) of weight `i` of a block.
 #[inline]
@@ -42,10 +42,7 @@ pub(crate) fn pack_codes(codes: &[u8; BLOCK_ELEMS], blk: &mut [u8]) {
 }
 
 pub fn dequantize_row(bytes: &[u8], out: &mut [f32]) {
-    for (blk, y) in bytes
-        .chunks_exact(BLOCK_BYTES)
-        .zip(out.chunks_exact_mut(BLOCK_ELEMS))
-    {
+    for (blk, y) in zip_blocks(bytes, BLOCK_BYTES, out, BLOCK_ELEMS) {
         let d = read_f16(blk, 0);
         for (i, v) in y.iter_mut().enumerate() {
             *v = (code(blk, i) as i32 - 16) as f32 * d;
@@ -56,16 +53,8 @@ pub fn dequantize_row(bytes: &[u8], out: &mut [f32]) {
 /// Round to nearest with ggml's choice of scale: the largest-magnitude weight maps to −16,
 /// the one code with no positive twin.
 pub fn quantize_row(x: &[f32], out: &mut [u8]) {
-    for (xb, blk) in x
-        .chunks_exact(BLOCK_ELEMS)
-        .zip(out.chunks_exact_mut(BLOCK_BYTES))
-    {
-        let max = xb
-            .iter()
-            .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
-        write_f16(blk, 0, max / -16.0);
-        let d = read_f16(blk, 0);
-        let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
+    for (xb, blk) in zip_blocks(x, BLOCK_ELEMS, out, BLOCK_BYTES) {
+        let inv = write_signed_scale(xb, blk, -16.0);
         let codes: [u8; BLOCK_ELEMS] =
             std::array::from_fn(|i| (round_half_even(xb[i] * inv) + 16.0).clamp(0.0, 31.0) as u8);
         pack_codes(&codes, blk);
@@ -86,24 +75,10 @@ fn dot_portable<const R: usize>(w_row: &[u8], acts: &[ActRow<'_>; R]) -> [f32; R
         let w: [i32; BLOCK_ELEMS] = std::array::from_fn(|i| code(blk, i) as i32 - 16);
         for (r, a) in acts.iter().enumerate() {
             let aq = &a.qs[b * BLOCK_ELEMS..(b + 1) * BLOCK_ELEMS];
-            let dd = d * a.scales[b][0];
-            for (g, lane) in lanes[r].iter_mut().enumerate() {
-                let isum: i32 = (4 * g..4 * g + 4).map(|i| w[i] * aq[i] as i32).sum();
-                *lane = dd.mul_add(isum as f32, *lane);
-            }
+            fma_lanes(&mut lanes[r], d * a.scales[b][0], &w, aq);
         }
     }
     core::array::from_fn(|r| hsum8(&lanes[r]))
-}
-
-pub(crate) fn matmul_cols_portable(
-    w: &[u8],
-    row_bytes: usize,
-    acts: &Q8Activations,
-    cols: Range<usize>,
-    out: &OutMatrix,
-) {
-    super::matmul::drive_columns!(4, dot_portable, [], w, row_bytes, acts, cols, out);
 }
 
 /// Also the AVX-512 level's kernel: it already gives the reference bits, which is what the
@@ -111,11 +86,9 @@ pub(crate) fn matmul_cols_portable(
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)] // index loops over per-row register arrays
 pub(crate) mod avx2 {
-    use super::{assert_rows_match, ActRow, Q8Activations, BLOCK_BYTES, BLOCK_ELEMS};
-    use crate::quant::matmul::x86::*;
-    use crate::quant::matmul::OutMatrix;
+    use super::{assert_rows_match, ActRow, BLOCK_BYTES, BLOCK_ELEMS};
+    use crate::quant::toolkit::x86::*;
     use std::arch::x86_64::*;
-    use std::ops::Range;
 
     /// A block's signed weights `q − 16` as 32 bytes: the nibbles, with 0xf0 or'ed in
     /// where the 5th bit is clear (as llama.cpp builds them).
@@ -157,16 +130,5 @@ pub(crate) mod avx2 {
         core::array::from_fn(|r| hsum(lanes[r]))
     }
 
-    /// # Safety
-    /// The CPU must support this module's features; the caller owns columns `cols`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) unsafe fn matmul_cols(
-        w: &[u8],
-        row_bytes: usize,
-        acts: &Q8Activations,
-        cols: Range<usize>,
-        out: &OutMatrix,
-    ) {
-        crate::quant::matmul::drive_columns!(TILE, dot, [], w, row_bytes, acts, cols, out);
-    }
+    crate::quant::toolkit::avx2_matmul_cols!();
 }

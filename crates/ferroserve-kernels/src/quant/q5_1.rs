@@ -10,14 +10,14 @@
 //! The kernels below are hand-written: no library multiplies these blocks in place with a
 //! reduction order fixed per output element (see `matmul.rs` for the strategy and why).
 
-use super::matmul::OutMatrix;
-use super::q4_1::hsum8;
-use super::q8_0::{assert_rows_match, ActRow, Q8Activations};
-use super::{read_f16, round_half_even, write_f16};
-use std::ops::Range;
+use super::activations::ActRow;
+use super::half::{read_f16, round_half_even};
+use super::toolkit::{affine_dot_portable, block_format, write_affine_scale, zip_blocks};
 
 pub const BLOCK_ELEMS: usize = 32;
 pub const BLOCK_BYTES: usize = 4 + 4 + BLOCK_ELEMS / 2;
+
+block_format!("Q5_1", ggml_type: 7, avx512: avx2::matmul_cols);
 
 /// The 5-bit code (0..32) of weight `i` of a block.
 #[inline]
@@ -27,10 +27,7 @@ fn code(blk: &[u8], i: usize) -> u8 {
 }
 
 pub fn dequantize_row(bytes: &[u8], out: &mut [f32]) {
-    for (blk, y) in bytes
-        .chunks_exact(BLOCK_BYTES)
-        .zip(out.chunks_exact_mut(BLOCK_ELEMS))
-    {
+    for (blk, y) in zip_blocks(bytes, BLOCK_BYTES, out, BLOCK_ELEMS) {
         let (d, m) = (read_f16(blk, 0), read_f16(blk, 2));
         for (i, v) in y.iter_mut().enumerate() {
             *v = code(blk, i) as f32 * d + m;
@@ -40,16 +37,8 @@ pub fn dequantize_row(bytes: &[u8], out: &mut [f32]) {
 
 /// Round to nearest on the block's [min, max] range in 31 steps.
 pub fn quantize_row(x: &[f32], out: &mut [u8]) {
-    for (xb, blk) in x
-        .chunks_exact(BLOCK_ELEMS)
-        .zip(out.chunks_exact_mut(BLOCK_BYTES))
-    {
-        let min = xb.iter().fold(f32::INFINITY, |a, &v| a.min(v));
-        let max = xb.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-        write_f16(blk, 0, (max - min) / 31.0);
-        write_f16(blk, 2, min);
-        let (d, m) = (read_f16(blk, 0), read_f16(blk, 2));
-        let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
+    for (xb, blk) in zip_blocks(x, BLOCK_ELEMS, out, BLOCK_BYTES) {
+        let (m, inv) = write_affine_scale(xb, blk, 31.0);
         let codes: [u8; BLOCK_ELEMS] =
             std::array::from_fn(|i| round_half_even((xb[i] - m) * inv).clamp(0.0, 31.0) as u8);
         super::q5_0::pack_codes(&codes, &mut blk[2..]);
@@ -57,38 +46,12 @@ pub fn quantize_row(x: &[f32], out: &mut [u8]) {
 }
 
 /// The reference order, which every level reproduces bit for bit: llama.cpp's
-/// `ggml_vec_dot_q5_1_q8_1` on x86 (AVX2), the order of `q4_1::dot_portable` with 5-bit
-/// codes: per block eight lanes `fma(d·d_x, Σ₄ q·a, lane)`, summed as `hsum_float_8`, plus
-/// the `m` terms `fma(m, s, Σ)` in block order.
+/// `ggml_vec_dot_q5_1_q8_1` on x86 (AVX2), Q4_1's order with 5-bit codes
+/// ([`affine_dot_portable`]).
 fn dot_portable<const R: usize>(w_row: &[u8], acts: &[ActRow<'_>; R]) -> [f32; R] {
-    let nb = w_row.len() / BLOCK_BYTES;
-    assert_rows_match(acts, nb);
-    let mut lanes = [[0f32; 8]; R];
-    let mut mins = [0f32; R];
-    for (b, blk) in w_row.chunks_exact(BLOCK_BYTES).enumerate() {
-        let (d, m) = (read_f16(blk, 0), read_f16(blk, 2));
-        let q: [i32; BLOCK_ELEMS] = std::array::from_fn(|i| code(blk, i) as i32);
-        for (r, a) in acts.iter().enumerate() {
-            let aq = &a.qs[b * BLOCK_ELEMS..(b + 1) * BLOCK_ELEMS];
-            let dd = d * a.scales[b][0];
-            for (g, lane) in lanes[r].iter_mut().enumerate() {
-                let isum: i32 = (4 * g..4 * g + 4).map(|i| q[i] * aq[i] as i32).sum();
-                *lane = dd.mul_add(isum as f32, *lane);
-            }
-            mins[r] = m.mul_add(a.q81_sums[b], mins[r]);
-        }
-    }
-    core::array::from_fn(|r| hsum8(&lanes[r]) + mins[r])
-}
-
-pub(crate) fn matmul_cols_portable(
-    w: &[u8],
-    row_bytes: usize,
-    acts: &Q8Activations,
-    cols: Range<usize>,
-    out: &OutMatrix,
-) {
-    super::matmul::drive_columns!(4, dot_portable, [], w, row_bytes, acts, cols, out);
+    affine_dot_portable(w_row, acts, BLOCK_BYTES, |blk| {
+        std::array::from_fn(|i| code(blk, i) as i32)
+    })
 }
 
 /// Also the AVX-512 level's kernel: it already gives the reference bits, which is what the
@@ -96,53 +59,19 @@ pub(crate) fn matmul_cols_portable(
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)] // index loops over per-row register arrays
 pub(crate) mod avx2 {
-    use super::{assert_rows_match, ActRow, Q8Activations, BLOCK_BYTES, BLOCK_ELEMS};
-    use crate::quant::matmul::x86::*;
-    use crate::quant::matmul::OutMatrix;
+    use crate::quant::toolkit::x86::*;
     use std::arch::x86_64::*;
-    use std::ops::Range;
 
-    /// `dot_portable`'s order with eight lanes in one register per row (`vpmaddubsw` +
-    /// `vpmaddwd` sum groups of four codes exactly; `hsum` is `hsum8`).
+    /// The block's 32 codes (0..32): the nibbles with the 5th bits of `qh` or'ed in.
     ///
     /// # Safety
-    /// Needs AVX2, FMA and F16C; the shapes are checked here.
+    /// Reads the 24-byte block at `blk`; needs AVX2.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn dot<const R: usize>(w_row: &[u8], acts: &[ActRow<'_>; R]) -> [f32; R] {
-        let nb = w_row.len() / BLOCK_BYTES;
-        assert_rows_match(acts, nb);
-        let w = w_row.as_ptr();
-        let fifth_bit = _mm256_set1_epi8(0x10);
-        let mut lanes = [_mm256_setzero_ps(); R];
-        let mut mins = [0f32; R];
-        for b in 0..nb {
-            // SAFETY: b < nb blocks of the row; the activation rows hold nb blocks (checked).
-            let blk = w.add(b * BLOCK_BYTES);
-            let dm = load_f16x2(blk);
-            let (d, m) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)));
-            let high = _mm256_and_si256(bytes_from_bits(blk.add(4)), fifth_bit);
-            let q = _mm256_or_si256(unpack_nibbles(blk.add(8)), high);
-            for r in 0..R {
-                let a = _mm256_loadu_si256(acts[r].qs.as_ptr().add(b * BLOCK_ELEMS).cast());
-                let dd = _mm256_set1_ps(d * acts[r].scales.get_unchecked(b)[0]);
-                lanes[r] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(dot_u8i8_avx2(q, a)), lanes[r]);
-                mins[r] = m.mul_add(*acts[r].q81_sums.get_unchecked(b), mins[r]);
-            }
-        }
-        core::array::from_fn(|r| hsum(lanes[r]) + mins[r])
+    unsafe fn codes(blk: *const u8) -> __m256i {
+        let high = _mm256_and_si256(bytes_from_bits(blk.add(4)), _mm256_set1_epi8(0x10));
+        _mm256_or_si256(unpack_nibbles(blk.add(8)), high)
     }
 
-    /// # Safety
-    /// The CPU must support this module's features; the caller owns columns `cols`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) unsafe fn matmul_cols(
-        w: &[u8],
-        row_bytes: usize,
-        acts: &Q8Activations,
-        cols: Range<usize>,
-        out: &OutMatrix,
-    ) {
-        crate::quant::matmul::drive_columns!(TILE, dot, [], w, row_bytes, acts, cols, out);
-    }
+    crate::quant::toolkit::affine_blocks_avx2!();
 }

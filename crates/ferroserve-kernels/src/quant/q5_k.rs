@@ -14,15 +14,15 @@
 //! The kernels below are hand-written: no library multiplies these blocks in place with a
 //! reduction order fixed per output element (see `matmul.rs` for the strategy and why).
 
-use super::matmul::OutMatrix;
-use super::q4_1::hsum8;
+use super::activations::{assert_rows_match, ActRow};
+use super::half::{read_f16, round_half_even, write_f16};
 use super::q4_k::{pack_scale_min, scale_min};
-use super::q8_0::{assert_rows_match, ActRow, Q8Activations};
-use super::{read_f16, round_half_even, write_f16};
-use std::ops::Range;
+use super::toolkit::{block_format, fma_lanes, hsum8, zip_blocks};
 
 pub const BLOCK_ELEMS: usize = 256;
 pub const BLOCK_BYTES: usize = 4 + 12 + BLOCK_ELEMS / 8 + BLOCK_ELEMS / 2;
+
+block_format!("Q5_K", ggml_type: 13, avx512: avx2::matmul_cols);
 const SUB: usize = 32;
 const QH: usize = 16;
 const QS: usize = QH + 32;
@@ -40,10 +40,7 @@ fn code(blk: &[u8], i: usize) -> u8 {
 }
 
 pub fn dequantize_row(bytes: &[u8], out: &mut [f32]) {
-    for (blk, y) in bytes
-        .chunks_exact(BLOCK_BYTES)
-        .zip(out.chunks_exact_mut(BLOCK_ELEMS))
-    {
+    for (blk, y) in zip_blocks(bytes, BLOCK_BYTES, out, BLOCK_ELEMS) {
         let subs = sub_scales(blk);
         for (j, ys) in y.chunks_exact_mut(SUB).enumerate() {
             let [scale, min] = subs[j];
@@ -57,10 +54,7 @@ pub fn dequantize_row(bytes: &[u8], out: &mut [f32]) {
 /// Round to nearest: each sub-block spans [min(0, lo), hi] in 31 steps; the sub-block
 /// scales and (negated) minimums are then quantised to 6 bits against `d`, `dmin`.
 pub fn quantize_row(x: &[f32], out: &mut [u8]) {
-    for (xb, blk) in x
-        .chunks_exact(BLOCK_ELEMS)
-        .zip(out.chunks_exact_mut(BLOCK_BYTES))
-    {
+    for (xb, blk) in zip_blocks(x, BLOCK_ELEMS, out, BLOCK_BYTES) {
         let mut scales = [0f32; 8];
         let mut mins = [0f32; 8];
         for (j, xs) in xb.chunks_exact(SUB).enumerate() {
@@ -133,11 +127,7 @@ fn dot_portable<const R: usize>(w_row: &[u8], acts: &[ActRow<'_>; R]) -> [f32; R
                 let b = 8 * s + j;
                 let aq = &a.qs[b * SUB..(b + 1) * SUB];
                 let [dx, dx_sum] = a.scales[b];
-                let scale = subs[j][0] * dx;
-                for (g, lane) in lanes[r].iter_mut().enumerate() {
-                    let isum: i32 = (4 * g..4 * g + 4).map(|i| qj[i] * aq[i] as i32).sum();
-                    *lane = scale.mul_add(isum as f32, *lane);
-                }
+                fma_lanes(&mut lanes[r], subs[j][0] * dx, qj, aq);
                 mins[r] = subs[j][1].mul_add(dx_sum, mins[r]);
             }
         }
@@ -145,26 +135,14 @@ fn dot_portable<const R: usize>(w_row: &[u8], acts: &[ActRow<'_>; R]) -> [f32; R
     core::array::from_fn(|r| hsum8(&lanes[r]) - mins[r])
 }
 
-pub(crate) fn matmul_cols_portable(
-    w: &[u8],
-    row_bytes: usize,
-    acts: &Q8Activations,
-    cols: Range<usize>,
-    out: &OutMatrix,
-) {
-    super::matmul::drive_columns!(4, dot_portable, [], w, row_bytes, acts, cols, out);
-}
-
 /// Also the AVX-512 level's kernel: it already gives the reference bits, which is what the
 /// level must give.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)] // index loops over per-row register arrays
 pub(crate) mod avx2 {
-    use super::{assert_rows_match, sub_scales, ActRow, Q8Activations, BLOCK_BYTES, QH, QS, SUB};
-    use crate::quant::matmul::x86::*;
-    use crate::quant::matmul::OutMatrix;
+    use super::{assert_rows_match, sub_scales, ActRow, BLOCK_BYTES, QH, QS, SUB};
+    use crate::quant::toolkit::x86::*;
     use std::arch::x86_64::*;
-    use std::ops::Range;
 
     /// `dot_portable`'s order with eight lanes in one register per row (codes ≤ 31, so
     /// `vpmaddubsw` pairs stay below 2¹⁵ and `vpmaddwd` sums groups of four exactly).
@@ -211,16 +189,5 @@ pub(crate) mod avx2 {
         core::array::from_fn(|r| hsum(lanes[r]) - mins[r])
     }
 
-    /// # Safety
-    /// The CPU must support this module's features; the caller owns columns `cols`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) unsafe fn matmul_cols(
-        w: &[u8],
-        row_bytes: usize,
-        acts: &Q8Activations,
-        cols: Range<usize>,
-        out: &OutMatrix,
-    ) {
-        crate::quant::matmul::drive_columns!(TILE, dot, [], w, row_bytes, acts, cols, out);
-    }
+    crate::quant::toolkit::avx2_matmul_cols!();
 }

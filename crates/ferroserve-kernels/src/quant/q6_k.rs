@@ -13,13 +13,14 @@
 //! The kernels below are hand-written: no library multiplies these blocks in place with a
 //! reduction order fixed per output element (see `matmul.rs` for the strategy and why).
 
-use super::matmul::OutMatrix;
-use super::q8_0::{assert_rows_match, ActRow, Q8Activations};
-use super::{read_f16, round_half_even, write_f16};
-use std::ops::Range;
+use super::activations::{assert_rows_match, ActRow};
+use super::half::{read_f16, round_half_even, write_f16};
+use super::toolkit::{block_format, signed_dot_portable, zip_blocks};
 
 pub const BLOCK_ELEMS: usize = 256;
 pub const BLOCK_BYTES: usize = 128 + 64 + 16 + 2;
+
+block_format!("Q6_K", ggml_type: 14, avx512: avx2::matmul_cols);
 const QH: usize = 128;
 const SCALES: usize = 192;
 pub(crate) const D: usize = 208;
@@ -45,10 +46,7 @@ pub(crate) fn scale(blk: &[u8], i: usize) -> i32 {
 }
 
 pub fn dequantize_row(bytes: &[u8], out: &mut [f32]) {
-    for (blk, y) in bytes
-        .chunks_exact(BLOCK_BYTES)
-        .zip(out.chunks_exact_mut(BLOCK_ELEMS))
-    {
+    for (blk, y) in zip_blocks(bytes, BLOCK_BYTES, out, BLOCK_ELEMS) {
         let d = read_f16(blk, D);
         for (i, v) in y.iter_mut().enumerate() {
             *v = d * scale(blk, i) as f32 * code(blk, i) as f32;
@@ -60,10 +58,7 @@ pub fn dequantize_row(bytes: &[u8], out: &mut [f32]) {
 /// leaving −32 unused like a symmetric quantiser); the scales are quantised to i8 against
 /// `d = max scale / 127`.
 pub fn quantize_row(x: &[f32], out: &mut [u8]) {
-    for (xb, blk) in x
-        .chunks_exact(BLOCK_ELEMS)
-        .zip(out.chunks_exact_mut(BLOCK_BYTES))
-    {
+    for (xb, blk) in zip_blocks(x, BLOCK_ELEMS, out, BLOCK_BYTES) {
         let group_scales: [f32; 16] = std::array::from_fn(|g| {
             xb[16 * g..16 * g + 16]
                 .iter()
@@ -99,47 +94,27 @@ pub fn quantize_row(x: &[f32], out: &mut [u8]) {
 }
 
 fn dot_portable<const R: usize>(w_row: &[u8], acts: &[ActRow<'_>; R]) -> [f32; R] {
-    let nsb = w_row.len() / BLOCK_BYTES;
-    assert_rows_match(acts, nsb * 8);
-    let mut acc = [0f32; R];
-    for (s, blk) in w_row.chunks_exact(BLOCK_BYTES).enumerate() {
-        let d = read_f16(blk, D);
-        // Codes pre-multiplied by their integer scale: the sum stays exact in i32.
-        let mut w = [0i32; BLOCK_ELEMS];
-        for (i, wi) in w.iter_mut().enumerate() {
-            *wi = code(blk, i) * scale(blk, i);
-        }
-        for (r, a) in acts.iter().enumerate() {
-            for (j, wj) in w.chunks_exact(32).enumerate() {
-                let b = 8 * s + j;
-                let aq = &a.qs[b * 32..(b + 1) * 32];
-                let isum: i32 = wj.iter().zip(aq).map(|(&wi, &x)| wi * x as i32).sum();
-                acc[r] += d * a.scales[b][0] * isum as f32;
+    signed_dot_portable(
+        w_row,
+        acts,
+        BLOCK_BYTES,
+        |blk, w: &mut [i32; BLOCK_ELEMS]| {
+            // Codes pre-multiplied by their integer scale: the sum stays exact in i32.
+            for (i, wi) in w.iter_mut().enumerate() {
+                *wi = code(blk, i) * scale(blk, i);
             }
-        }
-    }
-    acc
-}
-
-pub(crate) fn matmul_cols_portable(
-    w: &[u8],
-    row_bytes: usize,
-    acts: &Q8Activations,
-    cols: Range<usize>,
-    out: &OutMatrix,
-) {
-    super::matmul::drive_columns!(4, dot_portable, [], w, row_bytes, acts, cols, out);
+            read_f16(blk, D)
+        },
+    )
 }
 
 #[cfg(target_arch = "x86_64")]
 /// Also the AVX-512 level's kernel: `vpmaddubsw` then `vpmaddwd` by the i16 scales applies
 /// the per-16 scales for free, where a VNNI dot would need an extra multiply.
 pub(crate) mod avx2 {
-    use super::{assert_rows_match, ActRow, Q8Activations, BLOCK_BYTES, D, QH, SCALES};
-    use crate::quant::matmul::x86::*;
-    use crate::quant::matmul::OutMatrix;
+    use super::{assert_rows_match, ActRow, BLOCK_BYTES, D, QH, SCALES};
+    use crate::quant::toolkit::x86::*;
     use std::arch::x86_64::*;
-    use std::ops::Range;
 
     /// 32 weights (activation block `b`) with signed codes `w` and the i16 scales
     /// `sc16` (first 16 weights' scale in the low half, the next 16's in the high).
@@ -259,16 +234,5 @@ pub(crate) mod avx2 {
         core::array::from_fn(|r| hsum(_mm256_add_ps(even[r], odd[r])))
     }
 
-    /// # Safety
-    /// The CPU must support this module's features; the caller owns columns `cols`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) unsafe fn matmul_cols(
-        w: &[u8],
-        row_bytes: usize,
-        acts: &Q8Activations,
-        cols: Range<usize>,
-        out: &OutMatrix,
-    ) {
-        crate::quant::matmul::drive_columns!(TILE, dot, [], w, row_bytes, acts, cols, out);
-    }
+    crate::quant::toolkit::avx2_matmul_cols!();
 }
