@@ -277,8 +277,18 @@ mod x86 {
         while i0 < len {
             let rows = QR2.min(len - i0);
             scale_queries(qs, qkv, start + i0, rows, QR2, stride, h * d, d, scale);
-            // Scores: QR2 rows × 16 keys per tile, s = s + q·k over the head dimension.
-            for b in (0..padded).step_by(LANES) {
+            // Scores: QR2 rows × 16 keys per tile, s = s + q·k over the head dimension; or,
+            // while 32 keys are left, two tiles of 2 rows × 32 keys (half the broadcasts: on
+            // Zen 1 −4 to −5 % of the attention's time at 256 tokens, bench/NOTES.md session 17).
+            let mut b = 0;
+            while b < padded {
+                if b + 2 * LANES <= padded {
+                    for r0 in (0..QR2).step_by(2) {
+                        scores_2x32(ktp.add(b), padded, qp.add(r0 * d), d, sp.add(r0 * padded + b), padded);
+                    }
+                    b += 2 * LANES;
+                    continue;
+                }
                 let mut s = [[_mm256_setzero_ps(); 2]; QR2];
                 for c in 0..d {
                     let k0 = _mm256_loadu_ps(ktp.add(c * padded + b));
@@ -293,13 +303,23 @@ mod x86 {
                     _mm256_storeu_ps(sp.add(r * padded + b), sr[0]);
                     _mm256_storeu_ps(sp.add(r * padded + b + 8), sr[1]);
                 }
+                b += LANES;
             }
             let mut inv = [0.0f32; QR2];
             for (r, row) in scores.chunks_exact_mut(padded).enumerate() {
                 inv[r] = softmax_live(row, len);
             }
-            // out = (Σ_j p_j · V_j) · inv: QR2 rows × 16 head-dimension columns per tile.
-            for c0 in (0..d).step_by(LANES) {
+            // out = (Σ_j p_j · V_j) · inv: QR2 rows × 16 head-dimension columns per tile, or two
+            // tiles of 2 rows × 32 columns while 32 are left.
+            let mut c0 = 0;
+            while c0 < d {
+                if c0 + 2 * LANES <= d {
+                    for r0 in (0..QR2).step_by(2) {
+                        pv_2x32(sp.add(r0 * padded), padded, vp.add(c0), d, len, &inv[r0..r0 + 2], acc.as_mut_ptr().add(r0 * d + c0), d);
+                    }
+                    c0 += 2 * LANES;
+                    continue;
+                }
                 let mut a = [[_mm256_setzero_ps(); 2]; QR2];
                 for j in 0..len {
                     let v0 = _mm256_loadu_ps(vp.add(j * d + c0));
@@ -315,6 +335,7 @@ mod x86 {
                     _mm256_storeu_ps(acc.as_mut_ptr().add(r * d + c0), _mm256_mul_ps(ar[0], s));
                     _mm256_storeu_ps(acc.as_mut_ptr().add(r * d + c0 + 8), _mm256_mul_ps(ar[1], s));
                 }
+                c0 += LANES;
             }
             for r in 0..rows {
                 // SAFETY: row start+i0+r, columns h*d..(h+1)*d belong to this task only.
@@ -324,7 +345,66 @@ mod x86 {
         }
         SCRATCH.with(|cell| *cell.borrow_mut() = buf);
     }
+
+    /// Scores of 2 query rows × 32 keys: `s[r][j] = Σ_c q[r][c]·kt[c][j]` as separate multiplies
+    /// and adds in c order (the bits of the 4 × 16 tile and of the one-row form). Four key
+    /// vectors per broadcast instead of two: 8 multiplies and 8 adds per 2 broadcasts and 4
+    /// loads (14 ymm registers).
+    ///
+    /// # Safety
+    /// AVX2; `kt` valid for `d` rows of stride `ld_k` × 32 keys, `q` for 2 rows of `d`, `s` for
+    /// 2 rows of stride `ld_s` × 32.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn scores_2x32(kt: *const f32, ld_k: usize, q: *const f32, d: usize, s: *mut f32, ld_s: usize) {
+        let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+        for c in 0..d {
+            let kr = kt.add(c * ld_k);
+            let k = [_mm256_loadu_ps(kr), _mm256_loadu_ps(kr.add(8)), _mm256_loadu_ps(kr.add(16)), _mm256_loadu_ps(kr.add(24))];
+            for (r, ar) in acc.iter_mut().enumerate() {
+                let qc = _mm256_broadcast_ss(&*q.add(r * d + c));
+                for (x, a) in ar.iter_mut().enumerate() {
+                    *a = _mm256_add_ps(*a, _mm256_mul_ps(qc, k[x]));
+                }
+            }
+        }
+        for (r, ar) in acc.iter().enumerate() {
+            for (x, a) in ar.iter().enumerate() {
+                _mm256_storeu_ps(s.add(r * ld_s + 8 * x), *a);
+            }
+        }
+    }
+
+    /// Output of 2 query rows × 32 head columns: `(Σ_j p[r][j]·v[j][c]) · inv[r]`, separate
+    /// multiplies and adds in j order (the 4 × 16 tile's bits).
+    ///
+    /// # Safety
+    /// AVX2; `p` valid for 2 rows of stride `ld_p` × `len`, `v` for `len` rows of stride `ld_v`
+    /// × 32, `out` for 2 rows of stride `ld_o` × 32.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn pv_2x32(p: *const f32, ld_p: usize, v: *const f32, ld_v: usize, len: usize, inv: &[f32], out: *mut f32, ld_o: usize) {
+        let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+        for j in 0..len {
+            let vr = v.add(j * ld_v);
+            let vv = [_mm256_loadu_ps(vr), _mm256_loadu_ps(vr.add(8)), _mm256_loadu_ps(vr.add(16)), _mm256_loadu_ps(vr.add(24))];
+            for (r, ar) in acc.iter_mut().enumerate() {
+                let pj = _mm256_broadcast_ss(&*p.add(r * ld_p + j));
+                for (x, a) in ar.iter_mut().enumerate() {
+                    *a = _mm256_add_ps(*a, _mm256_mul_ps(pj, vv[x]));
+                }
+            }
+        }
+        for (r, ar) in acc.iter().enumerate() {
+            let s = _mm256_set1_ps(inv[r]);
+            for (x, a) in ar.iter().enumerate() {
+                _mm256_storeu_ps(out.add(r * ld_o + 8 * x), _mm256_mul_ps(*a, s));
+            }
+        }
+    }
 }
+
 
 #[inline(always)]
 fn head_attention(qkv: &[f32], start: usize, end: usize, h: usize, heads: usize, d: usize, out: *mut f32) {
