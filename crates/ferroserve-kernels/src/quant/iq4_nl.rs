@@ -10,7 +10,7 @@
 
 use super::activations::{assert_rows_match, ActRow};
 use super::half::read_f16;
-use super::toolkit::{block_format, hsum8, nibble, write_signed_scale, zip_blocks};
+use super::toolkit::{block_format, dequantize_scaled, hsum8, nibble, write_signed_scale, zip_blocks};
 
 pub const BLOCK_ELEMS: usize = 32;
 pub const BLOCK_BYTES: usize = 2 + BLOCK_ELEMS / 2;
@@ -29,12 +29,7 @@ fn value(blk: &[u8], i: usize) -> i32 {
 }
 
 pub fn dequantize_row(bytes: &[u8], out: &mut [f32]) {
-    for (blk, y) in zip_blocks(bytes, BLOCK_BYTES, out, BLOCK_ELEMS) {
-        let d = read_f16(blk, 0);
-        for (i, v) in y.iter_mut().enumerate() {
-            *v = d * value(blk, i) as f32;
-        }
-    }
+    dequantize_scaled(bytes, out, BLOCK_BYTES, value);
 }
 
 /// Nearest table entry with the largest-magnitude weight mapped to −127 (the table's

@@ -6,7 +6,7 @@
 
 use super::activations::{assert_rows_match, ActRow, Q8Activations};
 use super::half::{read_f16, round_half_even};
-use super::toolkit::{block_format, nibble, signed_dot_portable, write_signed_scale, zip_blocks};
+use super::toolkit::{block_format, dequantize_scaled, nibble, signed_dot_portable, write_signed_scale, zip_blocks};
 
 pub const BLOCK_ELEMS: usize = 32;
 pub const BLOCK_BYTES: usize = 2 + BLOCK_ELEMS / 2;
@@ -14,12 +14,7 @@ pub const BLOCK_BYTES: usize = 2 + BLOCK_ELEMS / 2;
 block_format!("Q4_0", ggml_type: 2, avx512: avx512::matmul_cols);
 
 pub fn dequantize_row(bytes: &[u8], out: &mut [f32]) {
-    for (blk, y) in zip_blocks(bytes, BLOCK_BYTES, out, BLOCK_ELEMS) {
-        let d = read_f16(blk, 0);
-        for (i, v) in y.iter_mut().enumerate() {
-            *v = (nibble(&blk[2..], i) as i32 - 8) as f32 * d;
-        }
-    }
+    dequantize_scaled(bytes, out, BLOCK_BYTES, |blk, i| nibble(&blk[2..], i) as i32 - 8);
 }
 
 /// Round to nearest with ggml's choice of scale: the largest-magnitude weight maps to −8,

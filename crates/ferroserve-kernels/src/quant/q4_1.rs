@@ -9,8 +9,8 @@
 //! reduction order fixed per output element (see `matmul.rs` for the strategy and why).
 
 use super::activations::{assert_rows_match, ActRow, Q8Activations};
-use super::half::{read_f16, round_half_even};
-use super::toolkit::{affine_dot_portable, block_format, nibble, write_affine_scale, zip_blocks};
+use super::half::round_half_even;
+use super::toolkit::{affine_dot_portable, block_format, dequantize_affine, nibble, write_affine_scale, zip_blocks};
 
 pub const BLOCK_ELEMS: usize = 32;
 pub const BLOCK_BYTES: usize = 4 + BLOCK_ELEMS / 2;
@@ -18,12 +18,7 @@ pub const BLOCK_BYTES: usize = 4 + BLOCK_ELEMS / 2;
 block_format!("Q4_1", ggml_type: 3, avx512: avx512::matmul_cols);
 
 pub fn dequantize_row(bytes: &[u8], out: &mut [f32]) {
-    for (blk, y) in zip_blocks(bytes, BLOCK_BYTES, out, BLOCK_ELEMS) {
-        let (d, m) = (read_f16(blk, 0), read_f16(blk, 2));
-        for (i, v) in y.iter_mut().enumerate() {
-            *v = nibble(&blk[4..], i) as f32 * d + m;
-        }
-    }
+    dequantize_affine(bytes, out, BLOCK_BYTES, |blk, i| nibble(&blk[4..], i));
 }
 
 /// Round to nearest on the block's [min, max] range in 15 steps.

@@ -72,50 +72,61 @@ pub fn dequantize_row(bytes: &[u8], out: &mut [f32]) {
     }
 }
 
-/// Round to nearest: each sub-block spans [min(0, lo), hi] in 15 steps; the sub-block
-/// scales and (negated) minimums are then quantised to 6 bits against `d`, `dmin`.
+/// Round to nearest: each sub-block spans [min(0, lo), hi] in 15 steps (see
+/// [`quantize_super_block`]).
 pub fn quantize_row(x: &[f32], out: &mut [u8]) {
     for (xb, blk) in zip_blocks(x, BLOCK_ELEMS, out, BLOCK_BYTES) {
-        let mut scales = [0f32; 8];
-        let mut mins = [0f32; 8];
-        for (j, xs) in xb.chunks_exact(SUB).enumerate() {
-            let lo = xs.iter().fold(0f32, |a, &v| a.min(v));
-            let hi = xs.iter().fold(lo, |a, &v| a.max(v));
-            scales[j] = (hi - lo) / 15.0;
-            mins[j] = -lo;
-        }
-        let max_scale = scales.iter().fold(0f32, |a, &v| a.max(v));
-        let max_min = mins.iter().fold(0f32, |a, &v| a.max(v));
-        write_f16(blk, 0, max_scale / 63.0);
-        write_f16(blk, 2, max_min / 63.0);
-        let (d, dmin) = (read_f16(blk, 0), read_f16(blk, 2));
-        let six_bits = |v: f32, unit: f32| {
-            if unit > 0.0 {
-                round_half_even(v / unit).clamp(0.0, 63.0) as u8
-            } else {
-                0
-            }
-        };
-        let sc: [u8; 8] = std::array::from_fn(|j| six_bits(scales[j], d));
-        let m: [u8; 8] = std::array::from_fn(|j| six_bits(mins[j], dmin));
-        blk[4..16].copy_from_slice(&pack_scale_min(&sc, &m));
-        let qs = &mut blk[16..];
-        qs.fill(0);
-        for (i, &v) in xb.iter().enumerate() {
-            let j = i / SUB;
-            let (scale, min) = (d * sc[j] as f32, dmin * m[j] as f32);
-            let q = if scale > 0.0 {
-                round_half_even((v + min) / scale).clamp(0.0, 15.0) as u8
-            } else {
-                0
-            };
+        blk[16..].fill(0);
+        quantize_super_block(xb, 15, blk, |blk, i, q| {
             let (c, l) = (i / 64, i % 64);
             if l < 32 {
-                qs[32 * c + l] |= q;
+                blk[16 + 32 * c + l] |= q;
             } else {
-                qs[32 * c + l - 32] |= q << 4;
+                blk[16 + 32 * c + l - 32] |= q << 4;
             }
+        });
+    }
+}
+
+/// The round-to-nearest quantiser of the affine K-quant super-blocks (Q4_K, Q5_K): each
+/// 32-weight sub-block spans [min(0, lo), hi] in `top` steps; the sub-block scales and
+/// (negated) minimums are quantised to 6 bits against `d`, `dmin` (written with them to
+/// `blk[0..16]`), and each weight's code `q` in `0..=top`, rounded against its sub-block's
+/// quantised pair, goes to `put(blk, i, q)`, which ORs it into the format's code bytes.
+pub(crate) fn quantize_super_block(xb: &[f32], top: u8, blk: &mut [u8], mut put: impl FnMut(&mut [u8], usize, u8)) {
+    let top_f = top as f32;
+    let mut scales = [0f32; 8];
+    let mut mins = [0f32; 8];
+    for (j, xs) in xb.chunks_exact(SUB).enumerate() {
+        let lo = xs.iter().fold(0f32, |a, &v| a.min(v));
+        let hi = xs.iter().fold(lo, |a, &v| a.max(v));
+        scales[j] = (hi - lo) / top_f;
+        mins[j] = -lo;
+    }
+    let max_scale = scales.iter().fold(0f32, |a, &v| a.max(v));
+    let max_min = mins.iter().fold(0f32, |a, &v| a.max(v));
+    write_f16(blk, 0, max_scale / 63.0);
+    write_f16(blk, 2, max_min / 63.0);
+    let (d, dmin) = (read_f16(blk, 0), read_f16(blk, 2));
+    let six_bits = |v: f32, unit: f32| {
+        if unit > 0.0 {
+            round_half_even(v / unit).clamp(0.0, 63.0) as u8
+        } else {
+            0
         }
+    };
+    let sc: [u8; 8] = std::array::from_fn(|j| six_bits(scales[j], d));
+    let m: [u8; 8] = std::array::from_fn(|j| six_bits(mins[j], dmin));
+    blk[4..16].copy_from_slice(&pack_scale_min(&sc, &m));
+    for (i, &v) in xb.iter().enumerate() {
+        let j = i / SUB;
+        let (scale, min) = (d * sc[j] as f32, dmin * m[j] as f32);
+        let q = if scale > 0.0 {
+            round_half_even((v + min) / scale).clamp(0.0, top_f) as u8
+        } else {
+            0
+        };
+        put(blk, i, q);
     }
 }
 

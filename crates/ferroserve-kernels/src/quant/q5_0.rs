@@ -10,7 +10,7 @@
 
 use super::activations::{assert_rows_match, ActRow};
 use super::half::{read_f16, round_half_even};
-use super::toolkit::{block_format, fma_lanes, hsum8, write_signed_scale, zip_blocks};
+use super::toolkit::{block_format, dequantize_scaled, fma_lanes, hsum8, write_signed_scale, zip_blocks};
 
 pub const BLOCK_ELEMS: usize = 32;
 pub const BLOCK_BYTES: usize = 2 + 4 + BLOCK_ELEMS / 2;
@@ -42,12 +42,7 @@ pub(crate) fn pack_codes(codes: &[u8; BLOCK_ELEMS], blk: &mut [u8]) {
 }
 
 pub fn dequantize_row(bytes: &[u8], out: &mut [f32]) {
-    for (blk, y) in zip_blocks(bytes, BLOCK_BYTES, out, BLOCK_ELEMS) {
-        let d = read_f16(blk, 0);
-        for (i, v) in y.iter_mut().enumerate() {
-            *v = (code(blk, i) as i32 - 16) as f32 * d;
-        }
-    }
+    dequantize_scaled(bytes, out, BLOCK_BYTES, |blk, i| code(blk, i) as i32 - 16);
 }
 
 /// Round to nearest with ggml's choice of scale: the largest-magnitude weight maps to −16,

@@ -11,8 +11,8 @@
 //! reduction order fixed per output element (see `matmul.rs` for the strategy and why).
 
 use super::activations::ActRow;
-use super::half::{read_f16, round_half_even};
-use super::toolkit::{affine_dot_portable, block_format, write_affine_scale, zip_blocks};
+use super::half::round_half_even;
+use super::toolkit::{affine_dot_portable, block_format, dequantize_affine, write_affine_scale, zip_blocks};
 
 pub const BLOCK_ELEMS: usize = 32;
 pub const BLOCK_BYTES: usize = 4 + 4 + BLOCK_ELEMS / 2;
@@ -27,12 +27,7 @@ fn code(blk: &[u8], i: usize) -> u8 {
 }
 
 pub fn dequantize_row(bytes: &[u8], out: &mut [f32]) {
-    for (blk, y) in zip_blocks(bytes, BLOCK_BYTES, out, BLOCK_ELEMS) {
-        let (d, m) = (read_f16(blk, 0), read_f16(blk, 2));
-        for (i, v) in y.iter_mut().enumerate() {
-            *v = code(blk, i) as f32 * d + m;
-        }
-    }
+    dequantize_affine(bytes, out, BLOCK_BYTES, code);
 }
 
 /// Round to nearest on the block's [min, max] range in 31 steps.

@@ -15,8 +15,8 @@
 //! reduction order fixed per output element (see `matmul.rs` for the strategy and why).
 
 use super::activations::{assert_rows_match, ActRow};
-use super::half::{read_f16, round_half_even, write_f16};
-use super::q4_k::{pack_scale_min, scale_min};
+use super::half::read_f16;
+use super::q4_k::{quantize_super_block, scale_min};
 use super::toolkit::{block_format, fma_lanes, hsum8, zip_blocks};
 
 pub const BLOCK_ELEMS: usize = 256;
@@ -51,50 +51,20 @@ pub fn dequantize_row(bytes: &[u8], out: &mut [f32]) {
     }
 }
 
-/// Round to nearest: each sub-block spans [min(0, lo), hi] in 31 steps; the sub-block
-/// scales and (negated) minimums are then quantised to 6 bits against `d`, `dmin`.
+/// Round to nearest: each sub-block spans [min(0, lo), hi] in 31 steps (see
+/// [`quantize_super_block`]).
 pub fn quantize_row(x: &[f32], out: &mut [u8]) {
     for (xb, blk) in zip_blocks(x, BLOCK_ELEMS, out, BLOCK_BYTES) {
-        let mut scales = [0f32; 8];
-        let mut mins = [0f32; 8];
-        for (j, xs) in xb.chunks_exact(SUB).enumerate() {
-            let lo = xs.iter().fold(0f32, |a, &v| a.min(v));
-            let hi = xs.iter().fold(lo, |a, &v| a.max(v));
-            scales[j] = (hi - lo) / 31.0;
-            mins[j] = -lo;
-        }
-        let max_scale = scales.iter().fold(0f32, |a, &v| a.max(v));
-        let max_min = mins.iter().fold(0f32, |a, &v| a.max(v));
-        write_f16(blk, 0, max_scale / 63.0);
-        write_f16(blk, 2, max_min / 63.0);
-        let (d, dmin) = (read_f16(blk, 0), read_f16(blk, 2));
-        let six_bits = |v: f32, unit: f32| {
-            if unit > 0.0 {
-                round_half_even(v / unit).clamp(0.0, 63.0) as u8
-            } else {
-                0
-            }
-        };
-        let sc: [u8; 8] = std::array::from_fn(|j| six_bits(scales[j], d));
-        let m: [u8; 8] = std::array::from_fn(|j| six_bits(mins[j], dmin));
-        blk[4..QH].copy_from_slice(&pack_scale_min(&sc, &m));
         blk[QH..].fill(0);
-        for (i, &v) in xb.iter().enumerate() {
-            let j = i / SUB;
-            let (scale, min) = (d * sc[j] as f32, dmin * m[j] as f32);
-            let q = if scale > 0.0 {
-                round_half_even((v + min) / scale).clamp(0.0, 31.0) as u8
-            } else {
-                0
-            };
+        quantize_super_block(xb, 31, blk, |blk, i, q| {
             let (c, l) = (i / 64, i % 64);
             if l < 32 {
                 blk[QS + 32 * c + l] |= q & 0x0f;
             } else {
                 blk[QS + 32 * c + l - 32] |= (q & 0x0f) << 4;
             }
-            blk[QH + i % 32] |= (q >> 4) << j;
-        }
+            blk[QH + i % 32] |= (q >> 4) << (i / SUB);
+        });
     }
 }
 

@@ -6,7 +6,7 @@
 
 use super::activations::{assert_rows_match, ActRow, Q8Activations};
 use super::half::{read_f16, round_half_even, write_f16};
-use super::toolkit::{block_format, signed_dot_portable, zip_blocks};
+use super::toolkit::{block_format, dequantize_scaled, signed_dot_portable, zip_blocks};
 
 pub const BLOCK_ELEMS: usize = 32;
 pub const BLOCK_BYTES: usize = 2 + BLOCK_ELEMS;
@@ -14,12 +14,7 @@ pub const BLOCK_BYTES: usize = 2 + BLOCK_ELEMS;
 block_format!("Q8_0", ggml_type: 8, avx512: avx512::matmul_cols);
 
 pub fn dequantize_row(bytes: &[u8], out: &mut [f32]) {
-    for (blk, y) in zip_blocks(bytes, BLOCK_BYTES, out, BLOCK_ELEMS) {
-        let d = read_f16(blk, 0);
-        for (v, &q) in y.iter_mut().zip(&blk[2..]) {
-            *v = q as i8 as f32 * d;
-        }
-    }
+    dequantize_scaled(bytes, out, BLOCK_BYTES, |blk, i| blk[2 + i] as i8 as i32);
 }
 
 /// Round to nearest with `d = max|x| / 127`.

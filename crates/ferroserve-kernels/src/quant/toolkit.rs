@@ -138,6 +138,28 @@ pub(crate) fn zip_blocks<'a, T, U>(
     src.chunks_exact(src_len).zip(dst.chunks_exact_mut(dst_len))
 }
 
+/// Reference dequantisation of the 32-weight formats whose blocks lead with an f16 `d`:
+/// weight `i` of a block is `code(blk, i)·d`.
+pub(crate) fn dequantize_scaled(bytes: &[u8], out: &mut [f32], block_bytes: usize, code: impl Fn(&[u8], usize) -> i32) {
+    for (blk, y) in zip_blocks(bytes, block_bytes, out, 32) {
+        let d = read_f16(blk, 0);
+        for (i, v) in y.iter_mut().enumerate() {
+            *v = code(blk, i) as f32 * d;
+        }
+    }
+}
+
+/// The same for the `d·q + m` formats (an f16 `d` and an f16 `m` first): weight `i` is
+/// `code(blk, i)·d + m`.
+pub(crate) fn dequantize_affine(bytes: &[u8], out: &mut [f32], block_bytes: usize, code: impl Fn(&[u8], usize) -> u8) {
+    for (blk, y) in zip_blocks(bytes, block_bytes, out, 32) {
+        let (d, m) = (read_f16(blk, 0), read_f16(blk, 2));
+        for (i, v) in y.iter_mut().enumerate() {
+            *v = code(blk, i) as f32 * d + m;
+        }
+    }
+}
+
 /// The 4-bit code of weight `i` (0..32) in a 32-weight block's 16 nibble bytes: low nibbles
 /// are weights 0..16, high nibbles 16..32 (GGML's order).
 #[inline]
