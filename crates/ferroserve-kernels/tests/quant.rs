@@ -1366,6 +1366,56 @@ fn panel_scales_widen_from_f16_exactly_on_every_isa() {
     }
 }
 
+/// The signed-code panels (Q8_0, IQ4_NL) at their extreme codes, in every tile the AVX2 level
+/// runs them in: a four-row tile and each remainder (m = 4..7), two four-row tiles and a
+/// one-row tile (m = 9). Q8_0 codes −128 and 127 (every byte, alternating byte by byte, and
+/// group of four by group), IQ4_NL's −127 and 113 (every index, one of each per byte, and
+/// alternating by group), against activation blocks of +127, of −127, of ±127 alternating
+/// element by element and block by block: a `vpmaddubsw` pair |w|·(±a) reaches
+/// 2·128·127 = 32,512, a step from i16 saturation. Every ISA level must give the portable bits.
+#[test]
+fn signed_panel_tiles_hold_at_extreme_codes() {
+    let (mut rng, seed) = rng(18);
+    let (n, k) = (24usize, 256usize);
+    for m in [4usize, 5, 6, 7, 9] {
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| match (i / k) % 4 {
+                0 => 1.0,
+                1 => -1.0,
+                2 => if i % 2 == 0 { 1.0 } else { -1.0 },
+                _ => if (i / 32) % 2 == 0 { 0.5 } else { -2.0 },
+            })
+            .collect();
+        for t in [QuantType::Q8_0, QuantType::IQ4_NL] {
+            // Q8_0: a byte is a code; IQ4_NL: a byte holds two indices (0: −127, 15: 113).
+            let (low, high) = if t == QuantType::Q8_0 { (0x80u8, 0x7fu8) } else { (0x00, 0xff) };
+            for pattern in 0..4 {
+                let mut w: Vec<u8> = (0..n).flat_map(|_| random_blocks(t, &mut rng, k)).collect();
+                for blk in w.chunks_exact_mut(t.block_bytes()) {
+                    // The codes after the f16 scale (the scale `random_blocks` wrote stays).
+                    for (j, c) in blk[2..].iter_mut().enumerate() {
+                        *c = match pattern {
+                            0 => low,
+                            1 => high,
+                            2 if t == QuantType::IQ4_NL => 0xf0,
+                            2 => if j % 2 == 0 { low } else { high },
+                            _ => if j / 4 % 2 == 0 { low } else { high },
+                        };
+                    }
+                }
+                let portable = run_panels(QuantLevel::Portable, t, &w, n, k, &x, m);
+                assert!(portable.iter().all(|v| v.is_finite()), "{} m={m} pattern {pattern}: portable outputs {portable:?}", t.name());
+                for isa in QuantLevel::available() {
+                    let y = run_panels(isa, t, &w, n, k, &x, m);
+                    for (i, (a, b)) in y.iter().zip(&portable).enumerate() {
+                        assert_eq!(a.to_bits(), b.to_bits(), "{} {isa:?} m={m} pattern {pattern} index {i}: {a} vs portable {b} (seed {seed})", t.name());
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The panel kernels' integer sums at their bounds: every code at its largest magnitude
 /// (nibbles 15, fifth bits set, Q8_0's −128, Q6_K's −32 with scales −128, IQ4_NL's −127)
 /// against activation blocks that all quantise to +127 or all to −127, where the AVX2 kernels'

@@ -1063,18 +1063,13 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn panels_of<const KIND: u8>(w: &Panels, acts: &Q8Activations, offsets: &[i32], range: Range<usize>, out: &PanelOut) {
         let m = acts.rows();
-        // Four activation rows per tile where the tile unpacks each code vector once for all
-        // of them (`tile_rows`, `tile_q4_k_rows`, `tile_q6_k_rows`), else two.
-        let most = if matches!(KIND, kind::Q4_1 | kind::Q4_0 | kind::Q5_1 | kind::Q5_0 | kind::Q4_K | kind::Q6_K) { 4 } else { 2 };
+        // Tiles of four activation rows, each code vector unpacked once for all of them
+        // (`tile_rows`, `tile_q4_k_rows`, `tile_q6_k_rows`, `tile_signed_rows`).
         for p in range {
             let mut r = 0;
-            while m - r >= most {
-                if most == 4 {
-                    tile_of::<4, KIND>(w, acts, offsets, p, r, out);
-                } else {
-                    tile_of::<2, KIND>(w, acts, offsets, p, r, out);
-                }
-                r += most;
+            while m - r >= 4 {
+                tile_of::<4, KIND>(w, acts, offsets, p, r, out);
+                r += 4;
             }
             match m - r {
                 3 => tile_of::<3, KIND>(w, acts, offsets, p, r, out),
@@ -1104,6 +1099,7 @@ mod avx2 {
             // slower through them). Same bits either way.
             kind::Q5_1 | kind::Q5_0 if R == 1 => tile::<R, KIND>(w, acts, offsets, p, r0, out),
             kind::Q4_1 | kind::Q4_0 | kind::Q5_1 | kind::Q5_0 => tile_rows::<R, KIND>(w, acts, offsets, p, r0, out),
+            kind::Q8_0 | kind::IQ4_NL if R > 1 => tile_signed_rows::<R, KIND>(w, acts, p, r0, out),
             _ => tile::<R, KIND>(w, acts, offsets, p, r0, out),
         }
     }
@@ -1149,15 +1145,13 @@ mod avx2 {
     unsafe fn tile_wide<const R: usize, const KIND: u8>(w: &Panels, acts: &Q8Activations, offsets: &[i32], p: usize, r0: usize, out: &PanelOut) {
         let nb = w.k / BLOCK_ELEMS;
         let (code_bytes, scale_count) = (kind::block_code_bytes(KIND), kind::block_scales(KIND));
-        let rows: [ActRow<'_>; R] = core::array::from_fn(|i| acts.row(r0 + i));
-        let (codes, scales) = w.panel(p);
-        let (cp, sp) = (codes.as_ptr(), scales.as_ptr());
+        let (rows, cp, sp) = tile_inputs::<R>(w, acts, p, r0);
         let ones = _mm256_set1_epi16(1);
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         for b in 0..nb {
             // SAFETY: block b of the panel is `code_bytes` code bytes and `scale_count` scales;
             // the activation rows hold nb > b blocks of 32 bytes.
-            let a: [*const i32; R] = core::array::from_fn(|i| rows[i].qs.as_ptr().add(b * BLOCK_ELEMS).cast::<i32>());
+            let a = act_blocks(&rows, b);
             let s16 = nibble_sums::<R>(cp.add(b * code_bytes), a);
             for h in 0..2 {
                 let dw = widen8(sp.add(b * scale_count + 8 * h));
@@ -1166,31 +1160,16 @@ mod avx2 {
                     if KIND == kind::Q4_0 {
                         sumi = _mm256_add_epi32(sumi, _mm256_set1_epi32(*offsets.get_unchecked((r0 + i) * nb + b)));
                     }
-                    let dd = _mm256_mul_ps(dw, _mm256_set1_ps(rows[i].scales.get_unchecked(b)[0]));
-                    acc[i][h] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sumi), acc[i][h]);
+                    fold(&mut acc[i][h], dw, &rows[i], b, sumi);
                 }
             }
         }
         let mut y = [[0f32; PANEL_ROWS]; R];
         for h in 0..2 {
-            let mut mins = [_mm256_setzero_ps(); R];
-            if kind::affine(KIND) {
-                for b in 0..nb {
-                    let mw = widen8(sp.add(b * scale_count + PANEL_ROWS + 8 * h));
-                    for i in 0..R {
-                        mins[i] = _mm256_fmadd_ps(mw, _mm256_set1_ps(*rows[i].q81_sums.get_unchecked(b)), mins[i]);
-                    }
-                }
-            }
-            for i in 0..R {
-                let yi = if kind::affine(KIND) { _mm256_add_ps(acc[i][h], mins[i]) } else { acc[i][h] };
-                _mm256_storeu_ps(y[i].as_mut_ptr().add(8 * h), yi);
-            }
+            finish_half::<R, KIND>(&mut y, h, core::array::from_fn(|i| acc[i][h]), sp, nb, &rows);
         }
-        for (i, yi) in y.iter().enumerate() {
-            // SAFETY: the caller owns panel p.
-            out.set_panel(r0 + i, p, yi);
-        }
+        // SAFETY: the caller owns panel p.
+        write_tile(out, p, r0, &y);
     }
 
     /// Q4_K panel `p` against activation rows `r0..r0 + R`, both halves per sub-block as
@@ -1200,12 +1179,8 @@ mod avx2 {
     #[inline]
     unsafe fn tile_q4_k_wide<const R: usize>(w: &Panels, acts: &Q8Activations, p: usize, r0: usize, out: &PanelOut) {
         let nsb = w.k / SUPER_ELEMS;
-        let rows: [ActRow<'_>; R] = core::array::from_fn(|i| acts.row(r0 + i));
-        let (codes, scales) = w.panel(p);
-        let (cp, sp) = (codes.as_ptr(), scales.as_ptr());
+        let (rows, cp, sp) = tile_inputs::<R>(w, acts, p, r0);
         let ones = _mm256_set1_epi16(1);
-        // SAFETY (callers): `at + 8` bytes of the unit's integer scales are readable.
-        let byte_lanes = |unit: *const u8, at: usize| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(unit.add(at).cast())));
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         for s in 0..nsb {
             // SAFETY: super-block s of the panel is K_SCALE_BYTES + 8·256 code bytes and 32
@@ -1216,7 +1191,7 @@ mod avx2 {
             _mm_prefetch::<_MM_HINT_T0>(sp.wrapping_add(32 * (s + 1)).cast());
             for j in 0..SUBS {
                 let b = SUBS * s + j;
-                let a: [*const i32; R] = core::array::from_fn(|i| rows[i].qs.as_ptr().add(b * BLOCK_ELEMS).cast::<i32>());
+                let a = act_blocks(&rows, b);
                 let cb = unit.add(K_SCALE_BYTES + NIBBLE_BYTES * j);
                 for line in 0..NIBBLE_BYTES / 64 {
                     _mm_prefetch::<_MM_HINT_T0>(cb.wrapping_add(PREFETCH_AHEAD + 64 * line).cast());
@@ -1226,34 +1201,17 @@ mod avx2 {
                     let dw = _mm256_mul_ps(widen8(sp.add(32 * s + 8 * h)), byte_lanes(unit, PANEL_ROWS * j + 8 * h));
                     for i in 0..R {
                         let sumi = _mm256_madd_epi16(s16[i][h], ones);
-                        let dd = _mm256_mul_ps(dw, _mm256_set1_ps(rows[i].scales.get_unchecked(b)[0]));
-                        acc[i][h] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sumi), acc[i][h]);
+                        fold(&mut acc[i][h], dw, &rows[i], b, sumi);
                     }
                 }
             }
         }
         let mut y = [[0f32; PANEL_ROWS]; R];
         for h in 0..2 {
-            let mut mins = [_mm256_setzero_ps(); R];
-            for s in 0..nsb {
-                let unit = cp.add(s * (K_SCALE_BYTES + SUBS * NIBBLE_BYTES));
-                let dmin = widen8(sp.add(32 * s + 16 + 8 * h));
-                for j in 0..SUBS {
-                    let b = SUBS * s + j;
-                    let mw = _mm256_mul_ps(dmin, byte_lanes(unit, PANEL_ROWS * (SUBS + j) + 8 * h));
-                    for i in 0..R {
-                        mins[i] = _mm256_fmadd_ps(mw, _mm256_set1_ps(rows[i].scales.get_unchecked(b)[1]), mins[i]);
-                    }
-                }
-            }
-            for i in 0..R {
-                _mm256_storeu_ps(y[i].as_mut_ptr().add(8 * h), _mm256_sub_ps(acc[i][h], mins[i]));
-            }
+            finish_q4_k_half::<R>(&mut y, h, core::array::from_fn(|i| acc[i][h]), cp, sp, nsb, &rows);
         }
-        for (i, yi) in y.iter().enumerate() {
-            // SAFETY: the caller owns panel p.
-            out.set_panel(r0 + i, p, yi);
-        }
+        // SAFETY: the caller owns panel p.
+        write_tile(out, p, r0, &y);
     }
 
     /// Σ code·a in i16 for one half (eight weight rows) of a 32-weight block of nibbles
@@ -1333,19 +1291,14 @@ mod avx2 {
     unsafe fn tile_rows<const R: usize, const KIND: u8>(w: &Panels, acts: &Q8Activations, offsets: &[i32], p: usize, r0: usize, out: &PanelOut) {
         let nb = w.k / BLOCK_ELEMS;
         let (code_bytes, scale_count) = (kind::block_code_bytes(KIND), kind::block_scales(KIND));
-        let rows: [ActRow<'_>; R] = core::array::from_fn(|i| acts.row(r0 + i));
-        let (codes, scales) = w.panel(p);
-        let (cp, sp) = (codes.as_ptr(), scales.as_ptr());
+        let (rows, cp, sp) = tile_inputs::<R>(w, acts, p, r0);
         let ones = _mm256_set1_epi16(1);
         let mut y = [[0f32; PANEL_ROWS]; R];
         for half in 0..2 {
             let mut acc = [_mm256_setzero_ps(); R];
             for b in 0..nb {
-                // SAFETY: block b of the panel is `code_bytes` code bytes and `scale_count`
-                // scales, a half's rows the 32 bytes at 32·half of each 64-byte vector; the
-                // activation rows hold nb > b blocks of 32 bytes.
-                let a: [*const i32; R] = core::array::from_fn(|i| rows[i].qs.as_ptr().add(b * BLOCK_ELEMS).cast::<i32>());
-                let cb = cp.add(b * code_bytes + 32 * half);
+                // SAFETY: the panel and the rows hold nb > b blocks.
+                let (cb, a) = half_block(cp, code_bytes, half, &rows, b);
                 let sums = if kind::five_bit(KIND) { half_five_bit_sums::<R>(cb, a) } else { half_nibble_sums::<R>(cb, a) };
                 let dw = widen8(sp.add(b * scale_count + 8 * half));
                 for i in 0..R {
@@ -1353,28 +1306,13 @@ mod avx2 {
                     if matches!(KIND, kind::Q4_0 | kind::Q5_0) {
                         sumi = _mm256_add_epi32(sumi, _mm256_set1_epi32(*offsets.get_unchecked((r0 + i) * nb + b)));
                     }
-                    let dd = _mm256_mul_ps(dw, _mm256_set1_ps(rows[i].scales.get_unchecked(b)[0]));
-                    acc[i] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sumi), acc[i]);
+                    fold(&mut acc[i], dw, &rows[i], b, sumi);
                 }
             }
-            let mut mins = [_mm256_setzero_ps(); R];
-            if kind::affine(KIND) {
-                for b in 0..nb {
-                    let mw = widen8(sp.add(b * scale_count + PANEL_ROWS + 8 * half));
-                    for i in 0..R {
-                        mins[i] = _mm256_fmadd_ps(mw, _mm256_set1_ps(*rows[i].q81_sums.get_unchecked(b)), mins[i]);
-                    }
-                }
-            }
-            for i in 0..R {
-                let yi = if kind::affine(KIND) { _mm256_add_ps(acc[i], mins[i]) } else { acc[i] };
-                _mm256_storeu_ps(y[i].as_mut_ptr().add(8 * half), yi);
-            }
+            finish_half::<R, KIND>(&mut y, half, acc, sp, nb, &rows);
         }
-        for (i, yi) in y.iter().enumerate() {
-            // SAFETY: the caller owns panel p.
-            out.set_panel(r0 + i, p, yi);
-        }
+        // SAFETY: the caller owns panel p.
+        write_tile(out, p, r0, &y);
     }
 
     /// Q4_K panel `p` against activation rows `r0..r0 + R` (R ≤ 4), one half of the panel at
@@ -1384,12 +1322,8 @@ mod avx2 {
     #[inline]
     unsafe fn tile_q4_k_rows<const R: usize>(w: &Panels, acts: &Q8Activations, p: usize, r0: usize, out: &PanelOut) {
         let nsb = w.k / SUPER_ELEMS;
-        let rows: [ActRow<'_>; R] = core::array::from_fn(|i| acts.row(r0 + i));
-        let (codes, scales) = w.panel(p);
-        let (cp, sp) = (codes.as_ptr(), scales.as_ptr());
+        let (rows, cp, sp) = tile_inputs::<R>(w, acts, p, r0);
         let ones = _mm256_set1_epi16(1);
-        // SAFETY (callers): `at + 8` bytes of the unit's integer scales are readable.
-        let byte_lanes = |unit: *const u8, at: usize| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(unit.add(at).cast())));
         let mut y = [[0f32; PANEL_ROWS]; R];
         for half in 0..2 {
             let mut acc = [_mm256_setzero_ps(); R];
@@ -1399,36 +1333,19 @@ mod avx2 {
                 let unit = cp.add(s * (K_SCALE_BYTES + SUBS * NIBBLE_BYTES));
                 for j in 0..SUBS {
                     let b = SUBS * s + j;
-                    let a: [*const i32; R] = core::array::from_fn(|i| rows[i].qs.as_ptr().add(b * BLOCK_ELEMS).cast::<i32>());
+                    let a = act_blocks(&rows, b);
                     let s16 = half_nibble_sums::<R>(unit.add(K_SCALE_BYTES + NIBBLE_BYTES * j + 32 * half), a);
                     let dw = _mm256_mul_ps(widen8(sp.add(32 * s + 8 * half)), byte_lanes(unit, PANEL_ROWS * j + 8 * half));
                     for i in 0..R {
                         let sumi = _mm256_madd_epi16(s16[i], ones);
-                        let dd = _mm256_mul_ps(dw, _mm256_set1_ps(rows[i].scales.get_unchecked(b)[0]));
-                        acc[i] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sumi), acc[i]);
+                        fold(&mut acc[i], dw, &rows[i], b, sumi);
                     }
                 }
             }
-            let mut mins = [_mm256_setzero_ps(); R];
-            for s in 0..nsb {
-                let unit = cp.add(s * (K_SCALE_BYTES + SUBS * NIBBLE_BYTES));
-                let dmin = widen8(sp.add(32 * s + 16 + 8 * half));
-                for j in 0..SUBS {
-                    let b = SUBS * s + j;
-                    let mw = _mm256_mul_ps(dmin, byte_lanes(unit, PANEL_ROWS * (SUBS + j) + 8 * half));
-                    for i in 0..R {
-                        mins[i] = _mm256_fmadd_ps(mw, _mm256_set1_ps(rows[i].scales.get_unchecked(b)[1]), mins[i]);
-                    }
-                }
-            }
-            for i in 0..R {
-                _mm256_storeu_ps(y[i].as_mut_ptr().add(8 * half), _mm256_sub_ps(acc[i], mins[i]));
-            }
+            finish_q4_k_half::<R>(&mut y, half, acc, cp, sp, nsb, &rows);
         }
-        for (i, yi) in y.iter().enumerate() {
-            // SAFETY: the caller owns panel p.
-            out.set_panel(r0 + i, p, yi);
-        }
+        // SAFETY: the caller owns panel p.
+        write_tile(out, p, r0, &y);
     }
 
     /// Q6_K panel `p` against activation rows `r0..r0 + R` (R ≤ Q6_K_ROWS), one half of the
@@ -1441,9 +1358,7 @@ mod avx2 {
     #[inline]
     unsafe fn tile_q6_k_rows<const R: usize>(w: &Panels, acts: &Q8Activations, offsets: &[i32], p: usize, r0: usize, out: &PanelOut) {
         let nsb = w.k / SUPER_ELEMS;
-        let rows: [ActRow<'_>; R] = core::array::from_fn(|i| acts.row(r0 + i));
-        let (codes, scales) = w.panel(p);
-        let (cp, sp) = (codes.as_ptr(), scales.as_ptr());
+        let (rows, cp, sp) = tile_inputs::<R>(w, acts, p, r0);
         let (low4, high2) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x30));
         let pair_sums: [*const i32; R] = core::array::from_fn(|i| offsets[(r0 + i) * (w.k / 16)..(r0 + i + 1) * (w.k / 16)].as_ptr());
         let mut y = [[0f32; PANEL_ROWS]; R];
@@ -1460,7 +1375,7 @@ mod avx2 {
                 };
                 for j in 0..SUBS {
                     let b = SUBS * s + j;
-                    let a: [*const i32; R] = core::array::from_fn(|i| rows[i].qs.as_ptr().add(b * BLOCK_ELEMS).cast::<i32>());
+                    let a = act_blocks(&rows, b);
                     let cb = unit.add(K_SCALE_BYTES + Q6_BYTES * j + 32 * half);
                     let mut sumi = [_mm256_setzero_si256(); R];
                     for e in 0..2 {
@@ -1496,19 +1411,214 @@ mod avx2 {
                             sumi[i] = if e == 0 { group } else { _mm256_add_epi32(sumi[i], group) };
                         }
                     }
-                    let d = widen8(sp.add(16 * s + 8 * half));
+                    fold_rows(&mut acc, widen8(sp.add(16 * s + 8 * half)), &rows, b, &sumi);
+                }
+            }
+            store_half(&mut y, half, &acc);
+        }
+        // SAFETY: the caller owns panel p.
+        write_tile(out, p, r0, &y);
+    }
+
+    /// Q8_0 and IQ4_NL panel `p` against activation rows `r0..r0 + R` (R ≤ 4), one half of the
+    /// panel at a time, with [`tile`]'s sign trick: each group's code vector is made signed
+    /// (Q8_0: `q ^ 0x80`; IQ4_NL: its table value) and its `vpabsb` taken once for every row,
+    /// each row moving the signs onto its broadcast activations (`vpsignb`). A pair
+    /// |w|·(±a) reaches 128·127·2 = 32,512, so no two groups share an i16 sum: one `vpmaddwd`
+    /// per group and row. Live are the `R` i32 sums, the `R` accumulators, the constants and
+    /// one group's codes, so four rows fit the sixteen YMM registers, where the two-row
+    /// [`tile`] held all eight groups' codes and signs and moved them through the stack
+    /// (bench/NOTES.md, "Q8_0 and IQ4_NL tiles at m ≥ 2 on Zen 1"). Per output the integer
+    /// sums and f32 operations of [`tile`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn tile_signed_rows<const R: usize, const KIND: u8>(w: &Panels, acts: &Q8Activations, p: usize, r0: usize, out: &PanelOut) {
+        let nb = w.k / BLOCK_ELEMS;
+        let code_bytes = kind::block_code_bytes(KIND);
+        let (rows, cp, sp) = tile_inputs::<R>(w, acts, p, r0);
+        let (ones, mask, flip) = (_mm256_set1_epi16(1), _mm256_set1_epi8(0x0f), _mm256_set1_epi8(-128));
+        let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(iq4_nl::VALUES.as_ptr().cast()));
+        let mut y = [[0f32; PANEL_ROWS]; R];
+        for half in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); R];
+            for b in 0..nb {
+                // SAFETY: the panel and the rows hold nb > b blocks.
+                let (cb, a) = half_block(cp, code_bytes, half, &rows, b);
+                let mut sumi = [_mm256_setzero_si256(); R];
+                for g in 0..8 {
+                    let s = if KIND == kind::Q8_0 {
+                        _mm256_xor_si256(_mm256_loadu_si256(cb.add(64 * g).cast()), flip)
+                    } else {
+                        // Groups g and g + 4 are the low and high nibbles of one vector.
+                        let x = _mm256_loadu_si256(cb.add(64 * (g % 4)).cast());
+                        let q = if g < 4 { x } else { _mm256_srli_epi16::<4>(x) };
+                        _mm256_shuffle_epi8(table, _mm256_and_si256(q, mask))
+                    };
+                    let v = _mm256_abs_epi8(s);
                     for i in 0..R {
-                        let dd = _mm256_mul_ps(d, _mm256_set1_ps(rows[i].scales.get_unchecked(b)[0]));
-                        acc[i] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sumi[i]), acc[i]);
+                        let ag = _mm256_sign_epi8(_mm256_set1_epi32(a[i].add(g).read_unaligned()), s);
+                        sumi[i] = _mm256_add_epi32(sumi[i], _mm256_madd_epi16(_mm256_maddubs_epi16(v, ag), ones));
                     }
+                    fence(&mut sumi);
+                }
+                fold_rows(&mut acc, widen8(sp.add(b * PANEL_ROWS + 8 * half)), &rows, b, &sumi);
+            }
+            store_half(&mut y, half, &acc);
+        }
+        // SAFETY: the caller owns panel p.
+        write_tile(out, p, r0, &y);
+    }
+
+    /// Passes the `R` sums through one empty `asm!`, so that every row finishes a group before
+    /// any row starts the next. Without it LLVM runs the rows one after the other (their
+    /// sums are independent chains, and it reassociates each row's adds into a tree), and so
+    /// keeps all eight groups' code vectors live: 42–43 YMM stack moves per block and half in
+    /// [`tile_signed_rows`], none with it.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn fence<const R: usize>(s: &mut [__m256i; R]) {
+        // SAFETY: empty asm that leaves the registers as they were. (The arms for R < 4 never
+        // index past R.)
+        unsafe {
+            match R {
+                1 => std::arch::asm!("/* {0} */", inout(ymm_reg) s[0], options(pure, nomem, nostack, preserves_flags)),
+                2 => std::arch::asm!("/* {0} {1} */", inout(ymm_reg) s[0], inout(ymm_reg) s[1], options(pure, nomem, nostack, preserves_flags)),
+                3 => std::arch::asm!(
+                    "/* {0} {1} {2} */",
+                    inout(ymm_reg) s[0],
+                    inout(ymm_reg) s[1],
+                    inout(ymm_reg) s[2],
+                    options(pure, nomem, nostack, preserves_flags)
+                ),
+                _ => std::arch::asm!(
+                    "/* {0} {1} {2} {3} */",
+                    inout(ymm_reg) s[0],
+                    inout(ymm_reg) s[1],
+                    inout(ymm_reg) s[2],
+                    inout(ymm_reg) s[3],
+                    options(pure, nomem, nostack, preserves_flags)
+                ),
+            }
+        }
+    }
+
+    /// A tile's activation rows `r0..r0 + R` and panel `p`'s code and scale pointers.
+    #[inline(always)]
+    fn tile_inputs<'a, const R: usize>(w: &'a Panels, acts: &'a Q8Activations, p: usize, r0: usize) -> ([ActRow<'a>; R], *const u8, *const u16) {
+        let (codes, scales) = w.panel(p);
+        (core::array::from_fn(|i| acts.row(r0 + i)), codes.as_ptr(), scales.as_ptr())
+    }
+
+    /// Block `b` of each activation row, as groups of four bytes.
+    ///
+    /// # Safety
+    /// The rows hold more than `b` blocks.
+    #[inline(always)]
+    unsafe fn act_blocks<const R: usize>(rows: &[ActRow<'_>; R], b: usize) -> [*const i32; R] {
+        core::array::from_fn(|i| rows[i].qs.as_ptr().add(b * BLOCK_ELEMS).cast::<i32>())
+    }
+
+    /// For the half-at-a-time tiles of the block formats: block `b`'s first code byte of the
+    /// panel's half `half` (a half's rows are the 32 bytes at 32·half of each 64-byte vector)
+    /// and each activation row's block `b`.
+    ///
+    /// # Safety
+    /// The panel and the rows hold more than `b` blocks.
+    #[inline(always)]
+    unsafe fn half_block<const R: usize>(cp: *const u8, code_bytes: usize, half: usize, rows: &[ActRow<'_>; R], b: usize) -> (*const u8, [*const i32; R]) {
+        (cp.add(b * code_bytes + 32 * half), act_blocks(rows, b))
+    }
+
+    /// A block's f32 step, the same in every tile (module docs): `acc = fma(d·d_x, Σq·a, acc)`
+    /// for one activation row (`dw`: the eight weight rows' `d`, `sumi` their integer dots).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn fold(acc: &mut __m256, dw: __m256, row: &ActRow<'_>, b: usize, sumi: __m256i) {
+        // SAFETY (caller): the row holds nb > b blocks.
+        let dd = _mm256_mul_ps(dw, _mm256_set1_ps(row.scales.get_unchecked(b)[0]));
+        *acc = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sumi), *acc);
+    }
+
+    /// [`fold`] for each row of a tile.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn fold_rows<const R: usize>(acc: &mut [__m256; R], dw: __m256, rows: &[ActRow<'_>; R], b: usize, sumi: &[__m256i; R]) {
+        for i in 0..R {
+            fold(&mut acc[i], dw, &rows[i], b, sumi[i]);
+        }
+    }
+
+    /// Each row's eight outputs of one half of the panel into the tile's outputs `y`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn store_half<const R: usize>(y: &mut [[f32; PANEL_ROWS]; R], half: usize, acc: &[__m256; R]) {
+        for i in 0..R {
+            _mm256_storeu_ps(y[i].as_mut_ptr().add(8 * half), acc[i]);
+        }
+    }
+
+    /// One half of a block-format tile's outputs: `acc`, plus for Q4_1 and Q5_1 the `mins`
+    /// chain, run here as a second pass over the blocks (it does not depend on the codes, and
+    /// a chain's own operations and order are what fix its bits).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn finish_half<const R: usize, const KIND: u8>(y: &mut [[f32; PANEL_ROWS]; R], half: usize, mut acc: [__m256; R], sp: *const u16, nb: usize, rows: &[ActRow<'_>; R]) {
+        if kind::affine(KIND) {
+            let scale_count = kind::block_scales(KIND);
+            let mut mins = [_mm256_setzero_ps(); R];
+            for b in 0..nb {
+                // SAFETY (caller): the panel holds nb blocks of `scale_count` scales.
+                let mw = widen8(sp.add(b * scale_count + PANEL_ROWS + 8 * half));
+                for i in 0..R {
+                    mins[i] = _mm256_fmadd_ps(mw, _mm256_set1_ps(*rows[i].q81_sums.get_unchecked(b)), mins[i]);
                 }
             }
             for i in 0..R {
-                _mm256_storeu_ps(y[i].as_mut_ptr().add(8 * half), acc[i]);
+                acc[i] = _mm256_add_ps(acc[i], mins[i]);
             }
         }
+        store_half(y, half, &acc);
+    }
+
+    /// Eight bytes of a Q4_K unit's integer scales (`sc` or `m`) as f32 lanes.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn byte_lanes(unit: *const u8, at: usize) -> __m256 {
+        // SAFETY (caller): `at + 8` bytes of the unit's integer scales are readable.
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(unit.add(at).cast())))
+    }
+
+    /// One half of a Q4_K tile's outputs: `acc − mins`, the `dmin·m` chain run here as a
+    /// second pass over the super-blocks.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn finish_q4_k_half<const R: usize>(y: &mut [[f32; PANEL_ROWS]; R], half: usize, mut acc: [__m256; R], cp: *const u8, sp: *const u16, nsb: usize, rows: &[ActRow<'_>; R]) {
+        let mut mins = [_mm256_setzero_ps(); R];
+        for s in 0..nsb {
+            // SAFETY (caller): the panel holds nsb super-blocks.
+            let unit = cp.add(s * (K_SCALE_BYTES + SUBS * NIBBLE_BYTES));
+            let dmin = widen8(sp.add(32 * s + 16 + 8 * half));
+            for j in 0..SUBS {
+                let b = SUBS * s + j;
+                let mw = _mm256_mul_ps(dmin, byte_lanes(unit, PANEL_ROWS * (SUBS + j) + 8 * half));
+                for i in 0..R {
+                    mins[i] = _mm256_fmadd_ps(mw, _mm256_set1_ps(rows[i].scales.get_unchecked(b)[1]), mins[i]);
+                }
+            }
+        }
+        for i in 0..R {
+            acc[i] = _mm256_sub_ps(acc[i], mins[i]);
+        }
+        store_half(y, half, &acc);
+    }
+
+    /// Writes a tile's outputs.
+    ///
+    /// # Safety
+    /// The caller owns panel `p`.
+    #[inline]
+    unsafe fn write_tile<const R: usize>(out: &PanelOut, p: usize, r0: usize, y: &[[f32; PANEL_ROWS]; R]) {
         for (i, yi) in y.iter().enumerate() {
-            // SAFETY: the caller owns panel p.
             out.set_panel(r0 + i, p, yi);
         }
     }
@@ -1540,9 +1650,7 @@ mod avx2 {
         let affine = kind::affine(KIND);
         let signed = matches!(KIND, kind::Q8_0 | kind::IQ4_NL);
         let offset = matches!(KIND, kind::Q4_0 | kind::Q5_0);
-        let rows: [ActRow<'_>; R] = core::array::from_fn(|i| acts.row(r0 + i));
-        let (codes, scales) = w.panel(p);
-        let (cp, sp) = (codes.as_ptr(), scales.as_ptr());
+        let (rows, cp, sp) = tile_inputs::<R>(w, acts, p, r0);
         let (mask, bit4) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x10));
         let flip = _mm256_set1_epi8(-128);
         let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(iq4_nl::VALUES.as_ptr().cast()));
@@ -1614,8 +1722,7 @@ mod avx2 {
                     if offset {
                         sumi = _mm256_add_epi32(sumi, _mm256_set1_epi32(*offsets.get_unchecked((r0 + i) * nb + b)));
                     }
-                    let dd = _mm256_mul_ps(dw, _mm256_set1_ps(rows[i].scales.get_unchecked(b)[0]));
-                    acc[i] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sumi), acc[i]);
+                    fold(&mut acc[i], dw, &rows[i], b, sumi);
                     if affine {
                         mins[i] = _mm256_fmadd_ps(mw, _mm256_set1_ps(*rows[i].q81_sums.get_unchecked(b)), mins[i]);
                     }
@@ -1626,10 +1733,8 @@ mod avx2 {
                 _mm256_storeu_ps(y[i].as_mut_ptr().add(8 * half), yi);
             }
         }
-        for (i, yi) in y.iter().enumerate() {
-            // SAFETY: the caller owns panel p.
-            out.set_panel(r0 + i, p, yi);
-        }
+        // SAFETY: the caller owns panel p.
+        write_tile(out, p, r0, &y);
     }
 
     /// Q6_K panel `p` against activation row `r`, both halves of the panel per sub-block (as
