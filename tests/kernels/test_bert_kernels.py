@@ -145,30 +145,40 @@ def test_encoder_attention(clenv, rng, head_dim, heads, lens):
     assert np.all(err <= tol), f"max err/tol {np.max(err / tol)}"
 
 
+POOL_MODES = {"mean": 0, "cls": 1, "max": 2, "mean_sqrt_len": 3}
+
+
+@pytest.mark.parametrize("mode", list(POOL_MODES))
 @pytest.mark.parametrize("dim,lens,normalize", [(384, [1, 5, 17], 1), (17, [3], 0), (1000, [2, 1, 64], 1)])
-def test_mean_pool(clenv, rng, dim, lens, normalize):
+def test_pool(clenv, rng, dim, lens, normalize, mode):
     rows = sum(lens)
     hidden = rng.standard_normal((rows, dim)).astype(F32)
     offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.uint32)
     out, like = clenv.poisoned((len(lens), dim))
     local = 64
     clenv.run(
-        clenv.kernel("mean_pool_f32"), (local * len(lens),), (local,), clenv.to_device(hidden), clenv.to_device(offsets), out,
-        np.uint32(dim), np.uint32(normalize), clenv.cl.LocalMemory(4 * local),
+        clenv.kernel("pool_f32"), (local * len(lens),), (local,), clenv.to_device(hidden), clenv.to_device(offsets), out,
+        np.uint32(dim), np.uint32(POOL_MODES[mode]), np.uint32(normalize), clenv.cl.LocalMemory(4 * local),
     )
     got = clenv.read(out, like)
-    # The mean itself is the CPU's arithmetic (rows added in order in f32, then one
-    # division): bitwise against the same NumPy loop.
-    means = np.zeros((len(lens), dim), F32)
+    # Before normalising, the CPU's arithmetic (rows added in order in f32, then one
+    # division; the first row; the running maximum): bitwise against the same NumPy loop.
+    pooled = np.zeros((len(lens), dim), F32)
     for s in range(len(lens)):
-        acc = np.zeros(dim, F32)
-        for r in range(offsets[s], offsets[s + 1]):
-            acc = acc + hidden[r]
-        means[s] = acc / F32(lens[s])
+        block = hidden[offsets[s]:offsets[s + 1]]
+        if mode == "cls":
+            pooled[s] = block[0]
+        elif mode == "max":
+            pooled[s] = block.max(axis=0)
+        else:
+            acc = np.zeros(dim, F32)
+            for row in block:
+                acc = acc + row
+            pooled[s] = acc / (F32(lens[s]) if mode == "mean" else np.sqrt(F32(lens[s])))
     if not normalize:
-        assert np.array_equal(got, means)
+        assert np.array_equal(got, pooled)
         return
-    m64 = means.astype(np.float64)
+    m64 = pooled.astype(np.float64)
     want = m64 / np.linalg.norm(m64, axis=1, keepdims=True)
     # The norm's f32 sum of dim squares (tree) and sqrt, then a division: (dim + 4) U.
     assert np.all(np.abs(got - want) <= np.abs(want) * (dim + 4) * U + 1e-30)
