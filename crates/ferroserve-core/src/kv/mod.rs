@@ -176,11 +176,6 @@ impl KvCache {
         KvCache { cfg, layout, layers, books: Books::shared(cfg.num_blocks) }
     }
 
-    /// As many blocks as fit in `budget_bytes` (K and V of every layer; bookkeeping aside).
-    pub fn for_budget(budget_bytes: usize, block_tokens: usize, layers: usize, kv_heads: usize, head_dim: usize) -> Self {
-        Self::new(KvCacheConfig::for_budget(budget_bytes, block_tokens, layers, kv_heads, head_dim), layers, kv_heads, head_dim)
-    }
-
     /// Bytes one block takes across all layers, K and V.
     pub fn block_bytes(block_tokens: usize, layers: usize, kv_heads: usize, head_dim: usize) -> usize {
         2 * layers * block_tokens * kv_heads * head_dim * ELEM_BYTES
@@ -314,9 +309,9 @@ mod tests {
     fn budget_sizes_the_pool() {
         let per_block = KvCache::block_bytes(16, 30, 3, 64);
         assert_eq!(per_block, 2 * 30 * 16 * 3 * 64 * 2);
-        let kv = KvCache::for_budget(10 * per_block + per_block / 2, 16, 30, 3, 64);
+        let kv = KvCache::new(KvCacheConfig::for_budget(10 * per_block + per_block / 2, 16, 30, 3, 64), 30, 3, 64);
         assert_eq!((kv.num_blocks(), kv.num_free_blocks(), kv.num_layers()), (10, 10, 30));
-        assert_eq!(KvCache::for_budget(per_block - 1, 16, 30, 3, 64).num_blocks(), 0);
+        assert_eq!(KvCacheConfig::for_budget(per_block - 1, 16, 30, 3, 64).num_blocks, 0);
     }
 
     #[test]
