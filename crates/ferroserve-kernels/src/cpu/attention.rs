@@ -11,7 +11,14 @@
 //! to a multiple of 32 there; padded keys are excluded from the softmax.
 //!
 //! AVX2 (head dimension a multiple of 16): `QR2` rows × two 8-lane blocks per register
-//! tile, with separate multiplies and adds in the one-row form's order, so the same bits.
+//! tile, or 2 rows × four blocks.
+//!
+//! Every form computes each score and output element as one fused multiply-add chain in the
+//! one-row form's order (`f32::mul_add` there), and the same softmax, so all levels give the
+//! same bits (`avx2_tiles_give_the_portable_bits`, tests/bert_int8.rs). On Zen 1 a separate
+//! multiply and add issue to different pipes at the FMA's rate, but twice the µops kept the
+//! AVX2 loops at ≈ 70 % of it; with FMA a 256-token pass is −3 % (bench/NOTES.md, session
+//! 18). A level without FMA pays a libm `fmaf` per multiply-add; only a pre-2013 x86 runs it.
 //!
 //! Other levels (and odd head sizes): one query row at a time, scores and outputs in
 //! 16-lane blocks the compiler vectorises, keys padded to a multiple of 16.
@@ -75,9 +82,13 @@ const LANES: usize = 16;
 
 /// Softmax of one score row over its first `len` (live) keys, in place; padded keys get
 /// probability 0. Returns 1 / Σ (the caller scales the output instead of the probabilities).
-/// Whole live blocks first (branch-free, so they vectorise), then the one partial block.
+/// `exp_shifted(live, m)` sets each live score s to `fast_exp(s − m)` (a SIMD form with the
+/// same bits may be passed); the sum is then a second pass over the stored row, in the
+/// one-row form's lanes and order, so the same bits. (Fused with the exponentials, the sum
+/// kept about two of `fast_exp`'s ≈ 14-deep dependent chains in Zen 1's window: ≈ 24 % of
+/// the attention's samples at 256 tokens, bench/NOTES.md session 18.)
 #[inline(always)]
-fn softmax_live(row: &mut [f32], len: usize) -> f32 {
+fn softmax_live(row: &mut [f32], len: usize, exp_shifted: impl FnOnce(&mut [f32], f32)) -> f32 {
     let full = len / LANES * LANES;
     let mut max = [f32::NEG_INFINITY; LANES];
     for block in row[..full].chunks_exact(LANES) {
@@ -86,27 +97,37 @@ fn softmax_live(row: &mut [f32], len: usize) -> f32 {
         }
     }
     let m = row[full..len].iter().chain(&max).fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    let (live, padded) = row.split_at_mut(len);
+    exp_shifted(live, m);
+    padded.fill(0.0);
+    // Σ per lane over the blocks in order; the padded zeros leave a lane's sum as it was.
     let mut sum = [0.0f32; LANES];
-    for block in row[..full].chunks_exact_mut(LANES) {
+    let mut blocks = row.chunks_exact(LANES);
+    for block in &mut blocks {
         for l in 0..LANES {
-            let e = fast_exp(block[l] - m);
-            block[l] = e;
-            sum[l] += e;
+            sum[l] += block[l];
         }
     }
-    for (l, v) in row[full..].iter_mut().enumerate() {
-        let e = if full + l < len { fast_exp(*v - m) } else { 0.0 };
-        *v = e;
-        sum[l % LANES] += e;
+    for (l, &e) in blocks.remainder().iter().enumerate() {
+        sum[l] += e;
     }
     1.0 / sum.iter().sum::<f32>()
+}
+
+/// `fast_exp(s − m)` over a row, left to the compiler's vectoriser.
+#[inline(always)]
+fn exp_shifted(row: &mut [f32], m: f32) {
+    for v in row {
+        *v = fast_exp(*v - m);
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{softmax_live, LANES, SCRATCH};
+    use super::super::math::x86::exp_shifted_avx2;
+    use super::{exp_shifted, softmax_live, LANES, SCRATCH};
 
     /// The scratch of one (sequence, head) for the register-tiled forms.
     struct Staged<'a> {
@@ -210,7 +231,7 @@ mod x86 {
             }
             let mut inv = [0.0f32; QR];
             for (r, row) in scores.chunks_exact_mut(padded).enumerate() {
-                inv[r] = softmax_live(row, len);
+                inv[r] = softmax_live(row, len, exp_shifted);
             }
             // out = P · V: QR rows × 32 (then 16) head-dimension columns per tile.
             let mut c0 = 0;
@@ -245,16 +266,14 @@ mod x86 {
     }
 
     /// Query rows per AVX2 register tile: 4 rows × two 8-lane blocks = 8 accumulators, 8
-    /// independent add chains (Zen 1's add latency is 3 cycles; 16 ymm registers in all).
+    /// independent FMA chains (16 ymm registers in all).
     const QR2: usize = 4;
 
     /// One (sequence, head) on AVX2 with `QR2` × 16 register tiles, computing **the same bits
     /// as the one-row form** (`head_attention`): every score and output element is the same
-    /// sequence of separate multiplies and adds in the same order (no FMA contraction; on
-    /// Zen 1 `vmulps` and `vaddps` issue to different pipes, so this costs no throughput), the
-    /// same softmax lanes, keys padded to 16 as there. So `avx2` and `portable` keep giving
-    /// identical vectors (tests/bert_int8.rs). The one-row form ran one or two dependent
-    /// add chains over the head dimension per query row.
+    /// FMA chain in the same order, the same softmax lanes, keys padded to 16 as there. So
+    /// `avx2` and `portable` keep giving identical vectors (tests/bert_int8.rs). The one-row
+    /// form ran one or two dependent chains over the head dimension per query row.
     ///
     /// # Safety
     /// The CPU must have AVX2 and FMA; `d` must be a multiple of 16; `out` must be valid for
@@ -295,8 +314,8 @@ mod x86 {
                     let k1 = _mm256_loadu_ps(ktp.add(c * padded + b + 8));
                     for (r, sr) in s.iter_mut().enumerate() {
                         let qc = _mm256_broadcast_ss(&*qp.add(r * d + c));
-                        sr[0] = _mm256_add_ps(sr[0], _mm256_mul_ps(qc, k0));
-                        sr[1] = _mm256_add_ps(sr[1], _mm256_mul_ps(qc, k1));
+                        sr[0] = _mm256_fmadd_ps(qc, k0, sr[0]);
+                        sr[1] = _mm256_fmadd_ps(qc, k1, sr[1]);
                     }
                 }
                 for (r, sr) in s.iter().enumerate() {
@@ -307,7 +326,7 @@ mod x86 {
             }
             let mut inv = [0.0f32; QR2];
             for (r, row) in scores.chunks_exact_mut(padded).enumerate() {
-                inv[r] = softmax_live(row, len);
+                inv[r] = softmax_live(row, len, |live, m| exp_shifted_avx2(live, m));
             }
             // out = (Σ_j p_j · V_j) · inv: QR2 rows × 16 head-dimension columns per tile, or two
             // tiles of 2 rows × 32 columns while 32 are left.
@@ -326,8 +345,8 @@ mod x86 {
                     let v1 = _mm256_loadu_ps(vp.add(j * d + c0 + 8));
                     for (r, ar) in a.iter_mut().enumerate() {
                         let p = _mm256_broadcast_ss(&*sp.add(r * padded + j));
-                        ar[0] = _mm256_add_ps(ar[0], _mm256_mul_ps(p, v0));
-                        ar[1] = _mm256_add_ps(ar[1], _mm256_mul_ps(p, v1));
+                        ar[0] = _mm256_fmadd_ps(p, v0, ar[0]);
+                        ar[1] = _mm256_fmadd_ps(p, v1, ar[1]);
                     }
                 }
                 for (r, ar) in a.iter().enumerate() {
@@ -346,10 +365,9 @@ mod x86 {
         SCRATCH.with(|cell| *cell.borrow_mut() = buf);
     }
 
-    /// Scores of 2 query rows × 32 keys: `s[r][j] = Σ_c q[r][c]·kt[c][j]` as separate multiplies
-    /// and adds in c order (the bits of the 4 × 16 tile and of the one-row form). Four key
-    /// vectors per broadcast instead of two: 8 multiplies and 8 adds per 2 broadcasts and 4
-    /// loads (14 ymm registers).
+    /// Scores of 2 query rows × 32 keys: `s[r][j] = Σ_c q[r][c]·kt[c][j]` as one FMA chain
+    /// in c order (the bits of the 4 × 16 tile and of the one-row form). Four key vectors per
+    /// broadcast instead of two: 8 FMAs per 2 broadcasts and 4 loads (14 ymm registers).
     ///
     /// # Safety
     /// AVX2; `kt` valid for `d` rows of stride `ld_k` × 32 keys, `q` for 2 rows of `d`, `s` for
@@ -364,7 +382,7 @@ mod x86 {
             for (r, ar) in acc.iter_mut().enumerate() {
                 let qc = _mm256_broadcast_ss(&*q.add(r * d + c));
                 for (x, a) in ar.iter_mut().enumerate() {
-                    *a = _mm256_add_ps(*a, _mm256_mul_ps(qc, k[x]));
+                    *a = _mm256_fmadd_ps(qc, k[x], *a);
                 }
             }
         }
@@ -375,8 +393,8 @@ mod x86 {
         }
     }
 
-    /// Output of 2 query rows × 32 head columns: `(Σ_j p[r][j]·v[j][c]) · inv[r]`, separate
-    /// multiplies and adds in j order (the 4 × 16 tile's bits).
+    /// Output of 2 query rows × 32 head columns: `(Σ_j p[r][j]·v[j][c]) · inv[r]`, one FMA
+    /// chain in j order (the 4 × 16 tile's bits).
     ///
     /// # Safety
     /// AVX2; `p` valid for 2 rows of stride `ld_p` × `len`, `v` for `len` rows of stride `ld_v`
@@ -392,7 +410,7 @@ mod x86 {
             for (r, ar) in acc.iter_mut().enumerate() {
                 let pj = _mm256_broadcast_ss(&*p.add(r * ld_p + j));
                 for (x, a) in ar.iter_mut().enumerate() {
-                    *a = _mm256_add_ps(*a, _mm256_mul_ps(pj, vv[x]));
+                    *a = _mm256_fmadd_ps(pj, vv[x], *a);
                 }
             }
         }
@@ -404,7 +422,6 @@ mod x86 {
         }
     }
 }
-
 
 #[inline(always)]
 fn head_attention(qkv: &[f32], start: usize, end: usize, h: usize, heads: usize, d: usize, out: *mut f32) {
@@ -446,7 +463,7 @@ fn head_attention(qkv: &[f32], start: usize, end: usize, h: usize, heads: usize,
                     let qc = q[c] * scale;
                     let k: &[f32; LANES] = kt[c * padded + b * LANES..c * padded + (b + 1) * LANES].try_into().unwrap();
                     for l in 0..LANES {
-                        s[l] += qc * k[l];
+                        s[l] = qc.mul_add(k[l], s[l]);
                     }
                 }
                 for l in 0..LANES {
@@ -474,7 +491,7 @@ fn head_attention(qkv: &[f32], start: usize, end: usize, h: usize, heads: usize,
                     let p = scores[j];
                     let vv: &[f32; LANES] = v[j * d + c0..j * d + c0 + LANES].try_into().unwrap();
                     for l in 0..LANES {
-                        a[l] += p * vv[l];
+                        a[l] = p.mul_add(vv[l], a[l]);
                     }
                 }
                 for l in 0..LANES {
@@ -483,7 +500,7 @@ fn head_attention(qkv: &[f32], start: usize, end: usize, h: usize, heads: usize,
                 c0 += LANES;
             }
             for c in c0..d {
-                acc[c] = (0..len).map(|j| scores[j] * v[j * d + c]).sum::<f32>() * inv;
+                acc[c] = (0..len).fold(0.0f32, |a, j| scores[j].mul_add(v[j * d + c], a)) * inv;
             }
             // SAFETY: row start+i, columns h*d..(h+1)*d belong to this task only.
             unsafe { std::ptr::copy_nonoverlapping(acc.as_ptr(), out.add((start + i) * hidden + h * d), d) };
@@ -537,23 +554,23 @@ mod tests {
     /// compared bit for bit across levels, tests/bert_int8.rs), incl. padded keys and
     /// partial query groups.
     #[test]
-    fn avx2_tiles_give_the_portable_bits() {
-        if !Isa::Avx2.is_supported() {
-            eprintln!("skipping: this CPU lacks {}", Isa::Avx2.requires());
-            return;
-        }
+    fn every_level_gives_the_portable_bits() {
+        // The AVX-512 and AVX2 register tiles and the one-row form: one FMA chain per element
+        // in the same order and the same softmax (since session 18 also AVX-512's).
         let mut rng = Rng::new(7 ^ std::process::id() as u64);
-        for (heads, d) in [(2usize, 16usize), (3, 32), (2, 64)] {
-            let hidden = heads * d;
-            let offsets = [0usize, 1, 4, 4 + 17, 4 + 17 + 16, 4 + 17 + 16 + 259];
-            let rows = *offsets.last().unwrap();
-            let qkv: Vec<f32> = rng.vec(rows * 3 * hidden).iter().map(|v| v * 4.0).collect();
-            let mut want = vec![f32::NAN; rows * hidden];
-            encoder_attention(Isa::Portable, &qkv, &SeqLayout { offsets: &offsets }, heads, d, &mut want);
-            let mut got = vec![f32::NAN; rows * hidden];
-            encoder_attention(Isa::Avx2, &qkv, &SeqLayout { offsets: &offsets }, heads, d, &mut got);
-            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert_eq!(g.to_bits(), w.to_bits(), "d={d} index {i}: {g} vs {w}");
+        for isa in levels("every_level_gives_the_portable_bits") {
+            for (heads, d) in [(2usize, 16usize), (3, 32), (2, 64)] {
+                let hidden = heads * d;
+                let offsets = [0usize, 1, 4, 4 + 17, 4 + 17 + 16, 4 + 17 + 16 + 259];
+                let rows = *offsets.last().unwrap();
+                let qkv: Vec<f32> = rng.vec(rows * 3 * hidden).iter().map(|v| v * 4.0).collect();
+                let mut want = vec![f32::NAN; rows * hidden];
+                encoder_attention(Isa::Portable, &qkv, &SeqLayout { offsets: &offsets }, heads, d, &mut want);
+                let mut got = vec![f32::NAN; rows * hidden];
+                encoder_attention(isa, &qkv, &SeqLayout { offsets: &offsets }, heads, d, &mut got);
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(g.to_bits(), w.to_bits(), "{isa:?} d={d} index {i}: {g} vs {w}");
+                }
             }
         }
     }

@@ -289,6 +289,7 @@ unsafe fn tile_portable(a: &[f32], rows: usize, kc: usize, b: &[f32], bias: &[f3
 mod x86 {
     use std::arch::x86_64::*;
 
+    use super::super::math::x86::exp8x;
     use super::{MR_AVX2, MR_PACK, NR};
 
     /// MR_PACK×32 tile: 16 zmm accumulators, A broadcast from the packed stream.
@@ -453,31 +454,10 @@ mod x86 {
         p = _mm256_add_ps(_mm256_mul_ps(p, t), _mm256_set1_ps(1.421_413_8));
         p = _mm256_sub_ps(_mm256_mul_ps(p, t), _mm256_set1_ps(0.284_496_74));
         p = _mm256_add_ps(_mm256_mul_ps(p, t), _mm256_set1_ps(0.254_829_6));
-        let ex = exp8(_mm256_mul_ps(_mm256_xor_ps(a, sign), a));
+        let [ex] = exp8x([_mm256_mul_ps(_mm256_xor_ps(a, sign), a)]);
         let y = _mm256_sub_ps(one, _mm256_mul_ps(_mm256_mul_ps(p, t), ex));
         // copysign(y, x)
         _mm256_or_ps(_mm256_andnot_ps(sign, y), _mm256_and_ps(sign, x))
-    }
-
-    /// `math::fast_exp` on 8 lanes.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn exp8(x: __m256) -> __m256 {
-        // `clamp`: a NaN passes through (vmaxps/vminps return their second operand then).
-        let x = _mm256_min_ps(_mm256_set1_ps(88.0), _mm256_max_ps(_mm256_set1_ps(-87.3), x));
-        let shift = _mm256_set1_ps(12_582_912.0);
-        let shifted = _mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)), shift);
-        let n = _mm256_sub_ps(shifted, shift);
-        let r = _mm256_sub_ps(_mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693_145_75))), _mm256_mul_ps(n, _mm256_set1_ps(1.428_606_8e-6)));
-        let one = _mm256_set1_ps(1.0);
-        let mut p = _mm256_add_ps(_mm256_set1_ps(0.008_333_334), _mm256_mul_ps(r, _mm256_set1_ps(0.001_388_889)));
-        p = _mm256_add_ps(_mm256_set1_ps(0.041_666_668), _mm256_mul_ps(r, p));
-        p = _mm256_add_ps(_mm256_set1_ps(0.166_666_67), _mm256_mul_ps(r, p));
-        p = _mm256_add_ps(_mm256_set1_ps(0.5), _mm256_mul_ps(r, p));
-        p = _mm256_add_ps(one, _mm256_mul_ps(r, p));
-        p = _mm256_add_ps(one, _mm256_mul_ps(r, p));
-        let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_sub_epi32(_mm256_castps_si256(shifted), _mm256_set1_epi32(0x4B40_0000)), _mm256_set1_epi32(127)));
-        _mm256_mul_ps(p, _mm256_castsi256_ps(bits))
     }
 }
 

@@ -49,6 +49,63 @@ pub fn erf(x: f32) -> f32 {
     y.copysign(x)
 }
 
+/// The AVX2 forms of the functions above, with the same bits.
+#[cfg(target_arch = "x86_64")]
+pub(super) mod x86 {
+    use std::arch::x86_64::*;
+
+    /// [`super::fast_exp`] on `N` vectors of 8 lanes, operation by operation in its order
+    /// (Rust never contracts `a·b + c` into an FMA, so neither does this): the same bits.
+    /// The `N` vectors go through each step together, so `N` of its dependent chains (≈ 14
+    /// multiplies and adds deep) are interleaved in the instruction stream: one chain at a
+    /// time ran at a third of the arithmetic's rate on Zen 1 (bench/NOTES.md, session 18).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub(in crate::cpu) unsafe fn exp8x<const N: usize>(x: [__m256; N]) -> [__m256; N] {
+        let each = |f: &dyn Fn(__m256) -> __m256, v: [__m256; N]| v.map(|v| f(v));
+        let c = |v: f32| _mm256_set1_ps(v);
+        // `clamp`: a NaN passes through (vmaxps/vminps return their second operand then).
+        let x = each(&|v| _mm256_min_ps(c(88.0), _mm256_max_ps(c(-87.3), v)), x);
+        let shift = c(12_582_912.0);
+        let shifted = each(&|v| _mm256_add_ps(_mm256_mul_ps(v, c(std::f32::consts::LOG2_E)), shift), x);
+        let n = each(&|v| _mm256_sub_ps(v, shift), shifted);
+        let mut r = x;
+        for i in 0..N {
+            r[i] = _mm256_sub_ps(_mm256_sub_ps(x[i], _mm256_mul_ps(n[i], c(0.693_145_75))), _mm256_mul_ps(n[i], c(1.428_606_8e-6)));
+        }
+        let mut p = each(&|r| _mm256_add_ps(c(0.008_333_334), _mm256_mul_ps(r, c(0.001_388_889))), r);
+        for k in [0.041_666_668, 0.166_666_67, 0.5, 1.0, 1.0] {
+            for i in 0..N {
+                p[i] = _mm256_add_ps(c(k), _mm256_mul_ps(r[i], p[i]));
+            }
+        }
+        for i in 0..N {
+            let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_sub_epi32(_mm256_castps_si256(shifted[i]), _mm256_set1_epi32(0x4B40_0000)), _mm256_set1_epi32(127)));
+            p[i] = _mm256_mul_ps(p[i], _mm256_castsi256_ps(bits));
+        }
+        p
+    }
+
+    /// `row[j] = fast_exp(row[j] − m)` for every j, 4 × 8 lanes at a time, the same bits.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub(in crate::cpu) unsafe fn exp_shifted_avx2(row: &mut [f32], m: f32) {
+        const GROUP: usize = 4 * 8;
+        let mv = _mm256_set1_ps(m);
+        let mut groups = row.chunks_exact_mut(GROUP);
+        for g in &mut groups {
+            let p = g.as_mut_ptr();
+            let x = [0, 8, 16, 24].map(|o| _mm256_sub_ps(_mm256_loadu_ps(p.add(o)), mv));
+            for (o, e) in [0, 8, 16, 24].into_iter().zip(exp8x(x)) {
+                _mm256_storeu_ps(p.add(o), e);
+            }
+        }
+        for v in groups.into_remainder() {
+            *v = super::fast_exp(*v - m);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
