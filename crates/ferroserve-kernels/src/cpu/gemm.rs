@@ -409,9 +409,13 @@ mod x86 {
             bp = bp.add(NR);
         }
         if gelu {
-            for row in acc.iter_mut() {
-                row[0] = gelu8(row[0]);
-                row[1] = gelu8(row[1]);
+            // Two rows (four vectors) at a time: their GELU chains interleaved.
+            for rows in acc.chunks_mut(2) {
+                if let [r0, r1] = rows {
+                    [r0[0], r0[1], r1[0], r1[1]] = gelu8x([r0[0], r0[1], r1[0], r1[1]]);
+                } else {
+                    [rows[0][0], rows[0][1]] = gelu8x([rows[0][0], rows[0][1]]);
+                }
             }
         }
         for (i, row) in acc.iter().enumerate() {
@@ -426,38 +430,57 @@ mod x86 {
         }
     }
 
-    /// `gelu_slice` on 8 lanes: `0.5·v·(1 + erf(v/√2))` with `math::erf` and `math::fast_exp`
-    /// written out operation by operation in their order (Rust never contracts `a·b + c`
-    /// into an FMA, so neither does this), hence the same bits as the auto-vectorised loop.
+    /// `gelu_slice` on `N` vectors of 8 lanes: `0.5·v·(1 + erf(v/√2))` with `math::erf` and
+    /// `math::fast_exp` written out operation by operation in their order (Rust never
+    /// contracts `a·b + c` into an FMA, so neither does this), hence the same bits as the
+    /// auto-vectorised loop. Each step runs on all `N` vectors before the next, so `N` of the
+    /// ≈ 40-deep dependent chains are interleaved: one at a time, Zen 1's window held about
+    /// two of a tile's twelve (bench/NOTES.md, session 18).
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    pub(super) unsafe fn gelu8(v: __m256) -> __m256 {
+    pub(super) unsafe fn gelu8x<const N: usize>(v: [__m256; N]) -> [__m256; N] {
         let one = _mm256_set1_ps(1.0);
-        let e = erf8(_mm256_mul_ps(v, _mm256_set1_ps(std::f32::consts::FRAC_1_SQRT_2)));
-        _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5), v), _mm256_add_ps(one, e))
+        let e = erf8x(v.map(|v| _mm256_mul_ps(v, _mm256_set1_ps(std::f32::consts::FRAC_1_SQRT_2))));
+        let mut out = v;
+        for i in 0..N {
+            out[i] = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5), v[i]), _mm256_add_ps(one, e[i]));
+        }
+        out
     }
 
-    /// `math::erf` on 8 lanes (Abramowitz & Stegun 7.1.26).
+    /// `math::erf` on `N` vectors of 8 lanes (Abramowitz & Stegun 7.1.26).
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn erf8(x: __m256) -> __m256 {
+    unsafe fn erf8x<const N: usize>(x: [__m256; N]) -> [__m256; N] {
         let sign = _mm256_set1_ps(-0.0);
         let (one, two) = (_mm256_set1_ps(1.0), _mm256_set1_ps(2.0));
-        let a = _mm256_andnot_ps(sign, x);
+        let a = x.map(|x| _mm256_andnot_ps(sign, x));
         // recip(d): bit-trick seed, three Newton steps.
-        let d = _mm256_add_ps(one, _mm256_mul_ps(_mm256_set1_ps(0.327_591_1), a));
-        let mut t = _mm256_castsi256_ps(_mm256_sub_epi32(_mm256_set1_epi32(0x7EF3_11C3), _mm256_castps_si256(d)));
+        let d = a.map(|a| _mm256_add_ps(one, _mm256_mul_ps(_mm256_set1_ps(0.327_591_1), a)));
+        let mut t = d.map(|d| _mm256_castsi256_ps(_mm256_sub_epi32(_mm256_set1_epi32(0x7EF3_11C3), _mm256_castps_si256(d))));
         for _ in 0..3 {
-            t = _mm256_mul_ps(t, _mm256_sub_ps(two, _mm256_mul_ps(d, t)));
+            for i in 0..N {
+                t[i] = _mm256_mul_ps(t[i], _mm256_sub_ps(two, _mm256_mul_ps(d[i], t[i])));
+            }
         }
-        let mut p = _mm256_sub_ps(_mm256_mul_ps(_mm256_set1_ps(1.061_405_4), t), _mm256_set1_ps(1.453_152_1));
-        p = _mm256_add_ps(_mm256_mul_ps(p, t), _mm256_set1_ps(1.421_413_8));
-        p = _mm256_sub_ps(_mm256_mul_ps(p, t), _mm256_set1_ps(0.284_496_74));
-        p = _mm256_add_ps(_mm256_mul_ps(p, t), _mm256_set1_ps(0.254_829_6));
-        let [ex] = exp8x([_mm256_mul_ps(_mm256_xor_ps(a, sign), a)]);
-        let y = _mm256_sub_ps(one, _mm256_mul_ps(_mm256_mul_ps(p, t), ex));
-        // copysign(y, x)
-        _mm256_or_ps(_mm256_andnot_ps(sign, y), _mm256_and_ps(sign, x))
+        let mut p = t.map(|t| _mm256_sub_ps(_mm256_mul_ps(_mm256_set1_ps(1.061_405_4), t), _mm256_set1_ps(1.453_152_1)));
+        for i in 0..N {
+            p[i] = _mm256_add_ps(_mm256_mul_ps(p[i], t[i]), _mm256_set1_ps(1.421_413_8));
+        }
+        for i in 0..N {
+            p[i] = _mm256_sub_ps(_mm256_mul_ps(p[i], t[i]), _mm256_set1_ps(0.284_496_74));
+        }
+        for i in 0..N {
+            p[i] = _mm256_add_ps(_mm256_mul_ps(p[i], t[i]), _mm256_set1_ps(0.254_829_6));
+        }
+        let ex = exp8x(a.map(|a| _mm256_mul_ps(_mm256_xor_ps(a, sign), a)));
+        let mut y = x;
+        for i in 0..N {
+            let yi = _mm256_sub_ps(one, _mm256_mul_ps(_mm256_mul_ps(p[i], t[i]), ex[i]));
+            // copysign(y, x)
+            y[i] = _mm256_or_ps(_mm256_andnot_ps(sign, yi), _mm256_and_ps(sign, x[i]));
+        }
+        y
     }
 }
 
@@ -569,14 +592,27 @@ mod tests {
         }
         let mut rng = Rng::new(0x9e1 ^ std::process::id() as u64);
         xs.extend((0..50_000).map(|_| f32::from_bits(rng.next_u64() as u32)).filter(|v| !v.is_nan()));
-        xs.resize(xs.len().next_multiple_of(8), 0.5);
+        xs.resize(xs.len().next_multiple_of(32), 0.5);
         let mut want = xs.clone();
         crate::cpu::elementwise::gelu(Isa::Avx2, &mut want);
+        // One vector at a time, and four interleaved (as the tile's epilogue runs them).
         let mut got = xs.clone();
         for c in got.chunks_exact_mut(8) {
             // SAFETY: the CPU has AVX2 (checked above); `c` holds 8 floats.
-            unsafe { _mm256_storeu_ps(c.as_mut_ptr(), super::x86::gelu8(_mm256_loadu_ps(c.as_ptr()))) };
+            unsafe { _mm256_storeu_ps(c.as_mut_ptr(), super::x86::gelu8x([_mm256_loadu_ps(c.as_ptr())])[0]) };
         }
+        let mut got4 = xs.clone();
+        for c in got4.chunks_exact_mut(32) {
+            let p = c.as_mut_ptr();
+            // SAFETY: the CPU has AVX2 (checked above); `c` holds 32 floats.
+            unsafe {
+                let g = super::x86::gelu8x([0, 8, 16, 24].map(|o| _mm256_loadu_ps(p.add(o))));
+                for (o, v) in [0, 8, 16, 24].into_iter().zip(g) {
+                    _mm256_storeu_ps(p.add(o), v);
+                }
+            }
+        }
+        assert!(got.iter().zip(&got4).all(|(a, b)| a.to_bits() == b.to_bits()), "four interleaved gave other bits than one");
         for ((&x, &g), &w) in xs.iter().zip(&got).zip(&want) {
             assert!(g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()), "gelu({x:e}): fused {g:e}, separate {w:e}");
         }
