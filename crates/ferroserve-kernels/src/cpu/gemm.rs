@@ -186,33 +186,23 @@ pub fn linear(isa: Isa, x: &[f32], rows: usize, w: &PackedLinear, data: &[f32], 
     pack_a(&mut a, x, rows, k, mr);
     let panels = n.div_ceil(NR);
     let row_blocks = rows.div_ceil(MC);
-    // One row block (a short pass: one sentence is m ≈ 19) has only `panels` tasks, 12 for a
-    // 384-wide output, each one a sizeable share of the region: cut each panel into its two
-    // 16-column halves on AVX2 (the kernel's own unit) so the region's tail is half as long.
-    // Which task computes a column never changes its bits.
-    let halves = if mr == MR_AVX2 && row_blocks == 1 { 2 } else { 1 };
     let out_ptr = SendPtr(out.as_mut_ptr());
     let bias = w.bias.as_deref();
     let a_ref = &a;
     let task = |t: usize| {
-        let (rb, p, hf) = (t / (panels * halves), t / halves % panels, t % halves);
+        let (rb, p) = (t / panels, t % panels);
         let r0 = rb * MC;
         let r1 = (r0 + MC).min(rows);
         let c0 = p * NR;
         let ncols = NR.min(n - c0);
-        let half_range = if halves == 1 { 0..2 } else { hf..hf + 1 };
-        if 16 * half_range.start >= ncols {
-            return; // the second half of a last panel of ≤ 16 columns
-        }
         let panel = &data[p * k * NR..(p + 1) * k * NR];
         let bias_tile = bias_tile(bias, c0, ncols);
         let a_block = &a_ref[r0 * k..];
         let out_ptr = out_ptr;
-        // SAFETY: this task alone writes rows r0..r1 × columns c0..c0+ncols (of them, only
-        // the `half_range` halves' columns on AVX2).
-        unsafe { block(isa, mr, a_block, r1 - r0, k, panel, &bias_tile, act, out_ptr.0.add(r0 * n + c0), n, ncols, half_range) };
+        // SAFETY: this task alone writes rows r0..r1 × columns c0..c0+ncols.
+        unsafe { block(isa, mr, a_block, r1 - r0, k, panel, &bias_tile, act, out_ptr.0.add(r0 * n + c0), n, ncols) };
     };
-    let tasks = row_blocks * panels * halves;
+    let tasks = row_blocks * panels;
     if tasks == 1 || rows * n * k < 64 * 1024 {
         (0..tasks).for_each(task);
     } else {
@@ -228,7 +218,7 @@ pub fn linear(isa: Isa, x: &[f32], rows: usize, w: &PackedLinear, data: &[f32], 
 /// # Safety
 /// `c` must be valid for writes of `rows` rows of stride `ldc` and `ncols` columns.
 #[allow(clippy::too_many_arguments)]
-unsafe fn block(isa: Isa, mr: usize, a: &[f32], rows: usize, k: usize, panel: &[f32], bias: &[f32; NR], act: Activation, c: *mut f32, ldc: usize, ncols: usize, halves: std::ops::Range<usize>) {
+unsafe fn block(isa: Isa, mr: usize, a: &[f32], rows: usize, k: usize, panel: &[f32], bias: &[f32; NR], act: Activation, c: *mut f32, ldc: usize, ncols: usize) {
     let mut k0 = 0;
     while k0 < k {
         let kc = KC.min(k - k0);
@@ -244,7 +234,7 @@ unsafe fn block(isa: Isa, mr: usize, a: &[f32], rows: usize, k: usize, panel: &[
                 _ if isa.has_avx2() => {
                     // GELU is applied to the accumulators before the last k-block's store.
                     let gelu = last && act == Activation::Gelu;
-                    x86::tile_avx2(a_tile, tile_rows, kc, b, bias, first, gelu, s == 0, c_tile, ldc, ncols, halves.clone());
+                    x86::tile_avx2(a_tile, tile_rows, kc, b, bias, first, gelu, s == 0, c_tile, ldc, ncols);
                     return;
                 }
                 _ => tile_portable(a_tile, tile_rows, kc, b, bias, first, c_tile, ldc, ncols),
@@ -339,13 +329,9 @@ mod x86 {
     /// prefetch won back ≈ 8 %, bench/NOTES.md session 15). Later tiles find the lines in L1/L2.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn tile_avx2(a: &[f32], rows: usize, kc: usize, b: &[f32], bias: &[f32; NR], first: bool, gelu: bool, prefetch: bool, c: *mut f32, ldc: usize, ncols: usize, halves: std::ops::Range<usize>) {
-        debug_assert!((1..=MR_AVX2).contains(&rows) && a.len() == kc * rows && b.len() >= kc * NR && halves.end <= 2);
-        // The prefetching pass covers the k-row's span its task computes: both halves (the
-        // lines at floats 0 and 16: with rows 128 bytes apart these cover every line of the
-        // panel whatever its alignment) or, in a half task, its own 16 floats (first and last).
-        let (pf_half, pf_second) = (halves.start, if halves.len() == 2 { 16 } else { 15 });
-        for half in halves {
+    pub unsafe fn tile_avx2(a: &[f32], rows: usize, kc: usize, b: &[f32], bias: &[f32; NR], first: bool, gelu: bool, prefetch: bool, c: *mut f32, ldc: usize, ncols: usize) {
+        debug_assert!((1..=MR_AVX2).contains(&rows) && a.len() == kc * rows && b.len() >= kc * NR);
+        for half in 0..2 {
             let c0 = 16 * half;
             if c0 >= ncols {
                 break;
@@ -353,13 +339,13 @@ mod x86 {
             let w = 16.min(ncols - c0);
             let (ap, cp, bp, bias) = (a.as_ptr(), c.add(c0), b.as_ptr().add(c0), bias.as_ptr().add(c0));
             match rows {
-                1 => sub_avx2::<1, false>(ap, kc, bp, bias, first, gelu, cp, ldc, w, pf_second),
-                2 => sub_avx2::<2, false>(ap, kc, bp, bias, first, gelu, cp, ldc, w, pf_second),
-                3 => sub_avx2::<3, false>(ap, kc, bp, bias, first, gelu, cp, ldc, w, pf_second),
-                4 => sub_avx2::<4, false>(ap, kc, bp, bias, first, gelu, cp, ldc, w, pf_second),
-                5 => sub_avx2::<5, false>(ap, kc, bp, bias, first, gelu, cp, ldc, w, pf_second),
-                _ if prefetch && half == pf_half => sub_avx2::<6, true>(ap, kc, bp, bias, first, gelu, cp, ldc, w, pf_second),
-                _ => sub_avx2::<6, false>(ap, kc, bp, bias, first, gelu, cp, ldc, w, pf_second),
+                1 => sub_avx2::<1, false>(ap, kc, bp, bias, first, gelu, cp, ldc, w),
+                2 => sub_avx2::<2, false>(ap, kc, bp, bias, first, gelu, cp, ldc, w),
+                3 => sub_avx2::<3, false>(ap, kc, bp, bias, first, gelu, cp, ldc, w),
+                4 => sub_avx2::<4, false>(ap, kc, bp, bias, first, gelu, cp, ldc, w),
+                5 => sub_avx2::<5, false>(ap, kc, bp, bias, first, gelu, cp, ldc, w),
+                _ if prefetch && half == 0 => sub_avx2::<6, true>(ap, kc, bp, bias, first, gelu, cp, ldc, w),
+                _ => sub_avx2::<6, false>(ap, kc, bp, bias, first, gelu, cp, ldc, w),
             }
         }
     }
@@ -374,7 +360,7 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn sub_avx2<const MR: usize, const PF: bool>(a: *const f32, kc: usize, b: *const f32, bias: *const f32, first: bool, gelu: bool, c: *mut f32, ldc: usize, w: usize, pf_second: usize) {
+    unsafe fn sub_avx2<const MR: usize, const PF: bool>(a: *const f32, kc: usize, b: *const f32, bias: *const f32, first: bool, gelu: bool, c: *mut f32, ldc: usize, w: usize) {
         let mut acc = [[_mm256_setzero_ps(); 2]; MR];
         let mut tmp = [0.0f32; 16];
         for (i, row) in acc.iter_mut().enumerate() {
@@ -396,7 +382,7 @@ mod x86 {
                 // follows this one and reads them from L1). `wrapping_add`: past the panel's end
                 // the address is only a hint, never dereferenced.
                 _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(PF_K * NR) as *const i8);
-                _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(PF_K * NR + pf_second) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(PF_K * NR + 16) as *const i8);
             }
             let b0 = _mm256_loadu_ps(bp);
             let b1 = _mm256_loadu_ps(bp.add(8));
