@@ -132,7 +132,7 @@ fn run(logits: Logits, delivery: Delivery) -> (Choices, Vec<Vec<ChatEvent>>) {
 
 #[test]
 fn whole_delivery_gives_the_same_output_in_one_delta_per_choice() {
-    watchdog(Duration::from_secs(120));
+    let _watchdog = watchdog(Duration::from_secs(120));
     for logits in [Logits::ContextHash, Logits::Successor] {
         let (per_step, _) = run(logits, Delivery::PerStep);
         let (whole, batches) = run(logits, Delivery::Whole);
@@ -159,7 +159,7 @@ fn whole_delivery_gives_the_same_output_in_one_delta_per_choice() {
 
 #[test]
 fn a_request_delivered_whole_wakes_its_consumer_twice_at_most() {
-    watchdog(Duration::from_secs(60));
+    let _watchdog = watchdog(Duration::from_secs(60));
     // Slow steps: the consumer is waiting on the pipe while the request decodes.
     let engine = engine(Logits::ContextHash, Duration::from_millis(1));
     let params = SamplingParams {
@@ -178,7 +178,7 @@ fn a_request_delivered_whole_wakes_its_consumer_twice_at_most() {
 
 #[test]
 fn an_aborted_request_delivered_whole_still_reports_what_it_generated() {
-    watchdog(Duration::from_secs(60));
+    let _watchdog = watchdog(Duration::from_secs(60));
     let engine = engine(Logits::ContextHash, Duration::from_millis(1));
     let params = SamplingParams {
         max_tokens: Some(2000),

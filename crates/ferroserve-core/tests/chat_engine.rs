@@ -114,7 +114,7 @@ fn run_workload_at(
 
 #[test]
 fn preemption_under_a_tiny_kv_budget_gives_the_same_outputs() {
-    watchdog(Duration::from_secs(120));
+    let _watchdog = watchdog(Duration::from_secs(120));
     let (roomy, roomy_preemptions) = run_workload(10_000, 64);
     // 30 blocks = 120 tokens: about one long request's prompt plus output at a time.
     let (tight, tight_preemptions) = run_workload(30, 64);
@@ -151,7 +151,7 @@ fn even_ids_batch(request_id: u64) -> Priority {
 
 #[test]
 fn batch_priority_changes_when_sequences_run_not_what_they_output() {
-    watchdog(Duration::from_secs(120));
+    let _watchdog = watchdog(Duration::from_secs(120));
     let (interactive, _) = run_workload(10_000, 64);
     for kv_blocks in [10_000, 30] {
         let (mixed, preemptions) = run_workload_at(kv_blocks, 64, even_ids_batch);
@@ -172,7 +172,7 @@ fn batch_priority_changes_when_sequences_run_not_what_they_output() {
 /// server's load while they do); the batch request runs once the other engine's ends.
 #[test]
 fn batch_steps_wait_for_interactive_work_on_other_engines() {
-    watchdog(Duration::from_secs(60));
+    let _watchdog = watchdog(Duration::from_secs(60));
     let load = InteractiveLoad::new();
     let (engine, _) = fake_engine(
         Logits::ContextHash,
@@ -251,7 +251,7 @@ fn steps_of_a_spread_burst(burst_gather: Duration) -> Vec<usize> {
 
 #[test]
 fn an_idle_engine_gathers_a_burst_into_its_first_step() {
-    watchdog(Duration::from_secs(60));
+    let _watchdog = watchdog(Duration::from_secs(60));
     // Each arrival restarts the wait: the three prompts share one pass.
     assert_eq!(
         steps_of_a_spread_burst(Duration::from_millis(300)),
@@ -263,7 +263,7 @@ fn an_idle_engine_gathers_a_burst_into_its_first_step() {
 
 #[test]
 fn the_gathering_wait_ends_once_the_waiting_prompts_fill_a_step() {
-    watchdog(Duration::from_secs(60));
+    let _watchdog = watchdog(Duration::from_secs(60));
     let (engine, batches) = fake_engine(
         Logits::ContextHash,
         1000,
@@ -296,7 +296,7 @@ fn the_gathering_wait_ends_once_the_waiting_prompts_fill_a_step() {
 
 #[test]
 fn a_lone_request_waits_one_gap_at_most_once() {
-    watchdog(Duration::from_secs(60));
+    let _watchdog = watchdog(Duration::from_secs(60));
     let gap = Duration::from_millis(150);
     let (engine, batches) = fake_engine(
         Logits::ContextHash,
@@ -323,7 +323,7 @@ fn a_lone_request_waits_one_gap_at_most_once() {
 
 #[test]
 fn max_running_one_serialises_and_still_matches() {
-    watchdog(Duration::from_secs(120));
+    let _watchdog = watchdog(Duration::from_secs(120));
     let (roomy, _) = run_workload(10_000, 64);
     let (serial, _) = run_workload(10_000, 1);
     for (key, choice) in &roomy.choices {
@@ -333,7 +333,7 @@ fn max_running_one_serialises_and_still_matches() {
 
 #[test]
 fn batches_respect_the_token_budget_and_decode_alongside_prefill() {
-    watchdog(Duration::from_secs(60));
+    let _watchdog = watchdog(Duration::from_secs(60));
     let (engine, batches) = fake_engine(
         Logits::ContextHash,
         10_000,
@@ -365,7 +365,7 @@ fn batches_respect_the_token_budget_and_decode_alongside_prefill() {
 
 #[test]
 fn repeated_prompts_report_cached_tokens() {
-    watchdog(Duration::from_secs(60));
+    let _watchdog = watchdog(Duration::from_secs(60));
     let (engine, _) = fake_engine(Logits::ContextHash, 1000, EngineConfig::default());
     let prompt: Vec<u32> = (0..37).map(|i| i % 60).collect();
     let params = SamplingParams {
@@ -387,7 +387,7 @@ fn repeated_prompts_report_cached_tokens() {
 
 #[test]
 fn fifty_aborts_return_kv_usage_to_zero() {
-    watchdog(Duration::from_secs(60));
+    let _watchdog = watchdog(Duration::from_secs(60));
     let (engine, _) = fake_engine(
         Logits::ContextHash,
         2000,
@@ -451,7 +451,7 @@ fn fifty_aborts_return_kv_usage_to_zero() {
 
 #[test]
 fn stop_strings_across_tokens_and_split_characters() {
-    watchdog(Duration::from_secs(60));
+    let _watchdog = watchdog(Duration::from_secs(60));
     let (engine, _) = fake_engine(Logits::Successor, 1000, EngineConfig::default());
     // "a" → b c d e f g …, one letter per token; "def" spans three tokens.
     let params = SamplingParams {
@@ -491,7 +491,7 @@ fn stop_strings_across_tokens_and_split_characters() {
 
 #[test]
 fn eos_ends_a_choice_unless_ignored() {
-    watchdog(Duration::from_secs(60));
+    let _watchdog = watchdog(Duration::from_secs(60));
     // Bias EOS up so it is the greedy pick after a few tokens are penalised.
     let (engine, _) = fake_engine(Logits::Successor, 1000, EngineConfig::default());
     let mut params = SamplingParams {
@@ -629,7 +629,7 @@ fn submit_validates_synchronously() {
 
 #[test]
 fn a_panicking_engine_fails_in_flight_requests() {
-    watchdog(Duration::from_secs(60));
+    let _watchdog = watchdog(Duration::from_secs(60));
     // Slow steps: request 1 is still running when the poisoned request 2 arrives.
     let model = FakeModel {
         step_delay: Duration::from_millis(5),
@@ -663,7 +663,7 @@ fn a_panicking_engine_fails_in_flight_requests() {
 
 #[test]
 fn seeded_requests_repeat_and_unseeded_ones_vary() {
-    watchdog(Duration::from_secs(60));
+    let _watchdog = watchdog(Duration::from_secs(60));
     let (engine, _) = fake_engine(Logits::ContextHash, 1000, EngineConfig::default());
     let prompt = vec![5, 6, 7];
     let seeded = SamplingParams {

@@ -38,7 +38,7 @@ fn smollm2_path() -> PathBuf {
 #[test]
 fn smollm2_concurrent_greedy_requests_match_solo_runs_bitwise() {
     let path = smollm2_path();
-    watchdog(Duration::from_secs(900));
+    let _watchdog = watchdog(Duration::from_secs(900));
     let engine = ChatEngine::load(
         &path,
         EngineConfig {
@@ -172,7 +172,7 @@ fn smollm2_concurrent_greedy_requests_match_solo_runs_bitwise() {
 #[test]
 fn smollm2_chat_fixtures_through_the_engine() {
     let path = smollm2_path();
-    watchdog(Duration::from_secs(600));
+    let _watchdog = watchdog(Duration::from_secs(600));
     let fixture = common::smollm2_fixture();
     let ids = common::token_ids;
     let engine = ChatEngine::load(

@@ -11,13 +11,21 @@ use ferroserve_core::engine::{ChatEngine, ChatEvent, FinishReason, TokenLogprob}
 use ferroserve_core::ErrorKind;
 
 /// Aborts the test process if a test hangs (a deadlocked engine would otherwise block the
-/// event read forever).
-pub fn watchdog(limit: Duration) {
+/// event read forever), unless the returned guard is dropped first: when the test returns or
+/// panics. (A watchdog that outlived its test would abort the whole binary `limit` after that
+/// test started, killing whichever sibling tests were still running.)
+#[must_use = "the watchdog is disarmed when this guard is dropped"]
+pub struct Watchdog(#[allow(dead_code)] std::sync::mpsc::Sender<()>);
+
+pub fn watchdog(limit: Duration) -> Watchdog {
+    let (disarm, armed) = std::sync::mpsc::channel::<()>();
     std::thread::spawn(move || {
-        std::thread::sleep(limit);
-        eprintln!("test timed out after {limit:?}");
-        std::process::abort();
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = armed.recv_timeout(limit) {
+            eprintln!("test timed out after {limit:?}");
+            std::process::abort();
+        }
     });
+    Watchdog(disarm)
 }
 
 /// Blocks on the notifier's fd, then drains.
