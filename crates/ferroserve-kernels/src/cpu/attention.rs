@@ -15,7 +15,7 @@
 //!
 //! Every form computes each score and output element as one fused multiply-add chain in the
 //! one-row form's order (`f32::mul_add` there), and the same softmax, so all levels give the
-//! same bits (`avx2_tiles_give_the_portable_bits`, tests/bert_int8.rs). On Zen 1 a separate
+//! same bits (`every_level_gives_the_portable_bits`, tests/bert_int8.rs). On Zen 1 a separate
 //! multiply and add issue to different pipes at the FMA's rate, but twice the µops kept the
 //! AVX2 loops at ≈ 70 % of it; with FMA a 256-token pass is −3 % (bench/NOTES.md, session
 //! 18). A level without FMA pays a libm `fmaf` per multiply-add; only a pre-2013 x86 runs it.
@@ -550,13 +550,12 @@ mod tests {
         }
     }
 
-    /// The AVX2 register tiles compute the one-row form's bits (the int8 embeddings are
+    /// Every level's register tiles compute the one-row form's bits (the embeddings are
     /// compared bit for bit across levels, tests/bert_int8.rs), incl. padded keys and
-    /// partial query groups.
+    /// partial query groups: one FMA chain per element in the same order and the same
+    /// softmax (AVX-512's too since session 18, when the others took up its FMA).
     #[test]
     fn every_level_gives_the_portable_bits() {
-        // The AVX-512 and AVX2 register tiles and the one-row form: one FMA chain per element
-        // in the same order and the same softmax (since session 18 also AVX-512's).
         let mut rng = Rng::new(7 ^ std::process::id() as u64);
         for isa in levels("every_level_gives_the_portable_bits") {
             for (heads, d) in [(2usize, 16usize), (3, 32), (2, 64)] {

@@ -62,18 +62,17 @@ pub(super) mod x86 {
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     pub(in crate::cpu) unsafe fn exp8x<const N: usize>(x: [__m256; N]) -> [__m256; N] {
-        let each = |f: &dyn Fn(__m256) -> __m256, v: [__m256; N]| v.map(|v| f(v));
         let c = |v: f32| _mm256_set1_ps(v);
         // `clamp`: a NaN passes through (vmaxps/vminps return their second operand then).
-        let x = each(&|v| _mm256_min_ps(c(88.0), _mm256_max_ps(c(-87.3), v)), x);
+        let x = x.map(|v| _mm256_min_ps(c(88.0), _mm256_max_ps(c(-87.3), v)));
         let shift = c(12_582_912.0);
-        let shifted = each(&|v| _mm256_add_ps(_mm256_mul_ps(v, c(std::f32::consts::LOG2_E)), shift), x);
-        let n = each(&|v| _mm256_sub_ps(v, shift), shifted);
+        let shifted = x.map(|v| _mm256_add_ps(_mm256_mul_ps(v, c(std::f32::consts::LOG2_E)), shift));
+        let n = shifted.map(|v| _mm256_sub_ps(v, shift));
         let mut r = x;
         for i in 0..N {
             r[i] = _mm256_sub_ps(_mm256_sub_ps(x[i], _mm256_mul_ps(n[i], c(0.693_145_75))), _mm256_mul_ps(n[i], c(1.428_606_8e-6)));
         }
-        let mut p = each(&|r| _mm256_add_ps(c(0.008_333_334), _mm256_mul_ps(r, c(0.001_388_889))), r);
+        let mut p = r.map(|r| _mm256_add_ps(c(0.008_333_334), _mm256_mul_ps(r, c(0.001_388_889))));
         for k in [0.041_666_668, 0.166_666_67, 0.5, 1.0, 1.0] {
             for i in 0..N {
                 p[i] = _mm256_add_ps(c(k), _mm256_mul_ps(r[i], p[i]));
