@@ -11,6 +11,8 @@
 //!   on AVX2 does fewer instructions per product, so this is the int8 ceiling.
 //! - `maddubs+maddwd 1:1`: one `vpmaddwd` (widening to i32) per `vpmaddubsw`, the mix of a dot
 //!   whose block sums cannot stay in i16 (8-bit codes: Q8_0).
+//! - `maddubs+maddwd 4:1`: one per four, the 5- and 6-bit codes' mix (Q5_0, Q5_1, Q6_K: four
+//!   pair sums of 2·31·127 fit i16).
 //! - `maddubs+maddwd 8:1`: one per eight, the least a 4-bit code can get by with (eight pair
 //!   sums of 2·15·127 fit i16).
 //! - `maddubs+fma 2:1` and `1:1`: f32 FMAs issued next to the int8 products (eight
@@ -32,11 +34,12 @@ mod x86 {
     /// depends on every chain, so nothing is optimised away).
     pub type Mix = (&'static str, f64, unsafe fn(u64) -> i64);
 
-    pub const MIXES: [Mix; 6] = [
+    pub const MIXES: [Mix; 7] = [
         ("fma", 12.0 * 8.0, fma),
         ("maddubs", 12.0 * 32.0, maddubs),
         ("maddubs+maddwd 1:1", 6.0 * 32.0, maddubs_maddwd_1),
-        ("maddubs+maddwd 8:1", 8.0 * 32.0, maddubs_maddwd_8),
+        ("maddubs+maddwd 4:1", 8.0 * 32.0, maddubs_maddwd::<2>),
+        ("maddubs+maddwd 8:1", 8.0 * 32.0, maddubs_maddwd::<1>),
         ("maddubs+fma 2:1", 8.0 * 32.0 + 4.0 * 8.0, maddubs_fma::<4>),
         ("maddubs+fma 1:1", 8.0 * 32.0 + 8.0 * 8.0, maddubs_fma::<8>),
     ];
@@ -96,14 +99,16 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn maddubs_maddwd_8(n: u64) -> i64 {
+    unsafe fn maddubs_maddwd<const W: usize>(n: u64) -> i64 {
         let mut x = [_mm256_set1_epi8(1); 12];
         let (mut w, ones) = (_mm256_set1_epi8(3), _mm256_set1_epi16(1));
         for _ in 0..n {
             for v in x.iter_mut().take(8) {
                 *v = _mm256_maddubs_epi16(*v, w);
             }
-            x[8 + (n & 3) as usize] = _mm256_madd_epi16(x[8 + (n & 3) as usize], ones);
+            for v in x.iter_mut().skip(8).take(W) {
+                *v = _mm256_madd_epi16(*v, ones);
+            }
             w = opaque(w);
         }
         fold_i(&x)
