@@ -36,10 +36,10 @@ mod x86 {
 
     pub const MIXES: [Mix; 7] = [
         ("fma", 12.0 * 8.0, fma),
-        ("maddubs", 12.0 * 32.0, maddubs),
-        ("maddubs+maddwd 1:1", 6.0 * 32.0, maddubs_maddwd_1),
-        ("maddubs+maddwd 4:1", 8.0 * 32.0, maddubs_maddwd::<2>),
-        ("maddubs+maddwd 8:1", 8.0 * 32.0, maddubs_maddwd::<1>),
+        ("maddubs", 12.0 * 32.0, int8::<12, 0>),
+        ("maddubs+maddwd 1:1", 6.0 * 32.0, int8::<6, 6>),
+        ("maddubs+maddwd 4:1", 8.0 * 32.0, int8::<8, 2>),
+        ("maddubs+maddwd 8:1", 8.0 * 32.0, int8::<8, 1>),
         ("maddubs+fma 2:1", 8.0 * 32.0 + 4.0 * 8.0, maddubs_fma::<4>),
         ("maddubs+fma 1:1", 8.0 * 32.0 + 8.0 * 8.0, maddubs_fma::<8>),
     ];
@@ -71,42 +71,17 @@ mod x86 {
         x.iter().map(|v| _mm256_cvtss_f32(*v) as i64).sum()
     }
 
+    /// `P` chains of `vpmaddubsw` and `W` of `vpmaddwd` (P + W ≤ 12), one step of each per
+    /// iteration.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn maddubs(n: u64) -> i64 {
-        let mut x = [_mm256_set1_epi8(1); 12];
-        let mut w = _mm256_set1_epi8(3);
-        for _ in 0..n {
-            for v in x.iter_mut() {
-                *v = _mm256_maddubs_epi16(*v, w);
-            }
-            w = opaque(w);
-        }
-        fold_i(&x)
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn maddubs_maddwd_1(n: u64) -> i64 {
+    unsafe fn int8<const P: usize, const W: usize>(n: u64) -> i64 {
         let mut x = [_mm256_set1_epi8(1); 12];
         let (mut w, ones) = (_mm256_set1_epi8(3), _mm256_set1_epi16(1));
         for _ in 0..n {
-            for i in 0..6 {
-                x[i] = _mm256_maddubs_epi16(x[i], w);
-                x[i + 6] = _mm256_madd_epi16(x[i + 6], ones);
-            }
-            w = opaque(w);
-        }
-        fold_i(&x)
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn maddubs_maddwd<const W: usize>(n: u64) -> i64 {
-        let mut x = [_mm256_set1_epi8(1); 12];
-        let (mut w, ones) = (_mm256_set1_epi8(3), _mm256_set1_epi16(1));
-        for _ in 0..n {
-            for v in x.iter_mut().take(8) {
+            for v in x.iter_mut().take(P) {
                 *v = _mm256_maddubs_epi16(*v, w);
             }
-            for v in x.iter_mut().skip(8).take(W) {
+            for v in x.iter_mut().skip(P).take(W) {
                 *v = _mm256_madd_epi16(*v, ones);
             }
             w = opaque(w);
